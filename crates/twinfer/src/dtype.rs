@@ -1,0 +1,255 @@
+//! Element types and dtype-erased tensor views.
+//!
+//! Kernels accumulate in f32 whatever the storage type; the views let one API take f32, f16 and
+//! bf16 buffers and report a dtype mismatch as an error instead of a compile error at the edges
+//! (wasm, GPU) where dtypes are only known at run time.
+
+use half::{bf16, f16};
+use std::fmt;
+
+/// Storage type of a tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        })
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// A storage element: f32, f16 or bf16.
+pub trait Element: sealed::Sealed + Copy + Default + Send + Sync + fmt::Debug + 'static {
+    const DTYPE: DType;
+    fn to_f32(self) -> f32;
+    fn from_f32(x: f32) -> Self;
+    fn view(data: &[Self]) -> TensorRef<'_>;
+    fn view_mut(data: &mut [Self]) -> TensorMut<'_>;
+    /// Converts a slice to f32; uses the CPU's conversion instructions where `half` has them.
+    fn slice_to_f32(src: &[Self], dst: &mut [f32]);
+    /// Converts f32 to this type, rounding to nearest even.
+    fn slice_from_f32(src: &[f32], dst: &mut [Self]);
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn view(data: &[Self]) -> TensorRef<'_> {
+        TensorRef::F32(data)
+    }
+    fn view_mut(data: &mut [Self]) -> TensorMut<'_> {
+        TensorMut::F32(data)
+    }
+    #[inline(always)]
+    fn slice_to_f32(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+    #[inline(always)]
+    fn slice_from_f32(src: &[f32], dst: &mut [Self]) {
+        dst.copy_from_slice(src);
+    }
+}
+
+macro_rules! half_element {
+    ($t:ty, $dtype:expr, $variant:ident) => {
+        impl Element for $t {
+            const DTYPE: DType = $dtype;
+            #[inline(always)]
+            fn to_f32(self) -> f32 {
+                <$t>::to_f32(self)
+            }
+            #[inline(always)]
+            fn from_f32(x: f32) -> Self {
+                <$t>::from_f32(x)
+            }
+            fn view(data: &[Self]) -> TensorRef<'_> {
+                TensorRef::$variant(data)
+            }
+            fn view_mut(data: &mut [Self]) -> TensorMut<'_> {
+                TensorMut::$variant(data)
+            }
+            #[inline(always)]
+            fn slice_to_f32(src: &[Self], dst: &mut [f32]) {
+                use half::slice::HalfFloatSliceExt;
+                src.convert_to_f32_slice(dst);
+            }
+            #[inline(always)]
+            fn slice_from_f32(src: &[f32], dst: &mut [Self]) {
+                use half::slice::HalfFloatSliceExt;
+                dst.convert_from_f32_slice(src);
+            }
+        }
+    };
+}
+half_element!(f16, DType::F16, F16);
+half_element!(bf16, DType::BF16, BF16);
+
+/// A borrowed, dtype-erased, flat tensor. Shapes travel beside it in the call's parameters.
+#[derive(Debug, Clone, Copy)]
+pub enum TensorRef<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    BF16(&'a [bf16]),
+}
+
+/// A mutably borrowed, dtype-erased, flat tensor.
+#[derive(Debug)]
+pub enum TensorMut<'a> {
+    F32(&'a mut [f32]),
+    F16(&'a mut [f16]),
+    BF16(&'a mut [bf16]),
+}
+
+impl<'a> From<&'a [f32]> for TensorRef<'a> {
+    fn from(s: &'a [f32]) -> Self {
+        TensorRef::F32(s)
+    }
+}
+impl<'a> From<&'a [f16]> for TensorRef<'a> {
+    fn from(s: &'a [f16]) -> Self {
+        TensorRef::F16(s)
+    }
+}
+impl<'a> From<&'a [bf16]> for TensorRef<'a> {
+    fn from(s: &'a [bf16]) -> Self {
+        TensorRef::BF16(s)
+    }
+}
+impl<'a> From<&'a mut [f32]> for TensorMut<'a> {
+    fn from(s: &'a mut [f32]) -> Self {
+        TensorMut::F32(s)
+    }
+}
+impl<'a> From<&'a mut [f16]> for TensorMut<'a> {
+    fn from(s: &'a mut [f16]) -> Self {
+        TensorMut::F16(s)
+    }
+}
+impl<'a> From<&'a mut [bf16]> for TensorMut<'a> {
+    fn from(s: &'a mut [bf16]) -> Self {
+        TensorMut::BF16(s)
+    }
+}
+
+impl TensorRef<'_> {
+    pub fn dtype(&self) -> DType {
+        match self {
+            TensorRef::F32(_) => DType::F32,
+            TensorRef::F16(_) => DType::F16,
+            TensorRef::BF16(_) => DType::BF16,
+        }
+    }
+    pub fn len(&self) -> usize {
+        match self {
+            TensorRef::F32(s) => s.len(),
+            TensorRef::F16(s) => s.len(),
+            TensorRef::BF16(s) => s.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Copies `src.len()` elements starting at `offset` into `dst` as f32.
+    #[inline(always)]
+    pub fn read_f32(&self, offset: usize, dst: &mut [f32]) {
+        let n = dst.len();
+        match self {
+            TensorRef::F32(s) => f32::slice_to_f32(&s[offset..offset + n], dst),
+            TensorRef::F16(s) => f16::slice_to_f32(&s[offset..offset + n], dst),
+            TensorRef::BF16(s) => bf16::slice_to_f32(&s[offset..offset + n], dst),
+        }
+    }
+    /// Element `i` as f64 (for the reference implementation).
+    pub fn get_f64(&self, i: usize) -> f64 {
+        match self {
+            TensorRef::F32(s) => s[i] as f64,
+            TensorRef::F16(s) => s[i].to_f64(),
+            TensorRef::BF16(s) => s[i].to_f64(),
+        }
+    }
+}
+
+impl TensorMut<'_> {
+    pub fn dtype(&self) -> DType {
+        match self {
+            TensorMut::F32(_) => DType::F32,
+            TensorMut::F16(_) => DType::F16,
+            TensorMut::BF16(_) => DType::BF16,
+        }
+    }
+    pub fn len(&self) -> usize {
+        match self {
+            TensorMut::F32(s) => s.len(),
+            TensorMut::F16(s) => s.len(),
+            TensorMut::BF16(s) => s.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// A shorter-lived mutable view of the same data.
+    pub fn reborrow(&mut self) -> TensorMut<'_> {
+        match self {
+            TensorMut::F32(s) => TensorMut::F32(s),
+            TensorMut::F16(s) => TensorMut::F16(s),
+            TensorMut::BF16(s) => TensorMut::BF16(s),
+        }
+    }
+    /// A read-only view of the same data.
+    pub fn as_ref(&self) -> TensorRef<'_> {
+        match self {
+            TensorMut::F32(s) => TensorRef::F32(s),
+            TensorMut::F16(s) => TensorRef::F16(s),
+            TensorMut::BF16(s) => TensorRef::BF16(s),
+        }
+    }
+    /// Writes f32 values at `offset`, converting to the storage type.
+    #[inline(always)]
+    pub fn write_f32(&mut self, offset: usize, src: &[f32]) {
+        let n = src.len();
+        match self {
+            TensorMut::F32(s) => f32::slice_from_f32(src, &mut s[offset..offset + n]),
+            TensorMut::F16(s) => f16::slice_from_f32(src, &mut s[offset..offset + n]),
+            TensorMut::BF16(s) => bf16::slice_from_f32(src, &mut s[offset..offset + n]),
+        }
+    }
+    /// Fills every element with NaN so that a kernel that forgets an element is caught.
+    pub fn poison(&mut self) {
+        match self {
+            TensorMut::F32(s) => s.fill(f32::NAN),
+            TensorMut::F16(s) => s.fill(f16::NAN),
+            TensorMut::BF16(s) => s.fill(bf16::NAN),
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! The paged KV cache: page layout, CSR page tables, the page pool and appends.
+//! No backend code lives here; kernels read the pool through [`PagedKv`] and [`PageTable`].
+
+mod layout;
+
+pub use layout::{
+    KvLayout, MAX_HEAD_DIM, MAX_PAGE_SIZE, PageTable, PageTableBuf, PagedKv, check_head_dim, check_indptr,
+};

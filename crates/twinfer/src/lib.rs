@@ -1,0 +1,15 @@
+//! twinfer: FlashAttention-style prefill and FlashInfer-style paged decode attention, on SIMD CPUs
+//! (through `pulp`) and, in a later engine, WebGPU.
+
+pub mod attention;
+pub mod dtype;
+pub mod error;
+pub mod kv;
+pub mod reference;
+
+pub use attention::{
+    AttentionOutput, AttentionParams, DecodeInput, KvInput, PrefillInput, merge_state, merge_state_in_place,
+};
+pub use dtype::{DType, Element, TensorMut, TensorRef};
+pub use error::{Result, TwinferError};
+pub use half::{bf16, f16};
