@@ -13,3 +13,4 @@ pub use attention::{
 pub use dtype::{DType, Element, TensorMut, TensorRef};
 pub use error::{Result, TwinferError};
 pub use half::{bf16, f16};
+pub mod cpu;

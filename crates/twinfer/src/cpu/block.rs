@@ -1,0 +1,193 @@
+//! One work item of the CPU engine: a block of query tokens (with all query heads of one GQA
+//! group) against a range of keys of one KV head, by blocked online softmax.
+//!
+//! Keys are processed in tiles of `KV_TILE` rows, converted to f32 into scratch once and shared by
+//! every query row of the block (GQA: the group's heads are rows of the same block). A tile is
+//! only visited if some row of the block can see it, so causal and sliding-window masks skip
+//! whole tiles. No `[Lq, Lkv]` score matrix exists: only a `[rows, KV_TILE]` tile.
+
+use pulp::Simd;
+
+use crate::attention::problem::Problem;
+use crate::cpu::math::{exp_sub_sum, max_of, scale_in_place};
+use crate::cpu::tile::{accumulate_pv, scores};
+
+/// Keys per tile: K and V tiles of 64 x 128 f32 are 32 KiB each, sized for L1/L2.
+pub(crate) const KV_TILE: usize = 64;
+
+/// A block of work: tokens `[tok0, tok1)` of sequence `b` (relative to its first query row), KV
+/// head `kv_head`, restricted to keys `[kv0, kv1)` (the whole sequence unless split-K).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WorkItem {
+    pub b: usize,
+    pub kv_head: usize,
+    pub tok0: usize,
+    pub tok1: usize,
+    pub kv0: usize,
+    pub kv1: usize,
+}
+
+/// Per-thread scratch, reused across work items.
+#[derive(Debug, Default)]
+pub(crate) struct Scratch {
+    /// `[rows, dp]` queries, pre-multiplied by sm_scale.
+    q: Vec<f32>,
+    /// `[KV_TILE, dp]` keys of the current tile.
+    k: Vec<f32>,
+    /// `[KV_TILE, dp]` values of the current tile.
+    v: Vec<f32>,
+    /// `[rows, KV_TILE]` scores, then probabilities, of the current tile.
+    s: Vec<f32>,
+    /// `[rows, dp]` unnormalised output; normalised by `finish`.
+    pub acc: Vec<f32>,
+    /// `[rows]` running max, then (after `finish`) the natural-log LSE.
+    pub m: Vec<f32>,
+    /// `[rows]` running denominator.
+    l: Vec<f32>,
+    /// `[tokens]` visible key range per token.
+    range: Vec<(usize, usize)>,
+    pub dp: usize,
+}
+
+impl Scratch {
+    fn prepare(&mut self, rows: usize, tokens: usize, dp: usize) {
+        // Padding columns must be zero; a stride change would expose stale data, so reset then.
+        if self.dp != dp {
+            self.q.clear();
+            self.k.clear();
+            self.v.clear();
+            self.dp = dp;
+        }
+        self.q.resize(rows * dp, 0.0);
+        self.k.resize(KV_TILE * dp, 0.0);
+        self.v.resize(KV_TILE * dp, 0.0);
+        self.s.resize(rows * KV_TILE, 0.0);
+        self.acc.clear();
+        self.acc.resize(rows * dp, 0.0);
+        self.m.clear();
+        self.m.resize(rows, f32::NEG_INFINITY);
+        self.l.clear();
+        self.l.resize(rows, 0.0);
+        self.range.clear();
+        self.range.resize(tokens, (0, 0));
+    }
+}
+
+/// Runs one work item; on return `scratch.acc` holds the normalised output rows (token-major,
+/// then group head) and `scratch.m` their LSE (natural log), `-inf` and 0 for rows with no key.
+#[inline(always)]
+pub(crate) fn run_item<S: Simd>(simd: S, p: &Problem<'_>, item: WorkItem, sc: &mut Scratch) {
+    let prm = p.params;
+    let (d, group, h_qo) = (prm.head_dim, prm.group_size(), prm.num_qo_heads);
+    let lanes = S::F32_LANES;
+    let dp = d.div_ceil(lanes) * lanes;
+    let tokens = item.tok1 - item.tok0;
+    let rows = tokens * group;
+    sc.prepare(rows, tokens, dp);
+
+    let (q_start, q_end) = p.qo.range(item.b);
+    let qo_len = q_end - q_start;
+    let kv_len = p.kv.kv_len(item.b);
+    let scale = prm.resolved_sm_scale();
+    for t in 0..tokens {
+        let q_off = ((q_start + item.tok0 + t) * h_qo + item.kv_head * group) * d;
+        for g in 0..group {
+            let r = t * group + g;
+            p.q.read_f32(q_off + g * d, &mut sc.q[r * dp..r * dp + d]);
+            scale_in_place(simd, &mut sc.q[r * dp..r * dp + d], scale);
+        }
+    }
+
+    // Visible keys per token, clipped to this item's key range; their union bounds the tiles.
+    let (mut lo_all, mut hi_all) = (usize::MAX, 0);
+    for t in 0..tokens {
+        let (lo, hi) = prm.visible_range(item.tok0 + t, qo_len, kv_len);
+        let (lo, hi) = (lo.max(item.kv0), hi.min(item.kv1));
+        sc.range[t] = (lo, hi.max(lo));
+        if hi > lo {
+            lo_all = lo_all.min(lo);
+            hi_all = hi_all.max(hi);
+        }
+    }
+
+    let (k_src, v_src) = (p.kv.k(), p.kv.v());
+    let mut j0 = lo_all;
+    while j0 < hi_all {
+        let cols = KV_TILE.min(hi_all - j0);
+        for c in 0..cols {
+            let off = p.kv.row_offset(item.b, j0 + c, item.kv_head);
+            k_src.read_f32(off, &mut sc.k[c * dp..c * dp + d]);
+            v_src.read_f32(off, &mut sc.v[c * dp..c * dp + d]);
+        }
+        scores(simd, &sc.q, &sc.k, dp, rows, cols, &mut sc.s, KV_TILE);
+        for t in 0..tokens {
+            let (lo, hi) = sc.range[t];
+            let pos = prm_position(item.tok0 + t, qo_len, kv_len);
+            for g in 0..group {
+                let r = t * group + g;
+                let row = &mut sc.s[r * KV_TILE..r * KV_TILE + cols];
+                transform_row(prm, item.kv_head * group + g, pos, j0, lo, hi, row);
+                let tile_max = max_of(simd, row);
+                let m_new = sc.m[r].max(tile_max);
+                if m_new == f32::NEG_INFINITY {
+                    row.fill(0.0); // nothing visible yet: contributes nothing
+                    continue;
+                }
+                let alpha = (sc.m[r] - m_new).exp();
+                let sum = exp_sub_sum(simd, row, m_new);
+                sc.l[r] = sc.l[r] * alpha + sum;
+                if alpha != 1.0 {
+                    scale_in_place(simd, &mut sc.acc[r * dp..(r + 1) * dp], alpha);
+                }
+                sc.m[r] = m_new;
+            }
+        }
+        accumulate_pv(simd, &sc.s, KV_TILE, &sc.v, dp, rows, cols, &mut sc.acc);
+        j0 += cols;
+    }
+
+    for r in 0..rows {
+        let out = &mut sc.acc[r * dp..(r + 1) * dp];
+        if sc.l[r] > 0.0 {
+            scale_in_place(simd, out, 1.0 / sc.l[r]);
+            sc.m[r] += sc.l[r].ln();
+        } else {
+            out.fill(0.0);
+            sc.m[r] = f32::NEG_INFINITY;
+        }
+    }
+}
+
+#[inline(always)]
+fn prm_position(i: usize, qo_len: usize, kv_len: usize) -> i64 {
+    crate::attention::AttentionParams::query_position(i, qo_len, kv_len)
+}
+
+/// Applies soft-cap, ALiBi and the mask to one row of a score tile starting at key `j0`.
+#[inline(always)]
+fn transform_row(
+    prm: &crate::attention::AttentionParams,
+    qo_head: usize,
+    pos: i64,
+    j0: usize,
+    lo: usize,
+    hi: usize,
+    row: &mut [f32],
+) {
+    if let Some(cap) = prm.logits_soft_cap {
+        let inv = 1.0 / cap;
+        row.iter_mut().for_each(|s| *s = cap * (*s * inv).tanh());
+    }
+    let slope = prm.alibi_slope(qo_head);
+    if slope != 0.0 {
+        for (c, s) in row.iter_mut().enumerate() {
+            *s += slope * ((j0 + c) as i64 - pos) as f32;
+        }
+    }
+    for (c, s) in row.iter_mut().enumerate() {
+        let j = j0 + c;
+        if j < lo || j >= hi {
+            *s = f32::NEG_INFINITY;
+        }
+    }
+}

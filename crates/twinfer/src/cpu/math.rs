@@ -1,0 +1,104 @@
+//! Vector math the kernels need and pulp does not provide: a fast `exp`.
+
+use pulp::Simd;
+
+/// `exp(x)` to a few ulp for x in [-87.3, 88.3] (clamped above; attention only needs x <= 0); 0 below (including -inf), so masked
+/// scores vanish. Cody-Waite reduction `x = n ln2 + r` (ln2 split in two so `r` stays exact),
+/// a degree-7 Taylor polynomial for `e^r` on |r| <= ln2/2, and `2^n` built in the exponent bits.
+#[inline(always)]
+pub(crate) fn exp_f32s<S: Simd>(simd: S, x: S::f32s) -> S::f32s {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer in the low bits
+    const LN2_HI: f32 = 0.693_359_4; // few significant bits: n * LN2_HI is exact
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let lo = simd.splat_f32s(-87.3);
+    let underflow = simd.less_than_f32s(x, lo);
+    let x = simd.min_f32s(simd.max_f32s(x, lo), simd.splat_f32s(88.3));
+    let shifted = simd.mul_add_e_f32s(x, simd.splat_f32s(std::f32::consts::LOG2_E), simd.splat_f32s(MAGIC));
+    let n = simd.sub_f32s(shifted, simd.splat_f32s(MAGIC));
+    let r = simd.sub_f32s(x, simd.mul_f32s(n, simd.splat_f32s(LN2_HI)));
+    let r = simd.sub_f32s(r, simd.mul_f32s(n, simd.splat_f32s(LN2_LO)));
+    let mut p = simd.splat_f32s(1.0 / 5040.0);
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = simd.mul_add_e_f32s(p, r, simd.splat_f32s(c));
+    }
+    // 2^n from the integer sitting in the mantissa of `shifted`: ((n + 127) << 23) as bits.
+    let bits = simd.transmute_u32s_f32s(shifted);
+    let biased = simd.add_u32s(simd.sub_u32s(bits, simd.splat_u32s(0x4B40_0000)), simd.splat_u32s(127));
+    let scale = simd.transmute_f32s_u32s(simd.mul_u32s(biased, simd.splat_u32s(1 << 23)));
+    let y = simd.mul_f32s(p, scale);
+    simd.select_f32s(underflow, simd.splat_f32s(0.0), y)
+}
+
+/// `xs[i] = exp(xs[i] - shift)` in place, returning the sum of the results.
+#[inline(always)]
+pub(crate) fn exp_sub_sum<S: Simd>(simd: S, xs: &mut [f32], shift: f32) -> f32 {
+    let shift_v = simd.splat_f32s(shift);
+    let (head, tail) = S::as_mut_simd_f32s(xs);
+    let mut sum = simd.splat_f32s(0.0);
+    for x in head {
+        let e = exp_f32s(simd, simd.sub_f32s(*x, shift_v));
+        *x = e;
+        sum = simd.add_f32s(sum, e);
+    }
+    let mut total = simd.reduce_sum_f32s(sum);
+    if !tail.is_empty() {
+        let e = exp_f32s(simd, simd.sub_f32s(simd.partial_load_f32s(tail), shift_v));
+        simd.partial_store_f32s(tail, e);
+        total += tail.iter().sum::<f32>();
+    }
+    total
+}
+
+/// Maximum of a slice (-inf for an empty one).
+#[inline(always)]
+pub(crate) fn max_of<S: Simd>(simd: S, xs: &[f32]) -> f32 {
+    let (head, tail) = S::as_simd_f32s(xs);
+    let mut m = simd.splat_f32s(f32::NEG_INFINITY);
+    for x in head {
+        m = simd.max_f32s(m, *x);
+    }
+    tail.iter().fold(simd.reduce_max_f32s(m), |a, &b| a.max(b))
+}
+
+/// `xs *= a`.
+#[inline(always)]
+pub(crate) fn scale_in_place<S: Simd>(simd: S, xs: &mut [f32], a: f32) {
+    let av = simd.splat_f32s(a);
+    let (head, tail) = S::as_mut_simd_f32s(xs);
+    for x in head {
+        *x = simd.mul_f32s(*x, av);
+    }
+    for x in tail {
+        *x *= a;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::SimdLevel;
+
+    struct ExpAll<'a>(&'a mut [f32]);
+    impl pulp::WithSimd for ExpAll<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn with_simd<S: Simd>(self, simd: S) {
+            exp_sub_sum(simd, self.0, 0.0);
+        }
+    }
+
+    #[test]
+    fn exp_matches_std_on_every_level() {
+        let inputs: Vec<f32> =
+            (-2000..=1960).map(|i| i as f32 * 0.045).chain([f32::NEG_INFINITY, -1e30, -87.0, 88.0, 0.0]).collect();
+        for level in SimdLevel::available() {
+            let mut xs = inputs.clone();
+            level.dispatch(ExpAll(&mut xs));
+            for (x, y) in inputs.iter().zip(&xs) {
+                let want = (*x as f64).exp();
+                let ok = if *x < -87.3 { *y == 0.0 } else { ((*y as f64) - want).abs() <= 4e-7 * want + 1e-37 };
+                assert!(ok, "{level}: exp({x}) = {y}, want {want}");
+            }
+        }
+    }
+}

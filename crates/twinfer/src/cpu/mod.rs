@@ -1,0 +1,205 @@
+//! The SIMD CPU engine (pulp): blocked online-softmax prefill and paged, split-K decode.
+
+mod block;
+mod math;
+mod parallel;
+mod simd_level;
+mod tile;
+
+pub use simd_level::SimdLevel;
+
+use crate::attention::problem::Problem;
+use crate::attention::{AttentionOutput, AttentionParams, DecodeInput, PrefillInput, merge_row};
+use crate::error::Result;
+use block::{KV_TILE, Scratch, WorkItem, run_item};
+
+/// Query rows (tokens x group heads) per prefill work item: a 64 x 128 f32 block is 32 KiB.
+const PREFILL_ROWS: usize = 64;
+/// Smallest key chunk worth a split-K partial.
+const MIN_SPLIT_CHUNK: usize = 4 * KV_TILE;
+
+/// How decode splits long sequences across threads (flash-decoding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SplitK {
+    /// Split when `batch x kv_heads` gives fewer than 4 work items per thread.
+    Auto,
+    /// Never split.
+    Off,
+    /// Split every sequence into chunks of this many keys (rounded up to a tile).
+    ChunkSize(usize),
+}
+
+/// The CPU attention engine. Its instruction set is chosen once, at construction.
+#[derive(Debug, Clone)]
+pub struct CpuEngine {
+    level: SimdLevel,
+    split_k: SplitK,
+}
+
+impl Default for CpuEngine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CpuEngine {
+    /// The engine on the best instruction set of this machine.
+    pub fn new() -> Self {
+        Self { level: SimdLevel::detect(), split_k: SplitK::Auto }
+    }
+    /// The engine on a given instruction set (see [`SimdLevel::available`]).
+    pub fn with_level(level: SimdLevel) -> Self {
+        Self { level, split_k: SplitK::Auto }
+    }
+    /// Overrides the split-K policy of decode.
+    pub fn with_split_k(mut self, split_k: SplitK) -> Self {
+        self.split_k = split_k;
+        self
+    }
+    pub fn level(&self) -> SimdLevel {
+        self.level
+    }
+    pub fn threads(&self) -> usize {
+        parallel::worker_count()
+    }
+
+    /// Batch prefill over ragged or paged KV.
+    pub fn prefill(
+        &self,
+        params: &AttentionParams,
+        input: &PrefillInput<'_>,
+        out: &mut AttentionOutput<'_>,
+    ) -> Result<()> {
+        let p = Problem::prefill(params, input)?;
+        p.check_output(out)?;
+        let group = params.group_size();
+        let block = PREFILL_ROWS.div_ceil(group).max(1);
+        let mut items = Vec::new();
+        for b in 0..p.batch {
+            let (qo_len, kv_len) = (p.qo_len(b), p.kv.kv_len(b));
+            for kv_head in 0..params.num_kv_heads {
+                for tok0 in (0..qo_len).step_by(block) {
+                    let tok1 = (tok0 + block).min(qo_len);
+                    items.push(WorkItem { b, kv_head, tok0, tok1, kv0: 0, kv1: kv_len });
+                }
+            }
+        }
+        let results = self.run_items(&p, &items);
+        for (item, (o, lse)) in items.iter().zip(&results) {
+            write_rows(&p, item, o, lse, out);
+        }
+        Ok(())
+    }
+
+    /// Batch decode (one query token per sequence) over the paged cache.
+    pub fn decode(
+        &self,
+        params: &AttentionParams,
+        input: &DecodeInput<'_>,
+        out: &mut AttentionOutput<'_>,
+    ) -> Result<()> {
+        let p = Problem::decode(params, input)?;
+        p.check_output(out)?;
+        let chunk = self.split_chunk(&p);
+        let mut items = Vec::new();
+        for b in 0..p.batch {
+            let kv_len = p.kv.kv_len(b);
+            for kv_head in 0..params.num_kv_heads {
+                let mut kv0 = 0;
+                loop {
+                    let kv1 = (kv0 + chunk).min(kv_len);
+                    items.push(WorkItem { b, kv_head, tok0: 0, tok1: 1, kv0, kv1 });
+                    kv0 = kv1;
+                    if kv0 >= kv_len {
+                        break;
+                    }
+                }
+            }
+        }
+        let mut results = self.run_items(&p, &items);
+        // Split-K partials of one (sequence, head) are adjacent: fold them into the first.
+        let mut i = 0;
+        while i < items.len() {
+            let mut k = i + 1;
+            while k < items.len() && items[k].b == items[i].b && items[k].kv_head == items[i].kv_head {
+                let (head, tail) = results.split_at_mut(k);
+                let (o_acc, lse_acc) = &mut head[i];
+                let (o_part, lse_part) = &tail[0];
+                let d = params.head_dim;
+                for r in 0..lse_acc.len() {
+                    merge_row(
+                        &mut o_acc[r * d..(r + 1) * d],
+                        &mut lse_acc[r],
+                        &o_part[r * d..(r + 1) * d],
+                        lse_part[r],
+                    );
+                }
+                k += 1;
+            }
+            write_rows(&p, &items[i], &results[i].0, &results[i].1, out);
+            i = k;
+        }
+        Ok(())
+    }
+
+    fn split_chunk(&self, p: &Problem<'_>) -> usize {
+        let longest = (0..p.batch).map(|b| p.kv.kv_len(b)).max().unwrap_or(0).max(1);
+        match self.split_k {
+            SplitK::Off => longest,
+            SplitK::ChunkSize(n) => n.max(1).div_ceil(KV_TILE) * KV_TILE,
+            SplitK::Auto => {
+                let base = p.batch * p.params.num_kv_heads;
+                let wanted = 4 * parallel::worker_count();
+                if base >= wanted {
+                    return longest;
+                }
+                let chunks = wanted.div_ceil(base.max(1));
+                longest.div_ceil(chunks).max(MIN_SPLIT_CHUNK).div_ceil(KV_TILE) * KV_TILE
+            }
+        }
+    }
+
+    /// Runs every item and returns, per item, its output rows `[rows, head_dim]` and LSEs `[rows]`.
+    fn run_items(&self, p: &Problem<'_>, items: &[WorkItem]) -> Vec<(Vec<f32>, Vec<f32>)> {
+        let level = self.level;
+        let d = p.params.head_dim;
+        parallel::map_items(items, |item, sc: &mut Scratch| {
+            level.dispatch(RunItem { p, item: *item, sc });
+            let rows = sc.m.len();
+            let mut o = Vec::with_capacity(rows * d);
+            for r in 0..rows {
+                o.extend_from_slice(&sc.acc[r * sc.dp..r * sc.dp + d]);
+            }
+            (o, sc.m.clone())
+        })
+    }
+}
+
+struct RunItem<'a, 'p> {
+    p: &'a Problem<'p>,
+    item: WorkItem,
+    sc: &'a mut Scratch,
+}
+
+impl pulp::WithSimd for RunItem<'_, '_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
+        run_item(simd, self.p, self.item, self.sc);
+    }
+}
+
+/// Writes an item's rows (token-major, then group head) into the output tensors.
+fn write_rows(p: &Problem<'_>, item: &WorkItem, o: &[f32], lse: &[f32], out: &mut AttentionOutput<'_>) {
+    let prm = p.params;
+    let (d, group, h_qo) = (prm.head_dim, prm.group_size(), prm.num_qo_heads);
+    let (q_start, _) = p.qo.range(item.b);
+    for t in 0..item.tok1 - item.tok0 {
+        let row0 = (q_start + item.tok0 + t) * h_qo + item.kv_head * group;
+        let src = t * group;
+        out.o.write_f32(row0 * d, &o[src * d..(src + group) * d]);
+        if let Some(l) = out.lse.as_deref_mut() {
+            l[row0..row0 + group].copy_from_slice(&lse[src..src + group]);
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! The instruction set the CPU engine runs with: detected once, kept, and selectable in tests.
+
+use std::fmt;
+
+/// A SIMD instruction set that the CPU kernels can be instantiated for.
+#[derive(Clone, Copy)]
+#[non_exhaustive]
+pub enum SimdLevel {
+    /// Portable scalar code (one lane), available everywhere.
+    Scalar,
+    /// x86-64-v3: AVX2 + FMA + F16C (8 f32 lanes).
+    #[cfg(target_arch = "x86_64")]
+    Avx2(pulp::x86::V3),
+    /// x86-64-v4: AVX-512 F/BW/CD/DQ/VL (16 f32 lanes).
+    #[cfg(target_arch = "x86_64")]
+    Avx512(pulp::x86::V4),
+    /// aarch64 NEON (4 f32 lanes).
+    #[cfg(target_arch = "aarch64")]
+    Neon(pulp::aarch64::Neon),
+    /// wasm32 simd128 (4 f32 lanes); chosen at compile time with `-C target-feature=+simd128`.
+    #[cfg(target_arch = "wasm32")]
+    Simd128(pulp::wasm::Simd128),
+}
+
+impl SimdLevel {
+    /// The best level this machine supports.
+    pub fn detect() -> Self {
+        Self::available().into_iter().last().unwrap_or(SimdLevel::Scalar)
+    }
+
+    /// Every level this machine supports, from scalar to the widest.
+    pub fn available() -> Vec<SimdLevel> {
+        #[allow(unused_mut)]
+        let mut levels = vec![SimdLevel::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if let Some(v3) = pulp::x86::V3::try_new() {
+                levels.push(SimdLevel::Avx2(v3));
+            }
+            if let Some(v4) = pulp::x86::V4::try_new() {
+                levels.push(SimdLevel::Avx512(v4));
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        if let Some(neon) = pulp::aarch64::Neon::try_new() {
+            levels.push(SimdLevel::Neon(neon));
+        }
+        #[cfg(target_arch = "wasm32")]
+        if let Some(simd) = pulp::wasm::Simd128::try_new() {
+            levels.push(SimdLevel::Simd128(simd));
+        }
+        levels
+    }
+
+    /// Looks a level up by name (`scalar`, `avx2`, `avx512`, `neon`, `simd128`), if present here.
+    pub fn by_name(name: &str) -> Option<SimdLevel> {
+        Self::available().into_iter().find(|l| l.name().eq_ignore_ascii_case(name))
+    }
+
+    /// Short, stable name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SimdLevel::Scalar => "scalar",
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx2(_) => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx512(_) => "avx512",
+            #[cfg(target_arch = "aarch64")]
+            SimdLevel::Neon(_) => "neon",
+            #[cfg(target_arch = "wasm32")]
+            SimdLevel::Simd128(_) => "simd128",
+        }
+    }
+
+    /// f32 lanes per vector register.
+    pub fn f32_lanes(&self) -> usize {
+        match self {
+            SimdLevel::Scalar => 1,
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx2(_) => 8,
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx512(_) => 16,
+            #[cfg(target_arch = "aarch64")]
+            SimdLevel::Neon(_) => 4,
+            #[cfg(target_arch = "wasm32")]
+            SimdLevel::Simd128(_) => 4,
+        }
+    }
+
+    /// Runs `op` compiled for this level.
+    #[inline(always)]
+    pub(crate) fn dispatch<Op: pulp::WithSimd>(self, op: Op) -> Op::Output {
+        use pulp::Simd;
+        match self {
+            SimdLevel::Scalar => Simd::vectorize(pulp::Scalar::new(), op),
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx2(s) => Simd::vectorize(s, op),
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx512(s) => Simd::vectorize(s, op),
+            #[cfg(target_arch = "aarch64")]
+            SimdLevel::Neon(s) => Simd::vectorize(s, op),
+            #[cfg(target_arch = "wasm32")]
+            SimdLevel::Simd128(s) => Simd::vectorize(s, op),
+        }
+    }
+}
+
+impl fmt::Debug for SimdLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl fmt::Display for SimdLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}

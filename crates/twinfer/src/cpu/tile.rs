@@ -1,0 +1,149 @@
+//! Register-blocked micro-kernels on f32 tiles held in L1/L2-sized scratch.
+//!
+//! Rows of every tile have a padded stride `dp` (a multiple of the vector width) whose padding is
+//! zero, so the kernels never handle a tail along the head dimension.
+
+use pulp::Simd;
+
+/// `s[r * s_stride + j] = dot(q[r], k[j])` for `r < rows`, `j < cols`; `q` and `k` rows have stride `dp`.
+///
+/// Blocks of 4 query rows x 2 key rows keep 8 accumulators in registers and share every load
+/// between 2 or 4 FMAs, so the loop is FMA-bound rather than load-bound.
+#[inline(always)]
+pub(crate) fn scores<S: Simd>(
+    simd: S,
+    q: &[f32],
+    k: &[f32],
+    dp: usize,
+    rows: usize,
+    cols: usize,
+    s: &mut [f32],
+    s_stride: usize,
+) {
+    let mut r = 0;
+    while r < rows {
+        let mr = (rows - r).min(4);
+        let mut j = 0;
+        while j < cols {
+            let nc = (cols - j).min(2);
+            match (mr, nc) {
+                (4, 2) => score_block::<S, 4, 2>(simd, q, k, dp, r, j, s, s_stride),
+                (4, _) => score_block::<S, 4, 1>(simd, q, k, dp, r, j, s, s_stride),
+                (3, 2) => score_block::<S, 3, 2>(simd, q, k, dp, r, j, s, s_stride),
+                (3, _) => score_block::<S, 3, 1>(simd, q, k, dp, r, j, s, s_stride),
+                (2, 2) => score_block::<S, 2, 2>(simd, q, k, dp, r, j, s, s_stride),
+                (2, _) => score_block::<S, 2, 1>(simd, q, k, dp, r, j, s, s_stride),
+                (_, 2) => score_block::<S, 1, 2>(simd, q, k, dp, r, j, s, s_stride),
+                _ => score_block::<S, 1, 1>(simd, q, k, dp, r, j, s, s_stride),
+            }
+            j += nc;
+        }
+        r += mr;
+    }
+}
+
+#[inline(always)]
+fn score_block<S: Simd, const MR: usize, const NC: usize>(
+    simd: S,
+    q: &[f32],
+    k: &[f32],
+    dp: usize,
+    r0: usize,
+    j0: usize,
+    s: &mut [f32],
+    s_stride: usize,
+) {
+    let zero = simd.splat_f32s(0.0);
+    let mut acc = [[zero; NC]; MR];
+    let q_rows: [&[S::f32s]; MR] = core::array::from_fn(|r| S::as_simd_f32s(&q[(r0 + r) * dp..(r0 + r + 1) * dp]).0);
+    let k_rows: [&[S::f32s]; NC] = core::array::from_fn(|c| S::as_simd_f32s(&k[(j0 + c) * dp..(j0 + c + 1) * dp]).0);
+    let n = q_rows[0].len();
+    for i in 0..n {
+        let kv: [S::f32s; NC] = core::array::from_fn(|c| k_rows[c][i]);
+        for r in 0..MR {
+            let qv = q_rows[r][i];
+            for c in 0..NC {
+                acc[r][c] = simd.mul_add_e_f32s(qv, kv[c], acc[r][c]);
+            }
+        }
+    }
+    for r in 0..MR {
+        for c in 0..NC {
+            s[(r0 + r) * s_stride + j0 + c] = simd.reduce_sum_f32s(acc[r][c]);
+        }
+    }
+}
+
+/// `acc[r] += sum_j p[r * p_stride + j] * v[j]` for `r < rows`, `j < cols`; `acc` and `v` rows have stride `dp`.
+///
+/// Blocks of 4 rows x 2 vectors of the head dimension stay in registers across the whole key loop;
+/// each value vector is loaded once and used by 4 FMAs.
+#[inline(always)]
+pub(crate) fn accumulate_pv<S: Simd>(
+    simd: S,
+    p: &[f32],
+    p_stride: usize,
+    v: &[f32],
+    dp: usize,
+    rows: usize,
+    cols: usize,
+    acc: &mut [f32],
+) {
+    let lanes = S::F32_LANES;
+    let nvec = dp / lanes;
+    let mut r = 0;
+    while r < rows {
+        let mr = (rows - r).min(4);
+        let mut c = 0;
+        while c < nvec {
+            let nv = (nvec - c).min(2);
+            match (mr, nv) {
+                (4, 2) => pv_block::<S, 4, 2>(simd, p, p_stride, v, dp, r, c, cols, acc),
+                (4, _) => pv_block::<S, 4, 1>(simd, p, p_stride, v, dp, r, c, cols, acc),
+                (3, 2) => pv_block::<S, 3, 2>(simd, p, p_stride, v, dp, r, c, cols, acc),
+                (3, _) => pv_block::<S, 3, 1>(simd, p, p_stride, v, dp, r, c, cols, acc),
+                (2, 2) => pv_block::<S, 2, 2>(simd, p, p_stride, v, dp, r, c, cols, acc),
+                (2, _) => pv_block::<S, 2, 1>(simd, p, p_stride, v, dp, r, c, cols, acc),
+                (_, 2) => pv_block::<S, 1, 2>(simd, p, p_stride, v, dp, r, c, cols, acc),
+                _ => pv_block::<S, 1, 1>(simd, p, p_stride, v, dp, r, c, cols, acc),
+            }
+            c += nv;
+        }
+        r += mr;
+    }
+}
+
+#[inline(always)]
+fn pv_block<S: Simd, const MR: usize, const NV: usize>(
+    simd: S,
+    p: &[f32],
+    p_stride: usize,
+    v: &[f32],
+    dp: usize,
+    r0: usize,
+    c0: usize,
+    cols: usize,
+    acc: &mut [f32],
+) {
+    let v_vecs = S::as_simd_f32s(&v[..cols * dp]).0;
+    let nvec = dp / S::F32_LANES;
+    let mut regs: [[S::f32s; NV]; MR] = {
+        let a = S::as_simd_f32s(acc).0;
+        core::array::from_fn(|r| core::array::from_fn(|c| a[(r0 + r) * nvec + c0 + c]))
+    };
+    for j in 0..cols {
+        let vv: [S::f32s; NV] = core::array::from_fn(|c| v_vecs[j * nvec + c0 + c]);
+        for r in 0..MR {
+            let pr = simd.splat_f32s(p[(r0 + r) * p_stride + j]);
+            for c in 0..NV {
+                regs[r][c] = simd.mul_add_e_f32s(pr, vv[c], regs[r][c]);
+            }
+        }
+    }
+    let a = S::as_mut_simd_f32s(acc).0;
+    for r in 0..MR {
+        for c in 0..NV {
+            a[(r0 + r) * nvec + c0 + c] = regs[r][c];
+        }
+    }
+}

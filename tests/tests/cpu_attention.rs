@@ -1,0 +1,150 @@
+//! The conformance suite on the CPU engine, instantiated once per SIMD level.
+
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
+use proptest::prelude::*;
+use twinfer::cpu::{CpuEngine, SimdLevel, SplitK};
+use twinfer_tests::{Case, CaseData, KvKind, Mode, case_strategy};
+
+/// Property cases per test: `TWINFER_TEST_CASES` (emulated targets use fewer), 32 by default.
+fn cases() -> u32 {
+    option_env!("TWINFER_TEST_CASES").and_then(|s| s.parse().ok()).unwrap_or(32)
+}
+
+/// The engine for a level by name, or a loud skip when this CPU lacks it.
+fn engine(level: &str) -> Option<CpuEngine> {
+    match SimdLevel::by_name(level) {
+        Some(l) => Some(CpuEngine::with_level(l)),
+        None => {
+            eprintln!("SKIPPED: this CPU has no {level}; its kernels are not tested on this machine");
+            None
+        }
+    }
+}
+
+fn check_prefill(engine: &CpuEngine, case: &Case) -> Result<(), TestCaseError> {
+    let data = CaseData::new(case);
+    let want = data.reference();
+    let (o, lse) = data
+        .run(|p, d, out| engine.prefill(p, &d.prefill_input(case.kv_kind), out))
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    data.check(&o, lse.as_deref(), &want).map_err(TestCaseError::fail)
+}
+
+fn check_decode(engine: &CpuEngine, case: &Case) -> Result<(), TestCaseError> {
+    let data = CaseData::new(case);
+    let want = data.reference();
+    let (o, lse) = data
+        .run(|p, d, out| engine.decode(p, &d.decode_input(), out))
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    data.check(&o, lse.as_deref(), &want).map_err(TestCaseError::fail)
+}
+
+macro_rules! simd_level_suite {
+    ($level:ident) => {
+        mod $level {
+            use super::*;
+
+            proptest! {
+                #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+                #[test]
+                fn prefill_matches_oracle(case in case_strategy(Mode::Prefill, 4, 160, true)) {
+                    if let Some(e) = engine(stringify!($level)) {
+                        check_prefill(&e, &case)?;
+                    }
+                }
+
+                #[test]
+                fn decode_matches_oracle(case in case_strategy(Mode::Decode, 8, 400, true)) {
+                    if let Some(e) = engine(stringify!($level)) {
+                        check_decode(&e, &case)?;
+                    }
+                }
+
+                #[test]
+                fn split_k_decode_matches_oracle(
+                    case in case_strategy(Mode::Decode, 3, 700, true),
+                    chunk in prop_oneof![Just(1usize), Just(64), Just(100), Just(256)],
+                ) {
+                    if let Some(e) = engine(stringify!($level)) {
+                        check_decode(&e.with_split_k(SplitK::ChunkSize(chunk)), &case)?;
+                    }
+                }
+
+                /// Decode through a shuffled page table equals attention over the gathered keys,
+                /// bit for bit (same tiles in the same order).
+                #[test]
+                fn paged_equals_contiguous(case in case_strategy(Mode::Decode, 6, 300, true)) {
+                    if let Some(e) = engine(stringify!($level)) {
+                        let e = e.with_split_k(SplitK::Off);
+                        let data = CaseData::new(&case);
+                        let paged = data
+                            .run(|p, d, out| e.decode(p, &d.decode_input(), out))
+                            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                        let ragged = data
+                            .run(|p, d, out| e.prefill(p, &d.prefill_input(KvKind::Ragged), out))
+                            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                        let bits = |x: &Vec<f32>| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                        prop_assert_eq!(bits(&paged.0), bits(&ragged.0));
+                        prop_assert_eq!(paged.1.map(|l| bits(&l)), ragged.1.map(|l| bits(&l)));
+                    }
+                }
+            }
+
+            /// Pinned: more queries than keys under a causal mask leaves the first rows with no
+            /// visible key (o = 0, lse = -inf), and a zero window sees only the diagonal.
+            #[test]
+            fn pinned_fully_masked_rows_and_zero_window() {
+                let Some(e) = engine(stringify!($level)) else { return };
+                for (window_left, qo) in [(None, 9), (Some(0), 5), (Some(3), 40)] {
+                    let case = Case {
+                        mode: Mode::Prefill,
+                        kv_kind: KvKind::Paged,
+                        qo_lens: vec![qo, 1],
+                        kv_lens: vec![4, 17],
+                        page_size: 3,
+                        num_kv_heads: 2,
+                        group: 4,
+                        head_dim: 72,
+                        causal: true,
+                        window_left,
+                        soft_cap: Some(5.0),
+                        alibi: true,
+                        sm_scale: None,
+                        q_dtype: twinfer::DType::F32,
+                        kv_dtype: twinfer::DType::F16,
+                        o_dtype: twinfer::DType::F32,
+                        want_lse: true,
+                        q_gain: 4.0,
+                        seed: 7,
+                    };
+                    check_prefill(&e, &case).unwrap();
+                }
+            }
+        }
+    };
+}
+
+simd_level_suite!(scalar);
+#[cfg(target_arch = "x86_64")]
+simd_level_suite!(avx2);
+#[cfg(target_arch = "x86_64")]
+simd_level_suite!(avx512);
+#[cfg(target_arch = "aarch64")]
+simd_level_suite!(neon);
+#[cfg(target_arch = "wasm32")]
+simd_level_suite!(simd128);
+
+#[test]
+fn best_level_is_detected_and_listed() {
+    let best = SimdLevel::detect();
+    let all = SimdLevel::available();
+    assert_eq!(all.last().map(|l| l.name()), Some(best.name()));
+    assert_eq!(all[0].name(), "scalar");
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    assert_eq!(best.name(), "simd128", "a +simd128 build must run the simd128 kernels");
+    #[cfg(target_arch = "aarch64")]
+    assert_eq!(best.name(), "neon");
+}
