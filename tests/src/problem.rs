@@ -205,7 +205,17 @@ pub struct CaseData {
 }
 
 impl CaseData {
+    /// The case with its pages shuffled among garbage pages.
     pub fn new(case: &Case) -> Self {
+        Self::build(case, true)
+    }
+
+    /// The same tensors with every sequence's pages in order and no spare pages: the gathered KV.
+    pub fn contiguous(case: &Case) -> Self {
+        Self::build(case, false)
+    }
+
+    fn build(case: &Case, shuffled: bool) -> Self {
         let mut rng = Rng::new(case.seed.rotate_left(17));
         let (hk, d) = (case.num_kv_heads, case.head_dim);
         let hq = hk * case.group;
@@ -225,9 +235,11 @@ impl CaseData {
         let layout = KvLayout::new(ps, hk, d).expect("generated layout is valid");
         let pages_per_seq: Vec<usize> = case.kv_lens.iter().map(|l| l.div_ceil(ps)).collect();
         let used: usize = pages_per_seq.iter().sum();
-        let num_pages = used + 1 + rng.below(4);
+        let num_pages = if shuffled { used + 1 + rng.below(4) } else { used.max(1) };
         let mut ids: Vec<u32> = (0..num_pages as u32).collect();
-        rng.shuffle(&mut ids);
+        if shuffled {
+            rng.shuffle(&mut ids);
+        }
         // Unused pages hold garbage that must never leak into a result.
         let row = hk * d;
         let mut k_pool: Vec<f32> = (0..num_pages * ps * row).map(|_| 100.0 + rng.uniform()).collect();

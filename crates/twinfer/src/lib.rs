@@ -2,6 +2,10 @@
 //! (through `pulp`) and, in a later engine, WebGPU.
 
 pub mod attention;
+mod backend;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod bench;
+pub mod cpu;
 pub mod dtype;
 pub mod error;
 pub mod kv;
@@ -13,4 +17,4 @@ pub use attention::{
 pub use dtype::{DType, Element, TensorMut, TensorRef};
 pub use error::{Result, TwinferError};
 pub use half::{bf16, f16};
-pub mod cpu;
+pub use backend::{Attention, AttentionBackend, Backend, BackendInfo, cpu_model_name};

@@ -12,35 +12,40 @@ use crate::attention::problem::Problem;
 use crate::cpu::math::{exp_sub_sum, max_of, scale_in_place};
 use crate::cpu::tile::{accumulate_pv, scores};
 
-/// Keys per tile: K and V tiles of 64 x 128 f32 are 32 KiB each, sized for L1/L2.
+/// Key rows per tile for one KV head: K and V tiles of 64 x 128 f32 are 32 KiB each (L1/L2).
 pub(crate) const KV_TILE: usize = 64;
+/// Elements of one K (or V) tile over all heads of an item; decode reads every head of a row at
+/// once, so that whole pages stream from memory in order instead of one head's slice per row.
+const TILE_ELEMS: usize = KV_TILE * 128;
 
 /// A block of work: tokens `[tok0, tok1)` of sequence `b` (relative to its first query row), KV
-/// head `kv_head`, restricted to keys `[kv0, kv1)` (the whole sequence unless split-K).
+/// heads `[head0, head1)`, restricted to keys `[kv0, kv1)` (the whole sequence unless split-K).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct WorkItem {
     pub b: usize,
-    pub kv_head: usize,
+    pub head0: usize,
+    pub head1: usize,
     pub tok0: usize,
     pub tok1: usize,
     pub kv0: usize,
     pub kv1: usize,
 }
 
-/// Per-thread scratch, reused across work items.
+/// Per-thread scratch, reused across work items. Query rows are head-major: row
+/// `r = (kv_head - head0) * tokens * group + t * group + g`.
 #[derive(Debug, Default)]
 pub(crate) struct Scratch {
     /// `[rows, dp]` queries, pre-multiplied by sm_scale.
     q: Vec<f32>,
-    /// `[KV_TILE, dp]` keys of the current tile.
+    /// `[tile_rows, heads, dp]` keys of the current tile.
     k: Vec<f32>,
-    /// `[KV_TILE, dp]` values of the current tile.
+    /// `[tile_rows, heads, dp]` values of the current tile.
     v: Vec<f32>,
-    /// `[rows, KV_TILE]` scores, then probabilities, of the current tile.
+    /// `[rows, tile_rows]` scores, then probabilities, of the current tile.
     s: Vec<f32>,
-    /// `[rows, dp]` unnormalised output; normalised by `finish`.
+    /// `[rows, dp]` unnormalised output; normalised at the end of `run_item`.
     pub acc: Vec<f32>,
-    /// `[rows]` running max, then (after `finish`) the natural-log LSE.
+    /// `[rows]` running max, then (at the end) the natural-log LSE.
     pub m: Vec<f32>,
     /// `[rows]` running denominator.
     l: Vec<f32>,
@@ -50,7 +55,7 @@ pub(crate) struct Scratch {
 }
 
 impl Scratch {
-    fn prepare(&mut self, rows: usize, tokens: usize, dp: usize) {
+    fn prepare(&mut self, rows: usize, tokens: usize, dp: usize, tile_elems: usize, tile_rows: usize) {
         // Padding columns must be zero; a stride change would expose stale data, so reset then.
         if self.dp != dp {
             self.q.clear();
@@ -59,9 +64,11 @@ impl Scratch {
             self.dp = dp;
         }
         self.q.resize(rows * dp, 0.0);
-        self.k.resize(KV_TILE * dp, 0.0);
-        self.v.resize(KV_TILE * dp, 0.0);
-        self.s.resize(rows * KV_TILE, 0.0);
+        if self.k.len() < tile_elems {
+            self.k.resize(tile_elems, 0.0);
+            self.v.resize(tile_elems, 0.0);
+        }
+        self.s.resize(rows * tile_rows, 0.0);
         self.acc.clear();
         self.acc.resize(rows * dp, 0.0);
         self.m.clear();
@@ -73,28 +80,34 @@ impl Scratch {
     }
 }
 
-/// Runs one work item; on return `scratch.acc` holds the normalised output rows (token-major,
-/// then group head) and `scratch.m` their LSE (natural log), `-inf` and 0 for rows with no key.
+/// Runs one work item; on return `scratch.acc` holds the normalised output rows (head-major, see
+/// [`Scratch`]) and `scratch.m` their LSE (natural log), `-inf` and 0 for rows with no key.
 #[inline(always)]
 pub(crate) fn run_item<S: Simd>(simd: S, p: &Problem<'_>, item: WorkItem, sc: &mut Scratch) {
     let prm = p.params;
     let (d, group, h_qo) = (prm.head_dim, prm.group_size(), prm.num_qo_heads);
     let lanes = S::F32_LANES;
     let dp = d.div_ceil(lanes) * lanes;
+    let heads = item.head1 - item.head0;
     let tokens = item.tok1 - item.tok0;
-    let rows = tokens * group;
-    sc.prepare(rows, tokens, dp);
+    let head_rows = tokens * group;
+    let rows = heads * head_rows;
+    let tile_rows = (TILE_ELEMS / (heads * dp)).clamp(1, KV_TILE);
+    let row_stride = heads * dp;
+    sc.prepare(rows, tokens, dp, tile_rows * row_stride, tile_rows);
 
     let (q_start, q_end) = p.qo.range(item.b);
     let qo_len = q_end - q_start;
     let kv_len = p.kv.kv_len(item.b);
     let scale = prm.resolved_sm_scale();
-    for t in 0..tokens {
-        let q_off = ((q_start + item.tok0 + t) * h_qo + item.kv_head * group) * d;
-        for g in 0..group {
-            let r = t * group + g;
-            p.q.read_f32(q_off + g * d, &mut sc.q[r * dp..r * dp + d]);
-            scale_in_place(simd, &mut sc.q[r * dp..r * dp + d], scale);
+    for hh in 0..heads {
+        for t in 0..tokens {
+            let q_off = ((q_start + item.tok0 + t) * h_qo + (item.head0 + hh) * group) * d;
+            for g in 0..group {
+                let r = hh * head_rows + t * group + g;
+                p.q.read_f32(q_off + g * d, &mut sc.q[r * dp..r * dp + d]);
+                scale_in_place(simd, &mut sc.q[r * dp..r * dp + d], scale);
+            }
         }
     }
 
@@ -111,38 +124,55 @@ pub(crate) fn run_item<S: Simd>(simd: S, p: &Problem<'_>, item: WorkItem, sc: &m
     }
 
     let (k_src, v_src) = (p.kv.k(), p.kv.v());
+    // With unpadded heads a row of all the item's heads is one contiguous run in memory.
+    let whole_rows = dp == d;
     let mut j0 = lo_all;
     while j0 < hi_all {
-        let cols = KV_TILE.min(hi_all - j0);
+        let cols = tile_rows.min(hi_all - j0);
         for c in 0..cols {
-            let off = p.kv.row_offset(item.b, j0 + c, item.kv_head);
-            k_src.read_f32(off, &mut sc.k[c * dp..c * dp + d]);
-            v_src.read_f32(off, &mut sc.v[c * dp..c * dp + d]);
-        }
-        scores(simd, &sc.q, &sc.k, dp, rows, cols, &mut sc.s, KV_TILE);
-        for t in 0..tokens {
-            let (lo, hi) = sc.range[t];
-            let pos = prm_position(item.tok0 + t, qo_len, kv_len);
-            for g in 0..group {
-                let r = t * group + g;
-                let row = &mut sc.s[r * KV_TILE..r * KV_TILE + cols];
-                transform_row(prm, item.kv_head * group + g, pos, j0, lo, hi, row);
-                let tile_max = max_of(simd, row);
-                let m_new = sc.m[r].max(tile_max);
-                if m_new == f32::NEG_INFINITY {
-                    row.fill(0.0); // nothing visible yet: contributes nothing
-                    continue;
+            let off = p.kv.row_offset(item.b, j0 + c, item.head0);
+            let dst = c * row_stride;
+            if whole_rows {
+                k_src.read_f32(off, &mut sc.k[dst..dst + heads * d]);
+                v_src.read_f32(off, &mut sc.v[dst..dst + heads * d]);
+            } else {
+                for hh in 0..heads {
+                    k_src.read_f32(off + hh * d, &mut sc.k[dst + hh * dp..dst + hh * dp + d]);
+                    v_src.read_f32(off + hh * d, &mut sc.v[dst + hh * dp..dst + hh * dp + d]);
                 }
-                let alpha = (sc.m[r] - m_new).exp();
-                let sum = exp_sub_sum(simd, row, m_new);
-                sc.l[r] = sc.l[r] * alpha + sum;
-                if alpha != 1.0 {
-                    scale_in_place(simd, &mut sc.acc[r * dp..(r + 1) * dp], alpha);
-                }
-                sc.m[r] = m_new;
             }
         }
-        accumulate_pv(simd, &sc.s, KV_TILE, &sc.v, dp, rows, cols, &mut sc.acc);
+        for hh in 0..heads {
+            let r0 = hh * head_rows;
+            let s_head = &mut sc.s[r0 * tile_rows..(r0 + head_rows) * tile_rows];
+            let q_head = &sc.q[r0 * dp..(r0 + head_rows) * dp];
+            scores(simd, q_head, &sc.k[hh * dp..], row_stride, dp, head_rows, cols, s_head, tile_rows);
+            for t in 0..tokens {
+                let (lo, hi) = sc.range[t];
+                let pos = prm_position(item.tok0 + t, qo_len, kv_len);
+                for g in 0..group {
+                    let r = r0 + t * group + g;
+                    let row = &mut sc.s[r * tile_rows..r * tile_rows + cols];
+                    transform_row(prm, (item.head0 + hh) * group + g, pos, j0, lo, hi, row);
+                    let tile_max = max_of(simd, row);
+                    let m_new = sc.m[r].max(tile_max);
+                    if m_new == f32::NEG_INFINITY {
+                        row.fill(0.0); // nothing visible yet: contributes nothing
+                        continue;
+                    }
+                    let alpha = (sc.m[r] - m_new).exp();
+                    let sum = exp_sub_sum(simd, row, m_new);
+                    sc.l[r] = sc.l[r] * alpha + sum;
+                    if alpha != 1.0 {
+                        scale_in_place(simd, &mut sc.acc[r * dp..(r + 1) * dp], alpha);
+                    }
+                    sc.m[r] = m_new;
+                }
+            }
+            let s_head = &sc.s[r0 * tile_rows..(r0 + head_rows) * tile_rows];
+            let acc_head = &mut sc.acc[r0 * dp..(r0 + head_rows) * dp];
+            accumulate_pv(simd, s_head, tile_rows, &sc.v[hh * dp..], row_stride, dp, head_rows, cols, acc_head);
+        }
         j0 += cols;
     }
 

@@ -21,7 +21,7 @@ const MIN_SPLIT_CHUNK: usize = 4 * KV_TILE;
 /// How decode splits long sequences across threads (flash-decoding).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SplitK {
-    /// Split when `batch x kv_heads` gives fewer than 4 work items per thread.
+    /// Split when the batch gives fewer than 4 work items per thread.
     Auto,
     /// Never split.
     Off,
@@ -80,7 +80,7 @@ impl CpuEngine {
             for kv_head in 0..params.num_kv_heads {
                 for tok0 in (0..qo_len).step_by(block) {
                     let tok1 = (tok0 + block).min(qo_len);
-                    items.push(WorkItem { b, kv_head, tok0, tok1, kv0: 0, kv1: kv_len });
+                    items.push(WorkItem { b, head0: kv_head, head1: kv_head + 1, tok0, tok1, kv0: 0, kv1: kv_len });
                 }
             }
         }
@@ -104,15 +104,15 @@ impl CpuEngine {
         let mut items = Vec::new();
         for b in 0..p.batch {
             let kv_len = p.kv.kv_len(b);
-            for kv_head in 0..params.num_kv_heads {
-                let mut kv0 = 0;
-                loop {
-                    let kv1 = (kv0 + chunk).min(kv_len);
-                    items.push(WorkItem { b, kv_head, tok0: 0, tok1: 1, kv0, kv1 });
-                    kv0 = kv1;
-                    if kv0 >= kv_len {
-                        break;
-                    }
+            // All KV heads in one item: pages are read whole and in order, each head's slice
+            // once for its whole query group.
+            let mut kv0 = 0;
+            loop {
+                let kv1 = (kv0 + chunk).min(kv_len);
+                items.push(WorkItem { b, head0: 0, head1: params.num_kv_heads, tok0: 0, tok1: 1, kv0, kv1 });
+                kv0 = kv1;
+                if kv0 >= kv_len {
+                    break;
                 }
             }
         }
@@ -121,7 +121,7 @@ impl CpuEngine {
         let mut i = 0;
         while i < items.len() {
             let mut k = i + 1;
-            while k < items.len() && items[k].b == items[i].b && items[k].kv_head == items[i].kv_head {
+            while k < items.len() && items[k].b == items[i].b {
                 let (head, tail) = results.split_at_mut(k);
                 let (o_acc, lse_acc) = &mut head[i];
                 let (o_part, lse_part) = &tail[0];
@@ -148,7 +148,7 @@ impl CpuEngine {
             SplitK::Off => longest,
             SplitK::ChunkSize(n) => n.max(1).div_ceil(KV_TILE) * KV_TILE,
             SplitK::Auto => {
-                let base = p.batch * p.params.num_kv_heads;
+                let base = p.batch;
                 let wanted = 4 * parallel::worker_count();
                 if base >= wanted {
                     return longest;
@@ -189,17 +189,20 @@ impl pulp::WithSimd for RunItem<'_, '_> {
     }
 }
 
-/// Writes an item's rows (token-major, then group head) into the output tensors.
+/// Writes an item's rows (head-major, then token, then group head) into the output tensors.
 fn write_rows(p: &Problem<'_>, item: &WorkItem, o: &[f32], lse: &[f32], out: &mut AttentionOutput<'_>) {
     let prm = p.params;
     let (d, group, h_qo) = (prm.head_dim, prm.group_size(), prm.num_qo_heads);
     let (q_start, _) = p.qo.range(item.b);
-    for t in 0..item.tok1 - item.tok0 {
-        let row0 = (q_start + item.tok0 + t) * h_qo + item.kv_head * group;
-        let src = t * group;
-        out.o.write_f32(row0 * d, &o[src * d..(src + group) * d]);
-        if let Some(l) = out.lse.as_deref_mut() {
-            l[row0..row0 + group].copy_from_slice(&lse[src..src + group]);
+    let tokens = item.tok1 - item.tok0;
+    for hh in 0..item.head1 - item.head0 {
+        for t in 0..tokens {
+            let row0 = (q_start + item.tok0 + t) * h_qo + (item.head0 + hh) * group;
+            let src = (hh * tokens + t) * group;
+            out.o.write_f32(row0 * d, &o[src * d..(src + group) * d]);
+            if let Some(l) = out.lse.as_deref_mut() {
+                l[row0..row0 + group].copy_from_slice(&lse[src..src + group]);
+            }
         }
     }
 }

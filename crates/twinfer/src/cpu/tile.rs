@@ -5,7 +5,8 @@
 
 use pulp::Simd;
 
-/// `s[r * s_stride + j] = dot(q[r], k[j])` for `r < rows`, `j < cols`; `q` and `k` rows have stride `dp`.
+/// `s[r * s_stride + j] = dot(q[r], k[j])` for `r < rows`, `j < cols`; `q` rows have stride `dp`,
+/// `k` rows `k_stride` (several heads may be interleaved in a key tile), both `dp` long.
 ///
 /// Blocks of 4 query rows x 2 key rows keep 8 accumulators in registers and share every load
 /// between 2 or 4 FMAs, so the loop is FMA-bound rather than load-bound.
@@ -14,6 +15,7 @@ pub(crate) fn scores<S: Simd>(
     simd: S,
     q: &[f32],
     k: &[f32],
+    k_stride: usize,
     dp: usize,
     rows: usize,
     cols: usize,
@@ -27,14 +29,14 @@ pub(crate) fn scores<S: Simd>(
         while j < cols {
             let nc = (cols - j).min(2);
             match (mr, nc) {
-                (4, 2) => score_block::<S, 4, 2>(simd, q, k, dp, r, j, s, s_stride),
-                (4, _) => score_block::<S, 4, 1>(simd, q, k, dp, r, j, s, s_stride),
-                (3, 2) => score_block::<S, 3, 2>(simd, q, k, dp, r, j, s, s_stride),
-                (3, _) => score_block::<S, 3, 1>(simd, q, k, dp, r, j, s, s_stride),
-                (2, 2) => score_block::<S, 2, 2>(simd, q, k, dp, r, j, s, s_stride),
-                (2, _) => score_block::<S, 2, 1>(simd, q, k, dp, r, j, s, s_stride),
-                (_, 2) => score_block::<S, 1, 2>(simd, q, k, dp, r, j, s, s_stride),
-                _ => score_block::<S, 1, 1>(simd, q, k, dp, r, j, s, s_stride),
+                (4, 2) => score_block::<S, 4, 2>(simd, q, k, k_stride, dp, r, j, s, s_stride),
+                (4, _) => score_block::<S, 4, 1>(simd, q, k, k_stride, dp, r, j, s, s_stride),
+                (3, 2) => score_block::<S, 3, 2>(simd, q, k, k_stride, dp, r, j, s, s_stride),
+                (3, _) => score_block::<S, 3, 1>(simd, q, k, k_stride, dp, r, j, s, s_stride),
+                (2, 2) => score_block::<S, 2, 2>(simd, q, k, k_stride, dp, r, j, s, s_stride),
+                (2, _) => score_block::<S, 2, 1>(simd, q, k, k_stride, dp, r, j, s, s_stride),
+                (_, 2) => score_block::<S, 1, 2>(simd, q, k, k_stride, dp, r, j, s, s_stride),
+                _ => score_block::<S, 1, 1>(simd, q, k, k_stride, dp, r, j, s, s_stride),
             }
             j += nc;
         }
@@ -47,6 +49,7 @@ fn score_block<S: Simd, const MR: usize, const NC: usize>(
     simd: S,
     q: &[f32],
     k: &[f32],
+    k_stride: usize,
     dp: usize,
     r0: usize,
     j0: usize,
@@ -56,7 +59,7 @@ fn score_block<S: Simd, const MR: usize, const NC: usize>(
     let zero = simd.splat_f32s(0.0);
     let mut acc = [[zero; NC]; MR];
     let q_rows: [&[S::f32s]; MR] = core::array::from_fn(|r| S::as_simd_f32s(&q[(r0 + r) * dp..(r0 + r + 1) * dp]).0);
-    let k_rows: [&[S::f32s]; NC] = core::array::from_fn(|c| S::as_simd_f32s(&k[(j0 + c) * dp..(j0 + c + 1) * dp]).0);
+    let k_rows: [&[S::f32s]; NC] = core::array::from_fn(|c| S::as_simd_f32s(&k[(j0 + c) * k_stride..(j0 + c) * k_stride + dp]).0);
     let n = q_rows[0].len();
     for i in 0..n {
         let kv: [S::f32s; NC] = core::array::from_fn(|c| k_rows[c][i]);
@@ -74,7 +77,8 @@ fn score_block<S: Simd, const MR: usize, const NC: usize>(
     }
 }
 
-/// `acc[r] += sum_j p[r * p_stride + j] * v[j]` for `r < rows`, `j < cols`; `acc` and `v` rows have stride `dp`.
+/// `acc[r] += sum_j p[r * p_stride + j] * v[j]` for `r < rows`, `j < cols`; `acc` rows have stride
+/// `dp`, `v` rows `v_stride` (a multiple of the vector width).
 ///
 /// Blocks of 4 rows x 2 vectors of the head dimension stay in registers across the whole key loop;
 /// each value vector is loaded once and used by 4 FMAs.
@@ -84,6 +88,7 @@ pub(crate) fn accumulate_pv<S: Simd>(
     p: &[f32],
     p_stride: usize,
     v: &[f32],
+    v_stride: usize,
     dp: usize,
     rows: usize,
     cols: usize,
@@ -98,14 +103,14 @@ pub(crate) fn accumulate_pv<S: Simd>(
         while c < nvec {
             let nv = (nvec - c).min(2);
             match (mr, nv) {
-                (4, 2) => pv_block::<S, 4, 2>(simd, p, p_stride, v, dp, r, c, cols, acc),
-                (4, _) => pv_block::<S, 4, 1>(simd, p, p_stride, v, dp, r, c, cols, acc),
-                (3, 2) => pv_block::<S, 3, 2>(simd, p, p_stride, v, dp, r, c, cols, acc),
-                (3, _) => pv_block::<S, 3, 1>(simd, p, p_stride, v, dp, r, c, cols, acc),
-                (2, 2) => pv_block::<S, 2, 2>(simd, p, p_stride, v, dp, r, c, cols, acc),
-                (2, _) => pv_block::<S, 2, 1>(simd, p, p_stride, v, dp, r, c, cols, acc),
-                (_, 2) => pv_block::<S, 1, 2>(simd, p, p_stride, v, dp, r, c, cols, acc),
-                _ => pv_block::<S, 1, 1>(simd, p, p_stride, v, dp, r, c, cols, acc),
+                (4, 2) => pv_block::<S, 4, 2>(simd, p, p_stride, v, v_stride, dp, r, c, cols, acc),
+                (4, _) => pv_block::<S, 4, 1>(simd, p, p_stride, v, v_stride, dp, r, c, cols, acc),
+                (3, 2) => pv_block::<S, 3, 2>(simd, p, p_stride, v, v_stride, dp, r, c, cols, acc),
+                (3, _) => pv_block::<S, 3, 1>(simd, p, p_stride, v, v_stride, dp, r, c, cols, acc),
+                (2, 2) => pv_block::<S, 2, 2>(simd, p, p_stride, v, v_stride, dp, r, c, cols, acc),
+                (2, _) => pv_block::<S, 2, 1>(simd, p, p_stride, v, v_stride, dp, r, c, cols, acc),
+                (_, 2) => pv_block::<S, 1, 2>(simd, p, p_stride, v, v_stride, dp, r, c, cols, acc),
+                _ => pv_block::<S, 1, 1>(simd, p, p_stride, v, v_stride, dp, r, c, cols, acc),
             }
             c += nv;
         }
@@ -119,20 +124,22 @@ fn pv_block<S: Simd, const MR: usize, const NV: usize>(
     p: &[f32],
     p_stride: usize,
     v: &[f32],
+    v_stride: usize,
     dp: usize,
     r0: usize,
     c0: usize,
     cols: usize,
     acc: &mut [f32],
 ) {
-    let v_vecs = S::as_simd_f32s(&v[..cols * dp]).0;
+    let v_vecs = S::as_simd_f32s(&v[..(cols - 1) * v_stride + dp]).0;
     let nvec = dp / S::F32_LANES;
+    let v_step = v_stride / S::F32_LANES;
     let mut regs: [[S::f32s; NV]; MR] = {
         let a = S::as_simd_f32s(acc).0;
         core::array::from_fn(|r| core::array::from_fn(|c| a[(r0 + r) * nvec + c0 + c]))
     };
     for j in 0..cols {
-        let vv: [S::f32s; NV] = core::array::from_fn(|c| v_vecs[j * nvec + c0 + c]);
+        let vv: [S::f32s; NV] = core::array::from_fn(|c| v_vecs[j * v_step + c0 + c]);
         for r in 0..MR {
             let pr = simd.splat_f32s(p[(r0 + r) * p_stride + j]);
             for c in 0..NV {

@@ -1,0 +1,121 @@
+//! `twinfer`: the native binary. Thin: every measurement and kernel lives in the core crate.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use twinfer::bench::{self, KernelReport, Scope};
+use twinfer::cpu::{CpuEngine, SimdLevel};
+use twinfer::{Attention, Backend};
+
+#[derive(Parser)]
+#[command(name = "twinfer", version, about = "Prefill and paged-decode attention engines on SIMD CPUs and GPUs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show the CPU, its SIMD levels, and which engine `auto` picks and why.
+    Info,
+    /// Measure kernels against this machine's own ceilings.
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// Prefill and paged decode attention, with read-bandwidth and FMA-peak ceilings measured in the same run.
+    Kernels {
+        /// Small shapes and few runs (seconds instead of minutes).
+        #[arg(long)]
+        quick: bool,
+        /// Instruction set to run (default: the widest this CPU has).
+        #[arg(long, value_enum)]
+        simd: Option<SimdArg>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SimdArg {
+    Scalar,
+    Avx2,
+    Avx512,
+    Neon,
+    Simd128,
+}
+
+impl SimdArg {
+    fn name(self) -> &'static str {
+        match self {
+            SimdArg::Scalar => "scalar",
+            SimdArg::Avx2 => "avx2",
+            SimdArg::Avx512 => "avx512",
+            SimdArg::Neon => "neon",
+            SimdArg::Simd128 => "simd128",
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("twinfer: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Info => {
+            let attention = Attention::new(Backend::Auto).map_err(|e| e.to_string())?;
+            let info = attention.info();
+            let levels: Vec<_> = SimdLevel::available().iter().map(|l| l.name()).collect();
+            println!("cpu:            {}", twinfer::cpu_model_name());
+            println!("simd available: {}", levels.join(", "));
+            println!("backend:        {} ({}, {} threads)", info.backend, info.variant, info.threads);
+            println!("reason:         {}", info.reason);
+            Ok(())
+        }
+        Command::Bench { what: BenchWhat::Kernels { quick, simd } } => {
+            let level = match simd {
+                Some(s) => SimdLevel::by_name(s.name()).ok_or_else(|| format!("this CPU has no {}", s.name()))?,
+                None => SimdLevel::detect(),
+            };
+            let scope = if quick { Scope::Quick } else { Scope::Full };
+            let report = bench::run_kernels(&CpuEngine::with_level(level), scope).map_err(|e| e.to_string())?;
+            print_report(&report);
+            Ok(())
+        }
+    }
+}
+
+fn print_report(r: &KernelReport) {
+    println!("machine: {} | simd {} | {} threads", r.cpu, r.simd, r.threads);
+    println!(
+        "ceilings: read {:.1} GB/s [{:.1}..{:.1}], FMA peak {:.1} GFLOP/s [{:.1}..{:.1}] (median [min..max] of {} runs)",
+        r.read_gbps.median, r.read_gbps.min, r.read_gbps.max, r.fma_gflops.median, r.fma_gflops.min, r.fma_gflops.max, r.read_gbps.runs
+    );
+    println!("{:<34} {:>11} {:>8} {:>16} {:>9}", "case", "median ms", "spread", "rate", "% ceiling");
+    for c in &r.cases {
+        let rate = c.rate();
+        let unit = match c.bound {
+            bench::cases::Bound::Compute => "GFLOP/s",
+            bench::cases::Bound::Memory => "GB/s",
+        };
+        println!(
+            "{:<34} {:>11.3} {:>7.1}% {:>8.1} {:<7} {:>8.1}%",
+            c.name,
+            c.seconds.median * 1e3,
+            c.seconds.spread_pct(),
+            rate.median,
+            unit,
+            rate.median / r.ceiling(c) * 100.0
+        );
+    }
+}
