@@ -13,3 +13,6 @@ pub use attention::{
 pub use dtype::{DType, Element, TensorMut, TensorRef};
 pub use error::{Result, TwinferError};
 pub use half::{bf16, f16};
+pub use kv::{
+    KvCacheConfig, KvLayout, PageAllocator, PageTable, PageTableBuf, PagedKv, PagedKvCache, SeqId, append_paged_kv,
+};
