@@ -99,7 +99,13 @@ fn print_report(r: &KernelReport) {
     println!("machine: {} | simd {} | {} threads", r.cpu, r.simd, r.threads);
     println!(
         "ceilings: read {:.1} GB/s [{:.1}..{:.1}], FMA peak {:.1} GFLOP/s [{:.1}..{:.1}] (median [min..max] of {} runs)",
-        r.read_gbps.median, r.read_gbps.min, r.read_gbps.max, r.fma_gflops.median, r.fma_gflops.min, r.fma_gflops.max, r.read_gbps.runs
+        r.read_gbps.median,
+        r.read_gbps.min,
+        r.read_gbps.max,
+        r.fma_gflops.median,
+        r.fma_gflops.min,
+        r.fma_gflops.max,
+        r.read_gbps.runs
     );
     println!("{:<34} {:>11} {:>8} {:>16} {:>9}", "case", "median ms", "spread", "rate", "% ceiling");
     for c in &r.cases {

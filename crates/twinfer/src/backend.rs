@@ -140,12 +140,22 @@ impl Attention {
     }
 
     /// Batch prefill: ragged queries against ragged contiguous KV or the paged cache.
-    pub fn prefill(&self, params: &AttentionParams, input: &PrefillInput<'_>, out: &mut AttentionOutput<'_>) -> Result<()> {
+    pub fn prefill(
+        &self,
+        params: &AttentionParams,
+        input: &PrefillInput<'_>,
+        out: &mut AttentionOutput<'_>,
+    ) -> Result<()> {
         self.engine.as_backend().prefill(params, input, out)
     }
 
     /// Batch decode: one query token per sequence against the paged cache.
-    pub fn decode(&self, params: &AttentionParams, input: &DecodeInput<'_>, out: &mut AttentionOutput<'_>) -> Result<()> {
+    pub fn decode(
+        &self,
+        params: &AttentionParams,
+        input: &DecodeInput<'_>,
+        out: &mut AttentionOutput<'_>,
+    ) -> Result<()> {
         self.engine.as_backend().decode(params, input, out)
     }
 }

@@ -283,7 +283,11 @@ mod tests {
         f16::slice_to_f32(&all, &mut out);
         for (h, f) in all.iter().zip(&out) {
             let want = h.to_f32();
-            assert!(want.to_bits() == f.to_bits() || (want.is_nan() && f.is_nan()), "{:#06x}: {f} vs {want}", h.to_bits());
+            assert!(
+                want.to_bits() == f.to_bits() || (want.is_nan() && f.is_nan()),
+                "{:#06x}: {f} vs {want}",
+                h.to_bits()
+            );
         }
     }
 

@@ -14,7 +14,10 @@ pub mod reference;
 pub use attention::{
     AttentionOutput, AttentionParams, DecodeInput, KvInput, PrefillInput, merge_state, merge_state_in_place,
 };
+pub use backend::{Attention, AttentionBackend, Backend, BackendInfo, cpu_model_name};
 pub use dtype::{DType, Element, TensorMut, TensorRef};
 pub use error::{Result, TwinferError};
 pub use half::{bf16, f16};
-pub use backend::{Attention, AttentionBackend, Backend, BackendInfo, cpu_model_name};
+pub use kv::{
+    KvCacheConfig, KvLayout, PageAllocator, PageTable, PageTableBuf, PagedKv, PagedKvCache, SeqId, append_paged_kv,
+};

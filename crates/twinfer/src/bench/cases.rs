@@ -59,7 +59,11 @@ pub fn prefill_causal(engine: &CpuEngine, len: usize, runs: usize) -> Result<Cas
     let v = pseudo_random(len * KV_HEADS * HEAD_DIM, 3);
     let indptr = [0, len as u32];
     let mut o = vec![0f32; len * QO_HEADS * HEAD_DIM];
-    let input = PrefillInput { q: (&q[..]).into(), qo_indptr: &indptr, kv: KvInput::Ragged { k: (&k[..]).into(), v: (&v[..]).into(), kv_indptr: &indptr } };
+    let input = PrefillInput {
+        q: (&q[..]).into(),
+        qo_indptr: &indptr,
+        kv: KvInput::Ragged { k: (&k[..]).into(), v: (&v[..]).into(), kv_indptr: &indptr },
+    };
     let mut err = None;
     let seconds = time_runs(runs, || {
         if let Err(e) = engine.prefill(&params, &input, &mut AttentionOutput::new(&mut o[..])) {
@@ -111,5 +115,10 @@ pub fn decode_paged(engine: &CpuEngine, batch: usize, ctx: usize, runs: usize) -
         return Err(e);
     }
     let work = (batch * ctx * KV_HEADS * HEAD_DIM * 2 * 2) as f64; // K and V, 2 bytes each
-    Ok(CaseResult { name: format!("decode f16 page16 batch={batch} ctx={}K", ctx / 1024), seconds, bound: Bound::Memory, work })
+    Ok(CaseResult {
+        name: format!("decode f16 page16 batch={batch} ctx={}K", ctx / 1024),
+        seconds,
+        bound: Bound::Memory,
+        work,
+    })
 }

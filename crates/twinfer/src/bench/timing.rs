@@ -22,7 +22,12 @@ impl Stats {
         } else {
             (xs[n / 2 - 1] + xs[n / 2]) / 2.0
         };
-        Stats { median, min: xs.first().copied().unwrap_or(f64::NAN), max: xs.last().copied().unwrap_or(f64::NAN), runs: n }
+        Stats {
+            median,
+            min: xs.first().copied().unwrap_or(f64::NAN),
+            max: xs.last().copied().unwrap_or(f64::NAN),
+            runs: n,
+        }
     }
     /// Applies a monotone decreasing map (seconds -> rate): min and max swap.
     pub fn map(&self, f: impl Fn(f64) -> f64) -> Stats {

@@ -59,7 +59,8 @@ fn score_block<S: Simd, const MR: usize, const NC: usize>(
     let zero = simd.splat_f32s(0.0);
     let mut acc = [[zero; NC]; MR];
     let q_rows: [&[S::f32s]; MR] = core::array::from_fn(|r| S::as_simd_f32s(&q[(r0 + r) * dp..(r0 + r + 1) * dp]).0);
-    let k_rows: [&[S::f32s]; NC] = core::array::from_fn(|c| S::as_simd_f32s(&k[(j0 + c) * k_stride..(j0 + c) * k_stride + dp]).0);
+    let k_rows: [&[S::f32s]; NC] =
+        core::array::from_fn(|c| S::as_simd_f32s(&k[(j0 + c) * k_stride..(j0 + c) * k_stride + dp]).0);
     let n = q_rows[0].len();
     for i in 0..n {
         let kv: [S::f32s; NC] = core::array::from_fn(|c| k_rows[c][i]);
