@@ -178,10 +178,10 @@ pub fn cpu_model_name() -> String {
     if let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") {
         for line in info.lines() {
             let lower = line.to_ascii_lowercase();
-            if lower.starts_with("model name") || lower.starts_with("hardware") || lower.starts_with("cpu model") {
-                if let Some((_, v)) = line.split_once(':') {
-                    return v.trim().to_string();
-                }
+            if (lower.starts_with("model name") || lower.starts_with("hardware") || lower.starts_with("cpu model"))
+                && let Some((_, v)) = line.split_once(':')
+            {
+                return v.trim().to_string();
             }
         }
     }

@@ -87,7 +87,7 @@ impl AttentionParams {
 
     /// Checks head counts, head_dim and variant values.
     pub fn validate(&self) -> Result<()> {
-        if self.num_kv_heads == 0 || self.num_qo_heads == 0 || self.num_qo_heads % self.num_kv_heads != 0 {
+        if self.num_kv_heads == 0 || self.num_qo_heads == 0 || !self.num_qo_heads.is_multiple_of(self.num_kv_heads) {
             return Err(TwinferError::HeadRatio { num_qo_heads: self.num_qo_heads, num_kv_heads: self.num_kv_heads });
         }
         check_head_dim(self.head_dim)?;

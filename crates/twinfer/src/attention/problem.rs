@@ -127,7 +127,7 @@ impl<'a> Problem<'a> {
     pub fn prefill(params: &'a AttentionParams, input: &PrefillInput<'a>) -> Result<Self> {
         params.validate()?;
         let row = params.num_qo_heads * params.head_dim;
-        if input.q.len() % row != 0 {
+        if !input.q.len().is_multiple_of(row) {
             return Err(TwinferError::ShapeMismatch {
                 what: "q ([tokens, num_qo_heads, head_dim])",
                 expected: (input.q.len() / row + 1) * row,

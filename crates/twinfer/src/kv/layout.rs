@@ -49,7 +49,7 @@ impl KvLayout {
 
 /// Head dims must be a multiple of 8 up to 256 (the GPU kernels vectorise by 4 and 8).
 pub fn check_head_dim(head_dim: usize) -> Result<()> {
-    if head_dim == 0 || head_dim % 8 != 0 || head_dim > MAX_HEAD_DIM {
+    if head_dim == 0 || !head_dim.is_multiple_of(8) || head_dim > MAX_HEAD_DIM {
         return Err(TwinferError::HeadDimUnsupported { head_dim });
     }
     Ok(())
@@ -167,7 +167,7 @@ impl<'a> PagedKv<'a> {
             return Err(TwinferError::DtypeMismatch { what: "paged V", expected: k.dtype(), got: v.dtype() });
         }
         let page = layout.page_elems();
-        if k.len() % page != 0 {
+        if !k.len().is_multiple_of(page) {
             return Err(TwinferError::ShapeMismatch {
                 what: "paged K (a whole number of pages)",
                 expected: (k.len() / page + 1) * page,
