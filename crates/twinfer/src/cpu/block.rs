@@ -9,6 +9,7 @@
 use pulp::Simd;
 
 use crate::attention::problem::Problem;
+use crate::cpu::convert::load_f32;
 use crate::cpu::math::{exp_sub_sum, max_of, scale_in_place};
 use crate::cpu::tile::{accumulate_pv, scores};
 
@@ -16,7 +17,7 @@ use crate::cpu::tile::{accumulate_pv, scores};
 pub(crate) const KV_TILE: usize = 64;
 /// Elements of one K (or V) tile over all heads of an item; decode reads every head of a row at
 /// once, so that whole pages stream from memory in order instead of one head's slice per row.
-const TILE_ELEMS: usize = KV_TILE * 128;
+const TILE_ELEMS: usize = KV_TILE * 128 * 4;
 
 /// A block of work: tokens `[tok0, tok1)` of sequence `b` (relative to its first query row), KV
 /// heads `[head0, head1)`, restricted to keys `[kv0, kv1)` (the whole sequence unless split-K).
@@ -133,12 +134,12 @@ pub(crate) fn run_item<S: Simd>(simd: S, p: &Problem<'_>, item: WorkItem, sc: &m
             let off = p.kv.row_offset(item.b, j0 + c, item.head0);
             let dst = c * row_stride;
             if whole_rows {
-                k_src.read_f32(off, &mut sc.k[dst..dst + heads * d]);
-                v_src.read_f32(off, &mut sc.v[dst..dst + heads * d]);
+                load_f32::<S>(k_src, off, &mut sc.k[dst..dst + heads * d]);
+                load_f32::<S>(v_src, off, &mut sc.v[dst..dst + heads * d]);
             } else {
                 for hh in 0..heads {
-                    k_src.read_f32(off + hh * d, &mut sc.k[dst + hh * dp..dst + hh * dp + d]);
-                    v_src.read_f32(off + hh * d, &mut sc.v[dst + hh * dp..dst + hh * dp + d]);
+                    load_f32::<S>(k_src, off + hh * d, &mut sc.k[dst + hh * dp..dst + hh * dp + d]);
+                    load_f32::<S>(v_src, off + hh * d, &mut sc.v[dst + hh * dp..dst + hh * dp + d]);
                 }
             }
         }

@@ -1,6 +1,7 @@
 //! The SIMD CPU engine (pulp): blocked online-softmax prefill and paged, split-K decode.
 
 mod block;
+mod convert;
 mod math;
 mod parallel;
 mod simd_level;

@@ -2,17 +2,32 @@
 
 use crate::cpu::block::Scratch;
 
+use std::cell::RefCell;
+
+thread_local! {
+    /// Each worker keeps its tiles between calls: zeroing fresh ones per item would cost as
+    /// much memory traffic as a short decode chunk itself.
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut sc) => f(&mut sc),
+        // Re-entered on this thread (a nested pool call): use a private one.
+        Err(_) => f(&mut Scratch::default()),
+    })
+}
+
 /// Maps `f` over `items`, giving each worker its own reusable [`Scratch`].
 pub(crate) fn map_items<T: Sync, R: Send>(items: &[T], f: impl Fn(&T, &mut Scratch) -> R + Sync + Send) -> Vec<R> {
     #[cfg(not(target_arch = "wasm32"))]
     {
         use rayon::prelude::*;
-        items.par_iter().map_init(Scratch::default, |sc, it| f(it, sc)).collect()
+        items.par_iter().map(|it| with_scratch(|sc| f(it, sc))).collect()
     }
     #[cfg(target_arch = "wasm32")]
     {
-        let mut sc = Scratch::default();
-        items.iter().map(|it| f(it, &mut sc)).collect()
+        items.iter().map(|it| with_scratch(|sc| f(it, sc))).collect()
     }
 }
 

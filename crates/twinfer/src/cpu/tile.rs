@@ -56,18 +56,27 @@ fn score_block<S: Simd, const MR: usize, const NC: usize>(
     s: &mut [f32],
     s_stride: usize,
 ) {
+    let lanes = S::F32_LANES;
+    let n = dp / lanes;
+    // The pointer reads below stay inside these bounds; checking once keeps the loop free of
+    // per-element bounds checks.
+    assert!(dp % lanes == 0 && k_stride % lanes == 0);
+    assert!((r0 + MR) * dp <= q.len() && (j0 + NC - 1) * k_stride + dp <= k.len());
+    let qp = q.as_ptr() as *const S::f32s;
+    let kp = k.as_ptr() as *const S::f32s;
+    let q_row: [usize; MR] = core::array::from_fn(|r| (r0 + r) * n);
+    let k_row: [usize; NC] = core::array::from_fn(|c| (j0 + c) * (k_stride / lanes));
     let zero = simd.splat_f32s(0.0);
     let mut acc = [[zero; NC]; MR];
-    let q_rows: [&[S::f32s]; MR] = core::array::from_fn(|r| S::as_simd_f32s(&q[(r0 + r) * dp..(r0 + r + 1) * dp]).0);
-    let k_rows: [&[S::f32s]; NC] =
-        core::array::from_fn(|c| S::as_simd_f32s(&k[(j0 + c) * k_stride..(j0 + c) * k_stride + dp]).0);
-    let n = q_rows[0].len();
     for i in 0..n {
-        let kv: [S::f32s; NC] = core::array::from_fn(|c| k_rows[c][i]);
-        for r in 0..MR {
-            let qv = q_rows[r][i];
-            for c in 0..NC {
-                acc[r][c] = simd.mul_add_e_f32s(qv, kv[c], acc[r][c]);
+        // SAFETY: i < n and the asserts above bound every row start plus n vectors.
+        unsafe {
+            let kv: [S::f32s; NC] = core::array::from_fn(|c| *kp.add(k_row[c] + i));
+            for r in 0..MR {
+                let qv = *qp.add(q_row[r] + i);
+                for c in 0..NC {
+                    acc[r][c] = simd.mul_add_e_f32s(qv, kv[c], acc[r][c]);
+                }
             }
         }
     }
@@ -132,26 +141,33 @@ fn pv_block<S: Simd, const MR: usize, const NV: usize>(
     cols: usize,
     acc: &mut [f32],
 ) {
-    let v_vecs = S::as_simd_f32s(&v[..(cols - 1) * v_stride + dp]).0;
-    let nvec = dp / S::F32_LANES;
-    let v_step = v_stride / S::F32_LANES;
-    let mut regs: [[S::f32s; NV]; MR] = {
-        let a = S::as_simd_f32s(acc).0;
-        core::array::from_fn(|r| core::array::from_fn(|c| a[(r0 + r) * nvec + c0 + c]))
-    };
-    for j in 0..cols {
-        let vv: [S::f32s; NV] = core::array::from_fn(|c| v_vecs[j * v_step + c0 + c]);
-        for r in 0..MR {
-            let pr = simd.splat_f32s(p[(r0 + r) * p_stride + j]);
-            for c in 0..NV {
-                regs[r][c] = simd.mul_add_e_f32s(pr, vv[c], regs[r][c]);
+    let lanes = S::F32_LANES;
+    let nvec = dp / lanes;
+    let v_step = v_stride / lanes;
+    // Bounds for the pointer accesses below, checked once.
+    assert!(dp % lanes == 0 && v_stride % lanes == 0 && c0 + NV <= nvec);
+    assert!(cols == 0 || (cols - 1) * v_stride + dp <= v.len());
+    assert!((r0 + MR) * dp <= acc.len() && (r0 + MR - 1) * p_stride + cols <= p.len());
+    let vp = v.as_ptr() as *const S::f32s;
+    let pp = p.as_ptr();
+    let ap = acc.as_mut_ptr() as *mut S::f32s;
+    // SAFETY: every offset is below the bounds asserted above.
+    unsafe {
+        let mut regs: [[S::f32s; NV]; MR] =
+            core::array::from_fn(|r| core::array::from_fn(|c| *ap.add((r0 + r) * nvec + c0 + c)));
+        for j in 0..cols {
+            let vv: [S::f32s; NV] = core::array::from_fn(|c| *vp.add(j * v_step + c0 + c));
+            for r in 0..MR {
+                let pr = simd.splat_f32s(*pp.add((r0 + r) * p_stride + j));
+                for c in 0..NV {
+                    regs[r][c] = simd.mul_add_e_f32s(pr, vv[c], regs[r][c]);
+                }
             }
         }
-    }
-    let a = S::as_mut_simd_f32s(acc).0;
-    for r in 0..MR {
-        for c in 0..NV {
-            a[(r0 + r) * nvec + c0 + c] = regs[r][c];
+        for r in 0..MR {
+            for c in 0..NV {
+                *ap.add((r0 + r) * nvec + c0 + c) = regs[r][c];
+            }
         }
     }
 }
