@@ -60,7 +60,7 @@ fn score_block<S: Simd, const MR: usize, const NC: usize>(
     let n = dp / lanes;
     // The pointer reads below stay inside these bounds; checking once keeps the loop free of
     // per-element bounds checks.
-    assert!(dp % lanes == 0 && k_stride % lanes == 0);
+    assert!(dp.is_multiple_of(lanes) && k_stride.is_multiple_of(lanes));
     assert!((r0 + MR) * dp <= q.len() && (j0 + NC - 1) * k_stride + dp <= k.len());
     let qp = q.as_ptr() as *const S::f32s;
     let kp = k.as_ptr() as *const S::f32s;
@@ -145,7 +145,7 @@ fn pv_block<S: Simd, const MR: usize, const NV: usize>(
     let nvec = dp / lanes;
     let v_step = v_stride / lanes;
     // Bounds for the pointer accesses below, checked once.
-    assert!(dp % lanes == 0 && v_stride % lanes == 0 && c0 + NV <= nvec);
+    assert!(dp.is_multiple_of(lanes) && v_stride.is_multiple_of(lanes) && c0 + NV <= nvec);
     assert!(cols == 0 || (cols - 1) * v_stride + dp <= v.len());
     assert!((r0 + MR) * dp <= acc.len() && (r0 + MR - 1) * p_stride + cols <= p.len());
     let vp = v.as_ptr() as *const S::f32s;
