@@ -9,7 +9,7 @@
 use pulp::Simd;
 
 use crate::attention::problem::Problem;
-use crate::cpu::convert::load_f32;
+use crate::cpu::convert::{load_f32, prefetch};
 use crate::cpu::math::{exp_sub_sum, max_of, scale_in_place};
 use crate::cpu::tile::{accumulate_pv, scores};
 
@@ -142,6 +142,12 @@ pub(crate) fn run_item<S: Simd>(simd: S, p: &Problem<'_>, item: WorkItem, sc: &m
                     load_f32::<S>(v_src, off + hh * d, &mut sc.v[dst + hh * dp..dst + hh * dp + d]);
                 }
             }
+        }
+        let next = j0 + cols;
+        for c in 0..tile_rows.min(hi_all.saturating_sub(next)) {
+            let off = p.kv.row_offset(item.b, next + c, item.head0);
+            prefetch(k_src, off, heads * d);
+            prefetch(v_src, off, heads * d);
         }
         for hh in 0..heads {
             let r0 = hh * head_rows;

@@ -18,6 +18,28 @@ pub(crate) fn load_f32<S: Simd>(src: TensorRef<'_>, offset: usize, dst: &mut [f3
     }
 }
 
+/// Hints the cache to fetch `len` elements at `offset`, into L2: issued for the next key tile
+/// while the current one is computed, so that reading memory overlaps the arithmetic.
+#[inline(always)]
+pub(crate) fn prefetch(src: TensorRef<'_>, offset: usize, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (ptr, bytes) = match src {
+            TensorRef::F32(s) => (s[offset..offset + len].as_ptr() as *const i8, len * 4),
+            TensorRef::F16(s) => (s[offset..offset + len].as_ptr() as *const i8, len * 2),
+            TensorRef::BF16(s) => (s[offset..offset + len].as_ptr() as *const i8, len * 2),
+        };
+        let mut at = 0;
+        while at < bytes {
+            // SAFETY: a prefetch never faults, and `at < bytes` keeps the address in the slice.
+            unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(ptr.add(at)) };
+            at += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (src, offset, len);
+}
+
 #[inline(always)]
 fn widen_f16<S: Simd>(src: &[f16], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
