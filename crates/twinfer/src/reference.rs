@@ -47,7 +47,8 @@ fn attend(p: &Problem<'_>) -> RefOutput {
                     .map(|j| {
                         let jj = j as i64;
                         let causal_ok = !prm.causal || jj <= pos;
-                        let window_ok = prm.window_left.is_none_or(|w| jj + w as i64 >= pos);
+                        let window_ok =
+                            prm.window_left.is_none_or(|w| jj.saturating_add(AttentionParams::window_i64(w)) >= pos);
                         if !(causal_ok && window_ok) {
                             return None;
                         }

@@ -74,6 +74,9 @@ pub fn merge_state_in_place(o: &mut [f32], lse: &mut [f32], o_other: &[f32], lse
     }
     let d = o.len() / rows;
     check_len("o ([rows, heads, head_dim])", rows * d, o.len())?;
+    if d == 0 {
+        return Err(TwinferError::InvalidParameter("merge_state_in_place: head_dim is 0".into()));
+    }
     for r in 0..rows {
         merge_row(&mut o[r * d..(r + 1) * d], &mut lse[r], &o_other[r * d..(r + 1) * d], lse_other[r]);
     }

@@ -91,6 +91,12 @@ impl AttentionParams {
             return Err(TwinferError::HeadRatio { num_qo_heads: self.num_qo_heads, num_kv_heads: self.num_kv_heads });
         }
         check_head_dim(self.head_dim)?;
+        if self.num_qo_heads.checked_mul(self.head_dim).is_none() {
+            return Err(TwinferError::InvalidParameter(format!(
+                "num_qo_heads {} x head_dim {} overflows the address space",
+                self.num_qo_heads, self.head_dim
+            )));
+        }
         if let Some(cap) = self.logits_soft_cap
             && !(cap.is_finite() && cap > 0.0)
         {
@@ -117,10 +123,17 @@ impl AttentionParams {
         let pos = i as i64 + kv_len as i64 - qo_len as i64;
         let hi = if self.causal { (pos + 1).clamp(0, kv_len as i64) } else { kv_len as i64 };
         let lo = match self.window_left {
-            Some(w) => (pos - w as i64).clamp(0, kv_len as i64),
+            Some(w) => pos.saturating_sub(Self::window_i64(w)).clamp(0, kv_len as i64),
             None => 0,
         };
         (lo as usize, hi.max(lo) as usize)
+    }
+
+    /// A window width as i64, saturating: a width beyond any position (`usize::MAX` for
+    /// "unbounded") must not wrap to a negative one.
+    #[inline(always)]
+    pub(crate) fn window_i64(window_left: usize) -> i64 {
+        i64::try_from(window_left).unwrap_or(i64::MAX)
     }
 
     /// The absolute position of query row `i` (may be negative when `qo_len > kv_len`).

@@ -146,8 +146,10 @@ impl<'a> Problem<'a> {
                 let kv_row = params.num_kv_heads * params.head_dim;
                 let total_kv = *kv_indptr.last().unwrap_or(&0) as usize;
                 check_indptr("kv_indptr", kv_indptr, total_kv)?;
-                check_len("k ([kv_tokens, num_kv_heads, head_dim])", total_kv * kv_row, k.len())?;
-                check_len("v ([kv_tokens, num_kv_heads, head_dim])", total_kv * kv_row, v.len())?;
+                // Saturating: an indptr that promises more rows than memory holds is a mismatch.
+                let kv_elems = total_kv.saturating_mul(kv_row);
+                check_len("k ([kv_tokens, num_kv_heads, head_dim])", kv_elems, k.len())?;
+                check_len("v ([kv_tokens, num_kv_heads, head_dim])", kv_elems, v.len())?;
                 KvSource::Ragged { k, v, indptr: kv_indptr, row_stride: kv_row, head_dim: params.head_dim }
             }
             KvInput::Paged { kv, table } => {
@@ -163,7 +165,8 @@ impl<'a> Problem<'a> {
         params.validate()?;
         check_paged(params, &input.kv, &input.table)?;
         let batch = input.table.batch_size();
-        check_len("q ([batch, num_qo_heads, head_dim])", batch * params.num_qo_heads * params.head_dim, input.q.len())?;
+        let q_elems = batch.saturating_mul(params.num_qo_heads * params.head_dim);
+        check_len("q ([batch, num_qo_heads, head_dim])", q_elems, input.q.len())?;
         Ok(Self {
             params,
             q: input.q,
@@ -194,5 +197,8 @@ fn check_paged(params: &AttentionParams, kv: &PagedKv<'_>, table: &PageTable<'_>
         });
     }
     check_len("paged KV head_dim", params.head_dim, kv.layout.head_dim)?;
+    // The view's fields are public: a hand-built one (page_size 0, K and V of different lengths)
+    // gets the checks of `PagedKv::new` here, before the kernels index it.
+    let kv = PagedKv::new(kv.k, kv.v, kv.layout)?;
     table.validate(kv.layout.page_size, kv.num_pages())
 }

@@ -1,6 +1,7 @@
 //! The kernel benchmark cases: causal prefill and paged f16 decode on realistic shapes.
 
 use half::f16;
+use std::fmt;
 
 use super::timing::{Stats, time_runs};
 use crate::attention::{AttentionOutput, AttentionParams, DecodeInput, KvInput, PrefillInput};
@@ -51,74 +52,180 @@ fn pseudo_random(n: usize, seed: u64) -> Vec<f16> {
         .collect()
 }
 
-/// Causal single-sequence prefill of `len` tokens, f16 Q/K/V, f32 output.
-pub fn prefill_causal(engine: &CpuEngine, len: usize, runs: usize) -> Result<CaseResult> {
-    let params = AttentionParams::new(QO_HEADS, KV_HEADS, HEAD_DIM).causal(true);
-    let q = pseudo_random(len * QO_HEADS * HEAD_DIM, 1);
-    let k = pseudo_random(len * KV_HEADS * HEAD_DIM, 2);
-    let v = pseudo_random(len * KV_HEADS * HEAD_DIM, 3);
-    let indptr = [0, len as u32];
-    let mut o = vec![0f32; len * QO_HEADS * HEAD_DIM];
-    let input = PrefillInput {
-        q: (&q[..]).into(),
-        qo_indptr: &indptr,
-        kv: KvInput::Ragged { k: (&k[..]).into(), v: (&v[..]).into(), kv_indptr: &indptr },
-    };
+/// FLOPs of one causal prefill of `len` tokens with the case's heads: QK^T and PV over the
+/// visible (lower-triangular) half of the score matrix, 2 FLOPs per multiply-add.
+pub fn prefill_causal_flops(len: usize) -> f64 {
+    let visible = (len * (len + 1) / 2) as f64;
+    4.0 * visible * (QO_HEADS * HEAD_DIM) as f64
+}
+
+/// Bytes of K and V (f16) one paged decode step reads: `batch * ctx` rows of every KV head.
+pub fn decode_paged_bytes(batch: usize, ctx: usize) -> f64 {
+    (batch * ctx * KV_HEADS * HEAD_DIM * 2 * 2) as f64 // K and V, 2 bytes each
+}
+
+/// The inputs of a causal single-sequence prefill of `len` tokens: f16 Q/K/V, f32 output.
+/// Built once; [`PrefillCausal::run`] is what a harness times.
+#[derive(Clone)]
+pub struct PrefillCausal {
+    pub len: usize,
+    pub params: AttentionParams,
+    /// `[len, QO_HEADS, HEAD_DIM]`
+    q: Vec<f16>,
+    /// `[len, KV_HEADS, HEAD_DIM]`
+    k: Vec<f16>,
+    /// `[len, KV_HEADS, HEAD_DIM]`
+    v: Vec<f16>,
+    indptr: [u32; 2],
+    /// `[len, QO_HEADS, HEAD_DIM]`
+    o: Vec<f32>,
+}
+
+impl PrefillCausal {
+    pub fn new(len: usize) -> Self {
+        Self {
+            len,
+            params: AttentionParams::new(QO_HEADS, KV_HEADS, HEAD_DIM).causal(true),
+            q: pseudo_random(len * QO_HEADS * HEAD_DIM, 1),
+            k: pseudo_random(len * KV_HEADS * HEAD_DIM, 2),
+            v: pseudo_random(len * KV_HEADS * HEAD_DIM, 3),
+            indptr: [0, len as u32],
+            o: vec![0f32; len * QO_HEADS * HEAD_DIM],
+        }
+    }
+
+    /// One prefill into the case's own output buffer.
+    pub fn run(&mut self, engine: &CpuEngine) -> Result<()> {
+        let input = PrefillInput {
+            q: (&self.q[..]).into(),
+            qo_indptr: &self.indptr,
+            kv: KvInput::Ragged { k: (&self.k[..]).into(), v: (&self.v[..]).into(), kv_indptr: &self.indptr },
+        };
+        engine.prefill(&self.params, &input, &mut AttentionOutput::new(&mut self.o[..]))
+    }
+
+    /// The last run's output.
+    pub fn output(&self) -> &[f32] {
+        &self.o
+    }
+
+    pub fn flops(&self) -> f64 {
+        prefill_causal_flops(self.len)
+    }
+
+    pub fn name(&self) -> String {
+        format!("prefill causal L={}", self.len)
+    }
+}
+
+/// The inputs of a paged decode step: f16 KV, page size 16, `batch` sequences of `ctx` tokens on
+/// pages in a scrambled order, f16 output. Built once; [`DecodePaged::run`] is what a harness times.
+#[derive(Clone)]
+pub struct DecodePaged {
+    pub batch: usize,
+    pub ctx: usize,
+    pub params: AttentionParams,
+    pub layout: KvLayout,
+    /// `[num_pages, PAGE_SIZE, KV_HEADS, HEAD_DIM]`
+    k: Vec<f16>,
+    /// `[num_pages, PAGE_SIZE, KV_HEADS, HEAD_DIM]`
+    v: Vec<f16>,
+    indptr: Vec<u32>,
+    indices: Vec<u32>,
+    last_page_len: Vec<u32>,
+    /// `[batch, QO_HEADS, HEAD_DIM]`
+    q: Vec<f16>,
+    /// `[batch, QO_HEADS, HEAD_DIM]`
+    o: Vec<f16>,
+}
+
+impl DecodePaged {
+    pub fn new(batch: usize, ctx: usize) -> Result<Self> {
+        let params = AttentionParams::new(QO_HEADS, KV_HEADS, HEAD_DIM);
+        let layout = KvLayout::new(PAGE_SIZE, KV_HEADS, HEAD_DIM)?;
+        let pages_per_seq = ctx.div_ceil(PAGE_SIZE);
+        let num_pages = batch * pages_per_seq;
+        let k = pseudo_random(num_pages * layout.page_elems(), 4);
+        let v = pseudo_random(num_pages * layout.page_elems(), 5);
+        // Pages in a scrambled order, as a long-running cache hands them out.
+        let mut indices: Vec<u32> = (0..num_pages as u32).collect();
+        let mut s = 0x2545F4914F6CDD1Du64;
+        for i in (1..indices.len()).rev() {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            indices.swap(i, (s % (i as u64 + 1)) as usize);
+        }
+        let indptr: Vec<u32> = (0..=batch).map(|b| (b * pages_per_seq) as u32).collect();
+        let last_page_len = vec![if ctx == 0 { 0 } else { ((ctx - 1) % PAGE_SIZE + 1) as u32 }; batch];
+        let q = pseudo_random(batch * QO_HEADS * HEAD_DIM, 6);
+        let o = vec![f16::ZERO; batch * QO_HEADS * HEAD_DIM];
+        Ok(Self { batch, ctx, params, layout, k, v, indptr, indices, last_page_len, q, o })
+    }
+
+    /// One decode step into the case's own output buffer.
+    pub fn run(&mut self, engine: &CpuEngine) -> Result<()> {
+        let input = DecodeInput {
+            q: (&self.q[..]).into(),
+            kv: PagedKv::new((&self.k[..]).into(), (&self.v[..]).into(), self.layout)?,
+            table: PageTable::new(&self.indptr, &self.indices, &self.last_page_len),
+        };
+        engine.decode(&self.params, &input, &mut AttentionOutput::new(&mut self.o[..]))
+    }
+
+    /// The last run's output.
+    pub fn output(&self) -> &[f16] {
+        &self.o
+    }
+
+    pub fn bytes(&self) -> f64 {
+        decode_paged_bytes(self.batch, self.ctx)
+    }
+
+    pub fn name(&self) -> String {
+        format!("decode f16 page{PAGE_SIZE} batch={} ctx={}K", self.batch, self.ctx / 1024)
+    }
+}
+
+/// The name only: the tensors are megabytes of numbers nobody wants in a log.
+impl fmt::Debug for PrefillCausal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+impl fmt::Debug for DecodePaged {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+/// Times `runs` runs of `run` (after one warm-up), stopping at the first error.
+fn time_case(runs: usize, mut run: impl FnMut() -> Result<()>) -> Result<Stats> {
     let mut err = None;
     let seconds = time_runs(runs, || {
-        if let Err(e) = engine.prefill(&params, &input, &mut AttentionOutput::new(&mut o[..])) {
+        if err.is_none()
+            && let Err(e) = run()
+        {
             err = Some(e);
         }
     });
-    if let Some(e) = err {
-        return Err(e);
+    match err {
+        Some(e) => Err(e),
+        None => Ok(seconds),
     }
-    // QK^T and PV over the visible (lower-triangular) half, 2 FLOPs per FMA.
-    let visible = (len * (len + 1) / 2) as f64;
-    let work = 4.0 * visible * (QO_HEADS * HEAD_DIM) as f64;
-    Ok(CaseResult { name: format!("prefill causal L={len}"), seconds, bound: Bound::Compute, work })
+}
+
+/// Causal single-sequence prefill of `len` tokens, f16 Q/K/V, f32 output.
+pub fn prefill_causal(engine: &CpuEngine, len: usize, runs: usize) -> Result<CaseResult> {
+    let mut case = PrefillCausal::new(len);
+    let seconds = time_case(runs, || case.run(engine))?;
+    Ok(CaseResult { name: case.name(), seconds, bound: Bound::Compute, work: case.flops() })
 }
 
 /// Paged decode, f16 KV, page size 16, `batch` sequences of `ctx` tokens on shuffled pages.
 pub fn decode_paged(engine: &CpuEngine, batch: usize, ctx: usize, runs: usize) -> Result<CaseResult> {
-    let params = AttentionParams::new(QO_HEADS, KV_HEADS, HEAD_DIM);
-    let layout = KvLayout::new(PAGE_SIZE, KV_HEADS, HEAD_DIM)?;
-    let pages_per_seq = ctx.div_ceil(PAGE_SIZE);
-    let num_pages = batch * pages_per_seq;
-    let k = pseudo_random(num_pages * layout.page_elems(), 4);
-    let v = pseudo_random(num_pages * layout.page_elems(), 5);
-    // Pages in a scrambled order, as a long-running cache hands them out.
-    let mut indices: Vec<u32> = (0..num_pages as u32).collect();
-    let mut s = 0x2545F4914F6CDD1Du64;
-    for i in (1..indices.len()).rev() {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        indices.swap(i, (s % (i as u64 + 1)) as usize);
-    }
-    let indptr: Vec<u32> = (0..=batch).map(|b| (b * pages_per_seq) as u32).collect();
-    let last = vec![((ctx - 1) % PAGE_SIZE + 1) as u32; batch];
-    let q = pseudo_random(batch * QO_HEADS * HEAD_DIM, 6);
-    let mut o = vec![f16::ZERO; batch * QO_HEADS * HEAD_DIM];
-    let input = DecodeInput {
-        q: (&q[..]).into(),
-        kv: PagedKv::new((&k[..]).into(), (&v[..]).into(), layout)?,
-        table: PageTable::new(&indptr, &indices, &last),
-    };
-    let mut err = None;
-    let seconds = time_runs(runs, || {
-        if let Err(e) = engine.decode(&params, &input, &mut AttentionOutput::new(&mut o[..])) {
-            err = Some(e);
-        }
-    });
-    if let Some(e) = err {
-        return Err(e);
-    }
-    let work = (batch * ctx * KV_HEADS * HEAD_DIM * 2 * 2) as f64; // K and V, 2 bytes each
-    Ok(CaseResult {
-        name: format!("decode f16 page16 batch={batch} ctx={}K", ctx / 1024),
-        seconds,
-        bound: Bound::Memory,
-        work,
-    })
+    let mut case = DecodePaged::new(batch, ctx)?;
+    let seconds = time_case(runs, || case.run(engine))?;
+    Ok(CaseResult { name: case.name(), seconds, bound: Bound::Memory, work: case.bytes() })
 }

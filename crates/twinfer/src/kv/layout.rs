@@ -30,6 +30,11 @@ impl KvLayout {
         if num_kv_heads == 0 {
             return Err(TwinferError::InvalidParameter("num_kv_heads must be at least 1".into()));
         }
+        if page_size.checked_mul(num_kv_heads).and_then(|n| n.checked_mul(head_dim)).is_none() {
+            return Err(TwinferError::InvalidParameter(format!(
+                "a page of {page_size} x {num_kv_heads} heads x {head_dim} overflows the address space"
+            )));
+        }
         Ok(Self { page_size, num_kv_heads, head_dim })
     }
     /// Elements in one token row of one page: `num_kv_heads * head_dim`.
@@ -161,8 +166,11 @@ pub struct PagedKv<'a> {
 }
 
 impl<'a> PagedKv<'a> {
-    /// Wraps caller-owned pools; their length must be a whole number of pages and K and V must agree.
+    /// Wraps caller-owned pools; the layout must be valid, their length a whole number of pages
+    /// and K and V must agree.
     pub fn new(k: TensorRef<'a>, v: TensorRef<'a>, layout: KvLayout) -> Result<Self> {
+        // The layout's fields are public, so a hand-built one (page_size 0, say) is re-checked.
+        let layout = KvLayout::new(layout.page_size, layout.num_kv_heads, layout.head_dim)?;
         if k.dtype() != v.dtype() {
             return Err(TwinferError::DtypeMismatch { what: "paged V", expected: k.dtype(), got: v.dtype() });
         }
