@@ -45,6 +45,9 @@ macro_rules! simd_level_suite {
     ($level:ident) => {
         mod $level {
             use super::*;
+            // Explicit: a glob-imported `test` is ambiguous with the prelude's.
+            #[cfg(target_arch = "wasm32")]
+            use wasm_bindgen_test::wasm_bindgen_test as test;
 
             proptest! {
                 #![proptest_config(ProptestConfig::with_cases(cases()))]
