@@ -275,6 +275,8 @@ impl TensorMut<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn f16_widening_is_exact_for_every_bit_pattern() {

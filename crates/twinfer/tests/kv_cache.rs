@@ -6,6 +6,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
 use proptest::prelude::*;
 use twinfer::{DType, KvCacheConfig, KvLayout, PageTableBuf, PagedKvCache, SeqId, TensorRef, TwinferError, f16};
 

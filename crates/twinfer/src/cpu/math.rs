@@ -77,6 +77,8 @@ pub(crate) fn scale_in_place<S: Simd>(simd: S, xs: &mut [f32], a: f32) {
 mod tests {
     use super::*;
     use crate::cpu::SimdLevel;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     struct ExpAll<'a>(&'a mut [f32]);
     impl pulp::WithSimd for ExpAll<'_> {

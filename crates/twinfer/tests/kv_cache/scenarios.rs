@@ -4,6 +4,8 @@ use twinfer::{
     DType, KvCacheConfig, KvLayout, PageAllocator, PageTable, PagedKvCache, SeqId, TensorMut, TensorRef, TwinferError,
     append_paged_kv, f16,
 };
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
 
 fn small_cache(page_size: usize, num_pages: usize, num_layers: usize, dtype: DType) -> PagedKvCache {
     let layout = KvLayout::new(page_size, 2, 8).unwrap();

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The aarch64 checks, under qemu user-mode emulation, on the NEON kernels:
+#   1. the core crate's tests and the conformance suite (cargo test --target aarch64-unknown-linux-gnu);
+#   2. a release build of the CLI: `twinfer info` must pick neon, and `twinfer bench kernels --quick`
+#      must finish (its timings are emulated, so meaningless: this is a smoke test).
+# Needs what scripts/setup-cross.sh installs. qemu runs SIMD code ~12-38x slower than native, so
+# the property tests run few cases: TWINFER_TEST_CASES (default 6). Honours CARGO_TARGET_DIR.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+for tool in aarch64-linux-gnu-gcc qemu-aarch64-static; do
+    command -v "$tool" >/dev/null || { echo "$tool is missing: run scripts/setup-cross.sh" >&2; exit 1; }
+done
+
+target=aarch64-unknown-linux-gnu
+target_dir="${CARGO_TARGET_DIR:-target}"
+runner="qemu-aarch64-static -L /usr/aarch64-linux-gnu"
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$runner"
+# Read at compile time by the property tests.
+export TWINFER_TEST_CASES="${TWINFER_TEST_CASES:-6}"
+
+echo "== cargo test ($target, qemu), TWINFER_TEST_CASES=$TWINFER_TEST_CASES"
+cargo test --target "$target" -p twinfer -p twinfer-tests
+
+echo "== twinfer CLI ($target, release)"
+cargo build --release --target "$target" -p twinfer-cli
+bin="$target_dir/$target/release/twinfer"
+
+echo "-- twinfer info"
+info=$($runner "$bin" info)
+echo "$info"
+if ! grep -Eq '^backend: .*\(neon,' <<<"$info"; then
+    echo "twinfer info did not pick neon" >&2
+    exit 1
+fi
+
+echo "-- twinfer bench kernels --quick (timings are emulated)"
+start=$SECONDS
+$runner "$bin" bench kernels --quick
+echo "bench kernels --quick took $((SECONDS - start)) s under qemu"
