@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: formatting, lints, the native tests (every SIMD level this
+# CPU has), the criterion benches once each, the aarch64 suite under qemu (NEON) and the wasm32
+# suite in Node (simd128), plus the npm package's Node test.
+# Installs the cross toolchains on first use (scripts/setup-cross.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup-cross.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all --check
+
+echo "== cargo clippy (native, all targets)"
+cargo clippy --workspace --all-targets -- -D warnings
+
+echo "== cargo test (native)"
+cargo test --workspace
+
+echo "== benches compile and time one iteration each"
+cargo bench -p twinfer-benches -- --test
+
+scripts/test-aarch64.sh
+scripts/test-wasm.sh
+echo "== all tests passed"
