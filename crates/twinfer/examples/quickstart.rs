@@ -2,12 +2,17 @@
 //! f64 oracle. Run with `cargo run --release -p twinfer --example quickstart`.
 
 use twinfer::kv::{KvCacheConfig, KvLayout, PagedKvCache};
-use twinfer::{Attention, AttentionOutput, AttentionParams, Backend, DType, DecodeInput, KvInput, PrefillInput, reference};
+use twinfer::{
+    Attention, AttentionOutput, AttentionParams, Backend, DType, DecodeInput, KvInput, PrefillInput, reference,
+};
 
 fn main() -> twinfer::Result<()> {
     let attention = Attention::new(Backend::Auto)?;
     let info = attention.info();
-    println!("engine: {} ({}, {} threads) on {}: {}", info.backend, info.variant, info.threads, info.device, info.reason);
+    println!(
+        "engine: {} ({}, {} threads) on {}: {}",
+        info.backend, info.variant, info.threads, info.device, info.reason
+    );
 
     // Llama-3-8B heads (32 query heads sharing 8 KV heads), f16 KV in pages of 16 tokens.
     let (qo_heads, kv_heads, head_dim) = (32, 8, 128);
@@ -26,7 +31,11 @@ fn main() -> twinfer::Result<()> {
     let q = values(prompt * qo_heads * head_dim, 3);
     let table = cache.page_table(&[seq])?;
     let qo_indptr = [0, prompt as u32];
-    let input = PrefillInput { q: (&q[..]).into(), qo_indptr: &qo_indptr, kv: KvInput::Paged { kv: cache.layer(0)?, table: table.as_table() } };
+    let input = PrefillInput {
+        q: (&q[..]).into(),
+        qo_indptr: &qo_indptr,
+        kv: KvInput::Paged { kv: cache.layer(0)?, table: table.as_table() },
+    };
     let mut o = vec![0f32; q.len()];
     let mut lse = vec![0f32; prompt * qo_heads];
     attention.prefill(&params, &input, &mut AttentionOutput::with_lse(&mut o[..], &mut lse))?;
@@ -36,7 +45,8 @@ fn main() -> twinfer::Result<()> {
     // Decode: one token at a time, appended to the same pages.
     for step in 0..3 {
         cache.reserve(&[seq], &[1])?;
-        let (k1, v1) = (to_f16(&values(kv_heads * head_dim, 10 + step)), to_f16(&values(kv_heads * head_dim, 20 + step)));
+        let (k1, v1) =
+            (to_f16(&values(kv_heads * head_dim, 10 + step)), to_f16(&values(kv_heads * head_dim, 20 + step)));
         cache.append(0, &[seq], &[0, 1], (&k1[..]).into(), (&v1[..]).into())?;
         let q1 = values(qo_heads * head_dim, 30 + step);
         let table = cache.page_table(&[seq])?;

@@ -37,26 +37,26 @@ pub(crate) struct WorkItem {
 #[derive(Debug, Default)]
 pub(crate) struct Scratch {
     /// `[rows, dp]` queries, pre-multiplied by sm_scale.
-    q: Vec<f32>,
+    pub q: Vec<f32>,
     /// `[tile_rows, heads, dp]` keys of the current tile.
-    k: Vec<f32>,
+    pub k: Vec<f32>,
     /// `[tile_rows, heads, dp]` values of the current tile.
-    v: Vec<f32>,
+    pub v: Vec<f32>,
     /// `[rows, tile_rows]` scores, then probabilities, of the current tile.
-    s: Vec<f32>,
+    pub s: Vec<f32>,
     /// `[rows, dp]` unnormalised output; normalised at the end of `run_item`.
     pub acc: Vec<f32>,
     /// `[rows]` running max, then (at the end) the natural-log LSE.
     pub m: Vec<f32>,
     /// `[rows]` running denominator.
-    l: Vec<f32>,
+    pub l: Vec<f32>,
     /// `[tokens]` visible key range per token.
-    range: Vec<(usize, usize)>,
+    pub range: Vec<(usize, usize)>,
     pub dp: usize,
 }
 
 impl Scratch {
-    fn prepare(&mut self, rows: usize, tokens: usize, dp: usize, tile_elems: usize, tile_rows: usize) {
+    pub(crate) fn prepare(&mut self, rows: usize, tokens: usize, dp: usize, tile_elems: usize, tile_rows: usize) {
         // Padding columns must be zero; a stride change would expose stale data, so reset then.
         if self.dp != dp {
             self.q.clear();
@@ -160,20 +160,9 @@ pub(crate) fn run_item<S: Simd>(simd: S, p: &Problem<'_>, item: WorkItem, sc: &m
                 for g in 0..group {
                     let r = r0 + t * group + g;
                     let row = &mut sc.s[r * tile_rows..r * tile_rows + cols];
-                    transform_row(prm, (item.head0 + hh) * group + g, pos, j0, lo, hi, row);
-                    let tile_max = max_of(simd, row);
-                    let m_new = sc.m[r].max(tile_max);
-                    if m_new == f32::NEG_INFINITY {
-                        row.fill(0.0); // nothing visible yet: contributes nothing
-                        continue;
-                    }
-                    let alpha = (sc.m[r] - m_new).exp();
-                    let sum = exp_sub_sum(simd, row, m_new);
-                    sc.l[r] = sc.l[r] * alpha + sum;
-                    if alpha != 1.0 {
-                        scale_in_place(simd, &mut sc.acc[r * dp..(r + 1) * dp], alpha);
-                    }
-                    sc.m[r] = m_new;
+                    let window = RowWindow { qo_head: (item.head0 + hh) * group + g, pos, j0, lo, hi };
+                    let acc_row = &mut sc.acc[r * dp..(r + 1) * dp];
+                    softmax_row(simd, prm, window, row, &mut sc.m[r], &mut sc.l[r], acc_row);
                 }
             }
             let s_head = &sc.s[r0 * tile_rows..(r0 + head_rows) * tile_rows];
@@ -183,6 +172,12 @@ pub(crate) fn run_item<S: Simd>(simd: S, p: &Problem<'_>, item: WorkItem, sc: &m
         j0 += cols;
     }
 
+    finish_rows(simd, sc, rows, dp);
+}
+
+/// Normalises every output row by its denominator and turns the running max into the LSE.
+#[inline(always)]
+pub(crate) fn finish_rows<S: Simd>(simd: S, sc: &mut Scratch, rows: usize, dp: usize) {
     for r in 0..rows {
         let out = &mut sc.acc[r * dp..(r + 1) * dp];
         if sc.l[r] > 0.0 {
@@ -195,8 +190,47 @@ pub(crate) fn run_item<S: Simd>(simd: S, p: &Problem<'_>, item: WorkItem, sc: &m
     }
 }
 
+/// Where one score row sits: its query head and position, the tile's first key, and the keys
+/// `[lo, hi)` the row may see.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RowWindow {
+    pub qo_head: usize,
+    pub pos: i64,
+    pub j0: usize,
+    pub lo: usize,
+    pub hi: usize,
+}
+
+/// The online-softmax step for one row of a score tile: applies the variant and the mask, moves
+/// the running max `m`, rescales the denominator `l` and the output row, and leaves the tile's
+/// probabilities (relative to the new max) in `row`.
 #[inline(always)]
-fn prm_position(i: usize, qo_len: usize, kv_len: usize) -> i64 {
+pub(crate) fn softmax_row<S: Simd>(
+    simd: S,
+    prm: &crate::attention::AttentionParams,
+    w: RowWindow,
+    row: &mut [f32],
+    m: &mut f32,
+    l: &mut f32,
+    acc_row: &mut [f32],
+) {
+    transform_row(prm, w.qo_head, w.pos, w.j0, w.lo, w.hi, row);
+    let m_new = m.max(max_of(simd, row));
+    if m_new == f32::NEG_INFINITY {
+        row.fill(0.0); // nothing visible yet: contributes nothing
+        return;
+    }
+    let alpha = (*m - m_new).exp();
+    let sum = exp_sub_sum(simd, row, m_new);
+    *l = *l * alpha + sum;
+    if alpha != 1.0 {
+        scale_in_place(simd, acc_row, alpha);
+    }
+    *m = m_new;
+}
+
+#[inline(always)]
+pub(crate) fn prm_position(i: usize, qo_len: usize, kv_len: usize) -> i64 {
     crate::attention::AttentionParams::query_position(i, qo_len, kv_len)
 }
 

@@ -49,8 +49,8 @@ fn widen_f16<S: Simd>(src: &[f16], dst: &mut [f32]) {
             unsafe { x86::widen_avx512(src, dst) };
             return;
         }
-        if TypeId::of::<S>() == TypeId::of::<pulp::x86::V3>() && x86::has_f16c() {
-            // SAFETY: V3 implies AVX; F16C was checked at run time.
+        if TypeId::of::<S>() == TypeId::of::<pulp::x86::V3>() {
+            // SAFETY: the engine runs V3 only where F16C was detected too (`SimdLevel::available`).
             unsafe { x86::widen_f16c(src, dst) };
             return;
         }
@@ -59,18 +59,65 @@ fn widen_f16<S: Simd>(src: &[f16], dst: &mut [f32]) {
     f16::slice_to_f32(src, dst);
 }
 
+/// Loads one vector of lanes from storage, widening to f32 in registers: the decode kernel reads
+/// the KV pool through this, so f16 pages never pass through an f32 copy in memory.
+pub(crate) trait LoadLanes: Element {
+    /// # Safety
+    /// `ptr` must be valid for reading `S::F32_LANES` elements.
+    unsafe fn load_lanes<S: Simd>(ptr: *const Self) -> S::f32s;
+}
+
+impl LoadLanes for f32 {
+    #[inline(always)]
+    unsafe fn load_lanes<S: Simd>(ptr: *const Self) -> S::f32s {
+        // SAFETY: the caller guarantees F32_LANES readable elements; `f32s` has f32 alignment.
+        unsafe { *(ptr as *const S::f32s) }
+    }
+}
+
+impl LoadLanes for f16 {
+    #[inline(always)]
+    unsafe fn load_lanes<S: Simd>(ptr: *const Self) -> S::f32s {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use core::arch::x86_64::*;
+            if TypeId::of::<S>() == TypeId::of::<pulp::x86::V4>() {
+                // SAFETY: V4 guarantees AVX-512F; 16 readable f16 per the caller; same-size transmute.
+                return unsafe {
+                    let wide = _mm512_cvtph_ps(_mm256_loadu_si256(ptr as *const __m256i));
+                    core::mem::transmute_copy::<__m512, S::f32s>(&wide)
+                };
+            }
+        }
+        let mut lanes = [0f32; 16];
+        let n = S::F32_LANES;
+        // SAFETY: the caller guarantees `n` readable elements.
+        let src = unsafe { core::slice::from_raw_parts(ptr, n) };
+        f16::slice_to_f32(src, &mut lanes[..n]);
+        // SAFETY: `lanes` holds at least F32_LANES (<= 16) f32 values.
+        unsafe { *(lanes.as_ptr() as *const S::f32s) }
+    }
+}
+
+impl LoadLanes for half::bf16 {
+    #[inline(always)]
+    unsafe fn load_lanes<S: Simd>(ptr: *const Self) -> S::f32s {
+        let mut lanes = [0f32; 16];
+        let n = S::F32_LANES;
+        // SAFETY: the caller guarantees `n` readable elements.
+        let src = unsafe { core::slice::from_raw_parts(ptr, n) };
+        half::bf16::slice_to_f32(src, &mut lanes[..n]);
+        // SAFETY: `lanes` holds at least F32_LANES (<= 16) f32 values.
+        unsafe { *(lanes.as_ptr() as *const S::f32s) }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use core::arch::x86_64::*;
     use half::f16;
-    use std::sync::OnceLock;
 
     use crate::dtype::Element;
-
-    pub(super) fn has_f16c() -> bool {
-        static F16C: OnceLock<bool> = OnceLock::new();
-        *F16C.get_or_init(|| std::arch::is_x86_feature_detected!("f16c"))
-    }
 
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn widen_avx512(src: &[f16], dst: &mut [f32]) {

@@ -2,6 +2,7 @@
 
 mod block;
 mod convert;
+mod decode;
 mod math;
 mod parallel;
 mod simd_level;
@@ -186,7 +187,11 @@ impl pulp::WithSimd for RunItem<'_, '_> {
     type Output = ();
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, simd: S) {
-        run_item(simd, self.p, self.item, self.sc);
+        if decode::fused_applies::<S>(self.p, &self.item) {
+            decode::run_decode_item(simd, self.p, self.item, self.sc);
+        } else {
+            run_item(simd, self.p, self.item, self.sc);
+        }
     }
 }
 

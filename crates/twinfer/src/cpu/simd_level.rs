@@ -34,7 +34,10 @@ impl SimdLevel {
         let mut levels = vec![SimdLevel::Scalar];
         #[cfg(target_arch = "x86_64")]
         {
-            if let Some(v3) = pulp::x86::V3::try_new() {
+            // The kernels convert f16 with F16C under AVX2; every x86-64-v3 CPU has it.
+            if let Some(v3) = pulp::x86::V3::try_new()
+                && std::arch::is_x86_feature_detected!("f16c")
+            {
                 levels.push(SimdLevel::Avx2(v3));
             }
             if let Some(v4) = pulp::x86::V4::try_new() {
