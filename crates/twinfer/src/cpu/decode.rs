@@ -74,15 +74,14 @@ fn decode_typed<S: Simd, E: LoadLanes>(simd: S, p: &Problem<'_>, item: WorkItem,
     let mut cols = tile_offsets(j0, &mut offs);
     while j0 < hi {
         let next_cols = tile_offsets(j0 + cols, &mut next_offs);
-        // Scores key-major: K is read row after row (all heads of a row are contiguous); each
-        // row's V and the next tile's matching K row are prefetched meanwhile, a few lines per
-        // step, so memory stays busy while the arithmetic runs and the head-major value pass
-        // below finds V in cache.
+        // Scores key-major: K is read row after row (all heads of a row are contiguous). The next
+        // tile is prefetched a few rows at a time throughout this one, its K during the scores
+        // and its V during the head-major value pass, so memory stays busy while the arithmetic
+        // runs, without flooding the miss queues.
         scores_key_major(
             simd,
             &sc.q[..rows * d],
             k,
-            v,
             &offs[..cols],
             &next_offs[..next_cols],
             heads,
@@ -92,6 +91,9 @@ fn decode_typed<S: Simd, E: LoadLanes>(simd: S, p: &Problem<'_>, item: WorkItem,
         );
         for hh in 0..heads {
             let r0 = hh * group;
+            for &off in &next_offs[next_cols * hh / heads..next_cols * (hh + 1) / heads] {
+                prefetch(p.kv.v(), off, heads * d);
+            }
             for g in 0..group {
                 let r = r0 + g;
                 let window = RowWindow { qo_head: (item.head0 + hh) * group + g, pos, j0, lo, hi };
@@ -115,7 +117,6 @@ fn scores_key_major<S: Simd, E: LoadLanes>(
     simd: S,
     q: &[f32],
     k: &[E],
-    v: &[E],
     offs: &[usize],
     next_offs: &[usize],
     heads: usize,
@@ -123,13 +124,10 @@ fn scores_key_major<S: Simd, E: LoadLanes>(
     d: usize,
     s: &mut [f32],
 ) {
-    let (kt, vt) = (E::view(k), E::view(v));
+    let kt = E::view(k);
     let mut c = 0;
     while c < offs.len() {
         let nc = (offs.len() - c).min(2);
-        for &off in &offs[c..c + nc] {
-            prefetch(vt, off, heads * d);
-        }
         for &off in next_offs.get(c..(c + nc).min(next_offs.len())).unwrap_or(&[]) {
             prefetch(kt, off, heads * d);
         }
@@ -217,17 +215,22 @@ fn accumulate_from_pool<S: Simd, E: LoadLanes>(
         let mr = (rows - r).min(4);
         let mut c = 0;
         while c < nvec {
-            let nv = (nvec - c).min(2);
+            // 4 rows x 4 vectors of accumulators need the 32 registers of AVX-512.
+            let wide = S::REGISTER_COUNT >= 32;
+            let nv = (nvec - c).min(if wide { 4 } else { 2 });
             match (mr, nv) {
+                (4, 4) => pv_block::<S, E, 4, 4>(simd, p, v, offs, head_off, d, r, c, acc),
+                (4, 3) => pv_block::<S, E, 4, 3>(simd, p, v, offs, head_off, d, r, c, acc),
                 (4, 2) => pv_block::<S, E, 4, 2>(simd, p, v, offs, head_off, d, r, c, acc),
                 (4, _) => pv_block::<S, E, 4, 1>(simd, p, v, offs, head_off, d, r, c, acc),
-                (3, 2) => pv_block::<S, E, 3, 2>(simd, p, v, offs, head_off, d, r, c, acc),
+                (3, 2..) => pv_block::<S, E, 3, 2>(simd, p, v, offs, head_off, d, r, c, acc),
                 (3, _) => pv_block::<S, E, 3, 1>(simd, p, v, offs, head_off, d, r, c, acc),
-                (2, 2) => pv_block::<S, E, 2, 2>(simd, p, v, offs, head_off, d, r, c, acc),
+                (2, 2..) => pv_block::<S, E, 2, 2>(simd, p, v, offs, head_off, d, r, c, acc),
                 (2, _) => pv_block::<S, E, 2, 1>(simd, p, v, offs, head_off, d, r, c, acc),
-                (_, 2) => pv_block::<S, E, 1, 2>(simd, p, v, offs, head_off, d, r, c, acc),
+                (_, 2..) => pv_block::<S, E, 1, 2>(simd, p, v, offs, head_off, d, r, c, acc),
                 _ => pv_block::<S, E, 1, 1>(simd, p, v, offs, head_off, d, r, c, acc),
             }
+            let nv = if mr == 4 { nv } else { nv.min(2) };
             c += nv;
         }
         r += mr;
