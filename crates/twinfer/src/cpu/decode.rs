@@ -139,16 +139,7 @@ fn scores_key_major<S: Simd, E: LoadLanes>(
             while r < end {
                 let mr = (end - r).min(4);
                 let head_off = hh * d;
-                match (mr, nc) {
-                    (4, 2) => score_block::<S, E, 4, 2>(simd, q, k, offs, head_off, d, r, c, s),
-                    (4, _) => score_block::<S, E, 4, 1>(simd, q, k, offs, head_off, d, r, c, s),
-                    (3, 2) => score_block::<S, E, 3, 2>(simd, q, k, offs, head_off, d, r, c, s),
-                    (3, _) => score_block::<S, E, 3, 1>(simd, q, k, offs, head_off, d, r, c, s),
-                    (2, 2) => score_block::<S, E, 2, 2>(simd, q, k, offs, head_off, d, r, c, s),
-                    (2, _) => score_block::<S, E, 2, 1>(simd, q, k, offs, head_off, d, r, c, s),
-                    (_, 2) => score_block::<S, E, 1, 2>(simd, q, k, offs, head_off, d, r, c, s),
-                    _ => score_block::<S, E, 1, 1>(simd, q, k, offs, head_off, d, r, c, s),
-                }
+                block_shape!(mr, nc, score_block::<S, E>(simd, q, k, offs, head_off, d, r, c, s));
                 r += mr;
             }
         }
@@ -252,18 +243,7 @@ fn accumulate_from_pool<S: Simd, E: LoadLanes>(
             // 4 rows x 4 vectors of accumulators need the 32 registers of AVX-512.
             let wide = S::REGISTER_COUNT >= 32;
             let nv = (nvec - c).min(if wide { 4 } else { 2 });
-            match (mr, nv) {
-                (4, 4) => pv_block::<S, E, 4, 4>(simd, p, v, offs, head_off, d, r, c, acc),
-                (4, 3) => pv_block::<S, E, 4, 3>(simd, p, v, offs, head_off, d, r, c, acc),
-                (4, 2) => pv_block::<S, E, 4, 2>(simd, p, v, offs, head_off, d, r, c, acc),
-                (4, _) => pv_block::<S, E, 4, 1>(simd, p, v, offs, head_off, d, r, c, acc),
-                (3, 2..) => pv_block::<S, E, 3, 2>(simd, p, v, offs, head_off, d, r, c, acc),
-                (3, _) => pv_block::<S, E, 3, 1>(simd, p, v, offs, head_off, d, r, c, acc),
-                (2, 2..) => pv_block::<S, E, 2, 2>(simd, p, v, offs, head_off, d, r, c, acc),
-                (2, _) => pv_block::<S, E, 2, 1>(simd, p, v, offs, head_off, d, r, c, acc),
-                (_, 2..) => pv_block::<S, E, 1, 2>(simd, p, v, offs, head_off, d, r, c, acc),
-                _ => pv_block::<S, E, 1, 1>(simd, p, v, offs, head_off, d, r, c, acc),
-            }
+            block_shape!(wide mr, nv, pv_block::<S, E>(simd, p, v, offs, head_off, d, r, c, acc));
             let nv = if mr == 4 { nv } else { nv.min(2) };
             c += nv;
         }

@@ -1,5 +1,30 @@
 //! The SIMD CPU engine (pulp): blocked online-softmax prefill and paged, split-K decode.
 
+/// Calls a register-blocked micro-kernel `f::<generics.., MR, N>(args..)` for a run-time block
+/// shape: `mr` rows (1..=4) by `n` columns or vectors (1..=2, or 1..=4 with `wide`). Const
+/// generics keep each shape's accumulators in registers; this turns the run-time shape into one.
+macro_rules! block_shape {
+    ($mr:expr, $n:expr, $f:ident::<$($g:ty),*>($($arg:expr),* $(,)?)) => {
+        match ($mr, $n) {
+            (4, 2) => $f::<$($g,)* 4, 2>($($arg),*),
+            (4, _) => $f::<$($g,)* 4, 1>($($arg),*),
+            (3, 2) => $f::<$($g,)* 3, 2>($($arg),*),
+            (3, _) => $f::<$($g,)* 3, 1>($($arg),*),
+            (2, 2) => $f::<$($g,)* 2, 2>($($arg),*),
+            (2, _) => $f::<$($g,)* 2, 1>($($arg),*),
+            (_, 2) => $f::<$($g,)* 1, 2>($($arg),*),
+            _ => $f::<$($g,)* 1, 1>($($arg),*),
+        }
+    };
+    (wide $mr:expr, $n:expr, $f:ident::<$($g:ty),*>($($arg:expr),* $(,)?)) => {
+        match ($mr, $n) {
+            (4, 4) => $f::<$($g,)* 4, 4>($($arg),*),
+            (4, 3) => $f::<$($g,)* 4, 3>($($arg),*),
+            (mr, n) => block_shape!(mr, n.min(2), $f::<$($g),*>($($arg),*)),
+        }
+    };
+}
+
 mod block;
 mod convert;
 mod decode;

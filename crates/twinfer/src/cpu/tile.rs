@@ -28,16 +28,7 @@ pub(crate) fn scores<S: Simd>(
         let mut j = 0;
         while j < cols {
             let nc = (cols - j).min(2);
-            match (mr, nc) {
-                (4, 2) => score_block::<S, 4, 2>(simd, q, k, k_stride, dp, r, j, s, s_stride),
-                (4, _) => score_block::<S, 4, 1>(simd, q, k, k_stride, dp, r, j, s, s_stride),
-                (3, 2) => score_block::<S, 3, 2>(simd, q, k, k_stride, dp, r, j, s, s_stride),
-                (3, _) => score_block::<S, 3, 1>(simd, q, k, k_stride, dp, r, j, s, s_stride),
-                (2, 2) => score_block::<S, 2, 2>(simd, q, k, k_stride, dp, r, j, s, s_stride),
-                (2, _) => score_block::<S, 2, 1>(simd, q, k, k_stride, dp, r, j, s, s_stride),
-                (_, 2) => score_block::<S, 1, 2>(simd, q, k, k_stride, dp, r, j, s, s_stride),
-                _ => score_block::<S, 1, 1>(simd, q, k, k_stride, dp, r, j, s, s_stride),
-            }
+            block_shape!(mr, nc, score_block::<S>(simd, q, k, k_stride, dp, r, j, s, s_stride));
             j += nc;
         }
         r += mr;
@@ -112,16 +103,7 @@ pub(crate) fn accumulate_pv<S: Simd>(
         let mut c = 0;
         while c < nvec {
             let nv = (nvec - c).min(2);
-            match (mr, nv) {
-                (4, 2) => pv_block::<S, 4, 2>(simd, p, p_stride, v, v_stride, dp, r, c, cols, acc),
-                (4, _) => pv_block::<S, 4, 1>(simd, p, p_stride, v, v_stride, dp, r, c, cols, acc),
-                (3, 2) => pv_block::<S, 3, 2>(simd, p, p_stride, v, v_stride, dp, r, c, cols, acc),
-                (3, _) => pv_block::<S, 3, 1>(simd, p, p_stride, v, v_stride, dp, r, c, cols, acc),
-                (2, 2) => pv_block::<S, 2, 2>(simd, p, p_stride, v, v_stride, dp, r, c, cols, acc),
-                (2, _) => pv_block::<S, 2, 1>(simd, p, p_stride, v, v_stride, dp, r, c, cols, acc),
-                (_, 2) => pv_block::<S, 1, 2>(simd, p, p_stride, v, v_stride, dp, r, c, cols, acc),
-                _ => pv_block::<S, 1, 1>(simd, p, p_stride, v, v_stride, dp, r, c, cols, acc),
-            }
+            block_shape!(mr, nv, pv_block::<S>(simd, p, p_stride, v, v_stride, dp, r, c, cols, acc));
             c += nv;
         }
         r += mr;
