@@ -11,7 +11,7 @@ use pulp::Simd;
 use crate::attention::problem::Problem;
 use crate::cpu::convert::{load_f32, prefetch};
 use crate::cpu::math::{exp_sub_sum, max_of, scale_in_place};
-use crate::cpu::tile::{accumulate_pv, scores};
+use crate::cpu::microkernel::{accumulate, scores};
 
 /// Key rows per tile for one KV head: K and V tiles of 64 x 128 f32 are 32 KiB each (L1/L2).
 pub(crate) const KV_TILE: usize = 64;
@@ -95,6 +95,8 @@ pub(crate) fn run_item<S: Simd>(simd: S, p: &Problem<'_>, item: WorkItem, sc: &m
     let rows = heads * head_rows;
     let tile_rows = (TILE_ELEMS / (heads * dp)).clamp(1, KV_TILE);
     let row_stride = heads * dp;
+    // Row starts within the f32 tiles: the micro-kernels address keys and values by offset.
+    let tile_offs: [usize; KV_TILE] = core::array::from_fn(|c| c * row_stride);
     sc.prepare(rows, tokens, dp, tile_rows * row_stride, tile_rows);
 
     let (q_start, q_end) = p.qo.range(item.b);
@@ -153,7 +155,7 @@ pub(crate) fn run_item<S: Simd>(simd: S, p: &Problem<'_>, item: WorkItem, sc: &m
             let r0 = hh * head_rows;
             let s_head = &mut sc.s[r0 * tile_rows..(r0 + head_rows) * tile_rows];
             let q_head = &sc.q[r0 * dp..(r0 + head_rows) * dp];
-            scores(simd, q_head, &sc.k[hh * dp..], row_stride, dp, head_rows, cols, s_head, tile_rows);
+            scores(simd, q_head, dp, head_rows, &sc.k, &tile_offs[..cols], hh * dp, s_head, tile_rows);
             for t in 0..tokens {
                 let (lo, hi) = sc.range[t];
                 let pos = prm_position(item.tok0 + t, qo_len, kv_len);
@@ -167,7 +169,7 @@ pub(crate) fn run_item<S: Simd>(simd: S, p: &Problem<'_>, item: WorkItem, sc: &m
             }
             let s_head = &sc.s[r0 * tile_rows..(r0 + head_rows) * tile_rows];
             let acc_head = &mut sc.acc[r0 * dp..(r0 + head_rows) * dp];
-            accumulate_pv(simd, s_head, tile_rows, &sc.v[hh * dp..], row_stride, dp, head_rows, cols, acc_head);
+            accumulate(simd, s_head, tile_rows, &sc.v, &tile_offs[..cols], hh * dp, dp, acc_head);
         }
         j0 += cols;
     }

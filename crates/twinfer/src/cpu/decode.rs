@@ -10,6 +10,7 @@ use pulp::Simd;
 use crate::attention::problem::Problem;
 use crate::cpu::block::{RowWindow, Scratch, WorkItem, finish_rows, prm_position, softmax_row};
 use crate::cpu::convert::{LoadLanes, prefetch};
+use crate::cpu::microkernel::{accumulate, score_block};
 use crate::dtype::TensorRef;
 
 /// Keys per decode tile: the score tile is `[heads * group, DECODE_TILE]`. 32 measured best on
@@ -103,7 +104,7 @@ fn decode_typed<S: Simd, E: LoadLanes>(simd: S, p: &Problem<'_>, item: WorkItem,
                 softmax_row(simd, prm, window, row, &mut sc.m[r], &mut sc.l[r], &mut sc.acc[r * d..(r + 1) * d]);
             }
             let s_head = &sc.s[r0 * DECODE_TILE..(r0 + group) * DECODE_TILE];
-            accumulate_from_pool(simd, s_head, v, &offs[..cols], hh * d, d, &mut sc.acc[r0 * d..(r0 + group) * d]);
+            accumulate(simd, s_head, DECODE_TILE, v, &offs[..cols], hh * d, d, &mut sc.acc[r0 * d..(r0 + group) * d]);
         }
         j0 += cols;
         offs = next_offs;
@@ -139,157 +140,10 @@ fn scores_key_major<S: Simd, E: LoadLanes>(
             while r < end {
                 let mr = (end - r).min(4);
                 let head_off = hh * d;
-                block_shape!(mr, nc, score_block::<S, E>(simd, q, k, offs, head_off, d, r, c, s));
+                block_shape!(mr, nc, score_block::<S, E>(simd, q, d, k, offs, head_off, r, c, s, DECODE_TILE));
                 r += mr;
             }
         }
         c += nc;
-    }
-}
-
-#[inline(always)]
-fn score_block<S: Simd, E: LoadLanes, const MR: usize, const NC: usize>(
-    simd: S,
-    q: &[f32],
-    k: &[E],
-    offs: &[usize],
-    head_off: usize,
-    d: usize,
-    r0: usize,
-    c0: usize,
-    s: &mut [f32],
-) {
-    let lanes = S::F32_LANES;
-    assert!((r0 + MR) * d <= q.len() && c0 + NC <= offs.len());
-    let k_rows: [*const E; NC] = core::array::from_fn(|c| {
-        let start = offs[c0 + c] + head_off;
-        assert!(start + d <= k.len());
-        k[start..].as_ptr()
-    });
-    let qp = q.as_ptr();
-    let zero = simd.splat_f32s(0.0);
-    let mut acc = [[zero; NC]; MR];
-    let mut i = 0;
-    while i < d {
-        // SAFETY: i + lanes <= d (d is a multiple of lanes), and each row holds d elements.
-        unsafe {
-            let kv: [S::f32s; NC] = core::array::from_fn(|c| E::load_lanes::<S>(k_rows[c].add(i)));
-            for r in 0..MR {
-                let qv = *(qp.add((r0 + r) * d + i) as *const S::f32s);
-                for c in 0..NC {
-                    acc[r][c] = simd.mul_add_e_f32s(qv, kv[c], acc[r][c]);
-                }
-            }
-        }
-        i += lanes;
-    }
-    for c in 0..NC {
-        if MR == 4
-            && let Some(sums) = reduce4::<S>([acc[0][c], acc[1][c], acc[2][c], acc[3][c]])
-        {
-            for r in 0..4 {
-                s[(r0 + r) * DECODE_TILE + c0 + c] = sums[r];
-            }
-            continue;
-        }
-        for r in 0..MR {
-            s[(r0 + r) * DECODE_TILE + c0 + c] = simd.reduce_sum_f32s(acc[r][c]);
-        }
-    }
-}
-
-/// Horizontal sums of four vectors at once where the ISA has a cheap transpose-and-add
-/// (AVX-512: fold to 256 bits, then a `vhaddps` tree), about a third of four separate reductions.
-#[inline(always)]
-fn reduce4<S: Simd>(v: [S::f32s; 4]) -> Option<[f32; 4]> {
-    #[cfg(target_arch = "x86_64")]
-    if std::any::TypeId::of::<S>() == std::any::TypeId::of::<pulp::x86::V4>() {
-        use core::arch::x86_64::*;
-        // SAFETY: V4 guarantees AVX-512F/DQ (and so AVX); `f32s` is `__m512` bit for bit.
-        unsafe {
-            let w: [__m512; 4] = core::array::from_fn(|i| core::mem::transmute_copy::<S::f32s, __m512>(&v[i]));
-            let h: [__m256; 4] = core::array::from_fn(|i| {
-                _mm256_add_ps(_mm512_castps512_ps256(w[i]), _mm512_extractf32x8_ps::<1>(w[i]))
-            });
-            let t = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
-            let q = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
-            let mut out = [0f32; 4];
-            _mm_storeu_ps(out.as_mut_ptr(), q);
-            return Some(out);
-        }
-    }
-    let _ = v;
-    None
-}
-
-/// `acc[r] += sum_c p[r * DECODE_TILE + c] * v[offs[c] + head_off ..][..d]` for every query row.
-#[inline(always)]
-fn accumulate_from_pool<S: Simd, E: LoadLanes>(
-    simd: S,
-    p: &[f32],
-    v: &[E],
-    offs: &[usize],
-    head_off: usize,
-    d: usize,
-    acc: &mut [f32],
-) {
-    let rows = acc.len() / d;
-    let nvec = d / S::F32_LANES;
-    let mut r = 0;
-    while r < rows {
-        let mr = (rows - r).min(4);
-        let mut c = 0;
-        while c < nvec {
-            // 4 rows x 4 vectors of accumulators need the 32 registers of AVX-512.
-            let wide = S::REGISTER_COUNT >= 32;
-            let nv = (nvec - c).min(if wide { 4 } else { 2 });
-            block_shape!(wide mr, nv, pv_block::<S, E>(simd, p, v, offs, head_off, d, r, c, acc));
-            let nv = if mr == 4 { nv } else { nv.min(2) };
-            c += nv;
-        }
-        r += mr;
-    }
-}
-
-#[inline(always)]
-fn pv_block<S: Simd, E: LoadLanes, const MR: usize, const NV: usize>(
-    simd: S,
-    p: &[f32],
-    v: &[E],
-    offs: &[usize],
-    head_off: usize,
-    d: usize,
-    r0: usize,
-    c0: usize,
-    acc: &mut [f32],
-) {
-    let lanes = S::F32_LANES;
-    let cols = offs.len();
-    assert!((r0 + MR) * d <= acc.len() && (c0 + NV) * lanes <= d);
-    assert!(cols == 0 || (r0 + MR - 1) * DECODE_TILE + cols <= p.len());
-    let ap = acc.as_mut_ptr();
-    // SAFETY: offsets below stay within the asserted bounds of `acc` and `p`, and each V row
-    // holds d elements (asserted per row).
-    unsafe {
-        let mut regs: [[S::f32s; NV]; MR] = core::array::from_fn(|r| {
-            core::array::from_fn(|c| *(ap.add((r0 + r) * d + (c0 + c) * lanes) as *const S::f32s))
-        });
-        for (j, &off) in offs.iter().enumerate() {
-            let start = off + head_off;
-            assert!(start + d <= v.len());
-            let row = v.as_ptr().add(start);
-            let vv: [S::f32s; NV] = core::array::from_fn(|c| E::load_lanes::<S>(row.add((c0 + c) * lanes)));
-            for r in 0..MR {
-                let pr = simd.splat_f32s(*p.get_unchecked((r0 + r) * DECODE_TILE + j));
-                for c in 0..NV {
-                    regs[r][c] = simd.mul_add_e_f32s(pr, vv[c], regs[r][c]);
-                }
-            }
-        }
-        for r in 0..MR {
-            for c in 0..NV {
-                *(ap.add((r0 + r) * d + (c0 + c) * lanes) as *mut S::f32s) = regs[r][c];
-            }
-        }
     }
 }

@@ -29,9 +29,9 @@ mod block;
 mod convert;
 mod decode;
 mod math;
+mod microkernel;
 mod parallel;
 mod simd_level;
-mod tile;
 
 pub use simd_level::SimdLevel;
 

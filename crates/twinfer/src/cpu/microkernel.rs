@@ -1,0 +1,191 @@
+//! Register-blocked micro-kernels shared by the prefill and decode paths.
+//!
+//! Keys and values are addressed as rows: row `c` starts at `offs[c] + head_off` in a slice of
+//! any storage type, read one vector at a time through [`LoadLanes`] (f16 and bf16 widen in
+//! registers). The decode path points the offsets straight into the paged pool; the prefill
+//! path points them into an f32 tile it converted once for many query rows. Query, output and
+//! score rows are f32 with a stride of `len` (a multiple of the vector width).
+
+use pulp::Simd;
+
+use crate::cpu::convert::LoadLanes;
+
+/// `s[r * s_stride + c] = dot(q[r], k[offs[c] + head_off ..][..len])` for `r < rows`, every `c`.
+/// Blocks of 4 query rows x 2 key rows keep 8 accumulators in registers.
+#[inline(always)]
+pub(crate) fn scores<S: Simd, E: LoadLanes>(
+    simd: S,
+    q: &[f32],
+    len: usize,
+    rows: usize,
+    k: &[E],
+    offs: &[usize],
+    head_off: usize,
+    s: &mut [f32],
+    s_stride: usize,
+) {
+    let mut r = 0;
+    while r < rows {
+        let mr = (rows - r).min(4);
+        let mut c = 0;
+        while c < offs.len() {
+            let nc = (offs.len() - c).min(2);
+            block_shape!(mr, nc, score_block::<S, E>(simd, q, len, k, offs, head_off, r, c, s, s_stride));
+            c += nc;
+        }
+        r += mr;
+    }
+}
+
+/// One `MR x NC` block of [`scores`].
+#[inline(always)]
+pub(crate) fn score_block<S: Simd, E: LoadLanes, const MR: usize, const NC: usize>(
+    simd: S,
+    q: &[f32],
+    len: usize,
+    k: &[E],
+    offs: &[usize],
+    head_off: usize,
+    r0: usize,
+    c0: usize,
+    s: &mut [f32],
+    s_stride: usize,
+) {
+    let lanes = S::F32_LANES;
+    // The pointer reads below stay inside these bounds, checked once per block.
+    assert!(len.is_multiple_of(lanes) && (r0 + MR) * len <= q.len() && c0 + NC <= offs.len());
+    let k_rows: [*const E; NC] = core::array::from_fn(|c| {
+        let start = offs[c0 + c] + head_off;
+        assert!(start + len <= k.len());
+        k[start..].as_ptr()
+    });
+    let qp = q.as_ptr();
+    let zero = simd.splat_f32s(0.0);
+    let mut acc = [[zero; NC]; MR];
+    let mut i = 0;
+    while i < len {
+        // SAFETY: i + lanes <= len, and every row holds `len` elements (asserted above).
+        unsafe {
+            let kv: [S::f32s; NC] = core::array::from_fn(|c| E::load_lanes::<S>(k_rows[c].add(i)));
+            for r in 0..MR {
+                let qv = *(qp.add((r0 + r) * len + i) as *const S::f32s);
+                for c in 0..NC {
+                    acc[r][c] = simd.mul_add_e_f32s(qv, kv[c], acc[r][c]);
+                }
+            }
+        }
+        i += lanes;
+    }
+    for c in 0..NC {
+        if MR == 4
+            && let Some(sums) = reduce4::<S>([acc[0][c], acc[1][c], acc[2][c], acc[3][c]])
+        {
+            for r in 0..4 {
+                s[(r0 + r) * s_stride + c0 + c] = sums[r];
+            }
+            continue;
+        }
+        for r in 0..MR {
+            s[(r0 + r) * s_stride + c0 + c] = simd.reduce_sum_f32s(acc[r][c]);
+        }
+    }
+}
+
+/// Horizontal sums of four vectors at once where the ISA has a cheap transpose-and-add
+/// (AVX-512: fold to 256 bits, then a `vhaddps` tree), about a third of four separate reductions.
+#[inline(always)]
+fn reduce4<S: Simd>(v: [S::f32s; 4]) -> Option<[f32; 4]> {
+    #[cfg(target_arch = "x86_64")]
+    if std::any::TypeId::of::<S>() == std::any::TypeId::of::<pulp::x86::V4>() {
+        use core::arch::x86_64::*;
+        // SAFETY: V4 guarantees AVX-512F/DQ (and so AVX); `f32s` is `__m512` bit for bit.
+        unsafe {
+            let w: [__m512; 4] = core::array::from_fn(|i| core::mem::transmute_copy::<S::f32s, __m512>(&v[i]));
+            let h: [__m256; 4] = core::array::from_fn(|i| {
+                _mm256_add_ps(_mm512_castps512_ps256(w[i]), _mm512_extractf32x8_ps::<1>(w[i]))
+            });
+            let t = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+            let q = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
+            let mut out = [0f32; 4];
+            _mm_storeu_ps(out.as_mut_ptr(), q);
+            return Some(out);
+        }
+    }
+    let _ = v;
+    None
+}
+
+/// `acc[r] += sum_c p[r * p_stride + c] * v[offs[c] + head_off ..][..len]` for every row of `acc`
+/// (stride `len`). Blocks of 4 rows x 2 vectors (x 4 with AVX-512's 32 registers) stay in
+/// registers across the whole key loop; each value vector is loaded once per block of rows.
+#[inline(always)]
+pub(crate) fn accumulate<S: Simd, E: LoadLanes>(
+    simd: S,
+    p: &[f32],
+    p_stride: usize,
+    v: &[E],
+    offs: &[usize],
+    head_off: usize,
+    len: usize,
+    acc: &mut [f32],
+) {
+    let rows = acc.len() / len;
+    let nvec = len / S::F32_LANES;
+    let wide = S::REGISTER_COUNT >= 32;
+    let mut r = 0;
+    while r < rows {
+        let mr = (rows - r).min(4);
+        let mut c = 0;
+        while c < nvec {
+            let nv = (nvec - c).min(if wide && mr == 4 { 4 } else { 2 });
+            block_shape!(wide mr, nv, pv_block::<S, E>(simd, p, p_stride, v, offs, head_off, len, r, c, acc));
+            c += nv;
+        }
+        r += mr;
+    }
+}
+
+/// One `MR x NV` block of [`accumulate`].
+#[inline(always)]
+fn pv_block<S: Simd, E: LoadLanes, const MR: usize, const NV: usize>(
+    simd: S,
+    p: &[f32],
+    p_stride: usize,
+    v: &[E],
+    offs: &[usize],
+    head_off: usize,
+    len: usize,
+    r0: usize,
+    c0: usize,
+    acc: &mut [f32],
+) {
+    let lanes = S::F32_LANES;
+    let cols = offs.len();
+    assert!(len.is_multiple_of(lanes) && (r0 + MR) * len <= acc.len() && (c0 + NV) * lanes <= len);
+    assert!(cols == 0 || (r0 + MR - 1) * p_stride + cols <= p.len());
+    let ap = acc.as_mut_ptr();
+    // SAFETY: offsets below stay within the asserted bounds of `acc` and `p`, and each value
+    // row holds `len` elements (asserted per row).
+    unsafe {
+        let mut regs: [[S::f32s; NV]; MR] = core::array::from_fn(|r| {
+            core::array::from_fn(|c| *(ap.add((r0 + r) * len + (c0 + c) * lanes) as *const S::f32s))
+        });
+        for (j, &off) in offs.iter().enumerate() {
+            let start = off + head_off;
+            assert!(start + len <= v.len());
+            let row = v.as_ptr().add(start);
+            let vv: [S::f32s; NV] = core::array::from_fn(|c| E::load_lanes::<S>(row.add((c0 + c) * lanes)));
+            for r in 0..MR {
+                let pr = simd.splat_f32s(*p.get_unchecked((r0 + r) * p_stride + j));
+                for c in 0..NV {
+                    regs[r][c] = simd.mul_add_e_f32s(pr, vv[c], regs[r][c]);
+                }
+            }
+        }
+        for r in 0..MR {
+            for c in 0..NV {
+                *(ap.add((r0 + r) * len + (c0 + c) * lanes) as *mut S::f32s) = regs[r][c];
+            }
+        }
+    }
+}
