@@ -77,14 +77,14 @@ fn decode_typed<S: Simd, E: LoadLanes>(simd: S, p: &Problem<'_>, item: WorkItem,
     let mut cols = tile_offsets(j0, &mut offs);
     while j0 < hi {
         let next_cols = tile_offsets(j0 + cols, &mut next_offs);
-        // Scores key-major: K is read row after row (all heads of a row are contiguous). The next
-        // tile is prefetched a few rows at a time throughout this one, its K during the scores
-        // and its V during the head-major value pass, so memory stays busy while the arithmetic
-        // runs, without flooding the miss queues.
+        // Scores key-major: K is read row after row (all heads of a row are contiguous), and the
+        // next tile's K and V are prefetched meanwhile, so that memory stays busy while the
+        // arithmetic runs and the head-major value pass below finds V in cache.
         scores_key_major(
             simd,
             &sc.q[..rows * d],
             k,
+            v,
             &offs[..cols],
             &next_offs[..next_cols],
             heads,
@@ -94,9 +94,6 @@ fn decode_typed<S: Simd, E: LoadLanes>(simd: S, p: &Problem<'_>, item: WorkItem,
         );
         for hh in 0..heads {
             let r0 = hh * group;
-            for &off in &next_offs[next_cols * hh / heads..next_cols * (hh + 1) / heads] {
-                prefetch(p.kv.v(), off, heads * d);
-            }
             for g in 0..group {
                 let r = r0 + g;
                 let window = RowWindow { qo_head: (item.head0 + hh) * group + g, pos, j0, lo, hi };
@@ -120,6 +117,7 @@ fn scores_key_major<S: Simd, E: LoadLanes>(
     simd: S,
     q: &[f32],
     k: &[E],
+    v: &[E],
     offs: &[usize],
     next_offs: &[usize],
     heads: usize,
@@ -127,14 +125,19 @@ fn scores_key_major<S: Simd, E: LoadLanes>(
     d: usize,
     s: &mut [f32],
 ) {
-    let kt = E::view(k);
+    let (kt, vt) = (E::view(k), E::view(v));
     let mut c = 0;
     while c < offs.len() {
         let nc = (offs.len() - c).min(2);
-        for &off in next_offs.get(c..(c + nc).min(next_offs.len())).unwrap_or(&[]) {
-            prefetch(kt, off, heads * d);
-        }
+        let ahead = next_offs.get(c..(c + nc).min(next_offs.len())).unwrap_or(&[]);
         for hh in 0..heads {
+            // This head's slice of the next tile's rows: a few lines per score block, so the
+            // prefetches trickle out at the pace of the arithmetic instead of flooding the
+            // miss queues in bursts (bursts measured slower).
+            for &off in ahead {
+                prefetch(kt, off + hh * d, d);
+                prefetch(vt, off + hh * d, d);
+            }
             let mut r = hh * group;
             let end = r + group;
             while r < end {
