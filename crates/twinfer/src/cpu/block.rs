@@ -169,7 +169,7 @@ pub(crate) fn run_item<S: Simd>(simd: S, p: &Problem<'_>, item: WorkItem, sc: &m
             }
             let s_head = &sc.s[r0 * tile_rows..(r0 + head_rows) * tile_rows];
             let acc_head = &mut sc.acc[r0 * dp..(r0 + head_rows) * dp];
-            accumulate(simd, s_head, tile_rows, &sc.v, &tile_offs[..cols], hh * dp, dp, acc_head);
+            accumulate(simd, s_head, tile_rows, &sc.v, &tile_offs[..cols], hh * dp, dp, acc_head, &[]);
         }
         j0 += cols;
     }

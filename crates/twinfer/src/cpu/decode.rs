@@ -77,14 +77,13 @@ fn decode_typed<S: Simd, E: LoadLanes>(simd: S, p: &Problem<'_>, item: WorkItem,
     let mut cols = tile_offsets(j0, &mut offs);
     while j0 < hi {
         let next_cols = tile_offsets(j0 + cols, &mut next_offs);
-        // Scores key-major: K is read row after row (all heads of a row are contiguous), and the
-        // next tile's K and V are prefetched meanwhile, so that memory stays busy while the
-        // arithmetic runs and the head-major value pass below finds V in cache.
+        // Scores key-major: K is read row after row (all heads of a row are contiguous). The next
+        // tile's K is prefetched during the scores and its V during the value pass, a few lines
+        // per step, so memory stays busy while the arithmetic runs.
         scores_key_major(
             simd,
             &sc.q[..rows * d],
             k,
-            v,
             &offs[..cols],
             &next_offs[..next_cols],
             heads,
@@ -101,7 +100,17 @@ fn decode_typed<S: Simd, E: LoadLanes>(simd: S, p: &Problem<'_>, item: WorkItem,
                 softmax_row(simd, prm, window, row, &mut sc.m[r], &mut sc.l[r], &mut sc.acc[r * d..(r + 1) * d]);
             }
             let s_head = &sc.s[r0 * DECODE_TILE..(r0 + group) * DECODE_TILE];
-            accumulate(simd, s_head, DECODE_TILE, v, &offs[..cols], hh * d, d, &mut sc.acc[r0 * d..(r0 + group) * d]);
+            accumulate(
+                simd,
+                s_head,
+                DECODE_TILE,
+                v,
+                &offs[..cols],
+                hh * d,
+                d,
+                &mut sc.acc[r0 * d..(r0 + group) * d],
+                &next_offs[..next_cols],
+            );
         }
         j0 += cols;
         offs = next_offs;
@@ -117,7 +126,6 @@ fn scores_key_major<S: Simd, E: LoadLanes>(
     simd: S,
     q: &[f32],
     k: &[E],
-    v: &[E],
     offs: &[usize],
     next_offs: &[usize],
     heads: usize,
@@ -125,7 +133,7 @@ fn scores_key_major<S: Simd, E: LoadLanes>(
     d: usize,
     s: &mut [f32],
 ) {
-    let (kt, vt) = (E::view(k), E::view(v));
+    let kt = E::view(k);
     let mut c = 0;
     while c < offs.len() {
         let nc = (offs.len() - c).min(2);
@@ -136,7 +144,6 @@ fn scores_key_major<S: Simd, E: LoadLanes>(
             // miss queues in bursts (bursts measured slower).
             for &off in ahead {
                 prefetch(kt, off + hh * d, d);
-                prefetch(vt, off + hh * d, d);
             }
             let mut r = hh * group;
             let end = r + group;

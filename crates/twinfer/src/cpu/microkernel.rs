@@ -8,7 +8,7 @@
 
 use pulp::Simd;
 
-use crate::cpu::convert::LoadLanes;
+use crate::cpu::convert::{LoadLanes, prefetch};
 
 /// `s[r * s_stride + c] = dot(q[r], k[offs[c] + head_off ..][..len])` for `r < rows`, every `c`.
 /// Blocks of 4 query rows x 2 key rows keep 8 accumulators in registers.
@@ -118,6 +118,8 @@ fn reduce4<S: Simd>(v: [S::f32s; 4]) -> Option<[f32; 4]> {
 /// `acc[r] += sum_c p[r * p_stride + c] * v[offs[c] + head_off ..][..len]` for every row of `acc`
 /// (stride `len`). Blocks of 4 rows x 2 vectors (x 4 with AVX-512's 32 registers) stay in
 /// registers across the whole key loop; each value vector is loaded once per block of rows.
+/// `prefetch_offs` (may be empty) names rows to prefetch (at `head_off`, `len` long), one per key
+/// step of the first block, so that the next tile streams in while this one computes.
 #[inline(always)]
 pub(crate) fn accumulate<S: Simd, E: LoadLanes>(
     simd: S,
@@ -128,6 +130,7 @@ pub(crate) fn accumulate<S: Simd, E: LoadLanes>(
     head_off: usize,
     len: usize,
     acc: &mut [f32],
+    prefetch_offs: &[usize],
 ) {
     let rows = acc.len() / len;
     let nvec = len / S::F32_LANES;
@@ -138,7 +141,8 @@ pub(crate) fn accumulate<S: Simd, E: LoadLanes>(
         let mut c = 0;
         while c < nvec {
             let nv = (nvec - c).min(if wide && mr == 4 { 4 } else { 2 });
-            block_shape!(wide mr, nv, pv_block::<S, E>(simd, p, p_stride, v, offs, head_off, len, r, c, acc));
+            let pf = if r == 0 && c == 0 { prefetch_offs } else { &[] };
+            block_shape!(wide mr, nv, pv_block::<S, E>(simd, p, p_stride, v, offs, head_off, len, r, c, acc, pf));
             c += nv;
         }
         r += mr;
@@ -158,9 +162,11 @@ fn pv_block<S: Simd, E: LoadLanes, const MR: usize, const NV: usize>(
     r0: usize,
     c0: usize,
     acc: &mut [f32],
+    prefetch_offs: &[usize],
 ) {
     let lanes = S::F32_LANES;
     let cols = offs.len();
+    let v_view = E::view(v);
     assert!(len.is_multiple_of(lanes) && (r0 + MR) * len <= acc.len() && (c0 + NV) * lanes <= len);
     assert!(cols == 0 || (r0 + MR - 1) * p_stride + cols <= p.len());
     let ap = acc.as_mut_ptr();
@@ -171,6 +177,9 @@ fn pv_block<S: Simd, E: LoadLanes, const MR: usize, const NV: usize>(
             core::array::from_fn(|c| *(ap.add((r0 + r) * len + (c0 + c) * lanes) as *const S::f32s))
         });
         for (j, &off) in offs.iter().enumerate() {
+            if let Some(&ahead) = prefetch_offs.get(j) {
+                prefetch(v_view, ahead + head_off, len);
+            }
             let start = off + head_off;
             assert!(start + len <= v.len());
             let row = v.as_ptr().add(start);
