@@ -13,9 +13,9 @@ use crate::cpu::convert::{LoadLanes, prefetch};
 use crate::cpu::microkernel::{accumulate, score_block};
 use crate::dtype::TensorRef;
 
-/// Keys per decode tile: the score tile is `[heads * group, DECODE_TILE]`. 32 measured best on
-/// a 2-core AVX-512 machine (16: per-tile overhead; 64 and 128: the prefetched next tile and the
-/// current one no longer sit in cache together).
+/// Keys per decode tile: the score tile is `[heads * group, DECODE_TILE]`. On a 2-core AVX-512
+/// machine 32 and 64 measured alike, 16 slower (per-tile overhead) and 128 slower (the current
+/// and the prefetched tile no longer fit in L2 together).
 const DECODE_TILE: usize = 32;
 
 /// Whether the fused kernel handles this item: one token, and head rows that are whole vectors
