@@ -43,7 +43,7 @@ impl KernelReport {
 pub fn run_kernels(engine: &CpuEngine, scope: Scope) -> Result<KernelReport> {
     let level = engine.level();
     let (runs, ceiling_bytes) = match scope {
-        Scope::Quick => (3, 64 << 20),
+        Scope::Quick => (3, 256 << 20),
         Scope::Full => (7, ceilings::READ_BYTES),
     };
     let read_gbps = ceilings::read_bandwidth(level, ceiling_bytes, runs);
