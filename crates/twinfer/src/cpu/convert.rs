@@ -88,6 +88,14 @@ impl LoadLanes for f16 {
                     core::mem::transmute_copy::<__m512, S::f32s>(&wide)
                 };
             }
+            if TypeId::of::<S>() == TypeId::of::<pulp::x86::V3>() {
+                // SAFETY: the engine runs V3 code only inside a context with F16C enabled
+                // (`SimdLevel::dispatch`); 8 readable f16 per the caller; same-size transmute.
+                return unsafe {
+                    let wide = _mm256_cvtph_ps(_mm_loadu_si128(ptr as *const __m128i));
+                    core::mem::transmute_copy::<__m256, S::f32s>(&wide)
+                };
+            }
         }
         let mut lanes = [0f32; 16];
         let n = S::F32_LANES;

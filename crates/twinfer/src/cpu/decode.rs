@@ -19,16 +19,8 @@ use crate::dtype::TensorRef;
 const DECODE_TILE: usize = 32;
 
 /// Whether the fused kernel handles this item: one token, and head rows that are whole vectors
-/// (otherwise the padded-tile path of [`crate::cpu::block`] runs it). f16 under AVX2 also takes
-/// the tile path: pulp's AVX2 context lacks F16C, so an in-register conversion would be an
-/// out-of-line call per vector, while the tile path converts whole rows per call.
+/// (otherwise the padded-tile path of [`crate::cpu::block`] runs it).
 pub(crate) fn fused_applies<S: Simd>(p: &Problem<'_>, item: &WorkItem) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if std::any::TypeId::of::<S>() == std::any::TypeId::of::<pulp::x86::V3>()
-        && p.kv.k().dtype() == crate::dtype::DType::F16
-    {
-        return false;
-    }
     item.tok1 - item.tok0 == 1 && p.params.head_dim.is_multiple_of(S::F32_LANES)
 }
 

@@ -97,7 +97,8 @@ impl SimdLevel {
         match self {
             SimdLevel::Scalar => Simd::vectorize(pulp::Scalar::new(), op),
             #[cfg(target_arch = "x86_64")]
-            SimdLevel::Avx2(s) => Simd::vectorize(s, op),
+            // SAFETY: an `Avx2` level exists only where V3's features and F16C were detected.
+            SimdLevel::Avx2(s) => unsafe { vectorize_v3_f16c(s, op) },
             #[cfg(target_arch = "x86_64")]
             SimdLevel::Avx512(s) => Simd::vectorize(s, op),
             #[cfg(target_arch = "aarch64")]
@@ -118,4 +119,15 @@ impl fmt::Display for SimdLevel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
     }
+}
+
+/// pulp's AVX2 context without F16C would leave every f16 conversion an out-of-line call; this
+/// one compiles the kernel with V3's features plus F16C, so conversions inline.
+///
+/// # Safety
+/// The CPU must have every x86-64-v3 feature and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse,sse2,fxsr,sse3,ssse3,sse4.1,sse4.2,popcnt,avx,avx2,bmi1,bmi2,fma,lzcnt,f16c")]
+unsafe fn vectorize_v3_f16c<Op: pulp::WithSimd>(simd: pulp::x86::V3, op: Op) -> Op::Output {
+    op.with_simd(simd)
 }
