@@ -1,6 +1,7 @@
-//! Loading K/V rows into f32 tiles. f16 rows use the CPU's conversion instructions where the
-//! running SIMD level guarantees them (AVX-512F's `vcvtph2ps`; F16C beside AVX2, checked once);
-//! every other case uses the exact bit-manipulation widening of [`crate::dtype`].
+//! Reading K/V storage as f32: whole rows into tiles ([`load_f32`]) or one vector into registers
+//! ([`LoadLanes`]). f16 uses the CPU's conversion instruction where the running SIMD level has
+//! it (AVX-512F's `vcvtph2ps`; F16C, which the AVX2 level runs with); every other case uses the
+//! exact bit-manipulation widening of [`crate::dtype`]. Also the prefetch hint the kernels use.
 
 use std::any::TypeId;
 
@@ -40,23 +41,50 @@ pub(crate) fn prefetch(src: TensorRef<'_>, offset: usize, len: usize) {
     let _ = (src, offset, len);
 }
 
+/// Whether this SIMD level widens f16 with an instruction (AVX-512F, or AVX2 run with F16C).
 #[inline(always)]
-fn widen_f16<S: Simd>(src: &[f16], dst: &mut [f32]) {
+fn native_f16<S: Simd>() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        if TypeId::of::<S>() == TypeId::of::<pulp::x86::V4>() {
-            // SAFETY: a V4 token exists only where AVX-512F is available.
-            unsafe { x86::widen_avx512(src, dst) };
-            return;
-        }
-        if TypeId::of::<S>() == TypeId::of::<pulp::x86::V3>() {
-            // SAFETY: the engine runs V3 only where F16C was detected too (`SimdLevel::available`).
-            unsafe { x86::widen_f16c(src, dst) };
-            return;
-        }
+        TypeId::of::<S>() == TypeId::of::<pulp::x86::V4>() || TypeId::of::<S>() == TypeId::of::<pulp::x86::V3>()
     }
-    let _ = TypeId::of::<S>;
-    f16::slice_to_f32(src, dst);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = TypeId::of::<S>;
+        false
+    }
+}
+
+#[inline(always)]
+fn widen_f16<S: Simd>(src: &[f16], dst: &mut [f32]) {
+    if !native_f16::<S>() {
+        // The whole-slice bit manipulation vectorises better than a vector at a time.
+        f16::slice_to_f32(src, dst);
+        return;
+    }
+    let (lanes, n) = (S::F32_LANES, src.len().min(dst.len()));
+    let mut i = 0;
+    while i + lanes <= n {
+        // SAFETY: i + lanes <= n bounds both the read of `src` and the write of `dst`.
+        unsafe { *(dst.as_mut_ptr().add(i) as *mut S::f32s) = f16::load_lanes::<S>(src.as_ptr().add(i)) };
+        i += lanes;
+    }
+    f16::slice_to_f32(&src[i..n], &mut dst[i..n]);
+}
+
+/// One vector through a stack buffer, for element types or levels with no widening instruction.
+///
+/// # Safety
+/// `ptr` must be valid for reading `S::F32_LANES` elements.
+#[inline(always)]
+unsafe fn load_through_buffer<S: Simd, E: Element>(ptr: *const E) -> S::f32s {
+    let mut lanes = [0f32; 16];
+    let n = S::F32_LANES;
+    // SAFETY: the caller guarantees `n` readable elements.
+    let src = unsafe { core::slice::from_raw_parts(ptr, n) };
+    E::slice_to_f32(src, &mut lanes[..n]);
+    // SAFETY: `lanes` holds at least F32_LANES (<= 16) f32 values.
+    unsafe { *(lanes.as_ptr() as *const S::f32s) }
 }
 
 /// Loads one vector of lanes from storage, widening to f32 in registers: the decode kernel reads
@@ -97,64 +125,16 @@ impl LoadLanes for f16 {
                 };
             }
         }
-        let mut lanes = [0f32; 16];
-        let n = S::F32_LANES;
-        // SAFETY: the caller guarantees `n` readable elements.
-        let src = unsafe { core::slice::from_raw_parts(ptr, n) };
-        f16::slice_to_f32(src, &mut lanes[..n]);
-        // SAFETY: `lanes` holds at least F32_LANES (<= 16) f32 values.
-        unsafe { *(lanes.as_ptr() as *const S::f32s) }
+        // SAFETY: forwarded from the caller.
+        unsafe { load_through_buffer::<S, f16>(ptr) }
     }
 }
 
 impl LoadLanes for half::bf16 {
     #[inline(always)]
     unsafe fn load_lanes<S: Simd>(ptr: *const Self) -> S::f32s {
-        let mut lanes = [0f32; 16];
-        let n = S::F32_LANES;
-        // SAFETY: the caller guarantees `n` readable elements.
-        let src = unsafe { core::slice::from_raw_parts(ptr, n) };
-        half::bf16::slice_to_f32(src, &mut lanes[..n]);
-        // SAFETY: `lanes` holds at least F32_LANES (<= 16) f32 values.
-        unsafe { *(lanes.as_ptr() as *const S::f32s) }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use core::arch::x86_64::*;
-    use half::f16;
-
-    use crate::dtype::Element;
-
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn widen_avx512(src: &[f16], dst: &mut [f32]) {
-        let n = src.len().min(dst.len());
-        let mut i = 0;
-        while i + 16 <= n {
-            // SAFETY: i + 16 <= n bounds both the 32-byte load and the 64-byte store.
-            unsafe {
-                let h = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
-                _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
-            }
-            i += 16;
-        }
-        f16::slice_to_f32(&src[i..n], &mut dst[i..n]);
-    }
-
-    #[target_feature(enable = "avx,f16c")]
-    pub(super) unsafe fn widen_f16c(src: &[f16], dst: &mut [f32]) {
-        let n = src.len().min(dst.len());
-        let mut i = 0;
-        while i + 8 <= n {
-            // SAFETY: i + 8 <= n bounds both the 16-byte load and the 32-byte store.
-            unsafe {
-                let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
-                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
-            }
-            i += 8;
-        }
-        f16::slice_to_f32(&src[i..n], &mut dst[i..n]);
+        // SAFETY: forwarded from the caller.
+        unsafe { load_through_buffer::<S, half::bf16>(ptr) }
     }
 }
 
