@@ -42,6 +42,24 @@ pub enum TwinferError {
     #[error("layer {layer} is out of range: the cache has {num_layers} layers")]
     LayerOutOfRange { layer: usize, num_layers: usize },
 
+    #[error("{path}: {reason}")]
+    Io { path: String, reason: String },
+
+    #[error("model file {file}: {reason}")]
+    ModelFile { file: String, reason: String },
+
+    #[error("model file {file}, tensor {tensor}: {reason}")]
+    ModelTensor { file: String, tensor: String, reason: String },
+
+    #[error("model architecture {model_type:?} is not supported (supported: {supported})")]
+    UnsupportedArchitecture { model_type: String, supported: &'static str },
+
+    #[error("tokenizer {file}: {reason}")]
+    Tokenizer { file: String, reason: String },
+
+    #[error("request of {tokens} tokens cannot run: {reason}")]
+    RequestTooLarge { tokens: usize, reason: String },
+
     #[error("invalid parameter: {0}")]
     InvalidParameter(String),
 

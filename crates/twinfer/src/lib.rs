@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod dtype;
 pub mod error;
 pub mod kv;
+pub mod model;
 pub mod reference;
 
 pub use attention::{

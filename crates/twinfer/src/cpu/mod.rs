@@ -28,11 +28,13 @@ macro_rules! block_shape {
 mod block;
 mod convert;
 mod decode;
+mod linear;
 mod math;
 mod microkernel;
 mod parallel;
 mod simd_level;
 
+pub use linear::linear;
 pub use simd_level::SimdLevel;
 
 use crate::attention::problem::Problem;

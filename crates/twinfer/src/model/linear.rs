@@ -1,0 +1,87 @@
+//! A projection `y = x · Wᵀ + b` with its weights in the dtype they were stored in.
+
+use std::sync::Arc;
+
+use crate::cpu::{SimdLevel, linear};
+use crate::dtype::TensorRef;
+use crate::error::{Result, TwinferError};
+use crate::model::weights::{WeightData, Weights};
+
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `[n, k]`: one row per output feature.
+    pub w: Arc<WeightData>,
+    pub bias: Option<Vec<f32>>,
+    pub n: usize,
+    pub k: usize,
+}
+
+impl Linear {
+    /// `{name}.weight` of shape `[n, k]` and, with `bias`, `{name}.bias` of shape `[n]`.
+    pub fn load(weights: &Weights, name: &str, n: usize, k: usize, bias: bool) -> Result<Self> {
+        let w = Arc::new(weights.get(&format!("{name}.weight"), &[n, k])?);
+        let bias = if bias { Some(weights.f32(&format!("{name}.bias"), &[n])?) } else { None };
+        Ok(Self { w, bias, n, k })
+    }
+
+    /// Several projections of the same input stacked into one (q, k, v; gate, up), so the input is
+    /// read once and one product runs instead of three.
+    pub fn stack(parts: Vec<Linear>) -> Result<Self> {
+        let k = parts[0].k;
+        let dtype = parts[0].w.dtype();
+        if parts.iter().any(|p| p.k != k || p.w.dtype() != dtype) {
+            return Err(TwinferError::InvalidParameter("stacked projections differ in width or dtype".into()));
+        }
+        let n = parts.iter().map(|p| p.n).sum();
+        let has_bias = parts.iter().any(|p| p.bias.is_some());
+        let mut bias = Vec::with_capacity(if has_bias { n } else { 0 });
+        let w = match dtype {
+            crate::DType::F32 => {
+                WeightData::F32(concat(&parts, |w| if let WeightData::F32(v) = w { v } else { unreachable!() }))
+            }
+            crate::DType::F16 => {
+                WeightData::F16(concat(&parts, |w| if let WeightData::F16(v) = w { v } else { unreachable!() }))
+            }
+            crate::DType::BF16 => {
+                WeightData::BF16(concat(&parts, |w| if let WeightData::BF16(v) = w { v } else { unreachable!() }))
+            }
+        };
+        if has_bias {
+            for p in &parts {
+                match &p.bias {
+                    Some(b) => bias.extend_from_slice(b),
+                    None => bias.extend(std::iter::repeat_n(0.0, p.n)),
+                }
+            }
+        }
+        Ok(Self { w: Arc::new(w), bias: has_bias.then_some(bias), n, k })
+    }
+
+    pub fn weight_ref(&self) -> TensorRef<'_> {
+        match &*self.w {
+            WeightData::F32(v) => TensorRef::F32(v),
+            WeightData::F16(v) => TensorRef::F16(v),
+            WeightData::BF16(v) => TensorRef::BF16(v),
+        }
+    }
+
+    /// `y[rows, n] = x[rows, k] · Wᵀ + b`.
+    pub fn forward(&self, level: SimdLevel, x: &[f32], rows: usize, y: &mut Vec<f32>) -> Result<()> {
+        y.clear();
+        y.resize(rows * self.n, f32::NAN);
+        linear(level, x, rows, self.weight_ref(), self.n, self.k, self.bias.as_deref(), y)
+    }
+
+    /// Bytes of weights one forward reads.
+    pub fn weight_bytes(&self) -> usize {
+        self.w.bytes() + self.bias.as_ref().map_or(0, |b| b.len() * 4)
+    }
+}
+
+fn concat<T: Copy>(parts: &[Linear], get: impl Fn(&WeightData) -> &Vec<T>) -> Vec<T> {
+    let mut out = Vec::with_capacity(parts.iter().map(|p| p.w.len()).sum());
+    for p in parts {
+        out.extend_from_slice(get(&p.w));
+    }
+    out
+}

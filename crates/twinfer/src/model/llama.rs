@@ -1,0 +1,276 @@
+//! The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM): RMSNorm, RoPE, GQA attention on
+//! the paged KV cache, SwiGLU. One [`LlamaModel::forward`] runs a continuous-batching step: any mix
+//! of prompt chunks and single decode tokens. Single tokens go to the decode engine, chunks to the
+//! prefill engine, both against the same pages.
+
+use std::sync::Arc;
+
+use crate::attention::{AttentionOutput, AttentionParams, DecodeInput, KvInput, PrefillInput};
+use crate::backend::Attention;
+use crate::cpu::SimdLevel;
+use crate::dtype::{DType, TensorRef};
+use crate::error::{Result, TwinferError};
+use crate::kv::{PagedKvCache, SeqId};
+use crate::model::config::DecoderConfig;
+use crate::model::linear::Linear;
+use crate::model::ops::{Rope, add_assign, rms_norm, rms_norm_into, silu_mul};
+use crate::model::weights::{WeightData, Weights};
+
+#[derive(Debug, Clone)]
+struct Layer {
+    attn_norm: Vec<f32>,
+    /// q, k and v stacked: `[q_dim + 2 * kv_dim, hidden]`.
+    qkv: Linear,
+    o: Linear,
+    ffn_norm: Vec<f32>,
+    /// gate and up stacked: `[2 * intermediate, hidden]`.
+    gate_up: Linear,
+    down: Linear,
+}
+
+/// A loaded decoder.
+#[derive(Debug, Clone)]
+pub struct LlamaModel {
+    pub config: DecoderConfig,
+    /// `[vocab, hidden]`, shared with `lm_head` when the embeddings are tied.
+    embed: Arc<WeightData>,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    lm_head: Linear,
+    rope: Rope,
+}
+
+/// One sequence's share of a step: `tokens` go to positions `start..start + tokens.len()`, which
+/// the caller has reserved in the cache.
+#[derive(Debug, Clone, Copy)]
+pub struct StepSeq<'a> {
+    pub seq: SeqId,
+    pub tokens: &'a [u32],
+    pub start: usize,
+    /// Whether to return the logits after the last token.
+    pub logits: bool,
+}
+
+/// The two engines a step uses; they may be different backends.
+#[derive(Debug, Clone, Copy)]
+pub struct Engines<'a> {
+    pub level: SimdLevel,
+    pub prefill: &'a Attention,
+    pub decode: &'a Attention,
+}
+
+impl LlamaModel {
+    pub fn load(config: DecoderConfig, w: &Weights) -> Result<Self> {
+        let (h, q, kv, inter) = (config.hidden_size, config.q_dim(), config.kv_dim(), config.intermediate_size);
+        let embed = Arc::new(w.get("model.embed_tokens.weight", &[config.vocab_size, h])?);
+        let layers = (0..config.num_layers)
+            .map(|i| {
+                let l = format!("model.layers.{i}");
+                let b = config.qkv_bias;
+                Ok(Layer {
+                    attn_norm: w.f32(&format!("{l}.input_layernorm.weight"), &[h])?,
+                    qkv: Linear::stack(vec![
+                        Linear::load(w, &format!("{l}.self_attn.q_proj"), q, h, b)?,
+                        Linear::load(w, &format!("{l}.self_attn.k_proj"), kv, h, b)?,
+                        Linear::load(w, &format!("{l}.self_attn.v_proj"), kv, h, b)?,
+                    ])?,
+                    o: Linear::load(w, &format!("{l}.self_attn.o_proj"), h, q, false)?,
+                    ffn_norm: w.f32(&format!("{l}.post_attention_layernorm.weight"), &[h])?,
+                    gate_up: Linear::stack(vec![
+                        Linear::load(w, &format!("{l}.mlp.gate_proj"), inter, h, false)?,
+                        Linear::load(w, &format!("{l}.mlp.up_proj"), inter, h, false)?,
+                    ])?,
+                    down: Linear::load(w, &format!("{l}.mlp.down_proj"), h, inter, false)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = if config.tie_word_embeddings || !w.contains("lm_head.weight") {
+            Linear { w: embed.clone(), bias: None, n: config.vocab_size, k: h }
+        } else {
+            Linear::load(w, "lm_head", config.vocab_size, h, false)?
+        };
+        Ok(Self {
+            embed,
+            layers,
+            norm: w.f32("model.norm.weight", &[h])?,
+            lm_head,
+            rope: Rope::new(config.head_dim, config.rope_theta, config.rope_scaling),
+            config,
+        })
+    }
+
+    /// Attention parameters of every layer.
+    pub fn attention_params(&self) -> AttentionParams {
+        let c = &self.config;
+        AttentionParams::new(c.num_heads, c.num_kv_heads, c.head_dim)
+            .causal(true)
+            .window_left(c.sliding_window.map(|w| w.saturating_sub(1)))
+    }
+
+    /// Bytes of weights a forward pass reads (every projection and the LM head once).
+    pub fn weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| l.qkv.weight_bytes() + l.o.weight_bytes() + l.gate_up.weight_bytes() + l.down.weight_bytes())
+            .sum();
+        layers + self.lm_head.weight_bytes()
+    }
+
+    /// Runs one step and returns `[n, vocab]` logits, one row per entry of `seqs` with `logits`
+    /// set, in that order. Appends every token's K/V to the cache.
+    pub fn forward(&self, e: Engines<'_>, cache: &mut PagedKvCache, seqs: &[StepSeq<'_>]) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let (h, qd, kvd, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim);
+        for s in seqs {
+            if s.tokens.is_empty() || cache.seq_len(s.seq)? != s.start + s.tokens.len() {
+                return Err(TwinferError::InvalidParameter(format!(
+                    "sequence {}: {} new tokens at position {} do not end where its reserved length does",
+                    s.seq,
+                    s.tokens.len(),
+                    s.start
+                )));
+            }
+        }
+        // Decode rows first, so each engine gets one contiguous block of rows.
+        let is_decode = |s: &StepSeq<'_>| s.tokens.len() == 1 && s.start > 0;
+        let order: Vec<usize> = (0..seqs.len())
+            .filter(|&i| is_decode(&seqs[i]))
+            .chain((0..seqs.len()).filter(|&i| !is_decode(&seqs[i])))
+            .collect();
+        let n_decode = seqs.iter().filter(|s| is_decode(s)).count();
+        let ids: Vec<SeqId> = order.iter().map(|&i| seqs[i].seq).collect();
+        let mut indptr = vec![0u32];
+        let mut positions = Vec::new();
+        let mut tokens = Vec::new();
+        for &i in &order {
+            let s = &seqs[i];
+            tokens.extend_from_slice(s.tokens);
+            positions.extend(s.start..s.start + s.tokens.len());
+            indptr.push(tokens.len() as u32);
+        }
+        let t = tokens.len();
+        let rows_decode = n_decode;
+        let mut x = self.embed_rows(&tokens)?;
+
+        let params = self.attention_params();
+        let decode_table = cache.page_table(&ids[..n_decode])?;
+        let prefill_table = cache.page_table(&ids[n_decode..])?;
+        let prefill_indptr: Vec<u32> = indptr[n_decode..].iter().map(|&p| p - indptr[n_decode]).collect();
+        let (mut hbuf, mut qkv, mut tmp, mut gate_up) = (vec![0f32; t * h], Vec::new(), Vec::new(), Vec::new());
+        let (mut q, mut k, mut v, mut o) =
+            (vec![0f32; t * qd], vec![0f32; t * kvd], vec![0f32; t * kvd], vec![0f32; t * qd]);
+        let mut act = vec![0f32; t * c.intermediate_size];
+        let mut cos_sin = Vec::new();
+        let kv_dtype = cache.dtype();
+        let (mut k_store, mut v_store) = (KvRows::default(), KvRows::default());
+        for (li, layer) in self.layers.iter().enumerate() {
+            rms_norm_into(&x, &layer.attn_norm, c.rms_norm_eps, &mut hbuf);
+            layer.qkv.forward(e.level, &hbuf, t, &mut qkv)?;
+            for r in 0..t {
+                let row = &qkv[r * (qd + 2 * kvd)..][..qd + 2 * kvd];
+                q[r * qd..][..qd].copy_from_slice(&row[..qd]);
+                k[r * kvd..][..kvd].copy_from_slice(&row[qd..qd + kvd]);
+                v[r * kvd..][..kvd].copy_from_slice(&row[qd + kvd..]);
+            }
+            self.rope.apply(&mut q, c.num_heads, &positions, &mut cos_sin);
+            self.rope.apply(&mut k, c.num_kv_heads, &positions, &mut cos_sin);
+            cache.append(li, &ids, &indptr, k_store.view(&k, kv_dtype), v_store.view(&v, kv_dtype))?;
+
+            o.fill(f32::NAN);
+            let kv = cache.layer(li)?;
+            let (o_dec, o_pre) = o.split_at_mut(rows_decode * qd);
+            if n_decode > 0 {
+                let input = DecodeInput { q: (&q[..rows_decode * qd]).into(), kv, table: decode_table.as_table() };
+                e.decode.decode(&params, &input, &mut AttentionOutput::new(o_dec))?;
+            }
+            if n_decode < ids.len() {
+                let input = PrefillInput {
+                    q: (&q[rows_decode * qd..]).into(),
+                    qo_indptr: &prefill_indptr,
+                    kv: KvInput::Paged { kv, table: prefill_table.as_table() },
+                };
+                e.prefill.prefill(&params, &input, &mut AttentionOutput::new(o_pre))?;
+            }
+            layer.o.forward(e.level, &o, t, &mut tmp)?;
+            add_assign(&mut x, &tmp);
+
+            rms_norm_into(&x, &layer.ffn_norm, c.rms_norm_eps, &mut hbuf);
+            layer.gate_up.forward(e.level, &hbuf, t, &mut gate_up)?;
+            let inter = c.intermediate_size;
+            for r in 0..t {
+                let row = &gate_up[r * 2 * inter..][..2 * inter];
+                let a = &mut act[r * inter..][..inter];
+                a.copy_from_slice(&row[..inter]);
+                silu_mul(a, &row[inter..]);
+            }
+            layer.down.forward(e.level, &act, t, &mut tmp)?;
+            add_assign(&mut x, &tmp);
+        }
+        let _ = hd;
+
+        // Logits only for the rows that asked, in the caller's order.
+        let mut last_rows = Vec::new();
+        let mut slot = vec![usize::MAX; seqs.len()];
+        for (pos, &i) in order.iter().enumerate() {
+            if seqs[i].logits {
+                slot[i] = indptr[pos + 1] as usize - 1;
+            }
+        }
+        for i in 0..seqs.len() {
+            if slot[i] != usize::MAX {
+                last_rows.extend_from_slice(&x[slot[i] * h..][..h]);
+            }
+        }
+        let n = last_rows.len() / h;
+        rms_norm(&mut last_rows, &self.norm, c.rms_norm_eps);
+        let mut logits = Vec::new();
+        self.lm_head.forward(e.level, &last_rows, n, &mut logits)?;
+        Ok(logits)
+    }
+
+    fn embed_rows(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let (h, vocab) = (self.config.hidden_size, self.config.vocab_size);
+        let mut x = vec![0f32; tokens.len() * h];
+        for (r, &id) in tokens.iter().enumerate() {
+            let id = id as usize;
+            if id >= vocab {
+                return Err(TwinferError::InvalidParameter(format!(
+                    "token id {id} is outside the vocabulary of {vocab}"
+                )));
+            }
+            let row = &mut x[r * h..][..h];
+            match &*self.embed {
+                WeightData::F32(e) => row.copy_from_slice(&e[id * h..][..h]),
+                WeightData::F16(e) => row.iter_mut().zip(&e[id * h..][..h]).for_each(|(d, s)| *d = s.to_f32()),
+                WeightData::BF16(e) => row.iter_mut().zip(&e[id * h..][..h]).for_each(|(d, s)| *d = s.to_f32()),
+            }
+        }
+        Ok(x)
+    }
+}
+
+/// K or V rows converted to the cache's dtype (a no-op view for f32).
+#[derive(Debug, Default)]
+struct KvRows {
+    f16: Vec<half::f16>,
+    bf16: Vec<half::bf16>,
+}
+
+impl KvRows {
+    fn view<'a>(&'a mut self, rows: &'a [f32], dtype: DType) -> TensorRef<'a> {
+        match dtype {
+            DType::F32 => TensorRef::F32(rows),
+            DType::F16 => {
+                self.f16.clear();
+                self.f16.extend(rows.iter().map(|&x| half::f16::from_f32(x)));
+                TensorRef::F16(&self.f16)
+            }
+            DType::BF16 => {
+                self.bf16.clear();
+                self.bf16.extend(rows.iter().map(|&x| half::bf16::from_f32(x)));
+                TensorRef::BF16(&self.bf16)
+            }
+        }
+    }
+}

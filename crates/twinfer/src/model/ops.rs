@@ -1,0 +1,169 @@
+//! The element-wise and per-row operations around the matrix products: norms, RoPE, activations.
+//! They are a few percent of a forward pass, so they are plain loops the compiler vectorises;
+//! row statistics accumulate in f64 so that long rows lose nothing.
+
+use crate::model::config::RopeScaling;
+
+/// `x[r] = x[r] / rms(x[r]) * weight`, for every row of width `weight.len()`.
+pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
+    for row in x.chunks_exact_mut(weight.len()) {
+        let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / row.len() as f64;
+        let inv = (1.0 / (ms + eps as f64).sqrt()) as f32;
+        for (v, &g) in row.iter_mut().zip(weight) {
+            *v = *v * inv * g;
+        }
+    }
+}
+
+/// `out[r] = rms_norm(x[r])`, leaving `x` (the residual stream) as it is.
+pub fn rms_norm_into(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    out.copy_from_slice(x);
+    rms_norm(out, weight, eps);
+}
+
+/// `x[r] = (x[r] - mean) / sqrt(var + eps) * gamma + beta`.
+pub fn layer_norm(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    for row in x.chunks_exact_mut(gamma.len()) {
+        let n = row.len() as f64;
+        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        let inv = 1.0 / (var + eps as f64).sqrt();
+        for ((v, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
+            *v = ((*v as f64 - mean) * inv) as f32 * g + b;
+        }
+    }
+}
+
+/// `gate = silu(gate) * up`, SwiGLU's gating.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// The exact (erf) GELU that BERT uses.
+pub fn gelu(x: &mut [f32]) {
+    for v in x {
+        *v = 0.5 * *v * (1.0 + libm::erff(*v * std::f32::consts::FRAC_1_SQRT_2));
+    }
+}
+
+pub fn add_assign(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// Rotary position embeddings in the Hugging Face layout (`rotate_half`: dimension `i` pairs with
+/// `i + head_dim / 2`), with the frequency scaling of the model's config.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    inv_freq: Vec<f64>,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, theta: f64, scaling: RopeScaling) -> Self {
+        let half = head_dim / 2;
+        let inv_freq = (0..half)
+            .map(|i| {
+                let f = theta.powf(-((2 * i) as f64) / head_dim as f64);
+                match scaling {
+                    RopeScaling::None => f,
+                    RopeScaling::Linear { factor } => f / factor,
+                    RopeScaling::Llama3 {
+                        factor,
+                        low_freq_factor,
+                        high_freq_factor,
+                        original_max_position_embeddings,
+                    } => {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        let low_wavelen = original_max_position_embeddings / low_freq_factor;
+                        let high_wavelen = original_max_position_embeddings / high_freq_factor;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (original_max_position_embeddings / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    }
+                }
+            })
+            .collect();
+        Self { inv_freq }
+    }
+
+    /// Rotates every head of `x` (`[tokens, heads, head_dim]`); token `t` sits at `positions[t]`.
+    pub fn apply(&self, x: &mut [f32], heads: usize, positions: &[usize], cos_sin: &mut Vec<(f32, f32)>) {
+        let half = self.inv_freq.len();
+        let head_dim = 2 * half;
+        for (t, &pos) in positions.iter().enumerate() {
+            cos_sin.clear();
+            cos_sin.extend(self.inv_freq.iter().map(|&f| {
+                let (s, c) = (pos as f64 * f).sin_cos();
+                (c as f32, s as f32)
+            }));
+            for h in 0..heads {
+                let v = &mut x[(t * heads + h) * head_dim..][..head_dim];
+                for (i, &(c, s)) in cos_sin.iter().enumerate() {
+                    let (a, b) = (v[i], v[i + half]);
+                    v[i] = a * c - b * s;
+                    v[i + half] = b * c + a * s;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_at_position_zero_is_identity_and_preserves_norms() {
+        let rope = Rope::new(8, 10_000.0, RopeScaling::None);
+        let orig: Vec<f32> = (0..16).map(|i| i as f32 - 7.5).collect();
+        let mut x = orig.clone();
+        rope.apply(&mut x, 2, &[0], &mut Vec::new());
+        assert_eq!(x, orig);
+        rope.apply(&mut x, 1, &[5, 9], &mut Vec::new());
+        for t in 0..2 {
+            let n0: f32 = orig[t * 8..][..8].iter().map(|v| v * v).sum();
+            let n1: f32 = x[t * 8..][..8].iter().map(|v| v * v).sum();
+            assert!((n0 - n1).abs() < 1e-3 * n0, "{n0} {n1}");
+        }
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
+        let plain = Rope::new(64, 500_000.0, RopeScaling::None);
+        let scaled = Rope::new(
+            64,
+            500_000.0,
+            RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 64.0,
+            },
+        );
+        assert_eq!(plain.inv_freq[0], scaled.inv_freq[0]);
+        assert!((plain.inv_freq[31] / 8.0 - scaled.inv_freq[31]).abs() < 1e-18);
+    }
+
+    #[test]
+    fn norms_and_gelu_known_values() {
+        let mut x = vec![3.0, 4.0];
+        rms_norm(&mut x, &[1.0, 2.0], 0.0);
+        let r = (12.5f32).sqrt();
+        assert!((x[0] - 3.0 / r).abs() < 1e-6 && (x[1] - 8.0 / r).abs() < 1e-6);
+        let mut y = vec![1.0, 3.0];
+        layer_norm(&mut y, &[1.0, 1.0], &[0.5, 0.5], 0.0);
+        assert!((y[0] + 0.5).abs() < 1e-6 && (y[1] - 1.5).abs() < 1e-6);
+        let mut g = vec![1.0f32];
+        gelu(&mut g);
+        assert!((g[0] - 0.841_344_7).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,85 @@
+//! `tokenizer.json` through the `tokenizers` crate, plus the incremental detokenizer that turns a
+//! token stream into text pieces without splitting a character.
+
+use crate::error::{Result, TwinferError};
+
+/// A model's tokenizer.
+#[derive(Debug, Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    file: String,
+}
+
+impl Tokenizer {
+    /// Parses the bytes of a `tokenizer.json`; `file` names it in errors. Padding is turned off
+    /// (batches are ragged here) and truncation too: the caller decides what is too long.
+    pub fn from_bytes(bytes: &[u8], file: &str) -> Result<Self> {
+        let mut inner = tokenizers::Tokenizer::from_bytes(bytes)
+            .map_err(|e| TwinferError::Tokenizer { file: file.into(), reason: e.to_string() })?;
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| TwinferError::Tokenizer { file: file.into(), reason: e.to_string() })?;
+        Ok(Self { inner, file: file.into() })
+    }
+
+    /// Token ids of `text`, with the special tokens the tokenizer's post-processor adds
+    /// (`[CLS] .. [SEP]` for BERT, `<s>` for Llama).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| TwinferError::Tokenizer { file: self.file.clone(), reason: e.to_string() })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| TwinferError::Tokenizer { file: self.file.clone(), reason: e.to_string() })
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}
+
+/// Turns generated token ids into text as they come: a piece is released once it decodes to
+/// whole characters, so a multi-byte character split over tokens is never shown half-made.
+#[derive(Debug, Clone, Default)]
+pub struct TextStream {
+    ids: Vec<u32>,
+    /// Tokens before this one are already shown; decoding restarts a little earlier than the
+    /// unread tokens so that tokenizers which merge across tokens (leading spaces) stay correct.
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl TextStream {
+    /// Adds one token and returns the text it completes, if any.
+    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let shown = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
+        let all = tokenizer.decode(&self.ids[self.prefix_offset..], true)?;
+        if all.len() > shown.len() && all.is_char_boundary(shown.len()) && !all.ends_with('\u{FFFD}') {
+            let piece = all[shown.len()..].to_string();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            return Ok(Some(piece));
+        }
+        Ok(None)
+    }
+
+    /// Whatever is left when generation ends (a dangling partial character included).
+    pub fn flush(&mut self, tokenizer: &Tokenizer) -> Result<Option<String>> {
+        let shown = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
+        let all = tokenizer.decode(&self.ids[self.prefix_offset..], true)?;
+        self.prefix_offset = self.ids.len();
+        self.read_offset = self.ids.len();
+        Ok((all.len() > shown.len() && all.is_char_boundary(shown.len())).then(|| all[shown.len()..].to_string()))
+    }
+}

@@ -1,0 +1,156 @@
+//! The tensors of a model: one `model.safetensors` or the shards a
+//! `model.safetensors.index.json` names. Headers are checked on load; tensors are converted on
+//! request, once, into the format the kernels read.
+
+use std::collections::HashMap;
+
+use half::{bf16, f16};
+use safetensors::{Dtype, SafeTensors, tensor::TensorInfo};
+use serde_json::Value;
+
+use crate::dtype::DType;
+use crate::error::{Result, TwinferError};
+use crate::model::source::{FileBytes, ModelSource};
+
+const SINGLE: &str = "model.safetensors";
+const INDEX: &str = "model.safetensors.index.json";
+
+#[derive(Debug)]
+struct Shard {
+    file: String,
+    bytes: FileBytes,
+    data_start: usize,
+    tensors: HashMap<String, TensorInfo>,
+}
+
+/// A model's weight tensors, by name.
+#[derive(Debug)]
+pub struct Weights {
+    shards: Vec<Shard>,
+    /// Tensor name -> shard.
+    index: HashMap<String, usize>,
+}
+
+/// A tensor in the dtype it will be computed from.
+#[derive(Debug, Clone)]
+pub enum WeightData {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+}
+
+impl WeightData {
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::F32(_) => DType::F32,
+            Self::F16(_) => DType::F16,
+            Self::BF16(_) => DType::BF16,
+        }
+    }
+    pub fn len(&self) -> usize {
+        match self {
+            Self::F32(v) => v.len(),
+            Self::F16(v) => v.len(),
+            Self::BF16(v) => v.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn bytes(&self) -> usize {
+        self.len() * self.dtype().size()
+    }
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            Self::F32(v) => v.clone(),
+            Self::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            Self::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+}
+
+impl Weights {
+    /// Reads the headers of the model's safetensors file(s) from `source`.
+    pub fn load(source: &mut ModelSource) -> Result<Self> {
+        let files = if source.has(INDEX) {
+            shard_files(&source.read_text(INDEX)?, &source.display(INDEX))?
+        } else {
+            vec![SINGLE.to_string()]
+        };
+        let mut weights = Weights { shards: Vec::new(), index: HashMap::new() };
+        for file in files {
+            let shown = source.display(&file);
+            let bytes = source.read(&file)?;
+            let (header, metadata) = SafeTensors::read_metadata(&bytes).map_err(|e| TwinferError::ModelFile {
+                file: shown.clone(),
+                reason: format!("not a valid safetensors file: {e}"),
+            })?;
+            let tensors: HashMap<String, TensorInfo> =
+                metadata.tensors().into_iter().map(|(name, info)| (name, info.clone())).collect();
+            for name in tensors.keys() {
+                if weights.index.insert(name.clone(), weights.shards.len()).is_some() {
+                    return Err(TwinferError::ModelTensor {
+                        file: shown,
+                        tensor: name.clone(),
+                        reason: "appears in two shards".into(),
+                    });
+                }
+            }
+            weights.shards.push(Shard { file: shown, bytes, data_start: 8 + header, tensors });
+        }
+        Ok(weights)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// The tensor `name`, which must have exactly `shape`, in its stored floating-point dtype.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<WeightData> {
+        let Some(&s) = self.index.get(name) else {
+            let file = self.shards.iter().map(|s| s.file.as_str()).collect::<Vec<_>>().join(", ");
+            return Err(TwinferError::ModelTensor { file, tensor: name.into(), reason: "missing".into() });
+        };
+        let shard = &self.shards[s];
+        let info = &shard.tensors[name];
+        let err = |reason: String| TwinferError::ModelTensor { file: shard.file.clone(), tensor: name.into(), reason };
+        if info.shape != shape {
+            return Err(err(format!("shape {:?}, expected {shape:?}", info.shape)));
+        }
+        let bytes = &shard.bytes[shard.data_start + info.data_offsets.0..shard.data_start + info.data_offsets.1];
+        Ok(match info.dtype {
+            Dtype::F32 => {
+                WeightData::F32(bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect())
+            }
+            Dtype::F16 => WeightData::F16(bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect()),
+            Dtype::BF16 => WeightData::BF16(bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect()),
+            other => return Err(err(format!("dtype {other:?} is not supported (F32, F16, BF16)"))),
+        })
+    }
+
+    /// The tensor as f32 (norms, biases, embeddings).
+    pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        Ok(match self.get(name, shape)? {
+            WeightData::F32(v) => v,
+            other => other.to_f32(),
+        })
+    }
+}
+
+fn shard_files(index: &str, shown: &str) -> Result<Vec<String>> {
+    let bad = |reason: &str| TwinferError::ModelFile { file: shown.to_string(), reason: reason.to_string() };
+    let json: Value = serde_json::from_str(index).map_err(|_| bad("not valid JSON"))?;
+    let map = json.get("weight_map").and_then(Value::as_object).ok_or_else(|| bad("no weight_map object"))?;
+    let mut files = Vec::new();
+    for file in map.values() {
+        let file = file.as_str().ok_or_else(|| bad("weight_map values must be file names"))?;
+        if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+            return Err(bad("weight_map names a file outside the model folder"));
+        }
+        if !files.iter().any(|f| f == file) {
+            files.push(file.to_string());
+        }
+    }
+    files.sort();
+    Ok(files)
+}
