@@ -8,6 +8,8 @@
 //! - f16 output: atol 1e-3, rtol 2e-3 (f16 has an 11-bit significand);
 //! - bf16 output: atol 8e-3, rtol 8e-3 (8-bit significand).
 
+#[cfg(not(target_arch = "wasm32"))]
+pub mod models;
 pub mod problem;
 pub mod rng;
 

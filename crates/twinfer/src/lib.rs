@@ -7,6 +7,7 @@ mod backend;
 pub mod bench;
 pub mod cpu;
 pub mod dtype;
+pub mod engine;
 pub mod error;
 pub mod kv;
 pub mod model;

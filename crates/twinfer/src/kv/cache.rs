@@ -144,6 +144,27 @@ impl PagedKvCache {
         Ok(id)
     }
 
+    /// Starts a sequence that shares the first `len` tokens of `parent` (a common prompt prefix):
+    /// the pages holding them are shared, and a partly covered last page is copied on first write.
+    pub fn fork_prefix(&mut self, parent: SeqId, len: usize) -> Result<SeqId> {
+        let page_size = self.config.layout.page_size;
+        let p = self.seq(parent)?;
+        if len > p.len {
+            return Err(TwinferError::InvalidParameter(format!(
+                "fork_prefix: {len} tokens asked of sequence {parent}, which has {}",
+                p.len
+            )));
+        }
+        let child = Sequence { pages: p.pages[..len.div_ceil(page_size)].to_vec(), len };
+        for &page in &child.pages {
+            self.allocator.retain(page)?;
+        }
+        let id = SeqId(self.next_id);
+        self.next_id += 1;
+        self.seqs.insert(id, child);
+        Ok(id)
+    }
+
     /// Ends `seq`; its pages return to the pool once no fork holds them.
     pub fn free(&mut self, seq: SeqId) -> Result<()> {
         let s = self.seqs.remove(&seq).ok_or(TwinferError::UnknownSequence { seq: seq.0 })?;

@@ -47,8 +47,17 @@ pub struct StepSeq<'a> {
     pub seq: SeqId,
     pub tokens: &'a [u32],
     pub start: usize,
-    /// Whether to return the logits after the last token.
-    pub logits: bool,
+    pub logits: Logits,
+}
+
+/// Which of a sequence's new tokens get logits back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    None,
+    /// After the last token: what sampling needs.
+    Last,
+    /// After every token (scoring a prompt).
+    All,
 }
 
 /// The two engines a step uses; they may be different backends.
@@ -117,11 +126,11 @@ impl LlamaModel {
         layers + self.lm_head.weight_bytes()
     }
 
-    /// Runs one step and returns `[n, vocab]` logits, one row per entry of `seqs` with `logits`
-    /// set, in that order. Appends every token's K/V to the cache.
+    /// Runs one step and returns `[n, vocab]` logits: the rows each entry of `seqs` asked for, in
+    /// that order. Appends every token's K/V to the cache.
     pub fn forward(&self, e: Engines<'_>, cache: &mut PagedKvCache, seqs: &[StepSeq<'_>]) -> Result<Vec<f32>> {
         let c = &self.config;
-        let (h, qd, kvd, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim);
+        let (h, qd, kvd) = (c.hidden_size, c.q_dim(), c.kv_dim());
         for s in seqs {
             if s.tokens.is_empty() || cache.seq_len(s.seq)? != s.start + s.tokens.len() {
                 return Err(TwinferError::InvalidParameter(format!(
@@ -207,20 +216,20 @@ impl LlamaModel {
             layer.down.forward(e.level, &act, t, &mut tmp)?;
             add_assign(&mut x, &tmp);
         }
-        let _ = hd;
 
         // Logits only for the rows that asked, in the caller's order.
-        let mut last_rows = Vec::new();
-        let mut slot = vec![usize::MAX; seqs.len()];
+        let mut first_row = vec![0usize; seqs.len()];
         for (pos, &i) in order.iter().enumerate() {
-            if seqs[i].logits {
-                slot[i] = indptr[pos + 1] as usize - 1;
-            }
+            first_row[i] = indptr[pos] as usize;
         }
-        for i in 0..seqs.len() {
-            if slot[i] != usize::MAX {
-                last_rows.extend_from_slice(&x[slot[i] * h..][..h]);
-            }
+        let mut last_rows = Vec::new();
+        for (i, s) in seqs.iter().enumerate() {
+            let rows = match s.logits {
+                Logits::None => 0..0,
+                Logits::Last => first_row[i] + s.tokens.len() - 1..first_row[i] + s.tokens.len(),
+                Logits::All => first_row[i]..first_row[i] + s.tokens.len(),
+            };
+            last_rows.extend_from_slice(&x[rows.start * h..rows.end * h]);
         }
         let n = last_rows.len() / h;
         rms_norm(&mut last_rows, &self.norm, c.rms_norm_eps);

@@ -13,7 +13,7 @@ mod weights;
 pub use bert::BertModel;
 pub use config::{DecoderConfig, EncoderConfig, ModelConfig, RopeScaling};
 pub use linear::Linear;
-pub use llama::{Engines, LlamaModel, StepSeq};
+pub use llama::{Engines, LlamaModel, Logits, StepSeq};
 pub use source::{FileBytes, ModelSource};
 pub use tokenizer::{TextStream, Tokenizer};
 pub use weights::{WeightData, Weights};
@@ -39,7 +39,12 @@ impl Model {
     pub fn load(mut source: ModelSource) -> Result<Self> {
         let config = ModelConfig::parse(&source.read_text("config.json")?, &source.display("config.json"))?;
         let shown = source.display("tokenizer.json");
-        let tokenizer = Tokenizer::from_bytes(&source.read("tokenizer.json")?, &shown)?;
+        let mut tokenizer = Tokenizer::from_bytes(&source.read("tokenizer.json")?, &shown)?;
+        if let ModelConfig::Encoder(c) = &config {
+            // sentence-transformers states the window it was trained with; else the model's limit.
+            let window = encoder_window(&mut source)?.unwrap_or(c.max_position_embeddings);
+            tokenizer.truncate_to(window.min(c.max_position_embeddings))?;
+        }
         let weights = Weights::load(&mut source)?;
         let network = match config {
             ModelConfig::Decoder(c) => Network::Decoder(LlamaModel::load(c, &weights)?),
@@ -67,4 +72,16 @@ impl Model {
             }
         }
     }
+}
+
+/// `max_seq_length` from a sentence-transformers `sentence_bert_config.json`, if there is one.
+fn encoder_window(source: &mut ModelSource) -> Result<Option<usize>> {
+    const FILE: &str = "sentence_bert_config.json";
+    if !source.has(FILE) {
+        return Ok(None);
+    }
+    let shown = source.display(FILE);
+    let json: serde_json::Value = serde_json::from_str(&source.read_text(FILE)?)
+        .map_err(|e| crate::TwinferError::ModelFile { file: shown, reason: format!("not valid JSON: {e}") })?;
+    Ok(json.get("max_seq_length").and_then(|v| v.as_u64()).map(|n| n as usize).filter(|&n| n > 0))
 }

@@ -23,6 +23,15 @@ impl Tokenizer {
         Ok(Self { inner, file: file.into() })
     }
 
+    /// Cuts encodings to `max_length` tokens, keeping the special tokens (an encoder's window).
+    pub fn truncate_to(&mut self, max_length: usize) -> Result<()> {
+        let params = tokenizers::TruncationParams { max_length, ..Default::default() };
+        self.inner
+            .with_truncation(Some(params))
+            .map_err(|e| TwinferError::Tokenizer { file: self.file.clone(), reason: e.to_string() })?;
+        Ok(())
+    }
+
     /// Token ids of `text`, with the special tokens the tokenizer's post-processor adds
     /// (`[CLS] .. [SEP]` for BERT, `<s>` for Llama).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {

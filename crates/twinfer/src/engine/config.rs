@@ -1,0 +1,63 @@
+//! How an engine is set up.
+
+use crate::backend::Backend;
+use crate::cpu::SimdLevel;
+use crate::dtype::DType;
+
+/// Engine settings. The defaults suit a laptop or an edge board.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Attention engine for prompt chunks; `Auto` takes the startup choice.
+    pub prefill_backend: Backend,
+    /// Attention engine for single decode tokens; may differ from `prefill_backend` (hybrid).
+    pub decode_backend: Backend,
+    /// CPU instruction set for the projections and CPU attention; `None` takes the widest.
+    pub simd: Option<SimdLevel>,
+    pub page_size: usize,
+    /// KV pages per layer; `None` sizes the pool from `kv_memory_bytes`.
+    pub kv_pool_pages: Option<usize>,
+    pub kv_memory_bytes: usize,
+    pub kv_dtype: DType,
+    /// Tokens per step: every running sequence's decode token plus prompt chunks up to this.
+    pub max_batch_tokens: usize,
+    /// Sequences running at once.
+    pub max_running: usize,
+    /// New requests reuse the KV pages of a running request's identical prompt prefix.
+    pub prefix_sharing: bool,
+    /// Seconds since some fixed point; the default is the process's monotonic clock. Browsers pass
+    /// `performance.now() / 1000`.
+    pub clock: Option<fn() -> f64>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            prefill_backend: Backend::Auto,
+            decode_backend: Backend::Auto,
+            simd: None,
+            page_size: 16,
+            kv_pool_pages: None,
+            kv_memory_bytes: 512 << 20,
+            kv_dtype: DType::F16,
+            max_batch_tokens: 512,
+            max_running: 256,
+            prefix_sharing: true,
+            clock: None,
+        }
+    }
+}
+
+/// The default clock: a monotonic one natively; wasm32 has none without the browser's help.
+pub(crate) fn default_clock() -> f64 {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        use std::sync::OnceLock;
+        use std::time::Instant;
+        static START: OnceLock<Instant> = OnceLock::new();
+        START.get_or_init(Instant::now).elapsed().as_secs_f64()
+    }
+    #[cfg(target_arch = "wasm32")]
+    {
+        0.0
+    }
+}

@@ -1,0 +1,163 @@
+//! Turning logits into the next token: repetition penalty, temperature, top-k, top-p, with a
+//! seeded generator per request so that a request's output does not depend on its neighbours.
+
+/// How the next token is chosen. The defaults are greedy decoding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens; 0 turns it off.
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches `top_p`; 1 turns it off.
+    pub top_p: f32,
+    /// Divides positive logits (multiplies negative ones) of tokens already seen; 1 turns it off.
+    pub repetition_penalty: f32,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 0 }
+    }
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> crate::Result<()> {
+        let bad = |m: &str| Err(crate::TwinferError::InvalidParameter(m.to_string()));
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return bad("temperature must be a finite number >= 0");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p must be in (0, 1]");
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return bad("repetition_penalty must be a finite number > 0");
+        }
+        Ok(())
+    }
+}
+
+/// SplitMix64: tiny, fast and plenty for sampling; one per request.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    state: u64,
+}
+
+impl Sampler {
+    pub fn new(seed: u64) -> Self {
+        Self { state: seed }
+    }
+
+    fn next_f64(&mut self) -> f64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Picks a token from `logits` (changed in place by the penalty); `seen` are the tokens the
+    /// penalty applies to (the prompt and what was generated).
+    pub fn sample(&mut self, logits: &mut [f32], p: &SamplingParams, seen: &[u32]) -> u32 {
+        if p.repetition_penalty != 1.0 {
+            let mut done = vec![false; logits.len()];
+            for &t in seen {
+                let t = t as usize;
+                if t < logits.len() && !done[t] {
+                    done[t] = true;
+                    let l = &mut logits[t];
+                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                }
+            }
+        }
+        if p.temperature == 0.0 {
+            return argmax(logits);
+        }
+        let mut cand: Vec<(u32, f32)> =
+            logits.iter().enumerate().map(|(i, &l)| (i as u32, l / p.temperature)).collect();
+        // Most likely first; ties by token id so the order is total and deterministic.
+        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if p.top_k > 0 {
+            cand.truncate(p.top_k);
+        }
+        let max = cand[0].1;
+        let mut probs: Vec<f64> = cand.iter().map(|&(_, l)| ((l - max) as f64).exp()).collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= total);
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            let keep = probs.iter().position(|&q| {
+                acc += q;
+                acc >= p.top_p as f64
+            });
+            let keep = keep.map_or(probs.len(), |i| i + 1);
+            probs.truncate(keep);
+            let total: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|q| *q /= total);
+        }
+        let u = self.next_f64();
+        let mut acc = 0.0;
+        for (i, &q) in probs.iter().enumerate() {
+            acc += q;
+            if u < acc {
+                return cand[i].0;
+            }
+        }
+        cand[probs.len() - 1].0
+    }
+}
+
+/// The index of the largest logit, the lowest index on ties; NaN never wins.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] || logits[best].is_nan() {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_is_argmax_and_penalty_applies() {
+        let mut s = Sampler::new(1);
+        let p = SamplingParams::default();
+        assert_eq!(s.sample(&mut [0.1, 2.0, 1.9], &p, &[]), 1);
+        let rep = SamplingParams { repetition_penalty: 2.0, ..p };
+        assert_eq!(s.sample(&mut [0.1, 2.0, 1.9], &rep, &[1]), 2);
+    }
+
+    #[test]
+    fn top_k_1_is_greedy_and_seeds_repeat() {
+        let p = SamplingParams { temperature: 1.0, top_k: 1, ..Default::default() };
+        assert_eq!(Sampler::new(7).sample(&mut [0.0, 3.0, 1.0], &p, &[]), 1);
+        let p = SamplingParams { temperature: 1.0, seed: 3, ..Default::default() };
+        let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
+        let run = |seed| {
+            let mut s = Sampler::new(seed);
+            (0..20).map(|_| s.sample(&mut logits.clone(), &p, &[])).collect::<Vec<_>>()
+        };
+        assert_eq!(run(3), run(3));
+        assert_ne!(run(3), run(4));
+    }
+
+    #[test]
+    fn frequencies_follow_the_distribution_within_top_p() {
+        // Probabilities 0.5, 0.3, 0.2 at temperature 1; top_p 0.75 keeps the first two.
+        let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
+        let p = SamplingParams { temperature: 1.0, top_p: 0.75, ..Default::default() };
+        let mut s = Sampler::new(11);
+        let mut counts = [0usize; 3];
+        for _ in 0..20_000 {
+            counts[s.sample(&mut logits.clone(), &p, &[]) as usize] += 1;
+        }
+        assert_eq!(counts[2], 0);
+        let share = counts[0] as f64 / 20_000.0;
+        assert!((share - 0.625).abs() < 0.02, "{counts:?}");
+    }
+}

@@ -1,0 +1,451 @@
+//! Continuous batching on the paged KV cache, one synchronous `step` at a time (browsers drive it
+//! from their event loop; natively [`crate::engine::Engine`] drives it from a thread).
+//!
+//! Each step takes every running sequence's decode token first, then prompt chunks, oldest request
+//! first, up to `max_batch_tokens`; new requests join as soon as there is budget. When the page
+//! pool is short, the newest sequences are preempted: their pages are freed and their tokens
+//! (prompt and output so far) are recomputed when they run again, so no other sequence is touched.
+//! A finished or cancelled sequence frees its pages at once.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::backend::Attention;
+use crate::cpu::SimdLevel;
+use crate::engine::config::{EngineConfig, default_clock};
+use crate::engine::metrics::{RequestMetrics, RunMetrics};
+use crate::engine::request::{Event, FinishReason, GenerateRequest, Prompt, RequestId};
+use crate::engine::sampling::Sampler;
+use crate::error::{Result, TwinferError};
+use crate::kv::{KvCacheConfig, KvLayout, PagedKvCache, SeqId};
+use crate::model::{Engines, LlamaModel, Logits, StepSeq, TextStream, Tokenizer};
+
+#[derive(Debug)]
+struct Active {
+    request: GenerateRequest,
+    submitted: f64,
+    prompt: Vec<u32>,
+    generated: Vec<u32>,
+    /// The cache sequence while it holds pages; `None` while waiting (or preempted).
+    cache_seq: Option<SeqId>,
+    /// Tokens whose K/V are in the cache.
+    computed: usize,
+    sampler: Sampler,
+    stream: TextStream,
+    text: String,
+    /// Bytes of `text` already handed out in events.
+    shown: usize,
+    metrics: RequestMetrics,
+    cancelled: bool,
+}
+
+impl Active {
+    fn len(&self) -> usize {
+        self.prompt.len() + self.generated.len()
+    }
+    fn token(&self, i: usize) -> u32 {
+        if i < self.prompt.len() { self.prompt[i] } else { self.generated[i - self.prompt.len()] }
+    }
+}
+
+/// The continuous-batching scheduler over one decoder.
+#[derive(Debug)]
+pub struct Scheduler {
+    model: Arc<LlamaModel>,
+    tokenizer: Arc<Tokenizer>,
+    level: SimdLevel,
+    prefill: Attention,
+    decode: Attention,
+    cache: PagedKvCache,
+    config: EngineConfig,
+    clock: fn() -> f64,
+    eos: Vec<u32>,
+    /// Every unfinished request, in arrival order (ids grow).
+    seqs: BTreeMap<RequestId, Active>,
+    next_id: u64,
+    finished: Vec<RequestMetrics>,
+    occupancy: Vec<f64>,
+    first_submit: Option<f64>,
+    last_finish: f64,
+}
+
+impl Scheduler {
+    pub fn new(
+        model: Arc<LlamaModel>,
+        tokenizer: Arc<Tokenizer>,
+        level: SimdLevel,
+        prefill: Attention,
+        decode: Attention,
+        config: EngineConfig,
+    ) -> Result<Self> {
+        let c = &model.config;
+        if config.max_batch_tokens == 0 || config.max_running == 0 {
+            return Err(TwinferError::InvalidParameter("max_batch_tokens and max_running must be at least 1".into()));
+        }
+        let layout = KvLayout::new(config.page_size, c.num_kv_heads, c.head_dim)?;
+        let page_bytes = 2 * c.num_layers * layout.page_elems() * config.kv_dtype.size();
+        let num_pages = config.kv_pool_pages.unwrap_or(config.kv_memory_bytes / page_bytes);
+        if num_pages == 0 {
+            return Err(TwinferError::InvalidParameter(format!(
+                "a KV budget of {} bytes holds no page of {page_bytes} bytes",
+                config.kv_memory_bytes
+            )));
+        }
+        let cache =
+            PagedKvCache::new(KvCacheConfig { num_layers: c.num_layers, num_pages, layout, dtype: config.kv_dtype })?;
+        let mut eos = c.eos_token_ids.clone();
+        if eos.is_empty() {
+            for name in ["</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>"] {
+                eos.extend(tokenizer.token_to_id(name));
+            }
+        }
+        Ok(Self {
+            clock: config.clock.unwrap_or(default_clock),
+            model,
+            tokenizer,
+            level,
+            prefill,
+            decode,
+            cache,
+            config,
+            eos,
+            seqs: BTreeMap::new(),
+            next_id: 0,
+            finished: Vec::new(),
+            occupancy: Vec::new(),
+            first_submit: None,
+            last_finish: 0.0,
+        })
+    }
+
+    pub fn model(&self) -> &LlamaModel {
+        &self.model
+    }
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+    pub fn cache(&self) -> &PagedKvCache {
+        &self.cache
+    }
+    pub fn prefill_attention(&self) -> &Attention {
+        &self.prefill
+    }
+    pub fn decode_attention(&self) -> &Attention {
+        &self.decode
+    }
+    pub fn now(&self) -> f64 {
+        (self.clock)()
+    }
+
+    /// Queues a request; it starts at the next step with room.
+    pub fn add(&mut self, request: GenerateRequest) -> Result<RequestId> {
+        let submitted = self.now();
+        request.sampling.validate()?;
+        let prompt = match &request.prompt {
+            Prompt::Text(t) => self.tokenizer.encode(t, true)?,
+            Prompt::Tokens(ids) => ids.clone(),
+        };
+        let c = &self.model.config;
+        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(TwinferError::InvalidParameter(format!("prompt token {bad} is outside the vocabulary")));
+        }
+        let pool_tokens = self.cache.num_pages() * self.config.page_size;
+        let longest = (prompt.len() + request.max_tokens).min(c.max_position_embeddings);
+        if prompt.is_empty() || prompt.len() >= c.max_position_embeddings || longest > pool_tokens {
+            return Err(TwinferError::RequestTooLarge {
+                tokens: prompt.len(),
+                reason: format!(
+                    "the prompt must have 1..{} tokens and, with max_tokens {}, fit the KV pool of {pool_tokens} tokens",
+                    c.max_position_embeddings, request.max_tokens
+                ),
+            });
+        }
+        let id = RequestId(self.next_id);
+        self.next_id += 1;
+        self.first_submit.get_or_insert(submitted);
+        let metrics = RequestMetrics { prompt_tokens: prompt.len(), ..Default::default() };
+        let sampler = Sampler::new(request.sampling.seed);
+        self.seqs.insert(
+            id,
+            Active {
+                request,
+                submitted,
+                prompt,
+                generated: Vec::new(),
+                cache_seq: None,
+                computed: 0,
+                sampler,
+                stream: TextStream::default(),
+                text: String::new(),
+                shown: 0,
+                metrics,
+                cancelled: false,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Asks a request to stop; it ends (with its pages freed) at the next step.
+    pub fn cancel(&mut self, id: RequestId) -> bool {
+        self.seqs.get_mut(&id).map(|s| s.cancelled = true).is_some()
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.seqs.is_empty()
+    }
+    pub fn num_running(&self) -> usize {
+        self.seqs.values().filter(|s| s.cache_seq.is_some()).count()
+    }
+    pub fn num_waiting(&self) -> usize {
+        self.seqs.values().filter(|s| s.cache_seq.is_none()).count()
+    }
+
+    /// Metrics over every request finished since the start (or the last reset).
+    pub fn run_metrics(&self) -> RunMetrics {
+        let wall = self.first_submit.map_or(0.0, |t| self.last_finish - t);
+        RunMetrics::from_requests(&self.finished, wall, &self.occupancy)
+    }
+    pub fn reset_metrics(&mut self) {
+        self.finished.clear();
+        self.occupancy.clear();
+        self.first_submit = None;
+    }
+
+    /// Runs one batch and returns what it produced.
+    pub fn step(&mut self) -> Result<Vec<Event>> {
+        let mut events = Vec::new();
+        let cancelled: Vec<RequestId> = self.seqs.iter().filter(|(_, s)| s.cancelled).map(|(&id, _)| id).collect();
+        for id in cancelled {
+            self.finish(id, FinishReason::Cancelled, &mut events)?;
+        }
+        let plan = self.schedule(&mut events)?;
+        if plan.is_empty() {
+            return Ok(events);
+        }
+        let occupied = self.cache.num_pages() - self.cache.free_pages();
+        self.occupancy.push(occupied as f64 / self.cache.num_pages() as f64);
+
+        let chunks: Vec<Vec<u32>> = plan
+            .iter()
+            .map(|&(id, n)| {
+                let s = &self.seqs[&id];
+                (s.computed..s.computed + n).map(|i| s.token(i)).collect()
+            })
+            .collect();
+        let step: Vec<StepSeq<'_>> = plan
+            .iter()
+            .zip(&chunks)
+            .map(|(&(id, n), tokens)| {
+                let s = &self.seqs[&id];
+                let logits = if s.computed + n == s.len() { Logits::Last } else { Logits::None };
+                StepSeq { seq: s.cache_seq.expect("planned"), tokens, start: s.computed, logits }
+            })
+            .collect();
+        let engines = Engines { level: self.level, prefill: &self.prefill, decode: &self.decode };
+        let logits = self.model.forward(engines, &mut self.cache, &step)?;
+        let wants: Vec<bool> = step.iter().map(|s| s.logits == Logits::Last).collect();
+        drop(step);
+        let now = self.now();
+        let vocab = self.model.config.vocab_size;
+        let mut row = 0;
+        for (&(id, n), want) in plan.iter().zip(wants) {
+            self.seqs.get_mut(&id).expect("planned").computed += n;
+            if want {
+                let mut l = logits[row * vocab..(row + 1) * vocab].to_vec();
+                row += 1;
+                if let Some(reason) = self.accept(id, &mut l, now, &mut events)? {
+                    self.finish(id, reason, &mut events)?;
+                }
+            }
+        }
+        Ok(events)
+    }
+
+    /// Picks this step's (request, tokens) and reserves their pages, preempting when short.
+    fn schedule(&mut self, events: &mut Vec<Event>) -> Result<Vec<(RequestId, usize)>> {
+        // After a preemption nobody new joins this step, so the running set only shrinks.
+        let mut admit_new = true;
+        loop {
+            let mut budget = self.config.max_batch_tokens;
+            let mut plan = Vec::new();
+            let running: Vec<RequestId> =
+                self.seqs.iter().filter(|(_, s)| s.cache_seq.is_some()).map(|(&id, _)| id).collect();
+            for &id in &running {
+                let s = &self.seqs[&id];
+                if s.len() - s.computed == 1 {
+                    plan.push((id, 1));
+                    budget = budget.saturating_sub(1);
+                }
+            }
+            for &id in &running {
+                let s = &self.seqs[&id];
+                let pending = s.len() - s.computed;
+                if pending > 1 && budget > 0 {
+                    plan.push((id, pending.min(budget)));
+                    budget -= pending.min(budget);
+                }
+            }
+            let waiting: Vec<RequestId> =
+                self.seqs.iter().filter(|(_, s)| s.cache_seq.is_none()).map(|(&id, _)| id).collect();
+            for (admitted, id) in (running.len()..).zip(waiting) {
+                if !admit_new || budget == 0 || admitted >= self.config.max_running {
+                    break;
+                }
+                self.admit(id)?;
+                let s = &self.seqs[&id];
+                let n = (s.len() - s.computed).min(budget);
+                plan.push((id, n));
+                budget -= n;
+            }
+            if plan.is_empty() {
+                return Ok(plan);
+            }
+            let ids: Vec<SeqId> = plan.iter().map(|(id, _)| self.seqs[id].cache_seq.expect("admitted")).collect();
+            let counts: Vec<usize> = plan.iter().map(|&(_, n)| n).collect();
+            match self.cache.reserve(&ids, &counts) {
+                Ok(()) => return Ok(plan),
+                Err(TwinferError::KvPoolExhausted { .. }) => {
+                    admit_new = false;
+                    let holders: Vec<RequestId> =
+                        self.seqs.iter().filter(|(_, s)| s.cache_seq.is_some()).map(|(&id, _)| id).collect();
+                    match holders.as_slice() {
+                        [.., newest] if holders.len() > 1 => self.preempt(*newest)?,
+                        // Alone and still short: cannot happen for a request `add` accepted, but
+                        // if it does, that request fails and the others go on.
+                        [only] => {
+                            let reason = FinishReason::Failed("the KV page pool cannot hold this sequence".into());
+                            self.finish(*only, reason, events)?;
+                        }
+                        _ => return Ok(Vec::new()),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Gives a waiting request a cache sequence, sharing pages with the running request that has
+    /// the longest identical prefix already computed (at least one page of it).
+    fn admit(&mut self, id: RequestId) -> Result<()> {
+        let page = self.config.page_size;
+        let mut best: Option<(SeqId, usize)> = None;
+        if self.config.prefix_sharing {
+            let me = &self.seqs[&id];
+            for (&other, s) in &self.seqs {
+                let Some(seq) = s.cache_seq.filter(|_| other != id) else { continue };
+                // Share at most len - 1 tokens: the last one must run to produce logits.
+                let limit = s.computed.min(me.len() - 1);
+                let common = (0..limit).take_while(|&i| s.token(i) == me.token(i)).count();
+                if common >= page && best.is_none_or(|(_, n)| common > n) {
+                    best = Some((seq, common));
+                }
+            }
+        }
+        let (seq, computed) = match best {
+            Some((parent, n)) => (self.cache.fork_prefix(parent, n)?, n),
+            None => (self.cache.add_sequence(), 0),
+        };
+        let s = self.seqs.get_mut(&id).expect("waiting");
+        s.cache_seq = Some(seq);
+        s.computed = computed;
+        Ok(())
+    }
+
+    fn preempt(&mut self, id: RequestId) -> Result<()> {
+        let s = self.seqs.get_mut(&id).expect("running");
+        if let Some(seq) = s.cache_seq.take() {
+            self.cache.free(seq)?;
+        }
+        if s.computed > 0 {
+            s.metrics.preemptions += 1;
+        }
+        s.computed = 0;
+        Ok(())
+    }
+
+    /// Samples the next token of `id`; returns why it finished, if it did.
+    fn accept(
+        &mut self,
+        id: RequestId,
+        logits: &mut [f32],
+        now: f64,
+        events: &mut Vec<Event>,
+    ) -> Result<Option<FinishReason>> {
+        let max_pos = self.model.config.max_position_embeddings;
+        let tokenizer = self.tokenizer.clone();
+        let s = self.seqs.get_mut(&id).expect("planned");
+        let seen: Vec<u32> = if s.request.sampling.repetition_penalty != 1.0 {
+            s.prompt.iter().chain(&s.generated).copied().collect()
+        } else {
+            Vec::new()
+        };
+        let token = s.sampler.sample(logits, &s.request.sampling, &seen);
+        s.generated.push(token);
+        let t = now - s.submitted;
+        s.metrics.token_times.push(t);
+        if !s.request.ignore_eos && self.eos.contains(&token) {
+            events.push(Event::Token { request: id, token, text: String::new(), t });
+            return Ok(Some(FinishReason::Eos));
+        }
+        if s.request.stop_token_ids.contains(&token) {
+            events.push(Event::Token { request: id, token, text: String::new(), t });
+            return Ok(Some(FinishReason::StopToken(token)));
+        }
+        if let Some(piece) = s.stream.push(&tokenizer, token)? {
+            s.text.push_str(&piece);
+        }
+        let mut reason = None;
+        for stop in &s.request.stop {
+            if let Some(at) = s.text.find(stop.as_str()) {
+                s.text.truncate(at);
+                reason = Some(FinishReason::StopString(stop.clone()));
+                break;
+            }
+        }
+        if reason.is_none() && (s.generated.len() >= s.request.max_tokens || s.len() >= max_pos) {
+            reason = Some(FinishReason::Length);
+        }
+        // Hold back a tail that may still grow into a stop string.
+        let safe = if reason.is_some() { s.text.len() } else { s.text.len() - held_back(&s.text, &s.request.stop) };
+        let text = s.text[s.shown.min(safe)..safe].to_string();
+        s.shown = s.shown.max(safe);
+        events.push(Event::Token { request: id, token, text, t });
+        Ok(reason)
+    }
+
+    fn finish(&mut self, id: RequestId, reason: FinishReason, events: &mut Vec<Event>) -> Result<()> {
+        let Some(mut s) = self.seqs.remove(&id) else { return Ok(()) };
+        if let Some(seq) = s.cache_seq.take() {
+            self.cache.free(seq)?;
+        }
+        if !matches!(reason, FinishReason::StopString(_) | FinishReason::Eos | FinishReason::StopToken(_))
+            && let Some(rest) = s.stream.flush(&self.tokenizer)?
+        {
+            s.text.push_str(&rest);
+        }
+        let now = self.now();
+        s.metrics.e2e = now - s.submitted;
+        self.last_finish = now;
+        self.finished.push(s.metrics.clone());
+        events.push(Event::Finished { request: id, reason, text: s.text, tokens: s.generated, metrics: s.metrics });
+        Ok(())
+    }
+}
+
+/// Bytes at the end of `text` that are a proper prefix of some stop string.
+fn held_back(text: &str, stops: &[String]) -> usize {
+    let mut hold = 0;
+    for stop in stops {
+        for n in (1..stop.len()).rev() {
+            if n <= text.len()
+                && text.is_char_boundary(text.len() - n)
+                && stop.is_char_boundary(n)
+                && text.ends_with(&stop[..n])
+            {
+                hold = hold.max(n);
+                break;
+            }
+        }
+    }
+    hold
+}

@@ -1,0 +1,280 @@
+//! [`Engine`]: a model folder loaded and served. Decoders run the continuous-batching
+//! [`Scheduler`] on a worker thread and stream tokens back per request; encoders embed texts.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::thread::JoinHandle;
+
+use crate::backend::{Attention, Backend, BackendInfo};
+use crate::cpu::SimdLevel;
+use crate::engine::config::EngineConfig;
+use crate::engine::metrics::RunMetrics;
+use crate::engine::request::{Event, FinishReason, GenerateRequest, RequestId};
+use crate::engine::scheduler::Scheduler;
+use crate::error::{Result, TwinferError};
+use crate::model::{BertModel, Model, ModelSource, Network, Tokenizer};
+
+enum Command {
+    Generate(Box<GenerateRequest>, Sender<Result<RequestId>>, Sender<Event>),
+    Cancel(RequestId),
+    Metrics(Sender<RunMetrics>, bool),
+}
+
+enum Served {
+    Decoder { commands: Sender<Command>, worker: Option<JoinHandle<()>>, tokenizer: Arc<Tokenizer> },
+    Encoder { model: Box<BertModel>, tokenizer: Arc<Tokenizer>, level: SimdLevel, attention: Attention },
+}
+
+/// A loaded model ready to serve requests.
+pub struct Engine {
+    served: Served,
+    description: String,
+    prefill_info: BackendInfo,
+    decode_info: BackendInfo,
+    level: SimdLevel,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("model", &self.description).field("prefill", &self.prefill_info).finish()
+    }
+}
+
+/// The tokens of one request as they come, ending with [`Event::Finished`].
+#[derive(Debug)]
+pub struct TokenStream {
+    id: RequestId,
+    events: Receiver<Event>,
+    commands: Sender<Command>,
+    done: bool,
+}
+
+impl TokenStream {
+    pub fn id(&self) -> RequestId {
+        self.id
+    }
+    /// Stops the request; the stream still ends with its `Finished` event.
+    pub fn cancel(&self) {
+        let _ = self.commands.send(Command::Cancel(self.id));
+    }
+    /// A handle that can cancel from another thread (a Ctrl-C handler).
+    pub fn canceller(&self) -> impl Fn() + Send + Sync + 'static {
+        let (commands, id) = (std::sync::Mutex::new(self.commands.clone()), self.id);
+        move || {
+            if let Ok(c) = commands.lock() {
+                let _ = c.send(Command::Cancel(id));
+            }
+        }
+    }
+}
+
+impl Iterator for TokenStream {
+    type Item = Event;
+    fn next(&mut self) -> Option<Event> {
+        if self.done {
+            return None;
+        }
+        let e = self.events.recv().ok();
+        self.done = matches!(e, None | Some(Event::Finished { .. }));
+        e
+    }
+}
+
+fn attention_for(backend: Backend, level: Option<SimdLevel>) -> Result<Attention> {
+    match (backend, level) {
+        (Backend::Cpu, Some(l)) => Ok(Attention::cpu(l)),
+        (b, _) => Attention::new(b),
+    }
+}
+
+impl Engine {
+    /// Loads a Hugging Face model folder.
+    pub fn new(model_dir: impl AsRef<Path>, config: EngineConfig) -> Result<Self> {
+        Self::from_source(ModelSource::dir(model_dir.as_ref()), config)
+    }
+
+    pub fn from_source(source: ModelSource, config: EngineConfig) -> Result<Self> {
+        let model = Model::load(source)?;
+        Self::from_model(model, config)
+    }
+
+    pub fn from_model(model: Model, config: EngineConfig) -> Result<Self> {
+        let description = model.describe();
+        let level = match config.simd {
+            Some(l) => l,
+            None => match std::env::var("TWINFER_SIMD").ok().filter(|v| !v.is_empty()) {
+                Some(name) => SimdLevel::by_name(&name).ok_or_else(|| {
+                    TwinferError::InvalidParameter(format!("TWINFER_SIMD={name} is not available here"))
+                })?,
+                None => SimdLevel::detect(),
+            },
+        };
+        let prefill = attention_for(config.prefill_backend, config.simd)?;
+        let decode = attention_for(config.decode_backend, config.simd)?;
+        let (prefill_info, decode_info) = (prefill.info().clone(), decode.info().clone());
+        let served = match model.network {
+            Network::Encoder(m) => {
+                Served::Encoder { model: Box::new(m), tokenizer: Arc::new(model.tokenizer), level, attention: prefill }
+            }
+            Network::Decoder(m) => {
+                let tokenizer = Arc::new(model.tokenizer);
+                let scheduler = Scheduler::new(Arc::new(m), tokenizer.clone(), level, prefill, decode, config)?;
+                let (commands, rx) = channel();
+                let worker = std::thread::Builder::new()
+                    .name("twinfer-engine".into())
+                    .spawn(move || serve(scheduler, rx))
+                    .map_err(|e| TwinferError::InvalidParameter(format!("cannot start the engine thread: {e}")))?;
+                Served::Decoder { commands, worker: Some(worker), tokenizer }
+            }
+        };
+        Ok(Self { served, description, prefill_info, decode_info, level })
+    }
+
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+    /// Which attention engines run prefill and decode, and why.
+    pub fn backends(&self) -> (&BackendInfo, &BackendInfo) {
+        (&self.prefill_info, &self.decode_info)
+    }
+    /// The CPU instruction set of the projections.
+    pub fn simd_level(&self) -> SimdLevel {
+        self.level
+    }
+    pub fn is_decoder(&self) -> bool {
+        matches!(self.served, Served::Decoder { .. })
+    }
+    pub fn tokenizer(&self) -> &Tokenizer {
+        match &self.served {
+            Served::Decoder { tokenizer, .. } => tokenizer,
+            Served::Encoder { tokenizer, .. } => tokenizer,
+        }
+    }
+
+    /// Submits a request; its tokens stream back as they are generated.
+    pub fn generate(&self, request: GenerateRequest) -> Result<TokenStream> {
+        let Served::Decoder { commands, .. } = &self.served else {
+            return Err(TwinferError::InvalidParameter("this model is an encoder: use embed".into()));
+        };
+        let (id_tx, id_rx) = channel();
+        let (ev_tx, ev_rx) = channel();
+        commands.send(Command::Generate(Box::new(request), id_tx, ev_tx)).map_err(|_| stopped())?;
+        let id = id_rx.recv().map_err(|_| stopped())??;
+        Ok(TokenStream { id, events: ev_rx, commands: commands.clone(), done: false })
+    }
+
+    /// Runs a request to its end: (text, tokens, finish reason, metrics).
+    pub fn generate_blocking(&self, request: GenerateRequest) -> Result<Event> {
+        self.generate(request)?.last().ok_or_else(stopped)
+    }
+
+    /// Metrics over the requests finished so far; `reset` starts a new window.
+    pub fn metrics(&self, reset: bool) -> Result<RunMetrics> {
+        let Served::Decoder { commands, .. } = &self.served else {
+            return Ok(RunMetrics::default());
+        };
+        let (tx, rx) = channel();
+        commands.send(Command::Metrics(tx, reset)).map_err(|_| stopped())?;
+        rx.recv().map_err(|_| stopped())
+    }
+
+    /// One L2-normalised embedding per text (encoder models).
+    pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        let Served::Encoder { model, tokenizer, level, attention } = &self.served else {
+            return Err(TwinferError::InvalidParameter("this model is a decoder: use generate".into()));
+        };
+        let ids = texts.iter().map(|t| tokenizer.encode(t, true)).collect::<Result<Vec<_>>>()?;
+        model.embed(*level, attention, &ids)
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Served::Decoder { commands, worker, .. } = &mut self.served {
+            // Closing the channel ends the worker's loop.
+            let (dead, _) = channel();
+            *commands = dead;
+            if let Some(w) = worker.take() {
+                let _ = w.join();
+            }
+        }
+    }
+}
+
+fn stopped() -> TwinferError {
+    TwinferError::InvalidParameter("the engine has stopped".into())
+}
+
+/// The worker: takes commands, steps while there is work, routes events to their streams.
+fn serve(mut scheduler: Scheduler, commands: Receiver<Command>) {
+    let mut streams: HashMap<RequestId, Sender<Event>> = HashMap::new();
+    loop {
+        let next = if scheduler.has_work() {
+            match commands.try_recv() {
+                Ok(c) => Some(c),
+                Err(std::sync::mpsc::TryRecvError::Empty) => None,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+            }
+        } else {
+            match commands.recv() {
+                Ok(c) => Some(c),
+                Err(_) => return,
+            }
+        };
+        if let Some(c) = next {
+            match c {
+                Command::Generate(req, id_tx, ev_tx) => {
+                    let added = scheduler.add(*req);
+                    if let Ok(id) = added {
+                        streams.insert(id, ev_tx);
+                    }
+                    let _ = id_tx.send(added);
+                }
+                Command::Cancel(id) => {
+                    scheduler.cancel(id);
+                }
+                Command::Metrics(tx, reset) => {
+                    let _ = tx.send(scheduler.run_metrics());
+                    if reset {
+                        scheduler.reset_metrics();
+                    }
+                }
+            }
+            continue;
+        }
+        match scheduler.step() {
+            Ok(events) => {
+                for e in events {
+                    let id = e.request();
+                    let last = matches!(e, Event::Finished { .. });
+                    if let Some(tx) = streams.get(&id) {
+                        let _ = tx.send(e);
+                    }
+                    if last {
+                        streams.remove(&id);
+                    }
+                }
+            }
+            Err(err) => {
+                // A failed step (a device lost, a kernel error) ends every request it touched
+                // with the reason; the engine keeps serving new ones.
+                let ids: Vec<RequestId> = streams.keys().copied().collect();
+                for id in ids {
+                    scheduler.cancel(id);
+                    if let Some(tx) = streams.remove(&id) {
+                        let _ = tx.send(Event::Finished {
+                            request: id,
+                            reason: FinishReason::Failed(err.to_string()),
+                            text: String::new(),
+                            tokens: Vec::new(),
+                            metrics: Default::default(),
+                        });
+                    }
+                }
+                let _ = scheduler.step();
+            }
+        }
+    }
+}

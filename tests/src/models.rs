@@ -1,0 +1,50 @@
+//! The real-model fixtures: the folder `scripts/fetch-models.sh` fills (all-MiniLM-L6-v2 and the
+//! tiny seeded decoders) and the goldens that the independent numpy reference wrote there.
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+/// `$TWINFER_MODELS`, else `$HOME/.cache/twinfer/models`. A missing folder fails the test with
+/// the command that fills it: these checks are never skipped.
+pub fn model_dir(name: &str) -> PathBuf {
+    let root = std::env::var_os("TWINFER_MODELS")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/twinfer/models")))
+        .expect("neither TWINFER_MODELS nor HOME is set");
+    let dir = root.join(name);
+    assert!(
+        dir.join("golden.json").is_file(),
+        "{} has no golden.json: run scripts/fetch-models.sh first (it fetches the model and runs the numpy reference)",
+        dir.display()
+    );
+    dir
+}
+
+pub fn golden(name: &str) -> Value {
+    let path = model_dir(name).join("golden.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+pub fn floats(v: &Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+/// `max |a - b| / max |b|`: the relative error of a logits row.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
+    let diff = a.iter().zip(b).fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
+    diff / scale
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+    let na: f64 = a.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+    dot / (na * nb)
+}

@@ -1,0 +1,168 @@
+//! The Llama-family decoder against the independent numpy reference (`tests/reference/`): two
+//! tiny seeded models (a Llama with Llama-3 RoPE scaling and GQA 4:1; a Qwen2 with q/k/v biases and
+//! tied embeddings). Prefill logits at every prompt position and 32 greedy decode steps must match
+//! (f32 relative error <= 1e-4, identical tokens) through the paged cache with pages of 1 and 16.
+//! Then the engine: a request's output is the same alone, among 64 others, and under preemption.
+#![cfg(not(target_arch = "wasm32"))]
+
+use std::sync::Arc;
+
+use twinfer::engine::{EngineConfig, Event, FinishReason, GenerateRequest, SamplingParams, Scheduler};
+use twinfer::kv::{KvCacheConfig, KvLayout, PagedKvCache};
+use twinfer::model::{Engines, Logits, Model, ModelSource, Network, StepSeq};
+use twinfer::{Attention, Backend, DType, cpu::SimdLevel};
+use twinfer_tests::models::{floats, golden, ids, model_dir, rel_err};
+
+const MODELS: [&str; 2] = ["tiny-llama", "tiny-qwen2"];
+const LOGITS_RTOL: f64 = 1e-4;
+
+fn load(name: &str) -> (twinfer::model::LlamaModel, twinfer::model::Tokenizer) {
+    let model = Model::load(ModelSource::dir(model_dir(name))).unwrap();
+    match model.network {
+        Network::Decoder(m) => (m, model.tokenizer),
+        Network::Encoder(_) => panic!("{name} is not a decoder"),
+    }
+}
+
+/// Prefill of the whole prompt (logits at every position), then greedy decode one token at a
+/// time, checking each step's logits; on every SIMD level and page size.
+#[test]
+fn prefill_and_greedy_decode_match_the_reference() {
+    for name in MODELS {
+        let (model, tokenizer) = load(name);
+        let g = golden(name);
+        let prompt = ids(&g["prompt_ids"]);
+        assert_eq!(tokenizer.encode(g["prompt"].as_str().unwrap(), true).unwrap(), prompt, "{name}: tokenizer");
+        let want_greedy = ids(&g["greedy_ids"]);
+        let vocab = model.config.vocab_size;
+        for level in SimdLevel::available() {
+            let attention = Attention::cpu(level);
+            let engines = Engines { level, prefill: &attention, decode: &attention };
+            for page_size in [1, 16] {
+                let c = &model.config;
+                let layout = KvLayout::new(page_size, c.num_kv_heads, c.head_dim).unwrap();
+                let mut cache = PagedKvCache::new(KvCacheConfig {
+                    num_layers: c.num_layers,
+                    num_pages: 256,
+                    layout,
+                    dtype: DType::F32,
+                })
+                .unwrap();
+                let seq = cache.add_sequence();
+                cache.reserve(&[seq], &[prompt.len()]).unwrap();
+                let step = StepSeq { seq, tokens: &prompt, start: 0, logits: Logits::All };
+                let logits = model.forward(engines, &mut cache, &[step]).unwrap();
+                let want = g["prefill_logits"].as_array().unwrap();
+                assert_eq!(logits.len(), want.len() * vocab);
+                for (p, row) in want.iter().enumerate() {
+                    let err = rel_err(&logits[p * vocab..(p + 1) * vocab], &floats(row));
+                    assert!(err <= LOGITS_RTOL, "{name} {level} page {page_size}: prefill position {p}: {err:.2e}");
+                }
+                let mut next = twinfer::engine::argmax(&logits[(prompt.len() - 1) * vocab..]);
+                let mut got = vec![next];
+                for (s, want_row) in g["step_logits"].as_array().unwrap().iter().enumerate().take(want_greedy.len() - 1)
+                {
+                    let start = cache.seq_len(seq).unwrap();
+                    cache.reserve(&[seq], &[1]).unwrap();
+                    let step = StepSeq { seq, tokens: &[next], start, logits: Logits::Last };
+                    let logits = model.forward(engines, &mut cache, &[step]).unwrap();
+                    let err = rel_err(&logits, &floats(want_row));
+                    assert!(err <= LOGITS_RTOL, "{name} {level} page {page_size}: decode step {s}: {err:.2e}");
+                    next = twinfer::engine::argmax(&logits);
+                    got.push(next);
+                }
+                assert_eq!(got, want_greedy, "{name} {level} page {page_size}: greedy tokens");
+            }
+        }
+    }
+}
+
+fn scheduler(name: &str, config: EngineConfig) -> Scheduler {
+    let (model, tokenizer) = load(name);
+    let attention = Attention::new(Backend::Cpu).unwrap();
+    let level = SimdLevel::detect();
+    Scheduler::new(Arc::new(model), Arc::new(tokenizer), level, attention.clone(), attention, config).unwrap()
+}
+
+fn run_all(s: &mut Scheduler) -> std::collections::BTreeMap<u64, (Vec<u32>, FinishReason)> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut steps = 0;
+    while s.has_work() {
+        for e in s.step().unwrap() {
+            if let Event::Finished { request, reason, tokens, .. } = e {
+                out.insert(request.0, (tokens, reason));
+            }
+        }
+        steps += 1;
+        assert!(steps < 100_000, "the scheduler made no progress");
+    }
+    out
+}
+
+fn greedy(ids: Vec<u32>, n: usize) -> GenerateRequest {
+    let mut r = GenerateRequest::tokens(ids).max_tokens(n);
+    r.ignore_eos = true;
+    r
+}
+
+/// The prompts of the golden file, each with the reference's greedy continuation.
+fn golden_requests(name: &str) -> Vec<(Vec<u32>, Vec<u32>)> {
+    let g = golden(name);
+    let mut all = vec![(ids(&g["prompt_ids"]), ids(&g["greedy_ids"]))];
+    for e in g["extra_prompts"].as_array().unwrap() {
+        all.push((ids(&e["prompt_ids"]), ids(&e["greedy_ids"])));
+    }
+    all
+}
+
+#[test]
+fn engine_outputs_do_not_depend_on_the_batch_or_on_preemption() {
+    for name in MODELS {
+        let reqs = golden_requests(name);
+        // Alone, in a roomy pool: the reference tokens.
+        for (prompt, want) in &reqs {
+            let mut s = scheduler(name, EngineConfig { kv_dtype: DType::F32, ..Default::default() });
+            s.add(greedy(prompt.clone(), want.len())).unwrap();
+            let out = run_all(&mut s);
+            assert_eq!(&out[&0].0, want, "{name}: alone");
+        }
+        // Among 64 others (sampled ones too, and long prompts chunked over several steps), with a
+        // small token budget and a pool so small that sequences get preempted and recomputed.
+        for (pages, budget) in [(4096, 512), (40, 64)] {
+            let config = EngineConfig {
+                kv_dtype: DType::F32,
+                kv_pool_pages: Some(pages),
+                page_size: 16,
+                max_batch_tokens: budget,
+                ..Default::default()
+            };
+            let mut s = scheduler(name, config);
+            let mut expected = std::collections::BTreeMap::new();
+            for i in 0..64u64 {
+                let (prompt, want) = &reqs[i as usize % reqs.len()];
+                if i % 3 == 2 {
+                    let sampled =
+                        SamplingParams { temperature: 0.9, top_k: 40, top_p: 0.95, seed: i, ..Default::default() };
+                    s.add(greedy(prompt.clone(), 24).sampling(sampled)).unwrap();
+                } else {
+                    let id = s.add(greedy(prompt.clone(), want.len())).unwrap();
+                    expected.insert(id.0, want.clone());
+                }
+                if i % 8 == 7 {
+                    // Requests keep arriving while others run.
+                    s.step().unwrap();
+                }
+            }
+            let out = run_all(&mut s);
+            assert_eq!(out.len(), 64);
+            for (id, want) in expected {
+                assert_eq!(&out[&id].0, &want, "{name}: request {id} among 64, pool {pages} pages");
+                assert_eq!(out[&id].1, FinishReason::Length);
+            }
+            assert_eq!(s.cache().free_pages(), s.cache().num_pages(), "{name}: pages leaked");
+            if pages == 40 {
+                assert!(s.run_metrics().preemptions > 0, "{name}: the small pool never preempted");
+            }
+        }
+    }
+}
