@@ -87,7 +87,7 @@ fi
 
 # --- goldens ------------------------------------------------------------------------------------
 # Regenerated whenever the reference code, the pins or the MiniLM package change.
-stamp="$(cat tests/reference/*.py "$reqs" "$minilm/.source" | sha256sum | cut -d' ' -f1)"
+stamp="$(cat tests/reference/{common,bert,tiny_llama}.py "$reqs" "$minilm/.source" | sha256sum | cut -d' ' -f1)"
 outputs=("$minilm/golden.json"
          "$cache"/tiny-llama/{config.json,model.safetensors,tokenizer.json,golden.json}
          "$cache"/tiny-qwen2/{config.json,model.safetensors,tokenizer.json,golden.json})
