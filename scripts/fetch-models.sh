@@ -24,6 +24,11 @@ say() { echo "fetch-models: $*" >&2; }
 die() { say "$*"; exit 1; }
 
 mkdir -p "$cache"
+# Test binaries may call this at the same time: one at a time fills the cache.
+if command -v flock >/dev/null; then
+    exec 9>"$cache/.lock"
+    flock 9
+fi
 
 # --- the venv -------------------------------------------------------------------------------
 apt_install() {
