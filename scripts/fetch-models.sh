@@ -24,6 +24,11 @@ say() { echo "fetch-models: $*" >&2; }
 die() { say "$*"; exit 1; }
 
 mkdir -p "$cache"
+# Test binaries may call this at the same time: one at a time fills the cache.
+if command -v flock >/dev/null; then
+    exec 9>"$cache/.lock"
+    flock 9
+fi
 
 # --- the venv -------------------------------------------------------------------------------
 apt_install() {
@@ -87,7 +92,7 @@ fi
 
 # --- goldens ------------------------------------------------------------------------------------
 # Regenerated whenever the reference code, the pins or the MiniLM package change.
-stamp="$(cat tests/reference/*.py "$reqs" "$minilm/.source" | sha256sum | cut -d' ' -f1)"
+stamp="$(cat tests/reference/{common,bert,tiny_llama}.py "$reqs" "$minilm/.source" | sha256sum | cut -d' ' -f1)"
 outputs=("$minilm/golden.json"
          "$cache"/tiny-llama/{config.json,model.safetensors,tokenizer.json,golden.json}
          "$cache"/tiny-qwen2/{config.json,model.safetensors,tokenizer.json,golden.json})

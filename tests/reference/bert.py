@@ -15,6 +15,7 @@ import json
 import math
 import sys
 
+import common  # noqa: F401  (first: it pins numpy to one thread)
 import numpy as np
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer

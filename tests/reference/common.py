@@ -4,6 +4,12 @@ import json
 import os
 from pathlib import Path
 
+# One BLAS thread, set before numpy loads: the sums then run in one order whatever the core count,
+# so the goldens have the same bytes everywhere, and a busy 2-core machine is not slowed further
+# by spinning BLAS threads.
+os.environ["OPENBLAS_NUM_THREADS"] = "1"
+os.environ["OMP_NUM_THREADS"] = "1"
+
 
 def cache_dir(argv):
     """The model cache: the first argument, else $TWINFER_MODELS, else ~/.cache/twinfer/models."""

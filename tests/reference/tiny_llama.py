@@ -16,6 +16,7 @@ import json
 import math
 import sys
 
+import common  # noqa: F401  (first: it pins numpy to one thread)
 import numpy as np
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
