@@ -14,6 +14,9 @@ cargo fmt --all --check
 echo "== cargo clippy (native, all targets)"
 cargo clippy --workspace --all-targets -- -D warnings
 
+echo "== real models: all-MiniLM-L6-v2 and the numpy reference goldens"
+scripts/fetch-models.sh >/dev/null
+
 echo "== cargo test (native)"
 cargo test --workspace
 

@@ -81,7 +81,7 @@ fn scheduler(name: &str, config: EngineConfig) -> Scheduler {
     let (model, tokenizer) = load(name);
     let attention = Attention::new(Backend::Cpu).unwrap();
     let level = SimdLevel::detect();
-    Scheduler::new(Arc::new(model), Arc::new(tokenizer), level, attention.clone(), attention, config).unwrap()
+    Scheduler::new(Arc::new(model), Some(Arc::new(tokenizer)), level, attention.clone(), attention, config).unwrap()
 }
 
 fn run_all(s: &mut Scheduler) -> std::collections::BTreeMap<u64, (Vec<u32>, FinishReason)> {

@@ -2,10 +2,19 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+mod generate;
+mod interrupt;
+mod options;
+mod plot;
+mod progress;
+mod serve;
+
+use clap::{Parser, Subcommand};
 use twinfer::bench::{self, KernelReport, Scope};
 use twinfer::cpu::{CpuEngine, SimdLevel};
 use twinfer::{Attention, Backend};
+
+use options::SimdArg;
 
 #[derive(Parser)]
 #[command(name = "twinfer", version, about = "Prefill and paged-decode attention engines on SIMD CPUs and GPUs")]
@@ -18,7 +27,11 @@ struct Cli {
 enum Command {
     /// Show the CPU, its SIMD levels, and which engine `auto` picks and why.
     Info,
-    /// Measure kernels against this machine's own ceilings.
+    /// Generate text from a decoder model folder, streaming tokens; prints TTFT/TPOT/TPS/ITL at the end.
+    Run(generate::RunArgs),
+    /// Embed texts with an encoder model folder; with several texts, rank the rest against the first.
+    Embed(generate::EmbedArgs),
+    /// Measure kernels against this machine's own ceilings, or the serving scenarios.
     Bench {
         #[command(subcommand)]
         what: BenchWhat,
@@ -36,27 +49,8 @@ enum BenchWhat {
         #[arg(long, value_enum)]
         simd: Option<SimdArg>,
     },
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum SimdArg {
-    Scalar,
-    Avx2,
-    Avx512,
-    Neon,
-    Simd128,
-}
-
-impl SimdArg {
-    fn name(self) -> &'static str {
-        match self {
-            SimdArg::Scalar => "scalar",
-            SimdArg::Avx2 => "avx2",
-            SimdArg::Avx512 => "avx512",
-            SimdArg::Neon => "neon",
-            SimdArg::Simd128 => "simd128",
-        }
-    }
+    /// The serving scenarios (Poisson arrivals, continuous batching) with PASS/FAIL against their thresholds.
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -82,6 +76,9 @@ fn run(cli: Cli) -> Result<(), String> {
             println!("reason:         {}", info.reason);
             Ok(())
         }
+        Command::Run(args) => generate::run(args),
+        Command::Embed(args) => generate::embed(args),
+        Command::Bench { what: BenchWhat::Serve(args) } => serve::run(args),
         Command::Bench { what: BenchWhat::Kernels { quick, simd } } => {
             let level = match simd {
                 Some(s) => SimdLevel::by_name(s.name()).ok_or_else(|| format!("this CPU has no {}", s.name()))?,

@@ -2,6 +2,7 @@
 
 pub mod cases;
 pub mod ceilings;
+pub mod serve;
 pub mod timing;
 
 use crate::cpu::CpuEngine;

@@ -52,7 +52,8 @@ impl Active {
 #[derive(Debug)]
 pub struct Scheduler {
     model: Arc<LlamaModel>,
-    tokenizer: Arc<Tokenizer>,
+    /// Without one (a model timed on token ids), no text is produced.
+    tokenizer: Option<Arc<Tokenizer>>,
     level: SimdLevel,
     prefill: Attention,
     decode: Attention,
@@ -72,7 +73,7 @@ pub struct Scheduler {
 impl Scheduler {
     pub fn new(
         model: Arc<LlamaModel>,
-        tokenizer: Arc<Tokenizer>,
+        tokenizer: Option<Arc<Tokenizer>>,
         level: SimdLevel,
         prefill: Attention,
         decode: Attention,
@@ -96,7 +97,7 @@ impl Scheduler {
         let mut eos = c.eos_token_ids.clone();
         if eos.is_empty() {
             for name in ["</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>"] {
-                eos.extend(tokenizer.token_to_id(name));
+                eos.extend(tokenizer.as_ref().and_then(|t| t.token_to_id(name)));
             }
         }
         Ok(Self {
@@ -121,8 +122,8 @@ impl Scheduler {
     pub fn model(&self) -> &LlamaModel {
         &self.model
     }
-    pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.tokenizer.as_deref()
     }
     pub fn cache(&self) -> &PagedKvCache {
         &self.cache
@@ -142,7 +143,12 @@ impl Scheduler {
         let submitted = self.now();
         request.sampling.validate()?;
         let prompt = match &request.prompt {
-            Prompt::Text(t) => self.tokenizer.encode(t, true)?,
+            Prompt::Text(t) => match &self.tokenizer {
+                Some(tok) => tok.encode(t, true)?,
+                None => {
+                    return Err(TwinferError::InvalidParameter("this model has no tokenizer: pass token ids".into()));
+                }
+            },
             Prompt::Tokens(ids) => ids.clone(),
         };
         let c = &self.model.config;
@@ -391,7 +397,9 @@ impl Scheduler {
             events.push(Event::Token { request: id, token, text: String::new(), t });
             return Ok(Some(FinishReason::StopToken(token)));
         }
-        if let Some(piece) = s.stream.push(&tokenizer, token)? {
+        if let Some(tokenizer) = &tokenizer
+            && let Some(piece) = s.stream.push(tokenizer, token)?
+        {
             s.text.push_str(&piece);
         }
         let mut reason = None;
@@ -419,7 +427,8 @@ impl Scheduler {
             self.cache.free(seq)?;
         }
         if !matches!(reason, FinishReason::StopString(_) | FinishReason::Eos | FinishReason::StopToken(_))
-            && let Some(rest) = s.stream.flush(&self.tokenizer)?
+            && let Some(tokenizer) = &self.tokenizer
+            && let Some(rest) = s.stream.flush(tokenizer)?
         {
             s.text.push_str(&rest);
         }

@@ -20,6 +20,7 @@ enum Command {
     Generate(Box<GenerateRequest>, Sender<Result<RequestId>>, Sender<Event>),
     Cancel(RequestId),
     Metrics(Sender<RunMetrics>, bool),
+    Shutdown,
 }
 
 enum Served {
@@ -120,7 +121,7 @@ impl Engine {
             }
             Network::Decoder(m) => {
                 let tokenizer = Arc::new(model.tokenizer);
-                let scheduler = Scheduler::new(Arc::new(m), tokenizer.clone(), level, prefill, decode, config)?;
+                let scheduler = Scheduler::new(Arc::new(m), Some(tokenizer.clone()), level, prefill, decode, config)?;
                 let (commands, rx) = channel();
                 let worker = std::thread::Builder::new()
                     .name("twinfer-engine".into())
@@ -193,9 +194,8 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         if let Served::Decoder { commands, worker, .. } = &mut self.served {
-            // Closing the channel ends the worker's loop.
-            let (dead, _) = channel();
-            *commands = dead;
+            // Explicitly: cancel handles may keep the channel open past the engine.
+            let _ = commands.send(Command::Shutdown);
             if let Some(w) = worker.take() {
                 let _ = w.join();
             }
@@ -235,6 +235,7 @@ fn serve(mut scheduler: Scheduler, commands: Receiver<Command>) {
                 Command::Cancel(id) => {
                     scheduler.cancel(id);
                 }
+                Command::Shutdown => return,
                 Command::Metrics(tx, reset) => {
                     let _ = tx.send(scheduler.run_metrics());
                     if reset {

@@ -1,0 +1,385 @@
+//! `bench serve`: the three serving scenarios of the design (support agent, long-context analysis,
+//! high-concurrency API) as Poisson arrivals into the continuous-batching scheduler, on a
+//! Llama-shaped model with seeded random weights, reporting TTFT / TPOT / TPS / ITL and a
+//! PASS/FAIL line against the scenario's thresholds. A `scale` shrinks contexts and concurrency to
+//! what the device can run, and is printed next to every verdict.
+//!
+//! It also measures the decode floor: one sequence's TPOT against (weight bytes + KV bytes read
+//! per token) / the read bandwidth measured in the same run.
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use super::ceilings::read_bandwidth;
+use super::timing::Stats;
+use crate::backend::Attention;
+use crate::cpu::SimdLevel;
+use crate::dtype::DType;
+use crate::engine::{EngineConfig, GenerateRequest, RequestMetrics, RunMetrics, Scheduler};
+use crate::error::{Result, TwinferError};
+use crate::model::{LlamaModel, preset, random_decoder};
+
+/// The design's three scenarios, at full scale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    Support,
+    LongContext,
+    HighConcurrency,
+}
+
+/// A scenario's workload and the thresholds it must meet (`None`: not judged).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScenarioSpec {
+    pub name: &'static str,
+    pub context: (usize, usize),
+    pub concurrency: (usize, usize),
+    pub ttft_max_s: Option<f64>,
+    pub tpot_max_s: Option<f64>,
+    pub tps_min: Option<f64>,
+    pub itl_std_max_s: Option<f64>,
+}
+
+impl Scenario {
+    pub fn by_name(name: &str) -> Result<Self> {
+        match name {
+            "support" => Ok(Self::Support),
+            "long-context" => Ok(Self::LongContext),
+            "high-concurrency" => Ok(Self::HighConcurrency),
+            _ => Err(TwinferError::InvalidParameter(format!(
+                "unknown scenario {name:?} (support, long-context, high-concurrency)"
+            ))),
+        }
+    }
+
+    pub fn spec(self) -> ScenarioSpec {
+        let none = ScenarioSpec {
+            name: "",
+            context: (0, 0),
+            concurrency: (0, 0),
+            ttft_max_s: None,
+            tpot_max_s: None,
+            tps_min: None,
+            itl_std_max_s: None,
+        };
+        match self {
+            Self::Support => ScenarioSpec {
+                name: "support",
+                context: (4096, 8192),
+                concurrency: (10, 50),
+                ttft_max_s: Some(0.200),
+                tpot_max_s: Some(0.050),
+                tps_min: Some(30.0),
+                ..none
+            },
+            Self::LongContext => ScenarioSpec {
+                name: "long-context",
+                context: (32_768, 131_072),
+                concurrency: (20, 100),
+                tpot_max_s: Some(0.050),
+                itl_std_max_s: Some(0.010),
+                tps_min: Some(40.0),
+                ..none
+            },
+            Self::HighConcurrency => ScenarioSpec {
+                name: "high-concurrency",
+                context: (8192, 16_384),
+                concurrency: (100, 1000),
+                ttft_max_s: Some(0.150),
+                tpot_max_s: Some(0.060),
+                tps_min: Some(80.0),
+                ..none
+            },
+        }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub scenario: Scenario,
+    /// Multiplies the scenario's context lengths.
+    pub scale: f64,
+    /// Multiplies the scenario's concurrency.
+    pub concurrency_scale: f64,
+    pub requests: usize,
+    pub output_tokens: usize,
+    /// Mean arrivals per second; `None` calibrates it so that about the middle of the scenario's
+    /// (scaled) concurrency range is in flight.
+    pub rate: Option<f64>,
+    /// A preset of [`crate::model::PRESETS`].
+    pub model: String,
+    pub weight_dtype: DType,
+    pub engine: EngineConfig,
+    pub seed: u64,
+}
+
+impl ServeOptions {
+    /// The quick run of the README: contexts / 32, concurrency / 5, 16 requests of 32 tokens.
+    pub fn quick(scenario: Scenario) -> Self {
+        Self {
+            scenario,
+            scale: 1.0 / 32.0,
+            concurrency_scale: 0.2,
+            requests: 16,
+            output_tokens: 32,
+            rate: None,
+            model: "smollm-135m".into(),
+            weight_dtype: DType::F16,
+            engine: EngineConfig::default(),
+            seed: 7,
+        }
+    }
+}
+
+/// One sequence decoding alone, against the memory floor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodeFloor {
+    pub context: usize,
+    pub tpot_s: Stats,
+    pub weight_bytes: usize,
+    pub kv_bytes: usize,
+    pub read_gbps: Stats,
+}
+
+impl DecodeFloor {
+    pub fn floor_s(&self) -> f64 {
+        (self.weight_bytes + self.kv_bytes) as f64 / (self.read_gbps.median * 1e9)
+    }
+    pub fn ratio(&self) -> f64 {
+        self.tpot_s.median / self.floor_s()
+    }
+}
+
+/// Everything `bench serve` measured.
+#[derive(Debug, Clone)]
+pub struct ServeReport {
+    pub spec: ScenarioSpec,
+    pub scale: f64,
+    pub concurrency_scale: f64,
+    pub context: (usize, usize),
+    pub concurrency: (usize, usize),
+    pub rate: f64,
+    pub output_tokens: usize,
+    pub model: String,
+    pub model_description: String,
+    pub prefill_engine: String,
+    pub decode_engine: String,
+    pub run: RunMetrics,
+    /// Each request's submission time (seconds from the start) and metrics, for plots.
+    pub requests: Vec<(f64, RequestMetrics)>,
+    pub floor: DecodeFloor,
+    /// (criterion, measured, threshold, passed).
+    pub verdicts: Vec<(&'static str, f64, f64, bool)>,
+}
+
+impl ServeReport {
+    pub fn passed(&self) -> bool {
+        self.verdicts.iter().all(|v| v.3)
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "scenario": self.spec.name, "scale": self.scale, "concurrency_scale": self.concurrency_scale,
+            "context": [self.context.0, self.context.1], "concurrency": [self.concurrency.0, self.concurrency.1],
+            "rate_per_s": self.rate, "output_tokens": self.output_tokens, "model": self.model,
+            "model_description": self.model_description, "prefill_engine": self.prefill_engine,
+            "decode_engine": self.decode_engine, "metrics": self.run.to_json(),
+            "decode_floor": {"context": self.floor.context, "tpot_s": self.floor.tpot_s.median,
+                "tpot_min_s": self.floor.tpot_s.min, "tpot_max_s": self.floor.tpot_s.max,
+                "weight_bytes": self.floor.weight_bytes, "kv_bytes": self.floor.kv_bytes,
+                "read_gbps": self.floor.read_gbps.median, "floor_s": self.floor.floor_s(), "ratio": self.floor.ratio()},
+            "verdicts": self.verdicts.iter().map(|(name, got, limit, ok)| json!({"criterion": name, "measured": got, "threshold": limit, "pass": ok})).collect::<Vec<_>>(),
+            "pass": self.passed(),
+        })
+    }
+}
+
+fn scaled(range: (usize, usize), s: f64, min: usize) -> (usize, usize) {
+    let f = |x: usize| ((x as f64 * s).round() as usize).max(min);
+    (f(range.0), f(range.1).max(f(range.0)))
+}
+
+/// Seeded stream of uniform numbers in [0, 1).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next() * (hi - lo + 1) as f64) as usize % (hi - lo + 1)
+    }
+}
+
+fn prompt(rng: &mut Rng, len: usize, vocab: usize) -> Vec<u32> {
+    // Token 0..3 are often special; stay clear of them.
+    (0..len).map(|_| 3 + rng.range(0, vocab - 4) as u32).collect()
+}
+
+/// Runs the scenario.
+pub fn run_serve(opts: &ServeOptions) -> Result<ServeReport> {
+    let spec = opts.scenario.spec();
+    if !(opts.scale > 0.0 && opts.concurrency_scale > 0.0) || opts.requests == 0 || opts.output_tokens == 0 {
+        return Err(TwinferError::InvalidParameter("scales, requests and output tokens must be positive".into()));
+    }
+    let context = scaled(spec.context, opts.scale, 16);
+    let concurrency = scaled(spec.concurrency, opts.concurrency_scale, 1);
+    let config = preset(&opts.model)?;
+    let model = Arc::new(random_decoder(config, opts.weight_dtype, opts.seed)?);
+    let level = opts.engine.simd.unwrap_or_else(SimdLevel::detect);
+    let prefill = Attention::new(opts.engine.prefill_backend)?;
+    let decode = Attention::new(opts.engine.decode_backend)?;
+    let engine_name = |a: &Attention| format!("{} {} on {}", a.info().backend, a.info().variant, a.info().device);
+    let (prefill_engine, decode_engine) = (engine_name(&prefill), engine_name(&decode));
+
+    // The pool holds every request that may run at once at its longest, plus a margin.
+    let mut engine = opts.engine.clone();
+    engine.max_running = concurrency.1;
+    let longest = context.1 + opts.output_tokens;
+    let pages_needed = concurrency.1 * longest.div_ceil(engine.page_size) + 8;
+    engine.kv_pool_pages.get_or_insert(pages_needed);
+    let mut sched = Scheduler::new(model.clone(), None, level, prefill, decode, engine)?;
+
+    let floor = decode_floor(&mut sched, &model, context.0, level)?;
+
+    let mut rng = Rng(opts.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1);
+    let vocab = model.config.vocab_size;
+    let rate = match opts.rate {
+        Some(r) if r > 0.0 => r,
+        Some(_) => return Err(TwinferError::InvalidParameter("rate must be positive".into())),
+        None => {
+            // One request alone takes about a prefill of the mean context plus the decode steps.
+            let mean_ctx = (context.0 + context.1) / 2;
+            let t0 = sched.now();
+            sched.add(greedy(prompt(&mut rng, mean_ctx, vocab), opts.output_tokens))?;
+            while sched.has_work() {
+                sched.step()?;
+            }
+            let alone = sched.now() - t0;
+            let target = (concurrency.0 + concurrency.1) as f64 / 2.0;
+            target / alone.max(1e-3)
+        }
+    };
+    sched.reset_metrics();
+
+    // Poisson arrivals: exponential gaps at `rate`.
+    let mut arrivals = Vec::with_capacity(opts.requests);
+    let mut t = 0.0;
+    for _ in 0..opts.requests {
+        t += -(1.0 - rng.next()).ln() / rate;
+        let len = rng.range(context.0, context.1);
+        arrivals.push((t, prompt(&mut rng, len, vocab)));
+    }
+    let start = sched.now();
+    let mut next = 0;
+    let mut submitted = Vec::with_capacity(opts.requests);
+    let mut finished: Vec<(u64, RequestMetrics)> = Vec::new();
+    while next < arrivals.len() || sched.has_work() {
+        let now = sched.now() - start;
+        while next < arrivals.len() && arrivals[next].0 <= now {
+            let ids = std::mem::take(&mut arrivals[next].1);
+            let id = sched.add(greedy(ids, opts.output_tokens))?;
+            submitted.push((id.0, sched.now() - start));
+            next += 1;
+        }
+        if sched.has_work() {
+            for e in sched.step()? {
+                if let crate::engine::Event::Finished { request, metrics, .. } = e {
+                    finished.push((request.0, metrics));
+                }
+            }
+        } else if next < arrivals.len() {
+            let wait = arrivals[next].0 - (sched.now() - start);
+            if wait > 0.0 {
+                std::thread::sleep(std::time::Duration::from_secs_f64(wait));
+            }
+        }
+    }
+    let run = sched.run_metrics();
+    finished.sort_by_key(|(id, _)| *id);
+    let requests =
+        finished.into_iter().map(|(id, m)| (submitted.iter().find(|s| s.0 == id).map_or(0.0, |s| s.1), m)).collect();
+    let mut verdicts = Vec::new();
+    if let Some(max) = spec.ttft_max_s {
+        verdicts.push(("TTFT p50 (s)", run.ttft.p50, max, run.ttft.p50 < max));
+    }
+    if let Some(max) = spec.tpot_max_s {
+        verdicts.push(("TPOT p50 (s)", run.tpot.p50, max, run.tpot.p50 < max));
+    }
+    if let Some(max) = spec.itl_std_max_s {
+        verdicts.push(("ITL std (s)", run.itl.std, max, run.itl.std < max));
+    }
+    if let Some(min) = spec.tps_min {
+        verdicts.push(("TPS", run.tps, min, run.tps > min));
+    }
+    Ok(ServeReport {
+        spec,
+        scale: opts.scale,
+        concurrency_scale: opts.concurrency_scale,
+        context,
+        concurrency,
+        rate,
+        output_tokens: opts.output_tokens,
+        model: opts.model.clone(),
+        model_description: format!(
+            "{} (random weights, {}): {} layers, hidden {}, {} heads / {} KV heads, vocab {}, {:.0} MB of weights",
+            opts.model,
+            opts.weight_dtype,
+            model.config.num_layers,
+            model.config.hidden_size,
+            model.config.num_heads,
+            model.config.num_kv_heads,
+            model.config.vocab_size,
+            model.weight_bytes() as f64 / 1e6
+        ),
+        prefill_engine,
+        decode_engine,
+        run,
+        requests,
+        floor,
+        verdicts,
+    })
+}
+
+fn greedy(ids: Vec<u32>, n: usize) -> GenerateRequest {
+    let mut r = GenerateRequest::tokens(ids).max_tokens(n);
+    r.ignore_eos = true;
+    r
+}
+
+/// One sequence alone: TPOT over 32 decode steps at `context`, against the bytes each step reads.
+fn decode_floor(sched: &mut Scheduler, model: &LlamaModel, context: usize, level: SimdLevel) -> Result<DecodeFloor> {
+    let steps = 32;
+    let mut rng = Rng(0x5EED);
+    sched.add(greedy(prompt(&mut rng, context, model.config.vocab_size), steps + 1))?;
+    // Prefill, then the first token: not part of TPOT.
+    while sched.num_running() + sched.num_waiting() > 0 {
+        let events = sched.step()?;
+        if events.iter().any(|e| matches!(e, crate::engine::Event::Token { .. })) {
+            break;
+        }
+    }
+    let mut gaps = Vec::with_capacity(steps);
+    let mut last = sched.now();
+    while sched.has_work() {
+        sched.step()?;
+        let now = sched.now();
+        gaps.push(now - last);
+        last = now;
+    }
+    sched.reset_metrics();
+    let c = &model.config;
+    let kv_len = context + steps / 2;
+    let kv_bytes = 2 * c.num_layers * kv_len * c.kv_dim() * sched.cache().dtype().size();
+    let read_gbps = read_bandwidth(level, super::ceilings::READ_BYTES / 4, 5);
+    Ok(DecodeFloor {
+        context,
+        tpot_s: Stats::from_samples(gaps),
+        weight_bytes: model.weight_bytes(),
+        kv_bytes,
+        read_gbps,
+    })
+}
