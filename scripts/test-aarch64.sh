@@ -21,7 +21,8 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$runner"
 export TWINFER_TEST_CASES="${TWINFER_TEST_CASES:-6}"
 
 echo "== cargo test ($target, qemu), TWINFER_TEST_CASES=$TWINFER_TEST_CASES"
-cargo test --target "$target" -p twinfer -p twinfer-tests
+export TWINFER_CLI_RUNNER="$runner"
+cargo test --target "$target" -p twinfer -p twinfer-tests -p twinfer-cli
 
 echo "== twinfer CLI ($target, release)"
 cargo build --release --target "$target" -p twinfer-cli

@@ -1,0 +1,186 @@
+//! The binary end to end: every subcommand on the small models, `--json` documents with their
+//! fields, and bad input exiting non-zero with a one-line reason.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use twinfer_tests::models::model_dir;
+
+/// Runs the binary; `TWINFER_CLI_RUNNER` (an emulator command, for cross-built binaries) goes first.
+fn twinfer(args: &[&str]) -> Output {
+    let runner = std::env::var("TWINFER_CLI_RUNNER").unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    let mut cmd = match words.next() {
+        Some(emulator) => {
+            let mut c = Command::new(emulator);
+            c.args(words).arg(env!("CARGO_BIN_EXE_twinfer"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_twinfer")),
+    };
+    cmd.args(args).output().expect("the binary runs")
+}
+
+fn ok_json(args: &[&str]) -> Value {
+    let out = twinfer(args);
+    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Exits non-zero and says why on the first line of stderr.
+fn fails_with(args: &[&str], reason: &str) {
+    let out = twinfer(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    let first = err.lines().next().unwrap_or("");
+    assert!(first.contains(reason), "{args:?}: first stderr line {first:?} lacks {reason:?}");
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn info_reports_the_engine_and_its_reason() {
+    let out = twinfer(&["info"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(text.contains("backend:") && text.contains("reason:"), "{text}");
+}
+
+#[test]
+fn embed_json_has_one_unit_vector_per_text() {
+    let dir = model_dir("all-MiniLM-L6-v2");
+    let doc = ok_json(&["embed", "--model", path(&dir), "--json", "a cat sat", "ein Hund bellt"]);
+    assert_eq!(doc["dim"], 384);
+    let e = doc["embeddings"].as_array().unwrap();
+    assert_eq!(e.len(), 2);
+    let norm: f64 = e[0].as_array().unwrap().iter().map(|x| x.as_f64().unwrap().powi(2)).sum();
+    assert!((norm - 1.0).abs() < 1e-4, "{norm}");
+}
+
+#[test]
+fn embed_ranks_the_related_sentence_first() {
+    let dir = model_dir("all-MiniLM-L6-v2");
+    let out = twinfer(&[
+        "embed",
+        "--model",
+        path(&dir),
+        "How do I reset my password?",
+        "Pizza in Naples",
+        "Steps to change your password",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ranked: Vec<&str> = text.lines().filter(|l| l.starts_with("  ")).collect();
+    assert!(ranked[0].contains("change your password"), "{text}");
+}
+
+#[test]
+fn run_json_has_text_tokens_and_metrics() {
+    let dir = model_dir("tiny-llama");
+    let doc = ok_json(&["run", "--model", path(&dir), "--prompt", "the river", "--max-tokens", "8", "--json"]);
+    let tokens = doc["tokens"].as_array().unwrap();
+    assert!(!tokens.is_empty() && tokens.len() <= 8);
+    assert!(["length", "eos"].contains(&doc["finish_reason"].as_str().unwrap()));
+    let m = &doc["metrics"];
+    assert!(m["ttft"].as_f64().unwrap() > 0.0);
+    assert_eq!(m["generated_tokens"].as_u64().unwrap() as usize, tokens.len());
+    assert!(doc["text"].is_string() && doc["decode_backend"].is_string());
+}
+
+#[test]
+fn run_streams_text_and_prints_metrics() {
+    let dir = model_dir("tiny-qwen2");
+    let out = twinfer(&[
+        "run",
+        "--model",
+        path(&dir),
+        "--prompt",
+        "once",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "3",
+    ]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("TTFT") && err.contains("TPOT") && err.contains("ITL"), "{err}");
+}
+
+#[test]
+fn bench_serve_json_reports_metrics_scale_and_verdicts() {
+    let doc = ok_json(&[
+        "bench",
+        "serve",
+        "--scenario",
+        "support",
+        "--quick",
+        "--model",
+        "tiny",
+        "--requests",
+        "4",
+        "--output-tokens",
+        "6",
+        "--json",
+    ]);
+    assert_eq!(doc["scenario"], "support");
+    assert_eq!(doc["scale"].as_f64().unwrap(), 1.0 / 32.0);
+    assert_eq!(doc["metrics"]["requests"], 4);
+    assert_eq!(doc["metrics"]["generated_tokens"], 24);
+    for key in ["ttft", "tpot", "itl"] {
+        assert!(doc["metrics"][key]["p50"].as_f64().unwrap() > 0.0, "{key}");
+    }
+    assert_eq!(doc["verdicts"].as_array().unwrap().len(), 3);
+    assert!(doc["decode_floor"]["ratio"].as_f64().unwrap() > 0.0);
+    assert!(doc["pass"].is_boolean());
+}
+
+#[test]
+fn bench_serve_writes_an_svg_plot() {
+    let svg = std::env::temp_dir().join(format!("twinfer-cli-test-{}.svg", std::process::id()));
+    let out = twinfer(&[
+        "bench",
+        "serve",
+        "--scenario",
+        "long-context",
+        "--quick",
+        "--scale",
+        "0.002",
+        "--model",
+        "tiny",
+        "--requests",
+        "3",
+        "--output-tokens",
+        "4",
+        "--plot",
+        path(&svg),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&svg).unwrap();
+    let _ = std::fs::remove_file(&svg);
+    assert!(text.starts_with("<svg") && text.contains("<rect") && text.contains("<polyline"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("scale x0.002"));
+}
+
+#[test]
+fn bad_flags_and_bad_models_exit_non_zero_with_a_reason() {
+    fails_with(&["run", "--bogus"], "unexpected argument");
+    fails_with(&["bench", "serve", "--scenario", "nope"], "invalid value");
+    let empty = std::env::temp_dir().join(format!("twinfer-cli-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    fails_with(&["run", "--model", path(&empty), "--prompt", "x"], "config.json");
+    // A truncated weights file next to a good config and tokenizer.
+    let src = model_dir("tiny-llama");
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), empty.join(f)).unwrap();
+    }
+    let weights = std::fs::read(src.join("model.safetensors")).unwrap();
+    std::fs::write(empty.join("model.safetensors"), &weights[..weights.len() / 2]).unwrap();
+    fails_with(&["run", "--model", path(&empty), "--prompt", "x"], "model.safetensors");
+    fails_with(&["embed", "--model", path(&src), "hello"], "decoder");
+    let _ = std::fs::remove_dir_all(&empty);
+}
