@@ -22,6 +22,8 @@ export TWINFER_TEST_CASES="${TWINFER_TEST_CASES:-6}"
 
 echo "== cargo test ($target, qemu), TWINFER_TEST_CASES=$TWINFER_TEST_CASES"
 export TWINFER_CLI_RUNNER="$runner"
+# The scalar level of the model tests runs natively; under qemu, NEON only.
+export TWINFER_TEST_LEVELS=widest
 cargo test --target "$target" -p twinfer -p twinfer-tests -p twinfer-cli
 
 echo "== twinfer CLI ($target, release)"

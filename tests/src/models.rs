@@ -48,3 +48,13 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let nb: f64 = b.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
     dot / (na * nb)
 }
+
+/// The SIMD levels the model tests run on: all of them, or only the widest when
+/// `TWINFER_TEST_LEVELS=widest` (under emulation, where each level costs minutes).
+pub fn levels() -> Vec<twinfer::cpu::SimdLevel> {
+    if std::env::var("TWINFER_TEST_LEVELS").is_ok_and(|v| v == "widest") {
+        vec![twinfer::cpu::SimdLevel::detect()]
+    } else {
+        twinfer::cpu::SimdLevel::available()
+    }
+}

@@ -11,7 +11,7 @@ use twinfer::engine::{EngineConfig, Event, FinishReason, GenerateRequest, Sampli
 use twinfer::kv::{KvCacheConfig, KvLayout, PagedKvCache};
 use twinfer::model::{Engines, Logits, Model, ModelSource, Network, StepSeq};
 use twinfer::{Attention, Backend, DType, cpu::SimdLevel};
-use twinfer_tests::models::{floats, golden, ids, model_dir, rel_err};
+use twinfer_tests::models::{floats, golden, ids, levels, model_dir, rel_err};
 
 const MODELS: [&str; 2] = ["tiny-llama", "tiny-qwen2"];
 const LOGITS_RTOL: f64 = 1e-4;
@@ -35,7 +35,7 @@ fn prefill_and_greedy_decode_match_the_reference() {
         assert_eq!(tokenizer.encode(g["prompt"].as_str().unwrap(), true).unwrap(), prompt, "{name}: tokenizer");
         let want_greedy = ids(&g["greedy_ids"]);
         let vocab = model.config.vocab_size;
-        for level in SimdLevel::available() {
+        for level in levels() {
             let attention = Attention::cpu(level);
             let engines = Engines { level, prefill: &attention, decode: &attention };
             for page_size in [1, 16] {

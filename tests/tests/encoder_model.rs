@@ -4,9 +4,8 @@
 #![cfg(not(target_arch = "wasm32"))]
 
 use twinfer::Attention;
-use twinfer::cpu::SimdLevel;
 use twinfer::model::{Model, ModelSource, Network};
-use twinfer_tests::models::{cosine, floats, golden, ids, model_dir};
+use twinfer_tests::models::{cosine, floats, golden, ids, levels, model_dir};
 
 const NAME: &str = "all-MiniLM-L6-v2";
 
@@ -23,7 +22,7 @@ fn minilm_embeddings_match_the_reference() {
         // Both cut at the model's 256-token window (sentence_bert_config.json), keeping [SEP].
         assert_eq!(got, want, "sentence {i}: token ids");
     }
-    for level in SimdLevel::available() {
+    for level in levels() {
         let attention = Attention::cpu(level);
         let got = bert.embed(level, &attention, &batch).unwrap();
         for (i, (e, want)) in got.iter().zip(g["embeddings"].as_array().unwrap()).enumerate() {

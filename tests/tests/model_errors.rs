@@ -25,7 +25,7 @@ fn edit_header(bytes: &[u8], edit: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
     let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     edit(&mut header);
     let mut text = header.to_string();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();
@@ -67,7 +67,8 @@ fn corrupt_files_name_the_file() {
 #[test]
 fn missing_tensors_wrong_shapes_and_dtypes_name_the_tensor() {
     let q = "model.layers.1.self_attn.q_proj.weight";
-    let cases: [(&str, Box<dyn Fn(&mut serde_json::Value)>, &str); 3] = [
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: [(&str, Edit, &str); 3] = [
         (
             "missing",
             Box::new(|h| {

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 mod generate;
 mod interrupt;
 mod options;
+mod plan;
 mod plot;
 mod progress;
 mod serve;
@@ -31,6 +32,8 @@ enum Command {
     Run(generate::RunArgs),
     /// Embed texts with an encoder model folder; with several texts, rank the rest against the first.
     Embed(generate::EmbedArgs),
+    /// Time every engine on this device for prefill and for decode, recommend one per phase, write a config.
+    Plan(plan::PlanArgs),
     /// Measure kernels against this machine's own ceilings, or the serving scenarios.
     Bench {
         #[command(subcommand)]
@@ -50,7 +53,7 @@ enum BenchWhat {
         simd: Option<SimdArg>,
     },
     /// The serving scenarios (Poisson arrivals, continuous batching) with PASS/FAIL against their thresholds.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
 }
 
 fn main() -> ExitCode {
@@ -78,7 +81,8 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Run(args) => generate::run(args),
         Command::Embed(args) => generate::embed(args),
-        Command::Bench { what: BenchWhat::Serve(args) } => serve::run(args),
+        Command::Plan(args) => plan::run(args),
+        Command::Bench { what: BenchWhat::Serve(args) } => serve::run(*args),
         Command::Bench { what: BenchWhat::Kernels { quick, simd } } => {
             let level = match simd {
                 Some(s) => SimdLevel::by_name(s.name()).ok_or_else(|| format!("this CPU has no {}", s.name()))?,

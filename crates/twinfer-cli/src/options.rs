@@ -1,6 +1,9 @@
 //! Engine options shared by the commands that load a model.
 
+use std::path::{Path, PathBuf};
+
 use clap::{Args, ValueEnum};
+use serde_json::Value;
 use twinfer::cpu::SimdLevel;
 use twinfer::engine::EngineConfig;
 use twinfer::{Backend, DType};
@@ -55,43 +58,90 @@ pub enum KvDtypeArg {
 
 #[derive(Args, Clone)]
 pub struct EngineArgs {
-    /// Attention engine for prompt chunks (prefill).
-    #[arg(long, value_enum, default_value = "auto")]
-    pub prefill_backend: BackendArg,
-    /// Attention engine for decode tokens; may differ from the prefill one.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub decode_backend: BackendArg,
-    /// CPU instruction set (default: the widest this CPU has).
+    /// A config file written by `twinfer plan`; flags given here override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Attention engine for prompt chunks (prefill) [default: auto].
+    #[arg(long, value_enum)]
+    pub prefill_backend: Option<BackendArg>,
+    /// Attention engine for decode tokens; may differ from the prefill one [default: auto].
+    #[arg(long, value_enum)]
+    pub decode_backend: Option<BackendArg>,
+    /// CPU instruction set [default: the widest this CPU has].
     #[arg(long, value_enum)]
     pub simd: Option<SimdArg>,
-    /// Tokens per KV page.
-    #[arg(long, default_value_t = 16)]
-    pub page_size: usize,
-    /// KV cache budget in MiB.
-    #[arg(long, default_value_t = 512)]
-    pub kv_mib: usize,
-    #[arg(long, value_enum, default_value = "f16")]
-    pub kv_dtype: KvDtypeArg,
-    /// Tokens per continuous-batching step (decode tokens plus prompt chunks).
-    #[arg(long, default_value_t = 512)]
-    pub max_batch_tokens: usize,
+    /// Tokens per KV page [default: 16].
+    #[arg(long)]
+    pub page_size: Option<usize>,
+    /// KV cache budget in MiB [default: 512].
+    #[arg(long)]
+    pub kv_mib: Option<usize>,
+    /// KV cache dtype [default: f16].
+    #[arg(long, value_enum)]
+    pub kv_dtype: Option<KvDtypeArg>,
+    /// Tokens per continuous-batching step: decode tokens plus prompt chunks [default: 512].
+    #[arg(long)]
+    pub max_batch_tokens: Option<usize>,
 }
 
 impl EngineArgs {
     pub fn config(&self) -> Result<EngineConfig, String> {
-        Ok(EngineConfig {
-            prefill_backend: self.prefill_backend.into(),
-            decode_backend: self.decode_backend.into(),
-            simd: self.simd.map(SimdArg::level).transpose()?,
-            page_size: self.page_size,
-            kv_memory_bytes: self.kv_mib << 20,
-            kv_dtype: match self.kv_dtype {
+        let mut c = EngineConfig::default();
+        if let Some(path) = &self.config {
+            apply_config_file(&mut c, path)?;
+        }
+        if let Some(b) = self.prefill_backend {
+            c.prefill_backend = b.into();
+        }
+        if let Some(b) = self.decode_backend {
+            c.decode_backend = b.into();
+        }
+        if let Some(s) = self.simd {
+            c.simd = Some(s.level()?);
+        }
+        c.page_size = self.page_size.unwrap_or(c.page_size);
+        if let Some(mib) = self.kv_mib {
+            c.kv_memory_bytes = mib << 20;
+        }
+        if let Some(d) = self.kv_dtype {
+            c.kv_dtype = match d {
                 KvDtypeArg::F32 => DType::F32,
                 KvDtypeArg::F16 => DType::F16,
                 KvDtypeArg::Bf16 => DType::BF16,
-            },
-            max_batch_tokens: self.max_batch_tokens,
-            ..Default::default()
-        })
+            };
+        }
+        c.max_batch_tokens = self.max_batch_tokens.unwrap_or(c.max_batch_tokens);
+        Ok(c)
     }
+}
+
+/// Reads the fields of a `twinfer plan` config into `c`.
+fn apply_config_file(c: &mut EngineConfig, path: &Path) -> Result<(), String> {
+    let shown = path.display();
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{shown}: {e}"))?;
+    let json: Value = serde_json::from_str(&text).map_err(|e| format!("{shown}: not valid JSON: {e}"))?;
+    let field = |key: &str| json.get(key).and_then(Value::as_str);
+    let bad = |key: &str, v: &str| format!("{shown}: {key} {v:?} is not valid");
+    if let Some(v) = field("prefill_backend") {
+        c.prefill_backend = v.parse::<Backend>().map_err(|_| bad("prefill_backend", v))?;
+    }
+    if let Some(v) = field("decode_backend") {
+        c.decode_backend = v.parse::<Backend>().map_err(|_| bad("decode_backend", v))?;
+    }
+    if let Some(v) = field("simd") {
+        c.simd =
+            Some(SimdLevel::by_name(v).ok_or_else(|| format!("{shown}: simd {v:?} is not available on this CPU"))?);
+    }
+    if let Some(v) = field("kv_dtype") {
+        c.kv_dtype = match v {
+            "f32" => DType::F32,
+            "f16" => DType::F16,
+            "bf16" => DType::BF16,
+            _ => return Err(bad("kv_dtype", v)),
+        };
+    }
+    if let Some(p) = json.get("page_size") {
+        c.page_size = p.as_u64().filter(|&p| p > 0).ok_or_else(|| bad("page_size", &p.to_string()))? as usize;
+    }
+    Ok(())
 }

@@ -184,3 +184,45 @@ fn bad_flags_and_bad_models_exit_non_zero_with_a_reason() {
     fails_with(&["embed", "--model", path(&src), "hello"], "decoder");
     let _ = std::fs::remove_dir_all(&empty);
 }
+
+#[test]
+fn plan_writes_a_config_that_run_accepts() {
+    let out = std::env::temp_dir().join(format!("twinfer-cli-plan-{}.json", std::process::id()));
+    let doc = ok_json(&[
+        "plan",
+        "--preset",
+        "tiny",
+        "--prefill-tokens",
+        "32",
+        "--decode-batch",
+        "2",
+        "--decode-context",
+        "64",
+        "--out",
+        path(&out),
+        "--json",
+    ]);
+    for key in ["prefill_backend", "decode_backend", "simd", "page_size", "evidence", "reasons"] {
+        assert!(!doc[key].is_null(), "plan JSON lacks {key}");
+    }
+    // Every engine timed for prefill and for each page size of decode.
+    let evidence = doc["evidence"].as_array().unwrap();
+    assert!(evidence.iter().any(|e| e["phase"] == "prefill") && evidence.iter().any(|e| e["phase"] == "decode"));
+    let model = model_dir("tiny-llama");
+    let run = ok_json(&[
+        "run",
+        "--model",
+        path(&model),
+        "--prompt",
+        "a",
+        "--max-tokens",
+        "3",
+        "--config",
+        path(&out),
+        "--json",
+    ]);
+    assert_eq!(run["decode_backend"], doc["decode_backend"]);
+    std::fs::write(&out, "{\"page_size\": \"big\"}").unwrap();
+    fails_with(&["run", "--model", path(&model), "--prompt", "a", "--config", path(&out)], "page_size");
+    let _ = std::fs::remove_file(&out);
+}

@@ -5,7 +5,7 @@ mod append;
 mod cache;
 mod layout;
 mod pool;
-mod storage;
+pub(crate) mod storage;
 
 pub use append::append_paged_kv;
 pub use cache::{KvCacheConfig, PagedKvCache, SeqId};

@@ -23,6 +23,15 @@ impl Storage {
         })
     }
 
+    /// `values` rounded to `dtype`.
+    pub fn from_f32(dtype: DType, values: &[f32]) -> Self {
+        match dtype {
+            DType::F32 => Storage::F32(values.to_vec()),
+            DType::F16 => Storage::F16(values.iter().map(|&x| f16::from_f32(x)).collect()),
+            DType::BF16 => Storage::BF16(values.iter().map(|&x| bf16::from_f32(x)).collect()),
+        }
+    }
+
     pub fn as_ref(&self) -> TensorRef<'_> {
         match self {
             Storage::F32(s) => TensorRef::F32(s),

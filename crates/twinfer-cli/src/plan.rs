@@ -1,0 +1,97 @@
+//! `twinfer plan`: time every engine on this device for each phase and write the winning config.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+use twinfer::DType;
+use twinfer::bench::plan::{PlanOptions, candidates, plan};
+use twinfer::model::{Model, ModelSource, Network, preset, random_decoder};
+
+#[derive(Args)]
+pub struct PlanArgs {
+    /// A decoder model folder to plan for.
+    #[arg(long, conflicts_with = "preset")]
+    pub model: Option<PathBuf>,
+    /// Or a model shape with random weights: smollm-135m, smollm-360m, qwen2.5-0.5b, tiny.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Prompt-chunk length timed for prefill.
+    #[arg(long, default_value_t = 256)]
+    pub prefill_tokens: usize,
+    /// Sequences in the timed decode step.
+    #[arg(long, default_value_t = 8)]
+    pub decode_batch: usize,
+    /// Context of each sequence in the decode step.
+    #[arg(long, default_value_t = 512)]
+    pub decode_context: usize,
+    /// Page sizes to try for decode (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "16,64")]
+    pub page_sizes: Vec<usize>,
+    /// Where to write the config that `run` and `bench serve` take with `--config`.
+    #[arg(long, default_value = "twinfer-plan.json")]
+    pub out: PathBuf,
+    /// Print the plan as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: PlanArgs) -> Result<(), String> {
+    if args.page_sizes.is_empty() || args.prefill_tokens == 0 || args.decode_batch == 0 || args.decode_context == 0 {
+        return Err("prefill tokens, decode batch, decode context and page sizes must be positive".into());
+    }
+    let model = match (&args.model, &args.preset) {
+        (Some(dir), _) => match Model::load(ModelSource::dir(dir)).map_err(|e| e.to_string())?.network {
+            Network::Decoder(m) => m,
+            Network::Encoder(_) => return Err(format!("{}: plan needs a decoder model", dir.display())),
+        },
+        (None, Some(name)) => {
+            random_decoder(preset(name).map_err(|e| e.to_string())?, DType::F16, 1).map_err(|e| e.to_string())?
+        }
+        (None, None) => return Err("give --model DIR or --preset NAME".into()),
+    };
+    let opts = PlanOptions {
+        prefill_tokens: args.prefill_tokens,
+        decode_batch: args.decode_batch,
+        decode_context: args.decode_context,
+        page_sizes: args.page_sizes,
+        ..Default::default()
+    };
+    let found = candidates();
+    let p = plan(&Arc::new(model), &opts, &found).map_err(|e| e.to_string())?;
+    let doc = p.to_json();
+    std::fs::write(&args.out, format!("{doc:#}\n")).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    if args.json {
+        println!("{doc}");
+        return Ok(());
+    }
+    println!("engines on this device: {}", found.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "));
+    println!(
+        "{:<28} {:<8} {:>5} {:>7} {:>11} {:>18} {:>11}",
+        "engine", "phase", "page", "tokens", "median ms", "[min..max] ms", "tokens/s"
+    );
+    for m in &p.measurements {
+        println!(
+            "{:<28} {:<8} {:>5} {:>7} {:>11.2} {:>18} {:>11.0}",
+            m.candidate,
+            m.phase,
+            m.page_size,
+            m.tokens,
+            m.seconds.median * 1e3,
+            format!("[{:.2}..{:.2}]", m.seconds.min * 1e3, m.seconds.max * 1e3),
+            m.tokens_per_s()
+        );
+    }
+    println!(
+        "plan: prefill on {}, decode on {} with pages of {}, projections on {}",
+        p.prefill.0,
+        p.decode.0,
+        p.page_size,
+        p.simd.name()
+    );
+    for r in &p.reasons {
+        println!("  - {r}");
+    }
+    println!("config written to {} (use it with --config)", args.out.display());
+    Ok(())
+}

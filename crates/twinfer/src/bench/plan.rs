@@ -1,0 +1,273 @@
+//! `plan`: the design's decision tree ("FlashAttention-style prefill, FlashInfer-style decode"),
+//! made executable and measured on this device. Every available attention engine (each CPU SIMD
+//! level, the GPU when there is one) runs the model's real forward pass for a prompt chunk
+//! (compute-bound) and for a decode batch (memory-bound) at several page sizes; the fastest per
+//! phase wins, and the evidence comes with the recommendation.
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use super::timing::Stats;
+use crate::backend::{Attention, Backend};
+use crate::cpu::SimdLevel;
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::kv::{KvCacheConfig, KvLayout, PagedKvCache, SeqId};
+use crate::model::{Engines, LlamaModel, Logits, StepSeq};
+
+/// The shapes to time.
+#[derive(Debug, Clone)]
+pub struct PlanOptions {
+    /// Tokens of the prompt chunk timed for prefill.
+    pub prefill_tokens: usize,
+    /// Sequences and their context for the decode step.
+    pub decode_batch: usize,
+    pub decode_context: usize,
+    pub page_sizes: Vec<usize>,
+    pub kv_dtype: DType,
+    /// Stop repeating a measurement once it has taken this long.
+    pub budget_s: f64,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        Self {
+            prefill_tokens: 256,
+            decode_batch: 8,
+            decode_context: 512,
+            page_sizes: vec![16, 64],
+            kv_dtype: DType::F16,
+            budget_s: 2.0,
+        }
+    }
+}
+
+/// One attention engine the plan can choose.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub name: String,
+    pub backend: Backend,
+    /// The CPU instruction set of the projections (and of the CPU attention engine).
+    pub simd: SimdLevel,
+    attention: Attention,
+}
+
+/// One timing.
+#[derive(Debug, Clone)]
+pub struct Measurement {
+    pub candidate: String,
+    pub phase: &'static str,
+    pub page_size: usize,
+    pub tokens: usize,
+    pub seconds: Stats,
+}
+
+impl Measurement {
+    pub fn tokens_per_s(&self) -> f64 {
+        self.tokens as f64 / self.seconds.median
+    }
+}
+
+/// The recommendation and its evidence.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub measurements: Vec<Measurement>,
+    pub prefill: (String, Backend),
+    pub decode: (String, Backend),
+    pub simd: SimdLevel,
+    pub page_size: usize,
+    pub kv_dtype: DType,
+    pub reasons: Vec<String>,
+}
+
+fn backend_name(b: Backend) -> &'static str {
+    match b {
+        Backend::Auto => "auto",
+        Backend::Cpu => "cpu",
+        Backend::Gpu => "gpu",
+    }
+}
+
+impl Plan {
+    /// The config file `run` and `bench serve` accept with `--config`.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "prefill_backend": backend_name(self.prefill.1), "decode_backend": backend_name(self.decode.1),
+            "simd": self.simd.name(), "page_size": self.page_size, "kv_dtype": self.kv_dtype.to_string(),
+            "prefill_engine": self.prefill.0, "decode_engine": self.decode.0, "reasons": self.reasons,
+            "evidence": self.measurements.iter().map(|m| json!({
+                "engine": m.candidate, "phase": m.phase, "page_size": m.page_size, "tokens": m.tokens,
+                "median_ms": m.seconds.median * 1e3, "min_ms": m.seconds.min * 1e3, "max_ms": m.seconds.max * 1e3,
+                "runs": m.seconds.runs, "tokens_per_s": m.tokens_per_s()})).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// Every engine this device can run: each CPU SIMD level, and the GPU if one passes its self-test.
+pub fn candidates() -> Vec<Candidate> {
+    let mut all: Vec<Candidate> = SimdLevel::available()
+        .into_iter()
+        .map(|l| Candidate {
+            name: format!("cpu {}", l.name()),
+            backend: Backend::Cpu,
+            simd: l,
+            attention: Attention::cpu(l),
+        })
+        .collect();
+    if let Ok(gpu) = Attention::new(Backend::Gpu) {
+        let i = gpu.info();
+        all.push(Candidate {
+            name: format!("gpu {} on {}", i.variant, i.device),
+            backend: Backend::Gpu,
+            simd: SimdLevel::detect(),
+            attention: gpu,
+        });
+    }
+    all
+}
+
+/// Times every candidate on `model` and picks the fastest per phase.
+pub fn plan(model: &Arc<LlamaModel>, opts: &PlanOptions, candidates: &[Candidate]) -> Result<Plan> {
+    let mut measurements = Vec::new();
+    for c in candidates {
+        let engines = Engines { level: c.simd, prefill: &c.attention, decode: &c.attention };
+        let page = opts.page_sizes[0];
+        let seconds = time_prefill(model, engines, opts, page)?;
+        measurements.push(Measurement {
+            candidate: c.name.clone(),
+            phase: "prefill",
+            page_size: page,
+            tokens: opts.prefill_tokens,
+            seconds,
+        });
+        for &page in &opts.page_sizes {
+            let seconds = time_decode(model, engines, opts, page)?;
+            measurements.push(Measurement {
+                candidate: c.name.clone(),
+                phase: "decode",
+                page_size: page,
+                tokens: opts.decode_batch,
+                seconds,
+            });
+        }
+    }
+    let best = |phase: &str| {
+        measurements
+            .iter()
+            .filter(|m| m.phase == phase)
+            .min_by(|a, b| a.seconds.median.total_cmp(&b.seconds.median))
+            .expect("at least the scalar CPU engine was measured")
+            .clone()
+    };
+    let (p, d) = (best("prefill"), best("decode"));
+    let find = |name: &str| candidates.iter().find(|c| c.name == name).expect("measured candidate");
+    let (pc, dc) = (find(&p.candidate), find(&d.candidate));
+    let mut reasons = vec![
+        format!(
+            "prefill (compute-bound): {} at {:.0} tokens/s is the fastest of {} engines",
+            p.candidate,
+            p.tokens_per_s(),
+            candidates.len()
+        ),
+        format!(
+            "decode (memory-bound): {} with pages of {} at {:.0} tokens/s is the fastest of {} engine x page-size pairs",
+            d.candidate,
+            d.page_size,
+            d.tokens_per_s(),
+            measurements.iter().filter(|m| m.phase == "decode").count()
+        ),
+    ];
+    if pc.backend != dc.backend {
+        reasons.push("the phases run on different backends: the hybrid configuration".into());
+    }
+    // The projections dominate a CPU forward pass: run them where decode was fastest.
+    let simd = if dc.backend == Backend::Cpu { dc.simd } else { pc.simd };
+    Ok(Plan {
+        prefill: (p.candidate.clone(), pc.backend),
+        decode: (d.candidate.clone(), dc.backend),
+        simd,
+        page_size: d.page_size,
+        kv_dtype: opts.kv_dtype,
+        measurements,
+        reasons,
+    })
+}
+
+fn cache_for(model: &LlamaModel, opts: &PlanOptions, page: usize, tokens: usize) -> Result<PagedKvCache> {
+    let c = &model.config;
+    let layout = KvLayout::new(page, c.num_kv_heads, c.head_dim)?;
+    let num_pages = tokens.div_ceil(page) + opts.decode_batch + 1;
+    PagedKvCache::new(KvCacheConfig { num_layers: c.num_layers, num_pages, layout, dtype: opts.kv_dtype })
+}
+
+fn tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 7919 + salt * 104_729) % (vocab - 3) + 3) as u32).collect()
+}
+
+/// Repeats `f` until `budget` seconds or 5 runs, after one warm-up run (skipped when a single
+/// run already exceeds the budget).
+fn repeat(budget: f64, mut f: impl FnMut() -> Result<f64>) -> Result<Stats> {
+    let first = f()?;
+    let mut samples = Vec::new();
+    let mut spent = first;
+    if first > budget {
+        samples.push(first);
+    }
+    while samples.len() < 5 && (spent < budget || samples.is_empty()) {
+        let t = f()?;
+        spent += t;
+        samples.push(t);
+    }
+    Ok(Stats::from_samples(samples))
+}
+
+fn time_prefill(model: &LlamaModel, engines: Engines<'_>, opts: &PlanOptions, page: usize) -> Result<Stats> {
+    let prompt = tokens(opts.prefill_tokens, model.config.vocab_size, 1);
+    let mut cache = cache_for(model, opts, page, opts.prefill_tokens)?;
+    repeat(opts.budget_s, || {
+        let seq = cache.add_sequence();
+        cache.reserve(&[seq], &[prompt.len()])?;
+        let t = std::time::Instant::now();
+        model.forward(engines, &mut cache, &[StepSeq { seq, tokens: &prompt, start: 0, logits: Logits::Last }])?;
+        let secs = t.elapsed().as_secs_f64();
+        cache.free(seq)?;
+        Ok(secs)
+    })
+}
+
+fn time_decode(model: &LlamaModel, engines: Engines<'_>, opts: &PlanOptions, page: usize) -> Result<Stats> {
+    let (b, ctx) = (opts.decode_batch, opts.decode_context);
+    // Room for the warm-up and five timed steps.
+    let mut cache = cache_for(model, opts, page, b * (ctx + 8))?;
+    // The contexts hold arbitrary K/V rows: attention costs the same whatever the values, and
+    // filling them through the model would cost more than the measurement.
+    let seqs: Vec<SeqId> = (0..b).map(|_| cache.add_sequence()).collect();
+    cache.reserve(&seqs, &vec![ctx; b])?;
+    let indptr: Vec<u32> = (0..=b).map(|i| (i * ctx) as u32).collect();
+    let rows = b * ctx * model.config.kv_dim();
+    let values: Vec<f32> = (0..rows).map(|i| ((i * 2_654_435_761) % 2001) as f32 / 1000.0 - 1.0).collect();
+    let stored = crate::kv::storage::Storage::from_f32(opts.kv_dtype, &values);
+    for layer in 0..model.config.num_layers {
+        cache.append(layer, &seqs, &indptr, stored.as_ref(), stored.as_ref())?;
+    }
+    let next: Vec<[u32; 1]> = (0..b).map(|i| [(i % 1000 + 3) as u32]).collect();
+    let mut steps = 0;
+    repeat(opts.budget_s, || {
+        if steps == 8 {
+            return Err(crate::TwinferError::InvalidParameter("decode plan ran out of room".into()));
+        }
+        steps += 1;
+        let starts: Vec<usize> = seqs.iter().map(|&s| cache.seq_len(s)).collect::<Result<_>>()?;
+        cache.reserve(&seqs, &vec![1; b])?;
+        let batch: Vec<StepSeq<'_>> = seqs
+            .iter()
+            .zip(&starts)
+            .zip(&next)
+            .map(|((&seq, &start), tok)| StepSeq { seq, tokens: tok, start, logits: Logits::Last })
+            .collect();
+        let t = std::time::Instant::now();
+        model.forward(engines, &mut cache, &batch)?;
+        Ok(t.elapsed().as_secs_f64())
+    })
+}
