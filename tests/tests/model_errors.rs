@@ -66,23 +66,23 @@ fn corrupt_files_name_the_file() {
 
 #[test]
 fn missing_tensors_wrong_shapes_and_dtypes_name_the_tensor() {
-    let q = "model.layers.1.self_attn.q_proj.weight";
+    const Q: &str = "model.layers.1.self_attn.q_proj.weight";
     type Edit = Box<dyn Fn(&mut serde_json::Value)>;
     let cases: [(&str, Edit, &str); 3] = [
         (
             "missing",
             Box::new(|h| {
-                let info = h.as_object_mut().unwrap().remove(q).unwrap();
+                let info = h.as_object_mut().unwrap().remove(Q).unwrap();
                 h.as_object_mut().unwrap().insert("renamed".into(), info);
             }),
             "missing",
         ),
-        ("shape", Box::new(|h| h[q]["shape"] = serde_json::json!([64, 1024])), "shape"),
+        ("shape", Box::new(|h| h[Q]["shape"] = serde_json::json!([64, 1024])), "shape"),
         (
             "dtype",
             Box::new(|h| {
                 // Same byte size, an integer type.
-                h[q]["dtype"] = serde_json::json!("I32");
+                h[Q]["dtype"] = serde_json::json!("I32");
             }),
             "dtype",
         ),
@@ -93,7 +93,7 @@ fn missing_tensors_wrong_shapes_and_dtypes_name_the_tensor() {
         f.insert("model.safetensors".into(), w);
         match load(f) {
             TwinferError::ModelTensor { tensor, reason, .. } => {
-                assert_eq!(tensor, q, "{what}");
+                assert_eq!(tensor, Q, "{what}");
                 assert!(reason.contains(reason_word), "{what}: {reason}");
             }
             other => panic!("{what}: {other}"),
