@@ -8,6 +8,7 @@ pub mod bench;
 pub mod cpu;
 pub mod dtype;
 pub mod error;
+pub mod gpu;
 pub mod kv;
 pub mod reference;
 
