@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use super::device::{GpuContext, ResourceCounts, map_error};
 use super::params::{AttnParams, MergeParams, NO_WINDOW};
-use super::resources::{PipelineKey, Resources, Slot, Tile};
+use super::resources::{Bind, PipelineKey, Resources, Slot, Tile};
 use super::shaders::{Kernel, KvStorage, Variant};
 use super::upload::{self, Meta};
 use crate::attention::problem::{KvSource, Problem};
@@ -97,7 +97,7 @@ impl GpuEngine {
         if self.opts.f16_kv && dtype == DType::F16 { KvStorage::F16 } else { KvStorage::F32 }
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Resources>> {
+    pub(super) fn lock(&self) -> Result<std::sync::MutexGuard<'_, Resources>> {
         self.res.lock().map_err(|_| TwinferError::DeviceLost("a previous call panicked".into()))
     }
 
@@ -114,15 +114,39 @@ impl GpuEngine {
         if p.batch == 0 {
             return Ok(());
         }
-        let (hq, hk, d) = (params.num_qo_heads, params.num_kv_heads, params.head_dim);
-        let layout = input.kv.layout;
         let storage = self.kv_storage(input.kv.dtype());
         let limit = self.ctx.limits.max_storage_buffer_binding_size;
-        let kv = upload::paged_kv(input.kv.k, input.kv.v, layout.page_elems(), input.table.indices, storage, limit);
+        let kv =
+            upload::paged_kv(input.kv.k, input.kv.v, input.kv.layout.page_elems(), input.table.indices, storage, limit);
+        let mut res = self.lock()?;
+        let scope = Scopes::push(&self.ctx);
+        self.write(&mut res, Slot::K, &kv.k)?;
+        self.write(&mut res, Slot::V, &kv.v)?;
+        let step = DecodeStep { p: &p, page_size: input.kv.layout.page_size, indices: &kv.indices, storage };
+        self.decode_on_device(&mut res, &step, Bind::Slot(Slot::K), Bind::Slot(Slot::V))?;
+        let result = self.read_back(&mut res, p.batch * params.num_qo_heads, params.head_dim, out.lse.is_some());
+        scope.pop(result?, out)
+    }
+
+    /// Writes Q and the page table, then records and submits decode (and merge): the result is in
+    /// the O and Lse slots. K and V are bound as given (pool slots or a device-resident cache).
+    pub(super) fn decode_on_device(
+        &self,
+        res: &mut Resources,
+        step: &DecodeStep<'_>,
+        k: Bind<'_>,
+        v: Bind<'_>,
+    ) -> Result<()> {
+        let (p, params) = (step.p, step.p.params);
+        let (hq, hk, d) = (params.num_qo_heads, params.num_kv_heads, params.head_dim);
+        let table = match p.kv {
+            KvSource::Paged { table, .. } => table,
+            KvSource::Ragged { .. } => return Err(TwinferError::InvalidParameter("decode needs a page table".into())),
+        };
         let mut meta = Meta::default();
-        meta.push(input.table.indptr);
-        let off_indices = meta.push(&kv.indices);
-        let off_last_len = meta.push(input.table.last_page_len);
+        meta.push(table.indptr);
+        let off_indices = meta.push(step.indices);
+        let off_last_len = meta.push(table.last_page_len);
         let off_alibi = meta.push_f32(params.alibi_slopes.as_deref().unwrap_or(&[]));
 
         let n_gblk = params.group_size().div_ceil(DECODE_GMAX);
@@ -145,31 +169,36 @@ impl GpuEngine {
             off_last_len,
             off_alibi,
             paged: 1,
-            ..self.base_params(params, p.batch, layout.page_size)
+            ..self.base_params(params, p.batch, step.page_size)
         };
-        let q = q_f32(&p);
         let rows = p.batch * hq;
         let split = num_chunks > 1;
         let (o_slot, lse_slot) = if split { (Slot::OPart, Slot::LsePart) } else { (Slot::O, Slot::Lse) };
-        let mut res = self.lock()?;
         let ctx = &*self.ctx;
-        let scope = Scopes::push(ctx);
-        self.write(&mut res, Slot::AttnParams, bytemuck::bytes_of(&prm))?;
-        self.write(&mut res, Slot::Q, bytemuck::cast_slice(&q))?;
-        self.write(&mut res, Slot::K, &kv.k)?;
-        self.write(&mut res, Slot::V, &kv.v)?;
-        self.write(&mut res, Slot::Meta, bytemuck::cast_slice(&meta.data))?;
+        self.write(res, Slot::AttnParams, bytemuck::bytes_of(&prm))?;
+        match step.p.q {
+            crate::dtype::TensorRef::F32(q) => self.write(res, Slot::Q, bytemuck::cast_slice(q))?,
+            _ => self.write(res, Slot::Q, bytemuck::cast_slice(&q_f32(p)))?,
+        }
+        self.write(res, Slot::Meta, bytemuck::cast_slice(&meta.data))?;
         res.buffer(ctx, o_slot, (rows * num_chunks * d * 4) as u64)?;
         res.buffer(ctx, lse_slot, (rows * num_chunks * 4) as u64)?;
         let key = PipelineKey {
             kernel: Kernel::Decode,
             variant: self.opts.variant,
-            kv: storage,
+            kv: step.storage,
             tile: Tile { wg: self.opts.decode_wg, br: 0, bc: 0 },
         };
-        let slots = [Slot::AttnParams, Slot::Q, Slot::K, Slot::V, Slot::Meta, o_slot, lse_slot];
-        let grid = [num_chunks, hk * n_gblk, p.batch];
-        let mut passes = vec![(key, slots.to_vec(), grid)];
+        let binds = vec![
+            Bind::Slot(Slot::AttnParams),
+            Bind::Slot(Slot::Q),
+            k,
+            v,
+            Bind::Slot(Slot::Meta),
+            Bind::Slot(o_slot),
+            Bind::Slot(lse_slot),
+        ];
+        let mut passes = vec![(key, binds, [num_chunks, hk * n_gblk, p.batch])];
         if split {
             let mp = MergeParams {
                 rows: rows as u32,
@@ -177,7 +206,7 @@ impl GpuEngine {
                 num_chunks: num_chunks as u32,
                 head_dim: d as u32,
             };
-            self.write(&mut res, Slot::MergeParams, bytemuck::bytes_of(&mp))?;
+            self.write(res, Slot::MergeParams, bytemuck::bytes_of(&mp))?;
             res.buffer(ctx, Slot::O, (rows * d * 4) as u64)?;
             res.buffer(ctx, Slot::Lse, (rows * 4) as u64)?;
             let mkey = PipelineKey {
@@ -186,12 +215,10 @@ impl GpuEngine {
                 kv: KvStorage::F32,
                 tile: Tile { wg: 64, br: 0, bc: 0 },
             };
-            let mslots = vec![Slot::MergeParams, Slot::OPart, Slot::LsePart, Slot::O, Slot::Lse];
-            passes.push((mkey, mslots, [rows.min(32768), rows.div_ceil(32768), 1]));
+            let mbinds = [Slot::MergeParams, Slot::OPart, Slot::LsePart, Slot::O, Slot::Lse].map(Bind::Slot);
+            passes.push((mkey, mbinds.to_vec(), [rows.min(32768), rows.div_ceil(32768), 1]));
         }
-        self.run_passes(&mut res, &passes)?;
-        let result = self.read_back(&mut res, rows, d, out.lse.is_some());
-        scope.pop(result?, out)
+        self.run_passes(res, &passes)
     }
 
     /// Batch prefill over ragged or paged KV.
@@ -271,8 +298,8 @@ impl GpuEngine {
         res.buffer(ctx, Slot::O, (rows * d * 4) as u64)?;
         res.buffer(ctx, Slot::Lse, (rows * 4) as u64)?;
         let key = PipelineKey { kernel: Kernel::Prefill, variant: Variant::Baseline, kv: storage, tile };
-        let slots = vec![Slot::AttnParams, Slot::Q, Slot::K, Slot::V, Slot::Meta, Slot::O, Slot::Lse];
-        self.run_passes(&mut res, &[(key, slots, [num_work, hk, 1])])?;
+        let slots = [Slot::AttnParams, Slot::Q, Slot::K, Slot::V, Slot::Meta, Slot::O, Slot::Lse].map(Bind::Slot);
+        self.run_passes(&mut res, &[(key, slots.to_vec(), [num_work, hk, 1])])?;
         let result = self.read_back(&mut res, rows, d, out.lse.is_some());
         scope.pop(result?, out)
     }
@@ -295,7 +322,7 @@ impl GpuEngine {
         }
     }
 
-    fn write(&self, res: &mut Resources, slot: Slot, bytes: &[u8]) -> Result<()> {
+    pub(super) fn write(&self, res: &mut Resources, slot: Slot, bytes: &[u8]) -> Result<()> {
         let buf = res.buffer(&self.ctx, slot, bytes.len() as u64)?;
         if !bytes.is_empty() {
             self.ctx.queue.write_buffer(buf, 0, bytes);
@@ -304,7 +331,11 @@ impl GpuEngine {
     }
 
     /// Encodes the passes in order, in one submission.
-    fn run_passes(&self, res: &mut Resources, passes: &[(PipelineKey, Vec<Slot>, [usize; 3])]) -> Result<()> {
+    pub(super) fn run_passes(
+        &self,
+        res: &mut Resources,
+        passes: &[(PipelineKey, Vec<Bind<'_>>, [usize; 3])],
+    ) -> Result<()> {
         let ctx = &*self.ctx;
         let max = ctx.limits.max_compute_workgroups_per_dimension as u64;
         let mut prepared = Vec::new();
@@ -328,12 +359,21 @@ impl GpuEngine {
             }
         }
         ctx.queue.submit([enc.finish()]);
+        res.set_last_passes(
+            prepared.into_iter().map(|(p, bg, [x, y, z])| (p, bg, [x as u32, y as u32, z as u32])).collect(),
+        );
         ctx.counters.submits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
     /// Copies O (and LSE) into the readback buffer and maps it.
-    fn read_back(&self, res: &mut Resources, rows: usize, d: usize, lse: bool) -> Result<(Vec<f32>, Vec<f32>)> {
+    pub(super) fn read_back(
+        &self,
+        res: &mut Resources,
+        rows: usize,
+        d: usize,
+        lse: bool,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
         let ctx = &*self.ctx;
         let o_bytes = (rows * d * 4) as u64;
         let lse_bytes = if lse { (rows * 4) as u64 } else { 0 };
@@ -370,21 +410,43 @@ impl GpuEngine {
     }
 }
 
+/// One validated decode call, with the page ids the kernels use.
+#[derive(Debug)]
+pub(super) struct DecodeStep<'a> {
+    pub p: &'a Problem<'a>,
+    pub page_size: usize,
+    pub indices: &'a [u32],
+    pub storage: KvStorage,
+}
+
 /// The validation and out-of-memory scopes around one call.
-struct Scopes {
-    oom: wgpu::ErrorScopeGuard,
+/// Fields drop in declaration order, which must be the reverse of the pushes.
+pub(super) struct Scopes {
     validation: wgpu::ErrorScopeGuard,
+    oom: wgpu::ErrorScopeGuard,
 }
 
 impl Scopes {
-    fn push(ctx: &GpuContext) -> Self {
+    pub(super) fn push(ctx: &GpuContext) -> Self {
         let oom = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        Self { oom, validation }
+        Self { validation, oom }
+    }
+
+    /// Pops both scopes, for calls that leave their results on the device.
+    pub(super) fn finish(self) -> Result<()> {
+        if let Some(e) = pollster::block_on(self.validation.pop()) {
+            drop(pollster::block_on(self.oom.pop()));
+            return Err(map_error(e));
+        }
+        match pollster::block_on(self.oom.pop()) {
+            Some(e) => Err(map_error(e)),
+            None => Ok(()),
+        }
     }
 
     /// Pops both scopes; writes the results only when the device reported nothing.
-    fn pop(self, (o, lse): (Vec<f32>, Vec<f32>), out: &mut AttentionOutput<'_>) -> Result<()> {
+    pub(super) fn pop(self, (o, lse): (Vec<f32>, Vec<f32>), out: &mut AttentionOutput<'_>) -> Result<()> {
         if let Some(e) = pollster::block_on(self.validation.pop()) {
             drop(pollster::block_on(self.oom.pop()));
             return Err(map_error(e));

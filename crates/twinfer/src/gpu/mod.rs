@@ -9,6 +9,8 @@ mod device;
 #[cfg(not(target_arch = "wasm32"))]
 mod engine;
 #[cfg(not(target_arch = "wasm32"))]
+mod resident;
+#[cfg(not(target_arch = "wasm32"))]
 mod resources;
 #[cfg(not(target_arch = "wasm32"))]
 mod upload;
@@ -17,4 +19,6 @@ mod upload;
 pub use device::{AdapterSummary, GpuContext, ResourceCounts};
 #[cfg(not(target_arch = "wasm32"))]
 pub use engine::{GpuEngine, GpuOptions};
+#[cfg(not(target_arch = "wasm32"))]
+pub use resident::{DEFAULT_MAX_KV_BUFFER, GpuKvCache};
 pub use shaders::{KvStorage, Variant};

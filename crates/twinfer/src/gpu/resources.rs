@@ -43,18 +43,33 @@ pub enum Slot {
     OPart,
     LsePart,
     Readback,
+    AppendParams,
+    NewK,
+    NewV,
+    AppendSlots,
 }
 
 impl Slot {
     fn usage(self) -> wgpu::BufferUsages {
         use wgpu::BufferUsages as U;
         match self {
-            Slot::AttnParams | Slot::MergeParams => U::UNIFORM | U::COPY_DST,
+            Slot::AttnParams | Slot::MergeParams | Slot::AppendParams => U::UNIFORM | U::COPY_DST,
             Slot::Readback => U::MAP_READ | U::COPY_DST,
             _ => U::STORAGE | U::COPY_DST | U::COPY_SRC,
         }
     }
 }
+
+/// One binding: a pool slot, or a buffer owned elsewhere (a device-resident KV cache) with an id
+/// unique for the buffer's life.
+#[derive(Debug, Clone, Copy)]
+pub enum Bind<'a> {
+    Slot(Slot),
+    External(u64, &'a wgpu::Buffer),
+}
+
+/// Tags external ids apart from slot numbers in the bind-group cache key.
+const EXTERNAL: u64 = 1 << 62;
 
 #[derive(Debug)]
 struct Pooled {
@@ -68,9 +83,13 @@ struct Pooled {
 pub struct Resources {
     pipelines: HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>,
     buffers: HashMap<Slot, Pooled>,
-    bind_groups: HashMap<(PipelineKey, Vec<(Slot, u64)>), wgpu::BindGroup>,
+    bind_groups: HashMap<(PipelineKey, Vec<(u64, u64)>), wgpu::BindGroup>,
     next_generation: u64,
+    last: Vec<RecordedPass>,
 }
+
+/// A recorded dispatch: pipeline, bind group and grid.
+pub type RecordedPass = (Arc<wgpu::ComputePipeline>, wgpu::BindGroup, [u32; 3]);
 
 impl Resources {
     pub fn pipeline(&mut self, ctx: &GpuContext, key: PipelineKey) -> Result<Arc<wgpu::ComputePipeline>> {
@@ -111,6 +130,9 @@ impl Resources {
 
     /// A buffer of at least `bytes` (never above the binding limit for storage slots).
     pub fn buffer(&mut self, ctx: &GpuContext, slot: Slot, bytes: u64) -> Result<&wgpu::Buffer> {
+        // Storage slots start at 64 KiB, so that page tables growing with the context do not
+        // reallocate every few steps.
+        let floor = if slot.usage().contains(wgpu::BufferUsages::STORAGE) { 64 << 10 } else { 16 };
         let bytes = bytes.max(16).next_multiple_of(16);
         let limit = if slot.usage().contains(wgpu::BufferUsages::STORAGE) {
             ctx.limits.max_storage_buffer_binding_size
@@ -123,7 +145,7 @@ impl Resources {
         let fits = self.buffers.get(&slot).is_some_and(|b| b.size >= bytes);
         if !fits {
             // Grow geometrically so that a growing context reallocates rarely.
-            let size = bytes.next_power_of_two().min(limit).max(bytes);
+            let size = bytes.next_power_of_two().max(floor).min(limit).max(bytes);
             let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
             let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(slot_name(slot)),
@@ -142,22 +164,34 @@ impl Resources {
         Ok(&self.buffers[&slot].buffer)
     }
 
-    /// The bind group of `key`'s pipeline over `slots` (binding i = slots[i], whole buffers).
-    pub fn bind_group(&mut self, ctx: &GpuContext, key: PipelineKey, slots: &[Slot]) -> Result<wgpu::BindGroup> {
-        let ids: Vec<(Slot, u64)> = slots.iter().map(|s| (*s, self.buffers[s].generation)).collect();
+    /// The bind group of `key`'s pipeline over `binds` (binding i = binds[i], whole buffers).
+    pub fn bind_group(&mut self, ctx: &GpuContext, key: PipelineKey, binds: &[Bind<'_>]) -> Result<wgpu::BindGroup> {
+        let ids: Vec<(u64, u64)> = binds
+            .iter()
+            .map(|b| match b {
+                Bind::Slot(s) => (*s as u64, self.buffers[s].generation),
+                Bind::External(id, _) => (EXTERNAL | id, 0),
+            })
+            .collect();
         let cache_key = (key, ids);
         if let Some(bg) = self.bind_groups.get(&cache_key) {
             return Ok(bg.clone());
         }
-        // Entries naming a replaced buffer can never be hit again.
-        self.bind_groups.retain(|(k, ids), _| *k != key || ids.iter().all(|(s, g)| self.buffers[s].generation == *g));
+        // Entries naming a replaced pool buffer can never be hit again.
+        let buffers = &self.buffers;
+        self.bind_groups.retain(|(_, ids), _| {
+            ids.iter().all(|(tag, g)| *tag & EXTERNAL != 0 || buffers.values().any(|b| b.generation == *g))
+        });
         let pipeline = self.pipeline(ctx, key)?;
-        let entries: Vec<wgpu::BindGroupEntry<'_>> = slots
+        let entries: Vec<wgpu::BindGroupEntry<'_>> = binds
             .iter()
             .enumerate()
-            .map(|(i, s)| wgpu::BindGroupEntry {
+            .map(|(i, b)| wgpu::BindGroupEntry {
                 binding: i as u32,
-                resource: self.buffers[s].buffer.as_entire_binding(),
+                resource: match b {
+                    Bind::Slot(s) => self.buffers[s].buffer.as_entire_binding(),
+                    Bind::External(_, buf) => buf.as_entire_binding(),
+                },
             })
             .collect();
         let bg = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
@@ -168,6 +202,13 @@ impl Resources {
         ctx.counters.bind_groups.fetch_add(1, Ordering::Relaxed);
         self.bind_groups.insert(cache_key, bg.clone());
         Ok(bg)
+    }
+
+    pub fn set_last_passes(&mut self, passes: Vec<RecordedPass>) {
+        self.last = passes;
+    }
+    pub fn last_passes(&self) -> &[RecordedPass] {
+        &self.last
     }
 
     pub fn get(&self, slot: Slot) -> &wgpu::Buffer {
@@ -188,5 +229,9 @@ fn slot_name(slot: Slot) -> &'static str {
         Slot::OPart => "split-K partial o",
         Slot::LsePart => "split-K partial lse",
         Slot::Readback => "readback",
+        Slot::AppendParams => "append params",
+        Slot::NewK => "new k rows",
+        Slot::NewV => "new v rows",
+        Slot::AppendSlots => "append slots",
     }
 }

@@ -1,0 +1,221 @@
+//! The device-resident path: a KV page pool that lives on the device, appends through
+//! `append_kv.wgsl`, and decode steps that upload only Q and the page table (no buffer or bind
+//! group is created once the step's sizes have been seen). Also the timing of recorded passes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::engine::{DecodeStep, GpuEngine, Scopes};
+use super::params::AppendParams;
+use super::resources::{Bind, PipelineKey, Slot, Tile};
+use super::shaders::{Kernel, KvStorage, Variant};
+use crate::attention::problem::{KvSource, Problem, QoRows};
+use crate::attention::{AttentionOutput, AttentionParams};
+use crate::dtype::TensorRef;
+use crate::error::{Result, TwinferError};
+use crate::kv::{KvLayout, PageTable, PagedKv};
+
+/// Default cap on one KV buffer, below any adapter limit: phones bind at most 128 MiB.
+pub const DEFAULT_MAX_KV_BUFFER: u64 = 128 << 20;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// One layer's page pool on the device: K and V are each `[num_pages, page_size, Hk, D]`.
+#[derive(Debug)]
+pub struct GpuKvCache {
+    id: u64,
+    pub layout: KvLayout,
+    pub storage: KvStorage,
+    pub num_pages: usize,
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
+}
+
+impl GpuKvCache {
+    /// Allocates the pool. It must fit one binding of at most `max_buffer` bytes per K and V (see
+    /// [`DEFAULT_MAX_KV_BUFFER`]; pass the adapter's limit to lift the phone-sized default).
+    pub fn new(
+        engine: &GpuEngine,
+        layout: KvLayout,
+        num_pages: usize,
+        storage: KvStorage,
+        max_buffer: u64,
+    ) -> Result<Self> {
+        let layout = KvLayout::new(layout.page_size, layout.num_kv_heads, layout.head_dim)?;
+        let ctx = engine.context();
+        if storage == KvStorage::F16 && !ctx.summary.shader_f16 {
+            return Err(TwinferError::GpuUnavailable(format!("{} has no shader-f16", ctx.summary.name)));
+        }
+        let bytes = (num_pages.max(1) * layout.page_elems() * storage.bytes()) as u64;
+        let limit = max_buffer.min(ctx.limits.max_storage_buffer_binding_size);
+        if bytes > limit {
+            return Err(TwinferError::OverLimit { what: "KV pool buffer (K or V)", requested: bytes, limit });
+        }
+        let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let make = |label| {
+            ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            })
+        };
+        let (k, v) = (make("kv pool k"), make("kv pool v"));
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(TwinferError::GpuOutOfMemory(format!("KV pool of 2 x {bytes} bytes: {e}")));
+        }
+        ctx.counters.buffers.fetch_add(2, Ordering::Relaxed);
+        Ok(Self { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), layout, storage, num_pages, k, v })
+    }
+
+    /// Uploads whole pages from the host, starting at page `first` (setup and benchmarks).
+    pub fn write_pages(&self, engine: &GpuEngine, first: usize, k: TensorRef<'_>, v: TensorRef<'_>) -> Result<()> {
+        let page = self.layout.page_elems();
+        let pages = k.len() / page;
+        if k.len() != v.len() || !k.len().is_multiple_of(page) || first + pages > self.num_pages {
+            return Err(TwinferError::ShapeMismatch {
+                what: "pages written to the device pool",
+                expected: (self.num_pages - first.min(self.num_pages)) * page,
+                got: k.len(),
+            });
+        }
+        let offset = (first * page * self.storage.bytes()) as u64;
+        let q = &engine.context().queue;
+        q.write_buffer(&self.k, offset, &super::upload::tensor_bytes(k, 0, k.len(), self.storage));
+        q.write_buffer(&self.v, offset, &super::upload::tensor_bytes(v, 0, v.len(), self.storage));
+        Ok(())
+    }
+
+    /// Appends one new row per entry of `slots` (page id, slot in page): `k_new`, `v_new` are
+    /// `[rows, Hk, D]` f32. Runs `append_kv.wgsl` on the device.
+    pub fn append(&self, engine: &GpuEngine, k_new: &[f32], v_new: &[f32], slots: &[(u32, u32)]) -> Result<()> {
+        let l = self.layout;
+        let rows = slots.len();
+        crate::error::check_len("k_new ([rows, Hk, D])", rows * l.row_elems(), k_new.len())?;
+        crate::error::check_len("v_new ([rows, Hk, D])", rows * l.row_elems(), v_new.len())?;
+        for (position, &(page, slot)) in slots.iter().enumerate() {
+            if page as usize >= self.num_pages {
+                return Err(TwinferError::PageIndexOutOfRange { position, page, num_pages: self.num_pages });
+            }
+            if slot as usize >= l.page_size {
+                return Err(TwinferError::InvalidParameter(format!("slot {slot} of a {}-row page", l.page_size)));
+            }
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        engine.context().check_alive()?;
+        let mut res = engine.lock()?;
+        let prm = AppendParams {
+            rows: rows as u32,
+            num_kv_heads: l.num_kv_heads as u32,
+            head_dim: l.head_dim as u32,
+            page_size: l.page_size as u32,
+        };
+        let flat: Vec<u32> = slots.iter().flat_map(|&(p, s)| [p, s]).collect();
+        engine.write(&mut res, Slot::AppendParams, bytemuck::bytes_of(&prm))?;
+        engine.write(&mut res, Slot::NewK, bytemuck::cast_slice(k_new))?;
+        engine.write(&mut res, Slot::NewV, bytemuck::cast_slice(v_new))?;
+        engine.write(&mut res, Slot::AppendSlots, bytemuck::cast_slice(&flat))?;
+        let key = PipelineKey {
+            kernel: Kernel::AppendKv,
+            variant: Variant::Baseline,
+            kv: self.storage,
+            tile: Tile { wg: 64, br: 0, bc: 0 },
+        };
+        let binds = vec![
+            Bind::Slot(Slot::AppendParams),
+            Bind::Slot(Slot::NewK),
+            Bind::Slot(Slot::NewV),
+            Bind::Slot(Slot::AppendSlots),
+            Bind::External(self.id, &self.k),
+            Bind::External(self.id | 1 << 40, &self.v),
+        ];
+        engine.run_passes(&mut res, &[(key, binds, [rows.min(32768), rows.div_ceil(32768), 1])])
+    }
+}
+
+impl GpuEngine {
+    /// Decode against a device-resident pool: uploads Q and the page table, runs decode (and
+    /// merge), and reads O (and LSE) back into `out` when given. The table is validated against
+    /// the pool exactly as the host API validates it.
+    pub fn decode_resident(
+        &self,
+        params: &AttentionParams,
+        q: TensorRef<'_>,
+        cache: &GpuKvCache,
+        table: PageTable<'_>,
+        out: Option<&mut AttentionOutput<'_>>,
+    ) -> Result<()> {
+        // The host API's validation, against the device pool's page count.
+        params.validate()?;
+        if cache.layout.num_kv_heads != params.num_kv_heads || cache.layout.head_dim != params.head_dim {
+            return Err(TwinferError::ShapeMismatch {
+                what: "device KV pool heads x head_dim",
+                expected: params.num_kv_heads * params.head_dim,
+                got: cache.layout.row_elems(),
+            });
+        }
+        table.validate(cache.layout.page_size, cache.num_pages)?;
+        let batch = table.batch_size();
+        crate::error::check_len(
+            "q ([batch, num_qo_heads, head_dim])",
+            batch * params.num_qo_heads * params.head_dim,
+            q.len(),
+        )?;
+        let empty: &[half::f16] = &[];
+        let kv = PagedKv { k: empty.into(), v: empty.into(), layout: cache.layout };
+        let p = Problem { params, q, qo: QoRows::OnePerSeq, kv: KvSource::Paged { kv, table }, batch, total_q: batch };
+        if let Some(out) = &out {
+            p.check_output(out)?;
+        }
+        self.context().check_alive()?;
+        if p.batch == 0 {
+            return Ok(());
+        }
+        let mut res = self.lock()?;
+        let scope = Scopes::push(self.context());
+        let step =
+            DecodeStep { p: &p, page_size: cache.layout.page_size, indices: table.indices, storage: cache.storage };
+        self.decode_on_device(
+            &mut res,
+            &step,
+            Bind::External(cache.id, &cache.k),
+            Bind::External(cache.id | 1 << 40, &cache.v),
+        )?;
+        match out {
+            Some(out) => {
+                let r = self.read_back(&mut res, p.batch * params.num_qo_heads, params.head_dim, out.lse.is_some());
+                scope.pop(r?, out)
+            }
+            None => scope.finish(),
+        }
+    }
+
+    /// Re-submits the last recorded passes `iters` times (inputs already on the device) and
+    /// returns the seconds per iteration, from submit to completion.
+    pub fn time_last(&self, iters: usize) -> Result<f64> {
+        let res = self.lock()?;
+        let passes = res.last_passes().to_vec();
+        drop(res);
+        if passes.is_empty() {
+            return Err(TwinferError::InvalidParameter("nothing recorded to time".into()));
+        }
+        let ctx = self.context();
+        ctx.wait()?;
+        let start = std::time::Instant::now();
+        let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("timing") });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+            for _ in 0..iters {
+                for (pipeline, bg, [x, y, z]) in &passes {
+                    pass.set_pipeline(pipeline);
+                    pass.set_bind_group(0, bg, &[]);
+                    pass.dispatch_workgroups(*x, *y, *z);
+                }
+            }
+        }
+        ctx.queue.submit([enc.finish()]);
+        ctx.wait()?;
+        Ok(start.elapsed().as_secs_f64() / iters.max(1) as f64)
+    }
+}
