@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use twinfer::bench::{self, KernelReport, Scope};
 use twinfer::cpu::{CpuEngine, SimdLevel};
+use twinfer::gpu::{GpuEngine, Variant};
 use twinfer::{Attention, Backend};
 
 #[derive(Parser)]
@@ -35,7 +36,28 @@ enum BenchWhat {
         /// Instruction set to run (default: the widest this CPU has).
         #[arg(long, value_enum)]
         simd: Option<SimdArg>,
+        /// Engine to measure.
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: BackendArg,
+        /// GPU shader variant (default: the best the adapter supports).
+        #[arg(long, value_enum)]
+        variant: Option<VariantArg>,
+        /// GPU decode workgroup size (keys per tile): 64, 128 or 256.
+        #[arg(long)]
+        decode_wg: Option<u32>,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendArg {
+    Cpu,
+    Gpu,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum VariantArg {
+    Baseline,
+    Subgroup,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -82,7 +104,25 @@ fn run(cli: Cli) -> Result<(), String> {
             println!("reason:         {}", info.reason);
             Ok(())
         }
-        Command::Bench { what: BenchWhat::Kernels { quick, simd } } => {
+        Command::Bench { what: BenchWhat::Kernels { quick, backend: BackendArg::Gpu, variant, decode_wg, .. } } => {
+            let scope = if quick { Scope::Quick } else { Scope::Full };
+            let gpu = GpuEngine::new().map_err(|e| e.to_string())?;
+            let mut opts = gpu.options();
+            if let Some(v) = variant {
+                opts.variant = match v {
+                    VariantArg::Baseline => Variant::Baseline,
+                    VariantArg::Subgroup => Variant::Subgroup,
+                };
+            }
+            if let Some(wg) = decode_wg {
+                opts.decode_wg = wg;
+            }
+            let gpu = gpu.with_options(opts).map_err(|e| e.to_string())?;
+            let report = bench::gpu::run_gpu_kernels(&gpu, scope).map_err(|e| e.to_string())?;
+            print_report(&report);
+            Ok(())
+        }
+        Command::Bench { what: BenchWhat::Kernels { quick, simd, .. } } => {
             let level = match simd {
                 Some(s) => SimdLevel::by_name(s.name()).ok_or_else(|| format!("this CPU has no {}", s.name()))?,
                 None => SimdLevel::detect(),

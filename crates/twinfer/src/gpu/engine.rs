@@ -17,8 +17,9 @@ use crate::error::{Result, TwinferError};
 
 /// Query heads per decode workgroup (GMAX in the shader).
 const DECODE_GMAX: usize = 8;
-/// Workgroups a decode dispatch should have before split-K stops paying.
-const DECODE_TARGET_WORKGROUPS: usize = 256;
+/// Workgroups a decode dispatch should have before split-K stops paying: enough to keep a
+/// 132-SM card's memory system busy (about 8 small workgroups per SM), cheap on small adapters.
+const DECODE_TARGET_WORKGROUPS: usize = 1024;
 /// Widest workgroup storage the kernels need (decode: 25 KiB, prefill: 24.4 KiB).
 pub const WORKGROUP_STORAGE_NEEDED: u32 = 25 * 1024 + 256;
 

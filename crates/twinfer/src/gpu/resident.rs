@@ -219,3 +219,44 @@ impl GpuEngine {
         Ok(start.elapsed().as_secs_f64() / iters.max(1) as f64)
     }
 }
+
+impl GpuEngine {
+    /// Read ceiling: a streaming read of `bytes` (a power of two) through `bench_read.wgsl`;
+    /// returns seconds per read, `runs` samples of several iterations each.
+    pub fn measure_read(&self, bytes: u64, runs: usize) -> Result<Vec<f64>> {
+        let ctx = self.context();
+        let wgs = 2048usize;
+        let mut res = self.lock()?;
+        res.buffer(ctx, Slot::K, bytes)?;
+        res.buffer(ctx, Slot::O, (wgs * 256 * 16) as u64)?;
+        let key = bench_key(Kernel::BenchRead, 0);
+        self.run_passes(&mut res, &[(key, vec![Bind::Slot(Slot::K), Bind::Slot(Slot::O)], [wgs, 1, 1])])?;
+        drop(res);
+        self.samples(runs)
+    }
+
+    /// FMA ceiling through `bench_fma.wgsl`: returns (FLOPs per iteration, seconds samples).
+    pub fn measure_fma(&self, workgroups: usize, iters: u32, runs: usize) -> Result<(f64, Vec<f64>)> {
+        let ctx = self.context();
+        let mut res = self.lock()?;
+        self.write(&mut res, Slot::Q, bytemuck::cast_slice(&[0.999f32, 0.999, 0.999, 0.999, 1e-3, 1e-3, 1e-3, 1e-3]))?;
+        res.buffer(ctx, Slot::O, (workgroups * 256 * 16) as u64)?;
+        let key = bench_key(Kernel::BenchFma, iters);
+        self.run_passes(&mut res, &[(key, vec![Bind::Slot(Slot::Q), Bind::Slot(Slot::O)], [workgroups, 1, 1])])?;
+        drop(res);
+        let flops = (workgroups * 256) as f64 * iters as f64 * 8.0 * 4.0 * 2.0;
+        Ok((flops, self.samples(runs)?))
+    }
+
+    /// Seconds per run of the last recorded passes: `runs` samples, each of enough iterations to
+    /// last about 0.2 s.
+    pub fn samples(&self, runs: usize) -> Result<Vec<f64>> {
+        let once = self.time_last(1)?;
+        let iters = ((0.2 / once.max(1e-6)) as usize).clamp(1, 200);
+        (0..runs.max(1)).map(|_| self.time_last(iters)).collect()
+    }
+}
+
+fn bench_key(kernel: Kernel, iters: u32) -> PipelineKey {
+    PipelineKey { kernel, variant: Variant::Baseline, kv: KvStorage::F32, tile: Tile { wg: 256, br: 0, bc: iters } }
+}

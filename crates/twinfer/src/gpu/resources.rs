@@ -16,7 +16,7 @@ pub struct Tile {
     pub wg: u32,
     /// Query rows per workgroup (prefill), else 0.
     pub br: u32,
-    /// Keys per tile (prefill), else 0.
+    /// Keys per tile (prefill), FMA rounds (bench_fma), else 0.
     pub bc: u32,
 }
 
@@ -103,6 +103,9 @@ impl Resources {
             source: wgpu::ShaderSource::Wgsl(src.into()),
         });
         let mut constants: Vec<(&str, f64)> = vec![("WG", key.tile.wg as f64)];
+        if key.kernel == Kernel::BenchFma {
+            constants.push(("ITERS", key.tile.bc as f64));
+        }
         if key.kernel == Kernel::Prefill {
             constants.push(("BR", key.tile.br as f64));
             constants.push(("BC", key.tile.bc as f64));

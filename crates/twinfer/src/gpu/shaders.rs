@@ -10,11 +10,13 @@ use std::fmt;
 pub const SHARED: (&str, &str) = ("online_softmax.wgsl", include_str!("../../../../shaders/online_softmax.wgsl"));
 
 /// One entry per kernel file, in the order of [`Kernel::ALL`].
-const FILES: [(&str, &str); 4] = [
+const FILES: [(&str, &str); 6] = [
     ("prefill_attention.wgsl", include_str!("../../../../shaders/prefill_attention.wgsl")),
     ("decode_attention_paged.wgsl", include_str!("../../../../shaders/decode_attention_paged.wgsl")),
     ("merge_state.wgsl", include_str!("../../../../shaders/merge_state.wgsl")),
     ("append_kv.wgsl", include_str!("../../../../shaders/append_kv.wgsl")),
+    ("bench_read.wgsl", include_str!("../../../../shaders/bench_read.wgsl")),
+    ("bench_fma.wgsl", include_str!("../../../../shaders/bench_fma.wgsl")),
 ];
 
 /// A compute kernel; its label is its file name.
@@ -24,10 +26,14 @@ pub enum Kernel {
     Decode,
     Merge,
     AppendKv,
+    /// Ceilings for the benchmarks: a streaming read and an FMA loop.
+    BenchRead,
+    BenchFma,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 4] = [Kernel::Prefill, Kernel::Decode, Kernel::Merge, Kernel::AppendKv];
+    pub const ALL: [Kernel; 6] =
+        [Kernel::Prefill, Kernel::Decode, Kernel::Merge, Kernel::AppendKv, Kernel::BenchRead, Kernel::BenchFma];
 
     fn index(self) -> usize {
         match self {
@@ -35,6 +41,8 @@ impl Kernel {
             Kernel::Decode => 1,
             Kernel::Merge => 2,
             Kernel::AppendKv => 3,
+            Kernel::BenchRead => 4,
+            Kernel::BenchFma => 5,
         }
     }
     /// The file name, used as the pipeline label.
