@@ -2,10 +2,12 @@
 //
 // Algorithm: flash-decoding. A workgroup owns (sequence, KV head, block of up to GMAX query heads
 // of that KV head's group, chunk of keys). It walks the chunk through the CSR page table in tiles
-// of WG keys: the tile's page ids are staged in workgroup memory first; thread t then reads key t
+// of WG keys: the tile's page ids are resolved to row offsets in workgroup memory first; thread t then reads key t
 // once and scores it against every query head of the block (so a KV head's pages are read once for
 // its query group); the block's (m, d) states are updated with two workgroup reductions per head
-// (max, then sum); finally each thread accumulates p * V for its (head, vec4 column) pairs.
+// (max, then sum); finally each thread accumulates p * V for its (head, vec4 column) pairs; when
+// the block has fewer pairs than threads, the keys are dealt to several key groups whose sums
+// are folded at the end. Loads are unrolled by 8 so that each thread has several in flight.
 // With several chunks (split-K, for small batches) each workgroup writes a partial (o, lse) row
 // that merge_state.wgsl combines; with one chunk the partial row is the final row.
 //
@@ -36,7 +38,8 @@ const NACC: u32 = 8u;
 var<workgroup> q_sh: array<vec4<f32>, 512>;    // [GMAX, DV_MAX]
 var<workgroup> p_sh: array<f32, 2048>;         // [GMAX, WG_MAX] scores, then probabilities
 var<workgroup> red_sh: array<f32, 2048>;       // [GMAX, WG_MAX] reduction scratch
-var<workgroup> pg_sh: array<u32, WG_MAX>;      // page id of each key of the tile
+var<workgroup> comb_sh: array<vec4<f32>, 128>;  // a key group's partial values
+var<workgroup> pg_sh: array<u32, WG_MAX>;      // row offset (kv4 units) of each key of the tile
 
 // Reduces vals[g] over the workgroup, max (is_max) or sum, for every g < GMAX; every thread gets
 // the results. Called in uniform control flow.
@@ -132,27 +135,58 @@ fn main(
     }
     var acc: array<vec4<f32>, NACC>;
     for (var a = 0u; a < NACC; a++) { acc[a] = vec4<f32>(0.0); }
+    // The value pass splits the keys among R groups of `lanes` threads when the block has fewer
+    // (head, column) pairs than threads, so that every thread has loads in flight; with R > 1 a
+    // thread owns one pair (np <= WG / 2 <= 128).
+    let np = gn * dv;
+    let R = max(1u, WG / np);
+    let lanes = WG / R;
+    let grp = lid / lanes;
+    let lane = lid % lanes;
     workgroupBarrier();
 
     for (var t0 = start; t0 < end; t0 += i32(WG)) {
         let j = t0 + i32(lid);
         let valid = j < end;
         if (valid) {
-            pg_sh[lid] = tbl[P.off_indices + page0 + u32(j) / ps];
+            // The key's row offset, so that the value pass does no division.
+            let page = tbl[P.off_indices + page0 + u32(j) / ps];
+            pg_sh[lid] = ((page * ps + u32(j) % ps) * hk + h) * dv;
         }
         workgroupBarrier();
-        // Scores: key j against every head of the block.
+        // Scores: key j against every head of the block, each K vec4 read once.
         var s: array<f32, GMAX>;
-        for (var g = 0u; g < GMAX; g++) { s[g] = -BIG; }
+        for (var g = 0u; g < GMAX; g++) { s[g] = 0.0; }
         if (valid) {
-            let base = ((pg_sh[lid] * ps + u32(j) % ps) * hk + h) * dv;
-            for (var g = 0u; g < gn; g++) {
-                var dot_qk = 0.0;
-                for (var c = 0u; c < dv; c++) {
-                    dot_qk += dot(q_sh[g * DV_MAX + c], vec4<f32>(k[base + c]));
+            let base = pg_sh[lid];
+            // Eight loads issued before they are used: a thread's reads are otherwise one
+            // memory latency each, which is what bounds this loop on a GPU.
+            var c = 0u;
+            for (; c + 8u <= dv; c += 8u) {
+                let k0 = vec4<f32>(k[base + c]);
+                let k1 = vec4<f32>(k[base + c + 1u]);
+                let k2 = vec4<f32>(k[base + c + 2u]);
+                let k3 = vec4<f32>(k[base + c + 3u]);
+                let k4 = vec4<f32>(k[base + c + 4u]);
+                let k5 = vec4<f32>(k[base + c + 5u]);
+                let k6 = vec4<f32>(k[base + c + 6u]);
+                let k7 = vec4<f32>(k[base + c + 7u]);
+                for (var g = 0u; g < GMAX; g++) {
+                    let qb = g * DV_MAX + c;
+                    s[g] += dot(q_sh[qb], k0) + dot(q_sh[qb + 1u], k1) + dot(q_sh[qb + 2u], k2) + dot(q_sh[qb + 3u], k3)
+                        + dot(q_sh[qb + 4u], k4) + dot(q_sh[qb + 5u], k5) + dot(q_sh[qb + 6u], k6)
+                        + dot(q_sh[qb + 7u], k7);
                 }
-                s[g] = transform_score(P, dot_qk, slope[g], j, pos);
             }
+            for (; c < dv; c++) {
+                let kc = vec4<f32>(k[base + c]);
+                for (var g = 0u; g < GMAX; g++) {
+                    s[g] += dot(q_sh[g * DV_MAX + c], kc);
+                }
+            }
+        }
+        for (var g = 0u; g < GMAX; g++) {
+            s[g] = select(-BIG, transform_score(P, s[g], slope[g], j, pos), valid && g < gn);
         }
 // #if SUBGROUP
         let m_tile = wg_reduce(s, true, lid, sg_lane, sg_id, n_sg);
@@ -174,18 +208,33 @@ fn main(
         let sum_tile = wg_reduce(pr, false, lid);
 // #endif
         for (var g = 0u; g < GMAX; g++) { d[g] = d[g] * scale[g] + sum_tile[g]; }
-        // Values: this thread's (head, column) pairs, over the tile's keys.
+        // Values: this thread's (head, column) pairs, over its key group's keys of the tile.
         let n = u32(min(i32(WG), end - t0));
         for (var a = 0u; a < NACC; a++) {
-            let pi = lid + a * WG;
-            if (pi < gn * dv) {
+            let pi = lane + a * lanes;
+            if (grp < R && pi < np) {
                 let g = pi / dv;
                 let c = pi % dv;
                 var sum = acc[a] * scale[g];
-                for (var jj = 0u; jj < n; jj++) {
-                    let jk = u32(t0) + jj;
-                    let row = ((pg_sh[jj] * ps + jk % ps) * hk + h) * dv;
-                    sum += p_sh[g * WG_MAX + jj] * vec4<f32>(v[row + c]);
+                let pb = g * WG_MAX;
+                var jj = grp;
+                // Eight independent loads in flight per thread (see the score loop).
+                for (; jj + 7u * R < n; jj += 8u * R) {
+                    let v0 = vec4<f32>(v[pg_sh[jj] + c]);
+                    let v1 = vec4<f32>(v[pg_sh[jj + R] + c]);
+                    let v2 = vec4<f32>(v[pg_sh[jj + 2u * R] + c]);
+                    let v3 = vec4<f32>(v[pg_sh[jj + 3u * R] + c]);
+                    let v4 = vec4<f32>(v[pg_sh[jj + 4u * R] + c]);
+                    let v5 = vec4<f32>(v[pg_sh[jj + 5u * R] + c]);
+                    let v6 = vec4<f32>(v[pg_sh[jj + 6u * R] + c]);
+                    let v7 = vec4<f32>(v[pg_sh[jj + 7u * R] + c]);
+                    sum += p_sh[pb + jj] * v0 + p_sh[pb + jj + R] * v1 + p_sh[pb + jj + 2u * R] * v2
+                        + p_sh[pb + jj + 3u * R] * v3 + p_sh[pb + jj + 4u * R] * v4
+                        + p_sh[pb + jj + 5u * R] * v5 + p_sh[pb + jj + 6u * R] * v6
+                        + p_sh[pb + jj + 7u * R] * v7;
+                }
+                for (; jj < n; jj += R) {
+                    sum += p_sh[pb + jj] * vec4<f32>(v[pg_sh[jj] + c]);
                 }
                 acc[a] = sum;
             }
@@ -193,10 +242,22 @@ fn main(
         workgroupBarrier();
     }
 
+    // Fold the key groups into group 0 (they share every rescaling, so plain sums combine).
+    for (var r = 1u; r < R; r++) {
+        if (grp == r && lane < np) {
+            comb_sh[lane] = acc[0];
+        }
+        workgroupBarrier();
+        if (grp == 0u && lane < np) {
+            acc[0] += comb_sh[lane];
+        }
+        workgroupBarrier();
+    }
+
     let out_row0 = (b * P.num_chunks + chunk) * P.num_qo_heads + h * P.group + g0;
     for (var a = 0u; a < NACC; a++) {
-        let pi = lid + a * WG;
-        if (pi < gn * dv) {
+        let pi = lane + a * lanes;
+        if (grp == 0u && pi < np) {
             let g = pi / dv;
             let inv = select(0.0, 1.0 / d[g], d[g] > 0.0);
             o[(out_row0 + g) * dv + pi % dv] = acc[a] * inv;

@@ -8,7 +8,7 @@
 // row updates the row's online-softmax state (m, d), then V is staged over K's storage and each
 // thread accumulates p * V for its (row, vec4 column) pairs.
 //
-// Tiling: BR rows (override, <= 32), BC keys (override, BC * head_dim / 4 <= 1024 and BC <= 64),
+// Tiling: BR rows (override, <= 32), BC keys (override, BC * (head_dim / 4 + 1) <= 1024, BC <= 64),
 //   WG threads (override, >= BR, BR * head_dim / 4 <= 16 * WG).
 // Bindings (group 0): 0 uniform AttnParams; 1 q [tokens, Hq, D] f32; 2 k, 3 v: ragged
 //   [kv_tokens, Hk, D] or pool [pages, page_size, Hk, D] as kv4; 4 tbl u32 (kv_indptr[batch+1]
@@ -34,7 +34,7 @@ const NACC: u32 = 16u;
 @group(0) @binding(5) var<storage, read_write> o: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read_write> lse: array<f32>;
 
-var<workgroup> kv_sh: array<vec4<f32>, KV_SH>;   // [BC, D/4]: K, then V
+var<workgroup> kv_sh: array<vec4<f32>, KV_SH>;   // [BC, D/4 + 1]: K, then V
 var<workgroup> s_sh: array<f32, 2048>;           // [BR_MAX, BC_MAX]: scores, then probabilities
 var<workgroup> pg_sh: array<u32, BC_MAX>;        // row index of each key of the tile
 var<workgroup> scale_sh: array<f32, BR_MAX>;
@@ -55,6 +55,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let h = wid.y;
     let G = P.group;
     let dv = P.head_dim / 4u;
+    // Tile rows are padded by one vec4 so that threads reading different keys' rows at the same
+    // column hit different banks.
+    let ks = dv + 1u;
     let q_start = tbl[P.off_qo_indptr + b];
     let qo_len = i32(tbl[P.off_qo_indptr + b + 1u] - q_start);
     let kv_base = tbl[b];
@@ -96,7 +99,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         workgroupBarrier();
         for (var i = lid; i < n * dv; i += WG) {
-            kv_sh[i] = vec4<f32>(k[pg_sh[i / dv] + i % dv]);
+            kv_sh[(i / dv) * ks + i % dv] = vec4<f32>(k[pg_sh[i / dv] + i % dv]);
         }
         workgroupBarrier();
         // Scores of every (row, key) pair of the tile.
@@ -108,8 +111,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 let qo_head = h * G + rr % G;
                 let qbase = ((q_start + rr / G) * P.num_qo_heads + qo_head) * dv;
                 var dot_qk = 0.0;
-                for (var c = 0u; c < dv; c++) {
-                    dot_qk += dot(q[qbase + c], kv_sh[jj * dv + c]);
+                // Two q loads in flight (head_dim is a multiple of 8, so dv is even).
+                for (var c = 0u; c < dv; c += 2u) {
+                    let q0 = q[qbase + c];
+                    let q1 = q[qbase + c + 1u];
+                    dot_qk += dot(q0, kv_sh[jj * ks + c]) + dot(q1, kv_sh[jj * ks + c + 1u]);
                 }
                 s_sh[r * BC_MAX + jj] = dot_qk;
             }
@@ -143,7 +149,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             scale_sh[lid] = scale;
         }
         for (var i = lid; i < n * dv; i += WG) {
-            kv_sh[i] = vec4<f32>(v[pg_sh[i / dv] + i % dv]);
+            kv_sh[(i / dv) * ks + i % dv] = vec4<f32>(v[pg_sh[i / dv] + i % dv]);
         }
         workgroupBarrier();
         for (var a = 0u; a < NACC; a++) {
@@ -153,7 +159,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 let c = pi % dv;
                 var sum = acc[a] * scale_sh[r];
                 for (var jj = 0u; jj < n; jj++) {
-                    sum += s_sh[r * BC_MAX + jj] * kv_sh[jj * dv + c];
+                    sum += s_sh[r * BC_MAX + jj] * kv_sh[jj * ks + c];
                 }
                 acc[a] = sum;
             }

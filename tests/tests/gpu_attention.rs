@@ -35,9 +35,9 @@ fn base() -> Option<&'static GpuEngine> {
 
 /// The engine for a variant, or a loud skip when the adapter lacks it (a failure under
 /// `TWINFER_REQUIRE_GPU=1`, since CI's lavapipe has every feature used here).
-fn engine(variant: Variant, f16_kv: bool, split_k: SplitK) -> Option<GpuEngine> {
+fn engine(variant: Variant, f16_kv: bool, split_k: SplitK, decode_wg: u32) -> Option<GpuEngine> {
     let base = base()?;
-    let opts = GpuOptions { variant, f16_kv, split_k, ..base.options() };
+    let opts = GpuOptions { variant, f16_kv, split_k, decode_wg };
     match base.with_options(opts) {
         Ok(e) => Some(e),
         Err(e) => {
@@ -95,12 +95,12 @@ fn with_kv(case: Case, f16_kv: bool) -> Case {
 }
 
 macro_rules! variant_suite {
-    ($name:ident, $variant:expr, $f16:expr) => {
+    ($name:ident, $variant:expr, $f16:expr, $wg:expr) => {
         mod $name {
             use super::*;
 
             fn e(split_k: SplitK) -> Option<GpuEngine> {
-                engine($variant, $f16, split_k)
+                engine($variant, $f16, split_k, $wg)
             }
 
             proptest! {
@@ -212,10 +212,13 @@ macro_rules! variant_suite {
     };
 }
 
-variant_suite!(baseline_f32, Variant::Baseline, false);
-variant_suite!(baseline_f16, Variant::Baseline, true);
-variant_suite!(subgroup_f32, Variant::Subgroup, false);
-variant_suite!(subgroup_f16, Variant::Subgroup, true);
+variant_suite!(baseline_f32, Variant::Baseline, false, 64);
+variant_suite!(baseline_f16, Variant::Baseline, true, 64);
+variant_suite!(subgroup_f32, Variant::Subgroup, false, 64);
+variant_suite!(subgroup_f16, Variant::Subgroup, true, 64);
+// Wide decode workgroups: the key-group split of the value pass (the default on real GPUs).
+variant_suite!(subgroup_f16_wg256, Variant::Subgroup, true, 256);
+variant_suite!(baseline_f32_wg128, Variant::Baseline, false, 128);
 
 #[test]
 fn adapter_is_reported() {

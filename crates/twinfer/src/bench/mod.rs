@@ -1,8 +1,8 @@
 //! Kernel benchmarks that report against this machine's own ceilings, measured in the same run.
 
 pub mod cases;
-pub mod gpu;
 pub mod ceilings;
+pub mod gpu;
 pub mod timing;
 
 use crate::cpu::CpuEngine;
