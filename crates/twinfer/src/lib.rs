@@ -1,5 +1,5 @@
 //! twinfer: FlashAttention-style prefill and FlashInfer-style paged decode attention, on SIMD CPUs
-//! (through `pulp`) and, in a later engine, WebGPU.
+//! (through `pulp`) and on GPUs through WGSL compute shaders (`wgpu`).
 
 pub mod attention;
 mod backend;
