@@ -9,7 +9,9 @@
 // the block has fewer pairs than threads, the keys are dealt to several key groups whose sums
 // are folded at the end. Loads are unrolled by 8 so that each thread has several in flight.
 // With several chunks (split-K, for small batches) each workgroup writes a partial (o, lse) row
-// that merge_state.wgsl combines; with one chunk the partial row is the final row.
+// that merge_state.wgsl combines; with one chunk the partial row is the final row. A pool split
+// into several buffers (each within the binding limit) runs one pass per buffer, each seeing only
+// its own pages, and their partial rows are merged the same way.
 //
 // Tiling: WG keys per tile (override, power of two, 64..=256); head_dim <= 256; GMAX = 8.
 // Bindings (group 0): 0 uniform AttnParams; 1 q [batch, Hq, D] f32; 2 k, 3 v: pool
@@ -87,6 +89,7 @@ fn wg_reduce(vals: array<f32, GMAX>, is_max: bool, lid: u32) -> array<f32, GMAX>
 @compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 // #if SUBGROUP
     @builtin(subgroup_invocation_id) sg_lane: u32,
@@ -147,18 +150,23 @@ fn main(
 
     for (var t0 = start; t0 < end; t0 += i32(WG)) {
         let j = t0 + i32(lid);
-        let valid = j < end;
+        var valid = j < end;
+        var row = 0u;
         if (valid) {
-            // The key's row offset, so that the value pass does no division.
+            // The key's row offset, so that the value pass does no division. Keys whose page
+            // lives in another buffer of a split pool are another pass's: they read row 0 with
+            // weight 0.
             let page = tbl[P.off_indices + page0 + u32(j) / ps];
-            pg_sh[lid] = ((page * ps + u32(j) % ps) * hk + h) * dv;
+            valid = page / P.pages_per_buffer == P.kv_buffer;
+            row = select(0u, (((page % P.pages_per_buffer) * ps + u32(j) % ps) * hk + h) * dv, valid);
         }
+        pg_sh[lid] = row;
         workgroupBarrier();
         // Scores: key j against every head of the block, each K vec4 read once.
         var s: array<f32, GMAX>;
         for (var g = 0u; g < GMAX; g++) { s[g] = 0.0; }
         if (valid) {
-            let base = pg_sh[lid];
+            let base = row;
             // Eight loads issued before they are used: a thread's reads are otherwise one
             // memory latency each, which is what bounds this loop on a GPU.
             var c = 0u;
@@ -254,7 +262,9 @@ fn main(
         workgroupBarrier();
     }
 
-    let out_row0 = (b * P.num_chunks + chunk) * P.num_qo_heads + h * P.group + g0;
+    // Partial rows are (sequence, buffer pass, chunk); one buffer and one chunk is the final row.
+    let out_chunk = b * P.num_chunks + P.kv_buffer * nwg.x + chunk;
+    let out_row0 = out_chunk * P.num_qo_heads + h * P.group + g0;
     for (var a = 0u; a < NACC; a++) {
         let pi = lane + a * lanes;
         if (grp == 0u && pi < np) {

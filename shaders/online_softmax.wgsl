@@ -36,6 +36,10 @@ struct AttnParams {
     off_alibi: u32,       //   ALiBi slopes as f32 bits,
     off_work: u32,        //   prefill work list: (sequence, first row) pairs
     num_work: u32,
+    kv_buffer: u32,       // decode: which buffer of a split pool this pass reads
+    pages_per_buffer: u32,// pages per pool buffer (page p lives in buffer p / pages_per_buffer)
+    _pad0: u32,
+    _pad1: u32,
 }
 
 // The score transform of the API, in its order: scale, soft-cap, ALiBi.

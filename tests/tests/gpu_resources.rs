@@ -29,12 +29,25 @@ fn wave(i: usize, f: f32) -> f32 {
 /// the last step equals the CPU engine over a host mirror of the pool.
 #[test]
 fn decode_loop_creates_nothing_after_warm_up() {
+    decode_loop(None);
+}
+
+/// The same loop over a pool split into buffers of 3 pages (14 buffers): pages map to
+/// (buffer, slot), decode runs one pass per buffer and merges them.
+#[test]
+fn decode_loop_over_a_split_pool() {
+    decode_loop(Some(3));
+}
+
+fn decode_loop(pages_per_buffer: Option<usize>) {
     let Some(gpu) = engine() else { return };
     let (hq, hk, d, ps, batch, pages_per_seq) = (8, 2, 64, 16, 4, 10);
     let layout = KvLayout::new(ps, hk, d).unwrap();
     let num_pages = batch * pages_per_seq;
     let storage = if gpu.options().f16_kv { KvStorage::F16 } else { KvStorage::F32 };
-    let cache = GpuKvCache::new(&gpu, layout, num_pages, storage, u64::MAX).unwrap();
+    let max_buffer = pages_per_buffer.map_or(u64::MAX, |n| (n * layout.page_elems() * storage.bytes()) as u64);
+    let cache = GpuKvCache::new(&gpu, layout, num_pages, storage, max_buffer).unwrap();
+    assert_eq!(cache.num_buffers(), pages_per_buffer.map_or(1, |n| num_pages.div_ceil(n)));
     // Host mirror, rounded like the device storage.
     let round = |x: f32| if storage == KvStorage::F16 { twinfer::f16::from_f32(x).to_f32() } else { x };
     let mut k_host = vec![0f32; num_pages * layout.page_elems()];
@@ -112,9 +125,12 @@ fn decode_loop_creates_nothing_after_warm_up() {
 fn requests_over_the_limits_are_typed_errors() {
     let Some(gpu) = engine() else { return };
     let layout = KvLayout::new(16, 8, 128).unwrap();
-    // 128 MiB default cap: 1024 pages of 16 x 8 x 128 f32 = 64 MiB fits, 4096 pages do not.
-    assert!(GpuKvCache::new(&gpu, layout, 1024, KvStorage::F32, twinfer::gpu::DEFAULT_MAX_KV_BUFFER).is_ok());
-    match GpuKvCache::new(&gpu, layout, 4096, KvStorage::F32, twinfer::gpu::DEFAULT_MAX_KV_BUFFER) {
+    // 128 MiB default cap: 1024 pages of 16 x 8 x 128 f32 (64 KiB each) fit one buffer, 4096
+    // pages take two; a page larger than the cap is over the limit.
+    let cap = twinfer::gpu::DEFAULT_MAX_KV_BUFFER;
+    assert_eq!(GpuKvCache::new(&gpu, layout, 1024, KvStorage::F32, cap).unwrap().num_buffers(), 1);
+    assert_eq!(GpuKvCache::new(&gpu, layout, 4096, KvStorage::F32, cap).unwrap().num_buffers(), 2);
+    match GpuKvCache::new(&gpu, layout, 4, KvStorage::F32, 32 << 10) {
         Err(TwinferError::OverLimit { requested, limit, .. }) => assert!(requested > limit),
         other => panic!("expected OverLimit, got {other:?}"),
     }

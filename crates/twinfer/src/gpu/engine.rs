@@ -126,19 +126,20 @@ impl GpuEngine {
         self.write(&mut res, Slot::K, &kv.k)?;
         self.write(&mut res, Slot::V, &kv.v)?;
         let step = DecodeStep { p: &p, page_size: input.kv.layout.page_size, indices: &kv.indices, storage };
-        self.decode_on_device(&mut res, &step, Bind::Slot(Slot::K), Bind::Slot(Slot::V))?;
+        self.decode_on_device(&mut res, &step, &[(Bind::Slot(Slot::K), Bind::Slot(Slot::V))], u32::MAX)?;
         let result = self.read_back(&mut res, p.batch * params.num_qo_heads, params.head_dim, out.lse.is_some());
         scope.pop(result?, out)
     }
 
     /// Writes Q and the page table, then records and submits decode (and merge): the result is in
-    /// the O and Lse slots. K and V are bound as given (pool slots or a device-resident cache).
+    /// the O and Lse slots. K and V are bound as given (pool slots or a device-resident cache),
+    /// one (K, V) pair per buffer of a split pool, page p living in buffer p / pages_per_buffer.
     pub(super) fn decode_on_device(
         &self,
         res: &mut Resources,
         step: &DecodeStep<'_>,
-        k: Bind<'_>,
-        v: Bind<'_>,
+        kv_buffers: &[(Bind<'_>, Bind<'_>)],
+        pages_per_buffer: u32,
     ) -> Result<()> {
         let (p, params) = (step.p, step.p.params);
         let (hq, hk, d) = (params.num_qo_heads, params.num_kv_heads, params.head_dim);
@@ -164,9 +165,11 @@ impl GpuEngine {
                 longest.div_ceil(chunks).next_multiple_of(wg)
             }
         };
-        let num_chunks = longest.div_ceil(chunk_len);
+        let chunks_per_pass = longest.div_ceil(chunk_len);
+        let num_chunks = chunks_per_pass * kv_buffers.len();
         let prm = AttnParams {
             num_chunks: num_chunks as u32,
+            pages_per_buffer,
             chunk_len: chunk_len as u32,
             off_indices,
             off_last_len,
@@ -178,7 +181,6 @@ impl GpuEngine {
         let split = num_chunks > 1;
         let (o_slot, lse_slot) = if split { (Slot::OPart, Slot::LsePart) } else { (Slot::O, Slot::Lse) };
         let ctx = &*self.ctx;
-        self.write(res, Slot::AttnParams, bytemuck::bytes_of(&prm))?;
         match step.p.q {
             crate::dtype::TensorRef::F32(q) => self.write(res, Slot::Q, bytemuck::cast_slice(q))?,
             _ => self.write(res, Slot::Q, bytemuck::cast_slice(&q_f32(p)))?,
@@ -192,16 +194,29 @@ impl GpuEngine {
             kv: step.storage,
             tile: Tile { wg: self.opts.decode_wg, br: 0, bc: 0 },
         };
-        let binds = vec![
-            Bind::Slot(Slot::AttnParams),
-            Bind::Slot(Slot::Q),
-            k,
-            v,
-            Bind::Slot(Slot::Meta),
-            Bind::Slot(o_slot),
-            Bind::Slot(lse_slot),
-        ];
-        let mut passes = vec![(key, binds, [num_chunks, hk * n_gblk, p.batch])];
+        let binds = |k, v| {
+            vec![
+                Bind::Slot(Slot::AttnParams),
+                Bind::Slot(Slot::Q),
+                k,
+                v,
+                Bind::Slot(Slot::Meta),
+                Bind::Slot(o_slot),
+                Bind::Slot(lse_slot),
+            ]
+        };
+        let grid = [chunks_per_pass, hk * n_gblk, p.batch];
+        // One submission per buffer but the last: each pass needs its own `kv_buffer` parameter,
+        // and writes between submissions are ordered with them.
+        let (last, first) =
+            kv_buffers.split_last().ok_or_else(|| TwinferError::InvalidParameter("no KV buffer".into()))?;
+        for (i, (k, v)) in first.iter().enumerate() {
+            self.write(res, Slot::AttnParams, bytemuck::bytes_of(&AttnParams { kv_buffer: i as u32, ..prm }))?;
+            self.run_passes(res, &[(key, binds(*k, *v), grid)])?;
+        }
+        let last_prm = AttnParams { kv_buffer: first.len() as u32, ..prm };
+        self.write(res, Slot::AttnParams, bytemuck::bytes_of(&last_prm))?;
+        let mut passes = vec![(key, binds(last.0, last.1), grid)];
         if split {
             let mp = MergeParams {
                 rows: rows as u32,
@@ -321,6 +336,7 @@ impl GpuEngine {
             sm_scale: params.resolved_sm_scale(),
             soft_cap: params.logits_soft_cap.unwrap_or(0.0),
             has_alibi: params.alibi_slopes.is_some() as u32,
+            pages_per_buffer: u32::MAX,
             ..Default::default()
         }
     }
@@ -367,6 +383,11 @@ impl GpuEngine {
         );
         ctx.counters.submits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Makes the pipeline and bind group of a pass without running it (warm-up).
+    pub(super) fn prepare(&self, res: &mut Resources, key: PipelineKey, binds: &[Bind<'_>]) -> Result<()> {
+        res.bind_group(&self.ctx, key, binds).map(drop)
     }
 
     /// Copies O (and LSE) into the readback buffer and maps it.

@@ -29,6 +29,12 @@ pub struct AttnParams {
     pub off_alibi: u32,
     pub off_work: u32,
     pub num_work: u32,
+    /// Decode: the pool buffer this pass reads.
+    pub kv_buffer: u32,
+    /// Pages per pool buffer (`u32::MAX` for an unsplit pool).
+    pub pages_per_buffer: u32,
+    pub _pad0: u32,
+    pub _pad1: u32,
 }
 
 /// WGSL `MergeParams` (merge_state.wgsl).
@@ -88,7 +94,11 @@ pub fn layouts() -> Vec<Layout> {
                 off_qo_indptr,
                 off_alibi,
                 off_work,
-                num_work
+                num_work,
+                kv_buffer,
+                pages_per_buffer,
+                _pad0,
+                _pad1
             ]
         ),
         offsets!(MergeParams, "MergeParams", [rows, num_heads, num_chunks, head_dim]),

@@ -19,20 +19,24 @@ pub const DEFAULT_MAX_KV_BUFFER: u64 = 128 << 20;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// One layer's page pool on the device: K and V are each `[num_pages, page_size, Hk, D]`.
+/// One layer's page pool on the device: K and V are each `[num_pages, page_size, Hk, D]`, split
+/// into buffers of `pages_per_buffer` pages so that no buffer exceeds a binding; page `p` lives
+/// in buffer `p / pages_per_buffer` at slot `p % pages_per_buffer`.
 #[derive(Debug)]
 pub struct GpuKvCache {
     id: u64,
     pub layout: KvLayout,
     pub storage: KvStorage,
     pub num_pages: usize,
-    k: wgpu::Buffer,
-    v: wgpu::Buffer,
+    pub pages_per_buffer: usize,
+    /// (K, V) per buffer.
+    buffers: Vec<(wgpu::Buffer, wgpu::Buffer)>,
 }
 
 impl GpuKvCache {
-    /// Allocates the pool. It must fit one binding of at most `max_buffer` bytes per K and V (see
-    /// [`DEFAULT_MAX_KV_BUFFER`]; pass the adapter's limit to lift the phone-sized default).
+    /// Allocates the pool in buffers of at most `max_buffer` bytes each for K and V (see
+    /// [`DEFAULT_MAX_KV_BUFFER`]) and never above the adapter's binding limit. `OverLimit` only
+    /// when a single page does not fit.
     pub fn new(
         engine: &GpuEngine,
         layout: KvLayout,
@@ -45,26 +49,45 @@ impl GpuKvCache {
         if storage == KvStorage::F16 && !ctx.summary.shader_f16 {
             return Err(TwinferError::GpuUnavailable(format!("{} has no shader-f16", ctx.summary.name)));
         }
-        let bytes = (num_pages.max(1) * layout.page_elems() * storage.bytes()) as u64;
+        let page_bytes = (layout.page_elems() * storage.bytes()) as u64;
         let limit = max_buffer.min(ctx.limits.max_storage_buffer_binding_size);
-        if bytes > limit {
-            return Err(TwinferError::OverLimit { what: "KV pool buffer (K or V)", requested: bytes, limit });
+        if page_bytes > limit {
+            return Err(TwinferError::OverLimit { what: "one KV page (K or V)", requested: page_bytes, limit });
         }
+        let num_pages = num_pages.max(1);
+        let pages_per_buffer = ((limit / page_bytes) as usize).min(num_pages).min(u32::MAX as usize - 1);
         let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let make = |label| {
+        let make = |label, pages: usize| {
             ctx.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
-                size: bytes,
+                size: pages as u64 * page_bytes,
                 usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
                 mapped_at_creation: false,
             })
         };
-        let (k, v) = (make("kv pool k"), make("kv pool v"));
+        let buffers: Vec<_> = (0..num_pages.div_ceil(pages_per_buffer))
+            .map(|i| {
+                let pages = pages_per_buffer.min(num_pages - i * pages_per_buffer);
+                (make("kv pool k", pages), make("kv pool v", pages))
+            })
+            .collect();
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(TwinferError::GpuOutOfMemory(format!("KV pool of 2 x {bytes} bytes: {e}")));
+            return Err(TwinferError::GpuOutOfMemory(format!("KV pool of 2 x {num_pages} x {page_bytes} bytes: {e}")));
         }
-        ctx.counters.buffers.fetch_add(2, Ordering::Relaxed);
-        Ok(Self { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), layout, storage, num_pages, k, v })
+        ctx.counters.buffers.fetch_add(2 * buffers.len() as u64, Ordering::Relaxed);
+        Ok(Self { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), layout, storage, num_pages, pages_per_buffer, buffers })
+    }
+
+    /// Number of buffers each of K and V is split into.
+    pub fn num_buffers(&self) -> usize {
+        self.buffers.len()
+    }
+
+    /// (K, V) bindings of buffer `i`, with ids unique to this pool and buffer.
+    fn binds(&self, i: usize) -> (Bind<'_>, Bind<'_>) {
+        let (k, v) = &self.buffers[i];
+        let id = self.id << 24 | (i as u64) << 1;
+        (Bind::External(id, k), Bind::External(id | 1, v))
     }
 
     /// Uploads whole pages from the host, starting at page `first` (setup and benchmarks).
@@ -78,10 +101,18 @@ impl GpuKvCache {
                 got: k.len(),
             });
         }
-        let offset = (first * page * self.storage.bytes()) as u64;
         let q = &engine.context().queue;
-        q.write_buffer(&self.k, offset, &super::upload::tensor_bytes(k, 0, k.len(), self.storage));
-        q.write_buffer(&self.v, offset, &super::upload::tensor_bytes(v, 0, v.len(), self.storage));
+        let mut p = first;
+        while p < first + pages {
+            let (buf, slot) = (p / self.pages_per_buffer, p % self.pages_per_buffer);
+            let n = (self.pages_per_buffer - slot).min(first + pages - p);
+            let (src, len) = ((p - first) * page, n * page);
+            let offset = (slot * page * self.storage.bytes()) as u64;
+            let (kb, vb) = &self.buffers[buf];
+            q.write_buffer(kb, offset, &super::upload::tensor_bytes(k, src, len, self.storage));
+            q.write_buffer(vb, offset, &super::upload::tensor_bytes(v, src, len, self.storage));
+            p += n;
+        }
         Ok(())
     }
 
@@ -111,26 +142,49 @@ impl GpuKvCache {
             head_dim: l.head_dim as u32,
             page_size: l.page_size as u32,
         };
-        let flat: Vec<u32> = slots.iter().flat_map(|&(p, s)| [p, s]).collect();
+        // Every slot exists before any bind group names it.
         engine.write(&mut res, Slot::AppendParams, bytemuck::bytes_of(&prm))?;
-        engine.write(&mut res, Slot::NewK, bytemuck::cast_slice(k_new))?;
-        engine.write(&mut res, Slot::NewV, bytemuck::cast_slice(v_new))?;
-        engine.write(&mut res, Slot::AppendSlots, bytemuck::cast_slice(&flat))?;
+        for slot in [Slot::NewK, Slot::NewV, Slot::AppendSlots] {
+            res.buffer(engine.context(), slot, 16)?;
+        }
         let key = PipelineKey {
             kernel: Kernel::AppendKv,
             variant: Variant::Baseline,
             kv: self.storage,
             tile: Tile { wg: 64, br: 0, bc: 0 },
         };
-        let binds = vec![
-            Bind::Slot(Slot::AppendParams),
-            Bind::Slot(Slot::NewK),
-            Bind::Slot(Slot::NewV),
-            Bind::Slot(Slot::AppendSlots),
-            Bind::External(self.id, &self.k),
-            Bind::External(self.id | 1 << 40, &self.v),
-        ];
-        engine.run_passes(&mut res, &[(key, binds, [rows.min(32768), rows.div_ceil(32768), 1])])
+        let row = l.row_elems();
+        // One submission per buffer that receives rows (writes are ordered with submissions);
+        // every buffer's bind group is made on the first call, so none is made in steady state.
+        for buf in 0..self.buffers.len() {
+            let mine: Vec<usize> = (0..rows).filter(|&r| slots[r].0 as usize / self.pages_per_buffer == buf).collect();
+            let (k, v) = self.binds(buf);
+            let binds = vec![
+                Bind::Slot(Slot::AppendParams),
+                Bind::Slot(Slot::NewK),
+                Bind::Slot(Slot::NewV),
+                Bind::Slot(Slot::AppendSlots),
+                k,
+                v,
+            ];
+            if mine.is_empty() {
+                engine.prepare(&mut res, key, &binds)?;
+                continue;
+            }
+            let flat: Vec<u32> =
+                mine.iter().flat_map(|&r| [slots[r].0 % self.pages_per_buffer as u32, slots[r].1]).collect();
+            let gather = |src: &[f32]| -> Vec<f32> {
+                mine.iter().flat_map(|&r| src[r * row..(r + 1) * row].iter().copied()).collect()
+            };
+            let prm = AppendParams { rows: mine.len() as u32, ..prm };
+            engine.write(&mut res, Slot::AppendParams, bytemuck::bytes_of(&prm))?;
+            engine.write(&mut res, Slot::NewK, bytemuck::cast_slice(&gather(k_new)))?;
+            engine.write(&mut res, Slot::NewV, bytemuck::cast_slice(&gather(v_new)))?;
+            engine.write(&mut res, Slot::AppendSlots, bytemuck::cast_slice(&flat))?;
+            let n = mine.len();
+            engine.run_passes(&mut res, &[(key, binds, [n.min(32768), n.div_ceil(32768), 1])])?;
+        }
+        Ok(())
     }
 }
 
@@ -176,12 +230,8 @@ impl GpuEngine {
         let scope = Scopes::push(self.context());
         let step =
             DecodeStep { p: &p, page_size: cache.layout.page_size, indices: table.indices, storage: cache.storage };
-        self.decode_on_device(
-            &mut res,
-            &step,
-            Bind::External(cache.id, &cache.k),
-            Bind::External(cache.id | 1 << 40, &cache.v),
-        )?;
+        let kv: Vec<_> = (0..cache.num_buffers()).map(|i| cache.binds(i)).collect();
+        self.decode_on_device(&mut res, &step, &kv, cache.pages_per_buffer as u32)?;
         match out {
             Some(out) => {
                 let r = self.read_back(&mut res, p.batch * params.num_qo_heads, params.head_dim, out.lse.is_some());
