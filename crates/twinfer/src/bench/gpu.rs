@@ -55,6 +55,19 @@ pub fn run_gpu_kernels(engine: &GpuEngine, scope: Scope) -> Result<KernelReport>
 
 /// Causal prefill of one sequence of `len` tokens, f16 Q/K/V, f32 output.
 fn prefill_causal(engine: &GpuEngine, len: usize, runs: usize) -> Result<CaseResult> {
+    prepare_prefill_causal(engine, len)?;
+    let seconds = Stats::from_samples(engine.samples(runs)?);
+    Ok(CaseResult {
+        name: format!("prefill causal L={len}"),
+        seconds,
+        bound: Bound::Compute,
+        work: super::cases::prefill_causal_flops(len),
+    })
+}
+
+/// Uploads the inputs of a causal prefill of `len` tokens and runs it once, so that
+/// [`GpuEngine::time_last`] re-runs it on device-resident inputs.
+pub fn prepare_prefill_causal(engine: &GpuEngine, len: usize) -> Result<()> {
     let params = AttentionParams::new(QO_HEADS, KV_HEADS, HEAD_DIM).causal(true);
     let q = pseudo_random(len * QO_HEADS * HEAD_DIM, 1);
     let k = pseudo_random(len * KV_HEADS * HEAD_DIM, 2);
@@ -66,18 +79,24 @@ fn prefill_causal(engine: &GpuEngine, len: usize, runs: usize) -> Result<CaseRes
         kv: KvInput::Ragged { k: k.as_slice().into(), v: v.as_slice().into(), kv_indptr: &indptr },
     };
     let mut o = vec![0f32; len * QO_HEADS * HEAD_DIM];
-    engine.prefill(&params, &input, &mut AttentionOutput::new(o.as_mut_slice()))?;
-    let seconds = Stats::from_samples(engine.samples(runs)?);
-    Ok(CaseResult {
-        name: format!("prefill causal L={len}"),
-        seconds,
-        bound: Bound::Compute,
-        work: super::cases::prefill_causal_flops(len),
-    })
+    engine.prefill(&params, &input, &mut AttentionOutput::new(o.as_mut_slice()))
 }
 
 /// Paged decode: f16 KV, page 16, pages scattered over the pool by a fixed permutation.
 fn decode_paged(engine: &GpuEngine, batch: usize, ctx: usize, runs: usize) -> Result<CaseResult> {
+    prepare_decode_paged(engine, batch, ctx)?;
+    let seconds = Stats::from_samples(engine.samples(runs)?);
+    Ok(CaseResult {
+        name: format!("decode f16 page{PAGE_SIZE} batch={batch} ctx={}K", ctx / 1024),
+        seconds,
+        bound: Bound::Memory,
+        work: super::cases::decode_paged_bytes(batch, ctx),
+    })
+}
+
+/// Uploads the inputs of a paged decode step and runs it once, so that
+/// [`GpuEngine::time_last`] re-runs it on device-resident inputs.
+pub fn prepare_decode_paged(engine: &GpuEngine, batch: usize, ctx: usize) -> Result<()> {
     let params = AttentionParams::new(QO_HEADS, KV_HEADS, HEAD_DIM);
     let layout = KvLayout::new(PAGE_SIZE, KV_HEADS, HEAD_DIM)?;
     let pages_per_seq = ctx.div_ceil(PAGE_SIZE);
@@ -96,13 +115,5 @@ fn decode_paged(engine: &GpuEngine, batch: usize, ctx: usize, runs: usize) -> Re
         table: PageTable::new(&indptr, &indices, &last),
     };
     let mut o = vec![0f32; batch * QO_HEADS * HEAD_DIM];
-    engine.decode(&params, &input, &mut AttentionOutput::new(o.as_mut_slice()))?;
-    drop((k, v));
-    let seconds = Stats::from_samples(engine.samples(runs)?);
-    Ok(CaseResult {
-        name: format!("decode f16 page{PAGE_SIZE} batch={batch} ctx={}K", ctx / 1024),
-        seconds,
-        bound: Bound::Memory,
-        work: super::cases::decode_paged_bytes(batch, ctx),
-    })
+    engine.decode(&params, &input, &mut AttentionOutput::new(o.as_mut_slice()))
 }
