@@ -2,7 +2,8 @@
 # Installs what the cross targets need, skipping whatever is already there:
 #   - the Rust targets wasm32-unknown-unknown and aarch64-unknown-linux-gnu;
 #   - the aarch64 linker, C library and qemu (Debian packages);
-#   - wasm-bindgen-cli at the exact version the twinfer-web crate pins.
+#   - wasm-bindgen-cli at the exact version the twinfer-web crate pins;
+#   - lavapipe (Mesa's software Vulkan), on which the WGSL kernels are tested.
 # Meant for a fresh Debian 12 machine running as root (CI) as well as a developer box.
 # Never enables multiarch arm64: with libc6:arm64 installed, qemu's -L sysroot hangs thread spawns.
 set -euo pipefail
@@ -28,6 +29,20 @@ if ((${#missing[@]})); then
     "${sudo[@]}" apt-get install -y --no-install-recommends "${missing[@]}"
 else
     echo "already installed: gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static"
+fi
+
+echo "== lavapipe (software Vulkan for the GPU tests)"
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp/xdg}"
+mkdir -p -m700 "$XDG_RUNTIME_DIR"
+if vulkaninfo --summary 2>/dev/null | grep -q llvmpipe; then
+    echo "already installed: $(vulkaninfo --summary 2>/dev/null | grep -m1 llvmpipe | sed 's/^[[:space:]]*//')"
+else
+    sudo=()
+    if [[ $(id -u) -ne 0 ]]; then sudo=(sudo); fi
+    export DEBIAN_FRONTEND=noninteractive
+    "${sudo[@]}" apt-get update
+    "${sudo[@]}" apt-get install -y --no-install-recommends mesa-vulkan-drivers libvulkan1 vulkan-tools
+    vulkaninfo --summary 2>/dev/null | grep llvmpipe
 fi
 
 echo "== wasm-bindgen-cli $WASM_BINDGEN_VERSION"

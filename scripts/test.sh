@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, the native tests (every SIMD level this
 # CPU has), the criterion benches once each, the aarch64 suite under qemu (NEON) and the wasm32
-# suite in Node (simd128), plus the npm package's Node test.
+# suite in Node (simd128), plus the npm package's Node test. The WGSL kernels run on lavapipe
+# (software Vulkan); a GPU test that finds no adapter fails here (TWINFER_REQUIRE_GPU=1).
 # Installs the cross toolchains on first use (scripts/setup-cross.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup-cross.sh
+
+export WGPU_BACKEND=vulkan WGPU_ADAPTER_NAME=llvmpipe TWINFER_REQUIRE_GPU=1
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp/xdg}"
+mkdir -p -m700 "$XDG_RUNTIME_DIR"
 
 echo "== cargo fmt --check"
 cargo fmt --all --check

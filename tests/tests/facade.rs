@@ -96,28 +96,41 @@ fn cpu_backend_works_and_reports_itself() {
 }
 
 #[test]
-fn auto_backend_falls_back_to_the_cpu() {
+fn auto_backend_chooses_and_says_why() {
     if env_overrides() {
         return;
     }
     let attention = Attention::new(Backend::Auto).unwrap();
-    assert_reports_cpu(&attention);
+    eprintln!("auto chose: {:?}", attention.info());
+    if attention.info().backend == "gpu" {
+        assert!(attention.info().reason.contains("self-test"), "{:?}", attention.info());
+    } else {
+        assert_reports_cpu(&attention);
+    }
     assert!(attention.info().reason.starts_with("auto"), "{:?}", attention.info());
     assert_works(&attention);
     assert_eq!(Backend::default(), Backend::Auto);
 }
 
+/// `Backend::Gpu` runs on the GPU and says so, or fails with a typed error saying why (a failure
+/// under `TWINFER_REQUIRE_GPU=1`).
 #[test]
-fn gpu_backend_is_unavailable_in_this_build() {
+fn gpu_backend_runs_or_says_why() {
     if env_overrides() {
         return;
     }
     match Attention::new(Backend::Gpu) {
-        Err(TwinferError::BackendUnavailable { backend, reason }) => {
-            assert_eq!(backend, "gpu");
-            assert!(!reason.is_empty());
+        Ok(attention) => {
+            let info = attention.info();
+            assert_eq!(info.backend, "gpu", "{info:?}");
+            assert!(info.reason.contains("self-test"), "{info:?}");
+            assert_works(&attention);
         }
-        other => panic!("expected BackendUnavailable, got {other:?}"),
+        Err(e @ (TwinferError::GpuUnavailable(_) | TwinferError::BackendUnavailable { .. })) => {
+            assert!(std::env::var("TWINFER_REQUIRE_GPU").as_deref() != Ok("1"), "TWINFER_REQUIRE_GPU=1: {e}");
+            eprintln!("SKIPPED: no GPU: {e}");
+        }
+        Err(other) => panic!("expected a GPU or GpuUnavailable, got {other:?}"),
     }
 }
 

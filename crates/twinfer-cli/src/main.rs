@@ -10,9 +10,10 @@ mod plot;
 mod progress;
 mod serve;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use twinfer::bench::{self, KernelReport, Scope};
 use twinfer::cpu::{CpuEngine, SimdLevel};
+use twinfer::gpu::{GpuEngine, Variant};
 use twinfer::{Attention, Backend};
 
 use options::SimdArg;
@@ -51,9 +52,30 @@ enum BenchWhat {
         /// Instruction set to run (default: the widest this CPU has).
         #[arg(long, value_enum)]
         simd: Option<SimdArg>,
+        /// Engine to measure.
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: KernelBackendArg,
+        /// GPU shader variant (default: the best the adapter supports).
+        #[arg(long, value_enum)]
+        variant: Option<VariantArg>,
+        /// GPU decode workgroup size (keys per tile): 64, 128 or 256.
+        #[arg(long)]
+        decode_wg: Option<u32>,
     },
     /// The serving scenarios (Poisson arrivals, continuous batching) with PASS/FAIL against their thresholds.
     Serve(Box<serve::ServeArgs>),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum KernelBackendArg {
+    Cpu,
+    Gpu,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum VariantArg {
+    Baseline,
+    Subgroup,
 }
 
 fn main() -> ExitCode {
@@ -79,11 +101,30 @@ fn run(cli: Cli) -> Result<(), String> {
             println!("reason:         {}", info.reason);
             Ok(())
         }
-        Command::Run(args) => generate::run(args),
+        Command::Bench { what: BenchWhat::Kernels { quick, backend: KernelBackendArg::Gpu, variant, decode_wg, .. } } => {
+            let scope = if quick { Scope::Quick } else { Scope::Full };
+            let gpu = GpuEngine::new().map_err(|e| e.to_string())?;
+            let mut opts = gpu.options();
+            if let Some(v) = variant {
+                opts.variant = match v {
+                    VariantArg::Baseline => Variant::Baseline,
+                    VariantArg::Subgroup => Variant::Subgroup,
+                };
+            }
+            if let Some(wg) = decode_wg {
+                opts.decode_wg = wg;
+            }
+            let gpu = gpu.with_options(opts).map_err(|e| e.to_string())?;
+            let report = bench::gpu::run_gpu_kernels(&gpu, scope).map_err(|e| e.to_string())?;
+            print_report(&report);
+            Ok(())
+        }
+                Command::Run(args) => generate::run(args),
         Command::Embed(args) => generate::embed(args),
         Command::Plan(args) => plan::run(args),
         Command::Bench { what: BenchWhat::Serve(args) } => serve::run(*args),
-        Command::Bench { what: BenchWhat::Kernels { quick, simd } } => {
+        Command::Bench { what: BenchWhat::Kernels { quick, simd, .. } } => {
+
             let level = match simd {
                 Some(s) => SimdLevel::by_name(s.name()).ok_or_else(|| format!("this CPU has no {}", s.name()))?,
                 None => SimdLevel::detect(),

@@ -218,6 +218,11 @@ fn error_code(e: &TwinferError) -> &'static str {
         TwinferError::LayerOutOfRange { .. } => "LayerOutOfRange",
         TwinferError::InvalidParameter(_) => "InvalidParameter",
         TwinferError::BackendUnavailable { .. } => "BackendUnavailable",
+        TwinferError::GpuUnavailable(_) => "GpuUnavailable",
+        TwinferError::DeviceLost(_) => "DeviceLost",
+        TwinferError::OverLimit { .. } => "OverLimit",
+        TwinferError::GpuOutOfMemory(_) => "GpuOutOfMemory",
+        TwinferError::GpuValidation(_) => "GpuValidation",
         _ => "Other",
     }
 }

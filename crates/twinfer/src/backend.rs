@@ -7,6 +7,8 @@ use std::str::FromStr;
 use crate::attention::{AttentionOutput, AttentionParams, DecodeInput, PrefillInput};
 use crate::cpu::{CpuEngine, SimdLevel};
 use crate::error::{Result, TwinferError};
+#[cfg(not(target_arch = "wasm32"))]
+use crate::gpu::GpuEngine;
 
 /// What the caller asks for. `TWINFER_BACKEND=auto|cpu|gpu` overrides it at startup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -65,16 +67,33 @@ impl AttentionBackend for CpuEngine {
     }
 }
 
-/// The engines, statically dispatched; the GPU engine joins this enum.
+#[cfg(not(target_arch = "wasm32"))]
+impl AttentionBackend for GpuEngine {
+    fn prefill(&self, params: &AttentionParams, input: &PrefillInput<'_>, out: &mut AttentionOutput<'_>) -> Result<()> {
+        GpuEngine::prefill(self, params, input, out)
+    }
+    fn decode(&self, params: &AttentionParams, input: &DecodeInput<'_>, out: &mut AttentionOutput<'_>) -> Result<()> {
+        GpuEngine::decode(self, params, input, out)
+    }
+    fn describe(&self) -> (String, String, usize) {
+        (self.context().summary.name.clone(), self.variant_name(), 1)
+    }
+}
+
+/// The engines, statically dispatched.
 #[derive(Debug, Clone)]
 enum Engine {
     Cpu(CpuEngine),
+    #[cfg(not(target_arch = "wasm32"))]
+    Gpu(GpuEngine),
 }
 
 impl Engine {
     fn as_backend(&self) -> &dyn AttentionBackend {
         match self {
             Engine::Cpu(e) => e,
+            #[cfg(not(target_arch = "wasm32"))]
+            Engine::Gpu(e) => e,
         }
     }
 }
@@ -108,17 +127,25 @@ impl Attention {
             },
             None => (SimdLevel::detect(), "widest SIMD level this CPU has".to_string()),
         };
+        let cpu = CpuEngine::with_level(level);
         let reason = match requested {
             Backend::Gpu => {
-                return Err(TwinferError::BackendUnavailable {
-                    backend: "gpu",
-                    reason: "this build has no GPU engine".into(),
-                });
+                let (gpu, why) = open_gpu(&cpu)?;
+                return Ok(Self::with_engine(gpu, format!("GPU requested; {why}")));
             }
             Backend::Cpu => format!("CPU requested; {simd_reason}"),
-            Backend::Auto => format!("auto: no GPU engine in this build, so the CPU; {simd_reason}"),
+            Backend::Auto => match open_gpu(&cpu) {
+                Ok((gpu, why)) if gpu_preferred(&gpu) => {
+                    return Ok(Self::with_engine(gpu, format!("auto: {why}")));
+                }
+                Ok((gpu, _)) => format!(
+                    "auto: the GPU adapter {} is a software rasterizer, slower than the SIMD engine, so the CPU; {simd_reason}",
+                    gpu.as_backend().describe().0
+                ),
+                Err(e) => format!("auto: {e}, so the CPU; {simd_reason}"),
+            },
         };
-        Ok(Self::with_engine(Engine::Cpu(CpuEngine::with_level(level)), reason))
+        Ok(Self::with_engine(Engine::Cpu(cpu), reason))
     }
 
     /// The CPU engine on a given instruction set.
@@ -130,6 +157,8 @@ impl Attention {
         let (device, variant, threads) = engine.as_backend().describe();
         let backend = match engine {
             Engine::Cpu(_) => "cpu",
+            #[cfg(not(target_arch = "wasm32"))]
+            Engine::Gpu(_) => "gpu",
         };
         Self { engine, info: BackendInfo { backend, device, variant, threads, reason } }
     }
@@ -157,6 +186,29 @@ impl Attention {
         out: &mut AttentionOutput<'_>,
     ) -> Result<()> {
         self.engine.as_backend().decode(params, input, out)
+    }
+}
+
+/// Opens the GPU engine and runs its self-test against the CPU engine.
+#[cfg(not(target_arch = "wasm32"))]
+fn open_gpu(cpu: &CpuEngine) -> Result<(Engine, String)> {
+    let gpu = GpuEngine::new()?;
+    gpu.self_test(cpu)?;
+    let why = format!("{} passed the self-test; variant {}", gpu.context().summary, gpu.variant_name());
+    Ok((Engine::Gpu(gpu), why))
+}
+
+#[cfg(target_arch = "wasm32")]
+fn open_gpu(_cpu: &CpuEngine) -> Result<(Engine, String)> {
+    Err(TwinferError::BackendUnavailable { backend: "gpu", reason: "the wasm build has no GPU engine yet".into() })
+}
+
+/// Auto prefers a real GPU; a software adapter (device type Cpu, as lavapipe) loses to SIMD.
+fn gpu_preferred(engine: &Engine) -> bool {
+    match engine {
+        #[cfg(not(target_arch = "wasm32"))]
+        Engine::Gpu(g) => g.context().summary.device_type != "Cpu",
+        _ => false,
     }
 }
 

@@ -65,6 +65,21 @@ pub enum TwinferError {
 
     #[error("backend {backend} is unavailable: {reason}")]
     BackendUnavailable { backend: &'static str, reason: String },
+
+    #[error("no usable GPU: {0}")]
+    GpuUnavailable(String),
+
+    #[error("the GPU device was lost ({0}); the CPU engine can take over")]
+    DeviceLost(String),
+
+    #[error("{what}: {requested} exceeds the adapter's limit of {limit}")]
+    OverLimit { what: &'static str, requested: u64, limit: u64 },
+
+    #[error("GPU out of memory: {0}")]
+    GpuOutOfMemory(String),
+
+    #[error("GPU validation error: {0}")]
+    GpuValidation(String),
 }
 
 /// Result alias used across the crate.

@@ -1,5 +1,5 @@
 //! twinfer: FlashAttention-style prefill and FlashInfer-style paged decode attention, on SIMD CPUs
-//! (through `pulp`) and, in a later engine, WebGPU.
+//! (through `pulp`) and on GPUs through WGSL compute shaders (`wgpu`).
 
 pub mod attention;
 mod backend;
@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod dtype;
 pub mod engine;
 pub mod error;
+pub mod gpu;
 pub mod kv;
 pub mod model;
 pub mod reference;

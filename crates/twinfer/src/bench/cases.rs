@@ -42,7 +42,7 @@ impl CaseResult {
     }
 }
 
-fn pseudo_random(n: usize, seed: u64) -> Vec<f16> {
+pub(crate) fn pseudo_random(n: usize, seed: u64) -> Vec<f16> {
     let mut s = seed;
     (0..n)
         .map(|_| {

@@ -2,6 +2,7 @@
 
 pub mod cases;
 pub mod ceilings;
+pub mod gpu;
 pub mod plan;
 pub mod serve;
 pub mod timing;

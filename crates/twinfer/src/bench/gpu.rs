@@ -1,0 +1,119 @@
+//! The GPU kernel benchmarks: the same shapes as the CPU table, timed on device-resident inputs
+//! (inputs go up once, then the recorded dispatches are re-submitted and timed from submit to
+//! completion), against ceilings measured by the same binary on the same device.
+
+use half::f16;
+
+use super::cases::{Bound, CaseResult, HEAD_DIM, KV_HEADS, PAGE_SIZE, QO_HEADS, pseudo_random};
+use super::timing::Stats;
+use super::{KernelReport, Scope};
+use crate::attention::{AttentionOutput, AttentionParams, DecodeInput, KvInput, PrefillInput};
+use crate::error::Result;
+use crate::gpu::GpuEngine;
+use crate::kv::{KvLayout, PageTable, PagedKv};
+
+/// Measures the ceilings, then every case, on `engine`.
+pub fn run_gpu_kernels(engine: &GpuEngine, scope: Scope) -> Result<KernelReport> {
+    let ctx = engine.context();
+    let runs = match scope {
+        Scope::Quick => 3,
+        Scope::Full => 5,
+    };
+    let limit = ctx.limits.max_storage_buffer_binding_size;
+    let read_bytes = match scope {
+        Scope::Quick => 32u64 << 20,
+        Scope::Full => (1u64 << 30).min(1 << (63 - limit.leading_zeros())),
+    };
+    let read = engine.measure_read(read_bytes, runs)?;
+    let read_gbps = Stats::from_samples(read).map(|t| read_bytes as f64 / t / 1e9);
+    let (wgs, iters) = match scope {
+        Scope::Quick => (16, 256),
+        Scope::Full => (4096, 4096),
+    };
+    let (flops, fma) = engine.measure_fma(wgs, iters, runs)?;
+    let fma_gflops = Stats::from_samples(fma).map(|t| flops / t / 1e9);
+    let mut cases = Vec::new();
+    let (prefill, decode): (&[usize], &[(usize, usize)]) = match scope {
+        Scope::Quick => (&[256], &[(1, 1024), (4, 1024)]),
+        Scope::Full => (&[1024, 4096], &[(1, 8192), (1, 32768), (8, 8192), (64, 8192)]),
+    };
+    for &len in prefill {
+        cases.push(prefill_causal(engine, len, runs)?);
+    }
+    for &(batch, ctx_len) in decode {
+        cases.push(decode_paged(engine, batch, ctx_len, runs)?);
+    }
+    Ok(KernelReport {
+        cpu: ctx.summary.to_string(),
+        simd: format!("gpu {}", engine.variant_name()),
+        threads: 1,
+        read_gbps,
+        fma_gflops,
+        cases,
+    })
+}
+
+/// Causal prefill of one sequence of `len` tokens, f16 Q/K/V, f32 output.
+fn prefill_causal(engine: &GpuEngine, len: usize, runs: usize) -> Result<CaseResult> {
+    prepare_prefill_causal(engine, len)?;
+    let seconds = Stats::from_samples(engine.samples(runs)?);
+    Ok(CaseResult {
+        name: format!("prefill causal L={len}"),
+        seconds,
+        bound: Bound::Compute,
+        work: super::cases::prefill_causal_flops(len),
+    })
+}
+
+/// Uploads the inputs of a causal prefill of `len` tokens and runs it once, so that
+/// [`GpuEngine::time_last`] re-runs it on device-resident inputs.
+pub fn prepare_prefill_causal(engine: &GpuEngine, len: usize) -> Result<()> {
+    let params = AttentionParams::new(QO_HEADS, KV_HEADS, HEAD_DIM).causal(true);
+    let q = pseudo_random(len * QO_HEADS * HEAD_DIM, 1);
+    let k = pseudo_random(len * KV_HEADS * HEAD_DIM, 2);
+    let v = pseudo_random(len * KV_HEADS * HEAD_DIM, 3);
+    let indptr = [0u32, len as u32];
+    let input = PrefillInput {
+        q: q.as_slice().into(),
+        qo_indptr: &indptr,
+        kv: KvInput::Ragged { k: k.as_slice().into(), v: v.as_slice().into(), kv_indptr: &indptr },
+    };
+    let mut o = vec![0f32; len * QO_HEADS * HEAD_DIM];
+    engine.prefill(&params, &input, &mut AttentionOutput::new(o.as_mut_slice()))
+}
+
+/// Paged decode: f16 KV, page 16, pages scattered over the pool by a fixed permutation.
+fn decode_paged(engine: &GpuEngine, batch: usize, ctx: usize, runs: usize) -> Result<CaseResult> {
+    prepare_decode_paged(engine, batch, ctx)?;
+    let seconds = Stats::from_samples(engine.samples(runs)?);
+    Ok(CaseResult {
+        name: format!("decode f16 page{PAGE_SIZE} batch={batch} ctx={}K", ctx / 1024),
+        seconds,
+        bound: Bound::Memory,
+        work: super::cases::decode_paged_bytes(batch, ctx),
+    })
+}
+
+/// Uploads the inputs of a paged decode step and runs it once, so that
+/// [`GpuEngine::time_last`] re-runs it on device-resident inputs.
+pub fn prepare_decode_paged(engine: &GpuEngine, batch: usize, ctx: usize) -> Result<()> {
+    let params = AttentionParams::new(QO_HEADS, KV_HEADS, HEAD_DIM);
+    let layout = KvLayout::new(PAGE_SIZE, KV_HEADS, HEAD_DIM)?;
+    let pages_per_seq = ctx.div_ceil(PAGE_SIZE);
+    let num_pages = batch * pages_per_seq;
+    let k: Vec<f16> = pseudo_random(num_pages * layout.page_elems(), 4);
+    let v: Vec<f16> = pseudo_random(num_pages * layout.page_elems(), 5);
+    // An odd stride is a bijection on a power-of-two pool and on most others; fall back to identity.
+    let stride = if num_pages.is_power_of_two() { 7919 } else { 1 };
+    let indices: Vec<u32> = (0..num_pages).map(|i| ((i * stride) % num_pages) as u32).collect();
+    let indptr: Vec<u32> = (0..=batch).map(|b| (b * pages_per_seq) as u32).collect();
+    let last = vec![(ctx - (pages_per_seq - 1) * PAGE_SIZE) as u32; batch];
+    let q = pseudo_random(batch * QO_HEADS * HEAD_DIM, 6);
+    let input = DecodeInput {
+        q: q.as_slice().into(),
+        kv: PagedKv::new(k.as_slice().into(), v.as_slice().into(), layout)?,
+        table: PageTable::new(&indptr, &indices, &last),
+    };
+    let mut o = vec![0f32; batch * QO_HEADS * HEAD_DIM];
+    engine.decode(&params, &input, &mut AttentionOutput::new(o.as_mut_slice()))
+}

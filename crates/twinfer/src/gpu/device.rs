@@ -1,0 +1,196 @@
+//! The adapter and device: chosen once, with the choice explained, and errors mapped to
+//! [`TwinferError`] (wgpu panics on a WGPU_ADAPTER_NAME that matches nothing, so adapters are
+//! checked here first).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Result, TwinferError};
+
+/// Adapter features the engine uses when present.
+const WANTED: wgpu::Features =
+    wgpu::Features::SHADER_F16.union(wgpu::Features::SUBGROUP).union(wgpu::Features::TIMESTAMP_QUERY);
+
+/// What was chosen, for [`crate::BackendInfo`] and `twinfer info`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdapterSummary {
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+    pub shader_f16: bool,
+    pub subgroups: bool,
+    pub subgroup_sizes: (u32, u32),
+    pub timestamps: bool,
+    pub max_storage_binding: u64,
+    pub max_workgroup_storage: u32,
+    pub max_invocations: u32,
+}
+
+impl std::fmt::Display for AdapterSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({}, {}, driver {}); shader-f16 {}, subgroups {} (sizes {}..={}), timestamps {}; \
+             max storage binding {} MiB, workgroup storage {} KiB, {} invocations",
+            self.name,
+            self.backend,
+            self.device_type,
+            self.driver,
+            yes(self.shader_f16),
+            yes(self.subgroups),
+            self.subgroup_sizes.0,
+            self.subgroup_sizes.1,
+            yes(self.timestamps),
+            self.max_storage_binding >> 20,
+            self.max_workgroup_storage >> 10,
+            self.max_invocations
+        )
+    }
+}
+
+fn yes(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+/// Counts of created GPU objects: a decode loop after warm-up must add none.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub buffers: AtomicU64,
+    pub bind_groups: AtomicU64,
+    pub pipelines: AtomicU64,
+    pub submits: AtomicU64,
+}
+
+/// A snapshot of [`Counters`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ResourceCounts {
+    pub buffers: u64,
+    pub bind_groups: u64,
+    pub pipelines: u64,
+    pub submits: u64,
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> ResourceCounts {
+        ResourceCounts {
+            buffers: self.buffers.load(Ordering::Relaxed),
+            bind_groups: self.bind_groups.load(Ordering::Relaxed),
+            pipelines: self.pipelines.load(Ordering::Relaxed),
+            submits: self.submits.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// One device and queue, shared by every engine built from it.
+#[derive(Debug)]
+pub struct GpuContext {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub summary: AdapterSummary,
+    pub limits: wgpu::Limits,
+    pub features: wgpu::Features,
+    pub counters: Counters,
+    lost: Arc<Mutex<Option<String>>>,
+    lost_flag: Arc<AtomicBool>,
+}
+
+impl GpuContext {
+    /// Opens the adapter named by `WGPU_ADAPTER_NAME` (and `WGPU_BACKEND`), else the default one.
+    pub fn open() -> Result<Arc<Self>> {
+        pollster::block_on(Self::open_async())
+    }
+
+    pub async fn open_async() -> Result<Arc<Self>> {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        if let Ok(wanted) = std::env::var("WGPU_ADAPTER_NAME") {
+            let names: Vec<String> =
+                instance.enumerate_adapters(wgpu::Backends::all()).await.iter().map(|a| a.get_info().name).collect();
+            if !names.iter().any(|n| n.to_lowercase().contains(&wanted.to_lowercase())) {
+                return Err(TwinferError::GpuUnavailable(format!(
+                    "WGPU_ADAPTER_NAME={wanted} matches no adapter (found: {})",
+                    if names.is_empty() { "none".to_string() } else { names.join(", ") }
+                )));
+            }
+        }
+        let adapter = wgpu::util::initialize_adapter_from_env_or_default(&instance, None)
+            .await
+            .map_err(|e| TwinferError::GpuUnavailable(format!("no GPU adapter: {e}")))?;
+        let info = adapter.get_info();
+        let features = adapter.features() & WANTED;
+        let limits = adapter.limits();
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("twinfer"),
+                required_features: features,
+                required_limits: limits.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| TwinferError::GpuUnavailable(format!("{}: request_device failed: {e}", info.name)))?;
+        let summary = AdapterSummary {
+            name: info.name.clone(),
+            backend: format!("{:?}", info.backend).to_lowercase(),
+            device_type: format!("{:?}", info.device_type),
+            driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
+            shader_f16: features.contains(wgpu::Features::SHADER_F16),
+            subgroups: features.contains(wgpu::Features::SUBGROUP),
+            subgroup_sizes: (info.subgroup_min_size, info.subgroup_max_size),
+            timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+            max_storage_binding: limits.max_storage_buffer_binding_size as u64,
+            max_workgroup_storage: limits.max_compute_workgroup_storage_size,
+            max_invocations: limits.max_compute_invocations_per_workgroup,
+        };
+        let lost = Arc::new(Mutex::new(None));
+        let lost_flag = Arc::new(AtomicBool::new(false));
+        {
+            let (lost, flag) = (lost.clone(), lost_flag.clone());
+            device.set_device_lost_callback(move |reason, msg| {
+                if let Ok(mut l) = lost.lock() {
+                    *l = Some(format!("{reason:?}: {msg}"));
+                }
+                flag.store(true, Ordering::Release);
+            });
+        }
+        // Errors are caught by error scopes per call; anything that escapes is only logged, so that
+        // a stray error never aborts the host process.
+        device.on_uncaptured_error(Arc::new(|e| eprintln!("twinfer: uncaptured GPU error: {e}")));
+        Ok(Arc::new(Self { device, queue, summary, limits, features, counters: Counters::default(), lost, lost_flag }))
+    }
+
+    /// `Err(DeviceLost)` once the device is gone: the caller can continue on the CPU engine.
+    pub fn check_alive(&self) -> Result<()> {
+        if self.lost_flag.load(Ordering::Acquire) {
+            let why = self.lost.lock().ok().and_then(|l| l.clone()).unwrap_or_default();
+            return Err(TwinferError::DeviceLost(why));
+        }
+        Ok(())
+    }
+
+    /// Destroys the device, as a driver reset would (for tests of the CPU fallback).
+    pub fn simulate_loss(&self) {
+        self.device.destroy();
+        self.lost_flag.store(true, Ordering::Release);
+        if let Ok(mut l) = self.lost.lock() {
+            l.get_or_insert_with(|| "device destroyed".into());
+        }
+    }
+
+    /// Waits for all submitted work; a failure means the device is gone.
+    pub fn wait(&self) -> Result<()> {
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| {
+            self.lost_flag.store(true, Ordering::Release);
+            TwinferError::DeviceLost(e.to_string())
+        })?;
+        self.check_alive()
+    }
+}
+
+/// Maps an error caught by an error scope.
+pub fn map_error(e: wgpu::Error) -> TwinferError {
+    match e {
+        wgpu::Error::OutOfMemory { .. } => TwinferError::GpuOutOfMemory(e.to_string()),
+        wgpu::Error::Validation { description, .. } => TwinferError::GpuValidation(description),
+        wgpu::Error::Internal { description, .. } => TwinferError::GpuValidation(description),
+    }
+}

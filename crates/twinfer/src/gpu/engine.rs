@@ -1,0 +1,565 @@
+//! The GPU attention engine over host slices: the same calls and semantics as the CPU engine.
+//! Each call stages its inputs into pooled buffers, records one submission and reads the results
+//! back; no buffer or bind group is created once the pools have grown to the call's size.
+
+use std::sync::{Arc, Mutex};
+
+use super::device::{GpuContext, ResourceCounts, map_error};
+use super::params::{AttnParams, MergeParams, NO_WINDOW};
+use super::resources::{Bind, PipelineKey, Resources, Slot, Tile};
+use super::shaders::{Kernel, KvStorage, Variant};
+use super::upload::{self, Meta};
+use crate::attention::problem::{KvSource, Problem};
+use crate::attention::{AttentionOutput, AttentionParams, DecodeInput, PrefillInput};
+use crate::cpu::SplitK;
+use crate::dtype::DType;
+use crate::error::{Result, TwinferError};
+
+/// Query heads per decode workgroup (GMAX in the shader).
+const DECODE_GMAX: usize = 8;
+/// Workgroups a decode dispatch should have before split-K stops paying: enough to keep a
+/// 132-SM card's memory system busy (about 8 small workgroups per SM), cheap on small adapters.
+const DECODE_TARGET_WORKGROUPS: usize = 1024;
+/// Widest workgroup storage the kernels need (decode: 27 KiB, prefill: 24.4 KiB).
+pub const WORKGROUP_STORAGE_NEEDED: u32 = 28 * 1024;
+
+/// How the engine runs; every field can be forced (tests cover each variant explicitly).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuOptions {
+    pub variant: Variant,
+    /// Keep f16 K/V as f16 on the device (needs SHADER_F16); otherwise K/V are widened to f32.
+    pub f16_kv: bool,
+    pub split_k: SplitK,
+    /// Decode workgroup size (keys per tile): 64, 128 or 256.
+    pub decode_wg: u32,
+}
+
+/// The WGSL engine on one device.
+#[derive(Debug, Clone)]
+pub struct GpuEngine {
+    ctx: Arc<GpuContext>,
+    res: Arc<Mutex<Resources>>,
+    opts: GpuOptions,
+}
+
+impl GpuEngine {
+    /// Opens the device (see [`GpuContext::open`]) and picks the best variant it supports.
+    pub fn new() -> Result<Self> {
+        Self::on(GpuContext::open()?)
+    }
+
+    /// An engine on an open device, best variant.
+    pub fn on(ctx: Arc<GpuContext>) -> Result<Self> {
+        if ctx.limits.max_compute_workgroup_storage_size < WORKGROUP_STORAGE_NEEDED {
+            return Err(TwinferError::GpuUnavailable(format!(
+                "{}: {} bytes of workgroup storage, the kernels need {WORKGROUP_STORAGE_NEEDED}",
+                ctx.summary.name, ctx.limits.max_compute_workgroup_storage_size
+            )));
+        }
+        let opts = GpuOptions {
+            variant: if ctx.summary.subgroups { Variant::Subgroup } else { Variant::Baseline },
+            f16_kv: ctx.summary.shader_f16,
+            split_k: SplitK::Auto,
+            // Wide workgroups keep more loads in flight on a GPU (3x on an H100 against 64); a
+            // software adapter gains nothing from them.
+            decode_wg: if ctx.summary.device_type != "Cpu" && ctx.summary.max_invocations >= 256 { 256 } else { 64 },
+        };
+        Ok(Self { ctx, res: Arc::new(Mutex::new(Resources::default())), opts })
+    }
+
+    /// The same device with other options (own pools); errors if the adapter lacks a feature.
+    pub fn with_options(&self, opts: GpuOptions) -> Result<Self> {
+        if opts.variant == Variant::Subgroup && !self.ctx.summary.subgroups {
+            return Err(TwinferError::GpuUnavailable(format!("{} has no subgroups", self.ctx.summary.name)));
+        }
+        if opts.f16_kv && !self.ctx.summary.shader_f16 {
+            return Err(TwinferError::GpuUnavailable(format!("{} has no shader-f16", self.ctx.summary.name)));
+        }
+        if ![64, 128, 256].contains(&opts.decode_wg) || opts.decode_wg > self.ctx.summary.max_invocations {
+            return Err(TwinferError::InvalidParameter(format!("decode_wg {} (64, 128 or 256)", opts.decode_wg)));
+        }
+        Ok(Self { ctx: self.ctx.clone(), res: Arc::new(Mutex::new(Resources::default())), opts })
+    }
+
+    pub fn options(&self) -> GpuOptions {
+        self.opts
+    }
+    pub fn context(&self) -> &Arc<GpuContext> {
+        &self.ctx
+    }
+    /// Buffers, bind groups and pipelines created on this device so far.
+    pub fn counts(&self) -> ResourceCounts {
+        self.ctx.counters.snapshot()
+    }
+    /// `"subgroup, f16 KV"` and the like.
+    pub fn variant_name(&self) -> String {
+        format!("{}, {} KV", self.opts.variant.name(), if self.opts.f16_kv { "f16" } else { "f32" })
+    }
+
+    fn kv_storage(&self, dtype: DType) -> KvStorage {
+        if self.opts.f16_kv && dtype == DType::F16 { KvStorage::F16 } else { KvStorage::F32 }
+    }
+
+    pub(super) fn lock(&self) -> Result<std::sync::MutexGuard<'_, Resources>> {
+        self.res.lock().map_err(|_| TwinferError::DeviceLost("a previous call panicked".into()))
+    }
+
+    /// Batch decode over the paged cache.
+    pub fn decode(
+        &self,
+        params: &AttentionParams,
+        input: &DecodeInput<'_>,
+        out: &mut AttentionOutput<'_>,
+    ) -> Result<()> {
+        let p = Problem::decode(params, input)?;
+        p.check_output(out)?;
+        self.ctx.check_alive()?;
+        if p.batch == 0 {
+            return Ok(());
+        }
+        let storage = self.kv_storage(input.kv.dtype());
+        let limit = self.ctx.limits.max_storage_buffer_binding_size;
+        let kv =
+            upload::paged_kv(input.kv.k, input.kv.v, input.kv.layout.page_elems(), input.table.indices, storage, limit);
+        let mut res = self.lock()?;
+        let scope = Scopes::push(&self.ctx);
+        self.write(&mut res, Slot::K, &kv.k)?;
+        self.write(&mut res, Slot::V, &kv.v)?;
+        let step = DecodeStep { p: &p, page_size: input.kv.layout.page_size, indices: &kv.indices, storage };
+        self.decode_on_device(&mut res, &step, &[(Bind::Slot(Slot::K), Bind::Slot(Slot::V))], u32::MAX)?;
+        let result = self.read_back(&mut res, p.batch * params.num_qo_heads, params.head_dim, out.lse.is_some());
+        scope.pop(result?, out)
+    }
+
+    /// Writes Q and the page table, then records and submits decode (and merge): the result is in
+    /// the O and Lse slots. K and V are bound as given (pool slots or a device-resident cache),
+    /// one (K, V) pair per buffer of a split pool, page p living in buffer p / pages_per_buffer.
+    pub(super) fn decode_on_device(
+        &self,
+        res: &mut Resources,
+        step: &DecodeStep<'_>,
+        kv_buffers: &[(Bind<'_>, Bind<'_>)],
+        pages_per_buffer: u32,
+    ) -> Result<()> {
+        let (p, params) = (step.p, step.p.params);
+        let (hq, hk, d) = (params.num_qo_heads, params.num_kv_heads, params.head_dim);
+        let table = match p.kv {
+            KvSource::Paged { table, .. } => table,
+            KvSource::Ragged { .. } => return Err(TwinferError::InvalidParameter("decode needs a page table".into())),
+        };
+        let mut meta = Meta::default();
+        meta.push(table.indptr);
+        let off_indices = meta.push(step.indices);
+        let off_last_len = meta.push(table.last_page_len);
+        let off_alibi = meta.push_f32(params.alibi_slopes.as_deref().unwrap_or(&[]));
+
+        let n_gblk = params.group_size().div_ceil(DECODE_GMAX);
+        let longest = (0..p.batch).map(|b| p.kv.kv_len(b)).max().unwrap_or(0).max(1);
+        let wg = self.opts.decode_wg as usize;
+        let chunk_len = match self.opts.split_k {
+            SplitK::Off => longest,
+            SplitK::ChunkSize(n) => n.max(1),
+            SplitK::Auto => {
+                let base = p.batch * hk * n_gblk;
+                let chunks = DECODE_TARGET_WORKGROUPS.div_ceil(base).min(longest.div_ceil(4 * wg)).max(1);
+                longest.div_ceil(chunks).next_multiple_of(wg)
+            }
+        };
+        let chunks_per_pass = longest.div_ceil(chunk_len);
+        let num_chunks = chunks_per_pass * kv_buffers.len();
+        let prm = AttnParams {
+            num_chunks: num_chunks as u32,
+            pages_per_buffer,
+            chunk_len: chunk_len as u32,
+            off_indices,
+            off_last_len,
+            off_alibi,
+            paged: 1,
+            ..self.base_params(params, p.batch, step.page_size)
+        };
+        let rows = p.batch * hq;
+        let split = num_chunks > 1;
+        let (o_slot, lse_slot) = if split { (Slot::OPart, Slot::LsePart) } else { (Slot::O, Slot::Lse) };
+        let ctx = &*self.ctx;
+        match step.p.q {
+            crate::dtype::TensorRef::F32(q) => self.write(res, Slot::Q, bytemuck::cast_slice(q))?,
+            _ => self.write(res, Slot::Q, bytemuck::cast_slice(&q_f32(p)))?,
+        }
+        self.write(res, Slot::Meta, bytemuck::cast_slice(&meta.data))?;
+        res.buffer(ctx, o_slot, (rows * num_chunks * d * 4) as u64)?;
+        res.buffer(ctx, lse_slot, (rows * num_chunks * 4) as u64)?;
+        let key = PipelineKey {
+            kernel: Kernel::Decode,
+            variant: self.opts.variant,
+            kv: step.storage,
+            tile: Tile { wg: self.opts.decode_wg, br: 0, bc: 0 },
+        };
+        let binds = |k, v| {
+            vec![
+                Bind::Slot(Slot::AttnParams),
+                Bind::Slot(Slot::Q),
+                k,
+                v,
+                Bind::Slot(Slot::Meta),
+                Bind::Slot(o_slot),
+                Bind::Slot(lse_slot),
+            ]
+        };
+        let grid = [chunks_per_pass, hk * n_gblk, p.batch];
+        // One submission per buffer but the last: each pass needs its own `kv_buffer` parameter,
+        // and writes between submissions are ordered with them.
+        let (last, first) =
+            kv_buffers.split_last().ok_or_else(|| TwinferError::InvalidParameter("no KV buffer".into()))?;
+        for (i, (k, v)) in first.iter().enumerate() {
+            self.write(res, Slot::AttnParams, bytemuck::bytes_of(&AttnParams { kv_buffer: i as u32, ..prm }))?;
+            self.run_passes(res, &[(key, binds(*k, *v), grid)])?;
+        }
+        let last_prm = AttnParams { kv_buffer: first.len() as u32, ..prm };
+        self.write(res, Slot::AttnParams, bytemuck::bytes_of(&last_prm))?;
+        let mut passes = vec![(key, binds(last.0, last.1), grid)];
+        if split {
+            let mp = MergeParams {
+                rows: rows as u32,
+                num_heads: hq as u32,
+                num_chunks: num_chunks as u32,
+                head_dim: d as u32,
+            };
+            self.write(res, Slot::MergeParams, bytemuck::bytes_of(&mp))?;
+            res.buffer(ctx, Slot::O, (rows * d * 4) as u64)?;
+            res.buffer(ctx, Slot::Lse, (rows * 4) as u64)?;
+            let mkey = PipelineKey {
+                kernel: Kernel::Merge,
+                variant: Variant::Baseline,
+                kv: KvStorage::F32,
+                tile: Tile { wg: 64, br: 0, bc: 0 },
+            };
+            let mbinds = [Slot::MergeParams, Slot::OPart, Slot::LsePart, Slot::O, Slot::Lse].map(Bind::Slot);
+            passes.push((mkey, mbinds.to_vec(), [rows.min(32768), rows.div_ceil(32768), 1]));
+        }
+        self.run_passes(res, &passes)
+    }
+
+    /// Batch prefill over ragged or paged KV.
+    pub fn prefill(
+        &self,
+        params: &AttentionParams,
+        input: &PrefillInput<'_>,
+        out: &mut AttentionOutput<'_>,
+    ) -> Result<()> {
+        let p = Problem::prefill(params, input)?;
+        p.check_output(out)?;
+        self.ctx.check_alive()?;
+        let (hq, hk, d) = (params.num_qo_heads, params.num_kv_heads, params.head_dim);
+        let group = params.group_size();
+        let tile = prefill_tile(d);
+        let mut work = Vec::new();
+        for b in 0..p.batch {
+            for row0 in (0..p.qo_len(b) * group).step_by(tile.br as usize) {
+                work.extend([b as u32, row0 as u32]);
+            }
+        }
+        if work.is_empty() {
+            return Ok(());
+        }
+        let storage = self.kv_storage(p.kv.k().dtype());
+        let limit = self.ctx.limits.max_storage_buffer_binding_size;
+        let mut meta = Meta::default();
+        let (kv, page_size, paged) = match p.kv {
+            KvSource::Ragged { k, v, indptr, .. } => {
+                meta.push(indptr);
+                let kv = upload::KvBytes {
+                    k: upload::tensor_bytes(k, 0, k.len(), storage),
+                    v: upload::tensor_bytes(v, 0, v.len(), storage),
+                    indices: Vec::new(),
+                };
+                (kv, 1, 0)
+            }
+            KvSource::Paged { kv, table } => {
+                meta.push(table.indptr);
+                let l = kv.layout;
+                (upload::paged_kv(kv.k, kv.v, l.page_elems(), table.indices, storage, limit), l.page_size, 1)
+            }
+        };
+        let off_indices = meta.push(&kv.indices);
+        let off_last_len = match p.kv {
+            KvSource::Paged { table, .. } => meta.push(table.last_page_len),
+            KvSource::Ragged { .. } => off_indices,
+        };
+        let off_qo_indptr = match p.qo {
+            crate::attention::problem::QoRows::Ragged(ptr) => meta.push(ptr),
+            crate::attention::problem::QoRows::OnePerSeq => unreachable_qo()?,
+        };
+        let off_alibi = meta.push_f32(params.alibi_slopes.as_deref().unwrap_or(&[]));
+        let num_work = work.len() / 2;
+        let off_work = meta.push(&work);
+        let prm = AttnParams {
+            off_indices,
+            off_last_len,
+            off_qo_indptr,
+            off_alibi,
+            off_work,
+            num_work: num_work as u32,
+            paged,
+            num_chunks: 1,
+            ..self.base_params(params, p.batch, page_size)
+        };
+        let q = q_f32(&p);
+        let rows = p.total_q * hq;
+        let mut res = self.lock()?;
+        let ctx = &*self.ctx;
+        let scope = Scopes::push(ctx);
+        self.write(&mut res, Slot::AttnParams, bytemuck::bytes_of(&prm))?;
+        self.write(&mut res, Slot::Q, bytemuck::cast_slice(&q))?;
+        self.write(&mut res, Slot::K, &kv.k)?;
+        self.write(&mut res, Slot::V, &kv.v)?;
+        self.write(&mut res, Slot::Meta, bytemuck::cast_slice(&meta.data))?;
+        res.buffer(ctx, Slot::O, (rows * d * 4) as u64)?;
+        res.buffer(ctx, Slot::Lse, (rows * 4) as u64)?;
+        let key = PipelineKey { kernel: Kernel::Prefill, variant: Variant::Baseline, kv: storage, tile };
+        let slots = [Slot::AttnParams, Slot::Q, Slot::K, Slot::V, Slot::Meta, Slot::O, Slot::Lse].map(Bind::Slot);
+        self.run_passes(&mut res, &[(key, slots.to_vec(), [num_work, hk, 1])])?;
+        let result = self.read_back(&mut res, rows, d, out.lse.is_some());
+        scope.pop(result?, out)
+    }
+
+    fn base_params(&self, params: &AttentionParams, batch: usize, page_size: usize) -> AttnParams {
+        AttnParams {
+            num_qo_heads: params.num_qo_heads as u32,
+            num_kv_heads: params.num_kv_heads as u32,
+            head_dim: params.head_dim as u32,
+            group: params.group_size() as u32,
+            page_size: page_size as u32,
+            batch: batch as u32,
+            causal: params.causal as u32,
+            // Widths beyond any position are the same as no window (and stay clear of i32 overflow).
+            window_left: params.window_left.filter(|&w| w < 1 << 30).map_or(NO_WINDOW, |w| w as u32),
+            sm_scale: params.resolved_sm_scale(),
+            soft_cap: params.logits_soft_cap.unwrap_or(0.0),
+            has_alibi: params.alibi_slopes.is_some() as u32,
+            pages_per_buffer: u32::MAX,
+            ..Default::default()
+        }
+    }
+
+    pub(super) fn write(&self, res: &mut Resources, slot: Slot, bytes: &[u8]) -> Result<()> {
+        let buf = res.buffer(&self.ctx, slot, bytes.len() as u64)?;
+        if !bytes.is_empty() {
+            self.ctx.queue.write_buffer(buf, 0, bytes);
+        }
+        Ok(())
+    }
+
+    /// Encodes the passes in order, in one submission.
+    pub(super) fn run_passes(
+        &self,
+        res: &mut Resources,
+        passes: &[(PipelineKey, Vec<Bind<'_>>, [usize; 3])],
+    ) -> Result<()> {
+        let ctx = &*self.ctx;
+        let max = ctx.limits.max_compute_workgroups_per_dimension as u64;
+        let mut prepared = Vec::new();
+        for (key, slots, grid) in passes {
+            if let Some(&g) = grid.iter().find(|&&g| g as u64 > max) {
+                return Err(TwinferError::OverLimit {
+                    what: "workgroups in one dimension",
+                    requested: g as u64,
+                    limit: max,
+                });
+            }
+            prepared.push((res.pipeline(ctx, *key)?, res.bind_group(ctx, *key, slots)?, *grid));
+        }
+        let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("twinfer") });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+            for (pipeline, bg, [x, y, z]) in &prepared {
+                pass.set_pipeline(pipeline);
+                pass.set_bind_group(0, bg, &[]);
+                pass.dispatch_workgroups(*x as u32, *y as u32, *z as u32);
+            }
+        }
+        ctx.queue.submit([enc.finish()]);
+        res.set_last_passes(
+            prepared.into_iter().map(|(p, bg, [x, y, z])| (p, bg, [x as u32, y as u32, z as u32])).collect(),
+        );
+        ctx.counters.submits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Makes the pipeline and bind group of a pass without running it (warm-up).
+    pub(super) fn prepare(&self, res: &mut Resources, key: PipelineKey, binds: &[Bind<'_>]) -> Result<()> {
+        res.bind_group(&self.ctx, key, binds).map(drop)
+    }
+
+    /// Copies O (and LSE) into the readback buffer and maps it.
+    pub(super) fn read_back(
+        &self,
+        res: &mut Resources,
+        rows: usize,
+        d: usize,
+        lse: bool,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let ctx = &*self.ctx;
+        let o_bytes = (rows * d * 4) as u64;
+        let lse_bytes = if lse { (rows * 4) as u64 } else { 0 };
+        res.buffer(ctx, Slot::Readback, o_bytes + lse_bytes)?;
+        let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
+        enc.copy_buffer_to_buffer(res.get(Slot::O), 0, res.get(Slot::Readback), 0, o_bytes);
+        if lse {
+            enc.copy_buffer_to_buffer(res.get(Slot::Lse), 0, res.get(Slot::Readback), o_bytes, lse_bytes);
+        }
+        ctx.queue.submit([enc.finish()]);
+        let readback = res.get(Slot::Readback);
+        let status = Arc::new(Mutex::new(None));
+        let s2 = status.clone();
+        readback.map_async(wgpu::MapMode::Read, 0..o_bytes + lse_bytes, move |r| {
+            if let Ok(mut s) = s2.lock() {
+                *s = Some(r);
+            }
+        });
+        ctx.wait()?;
+        // Callbacks run on whichever thread polls: when engines on other threads share the
+        // device, ours may still be on its way after our wait returned.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let outcome = loop {
+            if let Some(r) = status.lock().ok().and_then(|mut s| s.take()) {
+                break r;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(TwinferError::DeviceLost("readback never completed".into()));
+            }
+            ctx.check_alive()?;
+            std::thread::yield_now();
+            let _ = ctx.device.poll(wgpu::PollType::Poll);
+        };
+        if let Err(e) = outcome {
+            return Err(TwinferError::DeviceLost(format!("readback failed: {e}")));
+        }
+        let (o, l) = {
+            let view = readback
+                .get_mapped_range(0..o_bytes + lse_bytes)
+                .map_err(|e| TwinferError::GpuValidation(format!("readback mapping: {e}")))?;
+            let all: &[f32] = bytemuck::cast_slice(&view);
+            (all[..rows * d].to_vec(), all[rows * d..].to_vec())
+        };
+        readback.unmap();
+        Ok((o, l))
+    }
+}
+
+/// One validated decode call, with the page ids the kernels use.
+#[derive(Debug)]
+pub(super) struct DecodeStep<'a> {
+    pub p: &'a Problem<'a>,
+    pub page_size: usize,
+    pub indices: &'a [u32],
+    pub storage: KvStorage,
+}
+
+/// The validation and out-of-memory scopes around one call.
+/// Fields drop in declaration order, which must be the reverse of the pushes.
+pub(super) struct Scopes {
+    validation: wgpu::ErrorScopeGuard,
+    oom: wgpu::ErrorScopeGuard,
+}
+
+impl Scopes {
+    pub(super) fn push(ctx: &GpuContext) -> Self {
+        let oom = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        Self { validation, oom }
+    }
+
+    /// Pops both scopes, for calls that leave their results on the device.
+    pub(super) fn finish(self) -> Result<()> {
+        if let Some(e) = pollster::block_on(self.validation.pop()) {
+            drop(pollster::block_on(self.oom.pop()));
+            return Err(map_error(e));
+        }
+        match pollster::block_on(self.oom.pop()) {
+            Some(e) => Err(map_error(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Pops both scopes; writes the results only when the device reported nothing.
+    pub(super) fn pop(self, (o, lse): (Vec<f32>, Vec<f32>), out: &mut AttentionOutput<'_>) -> Result<()> {
+        if let Some(e) = pollster::block_on(self.validation.pop()) {
+            drop(pollster::block_on(self.oom.pop()));
+            return Err(map_error(e));
+        }
+        if let Some(e) = pollster::block_on(self.oom.pop()) {
+            return Err(map_error(e));
+        }
+        out.o.write_f32(0, &o);
+        if let Some(l) = out.lse.as_deref_mut() {
+            l.copy_from_slice(&lse);
+        }
+        Ok(())
+    }
+}
+
+fn unreachable_qo() -> Result<u32> {
+    Err(TwinferError::InvalidParameter("prefill needs a qo_indptr".into()))
+}
+
+/// Prefill tile for a head dim: BC keys of K (or V), rows padded by one vec4, in 16 KiB of
+/// workgroup memory.
+pub fn prefill_tile(head_dim: usize) -> Tile {
+    let dv = (head_dim / 4) as u32;
+    Tile { wg: 128, br: 32, bc: (1024 / (dv + 1)).min(64) }
+}
+
+fn q_f32(p: &Problem<'_>) -> Vec<f32> {
+    let mut q = vec![0f32; p.q.len()];
+    p.q.read_f32(0, &mut q);
+    q
+}
+
+impl GpuEngine {
+    /// A tiny prefill (paged, causal, GQA 2) and a decode compared with the CPU engine: a driver
+    /// that miscompiles the kernels is caught before any real call.
+    pub fn self_test(&self, cpu: &crate::cpu::CpuEngine) -> Result<()> {
+        use crate::KvInput;
+        use crate::kv::{KvLayout, PageTable, PagedKv};
+        let (hq, hk, d, ps) = (4, 2, 16, 4);
+        let layout = KvLayout::new(ps, hk, d)?;
+        let pages = 5;
+        let n = pages * layout.page_elems();
+        let wave = |i: usize, f: f32| (i as f32 * f).sin() * 0.5;
+        let k: Vec<f32> = (0..n).map(|i| wave(i, 0.37)).collect();
+        let v: Vec<f32> = (0..n).map(|i| wave(i, 0.71)).collect();
+        let kv = PagedKv::new(k.as_slice().into(), v.as_slice().into(), layout)?;
+        let (indptr, indices, last) = ([0u32, 3, 5], [4u32, 0, 2, 1, 3], [2u32, 4]);
+        let table = PageTable::new(&indptr, &indices, &last);
+        let params = AttentionParams::new(hq, hk, d).causal(true);
+        let qo_indptr = [0u32, 3, 5];
+        let q: Vec<f32> = (0..5 * hq * d).map(|i| wave(i, 1.3)).collect();
+        let prefill = PrefillInput { q: q.as_slice().into(), qo_indptr: &qo_indptr, kv: KvInput::Paged { kv, table } };
+        let decode = DecodeInput { q: q[..2 * hq * d].into(), kv, table };
+        for (name, rows) in [("prefill", 5), ("decode", 2)] {
+            let (mut og, mut lg) = (vec![f32::NAN; rows * hq * d], vec![f32::NAN; rows * hq]);
+            let (mut oc, mut lc) = (vec![0f32; rows * hq * d], vec![0f32; rows * hq]);
+            let mut out_g = AttentionOutput::with_lse(og.as_mut_slice(), &mut lg);
+            let mut out_c = AttentionOutput::with_lse(oc.as_mut_slice(), &mut lc);
+            if name == "prefill" {
+                self.prefill(&params, &prefill, &mut out_g)?;
+                cpu.prefill(&params, &prefill, &mut out_c)?;
+            } else {
+                self.decode(&params, &decode, &mut out_g)?;
+                cpu.decode(&params, &decode, &mut out_c)?;
+            }
+            let bad = og
+                .iter()
+                .zip(&oc)
+                .chain(lg.iter().zip(&lc))
+                .position(|(g, c)| g != c && (g - c).abs().partial_cmp(&1e-3) != Some(std::cmp::Ordering::Less));
+            if let Some(i) = bad {
+                return Err(TwinferError::GpuUnavailable(format!(
+                    "{}: self-test {name} disagrees with the CPU engine at element {i}",
+                    self.ctx.summary.name
+                )));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,107 @@
+//! Uniform structs shared with the WGSL kernels: one `#[repr(C)]` definition per WGSL struct.
+//! A test parses the shaders with naga and checks that every member has the same offset.
+
+use bytemuck::{Pod, Zeroable};
+
+/// WGSL `AttnParams` (online_softmax.wgsl): the prefill and decode call.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Pod, Zeroable)]
+pub struct AttnParams {
+    pub num_qo_heads: u32,
+    pub num_kv_heads: u32,
+    pub head_dim: u32,
+    pub group: u32,
+    pub page_size: u32,
+    pub batch: u32,
+    pub causal: u32,
+    /// `NO_WINDOW` (u32::MAX) for none.
+    pub window_left: u32,
+    pub sm_scale: f32,
+    /// 0 for none.
+    pub soft_cap: f32,
+    pub has_alibi: u32,
+    pub paged: u32,
+    pub num_chunks: u32,
+    pub chunk_len: u32,
+    pub off_indices: u32,
+    pub off_last_len: u32,
+    pub off_qo_indptr: u32,
+    pub off_alibi: u32,
+    pub off_work: u32,
+    pub num_work: u32,
+    /// Decode: the pool buffer this pass reads.
+    pub kv_buffer: u32,
+    /// Pages per pool buffer (`u32::MAX` for an unsplit pool).
+    pub pages_per_buffer: u32,
+    pub _pad0: u32,
+    pub _pad1: u32,
+}
+
+/// WGSL `MergeParams` (merge_state.wgsl).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Pod, Zeroable)]
+pub struct MergeParams {
+    pub rows: u32,
+    pub num_heads: u32,
+    pub num_chunks: u32,
+    pub head_dim: u32,
+}
+
+/// WGSL `AppendParams` (append_kv.wgsl).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Pod, Zeroable)]
+pub struct AppendParams {
+    pub rows: u32,
+    pub num_kv_heads: u32,
+    pub head_dim: u32,
+    pub page_size: u32,
+}
+
+/// The window value that means "no sliding window".
+pub const NO_WINDOW: u32 = u32::MAX;
+
+/// A struct's WGSL name, Rust size and Rust member offsets by name.
+pub type Layout = (&'static str, usize, Vec<(&'static str, usize)>);
+
+/// Every mirrored struct, for the layout test.
+pub fn layouts() -> Vec<Layout> {
+    macro_rules! offsets {
+        ($t:ty, $name:literal, [$($f:ident),*]) => {
+            ($name, std::mem::size_of::<$t>(), vec![$((stringify!($f), std::mem::offset_of!($t, $f))),*])
+        };
+    }
+    vec![
+        offsets!(
+            AttnParams,
+            "AttnParams",
+            [
+                num_qo_heads,
+                num_kv_heads,
+                head_dim,
+                group,
+                page_size,
+                batch,
+                causal,
+                window_left,
+                sm_scale,
+                soft_cap,
+                has_alibi,
+                paged,
+                num_chunks,
+                chunk_len,
+                off_indices,
+                off_last_len,
+                off_qo_indptr,
+                off_alibi,
+                off_work,
+                num_work,
+                kv_buffer,
+                pages_per_buffer,
+                _pad0,
+                _pad1
+            ]
+        ),
+        offsets!(MergeParams, "MergeParams", [rows, num_heads, num_chunks, head_dim]),
+        offsets!(AppendParams, "AppendParams", [rows, num_kv_heads, head_dim, page_size]),
+    ]
+}

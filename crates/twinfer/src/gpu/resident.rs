@@ -1,0 +1,312 @@
+//! The device-resident path: a KV page pool that lives on the device, appends through
+//! `append_kv.wgsl`, and decode steps that upload only Q and the page table (no buffer or bind
+//! group is created once the step's sizes have been seen). Also the timing of recorded passes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::engine::{DecodeStep, GpuEngine, Scopes};
+use super::params::AppendParams;
+use super::resources::{Bind, PipelineKey, Slot, Tile};
+use super::shaders::{Kernel, KvStorage, Variant};
+use crate::attention::problem::{KvSource, Problem, QoRows};
+use crate::attention::{AttentionOutput, AttentionParams};
+use crate::dtype::TensorRef;
+use crate::error::{Result, TwinferError};
+use crate::kv::{KvLayout, PageTable, PagedKv};
+
+/// Default cap on one KV buffer, below any adapter limit: phones bind at most 128 MiB.
+pub const DEFAULT_MAX_KV_BUFFER: u64 = 128 << 20;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// One layer's page pool on the device: K and V are each `[num_pages, page_size, Hk, D]`, split
+/// into buffers of `pages_per_buffer` pages so that no buffer exceeds a binding; page `p` lives
+/// in buffer `p / pages_per_buffer` at slot `p % pages_per_buffer`.
+#[derive(Debug)]
+pub struct GpuKvCache {
+    id: u64,
+    pub layout: KvLayout,
+    pub storage: KvStorage,
+    pub num_pages: usize,
+    pub pages_per_buffer: usize,
+    /// (K, V) per buffer.
+    buffers: Vec<(wgpu::Buffer, wgpu::Buffer)>,
+}
+
+impl GpuKvCache {
+    /// Allocates the pool in buffers of at most `max_buffer` bytes each for K and V (see
+    /// [`DEFAULT_MAX_KV_BUFFER`]) and never above the adapter's binding limit. `OverLimit` only
+    /// when a single page does not fit.
+    pub fn new(
+        engine: &GpuEngine,
+        layout: KvLayout,
+        num_pages: usize,
+        storage: KvStorage,
+        max_buffer: u64,
+    ) -> Result<Self> {
+        let layout = KvLayout::new(layout.page_size, layout.num_kv_heads, layout.head_dim)?;
+        let ctx = engine.context();
+        if storage == KvStorage::F16 && !ctx.summary.shader_f16 {
+            return Err(TwinferError::GpuUnavailable(format!("{} has no shader-f16", ctx.summary.name)));
+        }
+        let page_bytes = (layout.page_elems() * storage.bytes()) as u64;
+        let limit = max_buffer.min(ctx.limits.max_storage_buffer_binding_size);
+        if page_bytes > limit {
+            return Err(TwinferError::OverLimit { what: "one KV page (K or V)", requested: page_bytes, limit });
+        }
+        let num_pages = num_pages.max(1);
+        let pages_per_buffer = ((limit / page_bytes) as usize).min(num_pages).min(u32::MAX as usize - 1);
+        let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let make = |label, pages: usize| {
+            ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: pages as u64 * page_bytes,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            })
+        };
+        let buffers: Vec<_> = (0..num_pages.div_ceil(pages_per_buffer))
+            .map(|i| {
+                let pages = pages_per_buffer.min(num_pages - i * pages_per_buffer);
+                (make("kv pool k", pages), make("kv pool v", pages))
+            })
+            .collect();
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(TwinferError::GpuOutOfMemory(format!("KV pool of 2 x {num_pages} x {page_bytes} bytes: {e}")));
+        }
+        ctx.counters.buffers.fetch_add(2 * buffers.len() as u64, Ordering::Relaxed);
+        Ok(Self { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), layout, storage, num_pages, pages_per_buffer, buffers })
+    }
+
+    /// Number of buffers each of K and V is split into.
+    pub fn num_buffers(&self) -> usize {
+        self.buffers.len()
+    }
+
+    /// (K, V) bindings of buffer `i`, with ids unique to this pool and buffer.
+    fn binds(&self, i: usize) -> (Bind<'_>, Bind<'_>) {
+        let (k, v) = &self.buffers[i];
+        let id = self.id << 24 | (i as u64) << 1;
+        (Bind::External(id, k), Bind::External(id | 1, v))
+    }
+
+    /// Uploads whole pages from the host, starting at page `first` (setup and benchmarks).
+    pub fn write_pages(&self, engine: &GpuEngine, first: usize, k: TensorRef<'_>, v: TensorRef<'_>) -> Result<()> {
+        let page = self.layout.page_elems();
+        let pages = k.len() / page;
+        if k.len() != v.len() || !k.len().is_multiple_of(page) || first + pages > self.num_pages {
+            return Err(TwinferError::ShapeMismatch {
+                what: "pages written to the device pool",
+                expected: (self.num_pages - first.min(self.num_pages)) * page,
+                got: k.len(),
+            });
+        }
+        let q = &engine.context().queue;
+        let mut p = first;
+        while p < first + pages {
+            let (buf, slot) = (p / self.pages_per_buffer, p % self.pages_per_buffer);
+            let n = (self.pages_per_buffer - slot).min(first + pages - p);
+            let (src, len) = ((p - first) * page, n * page);
+            let offset = (slot * page * self.storage.bytes()) as u64;
+            let (kb, vb) = &self.buffers[buf];
+            q.write_buffer(kb, offset, &super::upload::tensor_bytes(k, src, len, self.storage));
+            q.write_buffer(vb, offset, &super::upload::tensor_bytes(v, src, len, self.storage));
+            p += n;
+        }
+        Ok(())
+    }
+
+    /// Appends one new row per entry of `slots` (page id, slot in page): `k_new`, `v_new` are
+    /// `[rows, Hk, D]` f32. Runs `append_kv.wgsl` on the device.
+    pub fn append(&self, engine: &GpuEngine, k_new: &[f32], v_new: &[f32], slots: &[(u32, u32)]) -> Result<()> {
+        let l = self.layout;
+        let rows = slots.len();
+        crate::error::check_len("k_new ([rows, Hk, D])", rows * l.row_elems(), k_new.len())?;
+        crate::error::check_len("v_new ([rows, Hk, D])", rows * l.row_elems(), v_new.len())?;
+        for (position, &(page, slot)) in slots.iter().enumerate() {
+            if page as usize >= self.num_pages {
+                return Err(TwinferError::PageIndexOutOfRange { position, page, num_pages: self.num_pages });
+            }
+            if slot as usize >= l.page_size {
+                return Err(TwinferError::InvalidParameter(format!("slot {slot} of a {}-row page", l.page_size)));
+            }
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        engine.context().check_alive()?;
+        let mut res = engine.lock()?;
+        let prm = AppendParams {
+            rows: rows as u32,
+            num_kv_heads: l.num_kv_heads as u32,
+            head_dim: l.head_dim as u32,
+            page_size: l.page_size as u32,
+        };
+        // Every slot exists before any bind group names it.
+        engine.write(&mut res, Slot::AppendParams, bytemuck::bytes_of(&prm))?;
+        for slot in [Slot::NewK, Slot::NewV, Slot::AppendSlots] {
+            res.buffer(engine.context(), slot, 16)?;
+        }
+        let key = PipelineKey {
+            kernel: Kernel::AppendKv,
+            variant: Variant::Baseline,
+            kv: self.storage,
+            tile: Tile { wg: 64, br: 0, bc: 0 },
+        };
+        let row = l.row_elems();
+        // One submission per buffer that receives rows (writes are ordered with submissions);
+        // every buffer's bind group is made on the first call, so none is made in steady state.
+        for buf in 0..self.buffers.len() {
+            let mine: Vec<usize> = (0..rows).filter(|&r| slots[r].0 as usize / self.pages_per_buffer == buf).collect();
+            let (k, v) = self.binds(buf);
+            let binds = vec![
+                Bind::Slot(Slot::AppendParams),
+                Bind::Slot(Slot::NewK),
+                Bind::Slot(Slot::NewV),
+                Bind::Slot(Slot::AppendSlots),
+                k,
+                v,
+            ];
+            if mine.is_empty() {
+                engine.prepare(&mut res, key, &binds)?;
+                continue;
+            }
+            let flat: Vec<u32> =
+                mine.iter().flat_map(|&r| [slots[r].0 % self.pages_per_buffer as u32, slots[r].1]).collect();
+            let gather = |src: &[f32]| -> Vec<f32> {
+                mine.iter().flat_map(|&r| src[r * row..(r + 1) * row].iter().copied()).collect()
+            };
+            let prm = AppendParams { rows: mine.len() as u32, ..prm };
+            engine.write(&mut res, Slot::AppendParams, bytemuck::bytes_of(&prm))?;
+            engine.write(&mut res, Slot::NewK, bytemuck::cast_slice(&gather(k_new)))?;
+            engine.write(&mut res, Slot::NewV, bytemuck::cast_slice(&gather(v_new)))?;
+            engine.write(&mut res, Slot::AppendSlots, bytemuck::cast_slice(&flat))?;
+            let n = mine.len();
+            engine.run_passes(&mut res, &[(key, binds, [n.min(32768), n.div_ceil(32768), 1])])?;
+        }
+        Ok(())
+    }
+}
+
+impl GpuEngine {
+    /// Decode against a device-resident pool: uploads Q and the page table, runs decode (and
+    /// merge), and reads O (and LSE) back into `out` when given. The table is validated against
+    /// the pool exactly as the host API validates it.
+    pub fn decode_resident(
+        &self,
+        params: &AttentionParams,
+        q: TensorRef<'_>,
+        cache: &GpuKvCache,
+        table: PageTable<'_>,
+        out: Option<&mut AttentionOutput<'_>>,
+    ) -> Result<()> {
+        // The host API's validation, against the device pool's page count.
+        params.validate()?;
+        if cache.layout.num_kv_heads != params.num_kv_heads || cache.layout.head_dim != params.head_dim {
+            return Err(TwinferError::ShapeMismatch {
+                what: "device KV pool heads x head_dim",
+                expected: params.num_kv_heads * params.head_dim,
+                got: cache.layout.row_elems(),
+            });
+        }
+        table.validate(cache.layout.page_size, cache.num_pages)?;
+        let batch = table.batch_size();
+        crate::error::check_len(
+            "q ([batch, num_qo_heads, head_dim])",
+            batch * params.num_qo_heads * params.head_dim,
+            q.len(),
+        )?;
+        let empty: &[half::f16] = &[];
+        let kv = PagedKv { k: empty.into(), v: empty.into(), layout: cache.layout };
+        let p = Problem { params, q, qo: QoRows::OnePerSeq, kv: KvSource::Paged { kv, table }, batch, total_q: batch };
+        if let Some(out) = &out {
+            p.check_output(out)?;
+        }
+        self.context().check_alive()?;
+        if p.batch == 0 {
+            return Ok(());
+        }
+        let mut res = self.lock()?;
+        let scope = Scopes::push(self.context());
+        let step =
+            DecodeStep { p: &p, page_size: cache.layout.page_size, indices: table.indices, storage: cache.storage };
+        let kv: Vec<_> = (0..cache.num_buffers()).map(|i| cache.binds(i)).collect();
+        self.decode_on_device(&mut res, &step, &kv, cache.pages_per_buffer as u32)?;
+        match out {
+            Some(out) => {
+                let r = self.read_back(&mut res, p.batch * params.num_qo_heads, params.head_dim, out.lse.is_some());
+                scope.pop(r?, out)
+            }
+            None => scope.finish(),
+        }
+    }
+
+    /// Re-submits the last recorded passes `iters` times (inputs already on the device) and
+    /// returns the seconds per iteration, from submit to completion.
+    pub fn time_last(&self, iters: usize) -> Result<f64> {
+        let res = self.lock()?;
+        let passes = res.last_passes().to_vec();
+        drop(res);
+        if passes.is_empty() {
+            return Err(TwinferError::InvalidParameter("nothing recorded to time".into()));
+        }
+        let ctx = self.context();
+        ctx.wait()?;
+        let start = std::time::Instant::now();
+        let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("timing") });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+            for _ in 0..iters {
+                for (pipeline, bg, [x, y, z]) in &passes {
+                    pass.set_pipeline(pipeline);
+                    pass.set_bind_group(0, bg, &[]);
+                    pass.dispatch_workgroups(*x, *y, *z);
+                }
+            }
+        }
+        ctx.queue.submit([enc.finish()]);
+        ctx.wait()?;
+        Ok(start.elapsed().as_secs_f64() / iters.max(1) as f64)
+    }
+}
+
+impl GpuEngine {
+    /// Read ceiling: a streaming read of `bytes` (a power of two) through `bench_read.wgsl`;
+    /// returns seconds per read, `runs` samples of several iterations each.
+    pub fn measure_read(&self, bytes: u64, runs: usize) -> Result<Vec<f64>> {
+        let ctx = self.context();
+        let wgs = 2048usize;
+        let mut res = self.lock()?;
+        res.buffer(ctx, Slot::K, bytes)?;
+        res.buffer(ctx, Slot::O, (wgs * 256 * 16) as u64)?;
+        let key = bench_key(Kernel::BenchRead, 0);
+        self.run_passes(&mut res, &[(key, vec![Bind::Slot(Slot::K), Bind::Slot(Slot::O)], [wgs, 1, 1])])?;
+        drop(res);
+        self.samples(runs)
+    }
+
+    /// FMA ceiling through `bench_fma.wgsl`: returns (FLOPs per iteration, seconds samples).
+    pub fn measure_fma(&self, workgroups: usize, iters: u32, runs: usize) -> Result<(f64, Vec<f64>)> {
+        let ctx = self.context();
+        let mut res = self.lock()?;
+        self.write(&mut res, Slot::Q, bytemuck::cast_slice(&[0.999f32, 0.999, 0.999, 0.999, 1e-3, 1e-3, 1e-3, 1e-3]))?;
+        res.buffer(ctx, Slot::O, (workgroups * 256 * 16) as u64)?;
+        let key = bench_key(Kernel::BenchFma, iters);
+        self.run_passes(&mut res, &[(key, vec![Bind::Slot(Slot::Q), Bind::Slot(Slot::O)], [workgroups, 1, 1])])?;
+        drop(res);
+        let flops = (workgroups * 256) as f64 * iters as f64 * 8.0 * 4.0 * 2.0;
+        Ok((flops, self.samples(runs)?))
+    }
+
+    /// Seconds per run of the last recorded passes: `runs` samples, each of enough iterations to
+    /// last about 0.2 s.
+    pub fn samples(&self, runs: usize) -> Result<Vec<f64>> {
+        let once = self.time_last(1)?;
+        let iters = ((0.2 / once.max(1e-6)) as usize).clamp(1, 200);
+        (0..runs.max(1)).map(|_| self.time_last(iters)).collect()
+    }
+}
+
+fn bench_key(kernel: Kernel, iters: u32) -> PipelineKey {
+    PipelineKey { kernel, variant: Variant::Baseline, kv: KvStorage::F32, tile: Tile { wg: 256, br: 0, bc: iters } }
+}

@@ -1,0 +1,240 @@
+//! Allocate once: cached pipelines keyed by (kernel, variant, KV storage, tile), pooled buffers that
+//! only grow, and bind groups cached until one of their buffers is replaced. Every creation is
+//! counted in [`super::device::Counters`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::device::GpuContext;
+use super::shaders::{Kernel, KvStorage, Target, Variant, source};
+use crate::error::{Result, TwinferError};
+
+/// The `override` values of a pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Tile {
+    pub wg: u32,
+    /// Query rows per workgroup (prefill), else 0.
+    pub br: u32,
+    /// Keys per tile (prefill), FMA rounds (bench_fma), else 0.
+    pub bc: u32,
+}
+
+/// What identifies a pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PipelineKey {
+    pub kernel: Kernel,
+    pub variant: Variant,
+    pub kv: KvStorage,
+    pub tile: Tile,
+}
+
+/// Named buffers of the pool; each is reused until a call needs more room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Slot {
+    AttnParams,
+    MergeParams,
+    Q,
+    K,
+    V,
+    Meta,
+    O,
+    Lse,
+    OPart,
+    LsePart,
+    Readback,
+    AppendParams,
+    NewK,
+    NewV,
+    AppendSlots,
+}
+
+impl Slot {
+    fn usage(self) -> wgpu::BufferUsages {
+        use wgpu::BufferUsages as U;
+        match self {
+            Slot::AttnParams | Slot::MergeParams | Slot::AppendParams => U::UNIFORM | U::COPY_DST,
+            Slot::Readback => U::MAP_READ | U::COPY_DST,
+            _ => U::STORAGE | U::COPY_DST | U::COPY_SRC,
+        }
+    }
+}
+
+/// One binding: a pool slot, or a buffer owned elsewhere (a device-resident KV cache) with an id
+/// unique for the buffer's life.
+#[derive(Debug, Clone, Copy)]
+pub enum Bind<'a> {
+    Slot(Slot),
+    External(u64, &'a wgpu::Buffer),
+}
+
+/// Tags external ids apart from slot numbers in the bind-group cache key.
+const EXTERNAL: u64 = 1 << 62;
+
+#[derive(Debug)]
+struct Pooled {
+    buffer: wgpu::Buffer,
+    size: u64,
+    generation: u64,
+}
+
+/// Per-engine resources, behind the engine's mutex.
+#[derive(Debug, Default)]
+pub struct Resources {
+    pipelines: HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>,
+    buffers: HashMap<Slot, Pooled>,
+    bind_groups: HashMap<(PipelineKey, Vec<(u64, u64)>), wgpu::BindGroup>,
+    next_generation: u64,
+    last: Vec<RecordedPass>,
+}
+
+/// A recorded dispatch: pipeline, bind group and grid.
+pub type RecordedPass = (Arc<wgpu::ComputePipeline>, wgpu::BindGroup, [u32; 3]);
+
+impl Resources {
+    pub fn pipeline(&mut self, ctx: &GpuContext, key: PipelineKey) -> Result<Arc<wgpu::ComputePipeline>> {
+        if let Some(p) = self.pipelines.get(&key) {
+            return Ok(p.clone());
+        }
+        let src = source(key.kernel, key.variant, key.kv, Target::current());
+        let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = ctx.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(key.kernel.file()),
+            source: wgpu::ShaderSource::Wgsl(src.into()),
+        });
+        let mut constants: Vec<(&str, f64)> = vec![("WG", key.tile.wg as f64)];
+        if key.kernel == Kernel::BenchFma {
+            constants.push(("ITERS", key.tile.bc as f64));
+        }
+        if key.kernel == Kernel::Prefill {
+            constants.push(("BR", key.tile.br as f64));
+            constants.push(("BC", key.tile.bc as f64));
+        }
+        let pipeline = ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(key.kernel.file()),
+            layout: None,
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &constants,
+                // Every workgroup variable is written before it is read.
+                zero_initialize_workgroup_memory: false,
+            },
+            cache: None,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(TwinferError::GpuValidation(format!("{} ({key:?}): {e}", key.kernel.file())));
+        }
+        ctx.counters.pipelines.fetch_add(1, Ordering::Relaxed);
+        let p = Arc::new(pipeline);
+        self.pipelines.insert(key, p.clone());
+        Ok(p)
+    }
+
+    /// A buffer of at least `bytes` (never above the binding limit for storage slots).
+    pub fn buffer(&mut self, ctx: &GpuContext, slot: Slot, bytes: u64) -> Result<&wgpu::Buffer> {
+        // Storage slots start at 64 KiB, so that page tables growing with the context do not
+        // reallocate every few steps.
+        let floor = if slot.usage().contains(wgpu::BufferUsages::STORAGE) { 64 << 10 } else { 16 };
+        let bytes = bytes.max(16).next_multiple_of(16);
+        let limit = if slot.usage().contains(wgpu::BufferUsages::STORAGE) {
+            ctx.limits.max_storage_buffer_binding_size
+        } else {
+            ctx.limits.max_buffer_size
+        };
+        if bytes > limit {
+            return Err(TwinferError::OverLimit { what: slot_name(slot), requested: bytes, limit });
+        }
+        let fits = self.buffers.get(&slot).is_some_and(|b| b.size >= bytes);
+        if !fits {
+            // Grow geometrically so that a growing context reallocates rarely.
+            let size = bytes.next_power_of_two().max(floor).min(limit).max(bytes);
+            let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+            let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(slot_name(slot)),
+                size,
+                usage: slot.usage(),
+                mapped_at_creation: false,
+            });
+            if let Some(e) = pollster::block_on(scope.pop()) {
+                return Err(TwinferError::GpuOutOfMemory(format!("{} ({size} bytes): {e}", slot_name(slot))));
+            }
+            ctx.counters.buffers.fetch_add(1, Ordering::Relaxed);
+            self.next_generation += 1;
+            let generation = self.next_generation;
+            self.buffers.insert(slot, Pooled { buffer, size, generation });
+        }
+        Ok(&self.buffers[&slot].buffer)
+    }
+
+    /// The bind group of `key`'s pipeline over `binds` (binding i = binds[i], whole buffers).
+    pub fn bind_group(&mut self, ctx: &GpuContext, key: PipelineKey, binds: &[Bind<'_>]) -> Result<wgpu::BindGroup> {
+        let ids: Vec<(u64, u64)> = binds
+            .iter()
+            .map(|b| match b {
+                Bind::Slot(s) => (*s as u64, self.buffers[s].generation),
+                Bind::External(id, _) => (EXTERNAL | id, 0),
+            })
+            .collect();
+        let cache_key = (key, ids);
+        if let Some(bg) = self.bind_groups.get(&cache_key) {
+            return Ok(bg.clone());
+        }
+        // Entries naming a replaced pool buffer can never be hit again.
+        let buffers = &self.buffers;
+        self.bind_groups.retain(|(_, ids), _| {
+            ids.iter().all(|(tag, g)| *tag & EXTERNAL != 0 || buffers.values().any(|b| b.generation == *g))
+        });
+        let pipeline = self.pipeline(ctx, key)?;
+        let entries: Vec<wgpu::BindGroupEntry<'_>> = binds
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: match b {
+                    Bind::Slot(s) => self.buffers[s].buffer.as_entire_binding(),
+                    Bind::External(_, buf) => buf.as_entire_binding(),
+                },
+            })
+            .collect();
+        let bg = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(key.kernel.file()),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        ctx.counters.bind_groups.fetch_add(1, Ordering::Relaxed);
+        self.bind_groups.insert(cache_key, bg.clone());
+        Ok(bg)
+    }
+
+    pub fn set_last_passes(&mut self, passes: Vec<RecordedPass>) {
+        self.last = passes;
+    }
+    pub fn last_passes(&self) -> &[RecordedPass] {
+        &self.last
+    }
+
+    pub fn get(&self, slot: Slot) -> &wgpu::Buffer {
+        &self.buffers[&slot].buffer
+    }
+}
+
+fn slot_name(slot: Slot) -> &'static str {
+    match slot {
+        Slot::AttnParams => "attention params",
+        Slot::MergeParams => "merge params",
+        Slot::Q => "q",
+        Slot::K => "k (one binding)",
+        Slot::V => "v (one binding)",
+        Slot::Meta => "page table and indices",
+        Slot::O => "o",
+        Slot::Lse => "lse",
+        Slot::OPart => "split-K partial o",
+        Slot::LsePart => "split-K partial lse",
+        Slot::Readback => "readback",
+        Slot::AppendParams => "append params",
+        Slot::NewK => "new k rows",
+        Slot::NewV => "new v rows",
+        Slot::AppendSlots => "append slots",
+    }
+}

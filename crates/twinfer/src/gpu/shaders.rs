@@ -1,0 +1,186 @@
+//! The shader registry: every `.wgsl` file embedded once, and the source of each (kernel, variant)
+//! assembled from a generated prelude, the shared `online_softmax.wgsl` and the kernel file.
+//!
+//! Kernel files select variant-specific lines with `// #if SUBGROUP`, `// #else` and `// #endif`
+//! comment lines, so that each file stays one kernel and reads as WGSL.
+
+use std::fmt;
+
+/// The shared online-softmax code, prepended to every kernel.
+pub const SHARED: (&str, &str) = ("online_softmax.wgsl", include_str!("../../../../shaders/online_softmax.wgsl"));
+
+/// One entry per kernel file, in the order of [`Kernel::ALL`].
+const FILES: [(&str, &str); 6] = [
+    ("prefill_attention.wgsl", include_str!("../../../../shaders/prefill_attention.wgsl")),
+    ("decode_attention_paged.wgsl", include_str!("../../../../shaders/decode_attention_paged.wgsl")),
+    ("merge_state.wgsl", include_str!("../../../../shaders/merge_state.wgsl")),
+    ("append_kv.wgsl", include_str!("../../../../shaders/append_kv.wgsl")),
+    ("bench_read.wgsl", include_str!("../../../../shaders/bench_read.wgsl")),
+    ("bench_fma.wgsl", include_str!("../../../../shaders/bench_fma.wgsl")),
+];
+
+/// A compute kernel; its label is its file name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    Prefill,
+    Decode,
+    Merge,
+    AppendKv,
+    /// Ceilings for the benchmarks: a streaming read and an FMA loop.
+    BenchRead,
+    BenchFma,
+}
+
+impl Kernel {
+    pub const ALL: [Kernel; 6] =
+        [Kernel::Prefill, Kernel::Decode, Kernel::Merge, Kernel::AppendKv, Kernel::BenchRead, Kernel::BenchFma];
+
+    fn index(self) -> usize {
+        match self {
+            Kernel::Prefill => 0,
+            Kernel::Decode => 1,
+            Kernel::Merge => 2,
+            Kernel::AppendKv => 3,
+            Kernel::BenchRead => 4,
+            Kernel::BenchFma => 5,
+        }
+    }
+    /// The file name, used as the pipeline label.
+    pub fn file(self) -> &'static str {
+        FILES[self.index()].0
+    }
+    fn text(self) -> &'static str {
+        FILES[self.index()].1
+    }
+    /// Whether the kernel has a subgroup-specific path (the others ignore the variant).
+    pub fn uses_subgroups(self) -> bool {
+        matches!(self, Kernel::Decode)
+    }
+}
+
+/// How reductions are done. Open for a cooperative-matrix variant (tensor cores, native only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Variant {
+    /// Workgroup-memory reductions only: runs on every WebGPU implementation.
+    #[default]
+    Baseline,
+    /// Subgroup reductions (`subgroupMax`/`subgroupAdd`) for any subgroup size.
+    Subgroup,
+}
+
+impl Variant {
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Baseline => "baseline",
+            Variant::Subgroup => "subgroup",
+        }
+    }
+    /// Every variant, for tests that must cover them all.
+    pub const ALL: [Variant; 2] = [Variant::Baseline, Variant::Subgroup];
+}
+
+/// Storage type of K and V on the device; math is f32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KvStorage {
+    F32,
+    /// Needs the adapter's `SHADER_F16`.
+    F16,
+}
+
+impl KvStorage {
+    pub const ALL: [KvStorage; 2] = [KvStorage::F32, KvStorage::F16];
+    pub fn bytes(self) -> usize {
+        match self {
+            KvStorage::F32 => 4,
+            KvStorage::F16 => 2,
+        }
+    }
+}
+
+impl fmt::Display for KvStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KvStorage::F32 => "f32",
+            KvStorage::F16 => "f16",
+        })
+    }
+}
+
+/// Who compiles the source: naga (native wgpu, and the no-GPU test) rejects `enable subgroups;`,
+/// which browsers require.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Naga,
+    Browser,
+}
+
+impl Target {
+    pub fn current() -> Self {
+        if cfg!(target_arch = "wasm32") { Target::Browser } else { Target::Naga }
+    }
+}
+
+/// The full WGSL source of a kernel in a variant.
+pub fn source(kernel: Kernel, variant: Variant, kv: KvStorage, target: Target) -> String {
+    let subgroup = variant == Variant::Subgroup && kernel.uses_subgroups();
+    let mut out = String::new();
+    if kv == KvStorage::F16 {
+        out.push_str("enable f16;\n");
+    }
+    if subgroup && target == Target::Browser {
+        out.push_str("enable subgroups;\n");
+    }
+    out.push_str(match kv {
+        KvStorage::F32 => "alias kv4 = vec4<f32>;\n",
+        KvStorage::F16 => "alias kv4 = vec4<f16>;\n",
+    });
+    out.push_str(SHARED.1);
+    out.push('\n');
+    out.push_str(&preprocess(kernel.text(), subgroup));
+    out
+}
+
+/// Keeps the `// #if SUBGROUP` branch or its `// #else` branch; other lines pass through.
+fn preprocess(text: &str, subgroup: bool) -> String {
+    // (inside a block, keeping this branch)
+    let mut state: Option<bool> = None;
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        match line.trim() {
+            "// #if SUBGROUP" => state = Some(subgroup),
+            "// #else" if state.is_some() => state = state.map(|keep| !keep),
+            "// #endif" => state = None,
+            _ => {
+                if state.unwrap_or(true) {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preprocess_keeps_one_branch() {
+        let text = "a\n// #if SUBGROUP\nb\n// #else\nc\n// #endif\nd\n";
+        assert_eq!(preprocess(text, true), "a\nb\nd\n");
+        assert_eq!(preprocess(text, false), "a\nc\nd\n");
+    }
+
+    #[test]
+    fn browser_sources_enable_subgroups_and_native_ones_do_not() {
+        let native = source(Kernel::Decode, Variant::Subgroup, KvStorage::F32, Target::Naga);
+        let web = source(Kernel::Decode, Variant::Subgroup, KvStorage::F32, Target::Browser);
+        assert!(!native.contains("enable subgroups;"));
+        assert!(web.starts_with("enable subgroups;"));
+        assert!(native.contains("subgroupMax("));
+        let base = source(Kernel::Decode, Variant::Baseline, KvStorage::F32, Target::Naga);
+        assert!(!base.contains("subgroupMax(") && !base.contains("@builtin(subgroup_id)"));
+    }
+}

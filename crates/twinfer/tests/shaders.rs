@@ -1,0 +1,72 @@
+//! Every shader file in every variant parses and validates with naga, with no GPU; and every
+//! uniform struct has the same layout in Rust and WGSL.
+
+#![cfg(not(target_arch = "wasm32"))]
+
+use naga::valid::{Capabilities, ValidationFlags, Validator};
+use twinfer::gpu::params::layouts;
+use twinfer::gpu::shaders::{Kernel, KvStorage, Target, Variant, source};
+
+fn parse(kernel: Kernel, variant: Variant, kv: KvStorage) -> naga::Module {
+    let src = source(kernel, variant, kv, Target::Naga);
+    naga::front::wgsl::parse_str(&src)
+        .unwrap_or_else(|e| panic!("{} ({variant:?}, {kv}) does not parse:\n{}", kernel.file(), e.emit_to_string(&src)))
+}
+
+#[test]
+fn every_kernel_and_variant_validates() {
+    let mut checked = 0;
+    for kernel in Kernel::ALL {
+        for variant in Variant::ALL {
+            for kv in KvStorage::ALL {
+                let module = parse(kernel, variant, kv);
+                let mut caps = Capabilities::empty();
+                if kv == KvStorage::F16 {
+                    caps |= Capabilities::SHADER_FLOAT16;
+                }
+                if variant == Variant::Subgroup {
+                    caps |= Capabilities::SUBGROUP;
+                }
+                let info = Validator::new(ValidationFlags::all(), caps).validate(&module);
+                if let Err(e) = info {
+                    let src = source(kernel, variant, kv, Target::Naga);
+                    panic!("{} ({variant:?}, {kv}) fails validation:\n{}", kernel.file(), e.emit_to_string(&src));
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, Kernel::ALL.len() * 4);
+}
+
+/// The baseline must not need subgroups: it validates with no capability but f16 where asked.
+#[test]
+fn baseline_needs_no_subgroup_capability() {
+    for kernel in Kernel::ALL {
+        let module = parse(kernel, Variant::Baseline, KvStorage::F32);
+        Validator::new(ValidationFlags::all(), Capabilities::empty())
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{}: {e:?}", kernel.file()));
+    }
+}
+
+#[test]
+fn uniform_structs_agree_with_wgsl() {
+    let module = parse(Kernel::Prefill, Variant::Baseline, KvStorage::F32);
+    let merge = parse(Kernel::Merge, Variant::Baseline, KvStorage::F32);
+    let append = parse(Kernel::AppendKv, Variant::Baseline, KvStorage::F32);
+    for (name, size, fields) in layouts() {
+        let m = [&module, &merge, &append]
+            .into_iter()
+            .find(|m| m.types.iter().any(|(_, t)| t.name.as_deref() == Some(name)))
+            .unwrap_or_else(|| panic!("no WGSL struct {name}"));
+        let (_, ty) = m.types.iter().find(|(_, t)| t.name.as_deref() == Some(name)).unwrap();
+        let naga::TypeInner::Struct { members, span } = &ty.inner else { panic!("{name} is not a struct") };
+        assert_eq!(*span as usize, size, "{name}: WGSL size {span}, Rust {size}");
+        assert_eq!(members.len(), fields.len(), "{name}: member count");
+        for (mem, (field, offset)) in members.iter().zip(&fields) {
+            assert_eq!(mem.name.as_deref(), Some(*field), "{name}: member order");
+            assert_eq!(mem.offset as usize, *offset, "{name}.{field}: WGSL offset {}, Rust {offset}", mem.offset);
+        }
+    }
+}

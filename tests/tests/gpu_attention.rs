@@ -1,0 +1,229 @@
+//! The conformance suite on the WGSL engine, instantiated once per shader variant (baseline or
+//! subgroup reductions, f32 or f16 K/V storage), plus GPU == CPU on the same inputs.
+//!
+//! With no adapter the tests print a loud SKIPPED, and fail when `TWINFER_REQUIRE_GPU=1` (CI).
+
+#![cfg(not(target_arch = "wasm32"))]
+
+use std::sync::OnceLock;
+
+use proptest::prelude::*;
+use twinfer::cpu::{CpuEngine, SplitK};
+use twinfer::gpu::{GpuEngine, GpuOptions, Variant};
+use twinfer::{DType, TwinferError};
+use twinfer_tests::{Case, CaseData, KvKind, Mode, case_strategy};
+
+/// Property cases per test: `TWINFER_GPU_TEST_CASES`, 12 by default (lavapipe is slow).
+fn cases() -> u32 {
+    option_env!("TWINFER_GPU_TEST_CASES").and_then(|s| s.parse().ok()).unwrap_or(12)
+}
+
+/// The device's default engine, opened once per test binary.
+fn base() -> Option<&'static GpuEngine> {
+    static BASE: OnceLock<Result<GpuEngine, TwinferError>> = OnceLock::new();
+    match BASE.get_or_init(GpuEngine::new) {
+        Ok(e) => Some(e),
+        Err(e) => {
+            if std::env::var("TWINFER_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("TWINFER_REQUIRE_GPU=1 but the GPU engine is unavailable: {e}");
+            }
+            eprintln!("SKIPPED: no usable GPU ({e}); the WGSL kernels are NOT tested on this machine");
+            None
+        }
+    }
+}
+
+/// The engine for a variant, or a loud skip when the adapter lacks it (a failure under
+/// `TWINFER_REQUIRE_GPU=1`, since CI's lavapipe has every feature used here).
+fn engine(variant: Variant, f16_kv: bool, split_k: SplitK, decode_wg: u32) -> Option<GpuEngine> {
+    let base = base()?;
+    let opts = GpuOptions { variant, f16_kv, split_k, decode_wg };
+    match base.with_options(opts) {
+        Ok(e) => Some(e),
+        Err(e) => {
+            if std::env::var("TWINFER_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("TWINFER_REQUIRE_GPU=1 but variant {opts:?} is unavailable: {e}");
+            }
+            eprintln!("SKIPPED: variant {opts:?} unavailable here: {e}");
+            None
+        }
+    }
+}
+
+fn run(engine: &GpuEngine, case: &Case) -> Result<(Vec<f32>, Option<Vec<f32>>), TestCaseError> {
+    let data = CaseData::new(case);
+    let r = match case.mode {
+        Mode::Prefill => data.run(|p, d, out| engine.prefill(p, &d.prefill_input(case.kv_kind), out)),
+        Mode::Decode => data.run(|p, d, out| engine.decode(p, &d.decode_input(), out)),
+    };
+    r.map_err(|e| TestCaseError::fail(e.to_string()))
+}
+
+fn check(engine: &GpuEngine, case: &Case) -> Result<(), TestCaseError> {
+    let data = CaseData::new(case);
+    let (o, lse) = run(engine, case)?;
+    data.check(&o, lse.as_deref(), &data.reference()).map_err(TestCaseError::fail)
+}
+
+/// GPU and CPU engines on the same inputs agree within the output dtype's tolerance.
+fn check_against_cpu(engine: &GpuEngine, case: &Case) -> Result<(), TestCaseError> {
+    let data = CaseData::new(case);
+    let cpu = CpuEngine::new();
+    let (o_gpu, lse_gpu) = run(engine, case)?;
+    let (o_cpu, lse_cpu) = match case.mode {
+        Mode::Prefill => data.run(|p, d, out| cpu.prefill(p, &d.prefill_input(case.kv_kind), out)),
+        Mode::Decode => data.run(|p, d, out| cpu.decode(p, &d.decode_input(), out)),
+    }
+    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let tol = twinfer_tests::Tolerance::for_output(case.o_dtype);
+    for (i, (g, c)) in o_gpu.iter().zip(&o_cpu).enumerate() {
+        let bound = 2.0 * (tol.atol + tol.rtol * c.abs() as f64);
+        prop_assert!(((g - c).abs() as f64) <= bound, "o[{i}]: gpu {g}, cpu {c}");
+    }
+    if let (Some(lg), Some(lc)) = (lse_gpu, lse_cpu) {
+        for (i, (g, c)) in lg.iter().zip(&lc).enumerate() {
+            let same_inf = *g == f32::NEG_INFINITY && *c == f32::NEG_INFINITY;
+            prop_assert!(same_inf || (g - c).abs() <= 1e-4 * c.abs().max(1.0), "lse[{i}]: gpu {g}, cpu {c}");
+        }
+    }
+    Ok(())
+}
+
+/// Forces the K/V dtype to f16 for the f16-storage variants (f32 K/V would run the f32 kernels).
+fn with_kv(case: Case, f16_kv: bool) -> Case {
+    if f16_kv { Case { kv_dtype: DType::F16, ..case } } else { case }
+}
+
+macro_rules! variant_suite {
+    ($name:ident, $variant:expr, $f16:expr, $wg:expr) => {
+        mod $name {
+            use super::*;
+
+            fn e(split_k: SplitK) -> Option<GpuEngine> {
+                engine($variant, $f16, split_k, $wg)
+            }
+
+            proptest! {
+                #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+                #[test]
+                fn prefill_matches_oracle(case in case_strategy(Mode::Prefill, 3, 160, true)) {
+                    if let Some(e) = e(SplitK::Auto) { check(&e, &with_kv(case, $f16))?; }
+                }
+
+                #[test]
+                fn decode_matches_oracle(case in case_strategy(Mode::Decode, 8, 400, true)) {
+                    if let Some(e) = e(SplitK::Auto) { check(&e, &with_kv(case, $f16))?; }
+                }
+
+                #[test]
+                fn split_k_decode_matches_oracle(
+                    case in case_strategy(Mode::Decode, 3, 700, true),
+                    chunk in prop_oneof![Just(1usize), Just(64), Just(100), Just(256)],
+                ) {
+                    if let Some(e) = e(SplitK::ChunkSize(chunk)) { check(&e, &with_kv(case, $f16))?; }
+                }
+
+                #[test]
+                fn gpu_equals_cpu(
+                    case in prop_oneof![case_strategy(Mode::Decode, 4, 300, true), case_strategy(Mode::Prefill, 2, 100, true)],
+                ) {
+                    if let Some(e) = e(SplitK::Auto) { check_against_cpu(&e, &with_kv(case, $f16))?; }
+                }
+
+                /// Decode through a shuffled page table (among garbage pages) equals decode over
+                /// the gathered keys, bit for bit.
+                #[test]
+                fn paged_equals_contiguous(case in case_strategy(Mode::Decode, 4, 300, true)) {
+                    if let Some(e) = e(SplitK::Off) {
+                        let case = with_kv(case, $f16);
+                        let data = CaseData::new(&case);
+                        let gathered = CaseData::contiguous(&case);
+                        let paged = data
+                            .run(|p, d, out| e.decode(p, &d.decode_input(), out))
+                            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                        let contiguous = gathered
+                            .run(|p, d, out| e.decode(p, &d.decode_input(), out))
+                            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                        let bits = |x: &Vec<f32>| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                        prop_assert_eq!(bits(&paged.0), bits(&contiguous.0));
+                        prop_assert_eq!(paged.1.map(|l| bits(&l)), contiguous.1.map(|l| bits(&l)));
+                    }
+                }
+            }
+
+            /// Pinned: fully masked rows (o = 0, lse = -inf), zero and narrow windows, soft-cap,
+            /// ALiBi, GQA 4, page size 3, against both KV kinds; page sizes 1, 16, 64 in decode.
+            #[test]
+            fn pinned_cases() {
+                let Some(e) = e(SplitK::Auto) else { return };
+                for (window_left, qo, kv_kind) in
+                    [(None, 9, KvKind::Paged), (Some(0), 5, KvKind::Ragged), (Some(3), 40, KvKind::Paged)]
+                {
+                    let case = Case {
+                        mode: Mode::Prefill,
+                        kv_kind,
+                        qo_lens: vec![qo, 1],
+                        kv_lens: vec![4, 17],
+                        page_size: 3,
+                        num_kv_heads: 2,
+                        group: 4,
+                        head_dim: 72,
+                        causal: true,
+                        window_left,
+                        soft_cap: Some(5.0),
+                        alibi: true,
+                        sm_scale: None,
+                        q_dtype: DType::F32,
+                        kv_dtype: DType::F16,
+                        o_dtype: DType::F32,
+                        want_lse: true,
+                        q_gain: 4.0,
+                        seed: 7,
+                    };
+                    check(&e, &case).unwrap();
+                }
+                for (page_size, group, kv) in [(1, 8, 97), (16, 1, 300), (64, 3, 129), (16, 16, 65)] {
+                    let case = Case {
+                        mode: Mode::Decode,
+                        kv_kind: KvKind::Paged,
+                        qo_lens: vec![1, 1, 1],
+                        kv_lens: vec![kv, 1, 54],
+                        page_size,
+                        num_kv_heads: 2,
+                        group,
+                        head_dim: 256,
+                        causal: false,
+                        window_left: Some(70),
+                        soft_cap: None,
+                        alibi: false,
+                        sm_scale: Some(0.1),
+                        q_dtype: DType::F16,
+                        kv_dtype: if $f16 { DType::F16 } else { DType::F32 },
+                        o_dtype: DType::F16,
+                        want_lse: true,
+                        q_gain: 12.0,
+                        seed: 11,
+                    };
+                    check(&e, &case).unwrap();
+                }
+            }
+        }
+    };
+}
+
+variant_suite!(baseline_f32, Variant::Baseline, false, 64);
+variant_suite!(baseline_f16, Variant::Baseline, true, 64);
+variant_suite!(subgroup_f32, Variant::Subgroup, false, 64);
+variant_suite!(subgroup_f16, Variant::Subgroup, true, 64);
+// Wide decode workgroups: the key-group split of the value pass (the default on real GPUs).
+variant_suite!(subgroup_f16_wg256, Variant::Subgroup, true, 256);
+variant_suite!(baseline_f32_wg128, Variant::Baseline, false, 128);
+
+#[test]
+fn adapter_is_reported() {
+    let Some(e) = base() else { return };
+    let s = &e.context().summary;
+    assert!(!s.name.is_empty());
+    eprintln!("GPU tests ran on: {s}");
+}

@@ -1,0 +1,167 @@
+//! The device-resident path: a decode loop that creates no GPU object after warm-up, appends
+//! through the kernel equal to host appends, typed errors over the adapter's limits, and a lost
+//! device that leaves the CPU engine to carry on.
+
+#![cfg(not(target_arch = "wasm32"))]
+
+use twinfer::cpu::CpuEngine;
+use twinfer::gpu::{GpuEngine, GpuKvCache, KvStorage};
+use twinfer::kv::{KvLayout, PageTable, PagedKv};
+use twinfer::{AttentionOutput, AttentionParams, DecodeInput, TwinferError};
+
+fn engine() -> Option<GpuEngine> {
+    match GpuEngine::new() {
+        Ok(e) => Some(e),
+        Err(e) => {
+            assert!(std::env::var("TWINFER_REQUIRE_GPU").as_deref() != Ok("1"), "TWINFER_REQUIRE_GPU=1: {e}");
+            eprintln!("SKIPPED: no usable GPU ({e}); the device-resident path is NOT tested here");
+            None
+        }
+    }
+}
+
+fn wave(i: usize, f: f32) -> f32 {
+    (i as f32 * f).sin()
+}
+
+/// 4 sequences grow by one token a step for 103 steps: append on the device, decode on the
+/// device, read back. After 3 warm-up steps no buffer, bind group or pipeline is created, and
+/// the last step equals the CPU engine over a host mirror of the pool.
+#[test]
+fn decode_loop_creates_nothing_after_warm_up() {
+    decode_loop(None);
+}
+
+/// The same loop over a pool split into buffers of 3 pages (14 buffers): pages map to
+/// (buffer, slot), decode runs one pass per buffer and merges them.
+#[test]
+fn decode_loop_over_a_split_pool() {
+    decode_loop(Some(3));
+}
+
+fn decode_loop(pages_per_buffer: Option<usize>) {
+    let Some(gpu) = engine() else { return };
+    let (hq, hk, d, ps, batch, pages_per_seq) = (8, 2, 64, 16, 4, 10);
+    let layout = KvLayout::new(ps, hk, d).unwrap();
+    let num_pages = batch * pages_per_seq;
+    let storage = if gpu.options().f16_kv { KvStorage::F16 } else { KvStorage::F32 };
+    let max_buffer = pages_per_buffer.map_or(u64::MAX, |n| (n * layout.page_elems() * storage.bytes()) as u64);
+    let cache = GpuKvCache::new(&gpu, layout, num_pages, storage, max_buffer).unwrap();
+    assert_eq!(cache.num_buffers(), pages_per_buffer.map_or(1, |n| num_pages.div_ceil(n)));
+    // Host mirror, rounded like the device storage.
+    let round = |x: f32| if storage == KvStorage::F16 { twinfer::f16::from_f32(x).to_f32() } else { x };
+    let mut k_host = vec![0f32; num_pages * layout.page_elems()];
+    let mut v_host = k_host.clone();
+    // Sequence b owns pages b, b + batch, b + 2 batch, ... (interleaved, as a real pool ends up).
+    let page_of = |b: usize, j: usize| (b + (j / ps) * batch) as u32;
+    let params = AttentionParams::new(hq, hk, d).alibi_slopes(Some((0..hq).map(|h| 0.01 * h as f32).collect()));
+    let mut lens = [5usize, 17, 1, 30];
+    let row = layout.row_elems();
+    let (mut o, mut lse) = (vec![0f32; batch * hq * d], vec![0f32; batch * hq]);
+    let mut warm = None;
+    for step in 0..103 {
+        let mut slots = Vec::new();
+        let (mut k_new, mut v_new) = (Vec::new(), Vec::new());
+        for (b, len) in lens.iter_mut().enumerate() {
+            let rows = if step == 0 { *len } else { 1 };
+            for j in *len + 1 - rows..=*len {
+                let (page, slot) = (page_of(b, j - 1), (j - 1) % ps);
+                slots.push((page, slot as u32));
+                let base = (page as usize * ps + slot) * row;
+                for e in 0..row {
+                    let (kv, vv) = (wave(base + e + step, 0.31), wave(base + e + 7 * step, 0.17));
+                    k_new.push(kv);
+                    v_new.push(vv);
+                    k_host[base + e] = round(kv);
+                    v_host[base + e] = round(vv);
+                }
+            }
+            if step > 0 {
+                *len += 1;
+            }
+        }
+        // Step 0 appended the prefixes; later steps one token each, whose slot is the new last.
+        cache.append(&gpu, &k_new, &v_new, &slots).unwrap();
+        let mut indptr = vec![0u32];
+        let (mut indices, mut last) = (Vec::new(), Vec::new());
+        for (b, &len) in lens.iter().enumerate() {
+            indices.extend((0..len.div_ceil(ps)).map(|p| page_of(b, p * ps)));
+            indptr.push(indices.len() as u32);
+            last.push(((len - 1) % ps + 1) as u32);
+        }
+        let table = PageTable::new(&indptr, &indices, &last);
+        let q: Vec<f32> = (0..batch * hq * d).map(|i| wave(i + step, 0.9)).collect();
+        o.fill(f32::NAN);
+        lse.fill(f32::NAN);
+        let mut out = AttentionOutput::with_lse(o.as_mut_slice(), &mut lse);
+        gpu.decode_resident(&params, q.as_slice().into(), &cache, table, Some(&mut out)).unwrap();
+        if step == 2 {
+            warm = Some(gpu.counts());
+        }
+        if step == 102 {
+            let kv = PagedKv::new(k_host.as_slice().into(), v_host.as_slice().into(), layout).unwrap();
+            let input = DecodeInput { q: q.as_slice().into(), kv, table };
+            let (mut oc, mut lc) = (vec![0f32; o.len()], vec![0f32; lse.len()]);
+            CpuEngine::new()
+                .decode(&params, &input, &mut AttentionOutput::with_lse(oc.as_mut_slice(), &mut lc))
+                .unwrap();
+            for (i, (g, c)) in o.iter().zip(&oc).enumerate() {
+                assert!((g - c).abs() <= 5e-5 + 5e-5 * c.abs(), "o[{i}]: gpu {g}, cpu {c}");
+            }
+            for (i, (g, c)) in lse.iter().zip(&lc).enumerate() {
+                assert!((g - c).abs() <= 1e-4 * c.abs().max(1.0), "lse[{i}]: gpu {g}, cpu {c}");
+            }
+        }
+    }
+    let (warm, end) = (warm.unwrap(), gpu.counts());
+    eprintln!("after warm-up: {warm:?}; after 100 more steps: {end:?}");
+    assert_eq!(end.buffers, warm.buffers, "buffers created during the loop");
+    assert_eq!(end.bind_groups, warm.bind_groups, "bind groups created during the loop");
+    assert_eq!(end.pipelines, warm.pipelines, "pipelines created during the loop");
+    assert!(end.submits >= warm.submits + 200, "the loop must have run on the device");
+}
+
+#[test]
+fn requests_over_the_limits_are_typed_errors() {
+    let Some(gpu) = engine() else { return };
+    let layout = KvLayout::new(16, 8, 128).unwrap();
+    // 128 MiB default cap: 1024 pages of 16 x 8 x 128 f32 (64 KiB each) fit one buffer, 4096
+    // pages take two; a page larger than the cap is over the limit.
+    let cap = twinfer::gpu::DEFAULT_MAX_KV_BUFFER;
+    assert_eq!(GpuKvCache::new(&gpu, layout, 1024, KvStorage::F32, cap).unwrap().num_buffers(), 1);
+    assert_eq!(GpuKvCache::new(&gpu, layout, 4096, KvStorage::F32, cap).unwrap().num_buffers(), 2);
+    match GpuKvCache::new(&gpu, layout, 4, KvStorage::F32, 32 << 10) {
+        Err(TwinferError::OverLimit { requested, limit, .. }) => assert!(requested > limit),
+        other => panic!("expected OverLimit, got {other:?}"),
+    }
+    let cache = GpuKvCache::new(&gpu, layout, 4, KvStorage::F32, u64::MAX).unwrap();
+    let bad = cache.append(&gpu, &[0.0; 1024], &[0.0; 1024], &[(9, 0)]);
+    assert!(matches!(bad, Err(TwinferError::PageIndexOutOfRange { page: 9, .. })), "{bad:?}");
+    let params = AttentionParams::new(8, 8, 128);
+    let q = vec![0f32; 8 * 128];
+    let table = PageTable::new(&[0, 1], &[7], &[1]);
+    let bad = gpu.decode_resident(&params, q.as_slice().into(), &cache, table, None);
+    assert!(matches!(bad, Err(TwinferError::PageIndexOutOfRange { page: 7, .. })), "{bad:?}");
+}
+
+/// A lost device gives `DeviceLost`, never a panic, and the CPU engine answers the same call.
+#[test]
+fn lost_device_leaves_the_cpu_engine_working() {
+    let Some(gpu) = engine() else { return };
+    let (hq, hk, d) = (4, 2, 32);
+    let layout = KvLayout::new(4, hk, d).unwrap();
+    let k: Vec<f32> = (0..2 * layout.page_elems()).map(|i| wave(i, 0.3)).collect();
+    let kv = PagedKv::new(k.as_slice().into(), k.as_slice().into(), layout).unwrap();
+    let table = PageTable::new(&[0, 2], &[1, 0], &[3]);
+    let q: Vec<f32> = (0..hq * d).map(|i| wave(i, 0.7)).collect();
+    let input = DecodeInput { q: q.as_slice().into(), kv, table };
+    let params = AttentionParams::new(hq, hk, d);
+    let mut o = vec![0f32; hq * d];
+    gpu.decode(&params, &input, &mut AttentionOutput::new(o.as_mut_slice())).unwrap();
+    gpu.context().simulate_loss();
+    let err = gpu.decode(&params, &input, &mut AttentionOutput::new(o.as_mut_slice()));
+    assert!(matches!(err, Err(TwinferError::DeviceLost(_))), "{err:?}");
+    let mut oc = vec![f32::NAN; hq * d];
+    CpuEngine::new().decode(&params, &input, &mut AttentionOutput::new(oc.as_mut_slice())).unwrap();
+    assert!(oc.iter().all(|x| x.is_finite()));
+}
