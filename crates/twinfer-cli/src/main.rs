@@ -101,7 +101,9 @@ fn run(cli: Cli) -> Result<(), String> {
             println!("reason:         {}", info.reason);
             Ok(())
         }
-        Command::Bench { what: BenchWhat::Kernels { quick, backend: KernelBackendArg::Gpu, variant, decode_wg, .. } } => {
+        Command::Bench {
+            what: BenchWhat::Kernels { quick, backend: KernelBackendArg::Gpu, variant, decode_wg, .. },
+        } => {
             let scope = if quick { Scope::Quick } else { Scope::Full };
             let gpu = GpuEngine::new().map_err(|e| e.to_string())?;
             let mut opts = gpu.options();
@@ -119,12 +121,11 @@ fn run(cli: Cli) -> Result<(), String> {
             print_report(&report);
             Ok(())
         }
-                Command::Run(args) => generate::run(args),
+        Command::Run(args) => generate::run(args),
         Command::Embed(args) => generate::embed(args),
         Command::Plan(args) => plan::run(args),
         Command::Bench { what: BenchWhat::Serve(args) } => serve::run(*args),
         Command::Bench { what: BenchWhat::Kernels { quick, simd, .. } } => {
-
             let level = match simd {
                 Some(s) => SimdLevel::by_name(s.name()).ok_or_else(|| format!("this CPU has no {}", s.name()))?,
                 None => SimdLevel::detect(),
