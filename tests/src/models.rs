@@ -58,3 +58,18 @@ pub fn levels() -> Vec<twinfer::cpu::SimdLevel> {
         twinfer::cpu::SimdLevel::available()
     }
 }
+
+/// The attention engines the model tests run through, each with the SIMD level of the
+/// projections: every CPU level of [`levels`], then the GPU engine when there is one (the
+/// projections stay on the CPU). No GPU: a loud skip, or a failure under `TWINFER_REQUIRE_GPU=1`.
+pub fn engines() -> Vec<(String, twinfer::cpu::SimdLevel, twinfer::Attention)> {
+    let mut all: Vec<_> = levels().into_iter().map(|l| (format!("cpu {l}"), l, twinfer::Attention::cpu(l))).collect();
+    match twinfer::Attention::new(twinfer::Backend::Gpu) {
+        Ok(gpu) => all.push((format!("gpu {}", gpu.info().variant), twinfer::cpu::SimdLevel::detect(), gpu)),
+        Err(e) if std::env::var("TWINFER_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("TWINFER_REQUIRE_GPU=1 but the GPU engine is unavailable: {e}")
+        }
+        Err(e) => eprintln!("SKIPPED: the model tests do NOT run on the GPU engine here: {e}"),
+    }
+    all
+}

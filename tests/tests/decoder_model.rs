@@ -1,7 +1,8 @@
 //! The Llama-family decoder against the independent numpy reference (`tests/reference/`): two
 //! tiny seeded models (a Llama with Llama-3 RoPE scaling and GQA 4:1; a Qwen2 with q/k/v biases and
 //! tied embeddings). Prefill logits at every prompt position and 32 greedy decode steps must match
-//! (f32 relative error <= 1e-4, identical tokens) through the paged cache with pages of 1 and 16.
+//! (f32 relative error <= 1e-4, identical tokens) through the paged cache with pages of 1 and 16,
+//! on every CPU SIMD level and on the GPU engine.
 //! Then the engine: a request's output is the same alone, among 64 others, and under preemption.
 #![cfg(not(target_arch = "wasm32"))]
 
@@ -11,7 +12,7 @@ use twinfer::engine::{EngineConfig, Event, FinishReason, GenerateRequest, Sampli
 use twinfer::kv::{KvCacheConfig, KvLayout, PagedKvCache};
 use twinfer::model::{Engines, Logits, Model, ModelSource, Network, StepSeq};
 use twinfer::{Attention, Backend, DType, cpu::SimdLevel};
-use twinfer_tests::models::{floats, golden, ids, levels, model_dir, rel_err};
+use twinfer_tests::models::{engines, floats, golden, ids, model_dir, rel_err};
 
 const MODELS: [&str; 2] = ["tiny-llama", "tiny-qwen2"];
 const LOGITS_RTOL: f64 = 1e-4;
@@ -35,9 +36,8 @@ fn prefill_and_greedy_decode_match_the_reference() {
         assert_eq!(tokenizer.encode(g["prompt"].as_str().unwrap(), true).unwrap(), prompt, "{name}: tokenizer");
         let want_greedy = ids(&g["greedy_ids"]);
         let vocab = model.config.vocab_size;
-        for level in levels() {
-            let attention = Attention::cpu(level);
-            let engines = Engines { level, prefill: &attention, decode: &attention };
+        for (level, simd, attention) in engines() {
+            let engines = Engines { level: simd, prefill: &attention, decode: &attention };
             for page_size in [1, 16] {
                 let c = &model.config;
                 let layout = KvLayout::new(page_size, c.num_kv_heads, c.head_dim).unwrap();

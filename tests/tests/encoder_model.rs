@@ -1,11 +1,10 @@
 //! all-MiniLM-L6-v2 sentence embeddings against the independent numpy reference: cosine
 //! similarity >= 0.9999 for every sentence (short, long up to 256 tokens, non-ASCII), on every
-//! SIMD level, with the tokenizer giving the reference's ids.
+//! SIMD level and on the GPU engine, with the tokenizer giving the reference's ids.
 #![cfg(not(target_arch = "wasm32"))]
 
-use twinfer::Attention;
 use twinfer::model::{Model, ModelSource, Network};
-use twinfer_tests::models::{cosine, floats, golden, ids, levels, model_dir};
+use twinfer_tests::models::{cosine, engines, floats, golden, ids, model_dir};
 
 const NAME: &str = "all-MiniLM-L6-v2";
 
@@ -22,9 +21,8 @@ fn minilm_embeddings_match_the_reference() {
         // Both cut at the model's 256-token window (sentence_bert_config.json), keeping [SEP].
         assert_eq!(got, want, "sentence {i}: token ids");
     }
-    for level in levels() {
-        let attention = Attention::cpu(level);
-        let got = bert.embed(level, &attention, &batch).unwrap();
+    for (level, simd, attention) in engines() {
+        let got = bert.embed(simd, &attention, &batch).unwrap();
         for (i, (e, want)) in got.iter().zip(g["embeddings"].as_array().unwrap()).enumerate() {
             let c = cosine(e, &floats(want));
             assert!(c >= 0.9999, "{level}: sentence {i} ({:?}): cosine {c}", sentences[i]);

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 mod generate;
+mod info;
 mod interrupt;
 mod options;
 mod plan;
@@ -14,7 +15,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use twinfer::bench::{self, KernelReport, Scope};
 use twinfer::cpu::{CpuEngine, SimdLevel};
 use twinfer::gpu::{GpuEngine, Variant};
-use twinfer::{Attention, Backend};
 
 use options::SimdArg;
 
@@ -28,7 +28,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Show the CPU, its SIMD levels, and which engine `auto` picks and why.
-    Info,
+    Info {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Generate text from a decoder model folder, streaming tokens; prints TTFT/TPOT/TPS/ITL at the end.
     Run(generate::RunArgs),
     /// Embed texts with an encoder model folder; with several texts, rank the rest against the first.
@@ -91,16 +95,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
-        Command::Info => {
-            let attention = Attention::new(Backend::Auto).map_err(|e| e.to_string())?;
-            let info = attention.info();
-            let levels: Vec<_> = SimdLevel::available().iter().map(|l| l.name()).collect();
-            println!("cpu:            {}", twinfer::cpu_model_name());
-            println!("simd available: {}", levels.join(", "));
-            println!("backend:        {} ({}, {} threads)", info.backend, info.variant, info.threads);
-            println!("reason:         {}", info.reason);
-            Ok(())
-        }
+        Command::Info { json } => info::run(json),
         Command::Bench {
             what: BenchWhat::Kernels { quick, backend: KernelBackendArg::Gpu, variant, decode_wg, .. },
         } => {

@@ -29,13 +29,19 @@ fn ok_json(args: &[&str]) -> Value {
         .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
-/// Exits non-zero and says why on the first line of stderr.
+/// Exits non-zero and says why in one line: ours start with `twinfer:`, the argument parser's
+/// with `error:`. (A GPU driver probed on the way may print its own lines; they are not ours.)
 fn fails_with(args: &[&str], reason: &str) {
     let out = twinfer(args);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{args:?} succeeded");
-    let first = err.lines().next().unwrap_or("");
-    assert!(first.contains(reason), "{args:?}: first stderr line {first:?} lacks {reason:?}");
+    let ours: Vec<&str> = err.lines().filter(|l| l.starts_with("twinfer: ")).collect();
+    let line = match ours.as_slice() {
+        [one] => *one,
+        [] => err.lines().next().unwrap_or(""),
+        many => panic!("{args:?}: {} reason lines: {many:?}", many.len()),
+    };
+    assert!(line.contains(reason), "{args:?}: reason {line:?} lacks {reason:?}");
 }
 
 fn path(p: &Path) -> &str {
@@ -225,4 +231,20 @@ fn plan_writes_a_config_that_run_accepts() {
     std::fs::write(&out, "{\"page_size\": \"big\"}").unwrap();
     fails_with(&["run", "--model", path(&model), "--prompt", "a", "--config", path(&out)], "page_size");
     let _ = std::fs::remove_file(&out);
+}
+
+#[test]
+fn info_json_has_cpu_gpu_and_the_choice_per_phase() {
+    let doc = ok_json(&["info", "--json"]);
+    assert!(doc["cpu"].is_string() && doc["simd_chosen"].is_string());
+    assert!(doc["simd_available"].as_array().unwrap().iter().any(|l| l == "scalar"));
+    assert!(doc["gpu"]["available"].is_boolean());
+    if doc["gpu"]["available"] == true {
+        assert!(doc["gpu"]["name"].is_string() && doc["gpu"]["shader_f16"].is_boolean());
+    } else {
+        assert!(doc["gpu"]["reason"].is_string());
+    }
+    for phase in ["prefill", "decode"] {
+        assert!(doc["auto"][phase]["backend"].is_string() && doc["auto"][phase]["reason"].is_string(), "{phase}");
+    }
 }
