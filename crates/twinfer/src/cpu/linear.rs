@@ -13,7 +13,7 @@
 use pulp::Simd;
 
 use crate::cpu::SimdLevel;
-use crate::cpu::convert::LoadLanes;
+use crate::cpu::convert::{LoadLanes, prefetch};
 use crate::dtype::TensorRef;
 use crate::error::{Result, TwinferError, check_len};
 
@@ -126,8 +126,21 @@ impl Chunk<'_> {
         let (xp, wp) = (self.x.as_ptr(), w.as_ptr());
         let zero = simd.splat_f32s(0.0);
         let mut acc = [[zero; C]; R];
+        // The next block's weight rows, fetched a cache line at a time while this block computes:
+        // decode reads each weight once, so keeping more lines in flight is what speeds it up.
+        let ahead = (c0 + C) * k;
+        let ahead_len = (C * k).min(w.len().saturating_sub(ahead));
+        let line = 64 / core::mem::size_of::<E>();
         let mut i = 0;
         while i < body {
+            if ahead_len > 0 {
+                for c in 0..C {
+                    let at = c * k + i;
+                    if at < ahead_len && i % line < lanes {
+                        prefetch(E::view(&w[ahead..ahead + ahead_len]), at, 1);
+                    }
+                }
+            }
             // SAFETY: i + lanes <= body <= k, inside rows r0..r0+R of x and c0..c0+C of W.
             unsafe {
                 let wv: [S::f32s; C] = core::array::from_fn(|c| E::load_lanes::<S>(wp.add((c0 + c) * k + i)));
