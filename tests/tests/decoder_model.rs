@@ -166,3 +166,51 @@ fn engine_outputs_do_not_depend_on_the_batch_or_on_preemption() {
         }
     }
 }
+
+/// The threaded engine: tokens stream in order and end with `Finished`; a stop string cuts the
+/// text and ends the request; a cancelled request ends with `Cancelled` and frees its pages.
+#[test]
+fn engine_streams_stops_and_cancels() {
+    use twinfer::engine::Engine;
+    let config = EngineConfig {
+        kv_dtype: DType::F32,
+        prefill_backend: Backend::Cpu,
+        decode_backend: Backend::Cpu,
+        ..Default::default()
+    };
+    let engine = Engine::new(model_dir("tiny-llama"), config).unwrap();
+    let (prompt, want) = golden_requests("tiny-llama").remove(0);
+
+    let events: Vec<Event> = engine.generate(greedy(prompt.clone(), want.len())).unwrap().collect();
+    let streamed: Vec<u32> =
+        events.iter().filter_map(|e| if let Event::Token { token, .. } = e { Some(*token) } else { None }).collect();
+    assert_eq!(streamed, want, "streamed tokens");
+    let Some(Event::Finished { text, tokens, metrics, .. }) = events.last() else { panic!("no Finished event") };
+    assert_eq!(tokens, &want);
+    assert_eq!(metrics.token_times.len(), want.len());
+    let pieces: String = events
+        .iter()
+        .filter_map(|e| if let Event::Token { text, .. } = e { Some(text.as_str()) } else { None })
+        .collect();
+    assert_eq!(&pieces, text, "the streamed pieces add up to the final text");
+
+    // Stop at a piece of text the full generation contains.
+    let cut = text.char_indices().nth(text.chars().count() / 2).map_or(0, |(i, _)| i);
+    let stop: String = text[cut..].chars().take(3).collect();
+    if !stop.is_empty() {
+        let mut r = greedy(prompt.clone(), want.len());
+        r.stop = vec![stop.clone()];
+        let Event::Finished { reason, text: stopped, .. } = engine.generate_blocking(r).unwrap() else { panic!() };
+        assert_eq!(reason, FinishReason::StopString(stop.clone()));
+        assert_eq!(stopped, text[..text.find(&stop).unwrap()]);
+    }
+
+    // Cancel after the first token.
+    let mut stream = engine.generate(greedy(prompt, 1500)).unwrap();
+    assert!(matches!(stream.next(), Some(Event::Token { .. })));
+    stream.cancel();
+    let last = stream.last().unwrap();
+    assert!(matches!(last, Event::Finished { reason: FinishReason::Cancelled, .. }), "{last:?}");
+    let m = engine.metrics(false).unwrap();
+    assert_eq!(m.requests, 3);
+}

@@ -412,6 +412,12 @@ impl Scheduler {
         }
         if reason.is_none() && (s.generated.len() >= s.request.max_tokens || s.len() >= max_pos) {
             reason = Some(FinishReason::Length);
+            // The last event carries whatever is left, a dangling partial character included.
+            if let Some(tokenizer) = &tokenizer
+                && let Some(rest) = s.stream.flush(tokenizer)?
+            {
+                s.text.push_str(&rest);
+            }
         }
         // Hold back a tail that may still grow into a stop string.
         let safe = if reason.is_some() { s.text.len() } else { s.text.len() - held_back(&s.text, &s.request.stop) };
@@ -426,7 +432,7 @@ impl Scheduler {
         if let Some(seq) = s.cache_seq.take() {
             self.cache.free(seq)?;
         }
-        if !matches!(reason, FinishReason::StopString(_) | FinishReason::Eos | FinishReason::StopToken(_))
+        if matches!(reason, FinishReason::Cancelled | FinishReason::Failed(_))
             && let Some(tokenizer) = &self.tokenizer
             && let Some(rest) = s.stream.flush(tokenizer)?
         {
