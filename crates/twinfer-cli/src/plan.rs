@@ -72,7 +72,7 @@ pub fn run(args: PlanArgs) -> Result<(), String> {
     );
     for m in &p.measurements {
         println!(
-            "{:<28} {:<8} {:>5} {:>7} {:>11.2} {:>18} {:>11.0}",
+            "{:<w$} {:<8} {:>5} {:>7} {:>11.2} {:>18} {:>11.0}",
             m.candidate,
             m.phase,
             m.page_size,

@@ -241,6 +241,7 @@ fn info_json_has_cpu_gpu_and_the_choice_per_phase() {
     assert!(doc["gpu"]["available"].is_boolean());
     if doc["gpu"]["available"] == true {
         assert!(doc["gpu"]["name"].is_string() && doc["gpu"]["shader_f16"].is_boolean());
+        assert!(doc["gpu"]["subgroups"].is_boolean() && doc["gpu"]["cooperative_matrix"].is_boolean());
     } else {
         assert!(doc["gpu"]["reason"].is_string());
     }

@@ -153,6 +153,13 @@ impl Attention {
         Self::with_engine(Engine::Cpu(CpuEngine::with_level(level)), format!("CPU with {level} requested"))
     }
 
+    /// A given GPU engine (a chosen shader variant), as `twinfer plan` compares them.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn gpu(engine: GpuEngine) -> Self {
+        let why = format!("GPU variant {} requested", engine.variant_name());
+        Self::with_engine(Engine::Gpu(engine), why)
+    }
+
     fn with_engine(engine: Engine, reason: String) -> Self {
         let (device, variant, threads) = engine.as_backend().describe();
         let backend = match engine {

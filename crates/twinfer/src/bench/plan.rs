@@ -115,14 +115,25 @@ pub fn candidates() -> Vec<Candidate> {
             attention: Attention::cpu(l),
         })
         .collect();
-    if let Ok(gpu) = Attention::new(Backend::Gpu) {
-        let i = gpu.info();
-        all.push(Candidate {
-            name: format!("gpu {} on {}", i.variant, i.device),
-            backend: Backend::Gpu,
-            simd: SimdLevel::detect(),
-            attention: gpu,
-        });
+    // The GPU when one passes its self-test, in every shader variant its adapter supports.
+    if let Ok(auto_gpu) = Attention::new(Backend::Gpu)
+        && let Ok(base) = crate::gpu::GpuEngine::new()
+    {
+        let device = auto_gpu.info().device.clone();
+        for variant in [crate::gpu::Variant::Baseline, crate::gpu::Variant::Subgroup] {
+            for f16_kv in [false, true] {
+                let opts = crate::gpu::GpuOptions { variant, f16_kv, ..base.options() };
+                if let Ok(engine) = base.with_options(opts) {
+                    let attention = Attention::gpu(engine);
+                    all.push(Candidate {
+                        name: format!("gpu {} on {device}", attention.info().variant),
+                        backend: Backend::Gpu,
+                        simd: SimdLevel::detect(),
+                        attention,
+                    });
+                }
+            }
+        }
     }
     all
 }

@@ -22,6 +22,8 @@ pub struct AdapterSummary {
     pub subgroups: bool,
     pub subgroup_sizes: (u32, u32),
     pub timestamps: bool,
+    /// The adapter offers cooperative matrices (tensor cores); no kernel variant uses them yet.
+    pub cooperative_matrix: bool,
     pub max_storage_binding: u64,
     pub max_workgroup_storage: u32,
     pub max_invocations: u32,
@@ -31,8 +33,8 @@ impl std::fmt::Display for AdapterSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} ({}, {}, driver {}); shader-f16 {}, subgroups {} (sizes {}..={}), timestamps {}; \
-             max storage binding {} MiB, workgroup storage {} KiB, {} invocations",
+            "{} ({}, {}, driver {}); shader-f16 {}, subgroups {} (sizes {}..={}), timestamps {}, \
+             cooperative matrix {}; max storage binding {} MiB, workgroup storage {} KiB, {} invocations",
             self.name,
             self.backend,
             self.device_type,
@@ -42,6 +44,7 @@ impl std::fmt::Display for AdapterSummary {
             self.subgroup_sizes.0,
             self.subgroup_sizes.1,
             yes(self.timestamps),
+            yes(self.cooperative_matrix),
             self.max_storage_binding >> 20,
             self.max_workgroup_storage >> 10,
             self.max_invocations
@@ -137,6 +140,7 @@ impl GpuContext {
             subgroups: features.contains(wgpu::Features::SUBGROUP),
             subgroup_sizes: (info.subgroup_min_size, info.subgroup_max_size),
             timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+            cooperative_matrix: adapter.features().contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
             max_storage_binding: limits.max_storage_buffer_binding_size as u64,
             max_workgroup_storage: limits.max_compute_workgroup_storage_size,
             max_invocations: limits.max_compute_invocations_per_workgroup,
