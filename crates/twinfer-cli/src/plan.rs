@@ -66,8 +66,9 @@ pub fn run(args: PlanArgs) -> Result<(), String> {
         return Ok(());
     }
     println!("engines on this device: {}", found.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "));
+    let w = p.measurements.iter().map(|m| m.candidate.len()).max().unwrap_or(6).max(6);
     println!(
-        "{:<28} {:<8} {:>5} {:>7} {:>11} {:>18} {:>11}",
+        "{:<w$} {:<8} {:>5} {:>7} {:>11} {:>18} {:>11}",
         "engine", "phase", "page", "tokens", "median ms", "[min..max] ms", "tokens/s"
     );
     for m in &p.measurements {
