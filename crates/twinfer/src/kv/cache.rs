@@ -134,14 +134,8 @@ impl PagedKvCache {
     /// Starts a sequence that shares all of `parent`'s pages and has its length. Nothing is copied
     /// now; a shared, partly filled last page is copied when either side grows into it.
     pub fn fork(&mut self, parent: SeqId) -> Result<SeqId> {
-        let child = self.seq(parent)?.clone();
-        for &page in &child.pages {
-            self.allocator.retain(page)?;
-        }
-        let id = SeqId(self.next_id);
-        self.next_id += 1;
-        self.seqs.insert(id, child);
-        Ok(id)
+        let len = self.seq(parent)?.len;
+        self.fork_prefix(parent, len)
     }
 
     /// Starts a sequence that shares the first `len` tokens of `parent` (a common prompt prefix):
