@@ -1,19 +1,14 @@
 #!/usr/bin/env bash
 # The wasm32 checks, in Node, on the simd128 kernels:
 #   1. the core crate's tests and the conformance suite under wasm-bindgen-test-runner;
-#   2. a release build of twinfer-web and its wasm-bindgen packages web/pkg (browsers, ES module)
-#      and web/pkg-node (Node, CommonJS);
-#   3. the npm package's Node test (web/test/node.test.mjs) against web/pkg-node.
-# Needs what scripts/setup-cross.sh installs, and Node 18 or newer.
+#   2. the npm package's engine (scripts/build-web.sh -> web/pkg);
+#   3. the npm package's Node tests (web/test/): the kernels against a JS reference, and the
+#      package API on the real models against the numpy reference and the native build.
+# Needs what scripts/setup-cross.sh installs, and Node 20 or newer.
 # Honours CARGO_TARGET_DIR; TWINFER_TEST_CASES (default 8) sets the property cases per test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-WASM_BINDGEN_VERSION=0.2.130
-if ! wasm-bindgen --version 2>/dev/null | grep -qF "$WASM_BINDGEN_VERSION"; then
-    echo "wasm-bindgen $WASM_BINDGEN_VERSION is missing: run scripts/setup-cross.sh" >&2
-    exit 1
-fi
 command -v node >/dev/null || { echo "node is missing" >&2; exit 1; }
 
 target_dir="${CARGO_TARGET_DIR:-target}"
@@ -26,14 +21,11 @@ echo "== cargo test (wasm32, simd128, node), TWINFER_TEST_CASES=$TWINFER_TEST_CA
 CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
     cargo test --target wasm32-unknown-unknown -p twinfer -p twinfer-tests
 
-echo "== twinfer-web (release, simd128)"
-cargo build --release --target wasm32-unknown-unknown -p twinfer-web
-wasm="$target_dir/wasm32-unknown-unknown/release/twinfer_web.wasm"
-wasm-bindgen --target web --out-dir web/pkg "$wasm"
-wasm-bindgen --target nodejs --out-dir web/pkg-node "$wasm"
-# web/package.json says "type": "module"; the Node build is CommonJS, so mark its folder as such.
-printf '{\n  "type": "commonjs"\n}\n' >web/pkg-node/package.json
-ls -l web/pkg/twinfer_web_bg.wasm web/pkg-node/twinfer_web_bg.wasm
+echo "== the npm package (web/pkg: release, simd128)"
+scripts/build-web.sh
 
-echo "== node --test"
-(cd web && node --test test/node.test.mjs)
+echo "== npm test (Node: the package API on real models, against the reference and the native build)"
+# The native CLI is the comparison for embeddings and generated tokens.
+cli="$target_dir/debug/twinfer"
+[ -x "$cli" ] || RUSTFLAGS= cargo build -p twinfer-cli
+(cd web && TWINFER_CLI="$(realpath "$cli")" npm test)

@@ -1,12 +1,10 @@
-// The Node build of the bindings (wasm-bindgen --target nodejs, CommonJS) against a plain JS
-// reference of attention. Run: node --test test/ (after scripts/test-wasm.sh has built ../pkg-node).
+// The attention kernels of the package (`kernels()`) against a plain JS reference of attention.
+// Run: npm test (after scripts/build-web.sh has built ../pkg).
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { readFileSync } from "node:fs";
-import { createRequire } from "node:module";
+import { kernels } from "../src/index.js";
 
-const require = createRequire(import.meta.url);
-const twinfer = require("../pkg-node/twinfer_web.js");
+const twinfer = await kernels();
 
 /** Deterministic uniform numbers in [-1, 1) (mulberry32). */
 function rng(seed) {
@@ -244,13 +242,4 @@ test("bad calls throw a TwinferError and leave the module usable", () => {
   );
   // The errors changed nothing: a good call still works.
   assertClose(runDecode(p), referenceDecode(p));
-});
-
-test("the browser build (web/pkg) loads from bytes and runs the same kernels", async () => {
-  const web = await import("../pkg/twinfer_web.js");
-  web.initSync({ module: readFileSync(new URL("../pkg/twinfer_web_bg.wasm", import.meta.url)) });
-  assert.equal(web.info().simd, "simd128");
-  const p = decodeProblem(5);
-  const args = [p.q, p.kPool, p.vPool, p.pageSize, p.numQoHeads, p.numKvHeads, p.headDim, p.indptr, p.indices, p.lastPageLen];
-  assert.deepEqual(web.decode(...args), runDecode(p));
 });

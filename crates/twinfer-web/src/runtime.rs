@@ -1,0 +1,308 @@
+//! `Runtime`: the attention engines chosen once, a model loaded into them, and the calls the
+//! package's JS layer drives: `embed`, `add` + `step` (continuous batching, one batch per call),
+//! `cancel`, `metrics`, `info`.
+//!
+//! Calls that run the model return promises: the WebGPU engine has to give the event loop back
+//! while the GPU works. One call runs at a time; the JS layer queues them, and a call made while
+//! another runs is refused (`Busy`) rather than interleaved.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use twinfer::cpu::SimdLevel;
+use twinfer::engine::{EngineConfig, Event, FinishReason, RequestId, Scheduler};
+use twinfer::model::{BertModel, Model, Network, Tokenizer};
+use twinfer::{Attention, Backend, BackendInfo, DType, TwinferError};
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::future_to_promise;
+
+use crate::errors::{js_error, to_js_error};
+use crate::files::ModelFiles;
+use crate::install_panic_hook;
+use crate::options::{Options, generate_request};
+
+type Result<T> = std::result::Result<T, TwinferError>;
+
+#[wasm_bindgen(typescript_custom_section)]
+const TS_RUNTIME: &'static str = r#"
+/** One attention engine: what runs, on what, and why. */
+export interface EngineReport { backend: "cpu" | "gpu"; device: string; variant: string; reason: string; }
+/** What the runtime runs on, and the model it holds. */
+export interface RuntimeInfo {
+  /** "webgpu" when any phase runs on the GPU, else "wasm". */
+  backend: "webgpu" | "wasm";
+  reason: string;
+  simd: string;
+  prefill: EngineReport;
+  decode: EngineReport;
+  model: null | { kind: "decoder" | "encoder"; description: string };
+}
+/** What one `step` produced for one request. */
+export type StepEvent =
+  | { kind: "token"; id: number; tokenId: number; text: string; t: number }
+  | { kind: "finished"; id: number; reason: string; detail: string | null; text: string; tokens: number[]; metrics: any };
+"#;
+
+#[wasm_bindgen]
+extern "C" {
+    // Present in browsers, workers and Node: the clock of TTFT, TPOT and ITL.
+    #[wasm_bindgen(js_namespace = performance, js_name = now)]
+    fn performance_now() -> f64;
+}
+
+fn web_clock() -> f64 {
+    performance_now() / 1000.0
+}
+
+/// The loaded model.
+enum Served {
+    Decoder(Box<Scheduler>),
+    Encoder { model: Box<BertModel>, tokenizer: Box<Tokenizer> },
+}
+
+struct State {
+    prefill: Attention,
+    decode: Attention,
+    level: SimdLevel,
+    reason: String,
+    served: Option<(Served, String)>,
+}
+
+/// The engines and the model; see the module docs.
+#[wasm_bindgen]
+pub struct Runtime {
+    state: Rc<RefCell<State>>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Runtime")
+    }
+}
+
+#[wasm_bindgen]
+impl Runtime {
+    /// Chooses the engines: `"wasm"` (the SIMD CPU engine), `"webgpu"` (the WGSL engine, after
+    /// its self-test) or `"auto"` (WebGPU when it passes, else wasm, with the reason).
+    #[wasm_bindgen(unchecked_return_type = "Promise<Runtime>")]
+    pub fn open(backend: String) -> js_sys::Promise {
+        install_panic_hook();
+        future_to_promise(async move {
+            let (prefill, decode, reason) = open_engines(&backend).await.map_err(to_js_error)?;
+            let level = SimdLevel::detect();
+            let state = State { prefill, decode, level, reason, served: None };
+            Ok(Runtime { state: Rc::new(RefCell::new(state)) }.into())
+        })
+    }
+
+    /// Loads a model from `files` (which are emptied: their bytes move into the model).
+    /// `options`: `{ pageSize, kvMemoryBytes, kvDtype: "f16" | "f32", maxBatchTokens, maxRunning }`.
+    pub fn load(&self, files: &mut ModelFiles, options: JsValue) -> std::result::Result<(), js_sys::Error> {
+        let mut state = self.state.try_borrow_mut().map_err(|_| busy())?;
+        let config = engine_config(&options).map_err(to_js_error)?;
+        // Drop the old model first: two models at once may not fit.
+        state.served = None;
+        let model = Model::load(files.take_source()).map_err(to_js_error)?;
+        let description = model.describe();
+        let served = match model.network {
+            Network::Encoder(m) => Served::Encoder { model: Box::new(m), tokenizer: Box::new(model.tokenizer) },
+            Network::Decoder(m) => Served::Decoder(Box::new(
+                Scheduler::new(
+                    Arc::new(m),
+                    Some(Arc::new(model.tokenizer)),
+                    state.level,
+                    state.prefill.clone(),
+                    state.decode.clone(),
+                    config,
+                )
+                .map_err(to_js_error)?,
+            )),
+        };
+        state.served = Some((served, description));
+        Ok(())
+    }
+
+    /// What runs where, and the model (see `RuntimeInfo`).
+    #[wasm_bindgen(unchecked_return_type = "RuntimeInfo")]
+    pub fn info(&self) -> std::result::Result<JsValue, js_sys::Error> {
+        let state = self.state.try_borrow().map_err(|_| busy())?;
+        let gpu = state.prefill.info().backend == "gpu" || state.decode.info().backend == "gpu";
+        let model = match &state.served {
+            None => serde_json::Value::Null,
+            Some((served, description)) => serde_json::json!({
+                "kind": if matches!(served, Served::Decoder(_)) { "decoder" } else { "encoder" },
+                "description": description,
+            }),
+        };
+        let info = serde_json::json!({
+            "backend": if gpu { "webgpu" } else { "wasm" },
+            "reason": state.reason,
+            "simd": state.level.name(),
+            "prefill": engine_report(state.prefill.info()),
+            "decode": engine_report(state.decode.info()),
+            "model": model,
+        });
+        to_js(&info)
+    }
+
+    /// One L2-normalised embedding per text (encoder models).
+    #[wasm_bindgen(unchecked_return_type = "Promise<Float32Array[]>")]
+    pub fn embed(&self, texts: Vec<String>) -> js_sys::Promise {
+        let state = self.state.clone();
+        future_to_promise(async move {
+            let state = state.try_borrow().map_err(|_| busy())?;
+            let Some((Served::Encoder { model, tokenizer }, _)) = &state.served else {
+                return Err(not_loaded("an encoder (embeddings)").into());
+            };
+            let ids =
+                texts.iter().map(|t| tokenizer.encode(t, true)).collect::<Result<Vec<_>>>().map_err(to_js_error)?;
+            let embeddings = model.embed(state.level, &state.prefill, &ids).map_err(to_js_error)?;
+            let out = js_sys::Array::new();
+            for e in embeddings {
+                out.push(&js_sys::Float32Array::from(&e[..]));
+            }
+            Ok(out.into())
+        })
+    }
+
+    /// Queues a generation request; it starts at the next `step`. `prompt`: text or token ids.
+    /// `options`: `{ maxTokens, temperature, topK, topP, repetitionPenalty, seed, stop,
+    /// stopTokenIds, ignoreEos }`. Returns the request's id.
+    pub fn add(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "string | number[] | Uint32Array")] prompt: JsValue,
+        options: JsValue,
+    ) -> std::result::Result<u32, js_sys::Error> {
+        let mut state = self.state.try_borrow_mut().map_err(|_| busy())?;
+        let scheduler = decoder(&mut state)?;
+        let request = generate_request(&prompt, &options).map_err(to_js_error)?;
+        let RequestId(id) = scheduler.add(request).map_err(to_js_error)?;
+        // Ids count requests; four billion of them outlast any page.
+        Ok(id as u32)
+    }
+
+    /// Asks a request to stop; its `finished` event (reason `cancelled`) comes with the next step.
+    pub fn cancel(&self, id: u32) -> std::result::Result<bool, js_sys::Error> {
+        let mut state = self.state.try_borrow_mut().map_err(|_| busy())?;
+        Ok(decoder(&mut state)?.cancel(RequestId(id as u64)))
+    }
+
+    /// Whether any request is queued or running.
+    #[wasm_bindgen(js_name = hasWork)]
+    pub fn has_work(&self) -> bool {
+        match self.state.try_borrow() {
+            Ok(s) => matches!(&s.served, Some((Served::Decoder(sch), _)) if sch.has_work()),
+            // A step is running: there is work.
+            Err(_) => true,
+        }
+    }
+
+    /// Runs one batch (prompt chunks plus one decode token per running request).
+    #[wasm_bindgen(unchecked_return_type = "Promise<StepEvent[]>")]
+    pub fn step(&self) -> js_sys::Promise {
+        let state = self.state.clone();
+        future_to_promise(async move {
+            let mut state = state.try_borrow_mut().map_err(|_| busy())?;
+            let events = decoder(&mut state)?.step().map_err(to_js_error)?;
+            let out = js_sys::Array::new();
+            for e in &events {
+                out.push(&to_js(&event_json(e))?);
+            }
+            Ok(out.into())
+        })
+    }
+
+    /// TTFT / TPOT / ITL / TPS over the requests finished so far (the core's `RunMetrics` as
+    /// JSON, times in seconds); `reset` starts a new window.
+    pub fn metrics(&self, reset: bool) -> std::result::Result<JsValue, js_sys::Error> {
+        let mut state = self.state.try_borrow_mut().map_err(|_| busy())?;
+        let scheduler = decoder(&mut state)?;
+        let m = scheduler.run_metrics();
+        if reset {
+            scheduler.reset_metrics();
+        }
+        to_js(&m.to_json())
+    }
+}
+
+/// Opens the attention engines for `backend` with the reason for the choice.
+async fn open_engines(backend: &str) -> Result<(Attention, Attention, String)> {
+    let cpu = || Attention::new(Backend::Cpu);
+    match backend {
+        "wasm" => {
+            let a = cpu()?;
+            let reason = format!("wasm requested; {}", a.info().reason);
+            Ok((a.clone(), a, reason))
+        }
+        "webgpu" => Err(TwinferError::GpuUnavailable("this build has no WebGPU engine".into())),
+        "auto" => {
+            let a = cpu()?;
+            let reason = format!("no WebGPU engine in this build, so wasm; {}", a.info().reason);
+            Ok((a.clone(), a, reason))
+        }
+        other => Err(TwinferError::InvalidParameter(format!("unknown backend {other:?} (auto, webgpu, wasm)"))),
+    }
+}
+
+fn engine_config(options: &JsValue) -> Result<EngineConfig> {
+    let o = Options::new(options, "options")?;
+    let d = EngineConfig::default();
+    let kv_dtype = match o.string("kvDtype")?.as_deref() {
+        None | Some("f16") => DType::F16,
+        Some("f32") => DType::F32,
+        Some(other) => return Err(TwinferError::InvalidParameter(format!("options.kvDtype {other:?}: f16 or f32"))),
+    };
+    Ok(EngineConfig {
+        page_size: o.count("pageSize", 4096.0)?.unwrap_or(d.page_size),
+        // A browser tab is not a server: a smaller pool than the native default.
+        kv_memory_bytes: o.count("kvMemoryBytes", (1u64 << 31) as f64)?.unwrap_or(128 << 20),
+        kv_dtype,
+        max_batch_tokens: o.count("maxBatchTokens", 1e6)?.unwrap_or(256),
+        max_running: o.count("maxRunning", 1e6)?.unwrap_or(d.max_running),
+        clock: Some(web_clock),
+        ..d
+    })
+}
+
+fn decoder(state: &mut State) -> std::result::Result<&mut Scheduler, js_sys::Error> {
+    match &mut state.served {
+        Some((Served::Decoder(s), _)) => Ok(s),
+        _ => Err(not_loaded("a decoder (generation)")),
+    }
+}
+
+fn not_loaded(what: &str) -> js_sys::Error {
+    js_error("InvalidParameter", &format!("this call needs {what} model loaded"))
+}
+
+fn busy() -> js_sys::Error {
+    js_error("Busy", "another call on this engine is still running; await it first")
+}
+
+fn engine_report(i: &BackendInfo) -> serde_json::Value {
+    serde_json::json!({"backend": i.backend, "device": i.device, "variant": i.variant, "reason": i.reason})
+}
+
+fn event_json(e: &Event) -> serde_json::Value {
+    match e {
+        Event::Token { request, token, text, t } => {
+            serde_json::json!({"kind": "token", "id": request.0, "tokenId": token, "text": text, "t": t})
+        }
+        Event::Finished { request, reason, text, tokens, metrics } => {
+            let detail = match reason {
+                FinishReason::Failed(why) => Some(why.clone()),
+                FinishReason::StopString(s) => Some(s.clone()),
+                FinishReason::StopToken(t) => Some(t.to_string()),
+                _ => None,
+            };
+            serde_json::json!({"kind": "finished", "id": request.0, "reason": reason.as_str(), "detail": detail,
+                               "text": text, "tokens": tokens, "metrics": metrics.to_json()})
+        }
+    }
+}
+
+/// A JSON value as a JS value (through `JSON.parse`: plain objects, no classes).
+fn to_js(v: &serde_json::Value) -> std::result::Result<JsValue, js_sys::Error> {
+    js_sys::JSON::parse(&v.to_string()).map_err(|_| js_error("Other", "JSON round trip failed"))
+}

@@ -1,0 +1,179 @@
+// Model sources -> the wasm ModelFiles, streamed chunk by chunk so the page never holds a second
+// full copy of the weights. Sources: a base URL (string or URL), a Map (or object) of file name
+// -> ArrayBuffer | typed array | Blob | File | Response, a list of File objects (drag-and-drop),
+// or the Response of a model's config.json (the other files come from the same folder).
+import { InvalidModelError } from "./errors.js";
+
+const WEIGHTS = "model.safetensors";
+const INDEX = "model.safetensors.index.json";
+const OPTIONAL = ["sentence_bert_config.json"];
+// Files the loader reads; anything else in a dropped folder (README, vocab.txt, .bin) is skipped.
+const wanted = (name) => name.endsWith(".json") || name.endsWith(".safetensors");
+const SLICE = 8 << 20;
+
+function invalid(message) {
+  return new InvalidModelError(message, { code: "ModelFile" });
+}
+
+/** Fills `files` (a wasm ModelFiles) from `source`, reporting download progress. */
+export async function collectFiles(files, source, { onProgress, signal } = {}) {
+  const progress = new Progress(onProgress);
+  if (typeof source === "string" || source instanceof URL) {
+    await fromUrl(files, new URL(withSlash(String(source)), baseHref()), null, progress, signal);
+  } else if (typeof Response !== "undefined" && source instanceof Response) {
+    if (!source.url) throw invalid("a Response source must come from fetch() of the model's config.json (it has no URL)");
+    await fromUrl(files, new URL(".", source.url), source, progress, signal);
+  } else if (source instanceof Map || isFileList(source) || isPlainObject(source)) {
+    await fromEntries(files, entriesOf(source), progress, signal);
+  } else {
+    throw new TypeError("loadModel(source): a base URL, a Map of file name -> bytes/Blob/File/Response, a File list, or a Response");
+  }
+  progress.done();
+}
+
+function withSlash(s) {
+  return s.endsWith("/") ? s : `${s}/`;
+}
+
+function baseHref() {
+  return globalThis.location?.href ?? "file:///";
+}
+
+function isFileList(s) {
+  return (typeof FileList !== "undefined" && s instanceof FileList) || (Array.isArray(s) && s.every((f) => typeof File !== "undefined" && f instanceof File));
+}
+
+function isPlainObject(s) {
+  return s !== null && typeof s === "object" && Object.getPrototypeOf(s) === Object.prototype;
+}
+
+/** [name, value] pairs; a common leading folder (a dropped directory) is stripped. */
+function entriesOf(source) {
+  let entries;
+  if (source instanceof Map) entries = [...source.entries()];
+  else if (isFileList(source)) entries = [...source].map((f) => [f.webkitRelativePath || f.name, f]);
+  else entries = Object.entries(source);
+  const names = entries.map(([n]) => String(n).replace(/^\.?\//, ""));
+  const first = names[0]?.split("/")[0];
+  const shared = names.length > 0 && names.every((n) => n.includes("/") && n.split("/")[0] === first);
+  return entries
+    .map(([, v], i) => [shared ? names[i].slice(first.length + 1) : names[i], v])
+    .filter(([n]) => !n.includes("/") && wanted(n));
+}
+
+async function fromEntries(files, entries, progress, signal) {
+  const byName = new Map(entries);
+  for (const need of ["config.json", "tokenizer.json"]) {
+    if (!byName.has(need)) throw invalid(`the model files have no ${need} (got: ${[...byName.keys()].join(", ") || "nothing"})`);
+  }
+  if (!byName.has(WEIGHTS) && !byName.has(INDEX)) throw invalid(`the model files have no ${WEIGHTS} or ${INDEX}`);
+  progress.expect([...byName.values()].reduce((sum, v) => sum + (sizeOf(v) ?? 0), 0));
+  for (const [name, value] of byName) {
+    signal?.throwIfAborted();
+    await write(files, name, value, progress, signal);
+  }
+}
+
+function sizeOf(v) {
+  if (v instanceof ArrayBuffer) return v.byteLength;
+  if (ArrayBuffer.isView(v)) return v.byteLength;
+  if (typeof Blob !== "undefined" && v instanceof Blob) return v.size;
+  if (typeof Response !== "undefined" && v instanceof Response) return Number(v.headers.get("content-length")) || null;
+  return null;
+}
+
+async function write(files, name, value, progress, signal) {
+  if (value instanceof ArrayBuffer || ArrayBuffer.isView(value)) {
+    const bytes = value instanceof ArrayBuffer ? new Uint8Array(value) : new Uint8Array(value.buffer, value.byteOffset, value.byteLength);
+    files.begin(name, bytes.byteLength);
+    for (let at = 0; at < bytes.byteLength; at += SLICE) {
+      const chunk = bytes.subarray(at, at + SLICE);
+      files.append(name, chunk);
+      progress.add(chunk.byteLength, name);
+    }
+  } else if (typeof Blob !== "undefined" && value instanceof Blob) {
+    files.begin(name, value.size);
+    await pump(files, name, value.stream(), progress, signal);
+  } else if (typeof Response !== "undefined" && value instanceof Response) {
+    if (!value.ok) throw invalid(`${name}: HTTP ${value.status} ${value.statusText}`);
+    files.begin(name, Number(value.headers.get("content-length")) || 0);
+    await pump(files, name, value.body, progress, signal);
+  } else {
+    throw new TypeError(`model file ${name}: expected an ArrayBuffer, typed array, Blob, File or Response`);
+  }
+}
+
+async function pump(files, name, stream, progress, signal) {
+  const reader = stream.getReader();
+  try {
+    for (;;) {
+      signal?.throwIfAborted();
+      const { done, value } = await reader.read();
+      if (done) return;
+      files.append(name, value);
+      progress.add(value.byteLength, name);
+    }
+  } finally {
+    reader.releaseLock();
+  }
+}
+
+async function fromUrl(files, base, configResponse, progress, signal) {
+  const get = (name) => fetch(new URL(name, base), { signal });
+  const config = configResponse ?? (await get("config.json"));
+  const tokenizer = await get("tokenizer.json");
+  for (const [name, r] of [["config.json", config], ["tokenizer.json", tokenizer]]) {
+    if (!r.ok) throw invalid(`${new URL(name, base)}: HTTP ${r.status} ${r.statusText}`);
+  }
+  const optional = await Promise.all(OPTIONAL.map(async (name) => [name, await get(name).catch(() => null)]));
+  let weights = [[WEIGHTS, await get(WEIGHTS)]];
+  let index = null;
+  if (!weights[0][1].ok) {
+    index = await get(INDEX);
+    if (!index.ok) throw invalid(`${base}: neither ${WEIGHTS} nor ${INDEX} (HTTP ${weights[0][1].status} / ${index.status})`);
+    const text = await index.text();
+    let shards;
+    try {
+      shards = [...new Set(Object.values(JSON.parse(text).weight_map ?? {}))];
+    } catch (e) {
+      throw invalid(`${INDEX}: not JSON (${e.message})`);
+    }
+    if (shards.length === 0) throw invalid(`${INDEX} names no shard`);
+    // All requests at once: their sizes give the progress total before the bodies stream.
+    weights = await Promise.all(shards.map(async (s) => [s, await get(s)]));
+    index = new Blob([text]);
+    for (const [s, r] of weights) if (!r.ok) throw invalid(`${new URL(s, base)}: HTTP ${r.status}`);
+  }
+  const all = [["config.json", config], ["tokenizer.json", tokenizer], ...optional.filter(([, r]) => r?.ok), ...weights];
+  if (index) all.push([INDEX, index]);
+  progress.expect(all.reduce((sum, [, r]) => sum + (sizeOf(r) ?? 0), 0));
+  for (const [name, r] of all) await write(files, name, r, progress, signal);
+}
+
+/** Byte counts for onProgress({ phase: 'download', loaded, total, text }). */
+class Progress {
+  constructor(onProgress) {
+    this.onProgress = onProgress;
+    this.loaded = 0;
+    this.total = 0;
+    this.last = 0;
+  }
+  expect(total) {
+    this.total = total;
+  }
+  add(n, name) {
+    this.loaded += n;
+    const now = Date.now();
+    // At most ~20 reports a second: each may repaint a page.
+    if (this.onProgress && now - this.last > 50) {
+      this.last = now;
+      this.report(`downloading ${name}`);
+    }
+  }
+  report(text) {
+    this.onProgress?.({ phase: "download", loaded: this.loaded, total: Math.max(this.total, this.loaded), text });
+  }
+  done() {
+    this.report("downloaded");
+  }
+}

@@ -1,0 +1,24 @@
+// twinfer for the web: FlashAttention-style prefill and FlashInfer-style paged decode on WebGPU,
+// with a WebAssembly SIMD fallback. See README.md for the API.
+export { Twinfer } from "./twinfer.js";
+export {
+  TwinferError,
+  WebGpuUnavailableError,
+  FeatureMissingError,
+  DeviceLostError,
+  ModelTooLargeError,
+  KvCacheFullError,
+  InvalidModelError,
+  EngineCrashedError,
+} from "./errors.js";
+export { hasWasmSimd } from "./loader.js";
+import { loadBindings } from "./loader.js";
+
+/**
+ * The attention kernels on their own (f32 arrays in, Float32Array out): `decode` (paged, CSR
+ * page table) and `prefill` (ragged, optionally causal), on the wasm SIMD engine.
+ */
+export async function kernels(options = {}) {
+  const b = await loadBindings(options.wasmUrl);
+  return { decode: b.decode, prefill: b.prefill, info: b.info };
+}

@@ -1,0 +1,249 @@
+// The engine in this thread (page, worker or Node). Calls into wasm run one at a time through a
+// queue; generation is continuous batching: every generate() adds a request and one loop steps
+// the engine while any request runs, handing each step's tokens to their streams.
+import { loadBindings } from "./loader.js";
+import { collectFiles } from "./files.js";
+import { KvCacheFullError, TwinferError, errorFor, fromWasm } from "./errors.js";
+
+const BACKENDS = ["auto", "webgpu", "wasm"];
+const GENERATE_OPTIONS = ["maxTokens", "temperature", "topK", "topP", "repetitionPenalty", "seed", "stop", "stopTokenIds", "ignoreEos"];
+
+export class Twinfer {
+  #rt;
+  #bindings;
+  #info;
+  #chain = Promise.resolve();
+  #crashed = null;
+  #streams = new Map();
+  #pending = 0;
+  #pumping = false;
+
+  /** Use Twinfer.create(). */
+  constructor(bindings, runtime) {
+    this.#bindings = bindings;
+    this.#rt = runtime;
+    this.#info = runtime.info();
+  }
+
+  /**
+   * Opens the engine: `backend` 'auto' (WebGPU when it passes its self-test, else wasm SIMD),
+   * 'webgpu' or 'wasm'. `worker: true` runs it in a Web Worker behind the same API.
+   */
+  static async create(options = {}) {
+    const { backend = "auto", onProgress, worker = false, wasmUrl } = options;
+    if (!BACKENDS.includes(backend)) throw new TypeError(`backend must be one of ${BACKENDS.join(", ")}`);
+    if (worker) {
+      const { WorkerTwinfer } = await import("./remote.js");
+      return WorkerTwinfer.create(options);
+    }
+    onProgress?.({ phase: "init", loaded: 0, total: 1, text: "loading the engine" });
+    let runtime;
+    try {
+      const bindings = await loadBindings(wasmUrl);
+      runtime = await bindings.Runtime.open(backend);
+      const tf = new Twinfer(bindings, runtime);
+      onProgress?.({ phase: "init", loaded: 1, total: 1, text: `engine ready: ${tf.#info.backend}` });
+      return tf;
+    } catch (e) {
+      runtime?.free();
+      throw fromWasm(e);
+    }
+  }
+
+  /**
+   * Loads a model (replacing the one held): a base URL, a Map of file name -> ArrayBuffer / Blob /
+   * File / Response, a File list, or the Response of its config.json. `options`: `{ onProgress,
+   * signal, pageSize, kvMemoryBytes, kvDtype, maxBatchTokens, maxRunning }`.
+   */
+  async loadModel(source, options = {}) {
+    const { onProgress, signal, ...engine } = options;
+    return this.#run(async () => {
+      const files = new this.#bindings.ModelFiles();
+      try {
+        await collectFiles(files, source, { onProgress, signal });
+        onProgress?.({ phase: "load", loaded: 0, total: 1, text: "building the model" });
+        this.#rt.load(files, engine);
+      } finally {
+        files.free();
+      }
+      this.#info = this.#rt.info();
+      onProgress?.({ phase: "load", loaded: 1, total: 1, text: this.#info.model.description });
+      return this.info();
+    });
+  }
+
+  /** One L2-normalised embedding per text (encoder models such as all-MiniLM-L6-v2). */
+  async embed(texts) {
+    const list = typeof texts === "string" ? [texts] : [...texts];
+    if (!list.every((t) => typeof t === "string")) throw new TypeError("embed(texts): strings");
+    return this.#run(() => this.#rt.embed(list));
+  }
+
+  /**
+   * Streams generated tokens: `for await (const { text, tokenId, t } of tf.generate(prompt, opts))`.
+   * `t` is milliseconds since the call. Options: maxTokens, temperature, topK, topP,
+   * repetitionPenalty, seed, stop, stopTokenIds, ignoreEos, signal. The iterator's return value
+   * is `{ text, tokens, reason, metrics }`.
+   */
+  async *generate(prompt, options = {}) {
+    const { signal } = options;
+    signal?.throwIfAborted();
+    const request = {};
+    for (const key of GENERATE_OPTIONS) if (options[key] !== undefined) request[key] = options[key];
+    const id = await this.#run(() => this.#rt.add(prompt, request));
+    const stream = new EventStream();
+    this.#streams.set(id, stream);
+    this.#pending += 1;
+    let finished = false;
+    const cancel = () => this.#run(() => this.#rt.cancel(id)).catch(() => {});
+    signal?.addEventListener("abort", cancel, { once: true });
+    this.#pump();
+    try {
+      for (;;) {
+        const ev = await stream.next();
+        if (ev.kind === "token") {
+          yield { text: ev.text, tokenId: ev.tokenId, t: ev.t * 1000 };
+          continue;
+        }
+        finished = true;
+        if (ev.reason === "cancelled" && signal?.aborted) throw signal.reason;
+        if (ev.reason === "failed") throw new KvCacheFullError(ev.detail ?? "the request failed", { code: "KvPoolExhausted" });
+        return { text: ev.text, tokens: ev.tokens, reason: ev.reason, metrics: requestMetricsMs(ev.metrics) };
+      }
+    } finally {
+      signal?.removeEventListener("abort", cancel);
+      this.#streams.delete(id);
+      // The consumer left the loop early: stop the request so it frees its KV pages.
+      if (!finished) cancel();
+    }
+  }
+
+  /** TTFT, TPOT, ITL (milliseconds) and TPS over the requests finished so far. */
+  async metrics({ reset = false } = {}) {
+    return this.#run(() => runMetricsMs(this.#rt.metrics(reset)));
+  }
+
+  /** The backend chosen and why, the engines of each phase, and the model. */
+  info() {
+    return structuredClone(this.#info);
+  }
+
+  /** Frees the engine's memory; the instance cannot be used afterwards. */
+  async dispose() {
+    await this.#run(() => {
+      this.#rt.free();
+      this.#crashed = new TwinferError("this Twinfer instance was disposed", { code: "Disposed" });
+    });
+  }
+
+  #run(fn) {
+    const result = this.#chain.then(() => {
+      if (this.#crashed) throw this.#crashed;
+      return fn();
+    });
+    this.#chain = result.catch(() => {});
+    return result.catch((e) => {
+      throw fromWasm(e, () => {
+        this.#crashed = errorFor("Crashed", "this engine stopped on an internal error earlier; create a new Twinfer instance");
+      });
+    });
+  }
+
+  /** Steps the engine while requests run; one loop per instance. */
+  #pump() {
+    if (this.#pumping) return;
+    this.#pumping = true;
+    (async () => {
+      try {
+        while (this.#pending > 0) {
+          const events = await this.#run(() => this.#rt.step());
+          for (const ev of events) {
+            if (ev.kind === "finished") this.#pending -= 1;
+            this.#streams.get(ev.id)?.push(ev);
+          }
+          // Let the page paint and new requests join between steps.
+          await yieldToEventLoop();
+        }
+      } catch (e) {
+        this.#pending = 0;
+        for (const s of this.#streams.values()) s.fail(e);
+      } finally {
+        this.#pumping = false;
+      }
+    })();
+  }
+}
+
+/** A queue of one request's events that a consumer awaits. */
+class EventStream {
+  #queue = [];
+  #waiter = null;
+  #error = null;
+  push(ev) {
+    if (this.#waiter) {
+      this.#waiter.resolve(ev);
+      this.#waiter = null;
+    } else this.#queue.push(ev);
+  }
+  fail(e) {
+    this.#error = e;
+    this.#waiter?.reject(e);
+    this.#waiter = null;
+  }
+  next() {
+    if (this.#queue.length) return Promise.resolve(this.#queue.shift());
+    if (this.#error) return Promise.reject(this.#error);
+    return new Promise((resolve, reject) => {
+      this.#waiter = { resolve, reject };
+    });
+  }
+}
+
+// A macrotask without setTimeout's 4 ms clamp.
+const yieldToEventLoop =
+  typeof setImmediate === "function"
+    ? () => new Promise((r) => setImmediate(r))
+    : typeof MessageChannel === "function"
+      ? (() => {
+          const channel = new MessageChannel();
+          const waiting = [];
+          channel.port1.onmessage = () => waiting.shift()?.();
+          return () =>
+            new Promise((r) => {
+              waiting.push(r);
+              channel.port2.postMessage(0);
+            });
+        })()
+      : () => new Promise((r) => setTimeout(r, 0));
+
+const ms = (d) =>
+  d && { count: d.count, mean: d.mean * 1e3, std: d.std * 1e3, min: d.min * 1e3, p50: d.p50 * 1e3, p90: d.p90 * 1e3, p99: d.p99 * 1e3, max: d.max * 1e3 };
+
+function runMetricsMs(m) {
+  return {
+    requests: m.requests,
+    generatedTokens: m.generated_tokens,
+    promptTokens: m.prompt_tokens,
+    wallMs: m.wall_s * 1e3,
+    tps: m.tps,
+    requestsPerSecond: m.requests_per_s,
+    ttft: ms(m.ttft),
+    tpot: ms(m.tpot),
+    itl: ms(m.itl),
+    kvOccupancy: m.kv_occupancy,
+    preemptions: m.preemptions,
+  };
+}
+
+function requestMetricsMs(m) {
+  return {
+    promptTokens: m.prompt_tokens,
+    generatedTokens: m.generated_tokens,
+    ttft: m.ttft === null ? null : m.ttft * 1e3,
+    tpot: m.tpot === null ? null : m.tpot * 1e3,
+    e2e: m.e2e * 1e3,
+    itl: ms(m.itl),
+    tokenTimes: m.token_times.map((t) => t * 1e3),
+    preemptions: m.preemptions,
+  };
+}

@@ -1,0 +1,273 @@
+// The package's API in Node on the wasm SIMD engine, on real model files: embeddings of
+// all-MiniLM-L6-v2 against the independent numpy reference and the native build, greedy tokens of
+// the reference decoders, every way of handing over a model, cancellation, metrics and the typed
+// errors. Models come from scripts/fetch-models.sh (TWINFER_MODELS or ~/.cache/twinfer/models);
+// TWINFER_CLI names the native `twinfer` binary to compare with.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import { existsSync, readFileSync } from "node:fs";
+import { createServer } from "node:http";
+import { homedir } from "node:os";
+import { join } from "node:path";
+
+import {
+  InvalidModelError,
+  KvCacheFullError,
+  Twinfer,
+  TwinferError,
+  WebGpuUnavailableError,
+} from "../src/index.js";
+
+const MODELS = process.env.TWINFER_MODELS || join(homedir(), ".cache/twinfer/models");
+const MINILM = join(MODELS, "all-MiniLM-L6-v2");
+const LLAMA = join(MODELS, "tiny-llama");
+const QWEN = join(MODELS, "tiny-qwen2");
+const CLI = process.env.TWINFER_CLI;
+for (const dir of [MINILM, LLAMA, QWEN]) {
+  if (!existsSync(join(dir, "golden.json"))) throw new Error(`${dir} is missing: run scripts/fetch-models.sh`);
+}
+
+const golden = (dir) => JSON.parse(readFileSync(join(dir, "golden.json"), "utf8"));
+const MODEL_FILES = ["config.json", "tokenizer.json", "model.safetensors", "sentence_bert_config.json"];
+
+/** The model folder as a Map of name -> ArrayBuffer, as a page gets from drag-and-drop. */
+function filesOf(dir) {
+  const map = new Map();
+  for (const name of MODEL_FILES) {
+    if (existsSync(join(dir, name))) {
+      const b = readFileSync(join(dir, name));
+      map.set(name, b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength));
+    }
+  }
+  return map;
+}
+
+async function engineWith(dir, options = {}) {
+  const tf = await Twinfer.create({ backend: "wasm" });
+  await tf.loadModel(filesOf(dir), options);
+  return tf;
+}
+
+async function collect(iterator) {
+  const tokens = [];
+  let r;
+  while (!(r = await iterator.next()).done) tokens.push(r.value);
+  return { tokens, result: r.value };
+}
+
+function cosine(a, b) {
+  let dot = 0;
+  let na = 0;
+  let nb = 0;
+  for (let i = 0; i < a.length; i++) {
+    dot += a[i] * b[i];
+    na += a[i] * a[i];
+    nb += b[i] * b[i];
+  }
+  return dot / Math.sqrt(na * nb);
+}
+
+test("create reports the wasm SIMD engine and why", async () => {
+  const tf = await Twinfer.create({ backend: "wasm" });
+  const info = tf.info();
+  assert.equal(info.backend, "wasm");
+  assert.equal(info.simd, "simd128");
+  assert.equal(info.prefill.backend, "cpu");
+  assert.equal(info.decode.variant, "simd128");
+  assert.match(info.reason, /wasm/);
+  assert.equal(info.model, null);
+  await tf.dispose();
+});
+
+test("auto falls back to wasm where there is no WebGPU, and says so", async () => {
+  const tf = await Twinfer.create({ backend: "auto" });
+  assert.equal(tf.info().backend, "wasm");
+  assert.match(tf.info().reason, /WebGPU/);
+});
+
+test("embed matches the numpy reference and the native build (cosine >= 0.9999)", async () => {
+  const g = golden(MINILM);
+  const tf = await engineWith(MINILM);
+  assert.equal(tf.info().model.kind, "encoder");
+  const vectors = await tf.embed(g.sentences);
+  assert.equal(vectors.length, g.sentences.length);
+  assert.ok(g.sentences.length >= 16);
+  for (let i = 0; i < vectors.length; i++) {
+    assert.ok(vectors[i] instanceof Float32Array);
+    assert.equal(vectors[i].length, 384);
+    const c = cosine(vectors[i], g.embeddings[i]);
+    assert.ok(c >= 0.9999, `sentence ${i} (${JSON.stringify(g.sentences[i].slice(0, 40))}): cosine ${c}`);
+  }
+  if (!CLI) {
+    console.warn("SKIPPED the native comparison: TWINFER_CLI is not set (scripts/test-wasm.sh sets it)");
+    return;
+  }
+  const native = JSON.parse(execFileSync(CLI, ["embed", "--json", "--model", MINILM, ...g.sentences], { encoding: "utf8" }));
+  for (let i = 0; i < vectors.length; i++) {
+    const c = cosine(vectors[i], native.embeddings[i]);
+    assert.ok(c >= 0.9999, `sentence ${i}: wasm vs native cosine ${c}`);
+  }
+});
+
+test("generate yields the reference greedy tokens (page sizes 1 and 16)", async () => {
+  for (const dir of [LLAMA, QWEN]) {
+    const g = golden(dir);
+    for (const pageSize of [1, 16]) {
+      const tf = await engineWith(dir, { pageSize });
+      const { tokens, result } = await collect(tf.generate(g.prompt_ids, { maxTokens: g.greedy_ids.length, ignoreEos: true }));
+      assert.deepEqual(tokens.map((t) => t.tokenId), g.greedy_ids, `${dir} page ${pageSize}`);
+      assert.equal(result.reason, "length");
+      assert.deepEqual(result.tokens, g.greedy_ids);
+      for (const extra of g.extra_prompts) {
+        const r = await collect(tf.generate(extra.prompt_ids, { maxTokens: extra.greedy_ids.length, ignoreEos: true }));
+        assert.deepEqual(r.tokens.map((t) => t.tokenId), extra.greedy_ids, `${dir} page ${pageSize} prompt ${JSON.stringify(extra.prompt)}`);
+      }
+    }
+  }
+});
+
+test("text prompts stream text; the tokens equal the native build's", async () => {
+  const tf = await engineWith(QWEN);
+  const prompt = "The café by the market";
+  const { tokens, result } = await collect(tf.generate(prompt, { maxTokens: 12, ignoreEos: true }));
+  assert.equal(tokens.length, 12);
+  assert.equal(tokens.map((t) => t.text).join(""), result.text);
+  let last = 0;
+  for (const t of tokens) {
+    assert.ok(t.t >= last, "token times grow");
+    last = t.t;
+  }
+  assert.ok(result.metrics.ttft > 0 && result.metrics.tpot > 0);
+  if (!CLI) {
+    console.warn("SKIPPED the native comparison: TWINFER_CLI is not set (scripts/test-wasm.sh sets it)");
+    return;
+  }
+  const native = JSON.parse(
+    execFileSync(CLI, ["run", "--json", "--model", QWEN, "--prompt", prompt, "--max-tokens", "12"], { encoding: "utf8" }),
+  );
+  assert.deepEqual(result.tokens, native.tokens);
+});
+
+test("concurrent requests give the tokens each gives alone", async () => {
+  const g = golden(LLAMA);
+  const tf = await engineWith(LLAMA, { pageSize: 4 });
+  const prompts = [g.prompt_ids, ...g.extra_prompts.map((e) => e.prompt_ids), g.prompt_ids.slice(0, 7)];
+  const alone = [];
+  for (const p of prompts) alone.push((await collect(tf.generate(p, { maxTokens: 20, ignoreEos: true }))).result.tokens);
+  const together = await Promise.all(
+    prompts.map((p, i) => collect(tf.generate(p, { maxTokens: 20, ignoreEos: true, temperature: 0, seed: i }))),
+  );
+  assert.deepEqual(together.map((r) => r.result.tokens), alone);
+  const m = await tf.metrics();
+  assert.equal(m.requests, 2 * prompts.length);
+  assert.equal(m.generatedTokens, 2 * 20 * prompts.length);
+  for (const key of ["ttft", "tpot", "itl"]) {
+    assert.ok(m[key].p50 > 0 && m[key].p90 >= m[key].p50 && m[key].p99 >= m[key].p90, key);
+    assert.ok(m[key].std >= 0, key);
+  }
+  assert.ok(m.tps > 0 && m.wallMs > 0);
+});
+
+test("seeded sampling repeats itself; stop strings end the text", async () => {
+  const tf = await engineWith(QWEN);
+  const opts = { maxTokens: 16, temperature: 0.8, topK: 40, topP: 0.9, seed: 7, ignoreEos: true };
+  const a = await collect(tf.generate("Once upon a time", opts));
+  const b = await collect(tf.generate("Once upon a time", opts));
+  assert.deepEqual(a.result.tokens, b.result.tokens);
+  const greedy = (await collect(tf.generate("Once upon a time", { maxTokens: 16, ignoreEos: true }))).result.text;
+  const stop = greedy.slice(3, 6);
+  assert.ok(stop.length > 0);
+  const s = await collect(tf.generate("Once upon a time", { maxTokens: 16, ignoreEos: true, stop: [stop] }));
+  assert.equal(s.result.reason, "stop");
+  assert.ok(!s.result.text.includes(stop));
+});
+
+test("an AbortSignal cancels a request; the engine goes on", async () => {
+  const g = golden(LLAMA);
+  const tf = await engineWith(LLAMA);
+  const controller = new AbortController();
+  const seen = [];
+  await assert.rejects(
+    (async () => {
+      for await (const t of tf.generate(g.prompt_ids, { maxTokens: 500, ignoreEos: true, signal: controller.signal })) {
+        seen.push(t);
+        if (seen.length === 3) controller.abort();
+      }
+    })(),
+    { name: "AbortError" },
+  );
+  assert.ok(seen.length >= 3 && seen.length < 500);
+  // Leaving the loop early cancels too.
+  for await (const _ of tf.generate(g.prompt_ids, { maxTokens: 500, ignoreEos: true })) break;
+  const { tokens } = await collect(tf.generate(g.prompt_ids, { maxTokens: g.greedy_ids.length, ignoreEos: true }));
+  assert.deepEqual(tokens.map((t) => t.tokenId), g.greedy_ids);
+});
+
+test("models load from a URL, a Blob map and a config.json Response, with progress", async () => {
+  const server = createServer((req, res) => {
+    const path = join(MODELS, decodeURIComponent(new URL(req.url, "http://x").pathname));
+    if (!path.startsWith(MODELS) || !existsSync(path)) {
+      res.writeHead(404).end();
+      return;
+    }
+    const body = readFileSync(path);
+    res.writeHead(200, { "content-length": body.byteLength }).end(body);
+  });
+  await new Promise((r) => server.listen(0, "127.0.0.1", r));
+  const base = `http://127.0.0.1:${server.address().port}`;
+  try {
+    const g = golden(LLAMA);
+    const tf = await Twinfer.create({ backend: "wasm" });
+    const progress = [];
+    await tf.loadModel(`${base}/tiny-llama`, { onProgress: (p) => progress.push(p) });
+    const download = progress.filter((p) => p.phase === "download");
+    assert.ok(download.length >= 1);
+    const weightBytes = readFileSync(join(LLAMA, "model.safetensors")).byteLength;
+    assert.ok(download.at(-1).loaded >= weightBytes && download.at(-1).loaded === download.at(-1).total);
+    assert.ok(progress.some((p) => p.phase === "load"));
+    const viaUrl = await collect(tf.generate(g.prompt_ids, { maxTokens: 8, ignoreEos: true }));
+    assert.deepEqual(viaUrl.result.tokens, g.greedy_ids.slice(0, 8));
+
+    await tf.loadModel(await fetch(`${base}/tiny-llama/config.json`));
+    assert.deepEqual((await collect(tf.generate(g.prompt_ids, { maxTokens: 8, ignoreEos: true }))).result.tokens, g.greedy_ids.slice(0, 8));
+
+    const blobs = new Map([...filesOf(LLAMA)].map(([n, b]) => [n, new Blob([b])]));
+    await tf.loadModel(blobs);
+    assert.deepEqual((await collect(tf.generate(g.prompt_ids, { maxTokens: 8, ignoreEos: true }))).result.tokens, g.greedy_ids.slice(0, 8));
+
+    await assert.rejects(tf.loadModel(`${base}/no-such-model`), InvalidModelError);
+  } finally {
+    server.close();
+  }
+});
+
+test("bad input gets typed errors, and the engine stays usable", async () => {
+  await assert.rejects(Twinfer.create({ backend: "cuda" }), TypeError);
+  // Node has no WebGPU: asking for it is a typed error, not a crash.
+  await assert.rejects(Twinfer.create({ backend: "webgpu" }), WebGpuUnavailableError);
+
+  const tf = await Twinfer.create({ backend: "wasm" });
+  const files = filesOf(LLAMA);
+  const noConfig = new Map(files);
+  noConfig.delete("config.json");
+  await assert.rejects(tf.loadModel(noConfig), (e) => e instanceof InvalidModelError && /config\.json/.test(e.message));
+  const truncated = new Map(files);
+  truncated.set("model.safetensors", files.get("model.safetensors").slice(0, 4000));
+  await assert.rejects(tf.loadModel(truncated), (e) => e instanceof InvalidModelError && /model\.safetensors/.test(e.message));
+  const garbage = new Map(files);
+  garbage.set("config.json", new TextEncoder().encode("{ not json").buffer);
+  await assert.rejects(tf.loadModel(garbage), InvalidModelError);
+  // No model yet: generate says so.
+  await assert.rejects(collect(tf.generate("hi")), (e) => e instanceof TwinferError && /decoder/.test(e.message));
+
+  await tf.loadModel(files, { kvMemoryBytes: 64 << 10, pageSize: 16 });
+  const g = golden(LLAMA);
+  await assert.rejects(collect(tf.generate(g.prompt_ids, { maxTokens: 100000 })), KvCacheFullError);
+  await assert.rejects(collect(tf.generate(g.prompt_ids, { maxTokens: 4, temperature: -1 })), (e) => e.code === "InvalidParameter");
+  await assert.rejects(collect(tf.generate(g.prompt_ids, { maxTokens: "many" })), /maxTokens/);
+  await assert.rejects(collect(tf.generate([100000], { maxTokens: 4 })), /vocabulary/);
+  await assert.rejects(tf.embed(["an encoder call on a decoder"]), /encoder/);
+  const { tokens } = await collect(tf.generate(g.prompt_ids, { maxTokens: 4, ignoreEos: true }));
+  assert.deepEqual(tokens.map((t) => t.tokenId), g.greedy_ids.slice(0, 4));
+});
