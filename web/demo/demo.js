@@ -1,0 +1,230 @@
+// The demo: open an engine, load an embedding model and a decoder (URL or dropped files), rank
+// sentences by meaning, stream generated text with live TTFT / TPOT and an ITL histogram.
+// `?auto=1` runs all of it on the default models (the browser tests and the screenshot use it);
+// `backend=`, `worker=1`, `promptIds=1,2,3`, `maxTokens=` adjust the run.
+import { Twinfer } from "../src/index.js";
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+const engines = { embed: null, gen: null };
+let itl = [];
+
+function status(text) {
+  $("status").textContent = text;
+}
+
+function options() {
+  return { backend: $("backend").value, worker: $("worker").checked };
+}
+
+function showInfo(info) {
+  const rows = [
+    ["backend", info.backend],
+    ["why", info.reason],
+    ["prefill", `${info.prefill.backend} · ${info.prefill.variant} · ${info.prefill.device}`],
+    ["decode", `${info.decode.backend} · ${info.decode.variant} · ${info.decode.device}`],
+    ["CPU SIMD", info.simd],
+  ];
+  if (info.adapter) {
+    const a = info.adapter;
+    rows.push(["adapter", `${a.vendor} ${a.architecture} ${a.description}${a.isFallbackAdapter ? " (fallback)" : ""}`]);
+    rows.push(["features", a.features.join(", ") || "none"]);
+    rows.push(["limits", `storage binding ${(a.limits.maxStorageBufferBindingSize / 2 ** 20).toFixed(0)} MiB, workgroup ${a.limits.maxComputeInvocationsPerWorkgroup}`]);
+  }
+  $("info").replaceChildren(
+    ...rows.flatMap(([k, v]) => {
+      const dt = document.createElement("dt");
+      const dd = document.createElement("dd");
+      dt.textContent = k;
+      dd.textContent = v;
+      return [dt, dd];
+    }),
+  );
+}
+
+async function open(which) {
+  engines[which]?.dispose().catch(() => {});
+  const tf = await Twinfer.create(options());
+  engines[which] = tf;
+  showInfo(tf.info());
+  return tf;
+}
+
+async function load(which, source) {
+  const bar = $(`${which}-progress`);
+  const tf = engines[which] ?? (await open(which));
+  const info = await tf.loadModel(source, {
+    onProgress: (p) => {
+      bar.max = p.total || 1;
+      bar.value = p.loaded;
+      status(p.text);
+    },
+  });
+  bar.value = bar.max;
+  status(`${which === "embed" ? "embedding model" : "decoder"}: ${info.model.description}`);
+  showInfo(info);
+  return info;
+}
+
+function cosine(a, b) {
+  let dot = 0;
+  for (let i = 0; i < a.length; i++) dot += a[i] * b[i];
+  return dot;
+}
+
+async function rank() {
+  const query = $("query").value;
+  const sentences = $("corpus").value.split("\n").map((s) => s.trim()).filter(Boolean);
+  const [q, ...vectors] = await engines.embed.embed([query, ...sentences]);
+  const ranked = sentences.map((s, i) => ({ s, score: cosine(q, vectors[i]) })).sort((a, b) => b.score - a.score);
+  $("ranking").replaceChildren(
+    ...ranked.map(({ s, score }) => {
+      const li = document.createElement("li");
+      const span = document.createElement("span");
+      span.className = "score";
+      span.textContent = score.toFixed(3);
+      li.append(span, s);
+      return li;
+    }),
+  );
+  return ranked;
+}
+
+function drawHistogram() {
+  const canvas = $("itl-chart");
+  const g = canvas.getContext("2d");
+  const { width: w, height: h } = canvas;
+  g.clearRect(0, 0, w, h);
+  g.fillStyle = "#59606b";
+  g.font = "12px system-ui, sans-serif";
+  if (itl.length === 0) {
+    g.fillText("inter-token latency histogram (ms): generate to fill", 10, 20);
+    return;
+  }
+  const sorted = [...itl].sort((a, b) => a - b);
+  // Up to p99 keeps one slow outlier (a page fault, a GC) from flattening the rest.
+  const hi = sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * 0.99))] * 1.05 || 1;
+  const bins = new Array(24).fill(0);
+  for (const x of itl) bins[Math.min(bins.length - 1, Math.floor((x / hi) * bins.length))] += 1;
+  const top = Math.max(...bins);
+  const bw = (w - 40) / bins.length;
+  g.fillStyle = "#2563eb";
+  bins.forEach((n, i) => {
+    const bh = ((h - 40) * n) / top;
+    g.fillRect(30 + i * bw, h - 20 - bh, bw - 2, bh);
+  });
+  g.fillStyle = "#59606b";
+  g.fillText("0", 26, h - 6);
+  g.fillText(`${hi.toFixed(1)} ms`, w - 60, h - 6);
+  g.fillText(`ITL histogram, ${itl.length} gaps (count max ${top})`, 34, 14);
+}
+
+const fmt = (x) => (x === null || x === undefined ? "-" : `${x.toFixed(1)} ms`);
+
+async function generate(signal) {
+  const ids = params.get("promptIds");
+  const prompt = ids ? ids.split(",").map(Number) : $("prompt").value;
+  const maxTokens = Number($("max-tokens").value);
+  const temperature = Number($("temperature").value);
+  $("output").textContent = "";
+  itl = [];
+  let last = null;
+  let first = null;
+  const tokens = [];
+  const it = engines.gen.generate(prompt, { maxTokens, temperature, seed: 1, ignoreEos: Boolean(ids), signal });
+  let r;
+  while (!(r = await it.next()).done) {
+    const { text, tokenId, t } = r.value;
+    tokens.push(tokenId);
+    $("output").textContent += text;
+    if (first === null) {
+      first = t;
+      $("ttft").textContent = fmt(t);
+    } else {
+      itl.push(t - last);
+      $("tpot").textContent = fmt((t - first) / (tokens.length - 1));
+      $("tps").textContent = (1000 / ((t - first) / (tokens.length - 1))).toFixed(1);
+    }
+    last = t;
+    if (tokens.length % 4 === 0) requestAnimationFrame(drawHistogram);
+  }
+  const m = r.value.metrics;
+  $("ttft").textContent = fmt(m.ttft);
+  $("tpot").textContent = fmt(m.tpot);
+  $("itl").textContent = `${fmt(m.itl.p50)} / ${fmt(m.itl.p90)} / ${fmt(m.itl.p99)} / ${fmt(m.itl.std)}`;
+  drawHistogram();
+  return { tokens, text: r.value.text, reason: r.value.reason, metrics: m };
+}
+
+function dropZone(id, which) {
+  const zone = $(id);
+  zone.addEventListener("dragover", (e) => {
+    e.preventDefault();
+    zone.classList.add("over");
+  });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    zone.classList.remove("over");
+    guard(load(which, [...e.dataTransfer.files]));
+  });
+}
+
+function guard(promise) {
+  return promise.catch((e) => {
+    status(`${e.name}: ${e.message}`);
+    throw e;
+  });
+}
+
+$("open").onclick = () => guard(Promise.all([open("embed"), open("gen")]));
+$("embed-load").onclick = () => guard(load("embed", $("embed-url").value));
+$("gen-load").onclick = () => guard(load("gen", $("gen-url").value));
+$("rank").onclick = () => guard(rank());
+let controller = null;
+$("run").onclick = () => {
+  controller = new AbortController();
+  $("stop").disabled = false;
+  guard(generate(controller.signal)).finally(() => {
+    $("stop").disabled = true;
+  });
+};
+$("stop").onclick = () => controller?.abort();
+dropZone("embed-drop", "embed");
+dropZone("gen-drop", "gen");
+drawHistogram();
+
+// For the tests: the engines, and calls that return plain data.
+window.demo = {
+  engines,
+  embed: async (texts) => (await engines.embed.embed(texts)).map((v) => [...v]),
+  generateIds: async (ids, maxTokens) => {
+    const out = [];
+    for await (const t of engines.gen.generate(ids, { maxTokens, ignoreEos: true })) out.push(t.tokenId);
+    return out;
+  },
+};
+
+async function autoRun() {
+  document.body.dataset.state = "running";
+  if (params.has("backend")) $("backend").value = params.get("backend");
+  $("worker").checked = params.get("worker") === "1";
+  if (params.has("maxTokens")) $("max-tokens").value = params.get("maxTokens");
+  if (params.has("genModel")) $("gen-url").value = params.get("genModel");
+  try {
+    await Promise.all([open("embed"), open("gen")]);
+    const embedInfo = await load("embed", $("embed-url").value);
+    const ranking = await rank();
+    const genInfo = await load("gen", $("gen-url").value);
+    const generated = await generate();
+    window.demoResult = { embedInfo, genInfo, ranking, generated, metrics: await engines.gen.metrics() };
+    status("");
+    document.body.dataset.state = "done";
+  } catch (e) {
+    window.demoError = { name: e.name, code: e.code, message: e.message };
+    status(`${e.name}: ${e.message}`);
+    document.body.dataset.state = "error";
+  }
+}
+
+if (params.get("auto") === "1") autoRun();

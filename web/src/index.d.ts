@@ -1,0 +1,203 @@
+// Types of the `twinfer` package (hand-written; checked with `tsc --noEmit` in the tests).
+
+export type BackendChoice = "auto" | "webgpu" | "wasm";
+
+export interface Progress {
+  /** "init": opening the engine; "download": model bytes; "load": building the model. */
+  phase: "init" | "download" | "load";
+  loaded: number;
+  total: number;
+  text: string;
+}
+
+export interface CreateOptions {
+  /** "auto" (default): WebGPU when an adapter passes the self-test, else WebAssembly SIMD. */
+  backend?: BackendChoice;
+  onProgress?: (p: Progress) => void;
+  /** Run the engine in a Web Worker (browsers); the API is the same. */
+  worker?: boolean;
+  /** Where twinfer_web_bg.wasm is, when a bundler moved it. */
+  wasmUrl?: string | URL;
+}
+
+export interface LoadOptions {
+  onProgress?: (p: Progress) => void;
+  signal?: AbortSignal;
+  /** Tokens per KV page (default 16). */
+  pageSize?: number;
+  /** KV cache budget in bytes (default 128 MiB). */
+  kvMemoryBytes?: number;
+  kvDtype?: "f16" | "f32";
+  /** Tokens per engine step: decode tokens plus prompt chunks (default 256). */
+  maxBatchTokens?: number;
+  /** Requests running at once (default 256). */
+  maxRunning?: number;
+}
+
+/** A model folder: base URL, files by name, dropped files, or the Response of its config.json. */
+export type ModelSource =
+  | string
+  | URL
+  | Response
+  | FileList
+  | File[]
+  | Map<string, ArrayBuffer | ArrayBufferView | Blob | Response>
+  | Record<string, ArrayBuffer | ArrayBufferView | Blob | Response>;
+
+export interface GenerateOptions {
+  maxTokens?: number;
+  /** 0 (default) is greedy. */
+  temperature?: number;
+  topK?: number;
+  topP?: number;
+  repetitionPenalty?: number;
+  seed?: number;
+  /** Generation ends before the first of these strings; it is not part of the text. */
+  stop?: string | string[];
+  stopTokenIds?: number[];
+  /** Keep going past the model's end-of-sequence token. */
+  ignoreEos?: boolean;
+  /** Aborting cancels the request; the iterator then throws the signal's reason. */
+  signal?: AbortSignal;
+}
+
+export interface GeneratedToken {
+  /** The text this token completed (may be empty while a character or stop string is pending). */
+  text: string;
+  tokenId: number;
+  /** Milliseconds since the request was submitted. */
+  t: number;
+}
+
+/** Milliseconds (counts for `count`). */
+export interface Distribution {
+  count: number;
+  mean: number;
+  std: number;
+  min: number;
+  p50: number;
+  p90: number;
+  p99: number;
+  max: number;
+}
+
+export interface RequestMetrics {
+  promptTokens: number;
+  generatedTokens: number;
+  /** Time to first token, from submission. */
+  ttft: number | null;
+  /** Mean time per output token after the first. */
+  tpot: number | null;
+  e2e: number;
+  itl: Distribution;
+  tokenTimes: number[];
+  preemptions: number;
+}
+
+export interface GenerateResult {
+  text: string;
+  tokens: number[];
+  reason: "length" | "eos" | "stop_token" | "stop" | "cancelled";
+  metrics: RequestMetrics;
+}
+
+export interface RunMetrics {
+  requests: number;
+  generatedTokens: number;
+  promptTokens: number;
+  wallMs: number;
+  /** Generated tokens per second of wall time. */
+  tps: number;
+  requestsPerSecond: number;
+  ttft: Distribution;
+  tpot: Distribution;
+  itl: Distribution;
+  /** Fractions of the KV pool in use, one sample per step (not milliseconds). */
+  kvOccupancy: Distribution;
+  preemptions: number;
+}
+
+export interface EngineReport {
+  backend: "cpu" | "gpu";
+  device: string;
+  variant: string;
+  reason: string;
+}
+
+export interface AdapterReport {
+  vendor: string;
+  architecture: string;
+  description: string;
+  isFallbackAdapter: boolean;
+  features: string[];
+  limits: Record<string, number>;
+}
+
+export interface Info {
+  /** "webgpu" when any phase runs on the GPU, else "wasm". */
+  backend: "webgpu" | "wasm";
+  /** Why this backend was chosen (or why WebGPU was not). */
+  reason: string;
+  /** The CPU engine's SIMD level ("simd128"). */
+  simd: string;
+  prefill: EngineReport;
+  decode: EngineReport;
+  /** The WebGPU adapter, when one was found. */
+  adapter?: AdapterReport | null;
+  model: null | { kind: "decoder" | "encoder"; description: string };
+}
+
+export declare class Twinfer {
+  static create(options?: CreateOptions): Promise<Twinfer>;
+  loadModel(source: ModelSource, options?: LoadOptions): Promise<Info>;
+  embed(texts: string | string[]): Promise<Float32Array[]>;
+  generate(prompt: string | number[] | Uint32Array, options?: GenerateOptions): AsyncGenerator<GeneratedToken, GenerateResult, void>;
+  metrics(options?: { reset?: boolean }): Promise<RunMetrics>;
+  info(): Info;
+  dispose(): Promise<void>;
+}
+
+export declare class TwinferError extends Error {
+  /** The engine's name for the case ("ShapeMismatch", "ModelFile", ...). */
+  code: string;
+}
+export declare class WebGpuUnavailableError extends TwinferError {}
+export declare class FeatureMissingError extends TwinferError {}
+export declare class DeviceLostError extends TwinferError {}
+export declare class ModelTooLargeError extends TwinferError {}
+export declare class KvCacheFullError extends TwinferError {}
+export declare class InvalidModelError extends TwinferError {}
+export declare class EngineCrashedError extends TwinferError {}
+
+export declare function hasWasmSimd(): boolean;
+
+export interface Kernels {
+  /** Paged batch decode (f32); returns o `[batch, numQoHeads, headDim]`. */
+  decode(
+    q: Float32Array,
+    kPool: Float32Array,
+    vPool: Float32Array,
+    pageSize: number,
+    numQoHeads: number,
+    numKvHeads: number,
+    headDim: number,
+    kvIndptr: Uint32Array,
+    kvIndices: Uint32Array,
+    kvLastPageLen: Uint32Array,
+  ): Float32Array;
+  /** Ragged batch prefill (f32), causal aligned bottom-right; returns o shaped like q. */
+  prefill(
+    q: Float32Array,
+    k: Float32Array,
+    v: Float32Array,
+    qoIndptr: Uint32Array,
+    kvIndptr: Uint32Array,
+    numQoHeads: number,
+    numKvHeads: number,
+    headDim: number,
+    causal: boolean,
+  ): Float32Array;
+  info(): { backend: string; simd: string; simdAvailable: string[]; threads: number; reason: string; device: string; version: string };
+}
+
+export declare function kernels(options?: { wasmUrl?: string | URL }): Promise<Kernels>;

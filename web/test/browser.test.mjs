@@ -1,0 +1,98 @@
+// The package in headless Chromium (Debian's, driven by playwright-core), through the demo page:
+//   1. with WebGPU (--enable-unsafe-webgpu: SwiftShader), `auto` picks WebGPU;
+//   2. without it, `auto` falls back to wasm SIMD and says why;
+//   3. `wasm` forced; 4. the Web Worker mode.
+// Each run's embeddings must match the numpy reference (cosine >= 0.9999) and its greedy tokens
+// the reference decoder's. A screenshot of each finished demo goes to test-artifacts/.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { existsSync, mkdirSync, readFileSync } from "node:fs";
+import { homedir } from "node:os";
+import { join } from "node:path";
+import { chromium } from "playwright-core";
+
+import { serve } from "../demo/serve.mjs";
+
+const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
+const MODELS = process.env.TWINFER_MODELS || join(homedir(), ".cache/twinfer/models");
+const ARTIFACTS = new URL("../test-artifacts/", import.meta.url);
+const BASE_FLAGS = ["--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-quic"];
+const WEBGPU_FLAGS = ["--enable-unsafe-webgpu"];
+
+const minilm = JSON.parse(readFileSync(join(MODELS, "all-MiniLM-L6-v2/golden.json"), "utf8"));
+const llama = JSON.parse(readFileSync(join(MODELS, "tiny-llama/golden.json"), "utf8"));
+let server;
+
+before(async () => {
+  if (!existsSync(CHROMIUM)) throw new Error(`${CHROMIUM} is missing: apt-get install chromium (or set CHROMIUM)`);
+  mkdirSync(ARTIFACTS, { recursive: true });
+  server = await serve(0);
+});
+after(() => server?.close());
+
+/** Runs the demo with `query` in a fresh browser; returns its result and the page's info. */
+async function runDemo({ flags, query, screenshot }) {
+  const browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: [...BASE_FLAGS, ...flags] });
+  try {
+    const page = await browser.newPage({ viewport: { width: 1000, height: 1400 } });
+    const logs = [];
+    page.on("console", (m) => logs.push(`${m.type()}: ${m.text()}`));
+    page.on("pageerror", (e) => logs.push(`pageerror: ${e.message}`));
+    const params = new URLSearchParams({ auto: "1", genModel: "/models/tiny-llama/", promptIds: llama.prompt_ids.join(","), maxTokens: String(llama.greedy_ids.length), ...query });
+    await page.goto(`${server.url}/demo/?${params}`);
+    await page.waitForFunction(() => ["done", "error"].includes(document.body.dataset.state), null, { timeout: 240_000 });
+    const error = await page.evaluate(() => window.demoError ?? null);
+    assert.equal(error, null, `the demo failed: ${JSON.stringify(error)}\n${logs.join("\n")}`);
+    const result = await page.evaluate(() => window.demoResult);
+    const embeddings = await page.evaluate((s) => window.demo.embed(s), minilm.sentences);
+    if (screenshot) await page.screenshot({ path: new URL(screenshot, ARTIFACTS).pathname, fullPage: true });
+    return { result, embeddings, logs };
+  } finally {
+    await browser.close();
+  }
+}
+
+function checkOutputs({ result, embeddings }) {
+  assert.deepEqual(result.generated.tokens, llama.greedy_ids, "greedy tokens of the reference decoder");
+  assert.equal(embeddings.length, minilm.sentences.length);
+  for (let i = 0; i < embeddings.length; i++) {
+    let dot = 0;
+    for (let j = 0; j < embeddings[i].length; j++) dot += embeddings[i][j] * minilm.embeddings[i][j];
+    assert.ok(dot >= 0.9999, `sentence ${i}: cosine ${dot}`);
+  }
+  // The semantic search put the password sentences first.
+  assert.match(result.ranking[0].s, /password|login/i);
+  const m = result.metrics;
+  assert.equal(m.generatedTokens, llama.greedy_ids.length);
+  assert.ok(m.ttft.p50 > 0 && m.tpot.p50 > 0 && m.tps > 0);
+}
+
+test("with WebGPU, auto picks WebGPU and matches the reference", async () => {
+  const run = await runDemo({ flags: WEBGPU_FLAGS, query: { backend: "auto" }, screenshot: "demo-webgpu.png" });
+  for (const info of [run.result.embedInfo, run.result.genInfo]) {
+    assert.equal(info.backend, "webgpu", `${info.reason}\n${run.logs.join("\n")}`);
+    assert.equal(info.adapter.architecture, "swiftshader");
+  }
+  checkOutputs(run);
+});
+
+test("without WebGPU, auto falls back to wasm SIMD and says why", async () => {
+  const run = await runDemo({ flags: [], query: { backend: "auto" }, screenshot: "demo-fallback.png" });
+  const info = run.result.genInfo;
+  assert.equal(info.backend, "wasm");
+  assert.equal(info.decode.variant, "simd128");
+  assert.match(info.reason, /WebGPU/);
+  checkOutputs(run);
+});
+
+test("forced wasm runs on the CPU even where WebGPU exists", async () => {
+  const run = await runDemo({ flags: WEBGPU_FLAGS, query: { backend: "wasm" }, screenshot: "demo-wasm.png" });
+  assert.equal(run.result.genInfo.backend, "wasm");
+  checkOutputs(run);
+});
+
+test("the Web Worker mode gives the same results", async () => {
+  const run = await runDemo({ flags: [], query: { backend: "wasm", worker: "1" }, screenshot: "demo-worker.png" });
+  assert.equal(run.result.genInfo.backend, "wasm");
+  checkOutputs(run);
+});
