@@ -20,5 +20,5 @@ import { loadBindings } from "./loader.js";
  */
 export async function kernels(options = {}) {
   const b = await loadBindings(options.wasmUrl);
-  return { decode: b.decode, prefill: b.prefill, info: b.info };
+  return { decode: b.decode, prefill: b.prefill, info: b.info, BenchCase: b.BenchCase };
 }

@@ -65,6 +65,12 @@ enum BenchWhat {
         /// GPU decode workgroup size (keys per tile): 64, 128 or 256.
         #[arg(long)]
         decode_wg: Option<u32>,
+        /// Measure only these shapes (CPU): `prefill:LEN` or `decode:BATCH:CTX`; repeatable.
+        #[arg(long = "case", value_name = "CASE")]
+        cases: Vec<bench::Case>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// The serving scenarios (Poisson arrivals, continuous batching) with PASS/FAIL against their thresholds.
     Serve(Box<serve::ServeArgs>),
@@ -120,14 +126,21 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Embed(args) => generate::embed(args),
         Command::Plan(args) => plan::run(args),
         Command::Bench { what: BenchWhat::Serve(args) } => serve::run(*args),
-        Command::Bench { what: BenchWhat::Kernels { quick, simd, .. } } => {
+        Command::Bench { what: BenchWhat::Kernels { quick, simd, cases, json, .. } } => {
             let level = match simd {
                 Some(s) => SimdLevel::by_name(s.name()).ok_or_else(|| format!("this CPU has no {}", s.name()))?,
                 None => SimdLevel::detect(),
             };
             let scope = if quick { Scope::Quick } else { Scope::Full };
-            let report = bench::run_kernels(&CpuEngine::with_level(level), scope).map_err(|e| e.to_string())?;
-            print_report(&report);
+            let cases = if cases.is_empty() { scope.cases() } else { cases };
+            let (runs, ceiling_bytes) = scope.runs_and_ceiling_bytes();
+            let report = bench::run_kernel_cases(&CpuEngine::with_level(level), &cases, runs, ceiling_bytes)
+                .map_err(|e| e.to_string())?;
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                print_report(&report);
+            }
             Ok(())
         }
     }

@@ -14,6 +14,7 @@
 //! one happen anyway (a bug), the panic hook prints the message with `console.error`, the call
 //! throws `RuntimeError: unreachable`, and the JS layer marks the module as unusable.
 
+pub mod bench;
 pub mod errors;
 pub mod files;
 pub mod kernels;

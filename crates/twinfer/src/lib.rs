@@ -3,7 +3,6 @@
 
 pub mod attention;
 mod backend;
-#[cfg(not(target_arch = "wasm32"))]
 pub mod bench;
 pub mod cpu;
 pub mod dtype;

@@ -1,7 +1,8 @@
 //! Reading K/V storage as f32: whole rows into tiles ([`load_f32`]) or one vector into registers
 //! ([`LoadLanes`]). f16 uses the CPU's conversion instruction where the running SIMD level has
-//! it (AVX-512F's `vcvtph2ps`; F16C, which the AVX2 level runs with); every other case uses the
-//! exact bit-manipulation widening of [`crate::dtype`]. Also the prefetch hint the kernels use.
+//! it (AVX-512F's `vcvtph2ps`; F16C, which the AVX2 level runs with), and on wasm simd128, which
+//! has none, an exact widening in vector registers; every other case uses the exact
+//! bit-manipulation widening of [`crate::dtype`]. Also the prefetch hint the kernels use.
 
 use std::any::TypeId;
 
@@ -41,18 +42,43 @@ pub(crate) fn prefetch(src: TensorRef<'_>, offset: usize, len: usize) {
     let _ = (src, offset, len);
 }
 
-/// Whether this SIMD level widens f16 with an instruction (AVX-512F, or AVX2 run with F16C).
+/// Whether this SIMD level widens f16 in vector registers (AVX-512F, AVX2 run with F16C, or
+/// wasm simd128's integer-and-multiply sequence).
 #[inline(always)]
 fn native_f16<S: Simd>() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         TypeId::of::<S>() == TypeId::of::<pulp::x86::V4>() || TypeId::of::<S>() == TypeId::of::<pulp::x86::V3>()
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    {
+        TypeId::of::<S>() == TypeId::of::<pulp::wasm::Simd128>()
+    }
+    #[cfg(not(any(target_arch = "x86_64", all(target_arch = "wasm32", target_feature = "simd128"))))]
     {
         let _ = TypeId::of::<S>;
         false
     }
+}
+
+/// Four f16 at `ptr` as f32, exactly, with simd128 integer ops: the exponent and mantissa move
+/// into f32 position and a multiply by 2^112 rebiases the exponent (exact, subnormals included,
+/// since scaling by a power of two is); infinities and NaNs get the all-ones exponent instead.
+///
+/// # Safety
+/// `ptr` must be valid for reading 4 elements.
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+#[inline(always)]
+unsafe fn widen4_simd128(ptr: *const f16) -> core::arch::wasm32::v128 {
+    use core::arch::wasm32::*;
+    // SAFETY: 4 readable f16 = 8 bytes, per the caller; wasm loads need no alignment.
+    let bits = u32x4_extend_low_u16x8(unsafe { v128_load64_zero(ptr as *const u64) });
+    let sign = u32x4_shl(v128_and(bits, u32x4_splat(0x8000)), 16);
+    let magnitude = u32x4_shl(v128_and(bits, u32x4_splat(0x7fff)), 13);
+    let rebiased = f32x4_mul(magnitude, f32x4_splat(f32::from_bits(0x7780_0000)));
+    let inf_or_nan = u32x4_ge(magnitude, u32x4_splat(0x7c00 << 13));
+    let special = v128_or(magnitude, u32x4_splat(0x7f80_0000));
+    v128_or(v128_bitselect(special, rebiased, inf_or_nan), sign)
 }
 
 #[inline(always)]
@@ -125,6 +151,11 @@ impl LoadLanes for f16 {
                 };
             }
         }
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        if TypeId::of::<S>() == TypeId::of::<pulp::wasm::Simd128>() {
+            // SAFETY: Simd128 has 4 lanes, readable per the caller; same-size transmute.
+            return unsafe { core::mem::transmute_copy::<core::arch::wasm32::v128, S::f32s>(&widen4_simd128(ptr)) };
+        }
         // SAFETY: forwarded from the caller.
         unsafe { load_through_buffer::<S, f16>(ptr) }
     }
@@ -142,6 +173,8 @@ impl LoadLanes for half::bf16 {
 mod tests {
     use super::*;
     use crate::cpu::SimdLevel;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     struct Widen<'a>(&'a [f16], &'a mut [f32]);
     impl pulp::WithSimd for Widen<'_> {

@@ -1,0 +1,129 @@
+//! `bench kernels`: the ceilings, then each case, into one report.
+
+use std::str::FromStr;
+
+use serde_json::{Value, json};
+
+use super::cases::{self, Bound, CaseResult};
+use super::ceilings;
+use super::timing::Stats;
+use crate::cpu::CpuEngine;
+use crate::error::{Result, TwinferError};
+
+/// Which cases to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Small shapes, a few runs: seconds (used under emulation and in CI smoke tests).
+    Quick,
+    /// The full table: prefill L = 512, 2048, 8192; decode batch 1 and 8, ctx 1K, 8K, 32K.
+    Full,
+}
+
+/// Everything one `bench kernels` run measured.
+#[derive(Debug, Clone)]
+pub struct KernelReport {
+    pub cpu: String,
+    pub simd: String,
+    pub threads: usize,
+    pub read_gbps: Stats,
+    pub fma_gflops: Stats,
+    pub cases: Vec<CaseResult>,
+}
+
+impl KernelReport {
+    pub fn to_json(&self) -> Value {
+        let stats = |s: &Stats| json!({"median": s.median, "min": s.min, "max": s.max, "runs": s.runs});
+        let cases: Vec<Value> = self
+            .cases
+            .iter()
+            .map(|c| {
+                json!({"name": c.name, "bound": match c.bound { Bound::Compute => "compute", Bound::Memory => "memory" },
+                       "work": c.work, "seconds": stats(&c.seconds), "rate": stats(&c.rate()),
+                       "ceiling_fraction": c.rate().median / self.ceiling(c)})
+            })
+            .collect();
+        json!({"cpu": self.cpu, "simd": self.simd, "threads": self.threads, "read_gbps": stats(&self.read_gbps),
+               "fma_gflops": stats(&self.fma_gflops), "cases": cases})
+    }
+
+    /// The ceiling a case is compared with.
+    pub fn ceiling(&self, case: &CaseResult) -> f64 {
+        match case.bound {
+            Bound::Compute => self.fma_gflops.median,
+            Bound::Memory => self.read_gbps.median,
+        }
+    }
+}
+
+/// One shape to measure: `prefill:LEN` or `decode:BATCH:CTX` on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Case {
+    /// Causal single-sequence prefill of this many tokens.
+    Prefill(usize),
+    /// Paged f16 decode: `batch` sequences of `ctx` tokens.
+    Decode { batch: usize, ctx: usize },
+}
+
+impl FromStr for Case {
+    type Err = TwinferError;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || TwinferError::InvalidParameter(format!("case {s:?}: prefill:LEN or decode:BATCH:CTX"));
+        let num = |x: &str| x.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(bad);
+        match s.split(':').collect::<Vec<_>>().as_slice() {
+            ["prefill", len] => Ok(Case::Prefill(num(len)?)),
+            ["decode", batch, ctx] => Ok(Case::Decode { batch: num(batch)?, ctx: num(ctx)? }),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl Scope {
+    /// The cases of this scope.
+    pub fn cases(self) -> Vec<Case> {
+        let (prefill_lens, decode_ctx): (&[usize], &[usize]) = match self {
+            Scope::Quick => (&[256], &[1024]),
+            Scope::Full => (&[512, 2048, 8192], &[1024, 8192, 32768]),
+        };
+        let mut cases: Vec<Case> = prefill_lens.iter().map(|&len| Case::Prefill(len)).collect();
+        for batch in [1, 8] {
+            cases.extend(decode_ctx.iter().map(|&ctx| Case::Decode { batch, ctx }));
+        }
+        cases
+    }
+    /// Timed runs per case and the bytes of the read-bandwidth ceiling.
+    pub fn runs_and_ceiling_bytes(self) -> (usize, usize) {
+        match self {
+            Scope::Quick => (3, 256 << 20),
+            Scope::Full => (7, ceilings::READ_BYTES),
+        }
+    }
+}
+
+/// Measures the ceilings, then every case of `scope`, on `engine`.
+pub fn run_kernels(engine: &CpuEngine, scope: Scope) -> Result<KernelReport> {
+    let (runs, ceiling_bytes) = scope.runs_and_ceiling_bytes();
+    run_kernel_cases(engine, &scope.cases(), runs, ceiling_bytes)
+}
+
+/// Measures the ceilings, then `cases`, each `runs` times (long prefills at most 3).
+pub fn run_kernel_cases(engine: &CpuEngine, cases: &[Case], runs: usize, ceiling_bytes: usize) -> Result<KernelReport> {
+    let level = engine.level();
+    let read_gbps = ceilings::read_bandwidth(level, ceiling_bytes, runs);
+    let fma_gflops = ceilings::fma_peak(level, runs);
+    let mut results = Vec::new();
+    for &case in cases {
+        results.push(match case {
+            Case::Prefill(len) => cases::prefill_causal(engine, len, if len >= 8192 { runs.min(3) } else { runs })?,
+            Case::Decode { batch, ctx } => cases::decode_paged(engine, batch, ctx, runs)?,
+        });
+    }
+    let cases = results;
+    Ok(KernelReport {
+        cpu: crate::cpu_model_name(),
+        simd: level.name().to_string(),
+        threads: engine.threads(),
+        read_gbps,
+        fma_gflops,
+        cases,
+    })
+}
