@@ -29,3 +29,12 @@ echo "== npm test (Node: the package API on real models, against the reference a
 cli="$target_dir/debug/twinfer"
 [ -x "$cli" ] || RUSTFLAGS= cargo build -p twinfer-cli
 (cd web && TWINFER_CLI="$(realpath "$cli")" npm test)
+
+echo "== npm pack: install the tarball into an empty project and run the README example"
+repo="$(pwd)"
+scratch="$(mktemp -d)"
+trap 'rm -rf "$scratch"' EXIT
+(cd web && npm pack --pack-destination "$scratch" >/dev/null 2>&1)
+models="${TWINFER_MODELS:-$HOME/.cache/twinfer/models}"
+(cd "$scratch" && npm init -y >/dev/null && npm install --no-audit --no-fund ./twinfer-*.tgz >/dev/null &&
+    cp "$repo/web/test/pack-smoke.mjs" . && node pack-smoke.mjs "$models/all-MiniLM-L6-v2")
