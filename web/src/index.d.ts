@@ -27,6 +27,7 @@ export interface LoadOptions {
   pageSize?: number;
   /** KV cache budget in bytes (default 128 MiB). */
   kvMemoryBytes?: number;
+  /** KV cache storage (default: f32 when decode runs on wasm, f16 on WebGPU). */
   kvDtype?: "f16" | "f32";
   /** Tokens per engine step: decode tokens plus prompt chunks (default 256). */
   maxBatchTokens?: number;

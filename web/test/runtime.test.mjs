@@ -110,11 +110,11 @@ test("embed matches the numpy reference and the native build (cosine >= 0.9999)"
   }
 });
 
-test("generate yields the reference greedy tokens (page sizes 1 and 16)", async () => {
+test("generate yields the reference greedy tokens (page sizes 1 and 16, f32 and f16 KV)", async () => {
   for (const dir of [LLAMA, QWEN]) {
     const g = golden(dir);
-    for (const pageSize of [1, 16]) {
-      const tf = await engineWith(dir, { pageSize });
+    for (const [pageSize, kvDtype] of [[1, "f32"], [16, "f16"]]) {
+      const tf = await engineWith(dir, { pageSize, kvDtype });
       const { tokens, result } = await collect(tf.generate(g.prompt_ids, { maxTokens: g.greedy_ids.length, ignoreEos: true }));
       assert.deepEqual(tokens.map((t) => t.tokenId), g.greedy_ids, `${dir} page ${pageSize}`);
       assert.equal(result.reason, "length");

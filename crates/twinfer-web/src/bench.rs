@@ -2,9 +2,9 @@
 //! time them with `performance.now()` and compare the wasm engine with the native one on the very
 //! same shapes and data.
 
-use twinfer::TwinferError;
 use twinfer::bench::cases::{DecodePaged, PrefillCausal};
 use twinfer::cpu::CpuEngine;
+use twinfer::{DType, TwinferError};
 use wasm_bindgen::prelude::*;
 
 use crate::errors::to_js_error;
@@ -15,8 +15,9 @@ enum Shape {
     Decode(Box<DecodePaged>),
 }
 
-/// One case: `"prefill:LEN"` (causal, f16, 32/8 heads x 128) or `"decode:BATCH:CTX"` (paged f16
-/// KV, page 16, GQA 32/8, head_dim 128), on the wasm SIMD engine.
+/// One case: `"prefill:LEN"` (causal, f16, 32/8 heads x 128), `"decode:BATCH:CTX"` (paged f16
+/// KV, page 16, GQA 32/8, head_dim 128) or `"decode-f32:BATCH:CTX"` (the same, f32 KV), on the
+/// wasm SIMD engine.
 #[wasm_bindgen]
 pub struct BenchCase {
     shape: Shape,
@@ -44,8 +45,9 @@ impl BenchCase {
             .ok_or_else(bad)?;
         let shape = match (spec.split(':').next(), nums.as_slice()) {
             (Some("prefill"), &[len]) => Shape::Prefill(Box::new(PrefillCausal::new(len))),
-            (Some("decode"), &[batch, ctx]) => {
-                Shape::Decode(Box::new(DecodePaged::new(batch, ctx).map_err(to_js_error)?))
+            (Some(kind @ ("decode" | "decode-f32")), &[batch, ctx]) => {
+                let dtype = if kind == "decode" { DType::F16 } else { DType::F32 };
+                Shape::Decode(Box::new(DecodePaged::with_kv_dtype(batch, ctx, dtype).map_err(to_js_error)?))
             }
             _ => return Err(bad()),
         };

@@ -100,7 +100,8 @@ impl Runtime {
     /// `options`: `{ pageSize, kvMemoryBytes, kvDtype: "f16" | "f32", maxBatchTokens, maxRunning }`.
     pub fn load(&self, files: &mut ModelFiles, options: JsValue) -> std::result::Result<(), js_sys::Error> {
         let mut state = self.state.try_borrow_mut().map_err(|_| busy())?;
-        let config = engine_config(&options).map_err(to_js_error)?;
+        let cpu_decode = state.decode.info().backend == "cpu";
+        let config = engine_config(&options, cpu_decode).map_err(to_js_error)?;
         // Drop the old model first: two models at once may not fit.
         state.served = None;
         let model = Model::load(files.take_source()).map_err(to_js_error)?;
@@ -245,10 +246,14 @@ async fn open_engines(backend: &str) -> Result<(Attention, Attention, String)> {
     }
 }
 
-fn engine_config(options: &JsValue) -> Result<EngineConfig> {
+/// The engine settings from `options`. The KV cache defaults to f32 when decode runs on the wasm
+/// engine: simd128 has no f16 conversion instruction, and widening in registers made the decode
+/// kernel about 2x slower than reading f32 (measured with `web/bench`); GPUs read f16.
+fn engine_config(options: &JsValue, cpu_decode: bool) -> Result<EngineConfig> {
     let o = Options::new(options, "options")?;
     let d = EngineConfig::default();
     let kv_dtype = match o.string("kvDtype")?.as_deref() {
+        None if cpu_decode => DType::F32,
         None | Some("f16") => DType::F16,
         Some("f32") => DType::F32,
         Some(other) => return Err(TwinferError::InvalidParameter(format!("options.kvDtype {other:?}: f16 or f32"))),

@@ -6,7 +6,8 @@ use std::fmt;
 use super::timing::{Stats, time_runs};
 use crate::attention::{AttentionOutput, AttentionParams, DecodeInput, KvInput, PrefillInput};
 use crate::cpu::CpuEngine;
-use crate::error::Result;
+use crate::dtype::{DType, TensorRef};
+use crate::error::{Result, TwinferError};
 use crate::kv::{KvLayout, PageTable, PagedKv};
 
 /// Llama-3-8B-like heads: 32 query heads, 8 KV heads, head_dim 128.
@@ -64,6 +65,29 @@ pub fn decode_paged_bytes(batch: usize, ctx: usize) -> f64 {
     (batch * ctx * KV_HEADS * HEAD_DIM * 2 * 2) as f64 // K and V, 2 bytes each
 }
 
+/// The KV pool of a decode case, in its storage dtype.
+#[derive(Clone)]
+enum Pool {
+    F16(Vec<f16>),
+    F32(Vec<f32>),
+}
+
+impl Pool {
+    fn new(values: Vec<f16>, dtype: DType) -> Result<Self> {
+        match dtype {
+            DType::F16 => Ok(Pool::F16(values)),
+            DType::F32 => Ok(Pool::F32(values.iter().map(|x| x.to_f32()).collect())),
+            other => Err(TwinferError::DtypeUnsupported { what: "decode benchmark KV", dtype: other }),
+        }
+    }
+    fn tensor(&self) -> TensorRef<'_> {
+        match self {
+            Pool::F16(v) => v[..].into(),
+            Pool::F32(v) => v[..].into(),
+        }
+    }
+}
+
 /// The inputs of a causal single-sequence prefill of `len` tokens: f16 Q/K/V, f32 output.
 /// Built once; [`PrefillCausal::run`] is what a harness times.
 #[derive(Clone)]
@@ -118,8 +142,9 @@ impl PrefillCausal {
     }
 }
 
-/// The inputs of a paged decode step: f16 KV, page size 16, `batch` sequences of `ctx` tokens on
-/// pages in a scrambled order, f16 output. Built once; [`DecodePaged::run`] is what a harness times.
+/// The inputs of a paged decode step: f16 (or f32) KV, page size 16, `batch` sequences of `ctx`
+/// tokens on pages in a scrambled order, f16 output. Built once; [`DecodePaged::run`] is what a
+/// harness times.
 #[derive(Clone)]
 pub struct DecodePaged {
     pub batch: usize,
@@ -127,9 +152,9 @@ pub struct DecodePaged {
     pub params: AttentionParams,
     pub layout: KvLayout,
     /// `[num_pages, PAGE_SIZE, KV_HEADS, HEAD_DIM]`
-    k: Vec<f16>,
+    k: Pool,
     /// `[num_pages, PAGE_SIZE, KV_HEADS, HEAD_DIM]`
-    v: Vec<f16>,
+    v: Pool,
     indptr: Vec<u32>,
     indices: Vec<u32>,
     last_page_len: Vec<u32>,
@@ -141,12 +166,17 @@ pub struct DecodePaged {
 
 impl DecodePaged {
     pub fn new(batch: usize, ctx: usize) -> Result<Self> {
+        Self::with_kv_dtype(batch, ctx, DType::F16)
+    }
+
+    /// The same case with the KV pool stored as `dtype` (f16 or f32; the values are the same).
+    pub fn with_kv_dtype(batch: usize, ctx: usize, dtype: DType) -> Result<Self> {
         let params = AttentionParams::new(QO_HEADS, KV_HEADS, HEAD_DIM);
         let layout = KvLayout::new(PAGE_SIZE, KV_HEADS, HEAD_DIM)?;
         let pages_per_seq = ctx.div_ceil(PAGE_SIZE);
         let num_pages = batch * pages_per_seq;
-        let k = pseudo_random(num_pages * layout.page_elems(), 4);
-        let v = pseudo_random(num_pages * layout.page_elems(), 5);
+        let k = Pool::new(pseudo_random(num_pages * layout.page_elems(), 4), dtype)?;
+        let v = Pool::new(pseudo_random(num_pages * layout.page_elems(), 5), dtype)?;
         // Pages in a scrambled order, as a long-running cache hands them out.
         let mut indices: Vec<u32> = (0..num_pages as u32).collect();
         let mut s = 0x2545F4914F6CDD1Du64;
@@ -167,7 +197,7 @@ impl DecodePaged {
     pub fn run(&mut self, engine: &CpuEngine) -> Result<()> {
         let input = DecodeInput {
             q: (&self.q[..]).into(),
-            kv: PagedKv::new((&self.k[..]).into(), (&self.v[..]).into(), self.layout)?,
+            kv: PagedKv::new(self.k.tensor(), self.v.tensor(), self.layout)?,
             table: PageTable::new(&self.indptr, &self.indices, &self.last_page_len),
         };
         engine.decode(&self.params, &input, &mut AttentionOutput::new(&mut self.o[..]))
@@ -178,12 +208,19 @@ impl DecodePaged {
         &self.o
     }
 
+    pub fn kv_dtype(&self) -> DType {
+        match self.k {
+            Pool::F16(_) => DType::F16,
+            Pool::F32(_) => DType::F32,
+        }
+    }
+
     pub fn bytes(&self) -> f64 {
-        decode_paged_bytes(self.batch, self.ctx)
+        decode_paged_bytes(self.batch, self.ctx) * self.kv_dtype().size() as f64 / 2.0
     }
 
     pub fn name(&self) -> String {
-        format!("decode f16 page{PAGE_SIZE} batch={} ctx={}K", self.batch, self.ctx / 1024)
+        format!("decode {} page{PAGE_SIZE} batch={} ctx={}K", self.kv_dtype(), self.batch, self.ctx / 1024)
     }
 }
 
@@ -223,9 +260,9 @@ pub fn prefill_causal(engine: &CpuEngine, len: usize, runs: usize) -> Result<Cas
     Ok(CaseResult { name: case.name(), seconds, bound: Bound::Compute, work: case.flops() })
 }
 
-/// Paged decode, f16 KV, page size 16, `batch` sequences of `ctx` tokens on shuffled pages.
-pub fn decode_paged(engine: &CpuEngine, batch: usize, ctx: usize, runs: usize) -> Result<CaseResult> {
-    let mut case = DecodePaged::new(batch, ctx)?;
+/// Paged decode, `dtype` KV, page size 16, `batch` sequences of `ctx` tokens on shuffled pages.
+pub fn decode_paged(engine: &CpuEngine, batch: usize, ctx: usize, dtype: DType, runs: usize) -> Result<CaseResult> {
+    let mut case = DecodePaged::with_kv_dtype(batch, ctx, dtype)?;
     let seconds = time_case(runs, || case.run(engine))?;
     Ok(CaseResult { name: case.name(), seconds, bound: Bound::Memory, work: case.bytes() })
 }

@@ -8,6 +8,7 @@ use super::cases::{self, Bound, CaseResult};
 use super::ceilings;
 use super::timing::Stats;
 use crate::cpu::CpuEngine;
+use crate::dtype::DType;
 use crate::error::{Result, TwinferError};
 
 /// Which cases to run.
@@ -55,23 +56,27 @@ impl KernelReport {
     }
 }
 
-/// One shape to measure: `prefill:LEN` or `decode:BATCH:CTX` on the command line.
+/// One shape to measure: `prefill:LEN`, `decode:BATCH:CTX` (f16 KV) or `decode-f32:BATCH:CTX`
+/// on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Case {
     /// Causal single-sequence prefill of this many tokens.
     Prefill(usize),
-    /// Paged f16 decode: `batch` sequences of `ctx` tokens.
-    Decode { batch: usize, ctx: usize },
+    /// Paged decode: `batch` sequences of `ctx` tokens, KV stored as `dtype`.
+    Decode { batch: usize, ctx: usize, dtype: DType },
 }
 
 impl FromStr for Case {
     type Err = TwinferError;
     fn from_str(s: &str) -> Result<Self> {
-        let bad = || TwinferError::InvalidParameter(format!("case {s:?}: prefill:LEN or decode:BATCH:CTX"));
+        let bad = || {
+            TwinferError::InvalidParameter(format!("case {s:?}: prefill:LEN, decode:BATCH:CTX or decode-f32:BATCH:CTX"))
+        };
         let num = |x: &str| x.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(bad);
         match s.split(':').collect::<Vec<_>>().as_slice() {
             ["prefill", len] => Ok(Case::Prefill(num(len)?)),
-            ["decode", batch, ctx] => Ok(Case::Decode { batch: num(batch)?, ctx: num(ctx)? }),
+            ["decode", batch, ctx] => Ok(Case::Decode { batch: num(batch)?, ctx: num(ctx)?, dtype: DType::F16 }),
+            ["decode-f32", batch, ctx] => Ok(Case::Decode { batch: num(batch)?, ctx: num(ctx)?, dtype: DType::F32 }),
             _ => Err(bad()),
         }
     }
@@ -86,7 +91,7 @@ impl Scope {
         };
         let mut cases: Vec<Case> = prefill_lens.iter().map(|&len| Case::Prefill(len)).collect();
         for batch in [1, 8] {
-            cases.extend(decode_ctx.iter().map(|&ctx| Case::Decode { batch, ctx }));
+            cases.extend(decode_ctx.iter().map(|&ctx| Case::Decode { batch, ctx, dtype: DType::F16 }));
         }
         cases
     }
@@ -114,7 +119,7 @@ pub fn run_kernel_cases(engine: &CpuEngine, cases: &[Case], runs: usize, ceiling
     for &case in cases {
         results.push(match case {
             Case::Prefill(len) => cases::prefill_causal(engine, len, if len >= 8192 { runs.min(3) } else { runs })?,
-            Case::Decode { batch, ctx } => cases::decode_paged(engine, batch, ctx, runs)?,
+            Case::Decode { batch, ctx, dtype } => cases::decode_paged(engine, batch, ctx, dtype, runs)?,
         });
     }
     let cases = results;
