@@ -122,7 +122,8 @@ impl GpuContext {
             .await
             .map_err(|e| TwinferError::GpuUnavailable(format!("{}: request_device failed: {e}", info.name)))?;
         let summary = AdapterSummary {
-            name: info.name.clone(),
+            // Browsers may hide the adapter's description.
+            name: if info.name.is_empty() { format!("{:?} adapter", info.backend) } else { info.name.clone() },
             backend: format!("{:?}", info.backend).to_lowercase(),
             device_type: format!("{:?}", info.device_type),
             driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
