@@ -1,5 +1,6 @@
 //! The backend seam: one trait every engine implements, an enum for the runtime choice, and the
-//! startup decision (with its reason) that the API reports.
+//! startup decision (with its reason) that the API reports. Every call has an async twin for
+//! browsers, where GPU results arrive only through the event loop.
 
 use std::fmt;
 use std::str::FromStr;
@@ -7,8 +8,8 @@ use std::str::FromStr;
 use crate::attention::{AttentionOutput, AttentionParams, DecodeInput, PrefillInput};
 use crate::cpu::{CpuEngine, SimdLevel};
 use crate::error::{Result, TwinferError};
-#[cfg(not(target_arch = "wasm32"))]
 use crate::gpu::GpuEngine;
+use crate::wait::{CAN_BLOCK, block_on};
 
 /// What the caller asks for. `TWINFER_BACKEND=auto|cpu|gpu` overrides it at startup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -67,7 +68,6 @@ impl AttentionBackend for CpuEngine {
     }
 }
 
-#[cfg(not(target_arch = "wasm32"))]
 impl AttentionBackend for GpuEngine {
     fn prefill(&self, params: &AttentionParams, input: &PrefillInput<'_>, out: &mut AttentionOutput<'_>) -> Result<()> {
         GpuEngine::prefill(self, params, input, out)
@@ -84,7 +84,6 @@ impl AttentionBackend for GpuEngine {
 #[derive(Debug, Clone)]
 enum Engine {
     Cpu(CpuEngine),
-    #[cfg(not(target_arch = "wasm32"))]
     Gpu(GpuEngine),
 }
 
@@ -92,7 +91,6 @@ impl Engine {
     fn as_backend(&self) -> &dyn AttentionBackend {
         match self {
             Engine::Cpu(e) => e,
-            #[cfg(not(target_arch = "wasm32"))]
             Engine::Gpu(e) => e,
         }
     }
@@ -109,7 +107,20 @@ pub struct Attention {
 impl Attention {
     /// Chooses a backend. `TWINFER_BACKEND` (auto, cpu, gpu) overrides `requested`, and
     /// `TWINFER_SIMD` (scalar, avx2, avx512, neon, simd128) pins the CPU instruction set.
+    /// Opening the GPU waits for the adapter, so in a browser this never tries it (`Auto` gives
+    /// the CPU, `Gpu` fails with `WouldBlock`): use [`Attention::new_async`] there.
     pub fn new(requested: Backend) -> Result<Self> {
+        block_on("Attention::new", Self::choose(requested, CAN_BLOCK))?
+    }
+
+    /// [`Attention::new`] without blocking: in a browser, the way to get the WebGPU engine. The
+    /// reason in [`Attention::info`] says why the GPU was or was not chosen (no WebGPU, failed
+    /// self-test, software adapter under `Auto`).
+    pub async fn new_async(requested: Backend) -> Result<Self> {
+        Self::choose(requested, true).await
+    }
+
+    async fn choose(requested: Backend, may_wait: bool) -> Result<Self> {
         let requested = match env_var("TWINFER_BACKEND") {
             Some(v) => v.parse()?,
             None => requested,
@@ -130,11 +141,11 @@ impl Attention {
         let cpu = CpuEngine::with_level(level);
         let reason = match requested {
             Backend::Gpu => {
-                let (gpu, why) = open_gpu(&cpu)?;
+                let (gpu, why) = open_gpu(&cpu, may_wait).await?;
                 return Ok(Self::with_engine(gpu, format!("GPU requested; {why}")));
             }
             Backend::Cpu => format!("CPU requested; {simd_reason}"),
-            Backend::Auto => match open_gpu(&cpu) {
+            Backend::Auto => match open_gpu(&cpu, may_wait).await {
                 Ok((gpu, why)) if gpu_preferred(&gpu) => {
                     return Ok(Self::with_engine(gpu, format!("auto: {why}")));
                 }
@@ -154,7 +165,6 @@ impl Attention {
     }
 
     /// A given GPU engine (a chosen shader variant), as `twinfer plan` compares them.
-    #[cfg(not(target_arch = "wasm32"))]
     pub fn gpu(engine: GpuEngine) -> Self {
         let why = format!("GPU variant {} requested", engine.variant_name());
         Self::with_engine(Engine::Gpu(engine), why)
@@ -164,7 +174,6 @@ impl Attention {
         let (device, variant, threads) = engine.as_backend().describe();
         let backend = match engine {
             Engine::Cpu(_) => "cpu",
-            #[cfg(not(target_arch = "wasm32"))]
             Engine::Gpu(_) => "gpu",
         };
         Self { engine, info: BackendInfo { backend, device, variant, threads, reason } }
@@ -194,28 +203,95 @@ impl Attention {
     ) -> Result<()> {
         self.engine.as_backend().decode(params, input, out)
     }
+
+    /// [`Attention::prefill`] without blocking (the CPU engine simply runs).
+    pub async fn prefill_async(
+        &self,
+        params: &AttentionParams,
+        input: &PrefillInput<'_>,
+        out: &mut AttentionOutput<'_>,
+    ) -> Result<()> {
+        match &self.engine {
+            Engine::Cpu(e) => e.prefill(params, input, out),
+            Engine::Gpu(e) => e.prefill_async(params, input, out).await,
+        }
+    }
+
+    /// [`Attention::decode`] without blocking (the CPU engine simply runs).
+    pub async fn decode_async(
+        &self,
+        params: &AttentionParams,
+        input: &DecodeInput<'_>,
+        out: &mut AttentionOutput<'_>,
+    ) -> Result<()> {
+        match &self.engine {
+            Engine::Cpu(e) => e.decode(params, input, out),
+            Engine::Gpu(e) => e.decode_async(params, input, out).await,
+        }
+    }
+
+    /// Whether this is the GPU engine.
+    pub fn is_gpu(&self) -> bool {
+        matches!(self.engine, Engine::Gpu(_))
+    }
+
+    /// Why the GPU device is gone, once it is (always `None` for the CPU engine).
+    pub fn device_lost(&self) -> Option<String> {
+        match &self.engine {
+            Engine::Gpu(g) => g.context().check_alive().err().map(|e| match e {
+                TwinferError::DeviceLost(why) => why,
+                other => other.to_string(),
+            }),
+            Engine::Cpu(_) => None,
+        }
+    }
+
+    /// `Err(WouldBlock)` when the blocking calls cannot run here: a GPU engine in a browser.
+    pub(crate) fn check_blocking(&self, call: &'static str) -> Result<()> {
+        if self.is_gpu() && !CAN_BLOCK { Err(TwinferError::WouldBlock { call }) } else { Ok(()) }
+    }
+
+    /// Destroys the GPU device under this engine, as a driver reset or the browser reclaiming
+    /// the GPU would; returns false (and does nothing) for the CPU engine. For tests of the CPU
+    /// fallback.
+    #[doc(hidden)]
+    pub fn lose_device_for_test(&self) -> bool {
+        match &self.engine {
+            Engine::Gpu(g) => {
+                g.lose_device_for_test();
+                true
+            }
+            Engine::Cpu(_) => false,
+        }
+    }
+
+    /// The CPU engine that takes over from a lost GPU one, with the reason it reports.
+    pub(crate) fn cpu_fallback(&self, level: SimdLevel, why: &str) -> Self {
+        let reason = format!(
+            "fallback: the GPU {} was lost ({why}), so the CPU with {level}; the step's sequences were recomputed",
+            self.info.device
+        );
+        Self::with_engine(Engine::Cpu(CpuEngine::with_level(level)), reason)
+    }
 }
 
-/// Opens the GPU engine and runs its self-test against the CPU engine.
-#[cfg(not(target_arch = "wasm32"))]
-fn open_gpu(cpu: &CpuEngine) -> Result<(Engine, String)> {
-    let gpu = GpuEngine::new()?;
-    gpu.self_test(cpu)?;
+/// Opens the GPU engine and runs its self-test against the CPU engine. `may_wait` is false for
+/// the blocking constructor in a browser, which cannot wait for the adapter.
+async fn open_gpu(cpu: &CpuEngine, may_wait: bool) -> Result<(Engine, String)> {
+    if !may_wait {
+        return Err(TwinferError::WouldBlock { call: "Attention::new" });
+    }
+    let gpu = GpuEngine::new_async().await?;
+    gpu.self_test_async(cpu).await?;
     let why = format!("{} passed the self-test; variant {}", gpu.context().summary, gpu.variant_name());
     Ok((Engine::Gpu(gpu), why))
-}
-
-#[cfg(target_arch = "wasm32")]
-fn open_gpu(_cpu: &CpuEngine) -> Result<(Engine, String)> {
-    Err(TwinferError::BackendUnavailable { backend: "gpu", reason: "the wasm build has no GPU engine yet".into() })
 }
 
 /// Auto prefers a real GPU; a software adapter (device type Cpu, as lavapipe) loses to SIMD.
 fn gpu_preferred(engine: &Engine) -> bool {
     match engine {
-        #[cfg(not(target_arch = "wasm32"))]
         Engine::Gpu(g) => g.context().summary.device_type != "Cpu",
-        _ => false,
+        Engine::Cpu(_) => false,
     }
 }
 

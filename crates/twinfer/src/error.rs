@@ -69,6 +69,9 @@ pub enum TwinferError {
     #[error("no usable GPU: {0}")]
     GpuUnavailable(String),
 
+    #[error("{call} would have to wait for the GPU, which a browser's main thread cannot do: use its async twin")]
+    WouldBlock { call: &'static str },
+
     #[error("the GPU device was lost ({0}); the CPU engine can take over")]
     DeviceLost(String),
 

@@ -12,6 +12,7 @@ pub mod gpu;
 pub mod kv;
 pub mod model;
 pub mod reference;
+mod wait;
 
 pub use attention::{
     AttentionOutput, AttentionParams, DecodeInput, KvInput, PrefillInput, merge_state, merge_state_in_place,

@@ -1,11 +1,15 @@
-//! Continuous batching on the paged KV cache, one synchronous `step` at a time (browsers drive it
-//! from their event loop; natively [`crate::engine::Engine`] drives it from a thread).
+//! Continuous batching on the paged KV cache, one `step` at a time (browsers drive `step_async`
+//! from their event loop; natively [`crate::engine::Engine`] drives `step` from a thread).
 //!
 //! Each step takes every running sequence's decode token first, then prompt chunks, oldest request
 //! first, up to `max_batch_tokens`; new requests join as soon as there is budget. When the page
 //! pool is short, the newest sequences are preempted: their pages are freed and their tokens
 //! (prompt and output so far) are recomputed when they run again, so no other sequence is touched.
 //! A finished or cancelled sequence frees its pages at once.
+//!
+//! When the GPU device is lost during a step, the phases that ran on it switch to the CPU engine
+//! (same SIMD level) and the step's sequences are preempted the same way, so their K/V, some of it
+//! appended before the loss, is recomputed: no token is lost or changed.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -68,6 +72,8 @@ pub struct Scheduler {
     occupancy: Vec<f64>,
     first_submit: Option<f64>,
     last_finish: f64,
+    /// Why the GPU engines were replaced by the CPU one, once they were.
+    fallback: Option<String>,
 }
 
 impl Scheduler {
@@ -116,6 +122,7 @@ impl Scheduler {
             occupancy: Vec::new(),
             first_submit: None,
             last_finish: 0.0,
+            fallback: None,
         })
     }
 
@@ -133,6 +140,11 @@ impl Scheduler {
     }
     pub fn decode_attention(&self) -> &Attention {
         &self.decode
+    }
+    /// Why the GPU engines were switched to the CPU (a lost device), if they were; the engines'
+    /// own [`Attention::info`] then says `fallback: ...`.
+    pub fn fallback(&self) -> Option<&str> {
+        self.fallback.as_deref()
     }
     pub fn now(&self) -> f64 {
         (self.clock)()
@@ -217,20 +229,46 @@ impl Scheduler {
         self.first_submit = None;
     }
 
-    /// Runs one batch and returns what it produced.
+    /// Runs one batch and returns what it produced. Blocks on a GPU engine; in a browser that is
+    /// `WouldBlock`: use [`Scheduler::step_async`].
     pub fn step(&mut self) -> Result<Vec<Event>> {
+        self.prefill.check_blocking("Scheduler::step")?;
+        self.decode.check_blocking("Scheduler::step")?;
+        crate::wait::block_on("Scheduler::step", self.step_async())?
+    }
+
+    /// [`Scheduler::step`] without blocking. A lost GPU device does not fail the step: see the
+    /// module documentation and [`Scheduler::fallback`].
+    pub async fn step_async(&mut self) -> Result<Vec<Event>> {
         let mut events = Vec::new();
         let cancelled: Vec<RequestId> = self.seqs.iter().filter(|(_, s)| s.cancelled).map(|(&id, _)| id).collect();
         for id in cancelled {
             self.finish(id, FinishReason::Cancelled, &mut events)?;
         }
-        let plan = self.schedule(&mut events)?;
-        if plan.is_empty() {
-            return Ok(events);
+        loop {
+            let plan = self.schedule(&mut events)?;
+            if plan.is_empty() {
+                return Ok(events);
+            }
+            let occupied = self.cache.num_pages() - self.cache.free_pages();
+            match self.run(&plan).await {
+                Ok(logits) => {
+                    self.occupancy.push(occupied as f64 / self.cache.num_pages() as f64);
+                    self.accept_step(&plan, &logits, &mut events)?;
+                    return Ok(events);
+                }
+                Err(TwinferError::DeviceLost(why)) if self.fall_back_to_cpu(&why) => {
+                    for &(id, _) in &plan {
+                        self.preempt(id)?;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         }
-        let occupied = self.cache.num_pages() - self.cache.free_pages();
-        self.occupancy.push(occupied as f64 / self.cache.num_pages() as f64);
+    }
 
+    /// The forward pass of a plan: the logits of the sequences that finish their pending tokens.
+    async fn run(&mut self, plan: &[(RequestId, usize)]) -> Result<Vec<f32>> {
         let chunks: Vec<Vec<u32>> = plan
             .iter()
             .map(|&(id, n)| {
@@ -248,23 +286,46 @@ impl Scheduler {
             })
             .collect();
         let engines = Engines { level: self.level, prefill: &self.prefill, decode: &self.decode };
-        let logits = self.model.forward(engines, &mut self.cache, &step)?;
-        let wants: Vec<bool> = step.iter().map(|s| s.logits == Logits::Last).collect();
-        drop(step);
+        self.model.forward_async(engines, &mut self.cache, &step).await
+    }
+
+    /// Advances every planned sequence and samples those that got logits.
+    fn accept_step(&mut self, plan: &[(RequestId, usize)], logits: &[f32], events: &mut Vec<Event>) -> Result<()> {
         let now = self.now();
         let vocab = self.model.config.vocab_size;
         let mut row = 0;
-        for (&(id, n), want) in plan.iter().zip(wants) {
-            self.seqs.get_mut(&id).expect("planned").computed += n;
+        for &(id, n) in plan {
+            let s = self.seqs.get_mut(&id).expect("planned");
+            let want = s.computed + n == s.len();
+            s.computed += n;
             if want {
                 let mut l = logits[row * vocab..(row + 1) * vocab].to_vec();
                 row += 1;
-                if let Some(reason) = self.accept(id, &mut l, now, &mut events)? {
-                    self.finish(id, reason, &mut events)?;
+                if let Some(reason) = self.accept(id, &mut l, now, events)? {
+                    self.finish(id, reason, events)?;
                 }
             }
         }
-        Ok(events)
+        Ok(())
+    }
+
+    /// Replaces every GPU engine whose device is gone (every GPU engine when none says so) with
+    /// the CPU engine at the projections' SIMD level; false when there was none to replace.
+    fn fall_back_to_cpu(&mut self, why: &str) -> bool {
+        let level = self.level;
+        let any_flagged = self.prefill.device_lost().is_some() || self.decode.device_lost().is_some();
+        let mut switched = false;
+        for a in [&mut self.prefill, &mut self.decode] {
+            let lost = a.device_lost();
+            if a.is_gpu() && (lost.is_some() || !any_flagged) {
+                *a = a.cpu_fallback(level, lost.as_deref().unwrap_or(why));
+                switched = true;
+            }
+        }
+        if switched {
+            self.fallback = Some(format!("the GPU device was lost ({why}); attention runs on the CPU with {level}"));
+        }
+        switched
     }
 
     /// Picks this step's (request, tokens) and reserves their pages, preempting when short.

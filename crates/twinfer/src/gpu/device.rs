@@ -100,25 +100,15 @@ pub struct GpuContext {
 
 impl GpuContext {
     /// Opens the adapter named by `WGPU_ADAPTER_NAME` (and `WGPU_BACKEND`), else the default one.
+    /// Blocks; in a browser it fails with `WouldBlock` (use [`GpuContext::open_async`]).
     pub fn open() -> Result<Arc<Self>> {
-        pollster::block_on(Self::open_async())
+        crate::wait::block_on("GpuContext::open", Self::open_async())?
     }
 
+    /// Opens the device without blocking: natively as [`GpuContext::open`], in a browser through
+    /// `navigator.gpu` (`GpuUnavailable` when the browser has no WebGPU).
     pub async fn open_async() -> Result<Arc<Self>> {
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-        if let Ok(wanted) = std::env::var("WGPU_ADAPTER_NAME") {
-            let names: Vec<String> =
-                instance.enumerate_adapters(wgpu::Backends::all()).await.iter().map(|a| a.get_info().name).collect();
-            if !names.iter().any(|n| n.to_lowercase().contains(&wanted.to_lowercase())) {
-                return Err(TwinferError::GpuUnavailable(format!(
-                    "WGPU_ADAPTER_NAME={wanted} matches no adapter (found: {})",
-                    if names.is_empty() { "none".to_string() } else { names.join(", ") }
-                )));
-            }
-        }
-        let adapter = wgpu::util::initialize_adapter_from_env_or_default(&instance, None)
-            .await
-            .map_err(|e| TwinferError::GpuUnavailable(format!("no GPU adapter: {e}")))?;
+        let adapter = adapter().await?;
         let info = adapter.get_info();
         let features = adapter.features() & WANTED;
         let limits = adapter.limits();
@@ -132,7 +122,8 @@ impl GpuContext {
             .await
             .map_err(|e| TwinferError::GpuUnavailable(format!("{}: request_device failed: {e}", info.name)))?;
         let summary = AdapterSummary {
-            name: info.name.clone(),
+            // Browsers may hide the adapter's description.
+            name: if info.name.is_empty() { format!("{:?} adapter", info.backend) } else { info.name.clone() },
             backend: format!("{:?}", info.backend).to_lowercase(),
             device_type: format!("{:?}", info.device_type),
             driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
@@ -174,20 +165,82 @@ impl GpuContext {
     /// Destroys the device, as a driver reset would (for tests of the CPU fallback).
     pub fn simulate_loss(&self) {
         self.device.destroy();
+        self.mark_lost("device destroyed");
+    }
+
+    /// Records that the device is gone (the first reason wins) and returns the error to report.
+    pub fn mark_lost(&self, why: &str) -> TwinferError {
         self.lost_flag.store(true, Ordering::Release);
         if let Ok(mut l) = self.lost.lock() {
-            l.get_or_insert_with(|| "device destroyed".into());
+            l.get_or_insert_with(|| why.to_string());
         }
+        TwinferError::DeviceLost(why.to_string())
     }
 
     /// Waits for all submitted work; a failure means the device is gone.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn wait(&self) -> Result<()> {
-        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| {
-            self.lost_flag.store(true, Ordering::Release);
-            TwinferError::DeviceLost(e.to_string())
-        })?;
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| self.mark_lost(&e.to_string()))?;
         self.check_alive()
     }
+
+    /// Runs `make` inside an error scope of `filter` and returns what the scope caught. Natively
+    /// that result is there at once. A browser delivers it only after control returns to the event
+    /// loop, so there no scope is pushed: the call's own scopes (popped at its end) catch it.
+    pub fn scoped<T>(&self, filter: wgpu::ErrorFilter, make: impl FnOnce() -> T) -> (T, Option<wgpu::Error>) {
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let scope = self.device.push_error_scope(filter);
+            let made = make();
+            (made, pollster::block_on(scope.pop()))
+        }
+        #[cfg(target_arch = "wasm32")]
+        {
+            let _ = filter;
+            (make(), None)
+        }
+    }
+}
+
+/// The adapter named by `WGPU_ADAPTER_NAME` (and `WGPU_BACKEND`), else the default one.
+#[cfg(not(target_arch = "wasm32"))]
+async fn adapter() -> Result<wgpu::Adapter> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    if let Ok(wanted) = std::env::var("WGPU_ADAPTER_NAME") {
+        let names: Vec<String> =
+            instance.enumerate_adapters(wgpu::Backends::all()).await.iter().map(|a| a.get_info().name).collect();
+        if !names.iter().any(|n| n.to_lowercase().contains(&wanted.to_lowercase())) {
+            return Err(TwinferError::GpuUnavailable(format!(
+                "WGPU_ADAPTER_NAME={wanted} matches no adapter (found: {})",
+                if names.is_empty() { "none".to_string() } else { names.join(", ") }
+            )));
+        }
+    }
+    wgpu::util::initialize_adapter_from_env_or_default(&instance, None)
+        .await
+        .map_err(|e| TwinferError::GpuUnavailable(format!("no GPU adapter: {e}")))
+}
+
+/// The browser's WebGPU adapter. Checked first: without WebGPU (Node, or a browser with it off)
+/// wgpu would otherwise trap.
+#[cfg(target_arch = "wasm32")]
+async fn adapter() -> Result<wgpu::Adapter> {
+    if !wgpu::util::is_browser_webgpu_supported().await {
+        return Err(TwinferError::GpuUnavailable(
+            "this JavaScript environment has no WebGPU (navigator.gpu is missing or gives no adapter)".into(),
+        ));
+    }
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends: wgpu::Backends::BROWSER_WEBGPU,
+        ..wgpu::InstanceDescriptor::new_without_display_handle()
+    });
+    instance
+        .request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::HighPerformance,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| TwinferError::GpuUnavailable(format!("no WebGPU adapter: {e}")))
 }
 
 /// Maps an error caught by an error scope.

@@ -1,11 +1,14 @@
 //! The GPU attention engine over host slices: the same calls and semantics as the CPU engine.
 //! Each call stages its inputs into pooled buffers, records one submission and reads the results
-//! back; no buffer or bind group is created once the pools have grown to the call's size.
+//! back; no buffer or bind group is created once the pools have grown to the call's size. Every
+//! call is a `*_submit` that encodes and submits, then a wait ([`super::pending`]): blocking
+//! natively, awaited in a browser.
 
 use std::sync::{Arc, Mutex};
 
-use super::device::{GpuContext, ResourceCounts, map_error};
+use super::device::{GpuContext, ResourceCounts};
 use super::params::{AttnParams, MergeParams, NO_WINDOW};
+use super::pending::{Pending, Readback, Scopes};
 use super::resources::{Bind, PipelineKey, Resources, Slot, Tile};
 use super::shaders::{Kernel, KvStorage, Variant};
 use super::upload::{self, Meta};
@@ -14,6 +17,7 @@ use crate::attention::{AttentionOutput, AttentionParams, DecodeInput, PrefillInp
 use crate::cpu::SplitK;
 use crate::dtype::DType;
 use crate::error::{Result, TwinferError};
+use crate::wait::blocking;
 
 /// Query heads per decode workgroup (GMAX in the shader).
 const DECODE_GMAX: usize = 8;
@@ -46,6 +50,11 @@ impl GpuEngine {
     /// Opens the device (see [`GpuContext::open`]) and picks the best variant it supports.
     pub fn new() -> Result<Self> {
         Self::on(GpuContext::open()?)
+    }
+
+    /// [`GpuEngine::new`] without blocking (the way to open it in a browser).
+    pub async fn new_async() -> Result<Self> {
+        Self::on(GpuContext::open_async().await?)
     }
 
     /// An engine on an open device, best variant.
@@ -96,6 +105,13 @@ impl GpuEngine {
         format!("{}, {} KV", self.opts.variant.name(), if self.opts.f16_kv { "f16" } else { "f32" })
     }
 
+    /// Destroys the device, as a driver reset or a browser reclaiming the GPU would: every later
+    /// call fails with `DeviceLost`. For tests of the CPU fallback.
+    #[doc(hidden)]
+    pub fn lose_device_for_test(&self) {
+        self.ctx.simulate_loss();
+    }
+
     fn kv_storage(&self, dtype: DType) -> KvStorage {
         if self.opts.f16_kv && dtype == DType::F16 { KvStorage::F16 } else { KvStorage::F32 }
     }
@@ -104,18 +120,40 @@ impl GpuEngine {
         self.res.lock().map_err(|_| TwinferError::DeviceLost("a previous call panicked".into()))
     }
 
-    /// Batch decode over the paged cache.
+    /// Batch decode over the paged cache. Blocks; in a browser use [`GpuEngine::decode_async`].
     pub fn decode(
         &self,
         params: &AttentionParams,
         input: &DecodeInput<'_>,
         out: &mut AttentionOutput<'_>,
     ) -> Result<()> {
+        blocking("GpuEngine::decode", self.decode_async(params, input, out))?
+    }
+
+    /// [`GpuEngine::decode`] without blocking.
+    pub async fn decode_async(
+        &self,
+        params: &AttentionParams,
+        input: &DecodeInput<'_>,
+        out: &mut AttentionOutput<'_>,
+    ) -> Result<()> {
+        if let Some(pending) = self.decode_submit(params, input, out)? {
+            pending.wait_async().await?.write(out);
+        }
+        Ok(())
+    }
+
+    fn decode_submit(
+        &self,
+        params: &AttentionParams,
+        input: &DecodeInput<'_>,
+        out: &AttentionOutput<'_>,
+    ) -> Result<Option<Pending>> {
         let p = Problem::decode(params, input)?;
         p.check_output(out)?;
         self.ctx.check_alive()?;
         if p.batch == 0 {
-            return Ok(());
+            return Ok(None);
         }
         let storage = self.kv_storage(input.kv.dtype());
         let limit = self.ctx.limits.max_storage_buffer_binding_size;
@@ -127,8 +165,13 @@ impl GpuEngine {
         self.write(&mut res, Slot::V, &kv.v)?;
         let step = DecodeStep { p: &p, page_size: input.kv.layout.page_size, indices: &kv.indices, storage };
         self.decode_on_device(&mut res, &step, &[(Bind::Slot(Slot::K), Bind::Slot(Slot::V))], u32::MAX)?;
-        let result = self.read_back(&mut res, p.batch * params.num_qo_heads, params.head_dim, out.lse.is_some());
-        scope.pop(result?, out)
+        let rows = p.batch * params.num_qo_heads;
+        let readback = Readback::queue(&self.ctx, &mut res, rows, params.head_dim, out.lse.is_some())?;
+        Ok(Some(self.submitted(scope, Some(readback))))
+    }
+
+    pub(super) fn submitted(&self, scope: Scopes, readback: Option<Readback>) -> Pending {
+        scope.submitted(&self.ctx, &self.res, readback)
     }
 
     /// Writes Q and the page table, then records and submits decode (and merge): the result is in
@@ -239,13 +282,36 @@ impl GpuEngine {
         self.run_passes(res, &passes)
     }
 
-    /// Batch prefill over ragged or paged KV.
+    /// Batch prefill over ragged or paged KV. Blocks; in a browser use
+    /// [`GpuEngine::prefill_async`].
     pub fn prefill(
         &self,
         params: &AttentionParams,
         input: &PrefillInput<'_>,
         out: &mut AttentionOutput<'_>,
     ) -> Result<()> {
+        blocking("GpuEngine::prefill", self.prefill_async(params, input, out))?
+    }
+
+    /// [`GpuEngine::prefill`] without blocking.
+    pub async fn prefill_async(
+        &self,
+        params: &AttentionParams,
+        input: &PrefillInput<'_>,
+        out: &mut AttentionOutput<'_>,
+    ) -> Result<()> {
+        if let Some(pending) = self.prefill_submit(params, input, out)? {
+            pending.wait_async().await?.write(out);
+        }
+        Ok(())
+    }
+
+    fn prefill_submit(
+        &self,
+        params: &AttentionParams,
+        input: &PrefillInput<'_>,
+        out: &AttentionOutput<'_>,
+    ) -> Result<Option<Pending>> {
         let p = Problem::prefill(params, input)?;
         p.check_output(out)?;
         self.ctx.check_alive()?;
@@ -259,7 +325,7 @@ impl GpuEngine {
             }
         }
         if work.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let storage = self.kv_storage(p.kv.k().dtype());
         let limit = self.ctx.limits.max_storage_buffer_binding_size;
@@ -318,8 +384,8 @@ impl GpuEngine {
         let key = PipelineKey { kernel: Kernel::Prefill, variant: Variant::Baseline, kv: storage, tile };
         let slots = [Slot::AttnParams, Slot::Q, Slot::K, Slot::V, Slot::Meta, Slot::O, Slot::Lse].map(Bind::Slot);
         self.run_passes(&mut res, &[(key, slots.to_vec(), [num_work, hk, 1])])?;
-        let result = self.read_back(&mut res, rows, d, out.lse.is_some());
-        scope.pop(result?, out)
+        let readback = Readback::queue(ctx, &mut res, rows, d, out.lse.is_some())?;
+        Ok(Some(self.submitted(scope, Some(readback))))
     }
 
     fn base_params(&self, params: &AttentionParams, batch: usize, page_size: usize) -> AttnParams {
@@ -389,61 +455,6 @@ impl GpuEngine {
     pub(super) fn prepare(&self, res: &mut Resources, key: PipelineKey, binds: &[Bind<'_>]) -> Result<()> {
         res.bind_group(&self.ctx, key, binds).map(drop)
     }
-
-    /// Copies O (and LSE) into the readback buffer and maps it.
-    pub(super) fn read_back(
-        &self,
-        res: &mut Resources,
-        rows: usize,
-        d: usize,
-        lse: bool,
-    ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let ctx = &*self.ctx;
-        let o_bytes = (rows * d * 4) as u64;
-        let lse_bytes = if lse { (rows * 4) as u64 } else { 0 };
-        res.buffer(ctx, Slot::Readback, o_bytes + lse_bytes)?;
-        let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
-        enc.copy_buffer_to_buffer(res.get(Slot::O), 0, res.get(Slot::Readback), 0, o_bytes);
-        if lse {
-            enc.copy_buffer_to_buffer(res.get(Slot::Lse), 0, res.get(Slot::Readback), o_bytes, lse_bytes);
-        }
-        ctx.queue.submit([enc.finish()]);
-        let readback = res.get(Slot::Readback);
-        let status = Arc::new(Mutex::new(None));
-        let s2 = status.clone();
-        readback.map_async(wgpu::MapMode::Read, 0..o_bytes + lse_bytes, move |r| {
-            if let Ok(mut s) = s2.lock() {
-                *s = Some(r);
-            }
-        });
-        ctx.wait()?;
-        // Callbacks run on whichever thread polls: when engines on other threads share the
-        // device, ours may still be on its way after our wait returned.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        let outcome = loop {
-            if let Some(r) = status.lock().ok().and_then(|mut s| s.take()) {
-                break r;
-            }
-            if std::time::Instant::now() > deadline {
-                return Err(TwinferError::DeviceLost("readback never completed".into()));
-            }
-            ctx.check_alive()?;
-            std::thread::yield_now();
-            let _ = ctx.device.poll(wgpu::PollType::Poll);
-        };
-        if let Err(e) = outcome {
-            return Err(TwinferError::DeviceLost(format!("readback failed: {e}")));
-        }
-        let (o, l) = {
-            let view = readback
-                .get_mapped_range(0..o_bytes + lse_bytes)
-                .map_err(|e| TwinferError::GpuValidation(format!("readback mapping: {e}")))?;
-            let all: &[f32] = bytemuck::cast_slice(&view);
-            (all[..rows * d].to_vec(), all[rows * d..].to_vec())
-        };
-        readback.unmap();
-        Ok((o, l))
-    }
 }
 
 /// One validated decode call, with the page ids the kernels use.
@@ -453,49 +464,6 @@ pub(super) struct DecodeStep<'a> {
     pub page_size: usize,
     pub indices: &'a [u32],
     pub storage: KvStorage,
-}
-
-/// The validation and out-of-memory scopes around one call.
-/// Fields drop in declaration order, which must be the reverse of the pushes.
-pub(super) struct Scopes {
-    validation: wgpu::ErrorScopeGuard,
-    oom: wgpu::ErrorScopeGuard,
-}
-
-impl Scopes {
-    pub(super) fn push(ctx: &GpuContext) -> Self {
-        let oom = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let validation = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        Self { validation, oom }
-    }
-
-    /// Pops both scopes, for calls that leave their results on the device.
-    pub(super) fn finish(self) -> Result<()> {
-        if let Some(e) = pollster::block_on(self.validation.pop()) {
-            drop(pollster::block_on(self.oom.pop()));
-            return Err(map_error(e));
-        }
-        match pollster::block_on(self.oom.pop()) {
-            Some(e) => Err(map_error(e)),
-            None => Ok(()),
-        }
-    }
-
-    /// Pops both scopes; writes the results only when the device reported nothing.
-    pub(super) fn pop(self, (o, lse): (Vec<f32>, Vec<f32>), out: &mut AttentionOutput<'_>) -> Result<()> {
-        if let Some(e) = pollster::block_on(self.validation.pop()) {
-            drop(pollster::block_on(self.oom.pop()));
-            return Err(map_error(e));
-        }
-        if let Some(e) = pollster::block_on(self.oom.pop()) {
-            return Err(map_error(e));
-        }
-        out.o.write_f32(0, &o);
-        if let Some(l) = out.lse.as_deref_mut() {
-            l.copy_from_slice(&lse);
-        }
-        Ok(())
-    }
 }
 
 fn unreachable_qo() -> Result<u32> {
@@ -519,6 +487,11 @@ impl GpuEngine {
     /// A tiny prefill (paged, causal, GQA 2) and a decode compared with the CPU engine: a driver
     /// that miscompiles the kernels is caught before any real call.
     pub fn self_test(&self, cpu: &crate::cpu::CpuEngine) -> Result<()> {
+        blocking("GpuEngine::self_test", self.self_test_async(cpu))?
+    }
+
+    /// [`GpuEngine::self_test`] without blocking.
+    pub async fn self_test_async(&self, cpu: &crate::cpu::CpuEngine) -> Result<()> {
         use crate::KvInput;
         use crate::kv::{KvLayout, PageTable, PagedKv};
         let (hq, hk, d, ps) = (4, 2, 16, 4);
@@ -542,10 +515,10 @@ impl GpuEngine {
             let mut out_g = AttentionOutput::with_lse(og.as_mut_slice(), &mut lg);
             let mut out_c = AttentionOutput::with_lse(oc.as_mut_slice(), &mut lc);
             if name == "prefill" {
-                self.prefill(&params, &prefill, &mut out_g)?;
+                self.prefill_async(&params, &prefill, &mut out_g).await?;
                 cpu.prefill(&params, &prefill, &mut out_c)?;
             } else {
-                self.decode(&params, &decode, &mut out_g)?;
+                self.decode_async(&params, &decode, &mut out_g).await?;
                 cpu.decode(&params, &decode, &mut out_c)?;
             }
             let bad = og

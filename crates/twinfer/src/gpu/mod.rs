@@ -1,24 +1,17 @@
 //! The WGSL engine: device and adapter choice, shader registry, pipeline and buffer pools, and
-//! the attention calls over host slices. No wgpu type appears in the attention API.
+//! the attention calls over host slices. No wgpu type appears in the attention API. Natively it
+//! runs on Vulkan; in a browser (wasm32) on WebGPU, through the `_async` calls.
 
-pub mod params;
-pub mod shaders;
-
-#[cfg(not(target_arch = "wasm32"))]
 mod device;
-#[cfg(not(target_arch = "wasm32"))]
 mod engine;
-#[cfg(not(target_arch = "wasm32"))]
+pub mod params;
+mod pending;
 mod resident;
-#[cfg(not(target_arch = "wasm32"))]
 mod resources;
-#[cfg(not(target_arch = "wasm32"))]
+pub mod shaders;
 mod upload;
 
-#[cfg(not(target_arch = "wasm32"))]
 pub use device::{AdapterSummary, GpuContext, ResourceCounts};
-#[cfg(not(target_arch = "wasm32"))]
 pub use engine::{GpuEngine, GpuOptions};
-#[cfg(not(target_arch = "wasm32"))]
 pub use resident::{DEFAULT_MAX_KV_BUFFER, GpuKvCache};
 pub use shaders::{KvStorage, Variant};

@@ -4,8 +4,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::engine::{DecodeStep, GpuEngine, Scopes};
+use super::engine::{DecodeStep, GpuEngine};
 use super::params::AppendParams;
+use super::pending::{Readback, Scopes};
 use super::resources::{Bind, PipelineKey, Slot, Tile};
 use super::shaders::{Kernel, KvStorage, Variant};
 use crate::attention::problem::{KvSource, Problem, QoRows};
@@ -13,6 +14,7 @@ use crate::attention::{AttentionOutput, AttentionParams};
 use crate::dtype::TensorRef;
 use crate::error::{Result, TwinferError};
 use crate::kv::{KvLayout, PageTable, PagedKv};
+use crate::wait::blocking;
 
 /// Default cap on one KV buffer, below any adapter limit: phones bind at most 128 MiB.
 pub const DEFAULT_MAX_KV_BUFFER: u64 = 128 << 20;
@@ -56,7 +58,6 @@ impl GpuKvCache {
         }
         let num_pages = num_pages.max(1);
         let pages_per_buffer = ((limit / page_bytes) as usize).min(num_pages).min(u32::MAX as usize - 1);
-        let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let make = |label, pages: usize| {
             ctx.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
@@ -65,13 +66,15 @@ impl GpuKvCache {
                 mapped_at_creation: false,
             })
         };
-        let buffers: Vec<_> = (0..num_pages.div_ceil(pages_per_buffer))
-            .map(|i| {
-                let pages = pages_per_buffer.min(num_pages - i * pages_per_buffer);
-                (make("kv pool k", pages), make("kv pool v", pages))
-            })
-            .collect();
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        let (buffers, error) = ctx.scoped(wgpu::ErrorFilter::OutOfMemory, || {
+            (0..num_pages.div_ceil(pages_per_buffer))
+                .map(|i| {
+                    let pages = pages_per_buffer.min(num_pages - i * pages_per_buffer);
+                    (make("kv pool k", pages), make("kv pool v", pages))
+                })
+                .collect::<Vec<_>>()
+        });
+        if let Some(e) = error {
             return Err(TwinferError::GpuOutOfMemory(format!("KV pool of 2 x {num_pages} x {page_bytes} bytes: {e}")));
         }
         ctx.counters.buffers.fetch_add(2 * buffers.len() as u64, Ordering::Relaxed);
@@ -191,8 +194,21 @@ impl GpuKvCache {
 impl GpuEngine {
     /// Decode against a device-resident pool: uploads Q and the page table, runs decode (and
     /// merge), and reads O (and LSE) back into `out` when given. The table is validated against
-    /// the pool exactly as the host API validates it.
+    /// the pool exactly as the host API validates it. Blocks; in a browser use
+    /// [`GpuEngine::decode_resident_async`].
     pub fn decode_resident(
+        &self,
+        params: &AttentionParams,
+        q: TensorRef<'_>,
+        cache: &GpuKvCache,
+        table: PageTable<'_>,
+        out: Option<&mut AttentionOutput<'_>>,
+    ) -> Result<()> {
+        blocking("GpuEngine::decode_resident", self.decode_resident_async(params, q, cache, table, out))?
+    }
+
+    /// [`GpuEngine::decode_resident`] without blocking.
+    pub async fn decode_resident_async(
         &self,
         params: &AttentionParams,
         q: TensorRef<'_>,
@@ -226,21 +242,31 @@ impl GpuEngine {
         if p.batch == 0 {
             return Ok(());
         }
-        let mut res = self.lock()?;
-        let scope = Scopes::push(self.context());
-        let step =
-            DecodeStep { p: &p, page_size: cache.layout.page_size, indices: table.indices, storage: cache.storage };
-        let kv: Vec<_> = (0..cache.num_buffers()).map(|i| cache.binds(i)).collect();
-        self.decode_on_device(&mut res, &step, &kv, cache.pages_per_buffer as u32)?;
-        match out {
-            Some(out) => {
-                let r = self.read_back(&mut res, p.batch * params.num_qo_heads, params.head_dim, out.lse.is_some());
-                scope.pop(r?, out)
-            }
-            None => scope.finish(),
+        let pending = {
+            let mut res = self.lock()?;
+            let scope = Scopes::push(self.context());
+            let step =
+                DecodeStep { p: &p, page_size: cache.layout.page_size, indices: table.indices, storage: cache.storage };
+            let kv: Vec<_> = (0..cache.num_buffers()).map(|i| cache.binds(i)).collect();
+            self.decode_on_device(&mut res, &step, &kv, cache.pages_per_buffer as u32)?;
+            let rows = p.batch * params.num_qo_heads;
+            let readback = match &out {
+                Some(out) => Some(Readback::queue(self.context(), &mut res, rows, params.head_dim, out.lse.is_some())?),
+                None => None,
+            };
+            self.submitted(scope, readback)
+        };
+        let results = pending.wait_async().await?;
+        if let Some(out) = out {
+            results.write(out);
         }
+        Ok(())
     }
+}
 
+// Timing blocks on the device and reads the host clock: native only (benchmarks, `twinfer plan`).
+#[cfg(not(target_arch = "wasm32"))]
+impl GpuEngine {
     /// Re-submits the last recorded passes `iters` times (inputs already on the device) and
     /// returns the seconds per iteration, from submit to completion.
     pub fn time_last(&self, iters: usize) -> Result<f64> {
@@ -268,9 +294,7 @@ impl GpuEngine {
         ctx.wait()?;
         Ok(start.elapsed().as_secs_f64() / iters.max(1) as f64)
     }
-}
 
-impl GpuEngine {
     /// Read ceiling: a streaming read of `bytes` (a power of two) through `bench_read.wgsl`;
     /// returns seconds per read, `runs` samples of several iterations each.
     pub fn measure_read(&self, bytes: u64, runs: usize) -> Result<Vec<f64>> {
@@ -307,6 +331,7 @@ impl GpuEngine {
     }
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 fn bench_key(kernel: Kernel, iters: u32) -> PipelineKey {
     PipelineKey { kernel, variant: Variant::Baseline, kv: KvStorage::F32, tile: Tile { wg: 256, br: 0, bc: iters } }
 }

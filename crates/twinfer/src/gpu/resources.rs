@@ -42,7 +42,6 @@ pub enum Slot {
     Lse,
     OPart,
     LsePart,
-    Readback,
     AppendParams,
     NewK,
     NewV,
@@ -54,7 +53,6 @@ impl Slot {
         use wgpu::BufferUsages as U;
         match self {
             Slot::AttnParams | Slot::MergeParams | Slot::AppendParams => U::UNIFORM | U::COPY_DST,
-            Slot::Readback => U::MAP_READ | U::COPY_DST,
             _ => U::STORAGE | U::COPY_DST | U::COPY_SRC,
         }
     }
@@ -86,7 +84,12 @@ pub struct Resources {
     bind_groups: HashMap<(PipelineKey, Vec<(u64, u64)>), wgpu::BindGroup>,
     next_generation: u64,
     last: Vec<RecordedPass>,
+    /// Idle mappable buffers: a call takes one for its results and returns it once read.
+    readback: Vec<wgpu::Buffer>,
 }
+
+/// Idle readback buffers kept: one per call in flight at once, which is one or two in practice.
+const READBACK_KEPT: usize = 2;
 
 /// A recorded dispatch: pipeline, bind group and grid.
 pub type RecordedPass = (Arc<wgpu::ComputePipeline>, wgpu::BindGroup, [u32; 3]);
@@ -97,7 +100,17 @@ impl Resources {
             return Ok(p.clone());
         }
         let src = source(key.kernel, key.variant, key.kv, Target::current());
-        let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let (pipeline, error) = ctx.scoped(wgpu::ErrorFilter::Validation, || self.compile(ctx, key, src));
+        if let Some(e) = error {
+            return Err(TwinferError::GpuValidation(format!("{} ({key:?}): {e}", key.kernel.file())));
+        }
+        ctx.counters.pipelines.fetch_add(1, Ordering::Relaxed);
+        let p = Arc::new(pipeline);
+        self.pipelines.insert(key, p.clone());
+        Ok(p)
+    }
+
+    fn compile(&self, ctx: &GpuContext, key: PipelineKey, src: String) -> wgpu::ComputePipeline {
         let module = ctx.device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(key.kernel.file()),
             source: wgpu::ShaderSource::Wgsl(src.into()),
@@ -110,7 +123,7 @@ impl Resources {
             constants.push(("BR", key.tile.br as f64));
             constants.push(("BC", key.tile.bc as f64));
         }
-        let pipeline = ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(key.kernel.file()),
             layout: None,
             module: &module,
@@ -121,14 +134,7 @@ impl Resources {
                 zero_initialize_workgroup_memory: false,
             },
             cache: None,
-        });
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(TwinferError::GpuValidation(format!("{} ({key:?}): {e}", key.kernel.file())));
-        }
-        ctx.counters.pipelines.fetch_add(1, Ordering::Relaxed);
-        let p = Arc::new(pipeline);
-        self.pipelines.insert(key, p.clone());
-        Ok(p)
+        })
     }
 
     /// A buffer of at least `bytes` (never above the binding limit for storage slots).
@@ -149,14 +155,15 @@ impl Resources {
         if !fits {
             // Grow geometrically so that a growing context reallocates rarely.
             let size = bytes.next_power_of_two().max(floor).min(limit).max(bytes);
-            let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-            let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(slot_name(slot)),
-                size,
-                usage: slot.usage(),
-                mapped_at_creation: false,
+            let (buffer, error) = ctx.scoped(wgpu::ErrorFilter::OutOfMemory, || {
+                ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(slot_name(slot)),
+                    size,
+                    usage: slot.usage(),
+                    mapped_at_creation: false,
+                })
             });
-            if let Some(e) = pollster::block_on(scope.pop()) {
+            if let Some(e) = error {
                 return Err(TwinferError::GpuOutOfMemory(format!("{} ({size} bytes): {e}", slot_name(slot))));
             }
             ctx.counters.buffers.fetch_add(1, Ordering::Relaxed);
@@ -210,8 +217,43 @@ impl Resources {
     pub fn set_last_passes(&mut self, passes: Vec<RecordedPass>) {
         self.last = passes;
     }
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn last_passes(&self) -> &[RecordedPass] {
         &self.last
+    }
+
+    /// A mappable buffer of at least `bytes` for one call's results, reused when one is idle.
+    pub fn take_readback(&mut self, ctx: &GpuContext, bytes: u64) -> Result<wgpu::Buffer> {
+        let bytes = bytes.max(16).next_multiple_of(16);
+        if let Some(i) = self.readback.iter().position(|b| b.size() >= bytes) {
+            return Ok(self.readback.swap_remove(i));
+        }
+        let limit = ctx.limits.max_buffer_size;
+        if bytes > limit {
+            return Err(TwinferError::OverLimit { what: "readback", requested: bytes, limit });
+        }
+        // Grow geometrically, as the pooled slots do.
+        let size = bytes.next_power_of_two().min(limit).max(bytes);
+        let (buffer, error) = ctx.scoped(wgpu::ErrorFilter::OutOfMemory, || {
+            ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("readback"),
+                size,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        });
+        if let Some(e) = error {
+            return Err(TwinferError::GpuOutOfMemory(format!("readback ({size} bytes): {e}")));
+        }
+        ctx.counters.buffers.fetch_add(1, Ordering::Relaxed);
+        Ok(buffer)
+    }
+
+    /// Returns an unmapped readback buffer; only the largest few are kept.
+    pub fn put_readback(&mut self, buffer: wgpu::Buffer) {
+        self.readback.push(buffer);
+        self.readback.sort_by_key(|b| std::cmp::Reverse(b.size()));
+        self.readback.truncate(READBACK_KEPT);
     }
 
     pub fn get(&self, slot: Slot) -> &wgpu::Buffer {
@@ -231,7 +273,6 @@ fn slot_name(slot: Slot) -> &'static str {
         Slot::Lse => "lse",
         Slot::OPart => "split-K partial o",
         Slot::LsePart => "split-K partial lse",
-        Slot::Readback => "readback",
         Slot::AppendParams => "append params",
         Slot::NewK => "new k rows",
         Slot::NewV => "new v rows",

@@ -24,6 +24,8 @@ impl Storage {
     }
 
     /// `values` rounded to `dtype`.
+    // Only `twinfer plan` (native) builds pools from f32 values.
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
     pub fn from_f32(dtype: DType, values: &[f32]) -> Self {
         match dtype {
             DType::F32 => Storage::F32(values.to_vec()),

@@ -74,8 +74,20 @@ impl BertModel {
         })
     }
 
-    /// One L2-normalised, mean-pooled embedding per token sequence.
+    /// One L2-normalised, mean-pooled embedding per token sequence. Blocks on a GPU engine; in a
+    /// browser that is `WouldBlock`: use [`BertModel::embed_async`].
     pub fn embed(&self, level: SimdLevel, attention: &Attention, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        attention.check_blocking("BertModel::embed")?;
+        crate::wait::block_on("BertModel::embed", self.embed_async(level, attention, batch))?
+    }
+
+    /// [`BertModel::embed`] without blocking: each layer's attention is awaited.
+    pub async fn embed_async(
+        &self,
+        level: SimdLevel,
+        attention: &Attention,
+        batch: &[Vec<u32>],
+    ) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
         let h = c.hidden_size;
         let mut indptr = vec![0u32];
@@ -122,7 +134,7 @@ impl BertModel {
                 qo_indptr: &indptr,
                 kv: KvInput::Ragged { k: (&k[..]).into(), v: (&v[..]).into(), kv_indptr: &indptr },
             };
-            attention.prefill(&params, &input, &mut AttentionOutput::new(&mut o[..]))?;
+            attention.prefill_async(&params, &input, &mut AttentionOutput::new(&mut o[..])).await?;
             layer.out.forward(level, &o, tokens, &mut tmp)?;
             add_assign(&mut x, &tmp);
             layer_norm(&mut x, &layer.attn_norm.gamma, &layer.attn_norm.beta, c.layer_norm_eps);

@@ -127,8 +127,23 @@ impl LlamaModel {
     }
 
     /// Runs one step and returns `[n, vocab]` logits: the rows each entry of `seqs` asked for, in
-    /// that order. Appends every token's K/V to the cache.
+    /// that order. Appends every token's K/V to the cache. Blocks on a GPU engine; in a browser
+    /// that is `WouldBlock` before anything is touched: use [`LlamaModel::forward_async`].
     pub fn forward(&self, e: Engines<'_>, cache: &mut PagedKvCache, seqs: &[StepSeq<'_>]) -> Result<Vec<f32>> {
+        e.prefill.check_blocking("LlamaModel::forward")?;
+        e.decode.check_blocking("LlamaModel::forward")?;
+        crate::wait::block_on("LlamaModel::forward", self.forward_async(e, cache, seqs))?
+    }
+
+    /// [`LlamaModel::forward`] without blocking: each layer's attention is awaited. On an error
+    /// (a lost GPU device included) the cache may hold some layers' K/V of this step's tokens:
+    /// the caller recomputes those sequences ([`crate::engine::Scheduler`] does).
+    pub async fn forward_async(
+        &self,
+        e: Engines<'_>,
+        cache: &mut PagedKvCache,
+        seqs: &[StepSeq<'_>],
+    ) -> Result<Vec<f32>> {
         let c = &self.config;
         let (h, qd, kvd) = (c.hidden_size, c.q_dim(), c.kv_dim());
         for s in seqs {
@@ -191,7 +206,7 @@ impl LlamaModel {
             let (o_dec, o_pre) = o.split_at_mut(rows_decode * qd);
             if n_decode > 0 {
                 let input = DecodeInput { q: (&q[..rows_decode * qd]).into(), kv, table: decode_table.as_table() };
-                e.decode.decode(&params, &input, &mut AttentionOutput::new(o_dec))?;
+                e.decode.decode_async(&params, &input, &mut AttentionOutput::new(o_dec)).await?;
             }
             if n_decode < ids.len() {
                 let input = PrefillInput {
@@ -199,7 +214,7 @@ impl LlamaModel {
                     qo_indptr: &prefill_indptr,
                     kv: KvInput::Paged { kv, table: prefill_table.as_table() },
                 };
-                e.prefill.prefill(&params, &input, &mut AttentionOutput::new(o_pre))?;
+                e.prefill.prefill_async(&params, &input, &mut AttentionOutput::new(o_pre)).await?;
             }
             layer.o.forward(e.level, &o, t, &mut tmp)?;
             add_assign(&mut x, &tmp);
