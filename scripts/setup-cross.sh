@@ -4,7 +4,7 @@
 #   - the aarch64 linker, C library and qemu (Debian packages);
 #   - wasm-bindgen-cli at the exact version the twinfer-web crate pins;
 #   - lavapipe (Mesa's software Vulkan), on which the WGSL kernels are tested;
-#   - Chromium, in which the npm package's browser tests run (WebGPU on SwiftShader).
+#   - Chromium and its WebDriver, in which the browser tests run (WebGPU on SwiftShader).
 # Meant for a fresh Debian 12 machine running as root (CI) as well as a developer box.
 # Never enables multiarch arm64: with libc6:arm64 installed, qemu's -L sysroot hangs thread spawns.
 set -euo pipefail
@@ -17,7 +17,7 @@ timeout 300 rustup target add wasm32-unknown-unknown aarch64-unknown-linux-gnu
 
 echo "== Debian packages"
 missing=()
-for pkg in gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static chromium; do
+for pkg in gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static chromium chromium-driver; do
     if ! dpkg -s "$pkg" >/dev/null 2>&1; then
         missing+=("$pkg")
     fi
@@ -29,7 +29,7 @@ if ((${#missing[@]})); then
     "${sudo[@]}" apt-get update
     "${sudo[@]}" apt-get install -y --no-install-recommends "${missing[@]}"
 else
-    echo "already installed: gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static chromium"
+    echo "already installed: gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static chromium chromium-driver"
 fi
 
 echo "== lavapipe (software Vulkan for the GPU tests)"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, the native tests (every SIMD level this
 # CPU has), the criterion benches once each, the aarch64 suite under qemu (NEON) and the wasm32
-# suite in Node (simd128), plus the npm package's Node test. The WGSL kernels run on lavapipe
+# suite in Node (simd128), the WGSL engine in headless Chromium on WebGPU (scripts/test-webgpu.sh),
+# the npm package's Node tests, and its browser tests (scripts/test-browser.sh). The WGSL kernels run on lavapipe
 # (software Vulkan); a GPU test that finds no adapter fails here (TWINFER_REQUIRE_GPU=1).
 # Installs the cross toolchains on first use (scripts/setup-cross.sh).
 set -euo pipefail
@@ -30,4 +31,6 @@ cargo bench -p twinfer-benches -- --test
 
 scripts/test-aarch64.sh
 scripts/test-wasm.sh
+scripts/test-webgpu.sh
+scripts/test-browser.sh
 echo "== all tests passed"

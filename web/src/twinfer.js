@@ -12,6 +12,7 @@ export class Twinfer {
   #rt;
   #bindings;
   #info;
+  #adapter = null;
   #chain = Promise.resolve();
   #crashed = null;
   #streams = new Map();
@@ -42,6 +43,7 @@ export class Twinfer {
       const bindings = await loadBindings(wasmUrl);
       runtime = await bindings.Runtime.open(backend);
       const tf = new Twinfer(bindings, runtime);
+      tf.#adapter = await adapterReport();
       onProgress?.({ phase: "init", loaded: 1, total: 1, text: `engine ready: ${tf.#info.backend}` });
       return tf;
     } catch (e) {
@@ -76,7 +78,9 @@ export class Twinfer {
   async embed(texts) {
     const list = typeof texts === "string" ? [texts] : [...texts];
     if (!list.every((t) => typeof t === "string")) throw new TypeError("embed(texts): strings");
-    return this.#run(() => this.#rt.embed(list));
+    const vectors = await this.#run(() => this.#rt.embed(list));
+    await this.#refreshInfo();
+    return vectors;
   }
 
   /**
@@ -123,9 +127,14 @@ export class Twinfer {
     return this.#run(() => runMetricsMs(this.#rt.metrics(reset)));
   }
 
-  /** The backend chosen and why, the engines of each phase, and the model. */
+  /** The backend chosen and why, the engines of each phase, the WebGPU adapter, and the model. */
   info() {
-    return structuredClone(this.#info);
+    return { ...structuredClone(this.#info), adapter: structuredClone(this.#adapter) };
+  }
+
+  /** Destroys the GPU device, as a browser reclaiming the GPU would (tests of the fallback). */
+  _loseDeviceForTest() {
+    return this.#rt.loseDeviceForTest();
   }
 
   /** Frees the engine's memory; the instance cannot be used afterwards. */
@@ -134,6 +143,11 @@ export class Twinfer {
       this.#rt.free();
       this.#crashed = new TwinferError("this Twinfer instance was disposed", { code: "Disposed" });
     });
+  }
+
+  /** A lost GPU moves the engines to the CPU mid-run: keeps info() current. */
+  async #refreshInfo() {
+    if (this.#info.backend === "webgpu") this.#info = await this.#run(() => this.#rt.info());
   }
 
   #run(fn) {
@@ -157,6 +171,7 @@ export class Twinfer {
       try {
         while (this.#pending > 0) {
           const events = await this.#run(() => this.#rt.step());
+          await this.#refreshInfo();
           for (const ev of events) {
             if (ev.kind === "finished") this.#pending -= 1;
             this.#streams.get(ev.id)?.push(ev);
@@ -171,6 +186,34 @@ export class Twinfer {
         this.#pumping = false;
       }
     })();
+  }
+}
+
+/**
+ * The WebGPU adapter as the browser describes it (vendor, architecture, features, limits), or
+ * null where there is none.
+ */
+async function adapterReport() {
+  const gpu = globalThis.navigator?.gpu;
+  if (!gpu) return null;
+  try {
+    const adapter = await gpu.requestAdapter();
+    if (!adapter) return null;
+    const info = adapter.info ?? {};
+    const limits = {};
+    for (const key of ["maxStorageBufferBindingSize", "maxBufferSize", "maxComputeInvocationsPerWorkgroup", "maxComputeWorkgroupStorageSize", "maxStorageBuffersPerShaderStage", "maxComputeWorkgroupsPerDimension"]) {
+      limits[key] = adapter.limits[key];
+    }
+    return {
+      vendor: info.vendor ?? "",
+      architecture: info.architecture ?? "",
+      description: info.description ?? "",
+      isFallbackAdapter: Boolean(info.isFallbackAdapter ?? adapter.isFallbackAdapter),
+      features: [...adapter.features].sort(),
+      limits,
+    };
+  } catch {
+    return null;
   }
 }
 

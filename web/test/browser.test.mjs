@@ -31,7 +31,7 @@ before(async () => {
 after(() => server?.close());
 
 /** Runs the demo with `query` in a fresh browser; returns its result and the page's info. */
-async function runDemo({ flags, query, screenshot }) {
+async function runDemo({ flags, query, screenshot, after }) {
   const browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: [...BASE_FLAGS, ...flags] });
   try {
     const page = await browser.newPage({ viewport: { width: 1000, height: 1400 } });
@@ -45,8 +45,9 @@ async function runDemo({ flags, query, screenshot }) {
     assert.equal(error, null, `the demo failed: ${JSON.stringify(error)}\n${logs.join("\n")}`);
     const result = await page.evaluate(() => window.demoResult);
     const embeddings = await page.evaluate((s) => window.demo.embed(s), minilm.sentences);
+    const extra = after ? await after(page) : null;
     if (screenshot) await page.screenshot({ path: new URL(screenshot, ARTIFACTS).pathname, fullPage: true });
-    return { result, embeddings, logs };
+    return { result, embeddings, logs, extra };
   } finally {
     await browser.close();
   }
@@ -74,6 +75,37 @@ test("with WebGPU, auto picks WebGPU and matches the reference", async () => {
     assert.equal(info.adapter.architecture, "swiftshader");
   }
   checkOutputs(run);
+});
+
+test("a GPU lost mid-generation moves the work to wasm and the request finishes unchanged", async () => {
+  const run = await runDemo({
+    flags: WEBGPU_FLAGS,
+    query: { backend: "webgpu" },
+    after: (page) =>
+      page.evaluate(
+        async ({ ids, n, sentences }) => {
+          const gen = window.demo.engines.gen;
+          const before = gen.info();
+          const tokens = [];
+          for await (const t of gen.generate(ids, { maxTokens: n, ignoreEos: true })) {
+            tokens.push(t.tokenId);
+            if (tokens.length === 3) gen._loseDeviceForTest();
+          }
+          const embed = window.demo.engines.embed;
+          embed._loseDeviceForTest();
+          const vectors = (await embed.embed(sentences)).map((v) => [...v]);
+          return { before, after: gen.info(), tokens, vectors, embedInfo: embed.info() };
+        },
+        { ids: llama.prompt_ids, n: llama.greedy_ids.length, sentences: minilm.sentences },
+      ),
+  });
+  const x = run.extra;
+  assert.equal(x.before.backend, "webgpu");
+  assert.deepEqual(x.tokens, llama.greedy_ids);
+  assert.equal(x.after.backend, "wasm", x.after.reason);
+  assert.match(x.after.reason, /lost/);
+  assert.equal(x.embedInfo.backend, "wasm");
+  checkOutputs({ ...run, embeddings: x.vectors });
 });
 
 test("without WebGPU, auto falls back to wasm SIMD and says why", async () => {

@@ -41,6 +41,7 @@ pub(crate) fn error_code(e: &TwinferError) -> &'static str {
         TwinferError::OverLimit { .. } => "OverLimit",
         TwinferError::GpuOutOfMemory(_) => "GpuOutOfMemory",
         TwinferError::GpuValidation(_) => "GpuValidation",
+        TwinferError::WouldBlock { .. } => "WouldBlock",
         _ => "Other",
     }
 }

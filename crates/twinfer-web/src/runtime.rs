@@ -6,6 +6,10 @@
 //! while the GPU works. One call runs at a time; the JS layer queues them, and a call made while
 //! another runs is refused (`Busy`) rather than interleaved.
 
+// The state stays borrowed while a call awaits the GPU, on purpose: that is what makes a second
+// call see `Busy`. Every borrow here is a `try_borrow`, so this can never panic.
+#![allow(clippy::await_holding_refcell_ref)]
+
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -73,6 +77,9 @@ struct State {
 #[wasm_bindgen]
 pub struct Runtime {
     state: Rc<RefCell<State>>,
+    /// The GPU engine as opened (it shares the device with the model's engines), reachable while
+    /// a step holds the state.
+    gpu_handle: Option<Attention>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -91,8 +98,9 @@ impl Runtime {
         future_to_promise(async move {
             let (prefill, decode, reason) = open_engines(&backend).await.map_err(to_js_error)?;
             let level = SimdLevel::detect();
+            let gpu_handle = prefill.is_gpu().then(|| prefill.clone());
             let state = State { prefill, decode, level, reason, served: None };
-            Ok(Runtime { state: Rc::new(RefCell::new(state)) }.into())
+            Ok(Runtime { state: Rc::new(RefCell::new(state)), gpu_handle }.into())
         })
     }
 
@@ -128,7 +136,16 @@ impl Runtime {
     #[wasm_bindgen(unchecked_return_type = "RuntimeInfo")]
     pub fn info(&self) -> std::result::Result<JsValue, js_sys::Error> {
         let state = self.state.try_borrow().map_err(|_| busy())?;
-        let gpu = state.prefill.info().backend == "gpu" || state.decode.info().backend == "gpu";
+        // A scheduler that lost its GPU runs on the CPU engines it switched to: report those.
+        let (prefill, decode, reason) = match &state.served {
+            Some((Served::Decoder(s), _)) => (
+                s.prefill_attention().info(),
+                s.decode_attention().info(),
+                s.fallback().map_or(state.reason.clone(), |f| format!("{f} (at startup: {})", state.reason)),
+            ),
+            _ => (state.prefill.info(), state.decode.info(), state.reason.clone()),
+        };
+        let gpu = prefill.backend == "gpu" || decode.backend == "gpu";
         let model = match &state.served {
             None => serde_json::Value::Null,
             Some((served, description)) => serde_json::json!({
@@ -138,27 +155,42 @@ impl Runtime {
         };
         let info = serde_json::json!({
             "backend": if gpu { "webgpu" } else { "wasm" },
-            "reason": state.reason,
+            "reason": reason,
             "simd": state.level.name(),
-            "prefill": engine_report(state.prefill.info()),
-            "decode": engine_report(state.decode.info()),
+            "prefill": engine_report(prefill),
+            "decode": engine_report(decode),
             "model": model,
         });
         to_js(&info)
     }
 
-    /// One L2-normalised embedding per text (encoder models).
+    /// One L2-normalised embedding per text (encoder models). A GPU lost on the way moves the
+    /// encoder to the CPU engine, which then computes the whole batch.
     #[wasm_bindgen(unchecked_return_type = "Promise<Float32Array[]>")]
     pub fn embed(&self, texts: Vec<String>) -> js_sys::Promise {
         let state = self.state.clone();
         future_to_promise(async move {
-            let state = state.try_borrow().map_err(|_| busy())?;
-            let Some((Served::Encoder { model, tokenizer }, _)) = &state.served else {
-                return Err(not_loaded("an encoder (embeddings)").into());
+            let result = {
+                let s = state.try_borrow().map_err(|_| busy())?;
+                let (model, tokenizer) = encoder(&s)?;
+                let ids =
+                    texts.iter().map(|t| tokenizer.encode(t, true)).collect::<Result<Vec<_>>>().map_err(to_js_error)?;
+                let result = model.embed_async(s.level, &s.prefill, &ids).await;
+                (result, ids)
             };
-            let ids =
-                texts.iter().map(|t| tokenizer.encode(t, true)).collect::<Result<Vec<_>>>().map_err(to_js_error)?;
-            let embeddings = model.embed(state.level, &state.prefill, &ids).map_err(to_js_error)?;
+            let embeddings = match result {
+                (Err(TwinferError::DeviceLost(why)), ids) => {
+                    let mut s = state.try_borrow_mut().map_err(|_| busy())?;
+                    let cpu = Attention::cpu(s.level);
+                    s.reason = format!("the GPU device was lost ({why}); embeddings run on the CPU with {}", s.level);
+                    s.prefill = cpu.clone();
+                    s.decode = cpu;
+                    let (model, _) = encoder(&s)?;
+                    model.embed_async(s.level, &s.prefill, &ids).await
+                }
+                (other, _) => other,
+            }
+            .map_err(to_js_error)?;
             let out = js_sys::Array::new();
             for e in embeddings {
                 out.push(&js_sys::Float32Array::from(&e[..]));
@@ -205,13 +237,27 @@ impl Runtime {
         let state = self.state.clone();
         future_to_promise(async move {
             let mut state = state.try_borrow_mut().map_err(|_| busy())?;
-            let events = decoder(&mut state)?.step().map_err(to_js_error)?;
+            let events = decoder(&mut state)?.step_async().await.map_err(to_js_error)?;
             let out = js_sys::Array::new();
             for e in &events {
                 out.push(&to_js(&event_json(e))?);
             }
             Ok(out.into())
         })
+    }
+
+    /// Destroys the GPU device under this runtime, as a browser reclaiming the GPU would; for
+    /// tests of the CPU fallback. False (nothing done) on the wasm engine.
+    #[wasm_bindgen(js_name = loseDeviceForTest)]
+    pub fn lose_device_for_test(&self) -> bool {
+        match self.state.try_borrow() {
+            Ok(s) => match &s.served {
+                Some((Served::Decoder(sch), _)) => sch.decode_attention().lose_device_for_test(),
+                _ => s.prefill.lose_device_for_test(),
+            },
+            // A step is awaiting the GPU: destroy the device under it, which is the point.
+            Err(_) => self.gpu_handle.as_ref().is_some_and(|a| a.lose_device_for_test()),
+        }
     }
 
     /// TTFT / TPOT / ITL / TPS over the requests finished so far (the core's `RunMetrics` as
@@ -227,23 +273,37 @@ impl Runtime {
     }
 }
 
-/// Opens the attention engines for `backend` with the reason for the choice.
+/// Opens the attention engines for `backend` with the reason for the choice. In a browser,
+/// `auto` takes WebGPU whenever an adapter passes the self-test (a software one included: the page
+/// asked for the GPU path where there is one); the reason says which adapter and why not.
 async fn open_engines(backend: &str) -> Result<(Attention, Attention, String)> {
-    let cpu = || Attention::new(Backend::Cpu);
-    match backend {
+    let (attention, reason) = match backend {
         "wasm" => {
-            let a = cpu()?;
+            let a = Attention::new_async(Backend::Cpu).await?;
             let reason = format!("wasm requested; {}", a.info().reason);
-            Ok((a.clone(), a, reason))
+            (a, reason)
         }
-        "webgpu" => Err(TwinferError::GpuUnavailable("this build has no WebGPU engine".into())),
-        "auto" => {
-            let a = cpu()?;
-            let reason = format!("no WebGPU engine in this build, so wasm; {}", a.info().reason);
-            Ok((a.clone(), a, reason))
+        "webgpu" => {
+            let a = Attention::new_async(Backend::Gpu).await?;
+            let reason = format!("webgpu requested; {}", a.info().reason);
+            (a, reason)
         }
-        other => Err(TwinferError::InvalidParameter(format!("unknown backend {other:?} (auto, webgpu, wasm)"))),
-    }
+        "auto" => match Attention::new_async(Backend::Gpu).await {
+            Ok(a) => {
+                let reason = format!("auto: WebGPU {}", a.info().reason.trim_start_matches("GPU requested; "));
+                (a, reason)
+            }
+            Err(e) => {
+                let a = Attention::new_async(Backend::Cpu).await?;
+                let reason = format!("auto: no usable WebGPU ({e}), so wasm SIMD; {}", a.info().reason);
+                (a, reason)
+            }
+        },
+        other => {
+            return Err(TwinferError::InvalidParameter(format!("unknown backend {other:?} (auto, webgpu, wasm)")));
+        }
+    };
+    Ok((attention.clone(), attention, reason))
 }
 
 /// The engine settings from `options`. The KV cache defaults to f32 when decode runs on the wasm
@@ -268,6 +328,13 @@ fn engine_config(options: &JsValue, cpu_decode: bool) -> Result<EngineConfig> {
         clock: Some(web_clock),
         ..d
     })
+}
+
+fn encoder(state: &State) -> std::result::Result<(&BertModel, &Tokenizer), js_sys::Error> {
+    match &state.served {
+        Some((Served::Encoder { model, tokenizer }, _)) => Ok((model, tokenizer)),
+        _ => Err(not_loaded("an encoder (embeddings)")),
+    }
 }
 
 fn decoder(state: &mut State) -> std::result::Result<&mut Scheduler, js_sys::Error> {
