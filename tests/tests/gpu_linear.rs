@@ -127,7 +127,11 @@ fn gpu_linear_pinned_shapes() {
 /// after one round no buffer, bind group or pipeline is created.
 #[test]
 fn warm_projection_loop_creates_nothing() {
-    let Some(gpu) = engine() else { return };
+    if engine().is_none() {
+        return;
+    }
+    // A device of its own: the counters are per device, and the other tests run alongside.
+    let gpu = &GpuEngine::new().unwrap();
     let (n, k) = (96, 70);
     let w = values(n * k, 5);
     let a = GpuLinear::upload(gpu, TensorRef::F32(&w), n, k, None, KvStorage::F32, u64::MAX).unwrap();
@@ -182,7 +186,7 @@ fn f16_decoder_on_gpu_projections_matches_the_cpu() {
     let cpu = Attention::cpu(SimdLevel::detect());
     let model = random_decoder(preset("tiny").unwrap(), DType::F16, 3).unwrap();
     let c = &model.config;
-    let mut run = |attention: &Attention| {
+    let run = |attention: &Attention| {
         let e = Engines { level: SimdLevel::detect(), prefill: attention, decode: attention };
         let layout = KvLayout::new(16, c.num_kv_heads, c.head_dim).unwrap();
         let config = KvCacheConfig { num_layers: c.num_layers, num_pages: 16, layout, dtype: DType::F32 };
@@ -190,7 +194,8 @@ fn f16_decoder_on_gpu_projections_matches_the_cpu() {
         let seq = cache.add_sequence();
         let prompt: Vec<u32> = (0..23).map(|i| (i * 53 + 7) % c.vocab_size as u32).collect();
         cache.reserve(&[seq], &[prompt.len()]).unwrap();
-        let mut all = model.forward(e, &mut cache, &[StepSeq { seq, tokens: &prompt, start: 0, logits: Logits::All }]).unwrap();
+        let mut all =
+            model.forward(e, &mut cache, &[StepSeq { seq, tokens: &prompt, start: 0, logits: Logits::All }]).unwrap();
         for s in 0..3u32 {
             let start = cache.seq_len(seq).unwrap();
             cache.reserve(&[seq], &[1]).unwrap();
@@ -199,7 +204,11 @@ fn f16_decoder_on_gpu_projections_matches_the_cpu() {
         }
         all
     };
+    let before = gpu.gpu_engine().unwrap().counts();
     let (g, want) = (run(&gpu), run(&cpu));
+    // Each projection (4 per layer and the LM head) left its parameters, weights and bias there.
+    let made = gpu.gpu_engine().unwrap().counts().buffers - before.buffers;
+    assert!(made >= 3 * (4 * c.num_layers as u64 + 1), "the projections did not run on the GPU ({made} buffers)");
     let err = twinfer_tests::models::rel_err(&g, &want);
     assert!(err <= 1e-4, "f16 decoder, GPU projections vs CPU: relative error {err:.2e}");
 }

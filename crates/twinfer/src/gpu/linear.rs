@@ -91,19 +91,25 @@ impl GpuLinear {
             return Err(TwinferError::GpuUnavailable(format!("{} has no shader-f16", ctx.summary.name)));
         }
         ctx.check_alive()?;
-        let limit = max_buffer.min(ctx.limits.max_storage_buffer_binding_size).min(ctx.limits.max_buffer_size);
+        let binding = ctx.limits.max_storage_buffer_binding_size.min(ctx.limits.max_buffer_size);
+        let limit = max_buffer.min(binding);
         let k4 = k.div_ceil(4).max(1);
         let row_bytes = (k4 * 4 * storage.bytes()) as u64;
         if row_bytes > limit {
             return Err(TwinferError::OverLimit { what: "one row of projection weights", requested: row_bytes, limit });
         }
         let bias_bytes = (n.max(4) * 4) as u64;
-        if bias_bytes > limit {
-            return Err(TwinferError::OverLimit { what: "projection bias", requested: bias_bytes, limit });
+        if bias_bytes > binding {
+            return Err(TwinferError::OverLimit { what: "projection bias", requested: bias_bytes, limit: binding });
         }
         let per_chunk = ((limit / row_bytes) as usize).min(n.max(1));
         let make = |label, size: u64, usage| {
-            ctx.device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false })
+            ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage,
+                mapped_at_creation: false,
+            })
         };
         use wgpu::BufferUsages as U;
         let (made, error) = ctx.scoped(wgpu::ErrorFilter::OutOfMemory, || {
@@ -246,12 +252,23 @@ impl GpuEngine {
                 tile: Tile { wg: GEMV_WG, br: 0, bc: GEMV_TPF },
             }
         } else {
-            PipelineKey { kernel: Kernel::LinearMatmul, variant: Variant::Baseline, kv: w.storage, tile: matmul_tile(rows) }
+            PipelineKey {
+                kernel: Kernel::LinearMatmul,
+                variant: Variant::Baseline,
+                kv: w.storage,
+                tile: matmul_tile(rows),
+            }
         };
         let mut passes = Vec::with_capacity(w.chunks.len());
         for (i, c) in w.chunks.iter().enumerate() {
-            let prm =
-                LinearParams { rows: rows as u32, n: c.n as u32, k4: k4 as u32, n0: c.n0 as u32, ldy: w.n as u32, ..Default::default() };
+            let prm = LinearParams {
+                rows: rows as u32,
+                n: c.n as u32,
+                k4: k4 as u32,
+                n0: c.n0 as u32,
+                ldy: w.n as u32,
+                ..Default::default()
+            };
             ctx.queue.write_buffer(&c.params, 0, bytemuck::bytes_of(&prm));
             let [params, weights, bias] = w.binds(i);
             let binds = vec![params, Bind::Slot(Slot::LinX), weights, bias, Bind::Slot(Slot::LinY)];

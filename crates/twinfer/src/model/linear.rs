@@ -105,7 +105,8 @@ impl Linear {
 
     /// The weights on `gpu`'s device, uploaded on the first call there.
     pub fn on_device(&self, gpu: &GpuEngine) -> Result<Arc<GpuLinear>> {
-        let mut copies = self.device.0.lock().map_err(|_| TwinferError::DeviceLost("a previous call panicked".into()))?;
+        let mut copies =
+            self.device.0.lock().map_err(|_| TwinferError::DeviceLost("a previous call panicked".into()))?;
         if let Some((_, w)) = copies.iter().find(|(_, w)| w.is_on(gpu.context())) {
             return Ok(w.clone());
         }
@@ -113,7 +114,8 @@ impl Linear {
         copies.retain(|(ctx, _)| ctx.upgrade().is_some_and(|c| c.check_alive().is_ok()));
         let w = self.weight_ref();
         let storage = GpuLinear::storage_for(gpu, w);
-        let uploaded = GpuLinear::upload(gpu, w, self.n, self.k, self.bias.as_deref(), storage, DEFAULT_MAX_WEIGHT_BUFFER)?;
+        let uploaded =
+            GpuLinear::upload(gpu, w, self.n, self.k, self.bias.as_deref(), storage, DEFAULT_MAX_WEIGHT_BUFFER)?;
         let uploaded = Arc::new(uploaded);
         copies.push((Arc::downgrade(gpu.context()), uploaded.clone()));
         Ok(uploaded)
