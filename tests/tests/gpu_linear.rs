@@ -91,7 +91,7 @@ fn check(gpu: &GpuEngine, p: &Problem) -> Result<(), String> {
             let want = dot + b;
             let tol = p.k as f64 * f32::EPSILON as f64 * (abs + b.abs()) + 1e-6;
             let got = y[r * p.n + j] as f64;
-            if !((got - want).abs() <= tol) {
+            if got.is_nan() || (got - want).abs() > tol {
                 return Err(format!("{p:?} ({storage}): y[{r}, {j}] = {got}, reference {want}, tolerance {tol:.1e}"));
             }
         }

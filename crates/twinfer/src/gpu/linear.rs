@@ -159,6 +159,11 @@ impl GpuLinear {
         self.ctx.upgrade().is_some_and(|c| Arc::ptr_eq(&c, ctx))
     }
 
+    /// Whether the device these weights live on is still there.
+    pub fn device_alive(&self) -> bool {
+        self.ctx.upgrade().is_some_and(|c| c.check_alive().is_ok())
+    }
+
     /// Bindings of chunk `i`: its parameters, its weights and the bias.
     fn binds(&self, i: usize) -> [Bind<'_>; 3] {
         let id = ID_TAG | self.id << 24 | (i as u64) << 2;

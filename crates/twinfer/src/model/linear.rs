@@ -2,12 +2,12 @@
 //! through the pulp kernel, or on a GPU engine, where the weights are uploaded on first use and
 //! stay resident (one copy per device, shared by clones of the model).
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 use crate::cpu::{SimdLevel, linear};
 use crate::dtype::TensorRef;
 use crate::error::{Result, TwinferError};
-use crate::gpu::{DEFAULT_MAX_WEIGHT_BUFFER, GpuContext, GpuEngine, GpuLinear};
+use crate::gpu::{DEFAULT_MAX_WEIGHT_BUFFER, GpuEngine, GpuLinear};
 use crate::model::weights::{WeightData, Weights};
 
 #[derive(Debug, Clone)]
@@ -23,7 +23,7 @@ pub struct Linear {
 
 /// A projection's resident copies, one per live device (a prefill and a decode engine may be two).
 #[derive(Debug, Clone, Default)]
-pub struct DeviceCopies(Arc<Mutex<Vec<(Weak<GpuContext>, Arc<GpuLinear>)>>>);
+pub struct DeviceCopies(Arc<Mutex<Vec<Arc<GpuLinear>>>>);
 
 impl Linear {
     /// `{name}.weight` of shape `[n, k]` and, with `bias`, `{name}.bias` of shape `[n]`.
@@ -107,17 +107,17 @@ impl Linear {
     pub fn on_device(&self, gpu: &GpuEngine) -> Result<Arc<GpuLinear>> {
         let mut copies =
             self.device.0.lock().map_err(|_| TwinferError::DeviceLost("a previous call panicked".into()))?;
-        if let Some((_, w)) = copies.iter().find(|(_, w)| w.is_on(gpu.context())) {
+        if let Some(w) = copies.iter().find(|w| w.is_on(gpu.context())) {
             return Ok(w.clone());
         }
         // Copies on devices that are gone free their buffers here.
-        copies.retain(|(ctx, _)| ctx.upgrade().is_some_and(|c| c.check_alive().is_ok()));
+        copies.retain(|w| w.device_alive());
         let w = self.weight_ref();
         let storage = GpuLinear::storage_for(gpu, w);
         let uploaded =
             GpuLinear::upload(gpu, w, self.n, self.k, self.bias.as_deref(), storage, DEFAULT_MAX_WEIGHT_BUFFER)?;
         let uploaded = Arc::new(uploaded);
-        copies.push((Arc::downgrade(gpu.context()), uploaded.clone()));
+        copies.push(uploaded.clone());
         Ok(uploaded)
     }
 
