@@ -11,7 +11,7 @@ use super::device::GpuContext;
 use super::engine::GpuEngine;
 use super::params::LinearParams;
 use super::pending::{Pending, Readback, Scopes};
-use super::resources::{Bind, PipelineKey, Slot, Tile};
+use super::resources::{Bind, PipelineKey, Resources, Slot, Tile};
 use super::shaders::{Kernel, KvStorage, Variant};
 use crate::dtype::TensorRef;
 use crate::error::{Result, TwinferError, check_len};
@@ -52,8 +52,22 @@ pub struct GpuLinear {
     bias: wgpu::Buffer,
     ctx: Weak<GpuContext>,
     /// Held from the parameter writes through the submission: engines sharing a device may call
-    /// the same weights at once, and each call rewrites the per-buffer parameters.
-    submit: Mutex<()>,
+    /// the same weights at once, and each call rewrites the per-buffer parameters. It also lists
+    /// the engines whose bind-group caches name these buffers, to clear them on drop.
+    submit: Mutex<Vec<Weak<Mutex<Resources>>>>,
+}
+
+impl Drop for GpuLinear {
+    /// Cached bind groups would otherwise keep the weights on the device for the engine's life.
+    fn drop(&mut self) {
+        let engines = self.submit.get_mut().map(std::mem::take).unwrap_or_default();
+        let me = self.id;
+        for res in engines.iter().filter_map(Weak::upgrade) {
+            if let Ok(mut res) = res.lock() {
+                res.forget_external(|id| id & ID_TAG != 0 && (id & !ID_TAG) >> 24 == me);
+            }
+        }
+    }
 }
 
 impl GpuLinear {
@@ -145,7 +159,7 @@ impl GpuLinear {
             chunks,
             bias: bias_buf,
             ctx: Arc::downgrade(ctx),
-            submit: Mutex::new(()),
+            submit: Mutex::new(Vec::new()),
         })
     }
 
@@ -243,7 +257,10 @@ impl GpuEngine {
             }
             &padded[..]
         };
-        let _guard = w.submit.lock().map_err(|_| TwinferError::DeviceLost("a previous call panicked".into()))?;
+        let mut engines = w.submit.lock().map_err(|_| TwinferError::DeviceLost("a previous call panicked".into()))?;
+        if !engines.iter().any(|e| std::ptr::eq(e.as_ptr(), Arc::as_ptr(self.resources()))) {
+            engines.push(Arc::downgrade(self.resources()));
+        }
         let mut res = self.lock()?;
         let scope = Scopes::push(ctx);
         self.write(&mut res, Slot::LinX, bytemuck::cast_slice(x))?;

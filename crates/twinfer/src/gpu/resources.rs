@@ -225,6 +225,13 @@ impl Resources {
         Ok(bg)
     }
 
+    /// Drops the cached bind groups that name an external buffer whose id `owned` accepts, so that
+    /// buffers being freed (a dropped projection's weights) are not kept alive by the cache.
+    pub fn forget_external(&mut self, owned: impl Fn(u64) -> bool) {
+        self.bind_groups
+            .retain(|(_, ids), _| !ids.iter().any(|(tag, _)| *tag & EXTERNAL != 0 && owned(*tag & !EXTERNAL)));
+    }
+
     pub fn set_last_passes(&mut self, passes: Vec<RecordedPass>) {
         self.last = passes;
     }
