@@ -7,6 +7,7 @@ import { Twinfer } from "../src/index.js";
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const engines = { embed: null, gen: null };
+window.demoProgress = [];
 let itl = [];
 
 function status(text) {
@@ -55,6 +56,7 @@ async function load(which, source) {
   const tf = engines[which] ?? (await open(which));
   const info = await tf.loadModel(source, {
     onProgress: (p) => {
+      window.demoProgress.push(p.phase);
       bar.max = p.total || 1;
       bar.value = p.loaded;
       status(p.text);

@@ -3,8 +3,9 @@
 export type BackendChoice = "auto" | "webgpu" | "wasm";
 
 export interface Progress {
-  /** "init": opening the engine; "download": model bytes; "load": building the model. */
-  phase: "init" | "download" | "load";
+  /** "init": opening the engine; "download": model bytes; "load": building the model;
+   * "upload": weights to the GPU (WebGPU only). */
+  phase: "init" | "download" | "load" | "upload";
   loaded: number;
   total: number;
   text: string;

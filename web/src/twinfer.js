@@ -64,7 +64,9 @@ export class Twinfer {
       try {
         await collectFiles(files, source, { onProgress, signal });
         onProgress?.({ phase: "load", loaded: 0, total: 1, text: "building the model" });
-        this.#rt.load(files, engine);
+        this.#rt.load(files, engine, (loaded, total) =>
+          onProgress?.({ phase: "upload", loaded, total, text: "uploading the weights to the GPU" }),
+        );
       } finally {
         files.free();
       }

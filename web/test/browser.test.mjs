@@ -43,7 +43,7 @@ async function runDemo({ flags, query, screenshot, after }) {
     await page.waitForFunction(() => ["done", "error"].includes(document.body.dataset.state), null, { timeout: 240_000 });
     const error = await page.evaluate(() => window.demoError ?? null);
     assert.equal(error, null, `the demo failed: ${JSON.stringify(error)}\n${logs.join("\n")}`);
-    const result = await page.evaluate(() => window.demoResult);
+    const result = await page.evaluate(() => ({ ...window.demoResult, progress: window.demoProgress }));
     const embeddings = await page.evaluate((s) => window.demo.embed(s), minilm.sentences);
     const extra = after ? await after(page) : null;
     if (screenshot) await page.screenshot({ path: new URL(screenshot, ARTIFACTS).pathname, fullPage: true });
@@ -74,6 +74,7 @@ test("with WebGPU, auto picks WebGPU and matches the reference", async () => {
     assert.equal(info.backend, "webgpu", `${info.reason}\n${run.logs.join("\n")}`);
     assert.equal(info.adapter.architecture, "swiftshader");
   }
+  assert.ok(run.result.progress.includes("upload"), `weights uploaded at load: ${run.result.progress}`);
   checkOutputs(run);
 });
 
@@ -114,6 +115,7 @@ test("without WebGPU, auto falls back to wasm SIMD and says why", async () => {
   assert.equal(info.backend, "wasm");
   assert.equal(info.decode.variant, "simd128");
   assert.match(info.reason, /WebGPU/);
+  assert.ok(!run.result.progress.includes("upload"));
   checkOutputs(run);
 });
 

@@ -106,7 +106,14 @@ impl Runtime {
 
     /// Loads a model from `files` (which are emptied: their bytes move into the model).
     /// `options`: `{ pageSize, kvMemoryBytes, kvDtype: "f16" | "f32", maxBatchTokens, maxRunning }`.
-    pub fn load(&self, files: &mut ModelFiles, options: JsValue) -> std::result::Result<(), js_sys::Error> {
+    /// On WebGPU the weights go to the GPU here, with `on_upload(bytesDone, bytesTotal)` after
+    /// each matrix.
+    pub fn load(
+        &self,
+        files: &mut ModelFiles,
+        options: JsValue,
+        #[wasm_bindgen(unchecked_param_type = "(done: number, total: number) => void")] on_upload: js_sys::Function,
+    ) -> std::result::Result<(), js_sys::Error> {
         let mut state = self.state.try_borrow_mut().map_err(|_| busy())?;
         let cpu_decode = state.decode.info().backend == "cpu";
         let config = engine_config(&options, cpu_decode).map_err(to_js_error)?;
@@ -114,6 +121,21 @@ impl Runtime {
         state.served = None;
         let model = Model::load(files.take_source()).map_err(to_js_error)?;
         let description = model.describe();
+        if let Some(gpu) = state.prefill.gpu_engine() {
+            let progress = |done: usize, total: usize| {
+                let _ =
+                    on_upload.call2(&JsValue::NULL, &JsValue::from_f64(done as f64), &JsValue::from_f64(total as f64));
+            };
+            let uploaded = match &model.network {
+                Network::Encoder(m) => m.upload_weights(gpu, progress),
+                Network::Decoder(m) => m.upload_weights(gpu, progress),
+            };
+            match uploaded {
+                // The first step meets the lost device too, and moves to the CPU engine then.
+                Ok(()) | Err(TwinferError::DeviceLost(_)) => {}
+                Err(e) => return Err(to_js_error(e)),
+            }
+        }
         let served = match model.network {
             Network::Encoder(m) => Served::Encoder { model: Box::new(m), tokenizer: Box::new(model.tokenizer) },
             Network::Decoder(m) => Served::Decoder(Box::new(

@@ -74,6 +74,13 @@ impl BertModel {
         })
     }
 
+    /// Uploads every projection's weights to `gpu` now rather than at the first call;
+    /// `progress(done, total)` counts weight bytes.
+    pub fn upload_weights(&self, gpu: &crate::gpu::GpuEngine, mut progress: impl FnMut(usize, usize)) -> Result<()> {
+        let linears: Vec<&Linear> = self.layers.iter().flat_map(|l| [&l.qkv, &l.out, &l.up, &l.down]).collect();
+        super::linear::upload_all(&linears, gpu, &mut progress)
+    }
+
     /// One L2-normalised, mean-pooled embedding per token sequence. Blocks on a GPU engine; in a
     /// browser that is `WouldBlock`: use [`BertModel::embed_async`].
     pub fn embed(&self, level: SimdLevel, attention: &Attention, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {

@@ -134,3 +134,15 @@ fn concat<T: Copy>(parts: &[Linear], get: impl Fn(&WeightData) -> &Vec<T>) -> Ve
     }
     out
 }
+
+/// Puts `linears` on `gpu`'s device, reporting (bytes done, bytes in all) after each.
+pub(crate) fn upload_all(linears: &[&Linear], gpu: &GpuEngine, progress: &mut dyn FnMut(usize, usize)) -> Result<()> {
+    let total = linears.iter().map(|l| l.weight_bytes()).sum();
+    let mut done = 0;
+    for l in linears {
+        l.on_device(gpu)?;
+        done += l.weight_bytes();
+        progress(done, total);
+    }
+    Ok(())
+}

@@ -123,6 +123,14 @@ impl LlamaModel {
     }
 
     /// Attention parameters of every layer.
+    /// Uploads every projection's weights to `gpu` now rather than at the first step (where the
+    /// first token would pay for it); `progress(done, total)` counts weight bytes.
+    pub fn upload_weights(&self, gpu: &crate::gpu::GpuEngine, mut progress: impl FnMut(usize, usize)) -> Result<()> {
+        let linears: Vec<&Linear> =
+            self.layers.iter().flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down]).chain([&self.lm_head]).collect();
+        super::linear::upload_all(&linears, gpu, &mut progress)
+    }
+
     pub fn attention_params(&self) -> AttentionParams {
         let c = &self.config;
         AttentionParams::new(c.num_heads, c.num_kv_heads, c.head_dim)
