@@ -14,9 +14,9 @@ use crate::error::{Result, TwinferError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Tile {
     pub wg: u32,
-    /// Query rows per workgroup (prefill), else 0.
+    /// Query rows per workgroup (prefill, fixed), query heads per workgroup (decode), else 0.
     pub br: u32,
-    /// Keys per tile (prefill), FMA rounds (bench_fma), else 0.
+    /// Keys per tile (prefill, fixed), keys per team and step (decode, fixed), FMA rounds (bench_fma), else 0.
     pub bc: u32,
 }
 
@@ -119,9 +119,8 @@ impl Resources {
         if key.kernel == Kernel::BenchFma {
             constants.push(("ITERS", key.tile.bc as f64));
         }
-        if key.kernel == Kernel::Prefill {
-            constants.push(("BR", key.tile.br as f64));
-            constants.push(("BC", key.tile.bc as f64));
+        if key.kernel == Kernel::Decode {
+            constants.push(("GQ", key.tile.br as f64));
         }
         ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(key.kernel.file()),
