@@ -25,8 +25,11 @@
 //   at 0, page ids at off_indices, last_page_len at off_last_len, ALiBi bits at off_alibi);
 //   5 o [batch * num_chunks, Hq, D] f32; 6 lse [batch * num_chunks, Hq] f32.
 // Dispatch: (num_chunks, Hk * ceil(group / GQ), batch).
-// Knobs: overrides WG, GQ; KV_HALF and unpack8 (8 elements from 16-byte words) from the prelude. Needs neither shader-f16 nor subgroups,
-//   and assumes no subgroup size: the variants share this code.
+// Knobs: overrides WG, GQ; KV_HALF and unpack8 (8 elements from 16-byte words) from the
+//   prelude; variant SUBGROUP: teams are groups of lanes of one subgroup and sum their partial
+//   dots with subgroupShuffleXor instead of workgroup memory and two barriers per step (chosen
+//   by the host only when head_dim / 8 divides every subgroup size). The baseline needs neither
+//   shader-f16 nor subgroups and assumes no subgroup size.
 
 override WG: u32 = 64u;
 override GQ: u32 = 4u;
@@ -192,6 +195,11 @@ fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
+// #if SUBGROUP
+    @builtin(subgroup_invocation_id) sg_lane: u32,
+    @builtin(subgroup_id) sg_id: u32,
+    @builtin(subgroup_size) sg_size: u32,
+// #endif
 ) {
     let chunk = wid.x;
     let b = wid.z;
@@ -201,8 +209,15 @@ fn main(
     let gn = min(GQ, P.group - g0);
     let lpk = P.head_dim / 8u;
     let kt = min(WG / lpk, KT_MAX);
+// #if SUBGROUP
+    // Teams are aligned groups of lpk lanes of one subgroup (the host checks that lpk divides
+    // every subgroup size and the subgroups are full), so a team reduces with shuffles.
+    let team = sg_id * (sg_size / lpk) + sg_lane / lpk;
+    let lane = sg_lane % lpk;
+// #else
     let team = lid / lpk;
     let lane = lid % lpk;
+// #endif
     let in_team = team < kt;
     let words = select(2u, 1u, KV_HALF);          // 16-byte words per 8 elements
     let row_words = lpk * words;
@@ -262,6 +277,20 @@ fn main(
         let k1 = unraw(rk1);
         let k2 = unraw(rk2);
         let k3 = unraw(rk3);
+// #if SUBGROUP
+        // Dots of each head against the 4 keys, summed over the team's lanes by xor shuffles
+        // (no barrier: teams run independently).
+        var x0 = vec4<f32>(dot8(q0, k0), dot8(q0, k1), dot8(q0, k2), dot8(q0, k3));
+        var x1 = vec4<f32>(dot8(q1, k0), dot8(q1, k1), dot8(q1, k2), dot8(q1, k3));
+        var x2 = vec4<f32>(dot8(q2, k0), dot8(q2, k1), dot8(q2, k2), dot8(q2, k3));
+        var x3 = vec4<f32>(dot8(q3, k0), dot8(q3, k1), dot8(q3, k2), dot8(q3, k3));
+        for (var off = 1u; off < lpk; off <<= 1u) {
+            x0 += subgroupShuffleXor(x0, off);
+            x1 += subgroupShuffleXor(x1, off);
+            x2 += subgroupShuffleXor(x2, off);
+            x3 += subgroupShuffleXor(x3, off);
+        }
+// #else
         // Partial dots, [lane][head * 4 + key], summed over the team's lanes.
         let pb = lid * PSTRIDE;
         put_head(pb, q0, k0, k1, k2, k3);
@@ -279,16 +308,21 @@ fn main(
             }
         }
         workgroupBarrier();
-        let ok = w != vec4<u32>(NONE);
         let sb = min(team, KT_MAX - 1u) * 4u;
+        let x0 = s_sh[sb];
+        let x1 = s_sh[sb + 1u];
+        let x2 = s_sh[sb + 2u];
+        let x3 = s_sh[sb + 3u];
+// #endif
+        let ok = w != vec4<u32>(NONE);
         let v0 = unraw(rv0);
         let v1 = unraw(rv1);
         let v2 = unraw(rv2);
         let v3 = unraw(rv3);
-        st0 = update(st0, s_sh[sb], ok, sl.x, j0, pos, v0, v1, v2, v3);
-        st1 = update(st1, s_sh[sb + 1u], ok, sl.y, j0, pos, v0, v1, v2, v3);
-        st2 = update(st2, s_sh[sb + 2u], ok, sl.z, j0, pos, v0, v1, v2, v3);
-        st3 = update(st3, s_sh[sb + 3u], ok, sl.w, j0, pos, v0, v1, v2, v3);
+        st0 = update(st0, x0, ok, sl.x, j0, pos, v0, v1, v2, v3);
+        st1 = update(st1, x1, ok, sl.y, j0, pos, v0, v1, v2, v3);
+        st2 = update(st2, x2, ok, sl.z, j0, pos, v0, v1, v2, v3);
+        st3 = update(st3, x3, ok, sl.w, j0, pos, v0, v1, v2, v3);
         j0 = jn;
         w = wn;
         rk0 = nk0;

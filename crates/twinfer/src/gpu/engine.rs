@@ -241,7 +241,7 @@ impl GpuEngine {
         res.buffer(ctx, lse_slot, (rows * num_chunks * 4) as u64)?;
         let key = PipelineKey {
             kernel: Kernel::Decode,
-            variant: self.opts.variant,
+            variant: self.decode_variant(d),
             kv: step.storage,
             tile: Tile { wg: self.opts.decode_wg, br: gq as u32, bc: u as u32 },
         };
@@ -288,6 +288,16 @@ impl GpuEngine {
             passes.push((mkey, mbinds.to_vec(), [rows.min(32768), rows.div_ceil(32768), 1]));
         }
         self.run_passes(res, &passes)
+    }
+
+    /// Decode's subgroup path makes teams of `head_dim / 8` lanes inside one subgroup: only where
+    /// that divides every subgroup size of the adapter and the workgroup is whole subgroups; else
+    /// the baseline, which assumes no subgroup size.
+    fn decode_variant(&self, head_dim: usize) -> Variant {
+        let lpk = (head_dim / 8) as u32;
+        let (lo, hi) = self.ctx.summary.subgroup_sizes;
+        let fits = lpk.is_power_of_two() && lo >= lpk && hi > 0 && self.opts.decode_wg.is_multiple_of(hi);
+        if self.opts.variant == Variant::Subgroup && fits { Variant::Subgroup } else { Variant::Baseline }
     }
 
     /// Batch prefill over ragged or paged KV. Blocks; in a browser use

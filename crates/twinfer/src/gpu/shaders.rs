@@ -20,7 +20,7 @@ const FILES: [(&str, &str); 6] = [
 ];
 
 /// Kernels with `// #if SUBGROUP` lines.
-const SUBGROUP_KERNELS: &[Kernel] = &[];
+const SUBGROUP_KERNELS: &[Kernel] = &[Kernel::Decode];
 
 /// A compute kernel; its label is its file name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -55,9 +55,7 @@ impl Kernel {
     fn text(self) -> &'static str {
         FILES[self.index()].1
     }
-    /// Whether the kernel has a subgroup-specific path (the others ignore the variant). Decode
-    /// lost its subgroup reductions when its teams began keeping their own softmax states: no
-    /// kernel has one at present.
+    /// Whether the kernel has a subgroup-specific path (the others ignore the variant).
     pub fn uses_subgroups(self) -> bool {
         SUBGROUP_KERNELS.contains(&self)
     }
@@ -205,7 +203,9 @@ mod tests {
             assert!(!native.contains("enable subgroups;"));
             assert_eq!(web.starts_with("enable subgroups;"), kernel.uses_subgroups(), "{kernel:?}");
             let base = source(kernel, Variant::Baseline, KvStorage::F32, Target::Naga);
-            assert!(!base.contains("subgroupMax(") && !base.contains("@builtin(subgroup_id)"));
+            assert!(!base.contains("subgroupShuffleXor(") && !base.contains("@builtin(subgroup_id)"));
         }
+        let native = source(Kernel::Decode, Variant::Subgroup, KvStorage::F32, Target::Naga);
+        assert!(native.contains("subgroupShuffleXor("));
     }
 }
