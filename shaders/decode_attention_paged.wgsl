@@ -5,15 +5,16 @@
 // LPK = head_dim / 8 lanes; lane l of a team owns columns [8l, 8l + 8) of a key row, so one team
 // reads a whole K (and V) row with one 16-byte load per lane (8 f16 unpacked with
 // unpack2x16float, or two loads of 4 f32), and a warp's loads cover whole 128-byte lines. Each
-// team takes U consecutive keys per step and keeps its own online-softmax state (m, d, o) for
-// its keys: K and V of the step are loaded together (V does not wait for the scores) and one step ahead, each lane
-// forms partial dots of its 8 columns with the GQ query rows it holds in registers, the partial
-// dots are summed across the team's lanes through workgroup memory, and every lane updates its
-// state from the U x GQ scores. No workgroup-wide reduction happens per step; the teams' states
-// are merged once at the end. With several chunks (split-K) each workgroup writes a partial
-// (o, lse) row that merge_state.wgsl combines; with one chunk the partial row is the final row.
-// A pool split into several buffers (each within the binding limit) runs one pass per buffer,
-// each seeing only its own pages, and their partial rows are merged the same way.
+// team takes U = 4 consecutive keys per step and keeps its own online-softmax state (m, d, o)
+// for its keys. K and V of a step are loaded together (V does not wait for the scores) and one
+// step ahead (software pipelined); each lane forms partial dots of its 8 columns with the GQ
+// query rows it holds in registers, the partial dots are summed across the team's lanes
+// (workgroup memory and two barriers, or subgroup shuffles), and every lane updates its state
+// from the U x GQ scores. No workgroup-wide reduction happens per step; the teams' states are
+// merged once at the end. With several chunks (split-K) each workgroup writes a partial (o, lse)
+// row that merge_state.wgsl combines; with one chunk the partial row is the final row. A pool
+// split into several buffers (each within the binding limit) runs one pass per buffer, each
+// seeing only its own pages, and their partial rows are merged the same way.
 //
 // Tiling: WG threads (override, 64..=256); teams KT = min(WG / LPK, 32); GQ query heads per
 //   workgroup (override, <= 4); U = 4 keys per team and step; head_dim a multiple of 8, <= 256.
@@ -24,7 +25,9 @@
 //   [pages, page_size, Hk, D] f16 or f32 (KV_HALF), read as vec4<u32>; 4 tbl u32 (kv_indptr[batch+1]
 //   at 0, page ids at off_indices, last_page_len at off_last_len, ALiBi bits at off_alibi);
 //   5 o [batch * num_chunks, Hq, D] f32; 6 lse [batch * num_chunks, Hq] f32.
-// Dispatch: (num_chunks, Hk * ceil(group / GQ), batch).
+// Dispatch: (Hk * ceil(group / GQ), num_chunks, batch): the KV heads of one chunk are neighbours
+//   in launch order (their rows share [slot, Hk, D] lines); on the H100 this measured the same as
+//   chunk-major order.
 // Knobs: overrides WG, GQ; KV_HALF and unpack8 (8 elements from 16-byte words) from the
 //   prelude; variant SUBGROUP: teams are groups of lanes of one subgroup and sum their partial
 //   dots with subgroupShuffleXor instead of workgroup memory and two barriers per step (chosen
@@ -201,11 +204,11 @@ fn main(
     @builtin(subgroup_size) sg_size: u32,
 // #endif
 ) {
-    let chunk = wid.x;
+    let chunk = wid.y;
     let b = wid.z;
     let n_gblk = (P.group + GQ - 1u) / GQ;
-    let h = wid.y / n_gblk;
-    let g0 = (wid.y % n_gblk) * GQ;
+    let h = wid.x / n_gblk;
+    let g0 = (wid.x % n_gblk) * GQ;
     let gn = min(GQ, P.group - g0);
     let lpk = P.head_dim / 8u;
     let kt = min(WG / lpk, KT_MAX);
@@ -346,7 +349,7 @@ fn main(
     var dg = vec4<f32>(0.0);
     for (var t = 0u; t < kt; t++) { dg += d_sh[t] * exp(m_sh[t] - mg); }
     // Partial rows are (sequence, buffer pass, chunk); one buffer and one chunk is the final row.
-    let out_chunk = b * P.num_chunks + P.kv_buffer * nwg.x + chunk;
+    let out_chunk = b * P.num_chunks + P.kv_buffer * nwg.y + chunk;
     let out_row0 = out_chunk * P.num_qo_heads + h * P.group + g0;
     finish_head(0u, st0, mg.x, dg.x, in_team, team, lane, kt, lid, out_row0);
     finish_head(1u, st1, mg.y, dg.y, in_team, team, lane, kt, lid, select(NONE, out_row0 + 1u, gn > 1u));

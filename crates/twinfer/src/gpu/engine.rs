@@ -256,7 +256,7 @@ impl GpuEngine {
                 Bind::Slot(lse_slot),
             ]
         };
-        let grid = [chunks_per_pass, hk * n_gblk, p.batch];
+        let grid = [hk * n_gblk, chunks_per_pass, p.batch];
         // One submission per buffer but the last: each pass needs its own `kv_buffer` parameter,
         // and writes between submissions are ordered with them.
         let (last, first) =
