@@ -62,7 +62,7 @@ enum BenchWhat {
         /// GPU shader variant (default: the best the adapter supports).
         #[arg(long, value_enum)]
         variant: Option<VariantArg>,
-        /// GPU decode workgroup size (keys per tile): 64, 128 or 256.
+        /// GPU decode workgroup size in threads (teams of head_dim / 8 lanes): 64, 128 or 256.
         #[arg(long)]
         decode_wg: Option<u32>,
         /// Measure only these shapes (CPU): `prefill:LEN` or `decode:BATCH:CTX`; repeatable.

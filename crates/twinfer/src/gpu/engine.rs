@@ -39,7 +39,7 @@ pub struct GpuOptions {
     /// Keep f16 K/V as f16 on the device (needs SHADER_F16); otherwise K/V are widened to f32.
     pub f16_kv: bool,
     pub split_k: SplitK,
-    /// Decode workgroup size (keys per tile): 64, 128 or 256.
+    /// Decode workgroup size in threads (teams of head_dim / 8 lanes): 64, 128 or 256.
     pub decode_wg: u32,
 }
 
