@@ -106,8 +106,21 @@ fn unraw(r: Raw) -> mat2x4<f32> {
     return unpack8(r.a, r.b);
 }
 
-// Words of the team's 4 keys from j0 (NONE past the chunk or outside this pass's buffer).
+// Words of the team's 4 keys from j0 (NONE past the chunk or outside this pass's buffer). When
+// the 4 keys share a page (page size a multiple of 4, j0 aligned) the page is looked up once:
+// the divisions of the lookup cost as much as a step's dot products.
 fn words4(j0: i32, end: i32, ok: bool, page0: u32, h: u32, row_words: u32, lane_word: u32) -> vec4<u32> {
+    let ps = P.page_size;
+    if (ok && j0 < end && ps % 4u == 0u && u32(j0) % 4u == 0u) {
+        let page = tbl[P.off_indices + page0 + u32(j0) / ps];
+        if (page / P.pages_per_buffer != P.kv_buffer) {
+            return vec4<u32>(NONE);
+        }
+        let w0 = (((page % P.pages_per_buffer) * ps + u32(j0) % ps) * P.num_kv_heads + h) * row_words + lane_word;
+        let stride = P.num_kv_heads * row_words;
+        return vec4<u32>(w0, select(NONE, w0 + stride, j0 + 1 < end), select(NONE, w0 + 2u * stride, j0 + 2 < end),
+                         select(NONE, w0 + 3u * stride, j0 + 3 < end));
+    }
     return vec4<u32>(key_word(j0, end, ok, page0, h, row_words, lane_word),
                      key_word(j0 + 1, end, ok, page0, h, row_words, lane_word),
                      key_word(j0 + 2, end, ok, page0, h, row_words, lane_word),
