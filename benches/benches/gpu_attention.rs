@@ -1,4 +1,4 @@
-//! Criterion benchmarks of the GPU attention kernels on the shapes of `benches/attention.rs` and
+//! Criterion benchmarks of the GPU attention and projection kernels on the shapes of `benches/attention.rs` and
 //! `twinfer bench kernels --backend gpu` (`twinfer::bench::gpu`).
 //!
 //! Each case uploads its inputs once; criterion then times `GpuEngine::time_last(iters)`, which
@@ -6,8 +6,9 @@
 //! inputs, including submission, excluding uploads and readback. Throughput is FLOPs (prefill,
 //! read as "elem/s") or K/V bytes (decode).
 //!
-//! On a software adapter (lavapipe, SwiftShader) every case prints SKIPPED: those are for
-//! correctness, and the long prefills would take minutes there. With no adapter at all the same.
+//! On a software adapter (lavapipe, SwiftShader) the attention cases print SKIPPED: those are for
+//! correctness, and the long prefills would take minutes there; the projection cases run on toy
+//! shapes. With no adapter at all every case is skipped.
 
 use std::time::Duration;
 
@@ -77,6 +78,41 @@ fn decode_paged(c: &mut Criterion) {
     group.finish();
 }
 
+/// Projections with f16 weights (f32 without shader-f16): GEMV for decode rows, rated in weight
+/// bytes; the tiled matmul for prompt chunks, rated in FLOPs ("elem/s").
+/// Unlike the attention cases these also run on a software adapter, on toy shapes, so that
+/// `cargo bench -- --test` exercises them in CI (the numbers mean nothing there).
+fn linear(c: &mut Criterion) {
+    let engine = match GpuEngine::new() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("SKIPPED: no GPU ({e})");
+            return;
+        }
+    };
+    let software = engine.context().summary.device_type == "Cpu";
+    let shapes: &[(usize, usize, usize)] = if software {
+        &[(1, 512, 256), (64, 256, 256)]
+    } else {
+        &[(1, 14336, 4096), (4, 14336, 4096), (512, 14336, 4096), (2048, 4096, 4096)]
+    };
+    let mut group = c.benchmark_group("gpu_linear");
+    group.sample_size(20).measurement_time(Duration::from_secs(3));
+    for &(rows, n, k) in shapes {
+        let gemv = rows <= twinfer::gpu::GEMV_MAX_ROWS;
+        let id = BenchmarkId::new(engine.variant_name(), format!("rows{rows}_{n}x{k}"));
+        let weights = gpu::prepare_linear(&engine, rows, n, k).expect("the benchmark case is valid");
+        group.throughput(if gemv {
+            Throughput::Bytes((n * k * weights.storage.bytes()) as u64)
+        } else {
+            Throughput::Elements(gpu::linear_flops(rows, n, k) as u64)
+        });
+        group.bench_function(id, |b| b.iter_custom(|iters| time(&engine, iters)));
+        drop(weights);
+    }
+    group.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default().warm_up_time(Duration::from_secs(1)).without_plots()
 }
@@ -84,6 +120,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = gpu_attention;
     config = config();
-    targets = prefill_causal, decode_paged
+    targets = prefill_causal, decode_paged, linear
 }
 criterion_main!(gpu_attention);

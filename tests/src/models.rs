@@ -61,7 +61,8 @@ pub fn levels() -> Vec<twinfer::cpu::SimdLevel> {
 
 /// The attention engines the model tests run through, each with the SIMD level of the
 /// projections: every CPU level of [`levels`], then the GPU engine when there is one (the
-/// projections stay on the CPU). No GPU: a loud skip, or a failure under `TWINFER_REQUIRE_GPU=1`.
+/// projections run on it too; the level is then that of the norms and activations). No GPU: a
+/// loud skip, or a failure under `TWINFER_REQUIRE_GPU=1`.
 pub fn engines() -> Vec<(String, twinfer::cpu::SimdLevel, twinfer::Attention)> {
     let mut all: Vec<_> = levels().into_iter().map(|l| (format!("cpu {l}"), l, twinfer::Attention::cpu(l))).collect();
     match twinfer::Attention::new(twinfer::Backend::Gpu) {

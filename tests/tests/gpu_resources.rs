@@ -1,13 +1,13 @@
-//! The device-resident path: a decode loop that creates no GPU object after warm-up, appends
-//! through the kernel equal to host appends, typed errors over the adapter's limits, and a lost
-//! device that leaves the CPU engine to carry on.
+//! The device-resident path: a decode loop (and a projection loop) that creates no GPU object
+//! after warm-up, appends through the kernel equal to host appends, typed errors over the
+//! adapter's limits, and a lost device that leaves the CPU engine to carry on.
 
 #![cfg(not(target_arch = "wasm32"))]
 
 use twinfer::cpu::CpuEngine;
-use twinfer::gpu::{GpuEngine, GpuKvCache, KvStorage};
+use twinfer::gpu::{GpuEngine, GpuKvCache, GpuLinear, KvStorage};
 use twinfer::kv::{KvLayout, PageTable, PagedKv};
-use twinfer::{AttentionOutput, AttentionParams, DecodeInput, TwinferError};
+use twinfer::{AttentionOutput, AttentionParams, DecodeInput, TensorRef, TwinferError};
 
 fn engine() -> Option<GpuEngine> {
     match GpuEngine::new() {
@@ -164,4 +164,35 @@ fn lost_device_leaves_the_cpu_engine_working() {
     let mut oc = vec![f32::NAN; hq * d];
     CpuEngine::new().decode(&params, &input, &mut AttentionOutput::new(oc.as_mut_slice())).unwrap();
     assert!(oc.iter().all(|x| x.is_finite()));
+}
+
+/// Projections: decode-sized (GEMV) and prompt-sized (matmul) calls over two layers' resident
+/// weights, one split in three buffers. After one round no buffer, bind group or pipeline is
+/// created.
+#[test]
+fn warm_projection_loop_creates_nothing() {
+    let Some(gpu) = engine() else { return };
+    let (n, k) = (96, 70);
+    let w: Vec<f32> = (0..n * k).map(|i| wave(i, 0.13)).collect();
+    let a = GpuLinear::upload(&gpu, TensorRef::F32(&w), n, k, None, KvStorage::F32, u64::MAX).unwrap();
+    // 40 rows of 18 vec4s per buffer.
+    let b = GpuLinear::upload(&gpu, TensorRef::F32(&w), n, k, Some(&w[..n]), KvStorage::F32, 40 * 72 * 4).unwrap();
+    assert_eq!(b.num_buffers(), 3);
+    let x: Vec<f32> = (0..48 * k).map(|i| wave(i, 0.29)).collect();
+    let mut y = vec![0f32; 48 * n];
+    let round = |y: &mut Vec<f32>| {
+        for rows in [1, 3, 4, 48, 20, 2] {
+            for lin in [&a, &b] {
+                gpu.linear(lin, &x[..rows * k], rows, &mut y[..rows * n]).unwrap();
+            }
+        }
+    };
+    round(&mut y);
+    let warm = gpu.counts();
+    for _ in 0..5 {
+        round(&mut y);
+    }
+    let after = gpu.counts();
+    assert_eq!((after.buffers, after.bind_groups, after.pipelines), (warm.buffers, warm.bind_groups, warm.pipelines));
+    assert_eq!(after.submits - warm.submits, 5 * 12, "one submission per call");
 }

@@ -132,6 +132,11 @@ export class Twinfer {
     return { ...structuredClone(this.#info), adapter: structuredClone(this.#adapter) };
   }
 
+  /** Makes the engine panic, as a bug would (tests of EngineCrashedError). */
+  _crashForTest() {
+    return this.#run(() => this.#bindings.__panicForTest());
+  }
+
   /** Destroys the GPU device, as a browser reclaiming the GPU would (tests of the fallback). */
   _loseDeviceForTest() {
     return this.#rt.loseDeviceForTest();

@@ -1,7 +1,7 @@
 // The package in headless Chromium (Debian's, driven by playwright-core), through the demo page:
 //   1. with WebGPU (--enable-unsafe-webgpu: SwiftShader), `auto` picks WebGPU;
 //   2. without it, `auto` falls back to wasm SIMD and says why;
-//   3. `wasm` forced; 4. the Web Worker mode.
+//   3. `wasm` forced; 4. the Web Worker mode (WebGPU and wasm); 5. a GPU lost mid-generation.
 // Each run's embeddings must match the numpy reference (cosine >= 0.9999) and its greedy tokens
 // the reference decoder's. A screenshot of each finished demo goes to test-artifacts/.
 import { test, before, after } from "node:test";
@@ -123,8 +123,11 @@ test("forced wasm runs on the CPU even where WebGPU exists", async () => {
   checkOutputs(run);
 });
 
-test("the Web Worker mode gives the same results", async () => {
-  const run = await runDemo({ flags: [], query: { backend: "wasm", worker: "1" }, screenshot: "demo-worker.png" });
-  assert.equal(run.result.genInfo.backend, "wasm");
-  checkOutputs(run);
+test("the Web Worker mode gives the same results, on WebGPU and on wasm", async () => {
+  const gpu = await runDemo({ flags: WEBGPU_FLAGS, query: { backend: "auto", worker: "1" }, screenshot: "demo-worker.png" });
+  assert.equal(gpu.result.genInfo.backend, "webgpu", gpu.result.genInfo.reason);
+  checkOutputs(gpu);
+  const cpu = await runDemo({ flags: [], query: { backend: "wasm", worker: "1" } });
+  assert.equal(cpu.result.genInfo.backend, "wasm");
+  checkOutputs(cpu);
 });

@@ -12,6 +12,7 @@ import { homedir } from "node:os";
 import { join } from "node:path";
 
 import {
+  EngineCrashedError,
   InvalidModelError,
   KvCacheFullError,
   Twinfer,
@@ -270,4 +271,11 @@ test("bad input gets typed errors, and the engine stays usable", async () => {
   await assert.rejects(tf.embed(["an encoder call on a decoder"]), /encoder/);
   const { tokens } = await collect(tf.generate(g.prompt_ids, { maxTokens: 4, ignoreEos: true }));
   assert.deepEqual(tokens.map((t) => t.tokenId), g.greedy_ids.slice(0, 4));
+});
+
+test("a panic inside the engine becomes EngineCrashedError, and the instance says it is unusable", async () => {
+  const tf = await engineWith(LLAMA);
+  await assert.rejects(tf._crashForTest(), (e) => e instanceof EngineCrashedError && /create a new Twinfer/.test(e.message));
+  await assert.rejects(tf.metrics(), EngineCrashedError);
+  await assert.rejects(collect(tf.generate([1, 2, 3], { maxTokens: 2 })), EngineCrashedError);
 });

@@ -230,6 +230,14 @@ impl Attention {
         }
     }
 
+    /// The GPU engine, when this is it (the models run their projections on it).
+    pub fn gpu_engine(&self) -> Option<&GpuEngine> {
+        match &self.engine {
+            Engine::Gpu(e) => Some(e),
+            Engine::Cpu(_) => None,
+        }
+    }
+
     /// Whether this is the GPU engine.
     pub fn is_gpu(&self) -> bool {
         matches!(self.engine, Engine::Gpu(_))

@@ -56,8 +56,9 @@ fn uniform_structs_agree_with_wgsl() {
     let module = parse(Kernel::Prefill, Variant::Baseline, KvStorage::F32);
     let merge = parse(Kernel::Merge, Variant::Baseline, KvStorage::F32);
     let append = parse(Kernel::AppendKv, Variant::Baseline, KvStorage::F32);
+    let linear = parse(Kernel::LinearMatmul, Variant::Baseline, KvStorage::F32);
     for (name, size, fields) in layouts() {
-        let m = [&module, &merge, &append]
+        let m = [&module, &merge, &append, &linear]
             .into_iter()
             .find(|m| m.types.iter().any(|(_, t)| t.name.as_deref() == Some(name)))
             .unwrap_or_else(|| panic!("no WGSL struct {name}"));

@@ -11,7 +11,7 @@ use super::timing::Stats;
 use super::{KernelReport, Scope};
 use crate::attention::{AttentionOutput, AttentionParams, DecodeInput, KvInput, PrefillInput};
 use crate::error::Result;
-use crate::gpu::GpuEngine;
+use crate::gpu::{DEFAULT_MAX_WEIGHT_BUFFER, GpuEngine, GpuLinear};
 use crate::kv::{KvLayout, PageTable, PagedKv};
 
 /// Measures the ceilings, then every case, on `engine`.
@@ -48,6 +48,15 @@ pub fn run_gpu_kernels(engine: &GpuEngine, scope: Scope) -> Result<KernelReport>
     }
     for &(batch, ctx_len) in decode {
         cases.push(decode_paged(engine, batch, ctx_len, runs, stamps)?);
+    }
+    // Projections (rows, n, k): GEMVs over an MLP-sized weight (GB/s of weights), then
+    // prompt-chunk matmuls (FLOP/s).
+    let projections: &[(usize, usize, usize)] = match scope {
+        Scope::Quick => &[(1, 2048, 1024), (128, 1024, 1024)],
+        Scope::Full => &[(1, 14336, 4096), (4, 14336, 4096), (512, 14336, 4096), (2048, 4096, 4096)],
+    };
+    for &(rows, n, k) in projections {
+        cases.push(linear(engine, rows, n, k, runs, stamps)?);
     }
     Ok(KernelReport {
         cpu: ctx.summary.to_string(),
@@ -134,4 +143,39 @@ pub fn prepare_decode_paged(engine: &GpuEngine, batch: usize, ctx: usize) -> Res
     };
     let mut o = vec![0f32; batch * QO_HEADS * HEAD_DIM];
     engine.decode(&params, &input, &mut AttentionOutput::new(o.as_mut_slice()))
+}
+
+/// A projection `[rows, k] x [n, k]^T`, weights f16 where the adapter has shader-f16 (else f32).
+/// Up to [`crate::gpu::GEMV_MAX_ROWS`] rows it is a GEMV, rated in GB/s of weights read; above,
+/// a matmul rated in FLOP/s.
+fn linear(engine: &GpuEngine, rows: usize, n: usize, k: usize, runs: usize, stamps: usize) -> Result<CaseResult> {
+    let weights = prepare_linear(engine, rows, n, k)?;
+    let (seconds, wall) = time_case(engine, runs, stamps)?;
+    let dtype = weights.storage;
+    let gemv = rows <= crate::gpu::GEMV_MAX_ROWS;
+    Ok(CaseResult {
+        name: format!("{} {dtype} rows={rows} [{n}, {k}]", if gemv { "gemv" } else { "matmul" }),
+        seconds,
+        wall,
+        bound: if gemv { Bound::Memory } else { Bound::Compute },
+        work: if gemv { (n * k * dtype.bytes()) as f64 } else { linear_flops(rows, n, k) },
+    })
+}
+
+/// FLOPs of one projection.
+pub fn linear_flops(rows: usize, n: usize, k: usize) -> f64 {
+    2.0 * rows as f64 * n as f64 * k as f64
+}
+
+/// Uploads a projection's weights, runs it once, and returns the weights (keep them while
+/// [`GpuEngine::time_last`] re-runs the call on device-resident inputs).
+pub fn prepare_linear(engine: &GpuEngine, rows: usize, n: usize, k: usize) -> Result<GpuLinear> {
+    let w: Vec<f16> = pseudo_random(n * k, 7);
+    let w = crate::dtype::TensorRef::F16(&w);
+    let storage = GpuLinear::storage_for(engine, w);
+    let weights = GpuLinear::upload(engine, w, n, k, None, storage, DEFAULT_MAX_WEIGHT_BUFFER)?;
+    let x: Vec<f32> = pseudo_random(rows * k, 8).iter().map(|v| v.to_f32()).collect();
+    let mut y = vec![0f32; rows * n];
+    engine.linear(&weights, &x, rows, &mut y)?;
+    Ok(weights)
 }

@@ -121,6 +121,11 @@ impl GpuEngine {
         if self.opts.f16_kv && dtype == DType::F16 { KvStorage::F16 } else { KvStorage::F32 }
     }
 
+    /// The pools and caches, for resident objects that must leave the cache when dropped.
+    pub(super) fn resources(&self) -> &Arc<Mutex<Resources>> {
+        &self.res
+    }
+
     pub(super) fn lock(&self) -> Result<std::sync::MutexGuard<'_, Resources>> {
         self.res.lock().map_err(|_| TwinferError::DeviceLost("a previous call panicked".into()))
     }

@@ -1,9 +1,10 @@
 //! The WGSL engine: device and adapter choice, shader registry, pipeline and buffer pools, and
-//! the attention calls over host slices. No wgpu type appears in the attention API. Natively it
+//! the attention calls and the projections over host slices. No wgpu type appears in the attention API. Natively it
 //! runs on Vulkan; in a browser (wasm32) on WebGPU, through the `_async` calls.
 
 mod device;
 mod engine;
+mod linear;
 pub mod params;
 mod pending;
 mod resident;
@@ -13,5 +14,6 @@ mod upload;
 
 pub use device::{AdapterSummary, GpuContext, ResourceCounts};
 pub use engine::{GpuEngine, GpuOptions};
+pub use linear::{DEFAULT_MAX_WEIGHT_BUFFER, GEMV_MAX_ROWS, GpuLinear};
 pub use resident::{DEFAULT_MAX_KV_BUFFER, GpuKvCache};
 pub use shaders::{KvStorage, Variant};

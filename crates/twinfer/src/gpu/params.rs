@@ -57,6 +57,24 @@ pub struct AppendParams {
     pub page_size: u32,
 }
 
+/// WGSL `LinearParams` (linear_gemv.wgsl, linear_matmul.wgsl): one weight buffer of a projection.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Pod, Zeroable)]
+pub struct LinearParams {
+    pub rows: u32,
+    /// Features in this weight buffer.
+    pub n: u32,
+    /// vec4s per row of x and W (k padded with zeros).
+    pub k4: u32,
+    /// First feature of this buffer among the layer's.
+    pub n0: u32,
+    /// Row stride of y: all of the layer's features.
+    pub ldy: u32,
+    pub _pad0: u32,
+    pub _pad1: u32,
+    pub _pad2: u32,
+}
+
 /// The window value that means "no sliding window".
 pub const NO_WINDOW: u32 = u32::MAX;
 
@@ -103,5 +121,6 @@ pub fn layouts() -> Vec<Layout> {
         ),
         offsets!(MergeParams, "MergeParams", [rows, num_heads, num_chunks, head_dim]),
         offsets!(AppendParams, "AppendParams", [rows, num_kv_heads, head_dim, page_size]),
+        offsets!(LinearParams, "LinearParams", [rows, n, k4, n0, ldy, _pad0, _pad1, _pad2]),
     ]
 }

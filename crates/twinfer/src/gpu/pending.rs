@@ -70,6 +70,19 @@ impl Readback {
         buffer.map_async(wgpu::MapMode::Read, 0..o_bytes + lse_bytes, mapped.sender());
         Ok(Self { buffer, bytes: o_bytes + lse_bytes, o_len: rows * d, lse_len: if lse { rows } else { 0 }, mapped })
     }
+
+    /// Copies the first `len` f32s of `slot` into a pooled mappable buffer (a projection's
+    /// output), submits the copy and requests the map; they arrive as [`Results::into_values`].
+    pub(super) fn queue_slot(ctx: &GpuContext, res: &mut Resources, slot: Slot, len: usize) -> Result<Self> {
+        let bytes = (len * 4) as u64;
+        let buffer = res.take_readback(ctx, bytes)?;
+        let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
+        enc.copy_buffer_to_buffer(res.get(slot), 0, &buffer, 0, bytes);
+        ctx.queue.submit([enc.finish()]);
+        let mapped = Oneshot::new();
+        buffer.map_async(wgpu::MapMode::Read, 0..bytes, mapped.sender());
+        Ok(Self { buffer, bytes, o_len: len, lse_len: 0, mapped })
+    }
 }
 
 /// A submitted call.
@@ -89,6 +102,11 @@ pub(super) struct Results {
 }
 
 impl Results {
+    /// The values read back (O, or the slot of [`Readback::queue_slot`]).
+    pub(super) fn into_values(self) -> Vec<f32> {
+        self.o
+    }
+
     /// Writes O (and LSE when asked for) into the caller's output.
     pub(super) fn write(&self, out: &mut AttentionOutput<'_>) {
         out.o.write_f32(0, &self.o);

@@ -16,7 +16,9 @@ pub struct Tile {
     pub wg: u32,
     /// Query rows per workgroup (prefill, fixed), query heads per workgroup (decode), else 0.
     pub br: u32,
-    /// Keys per tile (prefill, fixed), keys per team and step (decode, fixed), FMA rounds (bench_fma), else 0.
+    /// Keys per tile (prefill, fixed), keys per team and step (decode, fixed), FMA rounds
+    /// (bench_fma), threads per feature (linear_gemv), else 0. The matmul's outputs per thread are
+    /// (br, bc) = (TM, TN).
     pub bc: u32,
 }
 
@@ -46,6 +48,9 @@ pub enum Slot {
     NewK,
     NewV,
     AppendSlots,
+    /// Projections: the input rows (k padded to vec4s) and the output.
+    LinX,
+    LinY,
 }
 
 impl Slot {
@@ -121,6 +126,13 @@ impl Resources {
         }
         if key.kernel == Kernel::Decode {
             constants.push(("GQ", key.tile.br as f64));
+        }
+        if key.kernel == Kernel::LinearGemv {
+            constants.push(("TPF", key.tile.bc as f64));
+        }
+        if key.kernel == Kernel::LinearMatmul {
+            // Its workgroup is fixed at 16 x 16; WG is not one of its knobs.
+            constants = vec![("TM", key.tile.br as f64), ("TN", key.tile.bc as f64)];
         }
         ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(key.kernel.file()),
@@ -213,6 +225,13 @@ impl Resources {
         Ok(bg)
     }
 
+    /// Drops the cached bind groups that name an external buffer whose id `owned` accepts, so that
+    /// buffers being freed (a dropped projection's weights) are not kept alive by the cache.
+    pub fn forget_external(&mut self, owned: impl Fn(u64) -> bool) {
+        self.bind_groups
+            .retain(|(_, ids), _| !ids.iter().any(|(tag, _)| *tag & EXTERNAL != 0 && owned(*tag & !EXTERNAL)));
+    }
+
     pub fn set_last_passes(&mut self, passes: Vec<RecordedPass>) {
         self.last = passes;
     }
@@ -276,5 +295,7 @@ fn slot_name(slot: Slot) -> &'static str {
         Slot::NewK => "new k rows",
         Slot::NewV => "new v rows",
         Slot::AppendSlots => "append slots",
+        Slot::LinX => "projection input",
+        Slot::LinY => "projection output",
     }
 }

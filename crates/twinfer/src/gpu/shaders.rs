@@ -10,13 +10,15 @@ use std::fmt;
 pub const SHARED: (&str, &str) = ("online_softmax.wgsl", include_str!("../../../../shaders/online_softmax.wgsl"));
 
 /// One entry per kernel file, in the order of [`Kernel::ALL`].
-const FILES: [(&str, &str); 6] = [
+const FILES: [(&str, &str); 8] = [
     ("prefill_attention.wgsl", include_str!("../../../../shaders/prefill_attention.wgsl")),
     ("decode_attention_paged.wgsl", include_str!("../../../../shaders/decode_attention_paged.wgsl")),
     ("merge_state.wgsl", include_str!("../../../../shaders/merge_state.wgsl")),
     ("append_kv.wgsl", include_str!("../../../../shaders/append_kv.wgsl")),
     ("bench_read.wgsl", include_str!("../../../../shaders/bench_read.wgsl")),
     ("bench_fma.wgsl", include_str!("../../../../shaders/bench_fma.wgsl")),
+    ("linear_gemv.wgsl", include_str!("../../../../shaders/linear_gemv.wgsl")),
+    ("linear_matmul.wgsl", include_str!("../../../../shaders/linear_matmul.wgsl")),
 ];
 
 /// Kernels with `// #if SUBGROUP` lines.
@@ -32,11 +34,22 @@ pub enum Kernel {
     /// Ceilings for the benchmarks: a streaming read and an FMA loop.
     BenchRead,
     BenchFma,
+    /// Projections: decode rows (GEMV) and prompt chunks (tiled matmul).
+    LinearGemv,
+    LinearMatmul,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 6] =
-        [Kernel::Prefill, Kernel::Decode, Kernel::Merge, Kernel::AppendKv, Kernel::BenchRead, Kernel::BenchFma];
+    pub const ALL: [Kernel; 8] = [
+        Kernel::Prefill,
+        Kernel::Decode,
+        Kernel::Merge,
+        Kernel::AppendKv,
+        Kernel::BenchRead,
+        Kernel::BenchFma,
+        Kernel::LinearGemv,
+        Kernel::LinearMatmul,
+    ];
 
     fn index(self) -> usize {
         match self {
@@ -46,6 +59,8 @@ impl Kernel {
             Kernel::AppendKv => 3,
             Kernel::BenchRead => 4,
             Kernel::BenchFma => 5,
+            Kernel::LinearGemv => 6,
+            Kernel::LinearMatmul => 7,
         }
     }
     /// The file name, used as the pipeline label.

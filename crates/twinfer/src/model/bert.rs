@@ -117,11 +117,13 @@ impl BertModel {
         layer_norm(&mut x, &self.embed_norm.gamma, &self.embed_norm.beta, c.layer_norm_eps);
 
         let params = AttentionParams::new(c.num_heads, c.num_heads, c.head_dim());
+        // On the GPU engine the projections run there too; LayerNorm and GELU stay on the CPU.
+        let gpu = attention.gpu_engine();
         let (mut qkv, mut q, mut k, mut v) =
             (Vec::new(), vec![0f32; tokens * h], vec![0f32; tokens * h], vec![0f32; tokens * h]);
         let (mut o, mut tmp, mut ffn) = (vec![0f32; tokens * h], Vec::new(), Vec::new());
         for layer in &self.layers {
-            layer.qkv.forward(level, &x, tokens, &mut qkv)?;
+            layer.qkv.forward_async(level, gpu, &x, tokens, &mut qkv).await?;
             for t in 0..tokens {
                 let row = &qkv[t * 3 * h..][..3 * h];
                 q[t * h..][..h].copy_from_slice(&row[..h]);
@@ -135,12 +137,12 @@ impl BertModel {
                 kv: KvInput::Ragged { k: (&k[..]).into(), v: (&v[..]).into(), kv_indptr: &indptr },
             };
             attention.prefill_async(&params, &input, &mut AttentionOutput::new(&mut o[..])).await?;
-            layer.out.forward(level, &o, tokens, &mut tmp)?;
+            layer.out.forward_async(level, gpu, &o, tokens, &mut tmp).await?;
             add_assign(&mut x, &tmp);
             layer_norm(&mut x, &layer.attn_norm.gamma, &layer.attn_norm.beta, c.layer_norm_eps);
-            layer.up.forward(level, &x, tokens, &mut ffn)?;
+            layer.up.forward_async(level, gpu, &x, tokens, &mut ffn).await?;
             gelu(&mut ffn);
-            layer.down.forward(level, &ffn, tokens, &mut tmp)?;
+            layer.down.forward_async(level, gpu, &ffn, tokens, &mut tmp).await?;
             add_assign(&mut x, &tmp);
             layer_norm(&mut x, &layer.ffn_norm.gamma, &layer.ffn_norm.beta, c.layer_norm_eps);
         }

@@ -1,10 +1,13 @@
-//! A projection `y = x · Wᵀ + b` with its weights in the dtype they were stored in.
+//! A projection `y = x · Wᵀ + b` with its weights in the dtype they were stored in: on the CPU
+//! through the pulp kernel, or on a GPU engine, where the weights are uploaded on first use and
+//! stay resident (one copy per device, shared by clones of the model).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::cpu::{SimdLevel, linear};
 use crate::dtype::TensorRef;
 use crate::error::{Result, TwinferError};
+use crate::gpu::{DEFAULT_MAX_WEIGHT_BUFFER, GpuEngine, GpuLinear};
 use crate::model::weights::{WeightData, Weights};
 
 #[derive(Debug, Clone)]
@@ -14,14 +17,25 @@ pub struct Linear {
     pub bias: Option<Vec<f32>>,
     pub n: usize,
     pub k: usize,
+    /// The weights' copies on GPU devices, made on first use there.
+    pub device: DeviceCopies,
 }
+
+/// A projection's resident copies, one per live device (a prefill and a decode engine may be two).
+#[derive(Debug, Clone, Default)]
+pub struct DeviceCopies(Arc<Mutex<Vec<Arc<GpuLinear>>>>);
 
 impl Linear {
     /// `{name}.weight` of shape `[n, k]` and, with `bias`, `{name}.bias` of shape `[n]`.
     pub fn load(weights: &Weights, name: &str, n: usize, k: usize, bias: bool) -> Result<Self> {
         let w = Arc::new(weights.get(&format!("{name}.weight"), &[n, k])?);
         let bias = if bias { Some(weights.f32(&format!("{name}.bias"), &[n])?) } else { None };
-        Ok(Self { w, bias, n, k })
+        Ok(Self { w, bias, n, k, device: DeviceCopies::default() })
+    }
+
+    /// A projection over weights already loaded (a tied LM head shares the embeddings).
+    pub fn new(w: Arc<WeightData>, bias: Option<Vec<f32>>, n: usize, k: usize) -> Self {
+        Self { w, bias, n, k, device: DeviceCopies::default() }
     }
 
     /// Several projections of the same input stacked into one (q, k, v; gate, up), so the input is
@@ -54,7 +68,7 @@ impl Linear {
                 }
             }
         }
-        Ok(Self { w: Arc::new(w), bias: has_bias.then_some(bias), n, k })
+        Ok(Self::new(Arc::new(w), has_bias.then_some(bias), n, k))
     }
 
     pub fn weight_ref(&self) -> TensorRef<'_> {
@@ -70,6 +84,41 @@ impl Linear {
         y.clear();
         y.resize(rows * self.n, f32::NAN);
         linear(level, x, rows, self.weight_ref(), self.n, self.k, self.bias.as_deref(), y)
+    }
+
+    /// [`Linear::forward`] on `gpu` when given (awaiting the readback), else on the CPU. A lost
+    /// device is `DeviceLost`, as attention reports it.
+    pub async fn forward_async(
+        &self,
+        level: SimdLevel,
+        gpu: Option<&GpuEngine>,
+        x: &[f32],
+        rows: usize,
+        y: &mut Vec<f32>,
+    ) -> Result<()> {
+        let Some(gpu) = gpu else { return self.forward(level, x, rows, y) };
+        let weights = self.on_device(gpu)?;
+        y.clear();
+        y.resize(rows * self.n, f32::NAN);
+        gpu.linear_async(&weights, x, rows, y).await
+    }
+
+    /// The weights on `gpu`'s device, uploaded on the first call there.
+    pub fn on_device(&self, gpu: &GpuEngine) -> Result<Arc<GpuLinear>> {
+        let mut copies =
+            self.device.0.lock().map_err(|_| TwinferError::DeviceLost("a previous call panicked".into()))?;
+        if let Some(w) = copies.iter().find(|w| w.is_on(gpu.context())) {
+            return Ok(w.clone());
+        }
+        // Copies on devices that are gone free their buffers here.
+        copies.retain(|w| w.device_alive());
+        let w = self.weight_ref();
+        let storage = GpuLinear::storage_for(gpu, w);
+        let uploaded =
+            GpuLinear::upload(gpu, w, self.n, self.k, self.bias.as_deref(), storage, DEFAULT_MAX_WEIGHT_BUFFER)?;
+        let uploaded = Arc::new(uploaded);
+        copies.push(uploaded.clone());
+        Ok(uploaded)
     }
 
     /// Bytes of weights one forward reads.

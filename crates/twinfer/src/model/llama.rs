@@ -1,7 +1,9 @@
 //! The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM): RMSNorm, RoPE, GQA attention on
 //! the paged KV cache, SwiGLU. One [`LlamaModel::forward`] runs a continuous-batching step: any mix
 //! of prompt chunks and single decode tokens. Single tokens go to the decode engine, chunks to the
-//! prefill engine, both against the same pages.
+//! prefill engine, both against the same pages. When either engine of a step is the GPU engine,
+//! the step's projections run there too (weights resident on the device); norms, RoPE and
+//! activations stay on the CPU.
 
 use std::sync::Arc;
 
@@ -68,6 +70,18 @@ pub struct Engines<'a> {
     pub decode: &'a Attention,
 }
 
+impl<'a> Engines<'a> {
+    /// Where a step's projections run: on the GPU engine of a phase the step has (the prefill
+    /// engine's first, since prompt chunks are where the GPU pays most), else on the CPU at
+    /// `level`. One device runs the whole step, so decode and prompt rows share each product.
+    pub fn projections(&self, has_decode: bool, has_prefill: bool) -> Option<&'a crate::gpu::GpuEngine> {
+        [(has_prefill, self.prefill), (has_decode, self.decode)]
+            .into_iter()
+            .filter(|(used, _)| *used)
+            .find_map(|(_, a)| a.gpu_engine())
+    }
+}
+
 impl LlamaModel {
     pub fn load(config: DecoderConfig, w: &Weights) -> Result<Self> {
         let (h, q, kv, inter) = (config.hidden_size, config.q_dim(), config.kv_dim(), config.intermediate_size);
@@ -94,7 +108,7 @@ impl LlamaModel {
             })
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if config.tie_word_embeddings || !w.contains("lm_head.weight") {
-            Linear { w: embed.clone(), bias: None, n: config.vocab_size, k: h }
+            Linear::new(embed.clone(), None, config.vocab_size, h)
         } else {
             Linear::load(w, "lm_head", config.vocab_size, h, false)?
         };
@@ -175,6 +189,7 @@ impl LlamaModel {
         }
         let t = tokens.len();
         let rows_decode = n_decode;
+        let gpu = e.projections(n_decode > 0, n_decode < ids.len());
         let mut x = self.embed_rows(&tokens)?;
 
         let params = self.attention_params();
@@ -190,7 +205,7 @@ impl LlamaModel {
         let (mut k_store, mut v_store) = (KvRows::default(), KvRows::default());
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm_into(&x, &layer.attn_norm, c.rms_norm_eps, &mut hbuf);
-            layer.qkv.forward(e.level, &hbuf, t, &mut qkv)?;
+            layer.qkv.forward_async(e.level, gpu, &hbuf, t, &mut qkv).await?;
             for r in 0..t {
                 let row = &qkv[r * (qd + 2 * kvd)..][..qd + 2 * kvd];
                 q[r * qd..][..qd].copy_from_slice(&row[..qd]);
@@ -216,11 +231,11 @@ impl LlamaModel {
                 };
                 e.prefill.prefill_async(&params, &input, &mut AttentionOutput::new(o_pre)).await?;
             }
-            layer.o.forward(e.level, &o, t, &mut tmp)?;
+            layer.o.forward_async(e.level, gpu, &o, t, &mut tmp).await?;
             add_assign(&mut x, &tmp);
 
             rms_norm_into(&x, &layer.ffn_norm, c.rms_norm_eps, &mut hbuf);
-            layer.gate_up.forward(e.level, &hbuf, t, &mut gate_up)?;
+            layer.gate_up.forward_async(e.level, gpu, &hbuf, t, &mut gate_up).await?;
             let inter = c.intermediate_size;
             for r in 0..t {
                 let row = &gate_up[r * 2 * inter..][..2 * inter];
@@ -228,7 +243,7 @@ impl LlamaModel {
                 a.copy_from_slice(&row[..inter]);
                 silu_mul(a, &row[inter..]);
             }
-            layer.down.forward(e.level, &act, t, &mut tmp)?;
+            layer.down.forward_async(e.level, gpu, &act, t, &mut tmp).await?;
             add_assign(&mut x, &tmp);
         }
 
@@ -249,7 +264,7 @@ impl LlamaModel {
         let n = last_rows.len() / h;
         rms_norm(&mut last_rows, &self.norm, c.rms_norm_eps);
         let mut logits = Vec::new();
-        self.lm_head.forward(e.level, &last_rows, n, &mut logits)?;
+        self.lm_head.forward_async(e.level, gpu, &last_rows, n, &mut logits).await?;
         Ok(logits)
     }
 

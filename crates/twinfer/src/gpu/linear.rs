@@ -1,0 +1,310 @@
+//! Projections on the device: `y[rows, n] = x[rows, k] · W[n, k]ᵀ + b` with W uploaded once
+//! ([`GpuLinear`]) and kept on the device, in buffers of at most one binding each. Decode rows
+//! (at most [`GEMV_MAX_ROWS`]) go through `linear_gemv.wgsl`, prompt chunks through
+//! `linear_matmul.wgsl`. A call uploads only x and reads y back; after the pools have grown to a
+//! call's size it creates no buffer or bind group.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use super::device::GpuContext;
+use super::engine::GpuEngine;
+use super::params::LinearParams;
+use super::pending::{Pending, Readback, Scopes};
+use super::resources::{Bind, PipelineKey, Resources, Slot, Tile};
+use super::shaders::{Kernel, KvStorage, Variant};
+use crate::dtype::TensorRef;
+use crate::error::{Result, TwinferError, check_len};
+use crate::wait::blocking;
+
+/// Default cap on one weight buffer, below any adapter limit: phones bind at most 128 MiB.
+pub const DEFAULT_MAX_WEIGHT_BUFFER: u64 = 128 << 20;
+/// Rows up to which a call is a GEMV (`MAXR` in linear_gemv.wgsl).
+pub const GEMV_MAX_ROWS: usize = 4;
+/// GEMV workgroup and threads per output feature: 8 features per workgroup.
+const GEMV_WG: u32 = 256;
+const GEMV_TPF: u32 = 32;
+
+/// Ids of the weight buffers in the bind-group cache, kept apart from the KV pools' ids.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+const ID_TAG: u64 = 1 << 60;
+
+/// One buffer of a split weight matrix: features `n0 .. n0 + n`.
+#[derive(Debug)]
+struct Chunk {
+    n0: usize,
+    n: usize,
+    /// This buffer's `LinearParams`, rewritten (rows) by each call.
+    params: wgpu::Buffer,
+    /// `[n, k4]` vec4s of the storage type, k padded with zeros.
+    w: wgpu::Buffer,
+}
+
+/// A projection's weights (and bias) resident on one device.
+#[derive(Debug)]
+pub struct GpuLinear {
+    id: u64,
+    pub n: usize,
+    pub k: usize,
+    pub storage: KvStorage,
+    chunks: Vec<Chunk>,
+    /// `[n]` f32, zeros when the layer has no bias (one kernel either way).
+    bias: wgpu::Buffer,
+    ctx: Weak<GpuContext>,
+    /// Held from the parameter writes through the submission: engines sharing a device may call
+    /// the same weights at once, and each call rewrites the per-buffer parameters. It also lists
+    /// the engines whose bind-group caches name these buffers, to clear them on drop.
+    submit: Mutex<Vec<Weak<Mutex<Resources>>>>,
+}
+
+impl Drop for GpuLinear {
+    /// Cached bind groups would otherwise keep the weights on the device for the engine's life.
+    fn drop(&mut self) {
+        let engines = self.submit.get_mut().map(std::mem::take).unwrap_or_default();
+        let me = self.id;
+        for res in engines.iter().filter_map(Weak::upgrade) {
+            if let Ok(mut res) = res.lock() {
+                res.forget_external(|id| id & ID_TAG != 0 && (id & !ID_TAG) >> 24 == me);
+            }
+        }
+    }
+}
+
+impl GpuLinear {
+    /// The storage the engine keeps `w` in: f32 weights stay f32 (the model checks hold f32 to
+    /// 1e-4), f16 weights stay f16 where the adapter has shader-f16; bf16 weights become f16 there
+    /// when every value fits f16's range, else f32 (as f16 weights do without shader-f16).
+    pub fn storage_for(engine: &GpuEngine, w: TensorRef<'_>) -> KvStorage {
+        let f16 = engine.context().summary.shader_f16;
+        match w {
+            TensorRef::F32(_) => KvStorage::F32,
+            TensorRef::F16(_) if f16 => KvStorage::F16,
+            TensorRef::BF16(v) if f16 && v.iter().all(|x| x.to_f32().abs() <= 65504.0) => KvStorage::F16,
+            _ => KvStorage::F32,
+        }
+    }
+
+    /// Uploads `w` (`[n, k]`) and `bias` (`[n]`) in `storage`, in buffers of at most `max_buffer`
+    /// bytes (see [`DEFAULT_MAX_WEIGHT_BUFFER`]) and never above the adapter's binding limit.
+    /// `OverLimit` only when one row of W does not fit a buffer.
+    pub fn upload(
+        engine: &GpuEngine,
+        w: TensorRef<'_>,
+        n: usize,
+        k: usize,
+        bias: Option<&[f32]>,
+        storage: KvStorage,
+        max_buffer: u64,
+    ) -> Result<Self> {
+        check_len("projection weights ([n, k])", n * k, w.len())?;
+        if let Some(b) = bias {
+            check_len("projection bias ([n])", n, b.len())?;
+        }
+        let ctx = engine.context();
+        if storage == KvStorage::F16 && !ctx.summary.shader_f16 {
+            return Err(TwinferError::GpuUnavailable(format!("{} has no shader-f16", ctx.summary.name)));
+        }
+        ctx.check_alive()?;
+        let binding = ctx.limits.max_storage_buffer_binding_size.min(ctx.limits.max_buffer_size);
+        let limit = max_buffer.min(binding);
+        let k4 = k.div_ceil(4).max(1);
+        let row_bytes = (k4 * 4 * storage.bytes()) as u64;
+        if row_bytes > limit {
+            return Err(TwinferError::OverLimit { what: "one row of projection weights", requested: row_bytes, limit });
+        }
+        let bias_bytes = (n.max(4) * 4) as u64;
+        if bias_bytes > binding {
+            return Err(TwinferError::OverLimit { what: "projection bias", requested: bias_bytes, limit: binding });
+        }
+        let per_chunk = ((limit / row_bytes) as usize).min(n.max(1));
+        let make = |label, size: u64, usage| {
+            ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        use wgpu::BufferUsages as U;
+        let (made, error) = ctx.scoped(wgpu::ErrorFilter::OutOfMemory, || {
+            let chunks: Vec<Chunk> = (0..n.div_ceil(per_chunk))
+                .map(|i| {
+                    let (n0, rows) = (i * per_chunk, per_chunk.min(n - i * per_chunk));
+                    Chunk {
+                        n0,
+                        n: rows,
+                        params: make("projection params", size_of::<LinearParams>() as u64, U::UNIFORM | U::COPY_DST),
+                        w: make("projection weights", rows as u64 * row_bytes, U::STORAGE | U::COPY_DST),
+                    }
+                })
+                .collect();
+            (chunks, make("projection bias", bias_bytes, U::STORAGE | U::COPY_DST))
+        });
+        if let Some(e) = error {
+            return Err(TwinferError::GpuOutOfMemory(format!("projection weights [{n}, {k}] in {storage}: {e}")));
+        }
+        let (chunks, bias_buf) = made;
+        ctx.counters.buffers.fetch_add(2 * chunks.len() as u64 + 1, Ordering::Relaxed);
+        for c in &chunks {
+            ctx.queue.write_buffer(&c.w, 0, &padded_rows(w, c.n0, c.n, k, k4, storage));
+        }
+        let mut b = bias.map_or_else(|| vec![0f32; n], <[f32]>::to_vec);
+        b.resize(n.max(4), 0.0);
+        ctx.queue.write_buffer(&bias_buf, 0, bytemuck::cast_slice(&b));
+        Ok(Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            n,
+            k,
+            storage,
+            chunks,
+            bias: bias_buf,
+            ctx: Arc::downgrade(ctx),
+            submit: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Number of buffers W is split into.
+    pub fn num_buffers(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Whether these weights live on `ctx`'s device.
+    pub fn is_on(&self, ctx: &Arc<GpuContext>) -> bool {
+        self.ctx.upgrade().is_some_and(|c| Arc::ptr_eq(&c, ctx))
+    }
+
+    /// Whether the device these weights live on is still there.
+    pub fn device_alive(&self) -> bool {
+        self.ctx.upgrade().is_some_and(|c| c.check_alive().is_ok())
+    }
+
+    /// Bindings of chunk `i`: its parameters, its weights and the bias.
+    fn binds(&self, i: usize) -> [Bind<'_>; 3] {
+        let id = ID_TAG | self.id << 24 | (i as u64) << 2;
+        let c = &self.chunks[i];
+        [Bind::External(id, &c.params), Bind::External(id | 1, &c.w), Bind::External(id | 2, &self.bias)]
+    }
+}
+
+/// Rows `first .. first + rows` of `w` (`[_, k]`) as device bytes, each padded to `k4` vec4s.
+fn padded_rows(w: TensorRef<'_>, first: usize, rows: usize, k: usize, k4: usize, storage: KvStorage) -> Vec<u8> {
+    let mut f = vec![0f32; rows * k4 * 4];
+    for r in 0..rows {
+        w.read_f32((first + r) * k, &mut f[r * k4 * 4..][..k]);
+    }
+    match storage {
+        KvStorage::F32 => bytemuck::cast_slice(&f).to_vec(),
+        KvStorage::F16 => {
+            let h: Vec<u16> = f.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect();
+            bytemuck::cast_slice(&h).to_vec()
+        }
+    }
+}
+
+/// The matmul's outputs per thread for a call of `rows` rows: the row tile shrinks for short
+/// chunks. Every choice sums each output in the same order, so results do not depend on it.
+fn matmul_tile(rows: usize) -> Tile {
+    let tm = match rows {
+        0..=16 => 1,
+        17..=32 => 2,
+        _ => 4,
+    };
+    Tile { wg: 256, br: tm, bc: 4 }
+}
+
+impl GpuEngine {
+    /// `y[rows, n] = x[rows, k] · Wᵀ + b` on the device. Blocks; in a browser use
+    /// [`GpuEngine::linear_async`].
+    pub fn linear(&self, w: &GpuLinear, x: &[f32], rows: usize, y: &mut [f32]) -> Result<()> {
+        blocking("GpuEngine::linear", self.linear_async(w, x, rows, y))?
+    }
+
+    /// [`GpuEngine::linear`] without blocking.
+    pub async fn linear_async(&self, w: &GpuLinear, x: &[f32], rows: usize, y: &mut [f32]) -> Result<()> {
+        if let Some(pending) = self.linear_submit(w, x, rows, y.len())? {
+            y.copy_from_slice(&pending.wait_async().await?.into_values());
+        }
+        Ok(())
+    }
+
+    /// Fills the device's projection output with NaN for the next `len` f32s, so that a test sees
+    /// any element a kernel leaves unwritten.
+    #[doc(hidden)]
+    pub fn poison_projection_output_for_test(&self, len: usize) -> Result<()> {
+        let mut res = self.lock()?;
+        self.write(&mut res, Slot::LinY, bytemuck::cast_slice(&vec![f32::NAN; len]))
+    }
+
+    fn linear_submit(&self, w: &GpuLinear, x: &[f32], rows: usize, y_len: usize) -> Result<Option<Pending>> {
+        check_len("projection input ([rows, k])", rows * w.k, x.len())?;
+        check_len("projection output ([rows, n])", rows * w.n, y_len)?;
+        let ctx = self.context();
+        ctx.check_alive()?;
+        if !w.is_on(ctx) {
+            return Err(TwinferError::InvalidParameter("projection weights live on another device".into()));
+        }
+        if rows == 0 || w.n == 0 {
+            return Ok(None);
+        }
+        let k4 = w.k.div_ceil(4).max(1);
+        let mut padded = Vec::new();
+        let x = if w.k == k4 * 4 {
+            x
+        } else {
+            padded.resize(rows * k4 * 4, 0.0);
+            for r in 0..rows {
+                padded[r * k4 * 4..][..w.k].copy_from_slice(&x[r * w.k..][..w.k]);
+            }
+            &padded[..]
+        };
+        let mut engines = w.submit.lock().map_err(|_| TwinferError::DeviceLost("a previous call panicked".into()))?;
+        if !engines.iter().any(|e| std::ptr::eq(e.as_ptr(), Arc::as_ptr(self.resources()))) {
+            engines.push(Arc::downgrade(self.resources()));
+        }
+        let mut res = self.lock()?;
+        let scope = Scopes::push(ctx);
+        self.write(&mut res, Slot::LinX, bytemuck::cast_slice(x))?;
+        res.buffer(ctx, Slot::LinY, (rows * w.n * 4) as u64)?;
+        let gemv = rows <= GEMV_MAX_ROWS;
+        let key = if gemv {
+            PipelineKey {
+                kernel: Kernel::LinearGemv,
+                variant: Variant::Baseline,
+                kv: w.storage,
+                tile: Tile { wg: GEMV_WG, br: 0, bc: GEMV_TPF },
+            }
+        } else {
+            PipelineKey {
+                kernel: Kernel::LinearMatmul,
+                variant: Variant::Baseline,
+                kv: w.storage,
+                tile: matmul_tile(rows),
+            }
+        };
+        let mut passes = Vec::with_capacity(w.chunks.len());
+        for (i, c) in w.chunks.iter().enumerate() {
+            let prm = LinearParams {
+                rows: rows as u32,
+                n: c.n as u32,
+                k4: k4 as u32,
+                n0: c.n0 as u32,
+                ldy: w.n as u32,
+                ..Default::default()
+            };
+            ctx.queue.write_buffer(&c.params, 0, bytemuck::bytes_of(&prm));
+            let [params, weights, bias] = w.binds(i);
+            let binds = vec![params, Bind::Slot(Slot::LinX), weights, bias, Bind::Slot(Slot::LinY)];
+            let grid = if gemv {
+                let groups = c.n.div_ceil((GEMV_WG / GEMV_TPF) as usize);
+                [groups.min(32768), groups.div_ceil(32768), 1]
+            } else {
+                let (bm, bn) = (16 * key.tile.br as usize, 16 * key.tile.bc as usize);
+                [c.n.div_ceil(bn), rows.div_ceil(bm), 1]
+            };
+            passes.push((key, binds, grid));
+        }
+        self.run_passes(&mut res, &passes)?;
+        let readback = Readback::queue_slot(ctx, &mut res, Slot::LinY, rows * w.n)?;
+        Ok(Some(self.submitted(scope, Some(readback))))
+    }
+}

@@ -1,0 +1,73 @@
+// linear_gemv.wgsl: y[rows, n] = x[rows, k] · W[n, k]ᵀ + bias for decode rows (rows <= MAXR).
+//
+// Algorithm: TPF threads share one output feature; each walks the row of W in vec4 steps
+// (consecutive threads read consecutive vec4s, so a feature's TPF threads stream one contiguous
+// span) and keeps one partial dot per row of x, MAXR at most. A tree in workgroup memory sums the
+// TPF partials; W is read exactly once per call, which is all a GEMV can hope for. Accumulation is
+// f32 whatever W is stored in.
+// Tiling: WG threads per workgroup = WG / TPF features; workgroup g takes features
+// [g * WG / TPF, (g + 1) * WG / TPF) of this weight buffer.
+// Bindings (group 0): 0 uniform LinearParams; 1 x [rows, k4] vec4<f32>; 2 w [n, k4] w4 (this
+//   buffer's features only); 3 bias [all features] f32 (zeros when the layer has none);
+//   4 y [rows, ldy] f32, written at columns n0 .. n0 + n.
+// k is padded with zeros to k4 vec4s in both x and W on the host.
+// Dispatch: (min(groups, 32768), ceil(groups / 32768), 1), groups = ceil(n / (WG / TPF)).
+// Knobs: override WG, TPF (powers of two, TPF <= WG); w4 = kv4 from the prelude (f32, or f16
+// under SHADER_F16).
+
+override WG: u32 = 256u;
+override TPF: u32 = 32u;
+const MAXR: u32 = 4u;
+const WG_MAX: u32 = 256u;
+
+alias w4 = kv4;
+
+// Mirrored by `LinearParams` in crates/twinfer/src/gpu/params.rs.
+struct LinearParams {
+    rows: u32,
+    n: u32,        // features in this weight buffer
+    k4: u32,       // vec4s per row of x and W
+    n0: u32,       // first feature of this buffer among all of the layer's
+    ldy: u32,      // row stride of y: all features of the layer
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> P: LinearParams;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> w: array<w4>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+
+var<workgroup> red: array<vec4<f32>, WG_MAX>;   // [WG] partial dots, one lane per row of x
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let per_wg = WG / TPF;
+    let f = (wid.x + wid.y * 32768u) * per_wg + lid / TPF;
+    let lane = lid % TPF;
+    let live = f < P.n;
+    var acc = vec4<f32>(0.0);
+    if (live) {
+        let wrow = f * P.k4;
+        for (var i = lane; i < P.k4; i += TPF) {
+            let wv = vec4<f32>(w[wrow + i]);
+            for (var r = 0u; r < P.rows; r++) {
+                acc[r] += dot(wv, x[r * P.k4 + i]);
+            }
+        }
+    }
+    red[lid] = acc;
+    for (var s = TPF / 2u; s > 0u; s >>= 1u) {
+        workgroupBarrier();
+        if (lane < s) {
+            red[lid] += red[lid + s];
+        }
+    }
+    workgroupBarrier();
+    if (live && lane < P.rows) {
+        let col = P.n0 + f;
+        y[lane * P.ldy + col] = red[lid - lane][lane] + bias[col];
+    }
+}

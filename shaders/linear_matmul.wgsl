@@ -1,0 +1,117 @@
+// linear_matmul.wgsl: y[rows, n] = x[rows, k] · W[n, k]ᵀ + bias for prompt chunks (many rows).
+//
+// Algorithm: a classic shared-memory tiled matmul. A 16 x 16 workgroup owns a BM x BN tile of y
+// (BM = 16 TM rows, BN = 16 TN features) and walks k in steps of BK = 16: it stages the x tile
+// [BM, BK] and the W tile [BN, BK] in workgroup memory (W widened to f32 once, on the way in),
+// then each thread accumulates its TM x TN outputs from registers, f32 throughout. Thread (tx, ty)
+// owns rows ty + 16 i and features tx + 16 j: consecutive threads read consecutive workgroup
+// words and write consecutive features of y. Tiles are stored k-major so the inner loop reads one
+// word per row and per feature.
+// Tiling: BM x BN outputs per workgroup, TM x TN per thread (at most 4 x 4), BK = 16.
+// Bindings (group 0): 0 uniform LinearParams; 1 x [rows, k4] vec4<f32>; 2 w [n, k4] w4 (this
+//   buffer's features only); 3 bias [all features] f32 (zeros when the layer has none);
+//   4 y [rows, ldy] f32, written at columns n0 .. n0 + n.
+// k is padded with zeros to k4 vec4s in both x and W on the host; rows and n need no padding.
+// Dispatch: (ceil(n / BN), ceil(rows / BM), 1).
+// Knobs: override TM, TN (1..=4); w4 = kv4 from the prelude (f32, or f16 under SHADER_F16).
+
+override TM: u32 = 4u;
+override TN: u32 = 4u;
+const T_MAX: u32 = 4u;
+const BK: u32 = 16u;
+const TILE_MAX: u32 = 1024u;   // 16 * T_MAX * BK
+
+alias w4 = kv4;
+
+// Mirrored by `LinearParams` in crates/twinfer/src/gpu/params.rs.
+struct LinearParams {
+    rows: u32,
+    n: u32,        // features in this weight buffer
+    k4: u32,       // vec4s per row of x and W
+    n0: u32,       // first feature of this buffer among all of the layer's
+    ldy: u32,      // row stride of y: all features of the layer
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> P: LinearParams;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> w: array<w4>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+
+var<workgroup> xs: array<f32, TILE_MAX>;   // [BK, BM]
+var<workgroup> ws: array<f32, TILE_MAX>;   // [BK, BN]
+
+@compute @workgroup_size(16, 16)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_id) lid3: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let bm = 16u * TM;
+    let bn = 16u * TN;
+    let m0 = wid.y * bm;
+    let f0 = wid.x * bn;
+    let tx = lid3.x;
+    let ty = lid3.y;
+    var acc: array<array<f32, T_MAX>, T_MAX>;
+    for (var i = 0u; i < T_MAX; i++) {
+        for (var j = 0u; j < T_MAX; j++) {
+            acc[i][j] = 0.0;
+        }
+    }
+    let bk4 = BK / 4u;
+    for (var k0 = 0u; k0 < P.k4; k0 += bk4) {
+        // Stage: one vec4 of x and of W per thread and step, zeros beyond the edges.
+        for (var t = lid; t < bm * bk4; t += 256u) {
+            let r = t / bk4;
+            let c = t % bk4;
+            var v = vec4<f32>(0.0);
+            if (m0 + r < P.rows && k0 + c < P.k4) {
+                v = x[(m0 + r) * P.k4 + k0 + c];
+            }
+            for (var e = 0u; e < 4u; e++) {
+                xs[(c * 4u + e) * bm + r] = v[e];
+            }
+        }
+        for (var t = lid; t < bn * bk4; t += 256u) {
+            let r = t / bk4;
+            let c = t % bk4;
+            var v = vec4<f32>(0.0);
+            if (f0 + r < P.n && k0 + c < P.k4) {
+                v = vec4<f32>(w[(f0 + r) * P.k4 + k0 + c]);
+            }
+            for (var e = 0u; e < 4u; e++) {
+                ws[(c * 4u + e) * bn + r] = v[e];
+            }
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < BK; kk++) {
+            var a: array<f32, T_MAX>;
+            var b: array<f32, T_MAX>;
+            for (var i = 0u; i < TM; i++) {
+                a[i] = xs[kk * bm + ty + 16u * i];
+            }
+            for (var j = 0u; j < TN; j++) {
+                b[j] = ws[kk * bn + tx + 16u * j];
+            }
+            for (var i = 0u; i < TM; i++) {
+                for (var j = 0u; j < TN; j++) {
+                    acc[i][j] = fma(a[i], b[j], acc[i][j]);
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var i = 0u; i < TM; i++) {
+        let r = m0 + ty + 16u * i;
+        for (var j = 0u; j < TN; j++) {
+            let f = f0 + tx + 16u * j;
+            if (r < P.rows && f < P.n) {
+                y[r * P.ldy + P.n0 + f] = acc[i][j] + bias[P.n0 + f];
+            }
+        }
+    }
+}

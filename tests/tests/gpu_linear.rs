@@ -1,0 +1,181 @@
+//! The projections on the WGSL engine (`linear_gemv.wgsl` for decode rows, `linear_matmul.wgsl`
+//! for prompt chunks) against an f64 reference: random shapes with n and k off the tiles, with
+//! and without bias, f32 and f16 weights, weights split over several buffers; outputs poisoned
+//! before every call. Then typed errors, and the tiny random decoder with f16 weights on the GPU
+//! against the CPU. (`gpu_resources.rs` shows a warm projection loop creates no GPU object.)
+//!
+//! Tolerance: |y - ref| <= k · 2⁻²³ · Σ|x·w| + 1e-6, the bound of an f32 sum of k terms (in any
+//! order); f16 weights are rounded to f16 before the reference sees them.
+//!
+//! With no adapter the tests print a loud SKIPPED, and fail when `TWINFER_REQUIRE_GPU=1` (CI).
+
+#![cfg(not(target_arch = "wasm32"))]
+
+use std::sync::OnceLock;
+
+use proptest::prelude::*;
+use twinfer::gpu::{GpuEngine, GpuLinear, KvStorage};
+use twinfer::{TensorRef, TwinferError, f16};
+
+/// Property cases: `TWINFER_GPU_TEST_CASES`, 12 by default (lavapipe is slow).
+fn cases() -> u32 {
+    option_env!("TWINFER_GPU_TEST_CASES").and_then(|s| s.parse().ok()).unwrap_or(12)
+}
+
+fn engine() -> Option<&'static GpuEngine> {
+    static BASE: OnceLock<Result<GpuEngine, TwinferError>> = OnceLock::new();
+    match BASE.get_or_init(GpuEngine::new) {
+        Ok(e) => Some(e),
+        Err(e) => {
+            assert!(std::env::var("TWINFER_REQUIRE_GPU").as_deref() != Ok("1"), "TWINFER_REQUIRE_GPU=1: {e}");
+            eprintln!("SKIPPED: no usable GPU ({e}); the projection kernels are NOT tested here");
+            None
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Problem {
+    rows: usize,
+    n: usize,
+    k: usize,
+    bias: bool,
+    f16: bool,
+    /// Rows of W per buffer, to force a split; None for one buffer.
+    split: Option<usize>,
+    seed: u64,
+}
+
+fn problem() -> impl Strategy<Value = Problem> {
+    // Decode-sized rows half of the time, so that the GEMV path is hit as often as the matmul.
+    let rows = prop_oneof![1usize..=4, 5usize..=70];
+    (rows, 1usize..=150, 1usize..=150, any::<bool>(), any::<bool>(), prop::option::of(1usize..=40), any::<u64>())
+        .prop_map(|(rows, n, k, bias, f16, split, seed)| Problem { rows, n, k, bias, f16, split, seed })
+}
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = twinfer_tests::rng::Rng::new(seed);
+    (0..n).map(|_| rng.uniform()).collect()
+}
+
+/// Runs one problem and compares with the f64 reference; `Err` names the first bad element.
+fn check(gpu: &GpuEngine, p: &Problem) -> Result<(), String> {
+    let storage = if p.f16 && gpu.context().summary.shader_f16 { KvStorage::F16 } else { KvStorage::F32 };
+    let x = values(p.rows * p.k, p.seed);
+    let w32 = values(p.n * p.k, p.seed ^ 1);
+    let w16: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
+    let (w, wref): (TensorRef<'_>, Vec<f32>) = if storage == KvStorage::F16 {
+        (TensorRef::F16(&w16), w16.iter().map(|v| v.to_f32()).collect())
+    } else {
+        (TensorRef::F32(&w32), w32.clone())
+    };
+    let bias = p.bias.then(|| values(p.n, p.seed ^ 2));
+    let bytes = storage.bytes() as u64;
+    let max_buffer = p.split.map_or(u64::MAX, |r| r as u64 * p.k.div_ceil(4) as u64 * 4 * bytes);
+    let lin = GpuLinear::upload(gpu, w, p.n, p.k, bias.as_deref(), storage, max_buffer).map_err(|e| e.to_string())?;
+    if let Some(r) = p.split {
+        assert_eq!(lin.num_buffers(), p.n.div_ceil(r));
+    }
+    gpu.poison_projection_output_for_test(p.rows * p.n).map_err(|e| e.to_string())?;
+    let mut y = vec![f32::NAN; p.rows * p.n];
+    gpu.linear(&lin, &x, p.rows, &mut y).map_err(|e| e.to_string())?;
+    for r in 0..p.rows {
+        for j in 0..p.n {
+            let (mut dot, mut abs) = (0f64, 0f64);
+            for i in 0..p.k {
+                let t = x[r * p.k + i] as f64 * wref[j * p.k + i] as f64;
+                dot += t;
+                abs += t.abs();
+            }
+            let b = bias.as_ref().map_or(0.0, |b| b[j] as f64);
+            let want = dot + b;
+            let tol = p.k as f64 * f32::EPSILON as f64 * (abs + b.abs()) + 1e-6;
+            let got = y[r * p.n + j] as f64;
+            if got.is_nan() || (got - want).abs() > tol {
+                return Err(format!("{p:?} ({storage}): y[{r}, {j}] = {got}, reference {want}, tolerance {tol:.1e}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+
+    #[test]
+    fn gpu_linear_matches_the_f64_reference(p in problem()) {
+        let Some(gpu) = engine() else { return Ok(()) };
+        check(gpu, &p).map_err(TestCaseError::fail)?;
+    }
+}
+
+/// The edges the generator may miss: a single row and feature, k of 1, the GEMV/matmul border,
+/// full tiles exactly, and one row past them.
+#[test]
+fn gpu_linear_pinned_shapes() {
+    let Some(gpu) = engine() else { return };
+    let shapes = [(1, 1, 1), (4, 9, 3), (5, 9, 3), (16, 64, 16), (17, 65, 17), (64, 64, 64), (65, 130, 33)];
+    for (i, &(rows, n, k)) in shapes.iter().enumerate() {
+        for f16 in [false, true] {
+            let p = Problem { rows, n, k, bias: i % 2 == 0, f16, split: (i == 6).then_some(7), seed: i as u64 };
+            check(gpu, &p).unwrap();
+        }
+    }
+}
+
+/// Typed errors: wrong lengths, a row wider than the buffer cap, f16 weights on another device's
+/// weights are refused, never a panic.
+#[test]
+fn gpu_linear_errors_are_typed() {
+    let Some(gpu) = engine() else { return };
+    let w = values(8 * 5, 1);
+    let err = GpuLinear::upload(gpu, TensorRef::F32(&w), 8, 6, None, KvStorage::F32, u64::MAX).unwrap_err();
+    assert!(matches!(err, TwinferError::ShapeMismatch { .. }), "{err:?}");
+    let err = GpuLinear::upload(gpu, TensorRef::F32(&w), 8, 5, None, KvStorage::F32, 16).unwrap_err();
+    assert!(matches!(err, TwinferError::OverLimit { .. }), "{err:?}");
+    let lin = GpuLinear::upload(gpu, TensorRef::F32(&w), 8, 5, None, KvStorage::F32, u64::MAX).unwrap();
+    let mut y = vec![0f32; 8];
+    let err = gpu.linear(&lin, &[0.0; 4], 1, &mut y).unwrap_err();
+    assert!(matches!(err, TwinferError::ShapeMismatch { .. }), "{err:?}");
+}
+
+/// The tiny random decoder with f16 weights: a prompt, then decode steps, with the projections on
+/// the GPU (f16 weights resident) and attention on the GPU, against the CPU engine throughout.
+#[test]
+fn f16_decoder_on_gpu_projections_matches_the_cpu() {
+    use twinfer::kv::{KvCacheConfig, KvLayout, PagedKvCache};
+    use twinfer::model::{Engines, Logits, StepSeq, preset, random_decoder};
+    use twinfer::{Attention, Backend, DType, cpu::SimdLevel};
+    if engine().is_none() {
+        return;
+    }
+    let gpu = Attention::new(Backend::Gpu).unwrap();
+    let cpu = Attention::cpu(SimdLevel::detect());
+    let model = random_decoder(preset("tiny").unwrap(), DType::F16, 3).unwrap();
+    let c = &model.config;
+    let run = |attention: &Attention| {
+        let e = Engines { level: SimdLevel::detect(), prefill: attention, decode: attention };
+        let layout = KvLayout::new(16, c.num_kv_heads, c.head_dim).unwrap();
+        let config = KvCacheConfig { num_layers: c.num_layers, num_pages: 16, layout, dtype: DType::F32 };
+        let mut cache = PagedKvCache::new(config).unwrap();
+        let seq = cache.add_sequence();
+        let prompt: Vec<u32> = (0..23).map(|i| (i * 53 + 7) % c.vocab_size as u32).collect();
+        cache.reserve(&[seq], &[prompt.len()]).unwrap();
+        let mut all =
+            model.forward(e, &mut cache, &[StepSeq { seq, tokens: &prompt, start: 0, logits: Logits::All }]).unwrap();
+        for s in 0..3u32 {
+            let start = cache.seq_len(seq).unwrap();
+            cache.reserve(&[seq], &[1]).unwrap();
+            let step = StepSeq { seq, tokens: &[s + 11], start, logits: Logits::Last };
+            all.extend(model.forward(e, &mut cache, &[step]).unwrap());
+        }
+        all
+    };
+    let before = gpu.gpu_engine().unwrap().counts();
+    let (g, want) = (run(&gpu), run(&cpu));
+    // Each projection (4 per layer and the LM head) left its parameters, weights and bias there.
+    let made = gpu.gpu_engine().unwrap().counts().buffers - before.buffers;
+    assert!(made >= 3 * (4 * c.num_layers as u64 + 1), "the projections did not run on the GPU ({made} buffers)");
+    let err = twinfer_tests::models::rel_err(&g, &want);
+    assert!(err <= 1e-4, "f16 decoder, GPU projections vs CPU: relative error {err:.2e}");
+}
