@@ -62,7 +62,7 @@ enum BenchWhat {
         /// GPU shader variant (default: the best the adapter supports).
         #[arg(long, value_enum)]
         variant: Option<VariantArg>,
-        /// GPU decode workgroup size (keys per tile): 64, 128 or 256.
+        /// GPU decode workgroup size in threads (teams of head_dim / 8 lanes): 64, 128 or 256.
         #[arg(long)]
         decode_wg: Option<u32>,
         /// Measure only these shapes (CPU): `prefill:LEN` or `decode:BATCH:CTX`; repeatable.
@@ -158,14 +158,19 @@ fn print_report(r: &KernelReport) {
         r.fma_gflops.max,
         r.read_gbps.runs
     );
-    println!("{:<34} {:>11} {:>8} {:>16} {:>9}", "case", "median ms", "spread", "rate", "% ceiling");
+    let walls = r.cases.iter().any(|c| c.wall.is_some());
+    if walls {
+        println!("times: GPU timestamps, median of single runs; wall: submit to completion of back-to-back runs");
+    }
+    print!("{:<34} {:>11} {:>8} {:>16} {:>9}", "case", "median ms", "spread", "rate", "% ceiling");
+    println!("{}", if walls { format!(" {:>11} {:>8}", "wall ms", "spread") } else { String::new() });
     for c in &r.cases {
         let rate = c.rate();
         let unit = match c.bound {
             bench::cases::Bound::Compute => "GFLOP/s",
             bench::cases::Bound::Memory => "GB/s",
         };
-        println!(
+        print!(
             "{:<34} {:>11.3} {:>7.1}% {:>8.1} {:<7} {:>8.1}%",
             c.name,
             c.seconds.median * 1e3,
@@ -174,6 +179,10 @@ fn print_report(r: &KernelReport) {
             unit,
             rate.median / r.ceiling(c) * 100.0
         );
+        match c.wall {
+            Some(w) => println!(" {:>11.3} {:>7.1}%", w.median * 1e3, w.spread_pct()),
+            None => println!(),
+        }
     }
     println!(
         "note: decode cases whose KV fits in the last-level cache are not memory-bound and may exceed \

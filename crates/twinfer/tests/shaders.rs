@@ -22,7 +22,8 @@ fn every_kernel_and_variant_validates() {
                 let module = parse(kernel, variant, kv);
                 let mut caps = Capabilities::empty();
                 if kv == KvStorage::F16 {
-                    caps |= Capabilities::SHADER_FLOAT16;
+                    // unpack2x16float: core WGSL, a downlevel flag every wgpu backend sets.
+                    caps |= Capabilities::SHADER_FLOAT16 | Capabilities::SHADER_FLOAT16_IN_FLOAT32;
                 }
                 if variant == Variant::Subgroup {
                     caps |= Capabilities::SUBGROUP;

@@ -30,6 +30,9 @@ pub enum Bound {
 pub struct CaseResult {
     pub name: String,
     pub seconds: Stats,
+    /// GPU cases timed with timestamp queries: the submit-to-completion wall time per run, as a
+    /// cross-check of `seconds`.
+    pub wall: Option<Stats>,
     pub bound: Bound,
     /// FLOPs (compute-bound) or bytes (memory-bound) per run.
     pub work: f64,
@@ -257,12 +260,12 @@ fn time_case(runs: usize, mut run: impl FnMut() -> Result<()>) -> Result<Stats> 
 pub fn prefill_causal(engine: &CpuEngine, len: usize, runs: usize) -> Result<CaseResult> {
     let mut case = PrefillCausal::new(len);
     let seconds = time_case(runs, || case.run(engine))?;
-    Ok(CaseResult { name: case.name(), seconds, bound: Bound::Compute, work: case.flops() })
+    Ok(CaseResult { name: case.name(), seconds, wall: None, bound: Bound::Compute, work: case.flops() })
 }
 
 /// Paged decode, `dtype` KV, page size 16, `batch` sequences of `ctx` tokens on shuffled pages.
 pub fn decode_paged(engine: &CpuEngine, batch: usize, ctx: usize, dtype: DType, runs: usize) -> Result<CaseResult> {
     let mut case = DecodePaged::with_kv_dtype(batch, ctx, dtype)?;
     let seconds = time_case(runs, || case.run(engine))?;
-    Ok(CaseResult { name: case.name(), seconds, bound: Bound::Memory, work: case.bytes() })
+    Ok(CaseResult { name: case.name(), seconds, wall: None, bound: Bound::Memory, work: case.bytes() })
 }

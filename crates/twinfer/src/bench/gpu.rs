@@ -1,6 +1,8 @@
 //! The GPU kernel benchmarks: the same shapes as the CPU table, timed on device-resident inputs
-//! (inputs go up once, then the recorded dispatches are re-submitted and timed from submit to
-//! completion), against ceilings measured by the same binary on the same device.
+//! (inputs go up once, then the recorded dispatches are re-run), against ceilings measured by the
+//! same binary on the same device. With TIMESTAMP_QUERY a case's time is the median of many
+//! single runs timed by GPU timestamps, and the submit-to-completion wall time (back-to-back runs
+//! of about 0.2 s) is kept beside it as a cross-check; without, the wall time is the time.
 
 use half::f16;
 
@@ -32,16 +34,20 @@ pub fn run_gpu_kernels(engine: &GpuEngine, scope: Scope) -> Result<KernelReport>
     };
     let (flops, fma) = engine.measure_fma(wgs, iters, runs)?;
     let fma_gflops = Stats::from_samples(fma).map(|t| flops / t / 1e9);
+    let stamps = match scope {
+        Scope::Quick => 20,
+        Scope::Full => 100,
+    };
     let mut cases = Vec::new();
     let (prefill, decode): (&[usize], &[(usize, usize)]) = match scope {
         Scope::Quick => (&[256], &[(1, 1024), (4, 1024)]),
         Scope::Full => (&[1024, 4096], &[(1, 8192), (1, 32768), (8, 8192), (64, 8192)]),
     };
     for &len in prefill {
-        cases.push(prefill_causal(engine, len, runs)?);
+        cases.push(prefill_causal(engine, len, runs, stamps)?);
     }
     for &(batch, ctx_len) in decode {
-        cases.push(decode_paged(engine, batch, ctx_len, runs)?);
+        cases.push(decode_paged(engine, batch, ctx_len, runs, stamps)?);
     }
     // Projections (rows, n, k): GEMVs over an MLP-sized weight (GB/s of weights), then
     // prompt-chunk matmuls (FLOP/s).
@@ -50,7 +56,7 @@ pub fn run_gpu_kernels(engine: &GpuEngine, scope: Scope) -> Result<KernelReport>
         Scope::Full => &[(1, 14336, 4096), (4, 14336, 4096), (512, 14336, 4096), (2048, 4096, 4096)],
     };
     for &(rows, n, k) in projections {
-        cases.push(linear(engine, rows, n, k, runs)?);
+        cases.push(linear(engine, rows, n, k, runs, stamps)?);
     }
     Ok(KernelReport {
         cpu: ctx.summary.to_string(),
@@ -62,13 +68,24 @@ pub fn run_gpu_kernels(engine: &GpuEngine, scope: Scope) -> Result<KernelReport>
     })
 }
 
+/// (time, wall cross-check) of the last recorded passes: GPU timestamps of `stamps` single runs
+/// when the adapter has them, else the wall time of `runs` samples.
+fn time_case(engine: &GpuEngine, runs: usize, stamps: usize) -> Result<(Stats, Option<Stats>)> {
+    let wall = Stats::from_samples(engine.samples(runs)?);
+    Ok(match engine.timestamp_samples(stamps)? {
+        Some(t) => (Stats::from_samples(t), Some(wall)),
+        None => (wall, None),
+    })
+}
+
 /// Causal prefill of one sequence of `len` tokens, f16 Q/K/V, f32 output.
-fn prefill_causal(engine: &GpuEngine, len: usize, runs: usize) -> Result<CaseResult> {
+fn prefill_causal(engine: &GpuEngine, len: usize, runs: usize, stamps: usize) -> Result<CaseResult> {
     prepare_prefill_causal(engine, len)?;
-    let seconds = Stats::from_samples(engine.samples(runs)?);
+    let (seconds, wall) = time_case(engine, runs, stamps)?;
     Ok(CaseResult {
         name: format!("prefill causal L={len}"),
         seconds,
+        wall,
         bound: Bound::Compute,
         work: super::cases::prefill_causal_flops(len),
     })
@@ -92,12 +109,13 @@ pub fn prepare_prefill_causal(engine: &GpuEngine, len: usize) -> Result<()> {
 }
 
 /// Paged decode: f16 KV, page 16, pages scattered over the pool by a fixed permutation.
-fn decode_paged(engine: &GpuEngine, batch: usize, ctx: usize, runs: usize) -> Result<CaseResult> {
+fn decode_paged(engine: &GpuEngine, batch: usize, ctx: usize, runs: usize, stamps: usize) -> Result<CaseResult> {
     prepare_decode_paged(engine, batch, ctx)?;
-    let seconds = Stats::from_samples(engine.samples(runs)?);
+    let (seconds, wall) = time_case(engine, runs, stamps)?;
     Ok(CaseResult {
         name: format!("decode f16 page{PAGE_SIZE} batch={batch} ctx={}K", ctx / 1024),
         seconds,
+        wall,
         bound: Bound::Memory,
         work: super::cases::decode_paged_bytes(batch, ctx),
     })
@@ -130,14 +148,15 @@ pub fn prepare_decode_paged(engine: &GpuEngine, batch: usize, ctx: usize) -> Res
 /// A projection `[rows, k] x [n, k]^T`, weights f16 where the adapter has shader-f16 (else f32).
 /// Up to [`crate::gpu::GEMV_MAX_ROWS`] rows it is a GEMV, rated in GB/s of weights read; above,
 /// a matmul rated in FLOP/s.
-fn linear(engine: &GpuEngine, rows: usize, n: usize, k: usize, runs: usize) -> Result<CaseResult> {
+fn linear(engine: &GpuEngine, rows: usize, n: usize, k: usize, runs: usize, stamps: usize) -> Result<CaseResult> {
     let weights = prepare_linear(engine, rows, n, k)?;
-    let seconds = Stats::from_samples(engine.samples(runs)?);
+    let (seconds, wall) = time_case(engine, runs, stamps)?;
     let dtype = weights.storage;
     let gemv = rows <= crate::gpu::GEMV_MAX_ROWS;
     Ok(CaseResult {
         name: format!("{} {dtype} rows={rows} [{n}, {k}]", if gemv { "gemv" } else { "matmul" }),
         seconds,
+        wall,
         bound: if gemv { Bound::Memory } else { Bound::Compute },
         work: if gemv { (n * k * dtype.bytes()) as f64 } else { linear_flops(rows, n, k) },
     })

@@ -19,12 +19,17 @@ use crate::dtype::DType;
 use crate::error::{Result, TwinferError};
 use crate::wait::blocking;
 
-/// Query heads per decode workgroup (GMAX in the shader).
-const DECODE_GMAX: usize = 8;
-/// Workgroups a decode dispatch should have before split-K stops paying: enough to keep a
-/// 132-SM card's memory system busy (about 8 small workgroups per SM), cheap on small adapters.
-const DECODE_TARGET_WORKGROUPS: usize = 1024;
-/// Widest workgroup storage the kernels need (decode: 27 KiB, prefill: 24.4 KiB).
+/// Most query heads per decode workgroup (heads 0..3 of the shader's unrolled state).
+const DECODE_GMAX: usize = 4;
+/// Keys per team and step of decode (unrolled in the shader).
+const DECODE_KEYS_PER_TEAM: usize = 4;
+/// Workgroups a decode dispatch should have before split-K stops paying: several waves of a
+/// 132-SM card (so the last wave's tail is short), cheap on small adapters.
+const DECODE_TARGET_WORKGROUPS: usize = 4096;
+/// Keys a decode chunk has at least, so that a workgroup's start and final merge are amortised
+/// (and a growing sequence changes its chunk count rarely).
+const DECODE_MIN_CHUNK: usize = 256;
+/// Widest workgroup storage the kernels need (decode: 21 KiB, prefill: 27.3 KiB).
 pub const WORKGROUP_STORAGE_NEEDED: u32 = 28 * 1024;
 
 /// How the engine runs; every field can be forced (tests cover each variant explicitly).
@@ -34,7 +39,7 @@ pub struct GpuOptions {
     /// Keep f16 K/V as f16 on the device (needs SHADER_F16); otherwise K/V are widened to f32.
     pub f16_kv: bool,
     pub split_k: SplitK,
-    /// Decode workgroup size (keys per tile): 64, 128 or 256.
+    /// Decode workgroup size in threads (teams of head_dim / 8 lanes): 64, 128 or 256.
     pub decode_wg: u32,
 }
 
@@ -69,9 +74,9 @@ impl GpuEngine {
             variant: if ctx.summary.subgroups { Variant::Subgroup } else { Variant::Baseline },
             f16_kv: ctx.summary.shader_f16,
             split_k: SplitK::Auto,
-            // Wide workgroups keep more loads in flight on a GPU (3x on an H100 against 64); a
-            // software adapter gains nothing from them.
-            decode_wg: if ctx.summary.device_type != "Cpu" && ctx.summary.max_invocations >= 256 { 256 } else { 64 },
+            // 128 threads (8 teams of 16 lanes at head_dim 128) beat 64 and 256 on an H100; a
+            // software adapter gains nothing from wide workgroups.
+            decode_wg: if ctx.summary.device_type != "Cpu" && ctx.summary.max_invocations >= 128 { 128 } else { 64 },
         };
         Ok(Self { ctx, res: Arc::new(Mutex::new(Resources::default())), opts })
     }
@@ -201,16 +206,19 @@ impl GpuEngine {
         let off_last_len = meta.push(table.last_page_len);
         let off_alibi = meta.push_f32(params.alibi_slopes.as_deref().unwrap_or(&[]));
 
-        let n_gblk = params.group_size().div_ceil(DECODE_GMAX);
+        let (gq, u, step_keys) = decode_shape(params.group_size(), d, self.opts.decode_wg as usize);
+        let n_gblk = params.group_size().div_ceil(gq);
         let longest = (0..p.batch).map(|b| p.kv.kv_len(b)).max().unwrap_or(0).max(1);
-        let wg = self.opts.decode_wg as usize;
         let chunk_len = match self.opts.split_k {
             SplitK::Off => longest,
             SplitK::ChunkSize(n) => n.max(1),
             SplitK::Auto => {
                 let base = p.batch * hk * n_gblk;
-                let chunks = DECODE_TARGET_WORKGROUPS.div_ceil(base).min(longest.div_ceil(4 * wg)).max(1);
-                longest.div_ceil(chunks).next_multiple_of(wg)
+                let chunks = DECODE_TARGET_WORKGROUPS
+                    .div_ceil(base)
+                    .min(longest.div_ceil(DECODE_MIN_CHUNK.max(step_keys)))
+                    .max(1);
+                longest.div_ceil(chunks).next_multiple_of(step_keys)
             }
         };
         let chunks_per_pass = longest.div_ceil(chunk_len);
@@ -238,9 +246,9 @@ impl GpuEngine {
         res.buffer(ctx, lse_slot, (rows * num_chunks * 4) as u64)?;
         let key = PipelineKey {
             kernel: Kernel::Decode,
-            variant: self.opts.variant,
+            variant: self.decode_variant(d),
             kv: step.storage,
-            tile: Tile { wg: self.opts.decode_wg, br: 0, bc: 0 },
+            tile: Tile { wg: self.opts.decode_wg, br: gq as u32, bc: u as u32 },
         };
         let binds = |k, v| {
             vec![
@@ -253,7 +261,7 @@ impl GpuEngine {
                 Bind::Slot(lse_slot),
             ]
         };
-        let grid = [chunks_per_pass, hk * n_gblk, p.batch];
+        let grid = [hk * n_gblk, chunks_per_pass, p.batch];
         // One submission per buffer but the last: each pass needs its own `kv_buffer` parameter,
         // and writes between submissions are ordered with them.
         let (last, first) =
@@ -285,6 +293,16 @@ impl GpuEngine {
             passes.push((mkey, mbinds.to_vec(), [rows.min(32768), rows.div_ceil(32768), 1]));
         }
         self.run_passes(res, &passes)
+    }
+
+    /// Decode's subgroup path makes teams of `head_dim / 8` lanes inside one subgroup: only where
+    /// that divides every subgroup size of the adapter and the workgroup is whole subgroups; else
+    /// the baseline, which assumes no subgroup size.
+    fn decode_variant(&self, head_dim: usize) -> Variant {
+        let lpk = (head_dim / 8) as u32;
+        let (lo, hi) = self.ctx.summary.subgroup_sizes;
+        let fits = lpk.is_power_of_two() && lo >= lpk && hi > 0 && self.opts.decode_wg.is_multiple_of(hi);
+        if self.opts.variant == Variant::Subgroup && fits { Variant::Subgroup } else { Variant::Baseline }
     }
 
     /// Batch prefill over ragged or paged KV. Blocks; in a browser use
@@ -475,11 +493,19 @@ fn unreachable_qo() -> Result<u32> {
     Err(TwinferError::InvalidParameter("prefill needs a qo_indptr".into()))
 }
 
-/// Prefill tile for a head dim: BC keys of K (or V), rows padded by one vec4, in 16 KiB of
-/// workgroup memory.
-pub fn prefill_tile(head_dim: usize) -> Tile {
-    let dv = (head_dim / 4) as u32;
-    Tile { wg: 128, br: 32, bc: (1024 / (dv + 1)).min(64) }
+/// Decode workgroup shape for a GQA group, head dim and workgroup size: (query heads per
+/// workgroup, keys per team and step, keys per step). Heads are split evenly into blocks of at
+/// most `DECODE_GMAX`; a team is `head_dim / 8` lanes, at most 32 teams.
+pub fn decode_shape(group: usize, head_dim: usize, wg: usize) -> (usize, usize, usize) {
+    let gq = group.div_ceil(group.div_ceil(DECODE_GMAX));
+    let teams = (wg / (head_dim / 8)).clamp(1, 32);
+    (gq, DECODE_KEYS_PER_TEAM, teams * DECODE_KEYS_PER_TEAM)
+}
+
+/// Prefill tile: 128 threads, 32 query rows, 64 keys (fixed by the kernel's thread mapping,
+/// any head dim).
+pub fn prefill_tile(_head_dim: usize) -> Tile {
+    Tile { wg: 128, br: 32, bc: 64 }
 }
 
 fn q_f32(p: &Problem<'_>) -> Vec<f32> {

@@ -295,6 +295,73 @@ impl GpuEngine {
         Ok(start.elapsed().as_secs_f64() / iters.max(1) as f64)
     }
 
+    /// Kernel time of the last recorded passes from GPU timestamps: `runs` compute passes, each
+    /// one repetition of the passes between a timestamp at its start and one at its end (after a
+    /// warm-up repetition); returns the seconds of each, or `None` when the adapter has no
+    /// TIMESTAMP_QUERY.
+    pub fn timestamp_samples(&self, runs: usize) -> Result<Option<Vec<f64>>> {
+        let ctx = self.context();
+        if !ctx.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
+            return Ok(None);
+        }
+        let res = self.lock()?;
+        let passes = res.last_passes().to_vec();
+        drop(res);
+        if passes.is_empty() {
+            return Err(TwinferError::InvalidParameter("nothing recorded to time".into()));
+        }
+        // wgpu caps a query set at 4096 queries; one extra pass warms up.
+        let runs = runs.clamp(1, 2047);
+        let count = 2 * (runs as u32 + 1);
+        let set = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("timing"),
+            ty: wgpu::QueryType::Timestamp,
+            count,
+        });
+        let bytes = count as u64 * 8;
+        let resolve = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timing resolve"),
+            size: bytes,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let read = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timing read"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        ctx.wait()?;
+        let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("timing") });
+        for i in 0..count / 2 {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: None,
+                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                    query_set: &set,
+                    beginning_of_pass_write_index: Some(2 * i),
+                    end_of_pass_write_index: Some(2 * i + 1),
+                }),
+            });
+            for (pipeline, bg, [x, y, z]) in &passes {
+                pass.set_pipeline(pipeline);
+                pass.set_bind_group(0, bg, &[]);
+                pass.dispatch_workgroups(*x, *y, *z);
+            }
+        }
+        enc.resolve_query_set(&set, 0..count, &resolve, 0);
+        enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, bytes);
+        ctx.queue.submit([enc.finish()]);
+        read.map_async(wgpu::MapMode::Read, 0..bytes, |_| {});
+        ctx.wait()?;
+        let period_ns = ctx.queue.get_timestamp_period() as f64;
+        let ticks: Vec<u64> = read
+            .get_mapped_range(0..bytes)
+            .map(|view| bytemuck::cast_slice(&view).to_vec())
+            .map_err(|e| TwinferError::GpuValidation(format!("timestamp readback: {e}")))?;
+        read.unmap();
+        Ok(Some(ticks.chunks(2).skip(1).map(|t| t[1].saturating_sub(t[0]) as f64 * period_ns * 1e-9).collect()))
+    }
+
     /// Read ceiling: a streaming read of `bytes` (a power of two) through `bench_read.wgsl`;
     /// returns seconds per read, `runs` samples of several iterations each.
     pub fn measure_read(&self, bytes: u64, runs: usize) -> Result<Vec<f64>> {

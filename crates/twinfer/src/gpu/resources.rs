@@ -14,10 +14,11 @@ use crate::error::{Result, TwinferError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Tile {
     pub wg: u32,
-    /// Query rows per workgroup (prefill), else 0.
+    /// Query rows per workgroup (prefill, fixed), query heads per workgroup (decode), else 0.
     pub br: u32,
-    /// Keys per tile (prefill), FMA rounds (bench_fma), threads per feature (linear_gemv),
-    /// else 0. The matmul's outputs per thread are (br, bc) = (TM, TN).
+    /// Keys per tile (prefill, fixed), keys per team and step (decode, fixed), FMA rounds
+    /// (bench_fma), threads per feature (linear_gemv), else 0. The matmul's outputs per thread are
+    /// (br, bc) = (TM, TN).
     pub bc: u32,
 }
 
@@ -123,16 +124,15 @@ impl Resources {
         if key.kernel == Kernel::BenchFma {
             constants.push(("ITERS", key.tile.bc as f64));
         }
+        if key.kernel == Kernel::Decode {
+            constants.push(("GQ", key.tile.br as f64));
+        }
         if key.kernel == Kernel::LinearGemv {
             constants.push(("TPF", key.tile.bc as f64));
         }
         if key.kernel == Kernel::LinearMatmul {
             // Its workgroup is fixed at 16 x 16; WG is not one of its knobs.
             constants = vec![("TM", key.tile.br as f64), ("TN", key.tile.bc as f64)];
-        }
-        if key.kernel == Kernel::Prefill {
-            constants.push(("BR", key.tile.br as f64));
-            constants.push(("BC", key.tile.bc as f64));
         }
         ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(key.kernel.file()),

@@ -21,6 +21,9 @@ const FILES: [(&str, &str); 8] = [
     ("linear_matmul.wgsl", include_str!("../../../../shaders/linear_matmul.wgsl")),
 ];
 
+/// Kernels with `// #if SUBGROUP` lines.
+const SUBGROUP_KERNELS: &[Kernel] = &[Kernel::Decode];
+
 /// A compute kernel; its label is its file name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernel {
@@ -69,7 +72,7 @@ impl Kernel {
     }
     /// Whether the kernel has a subgroup-specific path (the others ignore the variant).
     pub fn uses_subgroups(self) -> bool {
-        matches!(self, Kernel::Decode)
+        SUBGROUP_KERNELS.contains(&self)
     }
 }
 
@@ -150,11 +153,30 @@ pub fn source(kernel: Kernel, variant: Variant, kv: KvStorage, target: Target) -
         KvStorage::F32 => "alias kv4 = vec4<f32>;\n",
         KvStorage::F16 => "alias kv4 = vec4<f16>;\n",
     });
+    // For kernels that read K/V as 16-byte words: eight elements are one word (f16) or two (f32).
+    out.push_str(match kv {
+        KvStorage::F32 => KV_WORDS_F32,
+        KvStorage::F16 => KV_WORDS_F16,
+    });
     out.push_str(SHARED.1);
     out.push('\n');
     out.push_str(&preprocess(kernel.text(), subgroup));
     out
 }
+
+const KV_WORDS_F32: &str = "const KV_HALF: bool = false;
+fn unpack8(a: vec4<u32>, b: vec4<u32>) -> mat2x4<f32> {
+    return mat2x4<f32>(bitcast<vec4<f32>>(a), bitcast<vec4<f32>>(b));
+}
+";
+const KV_WORDS_F16: &str = "const KV_HALF: bool = true;
+fn unpack8(a: vec4<u32>, b: vec4<u32>) -> mat2x4<f32> {
+    return mat2x4<f32>(
+        vec4<f32>(unpack2x16float(a.x), unpack2x16float(a.y)),
+        vec4<f32>(unpack2x16float(a.z), unpack2x16float(a.w)),
+    );
+}
+";
 
 /// Keeps the `// #if SUBGROUP` branch or its `// #else` branch; other lines pass through.
 fn preprocess(text: &str, subgroup: bool) -> String {
@@ -189,13 +211,16 @@ mod tests {
     }
 
     #[test]
-    fn browser_sources_enable_subgroups_and_native_ones_do_not() {
+    fn browser_sources_enable_subgroups_only_for_subgroup_kernels() {
+        for kernel in Kernel::ALL {
+            let native = source(kernel, Variant::Subgroup, KvStorage::F32, Target::Naga);
+            let web = source(kernel, Variant::Subgroup, KvStorage::F32, Target::Browser);
+            assert!(!native.contains("enable subgroups;"));
+            assert_eq!(web.starts_with("enable subgroups;"), kernel.uses_subgroups(), "{kernel:?}");
+            let base = source(kernel, Variant::Baseline, KvStorage::F32, Target::Naga);
+            assert!(!base.contains("subgroupShuffleXor(") && !base.contains("@builtin(subgroup_id)"));
+        }
         let native = source(Kernel::Decode, Variant::Subgroup, KvStorage::F32, Target::Naga);
-        let web = source(Kernel::Decode, Variant::Subgroup, KvStorage::F32, Target::Browser);
-        assert!(!native.contains("enable subgroups;"));
-        assert!(web.starts_with("enable subgroups;"));
-        assert!(native.contains("subgroupMax("));
-        let base = source(Kernel::Decode, Variant::Baseline, KvStorage::F32, Target::Naga);
-        assert!(!base.contains("subgroupMax(") && !base.contains("@builtin(subgroup_id)"));
+        assert!(native.contains("subgroupShuffleXor("));
     }
 }
