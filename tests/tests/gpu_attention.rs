@@ -35,9 +35,15 @@ fn base() -> Option<&'static GpuEngine> {
 
 /// The engine for a variant, or a loud skip when the adapter lacks it (a failure under
 /// `TWINFER_REQUIRE_GPU=1`, since CI's lavapipe has every feature used here).
-fn engine(variant: Variant, f16_kv: bool, split_k: SplitK, decode_wg: u32) -> Option<GpuEngine> {
+fn engine(
+    variant: Variant,
+    f16_kv: bool,
+    split_k: SplitK,
+    decode_wg: u32,
+    portable_prefill: bool,
+) -> Option<GpuEngine> {
     let base = base()?;
-    let opts = GpuOptions { variant, f16_kv, split_k, decode_wg };
+    let opts = GpuOptions { variant, f16_kv, split_k, decode_wg, portable_prefill };
     match base.with_options(opts) {
         Ok(e) => Some(e),
         Err(e) => {
@@ -96,11 +102,14 @@ fn with_kv(case: Case, f16_kv: bool) -> Case {
 
 macro_rules! variant_suite {
     ($name:ident, $variant:expr, $f16:expr, $wg:expr) => {
+        variant_suite!($name, $variant, $f16, $wg, false);
+    };
+    ($name:ident, $variant:expr, $f16:expr, $wg:expr, $portable_prefill:expr) => {
         mod $name {
             use super::*;
 
             fn e(split_k: SplitK) -> Option<GpuEngine> {
-                engine($variant, $f16, split_k, $wg)
+                engine($variant, $f16, split_k, $wg, $portable_prefill)
             }
 
             proptest! {
@@ -219,6 +228,8 @@ variant_suite!(subgroup_f16, Variant::Subgroup, true, 64);
 // Wide decode workgroups: the key-group split of the value pass (the default on real GPUs).
 variant_suite!(subgroup_f16_wg256, Variant::Subgroup, true, 256);
 variant_suite!(baseline_f32_wg128, Variant::Baseline, false, 128);
+// The portable prefill kernel that browsers on SwiftShader run.
+variant_suite!(baseline_f32_portable_prefill, Variant::Baseline, false, 64, true);
 
 #[test]
 fn adapter_is_reported() {

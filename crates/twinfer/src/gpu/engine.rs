@@ -41,6 +41,10 @@ pub struct GpuOptions {
     pub split_k: SplitK,
     /// Decode workgroup size in threads (teams of head_dim / 8 lanes): 64, 128 or 256.
     pub decode_wg: u32,
+    /// Prefill with the portable kernel (one score per thread) instead of the register-tiled one:
+    /// the default only for software adapters in browsers (SwiftShader loses the device on the
+    /// register-tiled kernel).
+    pub portable_prefill: bool,
 }
 
 /// The WGSL engine on one device.
@@ -77,6 +81,7 @@ impl GpuEngine {
             // 128 threads (8 teams of 16 lanes at head_dim 128) beat 64 and 256 on an H100; a
             // software adapter gains nothing from wide workgroups.
             decode_wg: if ctx.summary.device_type != "Cpu" && ctx.summary.max_invocations >= 128 { 128 } else { 64 },
+            portable_prefill: cfg!(target_arch = "wasm32") && ctx.summary.device_type == "Cpu",
         };
         Ok(Self { ctx, res: Arc::new(Mutex::new(Resources::default())), opts })
     }
@@ -340,7 +345,11 @@ impl GpuEngine {
         self.ctx.check_alive()?;
         let (hq, hk, d) = (params.num_qo_heads, params.num_kv_heads, params.head_dim);
         let group = params.group_size();
-        let tile = prefill_tile(d);
+        let (kernel, tile) = if self.opts.portable_prefill {
+            (Kernel::PrefillPortable, portable_prefill_tile(d))
+        } else {
+            (Kernel::Prefill, prefill_tile(d))
+        };
         let mut work = Vec::new();
         for b in 0..p.batch {
             for row0 in (0..p.qo_len(b) * group).step_by(tile.br as usize) {
@@ -404,7 +413,7 @@ impl GpuEngine {
         self.write(&mut res, Slot::Meta, bytemuck::cast_slice(&meta.data))?;
         res.buffer(ctx, Slot::O, (rows * d * 4) as u64)?;
         res.buffer(ctx, Slot::Lse, (rows * 4) as u64)?;
-        let key = PipelineKey { kernel: Kernel::Prefill, variant: Variant::Baseline, kv: storage, tile };
+        let key = PipelineKey { kernel, variant: Variant::Baseline, kv: storage, tile };
         let slots = [Slot::AttnParams, Slot::Q, Slot::K, Slot::V, Slot::Meta, Slot::O, Slot::Lse].map(Bind::Slot);
         self.run_passes(&mut res, &[(key, slots.to_vec(), [num_work, hk, 1])])?;
         let readback = Readback::queue(ctx, &mut res, rows, d, out.lse.is_some())?;
@@ -506,6 +515,13 @@ pub fn decode_shape(group: usize, head_dim: usize, wg: usize) -> (usize, usize, 
 /// any head dim).
 pub fn prefill_tile(_head_dim: usize) -> Tile {
     Tile { wg: 128, br: 32, bc: 64 }
+}
+
+/// Portable prefill tile for a head dim: BC keys of K (or V), rows padded by one vec4, in 16 KiB
+/// of workgroup memory.
+pub fn portable_prefill_tile(head_dim: usize) -> Tile {
+    let dv = (head_dim / 4) as u32;
+    Tile { wg: 128, br: 32, bc: (1024 / (dv + 1)).min(64) }
 }
 
 fn q_f32(p: &Problem<'_>) -> Vec<f32> {

@@ -130,6 +130,10 @@ impl Resources {
         if key.kernel == Kernel::LinearGemv {
             constants.push(("TPF", key.tile.bc as f64));
         }
+        if key.kernel == Kernel::PrefillPortable {
+            constants.push(("BR", key.tile.br as f64));
+            constants.push(("BC", key.tile.bc as f64));
+        }
         if key.kernel == Kernel::LinearMatmul {
             // Its workgroup is fixed at 16 x 16; WG is not one of its knobs.
             constants = vec![("TM", key.tile.br as f64), ("TN", key.tile.bc as f64)];

@@ -10,7 +10,7 @@ use std::fmt;
 pub const SHARED: (&str, &str) = ("online_softmax.wgsl", include_str!("../../../../shaders/online_softmax.wgsl"));
 
 /// One entry per kernel file, in the order of [`Kernel::ALL`].
-const FILES: [(&str, &str); 8] = [
+const FILES: [(&str, &str); 9] = [
     ("prefill_attention.wgsl", include_str!("../../../../shaders/prefill_attention.wgsl")),
     ("decode_attention_paged.wgsl", include_str!("../../../../shaders/decode_attention_paged.wgsl")),
     ("merge_state.wgsl", include_str!("../../../../shaders/merge_state.wgsl")),
@@ -19,6 +19,7 @@ const FILES: [(&str, &str); 8] = [
     ("bench_fma.wgsl", include_str!("../../../../shaders/bench_fma.wgsl")),
     ("linear_gemv.wgsl", include_str!("../../../../shaders/linear_gemv.wgsl")),
     ("linear_matmul.wgsl", include_str!("../../../../shaders/linear_matmul.wgsl")),
+    ("prefill_attention_portable.wgsl", include_str!("../../../../shaders/prefill_attention_portable.wgsl")),
 ];
 
 /// Kernels with `// #if SUBGROUP` lines.
@@ -37,10 +38,12 @@ pub enum Kernel {
     /// Projections: decode rows (GEMV) and prompt chunks (tiled matmul).
     LinearGemv,
     LinearMatmul,
+    /// Prefill where the register-tiled kernel does not run (one score per thread).
+    PrefillPortable,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 8] = [
+    pub const ALL: [Kernel; 9] = [
         Kernel::Prefill,
         Kernel::Decode,
         Kernel::Merge,
@@ -49,6 +52,7 @@ impl Kernel {
         Kernel::BenchFma,
         Kernel::LinearGemv,
         Kernel::LinearMatmul,
+        Kernel::PrefillPortable,
     ];
 
     fn index(self) -> usize {
@@ -61,6 +65,7 @@ impl Kernel {
             Kernel::BenchFma => 5,
             Kernel::LinearGemv => 6,
             Kernel::LinearMatmul => 7,
+            Kernel::PrefillPortable => 8,
         }
     }
     /// The file name, used as the pipeline label.
