@@ -117,7 +117,9 @@ function drawHistogram() {
   });
   g.fillStyle = "#59606b";
   g.fillText("0", 26, h - 6);
-  g.fillText(`${hi.toFixed(1)} ms`, w - 60, h - 6);
+  g.textAlign = "right";
+  g.fillText(`${hi.toFixed(1)} ms`, w - 6, h - 6);
+  g.textAlign = "left";
   g.fillText(`ITL histogram, ${itl.length} gaps (count max ${top})`, 34, 14);
 }
 
