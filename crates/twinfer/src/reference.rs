@@ -13,6 +13,12 @@ use crate::error::{Result, check_len};
 pub struct RefOutput {
     pub o: Vec<f64>,
     pub lse: Vec<f64>,
+    /// Per row `[rows, num_qo_heads]`: the largest `scale * sum_c |q_c k_c| + |alibi bias|` over
+    /// visible keys. An f32 kernel's score error is proportional to it (cancellation in the dot
+    /// product), so tolerances on large logits scale with it. Zero where no scores are formed.
+    pub score_abs: Vec<f64>,
+    /// Per row: the largest `|v|` over visible keys, which turns a score error into an output error.
+    pub v_abs: Vec<f64>,
 }
 
 /// Reference batch prefill (ragged or paged KV).
@@ -32,6 +38,8 @@ fn attend(p: &Problem<'_>) -> RefOutput {
     let scale = prm.resolved_sm_scale() as f64;
     let mut o = vec![0.0f64; p.total_q * h_qo * d];
     let mut lse = vec![f64::NEG_INFINITY; p.total_q * h_qo];
+    let mut score_abs = vec![0.0f64; p.total_q * h_qo];
+    let mut v_abs = vec![0.0f64; p.total_q * h_qo];
     let (k, v) = (p.kv.k(), p.kv.v());
     for b in 0..p.batch {
         let (q0, q1) = p.qo.range(b);
@@ -43,6 +51,7 @@ fn attend(p: &Problem<'_>) -> RefOutput {
                 let kvh = h / group;
                 let q_off = ((q0 + i) * h_qo + h) * d;
                 // The full score row; masked keys stay None.
+                let row = (q0 + i) * h_qo + h;
                 let scores: Vec<Option<f64>> = (0..kv_len)
                     .map(|j| {
                         let jj = j as i64;
@@ -54,12 +63,15 @@ fn attend(p: &Problem<'_>) -> RefOutput {
                         }
                         let k_off = p.kv.row_offset(b, j, kvh);
                         let dot: f64 = (0..d).map(|c| p.q.get_f64(q_off + c) * k.get_f64(k_off + c)).sum();
+                        let dot_abs: f64 = (0..d).map(|c| (p.q.get_f64(q_off + c) * k.get_f64(k_off + c)).abs()).sum();
+                        let bias = prm.alibi_slope(h) as f64 * (jj - pos) as f64;
+                        score_abs[row] = score_abs[row].max(dot_abs * scale.abs() + bias.abs());
                         let mut s = dot * scale;
                         if let Some(cap) = prm.logits_soft_cap {
                             let cap = cap as f64;
                             s = cap * (s / cap).tanh();
                         }
-                        s += prm.alibi_slope(h) as f64 * (jj - pos) as f64;
+                        s += bias;
                         Some(s)
                     })
                     .collect();
@@ -76,15 +88,17 @@ fn attend(p: &Problem<'_>) -> RefOutput {
                     }
                     let v_off = p.kv.row_offset(b, j, kvh);
                     for c in 0..d {
-                        out[c] += w * v.get_f64(v_off + c);
+                        let x = v.get_f64(v_off + c);
+                        out[c] += w * x;
+                        v_abs[row] = v_abs[row].max(x.abs());
                     }
                 }
                 out.iter_mut().for_each(|x| *x /= denom);
-                lse[(q0 + i) * h_qo + h] = max + denom.ln();
+                lse[row] = max + denom.ln();
             }
         }
     }
-    RefOutput { o, lse }
+    RefOutput { o, lse, score_abs, v_abs }
 }
 
 /// Reference `merge_state`: combines two partial attention states over disjoint key sets.
@@ -109,5 +123,6 @@ pub fn merge_state(o_a: &[f64], lse_a: &[f64], o_b: &[f64], lse_b: &[f64]) -> Re
         }
         lse[r] = m + sum.ln();
     }
-    Ok(RefOutput { o, lse })
+    let rows = lse.len();
+    Ok(RefOutput { o, lse, score_abs: vec![0.0; rows], v_abs: vec![0.0; rows] })
 }
