@@ -1,38 +1,44 @@
 // prefill_attention.wgsl: ragged batch prefill against ragged contiguous KV or the paged pool.
 //
-// Algorithm: FlashAttention-2 style with register tiling. A workgroup owns BR = 32 query rows of
+// Algorithm: FlashAttention-2 style with register tiling. A workgroup owns BR = 64 query rows of
 // one sequence and one KV head, where rows run over (token, query head of the group), so the whole
 // GQA group shares each K/V tile. It walks only the keys some row of the tile can see (causal and
 // window tiles that are fully masked are never visited), BC = 64 keys at a time. Thread
 // (ty, tx) = (lid / 16, lid % 16) owns rows 4ty..4ty+3: of the score block it owns keys
-// 4tx..4tx+3 (a 4 x 4 register tile), of O the 8-column units tx and tx + 16 (4 x 16 registers).
-// Scores: Q and K are staged transposed in chunks of DK = 32 head-dim columns (f32 in workgroup
-// memory, K widened from f16), and each thread does 16 FMAs per two vec4 loads. Softmax: the
-// row maxima are reduced across the 16 threads of a row through workgroup memory; each thread
-// keeps its part of the row sum, rescaled with the row, and those parts are summed once at the
-// end. P goes to workgroup memory transposed; V is staged in row chunks of VK keys and each
-// thread does 32 FMAs (one column unit) per three vec4 loads.
+// 4tx..4tx+3 (a 4 x 4 register tile), of O the vec4 columns tx + 16g (g < 2, or < 4 when WIDE).
+// Scores: Q (pre-scaled by sm_scale) and K are staged transposed in chunks of DK = 16 head-dim
+// columns, f32 in workgroup memory, double-buffered: the next chunk's global loads are in flight
+// while the current chunk is multiplied, one barrier per chunk, and each thread does 16 FMAs per
+// two vec4 loads. Tiles that every row sees whole skip the mask. Softmax: row maxima are reduced
+// across the 16 threads of a row through workgroup memory; each thread keeps its part of the row
+// sum, rescaled with the row, and the parts are summed once at the end. P goes to workgroup memory
+// transposed (four rows per vec4, slots swizzled by key quad so that the stores do not collide);
+// V is staged in rounds of VK = min(BC, 1024 / (head_dim / 4)) keys and each thread does 4 FMAs
+// per vec4 of V per row quad.
 //
-// Tiling: WG = 128 threads, BR = 32 rows, BC = 64 keys, DK = 32; head_dim a multiple of 8, <= 256.
-//   Workgroup memory: 27.3 KiB. Per-thread state lives in vectors and matrices indexed by
-//   constants only (rows and keys unrolled by hand): a private array indexed in a loop can end up
-//   in local memory, which costs more than the arithmetic.
+// Tiling: WG = 256 threads, BR = 64 rows, BC = 64 keys, DK = 16; head_dim a multiple of 8,
+//   <= 256. Workgroup memory: 32 KiB (the staging area, 16 KiB, holds the two Q/K chunk
+//   buffers, then the row maxima, then V; P takes the other 16 KiB). Per-thread state lives in
+//   named vectors indexed by constants only: a private array indexed in a loop can end up in local
+//   memory, which costs more than the arithmetic.
 // Bindings (group 0): 0 uniform AttnParams; 1 q [tokens, Hq, D] f32; 2 k, 3 v: ragged
 //   [kv_tokens, Hk, D] or pool [pages, page_size, Hk, D] as kv4; 4 tbl u32 (kv_indptr[batch+1]
 //   at 0 in tokens (ragged) or pages (paged), page ids at off_indices, last_page_len at
 //   off_last_len, qo_indptr at off_qo_indptr, ALiBi bits at off_alibi, work list at off_work);
 //   5 o [tokens, Hq, D] f32; 6 lse [tokens, Hq] f32.
 // Dispatch: (num_work, Hk, 1); work item i is (sequence, first row) at tbl[off_work + 2i].
-// Knobs: override WG (must be 128: the thread mapping above); kv4 = vec4<f32> or vec4<f16>
-//   (SHADER_F16) from the prelude.
+// Knobs: override WG (must be 256: the thread mapping above); WIDE (head_dim > 128: four column
+//   groups per thread, otherwise two, so narrow heads do not carry dead accumulators);
+//   kv4 = vec4<f32> or vec4<f16> (SHADER_F16) from the prelude.
 
-override WG: u32 = 128u;
-const BR: u32 = 32u;
+override WG: u32 = 256u;
+override WIDE: bool = false;
+const BR: u32 = 64u;
 const BC: u32 = 64u;
-const DK: u32 = 32u;
+const DK: u32 = 16u;
 const STAGE: u32 = 1024u;   // vec4s of the staging area
-const K_OFF: u32 = 256u;    // K^T chunk after Q^T's [DK, BR / 4] vec4s
-const PSV: u32 = 9u;        // vec4s per key row of p_sh: BR / 4 + 1 (padding against conflicts)
+const CHUNK: u32 = 512u;    // vec4s of one Q^T [DK, BR / 4] + K^T [DK, BC / 4] chunk buffer
+const K_OFF: u32 = 256u;    // K^T after Q^T within a chunk buffer
 
 @group(0) @binding(0) var<uniform> P: AttnParams;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
@@ -42,11 +48,10 @@ const PSV: u32 = 9u;        // vec4s per key row of p_sh: BR / 4 + 1 (padding ag
 @group(0) @binding(5) var<storage, read_write> o: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read_write> lse: array<f32>;
 
-// Q^T [DK, BR] and K^T [DK, BC] chunks, then V rows [VK, D]: never live at the same time.
-var<workgroup> stage_sh: array<vec4<f32>, STAGE>;
-var<workgroup> p_sh: array<vec4<f32>, 576>;      // [BC, PSV]: probabilities, 4 rows per vec4
-var<workgroup> red_sh: array<vec4<f32>, 128>;    // [16 tx, BR / 4]: row maxima, then row sums
-var<workgroup> pg_sh: array<u32, BC>;            // row (kv4 units) of each key of the tile
+// Two Q^T/K^T chunk buffers, then row maxima [16 tx, 16 row quads], then V rows [VK, D].
+var<workgroup> stage: array<vec4<f32>, STAGE>;
+// P^T: key j's four-row vec4 for row quad r at j * 16 + (r ^ (j / 4)).
+var<workgroup> ps: array<vec4<f32>, 1024>;
 
 // Flat row (in kv4 units) of key j of sequence b, for KV head h.
 fn kv_row(b: u32, j: u32, h: u32, dv: u32, kv_base: u32) -> u32 {
@@ -57,17 +62,21 @@ fn kv_row(b: u32, j: u32, h: u32, dv: u32, kv_base: u32) -> u32 {
     return ((kv_base + j) * P.num_kv_heads + h) * dv;
 }
 
-// A score of key jk (tile column jj) for a row that sees [lo, hi), or -BIG when masked.
-fn mask1(x: f32, jj: u32, n: u32, jk: i32, lo: i32, hi: i32, slope: f32, pos: i32) -> f32 {
-    if (jj < n && jk >= lo && jk < hi) {
-        return transform_score(P, x, slope, jk, pos);
+// Soft-cap and ALiBi of four pre-scaled scores of one row against keys jk .. jk + 3.
+fn post(x: vec4<f32>, slope: f32, jk: i32, pos: i32) -> vec4<f32> {
+    var s = x;
+    if (P.soft_cap > 0.0) {
+        s = P.soft_cap * tanh(s / P.soft_cap);
     }
-    return -BIG;
+    return s + slope * vec4<f32>(vec4<i32>(jk, jk + 1, jk + 2, jk + 3) - vec4<i32>(pos));
 }
 
-fn mask_row(x: vec4<f32>, jj: u32, n: u32, jk: i32, lo: i32, hi: i32, slope: f32, pos: i32) -> vec4<f32> {
-    return vec4<f32>(mask1(x.x, jj, n, jk, lo, hi, slope, pos), mask1(x.y, jj + 1u, n, jk + 1, lo, hi, slope, pos),
-                     mask1(x.z, jj + 2u, n, jk + 2, lo, hi, slope, pos), mask1(x.w, jj + 3u, n, jk + 3, lo, hi, slope, pos));
+// `post`, with keys outside [lo, hi) or past the tile's n keys set to -BIG.
+fn masked(x: vec4<f32>, jj: u32, n: u32, jk: i32, ri: RowInfo) -> vec4<f32> {
+    let keys = vec4<i32>(jk, jk + 1, jk + 2, jk + 3);
+    let cols = vec4<u32>(jj, jj + 1u, jj + 2u, jj + 3u);
+    let seen = (cols < vec4<u32>(n)) & (keys >= vec4<i32>(ri.lo)) & (keys < vec4<i32>(ri.hi));
+    return select(vec4<f32>(-BIG), post(x, ri.slope, jk, ri.pos), seen);
 }
 
 fn max4(x: vec4<f32>) -> f32 {
@@ -104,25 +113,42 @@ fn row_info(r: u32, rows: u32, row0: u32, G: u32, h: u32, kv_len: i32, qo_len: i
     return out;
 }
 
-fn write_row(r: u32, rows: u32, acc: mat4x4<f32>, m: f32, d: f32, row0: u32, G: u32, h: u32, q_start: u32,
-             tx: u32, nu: u32) {
+// O row quad of one thread: columns (vec4 units) tx + 16g.
+struct Acc {
+    a: vec4<f32>,
+    b: vec4<f32>,
+    c: vec4<f32>,
+    d: vec4<f32>,
+}
+
+fn scale_acc(x: Acc, s: f32) -> Acc {
+    return Acc(x.a * s, x.b * s, x.c * s, x.d * s);
+}
+
+fn write_row(r: u32, rows: u32, acc: Acc, m: f32, d: f32, row0: u32, G: u32, h: u32, q_start: u32, tx: u32) {
     if (r >= rows) {
         return;
     }
     let dv = P.head_dim / 4u;
     let rr = row0 + r;
-    let out_row = (q_start + rr / G) * P.num_qo_heads + h * G + rr % G;
+    let base = ((q_start + rr / G) * P.num_qo_heads + h * G + rr % G) * dv;
     let inv = select(0.0, 1.0 / d, d > 0.0);
-    if (tx < nu) {
-        o[out_row * dv + 2u * tx] = acc[0] * inv;
-        o[out_row * dv + 2u * tx + 1u] = acc[1] * inv;
+    if (tx < dv) {
+        o[base + tx] = acc.a * inv;
     }
-    if (tx + 16u < nu) {
-        o[out_row * dv + 2u * tx + 32u] = acc[2] * inv;
-        o[out_row * dv + 2u * tx + 33u] = acc[3] * inv;
+    if (tx + 16u < dv) {
+        o[base + tx + 16u] = acc.b * inv;
+    }
+    if (WIDE) {
+        if (tx + 32u < dv) {
+            o[base + tx + 32u] = acc.c * inv;
+        }
+        if (tx + 48u < dv) {
+            o[base + tx + 48u] = acc.d * inv;
+        }
     }
     if (tx == 0u) {
-        lse[out_row] = finish_lse(m, d);
+        lse[base / dv] = finish_lse(m, d);
     }
 }
 
@@ -134,7 +160,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let G = P.group;
     let D = P.head_dim;
     let dv = D / 4u;
-    let nu = D / 8u;      // 8-column units of a row
     let tx = lid % 16u;
     let ty = lid / 16u;
     let q_start = tbl[P.off_qo_indptr + b];
@@ -154,90 +179,114 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let last_pos = i32((row0 + rows - 1u) / G) + kv_len - qo_len;
     let lo = visible_range(P, first_pos, kv_len).x;
     let hi = visible_range(P, last_pos, kv_len).y;
+    // Keys every row sees: tiles inside [lo_all, hi_all) need no mask.
+    let lo_all = visible_range(P, last_pos, kv_len).x;
+    let hi_all = select(visible_range(P, first_pos, kv_len).y, 0, rows < BR);
 
-    // This thread's four rows; (m, d) per row, d over this thread's keys only.
     let ri0 = row_info(4u * ty, rows, row0, G, h, kv_len, qo_len);
     let ri1 = row_info(4u * ty + 1u, rows, row0, G, h, kv_len, qo_len);
     let ri2 = row_info(4u * ty + 2u, rows, row0, G, h, kv_len, qo_len);
     let ri3 = row_info(4u * ty + 3u, rows, row0, G, h, kv_len, qo_len);
     var m = vec4<f32>(-BIG);
     var dpart = vec4<f32>(0.0);
-    // O of row i: columns (unit tx: lo, hi; unit tx + 16: lo, hi).
-    var or0 = mat4x4<f32>();
-    var or1 = mat4x4<f32>();
-    var or2 = mat4x4<f32>();
-    var or3 = mat4x4<f32>();
-    // Rows of V staged per round, so that [VK, D] fits the staging area.
-    let vk = min(BC, 4u * STAGE / D);
-    let u0 = tx < nu;
-    let u1 = tx + 16u < nu;
+    var o0 = Acc(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    var o1 = o0;
+    var o2 = o0;
+    var o3 = o0;
+
+    // Staging roles: thread lid stages row / key (lid % 64) and vec4 column (lid / 64) of each
+    // chunk, so that its transposed stores hit consecutive words.
+    let sr = lid % 64u;
+    let sc = lid / 64u;
+    let q_ok = sr < rows;
+    let q_row = ((q_start + (row0 + sr) / G) * P.num_qo_heads + h * G + (row0 + sr) % G) * dv;
+    let n_chunks = (D + DK - 1u) / DK;
+    let vk = min(BC, STAGE / dv);
+    // Which of this thread's column groups exist at this head dim.
+    let has_a = tx < dv;
+    let has_b = tx + 16u < dv;
+    let has_c = tx + 32u < dv;
+    let has_d = tx + 48u < dv;
 
     for (var t0 = lo; t0 < hi; t0 += i32(BC)) {
         let n = u32(min(i32(BC), hi - t0));
-        if (lid < n) {
-            pg_sh[lid] = kv_row(b, u32(t0) + lid, h, dv, kv_base);
+        let k_ok = sr < n;
+        var k_row = 0u;
+        if (k_ok) {
+            k_row = kv_row(b, u32(t0) + sr, h, dv, kv_base);
         }
-        workgroupBarrier();
 
         // Scores: s_i holds row 4ty+i against keys 4tx..4tx+3.
         var s0 = vec4<f32>(0.0);
         var s1 = vec4<f32>(0.0);
         var s2 = vec4<f32>(0.0);
         var s3 = vec4<f32>(0.0);
-        for (var d0 = 0u; d0 < D; d0 += DK) {
-            // Q^T chunk: thread reads 4 columns of one row, stores them down the column; rows
-            // are consecutive across threads, so the stores hit distinct banks.
-            for (var idx = lid; idx < BR * DK / 4u; idx += WG) {
-                let r = idx % BR;
-                let c4 = idx / BR;
-                var x = vec4<f32>(0.0);
-                if (r < rows && d0 + 4u * c4 < D) {
-                    let rr = row0 + r;
-                    x = q[((q_start + rr / G) * P.num_qo_heads + h * G + rr % G) * dv + d0 / 4u + c4];
-                }
-                let at = 4u * c4 * (BR / 4u) + r / 4u;
-                stage_sh[at][r % 4u] = x.x;
-                stage_sh[at + BR / 4u][r % 4u] = x.y;
-                stage_sh[at + 2u * (BR / 4u)][r % 4u] = x.z;
-                stage_sh[at + 3u * (BR / 4u)][r % 4u] = x.w;
-            }
-            for (var idx = lid; idx < BC * DK / 4u; idx += WG) {
-                let jj = idx % BC;
-                let c4 = idx / BC;
-                var x = vec4<f32>(0.0);
-                if (jj < n && d0 + 4u * c4 < D) {
-                    x = vec4<f32>(k[pg_sh[jj] + d0 / 4u + c4]);
-                }
-                let at = K_OFF + 4u * c4 * (BC / 4u) + jj / 4u;
-                stage_sh[at][jj % 4u] = x.x;
-                stage_sh[at + BC / 4u][jj % 4u] = x.y;
-                stage_sh[at + 2u * (BC / 4u)][jj % 4u] = x.z;
-                stage_sh[at + 3u * (BC / 4u)][jj % 4u] = x.w;
-            }
+        var qx = vec4<f32>(0.0);
+        var kx = vec4<f32>(0.0);
+        if (q_ok && sc < dv) {
+            qx = q[q_row + sc] * P.sm_scale;
+        }
+        if (k_ok && sc < dv) {
+            kx = vec4<f32>(k[k_row + sc]);
+        }
+        for (var c = 0u; c < n_chunks; c++) {
+            let buf = (c % 2u) * CHUNK;
+            // Q^T: column dd of row r at word dd * BR + r, i.e. vec4 dd * 16 + r / 4, lane r % 4.
+            let qa = buf + 4u * sc * (BR / 4u) + sr / 4u;
+            stage[qa][sr % 4u] = qx.x;
+            stage[qa + BR / 4u][sr % 4u] = qx.y;
+            stage[qa + 2u * (BR / 4u)][sr % 4u] = qx.z;
+            stage[qa + 3u * (BR / 4u)][sr % 4u] = qx.w;
+            let ka = buf + K_OFF + 4u * sc * (BC / 4u) + sr / 4u;
+            stage[ka][sr % 4u] = kx.x;
+            stage[ka + BC / 4u][sr % 4u] = kx.y;
+            stage[ka + 2u * (BC / 4u)][sr % 4u] = kx.z;
+            stage[ka + 3u * (BC / 4u)][sr % 4u] = kx.w;
             workgroupBarrier();
+            // The next chunk's loads fly while this one is multiplied.
+            let col = (c + 1u) * (DK / 4u) + sc;
+            qx = vec4<f32>(0.0);
+            kx = vec4<f32>(0.0);
+            if (c + 1u < n_chunks && col < dv) {
+                if (q_ok) {
+                    qx = q[q_row + col] * P.sm_scale;
+                }
+                if (k_ok) {
+                    kx = vec4<f32>(k[k_row + col]);
+                }
+            }
             for (var dd = 0u; dd < DK; dd++) {
-                let a = stage_sh[dd * (BR / 4u) + ty];
-                let kk = stage_sh[K_OFF + dd * (BC / 4u) + tx];
+                let a = stage[buf + dd * (BR / 4u) + ty];
+                let kk = stage[buf + K_OFF + dd * (BC / 4u) + tx];
                 s0 += a.x * kk;
                 s1 += a.y * kk;
                 s2 += a.z * kk;
                 s3 += a.w * kk;
             }
-            workgroupBarrier();
         }
+        // Every thread is done with the chunk buffers before they hold the row maxima.
+        workgroupBarrier();
 
-        // Mask and transform; row maxima across the row's 16 threads.
         let jj0 = 4u * tx;
         let jk0 = t0 + i32(jj0);
-        s0 = mask_row(s0, jj0, n, jk0, ri0.lo, ri0.hi, ri0.slope, ri0.pos);
-        s1 = mask_row(s1, jj0, n, jk0, ri1.lo, ri1.hi, ri1.slope, ri1.pos);
-        s2 = mask_row(s2, jj0, n, jk0, ri2.lo, ri2.hi, ri2.slope, ri2.pos);
-        s3 = mask_row(s3, jj0, n, jk0, ri3.lo, ri3.hi, ri3.slope, ri3.pos);
-        red_sh[tx * (BR / 4u) + ty] = vec4<f32>(max4(s0), max4(s1), max4(s2), max4(s3));
+        if (t0 >= lo_all && t0 + i32(BC) <= hi_all) {
+            if (P.soft_cap > 0.0 || P.has_alibi != 0u) {
+                s0 = post(s0, ri0.slope, jk0, ri0.pos);
+                s1 = post(s1, ri1.slope, jk0, ri1.pos);
+                s2 = post(s2, ri2.slope, jk0, ri2.pos);
+                s3 = post(s3, ri3.slope, jk0, ri3.pos);
+            }
+        } else {
+            s0 = masked(s0, jj0, n, jk0, ri0);
+            s1 = masked(s1, jj0, n, jk0, ri1);
+            s2 = masked(s2, jj0, n, jk0, ri2);
+            s3 = masked(s3, jj0, n, jk0, ri3);
+        }
+        stage[tx * 16u + ty] = vec4<f32>(max4(s0), max4(s1), max4(s2), max4(s3));
         workgroupBarrier();
-        var mt = red_sh[ty];
+        var mt = stage[ty];
         for (var t = 1u; t < 16u; t++) {
-            mt = max(mt, red_sh[t * (BR / 4u) + ty]);
+            mt = max(mt, stage[t * 16u + ty]);
         }
         let m_new = max(m, mt);
         let scale = exp(m - m_new);
@@ -247,65 +296,75 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let p2 = probs(s2, m_new.z);
         let p3 = probs(s3, m_new.w);
         dpart = dpart * scale + vec4<f32>(sum4(p0), sum4(p1), sum4(p2), sum4(p3));
-        or0 *= scale.x;
-        or1 *= scale.y;
-        or2 *= scale.z;
-        or3 *= scale.w;
-        // P transposed: key 4tx+j holds rows 4ty..4ty+3 in one vec4.
-        p_sh[jj0 * PSV + ty] = vec4<f32>(p0.x, p1.x, p2.x, p3.x);
-        p_sh[(jj0 + 1u) * PSV + ty] = vec4<f32>(p0.y, p1.y, p2.y, p3.y);
-        p_sh[(jj0 + 2u) * PSV + ty] = vec4<f32>(p0.z, p1.z, p2.z, p3.z);
-        p_sh[(jj0 + 3u) * PSV + ty] = vec4<f32>(p0.w, p1.w, p2.w, p3.w);
+        o0 = scale_acc(o0, scale.x);
+        o1 = scale_acc(o1, scale.y);
+        o2 = scale_acc(o2, scale.z);
+        o3 = scale_acc(o3, scale.w);
+        let slot = (ty ^ tx);
+        ps[jj0 * 16u + slot] = vec4<f32>(p0.x, p1.x, p2.x, p3.x);
+        ps[(jj0 + 1u) * 16u + slot] = vec4<f32>(p0.y, p1.y, p2.y, p3.y);
+        ps[(jj0 + 2u) * 16u + slot] = vec4<f32>(p0.z, p1.z, p2.z, p3.z);
+        ps[(jj0 + 3u) * 16u + slot] = vec4<f32>(p0.w, p1.w, p2.w, p3.w);
 
-        // Values: rounds of vk keys staged as rows; thread accumulates its units.
+        // Values: rounds of vk keys staged as rows; thread accumulates its column groups.
         for (var kc = 0u; kc < n; kc += vk) {
             let nk = min(vk, n - kc);
+            // The maxima (first round) or the previous round's V are read by every thread.
+            workgroupBarrier();
             for (var idx = lid; idx < nk * dv; idx += WG) {
                 let kk = idx / dv;
-                let c4 = idx % dv;
-                stage_sh[idx] = vec4<f32>(v[pg_sh[kc + kk] + c4]);
+                stage[idx] = vec4<f32>(v[kv_row(b, u32(t0) + kc + kk, h, dv, kv_base) + idx % dv]);
             }
             workgroupBarrier();
             for (var kk = 0u; kk < nk; kk++) {
-                let p4 = p_sh[(kc + kk) * PSV + ty];
-                if (u0) {
-                    let va = stage_sh[kk * dv + 2u * tx];
-                    let vb = stage_sh[kk * dv + 2u * tx + 1u];
-                    or0[0] += p4.x * va;
-                    or0[1] += p4.x * vb;
-                    or1[0] += p4.y * va;
-                    or1[1] += p4.y * vb;
-                    or2[0] += p4.z * va;
-                    or2[1] += p4.z * vb;
-                    or3[0] += p4.w * va;
-                    or3[1] += p4.w * vb;
+                let j = kc + kk;
+                let p4 = ps[j * 16u + (ty ^ (j / 4u))];
+                let row = kk * dv + tx;
+                if (has_a) {
+                    let va = stage[row];
+                    o0.a += p4.x * va;
+                    o1.a += p4.y * va;
+                    o2.a += p4.z * va;
+                    o3.a += p4.w * va;
                 }
-                if (u1) {
-                    let va = stage_sh[kk * dv + 2u * tx + 32u];
-                    let vb = stage_sh[kk * dv + 2u * tx + 33u];
-                    or0[2] += p4.x * va;
-                    or0[3] += p4.x * vb;
-                    or1[2] += p4.y * va;
-                    or1[3] += p4.y * vb;
-                    or2[2] += p4.z * va;
-                    or2[3] += p4.z * vb;
-                    or3[2] += p4.w * va;
-                    or3[3] += p4.w * vb;
+                if (has_b) {
+                    let vb = stage[row + 16u];
+                    o0.b += p4.x * vb;
+                    o1.b += p4.y * vb;
+                    o2.b += p4.z * vb;
+                    o3.b += p4.w * vb;
+                }
+                if (WIDE) {
+                    if (has_c) {
+                        let vc = stage[row + 32u];
+                        o0.c += p4.x * vc;
+                        o1.c += p4.y * vc;
+                        o2.c += p4.z * vc;
+                        o3.c += p4.w * vc;
+                    }
+                    if (has_d) {
+                        let vd = stage[row + 48u];
+                        o0.d += p4.x * vd;
+                        o1.d += p4.y * vd;
+                        o2.d += p4.z * vd;
+                        o3.d += p4.w * vd;
+                    }
                 }
             }
-            workgroupBarrier();
         }
+        // The last round's V is read before the next tile's chunks overwrite it.
+        workgroupBarrier();
     }
 
     // Row sums from the 16 threads of each row, then the output.
-    red_sh[tx * (BR / 4u) + ty] = dpart;
+    stage[tx * 16u + ty] = dpart;
     workgroupBarrier();
-    var dt = red_sh[ty];
+    var dt = stage[ty];
     for (var t = 1u; t < 16u; t++) {
-        dt += red_sh[t * (BR / 4u) + ty];
+        dt += stage[t * 16u + ty];
     }
-    write_row(4u * ty, rows, or0, m.x, dt.x, row0, G, h, q_start, tx, nu);
-    write_row(4u * ty + 1u, rows, or1, m.y, dt.y, row0, G, h, q_start, tx, nu);
-    write_row(4u * ty + 2u, rows, or2, m.z, dt.z, row0, G, h, q_start, tx, nu);
-    write_row(4u * ty + 3u, rows, or3, m.w, dt.w, row0, G, h, q_start, tx, nu);
+    write_row(4u * ty, rows, o0, m.x, dt.x, row0, G, h, q_start, tx);
+    write_row(4u * ty + 1u, rows, o1, m.y, dt.y, row0, G, h, q_start, tx);
+    write_row(4u * ty + 2u, rows, o2, m.z, dt.z, row0, G, h, q_start, tx);
+    write_row(4u * ty + 3u, rows, o3, m.w, dt.w, row0, G, h, q_start, tx);
 }

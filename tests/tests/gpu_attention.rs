@@ -43,7 +43,7 @@ fn engine(
     portable_prefill: bool,
 ) -> Option<GpuEngine> {
     let base = base()?;
-    let opts = GpuOptions { variant, f16_kv, split_k, decode_wg, portable_prefill };
+    let opts = GpuOptions { variant, f16_kv, split_k, decode_wg, portable_prefill, ..base.options() };
     match base.with_options(opts) {
         Ok(e) => Some(e),
         Err(e) => {

@@ -14,7 +14,7 @@ mod serve;
 use clap::{Parser, Subcommand, ValueEnum};
 use twinfer::bench::{self, KernelReport, Scope};
 use twinfer::cpu::{CpuEngine, SimdLevel};
-use twinfer::gpu::{GpuEngine, Variant};
+use twinfer::gpu::{GpuEngine, ShaderChecks, Variant};
 
 use options::SimdArg;
 
@@ -65,6 +65,10 @@ enum BenchWhat {
         /// GPU decode workgroup size in threads (teams of head_dim / 8 lanes): 64, 128 or 256.
         #[arg(long)]
         decode_wg: Option<u32>,
+        /// Checks compiled into the GPU kernels: full (wgpu's default, with loop bounding),
+        /// bounds (the default here) or unchecked.
+        #[arg(long, value_enum)]
+        shader_checks: Option<ShaderChecksArg>,
         /// Measure only these shapes (CPU): `prefill:LEN` or `decode:BATCH:CTX`; repeatable.
         #[arg(long = "case", value_name = "CASE")]
         cases: Vec<bench::Case>,
@@ -80,6 +84,13 @@ enum BenchWhat {
 enum KernelBackendArg {
     Cpu,
     Gpu,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ShaderChecksArg {
+    Full,
+    Bounds,
+    Unchecked,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -103,7 +114,7 @@ fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Info { json } => info::run(json),
         Command::Bench {
-            what: BenchWhat::Kernels { quick, backend: KernelBackendArg::Gpu, variant, decode_wg, .. },
+            what: BenchWhat::Kernels { quick, backend: KernelBackendArg::Gpu, variant, decode_wg, shader_checks, .. },
         } => {
             let scope = if quick { Scope::Quick } else { Scope::Full };
             let gpu = GpuEngine::new().map_err(|e| e.to_string())?;
@@ -116,6 +127,13 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             if let Some(wg) = decode_wg {
                 opts.decode_wg = wg;
+            }
+            if let Some(c) = shader_checks {
+                opts.shader_checks = match c {
+                    ShaderChecksArg::Full => ShaderChecks::Full,
+                    ShaderChecksArg::Bounds => ShaderChecks::Bounds,
+                    ShaderChecksArg::Unchecked => ShaderChecks::Unchecked,
+                };
             }
             let gpu = gpu.with_options(opts).map_err(|e| e.to_string())?;
             let report = bench::gpu::run_gpu_kernels(&gpu, scope).map_err(|e| e.to_string())?;

@@ -10,7 +10,7 @@ use super::device::{GpuContext, ResourceCounts};
 use super::params::{AttnParams, MergeParams, NO_WINDOW};
 use super::pending::{Pending, Readback, Scopes};
 use super::resources::{Bind, PipelineKey, Resources, Slot, Tile};
-use super::shaders::{Kernel, KvStorage, Variant};
+use super::shaders::{Kernel, KvStorage, ShaderChecks, Variant};
 use super::upload::{self, Meta};
 use crate::attention::problem::{KvSource, Problem};
 use crate::attention::{AttentionOutput, AttentionParams, DecodeInput, PrefillInput};
@@ -29,8 +29,12 @@ const DECODE_TARGET_WORKGROUPS: usize = 4096;
 /// Keys a decode chunk has at least, so that a workgroup's start and final merge are amortised
 /// (and a growing sequence changes its chunk count rarely).
 const DECODE_MIN_CHUNK: usize = 256;
-/// Widest workgroup storage the kernels need (decode: 21 KiB, prefill: 27.3 KiB).
-pub const WORKGROUP_STORAGE_NEEDED: u32 = 28 * 1024;
+/// Workgroup storage every kernel fits in (decode: 21 KiB, portable prefill: 16 KiB).
+pub const WORKGROUP_STORAGE_NEEDED: u32 = 22 * 1024;
+/// Workgroup storage and threads of the register-tiled prefill kernel; adapters with less run the
+/// portable one.
+pub const TILED_PREFILL_STORAGE: u32 = 32 * 1024;
+const TILED_PREFILL_THREADS: u32 = 256;
 
 /// How the engine runs; every field can be forced (tests cover each variant explicitly).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,9 +46,11 @@ pub struct GpuOptions {
     /// Decode workgroup size in threads (teams of head_dim / 8 lanes): 64, 128 or 256.
     pub decode_wg: u32,
     /// Prefill with the portable kernel (one score per thread) instead of the register-tiled one:
-    /// the default only for software adapters in browsers (SwiftShader loses the device on the
-    /// register-tiled kernel).
+    /// the default for software adapters in browsers (SwiftShader loses the device on the
+    /// register-tiled kernel) and for adapters under 32 KiB of workgroup storage or 256 threads.
     pub portable_prefill: bool,
+    /// The checks compiled into the kernels (see [`ShaderChecks`]).
+    pub shader_checks: ShaderChecks,
 }
 
 /// The WGSL engine on one device.
@@ -81,9 +87,12 @@ impl GpuEngine {
             // 128 threads (8 teams of 16 lanes at head_dim 128) beat 64 and 256 on an H100; a
             // software adapter gains nothing from wide workgroups.
             decode_wg: if ctx.summary.device_type != "Cpu" && ctx.summary.max_invocations >= 128 { 128 } else { 64 },
-            portable_prefill: cfg!(target_arch = "wasm32") && ctx.summary.device_type == "Cpu",
+            portable_prefill: (cfg!(target_arch = "wasm32") && ctx.summary.device_type == "Cpu")
+                || ctx.limits.max_compute_workgroup_storage_size < TILED_PREFILL_STORAGE
+                || ctx.summary.max_invocations < TILED_PREFILL_THREADS,
+            shader_checks: ShaderChecks::default(),
         };
-        Ok(Self { ctx, res: Arc::new(Mutex::new(Resources::default())), opts })
+        Ok(Self { ctx, res: Arc::new(Mutex::new(Resources::new(opts.shader_checks))), opts })
     }
 
     /// The same device with other options (own pools); errors if the adapter lacks a feature.
@@ -94,10 +103,19 @@ impl GpuEngine {
         if opts.f16_kv && !self.ctx.summary.shader_f16 {
             return Err(TwinferError::GpuUnavailable(format!("{} has no shader-f16", self.ctx.summary.name)));
         }
+        if !opts.portable_prefill
+            && (self.ctx.limits.max_compute_workgroup_storage_size < TILED_PREFILL_STORAGE
+                || self.ctx.summary.max_invocations < TILED_PREFILL_THREADS)
+        {
+            return Err(TwinferError::GpuUnavailable(format!(
+                "{}: the register-tiled prefill needs {TILED_PREFILL_STORAGE} bytes of workgroup storage and {TILED_PREFILL_THREADS} threads",
+                self.ctx.summary.name
+            )));
+        }
         if ![64, 128, 256].contains(&opts.decode_wg) || opts.decode_wg > self.ctx.summary.max_invocations {
             return Err(TwinferError::InvalidParameter(format!("decode_wg {} (64, 128 or 256)", opts.decode_wg)));
         }
-        Ok(Self { ctx: self.ctx.clone(), res: Arc::new(Mutex::new(Resources::default())), opts })
+        Ok(Self { ctx: self.ctx.clone(), res: Arc::new(Mutex::new(Resources::new(opts.shader_checks))), opts })
     }
 
     pub fn options(&self) -> GpuOptions {
@@ -112,7 +130,11 @@ impl GpuEngine {
     }
     /// `"subgroup, f16 KV"` and the like.
     pub fn variant_name(&self) -> String {
-        format!("{}, {} KV", self.opts.variant.name(), if self.opts.f16_kv { "f16" } else { "f32" })
+        let checks = match self.opts.shader_checks {
+            ShaderChecks::Bounds => String::new(),
+            other => format!(", {} shader checks", other.name()),
+        };
+        format!("{}, {} KV{checks}", self.opts.variant.name(), if self.opts.f16_kv { "f16" } else { "f32" })
     }
 
     /// Destroys the device, as a driver reset or a browser reclaiming the GPU would: every later
@@ -511,10 +533,10 @@ pub fn decode_shape(group: usize, head_dim: usize, wg: usize) -> (usize, usize, 
     (gq, DECODE_KEYS_PER_TEAM, teams * DECODE_KEYS_PER_TEAM)
 }
 
-/// Prefill tile: 128 threads, 32 query rows, 64 keys (fixed by the kernel's thread mapping,
-/// any head dim).
-pub fn prefill_tile(_head_dim: usize) -> Tile {
-    Tile { wg: 128, br: 32, bc: 64 }
+/// Prefill tile: 256 threads, 64 query rows (fixed by the kernel's thread mapping); `bc` is the
+/// vec4 column groups per thread: 2, or 4 for head dims over 128 (the `WIDE` override).
+pub fn prefill_tile(head_dim: usize) -> Tile {
+    Tile { wg: 256, br: 64, bc: if head_dim > 128 { 4 } else { 2 } }
 }
 
 /// Portable prefill tile for a head dim: BC keys of K (or V), rows padded by one vec4, in 16 KiB

@@ -16,4 +16,4 @@ pub use device::{AdapterSummary, GpuContext, ResourceCounts};
 pub use engine::{GpuEngine, GpuOptions};
 pub use linear::{DEFAULT_MAX_WEIGHT_BUFFER, GEMV_MAX_ROWS, GpuLinear};
 pub use resident::{DEFAULT_MAX_KV_BUFFER, GpuKvCache};
-pub use shaders::{KvStorage, Variant};
+pub use shaders::{KvStorage, ShaderChecks, Variant};

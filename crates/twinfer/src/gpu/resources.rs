@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::device::GpuContext;
-use super::shaders::{Kernel, KvStorage, Target, Variant, source};
+use super::shaders::{Kernel, KvStorage, ShaderChecks, Target, Variant, source};
 use crate::error::{Result, TwinferError};
 
 /// The `override` values of a pipeline.
@@ -16,7 +16,7 @@ pub struct Tile {
     pub wg: u32,
     /// Query rows per workgroup (prefill, fixed), query heads per workgroup (decode), else 0.
     pub br: u32,
-    /// Keys per tile (prefill, fixed), keys per team and step (decode, fixed), FMA rounds
+    /// Column groups per thread (prefill), keys per tile (portable prefill), keys per team and step (decode, fixed), FMA rounds
     /// (bench_fma), threads per feature (linear_gemv), else 0. The matmul's outputs per thread are
     /// (br, bc) = (TM, TN).
     pub bc: u32,
@@ -91,6 +91,7 @@ pub struct Resources {
     last: Vec<RecordedPass>,
     /// Idle mappable buffers: a call takes one for its results and returns it once read.
     readback: Vec<wgpu::Buffer>,
+    checks: ShaderChecks,
 }
 
 /// Idle readback buffers kept: one per call in flight at once, which is one or two in practice.
@@ -100,6 +101,10 @@ const READBACK_KEPT: usize = 2;
 pub type RecordedPass = (Arc<wgpu::ComputePipeline>, wgpu::BindGroup, [u32; 3]);
 
 impl Resources {
+    pub fn new(checks: ShaderChecks) -> Self {
+        Self { checks, ..Self::default() }
+    }
+
     pub fn pipeline(&mut self, ctx: &GpuContext, key: PipelineKey) -> Result<Arc<wgpu::ComputePipeline>> {
         if let Some(p) = self.pipelines.get(&key) {
             return Ok(p.clone());
@@ -116,10 +121,14 @@ impl Resources {
     }
 
     fn compile(&self, ctx: &GpuContext, key: PipelineKey, src: String) -> wgpu::ComputePipeline {
-        let module = ctx.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        let desc = wgpu::ShaderModuleDescriptor {
             label: Some(key.kernel.file()),
             source: wgpu::ShaderSource::Wgsl(src.into()),
-        });
+        };
+        // SAFETY: the kernels are this crate's own WGSL; every loop is bounded by parameters the
+        // host validates, and with `ShaderChecks::Unchecked` every index they form is validated
+        // on the host too (page tables, offsets and lengths; see `attention::problem`).
+        let module = unsafe { ctx.device.create_shader_module_trusted(desc, self.checks.runtime_checks()) };
         let mut constants: Vec<(&str, f64)> = vec![("WG", key.tile.wg as f64)];
         if key.kernel == Kernel::BenchFma {
             constants.push(("ITERS", key.tile.bc as f64));
@@ -129,6 +138,9 @@ impl Resources {
         }
         if key.kernel == Kernel::LinearGemv {
             constants.push(("TPF", key.tile.bc as f64));
+        }
+        if key.kernel == Kernel::Prefill {
+            constants.push(("WIDE", (key.tile.bc > 2) as u32 as f64));
         }
         if key.kernel == Kernel::PrefillPortable {
             constants.push(("BR", key.tile.br as f64));

@@ -81,6 +81,40 @@ impl Kernel {
     }
 }
 
+/// The checks wgpu compiles into each kernel.
+///
+/// `Full` is wgpu's default: clamped indices and a hidden iteration counter in every loop, which
+/// stops the driver from unrolling the kernels' constant-bound inner loops. The kernels are this
+/// crate's own and their loops are bounded by host-validated parameters, so `Bounds` (indices
+/// still clamped, loops left as written) gives up nothing the host does not already check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ShaderChecks {
+    /// Bounds checks and loop bounding.
+    Full,
+    /// Bounds checks only.
+    #[default]
+    Bounds,
+    /// Neither (every index the kernels form is validated on the host).
+    Unchecked,
+}
+
+impl ShaderChecks {
+    pub fn name(self) -> &'static str {
+        match self {
+            ShaderChecks::Full => "full",
+            ShaderChecks::Bounds => "bounds",
+            ShaderChecks::Unchecked => "unchecked",
+        }
+    }
+
+    pub(crate) fn runtime_checks(self) -> wgpu::ShaderRuntimeChecks {
+        let mut checks = wgpu::ShaderRuntimeChecks::checked();
+        checks.bounds_checks = self != ShaderChecks::Unchecked;
+        checks.force_loop_bounding = self == ShaderChecks::Full;
+        checks
+    }
+}
+
 /// How reductions are done. Open for a cooperative-matrix variant (tensor cores, native only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
