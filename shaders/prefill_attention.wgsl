@@ -13,8 +13,9 @@
 // across the 16 threads of a row through workgroup memory; each thread keeps its part of the row
 // sum, rescaled with the row, and the parts are summed once at the end. P goes to workgroup memory
 // transposed (four rows per vec4, slots swizzled by key quad so that the stores do not collide);
-// V is staged in rounds of VK = min(BC, 1024 / (head_dim / 4)) keys and each thread does 4 FMAs
-// per vec4 of V per row quad.
+// V is staged in rounds of VK = min(BC, 1024 / (head_dim / 4)) keys (at most four vec4s per
+// thread, loaded into registers a round ahead: the first round during the softmax) and each
+// thread does 4 FMAs per vec4 of V per row quad.
 //
 // Tiling: WG = 256 threads, BR = 64 rows, BC = 64 keys, DK = 16; head_dim a multiple of 8,
 //   <= 256. Workgroup memory: 32 KiB (the staging area, 16 KiB, holds the two Q/K chunk
@@ -26,7 +27,12 @@
 //   at 0 in tokens (ragged) or pages (paged), page ids at off_indices, last_page_len at
 //   off_last_len, qo_indptr at off_qo_indptr, ALiBi bits at off_alibi, work list at off_work);
 //   5 o [tokens, Hq, D] f32; 6 lse [tokens, Hq] f32.
-// Dispatch: (num_work, Hk, 1); work item i is (sequence, first row) at tbl[off_work + 2i].
+// Dispatch: (Hk, num_work, 1); work item i is (sequence, first row) at tbl[off_work + 2i], longest
+//   first, so that the heads of one item run together and the last wave holds the short items.
+// Variant SUBGROUP: the row maxima are reduced with subgroupShuffleXor; with subgroups of 16
+//   lanes or more that replaces workgroup memory and two barriers per tile, with narrower ones
+//   (8 on lavapipe, 4 on SwiftShader) workgroup memory joins the subgroups' parts. Assumes, as
+//   the decode kernel does, that lanes follow local_invocation_index.
 // Knobs: override WG (must be 256: the thread mapping above); WIDE (head_dim > 128: four column
 //   groups per thread, otherwise two, so narrow heads do not carry dead accumulators);
 //   kv4 = vec4<f32> or vec4<f16> (SHADER_F16) from the prelude.
@@ -60,6 +66,28 @@ fn kv_row(b: u32, j: u32, h: u32, dv: u32, kv_base: u32) -> u32 {
         return ((page * P.page_size + j % P.page_size) * P.num_kv_heads + h) * dv;
     }
     return ((kv_base + j) * P.num_kv_heads + h) * dv;
+}
+
+// Key sr of the tile at t0: its row, and chunk 0 column sc of it in `first` (zeros past the end).
+fn load_k_first(t0: i32, hi: i32, b: u32, h: u32, dv: u32, kv_base: u32, sr: u32, sc: u32,
+                first: ptr<function, vec4<f32>>) -> u32 {
+    *first = vec4<f32>(0.0);
+    if (i32(sr) >= hi - t0) {
+        return 0u;
+    }
+    let row = kv_row(b, u32(t0) + sr, h, dv, kv_base);
+    if (sc < dv) {
+        *first = vec4<f32>(k[row + sc]);
+    }
+    return row;
+}
+
+// Element idx (vec4 units) of a round of V rows starting at key key0, or zeros past `fill`.
+fn load_v(idx: u32, fill: u32, key0: u32, b: u32, h: u32, dv: u32, kv_base: u32) -> vec4<f32> {
+    if (idx >= fill) {
+        return vec4<f32>(0.0);
+    }
+    return vec4<f32>(v[kv_row(b, key0 + idx / dv, h, dv, kv_base) + idx % dv]);
 }
 
 // Soft-cap and ALiBi of four pre-scaled scores of one row against keys jk .. jk + 3.
@@ -153,10 +181,21 @@ fn write_row(r: u32, rows: u32, acc: Acc, m: f32, d: f32, row0: u32, G: u32, h: 
 }
 
 @compute @workgroup_size(WG)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let b = tbl[P.off_work + 2u * wid.x];
-    let row0 = tbl[P.off_work + 2u * wid.x + 1u];
-    let h = wid.y;
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+// #if SUBGROUP
+    @builtin(subgroup_size) sg_size: u32,
+// #endif
+) {
+// #if SUBGROUP
+    let shuffle_only = sg_size >= 16u;
+// #else
+    let shuffle_only = false;
+// #endif
+    let b = tbl[P.off_work + 2u * wid.y];
+    let row0 = tbl[P.off_work + 2u * wid.y + 1u];
+    let h = wid.x;
     let G = P.group;
     let D = P.head_dim;
     let dv = D / 4u;
@@ -208,27 +247,29 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let has_c = tx + 32u < dv;
     let has_d = tx + 48u < dv;
 
+    // Chunk 0 of Q is the same for every tile; chunk 0 of K is loaded a tile ahead.
+    var q_first = vec4<f32>(0.0);
+    if (q_ok && sc < dv) {
+        q_first = q[q_row + sc] * P.sm_scale;
+    }
+    var next_row = 0u;
+    var next_k = vec4<f32>(0.0);
+    if (lo < hi) {
+        next_row = load_k_first(lo, hi, b, h, dv, kv_base, sr, sc, &next_k);
+    }
+
     for (var t0 = lo; t0 < hi; t0 += i32(BC)) {
         let n = u32(min(i32(BC), hi - t0));
         let k_ok = sr < n;
-        var k_row = 0u;
-        if (k_ok) {
-            k_row = kv_row(b, u32(t0) + sr, h, dv, kv_base);
-        }
+        let k_row = next_row;
 
         // Scores: s_i holds row 4ty+i against keys 4tx..4tx+3.
         var s0 = vec4<f32>(0.0);
         var s1 = vec4<f32>(0.0);
         var s2 = vec4<f32>(0.0);
         var s3 = vec4<f32>(0.0);
-        var qx = vec4<f32>(0.0);
-        var kx = vec4<f32>(0.0);
-        if (q_ok && sc < dv) {
-            qx = q[q_row + sc] * P.sm_scale;
-        }
-        if (k_ok && sc < dv) {
-            kx = vec4<f32>(k[k_row + sc]);
-        }
+        var qx = q_first;
+        var kx = next_k;
         for (var c = 0u; c < n_chunks; c++) {
             let buf = (c % 2u) * CHUNK;
             // Q^T: column dd of row r at word dd * BR + r, i.e. vec4 dd * 16 + r / 4, lane r % 4.
@@ -264,7 +305,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 s3 += a.w * kk;
             }
         }
-        // Every thread is done with the chunk buffers before they hold the row maxima.
+        // The first round of V is loaded now, to arrive during the softmax.
+        let fill0 = min(vk, n) * dv;
+        var vr0 = load_v(lid, fill0, u32(t0), b, h, dv, kv_base);
+        var vr1 = load_v(lid + WG, fill0, u32(t0), b, h, dv, kv_base);
+        var vr2 = load_v(lid + 2u * WG, fill0, u32(t0), b, h, dv, kv_base);
+        var vr3 = load_v(lid + 3u * WG, fill0, u32(t0), b, h, dv, kv_base);
+        // Every thread is done with the chunk buffers before they hold the row maxima or V.
         workgroupBarrier();
 
         let jj0 = 4u * tx;
@@ -282,12 +329,28 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             s2 = masked(s2, jj0, n, jk0, ri2);
             s3 = masked(s3, jj0, n, jk0, ri3);
         }
-        stage[tx * 16u + ty] = vec4<f32>(max4(s0), max4(s1), max4(s2), max4(s3));
+        var mt = vec4<f32>(max4(s0), max4(s1), max4(s2), max4(s3));
+// #if SUBGROUP
+        // A row quad's 16 threads are 16 aligned lanes: shuffles reduce within the subgroup, and
+        // workgroup memory joins the parts where subgroups are narrower than 16 lanes.
+        for (var off = 1u; off < min(sg_size, 16u); off *= 2u) {
+            mt = max(mt, subgroupShuffleXor(mt, off));
+        }
+        if (!shuffle_only) {
+            stage[tx * 16u + ty] = mt;
+            workgroupBarrier();
+            for (var t = 0u; t < 16u; t += sg_size) {
+                mt = max(mt, stage[t * 16u + ty]);
+            }
+        }
+// #else
+        stage[tx * 16u + ty] = mt;
         workgroupBarrier();
-        var mt = stage[ty];
+        mt = stage[ty];
         for (var t = 1u; t < 16u; t++) {
             mt = max(mt, stage[t * 16u + ty]);
         }
+// #endif
         let m_new = max(m, mt);
         let scale = exp(m - m_new);
         m = m_new;
@@ -309,13 +372,36 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         // Values: rounds of vk keys staged as rows; thread accumulates its column groups.
         for (var kc = 0u; kc < n; kc += vk) {
             let nk = min(vk, n - kc);
-            // The maxima (first round) or the previous round's V are read by every thread.
-            workgroupBarrier();
-            for (var idx = lid; idx < nk * dv; idx += WG) {
-                let kk = idx / dv;
-                stage[idx] = vec4<f32>(v[kv_row(b, u32(t0) + kc + kk, h, dv, kv_base) + idx % dv]);
+            // Every thread is done with the row maxima (first round, baseline) or the previous
+            // round's V before V overwrites them.
+            if (kc > 0u || !shuffle_only) {
+                workgroupBarrier();
+            }
+            let fill = nk * dv;
+            stage[lid] = vr0;
+            if (lid + WG < fill) {
+                stage[lid + WG] = vr1;
+            }
+            if (lid + 2u * WG < fill) {
+                stage[lid + 2u * WG] = vr2;
+            }
+            if (lid + 3u * WG < fill) {
+                stage[lid + 3u * WG] = vr3;
             }
             workgroupBarrier();
+            // The next round's loads (or the next tile's first K chunk) fly while this one is
+            // multiplied.
+            if (kc + vk >= n && t0 + i32(BC) < hi) {
+                next_row = load_k_first(t0 + i32(BC), hi, b, h, dv, kv_base, sr, sc, &next_k);
+            }
+            if (kc + vk < n) {
+                let next = min(vk, n - kc - vk) * dv;
+                let key0 = u32(t0) + kc + vk;
+                vr0 = load_v(lid, next, key0, b, h, dv, kv_base);
+                vr1 = load_v(lid + WG, next, key0, b, h, dv, kv_base);
+                vr2 = load_v(lid + 2u * WG, next, key0, b, h, dv, kv_base);
+                vr3 = load_v(lid + 3u * WG, next, key0, b, h, dv, kv_base);
+            }
             for (var kk = 0u; kk < nk; kk++) {
                 let j = kc + kk;
                 let p4 = ps[j * 16u + (ty ^ (j / 4u))];

@@ -18,7 +18,8 @@
 //   at 0 in tokens (ragged) or pages (paged), page ids at off_indices, last_page_len at
 //   off_last_len, qo_indptr at off_qo_indptr, ALiBi bits at off_alibi, work list at off_work);
 //   5 o [tokens, Hq, D] f32; 6 lse [tokens, Hq] f32.
-// Dispatch: (num_work, Hk, 1); work item i is (sequence, first row) at tbl[off_work + 2i].
+// Dispatch: (Hk, num_work, 1); work item i is (sequence, first row) at tbl[off_work + 2i], longest
+//   first, so that the heads of one item run together and the last wave holds the short items.
 // Knobs: overrides WG, BR, BC; kv4 = vec4<f32> or vec4<f16> (SHADER_F16) from the prelude.
 
 override WG: u32 = 128u;
@@ -53,9 +54,9 @@ fn kv_row(b: u32, j: u32, h: u32, dv: u32, kv_base: u32) -> u32 {
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let b = tbl[P.off_work + 2u * wid.x];
-    let row0 = tbl[P.off_work + 2u * wid.x + 1u];
-    let h = wid.y;
+    let b = tbl[P.off_work + 2u * wid.y];
+    let row0 = tbl[P.off_work + 2u * wid.y + 1u];
+    let h = wid.x;
     let G = P.group;
     let dv = P.head_dim / 4u;
     // Tile rows are padded by one vec4 so that threads reading different keys' rows at the same

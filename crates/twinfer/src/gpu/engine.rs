@@ -366,18 +366,12 @@ impl GpuEngine {
         p.check_output(out)?;
         self.ctx.check_alive()?;
         let (hq, hk, d) = (params.num_qo_heads, params.num_kv_heads, params.head_dim);
-        let group = params.group_size();
         let (kernel, tile) = if self.opts.portable_prefill {
             (Kernel::PrefillPortable, portable_prefill_tile(d))
         } else {
             (Kernel::Prefill, prefill_tile(d))
         };
-        let mut work = Vec::new();
-        for b in 0..p.batch {
-            for row0 in (0..p.qo_len(b) * group).step_by(tile.br as usize) {
-                work.extend([b as u32, row0 as u32]);
-            }
-        }
+        let work = prefill_work(&p, params, tile.br as usize);
         if work.is_empty() {
             return Ok(None);
         }
@@ -410,7 +404,7 @@ impl GpuEngine {
             crate::attention::problem::QoRows::OnePerSeq => unreachable_qo()?,
         };
         let off_alibi = meta.push_f32(params.alibi_slopes.as_deref().unwrap_or(&[]));
-        let num_work = work.len() / 2;
+        let num_work = (work.len() / 2) as u32;
         let off_work = meta.push(&work);
         let prm = AttnParams {
             off_indices,
@@ -418,7 +412,7 @@ impl GpuEngine {
             off_qo_indptr,
             off_alibi,
             off_work,
-            num_work: num_work as u32,
+            num_work,
             paged,
             num_chunks: 1,
             ..self.base_params(params, p.batch, page_size)
@@ -435,9 +429,10 @@ impl GpuEngine {
         self.write(&mut res, Slot::Meta, bytemuck::cast_slice(&meta.data))?;
         res.buffer(ctx, Slot::O, (rows * d * 4) as u64)?;
         res.buffer(ctx, Slot::Lse, (rows * 4) as u64)?;
-        let key = PipelineKey { kernel, variant: Variant::Baseline, kv: storage, tile };
+        let variant = if kernel == Kernel::Prefill { self.opts.variant } else { Variant::Baseline };
+        let key = PipelineKey { kernel, variant, kv: storage, tile };
         let slots = [Slot::AttnParams, Slot::Q, Slot::K, Slot::V, Slot::Meta, Slot::O, Slot::Lse].map(Bind::Slot);
-        self.run_passes(&mut res, &[(key, slots.to_vec(), [num_work, hk, 1])])?;
+        self.run_passes(&mut res, &[(key, slots.to_vec(), [hk, num_work as usize, 1])])?;
         let readback = Readback::queue(ctx, &mut res, rows, d, out.lse.is_some())?;
         Ok(Some(self.submitted(scope, Some(readback))))
     }
@@ -544,6 +539,27 @@ pub fn prefill_tile(head_dim: usize) -> Tile {
 pub fn portable_prefill_tile(head_dim: usize) -> Tile {
     let dv = (head_dim / 4) as u32;
     Tile { wg: 128, br: 32, bc: (1024 / (dv + 1)).min(64) }
+}
+
+/// The prefill work list: `(sequence, first row)` per tile of `br` rows, the tiles that see the
+/// most keys first. Launched in this order, the long causal tiles start in the first wave and the
+/// short ones fill the tail, instead of a last wave of long tiles on a mostly idle device.
+fn prefill_work(p: &Problem<'_>, params: &AttentionParams, br: usize) -> Vec<u32> {
+    let group = params.group_size();
+    let mut items: Vec<(usize, u32, u32)> = Vec::new();
+    for b in 0..p.batch {
+        let (qo_len, kv_len) = (p.qo_len(b), p.kv.kv_len(b));
+        for row0 in (0..qo_len * group).step_by(br) {
+            let last = ((row0 + br).min(qo_len * group) - 1) / group;
+            let first_pos = (row0 / group + kv_len) as i64 - qo_len as i64;
+            let last_pos = (last + kv_len) as i64 - qo_len as i64;
+            let hi = if params.causal { (last_pos + 1).clamp(0, kv_len as i64) } else { kv_len as i64 };
+            let lo = params.window_left.map_or(0, |w| (first_pos - w.min(1 << 30) as i64).max(0));
+            items.push(((hi - lo).max(0) as usize, b as u32, row0 as u32));
+        }
+    }
+    items.sort_by(|a, b| b.0.cmp(&a.0));
+    items.into_iter().flat_map(|(_, b, row0)| [b, row0]).collect()
 }
 
 fn q_f32(p: &Problem<'_>) -> Vec<f32> {

@@ -23,7 +23,7 @@ const FILES: [(&str, &str); 9] = [
 ];
 
 /// Kernels with `// #if SUBGROUP` lines.
-const SUBGROUP_KERNELS: &[Kernel] = &[Kernel::Decode];
+const SUBGROUP_KERNELS: &[Kernel] = &[Kernel::Decode, Kernel::Prefill];
 
 /// A compute kernel; its label is its file name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
