@@ -82,12 +82,21 @@ fn load_k_first(t0: i32, hi: i32, b: u32, h: u32, dv: u32, kv_base: u32, sr: u32
     return row;
 }
 
-// Element idx (vec4 units) of a round of V rows starting at key key0, or zeros past `fill`.
-fn load_v(idx: u32, fill: u32, key0: u32, b: u32, h: u32, dv: u32, kv_base: u32) -> vec4<f32> {
+// Element lid + i * WG (vec4 units) of a round of V rows starting at key key0, or zeros past
+// `fill`. `vs` is (lid / dv, lid % dv, WG / dv), with WG / dv = 0 where dv does not divide WG:
+// then the element's key and column take a division (by a value the compiler does not know).
+fn load_v(i: u32, lid: u32, vs: vec3<u32>, fill: u32, key0: u32, b: u32, h: u32, dv: u32, kv_base: u32) -> vec4<f32> {
+    let idx = lid + i * WG;
     if (idx >= fill) {
         return vec4<f32>(0.0);
     }
-    return vec4<f32>(v[kv_row(b, key0 + idx / dv, h, dv, kv_base) + idx % dv]);
+    var key = vs.x + i * vs.z;
+    var col = vs.y;
+    if (vs.z == 0u) {
+        key = idx / dv;
+        col = idx % dv;
+    }
+    return vec4<f32>(v[kv_row(b, key0 + key, h, dv, kv_base) + col]);
 }
 
 // Soft-cap and ALiBi of four pre-scaled scores of one row against keys jk .. jk + 3.
@@ -241,6 +250,7 @@ fn main(
     let q_row = ((q_start + (row0 + sr) / G) * P.num_qo_heads + h * G + (row0 + sr) % G) * dv;
     let n_chunks = (D + DK - 1u) / DK;
     let vk = min(BC, STAGE / dv);
+    let vs = vec3<u32>(lid / dv, lid % dv, select(0u, WG / dv, WG % dv == 0u));
     // Which of this thread's column groups exist at this head dim.
     let has_a = tx < dv;
     let has_b = tx + 16u < dv;
@@ -307,10 +317,10 @@ fn main(
         }
         // The first round of V is loaded now, to arrive during the softmax.
         let fill0 = min(vk, n) * dv;
-        var vr0 = load_v(lid, fill0, u32(t0), b, h, dv, kv_base);
-        var vr1 = load_v(lid + WG, fill0, u32(t0), b, h, dv, kv_base);
-        var vr2 = load_v(lid + 2u * WG, fill0, u32(t0), b, h, dv, kv_base);
-        var vr3 = load_v(lid + 3u * WG, fill0, u32(t0), b, h, dv, kv_base);
+        var vr0 = load_v(0u, lid, vs, fill0, u32(t0), b, h, dv, kv_base);
+        var vr1 = load_v(1u, lid, vs, fill0, u32(t0), b, h, dv, kv_base);
+        var vr2 = load_v(2u, lid, vs, fill0, u32(t0), b, h, dv, kv_base);
+        var vr3 = load_v(3u, lid, vs, fill0, u32(t0), b, h, dv, kv_base);
         // Every thread is done with the chunk buffers before they hold the row maxima or V.
         workgroupBarrier();
 
@@ -397,10 +407,10 @@ fn main(
             if (kc + vk < n) {
                 let next = min(vk, n - kc - vk) * dv;
                 let key0 = u32(t0) + kc + vk;
-                vr0 = load_v(lid, next, key0, b, h, dv, kv_base);
-                vr1 = load_v(lid + WG, next, key0, b, h, dv, kv_base);
-                vr2 = load_v(lid + 2u * WG, next, key0, b, h, dv, kv_base);
-                vr3 = load_v(lid + 3u * WG, next, key0, b, h, dv, kv_base);
+                vr0 = load_v(0u, lid, vs, next, key0, b, h, dv, kv_base);
+                vr1 = load_v(1u, lid, vs, next, key0, b, h, dv, kv_base);
+                vr2 = load_v(2u, lid, vs, next, key0, b, h, dv, kv_base);
+                vr3 = load_v(3u, lid, vs, next, key0, b, h, dv, kv_base);
             }
             for (var kk = 0u; kk < nk; kk++) {
                 let j = kc + kk;

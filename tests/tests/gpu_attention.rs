@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use proptest::prelude::*;
 use twinfer::cpu::{CpuEngine, SplitK};
-use twinfer::gpu::{GpuEngine, GpuOptions, Variant};
+use twinfer::gpu::{GpuEngine, GpuOptions, ShaderChecks, Variant};
 use twinfer::{DType, TwinferError};
 use twinfer_tests::{Case, CaseData, KvKind, Mode, case_strategy};
 
@@ -263,4 +263,40 @@ fn adapter_is_reported() {
     let s = &e.context().summary;
     assert!(!s.name.is_empty());
     eprintln!("GPU tests ran on: {s}");
+}
+
+/// Every level of compiled-in checks gives the same outputs as the device's default (the
+/// checks only clamp indices and bound loops that valid inputs never reach).
+#[test]
+fn shader_check_levels_agree() {
+    let Some(base) = base() else { return };
+    let case = Case {
+        mode: Mode::Prefill,
+        kv_kind: KvKind::Paged,
+        qo_lens: vec![70, 3],
+        kv_lens: vec![90, 130],
+        page_size: 16,
+        num_kv_heads: 2,
+        group: 4,
+        head_dim: 128,
+        causal: true,
+        window_left: None,
+        soft_cap: None,
+        alibi: false,
+        sm_scale: None,
+        q_dtype: DType::F32,
+        kv_dtype: DType::F16,
+        o_dtype: DType::F32,
+        want_lse: true,
+        q_gain: 4.0,
+        seed: 5,
+    };
+    let decode = Case { mode: Mode::Decode, qo_lens: vec![1, 1], ..case.clone() };
+    let want: Vec<_> = [&case, &decode].map(|c| run(base, c).unwrap()).into();
+    for checks in [ShaderChecks::Full, ShaderChecks::Bounds, ShaderChecks::Unchecked] {
+        let e = base.with_options(GpuOptions { shader_checks: checks, ..base.options() }).unwrap();
+        for (c, w) in [&case, &decode].into_iter().zip(&want) {
+            assert_eq!(&run(&e, c).unwrap(), w, "{checks:?}, {:?}", c.mode);
+        }
+    }
 }

@@ -65,8 +65,8 @@ enum BenchWhat {
         /// GPU decode workgroup size in threads (teams of head_dim / 8 lanes): 64, 128 or 256.
         #[arg(long)]
         decode_wg: Option<u32>,
-        /// Checks compiled into the GPU kernels: full (wgpu's default, with loop bounding),
-        /// bounds (the default here) or unchecked.
+        /// Checks compiled into the GPU kernels: full (wgpu's default, with loop bounding), bounds,
+        /// or unchecked (default: unchecked on Vulkan, whose driver bounds buffer accesses, else bounds).
         #[arg(long, value_enum)]
         shader_checks: Option<ShaderChecksArg>,
         /// Measure only these shapes (CPU): `prefill:LEN` or `decode:BATCH:CTX`; repeatable.

@@ -90,7 +90,7 @@ impl GpuEngine {
             portable_prefill: (cfg!(target_arch = "wasm32") && ctx.summary.device_type == "Cpu")
                 || ctx.limits.max_compute_workgroup_storage_size < TILED_PREFILL_STORAGE
                 || ctx.summary.max_invocations < TILED_PREFILL_THREADS,
-            shader_checks: ShaderChecks::default(),
+            shader_checks: ShaderChecks::for_backend(&ctx.summary.backend),
         };
         Ok(Self { ctx, res: Arc::new(Mutex::new(Resources::new(opts.shader_checks))), opts })
     }
@@ -130,9 +130,10 @@ impl GpuEngine {
     }
     /// `"subgroup, f16 KV"` and the like.
     pub fn variant_name(&self) -> String {
-        let checks = match self.opts.shader_checks {
-            ShaderChecks::Bounds => String::new(),
-            other => format!(", {} shader checks", other.name()),
+        let checks = if self.opts.shader_checks == ShaderChecks::for_backend(&self.ctx.summary.backend) {
+            String::new()
+        } else {
+            format!(", {} shader checks", self.opts.shader_checks.name())
         };
         format!("{}, {} KV{checks}", self.opts.variant.name(), if self.opts.f16_kv { "f16" } else { "f32" })
     }
