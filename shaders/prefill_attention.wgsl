@@ -14,8 +14,9 @@
 // sum, rescaled with the row, and the parts are summed once at the end. P goes to workgroup memory
 // transposed (four rows per vec4, slots swizzled by key quad so that the stores do not collide);
 // V is staged in rounds of VK = min(BC, 1024 / (head_dim / 4)) keys (at most four vec4s per
-// thread, loaded into registers a round ahead: the first round during the softmax) and each
-// thread does 4 FMAs per vec4 of V per row quad.
+// thread, the next round loaded into registers while the current one is multiplied) and each
+// thread does 4 FMAs per vec4 of V per row quad. Row facts (visible keys, position, slope) are
+// recomputed in the tiles that need them instead of living in registers through the loop.
 //
 // Tiling: WG = 256 threads, BR = 64 rows, BC = 64 keys, DK = 16; head_dim a multiple of 8,
 //   <= 256. Workgroup memory: 32 KiB (the staging area, 16 KiB, holds the two Q/K chunk
@@ -231,10 +232,6 @@ fn main(
     let lo_all = visible_range(P, last_pos, kv_len).x;
     let hi_all = select(visible_range(P, first_pos, kv_len).y, 0, rows < BR);
 
-    let ri0 = row_info(4u * ty, rows, row0, G, h, kv_len, qo_len);
-    let ri1 = row_info(4u * ty + 1u, rows, row0, G, h, kv_len, qo_len);
-    let ri2 = row_info(4u * ty + 2u, rows, row0, G, h, kv_len, qo_len);
-    let ri3 = row_info(4u * ty + 3u, rows, row0, G, h, kv_len, qo_len);
     var m = vec4<f32>(-BIG);
     var dpart = vec4<f32>(0.0);
     var o0 = Acc(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
@@ -315,29 +312,30 @@ fn main(
                 s3 += a.w * kk;
             }
         }
-        // The first round of V is loaded now, to arrive during the softmax.
-        let fill0 = min(vk, n) * dv;
-        var vr0 = load_v(0u, lid, vs, fill0, u32(t0), b, h, dv, kv_base);
-        var vr1 = load_v(1u, lid, vs, fill0, u32(t0), b, h, dv, kv_base);
-        var vr2 = load_v(2u, lid, vs, fill0, u32(t0), b, h, dv, kv_base);
-        var vr3 = load_v(3u, lid, vs, fill0, u32(t0), b, h, dv, kv_base);
         // Every thread is done with the chunk buffers before they hold the row maxima or V.
         workgroupBarrier();
 
         let jj0 = 4u * tx;
         let jk0 = t0 + i32(jj0);
-        if (t0 >= lo_all && t0 + i32(BC) <= hi_all) {
-            if (P.soft_cap > 0.0 || P.has_alibi != 0u) {
+        // Row facts are recomputed where a tile needs them rather than kept in registers
+        // through the loop: interior tiles without soft-cap or ALiBi need none.
+        let interior = t0 >= lo_all && t0 + i32(BC) <= hi_all;
+        if (!interior || P.soft_cap > 0.0 || P.has_alibi != 0u) {
+            let ri0 = row_info(4u * ty, rows, row0, G, h, kv_len, qo_len);
+            let ri1 = row_info(4u * ty + 1u, rows, row0, G, h, kv_len, qo_len);
+            let ri2 = row_info(4u * ty + 2u, rows, row0, G, h, kv_len, qo_len);
+            let ri3 = row_info(4u * ty + 3u, rows, row0, G, h, kv_len, qo_len);
+            if (interior) {
                 s0 = post(s0, ri0.slope, jk0, ri0.pos);
                 s1 = post(s1, ri1.slope, jk0, ri1.pos);
                 s2 = post(s2, ri2.slope, jk0, ri2.pos);
                 s3 = post(s3, ri3.slope, jk0, ri3.pos);
+            } else {
+                s0 = masked(s0, jj0, n, jk0, ri0);
+                s1 = masked(s1, jj0, n, jk0, ri1);
+                s2 = masked(s2, jj0, n, jk0, ri2);
+                s3 = masked(s3, jj0, n, jk0, ri3);
             }
-        } else {
-            s0 = masked(s0, jj0, n, jk0, ri0);
-            s1 = masked(s1, jj0, n, jk0, ri1);
-            s2 = masked(s2, jj0, n, jk0, ri2);
-            s3 = masked(s3, jj0, n, jk0, ri3);
         }
         var mt = vec4<f32>(max4(s0), max4(s1), max4(s2), max4(s3));
 // #if SUBGROUP
@@ -379,6 +377,12 @@ fn main(
         ps[(jj0 + 2u) * 16u + slot] = vec4<f32>(p0.z, p1.z, p2.z, p3.z);
         ps[(jj0 + 3u) * 16u + slot] = vec4<f32>(p0.w, p1.w, p2.w, p3.w);
 
+        // The first round of V.
+        let fill0 = min(vk, n) * dv;
+        var vr0 = load_v(0u, lid, vs, fill0, u32(t0), b, h, dv, kv_base);
+        var vr1 = load_v(1u, lid, vs, fill0, u32(t0), b, h, dv, kv_base);
+        var vr2 = load_v(2u, lid, vs, fill0, u32(t0), b, h, dv, kv_base);
+        var vr3 = load_v(3u, lid, vs, fill0, u32(t0), b, h, dv, kv_base);
         // Values: rounds of vk keys staged as rows; thread accumulates its column groups.
         for (var kc = 0u; kc < n; kc += vk) {
             let nk = min(vk, n - kc);
