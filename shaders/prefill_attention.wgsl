@@ -6,21 +6,23 @@
 // window tiles that are fully masked are never visited), BC = 64 keys at a time. Thread
 // (ty, tx) = (lid / 16, lid % 16) owns rows 4ty..4ty+3: of the score block it owns keys
 // 4tx..4tx+3 (a 4 x 4 register tile), of O the vec4 columns tx + 16g (g < 2, or < 4 when WIDE).
-// Scores: Q (pre-scaled by sm_scale) and K are staged transposed in chunks of DK = 16 head-dim
+// Scores: Q (pre-scaled by sm_scale) and K are staged transposed in chunks of DK head-dim
 // columns, f32 in workgroup memory, double-buffered: the next chunk's global loads are in flight
 // while the current chunk is multiplied, one barrier per chunk, and each thread does 16 FMAs per
 // two vec4 loads. Tiles that every row sees whole skip the mask. Softmax: row maxima are reduced
 // across the 16 threads of a row through workgroup memory; each thread keeps its part of the row
 // sum, rescaled with the row, and the parts are summed once at the end. P goes to workgroup memory
 // transposed (four rows per vec4, slots swizzled by key quad so that the stores do not collide);
-// V is staged in rounds of VK = min(BC, 1024 / (head_dim / 4)) keys (at most four vec4s per
-// thread, the next round loaded into registers while the current one is multiplied) and each
+// V is staged in rounds of VK = min(BC, STAGE / (head_dim / 4)) keys (at most STAGE / WG vec4s
+// per thread, the next round loaded into registers while the current one is multiplied) and each
 // thread does 4 FMAs per vec4 of V per row quad. Row facts (visible keys, position, slope) are
 // recomputed in the tiles that need them instead of living in registers through the loop.
 //
-// Tiling: WG = 256 threads, BR = 64 rows, BC = 64 keys, DK = 16; head_dim a multiple of 8,
-//   <= 256. Workgroup memory: 32 KiB (the staging area, 16 KiB, holds the two Q/K chunk
-//   buffers, then the row maxima, then V; P takes the other 16 KiB). Per-thread state lives in
+// Tiling: WG = 256 threads, BR = 64 rows, BC = 64 keys, DK = 16 or 32; head_dim a multiple of 8,
+//   <= 256. Workgroup memory: 32 KiB with DK = 16, 48 KiB with DK = 32 (the staging area, 16 or
+//   32 KiB, holds the two Q/K chunk buffers, then the row maxima, then V; P takes 16 KiB). The
+//   wider chunks halve the barriers of the score loop and, at head_dim 128, stage all 64 keys of V
+//   in one round. Per-thread state lives in
 //   named vectors indexed by constants only: a private array indexed in a loop can end up in local
 //   memory, which costs more than the arithmetic.
 // Bindings (group 0): 0 uniform AttnParams; 1 q [tokens, Hq, D] f32; 2 k, 3 v: ragged
@@ -34,7 +36,8 @@
 //   lanes or more that replaces workgroup memory and two barriers per tile, with narrower ones
 //   (8 on lavapipe, 4 on SwiftShader) workgroup memory joins the subgroups' parts. Assumes, as
 //   the decode kernel does, that lanes follow local_invocation_index.
-// Knobs: override WG (must be 256: the thread mapping above); WIDE (head_dim > 128: four column
+// Knobs: override DK (16 or 32; the host picks 32 where the adapter allows 48 KiB of workgroup
+//   memory); WG (must be 256: the thread mapping above); WIDE (head_dim > 128: four column
 //   groups per thread, otherwise two, so narrow heads do not carry dead accumulators);
 //   kv4 = vec4<f32> or vec4<f16> (SHADER_F16) from the prelude.
 
@@ -42,10 +45,11 @@ override WG: u32 = 256u;
 override WIDE: bool = false;
 const BR: u32 = 64u;
 const BC: u32 = 64u;
-const DK: u32 = 16u;
-const STAGE: u32 = 1024u;   // vec4s of the staging area
-const CHUNK: u32 = 512u;    // vec4s of one Q^T [DK, BR / 4] + K^T [DK, BC / 4] chunk buffer
-const K_OFF: u32 = 256u;    // K^T after Q^T within a chunk buffer
+override DK: u32 = 16u;             // head-dim columns per Q/K chunk: 16, or 32 (48 KiB)
+override STAGE: u32 = DK * 64u;     // vec4s of the staging area: two chunk buffers
+override CHUNK: u32 = DK * 32u;     // vec4s of one Q^T [DK, BR / 4] + K^T [DK, BC / 4] buffer
+override K_OFF: u32 = DK * 16u;     // K^T after Q^T within a chunk buffer
+override TWO: bool = DK > 16u;      // each thread stages two vec4 columns per chunk, eight of V
 
 @group(0) @binding(0) var<uniform> P: AttnParams;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
@@ -69,10 +73,12 @@ fn kv_row(b: u32, j: u32, h: u32, dv: u32, kv_base: u32) -> u32 {
     return ((kv_base + j) * P.num_kv_heads + h) * dv;
 }
 
-// Key sr of the tile at t0: its row, and chunk 0 column sc of it in `first` (zeros past the end).
+// Key sr of the tile at t0: its row, and its chunk 0 columns sc (and sc + 4 with TWO) in
+// `first` and `second` (zeros past the end).
 fn load_k_first(t0: i32, hi: i32, b: u32, h: u32, dv: u32, kv_base: u32, sr: u32, sc: u32,
-                first: ptr<function, vec4<f32>>) -> u32 {
+                first: ptr<function, vec4<f32>>, second: ptr<function, vec4<f32>>) -> u32 {
     *first = vec4<f32>(0.0);
+    *second = vec4<f32>(0.0);
     if (i32(sr) >= hi - t0) {
         return 0u;
     }
@@ -80,7 +86,18 @@ fn load_k_first(t0: i32, hi: i32, b: u32, h: u32, dv: u32, kv_base: u32, sr: u32
     if (sc < dv) {
         *first = vec4<f32>(k[row + sc]);
     }
+    if (TWO && sc + 4u < dv) {
+        *second = vec4<f32>(k[row + sc + 4u]);
+    }
     return row;
+}
+
+// Stores one staged vec4 column (4 head-dim columns of row or key sr) transposed at `at`.
+fn put_column(at: u32, sr: u32, x: vec4<f32>) {
+    stage[at][sr % 4u] = x.x;
+    stage[at + 16u][sr % 4u] = x.y;
+    stage[at + 32u][sr % 4u] = x.z;
+    stage[at + 48u][sr % 4u] = x.w;
 }
 
 // Element lid + i * WG (vec4 units) of a round of V rows starting at key key0, or zeros past
@@ -256,13 +273,18 @@ fn main(
 
     // Chunk 0 of Q is the same for every tile; chunk 0 of K is loaded a tile ahead.
     var q_first = vec4<f32>(0.0);
+    var q_first2 = vec4<f32>(0.0);
     if (q_ok && sc < dv) {
         q_first = q[q_row + sc] * P.sm_scale;
     }
+    if (TWO && q_ok && sc + 4u < dv) {
+        q_first2 = q[q_row + sc + 4u] * P.sm_scale;
+    }
     var next_row = 0u;
     var next_k = vec4<f32>(0.0);
+    var next_k2 = vec4<f32>(0.0);
     if (lo < hi) {
-        next_row = load_k_first(lo, hi, b, h, dv, kv_base, sr, sc, &next_k);
+        next_row = load_k_first(lo, hi, b, h, dv, kv_base, sr, sc, &next_k, &next_k2);
     }
 
     for (var t0 = lo; t0 < hi; t0 += i32(BC)) {
@@ -277,30 +299,40 @@ fn main(
         var s3 = vec4<f32>(0.0);
         var qx = q_first;
         var kx = next_k;
+        var qx2 = q_first2;
+        var kx2 = next_k2;
         for (var c = 0u; c < n_chunks; c++) {
             let buf = (c % 2u) * CHUNK;
-            // Q^T: column dd of row r at word dd * BR + r, i.e. vec4 dd * 16 + r / 4, lane r % 4.
-            let qa = buf + 4u * sc * (BR / 4u) + sr / 4u;
-            stage[qa][sr % 4u] = qx.x;
-            stage[qa + BR / 4u][sr % 4u] = qx.y;
-            stage[qa + 2u * (BR / 4u)][sr % 4u] = qx.z;
-            stage[qa + 3u * (BR / 4u)][sr % 4u] = qx.w;
-            let ka = buf + K_OFF + 4u * sc * (BC / 4u) + sr / 4u;
-            stage[ka][sr % 4u] = kx.x;
-            stage[ka + BC / 4u][sr % 4u] = kx.y;
-            stage[ka + 2u * (BC / 4u)][sr % 4u] = kx.z;
-            stage[ka + 3u * (BC / 4u)][sr % 4u] = kx.w;
+            // Q^T: column dd of row r at word dd * BR + r, i.e. vec4 dd * 16 + r / 4, lane r % 4
+            // (BR = BC = 64: a column is 16 vec4s).
+            let qa = buf + 64u * sc + sr / 4u;
+            put_column(qa, sr, qx);
+            put_column(qa + K_OFF, sr, kx);
+            if (TWO) {
+                put_column(qa + 256u, sr, qx2);
+                put_column(qa + 256u + K_OFF, sr, kx2);
+            }
             workgroupBarrier();
             // The next chunk's loads fly while this one is multiplied.
             let col = (c + 1u) * (DK / 4u) + sc;
             qx = vec4<f32>(0.0);
             kx = vec4<f32>(0.0);
+            qx2 = vec4<f32>(0.0);
+            kx2 = vec4<f32>(0.0);
             if (c + 1u < n_chunks && col < dv) {
                 if (q_ok) {
                     qx = q[q_row + col] * P.sm_scale;
                 }
                 if (k_ok) {
                     kx = vec4<f32>(k[k_row + col]);
+                }
+            }
+            if (TWO && c + 1u < n_chunks && col + 4u < dv) {
+                if (q_ok) {
+                    qx2 = q[q_row + col + 4u] * P.sm_scale;
+                }
+                if (k_ok) {
+                    kx2 = vec4<f32>(k[k_row + col + 4u]);
                 }
             }
             for (var dd = 0u; dd < DK; dd++) {
@@ -383,6 +415,16 @@ fn main(
         var vr1 = load_v(1u, lid, vs, fill0, u32(t0), b, h, dv, kv_base);
         var vr2 = load_v(2u, lid, vs, fill0, u32(t0), b, h, dv, kv_base);
         var vr3 = load_v(3u, lid, vs, fill0, u32(t0), b, h, dv, kv_base);
+        var vr4 = vec4<f32>(0.0);
+        var vr5 = vec4<f32>(0.0);
+        var vr6 = vec4<f32>(0.0);
+        var vr7 = vec4<f32>(0.0);
+        if (TWO) {
+            vr4 = load_v(4u, lid, vs, fill0, u32(t0), b, h, dv, kv_base);
+            vr5 = load_v(5u, lid, vs, fill0, u32(t0), b, h, dv, kv_base);
+            vr6 = load_v(6u, lid, vs, fill0, u32(t0), b, h, dv, kv_base);
+            vr7 = load_v(7u, lid, vs, fill0, u32(t0), b, h, dv, kv_base);
+        }
         // Values: rounds of vk keys staged as rows; thread accumulates its column groups.
         for (var kc = 0u; kc < n; kc += vk) {
             let nk = min(vk, n - kc);
@@ -402,11 +444,25 @@ fn main(
             if (lid + 3u * WG < fill) {
                 stage[lid + 3u * WG] = vr3;
             }
+            if (TWO) {
+                if (lid + 4u * WG < fill) {
+                    stage[lid + 4u * WG] = vr4;
+                }
+                if (lid + 5u * WG < fill) {
+                    stage[lid + 5u * WG] = vr5;
+                }
+                if (lid + 6u * WG < fill) {
+                    stage[lid + 6u * WG] = vr6;
+                }
+                if (lid + 7u * WG < fill) {
+                    stage[lid + 7u * WG] = vr7;
+                }
+            }
             workgroupBarrier();
             // The next round's loads (or the next tile's first K chunk) fly while this one is
             // multiplied.
             if (kc + vk >= n && t0 + i32(BC) < hi) {
-                next_row = load_k_first(t0 + i32(BC), hi, b, h, dv, kv_base, sr, sc, &next_k);
+                next_row = load_k_first(t0 + i32(BC), hi, b, h, dv, kv_base, sr, sc, &next_k, &next_k2);
             }
             if (kc + vk < n) {
                 let next = min(vk, n - kc - vk) * dv;
@@ -415,6 +471,12 @@ fn main(
                 vr1 = load_v(1u, lid, vs, next, key0, b, h, dv, kv_base);
                 vr2 = load_v(2u, lid, vs, next, key0, b, h, dv, kv_base);
                 vr3 = load_v(3u, lid, vs, next, key0, b, h, dv, kv_base);
+                if (TWO) {
+                    vr4 = load_v(4u, lid, vs, next, key0, b, h, dv, kv_base);
+                    vr5 = load_v(5u, lid, vs, next, key0, b, h, dv, kv_base);
+                    vr6 = load_v(6u, lid, vs, next, key0, b, h, dv, kv_base);
+                    vr7 = load_v(7u, lid, vs, next, key0, b, h, dv, kv_base);
+                }
             }
             for (var kk = 0u; kk < nk; kk++) {
                 let j = kc + kk;

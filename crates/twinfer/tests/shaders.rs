@@ -72,3 +72,42 @@ fn uniform_structs_agree_with_wgsl() {
         }
     }
 }
+
+/// The prefill kernel with every tile configuration the host picks (32- and 16-column chunks,
+/// narrow and wide heads) resolves its overrides, including the workgroup array sized by them,
+/// and still validates.
+#[test]
+fn prefill_tile_overrides_resolve() {
+    for variant in Variant::ALL {
+        for kv in KvStorage::ALL {
+            let module = parse(Kernel::Prefill, variant, kv);
+            let mut caps = Capabilities::SHADER_FLOAT16 | Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+            if variant == Variant::Subgroup {
+                caps |= Capabilities::SUBGROUP;
+            }
+            let info = Validator::new(ValidationFlags::all(), caps).validate(&module).unwrap();
+            for dk in [16.0, 32.0] {
+                for wide in [0.0, 1.0] {
+                    let mut constants = naga::back::PipelineConstants::default();
+                    constants.insert("WG".into(), 256.0);
+                    constants.insert("DK".into(), dk);
+                    constants.insert("WIDE".into(), wide);
+                    let (resolved, _) = naga::back::pipeline_constants::process_overrides(
+                        &module,
+                        &info,
+                        Some((naga::ShaderStage::Compute, "main")),
+                        &constants,
+                    )
+                    .unwrap_or_else(|e| panic!("DK {dk}, WIDE {wide} ({variant:?}, {kv}): {e}"));
+                    let stage_bytes = resolved
+                        .global_variables
+                        .iter()
+                        .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
+                        .map(|(_, g)| resolved.types[g.ty].inner.size(resolved.to_ctx()))
+                        .sum::<u32>();
+                    assert_eq!(stage_bytes, if dk == 32.0 { 48 * 1024 } else { 32 * 1024 }, "DK {dk}");
+                }
+            }
+        }
+    }
+}

@@ -35,6 +35,8 @@ pub const WORKGROUP_STORAGE_NEEDED: u32 = 22 * 1024;
 /// portable one.
 pub const TILED_PREFILL_STORAGE: u32 = 32 * 1024;
 const TILED_PREFILL_THREADS: u32 = 256;
+/// Workgroup storage of the register-tiled prefill with 32-column chunks.
+const WIDE_CHUNK_PREFILL_STORAGE: u32 = 48 * 1024;
 
 /// How the engine runs; every field can be forced (tests cover each variant explicitly).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -370,7 +372,7 @@ impl GpuEngine {
         let (kernel, tile) = if self.opts.portable_prefill {
             (Kernel::PrefillPortable, portable_prefill_tile(d))
         } else {
-            (Kernel::Prefill, prefill_tile(d))
+            (Kernel::Prefill, prefill_tile(d, self.ctx.limits.max_compute_workgroup_storage_size))
         };
         let work = prefill_work(&p, params, tile.br as usize);
         if work.is_empty() {
@@ -529,10 +531,12 @@ pub fn decode_shape(group: usize, head_dim: usize, wg: usize) -> (usize, usize, 
     (gq, DECODE_KEYS_PER_TEAM, teams * DECODE_KEYS_PER_TEAM)
 }
 
-/// Prefill tile: 256 threads, 64 query rows (fixed by the kernel's thread mapping); `bc` is the
-/// vec4 column groups per thread: 2, or 4 for head dims over 128 (the `WIDE` override).
-pub fn prefill_tile(head_dim: usize) -> Tile {
-    Tile { wg: 256, br: 64, bc: if head_dim > 128 { 4 } else { 2 } }
+/// Prefill tile: 256 threads and 64 query rows (fixed by the kernel's thread mapping); `br` is the
+/// head-dim columns per Q/K chunk (`DK`): 32 where the adapter gives 48 KiB of workgroup memory,
+/// else 16; `bc` the vec4 column groups per thread: 2, or 4 for head dims over 128 (`WIDE`).
+pub fn prefill_tile(head_dim: usize, workgroup_storage: u32) -> Tile {
+    let dk = if workgroup_storage >= WIDE_CHUNK_PREFILL_STORAGE { 32 } else { 16 };
+    Tile { wg: 256, br: dk, bc: if head_dim > 128 { 4 } else { 2 } }
 }
 
 /// Portable prefill tile for a head dim: BC keys of K (or V), rows padded by one vec4, in 16 KiB
