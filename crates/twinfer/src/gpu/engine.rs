@@ -278,7 +278,7 @@ impl GpuEngine {
             kernel: Kernel::Decode,
             variant: self.decode_variant(d),
             kv: step.storage,
-            tile: Tile { wg: self.opts.decode_wg, br: gq as u32, bc: u as u32 },
+            tile: Tile { wg: self.opts.decode_wg, br: gq as u32, bc: u as u32, chunk: 0 },
         };
         let binds = |k, v| {
             vec![
@@ -317,7 +317,7 @@ impl GpuEngine {
                 kernel: Kernel::Merge,
                 variant: Variant::Baseline,
                 kv: KvStorage::F32,
-                tile: Tile { wg: 64, br: 0, bc: 0 },
+                tile: Tile { wg: 64, br: 0, bc: 0, chunk: 0 },
             };
             let mbinds = [Slot::MergeParams, Slot::OPart, Slot::LsePart, Slot::O, Slot::Lse].map(Bind::Slot);
             passes.push((mkey, mbinds.to_vec(), [rows.min(32768), rows.div_ceil(32768), 1]));
@@ -531,19 +531,19 @@ pub fn decode_shape(group: usize, head_dim: usize, wg: usize) -> (usize, usize, 
     (gq, DECODE_KEYS_PER_TEAM, teams * DECODE_KEYS_PER_TEAM)
 }
 
-/// Prefill tile: 256 threads and 64 query rows (fixed by the kernel's thread mapping); `br` is the
-/// head-dim columns per Q/K chunk (`DK`): 32 where the adapter gives 48 KiB of workgroup memory,
-/// else 16; `bc` the vec4 column groups per thread: 2, or 4 for head dims over 128 (`WIDE`).
+/// Prefill tile: 256 threads and 64 query rows (fixed by the kernel's thread mapping); `bc` is the
+/// vec4 column groups per thread: 2, or 4 for head dims over 128 (`WIDE`); `chunk` the head-dim
+/// columns per Q/K chunk (`DK`): 32 where the adapter gives 48 KiB of workgroup memory, else 16.
 pub fn prefill_tile(head_dim: usize, workgroup_storage: u32) -> Tile {
-    let dk = if workgroup_storage >= WIDE_CHUNK_PREFILL_STORAGE { 32 } else { 16 };
-    Tile { wg: 256, br: dk, bc: if head_dim > 128 { 4 } else { 2 } }
+    let chunk = if workgroup_storage >= WIDE_CHUNK_PREFILL_STORAGE { 32 } else { 16 };
+    Tile { wg: 256, br: 64, bc: if head_dim > 128 { 4 } else { 2 }, chunk }
 }
 
 /// Portable prefill tile for a head dim: BC keys of K (or V), rows padded by one vec4, in 16 KiB
 /// of workgroup memory.
 pub fn portable_prefill_tile(head_dim: usize) -> Tile {
     let dv = (head_dim / 4) as u32;
-    Tile { wg: 128, br: 32, bc: (1024 / (dv + 1)).min(64) }
+    Tile { wg: 128, br: 32, bc: (1024 / (dv + 1)).min(64), chunk: 0 }
 }
 
 /// The prefill work list: `(sequence, first row)` per tile of `br` rows, the tiles that see the
@@ -624,5 +624,44 @@ impl GpuEngine {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::KvInput;
+    use crate::gpu::shaders::{Target, source};
+
+    /// The work list covers every tile of `BR` rows of every sequence exactly once (a tile height
+    /// that disagreed with the kernel's would recompute rows, or skip them), longest first.
+    #[test]
+    fn prefill_work_covers_each_tile_once_longest_first() {
+        let tile = prefill_tile(128, 48 * 1024);
+        let src = source(Kernel::Prefill, Variant::Baseline, KvStorage::F32, Target::Naga);
+        assert!(src.contains(&format!("const BR: u32 = {}u;", tile.br)), "the kernel's BR is not {}", tile.br);
+        let params = AttentionParams::new(8, 2, 16).causal(true);
+        let qo_indptr = [0u32, 100, 101, 357];
+        let kv_indptr = [0u32, 100, 201, 457];
+        let q = vec![0f32; 357 * 8 * 16];
+        let kv = vec![0f32; 457 * 2 * 16];
+        let input = PrefillInput {
+            q: q.as_slice().into(),
+            qo_indptr: &qo_indptr,
+            kv: KvInput::Ragged { k: kv.as_slice().into(), v: kv.as_slice().into(), kv_indptr: &kv_indptr },
+        };
+        let p = Problem::prefill(&params, &input).unwrap();
+        let work = prefill_work(&p, &params, tile.br as usize);
+        let items: Vec<(u32, u32)> = work.chunks(2).map(|w| (w[0], w[1])).collect();
+        let mut sorted = items.clone();
+        sorted.sort();
+        let mut want = Vec::new();
+        for (b, len) in [(0u32, 100u32), (1, 1), (2, 256)] {
+            want.extend((0..len * 4).step_by(tile.br as usize).map(|r| (b, r)));
+        }
+        assert_eq!(sorted, want);
+        // Sequence 2's last tile sees 457 - 256 + 256 keys; sequence 1's only tile sees 101.
+        assert_eq!(items[0], (2, 1024 - 64));
+        assert!(items.iter().position(|&i| i == (1, 0)) > items.iter().position(|&i| i == (2, 512)));
     }
 }

@@ -209,7 +209,7 @@ fn matmul_tile(rows: usize) -> Tile {
         17..=32 => 2,
         _ => 4,
     };
-    Tile { wg: 256, br: tm, bc: 4 }
+    Tile { wg: 256, br: tm, bc: 4, chunk: 0 }
 }
 
 impl GpuEngine {
@@ -271,7 +271,7 @@ impl GpuEngine {
                 kernel: Kernel::LinearGemv,
                 variant: Variant::Baseline,
                 kv: w.storage,
-                tile: Tile { wg: GEMV_WG, br: 0, bc: GEMV_TPF },
+                tile: Tile { wg: GEMV_WG, br: 0, bc: GEMV_TPF, chunk: 0 },
             }
         } else {
             PipelineKey {

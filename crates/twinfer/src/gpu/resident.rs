@@ -154,7 +154,7 @@ impl GpuKvCache {
             kernel: Kernel::AppendKv,
             variant: Variant::Baseline,
             kv: self.storage,
-            tile: Tile { wg: 64, br: 0, bc: 0 },
+            tile: Tile { wg: 64, br: 0, bc: 0, chunk: 0 },
         };
         let row = l.row_elems();
         // One submission per buffer that receives rows (writes are ordered with submissions);
@@ -400,5 +400,10 @@ impl GpuEngine {
 
 #[cfg(not(target_arch = "wasm32"))]
 fn bench_key(kernel: Kernel, iters: u32) -> PipelineKey {
-    PipelineKey { kernel, variant: Variant::Baseline, kv: KvStorage::F32, tile: Tile { wg: 256, br: 0, bc: iters } }
+    PipelineKey {
+        kernel,
+        variant: Variant::Baseline,
+        kv: KvStorage::F32,
+        tile: Tile { wg: 256, br: 0, bc: iters, chunk: 0 },
+    }
 }

@@ -16,10 +16,12 @@ pub struct Tile {
     pub wg: u32,
     /// Query rows per workgroup (prefill, fixed), query heads per workgroup (decode), else 0.
     pub br: u32,
-    /// Column groups per thread (prefill; `br` is its chunk width), keys per tile (portable prefill), keys per team and step (decode, fixed), FMA rounds
-    /// (bench_fma), threads per feature (linear_gemv), else 0. The matmul's outputs per thread are
-    /// (br, bc) = (TM, TN).
+    /// Column groups per thread (prefill), keys per tile (portable prefill), keys per team and
+    /// step (decode, fixed), FMA rounds (bench_fma), threads per feature (linear_gemv), else 0.
+    /// The matmul's outputs per thread are (br, bc) = (TM, TN).
     pub bc: u32,
+    /// Head-dim columns per Q/K chunk (prefill), else 0.
+    pub chunk: u32,
 }
 
 /// What identifies a pipeline.
@@ -141,7 +143,7 @@ impl Resources {
         }
         if key.kernel == Kernel::Prefill {
             constants.push(("WIDE", (key.tile.bc > 2) as u32 as f64));
-            constants.push(("DK", key.tile.br as f64));
+            constants.push(("DK", key.tile.chunk as f64));
         }
         if key.kernel == Kernel::PrefillPortable {
             constants.push(("BR", key.tile.br as f64));
