@@ -117,13 +117,17 @@ fn load_v(i: u32, lid: u32, vs: vec3<u32>, fill: u32, key0: u32, b: u32, h: u32,
     return vec4<f32>(v[kv_row(b, key0 + key, h, dv, kv_base) + col]);
 }
 
-// Soft-cap and ALiBi of four pre-scaled scores of one row against keys jk .. jk + 3.
+const LOG2E: f32 = 1.4426950408889634;
+const LN2: f32 = 0.6931471805599453;
+
+// Soft-cap and ALiBi of four pre-scaled scores (log2 units) of one row against keys jk .. jk + 3.
 fn post(x: vec4<f32>, slope: f32, jk: i32, pos: i32) -> vec4<f32> {
     var s = x;
     if (P.soft_cap > 0.0) {
-        s = P.soft_cap * tanh(s / P.soft_cap);
+        let cap = P.soft_cap * LOG2E;
+        s = cap * tanh(s / cap);
     }
-    return s + slope * vec4<f32>(vec4<i32>(jk, jk + 1, jk + 2, jk + 3) - vec4<i32>(pos));
+    return s + (slope * LOG2E) * vec4<f32>(vec4<i32>(jk, jk + 1, jk + 2, jk + 3) - vec4<i32>(pos));
 }
 
 // `post`, with keys outside [lo, hi) or past the tile's n keys set to -BIG.
@@ -139,7 +143,7 @@ fn max4(x: vec4<f32>) -> f32 {
 }
 
 fn probs(x: vec4<f32>, m: f32) -> vec4<f32> {
-    return select(vec4<f32>(0.0), exp(x - vec4<f32>(m)), x > vec4<f32>(-BIG));
+    return select(vec4<f32>(0.0), exp2(x - vec4<f32>(m)), x > vec4<f32>(-BIG));
 }
 
 fn sum4(x: vec4<f32>) -> f32 {
@@ -203,7 +207,7 @@ fn write_row(r: u32, rows: u32, acc: Acc, m: f32, d: f32, row0: u32, G: u32, h: 
         }
     }
     if (tx == 0u) {
-        lse[base / dv] = finish_lse(m, d);
+        lse[base / dv] = finish_lse(m * LN2, d);
     }
 }
 
@@ -263,7 +267,9 @@ fn main(
     let q_ok = sr < rows;
     let q_row = ((q_start + (row0 + sr) / G) * P.num_qo_heads + h * G + (row0 + sr) % G) * dv;
     let n_chunks = (D + DK - 1u) / DK;
-    let vk = min(BC, STAGE / dv);
+    let vk = min(BC, STAGE / dv) / 4u * 4u;
+    // Scores live in log2 units (exp2 is the hardware's exponential): Q carries log2(e).
+    let q_scale = P.sm_scale * LOG2E;
     let vs = vec3<u32>(lid / dv, lid % dv, select(0u, WG / dv, WG % dv == 0u));
     // Which of this thread's column groups exist at this head dim.
     let has_a = tx < dv;
@@ -275,10 +281,10 @@ fn main(
     var q_first = vec4<f32>(0.0);
     var q_first2 = vec4<f32>(0.0);
     if (q_ok && sc < dv) {
-        q_first = q[q_row + sc] * P.sm_scale;
+        q_first = q[q_row + sc] * q_scale;
     }
     if (TWO && q_ok && sc + 4u < dv) {
-        q_first2 = q[q_row + sc + 4u] * P.sm_scale;
+        q_first2 = q[q_row + sc + 4u] * q_scale;
     }
     var next_row = 0u;
     var next_k = vec4<f32>(0.0);
@@ -321,7 +327,7 @@ fn main(
             kx2 = vec4<f32>(0.0);
             if (c + 1u < n_chunks && col < dv) {
                 if (q_ok) {
-                    qx = q[q_row + col] * P.sm_scale;
+                    qx = q[q_row + col] * q_scale;
                 }
                 if (k_ok) {
                     kx = vec4<f32>(k[k_row + col]);
@@ -329,7 +335,7 @@ fn main(
             }
             if (TWO && c + 1u < n_chunks && col + 4u < dv) {
                 if (q_ok) {
-                    qx2 = q[q_row + col + 4u] * P.sm_scale;
+                    qx2 = q[q_row + col + 4u] * q_scale;
                 }
                 if (k_ok) {
                     kx2 = vec4<f32>(k[k_row + col + 4u]);
@@ -392,7 +398,7 @@ fn main(
         }
 // #endif
         let m_new = max(m, mt);
-        let scale = exp(m - m_new);
+        let scale = exp2(m - m_new);
         m = m_new;
         let p0 = probs(s0, m_new.x);
         let p1 = probs(s1, m_new.y);
@@ -433,7 +439,8 @@ fn main(
             if (kc > 0u || !shuffle_only) {
                 workgroupBarrier();
             }
-            let fill = nk * dv;
+            // Stored up to a whole quad of keys: the loads past nk * dv are zeros.
+            let fill = (nk + 3u) / 4u * 4u * dv;
             stage[lid] = vr0;
             if (lid + WG < fill) {
                 stage[lid + WG] = vr1;
@@ -478,38 +485,41 @@ fn main(
                     vr7 = load_v(7u, lid, vs, next, key0, b, h, dv, kv_base);
                 }
             }
-            for (var kk = 0u; kk < nk; kk++) {
-                let j = kc + kk;
-                let p4 = ps[j * 16u + (ty ^ (j / 4u))];
-                let row = kk * dv + tx;
-                if (has_a) {
-                    let va = stage[row];
-                    o0.a += p4.x * va;
-                    o1.a += p4.y * va;
-                    o2.a += p4.z * va;
-                    o3.a += p4.w * va;
-                }
-                if (has_b) {
-                    let vb = stage[row + 16u];
-                    o0.b += p4.x * vb;
-                    o1.b += p4.y * vb;
-                    o2.b += p4.z * vb;
-                    o3.b += p4.w * vb;
-                }
-                if (WIDE) {
-                    if (has_c) {
-                        let vc = stage[row + 32u];
-                        o0.c += p4.x * vc;
-                        o1.c += p4.y * vc;
-                        o2.c += p4.z * vc;
-                        o3.c += p4.w * vc;
+            // Keys in fours: a quad's P slots share one swizzle, and rows past nk are zeros.
+            for (var kq = 0u; kq < nk; kq += 4u) {
+                let slot = ty ^ ((kc + kq) / 4u);
+                for (var u = 0u; u < 4u; u++) {
+                    let p4 = ps[(kc + kq + u) * 16u + slot];
+                    let row = (kq + u) * dv + tx;
+                    if (has_a) {
+                        let va = stage[row];
+                        o0.a += p4.x * va;
+                        o1.a += p4.y * va;
+                        o2.a += p4.z * va;
+                        o3.a += p4.w * va;
                     }
-                    if (has_d) {
-                        let vd = stage[row + 48u];
-                        o0.d += p4.x * vd;
-                        o1.d += p4.y * vd;
-                        o2.d += p4.z * vd;
-                        o3.d += p4.w * vd;
+                    if (has_b) {
+                        let vb = stage[row + 16u];
+                        o0.b += p4.x * vb;
+                        o1.b += p4.y * vb;
+                        o2.b += p4.z * vb;
+                        o3.b += p4.w * vb;
+                    }
+                    if (WIDE) {
+                        if (has_c) {
+                            let vc = stage[row + 32u];
+                            o0.c += p4.x * vc;
+                            o1.c += p4.y * vc;
+                            o2.c += p4.z * vc;
+                            o3.c += p4.w * vc;
+                        }
+                        if (has_d) {
+                            let vd = stage[row + 48u];
+                            o0.d += p4.x * vd;
+                            o1.d += p4.y * vd;
+                            o2.d += p4.z * vd;
+                            o3.d += p4.w * vd;
+                        }
                     }
                 }
             }
