@@ -563,7 +563,7 @@ fn prefill_work(p: &Problem<'_>, params: &AttentionParams, br: usize) -> Vec<u32
             items.push(((hi - lo).max(0) as usize, b as u32, row0 as u32));
         }
     }
-    items.sort_by(|a, b| b.0.cmp(&a.0));
+    items.sort_by_key(|item| std::cmp::Reverse(item.0));
     items.into_iter().flat_map(|(_, b, row0)| [b, row0]).collect()
 }
 
