@@ -21,6 +21,9 @@
 //   A step covers KT * U keys. Per-thread state is held in named variables indexed by constants
 //   only (heads 0..3, keys 0..3 unrolled by hand): a private array indexed in a loop can end up
 //   in local memory, which costs more than the whole kernel.
+// Page table: the page ids of the chunk are staged in workgroup memory (PG = 256 at a time,
+//   restaged with two barriers when the next step runs past them) before the K/V reads, so a
+//   key's address costs a workgroup-memory read, not a dependent global one.
 // Bindings (group 0): 0 uniform AttnParams; 1 q [batch, Hq, D] f32; 2 k, 3 v: pool
 //   [pages, page_size, Hk, D] f16 or f32 (KV_HALF), read as vec4<u32>; 4 tbl u32 (kv_indptr[batch+1]
 //   at 0, page ids at off_indices, last_page_len at off_last_len, ALiBi bits at off_alibi);
@@ -39,6 +42,7 @@ override GQ: u32 = 4u;
 const PSTRIDE: u32 = 17u;     // 16 (head, key) partials of one lane, padded against bank conflicts
 const KT_MAX: u32 = 32u;
 const NONE: u32 = 0xffffffffu;
+const PG: u32 = 256u;         // page ids staged at once: more than two steps' pages at page size 1
 
 @group(0) @binding(0) var<uniform> P: AttnParams;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
@@ -52,6 +56,7 @@ var<workgroup> part_sh: array<f32, 4352>;      // [WG, PSTRIDE] partial dots; at
 var<workgroup> s_sh: array<vec4<f32>, 128>;    // [KT_MAX, head] dots of the team's 4 keys
 var<workgroup> m_sh: array<vec4<f32>, KT_MAX>; // team maxima, one vec4 over the heads
 var<workgroup> d_sh: array<vec4<f32>, KT_MAX>; // team sums
+var<workgroup> pg_sh: array<u32, PG>;          // page ids of the chunk's pages [pb, pb + PG)
 
 // Running softmax state of one query head in one team: this lane's 8 columns of o.
 struct St {
@@ -60,14 +65,27 @@ struct St {
     o: mat2x4<f32>,
 }
 
+// Stages the page ids of the sequence's pages [first, first + PG) (past its last page: 0).
+fn stage_pages(first: u32, page0: u32, n_pages: u32, lid: u32) {
+    for (var i = lid; i < PG; i += WG) {
+        let p = first + i;
+        var id = 0u;
+        if (p < n_pages) {
+            id = tbl[P.off_indices + page0 + p];
+        }
+        pg_sh[i] = id;
+    }
+}
+
 // Where one lane's 8 elements of key j live (16-byte words), or NONE for a key this pass skips.
-fn key_word(j: i32, end: i32, ok: bool, page0: u32, h: u32, row_words: u32, lane_word: u32) -> u32 {
+// The key's page is among the staged ones, which start at the sequence's page pb.
+fn key_word(j: i32, end: i32, ok: bool, pb: u32, h: u32, row_words: u32, lane_word: u32) -> u32 {
     if (!ok || j >= end) {
         return NONE;
     }
     let ps = P.page_size;
     // Keys whose page lives in another buffer of a split pool are another pass's.
-    let page = tbl[P.off_indices + page0 + u32(j) / ps];
+    let page = pg_sh[u32(j) / ps - pb];
     if (page / P.pages_per_buffer != P.kv_buffer) {
         return NONE;
     }
@@ -109,10 +127,10 @@ fn unraw(r: Raw) -> mat2x4<f32> {
 // Words of the team's 4 keys from j0 (NONE past the chunk or outside this pass's buffer). When
 // the 4 keys share a page (page size a multiple of 4, j0 aligned) the page is looked up once:
 // the divisions of the lookup cost as much as a step's dot products.
-fn words4(j0: i32, end: i32, ok: bool, page0: u32, h: u32, row_words: u32, lane_word: u32) -> vec4<u32> {
+fn words4(j0: i32, end: i32, ok: bool, pb: u32, h: u32, row_words: u32, lane_word: u32) -> vec4<u32> {
     let ps = P.page_size;
     if (ok && j0 < end && ps % 4u == 0u && u32(j0) % 4u == 0u) {
-        let page = tbl[P.off_indices + page0 + u32(j0) / ps];
+        let page = pg_sh[u32(j0) / ps - pb];
         if (page / P.pages_per_buffer != P.kv_buffer) {
             return vec4<u32>(NONE);
         }
@@ -121,10 +139,10 @@ fn words4(j0: i32, end: i32, ok: bool, page0: u32, h: u32, row_words: u32, lane_
         return vec4<u32>(w0, select(NONE, w0 + stride, j0 + 1 < end), select(NONE, w0 + 2u * stride, j0 + 2 < end),
                          select(NONE, w0 + 3u * stride, j0 + 3 < end));
     }
-    return vec4<u32>(key_word(j0, end, ok, page0, h, row_words, lane_word),
-                     key_word(j0 + 1, end, ok, page0, h, row_words, lane_word),
-                     key_word(j0 + 2, end, ok, page0, h, row_words, lane_word),
-                     key_word(j0 + 3, end, ok, page0, h, row_words, lane_word));
+    return vec4<u32>(key_word(j0, end, ok, pb, h, row_words, lane_word),
+                     key_word(j0 + 1, end, ok, pb, h, row_words, lane_word),
+                     key_word(j0 + 2, end, ok, pb, h, row_words, lane_word),
+                     key_word(j0 + 3, end, ok, pb, h, row_words, lane_word));
 }
 
 fn dot8(a: mat2x4<f32>, b: mat2x4<f32>) -> f32 {
@@ -269,7 +287,12 @@ fn main(
     let step = i32(kt * 4u);
     let lw = lane * words;
     var j0 = start + i32(team * 4u);
-    var w = words4(j0, end, in_team, page0, h, row_words, lw);
+    // The chunk's page ids are staged in workgroup memory before any K/V read, PG at a time.
+    let ps = P.page_size;
+    var pb = u32(max(start, 0)) / ps;
+    stage_pages(pb, page0, n_pages, lid);
+    workgroupBarrier();
+    var w = words4(j0, end, in_team, pb, h, row_words, lw);
     var rk0 = raw_k(w.x);
     var rk1 = raw_k(w.y);
     var rk2 = raw_k(w.z);
@@ -280,7 +303,16 @@ fn main(
     var rv3 = raw_v(w.w);
     for (var t0 = start; t0 < end; t0 += step) {
         let jn = j0 + step;
-        let wn = words4(jn, end, in_team, page0, h, row_words, lw);
+        // The next step's pages, restaged when they run past the staged ones (a step spans at
+        // most KT_MAX * 4 / page_size + 2 < PG pages; the condition is the same for every thread).
+        let next_lo = t0 + step;
+        if (next_lo < end && u32(min(next_lo + step, end) - 1) / ps >= pb + PG) {
+            workgroupBarrier();
+            pb = u32(next_lo) / ps;
+            stage_pages(pb, page0, n_pages, lid);
+            workgroupBarrier();
+        }
+        let wn = words4(jn, end, in_team, pb, h, row_words, lw);
         let nk0 = raw_k(wn.x);
         let nk1 = raw_k(wn.y);
         let nk2 = raw_k(wn.z);

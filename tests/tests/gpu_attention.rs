@@ -218,6 +218,34 @@ macro_rules! variant_suite {
                     seed: 1885591823837477125,
                 };
                 check(&e, &large_logits).unwrap();
+                // One chunk over 700 pages of one key: the staged page ids (256 at a time) are
+                // restaged mid-chunk, at a step boundary and not.
+                if let Some(unsplit) = self::e(SplitK::Off) {
+                    for kv in [700, 513] {
+                        let case = Case {
+                            mode: Mode::Decode,
+                            kv_kind: KvKind::Paged,
+                            qo_lens: vec![1, 1],
+                            kv_lens: vec![kv, 300],
+                            page_size: 1,
+                            num_kv_heads: 2,
+                            group: 4,
+                            head_dim: 64,
+                            causal: false,
+                            window_left: None,
+                            soft_cap: None,
+                            alibi: true,
+                            sm_scale: None,
+                            q_dtype: DType::F32,
+                            kv_dtype: if $f16 { DType::F16 } else { DType::F32 },
+                            o_dtype: DType::F32,
+                            want_lse: true,
+                            q_gain: 4.0,
+                            seed: 13,
+                        };
+                        check(&unsplit, &case).unwrap();
+                    }
+                }
                 for (page_size, group, kv) in [(1, 8, 97), (16, 1, 300), (64, 3, 129), (16, 16, 65)] {
                     let case = Case {
                         mode: Mode::Decode,
