@@ -290,6 +290,7 @@ fn main(
     // The chunk's page ids are staged in workgroup memory before any K/V read, PG at a time.
     let ps = P.page_size;
     var pb = u32(max(start, 0)) / ps;
+    var staged_end = i32((pb + PG) * ps);   // first key past the staged pages
     stage_pages(pb, page0, n_pages, lid);
     workgroupBarrier();
     var w = words4(j0, end, in_team, pb, h, row_words, lw);
@@ -306,9 +307,10 @@ fn main(
         // The next step's pages, restaged when they run past the staged ones (a step spans at
         // most KT_MAX * 4 / page_size + 2 < PG pages; the condition is the same for every thread).
         let next_lo = t0 + step;
-        if (next_lo < end && u32(min(next_lo + step, end) - 1) / ps >= pb + PG) {
+        if (next_lo < end && min(next_lo + step, end) > staged_end) {
             workgroupBarrier();
             pb = u32(next_lo) / ps;
+            staged_end = i32((pb + PG) * ps);
             stage_pages(pb, page0, n_pages, lid);
             workgroupBarrier();
         }
