@@ -172,19 +172,18 @@ fn row_info(r: u32, rows: u32, row0: u32, G: u32, h: u32, kv_len: i32, qo_len: i
     return out;
 }
 
-// O row quad of one thread: columns (vec4 units) tx + 16g.
-struct Acc {
-    a: vec4<f32>,
-    b: vec4<f32>,
-    c: vec4<f32>,
-    d: vec4<f32>,
+// O of one thread, one matrix per column group g (vec4 columns tx + 16g): column r of the
+// matrix is row 4ty + r.
+fn mac(g: mat4x4<f32>, p: vec4<f32>, v: vec4<f32>) -> mat4x4<f32> {
+    return g + mat4x4<f32>(p.x * v, p.y * v, p.z * v, p.w * v);
 }
 
-fn scale_acc(x: Acc, s: f32) -> Acc {
-    return Acc(x.a * s, x.b * s, x.c * s, x.d * s);
+fn scale_rows(g: mat4x4<f32>, s: vec4<f32>) -> mat4x4<f32> {
+    return mat4x4<f32>(g[0] * s.x, g[1] * s.y, g[2] * s.z, g[3] * s.w);
 }
 
-fn write_row(r: u32, rows: u32, acc: Acc, m: f32, d: f32, row0: u32, G: u32, h: u32, q_start: u32, tx: u32) {
+fn write_row(r: u32, rows: u32, a: vec4<f32>, b: vec4<f32>, c: vec4<f32>, e: vec4<f32>, m: f32, d: f32, row0: u32,
+             G: u32, h: u32, q_start: u32, tx: u32) {
     if (r >= rows) {
         return;
     }
@@ -193,17 +192,17 @@ fn write_row(r: u32, rows: u32, acc: Acc, m: f32, d: f32, row0: u32, G: u32, h: 
     let base = ((q_start + rr / G) * P.num_qo_heads + h * G + rr % G) * dv;
     let inv = select(0.0, 1.0 / d, d > 0.0);
     if (tx < dv) {
-        o[base + tx] = acc.a * inv;
+        o[base + tx] = a * inv;
     }
     if (tx + 16u < dv) {
-        o[base + tx + 16u] = acc.b * inv;
+        o[base + tx + 16u] = b * inv;
     }
     if (WIDE) {
         if (tx + 32u < dv) {
-            o[base + tx + 32u] = acc.c * inv;
+            o[base + tx + 32u] = c * inv;
         }
         if (tx + 48u < dv) {
-            o[base + tx + 48u] = acc.d * inv;
+            o[base + tx + 48u] = e * inv;
         }
     }
     if (tx == 0u) {
@@ -255,10 +254,10 @@ fn main(
 
     var m = vec4<f32>(-BIG);
     var dpart = vec4<f32>(0.0);
-    var o0 = Acc(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
-    var o1 = o0;
-    var o2 = o0;
-    var o3 = o0;
+    var ga = mat4x4<f32>();
+    var gb = mat4x4<f32>();
+    var gc = mat4x4<f32>();
+    var gd = mat4x4<f32>();
 
     // Staging roles: thread lid stages row / key (lid % 64) and vec4 column (lid / 64) of each
     // chunk, so that its transposed stores hit consecutive words.
@@ -405,10 +404,12 @@ fn main(
         let p2 = probs(s2, m_new.z);
         let p3 = probs(s3, m_new.w);
         dpart = dpart * scale + vec4<f32>(sum4(p0), sum4(p1), sum4(p2), sum4(p3));
-        o0 = scale_acc(o0, scale.x);
-        o1 = scale_acc(o1, scale.y);
-        o2 = scale_acc(o2, scale.z);
-        o3 = scale_acc(o3, scale.w);
+        ga = scale_rows(ga, scale);
+        gb = scale_rows(gb, scale);
+        if (WIDE) {
+            gc = scale_rows(gc, scale);
+            gd = scale_rows(gd, scale);
+        }
         let slot = (ty ^ tx);
         ps[jj0 * 16u + slot] = vec4<f32>(p0.x, p1.x, p2.x, p3.x);
         ps[(jj0 + 1u) * 16u + slot] = vec4<f32>(p0.y, p1.y, p2.y, p3.y);
@@ -492,34 +493,16 @@ fn main(
                     let p4 = ps[(kc + kq + u) * 16u + slot];
                     let row = (kq + u) * dv + tx;
                     if (has_a) {
-                        let va = stage[row];
-                        o0.a += p4.x * va;
-                        o1.a += p4.y * va;
-                        o2.a += p4.z * va;
-                        o3.a += p4.w * va;
+                        ga = mac(ga, p4, stage[row]);
                     }
                     if (has_b) {
-                        let vb = stage[row + 16u];
-                        o0.b += p4.x * vb;
-                        o1.b += p4.y * vb;
-                        o2.b += p4.z * vb;
-                        o3.b += p4.w * vb;
+                        gb = mac(gb, p4, stage[row + 16u]);
                     }
-                    if (WIDE) {
-                        if (has_c) {
-                            let vc = stage[row + 32u];
-                            o0.c += p4.x * vc;
-                            o1.c += p4.y * vc;
-                            o2.c += p4.z * vc;
-                            o3.c += p4.w * vc;
-                        }
-                        if (has_d) {
-                            let vd = stage[row + 48u];
-                            o0.d += p4.x * vd;
-                            o1.d += p4.y * vd;
-                            o2.d += p4.z * vd;
-                            o3.d += p4.w * vd;
-                        }
+                    if (WIDE && has_c) {
+                        gc = mac(gc, p4, stage[row + 32u]);
+                    }
+                    if (WIDE && has_d) {
+                        gd = mac(gd, p4, stage[row + 48u]);
                     }
                 }
             }
@@ -535,8 +518,8 @@ fn main(
     for (var t = 1u; t < 16u; t++) {
         dt += stage[t * 16u + ty];
     }
-    write_row(4u * ty, rows, o0, m.x, dt.x, row0, G, h, q_start, tx);
-    write_row(4u * ty + 1u, rows, o1, m.y, dt.y, row0, G, h, q_start, tx);
-    write_row(4u * ty + 2u, rows, o2, m.z, dt.z, row0, G, h, q_start, tx);
-    write_row(4u * ty + 3u, rows, o3, m.w, dt.w, row0, G, h, q_start, tx);
+    write_row(4u * ty, rows, ga[0], gb[0], gc[0], gd[0], m.x, dt.x, row0, G, h, q_start, tx);
+    write_row(4u * ty + 1u, rows, ga[1], gb[1], gc[1], gd[1], m.y, dt.y, row0, G, h, q_start, tx);
+    write_row(4u * ty + 2u, rows, ga[2], gb[2], gc[2], gd[2], m.z, dt.z, row0, G, h, q_start, tx);
+    write_row(4u * ty + 3u, rows, ga[3], gb[3], gc[3], gd[3], m.w, dt.w, row0, G, h, q_start, tx);
 }

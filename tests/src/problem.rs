@@ -49,6 +49,34 @@ pub struct Case {
     pub seed: u64,
 }
 
+impl Case {
+    /// A hand-written case: page size 16, 2 KV heads, group 4, head_dim 64, f32 Q and output, f16
+    /// K/V, lse, gain 4, no mask or score variant; tests override fields with struct update syntax.
+    pub fn pinned(mode: Mode, kv_kind: KvKind, qo_lens: Vec<usize>, kv_lens: Vec<usize>) -> Self {
+        Case {
+            mode,
+            kv_kind,
+            qo_lens,
+            kv_lens,
+            page_size: 16,
+            num_kv_heads: 2,
+            group: 4,
+            head_dim: 64,
+            causal: false,
+            window_left: None,
+            soft_cap: None,
+            alibi: false,
+            sm_scale: None,
+            q_dtype: DType::F32,
+            kv_dtype: DType::F16,
+            o_dtype: DType::F32,
+            want_lse: true,
+            q_gain: 4.0,
+            seed: 1,
+        }
+    }
+}
+
 /// Lengths that break kernels: 1, odd primes, page multiples and one past, tile edges.
 fn nasty_len(rng: &mut Rng, page_size: usize, max: usize) -> usize {
     let k = 1 + rng.below(3);

@@ -197,25 +197,17 @@ macro_rules! variant_suite {
                 // Large logits in f32 (q gain 12, head_dim 256, ALiBi): the score's own f32
                 // rounding reaches 2e-5 here, which the magnitude-aware bound allows.
                 let large_logits = Case {
-                    mode: Mode::Prefill,
-                    kv_kind: KvKind::Ragged,
-                    qo_lens: vec![61, 39],
-                    kv_lens: vec![65, 63],
-                    page_size: 64,
-                    num_kv_heads: 1,
                     group: 8,
+                    num_kv_heads: 1,
                     head_dim: 256,
-                    causal: false,
-                    window_left: None,
-                    soft_cap: None,
+                    page_size: 64,
                     alibi: true,
                     sm_scale: Some(0.42288738),
                     q_dtype: DType::F16,
                     kv_dtype: if $f16 { DType::F16 } else { DType::F32 },
-                    o_dtype: DType::F32,
-                    want_lse: true,
                     q_gain: 12.0,
                     seed: 1885591823837477125,
+                    ..Case::pinned(Mode::Prefill, KvKind::Ragged, vec![61, 39], vec![65, 63])
                 };
                 check(&e, &large_logits).unwrap();
                 // One chunk over 700 pages of one key: the staged page ids (256 at a time) are
@@ -223,25 +215,11 @@ macro_rules! variant_suite {
                 if let Some(unsplit) = self::e(SplitK::Off) {
                     for kv in [700, 513] {
                         let case = Case {
-                            mode: Mode::Decode,
-                            kv_kind: KvKind::Paged,
-                            qo_lens: vec![1, 1],
-                            kv_lens: vec![kv, 300],
                             page_size: 1,
-                            num_kv_heads: 2,
-                            group: 4,
-                            head_dim: 64,
-                            causal: false,
-                            window_left: None,
-                            soft_cap: None,
                             alibi: true,
-                            sm_scale: None,
-                            q_dtype: DType::F32,
                             kv_dtype: if $f16 { DType::F16 } else { DType::F32 },
-                            o_dtype: DType::F32,
-                            want_lse: true,
-                            q_gain: 4.0,
                             seed: 13,
+                            ..Case::pinned(Mode::Decode, KvKind::Paged, vec![1, 1], vec![kv, 300])
                         };
                         check(&unsplit, &case).unwrap();
                     }
@@ -299,25 +277,10 @@ fn adapter_is_reported() {
 fn shader_check_levels_agree() {
     let Some(base) = base() else { return };
     let case = Case {
-        mode: Mode::Prefill,
-        kv_kind: KvKind::Paged,
-        qo_lens: vec![70, 3],
-        kv_lens: vec![90, 130],
-        page_size: 16,
-        num_kv_heads: 2,
-        group: 4,
         head_dim: 128,
         causal: true,
-        window_left: None,
-        soft_cap: None,
-        alibi: false,
-        sm_scale: None,
-        q_dtype: DType::F32,
-        kv_dtype: DType::F16,
-        o_dtype: DType::F32,
-        want_lse: true,
-        q_gain: 4.0,
         seed: 5,
+        ..Case::pinned(Mode::Prefill, KvKind::Paged, vec![70, 3], vec![90, 130])
     };
     let decode = Case { mode: Mode::Decode, qo_lens: vec![1, 1], ..case.clone() };
     let want: Vec<_> = [&case, &decode].map(|c| run(base, c).unwrap()).into();
