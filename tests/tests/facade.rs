@@ -9,7 +9,7 @@
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
 use twinfer::cpu::{CpuEngine, SimdLevel};
-use twinfer::{Attention, Backend, DType, TwinferError};
+use twinfer::{Attention, Backend, TwinferError};
 use twinfer_tests::{Case, CaseData, KvKind, Mode};
 
 /// True when the environment overrides the backend choice (never on wasm32, which has none).
@@ -34,25 +34,12 @@ fn problem(mode: Mode, seed: u64) -> CaseData {
         Mode::Decode => vec![1; 3],
     };
     CaseData::new(&Case {
-        mode,
-        kv_kind: KvKind::Paged,
-        qo_lens,
-        kv_lens,
-        page_size: 16,
-        num_kv_heads: 2,
-        group: 4,
         head_dim: 72,
         causal: mode == Mode::Prefill,
-        window_left: None,
         soft_cap: Some(30.0),
         alibi: true,
-        sm_scale: None,
-        q_dtype: DType::F32,
-        kv_dtype: DType::F16,
-        o_dtype: DType::F32,
-        want_lse: true,
-        q_gain: 4.0,
         seed,
+        ..Case::pinned(mode, KvKind::Paged, qo_lens, kv_lens)
     })
 }
 

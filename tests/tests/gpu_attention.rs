@@ -172,25 +172,14 @@ macro_rules! variant_suite {
                     [(None, 9, KvKind::Paged), (Some(0), 5, KvKind::Ragged), (Some(3), 40, KvKind::Paged)]
                 {
                     let case = Case {
-                        mode: Mode::Prefill,
-                        kv_kind,
-                        qo_lens: vec![qo, 1],
-                        kv_lens: vec![4, 17],
                         page_size: 3,
-                        num_kv_heads: 2,
-                        group: 4,
                         head_dim: 72,
                         causal: true,
                         window_left,
                         soft_cap: Some(5.0),
                         alibi: true,
-                        sm_scale: None,
-                        q_dtype: DType::F32,
-                        kv_dtype: DType::F16,
-                        o_dtype: DType::F32,
-                        want_lse: true,
-                        q_gain: 4.0,
                         seed: 7,
+                        ..Case::pinned(Mode::Prefill, kv_kind, vec![qo, 1], vec![4, 17])
                     };
                     check(&e, &case).unwrap();
                 }
@@ -226,25 +215,17 @@ macro_rules! variant_suite {
                 }
                 for (page_size, group, kv) in [(1, 8, 97), (16, 1, 300), (64, 3, 129), (16, 16, 65)] {
                     let case = Case {
-                        mode: Mode::Decode,
-                        kv_kind: KvKind::Paged,
-                        qo_lens: vec![1, 1, 1],
-                        kv_lens: vec![kv, 1, 54],
                         page_size,
-                        num_kv_heads: 2,
                         group,
                         head_dim: 256,
-                        causal: false,
                         window_left: Some(70),
-                        soft_cap: None,
-                        alibi: false,
                         sm_scale: Some(0.1),
                         q_dtype: DType::F16,
                         kv_dtype: if $f16 { DType::F16 } else { DType::F32 },
                         o_dtype: DType::F16,
-                        want_lse: true,
                         q_gain: 12.0,
                         seed: 11,
+                        ..Case::pinned(Mode::Decode, KvKind::Paged, vec![1, 1, 1], vec![kv, 1, 54])
                     };
                     check(&e, &case).unwrap();
                 }
