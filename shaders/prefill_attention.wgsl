@@ -6,25 +6,26 @@
 // window tiles that are fully masked are never visited), BC = 64 keys at a time. Thread
 // (ty, tx) = (lid / 16, lid % 16) owns rows 4ty..4ty+3: of the score block it owns keys
 // 4tx..4tx+3 (a 4 x 4 register tile), of O the vec4 columns tx + 16g (g < 2, or < 4 when WIDE).
-// Scores: Q (pre-scaled by sm_scale) and K are staged transposed in chunks of DK head-dim
+// Scores: Q (pre-scaled by sm_scale * log2(e): scores are in log2 units and the softmax uses
+// exp2, the hardware's exponential) and K are staged transposed in chunks of DK head-dim
 // columns, f32 in workgroup memory, double-buffered: the next chunk's global loads are in flight
 // while the current chunk is multiplied, one barrier per chunk, and each thread does 16 FMAs per
 // two vec4 loads. Tiles that every row sees whole skip the mask. Softmax: row maxima are reduced
-// across the 16 threads of a row through workgroup memory; each thread keeps its part of the row
+// across the 16 threads of a row (workgroup memory, or shuffles: SUBGROUP); each thread keeps its part of the row
 // sum, rescaled with the row, and the parts are summed once at the end. P goes to workgroup memory
 // transposed (four rows per vec4, slots swizzled by key quad so that the stores do not collide);
-// V is staged in rounds of VK = min(BC, STAGE / (head_dim / 4)) keys (at most STAGE / WG vec4s
-// per thread, the next round loaded into registers while the current one is multiplied) and each
-// thread does 4 FMAs per vec4 of V per row quad. Row facts (visible keys, position, slope) are
+// V is staged in rounds of VK = min(BC, STAGE / (head_dim / 4)) keys, a multiple of 4 (at most
+// STAGE / WG vec4s per thread, the next round loaded into registers while the current one is
+// multiplied), and read in quads of keys; each thread does 4 FMAs per vec4 of V per row quad. Row facts (visible keys, position, slope) are
 // recomputed in the tiles that need them instead of living in registers through the loop.
 //
 // Tiling: WG = 256 threads, BR = 64 rows, BC = 64 keys, DK = 16 or 32; head_dim a multiple of 8,
 //   <= 256. Workgroup memory: 32 KiB with DK = 16, 48 KiB with DK = 32 (the staging area, 16 or
 //   32 KiB, holds the two Q/K chunk buffers, then the row maxima, then V; P takes 16 KiB). The
 //   wider chunks halve the barriers of the score loop and, at head_dim 128, stage all 64 keys of V
-//   in one round. Per-thread state lives in
-//   named vectors indexed by constants only: a private array indexed in a loop can end up in local
-//   memory, which costs more than the arithmetic.
+//   in one round. Per-thread state lives in named vectors and matrices indexed by constants only:
+//   a private array indexed in a loop can end up in local memory, which costs more than the
+//   arithmetic.
 // Bindings (group 0): 0 uniform AttnParams; 1 q [tokens, Hq, D] f32; 2 k, 3 v: ragged
 //   [kv_tokens, Hk, D] or pool [pages, page_size, Hk, D] as kv4; 4 tbl u32 (kv_indptr[batch+1]
 //   at 0 in tokens (ragged) or pages (paged), page ids at off_indices, last_page_len at
