@@ -660,7 +660,7 @@ mod tests {
             want.extend((0..len * 4).step_by(tile.br as usize).map(|r| (b, r)));
         }
         assert_eq!(sorted, want);
-        // Sequence 2's last tile sees 457 - 256 + 256 keys; sequence 1's only tile sees 101.
+        // Sequence 2's last tile sees all 256 of its keys, the most; sequence 1's only tile sees 101.
         assert_eq!(items[0], (2, 1024 - 64));
         assert!(items.iter().position(|&i| i == (1, 0)) > items.iter().position(|&i| i == (2, 512)));
     }
