@@ -9,7 +9,7 @@
 // [g * WG / TPF, (g + 1) * WG / TPF) of this weight buffer.
 // Bindings (group 0): 0 uniform LinearParams; 1 x [rows, k4] vec4<f32>; 2 w [n, k4] w4 (this
 //   buffer's features only); 3 bias [all features] f32 (zeros when the layer has none);
-//   4 y [rows, ldy] f32, written at columns n0 .. n0 + n.
+//   4 y [rows, ldy] f32, written (or added to, with accumulate) at columns n0 .. n0 + n.
 // k is padded with zeros to k4 vec4s in both x and W on the host.
 // Dispatch: (min(groups, 32768), ceil(groups / 32768), 1), groups = ceil(n / (WG / TPF)).
 // Knobs: override WG, TPF (powers of two, TPF <= WG); w4 = kv4 from the prelude (f32, or f16
@@ -29,7 +29,7 @@ struct LinearParams {
     k4: u32,       // vec4s per row of x and W
     n0: u32,       // first feature of this buffer among all of the layer's
     ldy: u32,      // row stride of y: all features of the layer
-    _pad0: u32,
+    accumulate: u32, // 1: y += product (a residual add in the epilogue)
     _pad1: u32,
     _pad2: u32,
 }
@@ -68,6 +68,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     workgroupBarrier();
     if (live && lane < P.rows) {
         let col = P.n0 + f;
-        y[lane * P.ldy + col] = red[lid - lane][lane] + bias[col];
+        let v = red[lid - lane][lane] + bias[col];
+        let at = lane * P.ldy + col;
+        if (P.accumulate != 0u) {
+            y[at] += v;
+        } else {
+            y[at] = v;
+        }
     }
 }

@@ -10,7 +10,7 @@
 // Tiling: BM x BN outputs per workgroup, TM x TN per thread (at most 4 x 4), BK = 16.
 // Bindings (group 0): 0 uniform LinearParams; 1 x [rows, k4] vec4<f32>; 2 w [n, k4] w4 (this
 //   buffer's features only); 3 bias [all features] f32 (zeros when the layer has none);
-//   4 y [rows, ldy] f32, written at columns n0 .. n0 + n.
+//   4 y [rows, ldy] f32, written (or added to, with accumulate) at columns n0 .. n0 + n.
 // k is padded with zeros to k4 vec4s in both x and W on the host; rows and n need no padding.
 // Dispatch: (ceil(n / BN), ceil(rows / BM), 1).
 // Knobs: override TM, TN (1..=4); w4 = kv4 from the prelude (f32, or f16 under SHADER_F16).
@@ -30,7 +30,7 @@ struct LinearParams {
     k4: u32,       // vec4s per row of x and W
     n0: u32,       // first feature of this buffer among all of the layer's
     ldy: u32,      // row stride of y: all features of the layer
-    _pad0: u32,
+    accumulate: u32, // 1: y += product (a residual add in the epilogue)
     _pad1: u32,
     _pad2: u32,
 }
@@ -110,7 +110,13 @@ fn main(
         for (var j = 0u; j < TN; j++) {
             let f = f0 + tx + 16u * j;
             if (r < P.rows && f < P.n) {
-                y[r * P.ldy + P.n0 + f] = acc[i][j] + bias[P.n0 + f];
+                let v = acc[i][j] + bias[P.n0 + f];
+                let at = r * P.ldy + P.n0 + f;
+                if (P.accumulate != 0u) {
+                    y[at] += v;
+                } else {
+                    y[at] = v;
+                }
             }
         }
     }

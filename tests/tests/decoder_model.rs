@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use twinfer::engine::{EngineConfig, Event, FinishReason, GenerateRequest, SamplingParams, Scheduler};
 use twinfer::kv::{KvCacheConfig, KvLayout, PagedKvCache};
-use twinfer::model::{Engines, Logits, Model, ModelSource, Network, StepSeq};
+use twinfer::model::{Engines, Logits, Model, ModelSource, Network, ResidentDecoder, StepSeq};
 use twinfer::{Attention, Backend, DType, cpu::SimdLevel};
 use twinfer_tests::models::{engines, floats, golden, ids, model_dir, rel_err};
 
@@ -78,10 +78,127 @@ fn prefill_and_greedy_decode_match_the_reference() {
 }
 
 fn scheduler(name: &str, config: EngineConfig) -> Scheduler {
+    scheduler_on(name, config, Attention::new(Backend::Cpu).unwrap())
+}
+
+fn scheduler_on(name: &str, config: EngineConfig, attention: Attention) -> Scheduler {
     let (model, tokenizer) = load(name);
-    let attention = Attention::new(Backend::Cpu).unwrap();
     let level = SimdLevel::detect();
     Scheduler::new(Arc::new(model), Some(Arc::new(tokenizer)), level, attention.clone(), attention, config).unwrap()
+}
+
+/// The GPU engine, or a loud skip (a failure under `TWINFER_REQUIRE_GPU=1`).
+fn gpu_attention() -> Option<Attention> {
+    match Attention::new(Backend::Gpu) {
+        Ok(a) => Some(a),
+        Err(e) if std::env::var("TWINFER_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("TWINFER_REQUIRE_GPU=1 but the GPU engine is unavailable: {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: the resident GPU model tests do NOT run here: {e}");
+            None
+        }
+    }
+}
+
+/// The whole model resident on the GPU (weights, KV pages, activations; every buffer poisoned
+/// with NaN before each step): prefill logits at every position and greedy decode match the
+/// reference as closely as the CPU does, with pages of 1 and 16, and each step is one submission
+/// and one readback whatever the number of layers.
+#[test]
+fn resident_gpu_model_matches_the_reference_with_one_submission_per_step() {
+    let Some(gpu) = gpu_attention() else { return };
+    let engine = gpu.gpu_engine().unwrap();
+    for name in MODELS {
+        let (model, _) = load(name);
+        let g = golden(name);
+        let prompt = ids(&g["prompt_ids"]);
+        let want_greedy = ids(&g["greedy_ids"]);
+        let vocab = model.config.vocab_size;
+        for page_size in [1, 16] {
+            let c = &model.config;
+            let layout = KvLayout::new(page_size, c.num_kv_heads, c.head_dim).unwrap();
+            let config = KvCacheConfig { num_layers: c.num_layers, num_pages: 256, layout, dtype: DType::F32 };
+            let mut cache = PagedKvCache::new(config).unwrap();
+            let resident = ResidentDecoder::new(&model, engine, &config).unwrap().poison_for_test();
+            let run = |cache: &mut PagedKvCache, step: StepSeq<'_>| {
+                let before = engine.counts();
+                let logits = model.forward_resident(&resident, cache, &[step]).unwrap();
+                let after = engine.counts();
+                assert_eq!(after.submits - before.submits, 1, "{name}: submissions in one step");
+                assert_eq!(after.readbacks - before.readbacks, 1, "{name}: readbacks in one step");
+                assert_eq!(after.readback_bytes - before.readback_bytes, logits.len() as u64 * 4, "{name}");
+                logits
+            };
+            let seq = cache.add_sequence();
+            cache.reserve(&[seq], &[prompt.len()]).unwrap();
+            let logits = run(&mut cache, StepSeq { seq, tokens: &prompt, start: 0, logits: Logits::All });
+            let want = g["prefill_logits"].as_array().unwrap();
+            assert_eq!(logits.len(), want.len() * vocab);
+            for (p, row) in want.iter().enumerate() {
+                let err = rel_err(&logits[p * vocab..(p + 1) * vocab], &floats(row));
+                assert!(err <= LOGITS_RTOL, "{name} resident page {page_size}: prefill position {p}: {err:.2e}");
+            }
+            let mut next = twinfer::engine::argmax(&logits[(prompt.len() - 1) * vocab..]);
+            let mut got = vec![next];
+            for (s, want_row) in g["step_logits"].as_array().unwrap().iter().enumerate().take(want_greedy.len() - 1) {
+                let start = cache.seq_len(seq).unwrap();
+                cache.reserve(&[seq], &[1]).unwrap();
+                let logits = run(&mut cache, StepSeq { seq, tokens: &[next], start, logits: Logits::Last });
+                let err = rel_err(&logits, &floats(want_row));
+                assert!(err <= LOGITS_RTOL, "{name} resident page {page_size}: decode step {s}: {err:.2e}");
+                next = twinfer::engine::argmax(&logits);
+                got.push(next);
+            }
+            assert_eq!(got, want_greedy, "{name} resident page {page_size}: greedy tokens");
+        }
+    }
+}
+
+/// The scheduler on the GPU runs the resident path; a request's greedy output is the reference's
+/// alone and among 63 others sharing steps (decode rows and prompt chunks in one submission),
+/// with prefix sharing (copy-on-write pages copied on the device) and under preemption.
+#[test]
+fn resident_gpu_engine_outputs_do_not_depend_on_the_batch_or_on_preemption() {
+    let Some(gpu) = gpu_attention() else { return };
+    for name in MODELS {
+        let reqs = golden_requests(name);
+        for (pages, budget) in [(4096, 512), (40, 64)] {
+            let config = EngineConfig {
+                kv_dtype: DType::F32,
+                kv_pool_pages: Some(pages),
+                page_size: 16,
+                max_batch_tokens: budget,
+                ..Default::default()
+            };
+            let mut s = scheduler_on(name, config, gpu.clone());
+            assert!(s.resident().is_some(), "{name}: not resident: {}", s.residency());
+            let mut expected = std::collections::BTreeMap::new();
+            for i in 0..64u64 {
+                let (prompt, want) = &reqs[i as usize % reqs.len()];
+                let id = s.add(greedy(prompt.clone(), want.len())).unwrap();
+                expected.insert(id.0, want.clone());
+                if i % 8 == 7 {
+                    s.step().unwrap();
+                }
+            }
+            let engine = gpu.gpu_engine().unwrap();
+            let before = engine.counts();
+            let out = run_all(&mut s);
+            let after = engine.counts();
+            let steps = after.steps - before.steps;
+            assert!(steps > 0);
+            assert_eq!(after.submits - before.submits, steps, "{name}: one submission per step");
+            assert_eq!(after.readbacks - before.readbacks, steps, "{name}: one readback per step");
+            for (id, want) in expected {
+                assert_eq!(&out[&id].0, &want, "{name}: request {id} among 64 on the GPU, pool {pages} pages");
+            }
+            assert_eq!(s.cache().free_pages(), s.cache().num_pages(), "{name}: pages leaked");
+            if pages == 40 {
+                assert!(s.run_metrics().preemptions > 0, "{name}: the small pool never preempted");
+            }
+        }
+    }
 }
 
 fn run_all(s: &mut Scheduler) -> std::collections::BTreeMap<u64, (Vec<u32>, FinishReason)> {

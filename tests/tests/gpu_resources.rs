@@ -194,5 +194,8 @@ fn warm_projection_loop_creates_nothing() {
     }
     let after = gpu.counts();
     assert_eq!((after.buffers, after.bind_groups, after.pipelines), (warm.buffers, warm.bind_groups, warm.pipelines));
-    assert_eq!(after.submits - warm.submits, 5 * 12, "one submission per call");
+    // The op-by-op path submits the product, then the copy it reads back: two per call, and one
+    // readback (the resident path of the model test does one of each per whole step).
+    assert_eq!(after.submits - warm.submits, 5 * 12 * 2, "two submissions per call");
+    assert_eq!(after.readbacks - warm.readbacks, 5 * 12, "one readback per call");
 }

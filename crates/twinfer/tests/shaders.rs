@@ -53,23 +53,22 @@ fn baseline_needs_no_subgroup_capability() {
 
 #[test]
 fn uniform_structs_agree_with_wgsl() {
-    let module = parse(Kernel::Prefill, Variant::Baseline, KvStorage::F32);
-    let merge = parse(Kernel::Merge, Variant::Baseline, KvStorage::F32);
-    let append = parse(Kernel::AppendKv, Variant::Baseline, KvStorage::F32);
-    let linear = parse(Kernel::LinearMatmul, Variant::Baseline, KvStorage::F32);
+    // Every kernel that declares a mirrored struct must agree with it, not only the first found.
+    let modules: Vec<naga::Module> = Kernel::ALL.iter().map(|&k| parse(k, Variant::Baseline, KvStorage::F32)).collect();
     for (name, size, fields) in layouts() {
-        let m = [&module, &merge, &append, &linear]
-            .into_iter()
-            .find(|m| m.types.iter().any(|(_, t)| t.name.as_deref() == Some(name)))
-            .unwrap_or_else(|| panic!("no WGSL struct {name}"));
-        let (_, ty) = m.types.iter().find(|(_, t)| t.name.as_deref() == Some(name)).unwrap();
-        let naga::TypeInner::Struct { members, span } = &ty.inner else { panic!("{name} is not a struct") };
-        assert_eq!(*span as usize, size, "{name}: WGSL size {span}, Rust {size}");
-        assert_eq!(members.len(), fields.len(), "{name}: member count");
-        for (mem, (field, offset)) in members.iter().zip(&fields) {
-            assert_eq!(mem.name.as_deref(), Some(*field), "{name}: member order");
-            assert_eq!(mem.offset as usize, *offset, "{name}.{field}: WGSL offset {}, Rust {offset}", mem.offset);
+        let mut found = 0;
+        for m in &modules {
+            let Some((_, ty)) = m.types.iter().find(|(_, t)| t.name.as_deref() == Some(name)) else { continue };
+            found += 1;
+            let naga::TypeInner::Struct { members, span } = &ty.inner else { panic!("{name} is not a struct") };
+            assert_eq!(*span as usize, size, "{name}: WGSL size {span}, Rust {size}");
+            assert_eq!(members.len(), fields.len(), "{name}: member count");
+            for (mem, (field, offset)) in members.iter().zip(&fields) {
+                assert_eq!(mem.name.as_deref(), Some(*field), "{name}: member order");
+                assert_eq!(mem.offset as usize, *offset, "{name}.{field}: WGSL offset {}, Rust {offset}", mem.offset);
+            }
         }
+        assert!(found > 0, "no WGSL struct {name}");
     }
 }
 

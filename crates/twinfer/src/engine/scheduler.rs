@@ -22,7 +22,7 @@ use crate::engine::request::{Event, FinishReason, GenerateRequest, Prompt, Reque
 use crate::engine::sampling::Sampler;
 use crate::error::{Result, TwinferError};
 use crate::kv::{KvCacheConfig, KvLayout, PagedKvCache, SeqId};
-use crate::model::{Engines, LlamaModel, Logits, StepSeq, TextStream, Tokenizer};
+use crate::model::{Engines, LlamaModel, Logits, ResidentDecoder, StepSeq, TextStream, Tokenizer};
 
 #[derive(Debug)]
 struct Active {
@@ -74,6 +74,9 @@ pub struct Scheduler {
     last_finish: f64,
     /// Why the GPU engines were replaced by the CPU one, once they were.
     fallback: Option<String>,
+    /// The whole model on the GPU, when both phases run there (see [`Scheduler::residency`]).
+    resident: Option<ResidentDecoder>,
+    residency: String,
 }
 
 impl Scheduler {
@@ -98,8 +101,9 @@ impl Scheduler {
                 config.kv_memory_bytes
             )));
         }
-        let cache =
+        let mut cache =
             PagedKvCache::new(KvCacheConfig { num_layers: c.num_layers, num_pages, layout, dtype: config.kv_dtype })?;
+        let (resident, residency) = open_resident(&model, &prefill, &decode, &mut cache);
         let mut eos = c.eos_token_ids.clone();
         if eos.is_empty() {
             for name in ["</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>"] {
@@ -123,7 +127,20 @@ impl Scheduler {
             first_submit: None,
             last_finish: 0.0,
             fallback: None,
+            resident,
+            residency,
         })
+    }
+
+    /// Where the model's forward pass runs: resident on the GPU (every op of a step in one
+    /// submission), or op by op on the CPU with attention on the phases' engines, and why.
+    pub fn residency(&self) -> &str {
+        &self.residency
+    }
+
+    /// The device-resident state, when the forward pass runs on the GPU.
+    pub fn resident(&self) -> Option<&ResidentDecoder> {
+        self.resident.as_ref()
     }
 
     pub fn model(&self) -> &LlamaModel {
@@ -285,6 +302,9 @@ impl Scheduler {
                 StepSeq { seq: s.cache_seq.expect("planned"), tokens, start: s.computed, logits }
             })
             .collect();
+        if let Some(resident) = &self.resident {
+            return self.model.forward_resident_async(resident, &mut self.cache, &step).await;
+        }
         let engines = Engines { level: self.level, prefill: &self.prefill, decode: &self.decode };
         self.model.forward_async(engines, &mut self.cache, &step).await
     }
@@ -324,6 +344,10 @@ impl Scheduler {
         }
         if switched {
             self.fallback = Some(format!("the GPU device was lost ({why}); attention runs on the CPU with {level}"));
+            // The device pools are gone; the preempted sequences recompute their K/V on the CPU.
+            self.resident = None;
+            self.cache.record_page_copies(false);
+            self.residency = format!("CPU projections after the GPU was lost ({why})");
         }
         switched
     }
@@ -524,4 +548,28 @@ fn held_back(text: &str, stops: &[String]) -> usize {
         }
     }
     hold
+}
+
+/// The resident GPU state when both phases run on a GPU (on the decode engine's device), else
+/// `None`; with the reason either way. `TWINFER_RESIDENT=0` keeps the op-by-op path.
+fn open_resident(
+    model: &LlamaModel,
+    prefill: &Attention,
+    decode: &Attention,
+    cache: &mut PagedKvCache,
+) -> (Option<ResidentDecoder>, String) {
+    let (Some(_), Some(gpu)) = (prefill.gpu_engine(), decode.gpu_engine()) else {
+        return (None, "op by op: projections on the CPU, attention on each phase's engine".into());
+    };
+    #[cfg(not(target_arch = "wasm32"))]
+    if std::env::var("TWINFER_RESIDENT").is_ok_and(|v| v == "0") {
+        return (None, "op by op on the GPU (TWINFER_RESIDENT=0)".into());
+    }
+    match ResidentDecoder::new(model, gpu, &cache.config()) {
+        Ok(r) => {
+            cache.record_page_copies(true);
+            (Some(r), format!("resident on {}: one submission per step", gpu.context().summary.name))
+        }
+        Err(e) => (None, format!("op by op on the GPU: the resident path is unavailable ({e})")),
+    }
 }

@@ -63,6 +63,13 @@ pub struct Counters {
     pub bind_groups: AtomicU64,
     pub pipelines: AtomicU64,
     pub submits: AtomicU64,
+    /// Compute dispatches recorded.
+    pub dispatches: AtomicU64,
+    /// Copies to the host, and their bytes.
+    pub readbacks: AtomicU64,
+    pub readback_bytes: AtomicU64,
+    /// Resident model steps submitted.
+    pub steps: AtomicU64,
 }
 
 /// A snapshot of [`Counters`].
@@ -72,6 +79,10 @@ pub struct ResourceCounts {
     pub bind_groups: u64,
     pub pipelines: u64,
     pub submits: u64,
+    pub dispatches: u64,
+    pub readbacks: u64,
+    pub readback_bytes: u64,
+    pub steps: u64,
 }
 
 impl Counters {
@@ -81,6 +92,10 @@ impl Counters {
             bind_groups: self.bind_groups.load(Ordering::Relaxed),
             pipelines: self.pipelines.load(Ordering::Relaxed),
             submits: self.submits.load(Ordering::Relaxed),
+            dispatches: self.dispatches.load(Ordering::Relaxed),
+            readbacks: self.readbacks.load(Ordering::Relaxed),
+            readback_bytes: self.readback_bytes.load(Ordering::Relaxed),
+            steps: self.steps.load(Ordering::Relaxed),
         }
     }
 }

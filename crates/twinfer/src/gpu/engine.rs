@@ -156,6 +156,14 @@ impl GpuEngine {
         &self.res
     }
 
+    /// Drops the cached bind groups naming external buffers whose id `owned` accepts (resident
+    /// objects being freed), so the cache does not keep them on the device.
+    pub fn forget_bind_groups(&self, owned: impl Fn(u64) -> bool) {
+        if let Ok(mut res) = self.res.lock() {
+            res.forget_external(owned);
+        }
+    }
+
     pub(super) fn lock(&self) -> Result<std::sync::MutexGuard<'_, Resources>> {
         self.res.lock().map_err(|_| TwinferError::DeviceLost("a previous call panicked".into()))
     }
@@ -224,6 +232,57 @@ impl GpuEngine {
         kv_buffers: &[(Bind<'_>, Bind<'_>)],
         pages_per_buffer: u32,
     ) -> Result<()> {
+        let plan = self.decode_plan(step, kv_buffers.len(), pages_per_buffer)?;
+        let (o_slot, lse_slot) = if plan.merge.is_some() { (Slot::OPart, Slot::LsePart) } else { (Slot::O, Slot::Lse) };
+        let ctx = &*self.ctx;
+        match step.p.q {
+            crate::dtype::TensorRef::F32(q) => self.write(res, Slot::Q, bytemuck::cast_slice(q))?,
+            _ => self.write(res, Slot::Q, bytemuck::cast_slice(&q_f32(step.p)))?,
+        }
+        self.write(res, Slot::Meta, bytemuck::cast_slice(&plan.meta))?;
+        res.buffer(ctx, o_slot, plan.o_bytes)?;
+        res.buffer(ctx, lse_slot, plan.lse_bytes)?;
+        let binds = |k, v| {
+            vec![
+                Bind::Slot(Slot::AttnParams),
+                Bind::Slot(Slot::Q),
+                k,
+                v,
+                Bind::Slot(Slot::Meta),
+                Bind::Slot(o_slot),
+                Bind::Slot(lse_slot),
+            ]
+        };
+        // One submission per buffer but the last: each pass needs its own `kv_buffer` parameter,
+        // and writes between submissions are ordered with them.
+        let (last, first) =
+            kv_buffers.split_last().ok_or_else(|| TwinferError::InvalidParameter("no KV buffer".into()))?;
+        for (i, (k, v)) in first.iter().enumerate() {
+            self.write(res, Slot::AttnParams, bytemuck::bytes_of(&AttnParams { kv_buffer: i as u32, ..plan.prm }))?;
+            self.run_passes(res, &[(plan.key, binds(*k, *v), plan.grid)])?;
+        }
+        let last_prm = AttnParams { kv_buffer: first.len() as u32, ..plan.prm };
+        self.write(res, Slot::AttnParams, bytemuck::bytes_of(&last_prm))?;
+        let mut passes = vec![(plan.key, binds(last.0, last.1), plan.grid)];
+        if let Some(m) = &plan.merge {
+            self.write(res, Slot::MergeParams, bytemuck::bytes_of(&m.params))?;
+            res.buffer(ctx, Slot::O, m.o_bytes)?;
+            res.buffer(ctx, Slot::Lse, m.lse_bytes)?;
+            let mbinds = [Slot::MergeParams, Slot::OPart, Slot::LsePart, Slot::O, Slot::Lse].map(Bind::Slot);
+            passes.push((m.key, mbinds.to_vec(), m.grid));
+        }
+        self.run_passes(res, &passes)
+    }
+
+    /// The decode kernel's configuration for a validated call: parameters (for buffer 0 of the
+    /// pool), the page table words, the split-K partition and the merge that follows a split.
+    /// Computed once per step and reused by every layer.
+    pub(super) fn decode_plan(
+        &self,
+        step: &DecodeStep<'_>,
+        num_kv_buffers: usize,
+        pages_per_buffer: u32,
+    ) -> Result<DecodePlan> {
         let (p, params) = (step.p, step.p.params);
         let (hq, hk, d) = (params.num_qo_heads, params.num_kv_heads, params.head_dim);
         let table = match p.kv {
@@ -252,7 +311,7 @@ impl GpuEngine {
             }
         };
         let chunks_per_pass = longest.div_ceil(chunk_len);
-        let num_chunks = chunks_per_pass * kv_buffers.len();
+        let num_chunks = chunks_per_pass * num_kv_buffers;
         let prm = AttnParams {
             num_chunks: num_chunks as u32,
             pages_per_buffer,
@@ -264,65 +323,38 @@ impl GpuEngine {
             ..self.base_params(params, p.batch, step.page_size)
         };
         let rows = p.batch * hq;
-        let split = num_chunks > 1;
-        let (o_slot, lse_slot) = if split { (Slot::OPart, Slot::LsePart) } else { (Slot::O, Slot::Lse) };
-        let ctx = &*self.ctx;
-        match step.p.q {
-            crate::dtype::TensorRef::F32(q) => self.write(res, Slot::Q, bytemuck::cast_slice(q))?,
-            _ => self.write(res, Slot::Q, bytemuck::cast_slice(&q_f32(p)))?,
-        }
-        self.write(res, Slot::Meta, bytemuck::cast_slice(&meta.data))?;
-        res.buffer(ctx, o_slot, (rows * num_chunks * d * 4) as u64)?;
-        res.buffer(ctx, lse_slot, (rows * num_chunks * 4) as u64)?;
         let key = PipelineKey {
             kernel: Kernel::Decode,
             variant: self.decode_variant(d),
             kv: step.storage,
             tile: Tile { wg: self.opts.decode_wg, br: gq as u32, bc: u as u32, chunk: 0 },
         };
-        let binds = |k, v| {
-            vec![
-                Bind::Slot(Slot::AttnParams),
-                Bind::Slot(Slot::Q),
-                k,
-                v,
-                Bind::Slot(Slot::Meta),
-                Bind::Slot(o_slot),
-                Bind::Slot(lse_slot),
-            ]
-        };
-        let grid = [hk * n_gblk, chunks_per_pass, p.batch];
-        // One submission per buffer but the last: each pass needs its own `kv_buffer` parameter,
-        // and writes between submissions are ordered with them.
-        let (last, first) =
-            kv_buffers.split_last().ok_or_else(|| TwinferError::InvalidParameter("no KV buffer".into()))?;
-        for (i, (k, v)) in first.iter().enumerate() {
-            self.write(res, Slot::AttnParams, bytemuck::bytes_of(&AttnParams { kv_buffer: i as u32, ..prm }))?;
-            self.run_passes(res, &[(key, binds(*k, *v), grid)])?;
-        }
-        let last_prm = AttnParams { kv_buffer: first.len() as u32, ..prm };
-        self.write(res, Slot::AttnParams, bytemuck::bytes_of(&last_prm))?;
-        let mut passes = vec![(key, binds(last.0, last.1), grid)];
-        if split {
-            let mp = MergeParams {
+        let merge = (num_chunks > 1).then(|| MergePlan {
+            params: MergeParams {
                 rows: rows as u32,
                 num_heads: hq as u32,
                 num_chunks: num_chunks as u32,
                 head_dim: d as u32,
-            };
-            self.write(res, Slot::MergeParams, bytemuck::bytes_of(&mp))?;
-            res.buffer(ctx, Slot::O, (rows * d * 4) as u64)?;
-            res.buffer(ctx, Slot::Lse, (rows * 4) as u64)?;
-            let mkey = PipelineKey {
+            },
+            key: PipelineKey {
                 kernel: Kernel::Merge,
                 variant: Variant::Baseline,
                 kv: KvStorage::F32,
                 tile: Tile { wg: 64, br: 0, bc: 0, chunk: 0 },
-            };
-            let mbinds = [Slot::MergeParams, Slot::OPart, Slot::LsePart, Slot::O, Slot::Lse].map(Bind::Slot);
-            passes.push((mkey, mbinds.to_vec(), [rows.min(32768), rows.div_ceil(32768), 1]));
-        }
-        self.run_passes(res, &passes)
+            },
+            grid: [rows.min(32768), rows.div_ceil(32768), 1],
+            o_bytes: (rows * d * 4) as u64,
+            lse_bytes: (rows * 4) as u64,
+        });
+        Ok(DecodePlan {
+            prm,
+            meta: meta.data,
+            key,
+            grid: [hk * n_gblk, chunks_per_pass, p.batch],
+            o_bytes: (rows * num_chunks * d * 4) as u64,
+            lse_bytes: (rows * num_chunks * 4) as u64,
+            merge,
+        })
     }
 
     /// Decode's subgroup path makes teams of `head_dim / 8` lanes inside one subgroup: only where
@@ -368,39 +400,76 @@ impl GpuEngine {
         let p = Problem::prefill(params, input)?;
         p.check_output(out)?;
         self.ctx.check_alive()?;
-        let (hq, hk, d) = (params.num_qo_heads, params.num_kv_heads, params.head_dim);
-        let (kernel, tile) = if self.opts.portable_prefill {
-            (Kernel::PrefillPortable, portable_prefill_tile(d))
-        } else {
-            (Kernel::Prefill, prefill_tile(d, self.ctx.limits.max_compute_workgroup_storage_size))
-        };
-        let work = prefill_work(&p, params, tile.br as usize);
-        if work.is_empty() {
-            return Ok(None);
-        }
         let storage = self.kv_storage(p.kv.k().dtype());
         let limit = self.ctx.limits.max_storage_buffer_binding_size;
-        let mut meta = Meta::default();
-        let (kv, page_size, paged) = match p.kv {
-            KvSource::Ragged { k, v, indptr, .. } => {
-                meta.push(indptr);
+        let (kv, page_size) = match p.kv {
+            KvSource::Ragged { k, v, .. } => {
                 let kv = upload::KvBytes {
                     k: upload::tensor_bytes(k, 0, k.len(), storage),
                     v: upload::tensor_bytes(v, 0, v.len(), storage),
                     indices: Vec::new(),
                 };
-                (kv, 1, 0)
+                (kv, 1)
             }
             KvSource::Paged { kv, table } => {
-                meta.push(table.indptr);
                 let l = kv.layout;
-                (upload::paged_kv(kv.k, kv.v, l.page_elems(), table.indices, storage, limit), l.page_size, 1)
+                (upload::paged_kv(kv.k, kv.v, l.page_elems(), table.indices, storage, limit), l.page_size)
             }
         };
-        let off_indices = meta.push(&kv.indices);
-        let off_last_len = match p.kv {
-            KvSource::Paged { table, .. } => meta.push(table.last_page_len),
-            KvSource::Ragged { .. } => off_indices,
+        let Some(plan) = self.prefill_plan(&p, &kv.indices, page_size, storage)? else { return Ok(None) };
+        let q = q_f32(&p);
+        let (hq, d) = (params.num_qo_heads, params.head_dim);
+        let rows = p.total_q * hq;
+        let mut res = self.lock()?;
+        let ctx = &*self.ctx;
+        let scope = Scopes::push(ctx);
+        self.write(&mut res, Slot::AttnParams, bytemuck::bytes_of(&plan.prm))?;
+        self.write(&mut res, Slot::Q, bytemuck::cast_slice(&q))?;
+        self.write(&mut res, Slot::K, &kv.k)?;
+        self.write(&mut res, Slot::V, &kv.v)?;
+        self.write(&mut res, Slot::Meta, bytemuck::cast_slice(&plan.meta))?;
+        res.buffer(ctx, Slot::O, (rows * d * 4) as u64)?;
+        res.buffer(ctx, Slot::Lse, (rows * 4) as u64)?;
+        let slots = [Slot::AttnParams, Slot::Q, Slot::K, Slot::V, Slot::Meta, Slot::O, Slot::Lse].map(Bind::Slot);
+        self.run_passes(&mut res, &[(plan.key, slots.to_vec(), plan.grid)])?;
+        let readback = Readback::queue(ctx, &mut res, rows, d, out.lse.is_some())?;
+        Ok(Some(self.submitted(scope, Some(readback))))
+    }
+
+    /// The prefill kernel's configuration for a validated call: parameters, the page table (with
+    /// `indices`, the page ids as the kernel sees them) and the work list, longest tiles first.
+    /// `None` when there is nothing to compute. Computed once per step, reused by every layer.
+    pub(super) fn prefill_plan(
+        &self,
+        p: &Problem<'_>,
+        indices: &[u32],
+        page_size: usize,
+        storage: KvStorage,
+    ) -> Result<Option<PrefillPlan>> {
+        let params = p.params;
+        let hk = params.num_kv_heads;
+        let d = params.head_dim;
+        let (kernel, tile) = if self.opts.portable_prefill {
+            (Kernel::PrefillPortable, portable_prefill_tile(d))
+        } else {
+            (Kernel::Prefill, prefill_tile(d, self.ctx.limits.max_compute_workgroup_storage_size))
+        };
+        let work = prefill_work(p, params, tile.br as usize);
+        if work.is_empty() {
+            return Ok(None);
+        }
+        let mut meta = Meta::default();
+        let (off_indices, off_last_len, paged) = match p.kv {
+            KvSource::Ragged { indptr, .. } => {
+                meta.push(indptr);
+                let off = meta.push(indices);
+                (off, off, 0)
+            }
+            KvSource::Paged { table, .. } => {
+                meta.push(table.indptr);
+                let off = meta.push(indices);
+                (off, meta.push(table.last_page_len), 1)
+            }
         };
         let off_qo_indptr = match p.qo {
             crate::attention::problem::QoRows::Ragged(ptr) => meta.push(ptr),
@@ -420,24 +489,9 @@ impl GpuEngine {
             num_chunks: 1,
             ..self.base_params(params, p.batch, page_size)
         };
-        let q = q_f32(&p);
-        let rows = p.total_q * hq;
-        let mut res = self.lock()?;
-        let ctx = &*self.ctx;
-        let scope = Scopes::push(ctx);
-        self.write(&mut res, Slot::AttnParams, bytemuck::bytes_of(&prm))?;
-        self.write(&mut res, Slot::Q, bytemuck::cast_slice(&q))?;
-        self.write(&mut res, Slot::K, &kv.k)?;
-        self.write(&mut res, Slot::V, &kv.v)?;
-        self.write(&mut res, Slot::Meta, bytemuck::cast_slice(&meta.data))?;
-        res.buffer(ctx, Slot::O, (rows * d * 4) as u64)?;
-        res.buffer(ctx, Slot::Lse, (rows * 4) as u64)?;
         let variant = if kernel == Kernel::Prefill { self.opts.variant } else { Variant::Baseline };
         let key = PipelineKey { kernel, variant, kv: storage, tile };
-        let slots = [Slot::AttnParams, Slot::Q, Slot::K, Slot::V, Slot::Meta, Slot::O, Slot::Lse].map(Bind::Slot);
-        self.run_passes(&mut res, &[(key, slots.to_vec(), [hk, num_work as usize, 1])])?;
-        let readback = Readback::queue(ctx, &mut res, rows, d, out.lse.is_some())?;
-        Ok(Some(self.submitted(scope, Some(readback))))
+        Ok(Some(PrefillPlan { prm, meta: meta.data, key, grid: [hk, num_work as usize, 1] }))
     }
 
     fn base_params(&self, params: &AttentionParams, batch: usize, page_size: usize) -> AttnParams {
@@ -496,6 +550,7 @@ impl GpuEngine {
             }
         }
         ctx.queue.submit([enc.finish()]);
+        ctx.counters.dispatches.fetch_add(prepared.len() as u64, std::sync::atomic::Ordering::Relaxed);
         res.set_last_passes(
             prepared.into_iter().map(|(p, bg, [x, y, z])| (p, bg, [x as u32, y as u32, z as u32])).collect(),
         );
@@ -516,6 +571,38 @@ pub(super) struct DecodeStep<'a> {
     pub page_size: usize,
     pub indices: &'a [u32],
     pub storage: KvStorage,
+}
+
+/// A planned decode: the kernel's parameters and page table words, its pipeline and grid, the
+/// bytes of its outputs (partials when split), and the merge of a split.
+#[derive(Debug)]
+pub(super) struct DecodePlan {
+    pub prm: AttnParams,
+    pub meta: Vec<u32>,
+    pub key: PipelineKey,
+    pub grid: [usize; 3],
+    pub o_bytes: u64,
+    pub lse_bytes: u64,
+    pub merge: Option<MergePlan>,
+}
+
+/// The merge of split-K partials into O and LSE.
+#[derive(Debug)]
+pub(super) struct MergePlan {
+    pub params: MergeParams,
+    pub key: PipelineKey,
+    pub grid: [usize; 3],
+    pub o_bytes: u64,
+    pub lse_bytes: u64,
+}
+
+/// A planned prefill: parameters, page table and work-list words, pipeline and grid.
+#[derive(Debug)]
+pub(super) struct PrefillPlan {
+    pub prm: AttnParams,
+    pub meta: Vec<u32>,
+    pub key: PipelineKey,
+    pub grid: [usize; 3],
 }
 
 fn unreachable_qo() -> Result<u32> {

@@ -178,8 +178,71 @@ impl GpuLinear {
         self.ctx.upgrade().is_some_and(|c| c.check_alive().is_ok())
     }
 
+    /// The id of these weights among the device's resident objects.
+    pub(super) fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Locks the per-buffer parameters until the caller submits (engines sharing a device may
+    /// call the same weights at once), and registers `engine` to forget its bind groups on drop.
+    pub(super) fn lock_for_submit(
+        &self,
+        engine: &GpuEngine,
+    ) -> Result<std::sync::MutexGuard<'_, Vec<Weak<Mutex<Resources>>>>> {
+        let mut engines =
+            self.submit.lock().map_err(|_| TwinferError::DeviceLost("a previous call panicked".into()))?;
+        if !engines.iter().any(|e| std::ptr::eq(e.as_ptr(), Arc::as_ptr(engine.resources()))) {
+            engines.push(Arc::downgrade(engine.resources()));
+        }
+        Ok(engines)
+    }
+
+    /// One pass per weight buffer for `rows` input rows: its parameters, pipeline and grid.
+    /// Decode rows (at most [`GEMV_MAX_ROWS`]) take the GEMV, more rows the tiled matmul.
+    pub(super) fn passes(&self, rows: usize, accumulate: bool) -> Vec<(LinearParams, PipelineKey, [usize; 3])> {
+        let k4 = self.k.div_ceil(4).max(1);
+        let gemv = rows <= GEMV_MAX_ROWS;
+        let key = if gemv {
+            PipelineKey {
+                kernel: Kernel::LinearGemv,
+                variant: Variant::Baseline,
+                kv: self.storage,
+                tile: Tile { wg: GEMV_WG, br: 0, bc: GEMV_TPF, chunk: 0 },
+            }
+        } else {
+            PipelineKey {
+                kernel: Kernel::LinearMatmul,
+                variant: Variant::Baseline,
+                kv: self.storage,
+                tile: matmul_tile(rows),
+            }
+        };
+        self.chunks
+            .iter()
+            .map(|c| {
+                let prm = LinearParams {
+                    rows: rows as u32,
+                    n: c.n as u32,
+                    k4: k4 as u32,
+                    n0: c.n0 as u32,
+                    ldy: self.n as u32,
+                    accumulate: accumulate as u32,
+                    ..Default::default()
+                };
+                let grid = if gemv {
+                    let groups = c.n.div_ceil((GEMV_WG / GEMV_TPF) as usize);
+                    [groups.min(32768), groups.div_ceil(32768), 1]
+                } else {
+                    let (bm, bn) = (16 * key.tile.br as usize, 16 * key.tile.bc as usize);
+                    [c.n.div_ceil(bn), rows.div_ceil(bm), 1]
+                };
+                (prm, key, grid)
+            })
+            .collect()
+    }
+
     /// Bindings of chunk `i`: its parameters, its weights and the bias.
-    fn binds(&self, i: usize) -> [Bind<'_>; 3] {
+    pub(super) fn binds(&self, i: usize) -> [Bind<'_>; 3] {
         let id = ID_TAG | self.id << 24 | (i as u64) << 2;
         let c = &self.chunks[i];
         [Bind::External(id, &c.params), Bind::External(id | 1, &c.w), Bind::External(id | 2, &self.bias)]
@@ -257,51 +320,16 @@ impl GpuEngine {
             }
             &padded[..]
         };
-        let mut engines = w.submit.lock().map_err(|_| TwinferError::DeviceLost("a previous call panicked".into()))?;
-        if !engines.iter().any(|e| std::ptr::eq(e.as_ptr(), Arc::as_ptr(self.resources()))) {
-            engines.push(Arc::downgrade(self.resources()));
-        }
+        let _held = w.lock_for_submit(self)?;
         let mut res = self.lock()?;
         let scope = Scopes::push(ctx);
         self.write(&mut res, Slot::LinX, bytemuck::cast_slice(x))?;
         res.buffer(ctx, Slot::LinY, (rows * w.n * 4) as u64)?;
-        let gemv = rows <= GEMV_MAX_ROWS;
-        let key = if gemv {
-            PipelineKey {
-                kernel: Kernel::LinearGemv,
-                variant: Variant::Baseline,
-                kv: w.storage,
-                tile: Tile { wg: GEMV_WG, br: 0, bc: GEMV_TPF, chunk: 0 },
-            }
-        } else {
-            PipelineKey {
-                kernel: Kernel::LinearMatmul,
-                variant: Variant::Baseline,
-                kv: w.storage,
-                tile: matmul_tile(rows),
-            }
-        };
         let mut passes = Vec::with_capacity(w.chunks.len());
-        for (i, c) in w.chunks.iter().enumerate() {
-            let prm = LinearParams {
-                rows: rows as u32,
-                n: c.n as u32,
-                k4: k4 as u32,
-                n0: c.n0 as u32,
-                ldy: w.n as u32,
-                ..Default::default()
-            };
-            ctx.queue.write_buffer(&c.params, 0, bytemuck::bytes_of(&prm));
+        for (i, (prm, key, grid)) in w.passes(rows, false).into_iter().enumerate() {
+            ctx.queue.write_buffer(&w.chunks[i].params, 0, bytemuck::bytes_of(&prm));
             let [params, weights, bias] = w.binds(i);
-            let binds = vec![params, Bind::Slot(Slot::LinX), weights, bias, Bind::Slot(Slot::LinY)];
-            let grid = if gemv {
-                let groups = c.n.div_ceil((GEMV_WG / GEMV_TPF) as usize);
-                [groups.min(32768), groups.div_ceil(32768), 1]
-            } else {
-                let (bm, bn) = (16 * key.tile.br as usize, 16 * key.tile.bc as usize);
-                [c.n.div_ceil(bn), rows.div_ceil(bm), 1]
-            };
-            passes.push((key, binds, grid));
+            passes.push((key, vec![params, Bind::Slot(Slot::LinX), weights, bias, Bind::Slot(Slot::LinY)], grid));
         }
         self.run_passes(&mut res, &passes)?;
         let readback = Readback::queue_slot(ctx, &mut res, Slot::LinY, rows * w.n)?;

@@ -10,6 +10,7 @@ mod pending;
 mod resident;
 mod resources;
 pub mod shaders;
+mod step;
 mod upload;
 
 pub use device::{AdapterSummary, GpuContext, ResourceCounts};
@@ -17,3 +18,4 @@ pub use engine::{GpuEngine, GpuOptions};
 pub use linear::{DEFAULT_MAX_WEIGHT_BUFFER, GEMV_MAX_ROWS, GpuLinear};
 pub use resident::{DEFAULT_MAX_KV_BUFFER, GpuKvCache};
 pub use shaders::{KvStorage, ShaderChecks, Variant};
+pub use step::{Act, DeviceVec, PlannedDecode, PlannedPrefill, StepPending, StepRecorder};

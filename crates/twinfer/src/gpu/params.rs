@@ -70,9 +70,37 @@ pub struct LinearParams {
     pub n0: u32,
     /// Row stride of y: all of the layer's features.
     pub ldy: u32,
-    pub _pad0: u32,
+    /// 1: add the product to y (a residual add in the epilogue); 0: overwrite y.
+    pub accumulate: u32,
     pub _pad1: u32,
     pub _pad2: u32,
+}
+
+/// WGSL `RowParams` (rms_norm.wgsl, silu_mul.wgsl): a per-row operation.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Pod, Zeroable)]
+pub struct RowParams {
+    pub rows: u32,
+    /// Elements per row (rms_norm), vec4s per row of the output (silu_mul).
+    pub width: u32,
+    pub eps: f32,
+    /// rms_norm: 1 when output row r reads input row rows_map[r].
+    pub gather: u32,
+}
+
+/// WGSL `RopeParams` (rope_append.wgsl).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Pod, Zeroable)]
+pub struct RopeParams {
+    pub rows: u32,
+    pub num_qo_heads: u32,
+    pub num_kv_heads: u32,
+    pub head_dim: u32,
+    pub page_size: u32,
+    /// vec4s per row of the fused q/k/v projection.
+    pub q_width: u32,
+    pub _pad0: u32,
+    pub _pad1: u32,
 }
 
 /// The window value that means "no sliding window".
@@ -121,6 +149,12 @@ pub fn layouts() -> Vec<Layout> {
         ),
         offsets!(MergeParams, "MergeParams", [rows, num_heads, num_chunks, head_dim]),
         offsets!(AppendParams, "AppendParams", [rows, num_kv_heads, head_dim, page_size]),
-        offsets!(LinearParams, "LinearParams", [rows, n, k4, n0, ldy, _pad0, _pad1, _pad2]),
+        offsets!(LinearParams, "LinearParams", [rows, n, k4, n0, ldy, accumulate, _pad1, _pad2]),
+        offsets!(RowParams, "RowParams", [rows, width, eps, gather]),
+        offsets!(
+            RopeParams,
+            "RopeParams",
+            [rows, num_qo_heads, num_kv_heads, head_dim, page_size, q_width, _pad0, _pad1]
+        ),
     ]
 }

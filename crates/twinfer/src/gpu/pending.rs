@@ -66,6 +66,7 @@ impl Readback {
             enc.copy_buffer_to_buffer(res.get(Slot::Lse), 0, &buffer, o_bytes, lse_bytes);
         }
         ctx.queue.submit([enc.finish()]);
+        count_readback(ctx, o_bytes + lse_bytes);
         let mapped = Oneshot::new();
         buffer.map_async(wgpu::MapMode::Read, 0..o_bytes + lse_bytes, mapped.sender());
         Ok(Self { buffer, bytes: o_bytes + lse_bytes, o_len: rows * d, lse_len: if lse { rows } else { 0 }, mapped })
@@ -79,10 +80,48 @@ impl Readback {
         let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
         enc.copy_buffer_to_buffer(res.get(slot), 0, &buffer, 0, bytes);
         ctx.queue.submit([enc.finish()]);
-        let mapped = Oneshot::new();
-        buffer.map_async(wgpu::MapMode::Read, 0..bytes, mapped.sender());
-        Ok(Self { buffer, bytes, o_len: len, lse_len: 0, mapped })
+        count_readback(ctx, bytes);
+        Ok(RecordedReadback { buffer, bytes, len }.map())
     }
+
+    /// Records the copy of the first `len` f32s of `slot` into `enc`, for a caller that submits
+    /// it with its own work; [`RecordedReadback::map`] after that submission.
+    pub(super) fn record_slot(
+        ctx: &GpuContext,
+        res: &mut Resources,
+        enc: &mut wgpu::CommandEncoder,
+        slot: Slot,
+        len: usize,
+    ) -> Result<RecordedReadback> {
+        let bytes = (len * 4) as u64;
+        let buffer = res.take_readback(ctx, bytes)?;
+        enc.copy_buffer_to_buffer(res.get(slot), 0, &buffer, 0, bytes);
+        Ok(RecordedReadback { buffer, bytes, len })
+    }
+}
+
+/// A readback copy recorded, not yet mapped.
+pub(super) struct RecordedReadback {
+    buffer: wgpu::Buffer,
+    bytes: u64,
+    len: usize,
+}
+
+impl RecordedReadback {
+    /// Requests the map; call after the submission that holds the copy.
+    pub(super) fn map(self) -> Readback {
+        let mapped = Oneshot::new();
+        self.buffer.map_async(wgpu::MapMode::Read, 0..self.bytes, mapped.sender());
+        Readback { buffer: self.buffer, bytes: self.bytes, o_len: self.len, lse_len: 0, mapped }
+    }
+}
+
+/// Host readbacks are counted (with their submissions): a resident step must do one.
+fn count_readback(ctx: &GpuContext, bytes: u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    ctx.counters.submits.fetch_add(1, Relaxed);
+    ctx.counters.readbacks.fetch_add(1, Relaxed);
+    ctx.counters.readback_bytes.fetch_add(bytes, Relaxed);
 }
 
 /// A submitted call.

@@ -87,10 +87,26 @@ impl GpuKvCache {
     }
 
     /// (K, V) bindings of buffer `i`, with ids unique to this pool and buffer.
-    fn binds(&self, i: usize) -> (Bind<'_>, Bind<'_>) {
+    pub(super) fn binds(&self, i: usize) -> (Bind<'_>, Bind<'_>) {
         let (k, v) = &self.buffers[i];
         let id = self.id << 24 | (i as u64) << 1;
         (Bind::External(id, k), Bind::External(id | 1, v))
+    }
+
+    /// Bytes of one page of K (or V).
+    pub fn page_bytes(&self) -> usize {
+        self.layout.page_elems() * self.storage.bytes()
+    }
+
+    /// Buffer `i`'s K and V (handles), or an error when there is no such buffer.
+    pub(super) fn buffers_of(&self, i: usize) -> Result<[wgpu::Buffer; 2]> {
+        let (k, v) = self.buffers.get(i).ok_or_else(|| TwinferError::InvalidParameter(format!("no KV buffer {i}")))?;
+        Ok([k.clone(), v.clone()])
+    }
+
+    /// The bind-group cache ids of this pool's buffers, to forget the groups naming them.
+    pub fn owns_cache_id(&self, id: u64) -> bool {
+        id >> 24 == self.id && ((id >> 1) & 0x7f_ffff) < self.buffers.len() as u64
     }
 
     /// Uploads whole pages from the host, starting at page `first` (setup and benchmarks).

@@ -53,13 +53,49 @@ pub enum Slot {
     /// Projections: the input rows (k padded to vec4s) and the output.
     LinX,
     LinY,
+    /// The resident forward pass (see [`super::step`]): activations, step inputs, per-step
+    /// parameters and page tables.
+    Act(super::step::Act),
 }
 
 impl Slot {
+    /// A number unique to the slot, for the bind-group cache key.
+    fn id(self) -> u64 {
+        match self {
+            Slot::Act(a) => 1000 + a as u64,
+            s => s.plain_index(),
+        }
+    }
+
+    fn plain_index(self) -> u64 {
+        [
+            Slot::AttnParams,
+            Slot::MergeParams,
+            Slot::Q,
+            Slot::K,
+            Slot::V,
+            Slot::Meta,
+            Slot::O,
+            Slot::Lse,
+            Slot::OPart,
+            Slot::LsePart,
+            Slot::AppendParams,
+            Slot::NewK,
+            Slot::NewV,
+            Slot::AppendSlots,
+            Slot::LinX,
+            Slot::LinY,
+        ]
+        .iter()
+        .position(|&s| s == self)
+        .map_or(u64::MAX, |i| i as u64)
+    }
+
     fn usage(self) -> wgpu::BufferUsages {
         use wgpu::BufferUsages as U;
         match self {
             Slot::AttnParams | Slot::MergeParams | Slot::AppendParams => U::UNIFORM | U::COPY_DST,
+            Slot::Act(a) if a.is_uniform() => U::UNIFORM | U::COPY_DST,
             _ => U::STORAGE | U::COPY_DST | U::COPY_SRC,
         }
     }
@@ -209,7 +245,7 @@ impl Resources {
         let ids: Vec<(u64, u64)> = binds
             .iter()
             .map(|b| match b {
-                Bind::Slot(s) => (*s as u64, self.buffers[s].generation),
+                Bind::Slot(s) => (s.id(), self.buffers[s].generation),
                 Bind::External(id, _) => (EXTERNAL | id, 0),
             })
             .collect();
@@ -293,6 +329,11 @@ impl Resources {
         self.readback.truncate(READBACK_KEPT);
     }
 
+    /// The size of a slot's buffer, if it has one yet.
+    pub fn size(&self, slot: Slot) -> Option<u64> {
+        self.buffers.get(&slot).map(|b| b.size)
+    }
+
     pub fn get(&self, slot: Slot) -> &wgpu::Buffer {
         &self.buffers[&slot].buffer
     }
@@ -316,5 +357,6 @@ fn slot_name(slot: Slot) -> &'static str {
         Slot::AppendSlots => "append slots",
         Slot::LinX => "projection input",
         Slot::LinY => "projection output",
+        Slot::Act(a) => a.name(),
     }
 }

@@ -58,6 +58,17 @@ pub struct PagedKvCache {
     /// Ordered so that `sequences()` and everything derived from it are deterministic.
     seqs: BTreeMap<SeqId, Sequence>,
     next_id: u64,
+    /// Copy-on-write copies made since the last [`PagedKvCache::take_page_copies`], kept only
+    /// while a device mirror of the pool asks for them.
+    copies: Option<Vec<PageCopy>>,
+}
+
+/// A copy-on-write copy: the first `rows` rows of page `src` went to page `dst`, in every layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageCopy {
+    pub src: u32,
+    pub dst: u32,
+    pub rows: usize,
 }
 
 impl PagedKvCache {
@@ -86,6 +97,7 @@ impl PagedKvCache {
             layers,
             seqs: BTreeMap::new(),
             next_id: 0,
+            copies: None,
         })
     }
 
@@ -332,8 +344,22 @@ impl PagedKvCache {
         Ok(())
     }
 
+    /// Starts (or stops) keeping the copy-on-write copies, for a copy of the pool that lives
+    /// elsewhere (a GPU device) and must make the same copies.
+    pub fn record_page_copies(&mut self, on: bool) {
+        self.copies = on.then(Vec::new);
+    }
+
+    /// The copy-on-write copies made since the last call, in order.
+    pub fn take_page_copies(&mut self) -> Vec<PageCopy> {
+        self.copies.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
     /// Copies the first `rows` rows of page `src` to page `dst` in every layer, K and V.
     fn copy_page_rows(&mut self, src: u32, dst: u32, rows: usize) {
+        if let Some(copies) = &mut self.copies {
+            copies.push(PageCopy { src, dst, rows });
+        }
         let layout = self.config.layout;
         let (src, dst) = (layout.offset(src as usize, 0, 0), layout.offset(dst as usize, 0, 0));
         let range = src..src + rows * layout.row_elems();

@@ -8,7 +8,7 @@ mod pool;
 pub(crate) mod storage;
 
 pub use append::append_paged_kv;
-pub use cache::{KvCacheConfig, PagedKvCache, SeqId};
+pub use cache::{KvCacheConfig, PageCopy, PagedKvCache, SeqId};
 pub use layout::{
     KvLayout, MAX_HEAD_DIM, MAX_PAGE_SIZE, PageTable, PageTableBuf, PagedKv, check_head_dim, check_indptr,
 };

@@ -19,15 +19,15 @@ use crate::model::ops::{Rope, add_assign, rms_norm, rms_norm_into, silu_mul};
 use crate::model::weights::{WeightData, Weights};
 
 #[derive(Debug, Clone)]
-struct Layer {
-    attn_norm: Vec<f32>,
+pub(super) struct Layer {
+    pub attn_norm: Vec<f32>,
     /// q, k and v stacked: `[q_dim + 2 * kv_dim, hidden]`.
-    qkv: Linear,
-    o: Linear,
-    ffn_norm: Vec<f32>,
+    pub qkv: Linear,
+    pub o: Linear,
+    pub ffn_norm: Vec<f32>,
     /// gate and up stacked: `[2 * intermediate, hidden]`.
-    gate_up: Linear,
-    down: Linear,
+    pub gate_up: Linear,
+    pub down: Linear,
 }
 
 /// A loaded decoder.
@@ -36,10 +36,24 @@ pub struct LlamaModel {
     pub config: DecoderConfig,
     /// `[vocab, hidden]`, shared with `lm_head` when the embeddings are tied.
     embed: Arc<WeightData>,
-    layers: Vec<Layer>,
-    norm: Vec<f32>,
-    lm_head: Linear,
-    rope: Rope,
+    pub(super) layers: Vec<Layer>,
+    pub(super) norm: Vec<f32>,
+    pub(super) lm_head: Linear,
+    pub(super) rope: Rope,
+}
+
+/// A step's rows: decode tokens first (one contiguous block per engine), then prompt chunks.
+#[derive(Debug)]
+pub(super) struct Arranged {
+    pub n_decode: usize,
+    /// Cache sequences, in row order.
+    pub ids: Vec<SeqId>,
+    /// Row ranges per sequence, in row order.
+    pub indptr: Vec<u32>,
+    pub positions: Vec<usize>,
+    pub tokens: Vec<u32>,
+    /// The rows that get logits, in the caller's order.
+    pub logit_rows: Vec<u32>,
 }
 
 /// One sequence's share of a step: `tokens` go to positions `start..start + tokens.len()`, which
@@ -168,33 +182,7 @@ impl LlamaModel {
     ) -> Result<Vec<f32>> {
         let c = &self.config;
         let (h, qd, kvd) = (c.hidden_size, c.q_dim(), c.kv_dim());
-        for s in seqs {
-            if s.tokens.is_empty() || cache.seq_len(s.seq)? != s.start + s.tokens.len() {
-                return Err(TwinferError::InvalidParameter(format!(
-                    "sequence {}: {} new tokens at position {} do not end where its reserved length does",
-                    s.seq,
-                    s.tokens.len(),
-                    s.start
-                )));
-            }
-        }
-        // Decode rows first, so each engine gets one contiguous block of rows.
-        let is_decode = |s: &StepSeq<'_>| s.tokens.len() == 1 && s.start > 0;
-        let order: Vec<usize> = (0..seqs.len())
-            .filter(|&i| is_decode(&seqs[i]))
-            .chain((0..seqs.len()).filter(|&i| !is_decode(&seqs[i])))
-            .collect();
-        let n_decode = seqs.iter().filter(|s| is_decode(s)).count();
-        let ids: Vec<SeqId> = order.iter().map(|&i| seqs[i].seq).collect();
-        let mut indptr = vec![0u32];
-        let mut positions = Vec::new();
-        let mut tokens = Vec::new();
-        for &i in &order {
-            let s = &seqs[i];
-            tokens.extend_from_slice(s.tokens);
-            positions.extend(s.start..s.start + s.tokens.len());
-            indptr.push(tokens.len() as u32);
-        }
+        let Arranged { n_decode, ids, indptr, positions, tokens, logit_rows } = self.arrange(cache, seqs)?;
         let t = tokens.len();
         let rows_decode = n_decode;
         let gpu = e.projections(n_decode > 0, n_decode < ids.len());
@@ -256,18 +244,9 @@ impl LlamaModel {
         }
 
         // Logits only for the rows that asked, in the caller's order.
-        let mut first_row = vec![0usize; seqs.len()];
-        for (pos, &i) in order.iter().enumerate() {
-            first_row[i] = indptr[pos] as usize;
-        }
-        let mut last_rows = Vec::new();
-        for (i, s) in seqs.iter().enumerate() {
-            let rows = match s.logits {
-                Logits::None => 0..0,
-                Logits::Last => first_row[i] + s.tokens.len() - 1..first_row[i] + s.tokens.len(),
-                Logits::All => first_row[i]..first_row[i] + s.tokens.len(),
-            };
-            last_rows.extend_from_slice(&x[rows.start * h..rows.end * h]);
+        let mut last_rows = Vec::with_capacity(logit_rows.len() * h);
+        for &r in &logit_rows {
+            last_rows.extend_from_slice(&x[r as usize * h..][..h]);
         }
         let n = last_rows.len() / h;
         rms_norm(&mut last_rows, &self.norm, c.rms_norm_eps);
@@ -276,7 +255,49 @@ impl LlamaModel {
         Ok(logits)
     }
 
-    fn embed_rows(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+    /// Checks the step against the cache and lays out its rows.
+    pub(super) fn arrange(&self, cache: &PagedKvCache, seqs: &[StepSeq<'_>]) -> Result<Arranged> {
+        for s in seqs {
+            if s.tokens.is_empty() || cache.seq_len(s.seq)? != s.start + s.tokens.len() {
+                return Err(TwinferError::InvalidParameter(format!(
+                    "sequence {}: {} new tokens at position {} do not end where its reserved length does",
+                    s.seq,
+                    s.tokens.len(),
+                    s.start
+                )));
+            }
+        }
+        let is_decode = |s: &StepSeq<'_>| s.tokens.len() == 1 && s.start > 0;
+        let order: Vec<usize> = (0..seqs.len())
+            .filter(|&i| is_decode(&seqs[i]))
+            .chain((0..seqs.len()).filter(|&i| !is_decode(&seqs[i])))
+            .collect();
+        let n_decode = seqs.iter().filter(|s| is_decode(s)).count();
+        let ids: Vec<SeqId> = order.iter().map(|&i| seqs[i].seq).collect();
+        let mut indptr = vec![0u32];
+        let mut positions = Vec::new();
+        let mut tokens = Vec::new();
+        let mut first_row = vec![0usize; seqs.len()];
+        for &i in &order {
+            let s = &seqs[i];
+            first_row[i] = tokens.len();
+            tokens.extend_from_slice(s.tokens);
+            positions.extend(s.start..s.start + s.tokens.len());
+            indptr.push(tokens.len() as u32);
+        }
+        let mut logit_rows = Vec::new();
+        for (i, s) in seqs.iter().enumerate() {
+            let rows = match s.logits {
+                Logits::None => 0..0,
+                Logits::Last => first_row[i] + s.tokens.len() - 1..first_row[i] + s.tokens.len(),
+                Logits::All => first_row[i]..first_row[i] + s.tokens.len(),
+            };
+            logit_rows.extend(rows.map(|r| r as u32));
+        }
+        Ok(Arranged { n_decode, ids, indptr, positions, tokens, logit_rows })
+    }
+
+    pub(super) fn embed_rows(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         let (h, vocab) = (self.config.hidden_size, self.config.vocab_size);
         let mut x = vec![0f32; tokens.len() * h];
         for (r, &id) in tokens.iter().enumerate() {

@@ -95,6 +95,19 @@ impl Rope {
         Self { inv_freq }
     }
 
+    /// (cos, sin) of every frequency at positions `0..positions`, `[positions, head_dim / 2, 2]`,
+    /// computed in f64 as [`Rope::apply`] does (a GPU uploads it once and grows it).
+    pub fn cos_sin_table(&self, positions: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(positions * self.inv_freq.len() * 2);
+        for pos in 0..positions {
+            for &f in &self.inv_freq {
+                let (s, c) = (pos as f64 * f).sin_cos();
+                out.extend([c as f32, s as f32]);
+            }
+        }
+        out
+    }
+
     /// Rotates every head of `x` (`[tokens, heads, head_dim]`); token `t` sits at `positions[t]`.
     pub fn apply(&self, x: &mut [f32], heads: usize, positions: &[usize], cos_sin: &mut Vec<(f32, f32)>) {
         let half = self.inv_freq.len();

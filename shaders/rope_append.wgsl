@@ -1,0 +1,86 @@
+// rope_append.wgsl: splits the fused q/k/v projection rows, rotates q and k (RoPE, the Hugging Face
+// `rotate_half` layout: dimension i pairs with i + head_dim / 2) and appends k and v to their
+// pages of the device-resident pool, in one pass over the rows.
+//
+// Algorithm: one workgroup per row; a thread owns one head and one vec4 j of the first half of
+// head_dim, and with it the vec4 j + head_dim / 8 of the second half, so both halves of a pair are
+// in registers. Heads 0..Hq are queries (rotated, written to q_out as f32), the next Hk are keys
+// (rotated, stored in the pool as kv4), the last Hk are values (copied to the pool). cos and sin
+// come from a table the host computes in f64 once per position ([positions, head_dim / 2]).
+// Tiling: WG threads per row, walking (Hq + 2 Hk) * head_dim / 8 items.
+// Bindings (group 0): 0 uniform RopeParams; 1 qkv [rows, q_width] vec4<f32> (q | k | v);
+//   2 cos_sin [positions, head_dim / 2] vec2<f32>; 3 rows_info [rows, 3] u32 (position, page,
+//   slot in page); 4 q_out [rows, Hq, head_dim] vec4<f32>; 5 k_pool, 6 v_pool
+//   [pages, page_size, Hk, head_dim] kv4.
+// head_dim is a multiple of 8 (the host checks). Dispatch: (min(rows, 32768), ceil(rows / 32768), 1).
+// Knobs: override WG; kv4 from the prelude (f32, or f16 under SHADER_F16).
+
+override WG: u32 = 64u;
+
+// Mirrored by `RopeParams` in crates/twinfer/src/gpu/params.rs.
+struct RopeParams {
+    rows: u32,
+    num_qo_heads: u32,
+    num_kv_heads: u32,
+    head_dim: u32,
+    page_size: u32,
+    q_width: u32,   // vec4s per row of qkv
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> R: RopeParams;
+@group(0) @binding(1) var<storage, read> qkv: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> cos_sin: array<vec2<f32>>;
+@group(0) @binding(3) var<storage, read> rows_info: array<u32>;
+@group(0) @binding(4) var<storage, read_write> q_out: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> k_pool: array<kv4>;
+@group(0) @binding(6) var<storage, read_write> v_pool: array<kv4>;
+
+fn rotate(lo: vec4<f32>, hi: vec4<f32>, cs: array<vec2<f32>, 4>) -> array<vec4<f32>, 2> {
+    let c = vec4<f32>(cs[0].x, cs[1].x, cs[2].x, cs[3].x);
+    let s = vec4<f32>(cs[0].y, cs[1].y, cs[2].y, cs[3].y);
+    return array<vec4<f32>, 2>(lo * c - hi * s, hi * c + lo * s);
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let r = wid.x + wid.y * 32768u;
+    if (r >= R.rows) {
+        return;
+    }
+    let pos = rows_info[3u * r];
+    let page = rows_info[3u * r + 1u];
+    let slot = rows_info[3u * r + 2u];
+    let d4 = R.head_dim / 4u;
+    let h8 = R.head_dim / 8u;           // vec4s per half head
+    let half = R.head_dim / 2u;
+    let hk = R.num_kv_heads;
+    let kv_row = (page * R.page_size + slot) * hk * d4;
+    let items = (R.num_qo_heads + 2u * hk) * h8;
+    for (var i = lid; i < items; i += WG) {
+        let head = i / h8;
+        let j = i % h8;
+        let src = r * R.q_width + head * d4 + j;
+        let lo = qkv[src];
+        let hi = qkv[src + h8];
+        if (head >= R.num_qo_heads + hk) {
+            let dst = kv_row + (head - R.num_qo_heads - hk) * d4 + j;
+            v_pool[dst] = kv4(lo);
+            v_pool[dst + h8] = kv4(hi);
+            continue;
+        }
+        let t = pos * half + 4u * j;
+        let cs = array<vec2<f32>, 4>(cos_sin[t], cos_sin[t + 1u], cos_sin[t + 2u], cos_sin[t + 3u]);
+        let rot = rotate(lo, hi, cs);
+        if (head < R.num_qo_heads) {
+            let dst = (r * R.num_qo_heads + head) * d4 + j;
+            q_out[dst] = rot[0];
+            q_out[dst + h8] = rot[1];
+        } else {
+            let dst = kv_row + (head - R.num_qo_heads) * d4 + j;
+            k_pool[dst] = kv4(rot[0]);
+            k_pool[dst + h8] = kv4(rot[1]);
+        }
+    }
+}
