@@ -115,6 +115,14 @@ fn print(r: &ServeReport) {
     );
     println!("model:    {}", r.model_description);
     println!("engines:  prefill {} | decode {}", r.prefill_engine, r.decode_engine);
+    println!("forward:  {}", r.residency);
+    let p = &r.per_step;
+    if p.submits > 0.0 {
+        println!(
+            "GPU per step ({} steps): {:.2} submissions, {:.1} dispatches, {:.2} readbacks, {:.0} bytes read back",
+            p.steps, p.submits, p.dispatches, p.readbacks, p.readback_bytes
+        );
+    }
     println!(
         "load:     {} requests, Poisson arrivals at {:.2}/s, {} output tokens each, {:.1} s wall",
         m.requests, r.rate, r.output_tokens, m.wall
@@ -141,7 +149,7 @@ fn print(r: &ServeReport) {
     );
     let f = &r.floor;
     println!(
-        "decode floor (one sequence, context {}): TPOT {:.2} ms [{:.2}..{:.2}] vs floor {:.2} ms = ({:.1} MB weights + {:.1} MB KV) / {:.1} GB/s read -> {:.2}x the floor",
+        "decode floor (one sequence, context {}): TPOT {:.2} ms [{:.2}..{:.2}] vs floor {:.2} ms = ({:.1} MB weights + {:.1} MB KV) / {:.1} GB/s read on {} -> {:.2}x the floor",
         f.context,
         f.tpot_s.median * 1e3,
         f.tpot_s.min * 1e3,
@@ -150,6 +158,7 @@ fn print(r: &ServeReport) {
         f.weight_bytes as f64 / 1e6,
         f.kv_bytes as f64 / 1e6,
         f.read_gbps.median,
+        f.device,
         f.ratio()
     );
     let checks: Vec<String> = r

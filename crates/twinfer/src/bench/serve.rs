@@ -140,6 +140,8 @@ pub struct DecodeFloor {
     pub weight_bytes: usize,
     pub kv_bytes: usize,
     pub read_gbps: Stats,
+    /// Whose read ceiling: the GPU's when the model is resident there, else the CPU's.
+    pub device: String,
 }
 
 impl DecodeFloor {
@@ -148,6 +150,29 @@ impl DecodeFloor {
     }
     pub fn ratio(&self) -> f64 {
         self.tpot_s.median / self.floor_s()
+    }
+}
+
+/// GPU work per scheduler step: submissions, dispatches, host readbacks and their bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PerStep {
+    pub steps: u64,
+    pub submits: f64,
+    pub dispatches: f64,
+    pub readbacks: f64,
+    pub readback_bytes: f64,
+}
+
+impl PerStep {
+    fn between(before: crate::gpu::ResourceCounts, after: crate::gpu::ResourceCounts, steps: u64) -> Self {
+        let per = |a: u64, b: u64| (b - a) as f64 / steps.max(1) as f64;
+        Self {
+            steps,
+            submits: per(before.submits, after.submits),
+            dispatches: per(before.dispatches, after.dispatches),
+            readbacks: per(before.readbacks, after.readbacks),
+            readback_bytes: per(before.readback_bytes, after.readback_bytes),
+        }
     }
 }
 
@@ -165,6 +190,10 @@ pub struct ServeReport {
     pub model_description: String,
     pub prefill_engine: String,
     pub decode_engine: String,
+    /// Where the forward pass ran (resident on the GPU, or op by op) and why.
+    pub residency: String,
+    /// GPU work per scheduler step of the timed run (zeros on the CPU).
+    pub per_step: PerStep,
     pub run: RunMetrics,
     /// Each request's submission time (seconds from the start) and metrics, for plots.
     pub requests: Vec<(f64, RequestMetrics)>,
@@ -184,7 +213,11 @@ impl ServeReport {
             "context": [self.context.0, self.context.1], "concurrency": [self.concurrency.0, self.concurrency.1],
             "rate_per_s": self.rate, "output_tokens": self.output_tokens, "model": self.model,
             "model_description": self.model_description, "prefill_engine": self.prefill_engine,
-            "decode_engine": self.decode_engine, "metrics": self.run.to_json(),
+            "decode_engine": self.decode_engine, "residency": self.residency, "metrics": self.run.to_json(),
+            "gpu_per_step": {"steps": self.per_step.steps, "submits": self.per_step.submits,
+                "dispatches": self.per_step.dispatches, "readbacks": self.per_step.readbacks,
+                "readback_bytes": self.per_step.readback_bytes},
+            "read_ceiling_device": self.floor.device,
             "decode_floor": {"context": self.floor.context, "tpot_s": self.floor.tpot_s.median,
                 "tpot_min_s": self.floor.tpot_s.min, "tpot_max_s": self.floor.tpot_s.max,
                 "weight_bytes": self.floor.weight_bytes, "kv_bytes": self.floor.kv_bytes,
@@ -264,6 +297,9 @@ pub fn run_serve(opts: &ServeOptions) -> Result<ServeReport> {
         }
     };
     sched.reset_metrics();
+    let counts = |s: &Scheduler| s.decode_attention().gpu_engine().map(|g| g.counts()).unwrap_or_default();
+    let counts_before = counts(&sched);
+    let mut steps = 0u64;
 
     // Poisson arrivals: exponential gaps at `rate`.
     let mut arrivals = Vec::with_capacity(opts.requests);
@@ -286,6 +322,7 @@ pub fn run_serve(opts: &ServeOptions) -> Result<ServeReport> {
             next += 1;
         }
         if sched.has_work() {
+            steps += 1;
             for e in sched.step()? {
                 if let crate::engine::Event::Finished { request, metrics, .. } = e {
                     finished.push((request.0, metrics));
@@ -299,6 +336,7 @@ pub fn run_serve(opts: &ServeOptions) -> Result<ServeReport> {
         }
     }
     let run = sched.run_metrics();
+    let per_step = PerStep::between(counts_before, counts(&sched), steps);
     finished.sort_by_key(|(id, _)| *id);
     let requests =
         finished.into_iter().map(|(id, m)| (submitted.iter().find(|s| s.0 == id).map_or(0.0, |s| s.1), m)).collect();
@@ -337,6 +375,8 @@ pub fn run_serve(opts: &ServeOptions) -> Result<ServeReport> {
         ),
         prefill_engine,
         decode_engine,
+        residency: sched.residency().to_string(),
+        per_step,
         run,
         requests,
         floor,
@@ -374,12 +414,25 @@ fn decode_floor(sched: &mut Scheduler, model: &LlamaModel, context: usize, level
     let c = &model.config;
     let kv_len = context + steps / 2;
     let kv_bytes = 2 * c.num_layers * kv_len * c.kv_dim() * sched.cache().dtype().size();
-    let read_gbps = read_bandwidth(level, super::ceilings::READ_BYTES / 4, 5);
+    // The floor is the ceiling of the memory the step reads: the GPU's when the model is resident.
+    let (read_gbps, device) = match sched.resident() {
+        Some(r) => {
+            let gpu = r.engine();
+            // A power of two within one binding: 1 GiB, or half the largest binding below that.
+            let binding = gpu.context().limits.max_storage_buffer_binding_size;
+            let bytes = (1u64 << 30).min((binding / 2 + 1).next_power_of_two());
+            let secs = gpu.measure_read(bytes, 5)?;
+            let gbps = secs.iter().map(|s| bytes as f64 / s / 1e9).collect();
+            (Stats::from_samples(gbps), gpu.context().summary.name.clone())
+        }
+        None => (read_bandwidth(level, super::ceilings::READ_BYTES / 4, 5), crate::cpu_model_name()),
+    };
     Ok(DecodeFloor {
         context,
         tpot_s: Stats::from_samples(gaps),
         weight_bytes: model.weight_bytes(),
         kv_bytes,
         read_gbps,
+        device,
     })
 }

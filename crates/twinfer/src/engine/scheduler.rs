@@ -103,7 +103,9 @@ impl Scheduler {
         }
         let mut cache =
             PagedKvCache::new(KvCacheConfig { num_layers: c.num_layers, num_pages, layout, dtype: config.kv_dtype })?;
-        let (resident, residency) = open_resident(&model, &prefill, &decode, &mut cache);
+        let (resident, residency) = ResidentDecoder::for_engines(&model, &prefill, &decode, &cache.config());
+        // The device pools make the host cache's copy-on-write copies too.
+        cache.record_page_copies(resident.is_some());
         let mut eos = c.eos_token_ids.clone();
         if eos.is_empty() {
             for name in ["</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>"] {
@@ -548,28 +550,4 @@ fn held_back(text: &str, stops: &[String]) -> usize {
         }
     }
     hold
-}
-
-/// The resident GPU state when both phases run on a GPU (on the decode engine's device), else
-/// `None`; with the reason either way. `TWINFER_RESIDENT=0` keeps the op-by-op path.
-fn open_resident(
-    model: &LlamaModel,
-    prefill: &Attention,
-    decode: &Attention,
-    cache: &mut PagedKvCache,
-) -> (Option<ResidentDecoder>, String) {
-    let (Some(_), Some(gpu)) = (prefill.gpu_engine(), decode.gpu_engine()) else {
-        return (None, "op by op: projections on the CPU, attention on each phase's engine".into());
-    };
-    #[cfg(not(target_arch = "wasm32"))]
-    if std::env::var("TWINFER_RESIDENT").is_ok_and(|v| v == "0") {
-        return (None, "op by op on the GPU (TWINFER_RESIDENT=0)".into());
-    }
-    match ResidentDecoder::new(model, gpu, &cache.config()) {
-        Ok(r) => {
-            cache.record_page_copies(true);
-            (Some(r), format!("resident on {}: one submission per step", gpu.context().summary.name))
-        }
-        Err(e) => (None, format!("op by op on the GPU: the resident path is unavailable ({e})")),
-    }
 }

@@ -9,6 +9,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::backend::Attention;
 use crate::error::{Result, TwinferError};
 use crate::gpu::{Act, DeviceVec, GpuEngine, GpuKvCache, GpuLinear, KvStorage, StepPending};
 use crate::kv::{KvCacheConfig, PagedKvCache};
@@ -107,6 +108,28 @@ impl ResidentDecoder {
             rope: Mutex::new(None),
             poison: false,
         })
+    }
+
+    /// The resident state when both phases run on a GPU (on the decode engine's device), else
+    /// `None`; with the reason either way. `TWINFER_RESIDENT=0` keeps the op-by-op path (for
+    /// comparisons). A caller whose cache forks sequences turns on its page-copy log.
+    pub fn for_engines(
+        model: &LlamaModel,
+        prefill: &Attention,
+        decode: &Attention,
+        cache: &KvCacheConfig,
+    ) -> (Option<Self>, String) {
+        let (Some(_), Some(gpu)) = (prefill.gpu_engine(), decode.gpu_engine()) else {
+            return (None, "op by op: projections on the CPU, attention on each phase's engine".into());
+        };
+        #[cfg(not(target_arch = "wasm32"))]
+        if std::env::var("TWINFER_RESIDENT").is_ok_and(|v| v == "0") {
+            return (None, "op by op on the GPU (TWINFER_RESIDENT=0)".into());
+        }
+        match Self::new(model, gpu, cache) {
+            Ok(r) => (Some(r), format!("resident on {}: one submission per step", gpu.context().summary.name)),
+            Err(e) => (None, format!("op by op on the GPU: the resident path is unavailable ({e})")),
+        }
     }
 
     /// Fills every step buffer with NaN before each step, so a value no kernel wrote shows up.
