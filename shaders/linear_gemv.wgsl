@@ -9,7 +9,9 @@
 // [g * WG / TPF, (g + 1) * WG / TPF) of this weight buffer.
 // Bindings (group 0): 0 uniform LinearParams; 1 x [rows, k4] vec4<f32>; 2 w [n, k4] w4 (this
 //   buffer's features only); 3 bias [all features] f32 (zeros when the layer has none);
-//   4 y [rows, ldy] f32, written (or added to, with accumulate) at columns n0 .. n0 + n.
+//   4 y [rows, ldy] f32, written (or added to, with accumulate) at columns n0 .. n0 + n;
+//   5 norm_w [k] f32, the RMSNorm weights (read only with norm).
+// Fused on load (the resident forward pass): RMSNorm of x (norm), SwiGLU of a gate/up row (swiglu).
 // k is padded with zeros to k4 vec4s in both x and W on the host.
 // Dispatch: (min(groups, 32768), ceil(groups / 32768), 1), groups = ceil(n / (WG / TPF)).
 // Knobs: override WG, TPF (powers of two, TPF <= WG); w4 = kv4 from the prelude (f32, or f16
@@ -30,6 +32,10 @@ struct LinearParams {
     n0: u32,       // first feature of this buffer among all of the layer's
     ldy: u32,      // row stride of y: all features of the layer
     accumulate: u32, // 1: y += product (a residual add in the epilogue)
+    norm: u32,     // 1: x rows are RMS-normed on load (weights norm_w, epsilon eps)
+    eps: f32,
+    swiglu: u32,   // 1: x is [rows, 2 k4] gate | up, and the input is silu(gate) * up
+    _pad0: u32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -39,8 +45,27 @@ struct LinearParams {
 @group(0) @binding(2) var<storage, read> w: array<w4>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
+@group(0) @binding(5) var<storage, read> norm_w: array<f32>;
 
 var<workgroup> red: array<vec4<f32>, WG_MAX>;   // [WG] partial dots, one lane per row of x
+
+// Input vec4 i of row r: x itself, or SwiGLU's silu(gate) * up of a fused gate/up row.
+fn load_x(r: u32, i: u32) -> vec4<f32> {
+    if (P.swiglu != 0u) {
+        let g = x[r * 2u * P.k4 + i];
+        let u = x[r * 2u * P.k4 + P.k4 + i];
+        return g / (1.0 + exp(-g)) * u;
+    }
+    return x[r * P.k4 + i];
+}
+
+// The norm's weights for input vec4 i (ones without a norm).
+fn norm_scale(i: u32) -> vec4<f32> {
+    if (P.norm != 0u) {
+        return vec4<f32>(norm_w[4u * i], norm_w[4u * i + 1u], norm_w[4u * i + 2u], norm_w[4u * i + 3u]);
+    }
+    return vec4<f32>(1.0);
+}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -48,13 +73,35 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let f = (wid.x + wid.y * 32768u) * per_wg + lid / TPF;
     let lane = lid % TPF;
     let live = f < P.n;
+    // RMSNorm fused on load: every workgroup sums its rows' squares (k is short next to the
+    // weights each workgroup streams), then scales the dot products by 1 / rms at the end.
+    var inv = vec4<f32>(1.0);
+    if (P.norm != 0u) {
+        var sq = vec4<f32>(0.0);
+        for (var i = lid; i < P.k4; i += WG) {
+            for (var r = 0u; r < P.rows; r++) {
+                let v = load_x(r, i);
+                sq[r] += dot(v, v);
+            }
+        }
+        red[lid] = sq;
+        for (var s = WG / 2u; s > 0u; s >>= 1u) {
+            workgroupBarrier();
+            if (lid < s) {
+                red[lid] += red[lid + s];
+            }
+        }
+        workgroupBarrier();
+        inv = inverseSqrt(red[0] / f32(4u * P.k4) + P.eps);
+        workgroupBarrier();
+    }
     var acc = vec4<f32>(0.0);
     if (live) {
         let wrow = f * P.k4;
         for (var i = lane; i < P.k4; i += TPF) {
-            let wv = vec4<f32>(w[wrow + i]);
+            let wv = vec4<f32>(w[wrow + i]) * norm_scale(i);
             for (var r = 0u; r < P.rows; r++) {
-                acc[r] += dot(wv, x[r * P.k4 + i]);
+                acc[r] += dot(wv, load_x(r, i));
             }
         }
     }
@@ -68,7 +115,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     workgroupBarrier();
     if (live && lane < P.rows) {
         let col = P.n0 + f;
-        let v = red[lid - lane][lane] + bias[col];
+        let v = red[lid - lane][lane] * inv[lane] + bias[col];
         let at = lane * P.ldy + col;
         if (P.accumulate != 0u) {
             y[at] += v;

@@ -10,7 +10,10 @@
 // Tiling: BM x BN outputs per workgroup, TM x TN per thread (at most 4 x 4), BK = 16.
 // Bindings (group 0): 0 uniform LinearParams; 1 x [rows, k4] vec4<f32>; 2 w [n, k4] w4 (this
 //   buffer's features only); 3 bias [all features] f32 (zeros when the layer has none);
-//   4 y [rows, ldy] f32, written (or added to, with accumulate) at columns n0 .. n0 + n.
+//   4 y [rows, ldy] f32, written (or added to, with accumulate) at columns n0 .. n0 + n;
+//   5 norm_w [k] f32, the RMSNorm weights (read only with norm).
+// Fused on load (the resident forward pass): RMSNorm of x rows (norm: the tile's rows' sums of
+// squares first, then x * g / rms as the x tile is staged), SwiGLU of gate/up rows (swiglu).
 // k is padded with zeros to k4 vec4s in both x and W on the host; rows and n need no padding.
 // Dispatch: (ceil(n / BN), ceil(rows / BM), 1).
 // Knobs: override TM, TN (1..=4); w4 = kv4 from the prelude (f32, or f16 under SHADER_F16).
@@ -31,6 +34,10 @@ struct LinearParams {
     n0: u32,       // first feature of this buffer among all of the layer's
     ldy: u32,      // row stride of y: all features of the layer
     accumulate: u32, // 1: y += product (a residual add in the epilogue)
+    norm: u32,     // 1: x rows are RMS-normed on load (weights norm_w, epsilon eps)
+    eps: f32,
+    swiglu: u32,   // 1: x is [rows, 2 k4] gate | up, and the input is silu(gate) * up
+    _pad0: u32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -40,9 +47,30 @@ struct LinearParams {
 @group(0) @binding(2) var<storage, read> w: array<w4>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
+@group(0) @binding(5) var<storage, read> norm_w: array<f32>;
 
 var<workgroup> xs: array<f32, TILE_MAX>;   // [BK, BM]
 var<workgroup> ws: array<f32, TILE_MAX>;   // [BK, BN]
+var<workgroup> sq: array<f32, 256>;        // partial sums of squares: [parts, BM]
+var<workgroup> inv_rms: array<f32, 64>;    // [BM] (T_MAX * 16)
+
+// Input vec4 i of row r: x itself, or SwiGLU's silu(gate) * up of a fused gate/up row.
+fn load_x(r: u32, i: u32) -> vec4<f32> {
+    if (P.swiglu != 0u) {
+        let g = x[r * 2u * P.k4 + i];
+        let u = x[r * 2u * P.k4 + P.k4 + i];
+        return g / (1.0 + exp(-g)) * u;
+    }
+    return x[r * P.k4 + i];
+}
+
+// The norm's weights for input vec4 i (ones without a norm).
+fn norm_scale(i: u32) -> vec4<f32> {
+    if (P.norm != 0u) {
+        return vec4<f32>(norm_w[4u * i], norm_w[4u * i + 1u], norm_w[4u * i + 2u], norm_w[4u * i + 3u]);
+    }
+    return vec4<f32>(1.0);
+}
 
 @compute @workgroup_size(16, 16)
 fn main(
@@ -62,6 +90,29 @@ fn main(
             acc[i][j] = 0.0;
         }
     }
+    // RMSNorm fused on load: 256 / BM threads per row of the tile sum its squares first.
+    if (P.norm != 0u) {
+        let parts = 256u / bm;
+        let r = lid % bm;
+        let part = lid / bm;
+        var acc_sq = 0.0;
+        if (m0 + r < P.rows) {
+            for (var i = part; i < P.k4; i += parts) {
+                let v = load_x(m0 + r, i);
+                acc_sq += dot(v, v);
+            }
+        }
+        sq[lid] = acc_sq;
+        workgroupBarrier();
+        if (lid < bm) {
+            var total = 0.0;
+            for (var p = 0u; p < parts; p++) {
+                total += sq[p * bm + lid];
+            }
+            inv_rms[lid] = inverseSqrt(total / f32(4u * P.k4) + P.eps);
+        }
+        workgroupBarrier();
+    }
     let bk4 = BK / 4u;
     for (var k0 = 0u; k0 < P.k4; k0 += bk4) {
         // Stage: one vec4 of x and of W per thread and step, zeros beyond the edges.
@@ -70,7 +121,10 @@ fn main(
             let c = t % bk4;
             var v = vec4<f32>(0.0);
             if (m0 + r < P.rows && k0 + c < P.k4) {
-                v = x[(m0 + r) * P.k4 + k0 + c];
+                v = load_x(m0 + r, k0 + c);
+                if (P.norm != 0u) {
+                    v *= norm_scale(k0 + c) * inv_rms[r];
+                }
             }
             for (var e = 0u; e < 4u; e++) {
                 xs[(c * 4u + e) * bm + r] = v[e];

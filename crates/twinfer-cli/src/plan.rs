@@ -34,6 +34,10 @@ pub struct PlanArgs {
     /// Print the plan as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Time only the engines whose name contains one of these (comma-separated), e.g.
+    /// `gpu,cpu avx512`; all of them by default.
+    #[arg(long, value_delimiter = ',')]
+    pub engines: Vec<String>,
 }
 
 pub fn run(args: PlanArgs) -> Result<(), String> {
@@ -57,7 +61,13 @@ pub fn run(args: PlanArgs) -> Result<(), String> {
         page_sizes: args.page_sizes,
         ..Default::default()
     };
-    let found = candidates();
+    let mut found = candidates();
+    if !args.engines.is_empty() {
+        found.retain(|c| args.engines.iter().any(|e| c.name.contains(e.as_str())));
+        if found.is_empty() {
+            return Err(format!("no engine on this device matches {:?}", args.engines));
+        }
+    }
     let p = plan(&Arc::new(model), &opts, &found).map_err(|e| e.to_string())?;
     let doc = p.to_json();
     std::fs::write(&args.out, format!("{doc:#}\n")).map_err(|e| format!("{}: {e}", args.out.display()))?;
@@ -68,19 +78,20 @@ pub fn run(args: PlanArgs) -> Result<(), String> {
     println!("engines on this device: {}", found.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "));
     let w = p.measurements.iter().map(|m| m.candidate.len()).max().unwrap_or(6).max(6);
     println!(
-        "{:<w$} {:<8} {:>5} {:>7} {:>11} {:>18} {:>11}",
-        "engine", "phase", "page", "tokens", "median ms", "[min..max] ms", "tokens/s"
+        "{:<w$} {:<8} {:>5} {:>7} {:>11} {:>18} {:>11} {:>10}",
+        "engine", "phase", "page", "tokens", "median ms", "[min..max] ms", "tokens/s", "kernels ms"
     );
     for m in &p.measurements {
         println!(
-            "{:<w$} {:<8} {:>5} {:>7} {:>11.2} {:>18} {:>11.0}",
+            "{:<w$} {:<8} {:>5} {:>7} {:>11.2} {:>18} {:>11.0} {:>10}",
             m.candidate,
             m.phase,
             m.page_size,
             m.tokens,
             m.seconds.median * 1e3,
             format!("[{:.2}..{:.2}]", m.seconds.min * 1e3, m.seconds.max * 1e3),
-            m.tokens_per_s()
+            m.tokens_per_s(),
+            m.device_seconds.as_ref().map_or("-".into(), |d| format!("{:.2}", d.median * 1e3))
         );
     }
     println!(

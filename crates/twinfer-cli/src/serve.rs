@@ -79,6 +79,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
     opts.model = args.model.unwrap_or(opts.model);
     opts.weight_dtype = DType::F16;
     opts.engine = args.engine.config()?;
+    opts.kv_budget_bytes = args.engine.kv_mib.map(|m| m << 20);
     if !args.json {
         eprintln!("building {} with random weights and running {} requests ...", opts.model, opts.requests);
     }
@@ -116,6 +117,7 @@ fn print(r: &ServeReport) {
     println!("model:    {}", r.model_description);
     println!("engines:  prefill {} | decode {}", r.prefill_engine, r.decode_engine);
     println!("forward:  {}", r.residency);
+    println!("KV pool:  {} pages, {:.2} GB", r.kv_pool.0, r.kv_pool.1 as f64 / 1e9);
     let p = &r.per_step;
     if p.submits > 0.0 {
         println!(

@@ -61,6 +61,10 @@ pub struct Measurement {
     pub page_size: usize,
     pub tokens: usize,
     pub seconds: Stats,
+    /// The step's kernels alone (GPU timestamps around a replay of its dispatches), where the
+    /// forward pass is resident on a GPU with timestamps: the rest of `seconds` is host work,
+    /// copies and the readback.
+    pub device_seconds: Option<Stats>,
 }
 
 impl Measurement {
@@ -99,7 +103,8 @@ impl Plan {
             "evidence": self.measurements.iter().map(|m| json!({
                 "engine": m.candidate, "phase": m.phase, "page_size": m.page_size, "tokens": m.tokens,
                 "median_ms": m.seconds.median * 1e3, "min_ms": m.seconds.min * 1e3, "max_ms": m.seconds.max * 1e3,
-                "runs": m.seconds.runs, "tokens_per_s": m.tokens_per_s()})).collect::<Vec<_>>(),
+                "runs": m.seconds.runs, "tokens_per_s": m.tokens_per_s(),
+                "device_median_ms": m.device_seconds.as_ref().map(|d| d.median * 1e3)})).collect::<Vec<_>>(),
         })
     }
 }
@@ -144,22 +149,24 @@ pub fn plan(model: &Arc<LlamaModel>, opts: &PlanOptions, candidates: &[Candidate
     for c in candidates {
         let engines = Engines { level: c.simd, prefill: &c.attention, decode: &c.attention };
         let page = opts.page_sizes[0];
-        let seconds = time_prefill(model, engines, opts, page)?;
+        let (seconds, device_seconds) = time_prefill(model, engines, opts, page)?;
         measurements.push(Measurement {
             candidate: c.name.clone(),
             phase: "prefill",
             page_size: page,
             tokens: opts.prefill_tokens,
             seconds,
+            device_seconds,
         });
         for &page in &opts.page_sizes {
-            let seconds = time_decode(model, engines, opts, page)?;
+            let (seconds, device_seconds) = time_decode(model, engines, opts, page)?;
             measurements.push(Measurement {
                 candidate: c.name.clone(),
                 phase: "decode",
                 page_size: page,
                 tokens: opts.decode_batch,
                 seconds,
+                device_seconds,
             });
         }
     }
@@ -248,11 +255,22 @@ fn forward(
     }
 }
 
-fn time_prefill(model: &LlamaModel, engines: Engines<'_>, opts: &PlanOptions, page: usize) -> Result<Stats> {
+/// Replays the resident step last recorded with GPU timestamps: its kernels' time alone.
+fn device_time(resident: Option<&ResidentDecoder>) -> Result<Option<Stats>> {
+    let Some(r) = resident else { return Ok(None) };
+    Ok(r.engine().timestamp_samples(20)?.map(Stats::from_samples))
+}
+
+fn time_prefill(
+    model: &LlamaModel,
+    engines: Engines<'_>,
+    opts: &PlanOptions,
+    page: usize,
+) -> Result<(Stats, Option<Stats>)> {
     let prompt = tokens(opts.prefill_tokens, model.config.vocab_size, 1);
     let mut cache = cache_for(model, opts, page, opts.prefill_tokens)?;
     let (resident, _) = ResidentDecoder::for_engines(model, engines.prefill, engines.decode, &cache.config());
-    repeat(opts.budget_s, || {
+    let host = repeat(opts.budget_s, || {
         let seq = cache.add_sequence();
         cache.reserve(&[seq], &[prompt.len()])?;
         let t = std::time::Instant::now();
@@ -261,10 +279,16 @@ fn time_prefill(model: &LlamaModel, engines: Engines<'_>, opts: &PlanOptions, pa
         let secs = t.elapsed().as_secs_f64();
         cache.free(seq)?;
         Ok(secs)
-    })
+    })?;
+    Ok((host, device_time(resident.as_ref())?))
 }
 
-fn time_decode(model: &LlamaModel, engines: Engines<'_>, opts: &PlanOptions, page: usize) -> Result<Stats> {
+fn time_decode(
+    model: &LlamaModel,
+    engines: Engines<'_>,
+    opts: &PlanOptions,
+    page: usize,
+) -> Result<(Stats, Option<Stats>)> {
     let (b, ctx) = (opts.decode_batch, opts.decode_context);
     // Room for the warm-up and five timed steps.
     let mut cache = cache_for(model, opts, page, b * (ctx + 8))?;
@@ -284,7 +308,7 @@ fn time_decode(model: &LlamaModel, engines: Engines<'_>, opts: &PlanOptions, pag
     // the attention reads the same bytes either way.
     let (resident, _) = ResidentDecoder::for_engines(model, engines.prefill, engines.decode, &cache.config());
     let mut steps = 0;
-    repeat(opts.budget_s, || {
+    let host = repeat(opts.budget_s, || {
         if steps == 8 {
             return Err(crate::TwinferError::InvalidParameter("decode plan ran out of room".into()));
         }
@@ -300,5 +324,6 @@ fn time_decode(model: &LlamaModel, engines: Engines<'_>, opts: &PlanOptions, pag
         let t = std::time::Instant::now();
         forward(model, engines, resident.as_ref(), &mut cache, &batch)?;
         Ok(t.elapsed().as_secs_f64())
-    })
+    })?;
+    Ok((host, device_time(resident.as_ref())?))
 }

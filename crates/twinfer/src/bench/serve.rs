@@ -111,6 +111,9 @@ pub struct ServeOptions {
     pub model: String,
     pub weight_dtype: DType,
     pub engine: EngineConfig,
+    /// Caps the KV pool (bytes, all layers, K and V); by default it holds every request that may
+    /// run at once at its longest.
+    pub kv_budget_bytes: Option<usize>,
     pub seed: u64,
 }
 
@@ -127,6 +130,7 @@ impl ServeOptions {
             model: "smollm-135m".into(),
             weight_dtype: DType::F16,
             engine: EngineConfig::default(),
+            kv_budget_bytes: None,
             seed: 7,
         }
     }
@@ -192,6 +196,8 @@ pub struct ServeReport {
     pub decode_engine: String,
     /// Where the forward pass ran (resident on the GPU, or op by op) and why.
     pub residency: String,
+    /// KV pool: pages and bytes (all layers, K and V).
+    pub kv_pool: (usize, usize),
     /// GPU work per scheduler step of the timed run (zeros on the CPU).
     pub per_step: PerStep,
     pub run: RunMetrics,
@@ -213,7 +219,8 @@ impl ServeReport {
             "context": [self.context.0, self.context.1], "concurrency": [self.concurrency.0, self.concurrency.1],
             "rate_per_s": self.rate, "output_tokens": self.output_tokens, "model": self.model,
             "model_description": self.model_description, "prefill_engine": self.prefill_engine,
-            "decode_engine": self.decode_engine, "residency": self.residency, "metrics": self.run.to_json(),
+            "decode_engine": self.decode_engine, "residency": self.residency,
+            "kv_pool_pages": self.kv_pool.0, "kv_pool_bytes": self.kv_pool.1, "metrics": self.run.to_json(),
             "gpu_per_step": {"steps": self.per_step.steps, "submits": self.per_step.submits,
                 "dispatches": self.per_step.dispatches, "readbacks": self.per_step.readbacks,
                 "readback_bytes": self.per_step.readback_bytes},
@@ -273,7 +280,19 @@ pub fn run_serve(opts: &ServeOptions) -> Result<ServeReport> {
     engine.max_running = concurrency.1;
     let longest = context.1 + opts.output_tokens;
     let pages_needed = concurrency.1 * longest.div_ceil(engine.page_size) + 8;
-    engine.kv_pool_pages.get_or_insert(pages_needed);
+    let c = &model.config;
+    let page_bytes = 2 * c.num_layers * engine.page_size * c.kv_dim() * engine.kv_dtype.size();
+    let mut pages = pages_needed;
+    if let Some(budget) = opts.kv_budget_bytes {
+        pages = pages.min((budget / page_bytes).max(1));
+    }
+    // Resident on a GPU, each layer's pool (K or V) is one binding: beyond that the scheduler
+    // preempts instead of the forward pass leaving the device.
+    if let (Some(_), Some(gpu)) = (prefill.gpu_engine(), decode.gpu_engine()) {
+        let layer_page = page_bytes / (2 * c.num_layers);
+        pages = pages.min((gpu.context().limits.max_storage_buffer_binding_size as usize / layer_page).max(1));
+    }
+    engine.kv_pool_pages.get_or_insert(pages);
     let mut sched = Scheduler::new(model.clone(), None, level, prefill, decode, engine)?;
 
     let floor = decode_floor(&mut sched, &model, context.0, level)?;
@@ -376,6 +395,7 @@ pub fn run_serve(opts: &ServeOptions) -> Result<ServeReport> {
         prefill_engine,
         decode_engine,
         residency: sched.residency().to_string(),
+        kv_pool: (sched.cache().num_pages(), sched.cache().num_pages() * page_bytes),
         per_step,
         run,
         requests,

@@ -24,6 +24,8 @@ pub const GEMV_MAX_ROWS: usize = 4;
 /// GEMV workgroup and threads per output feature: 8 features per workgroup.
 const GEMV_WG: u32 = 256;
 const GEMV_TPF: u32 = 32;
+/// Workgroups below which the matmul shrinks its tile: two per SM of a 132-SM card.
+const MATMUL_MIN_WORKGROUPS: usize = 264;
 
 /// Ids of the weight buffers in the bind-group cache, kept apart from the KV pools' ids.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -199,7 +201,13 @@ impl GpuLinear {
 
     /// One pass per weight buffer for `rows` input rows: its parameters, pipeline and grid.
     /// Decode rows (at most [`GEMV_MAX_ROWS`]) take the GEMV, more rows the tiled matmul.
-    pub(super) fn passes(&self, rows: usize, accumulate: bool) -> Vec<(LinearParams, PipelineKey, [usize; 3])> {
+    /// `fused` adds the resident path's on-load RMSNorm (its epsilon) or SwiGLU.
+    pub(super) fn passes(
+        &self,
+        rows: usize,
+        accumulate: bool,
+        fused: Fused,
+    ) -> Vec<(LinearParams, PipelineKey, [usize; 3])> {
         let k4 = self.k.div_ceil(4).max(1);
         let gemv = rows <= GEMV_MAX_ROWS;
         let key = if gemv {
@@ -214,7 +222,7 @@ impl GpuLinear {
                 kernel: Kernel::LinearMatmul,
                 variant: Variant::Baseline,
                 kv: self.storage,
-                tile: matmul_tile(rows),
+                tile: matmul_tile(rows, self.n),
             }
         };
         self.chunks
@@ -227,6 +235,9 @@ impl GpuLinear {
                     n0: c.n0 as u32,
                     ldy: self.n as u32,
                     accumulate: accumulate as u32,
+                    norm: matches!(fused, Fused::RmsNorm(_)) as u32,
+                    eps: if let Fused::RmsNorm(eps) = fused { eps } else { 0.0 },
+                    swiglu: (fused == Fused::SwiGlu) as u32,
                     ..Default::default()
                 };
                 let grid = if gemv {
@@ -249,6 +260,16 @@ impl GpuLinear {
     }
 }
 
+/// What a projection computes on its input as it loads it (the resident forward pass).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum Fused {
+    None,
+    /// RMSNorm with this epsilon (the weights are bound separately).
+    RmsNorm(f32),
+    /// The input is `[gate | up]` rows and the product takes silu(gate) * up.
+    SwiGlu,
+}
+
 /// Rows `first .. first + rows` of `w` (`[_, k]`) as device bytes, each padded to `k4` vec4s.
 fn padded_rows(w: TensorRef<'_>, first: usize, rows: usize, k: usize, k4: usize, storage: KvStorage) -> Vec<u8> {
     let mut f = vec![0f32; rows * k4 * 4];
@@ -266,13 +287,20 @@ fn padded_rows(w: TensorRef<'_>, first: usize, rows: usize, k: usize, k4: usize,
 
 /// The matmul's outputs per thread for a call of `rows` rows: the row tile shrinks for short
 /// chunks. Every choice sums each output in the same order, so results do not depend on it.
-fn matmul_tile(rows: usize) -> Tile {
-    let tm = match rows {
+fn matmul_tile(rows: usize, n: usize) -> Tile {
+    let mut tm = match rows {
         0..=16 => 1,
         17..=32 => 2,
         _ => 4,
     };
-    Tile { wg: 256, br: tm, bc: 4, chunk: 0 }
+    let mut tn = 4;
+    // Skinny products (a decode batch against a narrow layer) would run on a handful of
+    // workgroups: smaller tiles until there are enough to fill a large GPU.
+    let groups = |tm: usize, tn: usize| n.div_ceil(16 * tn) * rows.div_ceil(16 * tm);
+    while groups(tm, tn) < MATMUL_MIN_WORKGROUPS && (tm > 1 || tn > 1) {
+        if tn >= tm { tn /= 2 } else { tm /= 2 }
+    }
+    Tile { wg: 256, br: tm as u32, bc: tn as u32, chunk: 0 }
 }
 
 impl GpuEngine {
@@ -326,10 +354,16 @@ impl GpuEngine {
         self.write(&mut res, Slot::LinX, bytemuck::cast_slice(x))?;
         res.buffer(ctx, Slot::LinY, (rows * w.n * 4) as u64)?;
         let mut passes = Vec::with_capacity(w.chunks.len());
-        for (i, (prm, key, grid)) in w.passes(rows, false).into_iter().enumerate() {
+        for (i, (prm, key, grid)) in w.passes(rows, false, Fused::None).into_iter().enumerate() {
             ctx.queue.write_buffer(&w.chunks[i].params, 0, bytemuck::bytes_of(&prm));
             let [params, weights, bias] = w.binds(i);
-            passes.push((key, vec![params, Bind::Slot(Slot::LinX), weights, bias, Bind::Slot(Slot::LinY)], grid));
+            // A resident step's record of what this buffer holds is stale now.
+            if let Bind::External(id, _) = params {
+                res.set_params((id, 0), None);
+            }
+            // No norm: binding 5 is never read, and the bias stands in for it.
+            let binds = vec![params, Bind::Slot(Slot::LinX), weights, bias, Bind::Slot(Slot::LinY), bias];
+            passes.push((key, binds, grid));
         }
         self.run_passes(&mut res, &passes)?;
         let readback = Readback::queue_slot(ctx, &mut res, Slot::LinY, rows * w.n)?;

@@ -72,16 +72,22 @@ pub struct LinearParams {
     pub ldy: u32,
     /// 1: add the product to y (a residual add in the epilogue); 0: overwrite y.
     pub accumulate: u32,
+    /// 1: RMSNorm the x rows on load with the weights of binding 5 and `eps`.
+    pub norm: u32,
+    pub eps: f32,
+    /// 1: x rows are `[gate | up]` (2 k4 vec4s) and the input is silu(gate) * up.
+    pub swiglu: u32,
+    pub _pad0: u32,
     pub _pad1: u32,
     pub _pad2: u32,
 }
 
-/// WGSL `RowParams` (rms_norm.wgsl, silu_mul.wgsl): a per-row operation.
+/// WGSL `RowParams` (rms_norm.wgsl): a per-row operation.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Pod, Zeroable)]
 pub struct RowParams {
     pub rows: u32,
-    /// Elements per row (rms_norm), vec4s per row of the output (silu_mul).
+    /// Elements per row.
     pub width: u32,
     pub eps: f32,
     /// rms_norm: 1 when output row r reads input row rows_map[r].
@@ -149,7 +155,11 @@ pub fn layouts() -> Vec<Layout> {
         ),
         offsets!(MergeParams, "MergeParams", [rows, num_heads, num_chunks, head_dim]),
         offsets!(AppendParams, "AppendParams", [rows, num_kv_heads, head_dim, page_size]),
-        offsets!(LinearParams, "LinearParams", [rows, n, k4, n0, ldy, accumulate, _pad1, _pad2]),
+        offsets!(
+            LinearParams,
+            "LinearParams",
+            [rows, n, k4, n0, ldy, accumulate, norm, eps, swiglu, _pad0, _pad1, _pad2]
+        ),
         offsets!(RowParams, "RowParams", [rows, width, eps, gather]),
         offsets!(
             RopeParams,

@@ -130,6 +130,9 @@ pub struct Resources {
     /// Idle mappable buffers: a call takes one for its results and returns it once read.
     readback: Vec<wgpu::Buffer>,
     checks: ShaderChecks,
+    /// What small parameter buffers hold, by (key, buffer generation): a resident step skips
+    /// writing what is already there (each queue write stages a buffer of its own).
+    params: HashMap<(u64, u64), Vec<u8>>,
 }
 
 /// Idle readback buffers kept: one per call in flight at once, which is one or two in practice.
@@ -327,6 +330,28 @@ impl Resources {
         self.readback.push(buffer);
         self.readback.sort_by_key(|b| std::cmp::Reverse(b.size()));
         self.readback.truncate(READBACK_KEPT);
+    }
+
+    /// The generation of a slot's buffer (a new one on every reallocation), 0 if it has none.
+    pub fn generation(&self, slot: Slot) -> u64 {
+        self.buffers.get(&slot).map_or(0, |b| b.generation)
+    }
+
+    /// Whether the parameter buffer `(key, generation)` holds `data` already.
+    pub fn params_hold(&self, key: (u64, u64), data: &[u8]) -> bool {
+        self.params.get(&key).is_some_and(|held| held == data)
+    }
+
+    /// Records what a parameter buffer holds after a write; `None` forgets it (written elsewhere).
+    pub fn set_params(&mut self, key: (u64, u64), data: Option<&[u8]>) {
+        match data {
+            Some(d) => {
+                self.params.insert(key, d.to_vec());
+            }
+            None => {
+                self.params.remove(&key);
+            }
+        }
     }
 
     /// The size of a slot's buffer, if it has one yet.

@@ -10,7 +10,7 @@ use std::fmt;
 pub const SHARED: (&str, &str) = ("online_softmax.wgsl", include_str!("../../../../shaders/online_softmax.wgsl"));
 
 /// One entry per kernel file, in the order of [`Kernel::ALL`].
-const FILES: [(&str, &str); 12] = [
+const FILES: [(&str, &str); 11] = [
     ("prefill_attention.wgsl", include_str!("../../../../shaders/prefill_attention.wgsl")),
     ("decode_attention_paged.wgsl", include_str!("../../../../shaders/decode_attention_paged.wgsl")),
     ("merge_state.wgsl", include_str!("../../../../shaders/merge_state.wgsl")),
@@ -22,7 +22,6 @@ const FILES: [(&str, &str); 12] = [
     ("prefill_attention_portable.wgsl", include_str!("../../../../shaders/prefill_attention_portable.wgsl")),
     ("rms_norm.wgsl", include_str!("../../../../shaders/rms_norm.wgsl")),
     ("rope_append.wgsl", include_str!("../../../../shaders/rope_append.wgsl")),
-    ("silu_mul.wgsl", include_str!("../../../../shaders/silu_mul.wgsl")),
 ];
 
 /// Kernels with `// #if SUBGROUP` lines.
@@ -43,14 +42,14 @@ pub enum Kernel {
     LinearMatmul,
     /// Prefill where the register-tiled kernel does not run (one score per thread).
     PrefillPortable,
-    /// The resident forward pass's row operations: RMSNorm, RoPE with the KV append, SwiGLU.
+    /// The resident forward pass's row operations: the final RMSNorm of the rows that get
+    /// logits, RoPE with the KV append (the other norms and SwiGLU are fused into projections).
     RmsNorm,
     RopeAppend,
-    SiluMul,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 12] = [
+    pub const ALL: [Kernel; 11] = [
         Kernel::Prefill,
         Kernel::Decode,
         Kernel::Merge,
@@ -62,7 +61,6 @@ impl Kernel {
         Kernel::PrefillPortable,
         Kernel::RmsNorm,
         Kernel::RopeAppend,
-        Kernel::SiluMul,
     ];
 
     fn index(self) -> usize {
@@ -78,7 +76,6 @@ impl Kernel {
             Kernel::PrefillPortable => 8,
             Kernel::RmsNorm => 9,
             Kernel::RopeAppend => 10,
-            Kernel::SiluMul => 11,
         }
     }
     /// The file name, used as the pipeline label.

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, MutexGuard};
 
 use super::engine::{DecodePlan, DecodeStep, GpuEngine, PrefillPlan};
-use super::linear::GpuLinear;
+use super::linear::{Fused, GpuLinear};
 use super::params::{AttnParams, RopeParams, RowParams};
 use super::pending::{Pending, Readback, Scopes};
 use super::resident::GpuKvCache;
@@ -30,8 +30,6 @@ use crate::kv::{PageTable, PagedKv, check_indptr};
 pub enum Act {
     /// The residual stream `[tokens, hidden]`.
     X,
-    /// A normed copy of the stream `[tokens, hidden]`.
-    Normed,
     /// The fused q/k/v projection `[tokens, q_dim + 2 kv_dim]`.
     Qkv,
     /// Rotated queries `[tokens, heads, head_dim]`.
@@ -40,8 +38,6 @@ pub enum Act {
     Attn,
     /// The fused gate/up projection `[tokens, 2 intermediate]`.
     GateUp,
-    /// `silu(gate) * up` `[tokens, intermediate]`.
-    Swiglu,
     /// The final norm of the rows that get logits `[rows, hidden]`.
     Sel,
     /// Logits `[rows, vocab]`: the one buffer read back.
@@ -57,11 +53,11 @@ pub enum Act {
     /// One KV page, for copy-on-write copies inside a pool.
     PageScratch,
     DecParams,
+    MergeParams,
     PreParams,
     NormParams,
     FinalNormParams,
     RopeParams,
-    SiluParams,
     DecMeta,
     PreMeta,
 }
@@ -71,23 +67,21 @@ impl Act {
         matches!(
             self,
             Act::DecParams
+                | Act::MergeParams
                 | Act::PreParams
                 | Act::NormParams
                 | Act::FinalNormParams
                 | Act::RopeParams
-                | Act::SiluParams
         )
     }
 
     pub(super) fn name(self) -> &'static str {
         match self {
             Act::X => "residual stream",
-            Act::Normed => "normed rows",
             Act::Qkv => "q/k/v projection",
             Act::Q => "rotated queries",
             Act::Attn => "attention output",
             Act::GateUp => "gate/up projection",
-            Act::Swiglu => "swiglu activations",
             Act::Sel => "rows for logits",
             Act::Logits => "logits",
             Act::QPre => "prompt queries",
@@ -97,11 +91,11 @@ impl Act {
             Act::SelRows => "rows that get logits",
             Act::PageScratch => "page copy scratch",
             Act::DecParams => "decode params",
+            Act::MergeParams => "merge params",
             Act::PreParams => "prefill params",
             Act::NormParams => "norm params",
             Act::FinalNormParams => "final norm params",
             Act::RopeParams => "rope params",
-            Act::SiluParams => "swiglu params",
             Act::DecMeta => "decode page table",
             Act::PreMeta => "prefill page table",
         }
@@ -151,6 +145,16 @@ impl DeviceVec {
     pub fn cache_id(&self) -> u64 {
         self.id
     }
+}
+
+/// What a projection does to its input rows as it loads them.
+#[derive(Debug, Clone, Copy)]
+pub enum OnLoad<'a> {
+    Plain,
+    /// RMSNorm with these weights and epsilon.
+    RmsNorm(&'a DeviceVec, f32),
+    /// The input rows are `[gate | up]`; the product takes silu(gate) * up.
+    SwiGlu,
 }
 
 /// One recorded command.
@@ -295,7 +299,11 @@ impl<'e> StepRecorder<'e> {
             None => {}
         }
         self.ensure(slot, data.len() as u64)?;
-        self.ctx().queue.write_buffer(self.res.get(slot), 0, data);
+        let held = (key, self.res.generation(slot));
+        if !self.res.params_hold(held, data) {
+            self.ctx().queue.write_buffer(self.res.get(slot), 0, data);
+            self.res.set_params(held, Some(data));
+        }
         self.written.insert(key, data.to_vec());
         Ok(())
     }
@@ -413,9 +421,18 @@ impl<'e> StepRecorder<'e> {
         self.dispatch(key, &binds, [rows.min(32768), rows.div_ceil(32768), 1])
     }
 
-    /// `out[rows, n] (+)= input[rows, k] · Wᵀ + b` with the weights resident; `accumulate` adds
-    /// the product to `out` (the residual add in the projection's epilogue).
-    pub fn linear(&mut self, w: &'e GpuLinear, input: Act, rows: usize, out: Act, accumulate: bool) -> Result<()> {
+    /// `out[rows, n] (+)= f(input)[rows, k] · Wᵀ + b` with the weights resident; `accumulate` adds
+    /// the product to `out` (the residual add in the projection's epilogue). `f` is what
+    /// `on_load` says: nothing, the RMSNorm of each row, or SwiGLU of `[gate | up]` rows.
+    pub fn linear(
+        &mut self,
+        w: &'e GpuLinear,
+        input: Act,
+        rows: usize,
+        out: Act,
+        accumulate: bool,
+        on_load: OnLoad<'_>,
+    ) -> Result<()> {
         if !w.is_on(self.engine.context()) {
             return Err(TwinferError::InvalidParameter("projection weights live on another device".into()));
         }
@@ -429,12 +446,23 @@ impl<'e> StepRecorder<'e> {
             let guard = w.lock_for_submit(self.engine)?;
             self.weights.push((w.id(), guard));
         }
-        let passes = w.passes(rows, accumulate);
+        let fused = match on_load {
+            OnLoad::Plain => Fused::None,
+            OnLoad::RmsNorm(g, eps) => {
+                if g.len != w.k {
+                    return Err(TwinferError::ShapeMismatch { what: "norm weights", expected: w.k, got: g.len });
+                }
+                Fused::RmsNorm(eps)
+            }
+            OnLoad::SwiGlu => Fused::SwiGlu,
+        };
+        let passes = w.passes(rows, accumulate, fused);
         for (i, (prm, key, grid)) in passes.into_iter().enumerate() {
             let [params, weights, bias] = w.binds(i);
             let Bind::External(pid, pbuf) = params else { unreachable!("weights bind as external buffers") };
             self.write_weight_params(pid, pbuf, bytemuck::bytes_of(&prm))?;
-            let binds = [params, Bind::Slot(Slot::Act(input)), weights, bias, Bind::Slot(Slot::Act(out))];
+            let norm = if let OnLoad::RmsNorm(g, _) = on_load { g.bind() } else { bias };
+            let binds = [params, Bind::Slot(Slot::Act(input)), weights, bias, Bind::Slot(Slot::Act(out)), norm];
             self.dispatch(key, &binds, grid)?;
         }
         Ok(())
@@ -450,7 +478,10 @@ impl<'e> StepRecorder<'e> {
             }
             None => {}
         }
-        self.ctx().queue.write_buffer(buffer, 0, data);
+        if !self.res.params_hold((id, 0), data) {
+            self.ctx().queue.write_buffer(buffer, 0, data);
+            self.res.set_params((id, 0), Some(data));
+        }
         self.written.insert(id, data.to_vec());
         Ok(())
     }
@@ -489,21 +520,6 @@ impl<'e> StepRecorder<'e> {
         self.dispatch(key, &binds, [rows.min(32768), rows.div_ceil(32768), 1])
     }
 
-    /// `Swiglu = silu(gate) * up` from [`Act::GateUp`]; `width` is the intermediate size.
-    pub fn silu_mul(&mut self, rows: usize, width: usize) -> Result<()> {
-        if !width.is_multiple_of(4) {
-            return Err(TwinferError::InvalidParameter(format!(
-                "resident step: intermediate size {width} is not a multiple of 4"
-            )));
-        }
-        let w4 = width / 4;
-        let prm = RowParams { rows: rows as u32, width: w4 as u32, eps: 0.0, gather: 0 };
-        self.slot_params(Act::SiluParams, bytemuck::bytes_of(&prm))?;
-        let groups = (rows * w4).div_ceil(256);
-        let binds = [Act::SiluParams, Act::GateUp, Act::Swiglu].map(|a| Bind::Slot(Slot::Act(a)));
-        self.dispatch(row_key(Kernel::SiluMul, 256), &binds, [groups.min(32768), groups.div_ceil(32768), 1])
-    }
-
     /// Plans decode for the step's single-token rows (the first `table.batch_size()` rows):
     /// validates the table against the pool, writes its parameters and page table once.
     pub fn plan_decode(
@@ -536,7 +552,7 @@ impl<'e> StepRecorder<'e> {
         if let Some(m) = &plan.merge {
             self.ensure(Slot::OPart, plan.o_bytes)?;
             self.ensure(Slot::LsePart, plan.lse_bytes)?;
-            self.write_params(Slot::MergeParams, 3000, bytemuck::bytes_of(&m.params))?;
+            self.slot_params(Act::MergeParams, bytemuck::bytes_of(&m.params))?;
             self.ensure(Slot::Lse, m.lse_bytes)?;
         } else {
             self.ensure(Slot::Lse, plan.lse_bytes)?;
@@ -563,7 +579,7 @@ impl<'e> StepRecorder<'e> {
         self.dispatch(plan.key, &binds, plan.grid)?;
         if let Some(m) = &plan.merge {
             let binds = [
-                Bind::Slot(Slot::MergeParams),
+                Bind::Slot(Slot::Act(Act::MergeParams)),
                 Bind::Slot(Slot::OPart),
                 Bind::Slot(Slot::LsePart),
                 Bind::Slot(Slot::Act(out)),
@@ -664,6 +680,8 @@ impl<'e> StepRecorder<'e> {
         let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
         let mut i = 0;
         let mut dispatches = 0u64;
+        // The step's dispatches stay recorded, so its device time can be measured by replaying them.
+        let mut recorded = Vec::new();
         while i < self.cmds.len() {
             if let Cmd::Copy { src, src_offset, dst, dst_offset, bytes } = &self.cmds[i] {
                 let buffer = |loc: &'_ Loc| match loc {
@@ -680,10 +698,12 @@ impl<'e> StepRecorder<'e> {
                 pass.set_pipeline(pipeline);
                 pass.set_bind_group(0, bg, &[]);
                 pass.dispatch_workgroups(*x, *y, *z);
+                recorded.push((pipeline.clone(), bg.clone(), [*x, *y, *z]));
                 dispatches += 1;
                 i += 1;
             }
         }
+        self.res.set_last_passes(recorded);
         let readback = Readback::record_slot(ctx, &mut self.res, &mut enc, Slot::Act(read), len)?;
         ctx.queue.submit([enc.finish()]);
         let readback = readback.map();

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::backend::Attention;
 use crate::error::{Result, TwinferError};
-use crate::gpu::{Act, DeviceVec, GpuEngine, GpuKvCache, GpuLinear, KvStorage, StepPending};
+use crate::gpu::{Act, DeviceVec, GpuEngine, GpuKvCache, GpuLinear, KvStorage, OnLoad, StepPending};
 use crate::kv::{KvCacheConfig, PagedKvCache};
 use crate::model::llama::{Arranged, LlamaModel, StepSeq};
 
@@ -226,12 +226,10 @@ impl LlamaModel {
         let mut rec = r.gpu.record_step(r.poison)?;
         rec.reserve(&[
             (Act::X, t * h * f),
-            (Act::Normed, t * h * f),
             (Act::Qkv, t * (qd + 2 * kvd) * f),
             (Act::Q, t * qd * f),
             (Act::Attn, t * qd * f),
             (Act::GateUp, t * 2 * inter * f),
-            (Act::Swiglu, t * inter * f),
             (Act::Sel, n * h * f),
             (Act::Logits, n * vocab * f),
             (Act::Rows, rows_info.len() * f),
@@ -264,8 +262,7 @@ impl LlamaModel {
         let eps = c.rms_norm_eps;
         for l in &r.layers {
             rec.copy_pages(&l.kv, &copies)?;
-            rec.rms_norm(Act::X, &l.attn_norm, t, eps, Act::Normed, false)?;
-            rec.linear(&l.qkv, Act::Normed, t, Act::Qkv, false)?;
+            rec.linear(&l.qkv, Act::X, t, Act::Qkv, false, OnLoad::RmsNorm(&l.attn_norm, eps))?;
             rec.rope_append(t, &l.kv, rope_table)?;
             if let Some(d) = &decode {
                 rec.decode(d, Act::Q, &l.kv, Act::Attn)?;
@@ -273,17 +270,15 @@ impl LlamaModel {
             if let Some(p) = &prefill {
                 rec.prefill(p, Act::Q, &l.kv, Act::Attn)?;
             }
-            rec.linear(&l.o, Act::Attn, t, Act::X, true)?;
-            rec.rms_norm(Act::X, &l.ffn_norm, t, eps, Act::Normed, false)?;
-            rec.linear(&l.gate_up, Act::Normed, t, Act::GateUp, false)?;
-            rec.silu_mul(t, inter)?;
-            rec.linear(&l.down, Act::Swiglu, t, Act::X, true)?;
+            rec.linear(&l.o, Act::Attn, t, Act::X, true, OnLoad::Plain)?;
+            rec.linear(&l.gate_up, Act::X, t, Act::GateUp, false, OnLoad::RmsNorm(&l.ffn_norm, eps))?;
+            rec.linear(&l.down, Act::GateUp, t, Act::X, true, OnLoad::SwiGlu)?;
         }
         if n == 0 {
             return Ok((rec.submit(Act::X, 1)?, false));
         }
         rec.rms_norm(Act::X, &r.norm, n, eps, Act::Sel, true)?;
-        rec.linear(&r.lm_head, Act::Sel, n, Act::Logits, false)?;
+        rec.linear(&r.lm_head, Act::Sel, n, Act::Logits, false, OnLoad::Plain)?;
         Ok((rec.submit(Act::Logits, n * vocab)?, true))
     }
 }
