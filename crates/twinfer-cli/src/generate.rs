@@ -86,6 +86,7 @@ pub fn run(args: RunArgs) -> Result<(), String> {
             "prefill: {} ({}) | decode: {} ({})",
             prefill.backend, prefill.variant, decode.backend, decode.variant
         );
+        eprintln!("forward: {}", engine.residency());
     }
     let mut out = std::io::stdout().lock();
     for event in stream {

@@ -35,6 +35,7 @@ pub struct Engine {
     prefill_info: BackendInfo,
     decode_info: BackendInfo,
     level: SimdLevel,
+    residency: String,
 }
 
 impl std::fmt::Debug for Engine {
@@ -115,6 +116,7 @@ impl Engine {
         let prefill = attention_for(config.prefill_backend, config.simd)?;
         let decode = attention_for(config.decode_backend, config.simd)?;
         let (prefill_info, decode_info) = (prefill.info().clone(), decode.info().clone());
+        let mut residency = "op by op: an encoder runs each projection on the CPU".to_string();
         let served = match model.network {
             Network::Encoder(m) => {
                 Served::Encoder { model: Box::new(m), tokenizer: Arc::new(model.tokenizer), level, attention: prefill }
@@ -122,6 +124,7 @@ impl Engine {
             Network::Decoder(m) => {
                 let tokenizer = Arc::new(model.tokenizer);
                 let scheduler = Scheduler::new(Arc::new(m), Some(tokenizer.clone()), level, prefill, decode, config)?;
+                residency = scheduler.residency().to_string();
                 let (commands, rx) = channel();
                 let worker = std::thread::Builder::new()
                     .name("twinfer-engine".into())
@@ -130,7 +133,7 @@ impl Engine {
                 Served::Decoder { commands, worker: Some(worker), tokenizer }
             }
         };
-        Ok(Self { served, description, prefill_info, decode_info, level })
+        Ok(Self { served, description, prefill_info, decode_info, level, residency })
     }
 
     pub fn description(&self) -> &str {
@@ -139,6 +142,11 @@ impl Engine {
     /// Which attention engines run prefill and decode, and why.
     pub fn backends(&self) -> (&BackendInfo, &BackendInfo) {
         (&self.prefill_info, &self.decode_info)
+    }
+    /// Where the forward pass runs: resident on the GPU (one submission per step) or op by op,
+    /// and why (at startup; a lost GPU moves it to the CPU later).
+    pub fn residency(&self) -> &str {
+        &self.residency
     }
     /// The CPU instruction set of the projections.
     pub fn simd_level(&self) -> SimdLevel {
