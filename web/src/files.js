@@ -1,14 +1,16 @@
 // Model sources -> the wasm ModelFiles, streamed chunk by chunk so the page never holds a second
 // full copy of the weights. Sources: a base URL (string or URL), a Map (or object) of file name
 // -> ArrayBuffer | typed array | Blob | File | Response, a list of File objects (drag-and-drop),
-// or the Response of a model's config.json (the other files come from the same folder).
+// or the Response of a model's config.json (the other files come from the same folder). A GGUF
+// file is a whole model: its URL, its Response, or a single .gguf among the files.
 import { InvalidModelError } from "./errors.js";
 
 const WEIGHTS = "model.safetensors";
 const INDEX = "model.safetensors.index.json";
 const OPTIONAL = ["sentence_bert_config.json"];
 // Files the loader reads; anything else in a dropped folder (README, vocab.txt, .bin) is skipped.
-const wanted = (name) => name.endsWith(".json") || name.endsWith(".safetensors");
+const isGguf = (name) => name.toLowerCase().endsWith(".gguf");
+const wanted = (name) => name.endsWith(".json") || name.endsWith(".safetensors") || isGguf(name);
 const SLICE = 8 << 20;
 
 function invalid(message) {
@@ -18,8 +20,13 @@ function invalid(message) {
 /** Fills `files` (a wasm ModelFiles) from `source`, reporting download progress. */
 export async function collectFiles(files, source, { onProgress, signal } = {}) {
   const progress = new Progress(onProgress);
-  if (typeof source === "string" || source instanceof URL) {
+  if ((typeof source === "string" || source instanceof URL) && isGguf(new URL(String(source), baseHref()).pathname)) {
+    const url = new URL(String(source), baseHref());
+    await fromGguf(files, url, await fetch(url, { signal }), progress, signal);
+  } else if (typeof source === "string" || source instanceof URL) {
     await fromUrl(files, new URL(withSlash(String(source)), baseHref()), null, progress, signal);
+  } else if (typeof Response !== "undefined" && source instanceof Response && source.url && isGguf(new URL(source.url).pathname)) {
+    await fromGguf(files, new URL(source.url), source, progress, signal);
   } else if (typeof Response !== "undefined" && source instanceof Response) {
     if (!source.url) throw invalid("a Response source must come from fetch() of the model's config.json (it has no URL)");
     await fromUrl(files, new URL(".", source.url), source, progress, signal);
@@ -61,8 +68,23 @@ function entriesOf(source) {
     .filter(([n]) => !n.includes("/") && wanted(n));
 }
 
+/** One GGUF file: the whole model. */
+async function fromGguf(files, url, response, progress, signal) {
+  if (!response.ok) throw invalid(`${url}: HTTP ${response.status} ${response.statusText}`);
+  const name = decodeURIComponent(url.pathname.split("/").pop());
+  progress.expect(sizeOf(response) ?? 0);
+  await write(files, name, response, progress, signal);
+}
+
 async function fromEntries(files, entries, progress, signal) {
   const byName = new Map(entries);
+  const ggufs = [...byName.keys()].filter(isGguf);
+  if (!byName.has("config.json") && ggufs.length === 1) {
+    const value = byName.get(ggufs[0]);
+    progress.expect(sizeOf(value) ?? 0);
+    await write(files, ggufs[0], value, progress, signal);
+    return;
+  }
   for (const need of ["config.json", "tokenizer.json"]) {
     if (!byName.has(need)) throw invalid(`the model files have no ${need} (got: ${[...byName.keys()].join(", ") || "nothing"})`);
   }

@@ -37,6 +37,7 @@ export interface LoadOptions {
 }
 
 /** A model folder: base URL, files by name, dropped files, or the Response of its config.json. */
+/** A model folder's base URL, a `.gguf` file's URL, its files, or a Response of its config.json or .gguf. */
 export type ModelSource =
   | string
   | URL
@@ -149,11 +150,21 @@ export interface Info {
   model: null | { kind: "decoder" | "encoder"; description: string };
 }
 
+export interface ChatMessage {
+  role: "system" | "user" | "assistant" | (string & {});
+  content: string;
+}
+
+export interface ChatPrompt {
+  messages: ChatMessage[];
+}
+
 export declare class Twinfer {
   static create(options?: CreateOptions): Promise<Twinfer>;
   loadModel(source: ModelSource, options?: LoadOptions): Promise<Info>;
   embed(texts: string | string[]): Promise<Float32Array[]>;
-  generate(prompt: string | number[] | Uint32Array, options?: GenerateOptions): AsyncGenerator<GeneratedToken, GenerateResult, void>;
+  /** `{ messages }` goes through the model's chat template and ends at its end-of-turn token. */
+  generate(prompt: string | number[] | Uint32Array | ChatPrompt, options?: GenerateOptions): AsyncGenerator<GeneratedToken, GenerateResult, void>;
   metrics(options?: { reset?: boolean }): Promise<RunMetrics>;
   info(): Info;
   dispose(): Promise<void>;

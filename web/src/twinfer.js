@@ -87,6 +87,8 @@ export class Twinfer {
 
   /**
    * Streams generated tokens: `for await (const { text, tokenId, t } of tf.generate(prompt, opts))`.
+   * `prompt` is text, token ids, or `{ messages: [{ role, content }, ...] }`, which the model's
+   * chat template renders (the answer ends at its end-of-turn token).
    * `t` is milliseconds since the call. Options: maxTokens, temperature, topK, topP,
    * repetitionPenalty, seed, stop, stopTokenIds, ignoreEos, signal. The iterator's return value
    * is `{ text, tokens, reason, metrics }`.
@@ -96,7 +98,9 @@ export class Twinfer {
     signal?.throwIfAborted();
     const request = {};
     for (const key of GENERATE_OPTIONS) if (options[key] !== undefined) request[key] = options[key];
-    const id = await this.#run(() => this.#rt.add(prompt, request));
+    const chat = prompt !== null && typeof prompt === "object" && Array.isArray(prompt.messages);
+    const input = chat ? await this.#run(() => this.#rt.chatTokens(prompt.messages)) : prompt;
+    const id = await this.#run(() => this.#rt.add(input, request));
     const stream = new EventStream();
     this.#streams.set(id, stream);
     this.#pending += 1;

@@ -24,8 +24,10 @@ const MODELS = process.env.TWINFER_MODELS || join(homedir(), ".cache/twinfer/mod
 const MINILM = join(MODELS, "all-MiniLM-L6-v2");
 const LLAMA = join(MODELS, "tiny-llama");
 const QWEN = join(MODELS, "tiny-qwen2");
+const SMOLLM = join(MODELS, "smollm2");
+const SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const CLI = process.env.TWINFER_CLI;
-for (const dir of [MINILM, LLAMA, QWEN]) {
+for (const dir of [MINILM, LLAMA, QWEN, SMOLLM]) {
   if (!existsSync(join(dir, "golden.json"))) throw new Error(`${dir} is missing: run scripts/fetch-models.sh`);
 }
 
@@ -126,6 +128,24 @@ test("generate yields the reference greedy tokens (page sizes 1 and 16, f32 and 
       }
     }
   }
+});
+
+test("a Q4_1 GGUF chat model answers through its template with the reference's greedy tokens", async () => {
+  const g = golden(SMOLLM);
+  const bytes = readFileSync(join(SMOLLM, SMOLLM_FILE));
+  const tf = await Twinfer.create({ backend: "wasm" });
+  await tf.loadModel(new Map([[SMOLLM_FILE, bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength)]]));
+  assert.match(tf.info().model.description, /llama decoder: 30 layers/);
+  // "What is the capital of France?": the reference answers "The capital of France is Paris."
+  // and ends the turn; every margin of those steps is far above the f32 tolerance.
+  const first = g.prompts[0];
+  const end = first.greedy.indexOf(2) + 1;
+  const { tokens, result } = await collect(tf.generate({ messages: [{ role: "user", content: first.message }] }, { maxTokens: 32 }));
+  assert.deepEqual(tokens.map((t) => t.tokenId), first.greedy.slice(0, end), "greedy tokens, <|im_end|> included");
+  assert.equal(result.reason, "eos", "the answer ends at <|im_end|>");
+  assert.equal(result.text, "The capital of France is Paris.");
+  await assert.rejects(collect(tf.generate({ messages: [{ role: "user" }] })), (e) => e instanceof TwinferError && /content/.test(e.message));
+  await tf.dispose();
 });
 
 test("text prompts stream text; the tokens equal the native build's", async () => {

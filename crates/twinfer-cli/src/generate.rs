@@ -6,17 +6,25 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::json;
 use twinfer::engine::{Engine, EngineConfig, Event, GenerateRequest, SamplingParams};
+use twinfer::model::ChatMessage;
 
 use crate::options::EngineArgs;
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// A Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
+    /// A Hugging Face model folder (config.json, model.safetensors, tokenizer.json) or a GGUF file.
     #[arg(long)]
     pub model: PathBuf,
     /// The prompt.
     #[arg(long)]
     pub prompt: String,
+    /// Send the prompt as a user message through the model's chat template; the answer ends at
+    /// the end-of-turn token.
+    #[arg(long)]
+    pub chat: bool,
+    /// With --chat: a system message before the prompt.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
     /// Most tokens to generate.
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
@@ -67,15 +75,26 @@ fn load(model: &PathBuf, config: EngineConfig, quiet: bool) -> Result<Engine, St
     engine
 }
 
-pub fn run(args: RunArgs) -> Result<(), String> {
-    let engine = load(&args.model, args.engine.config()?, args.json)?;
-    let mut request = GenerateRequest::new(args.prompt).max_tokens(args.max_tokens).sampling(SamplingParams {
+fn sampling(args: &RunArgs) -> SamplingParams {
+    SamplingParams {
         temperature: args.temperature,
         top_k: args.top_k,
         top_p: args.top_p,
         repetition_penalty: args.repetition_penalty,
         seed: args.seed,
-    });
+    }
+}
+
+pub fn run(args: RunArgs) -> Result<(), String> {
+    let engine = load(&args.model, args.engine.config()?, args.json)?;
+    let request = if args.chat {
+        let mut messages: Vec<ChatMessage> = args.system.iter().map(ChatMessage::system).collect();
+        messages.push(ChatMessage::user(args.prompt.clone()));
+        engine.chat_request(&messages).map_err(|e| e.to_string())?
+    } else {
+        GenerateRequest::new(args.prompt.clone())
+    };
+    let mut request = request.max_tokens(args.max_tokens).sampling(sampling(&args));
     request.stop = args.stop;
     let stream = engine.generate(request).map_err(|e| e.to_string())?;
     crate::interrupt::on_ctrl_c(stream.canceller());

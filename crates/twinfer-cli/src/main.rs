@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+mod chat;
 mod generate;
 mod info;
 mod interrupt;
@@ -35,6 +36,8 @@ enum Command {
     },
     /// Generate text from a decoder model folder, streaming tokens; prints TTFT/TPOT/TPS/ITL at the end.
     Run(generate::RunArgs),
+    /// Chat with a model through its chat template, one line per turn.
+    Chat(chat::ChatArgs),
     /// Embed texts with an encoder model folder; with several texts, rank the rest against the first.
     Embed(generate::EmbedArgs),
     /// Time every engine on this device for prefill and for decode, recommend one per phase, write a config.
@@ -141,6 +144,7 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Run(args) => generate::run(args),
+        Command::Chat(args) => chat::run(args),
         Command::Embed(args) => generate::embed(args),
         Command::Plan(args) => plan::run(args),
         Command::Bench { what: BenchWhat::Serve(args) } => serve::run(*args),

@@ -33,6 +33,7 @@ pub(crate) fn error_code(e: &TwinferError) -> &'static str {
         TwinferError::ModelTensor { .. } => "ModelTensor",
         TwinferError::UnsupportedArchitecture { .. } => "UnsupportedArchitecture",
         TwinferError::Tokenizer { .. } => "Tokenizer",
+        TwinferError::ChatTemplate(_) => "ChatTemplate",
         TwinferError::RequestTooLarge { .. } => "RequestTooLarge",
         TwinferError::InvalidParameter(_) => "InvalidParameter",
         TwinferError::BackendUnavailable { .. } => "BackendUnavailable",

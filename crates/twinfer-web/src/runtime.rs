@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use twinfer::cpu::SimdLevel;
 use twinfer::engine::{EngineConfig, Event, FinishReason, RequestId, Scheduler};
-use twinfer::model::{BertModel, Model, Network, Tokenizer};
+use twinfer::model::{BertModel, ChatMessage, ChatTemplate, Model, Network, Tokenizer};
 use twinfer::{Attention, Backend, BackendInfo, DType, TwinferError};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::future_to_promise;
@@ -71,6 +71,8 @@ struct State {
     level: SimdLevel,
     reason: String,
     served: Option<(Served, String)>,
+    /// The decoder's chat template and tokenizer, when it has a template.
+    chat: Option<(ChatTemplate, Arc<Tokenizer>)>,
 }
 
 /// The engines and the model; see the module docs.
@@ -99,7 +101,7 @@ impl Runtime {
             let (prefill, decode, reason) = open_engines(&backend).await.map_err(to_js_error)?;
             let level = SimdLevel::detect();
             let gpu_handle = prefill.is_gpu().then(|| prefill.clone());
-            let state = State { prefill, decode, level, reason, served: None };
+            let state = State { prefill, decode, level, reason, served: None, chat: None };
             Ok(Runtime { state: Rc::new(RefCell::new(state)), gpu_handle }.into())
         })
     }
@@ -119,8 +121,10 @@ impl Runtime {
         let config = engine_config(&options, cpu_decode).map_err(to_js_error)?;
         // Drop the old model first: two models at once may not fit.
         state.served = None;
+        state.chat = None;
         let model = Model::load(files.take_source()).map_err(to_js_error)?;
         let description = model.describe();
+        let chat = model.chat().map_err(to_js_error)?;
         if let Some(gpu) = state.prefill.gpu_engine() {
             let progress = |done: usize, total: usize| {
                 let _ =
@@ -138,17 +142,19 @@ impl Runtime {
         }
         let served = match model.network {
             Network::Encoder(m) => Served::Encoder { model: Box::new(m), tokenizer: Box::new(model.tokenizer) },
-            Network::Decoder(m) => Served::Decoder(Box::new(
+            Network::Decoder(m) => Served::Decoder(Box::new({
+                let tokenizer = Arc::new(model.tokenizer);
+                state.chat = chat.map(|c| (c, tokenizer.clone()));
                 Scheduler::new(
                     Arc::new(m),
-                    Some(Arc::new(model.tokenizer)),
+                    Some(tokenizer),
                     state.level,
                     state.prefill.clone(),
                     state.decode.clone(),
                     config,
                 )
-                .map_err(to_js_error)?,
-            )),
+                .map_err(to_js_error)?
+            })),
         };
         state.served = Some((served, description));
         Ok(())
@@ -235,6 +241,22 @@ impl Runtime {
         let RequestId(id) = scheduler.add(request).map_err(to_js_error)?;
         // Ids count requests; four billion of them outlast any page.
         Ok(id as u32)
+    }
+
+    /// The token ids of `messages` rendered by the model's chat template, ending where the
+    /// assistant's answer begins (no special tokens added: the template places them).
+    #[wasm_bindgen(js_name = chatTokens)]
+    pub fn chat_tokens(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "{ role: string; content: string }[]")] messages: JsValue,
+    ) -> std::result::Result<Vec<u32>, js_sys::Error> {
+        let state = self.state.try_borrow().map_err(|_| busy())?;
+        let Some((template, tokenizer)) = &state.chat else {
+            return Err(to_js_error(TwinferError::ChatTemplate("the loaded model has no chat template".into())));
+        };
+        let messages = chat_messages(&messages).map_err(to_js_error)?;
+        let text = template.render(&messages, true).map_err(to_js_error)?;
+        tokenizer.encode(&text, false).map_err(to_js_error)
     }
 
     /// Asks a request to stop; its `finished` event (reason `cancelled`) comes with the next step.
@@ -399,4 +421,23 @@ fn event_json(e: &Event) -> serde_json::Value {
 /// A JSON value as a JS value (through `JSON.parse`: plain objects, no classes).
 fn to_js(v: &serde_json::Value) -> std::result::Result<JsValue, js_sys::Error> {
     js_sys::JSON::parse(&v.to_string()).map_err(|_| js_error("Other", "JSON round trip failed"))
+}
+
+/// `[{ role, content }]` from JS.
+fn chat_messages(value: &JsValue) -> twinfer::Result<Vec<ChatMessage>> {
+    let bad = |what: &str| TwinferError::InvalidParameter(format!("messages: {what}"));
+    let array: &js_sys::Array = value.dyn_ref().ok_or_else(|| bad("expected an array of { role, content }"))?;
+    array
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let field = |name: &str| {
+                js_sys::Reflect::get(&m, &JsValue::from_str(name))
+                    .ok()
+                    .and_then(|v| v.as_string())
+                    .ok_or_else(|| bad(&format!("message {i} has no string {name}")))
+            };
+            Ok(ChatMessage::new(field("role")?, field("content")?))
+        })
+        .collect()
 }

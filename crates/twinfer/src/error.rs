@@ -57,6 +57,9 @@ pub enum TwinferError {
     #[error("tokenizer {file}: {reason}")]
     Tokenizer { file: String, reason: String },
 
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+
     #[error("request of {tokens} tokens cannot run: {reason}")]
     RequestTooLarge { tokens: usize, reason: String },
 

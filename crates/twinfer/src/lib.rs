@@ -11,6 +11,7 @@ pub mod error;
 pub mod gpu;
 pub mod kv;
 pub mod model;
+pub mod quant;
 pub mod reference;
 mod wait;
 

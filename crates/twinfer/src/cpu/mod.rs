@@ -29,12 +29,14 @@ mod block;
 mod convert;
 mod decode;
 mod linear;
+mod linear_quant;
 mod math;
 mod microkernel;
 mod parallel;
 mod simd_level;
 
 pub use linear::linear;
+pub use linear_quant::linear_quant;
 pub use simd_level::SimdLevel;
 
 use crate::attention::problem::Problem;

@@ -14,7 +14,7 @@ use crate::engine::metrics::RunMetrics;
 use crate::engine::request::{Event, FinishReason, GenerateRequest, RequestId};
 use crate::engine::scheduler::Scheduler;
 use crate::error::{Result, TwinferError};
-use crate::model::{BertModel, Model, ModelSource, Network, Tokenizer};
+use crate::model::{BertModel, ChatMessage, ChatTemplate, Model, ModelSource, Network, Tokenizer};
 
 enum Command {
     Generate(Box<GenerateRequest>, Sender<Result<RequestId>>, Sender<Event>),
@@ -36,6 +36,7 @@ pub struct Engine {
     decode_info: BackendInfo,
     level: SimdLevel,
     residency: String,
+    chat: Option<ChatTemplate>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -104,6 +105,7 @@ impl Engine {
 
     pub fn from_model(model: Model, config: EngineConfig) -> Result<Self> {
         let description = model.describe();
+        let chat = model.chat()?;
         let level = match config.simd {
             Some(l) => l,
             None => match std::env::var("TWINFER_SIMD").ok().filter(|v| !v.is_empty()) {
@@ -133,7 +135,7 @@ impl Engine {
                 Served::Decoder { commands, worker: Some(worker), tokenizer }
             }
         };
-        Ok(Self { served, description, prefill_info, decode_info, level, residency })
+        Ok(Self { served, description, prefill_info, decode_info, level, residency, chat })
     }
 
     pub fn description(&self) -> &str {
@@ -160,6 +162,22 @@ impl Engine {
             Served::Decoder { tokenizer, .. } => tokenizer,
             Served::Encoder { tokenizer, .. } => tokenizer,
         }
+    }
+
+    /// The model's chat template, if it has one.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat.as_ref()
+    }
+
+    /// A request for the assistant's next turn in `messages`: the chat template renders them
+    /// (ending where the answer begins) and the text is tokenized as is, without adding special
+    /// tokens (the template places them, as Hugging Face's `apply_chat_template` does).
+    /// Generation ends at the model's end-of-turn token, its EOS.
+    pub fn chat_request(&self, messages: &[ChatMessage]) -> Result<GenerateRequest> {
+        let template =
+            self.chat.as_ref().ok_or_else(|| TwinferError::ChatTemplate("the model has no chat template".into()))?;
+        let text = template.render(messages, true)?;
+        Ok(GenerateRequest::tokens(self.tokenizer().encode(&text, false)?))
     }
 
     /// Submits a request; its tokens stream back as they are generated.

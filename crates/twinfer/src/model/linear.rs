@@ -1,10 +1,11 @@
 //! A projection `y = x · Wᵀ + b` with its weights in the dtype they were stored in: on the CPU
-//! through the pulp kernel, or on a GPU engine, where the weights are uploaded on first use and
-//! stay resident (one copy per device, shared by clones of the model).
+//! through the pulp kernels (float or block-quantized), or on a GPU engine, where the weights are
+//! uploaded on first use and stay resident (one copy per device, shared by clones of the model).
+//! Quantized weights are decoded to f16 (f32 without shader-f16) for the GPU for now.
 
 use std::sync::{Arc, Mutex};
 
-use crate::cpu::{SimdLevel, linear};
+use crate::cpu::{SimdLevel, linear, linear_quant};
 use crate::dtype::TensorRef;
 use crate::error::{Result, TwinferError};
 use crate::gpu::{DEFAULT_MAX_WEIGHT_BUFFER, GpuEngine, GpuLinear};
@@ -43,20 +44,29 @@ impl Linear {
     pub fn stack(parts: Vec<Linear>) -> Result<Self> {
         let k = parts[0].k;
         let dtype = parts[0].w.dtype();
+        let differ = || TwinferError::InvalidParameter("stacked projections differ in width or dtype".into());
         if parts.iter().any(|p| p.k != k || p.w.dtype() != dtype) {
-            return Err(TwinferError::InvalidParameter("stacked projections differ in width or dtype".into()));
+            return Err(differ());
         }
         let n = parts.iter().map(|p| p.n).sum();
         let has_bias = parts.iter().any(|p| p.bias.is_some());
         let mut bias = Vec::with_capacity(if has_bias { n } else { 0 });
         let w = match dtype {
-            crate::DType::F32 => {
+            None => {
+                let packed: Vec<&crate::quant::PackedQuant> = parts
+                    .iter()
+                    .map(|p| if let WeightData::Quant(q) = &*p.w { Some(q) } else { None })
+                    .collect::<Option<_>>()
+                    .ok_or_else(differ)?;
+                WeightData::Quant(crate::quant::PackedQuant::stack(&packed).ok_or_else(differ)?)
+            }
+            Some(crate::DType::F32) => {
                 WeightData::F32(concat(&parts, |w| if let WeightData::F32(v) = w { v } else { unreachable!() }))
             }
-            crate::DType::F16 => {
+            Some(crate::DType::F16) => {
                 WeightData::F16(concat(&parts, |w| if let WeightData::F16(v) = w { v } else { unreachable!() }))
             }
-            crate::DType::BF16 => {
+            Some(crate::DType::BF16) => {
                 WeightData::BF16(concat(&parts, |w| if let WeightData::BF16(v) = w { v } else { unreachable!() }))
             }
         };
@@ -71,11 +81,13 @@ impl Linear {
         Ok(Self::new(Arc::new(w), has_bias.then_some(bias), n, k))
     }
 
-    pub fn weight_ref(&self) -> TensorRef<'_> {
+    /// The float weights, or `None` when they are block-quantized.
+    pub fn weight_ref(&self) -> Option<TensorRef<'_>> {
         match &*self.w {
-            WeightData::F32(v) => TensorRef::F32(v),
-            WeightData::F16(v) => TensorRef::F16(v),
-            WeightData::BF16(v) => TensorRef::BF16(v),
+            WeightData::F32(v) => Some(TensorRef::F32(v)),
+            WeightData::F16(v) => Some(TensorRef::F16(v)),
+            WeightData::BF16(v) => Some(TensorRef::BF16(v)),
+            WeightData::Quant(_) => None,
         }
     }
 
@@ -83,7 +95,11 @@ impl Linear {
     pub fn forward(&self, level: SimdLevel, x: &[f32], rows: usize, y: &mut Vec<f32>) -> Result<()> {
         y.clear();
         y.resize(rows * self.n, f32::NAN);
-        linear(level, x, rows, self.weight_ref(), self.n, self.k, self.bias.as_deref(), y)
+        match (&*self.w, self.weight_ref()) {
+            (WeightData::Quant(q), _) => linear_quant(level, x, rows, q, self.bias.as_deref(), y),
+            (_, Some(w)) => linear(level, x, rows, w, self.n, self.k, self.bias.as_deref(), y),
+            (_, None) => unreachable!("only quantized weights have no float view"),
+        }
     }
 
     /// [`Linear::forward`] on `gpu` when given (awaiting the readback), else on the CPU. A lost
@@ -112,7 +128,19 @@ impl Linear {
         }
         // Copies on devices that are gone free their buffers here.
         copies.retain(|w| w.device_alive());
-        let w = self.weight_ref();
+        // Quantized weights are decoded for the GPU's float kernels (f16 where the adapter has it).
+        let (as_f16, as_f32): (Vec<half::f16>, Vec<f32>);
+        let w = match self.weight_ref() {
+            Some(w) => w,
+            None if gpu.context().summary.shader_f16 => {
+                as_f16 = self.w.to_f32().into_iter().map(half::f16::from_f32).collect();
+                TensorRef::F16(&as_f16)
+            }
+            None => {
+                as_f32 = self.w.to_f32();
+                TensorRef::F32(&as_f32)
+            }
+        };
         let storage = GpuLinear::storage_for(gpu, w);
         let uploaded =
             GpuLinear::upload(gpu, w, self.n, self.k, self.bias.as_deref(), storage, DEFAULT_MAX_WEIGHT_BUFFER)?;

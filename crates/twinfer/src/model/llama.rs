@@ -307,12 +307,7 @@ impl LlamaModel {
                     "token id {id} is outside the vocabulary of {vocab}"
                 )));
             }
-            let row = &mut x[r * h..][..h];
-            match &*self.embed {
-                WeightData::F32(e) => row.copy_from_slice(&e[id * h..][..h]),
-                WeightData::F16(e) => row.iter_mut().zip(&e[id * h..][..h]).for_each(|(d, s)| *d = s.to_f32()),
-                WeightData::BF16(e) => row.iter_mut().zip(&e[id * h..][..h]).for_each(|(d, s)| *d = s.to_f32()),
-            }
+            self.embed.row_f32(id, h, &mut x[r * h..][..h]);
         }
         Ok(x)
     }

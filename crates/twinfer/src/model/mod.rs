@@ -2,7 +2,10 @@
 //! `tokenizer.json`. A Llama-family decoder for generation, a BERT encoder for embeddings.
 
 mod bert;
+mod chat;
 mod config;
+pub mod gguf;
+mod gguf_model;
 mod linear;
 mod llama;
 mod ops;
@@ -13,6 +16,7 @@ mod tokenizer;
 mod weights;
 
 pub use bert::BertModel;
+pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{DecoderConfig, EncoderConfig, ModelConfig, RopeScaling};
 pub use linear::Linear;
 pub use llama::{Engines, LlamaModel, Logits, StepSeq};
@@ -36,11 +40,18 @@ pub enum Network {
 pub struct Model {
     pub network: Network,
     pub tokenizer: Tokenizer,
+    /// The Jinja chat template (GGUF `tokenizer.chat_template`, or `chat_template` in
+    /// `tokenizer_config.json`), when the model has one.
+    pub chat_template: Option<String>,
 }
 
 impl Model {
-    /// Loads `config.json`, the weights and `tokenizer.json` from `source`.
+    /// Loads `config.json`, the weights and `tokenizer.json` from `source`, or everything from
+    /// its GGUF file when it is one.
     pub fn load(mut source: ModelSource) -> Result<Self> {
+        if let Some(name) = source.gguf_name() {
+            return Self::load_gguf(&mut source, &name);
+        }
         let config = ModelConfig::parse(&source.read_text("config.json")?, &source.display("config.json"))?;
         let shown = source.display("tokenizer.json");
         let mut tokenizer = Tokenizer::from_bytes(&source.read("tokenizer.json")?, &shown)?;
@@ -54,7 +65,38 @@ impl Model {
             ModelConfig::Decoder(c) => Network::Decoder(LlamaModel::load(c, &weights)?),
             ModelConfig::Encoder(c) => Network::Encoder(BertModel::load(c, &weights)?),
         };
-        Ok(Self { network, tokenizer })
+        let chat_template = hf_chat_template(&mut source)?;
+        Ok(Self { network, tokenizer, chat_template })
+    }
+
+    /// A GGUF file: metadata as the config, tokenizer metadata as the tokenizer, tensors under
+    /// Hugging Face's names (quantized matrices stay quantized).
+    fn load_gguf(source: &mut ModelSource, name: &str) -> Result<Self> {
+        let shown = source.display(name);
+        let file = gguf::GgufFile::parse(source.read(name)?, &shown)?;
+        let config = gguf_model::config(&file)?;
+        let tokenizer = gguf_model::tokenizer(&file)?;
+        let chat_template = gguf_model::chat_template(&file);
+        let ModelConfig::Decoder(config) = config else {
+            return Err(crate::TwinferError::ModelFile {
+                file: shown,
+                reason: "GGUF encoders are not supported".into(),
+            });
+        };
+        let weights = Weights::from_gguf(file)?;
+        Ok(Self { network: Network::Decoder(LlamaModel::load(config, &weights)?), tokenizer, chat_template })
+    }
+
+    /// The compiled chat template, with the model's BOS and EOS tokens in its scope; `None` when
+    /// the model has no template.
+    pub fn chat(&self) -> Result<Option<ChatTemplate>> {
+        let Some(source) = &self.chat_template else { return Ok(None) };
+        let (bos, eos) = match &self.network {
+            Network::Decoder(m) => (m.config.bos_token_id, m.config.eos_token_ids.first().copied()),
+            Network::Encoder(_) => (None, None),
+        };
+        let token = |id: Option<u32>| id.and_then(|i| self.tokenizer.id_to_token(i)).unwrap_or_default();
+        ChatTemplate::new(source.clone(), token(bos), token(eos)).map(Some)
     }
 
     /// A short description: architecture and sizes.
@@ -76,6 +118,26 @@ impl Model {
             }
         }
     }
+}
+
+/// `chat_template` from `tokenizer_config.json` (a string, or the `default` of a list of named
+/// templates), if there is one.
+fn hf_chat_template(source: &mut ModelSource) -> Result<Option<String>> {
+    const FILE: &str = "tokenizer_config.json";
+    if !source.has(FILE) {
+        return Ok(None);
+    }
+    let shown = source.display(FILE);
+    let json: serde_json::Value = serde_json::from_str(&source.read_text(FILE)?)
+        .map_err(|e| crate::TwinferError::ModelFile { file: shown, reason: format!("not valid JSON: {e}") })?;
+    Ok(match json.get("chat_template") {
+        Some(serde_json::Value::String(t)) => Some(t.clone()),
+        Some(serde_json::Value::Array(named)) => named
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+        _ => None,
+    })
 }
 
 /// `max_seq_length` from a sentence-transformers `sentence_bert_config.json`, if there is one.

@@ -26,30 +26,60 @@ impl Deref for FileBytes {
     }
 }
 
-/// A model folder's files, by name (`config.json`, `model.safetensors`, `tokenizer.json`, ...).
+/// A model folder's files, by name (`config.json`, `model.safetensors`, `tokenizer.json`, ...),
+/// or a single GGUF file.
 #[derive(Debug)]
 pub enum ModelSource {
     Dir(PathBuf),
     Files(HashMap<String, Vec<u8>>),
+    /// One file on disk (a `.gguf`), known by its file name.
+    File(PathBuf),
 }
 
 impl ModelSource {
+    /// A folder, or a single model file when `path` is a file.
     pub fn dir(path: impl Into<PathBuf>) -> Self {
-        Self::Dir(path.into())
+        let path = path.into();
+        if path.is_file() { Self::File(path) } else { Self::Dir(path) }
     }
 
     /// A name for error messages: the path on disk, or the bare file name.
     pub fn display(&self, name: &str) -> String {
         match self {
             Self::Dir(dir) => dir.join(name).display().to_string(),
+            Self::File(path) if Self::is_named(path, name) => path.display().to_string(),
+            Self::File(path) => path.with_file_name(name).display().to_string(),
             Self::Files(_) => name.to_string(),
         }
+    }
+
+    fn is_named(path: &std::path::Path, name: &str) -> bool {
+        path.file_name().is_some_and(|f| f == name)
     }
 
     pub fn has(&self, name: &str) -> bool {
         match self {
             Self::Dir(dir) => dir.join(name).is_file(),
+            Self::File(path) => Self::is_named(path, name),
             Self::Files(files) => files.contains_key(name),
+        }
+    }
+
+    /// The GGUF file this source is, if it is one: a `.gguf` file, or a folder or file set
+    /// without `config.json` that holds exactly one `.gguf`.
+    pub fn gguf_name(&self) -> Option<String> {
+        let is_gguf = |n: &str| n.to_ascii_lowercase().ends_with(".gguf");
+        let only = |mut names: Vec<String>| {
+            names.retain(|n| is_gguf(n));
+            (names.len() == 1).then(|| names.remove(0))
+        };
+        match self {
+            Self::File(path) => path.file_name().and_then(|f| f.to_str()).filter(|n| is_gguf(n)).map(str::to_string),
+            _ if self.has("config.json") => None,
+            Self::Files(files) => only(files.keys().cloned().collect()),
+            Self::Dir(dir) => {
+                only(std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+            }
         }
     }
 
@@ -59,8 +89,13 @@ impl ModelSource {
         match self {
             Self::Files(files) => files.remove(name).map(FileBytes::Owned).ok_or_else(|| missing(name.to_string())),
             #[cfg(not(target_arch = "wasm32"))]
-            Self::Dir(dir) => {
-                let path = dir.join(name);
+            Self::Dir(_) | Self::File(_) => {
+                let path = match self {
+                    Self::File(path) if Self::is_named(path, name) => path.clone(),
+                    Self::File(path) => return Err(missing(path.with_file_name(name).display().to_string())),
+                    Self::Dir(dir) => dir.join(name),
+                    Self::Files(_) => unreachable!(),
+                };
                 let io =
                     |e: std::io::Error| TwinferError::Io { path: path.display().to_string(), reason: e.to_string() };
                 let file = std::fs::File::open(&path).map_err(io)?;
@@ -72,7 +107,7 @@ impl ModelSource {
                 unsafe { memmap2::Mmap::map(&file) }.map(FileBytes::Mapped).map_err(io)
             }
             #[cfg(target_arch = "wasm32")]
-            Self::Dir(dir) => Err(missing(dir.join(name).display().to_string())),
+            Self::Dir(_) | Self::File(_) => Err(missing(self.display(name))),
         }
     }
 

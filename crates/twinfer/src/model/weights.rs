@@ -1,6 +1,6 @@
-//! The tensors of a model: one `model.safetensors` or the shards a
-//! `model.safetensors.index.json` names. Headers are checked on load; tensors are converted on
-//! request, once, into the format the kernels read.
+//! The tensors of a model: one `model.safetensors`, the shards a `model.safetensors.index.json`
+//! names, or a GGUF file (read under Hugging Face's tensor names, see `gguf_model.rs`). Headers
+//! are checked on load; tensors are converted on request, once, into the format the kernels read.
 
 use std::collections::HashMap;
 
@@ -10,7 +10,10 @@ use serde_json::Value;
 
 use crate::dtype::DType;
 use crate::error::{Result, TwinferError};
+use crate::model::gguf::GgufFile;
+use crate::model::gguf_model;
 use crate::model::source::{FileBytes, ModelSource};
+use crate::quant::PackedQuant;
 
 const SINGLE: &str = "model.safetensors";
 const INDEX: &str = "model.safetensors.index.json";
@@ -29,42 +32,63 @@ pub struct Weights {
     shards: Vec<Shard>,
     /// Tensor name -> shard.
     index: HashMap<String, usize>,
+    gguf: Option<gguf_model::GgufWeights>,
 }
 
-/// A tensor in the dtype it will be computed from.
+/// A tensor in the format it will be computed from.
 #[derive(Debug, Clone)]
 pub enum WeightData {
     F32(Vec<f32>),
     F16(Vec<f16>),
     BF16(Vec<bf16>),
+    /// A block-quantized matrix, kept quantized in the CPU kernel's layout.
+    Quant(PackedQuant),
 }
 
 impl WeightData {
-    pub fn dtype(&self) -> DType {
+    /// The float dtype, or `None` for quantized weights.
+    pub fn dtype(&self) -> Option<DType> {
         match self {
-            Self::F32(_) => DType::F32,
-            Self::F16(_) => DType::F16,
-            Self::BF16(_) => DType::BF16,
+            Self::F32(_) => Some(DType::F32),
+            Self::F16(_) => Some(DType::F16),
+            Self::BF16(_) => Some(DType::BF16),
+            Self::Quant(_) => None,
         }
     }
+    /// Elements (weights).
     pub fn len(&self) -> usize {
         match self {
             Self::F32(v) => v.len(),
             Self::F16(v) => v.len(),
             Self::BF16(v) => v.len(),
+            Self::Quant(q) => q.n * q.k,
         }
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Bytes held in memory.
     pub fn bytes(&self) -> usize {
-        self.len() * self.dtype().size()
+        match self {
+            Self::Quant(q) => q.bytes(),
+            other => other.len() * other.dtype().map_or(4, DType::size),
+        }
     }
     pub fn to_f32(&self) -> Vec<f32> {
         match self {
             Self::F32(v) => v.clone(),
             Self::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
             Self::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            Self::Quant(q) => q.to_f32(),
+        }
+    }
+    /// Row `r` of a `[rows, width]` tensor as f32 (an embedding lookup).
+    pub fn row_f32(&self, r: usize, width: usize, out: &mut [f32]) {
+        match self {
+            Self::F32(e) => out.copy_from_slice(&e[r * width..][..width]),
+            Self::F16(e) => out.iter_mut().zip(&e[r * width..][..width]).for_each(|(d, s)| *d = s.to_f32()),
+            Self::BF16(e) => out.iter_mut().zip(&e[r * width..][..width]).for_each(|(d, s)| *d = s.to_f32()),
+            Self::Quant(q) => q.row_f32(r, out),
         }
     }
 }
@@ -77,7 +101,7 @@ impl Weights {
         } else {
             vec![SINGLE.to_string()]
         };
-        let mut weights = Weights { shards: Vec::new(), index: HashMap::new() };
+        let mut weights = Weights { shards: Vec::new(), index: HashMap::new(), gguf: None };
         for file in files {
             let shown = source.display(&file);
             let bytes = source.read(&file)?;
@@ -101,12 +125,24 @@ impl Weights {
         Ok(weights)
     }
 
-    pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+    /// The tensors of a parsed GGUF file, under Hugging Face's names.
+    pub(crate) fn from_gguf(file: GgufFile) -> Result<Self> {
+        Ok(Weights { shards: Vec::new(), index: HashMap::new(), gguf: Some(gguf_model::GgufWeights::new(file)?) })
     }
 
-    /// The tensor `name`, which must have exactly `shape`, in its stored floating-point dtype.
+    pub fn contains(&self, name: &str) -> bool {
+        match &self.gguf {
+            Some(g) => g.contains(name),
+            None => self.index.contains_key(name),
+        }
+    }
+
+    /// The tensor `name`, which must have exactly `shape`, in its stored dtype (block-quantized
+    /// GGUF matrices stay quantized).
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<WeightData> {
+        if let Some(g) = &self.gguf {
+            return g.get(name, shape);
+        }
         let Some(&s) = self.index.get(name) else {
             let file = self.shards.iter().map(|s| s.file.as_str()).collect::<Vec<_>>().join(", ");
             return Err(TwinferError::ModelTensor { file, tensor: name.into(), reason: "missing".into() });

@@ -1,0 +1,492 @@
+//! A GGUF reader (versions 2 and 3): the header, the metadata key/values and the tensor table,
+//! over a memory-mapped file. Every count, length, offset and size is checked against the file
+//! before it is used, so a malformed file gives a typed error naming what is wrong (and the
+//! tensor, where there is one) and nothing is ever read outside the bytes.
+//!
+//! Layout (llama.cpp's `gguf.h`): magic `GGUF`, `u32` version, `u64` tensor count, `u64` key
+//! count; each key is a string (`u64` length + UTF-8) with a `u32` value type and its value;
+//! each tensor is a name, `u32` dimension count, `u64` dimensions (innermost first), `u32` ggml
+//! type and a `u64` offset into the data section, which starts at the next multiple of
+//! `general.alignment` (32 by default) after the table. All little-endian.
+
+use std::collections::HashMap;
+
+use crate::error::{Result, TwinferError};
+use crate::model::source::FileBytes;
+use crate::quant::{BLOCK, QuantFormat};
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetaValue {
+    Uint(u64),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    String(String),
+    Array(Vec<MetaValue>),
+}
+
+impl MetaValue {
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Self::Uint(v) => Some(v),
+            Self::Int(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Self::Float(v) => Some(v),
+            Self::Uint(v) => Some(v as f64),
+            Self::Int(v) => Some(v as f64),
+            _ => None,
+        }
+    }
+    pub fn as_str(&self) -> Option<&str> {
+        if let Self::String(s) = self { Some(s) } else { None }
+    }
+    pub fn as_bool(&self) -> Option<bool> {
+        if let Self::Bool(b) = *self { Some(b) } else { None }
+    }
+    pub fn as_array(&self) -> Option<&[MetaValue]> {
+        if let Self::Array(a) = self { Some(a) } else { None }
+    }
+}
+
+/// How a tensor's elements are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgmlType {
+    F32,
+    F16,
+    BF16,
+    Quant(QuantFormat),
+}
+
+impl GgmlType {
+    fn from_id(id: u32) -> Option<Self> {
+        Some(match id {
+            0 => Self::F32,
+            1 => Self::F16,
+            2 => Self::Quant(QuantFormat::Q4_0),
+            3 => Self::Quant(QuantFormat::Q4_1),
+            8 => Self::Quant(QuantFormat::Q8_0),
+            30 => Self::BF16,
+            _ => return None,
+        })
+    }
+
+    /// (elements per block, bytes per block).
+    fn block(self) -> (usize, usize) {
+        match self {
+            Self::F32 => (1, 4),
+            Self::F16 | Self::BF16 => (1, 2),
+            Self::Quant(q) => (BLOCK, q.block_bytes()),
+        }
+    }
+}
+
+/// The ggml type names of ids twinfer does not read, for error messages.
+fn unsupported_type_name(id: u32) -> String {
+    let name = match id {
+        6 => "Q5_0",
+        7 => "Q5_1",
+        9 => "Q8_1",
+        10 => "Q2_K",
+        11 => "Q3_K",
+        12 => "Q4_K",
+        13 => "Q5_K",
+        14 => "Q6_K",
+        15 => "Q8_K",
+        _ => return format!("ggml type {id}"),
+    };
+    format!("{name} (ggml type {id})")
+}
+
+/// One tensor of the table.
+#[derive(Debug, Clone)]
+pub struct GgufTensor {
+    /// Dimensions, innermost first (`[k, n]` for an `n x k` matrix).
+    pub dims: Vec<usize>,
+    pub ty: GgmlType,
+    /// Byte range in the file.
+    pub start: usize,
+    pub len: usize,
+}
+
+/// A parsed GGUF file.
+#[derive(Debug)]
+pub struct GgufFile {
+    pub file: String,
+    pub version: u32,
+    bytes: FileBytes,
+    metadata: HashMap<String, MetaValue>,
+    tensors: HashMap<String, GgufTensor>,
+}
+
+const MAGIC: &[u8; 4] = b"GGUF";
+/// Arrays of arrays are legal GGUF, but no model uses more than one level; deeper nesting is
+/// refused so a hostile file cannot recurse without bound.
+const MAX_ARRAY_DEPTH: usize = 2;
+const MAX_DIMS: usize = 4;
+
+impl GgufFile {
+    /// Parses the header and tables of `bytes`; `file` names it in errors.
+    pub fn parse(bytes: FileBytes, file: &str) -> Result<Self> {
+        let mut r = Cursor { bytes: &bytes, at: 0, file };
+        if r.take(4)? != MAGIC {
+            return Err(r.bad("not a GGUF file (the magic is not \"GGUF\")".into()));
+        }
+        let version = r.u32()?;
+        if !(2..=3).contains(&version) {
+            return Err(r.bad(format!("GGUF version {version} is not supported (2 and 3 are)")));
+        }
+        let tensor_count = r.count("tensor count", 8 + 4 + 8 + 4 + 8)?;
+        let kv_count = r.count("metadata count", 8 + 4)?;
+        let mut metadata = HashMap::with_capacity(kv_count);
+        for _ in 0..kv_count {
+            let key = r.string()?;
+            let ty = r.u32()?;
+            let value = r.value(ty, 0).map_err(|e| r.bad(format!("metadata {key:?}: {e}")))?;
+            if metadata.insert(key.clone(), value).is_some() {
+                return Err(r.bad(format!("metadata key {key:?} appears twice")));
+            }
+        }
+        let alignment = match metadata.get("general.alignment") {
+            None => 32,
+            Some(v) => match v.as_u64() {
+                Some(a) if a.is_power_of_two() && a <= 1 << 16 => a as usize,
+                _ => return Err(r.bad(format!("general.alignment {v:?} is not a power of two up to 65536"))),
+            },
+        };
+        let mut table = Vec::with_capacity(tensor_count);
+        for _ in 0..tensor_count {
+            let name = r.string()?;
+            let bad = |reason: String| TwinferError::ModelTensor { file: file.into(), tensor: name.clone(), reason };
+            let n_dims = r.u32()? as usize;
+            if n_dims == 0 || n_dims > MAX_DIMS {
+                return Err(bad(format!("{n_dims} dimensions (1 to {MAX_DIMS} are valid)")));
+            }
+            let mut dims = Vec::with_capacity(n_dims);
+            for _ in 0..n_dims {
+                let d = r.u64()?;
+                dims.push(usize::try_from(d).map_err(|_| bad(format!("dimension {d} is too large")))?);
+            }
+            let type_id = r.u32()?;
+            let ty = GgmlType::from_id(type_id)
+                .ok_or_else(|| bad(format!("{} is not supported", unsupported_type_name(type_id))))?;
+            let offset = r.u64()?;
+            table.push((name, dims, ty, offset));
+        }
+        let data_start = r.at.div_ceil(alignment) * alignment;
+        let mut tensors = HashMap::with_capacity(table.len());
+        for (name, dims, ty, offset) in table {
+            let bad = |reason: String| TwinferError::ModelTensor { file: file.into(), tensor: name.clone(), reason };
+            let elements = dims
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .ok_or_else(|| bad("too many elements".into()))?;
+            let (per_block, block_bytes) = ty.block();
+            if !dims[0].is_multiple_of(per_block) {
+                return Err(bad(format!("rows of {} elements are not whole blocks of {per_block}", dims[0])));
+            }
+            let len = (elements / per_block).checked_mul(block_bytes).ok_or_else(|| bad("too large".into()))?;
+            if !offset.is_multiple_of(alignment as u64) {
+                return Err(bad(format!("offset {offset} is not aligned to {alignment}")));
+            }
+            let start = usize::try_from(offset).ok().and_then(|o| o.checked_add(data_start));
+            let end = start.and_then(|s| s.checked_add(len));
+            let (Some(start), Some(end)) = (start, end) else { return Err(bad("offset out of range".into())) };
+            if end > bytes.len() {
+                return Err(bad(format!(
+                    "data at bytes {start}..{end} runs past the end of the file ({} bytes): truncated?",
+                    bytes.len()
+                )));
+            }
+            if tensors.insert(name.clone(), GgufTensor { dims, ty, start, len }).is_some() {
+                return Err(bad("appears twice in the tensor table".into()));
+            }
+        }
+        Ok(Self { file: file.into(), version, bytes, metadata, tensors })
+    }
+
+    pub fn metadata(&self, key: &str) -> Option<&MetaValue> {
+        self.metadata.get(key)
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&GgufTensor> {
+        self.tensors.get(name)
+    }
+
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// The bytes of a tensor of the table.
+    pub fn data(&self, t: &GgufTensor) -> &[u8] {
+        &self.bytes[t.start..t.start + t.len]
+    }
+
+    fn bad(&self, reason: String) -> TwinferError {
+        TwinferError::ModelFile { file: self.file.clone(), reason }
+    }
+
+    /// A required metadata value, read by `get`.
+    pub fn require<T>(&self, key: &str, what: &str, get: impl Fn(&MetaValue) -> Option<T>) -> Result<T> {
+        match self.metadata(key) {
+            None => Err(self.bad(format!("metadata {key:?} is missing"))),
+            Some(v) => get(v).ok_or_else(|| self.bad(format!("metadata {key:?} is not {what}"))),
+        }
+    }
+}
+
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    file: &'a str,
+}
+
+impl Cursor<'_> {
+    fn bad(&self, reason: String) -> TwinferError {
+        TwinferError::ModelFile { file: self.file.into(), reason }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&[u8]> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or_else(|| {
+            self.bad(format!("truncated: {n} bytes wanted at byte {}, the file has {}", self.at, self.bytes.len()))
+        })?;
+        let s = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+
+    /// A count of items that each take at least `min_item_bytes`: larger than the rest of the
+    /// file could hold is an error before anything is allocated for it.
+    fn count(&mut self, what: &str, min_item_bytes: usize) -> Result<usize> {
+        let n = self.u64()?;
+        let left = (self.bytes.len() - self.at) as u64;
+        if n > left / min_item_bytes.max(1) as u64 {
+            return Err(self.bad(format!("{what} {n} cannot fit in the {left} bytes left")));
+        }
+        Ok(n as usize)
+    }
+
+    fn string(&mut self) -> Result<String> {
+        let len = self.count("string length", 1)?;
+        let at = self.at;
+        let s = self.take(len)?;
+        String::from_utf8(s.to_vec()).map_err(|_| self.bad(format!("the string at byte {at} is not UTF-8")))
+    }
+
+    fn value(&mut self, ty: u32, depth: usize) -> Result<MetaValue> {
+        Ok(match ty {
+            0 => MetaValue::Uint(self.take(1)?[0] as u64),
+            1 => MetaValue::Int(self.take(1)?[0] as i8 as i64),
+            2 => MetaValue::Uint(u16::from_le_bytes(self.take(2)?.try_into().expect("2")) as u64),
+            3 => MetaValue::Int(i16::from_le_bytes(self.take(2)?.try_into().expect("2")) as i64),
+            4 => MetaValue::Uint(self.u32()? as u64),
+            5 => MetaValue::Int(self.u32()? as i32 as i64),
+            6 => MetaValue::Float(f32::from_bits(self.u32()?) as f64),
+            7 => match self.take(1)?[0] {
+                0 => MetaValue::Bool(false),
+                1 => MetaValue::Bool(true),
+                b => return Err(self.bad(format!("bool byte {b} is neither 0 nor 1"))),
+            },
+            8 => MetaValue::String(self.string()?),
+            9 => {
+                if depth + 1 >= MAX_ARRAY_DEPTH {
+                    return Err(self.bad("arrays nested deeper than one level".into()));
+                }
+                let item = self.u32()?;
+                let n = self.count("array length", value_min_bytes(item))?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.value(item, depth + 1)?);
+                }
+                MetaValue::Array(items)
+            }
+            10 => MetaValue::Uint(self.u64()?),
+            11 => MetaValue::Int(self.u64()? as i64),
+            12 => MetaValue::Float(f64::from_bits(self.u64()?)),
+            t => return Err(self.bad(format!("unknown value type {t}"))),
+        })
+    }
+}
+
+/// The fewest bytes a value of type `ty` takes (a string takes its 8-byte length).
+fn value_min_bytes(ty: u32) -> usize {
+    match ty {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        8 | 10..=12 => 8,
+        9 => 12,
+        _ => 1,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Writes a small GGUF file: metadata and tensors with their data (test builder).
+    pub(crate) struct Builder {
+        kv: Vec<u8>,
+        kv_count: u64,
+        tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)>,
+    }
+
+    impl Builder {
+        pub(crate) fn new() -> Self {
+            Self { kv: Vec::new(), kv_count: 0, tensors: Vec::new() }
+        }
+        fn key(&mut self, key: &str, ty: u32) {
+            self.kv.extend_from_slice(&(key.len() as u64).to_le_bytes());
+            self.kv.extend_from_slice(key.as_bytes());
+            self.kv.extend_from_slice(&ty.to_le_bytes());
+            self.kv_count += 1;
+        }
+        pub(crate) fn u32(mut self, key: &str, v: u32) -> Self {
+            self.key(key, 4);
+            self.kv.extend_from_slice(&v.to_le_bytes());
+            self
+        }
+        pub(crate) fn f32(mut self, key: &str, v: f32) -> Self {
+            self.key(key, 6);
+            self.kv.extend_from_slice(&v.to_le_bytes());
+            self
+        }
+        pub(crate) fn string(mut self, key: &str, v: &str) -> Self {
+            self.key(key, 8);
+            self.kv.extend_from_slice(&(v.len() as u64).to_le_bytes());
+            self.kv.extend_from_slice(v.as_bytes());
+            self
+        }
+        pub(crate) fn strings(mut self, key: &str, v: &[&str]) -> Self {
+            self.key(key, 9);
+            self.kv.extend_from_slice(&8u32.to_le_bytes());
+            self.kv.extend_from_slice(&(v.len() as u64).to_le_bytes());
+            for s in v {
+                self.kv.extend_from_slice(&(s.len() as u64).to_le_bytes());
+                self.kv.extend_from_slice(s.as_bytes());
+            }
+            self
+        }
+        pub(crate) fn i32s(mut self, key: &str, v: &[i32]) -> Self {
+            self.key(key, 9);
+            self.kv.extend_from_slice(&5u32.to_le_bytes());
+            self.kv.extend_from_slice(&(v.len() as u64).to_le_bytes());
+            v.iter().for_each(|x| self.kv.extend_from_slice(&x.to_le_bytes()));
+            self
+        }
+        pub(crate) fn tensor(mut self, name: &str, dims: &[u64], ty: u32, data: Vec<u8>) -> Self {
+            self.tensors.push((name.into(), dims.to_vec(), ty, data));
+            self
+        }
+        pub(crate) fn build(self) -> Vec<u8> {
+            let mut out = Vec::new();
+            out.extend_from_slice(MAGIC);
+            out.extend_from_slice(&3u32.to_le_bytes());
+            out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+            out.extend_from_slice(&self.kv_count.to_le_bytes());
+            out.extend_from_slice(&self.kv);
+            let mut offset = 0u64;
+            for (name, dims, ty, data) in &self.tensors {
+                out.extend_from_slice(&(name.len() as u64).to_le_bytes());
+                out.extend_from_slice(name.as_bytes());
+                out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+                dims.iter().for_each(|d| out.extend_from_slice(&d.to_le_bytes()));
+                out.extend_from_slice(&ty.to_le_bytes());
+                out.extend_from_slice(&offset.to_le_bytes());
+                offset += (data.len() as u64).div_ceil(32) * 32;
+            }
+            out.resize(out.len().div_ceil(32) * 32, 0);
+            for (i, (_, _, _, data)) in self.tensors.iter().enumerate() {
+                out.extend_from_slice(data);
+                // The file ends with the last tensor's data: any cut reaches into something.
+                if i + 1 < self.tensors.len() {
+                    out.resize(out.len().div_ceil(32) * 32, 0);
+                }
+            }
+            out
+        }
+    }
+
+    fn sample() -> Vec<u8> {
+        Builder::new()
+            .string("general.architecture", "llama")
+            .u32("llama.block_count", 2)
+            .f32("llama.rope.freq_base", 10000.0)
+            .strings("tokenizer.ggml.tokens", &["a", "b", "ab"])
+            .i32s("tokenizer.ggml.token_type", &[1, 1, 1])
+            .tensor("w", &[32, 2], 8, vec![0; 2 * 34])
+            .tensor("n", &[4], 0, 1f32.to_le_bytes().repeat(4))
+            .build()
+    }
+
+    #[test]
+    fn reads_metadata_and_tensors() {
+        let g = GgufFile::parse(FileBytes::Owned(sample()), "t.gguf").unwrap();
+        assert_eq!(g.version, 3);
+        assert_eq!(g.metadata("general.architecture").and_then(MetaValue::as_str), Some("llama"));
+        assert_eq!(g.metadata("llama.block_count").and_then(MetaValue::as_u64), Some(2));
+        assert_eq!(g.metadata("tokenizer.ggml.tokens").and_then(MetaValue::as_array).map(<[_]>::len), Some(3));
+        let w = g.tensor("w").unwrap();
+        assert_eq!((w.dims.clone(), w.ty, w.len), (vec![32, 2], GgmlType::Quant(QuantFormat::Q8_0), 68));
+        let n = g.tensor("n").unwrap();
+        assert_eq!(g.data(n), &1f32.to_le_bytes().repeat(4)[..]);
+    }
+
+    /// Every truncation and many single-byte corruptions give an error or a valid file, never a
+    /// panic, and every tensor range stays inside the bytes.
+    #[test]
+    fn truncated_and_corrupted_files_are_errors_not_panics() {
+        let good = sample();
+        for len in 0..good.len() {
+            let r = GgufFile::parse(FileBytes::Owned(good[..len].to_vec()), "t.gguf");
+            // The data section is the tail: cutting into it must still be caught.
+            assert!(r.is_err(), "a file cut to {len} of {} bytes parsed", good.len());
+        }
+        let mut state = 0x9E37_79B9u32;
+        for _ in 0..4000 {
+            let mut bad = good.clone();
+            for _ in 0..3 {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                let i = state as usize % bad.len();
+                bad[i] = (state >> 8) as u8;
+            }
+            if let Ok(g) = GgufFile::parse(FileBytes::Owned(bad.clone()), "t.gguf") {
+                for name in g.tensor_names() {
+                    let t = g.tensor(name).unwrap();
+                    assert!(t.start + t.len <= bad.len());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let err = |bytes: Vec<u8>| GgufFile::parse(FileBytes::Owned(bytes), "t.gguf").unwrap_err().to_string();
+        let mut v1 = sample();
+        v1[4] = 1;
+        assert!(err(v1).contains("version 1"), "version");
+        assert!(err(b"GGML0000".to_vec()).contains("magic"));
+        let q4k = Builder::new().tensor("blk.0.attn_q.weight", &[256, 1], 12, vec![0; 144]).build();
+        let e = err(q4k);
+        assert!(e.contains("Q4_K") && e.contains("blk.0.attn_q.weight"), "{e}");
+        let ragged = Builder::new().tensor("w", &[33, 1], 8, vec![0; 68]).build();
+        assert!(err(ragged).contains("whole blocks"));
+        let mut huge = Builder::new().build();
+        huge[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(err(huge).contains("cannot fit"));
+    }
+}

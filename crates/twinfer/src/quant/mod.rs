@@ -1,0 +1,240 @@
+//! Block-quantized weights: the GGUF block formats (Q8_0, Q4_0, Q4_1) as stored in files, their
+//! reference decoding, quantization of float weights into them, and [`PackedQuant`], the layout
+//! the CPU kernel reads.
+//!
+//! A block holds 32 consecutive weights of one row and its own scale:
+//! - Q8_0: `d: f16, q: [i8; 32]`, value `d * q` (34 bytes);
+//! - Q4_0: `d: f16, qs: [u8; 16]`, value `d * (q - 8)` (18 bytes);
+//! - Q4_1: `d: f16, m: f16, qs: [u8; 16]`, value `d * q + m` (20 bytes).
+//!
+//! In the 4-bit formats, weight `j < 16` is the low nibble of `qs[j]` and weight `j + 16` its
+//! high nibble (llama.cpp's `ggml-common.h`).
+
+mod packed;
+
+pub use packed::PackedQuant;
+
+use half::f16;
+
+use crate::error::{Result, TwinferError};
+
+/// Weights per block, in every format here.
+pub const BLOCK: usize = 32;
+
+/// A block-quantized format of GGUF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuantFormat {
+    Q8_0,
+    Q4_0,
+    Q4_1,
+}
+
+impl QuantFormat {
+    /// Bytes of one block of [`BLOCK`] weights.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            Self::Q8_0 => 34,
+            Self::Q4_0 => 18,
+            Self::Q4_1 => 20,
+        }
+    }
+
+    /// Bits of one weight's code once packed (the scale is kept beside it).
+    pub const fn code_bits(self) -> u32 {
+        match self {
+            Self::Q8_0 => 8,
+            Self::Q4_0 | Self::Q4_1 => 4,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Q8_0 => "q8_0",
+            Self::Q4_0 => "q4_0",
+            Self::Q4_1 => "q4_1",
+        }
+    }
+
+    /// The format named `q8_0`, `q4_0` or `q4_1` (any case).
+    pub fn parse(name: &str) -> Result<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "q8_0" => Ok(Self::Q8_0),
+            "q4_0" => Ok(Self::Q4_0),
+            "q4_1" => Ok(Self::Q4_1),
+            _ => Err(TwinferError::InvalidParameter(format!("unknown quantization {name:?} (q8_0, q4_0 or q4_1)"))),
+        }
+    }
+
+    /// Bytes of a row of `k` weights (`k` a multiple of [`BLOCK`]).
+    pub const fn row_bytes(self, k: usize) -> usize {
+        k / BLOCK * self.block_bytes()
+    }
+
+    /// One block: its unsigned codes (`q + 128` for Q8_0, the nibble for the 4-bit formats) and
+    /// the affine map `value = scale * code + offset` that decodes them.
+    pub fn split_block(self, block: &[u8]) -> ([u8; BLOCK], f32, f32) {
+        let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+        let mut codes = [0u8; BLOCK];
+        match self {
+            Self::Q8_0 => {
+                for (c, &q) in codes.iter_mut().zip(&block[2..2 + BLOCK]) {
+                    *c = (q as i8 as i16 + 128) as u8;
+                }
+                (codes, d, -128.0 * d)
+            }
+            Self::Q4_0 | Self::Q4_1 => {
+                let qs = &block[block.len() - BLOCK / 2..];
+                for j in 0..BLOCK / 2 {
+                    codes[j] = qs[j] & 0x0f;
+                    codes[j + BLOCK / 2] = qs[j] >> 4;
+                }
+                let m = if self == Self::Q4_1 { f16::from_le_bytes([block[2], block[3]]).to_f32() } else { -8.0 * d };
+                (codes, d, m)
+            }
+        }
+    }
+
+    /// Decodes a row of blocks into `out` (`out.len()` weights): the reference the kernels are
+    /// checked against.
+    pub fn dequantize_row(self, row: &[u8], out: &mut [f32]) {
+        for (block, chunk) in row.chunks_exact(self.block_bytes()).zip(out.chunks_exact_mut(BLOCK)) {
+            let (codes, scale, offset) = self.split_block(block);
+            for (o, &c) in chunk.iter_mut().zip(&codes) {
+                *o = if self == Self::Q4_1 { scale.mul_add(c as f32, offset) } else { scale * self.centred(c) };
+            }
+        }
+    }
+
+    /// The signed quantized value of an unsigned code (Q8_0 and Q4_0, whose offset is `-bias * d`).
+    fn centred(self, code: u8) -> f32 {
+        match self {
+            Self::Q8_0 => code as f32 - 128.0,
+            _ => code as f32 - 8.0,
+        }
+    }
+
+    /// Quantizes a row of `k` floats (a multiple of [`BLOCK`]) into blocks appended to `out`, as
+    /// llama.cpp's reference quantizers do: Q8_0 and Q4_0 scale by the largest magnitude (Q4_0
+    /// keeps its sign, so that value maps to -8), Q4_1 spans [min, max] in 15 steps.
+    pub fn quantize_row(self, row: &[f32], out: &mut Vec<u8>) {
+        for block in row.chunks_exact(BLOCK) {
+            match self {
+                Self::Q8_0 => {
+                    let amax = block.iter().fold(0f32, |a, &x| a.max(x.abs()));
+                    let d = amax / 127.0;
+                    let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                    out.extend(block.iter().map(|&x| (x * inv).round() as i8 as u8));
+                }
+                Self::Q4_0 => {
+                    let max = block.iter().fold(0f32, |m, &x| if x.abs() > m.abs() { x } else { m });
+                    let d = max / -8.0;
+                    let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                    let code = |x: f32| ((x * inv + 8.5) as i32).clamp(0, 15) as u8;
+                    out.extend((0..BLOCK / 2).map(|j| code(block[j]) | code(block[j + BLOCK / 2]) << 4));
+                }
+                Self::Q4_1 => {
+                    let (min, max) = block.iter().fold((f32::MAX, f32::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+                    let d = (max - min) / 15.0;
+                    let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                    out.extend_from_slice(&f16::from_f32(min).to_le_bytes());
+                    let code = |x: f32| (((x - min) * inv + 0.5) as i32).clamp(0, 15) as u8;
+                    out.extend((0..BLOCK / 2).map(|j| code(block[j]) | code(block[j + BLOCK / 2]) << 4));
+                }
+            }
+        }
+    }
+}
+
+/// Rows of GGUF blocks as a file stores them: `n` rows of `k` weights, row after row.
+#[derive(Debug, Clone)]
+pub struct QuantRows {
+    pub format: QuantFormat,
+    pub n: usize,
+    pub k: usize,
+    pub bytes: Vec<u8>,
+}
+
+impl QuantRows {
+    /// Checks that `bytes` holds exactly `n` rows of `k` weights of `format`.
+    pub fn new(format: QuantFormat, n: usize, k: usize, bytes: Vec<u8>) -> Result<Self> {
+        if !k.is_multiple_of(BLOCK) || k == 0 {
+            return Err(TwinferError::InvalidParameter(format!(
+                "{} rows must hold a positive multiple of {BLOCK} weights, not {k}",
+                format.name()
+            )));
+        }
+        crate::error::check_len("quantized rows", n * format.row_bytes(k), bytes.len())?;
+        Ok(Self { format, n, k, bytes })
+    }
+
+    /// Quantizes `[n, k]` floats.
+    pub fn quantize(format: QuantFormat, values: &[f32], n: usize, k: usize) -> Result<Self> {
+        crate::error::check_len("weights to quantize", n * k, values.len())?;
+        let mut bytes = Vec::with_capacity(n * format.row_bytes(k));
+        if k.is_multiple_of(BLOCK) {
+            values.chunks_exact(k.max(1)).for_each(|row| format.quantize_row(row, &mut bytes));
+        }
+        Self::new(format, n, k, bytes)
+    }
+
+    pub fn row(&self, r: usize) -> &[u8] {
+        let len = self.format.row_bytes(self.k);
+        &self.bytes[r * len..(r + 1) * len]
+    }
+
+    /// Every weight as f32, `[n, k]`.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.n * self.k];
+        for (r, chunk) in out.chunks_exact_mut(self.k).enumerate() {
+            self.format.dequantize_row(self.row(r), chunk);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 16_777_216.0 - 0.5)
+            .collect()
+    }
+
+    #[test]
+    fn quantization_error_is_within_half_a_step() {
+        for format in [QuantFormat::Q8_0, QuantFormat::Q4_0, QuantFormat::Q4_1] {
+            let x = data(4 * 96, 7);
+            let q = QuantRows::quantize(format, &x, 4, 96).unwrap();
+            assert_eq!(q.bytes.len(), 4 * 3 * format.block_bytes());
+            let back = q.to_f32();
+            for (b, (xs, ys)) in x.chunks(BLOCK).zip(back.chunks(BLOCK)).enumerate() {
+                let (lo, hi) = xs.iter().fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+                let amax = lo.abs().max(hi.abs());
+                // Half a step of the format's grid (the f16 scale adds a relative 2^-11 of it).
+                // Q4_0's grid is -8..7 steps: the side opposite the largest magnitude clips at
+                // 7 steps, a whole step short of it.
+                let half_step = match format {
+                    QuantFormat::Q8_0 => amax / 127.0 / 2.0,
+                    QuantFormat::Q4_0 => amax / 8.0,
+                    QuantFormat::Q4_1 => (hi - lo) / 15.0 / 2.0,
+                };
+                for (&a, &b2) in xs.iter().zip(ys) {
+                    assert!((a - b2).abs() <= half_step + amax * 2e-3, "{format:?} block {b}: {a} -> {b2}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_typed_errors() {
+        assert!(QuantRows::new(QuantFormat::Q4_1, 2, 33, vec![0; 40]).is_err());
+        assert!(QuantRows::new(QuantFormat::Q4_1, 2, 32, vec![0; 39]).is_err());
+        assert!(QuantFormat::parse("q5_k").is_err());
+        assert_eq!(QuantFormat::parse("Q4_0").unwrap(), QuantFormat::Q4_0);
+    }
+}
