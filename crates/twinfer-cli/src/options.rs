@@ -6,6 +6,7 @@ use clap::{Args, ValueEnum};
 use serde_json::Value;
 use twinfer::cpu::SimdLevel;
 use twinfer::engine::EngineConfig;
+use twinfer::quant::QuantFormat;
 use twinfer::{Backend, DType};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -82,6 +83,29 @@ pub struct EngineArgs {
     /// Tokens per continuous-batching step: decode tokens plus prompt chunks [default: 512].
     #[arg(long)]
     pub max_batch_tokens: Option<usize>,
+    /// Quantize a float model's projections at load.
+    #[arg(long, value_enum)]
+    pub quantize: Option<QuantizeArg>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum QuantizeArg {
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_1")]
+    Q4_1,
+}
+
+impl From<QuantizeArg> for QuantFormat {
+    fn from(q: QuantizeArg) -> Self {
+        match q {
+            QuantizeArg::Q8_0 => QuantFormat::Q8_0,
+            QuantizeArg::Q4_0 => QuantFormat::Q4_0,
+            QuantizeArg::Q4_1 => QuantFormat::Q4_1,
+        }
+    }
 }
 
 impl EngineArgs {
@@ -111,6 +135,9 @@ impl EngineArgs {
             };
         }
         c.max_batch_tokens = self.max_batch_tokens.unwrap_or(c.max_batch_tokens);
+        if let Some(q) = self.quantize {
+            c.quantize = Some(q.into());
+        }
         Ok(c)
     }
 }

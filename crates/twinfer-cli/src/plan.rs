@@ -38,13 +38,16 @@ pub struct PlanArgs {
     /// `gpu,cpu avx512`; all of them by default.
     #[arg(long, value_delimiter = ',')]
     pub engines: Vec<String>,
+    /// Quantize the model's projections at load.
+    #[arg(long, value_enum)]
+    pub quantize: Option<crate::options::QuantizeArg>,
 }
 
 pub fn run(args: PlanArgs) -> Result<(), String> {
     if args.page_sizes.is_empty() || args.prefill_tokens == 0 || args.decode_batch == 0 || args.decode_context == 0 {
         return Err("prefill tokens, decode batch, decode context and page sizes must be positive".into());
     }
-    let model = match (&args.model, &args.preset) {
+    let mut model = match (&args.model, &args.preset) {
         (Some(dir), _) => match Model::load(ModelSource::dir(dir)).map_err(|e| e.to_string())?.network {
             Network::Decoder(m) => m,
             Network::Encoder(_) => return Err(format!("{}: plan needs a decoder model", dir.display())),
@@ -54,6 +57,9 @@ pub fn run(args: PlanArgs) -> Result<(), String> {
         }
         (None, None) => return Err("give --model DIR or --preset NAME".into()),
     };
+    if let Some(format) = args.quantize {
+        model.quantize(format.into()).map_err(|e| e.to_string())?;
+    }
     let opts = PlanOptions {
         prefill_tokens: args.prefill_tokens,
         decode_batch: args.decode_batch,

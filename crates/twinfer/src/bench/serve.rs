@@ -268,7 +268,11 @@ pub fn run_serve(opts: &ServeOptions) -> Result<ServeReport> {
     let context = scaled(spec.context, opts.scale, 16);
     let concurrency = scaled(spec.concurrency, opts.concurrency_scale, 1);
     let config = preset(&opts.model)?;
-    let model = Arc::new(random_decoder(config, opts.weight_dtype, opts.seed)?);
+    let mut model = random_decoder(config, opts.weight_dtype, opts.seed)?;
+    if let Some(format) = opts.engine.quantize {
+        model.quantize(format)?;
+    }
+    let model = Arc::new(model);
     let level = opts.engine.simd.unwrap_or_else(SimdLevel::detect);
     let prefill = Attention::new(opts.engine.prefill_backend)?;
     let decode = Attention::new(opts.engine.decode_backend)?;

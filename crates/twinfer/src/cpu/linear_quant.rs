@@ -82,11 +82,10 @@ impl<const B: u32, const C: usize> pulp::WithSimd for Chunk<'_, B, C> {
     type Output = ();
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let (k, n, lanes) = (self.w.k, self.w.n, S::F32_LANES);
+        let (k, lanes) = (self.w.k, S::F32_LANES);
         assert!(BLOCK.is_multiple_of(lanes), "a vector must not straddle two blocks");
         let blocks = k / BLOCK;
-        let (words, maps) = (self.w.words(), self.w.maps());
-        assert!(self.groups.end * k <= words.len() && self.groups.end * blocks * C <= maps.len());
+        assert!(self.groups.end * k <= self.w.words().len() && self.groups.end <= self.w.groups());
         assert!(self.rows * k <= self.x.len());
         // Code s sits at bits s*B; it must land under the exponent of 1.0, at bit 23 - B.
         let field = simd.splat_u32s(((1u32 << B) - 1) << (23 - B));
@@ -95,52 +94,81 @@ impl<const B: u32, const C: usize> pulp::WithSimd for Chunk<'_, B, C> {
             let to = 23 - B as i32 - s as i32 * B as i32;
             (to >= 0, simd.splat_u32s(to.unsigned_abs()))
         });
-        let zero = simd.splat_f32s(0.0);
+        let decode = Decode { field, one, shifts };
+        // A group's block maps, turned from the stored (d, m) into (a, b) once per group.
+        let mut affine = vec![[0f32; 2]; blocks * C];
         for g in self.groups.clone() {
-            let gw = &words[g * k..(g + 1) * k];
-            let gm = &maps[g * blocks * C..(g + 1) * blocks * C];
-            for r in 0..self.rows {
-                let xr = &self.x[r * k..(r + 1) * k];
-                let mut acc = [zero; C];
-                for blk in 0..blocks {
-                    let m = &gm[blk * C..(blk + 1) * C];
-                    let a: [S::f32s; C] = core::array::from_fn(|s| simd.splat_f32s(m[s][0]));
-                    let b: [S::f32s; C] = core::array::from_fn(|s| simd.splat_f32s(m[s][1]));
-                    let mut j = blk * BLOCK;
-                    while j < (blk + 1) * BLOCK {
-                        // SAFETY: j + lanes <= k, inside this group's words and this row of x.
-                        let (wv, xv) = unsafe {
-                            (
-                                core::ptr::read_unaligned(gw.as_ptr().add(j) as *const S::u32s),
-                                core::ptr::read_unaligned(xr.as_ptr().add(j) as *const S::f32s),
-                            )
-                        };
-                        for s in 0..C {
-                            let (left, by) = shifts[s];
-                            let moved = if left {
-                                simd.wrapping_dyn_shl_u32s(wv, by)
-                            } else {
-                                simd.wrapping_dyn_shr_u32s(wv, by)
-                            };
-                            let f = simd.transmute_f32s_u32s(simd.or_u32s(simd.and_u32s(moved, field), one));
-                            let weight = simd.mul_add_e_f32s(f, a[s], b[s]);
-                            acc[s] = simd.mul_add_e_f32s(weight, xv, acc[s]);
-                        }
-                        j += lanes;
+            self.w.group_affine(g, &mut affine);
+            let mut r = 0;
+            while r < self.rows {
+                // Each decoded weight vector serves up to 4 rows; the arithmetic per output
+                // element is the same whatever the block of rows it is in.
+                match self.rows - r {
+                    1 => self.rows_block::<S, 1>(simd, &decode, &affine, g, r),
+                    2 => self.rows_block::<S, 2>(simd, &decode, &affine, g, r),
+                    3 => self.rows_block::<S, 3>(simd, &decode, &affine, g, r),
+                    _ => self.rows_block::<S, 4>(simd, &decode, &affine, g, r),
+                }
+                r += (self.rows - r).min(4);
+            }
+        }
+    }
+}
+
+/// The constants that turn a word vector into the weights of feature `s`.
+struct Decode<S: Simd, const C: usize> {
+    field: S::u32s,
+    one: S::u32s,
+    shifts: [(bool, S::u32s); C],
+}
+
+impl<const B: u32, const C: usize> Chunk<'_, B, C> {
+    /// Feature group `g` for rows `r0 .. r0 + R`.
+    #[inline(always)]
+    fn rows_block<S: Simd, const R: usize>(&self, simd: S, d: &Decode<S, C>, gm: &[[f32; 2]], g: usize, r0: usize) {
+        let (k, n, lanes) = (self.w.k, self.w.n, S::F32_LANES);
+        let blocks = k / BLOCK;
+        let gw = &self.w.words()[g * k..(g + 1) * k];
+        assert!((r0 + R) * k <= self.x.len() && gm.len() == blocks * C);
+        let zero = simd.splat_f32s(0.0);
+        let mut acc = [[zero; C]; R];
+        for blk in 0..blocks {
+            let m = &gm[blk * C..(blk + 1) * C];
+            let mut j = blk * BLOCK;
+            while j < (blk + 1) * BLOCK {
+                // SAFETY: j + lanes <= k, inside this group's words and rows r0..r0+R of x.
+                let (wv, xv) = unsafe {
+                    let wv = core::ptr::read_unaligned(gw.as_ptr().add(j) as *const S::u32s);
+                    let xv: [S::f32s; R] = core::array::from_fn(|r| {
+                        core::ptr::read_unaligned(self.x.as_ptr().add((r0 + r) * k + j) as *const S::f32s)
+                    });
+                    (wv, xv)
+                };
+                for s in 0..C {
+                    let (left, by) = d.shifts[s];
+                    let moved =
+                        if left { simd.wrapping_dyn_shl_u32s(wv, by) } else { simd.wrapping_dyn_shr_u32s(wv, by) };
+                    let f = simd.transmute_f32s_u32s(simd.or_u32s(simd.and_u32s(moved, d.field), d.one));
+                    let weight = simd.mul_add_e_f32s(f, simd.splat_f32s(m[s][0]), simd.splat_f32s(m[s][1]));
+                    for r in 0..R {
+                        acc[r][s] = simd.mul_add_e_f32s(weight, xv[r], acc[r][s]);
                     }
                 }
-                for (s, acc) in acc.iter().enumerate() {
-                    let c = g * C + s;
-                    if c >= n {
-                        break;
-                    }
-                    let mut sum = simd.reduce_sum_f32s(*acc);
-                    if let Some(bias) = self.bias {
-                        sum += bias[c];
-                    }
-                    // SAFETY: (r, c) is inside [rows, n], and feature c belongs to this task alone.
-                    unsafe { *self.out.0.add(r * n + c) = sum };
+                j += lanes;
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (s, acc) in acc.iter().enumerate() {
+                let c = g * C + s;
+                if c >= n {
+                    break;
                 }
+                let mut sum = simd.reduce_sum_f32s(*acc);
+                if let Some(bias) = self.bias {
+                    sum += bias[c];
+                }
+                // SAFETY: (r0 + r, c) is inside [rows, n], and feature c belongs to this task alone.
+                unsafe { *self.out.0.add((r0 + r) * n + c) = sum };
             }
         }
     }

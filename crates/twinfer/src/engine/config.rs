@@ -24,6 +24,8 @@ pub struct EngineConfig {
     pub max_running: usize,
     /// New requests reuse the KV pages of a running request's identical prompt prefix.
     pub prefix_sharing: bool,
+    /// Quantize a float model's projections at load (`None` keeps the stored weights).
+    pub quantize: Option<crate::quant::QuantFormat>,
     /// Seconds since some fixed point; the default is the process's monotonic clock. Browsers pass
     /// `performance.now() / 1000`.
     pub clock: Option<fn() -> f64>,
@@ -42,6 +44,7 @@ impl Default for EngineConfig {
             max_batch_tokens: 512,
             max_running: 256,
             prefix_sharing: true,
+            quantize: None,
             clock: None,
         }
     }

@@ -123,7 +123,10 @@ impl Engine {
             Network::Encoder(m) => {
                 Served::Encoder { model: Box::new(m), tokenizer: Arc::new(model.tokenizer), level, attention: prefill }
             }
-            Network::Decoder(m) => {
+            Network::Decoder(mut m) => {
+                if let Some(format) = config.quantize {
+                    m.quantize(format)?;
+                }
                 let tokenizer = Arc::new(model.tokenizer);
                 let scheduler = Scheduler::new(Arc::new(m), Some(tokenizer.clone()), level, prefill, decode, config)?;
                 residency = scheduler.residency().to_string();

@@ -68,10 +68,27 @@ impl fmt::Debug for Storage {
     }
 }
 
-fn zeroed<T: Clone + Default>(len: usize) -> Result<Vec<T>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(len)
-        .map_err(|_| TwinferError::InvalidParameter(format!("cannot allocate a KV pool of {len} elements")))?;
-    v.resize(len, T::default());
-    Ok(v)
+/// Element types whose all-zero bit pattern is the value zero.
+trait ZeroBits: Copy {}
+impl ZeroBits for f32 {}
+impl ZeroBits for f16 {}
+impl ZeroBits for bf16 {}
+
+/// `len` zeros from the allocator's zeroed memory: a large pool comes as untouched zero pages
+/// that the OS maps in as sequences first write them, so a generous KV budget costs resident
+/// memory only as it fills (a `resize` would write, and so commit, every page up front).
+fn zeroed<T: ZeroBits>(len: usize) -> Result<Vec<T>> {
+    let fail = || TwinferError::InvalidParameter(format!("cannot allocate a KV pool of {len} elements"));
+    if len == 0 || size_of::<T>() == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<T>(len).map_err(|_| fail())?;
+    // SAFETY: the layout has a non-zero size; a null result is reported, not used.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) } as *mut T;
+    if ptr.is_null() {
+        return Err(fail());
+    }
+    // SAFETY: `ptr` was allocated by the global allocator with the layout of `[T; len]`, and
+    // all-zero bits are a valid `T` (ZeroBits), so all `len` elements are initialised.
+    Ok(unsafe { Vec::from_raw_parts(ptr, len, len) })
 }

@@ -119,6 +119,8 @@ pub struct GgufFile {
     pub file: String,
     pub version: u32,
     bytes: FileBytes,
+    /// Bytes before the data section: the header, metadata and tensor table.
+    header_len: usize,
     metadata: HashMap<String, MetaValue>,
     tensors: HashMap<String, GgufTensor>,
 }
@@ -206,7 +208,7 @@ impl GgufFile {
                 return Err(bad("appears twice in the tensor table".into()));
             }
         }
-        Ok(Self { file: file.into(), version, bytes, metadata, tensors })
+        Ok(Self { file: file.into(), version, bytes, header_len: data_start, metadata, tensors })
     }
 
     pub fn metadata(&self, key: &str) -> Option<&MetaValue> {
@@ -224,6 +226,20 @@ impl GgufFile {
     /// The bytes of a tensor of the table.
     pub fn data(&self, t: &GgufTensor) -> &[u8] {
         &self.bytes[t.start..t.start + t.len]
+    }
+
+    /// Frees the tokenizer's metadata (tens of thousands of token and merge strings) once the
+    /// tokenizer is built, so it does not stay in memory while the weights load.
+    pub fn drop_tokenizer_metadata(&mut self) {
+        self.metadata.retain(|k, _| !k.starts_with("tokenizer.ggml."));
+        self.metadata.shrink_to_fit();
+        // Everything parsed from the header is held as values now.
+        self.bytes.release(0, self.header_len.min(self.bytes.len()));
+    }
+
+    /// Drops the tensor's pages from resident memory once its bytes have been copied out.
+    pub fn release(&self, t: &GgufTensor) {
+        self.bytes.release(t.start, t.len);
     }
 
     fn bad(&self, reason: String) -> TwinferError {

@@ -17,7 +17,7 @@ use crate::model::config::ModelConfig;
 use crate::model::gguf::{GgmlType, GgufFile, MetaValue};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::weights::WeightData;
-use crate::quant::{PackedQuant, QuantRows};
+use crate::quant::PackedQuant;
 
 /// The architectures whose GGUF tensors and metadata this maps.
 const ARCHITECTURES: &[&str] = &["llama", "qwen2"];
@@ -66,16 +66,18 @@ impl GgufWeights {
             ("llama", Some("k_proj")) => Some(self.kv_heads),
             _ => None,
         };
+        let permuted;
         let bytes = match groups {
             Some(h) => {
                 if h == 0 || !n.is_multiple_of(2 * h) {
                     return Err(err(&gname, format!("{n} rows do not split into {h} heads of pairs")));
                 }
-                unpermute_rows(bytes, n, h)
+                permuted = unpermute_rows(bytes, n, h);
+                &permuted[..]
             }
-            None => bytes.to_vec(),
+            None => bytes,
         };
-        Ok(match t.ty {
+        let data = match t.ty {
             GgmlType::F32 => {
                 WeightData::F32(bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect())
             }
@@ -83,11 +85,13 @@ impl GgufWeights {
             GgmlType::BF16 => {
                 WeightData::BF16(bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect())
             }
-            GgmlType::Quant(format) => {
-                let rows = QuantRows::new(format, n, k, bytes).map_err(|e| err(&gname, e.to_string()))?;
-                WeightData::Quant(PackedQuant::from_rows(&rows))
-            }
-        })
+            GgmlType::Quant(format) => WeightData::Quant(
+                PackedQuant::from_row_bytes(format, n, k, bytes).map_err(|e| err(&gname, e.to_string()))?,
+            ),
+        };
+        // Its pages are copied out: they need not stay resident beside the packed copy.
+        self.file.release(t);
+        Ok(data)
     }
 }
 

@@ -9,6 +9,7 @@ mod gguf_model;
 mod linear;
 mod llama;
 mod ops;
+mod quantize;
 mod random;
 mod resident;
 mod source;
@@ -73,9 +74,10 @@ impl Model {
     /// Hugging Face's names (quantized matrices stay quantized).
     fn load_gguf(source: &mut ModelSource, name: &str) -> Result<Self> {
         let shown = source.display(name);
-        let file = gguf::GgufFile::parse(source.read(name)?, &shown)?;
+        let mut file = gguf::GgufFile::parse(source.read(name)?, &shown)?;
         let config = gguf_model::config(&file)?;
         let tokenizer = gguf_model::tokenizer(&file)?;
+        file.drop_tokenizer_metadata();
         let chat_template = gguf_model::chat_template(&file);
         let ModelConfig::Decoder(config) = config else {
             return Err(crate::TwinferError::ModelFile {

@@ -26,6 +26,22 @@ impl Deref for FileBytes {
     }
 }
 
+impl FileBytes {
+    /// Lets the OS drop the resident pages of `start..start + len` of a mapped file (they are
+    /// read from the file again if touched): a loader that has copied a tensor out keeps its peak
+    /// memory near the model's size instead of the model plus the whole file. A no-op for bytes
+    /// held in memory.
+    pub fn release(&self, start: usize, len: usize) {
+        #[cfg(all(unix, not(target_arch = "wasm32")))]
+        if let FileBytes::Mapped(m) = self {
+            // SAFETY: a read-only private mapping of a file: dropped pages hold file contents and
+            // fault back in unchanged, so no view of them ever sees different bytes.
+            let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len) };
+        }
+        let _ = (start, len);
+    }
+}
+
 /// A model folder's files, by name (`config.json`, `model.safetensors`, `tokenizer.json`, ...),
 /// or a single GGUF file.
 #[derive(Debug)]

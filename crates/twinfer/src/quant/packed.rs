@@ -5,14 +5,19 @@
 //!   for 8-bit), their codes at input index `j`: feature `g * C + s` in bits `s * B .. s * B + B`.
 //!   A vector of words at `j .. j + lanes` thus pairs lane for lane with `x[j .. j + lanes]`, on
 //!   every SIMD width, with no shuffle.
-//! - Each (feature, block of 32) has an affine map `value = a * f + b`, where
+//! - Each (feature, block of 32) keeps the block's f16 scale `d` and (Q4_1) minimum `m` as the
+//!   file has them, so the packed matrix takes the file's memory: 4.5 bits per weight for Q4_0,
+//!   5 for Q4_1, 8.5 for Q8_0. The maps of a group's features for one block sit together:
+//!   `maps[((g * nb + blk) * C + s) * len ..]`, `len` = 2 for Q4_1, else 1.
+//! - Decoding uses the affine map `value = a * f + b` ([`PackedQuant::affine`]), where
 //!   `f = 1 + code / 2^B` is made by placing the code under the exponent of 1.0
-//!   (`0x3F80_0000 | code << (23 - B)`), so decoding needs a shift, an and, an or and one FMA;
-//!   the maps of a group's features for one block sit together: `maps[((g * nb + blk) * C + s)]`.
-//! - For Q8_0 and Q4_0, `a * f + b` is exactly `d * q` before its one rounding, so decoding
-//!   equals the reference bit for bit; Q4_1's `b = m - 16 d` may round once more (1 ulp).
+//!   (`0x3F80_0000 | code << (23 - B)`): a shift, an and, an or and one FMA per weight. For Q8_0
+//!   and Q4_0, `a * f + b` is exactly `d * q` before its one rounding, so decoding equals the
+//!   reference bit for bit; Q4_1's `b = m - 16 d` may round once more (1 ulp).
 //!
 //! Features past `n` in the last group have code 0 and the map (0, 0).
+
+use half::f16;
 
 use crate::quant::{BLOCK, QuantFormat, QuantRows};
 
@@ -23,8 +28,8 @@ pub struct PackedQuant {
     pub n: usize,
     pub k: usize,
     words: Vec<u32>,
-    /// `(a, b)` per feature and block, grouped as described above.
-    maps: Vec<[f32; 2]>,
+    /// `d` (and `m` for Q4_1) per feature and block, grouped as above.
+    maps: Vec<f16>,
 }
 
 impl PackedQuant {
@@ -41,37 +46,79 @@ impl PackedQuant {
         &self.words
     }
 
-    pub fn maps(&self) -> &[[f32; 2]] {
-        &self.maps
+    /// Stored f16 values per (feature, block): `d`, and `m` for Q4_1.
+    fn map_len(format: QuantFormat) -> usize {
+        if format == QuantFormat::Q4_1 { 2 } else { 1 }
+    }
+
+    /// The affine maps of feature group `g`, block by block: `out[blk * C + s]` for feature
+    /// `g * C + s` (see [`PackedQuant::affine`]).
+    pub fn group_affine(&self, g: usize, out: &mut [[f32; 2]]) {
+        let per = self.cols_per_word();
+        let len = Self::map_len(self.format);
+        let count = (self.k / BLOCK) * per;
+        let maps = &self.maps[g * count * len..(g + 1) * count * len];
+        for (dst, dm) in out[..count].iter_mut().zip(maps.chunks_exact(len)) {
+            *dst = Self::affine(self.format, [dm[0], if len == 2 { dm[1] } else { f16::ZERO }]);
+        }
     }
 
     /// Bytes held in memory.
     pub fn bytes(&self) -> usize {
-        self.words.len() * 4 + self.maps.len() * 8
+        self.words.len() * 4 + self.maps.len() * 2
+    }
+
+    /// The map `(a, b)` with `value = a * f + b` for a block's stored `(d, m)`, `f = 1 + code/2^B`:
+    /// `a = d 2^B` and `b = offset - a`, where the offset of code 0 is `m` (Q4_1), `-8 d` (Q4_0)
+    /// or `-128 d` (Q8_0, whose codes are `q + 128`).
+    #[inline(always)]
+    pub fn affine(format: QuantFormat, dm: [f16; 2]) -> [f32; 2] {
+        let d = dm[0].to_f32();
+        let (a, offset) = match format {
+            QuantFormat::Q8_0 => (d * 256.0, d * -128.0),
+            QuantFormat::Q4_0 => (d * 16.0, d * -8.0),
+            QuantFormat::Q4_1 => (d * 16.0, dm[1].to_f32()),
+        };
+        [a, offset - a]
     }
 
     fn empty(format: QuantFormat, n: usize, k: usize) -> Self {
         let c = 32 / format.code_bits() as usize;
         let groups = n.div_ceil(c);
-        Self { format, n, k, words: vec![0; groups * k], maps: vec![[0.0; 2]; groups * (k / BLOCK) * c] }
+        let maps = vec![f16::ZERO; groups * (k / BLOCK) * c * Self::map_len(format)];
+        Self { format, n, k, words: vec![0; groups * k], maps }
     }
 
     /// Repacks rows of GGUF blocks.
     pub fn from_rows(rows: &QuantRows) -> Self {
-        let mut p = Self::empty(rows.format, rows.n, rows.k);
-        let bits = rows.format.code_bits();
-        let two_b = (1u32 << bits) as f32;
-        for c in 0..rows.n {
-            for (blk, block) in rows.row(c).chunks_exact(rows.format.block_bytes()).enumerate() {
-                let (codes, scale, offset) = rows.format.split_block(block);
+        Self::from_row_bytes(rows.format, rows.n, rows.k, &rows.bytes).expect("QuantRows checked its shape")
+    }
+
+    /// Repacks `n` rows of `k` weights of GGUF blocks straight from `bytes` (a memory-mapped
+    /// file's tensor: no copy of the file's blocks is made).
+    pub fn from_row_bytes(format: QuantFormat, n: usize, k: usize, bytes: &[u8]) -> crate::error::Result<Self> {
+        if k == 0 || !k.is_multiple_of(BLOCK) {
+            return Err(crate::TwinferError::InvalidParameter(format!(
+                "{} rows must hold a positive multiple of {BLOCK} weights, not {k}",
+                format.name()
+            )));
+        }
+        let row_bytes = format.row_bytes(k);
+        crate::error::check_len("quantized rows", n * row_bytes, bytes.len())?;
+        let mut p = Self::empty(format, n, k);
+        for c in 0..n {
+            let row = &bytes[c * row_bytes..(c + 1) * row_bytes];
+            for (blk, block) in row.chunks_exact(format.block_bytes()).enumerate() {
+                let (codes, _, _) = format.split_block(block);
                 for (i, &code) in codes.iter().enumerate() {
                     p.set_code(c, blk * BLOCK + i, code as u32);
                 }
-                let a = scale * two_b;
-                *p.map_mut(c, blk) = [a, offset - a];
+                let d = f16::from_le_bytes([block[0], block[1]]);
+                let m = if format == QuantFormat::Q4_1 { f16::from_le_bytes([block[2], block[3]]) } else { f16::ZERO };
+                p.set_map(c, blk, [d, m]);
             }
         }
-        p
+        Ok(p)
     }
 
     /// Several matrices of the same format and width, one after the other as features (q, k and
@@ -89,7 +136,7 @@ impl PackedQuant {
                     out.set_code(at + c, j, p.code(c, j));
                 }
                 for blk in 0..p.k / BLOCK {
-                    *out.map_mut(at + c, blk) = p.map(c, blk);
+                    out.set_map(at + c, blk, p.map(c, blk));
                 }
             }
             at += p.n;
@@ -118,20 +165,23 @@ impl PackedQuant {
         ((c / per) * (self.k / BLOCK) + blk) * per + c % per
     }
 
-    fn map(&self, c: usize, blk: usize) -> [f32; 2] {
-        self.maps[self.map_index(c, blk)]
+    fn map(&self, c: usize, blk: usize) -> [f16; 2] {
+        let len = Self::map_len(self.format);
+        let i = self.map_index(c, blk) * len;
+        [self.maps[i], if len == 2 { self.maps[i + 1] } else { f16::ZERO }]
     }
 
-    fn map_mut(&mut self, c: usize, blk: usize) -> &mut [f32; 2] {
-        let i = self.map_index(c, blk);
-        &mut self.maps[i]
+    fn set_map(&mut self, c: usize, blk: usize, dm: [f16; 2]) {
+        let len = Self::map_len(self.format);
+        let i = self.map_index(c, blk) * len;
+        self.maps[i..i + len].copy_from_slice(&dm[..len]);
     }
 
     /// Feature `c`'s weights, decoded as the kernel decodes them (an embedding row).
     pub fn row_f32(&self, c: usize, out: &mut [f32]) {
         let shift = 23 - self.format.code_bits();
         for (j, o) in out.iter_mut().enumerate().take(self.k) {
-            let [a, b] = self.map(c, j / BLOCK);
+            let [a, b] = Self::affine(self.format, self.map(c, j / BLOCK));
             let f = f32::from_bits(0x3F80_0000 | self.code(c, j) << shift);
             *o = f.mul_add(a, b);
         }
