@@ -156,14 +156,16 @@ fn resident_gpu_model_matches_the_reference_with_one_submission_per_step() {
 }
 
 /// The scheduler on the GPU runs the resident path; a request's greedy output is the reference's
-/// alone and among 63 others sharing steps (decode rows and prompt chunks in one submission),
-/// with prefix sharing (copy-on-write pages copied on the device) and under preemption.
+/// alone and among 31 others sharing steps (decode rows and prompt chunks in one submission),
+/// with prefix sharing (copy-on-write pages copied on the device) and under preemption. One model
+/// per pool size: software Vulkan in CI takes minutes per configuration, and the two models'
+/// resident forward passes are each checked against the reference above.
 #[test]
 fn resident_gpu_engine_outputs_do_not_depend_on_the_batch_or_on_preemption() {
     let Some(gpu) = gpu_attention() else { return };
-    for name in MODELS {
+    for (name, pages, budget) in [("tiny-llama", 4096, 512), ("tiny-qwen2", 40, 64)] {
         let reqs = golden_requests(name);
-        for (pages, budget) in [(4096, 512), (40, 64)] {
+        {
             let config = EngineConfig {
                 kv_dtype: DType::F32,
                 kv_pool_pages: Some(pages),
@@ -174,7 +176,7 @@ fn resident_gpu_engine_outputs_do_not_depend_on_the_batch_or_on_preemption() {
             let mut s = scheduler_on(name, config, gpu.clone());
             assert!(s.resident().is_some(), "{name}: not resident: {}", s.residency());
             let mut expected = std::collections::BTreeMap::new();
-            for i in 0..64u64 {
+            for i in 0..32u64 {
                 let (prompt, want) = &reqs[i as usize % reqs.len()];
                 let id = s.add(greedy(prompt.clone(), want.len())).unwrap();
                 expected.insert(id.0, want.clone());
@@ -191,7 +193,7 @@ fn resident_gpu_engine_outputs_do_not_depend_on_the_batch_or_on_preemption() {
             assert_eq!(after.submits - before.submits, steps, "{name}: one submission per step");
             assert_eq!(after.readbacks - before.readbacks, steps, "{name}: one readback per step");
             for (id, want) in expected {
-                assert_eq!(&out[&id].0, &want, "{name}: request {id} among 64 on the GPU, pool {pages} pages");
+                assert_eq!(&out[&id].0, &want, "{name}: request {id} among 32 on the GPU, pool {pages} pages");
             }
             assert_eq!(s.cache().free_pages(), s.cache().num_pages(), "{name}: pages leaked");
             if pages == 40 {

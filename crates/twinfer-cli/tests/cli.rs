@@ -204,6 +204,12 @@ fn plan_writes_a_config_that_run_accepts() {
         "2",
         "--decode-context",
         "64",
+        // Every CPU level and the subgroup GPU variants, one page size: each GPU engine costs
+        // a minute of software Vulkan in CI.
+        "--page-sizes",
+        "16",
+        "--engines",
+        "cpu,gpu subgroup",
         "--out",
         path(&out),
         "--json",
