@@ -26,11 +26,18 @@ scripts/fetch-models.sh >/dev/null
 echo "== cargo test (native)"
 cargo test --workspace
 
-echo "== benches compile and time one iteration each"
-cargo bench -p twinfer-benches -- --test
+echo "== benches: each runs once as a test (criterion's test mode), in the test profile already built"
+cargo test -p twinfer-benches --benches
 
+# The elapsed time after each stage: CI has 90 minutes on 2 cores and we aim for half.
+stage() { echo "-- $1 done, $SECONDS s since the start"; }
+stage "native"
 scripts/test-aarch64.sh
+stage "aarch64"
 scripts/test-wasm.sh
+stage "wasm32"
 scripts/test-webgpu.sh
+stage "webgpu"
 scripts/test-browser.sh
+stage "browser"
 echo "== all tests passed"

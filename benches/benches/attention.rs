@@ -12,7 +12,7 @@
 //! `<simd>` is the instruction set that ran: the widest this CPU has, or `TWINFER_SIMD`.
 //!
 //! The long cases (L = 8192 takes seconds per run) use 10 samples of one run each, flat
-//! sampling and a measurement time sized to that. `cargo bench -p twinfer-benches -- --test` runs
+//! sampling and a measurement time sized to that. `cargo test -p twinfer-benches --benches` (CI) runs
 //! every case once; `-- --quick` stops once the estimate settles; a filter such as
 //! `-- prefill_causal/.*/512` picks cases. Inputs are built only for the cases that run, one case
 //! at a time (decode batch 8 at 32K holds 1 GiB of KV).

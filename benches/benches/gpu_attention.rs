@@ -81,7 +81,7 @@ fn decode_paged(c: &mut Criterion) {
 /// Projections with f16 weights (f32 without shader-f16): GEMV for decode rows, rated in weight
 /// bytes; the tiled matmul for prompt chunks, rated in FLOPs ("elem/s").
 /// Unlike the attention cases these also run on a software adapter, on toy shapes, so that
-/// `cargo bench -- --test` exercises them in CI (the numbers mean nothing there).
+/// `cargo test --benches` exercises them in CI (the numbers mean nothing there).
 fn linear(c: &mut Criterion) {
     let engine = match GpuEngine::new() {
         Ok(e) => e,
