@@ -26,6 +26,14 @@ scripts/fetch-models.sh >/dev/null
 echo "== cargo test (native)"
 cargo test --workspace
 
+echo "== examples: each checks its own results and exits non-zero on a mismatch (CPU, then the GPU engine)"
+for example in crates/*/examples/*.rs; do
+    crate=$(basename "$(dirname "$(dirname "$example")")")
+    name=$(basename "$example" .rs)
+    cargo run -q -p "$crate" --example "$name"
+    TWINFER_BACKEND=gpu cargo run -q -p "$crate" --example "$name"
+done
+
 echo "== benches: each runs once as a test (criterion's test mode), in the test profile already built"
 cargo test -p twinfer-benches --benches
 

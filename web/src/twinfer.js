@@ -94,13 +94,15 @@ export class Twinfer {
    * is `{ text, tokens, reason, metrics }`.
    */
   async *generate(prompt, options = {}) {
+    // TTFT counts from this call, not from when the engine's queue reached the request.
+    const arrivedAt = performance.now() / 1000;
     const { signal } = options;
     signal?.throwIfAborted();
     const request = {};
     for (const key of GENERATE_OPTIONS) if (options[key] !== undefined) request[key] = options[key];
     const chat = prompt !== null && typeof prompt === "object" && Array.isArray(prompt.messages);
     const input = chat ? await this.#run(() => this.#rt.chatTokens(prompt.messages)) : prompt;
-    const id = await this.#run(() => this.#rt.add(input, request));
+    const id = await this.#run(() => this.#rt.add(input, request, arrivedAt));
     const stream = new EventStream();
     this.#streams.set(id, stream);
     this.#pending += 1;

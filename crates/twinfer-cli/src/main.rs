@@ -117,8 +117,24 @@ fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Info { json } => info::run(json),
         Command::Bench {
-            what: BenchWhat::Kernels { quick, backend: KernelBackendArg::Gpu, variant, decode_wg, shader_checks, .. },
+            what:
+                BenchWhat::Kernels {
+                    quick,
+                    backend: KernelBackendArg::Gpu,
+                    variant,
+                    decode_wg,
+                    shader_checks,
+                    simd,
+                    cases,
+                    json,
+                },
         } => {
+            if simd.is_some() {
+                return Err(
+                    "--simd picks the CPU engine's instruction set; it has no meaning with --backend gpu".into()
+                );
+            }
+            bench::gpu::check_gpu_cases(&cases).map_err(|e| e.to_string())?;
             let scope = if quick { Scope::Quick } else { Scope::Full };
             let gpu = GpuEngine::new().map_err(|e| e.to_string())?;
             let mut opts = gpu.options();
@@ -139,8 +155,13 @@ fn run(cli: Cli) -> Result<(), String> {
                 };
             }
             let gpu = gpu.with_options(opts).map_err(|e| e.to_string())?;
-            let report = bench::gpu::run_gpu_kernels(&gpu, scope).map_err(|e| e.to_string())?;
-            print_report(&report);
+            let only = (!cases.is_empty()).then_some(cases.as_slice());
+            let report = bench::gpu::run_gpu_kernels(&gpu, scope, only).map_err(|e| e.to_string())?;
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                print_report(&report);
+            }
             Ok(())
         }
         Command::Run(args) => generate::run(args),
@@ -148,7 +169,14 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Embed(args) => generate::embed(args),
         Command::Plan(args) => plan::run(args),
         Command::Bench { what: BenchWhat::Serve(args) } => serve::run(*args),
-        Command::Bench { what: BenchWhat::Kernels { quick, simd, cases, json, .. } } => {
+        Command::Bench {
+            what: BenchWhat::Kernels { quick, simd, cases, json, variant, decode_wg, shader_checks, .. },
+        } => {
+            if variant.is_some() || decode_wg.is_some() || shader_checks.is_some() {
+                return Err(
+                    "--variant, --decode-wg and --shader-checks set up the GPU engine: add --backend gpu".into()
+                );
+            }
             let level = match simd {
                 Some(s) => SimdLevel::by_name(s.name()).ok_or_else(|| format!("this CPU has no {}", s.name()))?,
                 None => SimdLevel::detect(),

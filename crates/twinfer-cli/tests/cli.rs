@@ -189,6 +189,11 @@ fn bad_flags_and_bad_models_exit_non_zero_with_a_reason() {
     fails_with(&["run", "--model", path(&empty), "--prompt", "x"], "model.safetensors");
     fails_with(&["embed", "--model", path(&src), "hello"], "decoder");
     let _ = std::fs::remove_dir_all(&empty);
+    // A flag is obeyed or refused, never dropped.
+    fails_with(&["run", "--model", path(&src), "--prompt", "x", "--max-tokens", "0"], "max_tokens must be at least 1");
+    fails_with(&["bench", "kernels", "--backend", "gpu", "--simd", "scalar"], "--simd");
+    fails_with(&["bench", "kernels", "--quick", "--decode-wg", "64"], "--backend gpu");
+    fails_with(&["bench", "kernels", "--backend", "gpu", "--quick", "--case", "decode-f32:1:64"], "f16");
 }
 
 #[test]

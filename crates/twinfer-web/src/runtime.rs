@@ -229,16 +229,20 @@ impl Runtime {
 
     /// Queues a generation request; it starts at the next `step`. `prompt`: text or token ids.
     /// `options`: `{ maxTokens, temperature, topK, topP, repetitionPenalty, seed, stop,
-    /// stopTokenIds, ignoreEos }`. Returns the request's id.
+    /// stopTokenIds, ignoreEos }`. `arrivedAt`: when the caller asked, in seconds of
+    /// `performance.now()` (default: now); TTFT counts from it, so time spent queued behind a
+    /// running step is measured. Returns the request's id.
     pub fn add(
         &self,
         #[wasm_bindgen(unchecked_param_type = "string | number[] | Uint32Array")] prompt: JsValue,
         options: JsValue,
+        #[wasm_bindgen(js_name = arrivedAt)] arrived_at: Option<f64>,
     ) -> std::result::Result<u32, js_sys::Error> {
         let mut state = self.state.try_borrow_mut().map_err(|_| busy())?;
         let scheduler = decoder(&mut state)?;
         let request = generate_request(&prompt, &options).map_err(to_js_error)?;
-        let RequestId(id) = scheduler.add(request).map_err(to_js_error)?;
+        let arrived = arrived_at.filter(|t| t.is_finite()).unwrap_or_else(web_clock);
+        let RequestId(id) = scheduler.add_arrived(request, arrived).map_err(to_js_error)?;
         // Ids count requests; four billion of them outlast any page.
         Ok(id as u32)
     }

@@ -110,23 +110,30 @@ impl Attention {
     /// Opening the GPU waits for the adapter, so in a browser this never tries it (`Auto` gives
     /// the CPU, `Gpu` fails with `WouldBlock`): use [`Attention::new_async`] there.
     pub fn new(requested: Backend) -> Result<Self> {
-        block_on("Attention::new", Self::choose(requested, CAN_BLOCK))?
+        block_on("Attention::new", Self::choose(requested, None, CAN_BLOCK))?
+    }
+
+    /// [`Attention::new`] with the CPU engine, if that is what runs, on `level` when given (it
+    /// overrides `TWINFER_SIMD`).
+    pub fn with_simd(requested: Backend, level: Option<SimdLevel>) -> Result<Self> {
+        block_on("Attention::with_simd", Self::choose(requested, level, CAN_BLOCK))?
     }
 
     /// [`Attention::new`] without blocking: in a browser, the way to get the WebGPU engine. The
     /// reason in [`Attention::info`] says why the GPU was or was not chosen (no WebGPU, failed
     /// self-test, software adapter under `Auto`).
     pub async fn new_async(requested: Backend) -> Result<Self> {
-        Self::choose(requested, true).await
+        Self::choose(requested, None, true).await
     }
 
-    async fn choose(requested: Backend, may_wait: bool) -> Result<Self> {
+    async fn choose(requested: Backend, level: Option<SimdLevel>, may_wait: bool) -> Result<Self> {
         let requested = match env_var("TWINFER_BACKEND") {
             Some(v) => v.parse()?,
             None => requested,
         };
-        let (level, simd_reason) = match env_var("TWINFER_SIMD") {
-            Some(name) => match SimdLevel::by_name(&name) {
+        let (level, simd_reason) = match (level, env_var("TWINFER_SIMD")) {
+            (Some(l), _) => (l, format!("{l} requested")),
+            (None, Some(name)) => match SimdLevel::by_name(&name) {
                 Some(l) => (l, format!("TWINFER_SIMD={name}")),
                 None => {
                     let available: Vec<_> = SimdLevel::available().iter().map(|l| l.name()).collect();
@@ -136,7 +143,7 @@ impl Attention {
                     )));
                 }
             },
-            None => (SimdLevel::detect(), "widest SIMD level this CPU has".to_string()),
+            (None, None) => (SimdLevel::detect(), "widest SIMD level this CPU has".to_string()),
         };
         let cpu = CpuEngine::with_level(level);
         let reason = match requested {

@@ -63,6 +63,11 @@ pub fn prefill_causal_flops(len: usize) -> f64 {
     4.0 * visible * (QO_HEADS * HEAD_DIM) as f64
 }
 
+/// A context length as case names print it: `8K` for multiples of 1024, else the token count.
+pub fn context_name(ctx: usize) -> String {
+    if ctx.is_multiple_of(1024) { format!("{}K", ctx / 1024) } else { ctx.to_string() }
+}
+
 /// Bytes of K and V (f16) one paged decode step reads: `batch * ctx` rows of every KV head.
 pub fn decode_paged_bytes(batch: usize, ctx: usize) -> f64 {
     (batch * ctx * KV_HEADS * HEAD_DIM * 2 * 2) as f64 // K and V, 2 bytes each
@@ -223,7 +228,7 @@ impl DecodePaged {
     }
 
     pub fn name(&self) -> String {
-        format!("decode {} page{PAGE_SIZE} batch={} ctx={}K", self.kv_dtype(), self.batch, self.ctx / 1024)
+        format!("decode {} page{PAGE_SIZE} batch={} ctx={}", self.kv_dtype(), self.batch, context_name(self.ctx))
     }
 }
 

@@ -8,14 +8,17 @@ use half::f16;
 
 use super::cases::{Bound, CaseResult, HEAD_DIM, KV_HEADS, PAGE_SIZE, QO_HEADS, pseudo_random};
 use super::timing::Stats;
-use super::{KernelReport, Scope};
+use super::{Case, KernelReport, Scope};
 use crate::attention::{AttentionOutput, AttentionParams, DecodeInput, KvInput, PrefillInput};
-use crate::error::Result;
+use crate::dtype::DType;
+use crate::error::{Result, TwinferError};
 use crate::gpu::{DEFAULT_MAX_WEIGHT_BUFFER, GpuEngine, GpuLinear};
 use crate::kv::{KvLayout, PageTable, PagedKv};
 
-/// Measures the ceilings, then every case, on `engine`.
-pub fn run_gpu_kernels(engine: &GpuEngine, scope: Scope) -> Result<KernelReport> {
+/// Measures the ceilings, then every case of `scope` on `engine`, or only `only` when given
+/// (attention cases; the projection cases then do not run).
+pub fn run_gpu_kernels(engine: &GpuEngine, scope: Scope, only: Option<&[Case]>) -> Result<KernelReport> {
+    check_gpu_cases(only.unwrap_or_default())?;
     let ctx = engine.context();
     let runs = match scope {
         Scope::Quick => 3,
@@ -39,21 +42,28 @@ pub fn run_gpu_kernels(engine: &GpuEngine, scope: Scope) -> Result<KernelReport>
         Scope::Full => 100,
     };
     let mut cases = Vec::new();
-    let (prefill, decode): (&[usize], &[(usize, usize)]) = match scope {
-        Scope::Quick => (&[256], &[(1, 1024), (4, 1024)]),
-        Scope::Full => (&[1024, 4096], &[(1, 8192), (1, 32768), (8, 8192), (64, 8192)]),
+    let (prefill, decode): (Vec<usize>, Vec<(usize, usize)>) = match (only, scope) {
+        (Some(only), _) => (
+            only.iter().filter_map(|c| if let Case::Prefill(len) = c { Some(*len) } else { None }).collect(),
+            only.iter()
+                .filter_map(|c| if let Case::Decode { batch, ctx, .. } = c { Some((*batch, *ctx)) } else { None })
+                .collect(),
+        ),
+        (None, Scope::Quick) => (vec![256], vec![(1, 1024), (4, 1024)]),
+        (None, Scope::Full) => (vec![1024, 4096], vec![(1, 8192), (1, 32768), (8, 8192), (64, 8192)]),
     };
-    for &len in prefill {
+    for len in prefill {
         cases.push(prefill_causal(engine, len, runs, stamps)?);
     }
-    for &(batch, ctx_len) in decode {
+    for (batch, ctx_len) in decode {
         cases.push(decode_paged(engine, batch, ctx_len, runs, stamps)?);
     }
     // Projections (rows, n, k): GEMVs over an MLP-sized weight (GB/s of weights), then
     // prompt-chunk matmuls (FLOP/s).
-    let projections: &[(usize, usize, usize)] = match scope {
-        Scope::Quick => &[(1, 2048, 1024), (128, 1024, 1024)],
-        Scope::Full => &[(1, 14336, 4096), (4, 14336, 4096), (512, 14336, 4096), (2048, 4096, 4096)],
+    let projections: &[(usize, usize, usize)] = match (only, scope) {
+        (Some(_), _) => &[],
+        (None, Scope::Quick) => &[(1, 2048, 1024), (128, 1024, 1024)],
+        (None, Scope::Full) => &[(1, 14336, 4096), (4, 14336, 4096), (512, 14336, 4096), (2048, 4096, 4096)],
     };
     for &(rows, n, k) in projections {
         cases.push(linear(engine, rows, n, k, runs, stamps)?);
@@ -66,6 +76,16 @@ pub fn run_gpu_kernels(engine: &GpuEngine, scope: Scope) -> Result<KernelReport>
         fma_gflops,
         cases,
     })
+}
+
+/// Refuses the cases the GPU benchmark cannot run (it stores decode KV as f16 only).
+pub fn check_gpu_cases(cases: &[Case]) -> Result<()> {
+    match cases.iter().find(|c| matches!(c, Case::Decode { dtype, .. } if *dtype != DType::F16)) {
+        Some(bad) => Err(TwinferError::InvalidParameter(format!(
+            "{bad:?}: the GPU decode benchmark stores its KV as f16; use decode:BATCH:CTX"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// (time, wall cross-check) of the last recorded passes: GPU timestamps of `stamps` single runs
@@ -113,7 +133,7 @@ fn decode_paged(engine: &GpuEngine, batch: usize, ctx: usize, runs: usize, stamp
     prepare_decode_paged(engine, batch, ctx)?;
     let (seconds, wall) = time_case(engine, runs, stamps)?;
     Ok(CaseResult {
-        name: format!("decode f16 page{PAGE_SIZE} batch={batch} ctx={}K", ctx / 1024),
+        name: format!("decode f16 page{PAGE_SIZE} batch={batch} ctx={}", super::cases::context_name(ctx)),
         seconds,
         wall,
         bound: Bound::Memory,

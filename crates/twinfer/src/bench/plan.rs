@@ -170,6 +170,11 @@ pub fn plan(model: &Arc<LlamaModel>, opts: &PlanOptions, candidates: &[Candidate
             });
         }
     }
+    recommend(measurements, candidates, opts)
+}
+
+/// The fastest engine per phase from the timings, and why.
+fn recommend(measurements: Vec<Measurement>, candidates: &[Candidate], opts: &PlanOptions) -> Result<Plan> {
     let best = |phase: &str| {
         measurements
             .iter()
@@ -201,8 +206,26 @@ pub fn plan(model: &Arc<LlamaModel>, opts: &PlanOptions, candidates: &[Candidate
     }
     // The projections dominate a CPU forward pass: run them where decode was fastest.
     let simd = if dc.backend == Backend::Cpu { dc.simd } else { pc.simd };
+    let mut prefill_engine = p.candidate.clone();
+    if pc.backend == Backend::Cpu && pc.simd.name() != simd.name() {
+        // One step runs prompt chunks and decode tokens through the same projections, so both
+        // phases get one instruction set: write the prefill engine that will really run, and say so.
+        let same_level = candidates.iter().find(|c| c.backend == Backend::Cpu && c.simd.name() == simd.name());
+        if let Some(c) = same_level
+            && let Some(m) = measurements.iter().find(|m| m.phase == "prefill" && m.candidate == c.name)
+        {
+            reasons.push(format!(
+                "prefill: {} was fastest, but a step runs both phases through the same projections, so \
+                 prefill takes decode's {simd} too: {} prefills at {:.0} tokens/s",
+                p.candidate,
+                c.name,
+                m.tokens_per_s()
+            ));
+            prefill_engine = c.name.clone();
+        }
+    }
     Ok(Plan {
-        prefill: (p.candidate.clone(), pc.backend),
+        prefill: (prefill_engine, pc.backend),
         decode: (d.candidate.clone(), dc.backend),
         simd,
         page_size: d.page_size,
@@ -326,4 +349,47 @@ fn time_decode(
         Ok(t.elapsed().as_secs_f64())
     })?;
     Ok((host, device_time(resident.as_ref())?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cpu(level: SimdLevel) -> Candidate {
+        Candidate {
+            name: format!("cpu {}", level.name()),
+            backend: Backend::Cpu,
+            simd: level,
+            attention: Attention::cpu(level),
+        }
+    }
+
+    fn timing(candidate: &str, phase: &'static str, seconds: f64) -> Measurement {
+        let seconds = Stats::from_samples(vec![seconds]);
+        Measurement { candidate: candidate.into(), phase, page_size: 16, tokens: 256, seconds, device_seconds: None }
+    }
+
+    /// When the phases' fastest CPU engines use different instruction sets, the config cannot run
+    /// both (a step shares the projections): the prefill engine it names is the one that will run.
+    #[test]
+    fn the_written_prefill_engine_runs_on_the_level_the_config_sets() {
+        let levels = SimdLevel::available();
+        let [.., narrow, wide] = levels.as_slice() else { panic!("every target has scalar and one SIMD level") };
+        let (narrow, wide) = (cpu(*narrow), cpu(*wide));
+        let measurements = vec![
+            timing(&wide.name, "prefill", 1.0),
+            timing(&narrow.name, "prefill", 2.0),
+            timing(&wide.name, "decode", 2.0),
+            timing(&narrow.name, "decode", 1.0),
+        ];
+        let plan = recommend(measurements, &[narrow.clone(), wide.clone()], &PlanOptions::default()).unwrap();
+        assert_eq!(plan.simd.name(), narrow.simd.name(), "decode's level runs the projections");
+        assert_eq!(plan.decode.0, narrow.name);
+        assert_eq!(plan.prefill.0, narrow.name, "the config names a prefill engine that cannot run");
+        assert!(
+            plan.reasons.iter().any(|r| r.contains(&wide.name) && r.contains("same projections")),
+            "{:?}",
+            plan.reasons
+        );
+    }
 }

@@ -274,8 +274,8 @@ pub fn run_serve(opts: &ServeOptions) -> Result<ServeReport> {
     }
     let model = Arc::new(model);
     let level = opts.engine.simd.unwrap_or_else(SimdLevel::detect);
-    let prefill = Attention::new(opts.engine.prefill_backend)?;
-    let decode = Attention::new(opts.engine.decode_backend)?;
+    let prefill = Attention::with_simd(opts.engine.prefill_backend, opts.engine.simd)?;
+    let decode = Attention::with_simd(opts.engine.decode_backend, opts.engine.simd)?;
     let engine_name = |a: &Attention| format!("{} {} on {}", a.info().backend, a.info().variant, a.info().device);
     let (prefill_engine, decode_engine) = (engine_name(&prefill), engine_name(&decode));
 
@@ -339,9 +339,11 @@ pub fn run_serve(opts: &ServeOptions) -> Result<ServeReport> {
     while next < arrivals.len() || sched.has_work() {
         let now = sched.now() - start;
         while next < arrivals.len() && arrivals[next].0 <= now {
-            let ids = std::mem::take(&mut arrivals[next].1);
-            let id = sched.add(greedy(ids, opts.output_tokens))?;
-            submitted.push((id.0, sched.now() - start));
+            // A request that arrived while a step ran has waited since its arrival: its TTFT
+            // counts from then, not from when the step let it in.
+            let (arrived, ids) = (arrivals[next].0, std::mem::take(&mut arrivals[next].1));
+            let id = sched.add_arrived(greedy(ids, opts.output_tokens), start + arrived)?;
+            submitted.push((id.0, arrived));
             next += 1;
         }
         if sched.has_work() {

@@ -18,6 +18,7 @@ pub enum Prompt {
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateRequest {
     pub prompt: Prompt,
+    /// At least 1; generation also ends when the model's context is full.
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     /// Generation ends when the text contains one of these; it is cut before it.
@@ -87,7 +88,8 @@ pub enum Event {
     /// A generated token and the text it completed (possibly empty: half a character, or text
     /// held back because it may be the start of a stop string). `t`: seconds since submission.
     Token { request: RequestId, token: u32, text: String, t: f64 },
-    /// The request is over; `text` is everything it generated, stop string removed.
+    /// The request is over; `text` is everything it generated, stop string removed, and always
+    /// equals the concatenation of the request's `Token` texts.
     Finished { request: RequestId, reason: FinishReason, text: String, tokens: Vec<u32>, metrics: RequestMetrics },
 }
 

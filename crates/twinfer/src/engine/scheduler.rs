@@ -171,8 +171,19 @@ impl Scheduler {
 
     /// Queues a request; it starts at the next step with room.
     pub fn add(&mut self, request: GenerateRequest) -> Result<RequestId> {
-        let submitted = self.now();
+        let now = self.now();
+        self.add_arrived(request, now)
+    }
+
+    /// [`Scheduler::add`] for a request that arrived at `arrived` (this scheduler's clock), before
+    /// the caller could hand it over: a running step or a queue delayed it. Its TTFT, ITL and
+    /// end-to-end times count from `arrived`, so that wait is measured rather than hidden.
+    pub fn add_arrived(&mut self, request: GenerateRequest, arrived: f64) -> Result<RequestId> {
+        let submitted = arrived.min(self.now());
         request.sampling.validate()?;
+        if request.max_tokens == 0 {
+            return Err(TwinferError::InvalidParameter("max_tokens must be at least 1".into()));
+        }
         let prompt = match &request.prompt {
             Prompt::Text(t) => match &self.tokenizer {
                 Some(tok) => tok.encode(t, true)?,
@@ -187,7 +198,7 @@ impl Scheduler {
             return Err(TwinferError::InvalidParameter(format!("prompt token {bad} is outside the vocabulary")));
         }
         let pool_tokens = self.cache.num_pages() * self.config.page_size;
-        let longest = (prompt.len() + request.max_tokens).min(c.max_position_embeddings);
+        let longest = prompt.len().saturating_add(request.max_tokens).min(c.max_position_embeddings);
         if prompt.is_empty() || prompt.len() >= c.max_position_embeddings || longest > pool_tokens {
             return Err(TwinferError::RequestTooLarge {
                 tokens: prompt.len(),
@@ -199,7 +210,7 @@ impl Scheduler {
         }
         let id = RequestId(self.next_id);
         self.next_id += 1;
-        self.first_submit.get_or_insert(submitted);
+        self.first_submit = Some(self.first_submit.map_or(submitted, |t| t.min(submitted)));
         let metrics = RequestMetrics { prompt_tokens: prompt.len(), ..Default::default() };
         let sampler = Sampler::new(request.sampling.seed);
         self.seqs.insert(
@@ -476,13 +487,25 @@ impl Scheduler {
         s.generated.push(token);
         let t = now - s.submitted;
         s.metrics.token_times.push(t);
-        if !s.request.ignore_eos && self.eos.contains(&token) {
-            events.push(Event::Token { request: id, token, text: String::new(), t });
-            return Ok(Some(FinishReason::Eos));
-        }
-        if s.request.stop_token_ids.contains(&token) {
-            events.push(Event::Token { request: id, token, text: String::new(), t });
-            return Ok(Some(FinishReason::StopToken(token)));
+        let end = if !s.request.ignore_eos && self.eos.contains(&token) {
+            Some(FinishReason::Eos)
+        } else if s.request.stop_token_ids.contains(&token) {
+            Some(FinishReason::StopToken(token))
+        } else {
+            None
+        };
+        if let Some(reason) = end {
+            // The end token adds no text, but its event carries what was held back: a partial
+            // character, or a tail that could have grown into a stop string.
+            if let Some(tokenizer) = &tokenizer
+                && let Some(rest) = s.stream.flush(tokenizer)?
+            {
+                s.text.push_str(&rest);
+            }
+            let text = s.text[s.shown..].to_string();
+            s.shown = s.text.len();
+            events.push(Event::Token { request: id, token, text, t });
+            return Ok(Some(reason));
         }
         if let Some(tokenizer) = &tokenizer
             && let Some(piece) = s.stream.push(tokenizer, token)?
@@ -519,12 +542,9 @@ impl Scheduler {
         if let Some(seq) = s.cache_seq.take() {
             self.cache.free(seq)?;
         }
-        if matches!(reason, FinishReason::Cancelled | FinishReason::Failed(_))
-            && let Some(tokenizer) = &self.tokenizer
-            && let Some(rest) = s.stream.flush(tokenizer)?
-        {
-            s.text.push_str(&rest);
-        }
+        // The final text is exactly what was streamed. A cancelled or failed request drops what
+        // it held back (a partial character, a possible stop-string prefix): it was never shown.
+        s.text.truncate(s.shown);
         let now = self.now();
         s.metrics.e2e = now - s.submitted;
         self.last_finish = now;

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
 
-use crate::backend::{Attention, Backend, BackendInfo};
+use crate::backend::{Attention, BackendInfo};
 use crate::cpu::SimdLevel;
-use crate::engine::config::EngineConfig;
+use crate::engine::config::{EngineConfig, default_clock};
 use crate::engine::metrics::RunMetrics;
 use crate::engine::request::{Event, FinishReason, GenerateRequest, RequestId};
 use crate::engine::scheduler::Scheduler;
@@ -17,10 +17,23 @@ use crate::error::{Result, TwinferError};
 use crate::model::{BertModel, ChatMessage, ChatTemplate, Model, ModelSource, Network, Tokenizer};
 
 enum Command {
-    Generate(Box<GenerateRequest>, Sender<Result<RequestId>>, Sender<Event>),
+    /// A request, the time it arrived (the engine's clock), where its id and events go.
+    Generate(Box<GenerateRequest>, f64, Sender<Result<RequestId>>, Sender<Event>),
     Cancel(RequestId),
     Metrics(Sender<RunMetrics>, bool),
+    Stats(Sender<EngineStats>),
     Shutdown,
+}
+
+/// What the engine holds right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EngineStats {
+    /// Requests with KV pages (running or about to run).
+    pub running: usize,
+    /// Requests queued or preempted, holding no pages.
+    pub waiting: usize,
+    pub kv_pages_total: usize,
+    pub kv_pages_free: usize,
 }
 
 enum Served {
@@ -37,6 +50,8 @@ pub struct Engine {
     level: SimdLevel,
     residency: String,
     chat: Option<ChatTemplate>,
+    /// The scheduler's clock: a request's times count from its `generate` call.
+    clock: fn() -> f64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -45,7 +60,8 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-/// The tokens of one request as they come, ending with [`Event::Finished`].
+/// The tokens of one request as they come, ending with [`Event::Finished`]. Dropping it before
+/// the end cancels the request and frees its pages.
 #[derive(Debug)]
 pub struct TokenStream {
     id: RequestId,
@@ -73,6 +89,14 @@ impl TokenStream {
     }
 }
 
+impl Drop for TokenStream {
+    fn drop(&mut self) {
+        if !self.done {
+            self.cancel();
+        }
+    }
+}
+
 impl Iterator for TokenStream {
     type Item = Event;
     fn next(&mut self) -> Option<Event> {
@@ -82,13 +106,6 @@ impl Iterator for TokenStream {
         let e = self.events.recv().ok();
         self.done = matches!(e, None | Some(Event::Finished { .. }));
         e
-    }
-}
-
-fn attention_for(backend: Backend, level: Option<SimdLevel>) -> Result<Attention> {
-    match (backend, level) {
-        (Backend::Cpu, Some(l)) => Ok(Attention::cpu(l)),
-        (b, _) => Attention::new(b),
     }
 }
 
@@ -105,6 +122,7 @@ impl Engine {
 
     pub fn from_model(model: Model, config: EngineConfig) -> Result<Self> {
         let description = model.describe();
+        let clock = config.clock.unwrap_or(default_clock);
         let chat = model.chat()?;
         let level = match config.simd {
             Some(l) => l,
@@ -115,8 +133,8 @@ impl Engine {
                 None => SimdLevel::detect(),
             },
         };
-        let prefill = attention_for(config.prefill_backend, config.simd)?;
-        let decode = attention_for(config.decode_backend, config.simd)?;
+        let prefill = Attention::with_simd(config.prefill_backend, config.simd)?;
+        let decode = Attention::with_simd(config.decode_backend, config.simd)?;
         let (prefill_info, decode_info) = (prefill.info().clone(), decode.info().clone());
         let mut residency = "op by op: an encoder runs each projection on the CPU".to_string();
         let served = match model.network {
@@ -138,7 +156,7 @@ impl Engine {
                 Served::Decoder { commands, worker: Some(worker), tokenizer }
             }
         };
-        Ok(Self { served, description, prefill_info, decode_info, level, residency, chat })
+        Ok(Self { served, description, prefill_info, decode_info, level, residency, chat, clock })
     }
 
     pub fn description(&self) -> &str {
@@ -188,9 +206,10 @@ impl Engine {
         let Served::Decoder { commands, .. } = &self.served else {
             return Err(TwinferError::InvalidParameter("this model is an encoder: use embed".into()));
         };
+        let arrived = (self.clock)();
         let (id_tx, id_rx) = channel();
         let (ev_tx, ev_rx) = channel();
-        commands.send(Command::Generate(Box::new(request), id_tx, ev_tx)).map_err(|_| stopped())?;
+        commands.send(Command::Generate(Box::new(request), arrived, id_tx, ev_tx)).map_err(|_| stopped())?;
         let id = id_rx.recv().map_err(|_| stopped())??;
         Ok(TokenStream { id, events: ev_rx, commands: commands.clone(), done: false })
     }
@@ -207,6 +226,16 @@ impl Engine {
         };
         let (tx, rx) = channel();
         commands.send(Command::Metrics(tx, reset)).map_err(|_| stopped())?;
+        rx.recv().map_err(|_| stopped())
+    }
+
+    /// Requests and KV pages held now (an encoder holds none).
+    pub fn stats(&self) -> Result<EngineStats> {
+        let Served::Decoder { commands, .. } = &self.served else {
+            return Ok(EngineStats::default());
+        };
+        let (tx, rx) = channel();
+        commands.send(Command::Stats(tx)).map_err(|_| stopped())?;
         rx.recv().map_err(|_| stopped())
     }
 
@@ -254,8 +283,8 @@ fn serve(mut scheduler: Scheduler, commands: Receiver<Command>) {
         };
         if let Some(c) = next {
             match c {
-                Command::Generate(req, id_tx, ev_tx) => {
-                    let added = scheduler.add(*req);
+                Command::Generate(req, arrived, id_tx, ev_tx) => {
+                    let added = scheduler.add_arrived(*req, arrived);
                     if let Ok(id) = added {
                         streams.insert(id, ev_tx);
                     }
@@ -263,6 +292,15 @@ fn serve(mut scheduler: Scheduler, commands: Receiver<Command>) {
                 }
                 Command::Cancel(id) => {
                     scheduler.cancel(id);
+                }
+                Command::Stats(tx) => {
+                    let cache = scheduler.cache();
+                    let _ = tx.send(EngineStats {
+                        running: scheduler.num_running(),
+                        waiting: scheduler.num_waiting(),
+                        kv_pages_total: cache.num_pages(),
+                        kv_pages_free: cache.free_pages(),
+                    });
                 }
                 Command::Shutdown => return,
                 Command::Metrics(tx, reset) => {
@@ -279,11 +317,12 @@ fn serve(mut scheduler: Scheduler, commands: Receiver<Command>) {
                 for e in events {
                     let id = e.request();
                     let last = matches!(e, Event::Finished { .. });
-                    if let Some(tx) = streams.get(&id) {
-                        let _ = tx.send(e);
-                    }
+                    let delivered = streams.get(&id).is_some_and(|tx| tx.send(e).is_ok());
                     if last {
                         streams.remove(&id);
+                    } else if !delivered {
+                        // Nobody listens any more (the stream was dropped): stop the request.
+                        scheduler.cancel(id);
                     }
                 }
             }
