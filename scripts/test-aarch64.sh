@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The aarch64 checks, under qemu user-mode emulation, on the NEON kernels:
 #   1. the core crate's tests and the conformance suite (cargo test --target aarch64-unknown-linux-gnu);
-#   2. a release build of the CLI: `twinfer info` must pick neon, and `twinfer bench kernels --quick`
+#   2. the CLI those tests built: `twinfer info` must pick neon, and `twinfer bench kernels --quick`
 #      must finish (its timings are emulated, so meaningless: this is a smoke test).
 # Needs what scripts/setup-cross.sh installs. qemu runs SIMD code ~12-38x slower than native, so
 # the property tests run few cases: TWINFER_TEST_CASES (default 6). Honours CARGO_TARGET_DIR.
@@ -28,9 +28,9 @@ export TWINFER_CLI_RUNNER="$runner"
 export TWINFER_TEST_LEVELS=widest
 cargo test --target "$target" -p twinfer -p twinfer-tests -p twinfer-cli
 
-echo "== twinfer CLI ($target, release)"
-cargo build --release --target "$target" -p twinfer-cli
-bin="$target_dir/$target/release/twinfer"
+# The binary the CLI tests above ran (test profile, optimised): no second build of the workspace.
+bin="$target_dir/$target/debug/twinfer"
+[ -x "$bin" ] || { echo "$bin was not built by the tests above" >&2; exit 1; }
 
 echo "-- twinfer info"
 info=$($runner "$bin" info)

@@ -35,7 +35,8 @@ for example in crates/*/examples/*.rs; do
 done
 
 echo "== benches: each runs once as a test (criterion's test mode), in the test profile already built"
-cargo test -p twinfer-benches --benches
+# --workspace keeps the feature set of the build above, so nothing is compiled twice.
+cargo test --workspace --benches
 
 # The elapsed time after each stage: CI has 90 minutes on 2 cores and we aim for half.
 stage() { echo "-- $1 done, $SECONDS s since the start"; }
