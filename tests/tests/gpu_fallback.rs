@@ -116,7 +116,10 @@ fn a_lost_device_is_a_typed_error_at_the_attention_api() {
     let Some(gpu) = gpu() else { return };
     assert!(gpu.device_lost().is_none());
     gpu.lose_device_for_test();
-    assert!(gpu.device_lost().is_some());
+    // Nothing was marked by the test: wgpu's lost callback (or the failed poll) tells the engine.
+    let why = gpu.device_lost().expect("a destroyed device is detected");
+    assert!(why.starts_with("Destroyed"), "the reason comes from wgpu's lost callback: {why}");
+    eprintln!("detected: {why}");
     let params = twinfer::AttentionParams::new(2, 1, 8);
     let (q, k, v) = (vec![0.5f32; 2 * 8], vec![0.25f32; 8], vec![1f32; 8]);
     let input = twinfer::PrefillInput {

@@ -158,7 +158,7 @@ fn lost_device_leaves_the_cpu_engine_working() {
     let params = AttentionParams::new(hq, hk, d);
     let mut o = vec![0f32; hq * d];
     gpu.decode(&params, &input, &mut AttentionOutput::new(o.as_mut_slice())).unwrap();
-    gpu.context().simulate_loss();
+    gpu.context().destroy_for_test();
     let err = gpu.decode(&params, &input, &mut AttentionOutput::new(o.as_mut_slice()));
     assert!(matches!(err, Err(TwinferError::DeviceLost(_))), "{err:?}");
     let mut oc = vec![f32::NAN; hq * d];

@@ -170,6 +170,14 @@ impl GpuContext {
 
     /// `Err(DeviceLost)` once the device is gone: the caller can continue on the CPU engine.
     pub fn check_alive(&self) -> Result<()> {
+        // A non-blocking poll is what lets wgpu notice a loss and run the lost callback; in a
+        // browser the callback comes from the event loop instead.
+        #[cfg(not(target_arch = "wasm32"))]
+        if !self.lost_flag.load(Ordering::Acquire)
+            && let Err(e) = self.device.poll(wgpu::PollType::Poll)
+        {
+            return Err(self.mark_lost(&e.to_string()));
+        }
         if self.lost_flag.load(Ordering::Acquire) {
             let why = self.lost.lock().ok().and_then(|l| l.clone()).unwrap_or_default();
             return Err(TwinferError::DeviceLost(why));
@@ -177,10 +185,11 @@ impl GpuContext {
         Ok(())
     }
 
-    /// Destroys the device, as a driver reset would (for tests of the CPU fallback).
-    pub fn simulate_loss(&self) {
+    /// Destroys the device, as a driver reset would (for tests of the CPU fallback). Nothing is
+    /// marked here: the engine learns of the loss the way it would of a real one, from wgpu's
+    /// lost callback or from a submission, wait or readback that fails.
+    pub fn destroy_for_test(&self) {
         self.device.destroy();
-        self.mark_lost("device destroyed");
     }
 
     /// Records that the device is gone (the first reason wins) and returns the error to report.

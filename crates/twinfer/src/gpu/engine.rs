@@ -144,7 +144,7 @@ impl GpuEngine {
     /// call fails with `DeviceLost`. For tests of the CPU fallback.
     #[doc(hidden)]
     pub fn lose_device_for_test(&self) {
-        self.ctx.simulate_loss();
+        self.ctx.destroy_for_test();
     }
 
     fn kv_storage(&self, dtype: DType) -> KvStorage {
