@@ -2,6 +2,8 @@
 # Builds the npm package's engine: twinfer-web for wasm32 with simd128 (release), through the
 # pinned wasm-bindgen, into web/pkg (an ES module that browsers, workers and Node all load).
 # Needs what scripts/setup-cross.sh installs. Honours CARGO_TARGET_DIR.
+# `--test-hooks` adds the hooks the package's own tests use (a deliberate panic, a destroyed GPU
+# device); the package that ships is built without them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +14,12 @@ if ! wasm-bindgen --version 2>/dev/null | grep -qF "$WASM_BINDGEN_VERSION"; then
 fi
 target_dir="${CARGO_TARGET_DIR:-target}"
 # pulp picks its wasm SIMD level at compile time: without +simd128 the kernels run scalar.
-RUSTFLAGS="-C target-feature=+simd128" cargo build --release --target wasm32-unknown-unknown -p twinfer-web
+features=()
+case "${1:-}" in
+    --test-hooks) features=(--features test-hooks) ;;
+    "") ;;
+    *) echo "usage: $0 [--test-hooks]" >&2; exit 2 ;;
+esac
+RUSTFLAGS="-C target-feature=+simd128" cargo build --release --target wasm32-unknown-unknown -p twinfer-web "${features[@]}"
 wasm-bindgen --target web --out-dir web/pkg "$target_dir/wasm32-unknown-unknown/release/twinfer_web.wasm"
 ls -l web/pkg/twinfer_web_bg.wasm >&2

@@ -12,7 +12,9 @@ cd "$(dirname "$0")/.."
 target_dir="${CARGO_TARGET_DIR:-target}"
 
 command -v chromium >/dev/null || { echo "chromium is missing: run scripts/setup-cross.sh" >&2; exit 1; }
-[ -f web/pkg/twinfer_web_bg.wasm ] || scripts/build-web.sh
+# The tests destroy the GPU device through a test hook: the package built with them (quick when
+# scripts/test-wasm.sh built it already).
+scripts/build-web.sh --test-hooks
 
 echo "== npm ci (playwright-core, typescript: pinned in web/package-lock.json)"
 (cd web && npm ci --no-audit --no-fund)

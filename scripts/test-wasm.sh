@@ -4,6 +4,7 @@
 #   2. the npm package's engine (scripts/build-web.sh -> web/pkg);
 #   3. the npm package's Node tests (web/test/): the kernels against a JS reference, and the
 #      package API on the real models against the numpy reference and the native build.
+# The package as it ships (no test hooks) is packed and installed by scripts/test-pack.sh.
 # Needs what scripts/setup-cross.sh installs, and Node 20 or newer.
 # Honours CARGO_TARGET_DIR; TWINFER_TEST_CASES (default 8) sets the property cases per test.
 set -euo pipefail
@@ -21,20 +22,11 @@ echo "== cargo test (wasm32, simd128, node), TWINFER_TEST_CASES=$TWINFER_TEST_CA
 CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
     cargo test --target wasm32-unknown-unknown -p twinfer -p twinfer-tests
 
-echo "== the npm package (web/pkg: release, simd128)"
-scripts/build-web.sh
+echo "== the npm package (web/pkg: release, simd128, with the test hooks)"
+scripts/build-web.sh --test-hooks
 
 echo "== npm test (Node: the package API on real models, against the reference and the native build)"
 # The native CLI is the comparison for embeddings and generated tokens.
 cli="$target_dir/debug/twinfer"
 [ -x "$cli" ] || RUSTFLAGS= cargo build -p twinfer-cli
 (cd web && TWINFER_CLI="$(realpath "$cli")" npm test)
-
-echo "== npm pack: install the tarball into an empty project and run the README example"
-repo="$(pwd)"
-scratch="$(mktemp -d)"
-trap 'rm -rf "$scratch"' EXIT
-(cd web && npm pack --pack-destination "$scratch" >/dev/null 2>&1)
-models="${TWINFER_MODELS:-$HOME/.cache/twinfer/models}"
-(cd "$scratch" && npm init -y >/dev/null && npm install --no-audit --no-fund ./twinfer-*.tgz >/dev/null &&
-    cp "$repo/web/test/pack-smoke.mjs" . && node pack-smoke.mjs "$models/all-MiniLM-L6-v2")

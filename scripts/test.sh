@@ -49,4 +49,6 @@ scripts/test-webgpu.sh
 stage "webgpu"
 scripts/test-browser.sh
 stage "browser"
+scripts/test-pack.sh
+stage "npm pack"
 echo "== all tests passed"

@@ -5,6 +5,8 @@ import { loadBindings } from "./loader.js";
 import { collectFiles } from "./files.js";
 import { KvCacheFullError, TwinferError, errorFor, fromWasm } from "./errors.js";
 
+const NO_TEST_HOOKS = "this package was built without test hooks (scripts/build-web.sh --test-hooks)";
+
 const BACKENDS = ["auto", "webgpu", "wasm"];
 const GENERATE_OPTIONS = ["maxTokens", "temperature", "topK", "topP", "repetitionPenalty", "seed", "stop", "stopTokenIds", "ignoreEos"];
 
@@ -140,13 +142,18 @@ export class Twinfer {
     return { ...structuredClone(this.#info), adapter: structuredClone(this.#adapter) };
   }
 
-  /** Makes the engine panic, as a bug would (tests of EngineCrashedError). */
+  /**
+   * Makes the engine panic, as a bug would (tests of EngineCrashedError). Only in a package built
+   * with `scripts/build-web.sh --test-hooks`; a release build has no such hook.
+   */
   _crashForTest() {
+    if (typeof this.#bindings.__panicForTest !== "function") throw new Error(NO_TEST_HOOKS);
     return this.#run(() => this.#bindings.__panicForTest());
   }
 
   /** Destroys the GPU device, as a browser reclaiming the GPU would (tests of the fallback). */
   _loseDeviceForTest() {
+    if (typeof this.#rt.loseDeviceForTest !== "function") throw new Error(NO_TEST_HOOKS);
     return this.#rt.loseDeviceForTest();
   }
 

@@ -95,6 +95,7 @@ pub(crate) fn install_panic_hook() {
 
 /// Panics on purpose, so the tests can check that a Rust panic reaches JS as the package's
 /// `EngineCrashedError` (and that the instance then refuses calls) rather than a bare trap.
+#[cfg(feature = "test-hooks")]
 #[doc(hidden)]
 #[wasm_bindgen(js_name = __panicForTest)]
 pub fn panic_for_test() {

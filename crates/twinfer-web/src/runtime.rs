@@ -80,7 +80,8 @@ struct State {
 pub struct Runtime {
     state: Rc<RefCell<State>>,
     /// The GPU engine as opened (it shares the device with the model's engines), reachable while
-    /// a step holds the state.
+    /// a step holds the state: the test hooks destroy its device mid-step.
+    #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
     gpu_handle: Option<Attention>,
 }
 
@@ -294,20 +295,6 @@ impl Runtime {
         })
     }
 
-    /// Destroys the GPU device under this runtime, as a browser reclaiming the GPU would; for
-    /// tests of the CPU fallback. False (nothing done) on the wasm engine.
-    #[wasm_bindgen(js_name = loseDeviceForTest)]
-    pub fn lose_device_for_test(&self) -> bool {
-        match self.state.try_borrow() {
-            Ok(s) => match &s.served {
-                Some((Served::Decoder(sch), _)) => sch.decode_attention().lose_device_for_test(),
-                _ => s.prefill.lose_device_for_test(),
-            },
-            // A step is awaiting the GPU: destroy the device under it, which is the point.
-            Err(_) => self.gpu_handle.as_ref().is_some_and(|a| a.lose_device_for_test()),
-        }
-    }
-
     /// TTFT / TPOT / ITL / TPS over the requests finished so far (the core's `RunMetrics` as
     /// JSON, times in seconds); `reset` starts a new window.
     pub fn metrics(&self, reset: bool) -> std::result::Result<JsValue, js_sys::Error> {
@@ -444,4 +431,23 @@ fn chat_messages(value: &JsValue) -> twinfer::Result<Vec<ChatMessage>> {
             Ok(ChatMessage::new(field("role")?, field("content")?))
         })
         .collect()
+}
+
+/// Test hooks, compiled in only with the `test-hooks` feature (the package's own tests).
+#[cfg(feature = "test-hooks")]
+#[wasm_bindgen]
+impl Runtime {
+    /// Destroys the GPU device under this runtime, as a browser reclaiming the GPU would; for
+    /// tests of the CPU fallback. False (nothing done) on the wasm engine.
+    #[wasm_bindgen(js_name = loseDeviceForTest)]
+    pub fn lose_device_for_test(&self) -> bool {
+        match self.state.try_borrow() {
+            Ok(s) => match &s.served {
+                Some((Served::Decoder(sch), _)) => sch.decode_attention().lose_device_for_test(),
+                _ => s.prefill.lose_device_for_test(),
+            },
+            // A step is awaiting the GPU: destroy the device under it, which is the point.
+            Err(_) => self.gpu_handle.as_ref().is_some_and(|a| a.lose_device_for_test()),
+        }
+    }
 }
