@@ -153,3 +153,37 @@ fn best_level_is_detected_and_listed() {
     #[cfg(target_arch = "aarch64")]
     assert_eq!(best.name(), "neon");
 }
+
+/// A sequence's decode output is bit-identical alone and in a batch: the split-K partition depends
+/// on its own length only (`SplitK::Auto` takes fixed chunks), so its keys are reduced in the same
+/// order whatever its neighbours. The engine's "a request's output does not depend on the batch"
+/// rests on this.
+#[test]
+fn decode_is_batch_invariant() {
+    use twinfer::{AttentionOutput, DecodeInput, PageTable};
+    let engine = CpuEngine::with_level(SimdLevel::detect());
+    let lens = vec![1, 700, 64, 257, 3000, 90];
+    let case = Case::pinned(Mode::Decode, KvKind::Paged, vec![1; lens.len()], lens.clone());
+    let data = CaseData::new(&case);
+    let (batched, _) = data.run(|p, d, out| engine.decode(p, &d.decode_input(), out)).unwrap();
+    let row = data.params.num_qo_heads * data.params.head_dim;
+    let q = data.q.to_f32();
+    for b in 0..lens.len() {
+        let pages = &data.page_indices[data.page_indptr[b] as usize..data.page_indptr[b + 1] as usize];
+        let (indptr, last) = ([0, pages.len() as u32], [data.last_page_len[b]]);
+        let input = DecodeInput {
+            q: q[b * row..(b + 1) * row].into(),
+            kv: data.paged(),
+            table: PageTable::new(&indptr, pages, &last),
+        };
+        let mut alone = vec![f32::NAN; row];
+        engine.decode(&data.params, &input, &mut AttentionOutput::new(alone.as_mut_slice())).unwrap();
+        let bits = |xs: &[f32]| xs.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&alone),
+            bits(&batched[b * row..(b + 1) * row]),
+            "sequence {b} (len {}) alone vs batched",
+            lens[b]
+        );
+    }
+}

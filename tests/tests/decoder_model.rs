@@ -163,7 +163,7 @@ fn resident_gpu_model_matches_the_reference_with_one_submission_per_step() {
 #[test]
 fn resident_gpu_engine_outputs_do_not_depend_on_the_batch_or_on_preemption() {
     let Some(gpu) = gpu_attention() else { return };
-    for (name, pages, budget) in [("tiny-llama", 4096, 512), ("tiny-qwen2", 40, 64)] {
+    for (name, pages, budget) in [("tiny-llama", 4096, 512), ("tiny-qwen2", 40, 128)] {
         let reqs = golden_requests(name);
         {
             let config = EngineConfig {
@@ -247,7 +247,7 @@ fn engine_outputs_do_not_depend_on_the_batch_or_on_preemption() {
         }
         // Among 64 others (sampled ones too, and long prompts chunked over several steps), with a
         // small token budget and a pool so small that sequences get preempted and recomputed.
-        for (pages, budget) in [(4096, 512), (40, 64)] {
+        for (pages, budget) in [(4096, 512), (40, 128)] {
             let config = EngineConfig {
                 kv_dtype: DType::F32,
                 kv_pool_pages: Some(pages),

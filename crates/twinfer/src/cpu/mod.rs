@@ -46,13 +46,20 @@ use block::{KV_TILE, Scratch, WorkItem, run_item};
 
 /// Query rows (tokens x group heads) per prefill work item: a 64 x 128 f32 block is 32 KiB.
 const PREFILL_ROWS: usize = 64;
-/// Smallest key chunk worth a split-K partial.
-const MIN_SPLIT_CHUNK: usize = 4 * KV_TILE;
+/// Prompt chunks that start at a multiple of this many tokens are computed row for row as the
+/// whole prompt would be (see [`CpuEngine::prefill`]); the scheduler cuts chunks there.
+pub const PREFILL_ALIGN: usize = PREFILL_ROWS;
+/// Keys per split-K chunk under [`SplitK::Auto`]. Fixed, so that a sequence's keys are reduced in
+/// the same order whatever else is in the batch: a request's output does not depend on its
+/// neighbours (vLLM's batch-invariant kernels use a fixed split size for the same reason). At 256
+/// keys a single 1K-token sequence still spreads over four items.
+const SPLIT_CHUNK: usize = 4 * KV_TILE;
 
 /// How decode splits long sequences across threads (flash-decoding).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SplitK {
-    /// Split when the batch gives fewer than 4 work items per thread.
+    /// Split every sequence into chunks of a fixed 256 keys: batch-invariant, and parallel
+    /// enough for one long sequence.
     Auto,
     /// Never split.
     Off,
@@ -104,7 +111,11 @@ impl CpuEngine {
         let p = Problem::prefill(params, input)?;
         p.check_output(out)?;
         let group = params.group_size();
-        let block = PREFILL_ROWS.div_ceil(group).max(1);
+        // A power of two (64 / group rounded down), so that prompt chunks starting at multiples of
+        // PREFILL_ALIGN put every row in the same item as a single whole-prompt call would: a row's
+        // result depends on its item's rows, and the engine promises outputs that do not depend
+        // on how a prompt was chunked.
+        let block = 1usize << (PREFILL_ROWS / group).max(1).ilog2();
         let mut items = Vec::new();
         for b in 0..p.batch {
             let (qo_len, kv_len) = (p.qo_len(b), p.kv.kv_len(b));
@@ -174,19 +185,10 @@ impl CpuEngine {
     }
 
     fn split_chunk(&self, p: &Problem<'_>) -> usize {
-        let longest = (0..p.batch).map(|b| p.kv.kv_len(b)).max().unwrap_or(0).max(1);
         match self.split_k {
-            SplitK::Off => longest,
+            SplitK::Off => (0..p.batch).map(|b| p.kv.kv_len(b)).max().unwrap_or(0).max(1),
             SplitK::ChunkSize(n) => n.max(1).div_ceil(KV_TILE) * KV_TILE,
-            SplitK::Auto => {
-                let base = p.batch;
-                let wanted = 4 * parallel::worker_count();
-                if base >= wanted {
-                    return longest;
-                }
-                let chunks = wanted.div_ceil(base.max(1));
-                longest.div_ceil(chunks).max(MIN_SPLIT_CHUNK).div_ceil(KV_TILE) * KV_TILE
-            }
+            SplitK::Auto => SPLIT_CHUNK,
         }
     }
 

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::backend::Attention;
-use crate::cpu::SimdLevel;
+use crate::cpu::{PREFILL_ALIGN, SimdLevel};
 use crate::engine::config::{EngineConfig, default_clock};
 use crate::engine::metrics::{RequestMetrics, RunMetrics};
 use crate::engine::request::{Event, FinishReason, GenerateRequest, Prompt, RequestId};
@@ -23,6 +23,11 @@ use crate::engine::sampling::Sampler;
 use crate::error::{Result, TwinferError};
 use crate::kv::{KvCacheConfig, KvLayout, PagedKvCache, SeqId};
 use crate::model::{Engines, LlamaModel, Logits, ResidentDecoder, StepSeq, TextStream, Tokenizer};
+
+mod audit;
+mod chunks;
+
+use chunks::{aligned_chunk, gcd};
 
 #[derive(Debug)]
 struct Active {
@@ -369,6 +374,7 @@ impl Scheduler {
     fn schedule(&mut self, events: &mut Vec<Event>) -> Result<Vec<(RequestId, usize)>> {
         // After a preemption nobody new joins this step, so the running set only shrinks.
         let mut admit_new = true;
+        let align = self.chunk_align();
         loop {
             let mut budget = self.config.max_batch_tokens;
             let mut plan = Vec::new();
@@ -384,9 +390,10 @@ impl Scheduler {
             for &id in &running {
                 let s = &self.seqs[&id];
                 let pending = s.len() - s.computed;
-                if pending > 1 && budget > 0 {
-                    plan.push((id, pending.min(budget)));
-                    budget -= pending.min(budget);
+                let n = aligned_chunk(s.computed, pending, budget, align);
+                if pending > 1 && n > 0 {
+                    plan.push((id, n));
+                    budget -= n;
                 }
             }
             let waiting: Vec<RequestId> =
@@ -395,9 +402,13 @@ impl Scheduler {
                 if !admit_new || budget == 0 || admitted >= self.config.max_running {
                     break;
                 }
+                let s = &self.seqs[&id];
+                if aligned_chunk(0, s.len(), budget, align) == 0 {
+                    break;
+                }
                 self.admit(id)?;
                 let s = &self.seqs[&id];
-                let n = (s.len() - s.computed).min(budget);
+                let n = aligned_chunk(s.computed, s.len() - s.computed, budget, align);
                 plan.push((id, n));
                 budget -= n;
             }
@@ -429,9 +440,13 @@ impl Scheduler {
     }
 
     /// Gives a waiting request a cache sequence, sharing pages with the running request that has
-    /// the longest identical prefix already computed (at least one page of it).
+    /// the longest identical prefix already computed (at least one page of it). The shared length
+    /// is a multiple of [`PREFILL_ALIGN`] and of the page, so the rest of the prompt is chunked as
+    /// it would be alone.
     fn admit(&mut self, id: RequestId) -> Result<()> {
         let page = self.config.page_size;
+        let align = self.chunk_align();
+        let granule = page * align / gcd(page, align);
         let mut best: Option<(SeqId, usize)> = None;
         if self.config.prefix_sharing {
             let me = &self.seqs[&id];
@@ -440,6 +455,7 @@ impl Scheduler {
                 // Share at most len - 1 tokens: the last one must run to produce logits.
                 let limit = s.computed.min(me.len() - 1);
                 let common = (0..limit).take_while(|&i| s.token(i) == me.token(i)).count();
+                let common = common / granule * granule;
                 if common >= page && best.is_none_or(|(_, n)| common > n) {
                     best = Some((seq, common));
                 }
@@ -453,6 +469,12 @@ impl Scheduler {
         s.cache_seq = Some(seq);
         s.computed = computed;
         Ok(())
+    }
+
+    /// Where prompt chunks may end: [`PREFILL_ALIGN`], unless a step's budget is smaller (then
+    /// anywhere, and a request's output may depend on how its prompt was split).
+    fn chunk_align(&self) -> usize {
+        if self.config.max_batch_tokens >= PREFILL_ALIGN { PREFILL_ALIGN } else { 1 }
     }
 
     fn preempt(&mut self, id: RequestId) -> Result<()> {

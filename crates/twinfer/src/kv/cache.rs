@@ -125,6 +125,29 @@ impl PagedKvCache {
         &self.allocator
     }
 
+    /// Checks the bookkeeping: each sequence holds exactly the pages its length needs, none twice,
+    /// and the allocator's counts and free list agree with the page tables
+    /// ([`PageAllocator::audit`]). For stress tests and debugging; one pass over every table.
+    pub fn audit(&self) -> std::result::Result<(), String> {
+        let page_size = self.config.layout.page_size;
+        let mut holders = vec![0u32; self.config.num_pages];
+        for (id, s) in &self.seqs {
+            if s.pages.len() != s.len.div_ceil(page_size) {
+                return Err(format!("sequence {id}: {} tokens in {} pages of {page_size}", s.len, s.pages.len()));
+            }
+            let mut seen = HashSet::with_capacity(s.pages.len());
+            for &page in &s.pages {
+                if !seen.insert(page) {
+                    return Err(format!("sequence {id} names page {page} twice"));
+                }
+                *holders
+                    .get_mut(page as usize)
+                    .ok_or_else(|| format!("sequence {id} names page {page}, outside the pool"))? += 1;
+            }
+        }
+        self.allocator.audit(&holders)
+    }
+
     /// Live sequences, in id order.
     pub fn sequences(&self) -> impl Iterator<Item = SeqId> + '_ {
         self.seqs.keys().copied()

@@ -78,6 +78,34 @@ impl PageAllocator {
         Ok(false)
     }
 
+    /// Checks the allocator against `holders[page]`, the number of page-table entries naming each
+    /// page: every count agrees, and the free list holds each unheld page once and nothing else.
+    /// For stress tests and debugging; one pass over the pool.
+    pub fn audit(&self, holders: &[u32]) -> std::result::Result<(), String> {
+        if holders.len() != self.refcount.len() {
+            return Err(format!("{} holder counts for a pool of {} pages", holders.len(), self.refcount.len()));
+        }
+        let mut on_free_list = vec![false; self.refcount.len()];
+        for &page in &self.free {
+            let slot = on_free_list
+                .get_mut(page as usize)
+                .ok_or_else(|| format!("the free list names page {page}, outside the pool"))?;
+            if std::mem::replace(slot, true) {
+                return Err(format!("page {page} is on the free list twice"));
+            }
+        }
+        for (page, (&count, &held)) in self.refcount.iter().zip(holders).enumerate() {
+            if count != held {
+                return Err(format!("page {page}: reference count {count}, but {held} page tables name it"));
+            }
+            if (count == 0) != on_free_list[page] {
+                let where_ = if on_free_list[page] { "on" } else { "missing from" };
+                return Err(format!("page {page}: reference count {count}, {where_} the free list"));
+            }
+        }
+        Ok(())
+    }
+
     /// The count of a page that somebody holds; a free or unknown page is a caller bug reported as such.
     fn allocated_mut(&mut self, page: u32) -> Result<&mut u32> {
         let num_pages = self.refcount.len();
