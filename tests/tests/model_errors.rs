@@ -100,3 +100,52 @@ fn missing_tensors_wrong_shapes_and_dtypes_name_the_tensor() {
         }
     }
 }
+
+/// Hostile safetensors headers: each is a typed error naming the file, never a panic or a read
+/// outside the data.
+#[test]
+fn crafted_safetensors_headers_are_typed_errors() {
+    const Q: &str = "model.layers.1.self_attn.q_proj.weight";
+    const K: &str = "model.layers.1.self_attn.k_proj.weight";
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        ("a huge shape", Box::new(|h| h[Q]["shape"] = serde_json::json!([1u64 << 40, 1u64 << 40]))),
+        ("offsets past the end", Box::new(|h| h[Q]["data_offsets"] = serde_json::json!([0, 1u64 << 40]))),
+        ("reversed offsets", Box::new(|h| h[Q]["data_offsets"] = serde_json::json!([64, 0]))),
+        ("overlapping tensors", Box::new(|h| h[K]["data_offsets"] = h[Q]["data_offsets"].clone())),
+        ("an unknown dtype", Box::new(|h| h[Q]["dtype"] = serde_json::json!("F128"))),
+    ];
+    for (what, edit) in cases {
+        let mut f = files("tiny-llama");
+        let w = edit_header(&f["model.safetensors"], edit);
+        f.insert("model.safetensors".into(), w);
+        match load(f) {
+            TwinferError::ModelFile { file, .. } | TwinferError::ModelTensor { file, .. } => {
+                assert_eq!(file, "model.safetensors", "{what}")
+            }
+            other => panic!("{what}: {other}"),
+        }
+    }
+    // A header that is not UTF-8, and one naming a tensor twice (serde_json keeps the last; the
+    // file is refused either way because the offsets no longer cover the data exactly).
+    let original = files("tiny-llama")["model.safetensors"].clone();
+    let n = u64::from_le_bytes(original[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&original[8..8 + n]).unwrap();
+    let mut not_utf8 = original.clone();
+    let at = 8 + header.find(Q).unwrap();
+    not_utf8[at] = 0xff;
+    let twice = header.replacen(K, Q, 1);
+    let mut dup = original[..8].to_vec();
+    dup.extend_from_slice(twice.as_bytes());
+    dup.extend_from_slice(&original[8 + n..]);
+    for (what, bytes) in [("not UTF-8", not_utf8), ("a name twice", dup)] {
+        let mut f = files("tiny-llama");
+        f.insert("model.safetensors".into(), bytes);
+        match load(f) {
+            TwinferError::ModelFile { file, .. } | TwinferError::ModelTensor { file, .. } => {
+                assert_eq!(file, "model.safetensors", "{what}")
+            }
+            other => panic!("{what}: {other}"),
+        }
+    }
+}

@@ -131,6 +131,25 @@ const MAGIC: &[u8; 4] = b"GGUF";
 const MAX_ARRAY_DEPTH: usize = 2;
 const MAX_DIMS: usize = 4;
 
+/// Two tensors whose bytes overlap are refused: no writer produces them, and releasing one's
+/// pages after packing ([`GgufFile::release`]) would pull the other's data away.
+fn check_no_overlap(tensors: &HashMap<String, GgufTensor>, file: &str) -> Result<()> {
+    let mut spans: Vec<(usize, usize, &str)> =
+        tensors.iter().filter(|(_, t)| t.len > 0).map(|(n, t)| (t.start, t.start + t.len, n.as_str())).collect();
+    spans.sort_unstable();
+    for pair in spans.windows(2) {
+        let ((_, end, first), (start, _, second)) = (pair[0], pair[1]);
+        if start < end {
+            return Err(TwinferError::ModelTensor {
+                file: file.into(),
+                tensor: second.into(),
+                reason: format!("its data overlaps tensor {first:?}'s"),
+            });
+        }
+    }
+    Ok(())
+}
+
 impl GgufFile {
     /// Parses the header and tables of `bytes`; `file` names it in errors.
     pub fn parse(bytes: FileBytes, file: &str) -> Result<Self> {
@@ -208,6 +227,7 @@ impl GgufFile {
                 return Err(bad("appears twice in the tensor table".into()));
             }
         }
+        check_no_overlap(&tensors, file)?;
         Ok(Self { file: file.into(), version, bytes, header_len: data_start, metadata, tensors })
     }
 
@@ -357,11 +377,17 @@ pub(crate) mod tests {
         kv: Vec<u8>,
         kv_count: u64,
         tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)>,
+        offsets: Option<Vec<u64>>,
     }
 
     impl Builder {
         pub(crate) fn new() -> Self {
-            Self { kv: Vec::new(), kv_count: 0, tensors: Vec::new() }
+            Self { kv: Vec::new(), kv_count: 0, tensors: Vec::new(), offsets: None }
+        }
+        /// Writes these offsets into the tensor table instead of the packed ones.
+        pub(crate) fn offsets(mut self, offsets: &[u64]) -> Self {
+            self.offsets = Some(offsets.to_vec());
+            self
         }
         fn key(&mut self, key: &str, ty: u32) {
             self.kv.extend_from_slice(&(key.len() as u64).to_le_bytes());
@@ -414,13 +440,14 @@ pub(crate) mod tests {
             out.extend_from_slice(&self.kv_count.to_le_bytes());
             out.extend_from_slice(&self.kv);
             let mut offset = 0u64;
-            for (name, dims, ty, data) in &self.tensors {
+            for (i, (name, dims, ty, data)) in self.tensors.iter().enumerate() {
                 out.extend_from_slice(&(name.len() as u64).to_le_bytes());
                 out.extend_from_slice(name.as_bytes());
                 out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
                 dims.iter().for_each(|d| out.extend_from_slice(&d.to_le_bytes()));
                 out.extend_from_slice(&ty.to_le_bytes());
-                out.extend_from_slice(&offset.to_le_bytes());
+                let written = self.offsets.as_ref().map_or(offset, |o| o[i]);
+                out.extend_from_slice(&written.to_le_bytes());
                 offset += (data.len() as u64).div_ceil(32) * 32;
             }
             out.resize(out.len().div_ceil(32) * 32, 0);
@@ -504,5 +531,47 @@ pub(crate) mod tests {
         let mut huge = Builder::new().build();
         huge[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(err(huge).contains("cannot fit"));
+    }
+
+    /// Hostile files: each is a typed error naming the problem, found before anything the size of
+    /// a claimed shape or count is allocated (the reader only allocates per item it has read, and
+    /// counts are checked against the bytes left).
+    #[test]
+    fn crafted_files_are_typed_errors() {
+        let err = |bytes: Vec<u8>| match GgufFile::parse(FileBytes::Owned(bytes), "t.gguf") {
+            Err(e @ (TwinferError::ModelFile { .. } | TwinferError::ModelTensor { .. })) => e.to_string(),
+            other => panic!("not a typed file error: {other:?}"),
+        };
+        let f32s = |n: usize| 1f32.to_le_bytes().repeat(n);
+        // Shapes whose element count overflows, or that claim far more bytes than the file has.
+        let e = err(Builder::new().tensor("w", &[1 << 32, 1 << 32, 1 << 32], 0, f32s(4)).build());
+        assert!(e.contains("too many elements"), "{e}");
+        let e = err(Builder::new().tensor("w", &[1 << 30, 1 << 10], 0, f32s(4)).build());
+        assert!(e.contains("past the end"), "{e}");
+        // Offsets past the end, unaligned, or making two tensors share bytes.
+        let two = || Builder::new().tensor("a", &[8], 0, f32s(8)).tensor("b", &[8], 0, f32s(8));
+        assert!(err(two().offsets(&[0, 1 << 40]).build()).contains("past the end"));
+        assert!(err(two().offsets(&[0, u64::MAX - 31]).build()).contains("out of range"));
+        assert!(err(two().offsets(&[0, 4]).build()).contains("not aligned"));
+        let e = err(two().offsets(&[0, 0]).build());
+        assert!(e.contains("overlaps"), "{e}");
+        // Names: twice, or not UTF-8.
+        let e = err(Builder::new().tensor("w", &[8], 0, f32s(8)).tensor("w", &[8], 0, f32s(8)).build());
+        assert!(e.contains("twice"), "{e}");
+        let mut bytes = Builder::new().tensor("w", &[8], 0, f32s(8)).build();
+        let at = bytes.windows(1).position(|w| w == b"w").unwrap();
+        bytes[at] = 0xff;
+        assert!(err(bytes).contains("not UTF-8"));
+        // Counts and lengths far beyond the file: refused before allocating for them.
+        let mut bytes = Builder::new().build();
+        bytes[16..24].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+        assert!(err(bytes).contains("cannot fit"));
+        let mut bytes = Builder::new().string("k", "v").build();
+        bytes[24..32].copy_from_slice(&(1u64 << 60).to_le_bytes());
+        err(bytes);
+        let mut bytes = Builder::new().strings("k", &["a"]).build();
+        let count_at = 24 + 8 + 1 + 4 + 4;
+        bytes[count_at..count_at + 8].copy_from_slice(&(1u64 << 61).to_le_bytes());
+        err(bytes);
     }
 }
