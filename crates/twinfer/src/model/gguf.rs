@@ -167,7 +167,10 @@ impl GgufFile {
         for _ in 0..kv_count {
             let key = r.string()?;
             let ty = r.u32()?;
-            let value = r.value(ty, 0).map_err(|e| r.bad(format!("metadata {key:?}: {e}")))?;
+            let value = r.value(ty, 0).map_err(|e| match e {
+                TwinferError::ModelFile { reason, .. } => r.bad(format!("metadata {key:?}: {reason}")),
+                other => other,
+            })?;
             if metadata.insert(key.clone(), value).is_some() {
                 return Err(r.bad(format!("metadata key {key:?} appears twice")));
             }
