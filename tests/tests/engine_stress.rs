@@ -9,7 +9,8 @@
 //! text, and its tokens, reason and text equal the same request run alone (a cancelled one: a
 //! prefix of it). The dropped-stream variant runs through `Engine`'s thread.
 //!
-//! `TWINFER_STRESS_REQUESTS` sets the number of requests (default 2000); `TWINFER_STRESS_SEED`
+//! `TWINFER_STRESS_REQUESTS` sets the number of requests (default 2000; on the GPU
+//! `TWINFER_STRESS_GPU_REQUESTS`, default 20); `TWINFER_STRESS_SEED`
 //! the seed (default 1; a failure prints it).
 #![cfg(not(target_arch = "wasm32"))]
 
@@ -36,15 +37,19 @@ fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// A pool of 40 pages of 16 tokens holds about four of the longest requests: with up to 12 running,
-/// preemption is routine.
+/// A pool of 40 pages of 16 tokens holds about four of the longest requests (10 pages): with up to
+/// 12 running, preemption is routine.
 fn config() -> EngineConfig {
+    config_with_pages(40)
+}
+
+fn config_with_pages(pages: usize) -> EngineConfig {
     EngineConfig {
         kv_dtype: DType::F32,
         prefill_backend: Backend::Cpu,
         decode_backend: Backend::Cpu,
         page_size: 16,
-        kv_pool_pages: Some(40),
+        kv_pool_pages: Some(pages),
         max_batch_tokens: 96,
         max_running: 12,
         ..Default::default()
@@ -91,14 +96,15 @@ struct Spec {
     cancel_after: Option<usize>,
 }
 
-fn random_spec(rng: &mut Rng, prefixes: &[Vec<u32>], vocab: &Vocabulary, vocab_size: usize) -> Spec {
+/// `sampled`: some requests sample (seeded); without it every request is greedy.
+fn random_spec(rng: &mut Rng, prefixes: &[Vec<u32>], vocab: &Vocabulary, vocab_size: usize, sampled: bool) -> Spec {
     let mut prompt = prefixes[rng.below(prefixes.len())].clone();
     let suffix = 1 + rng.below(40);
     prompt.extend((0..suffix).map(|_| 2 + rng.below(vocab_size - 2) as u32));
     let max_tokens = if rng.below(10) == 0 { 1 } else { 1 + rng.below(MAX_NEW_TOKENS) };
     let mut r = GenerateRequest::tokens(prompt).max_tokens(max_tokens);
     r.ignore_eos = rng.below(2) == 0;
-    if rng.below(10) < 3 {
+    if sampled && rng.below(10) < 3 {
         r.sampling = SamplingParams {
             temperature: 0.6 + rng.below(7) as f32 / 10.0,
             top_k: [0, 1, 5, 40][rng.below(4)],
@@ -156,15 +162,16 @@ struct Live {
 }
 
 /// The stress run on `attention`; returns (steps, preemptions, most pages shared at once).
-fn stress(attention: Attention, requests: usize, seed: u64) -> (usize, usize, usize) {
+fn stress(attention: Attention, requests: usize, seed: u64, sampled: bool, pages: usize) -> (usize, usize, usize) {
     let mut rng = Rng::new(seed);
-    let mut s = scheduler(attention.clone(), config());
+    let mut s = scheduler(attention.clone(), config_with_pages(pages));
     let vocab_size = s.model().config.vocab_size;
     // Shared prefixes of 0 to 5 pages, so that prefix sharing and its copy-on-write happen.
     let prefixes: Vec<Vec<u32>> =
         [0, 16, 24, 40, 80].iter().map(|&n| (0..n).map(|_| 2 + rng.below(vocab_size - 2) as u32).collect()).collect();
     let vocab = calibrate(&mut s, &prefixes);
-    let specs: Vec<Spec> = (0..requests).map(|_| random_spec(&mut rng, &prefixes, &vocab, vocab_size)).collect();
+    let specs: Vec<Spec> =
+        (0..requests).map(|_| random_spec(&mut rng, &prefixes, &vocab, vocab_size, sampled)).collect();
 
     let mut next_spec = 0;
     let mut live: BTreeMap<RequestId, Live> = BTreeMap::new();
@@ -259,10 +266,33 @@ fn thousands_of_random_requests_leak_nothing_and_match_their_solo_runs() {
     let start = Instant::now();
     let requests = env_or("TWINFER_STRESS_REQUESTS", 2000) as usize;
     let seed = env_or("TWINFER_STRESS_SEED", 1);
-    let (_, preemptions, shared) = stress(Attention::new(Backend::Cpu).unwrap(), requests, seed);
+    let (_, preemptions, shared) = stress(Attention::new(Backend::Cpu).unwrap(), requests, seed, true, 40);
     assert!(preemptions > 0, "the pool never ran short: the test does not exercise preemption");
     assert!(shared > 0, "no page was ever shared: the test does not exercise prefix sharing");
     eprintln!("CPU stress: {:.1} s", start.elapsed().as_secs_f64());
+}
+
+/// The same on the GPU engine (the whole model resident: on lavapipe in CI), shorter, and greedy
+/// only: the GPU's split-K partition follows the batch, so its outputs are equal to solo runs up to
+/// rounding, which greedy decoding of this model does not notice but sampling could.
+#[test]
+fn a_shorter_run_on_the_gpu_engine() {
+    let gpu = match Attention::new(Backend::Gpu) {
+        Ok(a) => a,
+        Err(e) if std::env::var("TWINFER_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("TWINFER_REQUIRE_GPU=1 but the GPU engine is unavailable: {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: the GPU stress test does NOT run here: {e}");
+            return;
+        }
+    };
+    let start = Instant::now();
+    let requests = env_or("TWINFER_STRESS_GPU_REQUESTS", 20) as usize;
+    // 12 pages: the longest request (10 pages) fits, two of them do not.
+    let (_, preemptions, _) = stress(gpu, requests, env_or("TWINFER_STRESS_SEED", 1), false, 12);
+    assert!(preemptions > 0, "the pool never ran short on the GPU");
+    eprintln!("GPU stress: {:.1} s", start.elapsed().as_secs_f64());
 }
 
 /// Streams dropped at random points through `Engine`'s worker thread: the pool comes back full and
