@@ -14,6 +14,11 @@ impl Tokenizer {
     /// Parses the bytes of a `tokenizer.json`; `file` names it in errors. Padding is turned off
     /// (batches are ragged here) and truncation too: the caller decides what is too long.
     pub fn from_bytes(bytes: &[u8], file: &str) -> Result<Self> {
+        // `tokenizers` 0.22 panics on some malformed JSON (an `expect` in its decoder
+        // deserializer) instead of returning an error; a document that parses as JSON cannot
+        // reach it. Found by the `model_tokenizer` fuzz target.
+        serde_json::from_slice::<serde_json::Value>(bytes)
+            .map_err(|e| TwinferError::Tokenizer { file: file.into(), reason: format!("not valid JSON: {e}") })?;
         let mut inner = tokenizers::Tokenizer::from_bytes(bytes)
             .map_err(|e| TwinferError::Tokenizer { file: file.into(), reason: e.to_string() })?;
         inner.with_padding(None);

@@ -1,0 +1,6 @@
+//! `model.safetensors` of a model folder, mutated; the folder's other files are valid (common.rs).
+#![no_main]
+
+mod common;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| common::exercise(common::folder_with("model.safetensors", data)));

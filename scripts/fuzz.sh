@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Fuzzing with cargo fuzz (libFuzzer and AddressSanitizer, on the nightly toolchain): every target
+# in fuzz/ runs for SECONDS (default 60) from its seed corpus, and any crash, leak, timeout or
+# out-of-bounds read fails the script, leaving the input under fuzz/artifacts/TARGET/.
+# The seeds: the micro model's files (tests/reference/fuzz_seeds.py) plus the real config.json
+# and tokenizer.json files of the test models. Corpora grow in fuzz/corpus/ between runs.
+# Usage: scripts/fuzz.sh [SECONDS] [TARGET...]   (scripts/test-long.sh: 1800 s each)
+# A crash is fixed and its input copied to tests/fuzz-regressions/TARGET/, which the quick tier
+# replays on stable (tests/tests/fuzz_regressions.rs): the instrumented nightly build alone takes
+# longer than CI's quick tier can spend.
+# Needs the models (scripts/fetch-models.sh) and the nightly toolchain; installs cargo-fuzz.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+seconds="${1:-60}"
+shift || true
+all=(model_gguf model_safetensors model_config model_tokenizer page_table kv_cache)
+targets=("${@:-${all[@]}}")
+
+CARGO_FUZZ_VERSION=0.13.2
+if ! cargo fuzz --version 2>/dev/null | grep -qF "$CARGO_FUZZ_VERSION"; then
+    cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked
+fi
+if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+    timeout 600 rustup toolchain install nightly --profile minimal
+fi
+
+models="${TWINFER_MODELS:-$HOME/.cache/twinfer/models}"
+"$models/.venv/bin/python" tests/reference/fuzz_seeds.py "$models/tiny-llama" fuzz/seeds
+declare -A seeds=(
+    [model_gguf]="fuzz/seeds/base/micro.gguf"
+    [model_safetensors]="fuzz/seeds/base/model.safetensors"
+    [model_config]="fuzz/seeds/base/config.json $models/tiny-llama/config.json $models/tiny-qwen2/config.json $models/all-MiniLM-L6-v2/config.json"
+    [model_tokenizer]="fuzz/seeds/base/tokenizer.json $models/tiny-qwen2/tokenizer.json"
+)
+for t in "${targets[@]}"; do
+    mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"
+    for f in ${seeds[$t]:-}; do
+        cp "$f" "fuzz/corpus/$t/seed-$(basename "$(dirname "$f")")-$(basename "$f")"
+    done
+done
+
+echo "== cargo fuzz build (nightly, AddressSanitizer, debug assertions)"
+cargo +nightly fuzz build --debug-assertions
+
+for t in "${targets[@]}"; do
+    echo "== fuzz $t for $seconds s"
+    log="fuzz/artifacts/$t/last-run.log"
+    if ! cargo +nightly fuzz run --debug-assertions "$t" "fuzz/corpus/$t" -- \
+        -max_total_time="$seconds" -timeout=20 -rss_limit_mb=4096 -max_len=262144 -print_final_stats=1 \
+        -artifact_prefix="fuzz/artifacts/$t/" >"$log" 2>&1; then
+        tail -40 "$log" >&2
+        echo "fuzz target $t failed: the input is in fuzz/artifacts/$t/" >&2
+        exit 1
+    fi
+    runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo "?")
+    corpus=$(ls "fuzz/corpus/$t" | wc -l)
+    echo "   $runs executions in $seconds s, no crash; corpus $corpus inputs"
+done
