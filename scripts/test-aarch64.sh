@@ -26,6 +26,8 @@ echo "== cargo test ($target, qemu), TWINFER_TEST_CASES=$TWINFER_TEST_CASES"
 export TWINFER_CLI_RUNNER="$runner"
 # The scalar level of the model tests runs natively; under qemu, NEON only.
 export TWINFER_TEST_LEVELS=widest
+# The stress test's full size is for native speed: under qemu, 60 requests check the same things.
+export TWINFER_STRESS_REQUESTS="${TWINFER_STRESS_REQUESTS:-60}"
 cargo test --target "$target" -p twinfer -p twinfer-tests -p twinfer-cli
 
 # The binary the CLI tests above ran (test profile, optimised): no second build of the workspace.

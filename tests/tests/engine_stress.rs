@@ -305,7 +305,9 @@ fn dropped_streams_free_their_pages_and_the_others_are_unchanged() {
     let vocab_size = solo.model().config.vocab_size;
     let prefix: Vec<u32> = (0..32).map(|_| 2 + rng.below(vocab_size - 2) as u32).collect();
     let mut handles = Vec::new();
-    for i in 0..64 {
+    // 64 streams natively; fewer when the stress size is cut (under qemu).
+    let streams = (env_or("TWINFER_STRESS_REQUESTS", 2000) as usize / 30).clamp(16, 64);
+    for i in 0..streams {
         let mut prompt = prefix.clone();
         prompt.extend((0..1 + rng.below(30)).map(|_| 2 + rng.below(vocab_size - 2) as u32));
         let mut request = GenerateRequest::tokens(prompt).max_tokens(1 + rng.below(MAX_NEW_TOKENS));
@@ -335,7 +337,7 @@ fn dropped_streams_free_their_pages_and_the_others_are_unchanged() {
         let (_, want_text, want_reason, want_tokens) = outcome(&alone);
         assert_eq!((tokens, reason, text), (want_tokens, want_reason, want_text), "under load vs alone");
     }
-    assert!(read_to_the_end >= 40);
+    assert!(read_to_the_end >= streams / 2, "{read_to_the_end} of {streams} streams read to their end");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let stats = engine.stats().unwrap();
