@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 
 seconds="${1:-60}"
 shift || true
-all=(model_gguf model_safetensors model_config model_tokenizer page_table kv_cache)
+all=(model_gguf model_safetensors model_config model_tokenizer page_table kv_cache kernels)
 targets=("${@:-${all[@]}}")
 
 CARGO_FUZZ_VERSION=0.13.2
