@@ -33,28 +33,59 @@ pub fn linear(
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) -> Result<()> {
-    check_len("linear x ([rows, k])", rows * k, x.len())?;
     check_len("linear W ([n, k])", n * k, w.len())?;
+    linear_parts(level, x, rows, &[w], k, bias, y)
+}
+
+/// [`linear`] over a weight matrix stored as row blocks `parts` (each `[n_i, k]`, stacked in
+/// order: `n = Σ n_i`), so projections of one input (q, k, v) fuse without being copied into one
+/// matrix. Every output element's arithmetic is that of [`linear`].
+pub fn linear_parts(
+    level: SimdLevel,
+    x: &[f32],
+    rows: usize,
+    parts: &[TensorRef<'_>],
+    k: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) -> Result<()> {
+    if k == 0 {
+        return Err(TwinferError::InvalidParameter("linear: k must be at least 1".into()));
+    }
+    if let Some(p) = parts.iter().find(|p| !p.len().is_multiple_of(k)) {
+        return Err(TwinferError::InvalidParameter(format!(
+            "linear: a weight part of {} elements is not whole rows of {k}",
+            p.len()
+        )));
+    }
+    let n: usize = parts.iter().map(|p| p.len() / k).sum();
+    check_len("linear x ([rows, k])", rows * k, x.len())?;
     check_len("linear y ([rows, n])", rows * n, y.len())?;
     if let Some(b) = bias {
         check_len("linear bias ([n])", n, b.len())?;
     }
-    if k == 0 {
-        return Err(TwinferError::InvalidParameter("linear: k must be at least 1".into()));
+    // (part, its first output column, the part's columns of this task)
+    let mut tasks = Vec::new();
+    let mut col0 = 0;
+    for (p, part) in parts.iter().enumerate() {
+        let part_n = part.len() / k;
+        for t in 0..part_n.div_ceil(COLS_PER_TASK) {
+            tasks.push((p, col0, t * COLS_PER_TASK..((t + 1) * COLS_PER_TASK).min(part_n)));
+        }
+        col0 += part_n;
     }
     let out = OutPtr(y.as_mut_ptr());
-    let tasks = n.div_ceil(COLS_PER_TASK);
-    let task = |t: usize| {
-        let cols = t * COLS_PER_TASK..((t + 1) * COLS_PER_TASK).min(n);
-        level.dispatch(Chunk { x, rows, w, k, n, cols, bias, out });
+    let task = |t: &(usize, usize, std::ops::Range<usize>)| {
+        let (p, col0, cols) = (t.0, t.1, t.2.clone());
+        level.dispatch(Chunk { x, rows, w: parts[p], k, n, col0, cols, bias, out });
     };
     #[cfg(not(target_arch = "wasm32"))]
     if rows * n * k >= 1 << 16 {
         use rayon::prelude::*;
-        (0..tasks).into_par_iter().for_each(task);
+        tasks.par_iter().for_each(task);
         return Ok(());
     }
-    (0..tasks).for_each(task);
+    tasks.iter().for_each(task);
     Ok(())
 }
 
@@ -68,9 +99,12 @@ unsafe impl Sync for OutPtr {}
 struct Chunk<'a> {
     x: &'a [f32],
     rows: usize,
+    /// One row block of the weights; its row `c` is output column `col0 + c`.
     w: TensorRef<'a>,
     k: usize,
+    /// Output columns in all (the row stride of `out`).
     n: usize,
+    col0: usize,
     cols: std::ops::Range<usize>,
     bias: Option<&'a [f32]>,
     out: OutPtr,
@@ -161,12 +195,14 @@ impl Chunk<'_> {
                 for j in body..k {
                     sum = xr[j].mul_add(wr[j].to_f32(), sum);
                 }
+                let col = self.col0 + c0 + c;
                 if let Some(b) = self.bias {
-                    sum += b[c0 + c];
+                    sum += b[col];
                 }
-                // SAFETY: (r0 + r, c0 + c) is inside [rows, n], and column c0 + c belongs to
-                // this task's chunk alone.
-                unsafe { *self.out.0.add((r0 + r) * self.n + c0 + c) = sum };
+                assert!(col < self.n);
+                // SAFETY: (r0 + r, col) is inside [rows, n] (rows checked above, col just now),
+                // and column col belongs to this task's chunk alone.
+                unsafe { *self.out.0.add((r0 + r) * self.n + col) = sum };
             }
         }
     }
@@ -212,6 +248,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn stacked_parts_equal_the_concatenated_matrix_bit_for_bit() {
+        let (rows, k) = (6, 72);
+        let sizes = [70, 3, 65];
+        let x = data(rows * k, 4);
+        let parts32: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(i, &n)| data(n * k, 10 + i as u32)).collect();
+        let whole: Vec<f32> = parts32.concat();
+        let n: usize = sizes.iter().sum();
+        let bias = data(n, 5);
+        for level in SimdLevel::available() {
+            let mut want = vec![f32::NAN; rows * n];
+            linear(level, &x, rows, TensorRef::F32(&whole), n, k, Some(&bias), &mut want).unwrap();
+            let parts: Vec<TensorRef<'_>> = parts32.iter().map(|p| TensorRef::F32(p)).collect();
+            let mut got = vec![f32::NAN; rows * n];
+            linear_parts(level, &x, rows, &parts, k, Some(&bias), &mut got).unwrap();
+            assert_eq!(got, want, "{level}");
+        }
+        let ragged = [TensorRef::F32(&whole[..k + 1])];
+        let e = linear_parts(SimdLevel::Scalar, &x, rows, &ragged, k, None, &mut [0.0; 6]).unwrap_err();
+        assert!(matches!(e, TwinferError::InvalidParameter(_)), "{e}");
     }
 
     #[test]

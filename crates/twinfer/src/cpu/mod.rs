@@ -35,7 +35,7 @@ mod microkernel;
 mod parallel;
 mod simd_level;
 
-pub use linear::linear;
+pub use linear::{linear, linear_parts};
 pub use linear_quant::linear_quant;
 pub use simd_level::SimdLevel;
 

@@ -10,6 +10,7 @@
 //! `general.alignment` (32 by default) after the table. All little-endian.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::error::{Result, TwinferError};
 use crate::model::source::FileBytes;
@@ -118,7 +119,7 @@ pub struct GgufTensor {
 pub struct GgufFile {
     pub file: String,
     pub version: u32,
-    bytes: FileBytes,
+    bytes: Arc<FileBytes>,
     /// Bytes before the data section: the header, metadata and tensor table.
     header_len: usize,
     metadata: HashMap<String, MetaValue>,
@@ -231,7 +232,7 @@ impl GgufFile {
             }
         }
         check_no_overlap(&tensors, file)?;
-        Ok(Self { file: file.into(), version, bytes, header_len: data_start, metadata, tensors })
+        Ok(Self { file: file.into(), version, bytes: Arc::new(bytes), header_len: data_start, metadata, tensors })
     }
 
     pub fn metadata(&self, key: &str) -> Option<&MetaValue> {
@@ -249,6 +250,11 @@ impl GgufFile {
     /// The bytes of a tensor of the table.
     pub fn data(&self, t: &GgufTensor) -> &[u8] {
         &self.bytes[t.start..t.start + t.len]
+    }
+
+    /// The whole file, shared with the tensors read in place from it.
+    pub(crate) fn shared_bytes(&self) -> &Arc<FileBytes> {
+        &self.bytes
     }
 
     /// Frees the tokenizer's metadata (tens of thousands of token and merge strings) once the

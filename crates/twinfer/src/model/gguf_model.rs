@@ -9,12 +9,15 @@
 //! moved whole, so quantized rows move without decoding. Other architectures (qwen2) are stored
 //! unpermuted.
 
-use half::{bf16, f16};
+use std::sync::Arc;
+
 use serde_json::{Map, Value, json};
 
+use crate::dtype::DType;
 use crate::error::{Result, TwinferError};
 use crate::model::config::ModelConfig;
 use crate::model::gguf::{GgmlType, GgufFile, MetaValue};
+use crate::model::source::FileBytes;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::weights::WeightData;
 use crate::quant::PackedQuant;
@@ -59,38 +62,36 @@ impl GgufWeights {
         if dims != shape {
             return Err(err(&gname, format!("shape {dims:?}, expected {shape:?}")));
         }
-        let bytes = self.file.data(t);
         let (n, k) = if shape.len() == 2 { (shape[0], shape[1]) } else { (1, shape.iter().product()) };
         let groups = match (self.arch.as_str(), name.rsplit('.').nth(1)) {
             ("llama", Some("q_proj")) => Some(self.heads),
             ("llama", Some("k_proj")) => Some(self.kv_heads),
             _ => None,
         };
-        let permuted;
-        let bytes = match groups {
+        // The bytes to read from: the file itself, or the rows put back in Hugging Face's order.
+        let (source, range) = match groups {
             Some(h) => {
                 if h == 0 || !n.is_multiple_of(2 * h) {
                     return Err(err(&gname, format!("{n} rows do not split into {h} heads of pairs")));
                 }
-                permuted = unpermute_rows(bytes, n, h);
-                &permuted[..]
+                let permuted = unpermute_rows(self.file.data(t), n, h);
+                let len = permuted.len();
+                (Arc::new(FileBytes::Owned(permuted)), 0..len)
             }
-            None => bytes,
+            None => (self.file.shared_bytes().clone(), t.start..t.start + t.len),
         };
         let data = match t.ty {
-            GgmlType::F32 => {
-                WeightData::F32(bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect())
-            }
-            GgmlType::F16 => WeightData::F16(bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect()),
-            GgmlType::BF16 => {
-                WeightData::BF16(bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect())
-            }
+            GgmlType::F32 => WeightData::from_file(&source, range, DType::F32),
+            GgmlType::F16 => WeightData::from_file(&source, range, DType::F16),
+            GgmlType::BF16 => WeightData::from_file(&source, range, DType::BF16),
             GgmlType::Quant(format) => WeightData::Quant(
-                PackedQuant::from_row_bytes(format, n, k, bytes).map_err(|e| err(&gname, e.to_string()))?,
+                PackedQuant::from_row_bytes(format, n, k, &source[range]).map_err(|e| err(&gname, e.to_string()))?,
             ),
         };
-        // Its pages are copied out: they need not stay resident beside the packed copy.
-        self.file.release(t);
+        // Copied out (packed, or permuted): its pages need not stay resident beside the copy.
+        if !data.in_file() || groups.is_some() {
+            self.file.release(t);
+        }
         Ok(data)
     }
 }

@@ -5,16 +5,19 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::cpu::{SimdLevel, linear, linear_quant};
+use crate::cpu::{SimdLevel, linear_parts, linear_quant};
 use crate::dtype::TensorRef;
 use crate::error::{Result, TwinferError};
 use crate::gpu::{DEFAULT_MAX_WEIGHT_BUFFER, GpuEngine, GpuLinear};
 use crate::model::weights::{WeightData, Weights};
+use crate::quant::PackedQuant;
 
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// `[n, k]`: one row per output feature.
-    pub w: Arc<WeightData>,
+    /// `[n, k]`, one row per output feature, as row blocks stacked in order: one block, unless
+    /// projections of one input were fused (q, k, v; gate, up), whose float blocks stay where they
+    /// were loaded (in the model file when they can) instead of being copied into one matrix.
+    pub parts: Vec<Arc<WeightData>>,
     pub bias: Option<Vec<f32>>,
     pub n: usize,
     pub k: usize,
@@ -31,45 +34,27 @@ impl Linear {
     pub fn load(weights: &Weights, name: &str, n: usize, k: usize, bias: bool) -> Result<Self> {
         let w = Arc::new(weights.get(&format!("{name}.weight"), &[n, k])?);
         let bias = if bias { Some(weights.f32(&format!("{name}.bias"), &[n])?) } else { None };
-        Ok(Self { w, bias, n, k, device: DeviceCopies::default() })
+        Ok(Self::new(w, bias, n, k))
     }
 
     /// A projection over weights already loaded (a tied LM head shares the embeddings).
     pub fn new(w: Arc<WeightData>, bias: Option<Vec<f32>>, n: usize, k: usize) -> Self {
-        Self { w, bias, n, k, device: DeviceCopies::default() }
+        Self { parts: vec![w], bias, n, k, device: DeviceCopies::default() }
     }
 
     /// Several projections of the same input stacked into one (q, k, v; gate, up), so the input is
-    /// read once and one product runs instead of three.
+    /// read once and one product runs instead of three. Float weights are not copied; quantized
+    /// ones are repacked into one matrix (the kernel's feature groups span the parts).
     pub fn stack(parts: Vec<Linear>) -> Result<Self> {
         let k = parts[0].k;
-        let dtype = parts[0].w.dtype();
+        let dtype = parts[0].dtype();
         let differ = || TwinferError::InvalidParameter("stacked projections differ in width or dtype".into());
-        if parts.iter().any(|p| p.k != k || p.w.dtype() != dtype) {
+        if parts.iter().any(|p| p.k != k || p.dtype() != dtype) {
             return Err(differ());
         }
         let n = parts.iter().map(|p| p.n).sum();
         let has_bias = parts.iter().any(|p| p.bias.is_some());
         let mut bias = Vec::with_capacity(if has_bias { n } else { 0 });
-        let w = match dtype {
-            None => {
-                let packed: Vec<&crate::quant::PackedQuant> = parts
-                    .iter()
-                    .map(|p| if let WeightData::Quant(q) = &*p.w { Some(q) } else { None })
-                    .collect::<Option<_>>()
-                    .ok_or_else(differ)?;
-                WeightData::Quant(crate::quant::PackedQuant::stack(&packed).ok_or_else(differ)?)
-            }
-            Some(crate::DType::F32) => {
-                WeightData::F32(concat(&parts, |w| if let WeightData::F32(v) = w { v } else { unreachable!() }))
-            }
-            Some(crate::DType::F16) => {
-                WeightData::F16(concat(&parts, |w| if let WeightData::F16(v) = w { v } else { unreachable!() }))
-            }
-            Some(crate::DType::BF16) => {
-                WeightData::BF16(concat(&parts, |w| if let WeightData::BF16(v) = w { v } else { unreachable!() }))
-            }
-        };
         if has_bias {
             for p in &parts {
                 match &p.bias {
@@ -78,28 +63,59 @@ impl Linear {
                 }
             }
         }
-        Ok(Self::new(Arc::new(w), has_bias.then_some(bias), n, k))
+        let blocks = match dtype {
+            None => {
+                let packed: Vec<&PackedQuant> =
+                    parts.iter().map(Linear::quant).collect::<Option<_>>().ok_or_else(differ)?;
+                vec![Arc::new(WeightData::Quant(PackedQuant::stack(&packed).ok_or_else(differ)?))]
+            }
+            Some(_) => parts.iter().flat_map(|p| p.parts.iter().cloned()).collect(),
+        };
+        Ok(Self { parts: blocks, bias: has_bias.then_some(bias), n, k, device: DeviceCopies::default() })
     }
 
-    /// The float weights, or `None` when they are block-quantized.
-    pub fn weight_ref(&self) -> Option<TensorRef<'_>> {
-        match &*self.w {
-            WeightData::F32(v) => Some(TensorRef::F32(v)),
-            WeightData::F16(v) => Some(TensorRef::F16(v)),
-            WeightData::BF16(v) => Some(TensorRef::BF16(v)),
-            WeightData::Quant(_) => None,
+    /// The weights' float dtype, or `None` when they are block-quantized.
+    pub fn dtype(&self) -> Option<crate::DType> {
+        self.parts[0].dtype()
+    }
+
+    /// The block-quantized weights, when they are.
+    pub fn quant(&self) -> Option<&PackedQuant> {
+        match &*self.parts[0] {
+            WeightData::Quant(q) if self.parts.len() == 1 => Some(q),
+            _ => None,
         }
+    }
+
+    /// The float weights' row blocks, or `None` when they are block-quantized.
+    pub fn weight_parts(&self) -> Option<Vec<TensorRef<'_>>> {
+        self.parts
+            .iter()
+            .map(|w| match &**w {
+                WeightData::F32(v) => Some(TensorRef::F32(v)),
+                WeightData::F16(v) => Some(TensorRef::F16(v)),
+                WeightData::BF16(v) => Some(TensorRef::BF16(v)),
+                WeightData::Quant(_) => None,
+            })
+            .collect()
+    }
+
+    /// All the weights as f32, `[n, k]`.
+    pub fn to_f32(&self) -> Vec<f32> {
+        self.parts.iter().flat_map(|w| w.to_f32()).collect()
     }
 
     /// `y[rows, n] = x[rows, k] · Wᵀ + b`.
     pub fn forward(&self, level: SimdLevel, x: &[f32], rows: usize, y: &mut Vec<f32>) -> Result<()> {
         y.clear();
         y.resize(rows * self.n, f32::NAN);
-        match (&*self.w, self.weight_ref()) {
-            (WeightData::Quant(q), _) => linear_quant(level, x, rows, q, self.bias.as_deref(), y),
-            (_, Some(w)) => linear(level, x, rows, w, self.n, self.k, self.bias.as_deref(), y),
-            (_, None) => unreachable!("only quantized weights have no float view"),
+        if let Some(q) = self.quant() {
+            return linear_quant(level, x, rows, q, self.bias.as_deref(), y);
         }
+        let parts = self
+            .weight_parts()
+            .ok_or_else(|| TwinferError::InvalidParameter("a projection mixes float and quantized weights".into()))?;
+        linear_parts(level, x, rows, &parts, self.k, self.bias.as_deref(), y)
     }
 
     /// [`Linear::forward`] on `gpu` when given (awaiting the readback), else on the CPU. A lost
@@ -128,16 +144,32 @@ impl Linear {
         }
         // Copies on devices that are gone free their buffers here.
         copies.retain(|w| w.device_alive());
-        // Quantized weights are decoded for the GPU's float kernels (f16 where the adapter has it).
-        let (as_f16, as_f32): (Vec<half::f16>, Vec<f32>);
-        let w = match self.weight_ref() {
-            Some(w) => w,
+        // Quantized weights are decoded for the GPU's float kernels (f16 where the adapter has it);
+        // stacked float blocks are joined for the upload only (the host keeps them apart).
+        let (as_f16, as_f32, as_bf16): (Vec<half::f16>, Vec<f32>, Vec<half::bf16>);
+        let parts = self.weight_parts();
+        let w = match parts.as_deref() {
+            Some([w]) => *w,
+            Some(_) => match self.dtype() {
+                Some(crate::DType::F16) => {
+                    as_f16 = concat(&self.parts, |w| if let WeightData::F16(v) = w { Some(&**v) } else { None });
+                    TensorRef::F16(&as_f16)
+                }
+                Some(crate::DType::BF16) => {
+                    as_bf16 = concat(&self.parts, |w| if let WeightData::BF16(v) = w { Some(&**v) } else { None });
+                    TensorRef::BF16(&as_bf16)
+                }
+                _ => {
+                    as_f32 = self.to_f32();
+                    TensorRef::F32(&as_f32)
+                }
+            },
             None if gpu.context().summary.shader_f16 => {
-                as_f16 = self.w.to_f32().into_iter().map(half::f16::from_f32).collect();
+                as_f16 = self.to_f32().into_iter().map(half::f16::from_f32).collect();
                 TensorRef::F16(&as_f16)
             }
             None => {
-                as_f32 = self.w.to_f32();
+                as_f32 = self.to_f32();
                 TensorRef::F32(&as_f32)
             }
         };
@@ -151,14 +183,15 @@ impl Linear {
 
     /// Bytes of weights one forward reads.
     pub fn weight_bytes(&self) -> usize {
-        self.w.bytes() + self.bias.as_ref().map_or(0, |b| b.len() * 4)
+        self.parts.iter().map(|w| w.bytes()).sum::<usize>() + self.bias.as_ref().map_or(0, |b| b.len() * 4)
     }
 }
 
-fn concat<T: Copy>(parts: &[Linear], get: impl Fn(&WeightData) -> &Vec<T>) -> Vec<T> {
-    let mut out = Vec::with_capacity(parts.iter().map(|p| p.w.len()).sum());
+/// The blocks of one float dtype joined into one matrix (`get` picks that dtype's elements).
+fn concat<T: Copy>(parts: &[Arc<WeightData>], get: impl Fn(&WeightData) -> Option<&[T]>) -> Vec<T> {
+    let mut out = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
     for p in parts {
-        out.extend_from_slice(get(&p.w));
+        out.extend_from_slice(get(p).expect("stacked blocks share one dtype"));
     }
     out
 }

@@ -4,6 +4,7 @@
 mod bert;
 mod chat;
 mod config;
+mod elems;
 pub mod gguf;
 mod gguf_model;
 mod linear;
@@ -19,6 +20,7 @@ mod weights;
 pub use bert::BertModel;
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{DecoderConfig, EncoderConfig, ModelConfig, RopeScaling};
+pub use elems::Elems;
 pub use linear::Linear;
 pub use llama::{Engines, LlamaModel, Logits, StepSeq};
 pub use random::{PRESETS, preset, random_decoder};

@@ -16,7 +16,7 @@ impl Linear {
     /// This projection with its weights quantized to `format` (unchanged when it already is
     /// block-quantized). The input width must be a multiple of 32.
     pub fn quantized(&self, format: QuantFormat, name: &str) -> Result<Self> {
-        if let WeightData::Quant(_) = &*self.w {
+        if self.quant().is_some() {
             return Ok(self.clone());
         }
         if !self.k.is_multiple_of(BLOCK) {
@@ -25,7 +25,7 @@ impl Linear {
                 self.k
             )));
         }
-        let rows = QuantRows::quantize(format, &self.w.to_f32(), self.n, self.k)?;
+        let rows = QuantRows::quantize(format, &self.to_f32(), self.n, self.k)?;
         let w = Arc::new(WeightData::Quant(PackedQuant::from_rows(&rows)));
         Ok(Linear::new(w, self.bias.clone(), self.n, self.k))
     }

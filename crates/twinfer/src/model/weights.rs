@@ -1,8 +1,10 @@
 //! The tensors of a model: one `model.safetensors`, the shards a `model.safetensors.index.json`
 //! names, or a GGUF file (read under Hugging Face's tensor names, see `gguf_model.rs`). Headers
-//! are checked on load; tensors are converted on request, once, into the format the kernels read.
+//! are checked on load. A float tensor is read in place from the file (see `elems.rs`); others
+//! are converted on request, once, into the format the kernels read.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors, tensor::TensorInfo};
@@ -10,6 +12,7 @@ use serde_json::Value;
 
 use crate::dtype::DType;
 use crate::error::{Result, TwinferError};
+use crate::model::elems::Elems;
 use crate::model::gguf::GgufFile;
 use crate::model::gguf_model;
 use crate::model::source::{FileBytes, ModelSource};
@@ -21,7 +24,7 @@ const INDEX: &str = "model.safetensors.index.json";
 #[derive(Debug)]
 struct Shard {
     file: String,
-    bytes: FileBytes,
+    bytes: Arc<FileBytes>,
     data_start: usize,
     tensors: HashMap<String, TensorInfo>,
 }
@@ -38,9 +41,9 @@ pub struct Weights {
 /// A tensor in the format it will be computed from.
 #[derive(Debug, Clone)]
 pub enum WeightData {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
-    BF16(Vec<bf16>),
+    F32(Elems<f32>),
+    F16(Elems<f16>),
+    BF16(Elems<bf16>),
     /// A block-quantized matrix, kept quantized in the CPU kernel's layout.
     Quant(PackedQuant),
 }
@@ -76,7 +79,7 @@ impl WeightData {
     }
     pub fn to_f32(&self) -> Vec<f32> {
         match self {
-            Self::F32(v) => v.clone(),
+            Self::F32(v) => v.to_vec(),
             Self::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
             Self::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
             Self::Quant(q) => q.to_f32(),
@@ -89,6 +92,27 @@ impl WeightData {
             Self::F16(e) => out.iter_mut().zip(&e[r * width..][..width]).for_each(|(d, s)| *d = s.to_f32()),
             Self::BF16(e) => out.iter_mut().zip(&e[r * width..][..width]).for_each(|(d, s)| *d = s.to_f32()),
             Self::Quant(q) => q.row_f32(r, out),
+        }
+    }
+}
+
+impl WeightData {
+    /// The float tensor at `file[range]`, stored little-endian as `dtype`, in place where it can be.
+    pub(crate) fn from_file(file: &Arc<FileBytes>, range: std::ops::Range<usize>, dtype: DType) -> Self {
+        match dtype {
+            DType::F32 => Self::F32(Elems::from_file(file, range, |b| f32::from_le_bytes(b.try_into().unwrap()))),
+            DType::F16 => Self::F16(Elems::from_file(file, range, |b| f16::from_le_bytes([b[0], b[1]]))),
+            DType::BF16 => Self::BF16(Elems::from_file(file, range, |b| bf16::from_le_bytes([b[0], b[1]]))),
+        }
+    }
+
+    /// Whether the tensor is read in place from its model file (no copy of it in memory).
+    pub fn in_file(&self) -> bool {
+        match self {
+            Self::F32(v) => v.in_file(),
+            Self::F16(v) => v.in_file(),
+            Self::BF16(v) => v.in_file(),
+            Self::Quant(_) => false,
         }
     }
 }
@@ -120,7 +144,7 @@ impl Weights {
                     });
                 }
             }
-            weights.shards.push(Shard { file: shown, bytes, data_start: 8 + header, tensors });
+            weights.shards.push(Shard { file: shown, bytes: Arc::new(bytes), data_start: 8 + header, tensors });
         }
         Ok(weights)
     }
@@ -153,23 +177,19 @@ impl Weights {
         if info.shape != shape {
             return Err(err(format!("shape {:?}, expected {shape:?}", info.shape)));
         }
-        let bytes = &shard.bytes[shard.data_start + info.data_offsets.0..shard.data_start + info.data_offsets.1];
-        Ok(match info.dtype {
-            Dtype::F32 => {
-                WeightData::F32(bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect())
-            }
-            Dtype::F16 => WeightData::F16(bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect()),
-            Dtype::BF16 => WeightData::BF16(bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect()),
+        let range = shard.data_start + info.data_offsets.0..shard.data_start + info.data_offsets.1;
+        let dtype = match info.dtype {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
             other => return Err(err(format!("dtype {other:?} is not supported (F32, F16, BF16)"))),
-        })
+        };
+        Ok(WeightData::from_file(&shard.bytes, range, dtype))
     }
 
     /// The tensor as f32 (norms, biases, embeddings).
     pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        Ok(match self.get(name, shape)? {
-            WeightData::F32(v) => v,
-            other => other.to_f32(),
-        })
+        Ok(self.get(name, shape)?.to_f32())
     }
 }
 
