@@ -11,7 +11,8 @@ const OPTIONAL = ["sentence_bert_config.json"];
 // Files the loader reads; anything else in a dropped folder (README, vocab.txt, .bin) is skipped.
 const isGguf = (name) => name.toLowerCase().endsWith(".gguf");
 const wanted = (name) => name.endsWith(".json") || name.endsWith(".safetensors") || isGguf(name);
-const SLICE = 8 << 20;
+// Each append passes through a temporary copy in wasm memory: 1 MiB keeps it small beside the model.
+const SLICE = 1 << 20;
 
 function invalid(message) {
   return new InvalidModelError(message, { code: "ModelFile" });

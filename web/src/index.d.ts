@@ -148,6 +148,8 @@ export interface Info {
   /** The WebGPU adapter, when one was found. */
   adapter?: AdapterReport | null;
   model: null | { kind: "decoder" | "encoder"; description: string };
+  /** Bytes of the WebAssembly memory: it never shrinks, so this is the peak so far. */
+  wasmMemoryBytes: number;
 }
 
 export interface ChatMessage {

@@ -189,6 +189,8 @@ impl Runtime {
             "prefill": engine_report(prefill),
             "decode": engine_report(decode),
             "model": model,
+            // The module's linear memory: it only grows, so this is the peak so far.
+            "wasmMemoryBytes": wasm_memory_bytes(),
         });
         to_js(&info)
     }
@@ -450,4 +452,16 @@ impl Runtime {
             Err(_) => self.gpu_handle.as_ref().is_some_and(|a| a.lose_device_for_test()),
         }
     }
+}
+
+/// Bytes of this module's linear memory.
+#[cfg(target_arch = "wasm32")]
+fn wasm_memory_bytes() -> usize {
+    core::arch::wasm32::memory_size(0) * 65536
+}
+
+/// Off wasm32 the bindings are only type-checked: there is no linear memory to report.
+#[cfg(not(target_arch = "wasm32"))]
+fn wasm_memory_bytes() -> usize {
+    0
 }
