@@ -1,7 +1,8 @@
 // The package in headless Chromium (Debian's, driven by playwright-core), through the demo page:
 //   1. with WebGPU (--enable-unsafe-webgpu: SwiftShader), `auto` picks WebGPU;
 //   2. without it, `auto` falls back to wasm SIMD and says why;
-//   3. `wasm` forced; 4. the Web Worker mode (WebGPU and wasm); 5. a GPU lost mid-generation.
+//   3. `wasm` forced; 4. the Web Worker mode (WebGPU and wasm); 5. a GPU lost mid-generation (on
+//   the page of 1).
 // Each run's embeddings must match the numpy reference (per element, and unit norm) and its greedy tokens
 // the reference decoder's. A screenshot of each finished demo goes to test-artifacts/.
 import { test, before, after } from "node:test";
@@ -46,8 +47,8 @@ async function runDemo({ flags, query, screenshot, after }) {
     assert.equal(error, null, `the demo failed: ${JSON.stringify(error)}\n${logs.join("\n")}`);
     const result = await page.evaluate(() => ({ ...window.demoResult, progress: window.demoProgress }));
     const embeddings = await page.evaluate((s) => window.demo.embed(s), minilm.sentences);
-    const extra = after ? await after(page) : null;
     if (screenshot) await page.screenshot({ path: new URL(screenshot, ARTIFACTS).pathname, fullPage: true });
+    const extra = after ? await after(page) : null;
     return { result, embeddings, logs, extra };
   } finally {
     await browser.close();
@@ -69,20 +70,13 @@ function checkOutputs({ result, embeddings }) {
   assert.ok(m.ttft.p50 > 0 && m.tpot.p50 > 0 && m.tps > 0);
 }
 
-test("with WebGPU, auto picks WebGPU and matches the reference", async () => {
-  const run = await runDemo({ flags: WEBGPU_FLAGS, query: { backend: "auto" }, screenshot: "demo-webgpu.png" });
-  for (const info of [run.result.embedInfo, run.result.genInfo]) {
-    assert.equal(info.backend, "webgpu", `${info.reason}\n${run.logs.join("\n")}`);
-    assert.equal(info.adapter.architecture, "swiftshader");
-  }
-  assert.ok(run.result.progress.includes("upload"), `weights uploaded at load: ${run.result.progress}`);
-  checkOutputs(run);
-});
-
-test("a GPU lost mid-generation moves the work to wasm and the request finishes unchanged", async () => {
+// One WebGPU page serves both checks (the demo on SwiftShader takes minutes): first the demo's own
+// run, then, on the same engines, a device lost mid-generation.
+test("with WebGPU, auto picks WebGPU and matches the reference; a GPU lost mid-generation moves the work to wasm unchanged", async () => {
   const run = await runDemo({
     flags: WEBGPU_FLAGS,
-    query: { backend: "webgpu" },
+    query: { backend: "auto" },
+    screenshot: "demo-webgpu.png",
     after: (page) =>
       page.evaluate(
         async ({ ids, n, sentences }) => {
@@ -101,6 +95,13 @@ test("a GPU lost mid-generation moves the work to wasm and the request finishes 
         { ids: llama.prompt_ids, n: llama.greedy_ids.length, sentences: minilm.sentences },
       ),
   });
+  for (const info of [run.result.embedInfo, run.result.genInfo]) {
+    assert.equal(info.backend, "webgpu", `${info.reason}\n${run.logs.join("\n")}`);
+    assert.equal(info.adapter.architecture, "swiftshader");
+  }
+  assert.ok(run.result.progress.includes("upload"), `weights uploaded at load: ${run.result.progress}`);
+  checkOutputs(run);
+
   const x = run.extra;
   assert.equal(x.before.backend, "webgpu");
   assert.deepEqual(x.tokens, llama.greedy_ids);
