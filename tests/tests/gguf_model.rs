@@ -4,11 +4,10 @@
 //! stored; the tokenizer is a separate byte-level BPE; the template is rendered by jinja2).
 //!
 //! Checked: the tokenizer's ids on a hard corpus and on the rendered chat prompts; the top 32
-//! logits after each prompt; greedy tokens equal the reference's up to its first near-tie, on
-//! every CPU SIMD level and on the GPU's resident path. A near-tie is a top-2 margin that the
-//! logit tolerance could flip: below four times the tolerance (0.024 on the CPU) rather than the
-//! coarser 0.5, so the comparison runs far past the first uncertain-looking step. All prompts run
-//! batched in one step, each on its own sequence of the paged cache.
+//! logits after each prompt; and, teacher-forced along the reference's greedy continuation (so
+//! one uncertain step cannot derail the rest), the greedy token at every step that is not a
+//! near-tie, on every CPU SIMD level and on the GPU's resident path. All prompts run batched in
+//! one step, each on its own sequence of the paged cache.
 #![cfg(not(target_arch = "wasm32"))]
 
 use twinfer::kv::{KvCacheConfig, KvLayout, PagedKvCache};
@@ -18,12 +17,20 @@ use twinfer_tests::models::{floats, golden, ids, levels, model_dir};
 
 const NAME: &str = "smollm2";
 const FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-/// f32 against float64 over the same decoded weights, through 30 layers: measured 3e-7 to 2e-6
-/// of the largest top logit on the CPU (the kernel decodes weights exactly as the reference).
-const CPU_LOGITS_RTOL: f64 = 2e-5;
-/// The GPU holds the decoded weights in f16 where the adapter has it (a Q4_1 weight `d*q + m`
-/// needs up to 15 significant bits, f16 has 11): measured 2.4e-4 to 3.6e-4 on lavapipe.
+/// The CPU quantizes activations per block of 32 into two int8 digits (a coarse one and its
+/// residual) before each quantized projection; against float64 over f32 activations that costs,
+/// through 30 layers, 3e-5 to 1.3e-4 of the largest top logit (one int8 digit alone, as
+/// llama.cpp does, cost up to 3.8e-2 and flipped near-ties). The kernels themselves are bounded
+/// to f32 rounding against the quantized activations in `cpu::linear_quant`'s tests.
+const CPU_LOGITS_RTOL: f64 = 3e-4;
+/// Two logits each off by the tolerance (of top logits near 32) can swap at twice it.
+const CPU_NEAR_TIE: f64 = 2.0 * CPU_LOGITS_RTOL * 32.0;
+/// The GPU holds the decoded weights in f16 where the adapter has it and keeps activations in
+/// f32 (a Q4_1 weight `d*q + m` needs up to 15 significant bits, f16 has 11): measured 2.4e-4 to
+/// 3.6e-4 on lavapipe.
 const GPU_LOGITS_RTOL: f64 = 1e-3;
+/// Two logits each off by the tolerance (of top logits near 32) can swap at twice it.
+const GPU_NEAR_TIE: f64 = 2.0 * GPU_LOGITS_RTOL * 32.0;
 /// Lavapipe runs this model at seconds per token: the GPU check takes one prompt and a few steps.
 const GPU_STEPS: usize = 4;
 
@@ -73,8 +80,9 @@ fn the_gguf_tokenizer_matches_the_reference() {
     }
 }
 
-/// One forward over every prompt (logits after each), then greedy steps; returns per prompt the
-/// logits after the prompt and the greedy tokens. `step` runs one batched forward.
+/// One forward over every prompt (logits after each), then steps fed with the reference's greedy
+/// tokens; returns per prompt the logits after the prompt and this engine's argmax at every step.
+/// `step` runs one batched forward.
 fn greedy_batch(
     model: &LlamaModel,
     prompts: &[&Prompt],
@@ -99,7 +107,8 @@ fn greedy_batch(
     for _ in 1..steps {
         let starts: Vec<usize> = seqs.iter().map(|&s| cache.seq_len(s).unwrap()).collect();
         cache.reserve(&seqs, &vec![1; seqs.len()]).unwrap();
-        let last: Vec<[u32; 1]> = out.iter().map(|(_, t)| [*t.last().unwrap()]).collect();
+        // Teacher-forced: the reference's token, whatever this engine picked.
+        let last: Vec<[u32; 1]> = prompts.iter().zip(&out).map(|(p, (_, t))| [p.greedy[t.len() - 1]]).collect();
         let batch: Vec<StepSeq<'_>> = seqs
             .iter()
             .zip(&starts)
@@ -114,9 +123,9 @@ fn greedy_batch(
     out
 }
 
-/// Compares one engine's results with the reference and returns the number of greedy tokens
-/// checked before the first near-tie.
-fn check(engine: &str, prompts: &[&Prompt], got: &[(Vec<f32>, Vec<u32>)], rtol: f64) -> usize {
+/// Compares one engine's results with the reference and returns the number of steps whose
+/// greedy token was checked: every step whose reference margin is at least `near_tie`.
+fn check(engine: &str, prompts: &[&Prompt], got: &[(Vec<f32>, Vec<u32>)], rtol: f64, near_tie: f64) -> usize {
     let mut checked = 0;
     for (i, (p, (logits, tokens))) in prompts.iter().zip(got).enumerate() {
         let scale = p.top_logits.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
@@ -127,11 +136,16 @@ fn check(engine: &str, prompts: &[&Prompt], got: &[(Vec<f32>, Vec<u32>)], rtol: 
             .fold(0f64, |m, (&id, &want)| m.max((logits[id as usize] as f64 - want as f64).abs()));
         eprintln!("{engine}: prompt {i}: top-32 logits error {:.2e} of {scale:.2}", err / scale);
         assert!(err / scale <= rtol, "{engine}: prompt {i}: logits after the prompt off by {:.2e}", err / scale);
-        // Tokens up to the first step whose reference margin the tolerance could flip.
-        let near_tie = 4.0 * rtol * scale;
-        let upto = p.margins.iter().position(|&m| (m as f64) < near_tie).unwrap_or(p.margins.len()).min(tokens.len());
-        assert_eq!(&tokens[..upto], &p.greedy[..upto], "{engine}: prompt {i}: greedy tokens before the first near-tie");
-        checked += upto;
+        let mut differ = Vec::new();
+        for (s, (&got, (&want, &margin))) in tokens.iter().zip(p.greedy.iter().zip(&p.margins)).enumerate() {
+            if (margin as f64) >= near_tie {
+                assert_eq!(got, want, "{engine}: prompt {i}, step {s}: greedy token (reference margin {margin})");
+                checked += 1;
+            } else if got != want {
+                differ.push(format!("step {s} (margin {margin:.3})"));
+            }
+        }
+        eprintln!("{engine}: prompt {i}: near-ties that went the other way: {differ:?}");
     }
     checked
 }
@@ -152,10 +166,10 @@ fn quantized_model_matches_the_reference_on_every_cpu_level() {
         let attention = Attention::cpu(level);
         let engines = Engines { level, prefill: &attention, decode: &attention };
         let got = greedy_batch(&model, &prompts, steps, |cache, batch| model.forward(engines, cache, batch).unwrap());
-        let checked = check(&format!("cpu {level}"), &prompts, &got, CPU_LOGITS_RTOL);
-        eprintln!("cpu {level}: {checked} greedy tokens checked");
-        // The margins in the golden are all clear of the CPU's tolerance: every token counts.
-        assert_eq!(checked, steps * prompts.len(), "cpu {level}: a near-tie cut the check short");
+        let checked = check(&format!("cpu {level}"), &prompts, &got, CPU_LOGITS_RTOL, CPU_NEAR_TIE);
+        eprintln!("cpu {level}: {checked} of {} greedy tokens checked", steps * prompts.len());
+        // All but the closest calls of the continuation (margins of 0.01) are clear of the tolerance.
+        assert!(checked * 10 >= steps * prompts.len() * 9, "cpu {level}: most steps are clear of near-ties");
     }
 }
 
@@ -172,7 +186,7 @@ fn quantized_model_matches_the_reference_on_the_resident_gpu_path() {
     let (model, _, _) = load();
     let all = prompts();
     // The prompt whose greedy steps stay clear of near-ties longest, so the few steps all count.
-    let clear = |p: &Prompt| p.margins.iter().position(|&m| (m as f64) < 4.0 * GPU_LOGITS_RTOL * 32.0);
+    let clear = |p: &Prompt| p.margins.iter().position(|&m| (m as f64) < GPU_NEAR_TIE);
     let prompts: Vec<&Prompt> = vec![all.iter().max_by_key(|p| clear(p).unwrap_or(usize::MAX)).unwrap()];
     let c = &model.config;
     let layout = KvLayout::new(16, c.num_kv_heads, c.head_dim).unwrap();
@@ -181,7 +195,7 @@ fn quantized_model_matches_the_reference_on_the_resident_gpu_path() {
     let got = greedy_batch(&model, &prompts, GPU_STEPS, |cache, batch| {
         model.forward_resident(&resident, cache, batch).unwrap()
     });
-    let checked = check("gpu resident", &prompts, &got, GPU_LOGITS_RTOL);
+    let checked = check("gpu resident", &prompts, &got, GPU_LOGITS_RTOL, GPU_NEAR_TIE);
     eprintln!("gpu resident: {checked} greedy tokens checked");
     assert_eq!(checked, GPU_STEPS, "a near-tie cut the GPU check short");
 }

@@ -33,6 +33,7 @@ mod linear_quant;
 mod math;
 mod microkernel;
 mod parallel;
+mod qdot;
 mod simd_level;
 
 pub use linear::{linear, linear_parts};

@@ -26,7 +26,7 @@ impl Linear {
             )));
         }
         let rows = QuantRows::quantize(format, &self.to_f32(), self.n, self.k)?;
-        let w = Arc::new(WeightData::Quant(PackedQuant::from_rows(&rows)));
+        let w = Arc::new(WeightData::Quant(PackedQuant::from_rows(&rows)?));
         Ok(Linear::new(w, self.bias.clone(), self.n, self.k))
     }
 }

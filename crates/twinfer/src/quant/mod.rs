@@ -12,7 +12,7 @@
 
 mod packed;
 
-pub use packed::PackedQuant;
+pub use packed::{PackedQuant, TILE};
 
 use half::f16;
 

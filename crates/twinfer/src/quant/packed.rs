@@ -1,104 +1,108 @@
-//! The layout the CPU kernel reads quantized weights in: output features interleaved in 32-bit
-//! words, so one vector load brings the codes of `32 / bits` features at consecutive `k`.
+//! The layout the CPU kernels read quantized weights in: tiles of [`TILE`] output features whose
+//! codes are interleaved so that one vector load brings 4 consecutive codes of every feature of
+//! the tile, ready for an integer dot product with 4 activation bytes broadcast to every lane
+//! (`vpdpbusd` on AVX-512 VNNI, `pmaddubsw` on AVX2, `smull` on NEON, `extmul` in wasm).
 //!
-//! - `words[g * k + j]` holds, for the features `g * C .. g * C + C` (`C` = 8 for 4-bit codes, 4
-//!   for 8-bit), their codes at input index `j`: feature `g * C + s` in bits `s * B .. s * B + B`.
-//!   A vector of words at `j .. j + lanes` thus pairs lane for lane with `x[j .. j + lanes]`, on
-//!   every SIMD width, with no shuffle.
-//! - Each (feature, block of 32) keeps the block's f16 scale `d` and (Q4_1) minimum `m` as the
-//!   file has them, so the packed matrix takes the file's memory: 4.5 bits per weight for Q4_0,
-//!   5 for Q4_1, 8.5 for Q8_0. The maps of a group's features for one block sit together:
-//!   `maps[((g * nb + blk) * C + s) * len ..]`, `len` = 2 for Q4_1, else 1.
-//! - Decoding uses the affine map `value = a * f + b` ([`PackedQuant::affine`]), where
-//!   `f = 1 + code / 2^B` is made by placing the code under the exponent of 1.0
-//!   (`0x3F80_0000 | code << (23 - B)`): a shift, an and, an or and one FMA per weight. For Q8_0
-//!   and Q4_0, `a * f + b` is exactly `d * q` before its one rounding, so decoding equals the
-//!   reference bit for bit; Q4_1's `b = m - 16 d` may round once more (1 ulp).
+//! - `codes[tile][block]` is one block of 32 inputs for the tile's 16 features:
+//!   - 8-bit codes (Q8_0, the file's signed `q`): 8 rows of 64 bytes, row `g` holding inputs
+//!     `4g .. 4g + 4` of feature `f` at bytes `4f .. 4f + 4`;
+//!   - 4-bit codes (Q4_0, Q4_1, the nibble `0..=15`): 4 rows of 64 bytes, row `g` holding inputs
+//!     `4g .. 4g + 4` in the low nibbles and inputs `16 + 4g .. 16 + 4g + 4` in the high ones.
+//! - `d[tile][block][f]` (and `m` for Q4_1) are the block scales as the file stores them (f16), so
+//!   the packed matrix takes the file's memory: 4.5 bits per weight for Q4_0, 5 for Q4_1, 8.5 for
+//!   Q8_0.
+//! - A weight's value is `d * (c - zero) + m`: `zero` is 8 for Q4_0 and 0 otherwise, `m` is 0
+//!   except for Q4_1, exactly as the reference decodes the file's blocks.
 //!
-//! Features past `n` in the last group have code 0 and the map (0, 0).
+//! Features past `n` in the last tile have code 0 and scale 0. Scales must be finite (checked
+//! when packing, as llama.cpp validates row data): the kernels convert them without a NaN path.
 
 use half::f16;
 
+use crate::error::{Result, TwinferError};
 use crate::quant::{BLOCK, QuantFormat, QuantRows};
 
-/// Quantized `[n, k]` weights in the interleaved layout.
+/// Output features per tile: one 512-bit vector of i32 lanes.
+pub const TILE: usize = 16;
+
+/// Quantized `[n, k]` weights in the tiled layout.
 #[derive(Debug, Clone)]
 pub struct PackedQuant {
     pub format: QuantFormat,
     pub n: usize,
     pub k: usize,
-    words: Vec<u32>,
-    /// `d` (and `m` for Q4_1) per feature and block, grouped as above.
-    maps: Vec<f16>,
+    codes: Vec<u8>,
+    /// `[tiles][blocks][TILE]` f16 scales.
+    d: Vec<f16>,
+    /// Q4_1's minima, laid out as `d`; empty otherwise.
+    m: Vec<f16>,
 }
 
 impl PackedQuant {
-    /// Features per word.
-    pub fn cols_per_word(&self) -> usize {
-        32 / self.format.code_bits() as usize
+    pub fn tiles(&self) -> usize {
+        self.n.div_ceil(TILE)
     }
 
-    pub fn groups(&self) -> usize {
-        self.n.div_ceil(self.cols_per_word())
+    pub fn blocks(&self) -> usize {
+        self.k / BLOCK
     }
 
-    pub fn words(&self) -> &[u32] {
-        &self.words
+    /// Bytes of one tile's codes for one block.
+    pub const fn tile_block_bytes(format: QuantFormat) -> usize {
+        TILE * BLOCK * format.code_bits() as usize / 8
     }
 
-    /// Stored f16 values per (feature, block): `d`, and `m` for Q4_1.
-    fn map_len(format: QuantFormat) -> usize {
-        if format == QuantFormat::Q4_1 { 2 } else { 1 }
+    /// The code bytes of tile `t`, block after block.
+    pub fn tile_codes(&self, t: usize) -> &[u8] {
+        let len = self.blocks() * Self::tile_block_bytes(self.format);
+        &self.codes[t * len..(t + 1) * len]
     }
 
-    /// The affine maps of feature group `g`, block by block: `out[blk * C + s]` for feature
-    /// `g * C + s` (see [`PackedQuant::affine`]).
-    pub fn group_affine(&self, g: usize, out: &mut [[f32; 2]]) {
-        let per = self.cols_per_word();
-        let len = Self::map_len(self.format);
-        let count = (self.k / BLOCK) * per;
-        let maps = &self.maps[g * count * len..(g + 1) * count * len];
-        for (dst, dm) in out[..count].iter_mut().zip(maps.chunks_exact(len)) {
-            *dst = Self::affine(self.format, [dm[0], if len == 2 { dm[1] } else { f16::ZERO }]);
-        }
+    /// Tile `t`'s scales, `[blocks][TILE]` f16 bits.
+    pub fn tile_scales(&self, t: usize) -> &[u16] {
+        let len = self.blocks() * TILE;
+        bytemuck::cast_slice(&self.d[t * len..(t + 1) * len])
+    }
+
+    /// Tile `t`'s Q4_1 minima, laid out as its scales (empty for the other formats).
+    pub fn tile_minima(&self, t: usize) -> &[u16] {
+        let len = self.blocks() * TILE;
+        if self.m.is_empty() { &[] } else { bytemuck::cast_slice(&self.m[t * len..(t + 1) * len]) }
+    }
+
+    /// The code that decodes to 0 before the minimum is added: 8 for Q4_0, else 0.
+    pub fn zero(&self) -> i32 {
+        if self.format == QuantFormat::Q4_0 { 8 } else { 0 }
     }
 
     /// Bytes held in memory.
     pub fn bytes(&self) -> usize {
-        self.words.len() * 4 + self.maps.len() * 2
-    }
-
-    /// The map `(a, b)` with `value = a * f + b` for a block's stored `(d, m)`, `f = 1 + code/2^B`:
-    /// `a = d 2^B` and `b = offset - a`, where the offset of code 0 is `m` (Q4_1), `-8 d` (Q4_0)
-    /// or `-128 d` (Q8_0, whose codes are `q + 128`).
-    #[inline(always)]
-    pub fn affine(format: QuantFormat, dm: [f16; 2]) -> [f32; 2] {
-        let d = dm[0].to_f32();
-        let (a, offset) = match format {
-            QuantFormat::Q8_0 => (d * 256.0, d * -128.0),
-            QuantFormat::Q4_0 => (d * 16.0, d * -8.0),
-            QuantFormat::Q4_1 => (d * 16.0, dm[1].to_f32()),
-        };
-        [a, offset - a]
+        self.codes.len() + (self.d.len() + self.m.len()) * 2
     }
 
     fn empty(format: QuantFormat, n: usize, k: usize) -> Self {
-        let c = 32 / format.code_bits() as usize;
-        let groups = n.div_ceil(c);
-        let maps = vec![f16::ZERO; groups * (k / BLOCK) * c * Self::map_len(format)];
-        Self { format, n, k, words: vec![0; groups * k], maps }
+        let tiles = n.div_ceil(TILE);
+        let scales = tiles * (k / BLOCK) * TILE;
+        Self {
+            format,
+            n,
+            k,
+            codes: vec![0; tiles * (k / BLOCK) * Self::tile_block_bytes(format)],
+            d: vec![f16::ZERO; scales],
+            m: if format == QuantFormat::Q4_1 { vec![f16::ZERO; scales] } else { Vec::new() },
+        }
     }
 
     /// Repacks rows of GGUF blocks.
-    pub fn from_rows(rows: &QuantRows) -> Self {
-        Self::from_row_bytes(rows.format, rows.n, rows.k, &rows.bytes).expect("QuantRows checked its shape")
+    pub fn from_rows(rows: &QuantRows) -> Result<Self> {
+        Self::from_row_bytes(rows.format, rows.n, rows.k, &rows.bytes)
     }
 
     /// Repacks `n` rows of `k` weights of GGUF blocks straight from `bytes` (a memory-mapped
-    /// file's tensor: no copy of the file's blocks is made).
-    pub fn from_row_bytes(format: QuantFormat, n: usize, k: usize, bytes: &[u8]) -> crate::error::Result<Self> {
+    /// file's tensor: no copy of the file's blocks is made). A non-finite scale is an error.
+    pub fn from_row_bytes(format: QuantFormat, n: usize, k: usize, bytes: &[u8]) -> Result<Self> {
         if k == 0 || !k.is_multiple_of(BLOCK) {
-            return Err(crate::TwinferError::InvalidParameter(format!(
+            return Err(TwinferError::InvalidParameter(format!(
                 "{} rows must hold a positive multiple of {BLOCK} weights, not {k}",
                 format.name()
             )));
@@ -109,13 +113,26 @@ impl PackedQuant {
         for c in 0..n {
             let row = &bytes[c * row_bytes..(c + 1) * row_bytes];
             for (blk, block) in row.chunks_exact(format.block_bytes()).enumerate() {
-                let (codes, _, _) = format.split_block(block);
-                for (i, &code) in codes.iter().enumerate() {
-                    p.set_code(c, blk * BLOCK + i, code as u32);
-                }
                 let d = f16::from_le_bytes([block[0], block[1]]);
                 let m = if format == QuantFormat::Q4_1 { f16::from_le_bytes([block[2], block[3]]) } else { f16::ZERO };
-                p.set_map(c, blk, [d, m]);
+                if !d.is_finite() || !m.is_finite() {
+                    return Err(TwinferError::InvalidParameter(format!(
+                        "{} row {c}, block {blk}: the scale is not finite ({d}, {m})",
+                        format.name()
+                    )));
+                }
+                let mut codes = [0u8; BLOCK];
+                match format {
+                    QuantFormat::Q8_0 => codes.copy_from_slice(&block[2..2 + BLOCK]),
+                    QuantFormat::Q4_0 | QuantFormat::Q4_1 => {
+                        let qs = &block[block.len() - BLOCK / 2..];
+                        for j in 0..BLOCK / 2 {
+                            codes[j] = qs[j] & 0x0f;
+                            codes[j + BLOCK / 2] = qs[j] >> 4;
+                        }
+                    }
+                }
+                p.set_block(c, blk, &codes, [d, m]);
             }
         }
         Ok(p)
@@ -128,15 +145,26 @@ impl PackedQuant {
         if parts.iter().any(|p| p.format != first.format || p.k != first.k) {
             return None;
         }
+        // Whole tiles concatenate as they are; otherwise the features move block by block.
+        if parts.iter().all(|p| p.n.is_multiple_of(TILE)) {
+            let cat = |f: fn(&PackedQuant) -> &[u8]| parts.iter().flat_map(|p| f(p).iter().copied()).collect();
+            let cat16 = |f: fn(&PackedQuant) -> &[f16]| parts.iter().flat_map(|p| f(p).iter().copied()).collect();
+            return Some(Self {
+                format: first.format,
+                n: parts.iter().map(|p| p.n).sum(),
+                k: first.k,
+                codes: cat(|p| &p.codes),
+                d: cat16(|p| &p.d),
+                m: cat16(|p| &p.m),
+            });
+        }
         let mut out = Self::empty(first.format, parts.iter().map(|p| p.n).sum(), first.k);
         let mut at = 0;
         for p in parts {
             for c in 0..p.n {
-                for j in 0..p.k {
-                    out.set_code(at + c, j, p.code(c, j));
-                }
-                for blk in 0..p.k / BLOCK {
-                    out.set_map(at + c, blk, p.map(c, blk));
+                for blk in 0..p.blocks() {
+                    let (codes, dm) = p.block(c, blk);
+                    out.set_block(at + c, blk, &codes, dm);
                 }
             }
             at += p.n;
@@ -144,46 +172,65 @@ impl PackedQuant {
         Some(out)
     }
 
-    fn word_bit(&self, c: usize, j: usize) -> (usize, u32) {
-        let per = self.cols_per_word();
-        ((c / per) * self.k + j, (c % per) as u32 * self.format.code_bits())
+    /// Where input `j` (`0..32`) of feature `f` (`0..TILE`) sits in a tile's block: the byte and,
+    /// for 4-bit codes, the nibble's shift.
+    fn code_at(format: QuantFormat, f: usize, j: usize) -> (usize, u32) {
+        match format.code_bits() {
+            8 => ((j / 4) * 64 + f * 4 + j % 4, 0),
+            _ => (((j % 16) / 4) * 64 + f * 4 + j % 4, if j < 16 { 0 } else { 4 }),
+        }
     }
 
-    fn code(&self, c: usize, j: usize) -> u32 {
-        let (w, bit) = self.word_bit(c, j);
-        (self.words[w] >> bit) & ((1 << self.format.code_bits()) - 1)
+    fn scale_index(&self, c: usize, blk: usize) -> usize {
+        ((c / TILE) * self.blocks() + blk) * TILE + c % TILE
     }
 
-    fn set_code(&mut self, c: usize, j: usize, code: u32) {
-        let (w, bit) = self.word_bit(c, j);
-        let mask = ((1u32 << self.format.code_bits()) - 1) << bit;
-        self.words[w] = (self.words[w] & !mask) | (code << bit);
+    fn block_codes_mut(&mut self, c: usize, blk: usize) -> &mut [u8] {
+        let bb = Self::tile_block_bytes(self.format);
+        let at = ((c / TILE) * self.blocks() + blk) * bb;
+        &mut self.codes[at..at + bb]
     }
 
-    fn map_index(&self, c: usize, blk: usize) -> usize {
-        let per = self.cols_per_word();
-        ((c / per) * (self.k / BLOCK) + blk) * per + c % per
+    fn set_block(&mut self, c: usize, blk: usize, codes: &[u8; BLOCK], dm: [f16; 2]) {
+        let format = self.format;
+        let f = c % TILE;
+        let dst = self.block_codes_mut(c, blk);
+        for (j, &code) in codes.iter().enumerate() {
+            let (byte, shift) = Self::code_at(format, f, j);
+            dst[byte] = if format.code_bits() == 8 { code } else { (dst[byte] & !(0x0f << shift)) | code << shift };
+        }
+        let i = self.scale_index(c, blk);
+        self.d[i] = dm[0];
+        if !self.m.is_empty() {
+            self.m[i] = dm[1];
+        }
     }
 
-    fn map(&self, c: usize, blk: usize) -> [f16; 2] {
-        let len = Self::map_len(self.format);
-        let i = self.map_index(c, blk) * len;
-        [self.maps[i], if len == 2 { self.maps[i + 1] } else { f16::ZERO }]
+    /// Feature `c`'s codes and `(d, m)` in block `blk`.
+    fn block(&self, c: usize, blk: usize) -> ([u8; BLOCK], [f16; 2]) {
+        let bb = Self::tile_block_bytes(self.format);
+        let at = ((c / TILE) * self.blocks() + blk) * bb;
+        let src = &self.codes[at..at + bb];
+        let codes = core::array::from_fn(|j| {
+            let (byte, shift) = Self::code_at(self.format, c % TILE, j);
+            if self.format.code_bits() == 8 { src[byte] } else { (src[byte] >> shift) & 0x0f }
+        });
+        let i = self.scale_index(c, blk);
+        (codes, [self.d[i], if self.m.is_empty() { f16::ZERO } else { self.m[i] }])
     }
 
-    fn set_map(&mut self, c: usize, blk: usize, dm: [f16; 2]) {
-        let len = Self::map_len(self.format);
-        let i = self.map_index(c, blk) * len;
-        self.maps[i..i + len].copy_from_slice(&dm[..len]);
-    }
-
-    /// Feature `c`'s weights, decoded as the kernel decodes them (an embedding row).
+    /// Feature `c`'s weights, decoded as the reference decodes the file (an embedding row).
     pub fn row_f32(&self, c: usize, out: &mut [f32]) {
-        let shift = 23 - self.format.code_bits();
-        for (j, o) in out.iter_mut().enumerate().take(self.k) {
-            let [a, b] = Self::affine(self.format, self.map(c, j / BLOCK));
-            let f = f32::from_bits(0x3F80_0000 | self.code(c, j) << shift);
-            *o = f.mul_add(a, b);
+        for (blk, chunk) in out[..self.k].chunks_exact_mut(BLOCK).enumerate() {
+            let (codes, [d, m]) = self.block(c, blk);
+            let (d, m) = (d.to_f32(), m.to_f32());
+            for (o, &code) in chunk.iter_mut().zip(&codes) {
+                *o = match self.format {
+                    QuantFormat::Q8_0 => d * (code as i8) as f32,
+                    QuantFormat::Q4_0 => d * (code as f32 - 8.0),
+                    QuantFormat::Q4_1 => d.mul_add(code as f32, m),
+                };
+            }
         }
     }
 
@@ -205,22 +252,29 @@ mod tests {
     fn packing_decodes_like_the_reference_and_stacks() {
         let value = |i: usize| ((i as u32).wrapping_mul(2654435761) >> 8) as f32 / 16_777_216.0 - 0.5;
         for format in [QuantFormat::Q8_0, QuantFormat::Q4_0, QuantFormat::Q4_1] {
-            // n = 13 leaves a partial group of features.
-            let (n, k) = (13, 64);
-            let x: Vec<f32> = (0..n * k).map(value).collect();
-            let rows = QuantRows::quantize(format, &x, n, k).unwrap();
-            let want = rows.to_f32();
-            let packed = PackedQuant::from_rows(&rows);
-            let got = packed.to_f32();
-            for (i, (&w, &g)) in want.iter().zip(&got).enumerate() {
-                let ulp = if format == QuantFormat::Q4_1 { f32::EPSILON * 2.0 * w.abs().max(0.5) } else { 0.0 };
-                assert!((w - g).abs() <= ulp, "{format:?} [{}, {}]: {w} vs {g}", i / k, i % k);
+            // n = 13 leaves a partial tile; 32 stacks as whole tiles.
+            for n in [13, 32] {
+                let k = 64;
+                let x: Vec<f32> = (0..n * k).map(value).collect();
+                let rows = QuantRows::quantize(format, &x, n, k).unwrap();
+                let want = rows.to_f32();
+                let packed = PackedQuant::from_rows(&rows).unwrap();
+                let got = packed.to_f32();
+                assert_eq!(got, want, "{format:?} n={n}: decoding differs from the reference");
+                let stacked = PackedQuant::stack(&[&packed, &packed]).unwrap();
+                assert_eq!(stacked.n, 2 * n);
+                let both = stacked.to_f32();
+                assert_eq!(&both[..n * k], &got[..]);
+                assert_eq!(&both[n * k..], &got[..]);
             }
-            let stacked = PackedQuant::stack(&[&packed, &packed]).unwrap();
-            assert_eq!(stacked.n, 2 * n);
-            let both = stacked.to_f32();
-            assert_eq!(&both[..n * k], &got[..]);
-            assert_eq!(&both[n * k..], &got[..]);
         }
+    }
+
+    #[test]
+    fn a_non_finite_scale_is_refused() {
+        let mut rows = QuantRows::quantize(QuantFormat::Q4_1, &[0.25; 64], 2, 32).unwrap();
+        rows.bytes[20..22].copy_from_slice(&f16::NAN.to_le_bytes());
+        let e = PackedQuant::from_rows(&rows).unwrap_err().to_string();
+        assert!(e.contains("row 1, block 0") && e.contains("not finite"), "{e}");
     }
 }

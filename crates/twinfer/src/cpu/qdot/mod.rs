@@ -1,0 +1,220 @@
+//! Integer dot products between a tile of block-quantized weights ([`PackedQuant`]'s layout) and
+//! activation rows quantized to int8 per block of 32 ([`QuantizedRows`]), as llama.cpp's
+//! `vec_dot_q4_1_q8_1` and friends do.
+//!
+//! For a weight block (codes `c`, scale `d`, minimum `m`, zero code `z`) and an activation block
+//! (codes `q` in -127..=127, scale `dx`, `sx = dx * Σq`), the block's contribution is
+//! `(d * dx) * Σ(c - z)·q + m * sx`. The integer sum is exact on every instruction set, however
+//! each one forms it (`vpdpbusd` with a +128 bias, `pmaddubsw` with the sign trick, widening
+//! multiplies); the float part is the same two FMAs per block everywhere except wasm (no fused
+//! multiply-add there: a multiply and an add). So on x86, ARM and the scalar level a product is
+//! bit-identical across levels, and on every level it is independent of the batch: each row's
+//! quantization and sums depend on that row alone.
+//!
+//! The cost against f32 activations is the activations' rounding: at most half a step
+//! (`dx / 2`) per element, i.e. a relative `1/254` of the block's largest magnitude, bounded in
+//! the tests.
+
+#[cfg(target_arch = "aarch64")]
+mod neon;
+mod scalar;
+#[cfg(target_arch = "wasm32")]
+mod wasm;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use crate::cpu::SimdLevel;
+use crate::quant::{BLOCK, PackedQuant, QuantFormat, TILE};
+
+/// Rows of activations a kernel call accumulates at once (each decoded weight vector serves
+/// them all).
+pub(crate) const MAX_ROWS: usize = 4;
+
+/// One tile of weights as a kernel reads it.
+pub(crate) struct TileRef<'a> {
+    /// `[blocks][tile block bytes]`, see [`PackedQuant`].
+    pub codes: &'a [u8],
+    /// `[blocks][TILE]` f16 bits.
+    pub d: &'a [u16],
+    /// Q4_1's minima as `d`, or empty.
+    pub m: &'a [u16],
+    pub bits: u32,
+    pub zero: i32,
+    pub blocks: usize,
+}
+
+impl<'a> TileRef<'a> {
+    pub fn new(w: &'a PackedQuant, t: usize) -> Self {
+        Self {
+            codes: w.tile_codes(t),
+            d: w.tile_scales(t),
+            m: w.tile_minima(t),
+            bits: w.format.code_bits(),
+            zero: w.zero(),
+            blocks: w.blocks(),
+        }
+    }
+
+    pub fn block_bytes(&self) -> usize {
+        PackedQuant::tile_block_bytes(if self.bits == 8 { QuantFormat::Q8_0 } else { QuantFormat::Q4_0 })
+    }
+
+    /// Checks what every kernel's unchecked reads rely on.
+    fn check(&self, a: &QuantizedRows, r0: usize, rows: usize) {
+        assert!((1..=MAX_ROWS).contains(&rows) && r0 + rows <= a.rows);
+        assert!(a.k == self.blocks * BLOCK);
+        assert!(self.codes.len() == self.blocks * self.block_bytes());
+        assert!(self.d.len() == self.blocks * TILE && (self.m.is_empty() || self.m.len() == self.d.len()));
+        assert!(a.q.len() >= a.rows * a.k && a.dx.len() >= a.rows * self.blocks);
+        assert!(a.sx.len() >= a.rows * self.blocks && a.qsum.len() >= a.rows * self.blocks);
+    }
+}
+
+/// Activation rows as two int8 digits per block of 32: a coarse row `q1` with `dx1` = the block's
+/// largest magnitude over 127 (llama.cpp's Q8_0 activations), then the residual
+/// `x - dx1 * q1` quantized the same way (`q2`, `dx2`, about `dx1 / 254`). A row of `x` becomes
+/// quantized rows `2r` (coarse) and `2r + 1` (residual), and a product sums the two: the error
+/// per element drops from `dx1 / 2` (int8 alone, which moved SmolLM2's logits by up to 1.0 and
+/// flipped its first answer token) to `dx2 / 2`, for twice the integer work on the same weights.
+/// A block with a NaN or an infinity gets `dx = NaN`, so the outputs it reaches are NaN rather
+/// than silently finite.
+#[derive(Default)]
+pub(crate) struct QuantizedRows {
+    /// Quantized rows: twice the activation rows.
+    pub rows: usize,
+    pub k: usize,
+    /// `[rows, k]`.
+    pub q: Vec<i8>,
+    /// `[rows, k / 32]` scales.
+    pub dx: Vec<f32>,
+    /// `[rows, k / 32]`: `dx * Σq` (for Q4_1's minima).
+    pub sx: Vec<f32>,
+    /// `[rows, k / 32]`: `Σq` (for the zero code).
+    pub qsum: Vec<i32>,
+}
+
+/// Quantized rows per activation row.
+pub(crate) const DIGITS: usize = 2;
+
+impl QuantizedRows {
+    /// Quantizes `x` (`[rows, k]`, `k` a multiple of 32) into these buffers.
+    pub fn quantize(&mut self, x: &[f32], rows: usize, k: usize) {
+        let nb = k / BLOCK;
+        self.rows = DIGITS * rows;
+        self.k = k;
+        self.q.resize(self.rows * k, 0);
+        for v in [&mut self.dx, &mut self.sx] {
+            v.resize(self.rows * nb, 0.0);
+        }
+        self.qsum.resize(self.rows * nb, 0);
+        let mut residual = [0f32; BLOCK];
+        for r in 0..rows {
+            for blk in 0..nb {
+                let xs = &x[r * k + blk * BLOCK..][..BLOCK];
+                let finite = xs.iter().all(|v| v.is_finite());
+                let coarse = (DIGITS * r) * nb + blk;
+                let dx1 = self.digit(coarse, xs, finite);
+                for ((res, &v), &q) in residual.iter_mut().zip(xs).zip(&self.q[coarse * BLOCK..][..BLOCK]) {
+                    *res = v - dx1 * q as f32;
+                }
+                self.digit(coarse + nb, &residual, finite);
+            }
+        }
+    }
+
+    /// Quantizes one block `xs` into quantized block `at` (row-major over `[rows, k / 32]`);
+    /// returns its scale.
+    fn digit(&mut self, at: usize, xs: &[f32], finite: bool) -> f32 {
+        let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
+        let dx = if finite { amax / 127.0 } else { f32::NAN };
+        let inv = if dx > 0.0 { 1.0 / dx } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in self.q[at * BLOCK..][..BLOCK].iter_mut().zip(xs) {
+            let c = round_half_even(v * inv).clamp(-127.0, 127.0) as i8;
+            *q = c;
+            sum += c as i32;
+        }
+        self.dx[at] = dx;
+        self.sx[at] = dx * sum as f32;
+        self.qsum[at] = sum;
+        dx
+    }
+}
+
+/// Rounds to the nearest integer, ties to even, for `|v| < 2^22` (larger values stay large, and
+/// are clamped by the caller): adding and removing 1.5 * 2^23 leaves no fraction bits. Unlike
+/// `round_ties_even`, it needs no SSE4.1 and compiles to two adds.
+#[inline(always)]
+fn round_half_even(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    if v.abs() < 4_194_304.0 { (v + MAGIC) - MAGIC } else { v }
+}
+
+/// `out[r][f]` = the dot product of activation row `r0 + r` (`r < rows`) with feature `f` of the
+/// tile, without the bias.
+pub(crate) fn tile_rows(
+    level: SimdLevel,
+    t: &TileRef<'_>,
+    a: &QuantizedRows,
+    r0: usize,
+    rows: usize,
+    out: &mut [[f32; TILE]; MAX_ROWS],
+) {
+    t.check(a, r0, rows);
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512(_) if x86::has_vnni() => {
+            // SAFETY: this level exists only where AVX-512 F/BW was detected, and VNNI was just
+            // detected; `check` bounds every read.
+            unsafe { x86::tile_rows_vnni(t, a, r0, rows, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512 machines and the Avx2 level have AVX2, FMA and F16C (detected).
+        SimdLevel::Avx512(_) | SimdLevel::Avx2(_) => unsafe { x86::tile_rows_avx2(t, a, r0, rows, out) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: the Neon level exists only where NEON was detected; `check` bounds every read.
+        SimdLevel::Neon(_) => unsafe { neon::tile_rows(t, a, r0, rows, out) },
+        #[cfg(target_arch = "wasm32")]
+        // SAFETY: the Simd128 level exists only when the module was built with simd128.
+        SimdLevel::Simd128(_) => unsafe { wasm::tile_rows(t, a, r0, rows, out) },
+        _ => scalar::tile_rows(t, a, r0, rows, out),
+    }
+}
+
+/// Runs `f::<R>(args)` for a run-time row count 1..=4.
+macro_rules! for_rows {
+    ($rows:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $rows {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            _ => $f::<4>($($arg),*),
+        }
+    };
+}
+pub(crate) use for_rows;
+
+/// f16 bits to f32 without a conversion instruction, exact for every finite value (normal and
+/// subnormal): the exponent and mantissa bits move up to the f32 positions and one multiply by
+/// 2^112 rebases the exponent. (Scales are checked finite when packed.)
+#[cfg(any(target_arch = "aarch64", target_arch = "wasm32", test))]
+pub(crate) const F16_REBASE: f32 = f32::from_bits((127 + 112) << 23);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The conversion the NEON and wasm kernels do in vectors, on every finite f16.
+    #[test]
+    fn f16_rebase_is_exact_for_every_finite_value() {
+        for h in 0..=u16::MAX {
+            let want = half::f16::from_bits(h);
+            if !want.is_finite() {
+                continue;
+            }
+            let magnitude = f32::from_bits(((h & 0x7fff) as u32) << 13) * F16_REBASE;
+            let got = f32::from_bits(magnitude.to_bits() | ((h & 0x8000) as u32) << 16);
+            assert_eq!(got.to_bits(), want.to_f32().to_bits(), "f16 bits {h:#06x}");
+        }
+    }
+}

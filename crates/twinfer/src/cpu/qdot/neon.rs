@@ -1,0 +1,99 @@
+//! aarch64 NEON kernel: widening multiplies (`smull`/`smlal`, signed bytes to i16) and pairwise
+//! accumulation into i32 (`sadalp`), a quarter tile (4 features) at a time. No product pair can
+//! overflow i16: `128 * 127` for 8-bit codes, `2 * 15 * 127` for two 4-bit ones.
+
+use core::arch::aarch64::*;
+use core::ptr::read_unaligned;
+
+use super::{F16_REBASE, MAX_ROWS, QuantizedRows, TileRef, for_rows};
+use crate::quant::{BLOCK, TILE};
+
+/// # Safety
+/// NEON must be present and `t.check(a, r0, rows)` must hold.
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn tile_rows(
+    t: &TileRef<'_>,
+    a: &QuantizedRows,
+    r0: usize,
+    rows: usize,
+    out: &mut [[f32; TILE]; MAX_ROWS],
+) {
+    // SAFETY: forwarded.
+    unsafe { for_rows!(rows, kernel(t, a, r0, out)) }
+}
+
+/// Four f16 scales (bits) as f32, exactly (see [`F16_REBASE`]).
+#[inline(always)]
+unsafe fn f16x4(p: *const u16) -> float32x4_t {
+    // SAFETY: the caller passes 4 readable scales.
+    unsafe {
+        let h = vmovl_u16(vld1_u16(p));
+        let sign = vshlq_n_u32::<16>(vandq_u32(h, vdupq_n_u32(0x8000)));
+        let magnitude = vshlq_n_u32::<13>(vandq_u32(h, vdupq_n_u32(0x7fff)));
+        let f = vmulq_f32(vreinterpretq_f32_u32(magnitude), vdupq_n_f32(F16_REBASE));
+        vreinterpretq_f32_u32(vorrq_u32(vreinterpretq_u32_f32(f), sign))
+    }
+}
+
+#[inline(always)]
+unsafe fn quad(x: *const i8, i: usize) -> int8x8_t {
+    // SAFETY: the caller passes a block start with 32 bytes behind it.
+    unsafe { vreinterpret_s8_s32(vdup_n_s32(read_unaligned(x.add(4 * i) as *const i32))) }
+}
+
+#[target_feature(enable = "neon")]
+unsafe fn kernel<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, out: &mut [[f32; TILE]; MAX_ROWS]) {
+    let (bb, nb) = (t.block_bytes(), t.blocks);
+    for quarter in 0..4 {
+        let mut acc = [vdupq_n_f32(0.0); R];
+        for blk in 0..nb {
+            // SAFETY (all reads below): `check` guarantees nb blocks of codes and scales, and
+            // rows r0..r0+R of k activations; a quarter reads 16 bytes of each 64-byte row.
+            unsafe {
+                let base = t.codes.as_ptr().add(blk * bb + quarter * 16);
+                let xs: [*const i8; R] = core::array::from_fn(|r| a.q.as_ptr().add((r0 + r) * a.k + blk * BLOCK));
+                // Features (0, 1) and (2, 3) of the quarter, each as two partial sums.
+                let mut pa = [vdupq_n_s32(0); R];
+                let mut pb = [vdupq_n_s32(0); R];
+                if t.bits == 4 {
+                    for g in 0..4 {
+                        let v = vld1q_u8(base.add(g * 64));
+                        let lo = vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0f)));
+                        let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(v));
+                        for r in 0..R {
+                            let (xl, xh) = (quad(xs[r], g), quad(xs[r], g + 4));
+                            let first = vmlal_s8(vmull_s8(vget_low_s8(lo), xl), vget_low_s8(hi), xh);
+                            let second = vmlal_s8(vmull_s8(vget_high_s8(lo), xl), vget_high_s8(hi), xh);
+                            pa[r] = vpadalq_s16(pa[r], first);
+                            pb[r] = vpadalq_s16(pb[r], second);
+                        }
+                    }
+                } else {
+                    for g in 0..8 {
+                        let v = vld1q_s8(base.add(g * 64) as *const i8);
+                        for r in 0..R {
+                            let x = quad(xs[r], g);
+                            pa[r] = vpadalq_s16(pa[r], vmull_s8(vget_low_s8(v), x));
+                            pb[r] = vpadalq_s16(pb[r], vmull_s8(vget_high_s8(v), x));
+                        }
+                    }
+                }
+                let d = f16x4(t.d.as_ptr().add(blk * TILE + quarter * 4));
+                let m = (!t.m.is_empty()).then(|| f16x4(t.m.as_ptr().add(blk * TILE + quarter * 4)));
+                for r in 0..R {
+                    let at = (r0 + r) * nb + blk;
+                    let s = vsubq_s32(vpaddq_s32(pa[r], pb[r]), vdupq_n_s32(t.zero * *a.qsum.get_unchecked(at)));
+                    let scale = vmulq_f32(d, vdupq_n_f32(*a.dx.get_unchecked(at)));
+                    acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(s), scale);
+                    if let Some(m) = m {
+                        acc[r] = vfmaq_f32(acc[r], m, vdupq_n_f32(*a.sx.get_unchecked(at)));
+                    }
+                }
+            }
+        }
+        for r in 0..R {
+            // SAFETY: out[r] holds 16 floats; this quarter writes 4q..4q+4.
+            unsafe { vst1q_f32(out[r].as_mut_ptr().add(quarter * 4), acc[r]) };
+        }
+    }
+}

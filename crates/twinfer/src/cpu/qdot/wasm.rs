@@ -1,0 +1,98 @@
+//! wasm simd128 kernel: widening multiplies (`i16x8.extmul_*_i8x16_s`) and pairwise adds into
+//! i32 (`i32x4.extadd_pairwise_i16x8_s`), a quarter tile (4 features) at a time, as on NEON.
+//! simd128 has no fused multiply-add, so the float part is a multiply and an add.
+
+use core::arch::wasm32::*;
+use core::ptr::read_unaligned;
+
+use super::{F16_REBASE, MAX_ROWS, QuantizedRows, TileRef, for_rows};
+use crate::quant::{BLOCK, TILE};
+
+/// # Safety
+/// The module must be built with simd128 and `t.check(a, r0, rows)` must hold.
+#[target_feature(enable = "simd128")]
+pub(super) unsafe fn tile_rows(
+    t: &TileRef<'_>,
+    a: &QuantizedRows,
+    r0: usize,
+    rows: usize,
+    out: &mut [[f32; TILE]; MAX_ROWS],
+) {
+    // SAFETY: forwarded.
+    unsafe { for_rows!(rows, kernel(t, a, r0, out)) }
+}
+
+/// Four f16 scales (bits) as f32, exactly (see [`F16_REBASE`]).
+#[inline(always)]
+unsafe fn f16x4(p: *const u16) -> v128 {
+    // SAFETY: the caller passes 4 readable scales.
+    let h = unsafe { u32x4_load_extend_u16x4(p) };
+    let sign = u32x4_shl(v128_and(h, u32x4_splat(0x8000)), 16);
+    let magnitude = u32x4_shl(v128_and(h, u32x4_splat(0x7fff)), 13);
+    v128_or(f32x4_mul(magnitude, f32x4_splat(F16_REBASE)), sign)
+}
+
+#[inline(always)]
+unsafe fn quad(x: *const i8, i: usize) -> v128 {
+    // SAFETY: the caller passes a block start with 32 bytes behind it.
+    i32x4_splat(unsafe { read_unaligned(x.add(4 * i) as *const i32) })
+}
+
+#[target_feature(enable = "simd128")]
+unsafe fn kernel<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, out: &mut [[f32; TILE]; MAX_ROWS]) {
+    let (bb, nb) = (t.block_bytes(), t.blocks);
+    for quarter in 0..4 {
+        let mut acc = [f32x4_splat(0.0); R];
+        for blk in 0..nb {
+            // SAFETY (all reads below): `check` guarantees nb blocks of codes and scales, and
+            // rows r0..r0+R of k activations; a quarter reads 16 bytes of each 64-byte row.
+            unsafe {
+                let base = t.codes.as_ptr().add(blk * bb + quarter * 16);
+                let xs: [*const i8; R] = core::array::from_fn(|r| a.q.as_ptr().add((r0 + r) * a.k + blk * BLOCK));
+                // Features (0, 1) and (2, 3) of the quarter, each as two partial sums.
+                let mut pa = [i32x4_splat(0); R];
+                let mut pb = [i32x4_splat(0); R];
+                if t.bits == 4 {
+                    for g in 0..4 {
+                        let v = v128_load(base.add(g * 64) as *const v128);
+                        let lo = v128_and(v, u8x16_splat(0x0f));
+                        let hi = u8x16_shr(v, 4);
+                        for r in 0..R {
+                            let (xl, xh) = (quad(xs[r], g), quad(xs[r], g + 4));
+                            let first = i16x8_add(i16x8_extmul_low_i8x16(lo, xl), i16x8_extmul_low_i8x16(hi, xh));
+                            let second = i16x8_add(i16x8_extmul_high_i8x16(lo, xl), i16x8_extmul_high_i8x16(hi, xh));
+                            pa[r] = i32x4_add(pa[r], i32x4_extadd_pairwise_i16x8(first));
+                            pb[r] = i32x4_add(pb[r], i32x4_extadd_pairwise_i16x8(second));
+                        }
+                    }
+                } else {
+                    for g in 0..8 {
+                        let v = v128_load(base.add(g * 64) as *const v128);
+                        for r in 0..R {
+                            let x = quad(xs[r], g);
+                            pa[r] = i32x4_add(pa[r], i32x4_extadd_pairwise_i16x8(i16x8_extmul_low_i8x16(v, x)));
+                            pb[r] = i32x4_add(pb[r], i32x4_extadd_pairwise_i16x8(i16x8_extmul_high_i8x16(v, x)));
+                        }
+                    }
+                }
+                let d = f16x4(t.d.as_ptr().add(blk * TILE + quarter * 4));
+                let m = (!t.m.is_empty()).then(|| f16x4(t.m.as_ptr().add(blk * TILE + quarter * 4)));
+                for r in 0..R {
+                    let at = (r0 + r) * nb + blk;
+                    let sums =
+                        i32x4_add(i32x4_shuffle::<0, 2, 4, 6>(pa[r], pb[r]), i32x4_shuffle::<1, 3, 5, 7>(pa[r], pb[r]));
+                    let s = i32x4_sub(sums, i32x4_splat(t.zero * *a.qsum.get_unchecked(at)));
+                    let scale = f32x4_mul(d, f32x4_splat(*a.dx.get_unchecked(at)));
+                    acc[r] = f32x4_add(acc[r], f32x4_mul(f32x4_convert_i32x4(s), scale));
+                    if let Some(m) = m {
+                        acc[r] = f32x4_add(acc[r], f32x4_mul(m, f32x4_splat(*a.sx.get_unchecked(at))));
+                    }
+                }
+            }
+        }
+        for r in 0..R {
+            // SAFETY: out[r] holds 16 floats; this quarter writes 4q..4q+4.
+            unsafe { v128_store(out[r].as_mut_ptr().add(quarter * 4) as *mut v128, acc[r]) };
+        }
+    }
+}
