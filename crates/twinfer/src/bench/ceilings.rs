@@ -2,7 +2,6 @@
 //! and FMA throughput. Kernel results are reported as a fraction of these.
 
 use pulp::Simd;
-use rayon::prelude::*;
 
 use super::timing::{Stats, time_runs};
 use crate::cpu::SimdLevel;
@@ -37,10 +36,11 @@ impl pulp::WithSimd for SumAll<'_> {
 pub fn read_bandwidth(level: SimdLevel, bytes: usize, runs: usize) -> Stats {
     let n = bytes / 4;
     let data: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
-    let parts = rayon::current_num_threads().max(1);
+    let parts = crate::cpu::worker_count().max(1);
     let chunk = n.div_ceil(parts);
     let secs = time_runs(runs, || {
-        let s: f32 = data.par_chunks(chunk).map(|c| level.dispatch(SumAll(c))).sum();
+        let chunks: Vec<&[f32]> = data.chunks(chunk).collect();
+        let s: f32 = crate::cpu::map_indices(chunks.len(), |i| level.dispatch(SumAll(chunks[i]))).iter().sum();
         std::hint::black_box(s);
     });
     secs.map(|t| bytes as f64 / t / 1e9)
@@ -69,10 +69,10 @@ impl pulp::WithSimd for FmaLoop {
 /// Peak f32 FMA throughput in GFLOP/s (an FMA counts 2), all worker threads busy.
 pub fn fma_peak(level: SimdLevel, runs: usize) -> Stats {
     let iters = 4_000_000;
-    let threads = rayon::current_num_threads().max(1);
+    let threads = crate::cpu::worker_count().max(1);
     let flops = (2 * 12 * level.f32_lanes() * iters * threads) as f64;
     let secs = time_runs(runs, || {
-        let s: f32 = (0..threads).into_par_iter().map(|_| level.dispatch(FmaLoop { iters })).sum();
+        let s: f32 = crate::cpu::map_indices(threads, |_| level.dispatch(FmaLoop { iters })).iter().sum();
         std::hint::black_box(s);
     });
     secs.map(|t| flops / t / 1e9)

@@ -79,13 +79,11 @@ pub fn linear_parts(
         let (p, col0, cols) = (t.0, t.1, t.2.clone());
         level.dispatch(Chunk { x, rows, w: parts[p], k, n, col0, cols, bias, out });
     };
-    #[cfg(not(target_arch = "wasm32"))]
     if rows * n * k >= 1 << 16 {
-        use rayon::prelude::*;
-        tasks.par_iter().for_each(task);
-        return Ok(());
+        crate::cpu::parallel::for_each(tasks.len(), |i| task(&tasks[i]));
+    } else {
+        tasks.iter().for_each(task);
     }
-    tasks.iter().for_each(task);
     Ok(())
 }
 

@@ -92,13 +92,11 @@ fn run(
             }
         }
     };
-    #[cfg(not(target_arch = "wasm32"))]
     if rows * n * w.k >= 1 << 16 {
-        use rayon::prelude::*;
-        (0..tasks).into_par_iter().for_each(task);
-        return;
+        crate::cpu::parallel::for_each(tasks, task);
+    } else {
+        (0..tasks).for_each(task);
     }
-    (0..tasks).for_each(task);
 }
 
 /// The output's base pointer, shared by tasks that write disjoint feature ranges.

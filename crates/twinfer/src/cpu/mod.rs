@@ -33,11 +33,14 @@ mod linear_quant;
 mod math;
 mod microkernel;
 mod parallel;
+#[cfg(not(target_arch = "wasm32"))]
+mod pool;
 mod qdot;
 mod simd_level;
 
 pub use linear::{linear, linear_parts};
 pub use linear_quant::linear_quant;
+pub(crate) use parallel::{map_indices, worker_count};
 pub use simd_level::SimdLevel;
 
 use crate::attention::problem::Problem;

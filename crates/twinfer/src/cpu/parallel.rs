@@ -1,4 +1,5 @@
-//! Work distribution: a rayon pool on native targets, a plain loop on wasm32 (no threads there).
+//! Work distribution: the engine's spinning pool ([`super::pool`]) on native targets, a plain loop
+//! on wasm32 (no threads there).
 
 use crate::cpu::block::Scratch;
 
@@ -18,24 +19,41 @@ fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     })
 }
 
-/// Maps `f` over `items`, giving each worker its own reusable [`Scratch`].
-pub(crate) fn map_items<T: Sync, R: Send>(items: &[T], f: impl Fn(&T, &mut Scratch) -> R + Sync + Send) -> Vec<R> {
+/// Calls `f(i)` for every `i` in `0..count`, in parallel where there are threads.
+pub(crate) fn for_each(count: usize, f: impl Fn(usize) + Sync) {
     #[cfg(not(target_arch = "wasm32"))]
-    {
-        use rayon::prelude::*;
-        items.par_iter().map(|it| with_scratch(|sc| f(it, sc))).collect()
-    }
+    super::pool::pool().for_each(count, &f);
     #[cfg(target_arch = "wasm32")]
-    {
-        items.iter().map(|it| with_scratch(|sc| f(it, sc))).collect()
-    }
+    (0..count).for_each(f);
 }
 
-/// Worker threads available to the engine.
+/// `[f(0), .., f(count - 1)]`, computed in parallel where there are threads.
+pub(crate) fn map_indices<R: Send>(count: usize, f: impl Fn(usize) -> R + Sync) -> Vec<R> {
+    let slots: Vec<Slot<R>> = (0..count).map(|_| Slot(std::cell::UnsafeCell::new(None))).collect();
+    for_each(count, |i| {
+        let value = f(i);
+        // SAFETY: each index runs exactly once, so slot i has one writer and no reader until
+        // `for_each` returns.
+        unsafe { *slots[i].0.get() = Some(value) };
+    });
+    slots.into_iter().map(|s| s.0.into_inner().expect("every index ran")).collect()
+}
+
+/// One result, written by the one task that computes it.
+struct Slot<R>(std::cell::UnsafeCell<Option<R>>);
+// SAFETY: a slot is written by one thread (its task) and read only after all tasks finished.
+unsafe impl<R: Send> Sync for Slot<R> {}
+
+/// Maps `f` over `items`, giving each worker its own reusable [`Scratch`].
+pub(crate) fn map_items<T: Sync, R: Send>(items: &[T], f: impl Fn(&T, &mut Scratch) -> R + Sync + Send) -> Vec<R> {
+    map_indices(items.len(), |i| with_scratch(|sc| f(&items[i], sc)))
+}
+
+/// Worker threads available to the engine (the calling thread included).
 pub(crate) fn worker_count() -> usize {
     #[cfg(not(target_arch = "wasm32"))]
     {
-        rayon::current_num_threads()
+        super::pool::pool().threads()
     }
     #[cfg(target_arch = "wasm32")]
     {

@@ -1,0 +1,245 @@
+//! The CPU engine's worker threads: a pool that spins between the parallel regions of a step and
+//! parks when the engine goes idle (llama.cpp's threadpool does the same).
+//!
+//! A decoder step is about 120 short parallel regions (4 projections and attention per layer).
+//! A pool whose workers sleep between them (rayon's) pays a futex wake-up and a context switch
+//! per region: a quarter of a Q4_1 decode step on this 2-core machine went to the scheduler. Here
+//! the calling thread works too, idle workers spin for [`SPIN`] before parking, and a job is
+//! announced by bumping an epoch that spinning workers watch.
+//!
+//! Jobs are index ranges `0..count`, claimed one index at a time from a shared counter, so the
+//! load balances itself; what a task computes must not depend on which thread runs it (every
+//! kernel here writes disjoint outputs with fixed arithmetic). A job submitted while another runs
+//! (a second engine thread, or a task that parallelizes inside) runs on the caller's thread.
+
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long an idle worker spins before it parks: longer than the gap between two regions of a
+/// step, far shorter than the gap between requests.
+const SPIN: Duration = Duration::from_millis(2);
+
+/// A job's tasks, claimed by index. `f` is erased to `'static` but only called for an index
+/// below `count`, and the submitter waits until every such call has returned (`done == count`),
+/// so it is never called after the closure it points to is gone.
+struct Job {
+    f: *const (dyn Fn(usize) + Sync),
+    count: usize,
+    next: AtomicUsize,
+    done: AtomicUsize,
+    /// The first panic of a task: caught (so the task still counts as done and nothing waits
+    /// forever), then resumed on the submitting thread.
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
+}
+
+// SAFETY: `f` points to a `Sync` closure that outlives every call made through it (see `Job`).
+unsafe impl Send for Job {}
+unsafe impl Sync for Job {}
+
+impl Job {
+    /// Runs tasks until none is left to claim.
+    fn work(&self) {
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            if i >= self.count {
+                return;
+            }
+            // SAFETY: i < count, so the submitter is still waiting and `f` is alive.
+            let run = std::panic::catch_unwind(AssertUnwindSafe(|| unsafe { (*self.f)(i) }));
+            if let Err(p) = run {
+                self.panic.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(p);
+            }
+            self.done.fetch_add(1, Ordering::Release);
+        }
+    }
+}
+
+struct Shared {
+    /// Bumped when a job is published.
+    epoch: AtomicU64,
+    current: Mutex<Option<Arc<Job>>>,
+    /// Workers parked on `wake`.
+    parked: AtomicUsize,
+    sleep: Mutex<()>,
+    wake: Condvar,
+}
+
+pub(crate) struct Pool {
+    threads: usize,
+    shared: Arc<Shared>,
+    /// Held by the thread whose job is running.
+    submit: Mutex<()>,
+}
+
+impl Pool {
+    fn new(threads: usize) -> Self {
+        let shared = Arc::new(Shared {
+            epoch: AtomicU64::new(0),
+            current: Mutex::new(None),
+            parked: AtomicUsize::new(0),
+            sleep: Mutex::new(()),
+            wake: Condvar::new(),
+        });
+        let mut started = 1;
+        for i in 1..threads {
+            let shared = shared.clone();
+            let spawned = std::thread::Builder::new().name(format!("twinfer-cpu-{i}")).spawn(move || worker(&shared));
+            if spawned.is_ok() {
+                started += 1;
+            }
+        }
+        Self { threads: started, shared, submit: Mutex::new(()) }
+    }
+
+    /// Calls `f(i)` for every `i` in `0..count`, on this thread and the workers.
+    pub fn for_each(&self, count: usize, f: &(dyn Fn(usize) + Sync)) {
+        let guard = match self.submit.try_lock() {
+            Ok(g) if self.threads > 1 && count > 1 => g,
+            _ => return (0..count).for_each(f),
+        };
+        // SAFETY: erasing the lifetime is sound because this function returns only after every
+        // call through the pointer has returned (see `Job`).
+        let f: *const (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(f) };
+        let job =
+            Arc::new(Job { f, count, next: AtomicUsize::new(0), done: AtomicUsize::new(0), panic: Mutex::new(None) });
+        *self.shared.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(job.clone());
+        self.shared.epoch.fetch_add(1, Ordering::SeqCst);
+        if self.shared.parked.load(Ordering::SeqCst) > 0 {
+            let _sleep = self.shared.sleep.lock().unwrap_or_else(|e| e.into_inner());
+            self.shared.wake.notify_all();
+        }
+        job.work();
+        let mut spins = 0u32;
+        while job.done.load(Ordering::Acquire) < count {
+            // A worker holding a claimed task may have been descheduled: spin, then yield.
+            spins += 1;
+            if spins < 1 << 12 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        *self.shared.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        drop(guard);
+        if let Some(p) = job.panic.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            std::panic::resume_unwind(p);
+        }
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+}
+
+fn worker(shared: &Shared) {
+    let mut seen = shared.epoch.load(Ordering::SeqCst);
+    let mut idle_since = Instant::now();
+    let mut spins = 0u32;
+    loop {
+        let epoch = shared.epoch.load(Ordering::SeqCst);
+        if epoch != seen {
+            seen = epoch;
+            let job = shared.current.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(job) = job {
+                job.work();
+            }
+            idle_since = Instant::now();
+            continue;
+        }
+        spins = spins.wrapping_add(1);
+        if !spins.is_multiple_of(256) || idle_since.elapsed() < SPIN {
+            std::hint::spin_loop();
+            continue;
+        }
+        // Park until the next job. `parked` is raised before the epoch is read again under the
+        // lock, and a submitter bumps the epoch before it reads `parked`: no wake-up is lost.
+        let mut guard = shared.sleep.lock().unwrap_or_else(|e| e.into_inner());
+        shared.parked.fetch_add(1, Ordering::SeqCst);
+        while shared.epoch.load(Ordering::SeqCst) == seen {
+            guard = shared.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
+        }
+        shared.parked.fetch_sub(1, Ordering::SeqCst);
+        drop(guard);
+        idle_since = Instant::now();
+    }
+}
+
+/// The process's pool: `TWINFER_THREADS` threads (the calling thread included), else one per
+/// core the OS grants this process.
+pub(crate) fn pool() -> &'static Pool {
+    static POOL: OnceLock<Pool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let threads = std::env::var("TWINFER_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&t| t >= 1)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        Pool::new(threads)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_index_runs_once_even_nested_and_from_many_threads() {
+        let pool = Pool::new(3);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for count in [0, 1, 2, 7, 100] {
+                        let hits: Vec<AtomicUsize> = (0..count).map(|_| AtomicUsize::new(0)).collect();
+                        pool.for_each(count, &|i| {
+                            // A nested job runs inline on this thread.
+                            let inner = AtomicUsize::new(0);
+                            pool.for_each(3, &|_| {
+                                inner.fetch_add(1, Ordering::Relaxed);
+                            });
+                            assert_eq!(inner.load(Ordering::Relaxed), 3);
+                            hits[i].fetch_add(1, Ordering::Relaxed);
+                        });
+                        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+                    }
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn a_panicking_task_reaches_the_caller_after_the_others_finish() {
+        let pool = Pool::new(2);
+        let ran = AtomicUsize::new(0);
+        let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            pool.for_each(50, &|i| {
+                ran.fetch_add(1, Ordering::Relaxed);
+                assert!(i != 17, "task 17 fails");
+            })
+        }));
+        assert!(r.is_err());
+        assert_eq!(ran.load(Ordering::Relaxed), 50);
+        // The pool still works.
+        let sum = AtomicUsize::new(0);
+        pool.for_each(10, &|i| {
+            sum.fetch_add(i, Ordering::Relaxed);
+        });
+        assert_eq!(sum.load(Ordering::Relaxed), 45);
+    }
+
+    #[test]
+    fn parked_workers_wake_for_the_next_job() {
+        let pool = Pool::new(2);
+        for _ in 0..3 {
+            let sum = AtomicUsize::new(0);
+            pool.for_each(64, &|i| {
+                sum.fetch_add(i, Ordering::Relaxed);
+            });
+            assert_eq!(sum.load(Ordering::Relaxed), 64 * 63 / 2);
+            std::thread::sleep(SPIN * 3);
+        }
+        assert_eq!(pool.shared.parked.load(Ordering::SeqCst), 1, "the idle worker parked");
+    }
+}
