@@ -45,7 +45,7 @@ const native = (threads) =>
   JSON.parse(
     execFileSync(values.cli, ["bench", "kernels", "--simd", values.simd, "--json", ...caseArgs], {
       encoding: "utf8",
-      env: { ...process.env, RAYON_NUM_THREADS: String(threads) },
+      env: { ...process.env, TWINFER_THREADS: String(threads) },
     }),
   );
 const single = native(1);

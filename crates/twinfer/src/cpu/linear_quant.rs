@@ -120,6 +120,8 @@ impl OutPtr {
 mod tests {
     use super::*;
     use crate::quant::{QuantFormat, QuantRows};
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     /// Uniform in [-0.5, 0.5), independent between seeds (a hash, not a linear sequence, so
     /// that x and W are uncorrelated and a dot product has terms of both signs).
@@ -146,7 +148,7 @@ mod tests {
     #[test]
     fn matches_f64_within_the_activation_rounding_on_every_level_and_is_batch_invariant() {
         for format in [QuantFormat::Q8_0, QuantFormat::Q4_0, QuantFormat::Q4_1] {
-            for &(rows, n, k) in &[(1, 3, 32), (7, 70, 96), (5, 130, 64), (2, 64, 576), (9, 16, 128)] {
+            for &(rows, n, k) in &[(1, 3, 32), (7, 70, 96), (5, 130, 64), (2, 64, 576), (9, 16, 128), (33, 20, 64)] {
                 // Scale the rows apart so blocks differ in dx.
                 let x: Vec<f32> = data(rows * k, 1).iter().enumerate().map(|(i, v)| v * (1 + i % 7) as f32).collect();
                 let rows_q = QuantRows::quantize(format, &data(n * k, 2), n, k).unwrap();

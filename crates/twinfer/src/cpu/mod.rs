@@ -40,6 +40,7 @@ mod simd_level;
 
 pub use linear::{linear, linear_parts};
 pub use linear_quant::linear_quant;
+#[cfg(not(target_arch = "wasm32"))]
 pub(crate) use parallel::{map_indices, worker_count};
 pub use simd_level::SimdLevel;
 

@@ -26,9 +26,12 @@ mod x86;
 use crate::cpu::SimdLevel;
 use crate::quant::{BLOCK, PackedQuant, QuantFormat, TILE};
 
-/// Rows of activations a kernel call accumulates at once (each decoded weight vector serves
-/// them all).
-pub(crate) const MAX_ROWS: usize = 4;
+/// Quantized rows a kernel call accumulates at once (each decoded weight vector serves them
+/// all): 8 with AVX-512's 32 registers, else 4 a pass.
+pub(crate) const MAX_ROWS: usize = 8;
+/// Quantized rows per pass of the kernels with 16 vector registers (AVX2, wasm) or a quarter
+/// tile's three accumulators per row (NEON).
+const NARROW_ROWS: usize = 4;
 
 /// One tile of weights as a kernel reads it.
 pub(crate) struct TileRef<'a> {
@@ -96,8 +99,11 @@ pub(crate) struct QuantizedRows {
 /// Quantized rows per activation row.
 pub(crate) const DIGITS: usize = 2;
 
+/// Activation rows quantized per parallel task.
+const ROWS_PER_TASK: usize = 8;
+
 impl QuantizedRows {
-    /// Quantizes `x` (`[rows, k]`, `k` a multiple of 32) into these buffers.
+    /// Quantizes `x` (`[rows, k]`, `k` a multiple of 32) into these buffers, rows in parallel.
     pub fn quantize(&mut self, x: &[f32], rows: usize, k: usize) {
         let nb = k / BLOCK;
         self.rows = DIGITS * rows;
@@ -107,10 +113,44 @@ impl QuantizedRows {
             v.resize(self.rows * nb, 0.0);
         }
         self.qsum.resize(self.rows * nb, 0);
+        let per = ROWS_PER_TASK * DIGITS;
+        let parts: Vec<std::sync::Mutex<Digits<'_>>> = self
+            .q
+            .chunks_mut(per * k)
+            .zip(self.dx.chunks_mut(per * nb))
+            .zip(self.sx.chunks_mut(per * nb))
+            .zip(self.qsum.chunks_mut(per * nb))
+            .map(|(((q, dx), sx), qsum)| std::sync::Mutex::new(Digits { q, dx, sx, qsum }))
+            .collect();
+        let task = |i: usize| {
+            let mut part = parts[i].lock().unwrap_or_else(|e| e.into_inner());
+            let r0 = i * ROWS_PER_TASK;
+            let n = (rows - r0).min(ROWS_PER_TASK);
+            part.quantize(&x[r0 * k..(r0 + n) * k], k);
+        };
+        if rows >= 2 * ROWS_PER_TASK {
+            crate::cpu::parallel::for_each(parts.len(), task);
+        } else {
+            (0..parts.len()).for_each(task);
+        }
+    }
+}
+
+/// The quantized rows of some activation rows.
+struct Digits<'a> {
+    q: &'a mut [i8],
+    dx: &'a mut [f32],
+    sx: &'a mut [f32],
+    qsum: &'a mut [i32],
+}
+
+impl Digits<'_> {
+    /// Quantizes `x` (`[rows, k]`: the rows these buffers hold).
+    fn quantize(&mut self, x: &[f32], k: usize) {
+        let nb = k / BLOCK;
         let mut residual = [0f32; BLOCK];
-        for r in 0..rows {
-            for blk in 0..nb {
-                let xs = &x[r * k + blk * BLOCK..][..BLOCK];
+        for (r, row) in x.chunks_exact(k).enumerate() {
+            for (blk, xs) in row.chunks_exact(BLOCK).enumerate() {
                 let finite = xs.iter().all(|v| v.is_finite());
                 let coarse = (DIGITS * r) * nb + blk;
                 let dx1 = self.digit(coarse, xs, finite);
@@ -124,6 +164,7 @@ impl QuantizedRows {
 
     /// Quantizes one block `xs` into quantized block `at` (row-major over `[rows, k / 32]`);
     /// returns its scale.
+    #[inline(always)]
     fn digit(&mut self, at: usize, xs: &[f32], finite: bool) -> f32 {
         let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
         let dx = if finite { amax / 127.0 } else { f32::NAN };
@@ -161,27 +202,32 @@ pub(crate) fn tile_rows(
     out: &mut [[f32; TILE]; MAX_ROWS],
 ) {
     t.check(a, r0, rows);
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512(_) if x86::has_vnni() => {
-            // SAFETY: this level exists only where AVX-512 F/BW was detected, and VNNI was just
-            // detected; `check` bounds every read.
-            unsafe { x86::tile_rows_vnni(t, a, r0, rows, out) }
+    #[cfg(target_arch = "x86_64")]
+    if let SimdLevel::Avx512(_) = level
+        && x86::has_vnni()
+    {
+        // SAFETY: this level exists only where AVX-512 F/BW was detected, and VNNI was just
+        // detected; `check` bounds every read.
+        return unsafe { x86::tile_rows_vnni(t, a, r0, rows, out) };
+    }
+    for c in (0..rows).step_by(NARROW_ROWS) {
+        let (r, n, out) = (r0 + c, (rows - c).min(NARROW_ROWS), &mut out[c..]);
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX-512 machines and the Avx2 level have AVX2, FMA and F16C (detected).
+            SimdLevel::Avx512(_) | SimdLevel::Avx2(_) => unsafe { x86::tile_rows_avx2(t, a, r, n, out) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: the Neon level exists only where NEON was detected; `check` bounds reads.
+            SimdLevel::Neon(_) => unsafe { neon::tile_rows(t, a, r, n, out) },
+            #[cfg(target_arch = "wasm32")]
+            // SAFETY: the Simd128 level exists only when the module was built with simd128.
+            SimdLevel::Simd128(_) => unsafe { wasm::tile_rows(t, a, r, n, out) },
+            _ => scalar::tile_rows(t, a, r, n, out),
         }
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX-512 machines and the Avx2 level have AVX2, FMA and F16C (detected).
-        SimdLevel::Avx512(_) | SimdLevel::Avx2(_) => unsafe { x86::tile_rows_avx2(t, a, r0, rows, out) },
-        #[cfg(target_arch = "aarch64")]
-        // SAFETY: the Neon level exists only where NEON was detected; `check` bounds every read.
-        SimdLevel::Neon(_) => unsafe { neon::tile_rows(t, a, r0, rows, out) },
-        #[cfg(target_arch = "wasm32")]
-        // SAFETY: the Simd128 level exists only when the module was built with simd128.
-        SimdLevel::Simd128(_) => unsafe { wasm::tile_rows(t, a, r0, rows, out) },
-        _ => scalar::tile_rows(t, a, r0, rows, out),
     }
 }
 
-/// Runs `f::<R>(args)` for a run-time row count 1..=4.
+/// Runs `f::<R>(args)` for a run-time row count 1..=4 (1..=8 with `wide`).
 macro_rules! for_rows {
     ($rows:expr, $f:ident($($arg:expr),* $(,)?)) => {
         match $rows {
@@ -189,6 +235,18 @@ macro_rules! for_rows {
             2 => $f::<2>($($arg),*),
             3 => $f::<3>($($arg),*),
             _ => $f::<4>($($arg),*),
+        }
+    };
+    (wide $rows:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $rows {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            4 => $f::<4>($($arg),*),
+            5 => $f::<5>($($arg),*),
+            6 => $f::<6>($($arg),*),
+            7 => $f::<7>($($arg),*),
+            _ => $f::<8>($($arg),*),
         }
     };
 }
@@ -203,6 +261,8 @@ pub(crate) const F16_REBASE: f32 = f32::from_bits((127 + 112) << 23);
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     /// The conversion the NEON and wasm kernels do in vectors, on every finite f16.
     #[test]

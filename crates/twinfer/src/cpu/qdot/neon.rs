@@ -5,19 +5,13 @@
 use core::arch::aarch64::*;
 use core::ptr::read_unaligned;
 
-use super::{F16_REBASE, MAX_ROWS, QuantizedRows, TileRef, for_rows};
+use super::{F16_REBASE, QuantizedRows, TileRef, for_rows};
 use crate::quant::{BLOCK, TILE};
 
 /// # Safety
 /// NEON must be present and `t.check(a, r0, rows)` must hold.
 #[target_feature(enable = "neon")]
-pub(super) unsafe fn tile_rows(
-    t: &TileRef<'_>,
-    a: &QuantizedRows,
-    r0: usize,
-    rows: usize,
-    out: &mut [[f32; TILE]; MAX_ROWS],
-) {
+pub(super) unsafe fn tile_rows(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, rows: usize, out: &mut [[f32; TILE]]) {
     // SAFETY: forwarded.
     unsafe { for_rows!(rows, kernel(t, a, r0, out)) }
 }
@@ -42,7 +36,7 @@ unsafe fn quad(x: *const i8, i: usize) -> int8x8_t {
 }
 
 #[target_feature(enable = "neon")]
-unsafe fn kernel<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, out: &mut [[f32; TILE]; MAX_ROWS]) {
+unsafe fn kernel<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, out: &mut [[f32; TILE]]) {
     let (bb, nb) = (t.block_bytes(), t.blocks);
     for quarter in 0..4 {
         let mut acc = [vdupq_n_f32(0.0); R];

@@ -3,10 +3,10 @@
 
 use half::f16;
 
-use super::{MAX_ROWS, QuantizedRows, TileRef};
+use super::{QuantizedRows, TileRef};
 use crate::quant::{BLOCK, TILE};
 
-pub(super) fn tile_rows(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, rows: usize, out: &mut [[f32; TILE]; MAX_ROWS]) {
+pub(super) fn tile_rows(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, rows: usize, out: &mut [[f32; TILE]]) {
     let bb = t.block_bytes();
     for (r, out) in out.iter_mut().enumerate().take(rows) {
         let row = r0 + r;

@@ -5,19 +5,13 @@
 use core::arch::wasm32::*;
 use core::ptr::read_unaligned;
 
-use super::{F16_REBASE, MAX_ROWS, QuantizedRows, TileRef, for_rows};
+use super::{F16_REBASE, QuantizedRows, TileRef, for_rows};
 use crate::quant::{BLOCK, TILE};
 
 /// # Safety
 /// The module must be built with simd128 and `t.check(a, r0, rows)` must hold.
 #[target_feature(enable = "simd128")]
-pub(super) unsafe fn tile_rows(
-    t: &TileRef<'_>,
-    a: &QuantizedRows,
-    r0: usize,
-    rows: usize,
-    out: &mut [[f32; TILE]; MAX_ROWS],
-) {
+pub(super) unsafe fn tile_rows(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, rows: usize, out: &mut [[f32; TILE]]) {
     // SAFETY: forwarded.
     unsafe { for_rows!(rows, kernel(t, a, r0, out)) }
 }
@@ -39,7 +33,7 @@ unsafe fn quad(x: *const i8, i: usize) -> v128 {
 }
 
 #[target_feature(enable = "simd128")]
-unsafe fn kernel<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, out: &mut [[f32; TILE]; MAX_ROWS]) {
+unsafe fn kernel<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, out: &mut [[f32; TILE]]) {
     let (bb, nb) = (t.block_bytes(), t.blocks);
     for quarter in 0..4 {
         let mut acc = [f32x4_splat(0.0); R];

@@ -11,7 +11,7 @@
 use core::arch::x86_64::*;
 use core::ptr::read_unaligned;
 
-use super::{MAX_ROWS, QuantizedRows, TileRef, for_rows};
+use super::{QuantizedRows, TileRef, for_rows};
 use crate::quant::{BLOCK, TILE};
 
 /// How far ahead of the block being summed its tile's codes are prefetched. The hardware
@@ -47,14 +47,14 @@ pub(super) unsafe fn tile_rows_vnni(
     a: &QuantizedRows,
     r0: usize,
     rows: usize,
-    out: &mut [[f32; TILE]; MAX_ROWS],
+    out: &mut [[f32; TILE]],
 ) {
     // SAFETY: forwarded.
-    unsafe { for_rows!(rows, vnni(t, a, r0, out)) }
+    unsafe { for_rows!(wide rows, vnni(t, a, r0, out)) }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-unsafe fn vnni<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, out: &mut [[f32; TILE]; MAX_ROWS]) {
+unsafe fn vnni<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, out: &mut [[f32; TILE]]) {
     let (bb, nb) = (t.block_bytes(), t.blocks);
     let low = _mm512_set1_epi8(0x0f);
     let flip = _mm512_set1_epi8(-128);
@@ -115,14 +115,14 @@ pub(super) unsafe fn tile_rows_avx2(
     a: &QuantizedRows,
     r0: usize,
     rows: usize,
-    out: &mut [[f32; TILE]; MAX_ROWS],
+    out: &mut [[f32; TILE]],
 ) {
     // SAFETY: forwarded.
     unsafe { for_rows!(rows, avx2(t, a, r0, out)) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn avx2<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, out: &mut [[f32; TILE]; MAX_ROWS]) {
+unsafe fn avx2<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, out: &mut [[f32; TILE]]) {
     let (bb, nb) = (t.block_bytes(), t.blocks);
     let low = _mm256_set1_epi8(0x0f);
     let ones = _mm256_set1_epi16(1);
