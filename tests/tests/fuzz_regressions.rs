@@ -38,9 +38,15 @@ fn every_input_that_once_crashed_a_fuzz_target_is_handled() {
                 Some(name) => folder_with(name, data),
                 None => [("model.gguf".to_string(), data)].into_iter().collect(),
             };
-            // Ok or a typed error; a panic fails the test.
-            if let Err(e) = Model::load(ModelSource::Files(files)) {
-                eprintln!("{}: {e}", path.display());
+            // Ok or a typed error; a panic fails the test. A model that loads must also
+            // tokenize, as the fuzz targets check.
+            match Model::load(ModelSource::Files(files)) {
+                Ok(model) => {
+                    if let Err(e) = model.tokenizer.encode("Hi there, 42 apples!\n\tcafé 日本", true) {
+                        eprintln!("{}: loads, then {e}", path.display());
+                    }
+                }
+                Err(e) => eprintln!("{}: {e}", path.display()),
             }
             replayed += 1;
         }

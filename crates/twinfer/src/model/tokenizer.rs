@@ -21,6 +21,11 @@ impl Tokenizer {
             .map_err(|e| TwinferError::Tokenizer { file: file.into(), reason: format!("not valid JSON: {e}") })?;
         let mut inner = tokenizers::Tokenizer::from_bytes(bytes)
             .map_err(|e| TwinferError::Tokenizer { file: file.into(), reason: e.to_string() })?;
+        if let Some(processor) = inner.get_post_processor() {
+            let value = serde_json::to_value(processor)
+                .map_err(|e| TwinferError::Tokenizer { file: file.into(), reason: e.to_string() })?;
+            check_templates(&value).map_err(|reason| TwinferError::Tokenizer { file: file.into(), reason })?;
+        }
         inner.with_padding(None);
         inner
             .with_truncation(None)
@@ -64,6 +69,36 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+}
+
+/// A `TemplateProcessing` post-processor (alone or inside a `Sequence`) must define every special
+/// token its templates name: `tokenizers` 0.22 checks that when a template is built in code but
+/// not when one is read from JSON, and then panics on the first encode (found by the
+/// `model_tokenizer` fuzz target).
+fn check_templates(processor: &serde_json::Value) -> std::result::Result<(), String> {
+    match processor.get("type").and_then(|t| t.as_str()) {
+        Some("Sequence") => {
+            for p in processor.get("processors").and_then(|p| p.as_array()).into_iter().flatten() {
+                check_templates(p)?;
+            }
+        }
+        Some("TemplateProcessing") => {
+            let defined = processor.get("special_tokens");
+            for which in ["single", "pair"] {
+                for piece in processor.get(which).and_then(|t| t.as_array()).into_iter().flatten() {
+                    if let Some(id) = piece.get("SpecialToken").and_then(|s| s.get("id")).and_then(|i| i.as_str())
+                        && defined.and_then(|d| d.get(id)).is_none()
+                    {
+                        return Err(format!(
+                            "the post-processor's {which} template names the special token {id:?}, which it does not define"
+                        ));
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// Turns generated token ids into text as they come: a piece is released once it decodes to
