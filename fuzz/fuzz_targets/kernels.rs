@@ -130,6 +130,41 @@ fn check_linear(what: &str, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &[f32
     }
 }
 
+/// The quantized product quantizes each block of 32 activations to two int8 digits (coarse, then
+/// the residual): per element at most half a step of the residual digit, `amax / (2 * 127 * 254)`
+/// and a little rounding, plus f32 rounding of the sums (two products per block and digit).
+#[allow(clippy::too_many_arguments)]
+fn check_linear_quant(what: &str, x: &[f32], rows_q: &QuantRows, w: &[f32], bias: Option<&[f32]>, y: &[f32], rows: usize, n: usize, k: usize) {
+    let blocks = k / 32;
+    let minimum = |c: usize, blk: usize| -> f64 {
+        let block = &rows_q.row(c)[blk * rows_q.format.block_bytes()..];
+        if rows_q.format == QuantFormat::Q4_1 { f16::from_le_bytes([block[2], block[3]]).to_f64().abs() } else { 0.0 }
+    };
+    for r in 0..rows {
+        for c in 0..n {
+            let xs = &x[r * k..(r + 1) * k];
+            let ws = &w[c * k..(c + 1) * k];
+            let exact: f64 =
+                xs.iter().zip(ws).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() + bias.map_or(0.0, |b| b[c] as f64);
+            let (mut activations, mut magnitude) = (0.0, bias.map_or(0.0, |b| b[c].abs() as f64));
+            for blk in 0..blocks {
+                let (xb, wb) = (&xs[blk * 32..][..32], &ws[blk * 32..][..32]);
+                let amax = xb.iter().fold(0f64, |m, &v| m.max((v as f64).abs()));
+                let step = amax * (1.001 / (2.0 * 127.0 * 254.0) + 2.0 * f32::EPSILON as f64);
+                let wsum: f64 = wb.iter().map(|&v| (v as f64).abs()).sum();
+                activations += step * wsum;
+                magnitude += (wsum + 32.0 * minimum(c, blk)) * (amax + step) * 2.0;
+            }
+            let bound = activations + (4 * blocks + 6) as f64 * f32::EPSILON as f64 * magnitude + 1e-30;
+            let got = y[r * n + c] as f64;
+            assert!(
+                (got - exact).abs() <= bound,
+                "{what}: y[{r}, {c}] = {got}, exact {exact} (bound {bound:.3e}), rows {rows} n {n} k {k}"
+            );
+        }
+    }
+}
+
 fn projection(input: &LinearInput) {
     let rows = 1 + input.rows as usize % 9;
     let n = 1 + input.n as usize % 80;
@@ -169,14 +204,15 @@ fn projection(input: &LinearInput) {
             let (x, w) = (x_of(k), w_of(k));
             let rows_q = QuantRows::quantize(format, &w, n, k).expect("valid shapes");
             let decoded = rows_q.to_f32();
-            let packed = PackedQuant::from_rows(&rows_q);
+            let packed = PackedQuant::from_rows(&rows_q).expect("finite scales");
             assert_eq!(packed.to_f32(), decoded, "{}: packing changed the weights", format.name());
             for level in SimdLevel::available() {
                 let mut y = vec![f32::NAN; rows * n];
                 linear_quant(level, &x, rows, &packed, bias.as_deref(), &mut y).expect("valid shapes");
-                check_linear(
+                check_linear_quant(
                     &format!("linear_quant {level} {}", format.name()),
                     &x,
+                    &rows_q,
                     &decoded,
                     bias.as_deref(),
                     &y,
