@@ -20,6 +20,9 @@ cargo fmt --all --check
 echo "== cargo clippy (native, all targets)"
 cargo clippy --workspace --all-targets -- -D warnings
 
+echo "== the published crates package (twinfer-shaders holds the WGSL, so the core crate needs no file outside itself)"
+cargo package -p twinfer-shaders -p twinfer -p twinfer-cli --no-verify --allow-dirty --quiet
+
 echo "== real models: all-MiniLM-L6-v2 and the numpy reference goldens"
 scripts/fetch-models.sh >/dev/null
 

@@ -7,22 +7,11 @@
 use std::fmt;
 
 /// The shared online-softmax code, prepended to every kernel.
-pub const SHARED: (&str, &str) = ("online_softmax.wgsl", include_str!("../../../../shaders/online_softmax.wgsl"));
+pub const SHARED: (&str, &str) = twinfer_shaders::ONLINE_SOFTMAX;
 
-/// One entry per kernel file, in the order of [`Kernel::ALL`].
-const FILES: [(&str, &str); 11] = [
-    ("prefill_attention.wgsl", include_str!("../../../../shaders/prefill_attention.wgsl")),
-    ("decode_attention_paged.wgsl", include_str!("../../../../shaders/decode_attention_paged.wgsl")),
-    ("merge_state.wgsl", include_str!("../../../../shaders/merge_state.wgsl")),
-    ("append_kv.wgsl", include_str!("../../../../shaders/append_kv.wgsl")),
-    ("bench_read.wgsl", include_str!("../../../../shaders/bench_read.wgsl")),
-    ("bench_fma.wgsl", include_str!("../../../../shaders/bench_fma.wgsl")),
-    ("linear_gemv.wgsl", include_str!("../../../../shaders/linear_gemv.wgsl")),
-    ("linear_matmul.wgsl", include_str!("../../../../shaders/linear_matmul.wgsl")),
-    ("prefill_attention_portable.wgsl", include_str!("../../../../shaders/prefill_attention_portable.wgsl")),
-    ("rms_norm.wgsl", include_str!("../../../../shaders/rms_norm.wgsl")),
-    ("rope_append.wgsl", include_str!("../../../../shaders/rope_append.wgsl")),
-];
+/// One entry per kernel file, in the order of [`Kernel::ALL`] (the `twinfer-shaders` crate is
+/// the top-level `shaders/` folder).
+const FILES: [(&str, &str); 11] = twinfer_shaders::KERNELS;
 
 /// Kernels with `// #if SUBGROUP` lines.
 const SUBGROUP_KERNELS: &[Kernel] = &[Kernel::Decode, Kernel::Prefill];
