@@ -11,9 +11,10 @@
 //! bit-identical across levels, and on every level it is independent of the batch: each row's
 //! quantization and sums depend on that row alone.
 //!
-//! The cost against f32 activations is the activations' rounding: at most half a step
-//! (`dx / 2`) per element, i.e. a relative `1/254` of the block's largest magnitude, bounded in
-//! the tests.
+//! The cost against f32 activations is the activations' rounding. Each activation row is two
+//! quantized rows (a coarse digit and its residual, see [`QuantizedRows`]), so the error per
+//! element is half a step of the residual digit, about `1/64516` of the block's largest
+//! magnitude (one digit alone: `1/254`); the tests bound it.
 
 #[cfg(target_arch = "aarch64")]
 mod neon;
