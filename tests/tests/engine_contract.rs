@@ -3,7 +3,9 @@
 //! - a dropped stream cancels its request and its pages come back;
 //! - `max_tokens` 0 is refused and a huge one ends at the context instead of overflowing;
 //! - TTFT counts from the request's arrival, not from when a step let it in;
-//! - prefix sharing happens and saves pages, and a cancelled request frees its pages.
+//! - prefix sharing happens and saves pages, and a cancelled request frees its pages;
+//! - the prefix cache serves a later turn from a finished request's pages, and gives them up
+//!   before a running request is preempted.
 #![cfg(not(target_arch = "wasm32"))]
 
 use std::sync::Arc;
@@ -240,4 +242,44 @@ fn prefix_sharing_saves_pages_and_cancelling_frees_them() {
     s.step().unwrap();
     assert!(!s.has_work());
     assert_eq!(s.cache().free_pages(), s.cache().num_pages(), "pages leaked after cancelling both");
+}
+
+/// The `Finished` event's metrics.
+fn finished_metrics(events: &[Event]) -> twinfer::engine::RequestMetrics {
+    let Some(Event::Finished { metrics, .. }) = events.last() else { panic!("no Finished event last") };
+    metrics.clone()
+}
+
+#[test]
+fn the_prefix_cache_serves_a_later_turn_and_gives_way_under_pressure() {
+    let page = 16;
+    let cached = EngineConfig { page_size: page, kv_pool_pages: Some(40), prefix_cache_sequences: 2, ..config() };
+    let mut s = scheduler(cached.clone());
+    let turn1: Vec<u32> = (0..150u32).map(|i| 3 + (i * 7) % 500).collect();
+    let (_, _, _, answer) = stream_and_final(&events_of(&mut s, greedy(turn1.clone(), 20), None));
+    s.audit().unwrap();
+    // 150 + 19 computed tokens stay: 11 pages.
+    assert_eq!(s.cache().num_pages() - s.cache().free_pages(), 11, "the finished request's pages are kept");
+
+    // The next turn re-sends the conversation and adds a message.
+    let turn2: Vec<u32> = turn1.iter().chain(&answer).copied().chain(5..35).collect();
+    let events = events_of(&mut s, greedy(turn2.clone(), 20), None);
+    s.audit().unwrap();
+    // 169 computed tokens shared at a multiple of 64: 128.
+    assert_eq!(finished_metrics(&events).cached_tokens, 128, "turn 2 reuses turn 1's pages");
+    let mut fresh = scheduler(EngineConfig { prefix_cache_sequences: 0, ..cached.clone() });
+    let alone = events_of(&mut fresh, greedy(turn2, 20), None);
+    assert_eq!(finished_metrics(&alone).cached_tokens, 0);
+    assert_eq!(stream_and_final(&events).3, stream_and_final(&alone).3, "the cache changes no token");
+    assert_eq!(fresh.cache().free_pages(), fresh.cache().num_pages(), "without the cache every page comes back");
+
+    // A request that needs most of the pool: the kept pages give way, nobody is preempted.
+    let big: Vec<u32> = (0..520u32).map(|i| 9 + (i * 13) % 400).collect();
+    let events = events_of(&mut s, greedy(big.clone(), 40), None);
+    s.audit().unwrap();
+    assert_eq!(finished_metrics(&events).preemptions, 0);
+    let mut fresh = scheduler(EngineConfig { prefix_cache_sequences: 0, ..cached });
+    assert_eq!(stream_and_final(&events).3, stream_and_final(&events_of(&mut fresh, greedy(big, 40), None)).3);
+    // Only the big request's own pages are kept now (559 computed tokens: 35 pages).
+    assert_eq!(s.cache().num_pages() - s.cache().free_pages(), 35, "the older prefixes were evicted");
 }

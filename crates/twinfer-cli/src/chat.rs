@@ -1,7 +1,8 @@
 //! `twinfer chat`: an interactive conversation through the model's chat template. Each line on
 //! stdin is a user turn; the answer streams back and joins the history that the next turn's
-//! prompt is rendered from. An empty line or end of input ends the session; Ctrl-C stops the
-//! current answer only.
+//! prompt is rendered from. The engine keeps finished turns' KV pages (its prefix cache), so the
+//! next turn computes only what follows the shared start of the conversation. An empty line or
+//! end of input ends the session; Ctrl-C stops the current answer only.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -39,7 +40,11 @@ pub struct ChatArgs {
 }
 
 pub fn run(args: ChatArgs) -> Result<(), String> {
-    let engine = Engine::new(&args.model, args.engine.config()?).map_err(|e| e.to_string())?;
+    let mut config = args.engine.config()?;
+    if args.engine.prefix_cache.is_none() {
+        config.prefix_cache_sequences = 4;
+    }
+    let engine = Engine::new(&args.model, config).map_err(|e| e.to_string())?;
     if engine.chat_template().is_none() {
         return Err(format!("{} has no chat template: use `twinfer run`", args.model.display()));
     }
@@ -79,7 +84,13 @@ pub fn run(args: ChatArgs) -> Result<(), String> {
                     let _ = writeln!(out);
                     let ttft = metrics.ttft().map_or("-".into(), |s| format!("{:.0} ms", s * 1e3));
                     let tpot = metrics.tpot().map_or("-".into(), |s| format!("{:.1} ms", s * 1e3));
-                    eprintln!("[{}: {} tokens, TTFT {ttft}, TPOT {tpot}]", reason.as_str(), metrics.token_times.len());
+                    eprintln!(
+                        "[{}: {} tokens, TTFT {ttft}, TPOT {tpot}, {} of {} prompt tokens from the cache]",
+                        reason.as_str(),
+                        metrics.token_times.len(),
+                        metrics.cached_tokens,
+                        metrics.prompt_tokens
+                    );
                     answer = text;
                 }
             }

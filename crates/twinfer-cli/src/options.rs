@@ -86,6 +86,10 @@ pub struct EngineArgs {
     /// Quantize a float model's projections at load.
     #[arg(long, value_enum)]
     pub quantize: Option<QuantizeArg>,
+    /// Finished requests whose KV pages stay for later prompts with the same start (0: none)
+    /// [default: 0; `chat`: 4].
+    #[arg(long)]
+    pub prefix_cache: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -138,6 +142,7 @@ impl EngineArgs {
         if let Some(q) = self.quantize {
             c.quantize = Some(q.into());
         }
+        c.prefix_cache_sequences = self.prefix_cache.unwrap_or(c.prefix_cache_sequences);
         Ok(c)
     }
 }

@@ -24,6 +24,11 @@ pub struct EngineConfig {
     pub max_running: usize,
     /// New requests reuse the KV pages of a running request's identical prompt prefix.
     pub prefix_sharing: bool,
+    /// Finished requests leave their KV pages behind for later prompts that start the same way
+    /// (a chat's next turn re-sends the conversation): up to this many sequences, least recently
+    /// used first out, and evicted before any running request is preempted. 0 turns it off.
+    /// Needs `prefix_sharing`.
+    pub prefix_cache_sequences: usize,
     /// Quantize a float model's projections at load (`None` keeps the stored weights).
     pub quantize: Option<crate::quant::QuantFormat>,
     /// Seconds since some fixed point; the default is the process's monotonic clock. Browsers pass
@@ -44,6 +49,7 @@ impl Default for EngineConfig {
             max_batch_tokens: 512,
             max_running: 256,
             prefix_sharing: true,
+            prefix_cache_sequences: 0,
             quantize: None,
             clock: None,
         }

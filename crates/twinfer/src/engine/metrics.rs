@@ -62,6 +62,9 @@ pub struct RequestMetrics {
     pub e2e: f64,
     /// Times this request was preempted (its KV freed and recomputed) to make room for others.
     pub preemptions: usize,
+    /// Prompt tokens whose K/V came from another request's pages (a running one's, or a finished
+    /// one's kept by the prefix cache) instead of being computed.
+    pub cached_tokens: usize,
 }
 
 impl RequestMetrics {
@@ -143,7 +146,8 @@ mod tests {
 
     #[test]
     fn request_metrics_from_a_timeline() {
-        let m = RequestMetrics { prompt_tokens: 3, token_times: vec![0.5, 0.6, 0.8, 0.9], e2e: 0.9, preemptions: 0 };
+        let m =
+            RequestMetrics { prompt_tokens: 3, token_times: vec![0.5, 0.6, 0.8, 0.9], e2e: 0.9, ..Default::default() };
         assert_eq!(m.ttft(), Some(0.5));
         assert!((m.tpot().unwrap() - 0.4 / 3.0).abs() < 1e-12);
         let itl = Distribution::of(&m.itl());

@@ -82,6 +82,16 @@ pub struct Scheduler {
     /// The whole model on the GPU, when both phases run there (see [`Scheduler::residency`]).
     resident: Option<ResidentDecoder>,
     residency: String,
+    /// Finished requests' cache sequences kept for their prefixes, least recently used first
+    /// (see [`EngineConfig::prefix_cache_sequences`]).
+    retained: std::collections::VecDeque<Retained>,
+}
+
+/// A finished request's computed tokens, whose K/V its cache sequence still holds.
+#[derive(Debug)]
+struct Retained {
+    seq: SeqId,
+    tokens: Vec<u32>,
 }
 
 impl Scheduler {
@@ -136,6 +146,7 @@ impl Scheduler {
             fallback: None,
             resident,
             residency,
+            retained: std::collections::VecDeque::new(),
         })
     }
 
@@ -362,7 +373,9 @@ impl Scheduler {
         }
         if switched {
             self.fallback = Some(format!("the GPU device was lost ({why}); attention runs on the CPU with {level}"));
-            // The device pools are gone; the preempted sequences recompute their K/V on the CPU.
+            // The device pools are gone; the preempted sequences recompute their K/V on the CPU,
+            // and the kept prefixes, whose K/V were on the device, go.
+            while self.evict_retained().unwrap_or(false) {}
             self.resident = None;
             self.cache.record_page_copies(false);
             self.residency = format!("CPU projections after the GPU was lost ({why})");
@@ -420,6 +433,10 @@ impl Scheduler {
             match self.cache.reserve(&ids, &counts) {
                 Ok(()) => return Ok(plan),
                 Err(TwinferError::KvPoolExhausted { .. }) => {
+                    // Kept prefixes go before any running request does.
+                    if self.evict_retained()? {
+                        continue;
+                    }
                     admit_new = false;
                     let holders: Vec<RequestId> =
                         self.seqs.iter().filter(|(_, s)| s.cache_seq.is_some()).map(|(&id, _)| id).collect();
@@ -450,25 +467,52 @@ impl Scheduler {
         let mut best: Option<(SeqId, usize)> = None;
         if self.config.prefix_sharing {
             let me = &self.seqs[&id];
+            // Share at most len - 1 tokens: the last one must run to produce logits.
+            let shared = |computed: usize, token: &dyn Fn(usize) -> u32| {
+                let limit = computed.min(me.len() - 1);
+                (0..limit).take_while(|&i| token(i) == me.token(i)).count() / granule * granule
+            };
             for (&other, s) in &self.seqs {
                 let Some(seq) = s.cache_seq.filter(|_| other != id) else { continue };
-                // Share at most len - 1 tokens: the last one must run to produce logits.
-                let limit = s.computed.min(me.len() - 1);
-                let common = (0..limit).take_while(|&i| s.token(i) == me.token(i)).count();
-                let common = common / granule * granule;
+                let common = shared(s.computed, &|i| s.token(i));
                 if common >= page && best.is_none_or(|(_, n)| common > n) {
                     best = Some((seq, common));
                 }
             }
+            for r in &self.retained {
+                let common = shared(r.tokens.len(), &|i| r.tokens[i]);
+                if common >= page && best.is_none_or(|(_, n)| common > n) {
+                    best = Some((r.seq, common));
+                }
+            }
         }
         let (seq, computed) = match best {
-            Some((parent, n)) => (self.cache.fork_prefix(parent, n)?, n),
+            Some((parent, n)) => {
+                // A kept sequence that served moves to the back of the eviction order.
+                if let Some(at) = self.retained.iter().position(|r| r.seq == parent) {
+                    let r = self.retained.remove(at).expect("found");
+                    self.retained.push_back(r);
+                }
+                (self.cache.fork_prefix(parent, n)?, n)
+            }
             None => (self.cache.add_sequence(), 0),
         };
         let s = self.seqs.get_mut(&id).expect("waiting");
         s.cache_seq = Some(seq);
         s.computed = computed;
+        s.metrics.cached_tokens = computed;
         Ok(())
+    }
+
+    /// Frees the least recently used kept sequence; false when none is kept.
+    fn evict_retained(&mut self) -> Result<bool> {
+        match self.retained.pop_front() {
+            Some(r) => {
+                self.cache.free(r.seq)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// Where prompt chunks may end: [`PREFILL_ALIGN`], unless a step's budget is smaller (then
@@ -562,7 +606,19 @@ impl Scheduler {
     fn finish(&mut self, id: RequestId, reason: FinishReason, events: &mut Vec<Event>) -> Result<()> {
         let Some(mut s) = self.seqs.remove(&id) else { return Ok(()) };
         if let Some(seq) = s.cache_seq.take() {
-            self.cache.free(seq)?;
+            let keep = self.config.prefix_sharing
+                && self.config.prefix_cache_sequences > 0
+                && !matches!(reason, FinishReason::Failed(_))
+                && s.computed >= self.config.page_size;
+            if keep {
+                let tokens = (0..s.computed).map(|i| s.token(i)).collect();
+                self.retained.push_back(Retained { seq, tokens });
+                while self.retained.len() > self.config.prefix_cache_sequences {
+                    self.evict_retained()?;
+                }
+            } else {
+                self.cache.free(seq)?;
+            }
         }
         // The final text is exactly what was streamed. A cancelled or failed request drops what
         // it held back (a partial character, a possible stop-string prefix): it was never shown.

@@ -31,6 +31,22 @@ impl Scheduler {
                 return Err(format!("request {id} has all its {} tokens and still runs", s.generated.len()));
             }
         }
+        for r in &self.retained {
+            if !owned.insert(r.seq) {
+                return Err(format!("kept prefix: cache sequence {} has two owners", r.seq));
+            }
+            let len = self.cache.seq_len(r.seq).map_err(|e| format!("kept prefix: {e}"))?;
+            if len != r.tokens.len() {
+                return Err(format!("kept prefix {}: {} tokens kept, {len} in the cache", r.seq, r.tokens.len()));
+            }
+        }
+        if self.retained.len() > self.config.prefix_cache_sequences {
+            return Err(format!(
+                "{} prefixes kept, at most {}",
+                self.retained.len(),
+                self.config.prefix_cache_sequences
+            ));
+        }
         let live: std::collections::BTreeSet<SeqId> = self.cache.sequences().collect();
         if live != owned {
             return Err(format!("cache sequences {live:?}, owned by requests {owned:?}"));
