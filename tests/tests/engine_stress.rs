@@ -129,15 +129,18 @@ fn random_spec(rng: &mut Rng, prefixes: &[Vec<u32>], vocab: &Vocabulary, vocab_s
     Spec { request: r, cancel_after }
 }
 
-/// Runs `request` with nothing else in the scheduler; its id and its events.
+/// Runs `request` with nothing else in the scheduler (and nothing in its prefix cache); its id
+/// and its events.
 fn run_alone(s: &mut Scheduler, request: GenerateRequest) -> (RequestId, Vec<Event>) {
     assert!(!s.has_work());
+    s.clear_prefix_cache().unwrap();
     let id = s.add(request).unwrap();
     let mut events = Vec::new();
     while s.has_work() {
         events.extend(s.step().unwrap());
     }
     assert!(events.iter().all(|e| e.request() == id));
+    s.clear_prefix_cache().unwrap();
     assert_eq!(s.cache().free_pages(), s.cache().num_pages(), "a request run alone leaked pages");
     (id, events)
 }
@@ -162,9 +165,19 @@ struct Live {
 }
 
 /// The stress run on `attention`; returns (steps, preemptions, most pages shared at once).
-fn stress(attention: Attention, requests: usize, seed: u64, sampled: bool, pages: usize) -> (usize, usize, usize) {
+/// Returns (steps, preemptions, most pages shared at once, most finished requests kept by the
+/// prefix cache at once).
+fn stress(
+    attention: Attention,
+    requests: usize,
+    seed: u64,
+    sampled: bool,
+    pages: usize,
+    prefix_cache: usize,
+) -> (usize, usize, usize, usize) {
     let mut rng = Rng::new(seed);
-    let mut s = scheduler(attention.clone(), config_with_pages(pages));
+    let mut s =
+        scheduler(attention.clone(), EngineConfig { prefix_cache_sequences: prefix_cache, ..config_with_pages(pages) });
     let vocab_size = s.model().config.vocab_size;
     // Shared prefixes of 0 to 5 pages, so that prefix sharing and its copy-on-write happen.
     let prefixes: Vec<Vec<u32>> =
@@ -178,7 +191,7 @@ fn stress(attention: Attention, requests: usize, seed: u64, sampled: bool, pages
     let mut done: HashMap<usize, Vec<Event>> = HashMap::new();
     let mut last_event: HashMap<RequestId, usize> = HashMap::new();
     let mut longest_to_first_event = 0usize;
-    let (mut step, mut worst_gap, mut most_shared) = (0usize, 0usize, 0usize);
+    let (mut step, mut worst_gap, mut most_shared, mut most_kept) = (0usize, 0usize, 0usize, 0usize);
     while next_spec < specs.len() || s.has_work() {
         for _ in 0..rng.below(4) {
             if next_spec < specs.len() {
@@ -212,6 +225,7 @@ fn stress(attention: Attention, requests: usize, seed: u64, sampled: bool, pages
         s.audit().unwrap_or_else(|e| panic!("seed {seed}, step {step}: {e}"));
         let shared = (0..s.cache().num_pages() as u32).filter(|&p| s.cache().allocator().refcount(p) > 1).count();
         most_shared = most_shared.max(shared);
+        most_kept = most_kept.max(s.kept_prefixes());
         if let Some((&oldest, _)) = live.first_key_value() {
             let gap = step - last_event[&oldest];
             worst_gap = worst_gap.max(gap);
@@ -220,6 +234,7 @@ fn stress(attention: Attention, requests: usize, seed: u64, sampled: bool, pages
         step += 1;
         assert!(step < 200 * requests + 1000, "seed {seed}: no end in sight after {step} steps");
     }
+    s.clear_prefix_cache().unwrap();
     assert_eq!(s.cache().free_pages(), s.cache().num_pages(), "seed {seed}: pages leaked");
     s.audit().unwrap();
     assert_eq!(done.len(), specs.len(), "seed {seed}: every request ends exactly once");
@@ -258,7 +273,7 @@ fn stress(attention: Attention, requests: usize, seed: u64, sampled: bool, pages
          {longest_to_first_event} steps, endings {reasons:?}",
         specs.len()
     );
-    (step, preemptions, most_shared)
+    (step, preemptions, most_shared, most_kept)
 }
 
 #[test]
@@ -266,9 +281,12 @@ fn thousands_of_random_requests_leak_nothing_and_match_their_solo_runs() {
     let start = Instant::now();
     let requests = env_or("TWINFER_STRESS_REQUESTS", 2000) as usize;
     let seed = env_or("TWINFER_STRESS_SEED", 1);
-    let (_, preemptions, shared) = stress(Attention::new(Backend::Cpu).unwrap(), requests, seed, true, 40);
+    // The prefix cache keeps up to 4 finished requests, so kept pages are shared, evicted under
+    // pressure and cleared at the end, all under the audit.
+    let (_, preemptions, shared, kept) = stress(Attention::new(Backend::Cpu).unwrap(), requests, seed, true, 40, 4);
     assert!(preemptions > 0, "the pool never ran short: the test does not exercise preemption");
     assert!(shared > 0, "no page was ever shared: the test does not exercise prefix sharing");
+    assert!(kept > 0, "no finished request was ever kept: the test does not exercise the prefix cache");
     eprintln!("CPU stress: {:.1} s", start.elapsed().as_secs_f64());
 }
 
@@ -290,7 +308,7 @@ fn a_shorter_run_on_the_gpu_engine() {
     let start = Instant::now();
     let requests = env_or("TWINFER_STRESS_GPU_REQUESTS", 20) as usize;
     // 12 pages: the longest request (10 pages) fits, two of them do not.
-    let (_, preemptions, _) = stress(gpu, requests, env_or("TWINFER_STRESS_SEED", 1), false, 12);
+    let (_, preemptions, _, _) = stress(gpu, requests, env_or("TWINFER_STRESS_SEED", 1), false, 12, 2);
     assert!(preemptions > 0, "the pool never ran short on the GPU");
     eprintln!("GPU stress: {:.1} s", start.elapsed().as_secs_f64());
 }

@@ -504,6 +504,17 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Finished requests whose pages the prefix cache keeps.
+    pub fn kept_prefixes(&self) -> usize {
+        self.retained.len()
+    }
+
+    /// Frees every page the prefix cache keeps.
+    pub fn clear_prefix_cache(&mut self) -> Result<()> {
+        while self.evict_retained()? {}
+        Ok(())
+    }
+
     /// Frees the least recently used kept sequence; false when none is kept.
     fn evict_retained(&mut self) -> Result<bool> {
         match self.retained.pop_front() {
