@@ -58,8 +58,10 @@ fn attention(input: &AttentionInput) {
         // A sequence with no keys is allowed: its output is defined (zeros, lse -inf).
         let kv = kv as usize % 200;
         kv_lens.push(kv);
-        // Decode has one query per sequence; a prefill chunk may also be longer than its keys.
-        qo_lens.push(if input.decode { 1 } else { 1 + qo as usize % (kv + 8) });
+        // Decode has one query per sequence; a prefill chunk may also be longer than its keys. At
+        // most 64 queries: the f64 oracle of 4 x 207 queries x 200 keys x 8 heads x 128 took 19 s
+        // under AddressSanitizer, near the 20 s timeout, and taught the fuzzer nothing new.
+        qo_lens.push(if input.decode { 1 } else { 1 + qo as usize % (kv + 8).min(64) });
     }
     let case = Case {
         mode: if input.decode { Mode::Decode } else { Mode::Prefill },
