@@ -46,8 +46,12 @@ cargo +nightly fuzz build --debug-assertions
 for t in "${targets[@]}"; do
     echo "== fuzz $t for $seconds s"
     log="fuzz/artifacts/$t/last-run.log"
+    # The kernels target runs the f64 oracle over every SIMD level under AddressSanitizer: its
+    # largest cases take 10-20 s on a loaded 2-core machine, so it gets a longer timeout.
+    timeout=20
+    [[ "$t" == kernels ]] && timeout=60
     if ! cargo +nightly fuzz run --debug-assertions "$t" "fuzz/corpus/$t" -- \
-        -max_total_time="$seconds" -timeout=20 -rss_limit_mb=4096 -max_len=262144 -print_final_stats=1 \
+        -max_total_time="$seconds" -timeout="$timeout" -rss_limit_mb=4096 -max_len=262144 -print_final_stats=1 \
         -artifact_prefix="fuzz/artifacts/$t/" >"$log" 2>&1; then
         tail -40 "$log" >&2
         echo "fuzz target $t failed: the input is in fuzz/artifacts/$t/" >&2
