@@ -65,8 +65,18 @@ async function load(which, source) {
   bar.value = bar.max;
   status(`${which === "embed" ? "embedding model" : "decoder"}: ${info.model.description}`);
   showInfo(info);
+  if (which === "gen") {
+    // A model with a chat template chats by default; the conversation starts over.
+    $("chat").disabled = !info.model.chat;
+    $("chat").checked = info.model.chat;
+    history = [];
+    $("new-chat").disabled = !info.model.chat;
+  }
   return info;
 }
+
+/** The conversation so far, when the decoder chats: `{ role, content }` messages. */
+let history = [];
 
 function cosine(a, b) {
   let dot = 0;
@@ -125,12 +135,20 @@ function drawHistogram() {
 
 const fmt = (x) => (x === null || x === undefined ? "-" : `${x.toFixed(1)} ms`);
 
-async function generate(signal) {
-  const ids = params.get("promptIds");
-  const prompt = ids ? ids.split(",").map(Number) : $("prompt").value;
+/** Runs the prompt box (or `ids`: the page's `promptIds` parameter unless given) as one request. */
+async function generate(signal, ids = params.get("promptIds")) {
+  const chat = !ids && $("chat").checked;
+  const text = $("prompt").value;
+  // In a chat the template renders the whole conversation, and the engine's prefix cache finds
+  // the earlier turns' KV pages.
+  const prompt = ids ? ids.split(",").map(Number) : chat ? { messages: [...history, { role: "user", content: text }] } : text;
   const maxTokens = Number($("max-tokens").value);
   const temperature = Number($("temperature").value);
-  $("output").textContent = "";
+  if (chat) {
+    $("output").textContent += `${history.length ? "\n\n" : ""}you: ${text}\nmodel: `;
+  } else {
+    $("output").textContent = "";
+  }
   itl = [];
   let last = null;
   let first = null;
@@ -156,7 +174,9 @@ async function generate(signal) {
   $("ttft").textContent = fmt(m.ttft);
   $("tpot").textContent = fmt(m.tpot);
   $("itl").textContent = `${fmt(m.itl.p50)} / ${fmt(m.itl.p90)} / ${fmt(m.itl.p99)} / ${fmt(m.itl.std)}`;
+  $("cached").textContent = `${m.cachedTokens} of ${m.promptTokens}`;
   drawHistogram();
+  if (chat) history.push({ role: "user", content: text }, { role: "assistant", content: r.value.text });
   return { tokens, text: r.value.text, reason: r.value.reason, metrics: m };
 }
 
@@ -194,6 +214,10 @@ $("run").onclick = () => {
   });
 };
 $("stop").onclick = () => controller?.abort();
+$("new-chat").onclick = () => {
+  history = [];
+  $("output").textContent = "";
+};
 dropZone("embed-drop", "embed");
 dropZone("gen-drop", "gen");
 drawHistogram();
@@ -206,6 +230,14 @@ window.demo = {
     const out = [];
     for await (const t of engines.gen.generate(ids, { maxTokens, ignoreEos: true })) out.push(t.tokenId);
     return out;
+  },
+  /** Loads the decoder at `url`, as the page's button does. */
+  loadDecoder: (url) => load("gen", url),
+  /** Types `text` into the prompt box and runs it as the page's button does (a chat turn when chatting). */
+  say: async (text) => {
+    $("prompt").value = text;
+    const r = await generate(undefined, null);
+    return { text: r.text, reason: r.reason, promptTokens: r.metrics.promptTokens, cachedTokens: r.metrics.cachedTokens, output: $("output").textContent };
   },
 };
 

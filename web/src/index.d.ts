@@ -34,6 +34,11 @@ export interface LoadOptions {
   maxBatchTokens?: number;
   /** Requests running at once (default 256). */
   maxRunning?: number;
+  /**
+   * Finished requests whose KV pages stay for later prompts that start the same way, as a chat's
+   * next turn does (default 4; 0 turns it off). Kept pages give way before any request waits.
+   */
+  prefixCache?: number;
 }
 
 /** A model folder: base URL, files by name, dropped files, or the Response of its config.json. */
@@ -95,6 +100,8 @@ export interface RequestMetrics {
   itl: Distribution;
   tokenTimes: number[];
   preemptions: number;
+  /** Prompt tokens whose KV came from another request's pages (a running one's, or a finished one's kept by the prefix cache). */
+  cachedTokens: number;
 }
 
 export interface GenerateResult {
@@ -147,7 +154,8 @@ export interface Info {
   decode: EngineReport;
   /** The WebGPU adapter, when one was found. */
   adapter?: AdapterReport | null;
-  model: null | { kind: "decoder" | "encoder"; description: string };
+  /** `chat`: the model has a chat template, so `generate({ messages })` works. */
+  model: null | { kind: "decoder" | "encoder"; description: string; chat: boolean };
   /** Bytes of the WebAssembly memory: it never shrinks, so this is the peak so far. */
   wasmMemoryBytes: number;
 }

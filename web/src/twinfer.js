@@ -57,7 +57,7 @@ export class Twinfer {
   /**
    * Loads a model (replacing the one held): a base URL, a Map of file name -> ArrayBuffer / Blob /
    * File / Response, a File list, or the Response of its config.json. `options`: `{ onProgress,
-   * signal, pageSize, kvMemoryBytes, kvDtype, maxBatchTokens, maxRunning }`.
+   * signal, pageSize, kvMemoryBytes, kvDtype, maxBatchTokens, maxRunning, prefixCache }`.
    */
   async loadModel(source, options = {}) {
     const { onProgress, signal, ...engine } = options;
@@ -308,5 +308,6 @@ function requestMetricsMs(m) {
     itl: ms(m.itl),
     tokenTimes: m.token_times.map((t) => t * 1e3),
     preemptions: m.preemptions,
+    cachedTokens: m.cached_tokens,
   };
 }

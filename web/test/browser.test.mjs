@@ -1,6 +1,7 @@
 // The package in headless Chromium (Debian's, driven by playwright-core), through the demo page:
 //   1. with WebGPU (--enable-unsafe-webgpu: SwiftShader), `auto` picks WebGPU;
-//   2. without it, `auto` falls back to wasm SIMD and says why;
+//   2. without it, `auto` falls back to wasm SIMD and says why, and the demo's chat mode talks to
+//      SmolLM2 (Q4_1 GGUF) over two turns;
 //   3. `wasm` forced; 4. the Web Worker mode (WebGPU and wasm); 5. a GPU lost mid-generation (on
 //   the page of 1).
 // Each run's embeddings must match the numpy reference (per element, and unit norm) and its greedy tokens
@@ -111,14 +112,35 @@ test("with WebGPU, auto picks WebGPU and matches the reference; a GPU lost mid-g
   checkOutputs({ ...run, embeddings: x.vectors });
 });
 
-test("without WebGPU, auto falls back to wasm SIMD and says why", async () => {
-  const run = await runDemo({ flags: [], query: { backend: "auto" }, screenshot: "demo-fallback.png" });
+test("without WebGPU, auto falls back to wasm SIMD and says why; the demo chats with SmolLM2", async () => {
+  const run = await runDemo({
+    flags: [],
+    query: { backend: "auto" },
+    screenshot: "demo-fallback.png",
+    // Then, on the same page, the quantized chat model through the page's own chat mode.
+    after: (page) =>
+      page.evaluate(async () => {
+        const info = await window.demo.loadDecoder("/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+        const first = await window.demo.say("What is the capital of France?");
+        const second = await window.demo.say("And what is the capital of Italy?");
+        return { chat: info.model.chat, first, second };
+      }),
+  });
   const info = run.result.genInfo;
   assert.equal(info.backend, "wasm");
   assert.equal(info.decode.variant, "simd128");
   assert.match(info.reason, /WebGPU/);
   assert.ok(!run.result.progress.includes("upload"));
   checkOutputs(run);
+
+  const { chat, first, second } = run.extra;
+  assert.ok(chat, "the GGUF model has a chat template");
+  assert.equal(first.text, "The capital of France is Paris.");
+  assert.equal(first.reason, "eos");
+  // The second turn's prompt is the whole conversation.
+  assert.ok(second.promptTokens > first.promptTokens + 8, JSON.stringify(second));
+  assert.match(second.output, /you: What is the capital of France\?\nmodel: The capital of France is Paris\.\n\nyou: And what is the capital of Italy\?\nmodel: /);
+  assert.ok(second.text.length > 0);
 });
 
 test("forced wasm runs on the CPU even where WebGPU exists", async () => {

@@ -160,6 +160,24 @@ test("text prompts stream text; the tokens equal the native build's", async () =
   assert.deepEqual(result.tokens, native.tokens);
 });
 
+test("a later prompt that starts like a finished one takes its KV from the prefix cache, tokens unchanged", async () => {
+  const first = Array.from({ length: 150 }, (_, i) => 3 + ((i * 7) % 500));
+  const run = async (tf, ids) => (await collect(tf.generate(ids, { maxTokens: 20, ignoreEos: true }))).result;
+  const cached = await engineWith(LLAMA);
+  const turn1 = await run(cached, first);
+  assert.equal(turn1.metrics.cachedTokens, 0);
+  // The conversation so far plus a new message: 169 computed tokens shared at a multiple of 64.
+  const next = [...first, ...turn1.tokens, ...Array.from({ length: 30 }, (_, i) => 5 + i)];
+  const turn2 = await run(cached, next);
+  assert.equal(turn2.metrics.cachedTokens, 128);
+  const plain = await engineWith(LLAMA, { prefixCache: 0 });
+  const alone = await run(plain, next);
+  assert.equal(alone.metrics.cachedTokens, 0);
+  assert.deepEqual(turn2.tokens, alone.tokens);
+  await cached.dispose();
+  await plain.dispose();
+});
+
 test("concurrent requests give the tokens each gives alone", async () => {
   const g = golden(LLAMA);
   const tf = await engineWith(LLAMA, { pageSize: 4 });

@@ -108,7 +108,7 @@ impl Runtime {
     }
 
     /// Loads a model from `files` (which are emptied: their bytes move into the model).
-    /// `options`: `{ pageSize, kvMemoryBytes, kvDtype: "f16" | "f32", maxBatchTokens, maxRunning }`.
+    /// `options`: `{ pageSize, kvMemoryBytes, kvDtype: "f16" | "f32", maxBatchTokens, maxRunning, prefixCache }`.
     /// On WebGPU the weights go to the GPU here, with `on_upload(bytesDone, bytesTotal)` after
     /// each matrix.
     pub fn load(
@@ -180,6 +180,7 @@ impl Runtime {
             Some((served, description)) => serde_json::json!({
                 "kind": if matches!(served, Served::Decoder(_)) { "decoder" } else { "encoder" },
                 "description": description,
+                "chat": state.chat.is_some(),
             }),
         };
         let info = serde_json::json!({
@@ -362,6 +363,8 @@ fn engine_config(options: &JsValue, cpu_decode: bool) -> Result<EngineConfig> {
         kv_dtype,
         max_batch_tokens: o.count("maxBatchTokens", 1e6)?.unwrap_or(256),
         max_running: o.count("maxRunning", 1e6)?.unwrap_or(d.max_running),
+        // A tab mostly chats: keep a few finished turns for the next one's prompt.
+        prefix_cache_sequences: o.count("prefixCache", 1e6)?.unwrap_or(4),
         clock: Some(web_clock),
         ..d
     })

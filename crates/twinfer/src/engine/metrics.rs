@@ -85,7 +85,7 @@ impl RequestMetrics {
         json!({"prompt_tokens": self.prompt_tokens, "generated_tokens": self.token_times.len(),
                "ttft": self.ttft(), "tpot": self.tpot(), "e2e": self.e2e,
                "itl": Distribution::of(&self.itl()).to_json(), "preemptions": self.preemptions,
-               "token_times": self.token_times})
+               "cached_tokens": self.cached_tokens, "token_times": self.token_times})
     }
 }
 
