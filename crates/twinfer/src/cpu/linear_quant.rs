@@ -6,7 +6,7 @@
 //!
 //! Every output element's arithmetic is the same whatever the batch (each row is quantized and
 //! summed alone, in a fixed order), so a sequence's logits are bit-identical alone or batched.
-//! Work: chunks of `TILES_PER_TASK` tiles go to the worker threads; a tile's codes (16 features x
+//! Work: chunks of `TILES_PER_TASK` tiles of one part go to the worker threads; a tile's codes (16 features x
 //! 576 inputs x 4 bits = 4.5 KiB) stay in L1 while the rows of `x` pass by, 4 at a time.
 
 use std::cell::RefCell;
@@ -33,7 +33,26 @@ pub fn linear_quant(
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) -> Result<()> {
-    let (n, k) = (w.n, w.k);
+    linear_quant_parts(level, x, rows, &[w], bias, y)
+}
+
+/// [`linear_quant`] over a weight matrix stored as row blocks `parts` (each `[n_i, k]`, stacked in
+/// order: `n = Σ n_i`), so projections of one input (q, k, v; gate, up) share one quantization of
+/// the input without being repacked into one matrix. Every output element's arithmetic is that of
+/// [`linear_quant`].
+pub fn linear_quant_parts(
+    level: SimdLevel,
+    x: &[f32],
+    rows: usize,
+    parts: &[&PackedQuant],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) -> Result<()> {
+    let k = parts.first().map_or(0, |p| p.k);
+    if let Some(p) = parts.iter().find(|p| p.k != k) {
+        return Err(TwinferError::InvalidParameter(format!("quantized linear: parts of {k} and {} inputs", p.k)));
+    }
+    let n: usize = parts.iter().map(|p| p.n).sum();
     check_len("quantized linear x ([rows, k])", rows * k, x.len())?;
     check_len("quantized linear y ([rows, n])", rows * n, y.len())?;
     if let Some(b) = bias {
@@ -43,9 +62,9 @@ pub fn linear_quant(
         return Err(TwinferError::InvalidParameter(format!("quantized linear: k = {k} is not a multiple of {BLOCK}")));
     }
     ACTIVATIONS.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut acts) => run(level, x, rows, w, bias, y, &mut acts),
+        Ok(mut acts) => run(level, x, rows, parts, bias, y, &mut acts),
         // Re-entered on this thread (a nested pool call): use private buffers.
-        Err(_) => run(level, x, rows, w, bias, y, &mut QuantizedRows::default()),
+        Err(_) => run(level, x, rows, parts, bias, y, &mut QuantizedRows::default()),
     });
     Ok(())
 }
@@ -54,21 +73,32 @@ fn run(
     level: SimdLevel,
     x: &[f32],
     rows: usize,
-    w: &PackedQuant,
+    parts: &[&PackedQuant],
     bias: Option<&[f32]>,
     y: &mut [f32],
     acts: &mut QuantizedRows,
 ) {
-    acts.quantize(x, rows, w.k);
+    let k = parts[0].k;
+    acts.quantize(x, rows, k);
     let acts = &*acts;
-    let n = w.n;
-    let tasks = w.tiles().div_ceil(TILES_PER_TASK);
+    let n: usize = parts.iter().map(|p| p.n).sum();
+    // (part, its first output feature, the part's tiles of this task)
+    let mut tasks = Vec::new();
+    let mut col0 = 0;
+    for (p, part) in parts.iter().enumerate() {
+        for t in (0..part.tiles()).step_by(TILES_PER_TASK) {
+            tasks.push((p, col0, t..(t + TILES_PER_TASK).min(part.tiles())));
+        }
+        col0 += part.n;
+    }
     let out = OutPtr(y.as_mut_ptr());
-    let task = |task: usize| {
+    let task = |i: usize| {
+        let (w, col0, tiles) = (parts[tasks[i].0], tasks[i].1, tasks[i].2.clone());
         let mut block = [[0f32; TILE]; MAX_ROWS];
-        for t in task * TILES_PER_TASK..((task + 1) * TILES_PER_TASK).min(w.tiles()) {
+        for t in tiles {
             let tile = TileRef::new(w, t);
-            let features = t * TILE..((t + 1) * TILE).min(n);
+            // The part's features of this tile, and where they go in the output.
+            let features = t * TILE..((t + 1) * TILE).min(w.n);
             // Activation rows r0..r0 + r_len are quantized rows DIGITS * r0 ..: their digits'
             // sums add up, coarse first.
             let per_call = MAX_ROWS / DIGITS;
@@ -78,24 +108,25 @@ fn run(
                 tile_rows(level, &tile, acts, DIGITS * r0, DIGITS * r_len, &mut block);
                 for (r, digits) in block.chunks_exact(DIGITS).enumerate().take(r_len) {
                     for (i, f) in features.clone().enumerate() {
+                        let c = col0 + f;
                         let sum = digits[0][i] + digits[1][i];
                         let v = match bias {
-                            Some(b) => sum + b[f],
+                            Some(b) => sum + b[c],
                             None => sum,
                         };
-                        // SAFETY: (r0 + r, f) is inside [rows, n], and feature f belongs to
+                        // SAFETY: (r0 + r, c) is inside [rows, n], and feature c belongs to
                         // this task alone.
-                        unsafe { out.write((r0 + r) * n + f, v) };
+                        unsafe { out.write((r0 + r) * n + c, v) };
                     }
                 }
                 r0 += r_len;
             }
         }
     };
-    if rows * n * w.k >= 1 << 16 {
-        crate::cpu::parallel::for_each(tasks, task);
+    if rows * n * k >= 1 << 16 {
+        crate::cpu::parallel::for_each(tasks.len(), task);
     } else {
-        (0..tasks).for_each(task);
+        (0..tasks.len()).for_each(task);
     }
 }
 
@@ -237,6 +268,33 @@ mod tests {
                     }
                 }
                 let _ = &mut scalar_bits;
+            }
+        }
+    }
+
+    /// Row blocks of different formats, one with a partial tile, give each block's own product.
+    #[test]
+    fn parts_equal_their_products_one_by_one() {
+        let (k, rows) = (64, 3);
+        let a =
+            PackedQuant::from_rows(&QuantRows::quantize(QuantFormat::Q4_1, &data(13 * k, 2), 13, k).unwrap()).unwrap();
+        let b =
+            PackedQuant::from_rows(&QuantRows::quantize(QuantFormat::Q8_0, &data(40 * k, 4), 40, k).unwrap()).unwrap();
+        let x = data(rows * k, 1);
+        let bias = data(53, 3);
+        for level in SimdLevel::available() {
+            let mut both = vec![f32::NAN; rows * 53];
+            linear_quant_parts(level, &x, rows, &[&a, &b], Some(&bias), &mut both).unwrap();
+            let (mut ya, mut yb) = (vec![f32::NAN; rows * 13], vec![f32::NAN; rows * 40]);
+            linear_quant(level, &x, rows, &a, Some(&bias[..13]), &mut ya).unwrap();
+            linear_quant(level, &x, rows, &b, Some(&bias[13..]), &mut yb).unwrap();
+            for r in 0..rows {
+                assert_eq!(&both[r * 53..r * 53 + 13], &ya[r * 13..(r + 1) * 13], "{level}: row {r}, first part");
+                assert_eq!(
+                    &both[r * 53 + 13..(r + 1) * 53],
+                    &yb[r * 40..(r + 1) * 40],
+                    "{level}: row {r}, second part"
+                );
             }
         }
     }

@@ -39,7 +39,7 @@ mod qdot;
 mod simd_level;
 
 pub use linear::{linear, linear_parts};
-pub use linear_quant::linear_quant;
+pub use linear_quant::{linear_quant, linear_quant_parts};
 #[cfg(not(target_arch = "wasm32"))]
 pub(crate) use parallel::{map_indices, worker_count};
 pub use simd_level::SimdLevel;

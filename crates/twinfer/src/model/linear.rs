@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::cpu::{SimdLevel, linear_parts, linear_quant};
+use crate::cpu::{SimdLevel, linear_parts, linear_quant_parts};
 use crate::dtype::TensorRef;
 use crate::error::{Result, TwinferError};
 use crate::gpu::{DEFAULT_MAX_WEIGHT_BUFFER, GpuEngine, GpuLinear};
@@ -43,8 +43,8 @@ impl Linear {
     }
 
     /// Several projections of the same input stacked into one (q, k, v; gate, up), so the input is
-    /// read once and one product runs instead of three. Float weights are not copied; quantized
-    /// ones are repacked into one matrix (the kernel's feature groups span the parts).
+    /// read once and one product runs instead of three. No weight is copied: the parts stay as
+    /// loaded, and the kernels walk them in order.
     pub fn stack(parts: Vec<Linear>) -> Result<Self> {
         let k = parts[0].k;
         let dtype = parts[0].dtype();
@@ -63,14 +63,7 @@ impl Linear {
                 }
             }
         }
-        let blocks = match dtype {
-            None => {
-                let packed: Vec<&PackedQuant> =
-                    parts.iter().map(Linear::quant).collect::<Option<_>>().ok_or_else(differ)?;
-                vec![Arc::new(WeightData::Quant(PackedQuant::stack(&packed).ok_or_else(differ)?))]
-            }
-            Some(_) => parts.iter().flat_map(|p| p.parts.iter().cloned()).collect(),
-        };
+        let blocks = parts.iter().flat_map(|p| p.parts.iter().cloned()).collect();
         Ok(Self { parts: blocks, bias: has_bias.then_some(bias), n, k, device: DeviceCopies::default() })
     }
 
@@ -79,12 +72,15 @@ impl Linear {
         self.parts[0].dtype()
     }
 
-    /// The block-quantized weights, when they are.
-    pub fn quant(&self) -> Option<&PackedQuant> {
-        match &*self.parts[0] {
-            WeightData::Quant(q) if self.parts.len() == 1 => Some(q),
-            _ => None,
-        }
+    /// The block-quantized weights' row blocks, or `None` when they are float.
+    pub fn quant_parts(&self) -> Option<Vec<&PackedQuant>> {
+        self.parts
+            .iter()
+            .map(|w| match &**w {
+                WeightData::Quant(q) => Some(q),
+                _ => None,
+            })
+            .collect()
     }
 
     /// The float weights' row blocks, or `None` when they are block-quantized.
@@ -109,8 +105,8 @@ impl Linear {
     pub fn forward(&self, level: SimdLevel, x: &[f32], rows: usize, y: &mut Vec<f32>) -> Result<()> {
         y.clear();
         y.resize(rows * self.n, f32::NAN);
-        if let Some(q) = self.quant() {
-            return linear_quant(level, x, rows, q, self.bias.as_deref(), y);
+        if let Some(q) = self.quant_parts() {
+            return linear_quant_parts(level, x, rows, &q, self.bias.as_deref(), y);
         }
         let parts = self
             .weight_parts()

@@ -16,7 +16,7 @@ impl Linear {
     /// This projection with its weights quantized to `format` (unchanged when it already is
     /// block-quantized). The input width must be a multiple of 32.
     pub fn quantized(&self, format: QuantFormat, name: &str) -> Result<Self> {
-        if self.quant().is_some() {
+        if self.quant_parts().is_some() {
             return Ok(self.clone());
         }
         if !self.k.is_multiple_of(BLOCK) {

@@ -138,40 +138,6 @@ impl PackedQuant {
         Ok(p)
     }
 
-    /// Several matrices of the same format and width, one after the other as features (q, k and
-    /// v; gate and up), so one product reads the input once.
-    pub fn stack(parts: &[&PackedQuant]) -> Option<Self> {
-        let first = parts.first()?;
-        if parts.iter().any(|p| p.format != first.format || p.k != first.k) {
-            return None;
-        }
-        // Whole tiles concatenate as they are; otherwise the features move block by block.
-        if parts.iter().all(|p| p.n.is_multiple_of(TILE)) {
-            let cat = |f: fn(&PackedQuant) -> &[u8]| parts.iter().flat_map(|p| f(p).iter().copied()).collect();
-            let cat16 = |f: fn(&PackedQuant) -> &[f16]| parts.iter().flat_map(|p| f(p).iter().copied()).collect();
-            return Some(Self {
-                format: first.format,
-                n: parts.iter().map(|p| p.n).sum(),
-                k: first.k,
-                codes: cat(|p| &p.codes),
-                d: cat16(|p| &p.d),
-                m: cat16(|p| &p.m),
-            });
-        }
-        let mut out = Self::empty(first.format, parts.iter().map(|p| p.n).sum(), first.k);
-        let mut at = 0;
-        for p in parts {
-            for c in 0..p.n {
-                for blk in 0..p.blocks() {
-                    let (codes, dm) = p.block(c, blk);
-                    out.set_block(at + c, blk, &codes, dm);
-                }
-            }
-            at += p.n;
-        }
-        Some(out)
-    }
-
     /// Where input `j` (`0..32`) of feature `f` (`0..TILE`) sits in a tile's block: the byte and,
     /// for 4-bit codes, the nibble's shift.
     fn code_at(format: QuantFormat, f: usize, j: usize) -> (usize, u32) {
@@ -249,10 +215,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn packing_decodes_like_the_reference_and_stacks() {
+    fn packing_decodes_like_the_reference() {
         let value = |i: usize| ((i as u32).wrapping_mul(2654435761) >> 8) as f32 / 16_777_216.0 - 0.5;
         for format in [QuantFormat::Q8_0, QuantFormat::Q4_0, QuantFormat::Q4_1] {
-            // n = 13 leaves a partial tile; 32 stacks as whole tiles.
+            // n = 13 leaves a partial tile.
             for n in [13, 32] {
                 let k = 64;
                 let x: Vec<f32> = (0..n * k).map(value).collect();
@@ -261,11 +227,6 @@ mod tests {
                 let packed = PackedQuant::from_rows(&rows).unwrap();
                 let got = packed.to_f32();
                 assert_eq!(got, want, "{format:?} n={n}: decoding differs from the reference");
-                let stacked = PackedQuant::stack(&[&packed, &packed]).unwrap();
-                assert_eq!(stacked.n, 2 * n);
-                let both = stacked.to_f32();
-                assert_eq!(&both[..n * k], &got[..]);
-                assert_eq!(&both[n * k..], &got[..]);
             }
         }
     }
