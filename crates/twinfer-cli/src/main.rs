@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+mod bench_model;
 mod chat;
 mod generate;
 mod info;
@@ -81,6 +82,9 @@ enum BenchWhat {
     },
     /// The serving scenarios (Poisson arrivals, continuous batching) with PASS/FAIL against their thresholds.
     Serve(Box<serve::ServeArgs>),
+    /// A model file's prompt-processing and generation rates (llama-bench's pp and tg), against the
+    /// read ceiling measured in the same run and, when it is installed, llama-bench on the same file.
+    Model(Box<bench_model::BenchModelArgs>),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -169,6 +173,7 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Embed(args) => generate::embed(args),
         Command::Plan(args) => plan::run(args),
         Command::Bench { what: BenchWhat::Serve(args) } => serve::run(*args),
+        Command::Bench { what: BenchWhat::Model(args) } => bench_model::run(*args),
         Command::Bench {
             what: BenchWhat::Kernels { quick, simd, cases, json, variant, decode_wg, shader_checks, .. },
         } => {

@@ -260,3 +260,36 @@ fn info_json_has_cpu_gpu_and_the_choice_per_phase() {
         assert!(doc["auto"][phase]["backend"].is_string() && doc["auto"][phase]["reason"].is_string(), "{phase}");
     }
 }
+
+#[test]
+fn bench_model_reports_pp_tg_and_the_read_ceiling() {
+    let dir = model_dir("tiny-llama");
+    let report = ok_json(&[
+        "bench",
+        "model",
+        "--model",
+        path(&dir),
+        "--prompt-tokens",
+        "64",
+        "--gen-tokens",
+        "8",
+        "--reps",
+        "2",
+        "--prefill-backend",
+        "cpu",
+        "--decode-backend",
+        "cpu",
+        "--json",
+    ]);
+    for phase in ["pp", "tg"] {
+        let rate = &report[phase]["tokens_per_s"];
+        assert!(rate["median"].as_f64().unwrap() > 0.0, "{phase}: {report:#}");
+        assert!(rate["min"].as_f64().unwrap() <= rate["max"].as_f64().unwrap());
+    }
+    assert_eq!(report["pp"]["tokens"], 64);
+    assert!(report["read_gbps"]["median"].as_f64().unwrap() > 0.0);
+    assert!(report["weight_bytes"].as_u64().unwrap() > 0);
+    // A folder is not a GGUF file: llama-bench is not run, and the report says why.
+    assert_eq!(report["llama_bench"]["skipped"], "the model is not a GGUF file");
+    fails_with(&["bench", "model", "--model", path(&dir), "--gen-tokens", "1"], "--gen-tokens at least 2");
+}
