@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 mod bench_model;
+mod bench_serve;
 mod chat;
 mod generate;
 mod info;
@@ -11,7 +12,7 @@ mod options;
 mod plan;
 mod plot;
 mod progress;
-mod serve;
+mod server;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use twinfer::bench::{self, KernelReport, Scope};
@@ -43,6 +44,9 @@ enum Command {
     Embed(generate::EmbedArgs),
     /// Time every engine on this device for prefill and for decode, recommend one per phase, write a config.
     Plan(plan::PlanArgs),
+    /// An OpenAI-compatible HTTP server: chat and text completions (streamed or whole),
+    /// embeddings, models, Prometheus metrics.
+    Serve(Box<server::ServeArgs>),
     /// Measure kernels against this machine's own ceilings, or the serving scenarios.
     Bench {
         #[command(subcommand)]
@@ -81,7 +85,7 @@ enum BenchWhat {
         json: bool,
     },
     /// The serving scenarios (Poisson arrivals, continuous batching) with PASS/FAIL against their thresholds.
-    Serve(Box<serve::ServeArgs>),
+    Serve(Box<bench_serve::ServeArgs>),
     /// A model file's prompt-processing and generation rates (llama-bench's pp and tg), against the
     /// read ceiling measured in the same run and, when it is installed, llama-bench on the same file.
     Model(Box<bench_model::BenchModelArgs>),
@@ -169,10 +173,11 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Run(args) => generate::run(args),
+        Command::Serve(args) => server::run(*args),
         Command::Chat(args) => chat::run(args),
         Command::Embed(args) => generate::embed(args),
         Command::Plan(args) => plan::run(args),
-        Command::Bench { what: BenchWhat::Serve(args) } => serve::run(*args),
+        Command::Bench { what: BenchWhat::Serve(args) } => bench_serve::run(*args),
         Command::Bench { what: BenchWhat::Model(args) } => bench_model::run(*args),
         Command::Bench {
             what: BenchWhat::Kernels { quick, simd, cases, json, variant, decode_wg, shader_checks, .. },

@@ -15,4 +15,4 @@ pub use request::{Event, FinishReason, GenerateRequest, Prompt, RequestId};
 pub use sampling::{Sampler, SamplingParams, argmax};
 pub use scheduler::Scheduler;
 #[cfg(not(target_arch = "wasm32"))]
-pub use serve::{Engine, EngineStats, TokenStream};
+pub use serve::{Engine, EngineStats, EventSink, TokenStream};

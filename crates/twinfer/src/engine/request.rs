@@ -35,7 +35,7 @@ impl GenerateRequest {
     pub fn tokens(ids: Vec<u32>) -> Self {
         Self::with_prompt(Prompt::Tokens(ids))
     }
-    fn with_prompt(prompt: Prompt) -> Self {
+    pub fn with_prompt(prompt: Prompt) -> Self {
         Self {
             prompt,
             max_tokens: 128,

@@ -18,12 +18,17 @@ use crate::model::{BertModel, ChatMessage, ChatTemplate, Model, ModelSource, Net
 
 enum Command {
     /// A request, the time it arrived (the engine's clock), where its id and events go.
-    Generate(Box<GenerateRequest>, f64, Sender<Result<RequestId>>, Sender<Event>),
+    Generate(Box<GenerateRequest>, f64, Sender<Result<RequestId>>, EventSink),
     Cancel(RequestId),
     Metrics(Sender<RunMetrics>, bool),
     Stats(Sender<EngineStats>),
     Shutdown,
 }
+
+/// Receives one request's events on the engine thread, in order, ending with
+/// [`Event::Finished`]. It must not block: the engine thread runs every request. Returning `false`
+/// says that nobody listens any more, and the request is cancelled (its pages freed).
+pub type EventSink = Box<dyn FnMut(Event) -> bool + Send>;
 
 /// What the engine holds right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -203,15 +208,35 @@ impl Engine {
 
     /// Submits a request; its tokens stream back as they are generated.
     pub fn generate(&self, request: GenerateRequest) -> Result<TokenStream> {
-        let Served::Decoder { commands, .. } = &self.served else {
-            return Err(TwinferError::InvalidParameter("this model is an encoder: use embed".into()));
-        };
+        let commands = self.commands()?.clone();
+        let (ev_tx, ev_rx) = channel();
+        let id = self.generate_with(request, Box::new(move |e| ev_tx.send(e).is_ok()))?;
+        Ok(TokenStream { id, events: ev_rx, commands, done: false })
+    }
+
+    /// Submits a request whose events go to `sink` (for callers with their own event loop, such
+    /// as an async server). Blocks until the engine thread has accepted it: at most one step.
+    pub fn generate_with(&self, request: GenerateRequest, sink: EventSink) -> Result<RequestId> {
+        let commands = self.commands()?;
         let arrived = (self.clock)();
         let (id_tx, id_rx) = channel();
-        let (ev_tx, ev_rx) = channel();
-        commands.send(Command::Generate(Box::new(request), arrived, id_tx, ev_tx)).map_err(|_| stopped())?;
-        let id = id_rx.recv().map_err(|_| stopped())??;
-        Ok(TokenStream { id, events: ev_rx, commands: commands.clone(), done: false })
+        commands.send(Command::Generate(Box::new(request), arrived, id_tx, sink)).map_err(|_| stopped())?;
+        id_rx.recv().map_err(|_| stopped())?
+    }
+
+    fn commands(&self) -> Result<&Sender<Command>> {
+        match &self.served {
+            Served::Decoder { commands, .. } => Ok(commands),
+            Served::Encoder { .. } => Err(TwinferError::InvalidParameter("this model is an encoder: use embed".into())),
+        }
+    }
+
+    /// Stops a request; its events still end with `Finished`. An unknown or finished id is
+    /// ignored. Does not wait for the engine thread.
+    pub fn cancel(&self, id: RequestId) {
+        if let Served::Decoder { commands, .. } = &self.served {
+            let _ = commands.send(Command::Cancel(id));
+        }
     }
 
     /// Runs a request to its end: (text, tokens, finish reason, metrics).
@@ -267,7 +292,7 @@ fn stopped() -> TwinferError {
 
 /// The worker: takes commands, steps while there is work, routes events to their streams.
 fn serve(mut scheduler: Scheduler, commands: Receiver<Command>) {
-    let mut streams: HashMap<RequestId, Sender<Event>> = HashMap::new();
+    let mut streams: HashMap<RequestId, EventSink> = HashMap::new();
     loop {
         let next = if scheduler.has_work() {
             match commands.try_recv() {
@@ -283,10 +308,10 @@ fn serve(mut scheduler: Scheduler, commands: Receiver<Command>) {
         };
         if let Some(c) = next {
             match c {
-                Command::Generate(req, arrived, id_tx, ev_tx) => {
+                Command::Generate(req, arrived, id_tx, sink) => {
                     let added = scheduler.add_arrived(*req, arrived);
                     if let Ok(id) = added {
-                        streams.insert(id, ev_tx);
+                        streams.insert(id, sink);
                     }
                     let _ = id_tx.send(added);
                 }
@@ -317,7 +342,7 @@ fn serve(mut scheduler: Scheduler, commands: Receiver<Command>) {
                 for e in events {
                     let id = e.request();
                     let last = matches!(e, Event::Finished { .. });
-                    let delivered = streams.get(&id).is_some_and(|tx| tx.send(e).is_ok());
+                    let delivered = streams.get_mut(&id).is_some_and(|sink| sink(e));
                     if last {
                         streams.remove(&id);
                     } else if !delivered {
@@ -332,8 +357,8 @@ fn serve(mut scheduler: Scheduler, commands: Receiver<Command>) {
                 let ids: Vec<RequestId> = streams.keys().copied().collect();
                 for id in ids {
                     scheduler.cancel(id);
-                    if let Some(tx) = streams.remove(&id) {
-                        let _ = tx.send(Event::Finished {
+                    if let Some(mut sink) = streams.remove(&id) {
+                        sink(Event::Finished {
                             request: id,
                             reason: FinishReason::Failed(err.to_string()),
                             text: String::new(),
@@ -347,3 +372,9 @@ fn serve(mut scheduler: Scheduler, commands: Receiver<Command>) {
         }
     }
 }
+
+// A server shares one engine between its connection tasks.
+const _: () = {
+    const fn shared<T: Send + Sync>() {}
+    shared::<Engine>();
+};
