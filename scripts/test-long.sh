@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The long tier, run before an issue is closed (not on every CI run): every fuzz target for 30
-# minutes (scripts/fuzz.sh 1800) and the engine stress test at ten times its CI size under three
-# seeds. Prints the figures a closing note quotes: executions per target and the stress summary.
+# minutes (scripts/fuzz.sh 1800), the engine stress test at ten times its CI size under three
+# seeds, and `twinfer serve` holding 200 connections opened and abandoned at random for 60 s.
+# Prints the figures a closing note quotes: executions per target, the stress and soak summaries.
 # Usage: scripts/test-long.sh [FUZZ_SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,4 +13,7 @@ for seed in 1 2 3; do
     TWINFER_STRESS_REQUESTS=20000 TWINFER_STRESS_SEED=$seed \
         cargo test -q -p twinfer-tests --test engine_stress -- --nocapture 2>&1 | grep -E "requests, seed|stress:|test result"
 done
+echo "== twinfer serve: 200 connections opened and abandoned at random for 60 s"
+TWINFER_SERVE_SOAK=60 cargo test -q --release -p twinfer-cli --test serve_openai -- --nocapture 2>&1 |
+    grep -E "soak:|passed|FAILED|Error"
 scripts/fuzz.sh "${1:-1800}"

@@ -283,3 +283,41 @@ fn the_prefix_cache_serves_a_later_turn_and_gives_way_under_pressure() {
     // Only the big request's own pages are kept now (559 computed tokens: 35 pages).
     assert_eq!(s.cache().num_pages() - s.cache().free_pages(), 35, "the older prefixes were evicted");
 }
+
+/// What `twinfer serve` predicts overflow from: the prompt tokens still to compute and the
+/// step-time model fitted to the steps (the first, cold one left out).
+#[test]
+fn pending_prompt_tokens_and_the_step_cost_follow_the_steps() {
+    let mut s = scheduler(config());
+    assert_eq!((s.pending_prompt_tokens(), s.step_cost()), (0, Default::default()));
+    let p = prompt();
+    let run = |s: &mut Scheduler, p: &[u32]| {
+        s.add(greedy(p.to_vec(), 4)).unwrap();
+        s.add(greedy(p[..p.len() - 1].to_vec(), 4)).unwrap();
+        assert_eq!(s.pending_prompt_tokens(), 2 * p.len() - 1, "both prompts are pending");
+        s.step().unwrap();
+        assert_eq!(s.pending_prompt_tokens(), 0, "one step computed both prompts (they fit its budget)");
+        while s.has_work() {
+            s.step().unwrap();
+        }
+    };
+    run(&mut s, &p);
+    let first = s.step_cost();
+    assert!(first.steps >= 4 && first.fixed > 0.0, "decode steps measured: {first:?}");
+    assert_eq!(first.per_token, 0.0, "the only prompt step was the first, cold one: {first:?}");
+    run(&mut s, &p);
+    let cost = s.step_cost();
+    assert!(cost.per_token > 0.0 && cost.per_token.is_finite(), "{cost:?}");
+    let t = cost.prefill_seconds(1000, 512).unwrap();
+    assert!((t - (2.0 * cost.fixed + 1000.0 * cost.per_token)).abs() < 1e-12, "two steps of fixed cost: {t}");
+    assert_eq!(s.predicted_ttft(&p), cost.prefill_seconds(p.len(), 512), "no prefix cache: every token counts");
+
+    // With the prefix cache, a prompt that starts like a kept one counts only what it adds.
+    let mut s = scheduler(EngineConfig { prefix_cache_sequences: 2, ..config() });
+    let long: Vec<u32> = (0..150u32).map(|i| 3 + (i * 7) % 500).collect();
+    run(&mut s, &long);
+    run(&mut s, &long);
+    let cost = s.step_cost();
+    let next: Vec<u32> = long.iter().copied().chain(5..25).collect();
+    assert_eq!(s.predicted_ttft(&next), cost.prefill_seconds(170 - 128, 512), "128 tokens come from the cache");
+}

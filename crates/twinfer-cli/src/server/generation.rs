@@ -63,7 +63,7 @@ pub async fn submit(
             match &e {
                 Event::Token { .. } => metrics.token(),
                 Event::Finished { reason, tokens, metrics: m, .. } => {
-                    metrics.finished(&model, Route::Local, reason.as_str(), &served(m, tokens.len(), queued))
+                    metrics.finished(&model, Route::Local, reason_label(reason), &served(m, tokens.len(), queued))
                 }
             }
             tx.send(e).is_ok()
@@ -95,6 +95,16 @@ impl Running {
             }
             Event::Token { .. } => None,
         }
+    }
+}
+
+/// A finish reason as the metrics label it: OpenAI's words where it has them.
+fn reason_label(reason: &FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Length => "length",
+        FinishReason::Eos | FinishReason::StopToken(_) | FinishReason::StopString(_) => "stop",
+        FinishReason::Cancelled => "cancelled",
+        FinishReason::Failed(_) => "failed",
     }
 }
 

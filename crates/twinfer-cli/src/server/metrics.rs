@@ -1,5 +1,6 @@
 //! `GET /metrics`: what the server measured, in the Prometheus text format. Per request, labelled
-//! by model and by route (`local`: this engine; `upstream`: forwarded): TTFT and end-to-end time
+//! by model and by route (`local`: this engine; `upstream`: forwarded), and finish reasons in
+//! OpenAI's words (`stop`, `length`) plus `cancelled` and `failed`: TTFT and end-to-end time
 //! from the moment the server received the request, TPOT and every inter-token gap; token and
 //! request counters; and, read from each engine at scrape time, the queue, the running requests
 //! and the KV pool's occupancy. Generation throughput over the last seconds is a gauge, so that a
@@ -20,12 +21,14 @@ use twinfer::engine::EngineStats;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Route {
     Local,
+    Upstream,
 }
 
 impl Route {
     pub fn as_str(self) -> &'static str {
         match self {
             Route::Local => "local",
+            Route::Upstream => "upstream",
         }
     }
 }
@@ -76,6 +79,7 @@ pub struct ServerMetrics {
     requests: Family<FinishLabels, Counter>,
     preemptions: Family<ModelLabels, Counter>,
     rejected: Family<ModelLabels, Counter>,
+    upstream_failures: Family<ModelLabels, Counter>,
     running: Family<ModelLabels, Gauge>,
     waiting: Family<ModelLabels, Gauge>,
     kv_pages_total: Family<ModelLabels, Gauge>,
@@ -120,6 +124,7 @@ impl ServerMetrics {
             requests: Family::default(),
             preemptions: Family::default(),
             rejected: Family::default(),
+            upstream_failures: Family::default(),
             running: Family::default(),
             waiting: Family::default(),
             kv_pages_total: Family::default(),
@@ -163,6 +168,11 @@ impl ServerMetrics {
         registry.register("requests", "Finished requests by finish reason", m.requests.clone());
         registry.register("preemptions", "Times a request's KV was freed to make room", m.preemptions.clone());
         registry.register("rejected_requests", "Requests refused before they ran", m.rejected.clone());
+        registry.register(
+            "upstream_failures",
+            "Requests meant for the upstream that ran here because it could not be reached",
+            m.upstream_failures.clone(),
+        );
         registry.register("requests_running", "Requests holding KV pages", m.running.clone());
         registry.register("requests_waiting", "Requests queued or preempted (the queue depth)", m.waiting.clone());
         registry.register("kv_pages", "Pages in the KV pool", m.kv_pages_total.clone());
@@ -191,6 +201,10 @@ impl ServerMetrics {
 
     pub fn rejected(&self, model: &str) {
         self.rejected.get_or_create(&ModelLabels { model: model.into() }).inc();
+    }
+
+    pub fn upstream_failed(&self, model: &str) {
+        self.upstream_failures.get_or_create(&ModelLabels { model: model.into() }).inc();
     }
 
     pub fn finished(&self, model: &str, route: Route, finish_reason: &str, r: &Served) {

@@ -11,6 +11,7 @@ mod openai;
 mod responses;
 mod routes;
 mod stream;
+mod upstream;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -45,6 +46,19 @@ pub struct ServeArgs {
     /// Largest `max_tokens` a request may ask for; also what a request that gives none gets.
     #[arg(long, default_value_t = 2048)]
     pub max_tokens: usize,
+    /// An OpenAI-compatible server (its base URL, `/v1` included) that takes the requests this
+    /// one would answer too late: KV pool full, or predicted TTFT over --upstream-ttft-ms.
+    #[arg(long, value_name = "URL")]
+    pub upstream: Option<String>,
+    /// Bearer key for the upstream [default: $TWINFER_UPSTREAM_KEY, else none].
+    #[arg(long)]
+    pub upstream_key: Option<String>,
+    /// The model name the upstream serves, when it differs from the requested one.
+    #[arg(long)]
+    pub upstream_model: Option<String>,
+    /// The TTFT objective: a request predicted to wait longer for its first token goes upstream.
+    #[arg(long, default_value_t = 1000)]
+    pub upstream_ttft_ms: u64,
     /// Most texts in one embeddings request.
     #[arg(long, default_value_t = 256)]
     pub max_embedding_inputs: usize,
@@ -93,6 +107,23 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         eprintln!("model {id} ({role}): {} | forward: {}", engine.description(), engine.residency());
         models.push(ServedModel::new(id, engine));
     }
+    let upstream = match &args.upstream {
+        Some(url) => {
+            let key = args
+                .upstream_key
+                .clone()
+                .or_else(|| std::env::var("TWINFER_UPSTREAM_KEY").ok())
+                .filter(|k| !k.is_empty());
+            let u = upstream::Upstream::new(url, key, args.upstream_model.clone(), args.upstream_ttft_ms)?;
+            eprintln!(
+                "overflow: to {} when the predicted TTFT is over {} ms or the KV pool is full",
+                u.base(),
+                args.upstream_ttft_ms
+            );
+            Some(u)
+        }
+        None => None,
+    };
     let state = Arc::new(AppState {
         models,
         api_key,
@@ -103,6 +134,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         },
         metrics: Arc::new(ServerMetrics::new()),
         requests: AtomicU64::new(0),
+        upstream,
     });
     // The engines own the cores; the HTTP side only parses, routes and copies.
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine as _;
 use serde_json::{Value, json};
-use twinfer::engine::{Engine, GenerateRequest};
+use twinfer::engine::{Engine, GenerateRequest, Prompt};
 
 use super::errors::{ApiError, ApiResult};
 use super::generation::submit;
@@ -23,6 +23,7 @@ use super::metrics::ServerMetrics;
 use super::openai::{ChatRequest, CompletionRequest, EmbeddingRequest, Limits, Sampling, parse};
 use super::responses::{Header, Kind};
 use super::stream::sse;
+use super::upstream::{Decision, Upstream};
 
 /// A model this server answers for, under its `id`.
 #[derive(Debug)]
@@ -47,6 +48,7 @@ pub struct AppState {
     pub limits: Limits,
     pub metrics: Arc<ServerMetrics>,
     pub requests: AtomicU64,
+    pub upstream: Option<Upstream>,
 }
 
 impl AppState {
@@ -165,7 +167,8 @@ fn decoder(m: &ServedModel) -> ApiResult<&Arc<Engine>> {
 async fn chat(State(s): State<Arc<AppState>>, b: Result<Bytes, BytesRejection>) -> Response {
     let received = Instant::now();
     let result = async {
-        let req: ChatRequest = parse(&body(b)?)?;
+        let raw = body(b)?;
+        let req: ChatRequest = parse(&raw)?;
         let m = s.model(&req.model)?;
         let engine = decoder(m)?.clone();
         let messages = req.messages()?;
@@ -175,15 +178,8 @@ async fn chat(State(s): State<Arc<AppState>>, b: Result<Bytes, BytesRejection>) 
             .prompt;
         let (id, seed) = s.next_request("chatcmpl");
         let request = req.sampling.request(prompt, &s.limits, seed)?;
-        generate(
-            &s,
-            m,
-            request,
-            &req.sampling,
-            Header { id, created: unix_now(), model: m.id.clone(), kind: Kind::Chat },
-            received,
-        )
-        .await
+        let header = Header { id, created: unix_now(), model: m.id.clone(), kind: Kind::Chat };
+        generate(&s, m, request, &req.sampling, header, received, (&raw, "chat/completions")).await
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
@@ -192,26 +188,21 @@ async fn chat(State(s): State<Arc<AppState>>, b: Result<Bytes, BytesRejection>) 
 async fn completions(State(s): State<Arc<AppState>>, b: Result<Bytes, BytesRejection>) -> Response {
     let received = Instant::now();
     let result = async {
-        let req: CompletionRequest = parse(&body(b)?)?;
+        let raw = body(b)?;
+        let req: CompletionRequest = parse(&raw)?;
         let m = s.model(&req.model)?;
         decoder(m)?;
         let (id, seed) = s.next_request("cmpl");
         let request = req.sampling.request(req.prompt()?, &s.limits, seed)?;
-        generate(
-            &s,
-            m,
-            request,
-            &req.sampling,
-            Header { id, created: unix_now(), model: m.id.clone(), kind: Kind::Text },
-            received,
-        )
-        .await
+        let header = Header { id, created: unix_now(), model: m.id.clone(), kind: Kind::Text };
+        generate(&s, m, request, &req.sampling, header, received, (&raw, "completions")).await
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
-/// Runs a checked request on the model's engine: streamed as SSE or answered whole.
+/// Runs a checked request on the model's engine, streamed as SSE or answered whole, or forwards
+/// its body (`raw`, to the upstream's `path`) when the engine would answer too late.
 async fn generate(
     s: &Arc<AppState>,
     m: &ServedModel,
@@ -219,16 +210,39 @@ async fn generate(
     sampling: &Sampling,
     header: Header,
     received: Instant,
+    (raw, path): (&Bytes, &str),
 ) -> ApiResult<Response> {
+    if let Some(upstream) = &s.upstream {
+        let engine = m.engine.clone();
+        let prompt = request.prompt.clone();
+        let (stats, prompt_tokens, predicted) = tokio::task::spawn_blocking(move || {
+            let tokens = match prompt {
+                Prompt::Tokens(t) => t,
+                Prompt::Text(t) => engine.tokenizer().encode(&t, true)?,
+            };
+            Ok::<_, twinfer::TwinferError>((engine.stats()?, tokens.len(), engine.predicted_ttft(&tokens)?))
+        })
+        .await
+        .map_err(|e| ApiError::server(e.to_string()))??;
+        if let Decision::Upstream(why) = upstream.decide(&stats, prompt_tokens, predicted) {
+            eprintln!("twinfer serve: {} to {}: {why}", header.id, upstream.base());
+            if let Some(response) = upstream.forward(path, raw, &m.id, received, &s.metrics).await? {
+                return Ok(response);
+            }
+        }
+    }
     let running =
         submit(&m.engine, &m.id, request, received, &s.metrics).await.inspect_err(|_| s.metrics.rejected(&m.id))?;
-    if sampling.stream {
-        return Ok(sse(running, header, sampling.include_usage()).into_response());
-    }
-    let queued = running.queued;
-    let finished = running.finish().await?;
-    let reason = finished.openai_reason()?;
-    Ok(axum::Json(header.complete(&finished, reason, &finished.served(queued))).into_response())
+    let mut response = if sampling.stream {
+        sse(running, header, sampling.include_usage()).into_response()
+    } else {
+        let queued = running.queued;
+        let finished = running.finish().await?;
+        let reason = finished.openai_reason()?;
+        axum::Json(header.complete(&finished, reason, &finished.served(queued))).into_response()
+    };
+    response.headers_mut().insert("x-twinfer-route", header::HeaderValue::from_static("local"));
+    Ok(response)
 }
 
 async fn embeddings(State(s): State<Arc<AppState>>, b: Result<Bytes, BytesRejection>) -> Response {

@@ -85,6 +85,44 @@ pub struct Scheduler {
     /// Finished requests' cache sequences kept for their prefixes, least recently used first
     /// (see [`EngineConfig::prefix_cache_sequences`]).
     retained: std::collections::VecDeque<Retained>,
+    /// The step-time model that predicts a queued prompt's TTFT: see [`StepCost`].
+    step_cost: StepCost,
+}
+
+/// A step's time as `fixed + per_token * tokens`, fitted online: `fixed` from decode-only steps
+/// (reading the weights dominates them), `per_token` from steps with prompt chunks, after taking
+/// `fixed` off. Exponential averages; the first step (cold caches, weight pages faulting in) is
+/// left out.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepCost {
+    pub steps: usize,
+    /// Seconds; 0 before the first decode-only step.
+    pub fixed: f64,
+    /// Seconds per prompt token; 0 before the first step with a prompt chunk.
+    pub per_token: f64,
+}
+
+impl StepCost {
+    fn observe(&mut self, tokens: usize, prompt_chunk: bool, seconds: f64) {
+        self.steps += 1;
+        if self.steps == 1 || seconds <= 0.0 || seconds.is_nan() {
+            return;
+        }
+        let mix = |old: f64, new: f64| if old == 0.0 { new } else { 0.7 * old + 0.3 * new };
+        if prompt_chunk {
+            let per_token = (seconds - self.fixed).max(0.0) / tokens as f64;
+            self.per_token = mix(self.per_token, per_token);
+        } else {
+            self.fixed = mix(self.fixed, seconds);
+        }
+    }
+
+    /// Seconds until `tokens` prompt tokens are computed in steps of at most `budget` tokens;
+    /// `None` before a step with a prompt chunk was measured.
+    pub fn prefill_seconds(&self, tokens: usize, budget: usize) -> Option<f64> {
+        (self.per_token > 0.0)
+            .then(|| tokens.div_ceil(budget.max(1)) as f64 * self.fixed + tokens as f64 * self.per_token)
+    }
 }
 
 /// A finished request's computed tokens, whose K/V its cache sequence still holds.
@@ -147,6 +185,7 @@ impl Scheduler {
             resident,
             residency,
             retained: std::collections::VecDeque::new(),
+            step_cost: StepCost::default(),
         })
     }
 
@@ -263,6 +302,16 @@ impl Scheduler {
     pub fn num_waiting(&self) -> usize {
         self.seqs.values().filter(|s| s.cache_seq.is_none()).count()
     }
+    /// Tokens that must be computed before the unfinished requests reach decode: prompts not yet
+    /// run, and what preempted requests must recompute.
+    pub fn pending_prompt_tokens(&self) -> usize {
+        self.seqs.values().map(|s| s.len() - s.computed).filter(|&n| n > 1).sum()
+    }
+    /// The measured step-time model. With [`Scheduler::pending_prompt_tokens`] it predicts how
+    /// long a new prompt would wait for its first token.
+    pub fn step_cost(&self) -> StepCost {
+        self.step_cost
+    }
 
     /// Metrics over every request finished since the start (or the last reset).
     pub fn run_metrics(&self) -> RunMetrics {
@@ -297,9 +346,11 @@ impl Scheduler {
                 return Ok(events);
             }
             let occupied = self.cache.num_pages() - self.cache.free_pages();
+            let started = self.now();
             match self.run(&plan).await {
                 Ok(logits) => {
                     self.occupancy.push(occupied as f64 / self.cache.num_pages() as f64);
+                    self.measure_prefill(&plan, self.now() - started);
                     self.accept_step(&plan, &logits, &mut events)?;
                     return Ok(events);
                 }
@@ -336,6 +387,11 @@ impl Scheduler {
         }
         let engines = Engines { level: self.level, prefill: &self.prefill, decode: &self.decode };
         self.model.forward_async(engines, &mut self.cache, &step).await
+    }
+
+    fn measure_prefill(&mut self, plan: &[(RequestId, usize)], seconds: f64) {
+        let tokens: usize = plan.iter().map(|&(_, n)| n).sum();
+        self.step_cost.observe(tokens, plan.iter().any(|&(_, n)| n > 1), seconds);
     }
 
     /// Advances every planned sequence and samples those that got logits.
@@ -461,31 +517,8 @@ impl Scheduler {
     /// is a multiple of [`PREFILL_ALIGN`] and of the page, so the rest of the prompt is chunked as
     /// it would be alone.
     fn admit(&mut self, id: RequestId) -> Result<()> {
-        let page = self.config.page_size;
-        let align = self.chunk_align();
-        let granule = page * align / gcd(page, align);
-        let mut best: Option<(SeqId, usize)> = None;
-        if self.config.prefix_sharing {
-            let me = &self.seqs[&id];
-            // Share at most len - 1 tokens: the last one must run to produce logits.
-            let shared = |computed: usize, token: &dyn Fn(usize) -> u32| {
-                let limit = computed.min(me.len() - 1);
-                (0..limit).take_while(|&i| token(i) == me.token(i)).count() / granule * granule
-            };
-            for (&other, s) in &self.seqs {
-                let Some(seq) = s.cache_seq.filter(|_| other != id) else { continue };
-                let common = shared(s.computed, &|i| s.token(i));
-                if common >= page && best.is_none_or(|(_, n)| common > n) {
-                    best = Some((seq, common));
-                }
-            }
-            for r in &self.retained {
-                let common = shared(r.tokens.len(), &|i| r.tokens[i]);
-                if common >= page && best.is_none_or(|(_, n)| common > n) {
-                    best = Some((r.seq, common));
-                }
-            }
-        }
+        let me = &self.seqs[&id];
+        let best = self.best_prefix(me.len(), &|i| me.token(i), Some(id));
         let (seq, computed) = match best {
             Some((parent, n)) => {
                 // A kept sequence that served moves to the back of the eviction order.
@@ -502,6 +535,52 @@ impl Scheduler {
         s.computed = computed;
         s.metrics.cached_tokens = computed;
         Ok(())
+    }
+
+    /// The cache sequence (running, or kept by the prefix cache) with the longest prefix in common
+    /// with a sequence of `len` tokens, and that length: at least a page, a multiple of the page
+    /// and of the prefill alignment, and at most `len - 1` (the last token must run to produce
+    /// logits). `exclude`: the request itself.
+    fn best_prefix(
+        &self,
+        len: usize,
+        token: &dyn Fn(usize) -> u32,
+        exclude: Option<RequestId>,
+    ) -> Option<(SeqId, usize)> {
+        if !self.config.prefix_sharing || len == 0 {
+            return None;
+        }
+        let page = self.config.page_size;
+        let align = self.chunk_align();
+        let granule = page * align / gcd(page, align);
+        let shared = |computed: usize, other: &dyn Fn(usize) -> u32| {
+            let limit = computed.min(len - 1);
+            (0..limit).take_while(|&i| other(i) == token(i)).count() / granule * granule
+        };
+        let mut best: Option<(SeqId, usize)> = None;
+        for (&other, s) in &self.seqs {
+            let Some(seq) = s.cache_seq.filter(|_| Some(other) != exclude) else { continue };
+            let common = shared(s.computed, &|i| s.token(i));
+            if common >= page && best.is_none_or(|(_, n)| common > n) {
+                best = Some((seq, common));
+            }
+        }
+        for r in &self.retained {
+            let common = shared(r.tokens.len(), &|i| r.tokens[i]);
+            if common >= page && best.is_none_or(|(_, n)| common > n) {
+                best = Some((r.seq, common));
+            }
+        }
+        best
+    }
+
+    /// Seconds until `prompt` would get its first token if it were added now: the pending prompt
+    /// tokens plus its own, less what it would take from shared pages, by the measured step-time
+    /// model; `None` before that model has a prompt step.
+    pub fn predicted_ttft(&self, prompt: &[u32]) -> Option<f64> {
+        let shared = self.best_prefix(prompt.len(), &|i| prompt[i], None).map_or(0, |(_, n)| n);
+        let tokens = self.pending_prompt_tokens() + prompt.len() - shared;
+        self.step_cost.prefill_seconds(tokens, self.config.max_batch_tokens)
     }
 
     /// Finished requests whose pages the prefix cache keeps.

@@ -12,7 +12,7 @@ use crate::cpu::SimdLevel;
 use crate::engine::config::{EngineConfig, default_clock};
 use crate::engine::metrics::RunMetrics;
 use crate::engine::request::{Event, FinishReason, GenerateRequest, RequestId};
-use crate::engine::scheduler::Scheduler;
+use crate::engine::scheduler::{Scheduler, StepCost};
 use crate::error::{Result, TwinferError};
 use crate::model::{BertModel, ChatMessage, ChatTemplate, Model, ModelSource, Network, Tokenizer};
 
@@ -22,6 +22,7 @@ enum Command {
     Cancel(RequestId),
     Metrics(Sender<RunMetrics>, bool),
     Stats(Sender<EngineStats>),
+    Predict(Vec<u32>, Sender<Option<f64>>),
     Shutdown,
 }
 
@@ -31,7 +32,7 @@ enum Command {
 pub type EventSink = Box<dyn FnMut(Event) -> bool + Send>;
 
 /// What the engine holds right now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct EngineStats {
     /// Requests with KV pages (running or about to run).
     pub running: usize,
@@ -39,6 +40,18 @@ pub struct EngineStats {
     pub waiting: usize,
     pub kv_pages_total: usize,
     pub kv_pages_free: usize,
+    pub page_size: usize,
+    /// Prompt tokens still to compute, queued requests' included.
+    pub pending_prompt_tokens: usize,
+    /// The measured step-time model.
+    pub step_cost: StepCost,
+}
+
+impl EngineStats {
+    /// Whether the free pages could not hold `tokens` more (a new request would wait or preempt).
+    pub fn kv_full_for(&self, tokens: usize) -> bool {
+        self.kv_pages_free * self.page_size.max(1) < tokens
+    }
 }
 
 enum Served {
@@ -264,6 +277,16 @@ impl Engine {
         rx.recv().map_err(|_| stopped())
     }
 
+    /// Seconds until `prompt` would get its first token if it were submitted now, by the step-time
+    /// model the engine fitted to its own steps (see [`Scheduler::predicted_ttft`]); `None`
+    /// before that model has a warm prompt step. Blocks until the engine thread answers.
+    pub fn predicted_ttft(&self, prompt: &[u32]) -> Result<Option<f64>> {
+        let commands = self.commands()?;
+        let (tx, rx) = channel();
+        commands.send(Command::Predict(prompt.to_vec(), tx)).map_err(|_| stopped())?;
+        rx.recv().map_err(|_| stopped())
+    }
+
     /// One L2-normalised embedding per text (encoder models).
     pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
         let Served::Encoder { model, tokenizer, level, attention } = &self.served else {
@@ -325,7 +348,13 @@ fn serve(mut scheduler: Scheduler, commands: Receiver<Command>) {
                         waiting: scheduler.num_waiting(),
                         kv_pages_total: cache.num_pages(),
                         kv_pages_free: cache.free_pages(),
+                        page_size: cache.config().layout.page_size,
+                        pending_prompt_tokens: scheduler.pending_prompt_tokens(),
+                        step_cost: scheduler.step_cost(),
                     });
+                }
+                Command::Predict(prompt, tx) => {
+                    let _ = tx.send(scheduler.predicted_ttft(&prompt));
                 }
                 Command::Shutdown => return,
                 Command::Metrics(tx, reset) => {
