@@ -26,6 +26,9 @@ use crate::model::{Engines, LlamaModel, Logits, ResidentDecoder, StepSeq, TextSt
 
 mod audit;
 mod chunks;
+mod step_cost;
+
+pub use step_cost::StepCost;
 
 use chunks::{aligned_chunk, gcd};
 
@@ -87,42 +90,6 @@ pub struct Scheduler {
     retained: std::collections::VecDeque<Retained>,
     /// The step-time model that predicts a queued prompt's TTFT: see [`StepCost`].
     step_cost: StepCost,
-}
-
-/// A step's time as `fixed + per_token * tokens`, fitted online: `fixed` from decode-only steps
-/// (reading the weights dominates them), `per_token` from steps with prompt chunks, after taking
-/// `fixed` off. Exponential averages; the first step (cold caches, weight pages faulting in) is
-/// left out.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct StepCost {
-    pub steps: usize,
-    /// Seconds; 0 before the first decode-only step.
-    pub fixed: f64,
-    /// Seconds per prompt token; 0 before the first step with a prompt chunk.
-    pub per_token: f64,
-}
-
-impl StepCost {
-    fn observe(&mut self, tokens: usize, prompt_chunk: bool, seconds: f64) {
-        self.steps += 1;
-        if self.steps == 1 || seconds <= 0.0 || seconds.is_nan() {
-            return;
-        }
-        let mix = |old: f64, new: f64| if old == 0.0 { new } else { 0.7 * old + 0.3 * new };
-        if prompt_chunk {
-            let per_token = (seconds - self.fixed).max(0.0) / tokens as f64;
-            self.per_token = mix(self.per_token, per_token);
-        } else {
-            self.fixed = mix(self.fixed, seconds);
-        }
-    }
-
-    /// Seconds until `tokens` prompt tokens are computed in steps of at most `budget` tokens;
-    /// `None` before a step with a prompt chunk was measured.
-    pub fn prefill_seconds(&self, tokens: usize, budget: usize) -> Option<f64> {
-        (self.per_token > 0.0)
-            .then(|| tokens.div_ceil(budget.max(1)) as f64 * self.fixed + tokens as f64 * self.per_token)
-    }
 }
 
 /// A finished request's computed tokens, whose K/V its cache sequence still holds.
