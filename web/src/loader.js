@@ -28,7 +28,7 @@ export function loadBindings(wasmUrl) {
     }
     const url = wasmUrl ?? new URL("../pkg/twinfer_web_bg.wasm", import.meta.url);
     if (IS_NODE) {
-      const { readFile } = await import("node:fs/promises");
+      const { readFile } = await import("#platform");
       await init({ module_or_path: await readFile(url) });
     } else {
       await init({ module_or_path: url });
