@@ -29,4 +29,6 @@ echo "== npm test (Node: the package API on real models, against the reference a
 # The native CLI is the comparison for embeddings and generated tokens.
 cli="$target_dir/debug/twinfer"
 [ -x "$cli" ] || RUSTFLAGS= cargo build -p twinfer-cli
-(cd web && TWINFER_CLI="$(realpath "$cli")" npm test)
+# Resolved here: inside web/ a relative path would name nothing, and the comparison would skip.
+cli="$(realpath "$cli")"
+(cd web && TWINFER_CLI="$cli" npm test)
