@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # The aarch64 checks, under qemu user-mode emulation, on the NEON kernels:
-#   1. the core crate's tests and the conformance suite (cargo test --target aarch64-unknown-linux-gnu);
+#   1. the core crate's tests and the conformance suite (cargo test --target aarch64-unknown-linux-gnu):
+#      the kernels, the model goldens and the error paths, that is everything NEON computes. The
+#      engine, CLI and server suites test scheduling and protocols that no SIMD level changes; they
+#      run natively on every CI run and under qemu in the long tier (TWINFER_AARCH64_ALL=1, about
+#      seven more minutes);
 #   2. the CLI those tests built: `twinfer info` must pick neon, and `twinfer bench kernels --quick`
 #      must finish (its timings are emulated, so meaningless: this is a smoke test).
 # Needs what scripts/setup-cross.sh installs. qemu runs SIMD code ~12-38x slower than native, so
@@ -28,7 +32,20 @@ export TWINFER_CLI_RUNNER="$runner"
 export TWINFER_TEST_LEVELS=widest
 # The stress test's full size is for native speed: under qemu, 60 requests check the same things.
 export TWINFER_STRESS_REQUESTS="${TWINFER_STRESS_REQUESTS:-60}"
-cargo test --target "$target" -p twinfer -p twinfer-tests -p twinfer-cli
+# So is the batch-invariance test's 64 requests: 16 still overflow its small pool.
+export TWINFER_BATCH_TEST_REQUESTS="${TWINFER_BATCH_TEST_REQUESTS:-16}"
+if [ "${TWINFER_AARCH64_ALL:-0}" = 1 ]; then
+    cargo test --target "$target" -p twinfer -p twinfer-tests -p twinfer-cli
+else
+    # One selection of packages throughout, so that features (and the build) are the same.
+    packages=(-p twinfer -p twinfer-tests -p twinfer-cli)
+    cargo test --target "$target" "${packages[@]}" --lib --bins \
+        --test kv_cache --test shaders --test cpu_attention --test crafted_files_memory \
+        --test decoder_model --test encoder_model --test errors --test facade --test fuzz_regressions \
+        --test gguf_model --test merge_state --test model_errors --test weights_in_place
+    # The CLI binary, for the smoke checks below (cargo builds it for the CLI's suites).
+    cargo test --target "$target" "${packages[@]}" --test cli --no-run
+fi
 
 # The binary the CLI tests above ran (test profile, optimised): no second build of the workspace.
 bin="$target_dir/$target/debug/twinfer"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The long tier, run before an issue is closed (not on every CI run): every fuzz target for 30
 # minutes (scripts/fuzz.sh 1800), the engine stress test at ten times its CI size under three
-# seeds, and `twinfer serve` holding 200 connections opened and abandoned at random for 60 s.
+# seeds, `twinfer serve` holding 200 connections opened and abandoned at random for 60 s, the
+# suites that the quick tier runs natively only (under qemu too: engine, CLI, server) and the demo
+# in a Web Worker on WebGPU (SwiftShader, about four minutes).
 # Prints the figures a closing note quotes: executions per target, the stress and soak summaries.
 # Usage: scripts/test-long.sh [FUZZ_SECONDS]
 set -euo pipefail
@@ -16,4 +18,9 @@ done
 echo "== twinfer serve: 200 connections opened and abandoned at random for 60 s"
 TWINFER_SERVE_SOAK=60 cargo test -q --release -p twinfer-cli --test serve_openai -- --nocapture 2>&1 |
     grep -E "soak:|passed|FAILED|Error"
+echo "== aarch64 under qemu: every suite"
+TWINFER_AARCH64_ALL=1 scripts/test-aarch64.sh
+echo "== headless Chromium: the demo in a Web Worker on WebGPU"
+scripts/build-web.sh --test-hooks
+(cd web && npm ci --no-audit --no-fund && TWINFER_BROWSER_WORKER_GPU=1 node --test --test-name-pattern "Web Worker" test/browser.test.mjs)
 scripts/fuzz.sh "${1:-1800}"
