@@ -1,10 +1,11 @@
-// linear_gemv.wgsl: y[rows, n] = x[rows, k] · W[n, k]ᵀ + bias for decode rows (rows <= MAXR).
+// linear_gemv.wgsl: y[rows, n] = x[rows, k] · W[n, k]ᵀ + bias for decode rows (a batch of them).
 //
 // Algorithm: TPF threads share one output feature; each walks the row of W in vec4 steps
 // (consecutive threads read consecutive vec4s, so a feature's TPF threads stream one contiguous
 // span) and keeps one partial dot per row of x, MAXR at most. A tree in workgroup memory sums the
-// TPF partials; W is read exactly once per call, which is all a GEMV can hope for. Accumulation is
-// f32 whatever W is stored in.
+// TPF partials. Rows come in groups of MAXR (grid z): each group reads W once, from L2 after the
+// first, and a row's arithmetic does not depend on the group it is in or how many rows there are
+// (a sequence's logits are the same alone or batched). Accumulation is f32 whatever W is stored in.
 // Tiling: WG threads per workgroup = WG / TPF features; workgroup g takes features
 // [g * WG / TPF, (g + 1) * WG / TPF) of this weight buffer.
 // Bindings (group 0): 0 uniform LinearParams; 1 x [rows, k4] vec4<f32>; 2 w [n, k4] w4 (this
@@ -13,7 +14,7 @@
 //   5 norm_w [k] f32, the RMSNorm weights (read only with norm).
 // Fused on load (the resident forward pass): RMSNorm of x (norm), SwiGLU of a gate/up row (swiglu).
 // k is padded with zeros to k4 vec4s in both x and W on the host.
-// Dispatch: (min(groups, 32768), ceil(groups / 32768), 1), groups = ceil(n / (WG / TPF)).
+// Dispatch: (min(groups, 32768), ceil(groups / 32768), ceil(rows / MAXR)), groups = ceil(n / (WG / TPF)).
 // Knobs: override WG, TPF (powers of two, TPF <= WG); w4 = kv4 from the prelude (f32, or f16
 // under SHADER_F16).
 
@@ -73,14 +74,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let f = (wid.x + wid.y * 32768u) * per_wg + lid / TPF;
     let lane = lid % TPF;
     let live = f < P.n;
+    let r0 = wid.z * MAXR;
+    let nrows = min(MAXR, P.rows - r0);
     // RMSNorm fused on load: every workgroup sums its rows' squares (k is short next to the
     // weights each workgroup streams), then scales the dot products by 1 / rms at the end.
     var inv = vec4<f32>(1.0);
     if (P.norm != 0u) {
         var sq = vec4<f32>(0.0);
         for (var i = lid; i < P.k4; i += WG) {
-            for (var r = 0u; r < P.rows; r++) {
-                let v = load_x(r, i);
+            for (var r = 0u; r < nrows; r++) {
+                let v = load_x(r0 + r, i);
                 sq[r] += dot(v, v);
             }
         }
@@ -100,8 +103,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let wrow = f * P.k4;
         for (var i = lane; i < P.k4; i += TPF) {
             let wv = vec4<f32>(w[wrow + i]) * norm_scale(i);
-            for (var r = 0u; r < P.rows; r++) {
-                acc[r] += dot(wv, load_x(r, i));
+            for (var r = 0u; r < nrows; r++) {
+                acc[r] += dot(wv, load_x(r0 + r, i));
             }
         }
     }
@@ -113,10 +116,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
     }
     workgroupBarrier();
-    if (live && lane < P.rows) {
+    if (live && lane < nrows) {
         let col = P.n0 + f;
         let v = red[lid - lane][lane] * inv[lane] + bias[col];
-        let at = lane * P.ldy + col;
+        let at = (r0 + lane) * P.ldy + col;
         if (P.accumulate != 0u) {
             y[at] += v;
         } else {

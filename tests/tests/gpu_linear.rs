@@ -14,7 +14,7 @@
 use std::sync::OnceLock;
 
 use proptest::prelude::*;
-use twinfer::gpu::{GpuEngine, GpuLinear, KvStorage};
+use twinfer::gpu::{GEMV_MAX_ROWS, GpuEngine, GpuLinear, KvStorage};
 use twinfer::{TensorRef, TwinferError, f16};
 
 /// Property cases: `TWINFER_GPU_TEST_CASES`, 12 by default (lavapipe is slow).
@@ -47,8 +47,9 @@ struct Problem {
 }
 
 fn problem() -> impl Strategy<Value = Problem> {
-    // Decode-sized rows half of the time, so that the GEMV path is hit as often as the matmul.
-    let rows = prop_oneof![1usize..=4, 5usize..=70];
+    // Decode batches (the GEMV, in groups of 4 rows) half of the time, so that the GEMV path is hit
+    // as often as the matmul; each side of GEMV_MAX_ROWS.
+    let rows = prop_oneof![1usize..=GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1..=GEMV_MAX_ROWS + 70];
     (rows, 1usize..=150, 1usize..=150, any::<bool>(), any::<bool>(), prop::option::of(1usize..=40), any::<u64>())
         .prop_map(|(rows, n, k, bias, f16, split, seed)| Problem { rows, n, k, bias, f16, split, seed })
 }
@@ -114,11 +115,34 @@ proptest! {
 #[test]
 fn gpu_linear_pinned_shapes() {
     let Some(gpu) = engine() else { return };
-    let shapes = [(1, 1, 1), (4, 9, 3), (5, 9, 3), (16, 64, 16), (17, 65, 17), (64, 64, 64), (65, 130, 33)];
+    let g = GEMV_MAX_ROWS;
+    let shapes = [(1, 1, 1), (4, 9, 3), (5, 9, 3), (g, 64, 16), (g + 1, 65, 17), (g + 16, 64, 64), (g + 17, 130, 33)];
     for (i, &(rows, n, k)) in shapes.iter().enumerate() {
         for f16 in [false, true] {
             let p = Problem { rows, n, k, bias: i % 2 == 0, f16, split: (i == 6).then_some(7), seed: i as u64 };
             check(gpu, &p).unwrap();
+        }
+    }
+}
+
+/// A decode row's output is bit-identical alone and anywhere in a batch of any size up to
+/// GEMV_MAX_ROWS (the engine's greedy tokens must not depend on the batch).
+#[test]
+fn a_decode_row_is_the_same_alone_and_in_any_batch() {
+    let Some(gpu) = engine() else { return };
+    let (n, k) = (72, 130);
+    let w = values(n * k, 11);
+    let lin = GpuLinear::upload(gpu, TensorRef::F32(&w), n, k, None, KvStorage::F32, u64::MAX).unwrap();
+    let x = values(GEMV_MAX_ROWS * k, 12);
+    let mut alone = vec![f32::NAN; GEMV_MAX_ROWS * n];
+    for r in 0..GEMV_MAX_ROWS {
+        gpu.linear(&lin, &x[r * k..][..k], 1, &mut alone[r * n..][..n]).unwrap();
+    }
+    for rows in [2, 5, 17, GEMV_MAX_ROWS] {
+        let mut y = vec![f32::NAN; rows * n];
+        gpu.linear(&lin, &x[..rows * k], rows, &mut y).unwrap();
+        for (i, (a, b)) in y.iter().zip(&alone).enumerate() {
+            assert_eq!(a.to_bits(), b.to_bits(), "row {} of a batch of {rows}, feature {}", i / n, i % n);
         }
     }
 }

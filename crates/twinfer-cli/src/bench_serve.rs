@@ -121,8 +121,13 @@ fn print(r: &ServeReport) {
     let p = &r.per_step;
     if p.submits > 0.0 {
         println!(
-            "GPU per step ({} steps): {:.2} submissions, {:.1} dispatches, {:.2} readbacks, {:.0} bytes read back",
-            p.steps, p.submits, p.dispatches, p.readbacks, p.readback_bytes
+            "GPU per step ({} steps): {:.2} submissions, {:.1} dispatches, {:.2} readbacks, {:.0} bytes read back, {:.2} ms host recording",
+            p.steps,
+            p.submits,
+            p.dispatches,
+            p.readbacks,
+            p.readback_bytes,
+            p.record_s * 1e3
         );
     }
     println!(

@@ -84,12 +84,12 @@ pub fn run(args: PlanArgs) -> Result<(), String> {
     println!("engines on this device: {}", found.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "));
     let w = p.measurements.iter().map(|m| m.candidate.len()).max().unwrap_or(6).max(6);
     println!(
-        "{:<w$} {:<8} {:>5} {:>7} {:>11} {:>18} {:>11} {:>10}",
-        "engine", "phase", "page", "tokens", "median ms", "[min..max] ms", "tokens/s", "kernels ms"
+        "{:<w$} {:<8} {:>5} {:>7} {:>11} {:>18} {:>11} {:>10} {:>9}",
+        "engine", "phase", "page", "tokens", "median ms", "[min..max] ms", "tokens/s", "kernels ms", "record ms"
     );
     for m in &p.measurements {
         println!(
-            "{:<w$} {:<8} {:>5} {:>7} {:>11.2} {:>18} {:>11.0} {:>10}",
+            "{:<w$} {:<8} {:>5} {:>7} {:>11.2} {:>18} {:>11.0} {:>10} {:>9}",
             m.candidate,
             m.phase,
             m.page_size,
@@ -97,8 +97,20 @@ pub fn run(args: PlanArgs) -> Result<(), String> {
             m.seconds.median * 1e3,
             format!("[{:.2}..{:.2}]", m.seconds.min * 1e3, m.seconds.max * 1e3),
             m.tokens_per_s(),
-            m.device_seconds.as_ref().map_or("-".into(), |d| format!("{:.2}", d.median * 1e3))
+            m.device_seconds.as_ref().map_or("-".into(), |d| format!("{:.2}", d.median * 1e3)),
+            m.record_seconds.map_or("-".into(), |s| format!("{:.2}", s * 1e3))
         );
+    }
+    // Where a resident step's kernel time goes: each kernel's dispatches replayed alone.
+    for m in p.measurements.iter().filter(|m| !m.device_kernels.is_empty()) {
+        let shares: Vec<String> = m
+            .device_kernels
+            .iter()
+            .map(|k| {
+                format!("{} x{} {:.3} ms", k.kernel.trim_end_matches(".wgsl"), k.dispatches, k.seconds.median * 1e3)
+            })
+            .collect();
+        println!("kernels of {} {} page {}: {}", m.candidate, m.phase, m.page_size, shares.join(", "));
     }
     println!(
         "plan: prefill on {}, decode on {} with pages of {}, projections on {}",

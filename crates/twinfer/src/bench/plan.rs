@@ -65,7 +65,23 @@ pub struct Measurement {
     /// forward pass is resident on a GPU with timestamps: the rest of `seconds` is host work,
     /// copies and the readback.
     pub device_seconds: Option<Stats>,
+    /// The same split by kernel, in the step's order (empty where `device_seconds` is `None`).
+    pub device_kernels: Vec<KernelShare>,
+    /// Host time recording a resident step (mean over the timed steps): with `device_seconds`,
+    /// what the wall time is made of; the rest is the readback and waiting.
+    pub record_seconds: Option<f64>,
 }
+
+/// One kernel's dispatches in a step and their device time replayed alone.
+#[derive(Debug, Clone)]
+pub struct KernelShare {
+    pub kernel: &'static str,
+    pub dispatches: usize,
+    pub seconds: Stats,
+}
+
+/// A resident step's kernel time: all of it, by kernel, and the host's recording time per step.
+type DeviceTime = (Option<Stats>, Vec<KernelShare>, Option<f64>);
 
 impl Measurement {
     pub fn tokens_per_s(&self) -> f64 {
@@ -104,7 +120,11 @@ impl Plan {
                 "engine": m.candidate, "phase": m.phase, "page_size": m.page_size, "tokens": m.tokens,
                 "median_ms": m.seconds.median * 1e3, "min_ms": m.seconds.min * 1e3, "max_ms": m.seconds.max * 1e3,
                 "runs": m.seconds.runs, "tokens_per_s": m.tokens_per_s(),
-                "device_median_ms": m.device_seconds.as_ref().map(|d| d.median * 1e3)})).collect::<Vec<_>>(),
+                "device_median_ms": m.device_seconds.as_ref().map(|d| d.median * 1e3),
+                "record_ms": m.record_seconds.map(|s| s * 1e3),
+                "device_kernels": m.device_kernels.iter().map(|k| json!({
+                    "kernel": k.kernel, "dispatches": k.dispatches, "median_ms": k.seconds.median * 1e3,
+                })).collect::<Vec<_>>()})).collect::<Vec<_>>(),
         })
     }
 }
@@ -149,7 +169,7 @@ pub fn plan(model: &Arc<LlamaModel>, opts: &PlanOptions, candidates: &[Candidate
     for c in candidates {
         let engines = Engines { level: c.simd, prefill: &c.attention, decode: &c.attention };
         let page = opts.page_sizes[0];
-        let (seconds, device_seconds) = time_prefill(model, engines, opts, page)?;
+        let (seconds, (device_seconds, device_kernels, record_seconds)) = time_prefill(model, engines, opts, page)?;
         measurements.push(Measurement {
             candidate: c.name.clone(),
             phase: "prefill",
@@ -157,9 +177,11 @@ pub fn plan(model: &Arc<LlamaModel>, opts: &PlanOptions, candidates: &[Candidate
             tokens: opts.prefill_tokens,
             seconds,
             device_seconds,
+            device_kernels,
+            record_seconds,
         });
         for &page in &opts.page_sizes {
-            let (seconds, device_seconds) = time_decode(model, engines, opts, page)?;
+            let (seconds, (device_seconds, device_kernels, record_seconds)) = time_decode(model, engines, opts, page)?;
             measurements.push(Measurement {
                 candidate: c.name.clone(),
                 phase: "decode",
@@ -167,6 +189,8 @@ pub fn plan(model: &Arc<LlamaModel>, opts: &PlanOptions, candidates: &[Candidate
                 tokens: opts.decode_batch,
                 seconds,
                 device_seconds,
+                device_kernels,
+                record_seconds,
             });
         }
     }
@@ -271,17 +295,36 @@ fn forward(
     resident: Option<&ResidentDecoder>,
     cache: &mut PagedKvCache,
     seqs: &[StepSeq<'_>],
+    records: &mut Vec<f64>,
 ) -> Result<Vec<f32>> {
     match resident {
-        Some(r) => model.forward_resident(r, cache, seqs),
+        Some(r) => {
+            let before = r.engine().counts().record_ns;
+            let logits = model.forward_resident(r, cache, seqs)?;
+            records.push((r.engine().counts().record_ns - before) as f64 * 1e-9);
+            Ok(logits)
+        }
         None => model.forward(engines, cache, seqs),
     }
 }
 
-/// Replays the resident step last recorded with GPU timestamps: its kernels' time alone.
-fn device_time(resident: Option<&ResidentDecoder>) -> Result<Option<Stats>> {
-    let Some(r) = resident else { return Ok(None) };
-    Ok(r.engine().timestamp_samples(20)?.map(Stats::from_samples))
+/// The median host recording time of the resident steps, the first (warm-up) left out.
+fn median_record(records: &[f64]) -> Option<f64> {
+    let warm = records.get(1..).filter(|r| !r.is_empty())?;
+    Some(Stats::from_samples(warm.to_vec()).median)
+}
+
+/// Replays the resident step last recorded with GPU timestamps: its kernels' time alone, and
+/// each kernel's dispatches alone.
+fn device_time(resident: Option<&ResidentDecoder>, record: Option<f64>) -> Result<DeviceTime> {
+    let Some(r) = resident else { return Ok((None, Vec::new(), None)) };
+    let total = r.engine().timestamp_samples(20)?.map(Stats::from_samples);
+    let kernels = r.engine().timestamp_by_kernel(10)?.unwrap_or_default();
+    let shares = kernels
+        .into_iter()
+        .map(|k| KernelShare { kernel: k.kernel, dispatches: k.dispatches, seconds: Stats::from_samples(k.seconds) })
+        .collect();
+    Ok((total, shares, record))
 }
 
 fn time_prefill(
@@ -289,21 +332,22 @@ fn time_prefill(
     engines: Engines<'_>,
     opts: &PlanOptions,
     page: usize,
-) -> Result<(Stats, Option<Stats>)> {
+) -> Result<(Stats, DeviceTime)> {
     let prompt = tokens(opts.prefill_tokens, model.config.vocab_size, 1);
     let mut cache = cache_for(model, opts, page, opts.prefill_tokens)?;
     let (resident, _) = ResidentDecoder::for_engines(model, engines.prefill, engines.decode, &cache.config());
+    let mut records = Vec::new();
     let host = repeat(opts.budget_s, || {
         let seq = cache.add_sequence();
         cache.reserve(&[seq], &[prompt.len()])?;
         let t = std::time::Instant::now();
         let step = [StepSeq { seq, tokens: &prompt, start: 0, logits: Logits::Last }];
-        forward(model, engines, resident.as_ref(), &mut cache, &step)?;
+        forward(model, engines, resident.as_ref(), &mut cache, &step, &mut records)?;
         let secs = t.elapsed().as_secs_f64();
         cache.free(seq)?;
         Ok(secs)
     })?;
-    Ok((host, device_time(resident.as_ref())?))
+    Ok((host, device_time(resident.as_ref(), median_record(&records))?))
 }
 
 fn time_decode(
@@ -311,7 +355,7 @@ fn time_decode(
     engines: Engines<'_>,
     opts: &PlanOptions,
     page: usize,
-) -> Result<(Stats, Option<Stats>)> {
+) -> Result<(Stats, DeviceTime)> {
     let (b, ctx) = (opts.decode_batch, opts.decode_context);
     // Room for the warm-up and five timed steps.
     let mut cache = cache_for(model, opts, page, b * (ctx + 8))?;
@@ -331,6 +375,7 @@ fn time_decode(
     // the attention reads the same bytes either way.
     let (resident, _) = ResidentDecoder::for_engines(model, engines.prefill, engines.decode, &cache.config());
     let mut steps = 0;
+    let mut records = Vec::new();
     let host = repeat(opts.budget_s, || {
         if steps == 8 {
             return Err(crate::TwinferError::InvalidParameter("decode plan ran out of room".into()));
@@ -345,10 +390,10 @@ fn time_decode(
             .map(|((&seq, &start), tok)| StepSeq { seq, tokens: tok, start, logits: Logits::Last })
             .collect();
         let t = std::time::Instant::now();
-        forward(model, engines, resident.as_ref(), &mut cache, &batch)?;
+        forward(model, engines, resident.as_ref(), &mut cache, &batch, &mut records)?;
         Ok(t.elapsed().as_secs_f64())
     })?;
-    Ok((host, device_time(resident.as_ref())?))
+    Ok((host, device_time(resident.as_ref(), median_record(&records))?))
 }
 
 #[cfg(test)]
@@ -366,7 +411,16 @@ mod tests {
 
     fn timing(candidate: &str, phase: &'static str, seconds: f64) -> Measurement {
         let seconds = Stats::from_samples(vec![seconds]);
-        Measurement { candidate: candidate.into(), phase, page_size: 16, tokens: 256, seconds, device_seconds: None }
+        Measurement {
+            candidate: candidate.into(),
+            phase,
+            page_size: 16,
+            tokens: 256,
+            seconds,
+            device_seconds: None,
+            device_kernels: Vec::new(),
+            record_seconds: None,
+        }
     }
 
     /// When the phases' fastest CPU engines use different instruction sets, the config cannot run

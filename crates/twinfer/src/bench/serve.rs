@@ -165,6 +165,8 @@ pub struct PerStep {
     pub dispatches: f64,
     pub readbacks: f64,
     pub readback_bytes: f64,
+    /// Host seconds recording the step (the model's own work up to the submission).
+    pub record_s: f64,
 }
 
 impl PerStep {
@@ -176,6 +178,7 @@ impl PerStep {
             dispatches: per(before.dispatches, after.dispatches),
             readbacks: per(before.readbacks, after.readbacks),
             readback_bytes: per(before.readback_bytes, after.readback_bytes),
+            record_s: per(before.record_ns, after.record_ns) * 1e-9,
         }
     }
 }
@@ -223,7 +226,7 @@ impl ServeReport {
             "kv_pool_pages": self.kv_pool.0, "kv_pool_bytes": self.kv_pool.1, "metrics": self.run.to_json(),
             "gpu_per_step": {"steps": self.per_step.steps, "submits": self.per_step.submits,
                 "dispatches": self.per_step.dispatches, "readbacks": self.per_step.readbacks,
-                "readback_bytes": self.per_step.readback_bytes},
+                "readback_bytes": self.per_step.readback_bytes, "record_ms": self.per_step.record_s * 1e3},
             "read_ceiling_device": self.floor.device,
             "decode_floor": {"context": self.floor.context, "tpot_s": self.floor.tpot_s.median,
                 "tpot_min_s": self.floor.tpot_s.min, "tpot_max_s": self.floor.tpot_s.max,

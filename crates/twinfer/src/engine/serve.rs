@@ -184,7 +184,7 @@ impl Engine {
     pub fn backends(&self) -> (&BackendInfo, &BackendInfo) {
         (&self.prefill_info, &self.decode_info)
     }
-    /// Where the forward pass runs: resident on the GPU (one submission per step) or op by op,
+    /// Where the forward pass runs: resident on the GPU (one readback per step) or op by op,
     /// and why (at startup; a lost GPU moves it to the CPU later).
     pub fn residency(&self) -> &str {
         &self.residency

@@ -70,6 +70,9 @@ pub struct Counters {
     pub readback_bytes: AtomicU64,
     /// Resident model steps submitted.
     pub steps: AtomicU64,
+    /// Host nanoseconds spent recording resident steps, from `record_step` to the end of
+    /// `submit` (native only: the GPU is idle meanwhile unless a previous step still runs).
+    pub record_ns: AtomicU64,
 }
 
 /// A snapshot of [`Counters`].
@@ -83,6 +86,7 @@ pub struct ResourceCounts {
     pub readbacks: u64,
     pub readback_bytes: u64,
     pub steps: u64,
+    pub record_ns: u64,
 }
 
 impl Counters {
@@ -96,6 +100,7 @@ impl Counters {
             readbacks: self.readbacks.load(Ordering::Relaxed),
             readback_bytes: self.readback_bytes.load(Ordering::Relaxed),
             steps: self.steps.load(Ordering::Relaxed),
+            record_ns: self.record_ns.load(Ordering::Relaxed),
         }
     }
 }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use super::device::{GpuContext, ResourceCounts};
 use super::params::{AttnParams, MergeParams, NO_WINDOW};
 use super::pending::{Pending, Readback, Scopes};
-use super::resources::{Bind, PipelineKey, Resources, Slot, Tile};
+use super::resources::{Bind, PipelineKey, RecordedPass, Resources, Slot, Tile};
 use super::shaders::{Kernel, KvStorage, ShaderChecks, Variant};
 use super::upload::{self, Meta};
 use crate::attention::problem::{KvSource, Problem};
@@ -538,22 +538,23 @@ impl GpuEngine {
                     limit: max,
                 });
             }
-            prepared.push((res.pipeline(ctx, *key)?, res.bind_group(ctx, *key, slots)?, *grid));
+            prepared.push(RecordedPass {
+                kernel: key.kernel,
+                pipeline: res.pipeline(ctx, *key)?,
+                bind_group: res.bind_group(ctx, *key, slots)?,
+                grid: grid.map(|g| g as u32),
+            });
         }
         let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("twinfer") });
         {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
-            for (pipeline, bg, [x, y, z]) in &prepared {
-                pass.set_pipeline(pipeline);
-                pass.set_bind_group(0, bg, &[]);
-                pass.dispatch_workgroups(*x as u32, *y as u32, *z as u32);
+            for recorded in &prepared {
+                recorded.record(&mut pass);
             }
         }
         ctx.queue.submit([enc.finish()]);
         ctx.counters.dispatches.fetch_add(prepared.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        res.set_last_passes(
-            prepared.into_iter().map(|(p, bg, [x, y, z])| (p, bg, [x as u32, y as u32, z as u32])).collect(),
-        );
+        res.set_last_passes(prepared);
         ctx.counters.submits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }

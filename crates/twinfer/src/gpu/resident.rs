@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::engine::{DecodeStep, GpuEngine};
 use super::params::AppendParams;
 use super::pending::{Readback, Scopes};
-use super::resources::{Bind, PipelineKey, Slot, Tile};
+use super::resources::{Bind, PipelineKey, RecordedPass, Slot, Tile};
 use super::shaders::{Kernel, KvStorage, Variant};
 use crate::attention::problem::{KvSource, Problem, QoRows};
 use crate::attention::{AttentionOutput, AttentionParams};
@@ -280,6 +280,17 @@ impl GpuEngine {
     }
 }
 
+/// One kernel's share of a step's device time ([`GpuEngine::timestamp_by_kernel`]).
+#[derive(Debug, Clone)]
+pub struct KernelTime {
+    /// The kernel's file under shaders/.
+    pub kernel: &'static str,
+    /// Its dispatches in the step.
+    pub dispatches: usize,
+    /// Seconds per replay of those dispatches, one sample per run.
+    pub seconds: Vec<f64>,
+}
+
 // Timing blocks on the device and reads the host clock: native only (benchmarks, `twinfer plan`).
 #[cfg(not(target_arch = "wasm32"))]
 impl GpuEngine {
@@ -299,10 +310,8 @@ impl GpuEngine {
         {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
             for _ in 0..iters {
-                for (pipeline, bg, [x, y, z]) in &passes {
-                    pass.set_pipeline(pipeline);
-                    pass.set_bind_group(0, bg, &[]);
-                    pass.dispatch_workgroups(*x, *y, *z);
+                for recorded in &passes {
+                    recorded.record(&mut pass);
                 }
             }
         }
@@ -316,15 +325,43 @@ impl GpuEngine {
     /// warm-up repetition); returns the seconds of each, or `None` when the adapter has no
     /// TIMESTAMP_QUERY.
     pub fn timestamp_samples(&self, runs: usize) -> Result<Option<Vec<f64>>> {
+        let passes = self.last_recorded()?;
+        self.timestamp_passes(&passes, runs)
+    }
+
+    /// The last recorded passes' kernel time split by kernel: each kernel's dispatches replayed
+    /// alone, in their order, as [`GpuEngine::timestamp_samples`] does for all of them (their sum
+    /// comes out a little above the whole, which overlaps neighbouring dispatches). `None` without
+    /// TIMESTAMP_QUERY.
+    pub fn timestamp_by_kernel(&self, runs: usize) -> Result<Option<Vec<KernelTime>>> {
+        let passes = self.last_recorded()?;
+        let mut kernels: Vec<Kernel> = Vec::new();
+        for p in &passes {
+            if !kernels.contains(&p.kernel) {
+                kernels.push(p.kernel);
+            }
+        }
+        let mut out = Vec::new();
+        for kernel in kernels {
+            let mine: Vec<RecordedPass> = passes.iter().filter(|p| p.kernel == kernel).cloned().collect();
+            let Some(seconds) = self.timestamp_passes(&mine, runs)? else { return Ok(None) };
+            out.push(KernelTime { kernel: kernel.file(), dispatches: mine.len(), seconds });
+        }
+        Ok(Some(out))
+    }
+
+    fn last_recorded(&self) -> Result<Vec<RecordedPass>> {
+        let passes = self.lock()?.last_passes().to_vec();
+        if passes.is_empty() {
+            return Err(TwinferError::InvalidParameter("nothing recorded to time".into()));
+        }
+        Ok(passes)
+    }
+
+    fn timestamp_passes(&self, passes: &[RecordedPass], runs: usize) -> Result<Option<Vec<f64>>> {
         let ctx = self.context();
         if !ctx.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
             return Ok(None);
-        }
-        let res = self.lock()?;
-        let passes = res.last_passes().to_vec();
-        drop(res);
-        if passes.is_empty() {
-            return Err(TwinferError::InvalidParameter("nothing recorded to time".into()));
         }
         // wgpu caps a query set at 4096 queries; one extra pass warms up.
         let runs = runs.clamp(1, 2047);
@@ -358,10 +395,8 @@ impl GpuEngine {
                     end_of_pass_write_index: Some(2 * i + 1),
                 }),
             });
-            for (pipeline, bg, [x, y, z]) in &passes {
-                pass.set_pipeline(pipeline);
-                pass.set_bind_group(0, bg, &[]);
-                pass.dispatch_workgroups(*x, *y, *z);
+            for recorded in passes {
+                recorded.record(&mut pass);
             }
         }
         enc.resolve_query_set(&set, 0..count, &resolve, 0);

@@ -139,7 +139,23 @@ pub struct Resources {
 const READBACK_KEPT: usize = 2;
 
 /// A recorded dispatch: pipeline, bind group and grid.
-pub type RecordedPass = (Arc<wgpu::ComputePipeline>, wgpu::BindGroup, [u32; 3]);
+/// A dispatch as recorded: kept so that a step's device time can be measured by replaying it.
+#[derive(Debug, Clone)]
+pub struct RecordedPass {
+    pub kernel: Kernel,
+    pub pipeline: Arc<wgpu::ComputePipeline>,
+    pub bind_group: wgpu::BindGroup,
+    pub grid: [u32; 3],
+}
+
+impl RecordedPass {
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, &self.bind_group, &[]);
+        let [x, y, z] = self.grid;
+        pass.dispatch_workgroups(x, y, z);
+    }
+}
 
 impl Resources {
     pub fn new(checks: ShaderChecks) -> Self {

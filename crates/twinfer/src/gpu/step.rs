@@ -10,15 +10,15 @@
 //! the dispatches already recorded bind the buffer they saw.
 
 use std::collections::HashMap;
+use std::sync::MutexGuard;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, MutexGuard};
 
 use super::engine::{DecodePlan, DecodeStep, GpuEngine, PrefillPlan};
 use super::linear::{Fused, GpuLinear};
 use super::params::{AttnParams, RopeParams, RowParams};
 use super::pending::{Pending, Readback, Scopes};
 use super::resident::GpuKvCache;
-use super::resources::{Bind, PipelineKey, Resources, Slot, Tile};
+use super::resources::{Bind, PipelineKey, RecordedPass, Resources, Slot, Tile};
 use super::shaders::{Kernel, KvStorage, Variant};
 use crate::attention::AttentionParams;
 use crate::attention::problem::{KvSource, Problem, QoRows};
@@ -159,7 +159,7 @@ pub enum OnLoad<'a> {
 
 /// One recorded command.
 enum Cmd {
-    Dispatch(Arc<wgpu::ComputePipeline>, wgpu::BindGroup, [u32; 3]),
+    Dispatch(RecordedPass),
     Copy { src: Loc, src_offset: u64, dst: Loc, dst_offset: u64, bytes: u64 },
 }
 
@@ -199,6 +199,32 @@ pub struct StepRecorder<'e> {
     /// Weights whose parameters this step wrote, locked until the submission (see `GpuLinear`).
     weights: Vec<(u64, WeightsGuard<'e>)>,
     poison: bool,
+    /// Dispatches already encoded (and submitted, see `flush`), kept for replays.
+    recorded: Vec<RecordedPass>,
+    /// Dispatches recorded since the last submission, and the count that triggers the next.
+    pending: usize,
+    flush_at: usize,
+    #[cfg(not(target_arch = "wasm32"))]
+    started: std::time::Instant,
+}
+
+/// The first early submission goes after this many dispatches (about two layers), each later one
+/// after twice as many as the one before, up to `FLUSH_MAX`: the device starts on the first
+/// layers while the host records the rest, so recording hides behind the kernels. No readback
+/// happens until the end, so the extra submissions add no round trip.
+const FLUSH_FIRST: usize = 16;
+const FLUSH_MAX: usize = 64;
+
+/// The submissions of a resident step of `dispatches` dispatches: the early ones, then the last
+/// (with the readback).
+pub fn step_submissions(dispatches: u64) -> u64 {
+    let (mut done, mut next, mut submissions) = (0, FLUSH_FIRST as u64, 1);
+    while done + next <= dispatches {
+        done += next;
+        submissions += 1;
+        next = (2 * next).min(FLUSH_MAX as u64);
+    }
+    submissions
 }
 
 impl std::fmt::Debug for StepRecorder<'_> {
@@ -239,6 +265,11 @@ impl GpuEngine {
             written: HashMap::new(),
             weights: Vec::new(),
             poison,
+            recorded: Vec::new(),
+            pending: 0,
+            flush_at: FLUSH_FIRST,
+            #[cfg(not(target_arch = "wasm32"))]
+            started: std::time::Instant::now(),
         })
     }
 }
@@ -267,7 +298,7 @@ impl<'e> StepRecorder<'e> {
     fn ensure(&mut self, slot: Slot, bytes: u64) -> Result<()> {
         let ctx = self.ctx();
         // A slot that has no buffer yet cannot be bound by a recorded dispatch.
-        if !self.cmds.is_empty()
+        if !(self.cmds.is_empty() && self.recorded.is_empty())
             && let Some(size) = self.res.size(slot)
             && size < bytes.max(16).next_multiple_of(16)
         {
@@ -327,8 +358,57 @@ impl<'e> StepRecorder<'e> {
         }
         let pipeline = self.res.pipeline(ctx, key)?;
         let bg = self.res.bind_group(ctx, key, binds)?;
-        self.cmds.push(Cmd::Dispatch(pipeline, bg, grid.map(|g| g as u32)));
+        let grid = grid.map(|g| g as u32);
+        self.cmds.push(Cmd::Dispatch(RecordedPass { kernel: key.kernel, pipeline, bind_group: bg, grid }));
+        self.pending += 1;
+        if self.pending >= self.flush_at {
+            self.flush()?;
+            self.flush_at = (2 * self.flush_at).min(FLUSH_MAX);
+        }
         Ok(())
+    }
+
+    /// Submits what is recorded so far (no readback). Queue order keeps it ahead of the rest of
+    /// the step, and parameter writes made after it land before the next submission, which is
+    /// the first that can read them.
+    fn flush(&mut self) -> Result<()> {
+        if self.cmds.is_empty() {
+            return Ok(());
+        }
+        let ctx = self.ctx();
+        let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step part") });
+        self.encode(&mut enc);
+        ctx.queue.submit([enc.finish()]);
+        ctx.counters.submits.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Encodes the commands recorded since the last submission into `enc`.
+    fn encode(&mut self, enc: &mut wgpu::CommandEncoder) {
+        let cmds = std::mem::take(&mut self.cmds);
+        let mut dispatches = 0u64;
+        let mut i = 0;
+        while i < cmds.len() {
+            if let Cmd::Copy { src, src_offset, dst, dst_offset, bytes } = &cmds[i] {
+                let buffer = |loc: &'_ Loc| match loc {
+                    Loc::Slot(s) => self.res.get(*s).clone(),
+                    Loc::Buffer(b) => b.clone(),
+                };
+                enc.copy_buffer_to_buffer(&buffer(src), *src_offset, &buffer(dst), *dst_offset, *bytes);
+                i += 1;
+                continue;
+            }
+            // Consecutive dispatches share a compute pass; wgpu orders their storage accesses.
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+            while let Some(Cmd::Dispatch(recorded_pass)) = cmds.get(i) {
+                recorded_pass.record(&mut pass);
+                self.recorded.push(recorded_pass.clone());
+                dispatches += 1;
+                i += 1;
+            }
+        }
+        self.pending = 0;
+        self.ctx().counters.dispatches.fetch_add(dispatches, Ordering::Relaxed);
     }
 
     /// Copies `bytes` between two step buffers (outside any compute pass).
@@ -669,8 +749,8 @@ impl<'e> StepRecorder<'e> {
         Ok(())
     }
 
-    /// Encodes everything recorded, copies the first `len` f32s of `read` to a mappable buffer,
-    /// and submits it all at once: one submission and one readback per step.
+    /// Encodes the rest of the step, copies the first `len` f32s of `read` to a mappable buffer,
+    /// and submits: the step's last submission and its one readback.
     pub fn submit(mut self, read: Act, len: usize) -> Result<StepPending> {
         let ctx = self.ctx();
         let bytes = (len * 4) as u64;
@@ -678,41 +758,20 @@ impl<'e> StepRecorder<'e> {
             return Err(TwinferError::InvalidParameter(format!("resident step: reading past the end of {read:?}")));
         }
         let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
-        let mut i = 0;
-        let mut dispatches = 0u64;
+        self.encode(&mut enc);
         // The step's dispatches stay recorded, so its device time can be measured by replaying them.
-        let mut recorded = Vec::new();
-        while i < self.cmds.len() {
-            if let Cmd::Copy { src, src_offset, dst, dst_offset, bytes } = &self.cmds[i] {
-                let buffer = |loc: &'_ Loc| match loc {
-                    Loc::Slot(s) => self.res.get(*s).clone(),
-                    Loc::Buffer(b) => b.clone(),
-                };
-                enc.copy_buffer_to_buffer(&buffer(src), *src_offset, &buffer(dst), *dst_offset, *bytes);
-                i += 1;
-                continue;
-            }
-            // Consecutive dispatches share a compute pass; wgpu orders their storage accesses.
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
-            while let Some(Cmd::Dispatch(pipeline, bg, [x, y, z])) = self.cmds.get(i) {
-                pass.set_pipeline(pipeline);
-                pass.set_bind_group(0, bg, &[]);
-                pass.dispatch_workgroups(*x, *y, *z);
-                recorded.push((pipeline.clone(), bg.clone(), [*x, *y, *z]));
-                dispatches += 1;
-                i += 1;
-            }
-        }
+        let recorded = std::mem::take(&mut self.recorded);
         self.res.set_last_passes(recorded);
         let readback = Readback::record_slot(ctx, &mut self.res, &mut enc, Slot::Act(read), len)?;
         ctx.queue.submit([enc.finish()]);
         let readback = readback.map();
         let c = &ctx.counters;
         c.submits.fetch_add(1, Ordering::Relaxed);
-        c.dispatches.fetch_add(dispatches, Ordering::Relaxed);
         c.readbacks.fetch_add(1, Ordering::Relaxed);
         c.readback_bytes.fetch_add(bytes, Ordering::Relaxed);
         c.steps.fetch_add(1, Ordering::Relaxed);
+        #[cfg(not(target_arch = "wasm32"))]
+        c.record_ns.fetch_add(self.started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let scope = self.scope.take().expect("one submission per recorder");
         drop(self.weights);
         drop(self.res);

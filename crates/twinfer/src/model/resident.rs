@@ -1,7 +1,8 @@
 //! The Llama-family decoder resident on a GPU: weights uploaded once, each layer's KV pages in a
 //! device pool that mirrors the host cache's page allocation, activations in pooled device
 //! buffers. A step records every layer of every sequence in it (decode tokens and prompt chunks
-//! together) into one submission and reads back only the logits rows it was asked for.
+//! together), submitted in parts as it is recorded so the device starts early, and reads back
+//! only the logits rows it was asked for, once, at the end.
 //!
 //! The host [`PagedKvCache`] still owns the pages: it allocates, frees and forks them and builds the
 //! page tables; its own K/V storage is not written (the device pool holds the values), so a
@@ -127,7 +128,7 @@ impl ResidentDecoder {
             return (None, "op by op on the GPU (TWINFER_RESIDENT=0)".into());
         }
         match Self::new(model, gpu, cache) {
-            Ok(r) => (Some(r), format!("resident on {}: one submission per step", gpu.context().summary.name)),
+            Ok(r) => (Some(r), format!("resident on {}: one readback per step", gpu.context().summary.name)),
             Err(e) => (None, format!("op by op on the GPU: the resident path is unavailable ({e})")),
         }
     }
@@ -176,7 +177,7 @@ impl LlamaModel {
     }
 
     /// [`LlamaModel::forward`] on the device-resident state: the same rows, in the same order.
-    /// One submission and one readback (the logits rows) per call.
+    /// One readback (the logits rows) per call.
     pub async fn forward_resident_async(
         &self,
         r: &ResidentDecoder,
