@@ -6,21 +6,26 @@
 // TPF partials. Rows come in groups of MAXR (grid z): each group reads W once, from L2 after the
 // first, and a row's arithmetic does not depend on the group it is in or how many rows there are
 // (a sequence's logits are the same alone or batched). Accumulation is f32 whatever W is stored in.
-// Tiling: WG threads per workgroup = WG / TPF features; workgroup g takes features
-// [g * WG / TPF, (g + 1) * WG / TPF) of this weight buffer.
+// Tiling: WG threads per workgroup = WG / TPF feature slots of FPT consecutive features each;
+// workgroup g takes features [g * FPT * WG / TPF, (g + 1) * FPT * WG / TPF) of this weight
+// buffer. With FPT > 1 (batches) a thread loads each x vec4 once for FPT features, cutting the
+// loads per FMA; every (row, feature) sum keeps the same order, so the result is the same bits.
 // Bindings (group 0): 0 uniform LinearParams; 1 x [rows, k4] vec4<f32>; 2 w [n, k4] w4 (this
 //   buffer's features only); 3 bias [all features] f32 (zeros when the layer has none);
 //   4 y [rows, ldy] f32, written (or added to, with accumulate) at columns n0 .. n0 + n;
 //   5 norm_w [k] f32, the RMSNorm weights (read only with norm).
 // Fused on load (the resident forward pass): RMSNorm of x (norm), SwiGLU of a gate/up row (swiglu).
 // k is padded with zeros to k4 vec4s in both x and W on the host.
-// Dispatch: (min(groups, 32768), ceil(groups / 32768), ceil(rows / MAXR)), groups = ceil(n / (WG / TPF)).
-// Knobs: override WG, TPF (powers of two, TPF <= WG); w4 = kv4 from the prelude (f32, or f16
+// Dispatch: (min(groups, 32768), ceil(groups / 32768), ceil(rows / MAXR)),
+// groups = ceil(n / (FPT * WG / TPF)).
+// Knobs: override WG, TPF (powers of two, TPF <= WG), FPT; w4 = kv4 from the prelude (f32, or f16
 // under SHADER_F16).
 
 override WG: u32 = 256u;
 override TPF: u32 = 32u;
 const MAXR: u32 = 4u;
+override FPT: u32 = 1u;   // features per thread, 1..=FPT_MAX
+const FPT_MAX: u32 = 4u;
 const WG_MAX: u32 = 256u;
 
 alias w4 = kv4;
@@ -71,9 +76,9 @@ fn norm_scale(i: u32) -> vec4<f32> {
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let per_wg = WG / TPF;
-    let f = (wid.x + wid.y * 32768u) * per_wg + lid / TPF;
+    // This thread's FPT features: consecutive, one W row each.
+    let f0 = ((wid.x + wid.y * 32768u) * per_wg + lid / TPF) * FPT;
     let lane = lid % TPF;
-    let live = f < P.n;
     let r0 = wid.z * MAXR;
     let nrows = min(MAXR, P.rows - r0);
     // RMSNorm fused on load: every workgroup sums its rows' squares (k is short next to the
@@ -98,32 +103,51 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         inv = inverseSqrt(red[0] / f32(4u * P.k4) + P.eps);
         workgroupBarrier();
     }
-    var acc = vec4<f32>(0.0);
-    if (live) {
-        let wrow = f * P.k4;
-        for (var i = lane; i < P.k4; i += TPF) {
-            let wv = vec4<f32>(w[wrow + i]) * norm_scale(i);
-            for (var r = 0u; r < nrows; r++) {
-                acc[r] += dot(wv, load_x(r0 + r, i));
+    // acc[j][r]: feature f0 + j, row r0 + r. Each x vec4 is loaded once for the FPT features.
+    var acc: array<vec4<f32>, FPT_MAX>;
+    for (var j = 0u; j < FPT_MAX; j++) {
+        acc[j] = vec4<f32>(0.0);
+    }
+    for (var i = lane; i < P.k4; i += TPF) {
+        var xs: array<vec4<f32>, MAXR>;
+        for (var r = 0u; r < MAXR; r++) {
+            xs[r] = vec4<f32>(0.0);
+            if (r < nrows) {
+                xs[r] = load_x(r0 + r, i);
+            }
+        }
+        let ns = norm_scale(i);
+        for (var j = 0u; j < FPT; j++) {
+            if (f0 + j < P.n) {
+                let wv = vec4<f32>(w[(f0 + j) * P.k4 + i]) * ns;
+                for (var r = 0u; r < MAXR; r++) {
+                    if (r < nrows) {
+                        acc[j][r] += dot(wv, xs[r]);
+                    }
+                }
             }
         }
     }
-    red[lid] = acc;
-    for (var s = TPF / 2u; s > 0u; s >>= 1u) {
+    for (var j = 0u; j < FPT; j++) {
+        red[lid] = acc[j];
+        for (var s = TPF / 2u; s > 0u; s >>= 1u) {
+            workgroupBarrier();
+            if (lane < s) {
+                red[lid] += red[lid + s];
+            }
+        }
         workgroupBarrier();
-        if (lane < s) {
-            red[lid] += red[lid + s];
+        let f = f0 + j;
+        if (f < P.n && lane < nrows) {
+            let col = P.n0 + f;
+            let v = red[lid - lane][lane] * inv[lane] + bias[col];
+            let at = (r0 + lane) * P.ldy + col;
+            if (P.accumulate != 0u) {
+                y[at] += v;
+            } else {
+                y[at] = v;
+            }
         }
-    }
-    workgroupBarrier();
-    if (live && lane < nrows) {
-        let col = P.n0 + f;
-        let v = red[lid - lane][lane] * inv[lane] + bias[col];
-        let at = (r0 + lane) * P.ldy + col;
-        if (P.accumulate != 0u) {
-            y[at] += v;
-        } else {
-            y[at] = v;
-        }
+        workgroupBarrier();
     }
 }

@@ -195,6 +195,7 @@ impl Resources {
         }
         if key.kernel == Kernel::LinearGemv {
             constants.push(("TPF", key.tile.bc as f64));
+            constants.push(("FPT", key.tile.chunk as f64));
         }
         if key.kernel == Kernel::Prefill {
             constants.push(("WIDE", (key.tile.bc > 2) as u32 as f64));
