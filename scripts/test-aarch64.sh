@@ -32,8 +32,8 @@ export TWINFER_CLI_RUNNER="$runner"
 export TWINFER_TEST_LEVELS=widest
 # The stress test's full size is for native speed: under qemu, 60 requests check the same things.
 export TWINFER_STRESS_REQUESTS="${TWINFER_STRESS_REQUESTS:-60}"
-# So is the batch-invariance test's 64 requests: 16 still overflow its small pool.
-export TWINFER_BATCH_TEST_REQUESTS="${TWINFER_BATCH_TEST_REQUESTS:-16}"
+# So is the batch-invariance test's 64 requests: 24 still overflow its small pool (16 do not).
+export TWINFER_BATCH_TEST_REQUESTS="${TWINFER_BATCH_TEST_REQUESTS:-24}"
 if [ "${TWINFER_AARCH64_ALL:-0}" = 1 ]; then
     cargo test --target "$target" -p twinfer -p twinfer-tests -p twinfer-cli
 else

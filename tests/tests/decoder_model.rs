@@ -254,7 +254,7 @@ fn engine_outputs_do_not_depend_on_the_batch_or_on_preemption() {
         }
         // Among 64 others (sampled ones too, and long prompts chunked over several steps), with a
         // small token budget and a pool so small that sequences get preempted and recomputed.
-        // Under qemu `TWINFER_BATCH_TEST_REQUESTS` makes it 16, which still overflows the pool.
+        // Under qemu `TWINFER_BATCH_TEST_REQUESTS` makes it 24, which still overflows the pool.
         let requests: u64 =
             std::env::var("TWINFER_BATCH_TEST_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
         for (pages, budget) in [(4096, 512), (40, 128)] {
