@@ -43,7 +43,7 @@ async function runDemo({ flags, query, screenshot, after }) {
     page.on("pageerror", (e) => logs.push(`pageerror: ${e.message}`));
     const params = new URLSearchParams({ auto: "1", genModel: "/models/tiny-llama/", promptIds: llama.prompt_ids.join(","), maxTokens: String(llama.greedy_ids.length), ...query });
     await page.goto(`${server.url}/demo/?${params}`);
-    await page.waitForFunction(() => ["done", "error"].includes(document.body.dataset.state), null, { timeout: 240_000 });
+    await page.waitForFunction(() => ["done", "error"].includes(document.body.dataset.state), null, { timeout: 480_000 });
     const error = await page.evaluate(() => window.demoError ?? null);
     assert.equal(error, null, `the demo failed: ${JSON.stringify(error)}\n${logs.join("\n")}`);
     const result = await page.evaluate(() => ({ ...window.demoResult, progress: window.demoProgress }));
