@@ -18,7 +18,7 @@
 // k is padded with zeros to k4 vec4s in both x and W on the host.
 // Dispatch: (min(groups, 32768), ceil(groups / 32768), ceil(rows / MAXR)),
 // groups = ceil(n / (FPT * WG / TPF)).
-// Knobs: override WG, TPF (powers of two, TPF <= WG), FPT; w4 = kv4 from the prelude (f32, or f16
+// Knobs: override WG, TPF (powers of two, TPF <= WG; 1 on software adapters), FPT; w4 = kv4 from the prelude (f32, or f16
 // under SHADER_F16).
 
 override WG: u32 = 256u;
@@ -138,14 +138,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         workgroupBarrier();
         let f = f0 + j;
-        if (f < P.n && lane < nrows) {
+        if (f < P.n) {
+            // Lane r writes row r; with fewer than MAXR lanes (TPF < 4) a lane writes several.
             let col = P.n0 + f;
-            let v = red[lid - lane][lane] * inv[lane] + bias[col];
-            let at = (r0 + lane) * P.ldy + col;
-            if (P.accumulate != 0u) {
-                y[at] += v;
-            } else {
-                y[at] = v;
+            for (var r = lane; r < nrows; r += TPF) {
+                let v = red[lid - lane][r] * inv[r] + bias[col];
+                let at = (r0 + r) * P.ldy + col;
+                if (P.accumulate != 0u) {
+                    y[at] += v;
+                } else {
+                    y[at] = v;
+                }
             }
         }
         workgroupBarrier();

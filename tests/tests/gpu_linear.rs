@@ -14,7 +14,7 @@
 use std::sync::OnceLock;
 
 use proptest::prelude::*;
-use twinfer::gpu::{GEMV_MAX_ROWS, GpuEngine, GpuLinear, KvStorage};
+use twinfer::gpu::{GEMV_MAX_ROWS, GemvShape, GpuEngine, GpuLinear, KvStorage};
 use twinfer::{TensorRef, TwinferError, f16};
 
 /// Property cases: `TWINFER_GPU_TEST_CASES`, 12 by default (lavapipe is slow).
@@ -43,6 +43,8 @@ struct Problem {
     f16: bool,
     /// Rows of W per buffer, to force a split; None for one buffer.
     split: Option<usize>,
+    /// The GEMV shape, whichever the adapter would pick: both run everywhere.
+    shape: GemvShape,
     seed: u64,
 }
 
@@ -50,8 +52,9 @@ fn problem() -> impl Strategy<Value = Problem> {
     // Decode batches (the GEMV, in groups of 4 rows) half of the time, so that the GEMV path is hit
     // as often as the matmul; each side of GEMV_MAX_ROWS.
     let rows = prop_oneof![1usize..=GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1..=GEMV_MAX_ROWS + 70];
-    (rows, 1usize..=150, 1usize..=150, any::<bool>(), any::<bool>(), prop::option::of(1usize..=40), any::<u64>())
-        .prop_map(|(rows, n, k, bias, f16, split, seed)| Problem { rows, n, k, bias, f16, split, seed })
+    let shape = prop_oneof![Just(GemvShape::Hardware), Just(GemvShape::Software)];
+    (rows, 1usize..=150, 1usize..=150, any::<bool>(), any::<bool>(), prop::option::of(1usize..=40), shape, any::<u64>())
+        .prop_map(|(rows, n, k, bias, f16, split, shape, seed)| Problem { rows, n, k, bias, f16, split, shape, seed })
 }
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -73,7 +76,9 @@ fn check(gpu: &GpuEngine, p: &Problem) -> Result<(), String> {
     let bias = p.bias.then(|| values(p.n, p.seed ^ 2));
     let bytes = storage.bytes() as u64;
     let max_buffer = p.split.map_or(u64::MAX, |r| r as u64 * p.k.div_ceil(4) as u64 * 4 * bytes);
-    let lin = GpuLinear::upload(gpu, w, p.n, p.k, bias.as_deref(), storage, max_buffer).map_err(|e| e.to_string())?;
+    let mut lin =
+        GpuLinear::upload(gpu, w, p.n, p.k, bias.as_deref(), storage, max_buffer).map_err(|e| e.to_string())?;
+    lin.set_gemv_shape(p.shape);
     if let Some(r) = p.split {
         assert_eq!(lin.num_buffers(), p.n.div_ceil(r));
     }
@@ -118,31 +123,36 @@ fn gpu_linear_pinned_shapes() {
     let g = GEMV_MAX_ROWS;
     let shapes = [(1, 1, 1), (4, 9, 3), (5, 9, 3), (g, 64, 16), (g + 1, 65, 17), (g + 16, 64, 64), (g + 17, 130, 33)];
     for (i, &(rows, n, k)) in shapes.iter().enumerate() {
-        for f16 in [false, true] {
-            let p = Problem { rows, n, k, bias: i % 2 == 0, f16, split: (i == 6).then_some(7), seed: i as u64 };
+        for (f16, shape) in [(false, GemvShape::Hardware), (true, GemvShape::Hardware), (false, GemvShape::Software)] {
+            let split = (i == 6).then_some(7);
+            let p = Problem { rows, n, k, bias: i % 2 == 0, f16, split, shape, seed: i as u64 };
             check(gpu, &p).unwrap();
         }
     }
 }
 
 /// A decode row's output is bit-identical alone and anywhere in a batch of any size up to
-/// GEMV_MAX_ROWS (the engine's greedy tokens must not depend on the batch).
+/// GEMV_MAX_ROWS (the engine's greedy tokens must not depend on the batch), in either GEMV shape.
 #[test]
 fn a_decode_row_is_the_same_alone_and_in_any_batch() {
     let Some(gpu) = engine() else { return };
     let (n, k) = (72, 130);
     let w = values(n * k, 11);
-    let lin = GpuLinear::upload(gpu, TensorRef::F32(&w), n, k, None, KvStorage::F32, u64::MAX).unwrap();
+    let mut lin = GpuLinear::upload(gpu, TensorRef::F32(&w), n, k, None, KvStorage::F32, u64::MAX).unwrap();
     let x = values(GEMV_MAX_ROWS * k, 12);
-    let mut alone = vec![f32::NAN; GEMV_MAX_ROWS * n];
-    for r in 0..GEMV_MAX_ROWS {
-        gpu.linear(&lin, &x[r * k..][..k], 1, &mut alone[r * n..][..n]).unwrap();
-    }
-    for rows in [2, 5, 17, GEMV_MAX_ROWS] {
-        let mut y = vec![f32::NAN; rows * n];
-        gpu.linear(&lin, &x[..rows * k], rows, &mut y).unwrap();
-        for (i, (a, b)) in y.iter().zip(&alone).enumerate() {
-            assert_eq!(a.to_bits(), b.to_bits(), "row {} of a batch of {rows}, feature {}", i / n, i % n);
+    for shape in [GemvShape::Hardware, GemvShape::Software] {
+        lin.set_gemv_shape(shape);
+        let mut alone = vec![f32::NAN; GEMV_MAX_ROWS * n];
+        for r in 0..GEMV_MAX_ROWS {
+            gpu.linear(&lin, &x[r * k..][..k], 1, &mut alone[r * n..][..n]).unwrap();
+        }
+        for rows in [2, 5, 17, GEMV_MAX_ROWS] {
+            let mut y = vec![f32::NAN; rows * n];
+            gpu.linear(&lin, &x[..rows * k], rows, &mut y).unwrap();
+            for (i, (a, b)) in y.iter().zip(&alone).enumerate() {
+                let (row, feature) = (i / n, i % n);
+                assert_eq!(a.to_bits(), b.to_bits(), "{shape:?}: row {row} of a batch of {rows}, feature {feature}");
+            }
         }
     }
 }

@@ -24,12 +24,30 @@ pub const DEFAULT_MAX_WEIGHT_BUFFER: u64 = 128 << 20;
 pub const GEMV_MAX_ROWS: usize = 64;
 /// Rows per GEMV workgroup (`MAXR` in linear_gemv.wgsl): larger batches take several groups.
 const GEMV_ROW_GROUP: usize = 4;
-/// GEMV workgroup and threads per output feature (4 features per workgroup). On an H200 64
-/// threads beat 32 by 20% on one sequence's projections (0.87 against 1.08 ms per token for
-/// smollm-135m, latency-bound) and lose 9% on a batch of 64 (6.6 against 6.0 ms); 128 loses on
-/// both. One value for every row count keeps a row's sums in one order, alone or batched.
-const GEMV_WG: u32 = 256;
-const GEMV_TPF: u32 = 64;
+/// How the GEMV spreads over a workgroup. Either shape sums a row's products in one order for
+/// every batch size, so a sequence's logits are the same bits alone or batched on one device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemvShape {
+    /// 256 threads, 64 per output feature. On an H200 64 threads beat 32 by 20% on one
+    /// sequence's projections (0.87 against 1.08 ms per token for smollm-135m, latency-bound)
+    /// and lose 9% on a batch of 64 (6.6 against 6.0 ms); 128 loses on both.
+    Hardware,
+    /// 64 threads, 4 per feature, for software adapters (lavapipe, SwiftShader), which run a
+    /// workgroup's threads as loops over SIMD groups: on lavapipe the hardware shape takes twice
+    /// as long (tiny-qwen2, a decode batch of 4: 400 against 230 ms of GEMV per step).
+    Software,
+}
+
+impl GemvShape {
+    /// (threads per workgroup, threads per output feature).
+    fn threads(self) -> (u32, u32) {
+        match self {
+            GemvShape::Hardware => (256, 64),
+            GemvShape::Software => (64, 4),
+        }
+    }
+}
+
 /// Workgroups below which the matmul shrinks its tile: two per SM of a 132-SM card.
 const MATMUL_MIN_WORKGROUPS: usize = 264;
 
@@ -58,6 +76,8 @@ pub struct GpuLinear {
     chunks: Vec<Chunk>,
     /// `[n]` f32, zeros when the layer has no bias (one kernel either way).
     bias: wgpu::Buffer,
+    /// The GEMV's shape on this device (hardware or software adapter).
+    gemv: GemvShape,
     ctx: Weak<GpuContext>,
     /// Held from the parameter writes through the submission: engines sharing a device may call
     /// the same weights at once, and each call rewrites the per-buffer parameters. It also lists
@@ -166,9 +186,20 @@ impl GpuLinear {
             storage,
             chunks,
             bias: bias_buf,
+            gemv: if ctx.summary.device_type == "Cpu" { GemvShape::Software } else { GemvShape::Hardware },
             ctx: Arc::downgrade(ctx),
             submit: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The GEMV shape these weights run with (chosen by the adapter's type at upload).
+    pub fn gemv_shape(&self) -> GemvShape {
+        self.gemv
+    }
+
+    /// Runs the GEMV with `shape` instead: the tests check both shapes on any adapter.
+    pub fn set_gemv_shape(&mut self, shape: GemvShape) {
+        self.gemv = shape;
     }
 
     /// Number of buffers W is split into.
@@ -221,7 +252,12 @@ impl GpuLinear {
                 kernel: Kernel::LinearGemv,
                 variant: Variant::Baseline,
                 kv: self.storage,
-                tile: Tile { wg: GEMV_WG, br: 0, bc: GEMV_TPF, chunk: gemv_features_per_thread(rows) },
+                tile: Tile {
+                    wg: self.gemv.threads().0,
+                    br: 0,
+                    bc: self.gemv.threads().1,
+                    chunk: gemv_features_per_thread(rows),
+                },
             }
         } else {
             PipelineKey {
@@ -247,7 +283,7 @@ impl GpuLinear {
                     ..Default::default()
                 };
                 let grid = if gemv {
-                    let per_group = (GEMV_WG / GEMV_TPF * key.tile.chunk) as usize;
+                    let per_group = (key.tile.wg / key.tile.bc * key.tile.chunk) as usize;
                     let groups = c.n.div_ceil(per_group);
                     [groups.min(32768), groups.div_ceil(32768), rows.div_ceil(GEMV_ROW_GROUP)]
                 } else {

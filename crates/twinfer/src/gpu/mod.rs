@@ -15,7 +15,7 @@ mod upload;
 
 pub use device::{AdapterSummary, GpuContext, ResourceCounts};
 pub use engine::{GpuEngine, GpuOptions};
-pub use linear::{DEFAULT_MAX_WEIGHT_BUFFER, GEMV_MAX_ROWS, GpuLinear};
+pub use linear::{DEFAULT_MAX_WEIGHT_BUFFER, GEMV_MAX_ROWS, GemvShape, GpuLinear};
 pub use resident::{DEFAULT_MAX_KV_BUFFER, GpuKvCache, KernelTime};
 pub use shaders::{KvStorage, ShaderChecks, Variant};
 pub use step::{Act, DeviceVec, OnLoad, PlannedDecode, PlannedPrefill, StepPending, StepRecorder, step_submissions};
