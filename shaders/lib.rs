@@ -6,7 +6,7 @@
 pub const ONLINE_SOFTMAX: (&str, &str) = ("online_softmax.wgsl", include_str!("online_softmax.wgsl"));
 
 /// Every kernel file, by name.
-pub const KERNELS: [(&str, &str); 11] = [
+pub const KERNELS: [(&str, &str); 12] = [
     ("prefill_attention.wgsl", include_str!("prefill_attention.wgsl")),
     ("decode_attention_paged.wgsl", include_str!("decode_attention_paged.wgsl")),
     ("merge_state.wgsl", include_str!("merge_state.wgsl")),
@@ -18,6 +18,7 @@ pub const KERNELS: [(&str, &str); 11] = [
     ("prefill_attention_portable.wgsl", include_str!("prefill_attention_portable.wgsl")),
     ("rms_norm.wgsl", include_str!("rms_norm.wgsl")),
     ("rope_append.wgsl", include_str!("rope_append.wgsl")),
+    ("argmax_rows.wgsl", include_str!("argmax_rows.wgsl")),
 ];
 
 #[cfg(test)]

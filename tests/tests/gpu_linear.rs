@@ -3,6 +3,8 @@
 //! and without bias, f32 and f16 weights, weights split over several buffers; outputs poisoned
 //! before every call. Then typed errors, and the tiny random decoder with f16 weights on the GPU
 //! against the CPU. (`gpu_resources.rs` shows a warm projection loop creates no GPU object.)
+//! Last, the greedy pick on the logits (`argmax_rows.wgsl`) against the host's `argmax`, exactly,
+//! on rows full of ties, NaN and signed zeros.
 //!
 //! Tolerance: |y - ref| <= k · 2⁻²³ · Σ|x·w| + 1e-6, the bound of an f32 sum of k terms (in any
 //! order); f16 weights are rounded to f16 before the reference sees them.
@@ -212,4 +214,58 @@ fn f16_decoder_on_gpu_projections_matches_the_cpu() {
     assert!(made >= 3 * (4 * c.num_layers as u64 + 1), "the projections did not run on the GPU ({made} buffers)");
     let err = twinfer_tests::models::rel_err(&g, &want);
     assert!(err <= 1e-4, "f16 decoder, GPU projections vs CPU: relative error {err:.2e}");
+}
+
+/// Logits rows that stress the greedy pick: values from a few levels (ties everywhere), NaN,
+/// signed zeros and infinities sprinkled in, some rows all NaN.
+fn tricky_logits(rows: usize, width: usize, seed: u64) -> Vec<f32> {
+    let mut rng = twinfer_tests::rng::Rng::new(seed);
+    let levels = [-1.5f32, 0.0, -0.0, 2.25, 2.25, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 7.0];
+    let mut out = Vec::with_capacity(rows * width);
+    for r in 0..rows {
+        let all_nan = r % 7 == 3;
+        for _ in 0..width {
+            let u = rng.uniform().abs();
+            out.push(match () {
+                _ if all_nan => f32::NAN,
+                // Mostly plain values, so the maximum is not always a sprinkled extreme.
+                _ if u < 0.7 => (u * 8.0).floor() / 4.0,
+                _ => levels[((u * 1000.0) as usize) % levels.len()],
+            });
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+
+    /// The device's greedy pick equals the host's `argmax` row by row (the ids are poisoned first).
+    #[test]
+    fn device_argmax_equals_the_host_argmax(rows in 1usize..=40, width in 1usize..=3000, seed in any::<u64>()) {
+        let Some(gpu) = engine() else { return Ok(()) };
+        let logits = tricky_logits(rows, width, seed);
+        let ids = gpu.argmax_rows(&logits, rows, width).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        for (r, &id) in ids.iter().enumerate() {
+            let want = twinfer::engine::argmax(&logits[r * width..][..width]);
+            prop_assert_eq!(id, want, "row {} of {} x {}", r, rows, width);
+        }
+    }
+}
+
+/// Shapes the generator may miss, and a wrong shape is a typed error.
+#[test]
+fn device_argmax_edges() {
+    let Some(gpu) = engine() else { return };
+    for (rows, width) in [(1, 1), (3, 256), (2, 257), (1, 49152), (65, 5)] {
+        let logits = tricky_logits(rows, width, (rows * width) as u64);
+        let ids = gpu.argmax_rows(&logits, rows, width).unwrap();
+        for r in 0..rows {
+            assert_eq!(ids[r], twinfer::engine::argmax(&logits[r * width..][..width]), "row {r} of {rows} x {width}");
+        }
+    }
+    let all_nan = vec![f32::NAN; 300];
+    assert_eq!(gpu.argmax_rows(&all_nan, 1, 300).unwrap(), [twinfer::engine::argmax(&all_nan)]);
+    let err = gpu.argmax_rows(&[1.0; 10], 3, 4).unwrap_err();
+    assert!(matches!(err, TwinferError::ShapeMismatch { .. }), "{err:?}");
 }

@@ -287,8 +287,9 @@ fn repeat(budget: f64, mut f: impl FnMut() -> Result<f64>) -> Result<Stats> {
     Ok(Stats::from_samples(samples))
 }
 
-/// The forward pass the engine would run: the whole model resident on the GPU when both phases
-/// are there (as the scheduler does), else op by op.
+/// The step the engine would run for greedy requests, through to the next tokens: the whole
+/// model resident on the GPU when both phases are there (as the scheduler does, picking the
+/// tokens on the device), else op by op with the pick on the host.
 fn forward(
     model: &LlamaModel,
     engines: Engines<'_>,
@@ -296,15 +297,18 @@ fn forward(
     cache: &mut PagedKvCache,
     seqs: &[StepSeq<'_>],
     records: &mut Vec<f64>,
-) -> Result<Vec<f32>> {
+) -> Result<Vec<u32>> {
     match resident {
         Some(r) => {
             let before = r.engine().counts().record_ns;
-            let logits = model.forward_resident(r, cache, seqs)?;
+            let tokens = model.forward_resident_greedy(r, cache, seqs)?;
             records.push((r.engine().counts().record_ns - before) as f64 * 1e-9);
-            Ok(logits)
+            Ok(tokens)
         }
-        None => model.forward(engines, cache, seqs),
+        None => {
+            let logits = model.forward(engines, cache, seqs)?;
+            Ok(logits.chunks(model.config.vocab_size).map(crate::engine::argmax).collect())
+        }
     }
 }
 

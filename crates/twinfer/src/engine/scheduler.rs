@@ -315,10 +315,10 @@ impl Scheduler {
             let occupied = self.cache.num_pages() - self.cache.free_pages();
             let started = self.now();
             match self.run(&plan).await {
-                Ok(logits) => {
+                Ok(output) => {
                     self.occupancy.push(occupied as f64 / self.cache.num_pages() as f64);
                     self.measure_prefill(&plan, self.now() - started);
-                    self.accept_step(&plan, &logits, &mut events)?;
+                    self.accept_step(&plan, &output, &mut events)?;
                     return Ok(events);
                 }
                 Err(TwinferError::DeviceLost(why)) if self.fall_back_to_cpu(&why) => {
@@ -331,8 +331,9 @@ impl Scheduler {
         }
     }
 
-    /// The forward pass of a plan: the logits of the sequences that finish their pending tokens.
-    async fn run(&mut self, plan: &[(RequestId, usize)]) -> Result<Vec<f32>> {
+    /// The forward pass of a plan: the logits of the sequences that finish their pending tokens,
+    /// or, on the resident GPU path when every one of them samples greedily, their tokens.
+    async fn run(&mut self, plan: &[(RequestId, usize)]) -> Result<StepOutput> {
         let chunks: Vec<Vec<u32>> = plan
             .iter()
             .map(|&(id, n)| {
@@ -350,10 +351,18 @@ impl Scheduler {
             })
             .collect();
         if let Some(resident) = &self.resident {
-            return self.model.forward_resident_async(resident, &mut self.cache, &step).await;
+            let greedy = plan.iter().zip(&step).all(|(&(id, _), st)| {
+                let p = &self.seqs[&id].request.sampling;
+                st.logits == Logits::None || (p.temperature == 0.0 && p.repetition_penalty == 1.0)
+            });
+            return Ok(if greedy {
+                StepOutput::Tokens(self.model.forward_resident_greedy_async(resident, &mut self.cache, &step).await?)
+            } else {
+                StepOutput::Logits(self.model.forward_resident_async(resident, &mut self.cache, &step).await?)
+            });
         }
         let engines = Engines { level: self.level, prefill: &self.prefill, decode: &self.decode };
-        self.model.forward_async(engines, &mut self.cache, &step).await
+        Ok(StepOutput::Logits(self.model.forward_async(engines, &mut self.cache, &step).await?))
     }
 
     fn measure_prefill(&mut self, plan: &[(RequestId, usize)], seconds: f64) {
@@ -361,8 +370,9 @@ impl Scheduler {
         self.step_cost.observe(tokens, plan.iter().any(|&(_, n)| n > 1), seconds);
     }
 
-    /// Advances every planned sequence and samples those that got logits.
-    fn accept_step(&mut self, plan: &[(RequestId, usize)], logits: &[f32], events: &mut Vec<Event>) -> Result<()> {
+    /// Advances every planned sequence and samples those that got logits (or takes the token
+    /// the device picked).
+    fn accept_step(&mut self, plan: &[(RequestId, usize)], output: &StepOutput, events: &mut Vec<Event>) -> Result<()> {
         let now = self.now();
         let vocab = self.model.config.vocab_size;
         let mut row = 0;
@@ -371,9 +381,15 @@ impl Scheduler {
             let want = s.computed + n == s.len();
             s.computed += n;
             if want {
-                let mut l = logits[row * vocab..(row + 1) * vocab].to_vec();
+                let token = match output {
+                    StepOutput::Logits(logits) => {
+                        let mut l = logits[row * vocab..(row + 1) * vocab].to_vec();
+                        self.sample(id, &mut l)
+                    }
+                    StepOutput::Tokens(ids) => ids[row],
+                };
                 row += 1;
-                if let Some(reason) = self.accept(id, &mut l, now, events)? {
+                if let Some(reason) = self.accept(id, token, now, events)? {
                     self.finish(id, reason, events)?;
                 }
             }
@@ -590,23 +606,22 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Samples the next token of `id`; returns why it finished, if it did.
-    fn accept(
-        &mut self,
-        id: RequestId,
-        logits: &mut [f32],
-        now: f64,
-        events: &mut Vec<Event>,
-    ) -> Result<Option<FinishReason>> {
-        let max_pos = self.model.config.max_position_embeddings;
-        let tokenizer = self.tokenizer.clone();
+    /// The next token of `id` from its logits (changed in place by a repetition penalty).
+    fn sample(&mut self, id: RequestId, logits: &mut [f32]) -> u32 {
         let s = self.seqs.get_mut(&id).expect("planned");
         let seen: Vec<u32> = if s.request.sampling.repetition_penalty != 1.0 {
             s.prompt.iter().chain(&s.generated).copied().collect()
         } else {
             Vec::new()
         };
-        let token = s.sampler.sample(logits, &s.request.sampling, &seen);
+        s.sampler.sample(logits, &s.request.sampling, &seen)
+    }
+
+    /// Appends `token` to `id`; returns why it finished, if it did.
+    fn accept(&mut self, id: RequestId, token: u32, now: f64, events: &mut Vec<Event>) -> Result<Option<FinishReason>> {
+        let max_pos = self.model.config.max_position_embeddings;
+        let tokenizer = self.tokenizer.clone();
+        let s = self.seqs.get_mut(&id).expect("planned");
         s.generated.push(token);
         let t = now - s.submitted;
         s.metrics.token_times.push(t);
@@ -705,4 +720,12 @@ fn held_back(text: &str, stops: &[String]) -> usize {
         }
     }
     hold
+}
+
+/// What a step's forward pass hands to sampling, one row per sequence that got logits.
+#[derive(Debug)]
+enum StepOutput {
+    Logits(Vec<f32>),
+    /// Greedy tokens picked on the device.
+    Tokens(Vec<u32>),
 }

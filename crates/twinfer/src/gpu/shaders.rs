@@ -11,7 +11,7 @@ pub const SHARED: (&str, &str) = twinfer_shaders::ONLINE_SOFTMAX;
 
 /// One entry per kernel file, in the order of [`Kernel::ALL`] (the `twinfer-shaders` crate is
 /// the top-level `shaders/` folder).
-const FILES: [(&str, &str); 11] = twinfer_shaders::KERNELS;
+const FILES: [(&str, &str); 12] = twinfer_shaders::KERNELS;
 
 /// Kernels with `// #if SUBGROUP` lines.
 const SUBGROUP_KERNELS: &[Kernel] = &[Kernel::Decode, Kernel::Prefill];
@@ -35,10 +35,12 @@ pub enum Kernel {
     /// logits, RoPE with the KV append (the other norms and SwiGLU are fused into projections).
     RmsNorm,
     RopeAppend,
+    /// Greedy sampling of the rows that get logits (one token id read back per row).
+    ArgmaxRows,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 11] = [
+    pub const ALL: [Kernel; 12] = [
         Kernel::Prefill,
         Kernel::Decode,
         Kernel::Merge,
@@ -50,6 +52,7 @@ impl Kernel {
         Kernel::PrefillPortable,
         Kernel::RmsNorm,
         Kernel::RopeAppend,
+        Kernel::ArgmaxRows,
     ];
 
     fn index(self) -> usize {
@@ -65,6 +68,7 @@ impl Kernel {
             Kernel::PrefillPortable => 8,
             Kernel::RmsNorm => 9,
             Kernel::RopeAppend => 10,
+            Kernel::ArgmaxRows => 11,
         }
     }
     /// The file name, used as the pipeline label.

@@ -40,8 +40,10 @@ pub enum Act {
     GateUp,
     /// The final norm of the rows that get logits `[rows, hidden]`.
     Sel,
-    /// Logits `[rows, vocab]`: the one buffer read back.
+    /// Logits `[rows, vocab]`: read back when a row is sampled on the host.
     Logits,
+    /// Greedy token ids `[rows]` (u32): read back instead when every row is greedy.
+    Tokens,
     /// A mixed step's prompt rows: their queries, outputs and LSE, from row 0.
     QPre,
     OPre,
@@ -57,6 +59,7 @@ pub enum Act {
     PreParams,
     NormParams,
     FinalNormParams,
+    ArgmaxParams,
     RopeParams,
     DecMeta,
     PreMeta,
@@ -71,6 +74,7 @@ impl Act {
                 | Act::PreParams
                 | Act::NormParams
                 | Act::FinalNormParams
+                | Act::ArgmaxParams
                 | Act::RopeParams
         )
     }
@@ -84,6 +88,7 @@ impl Act {
             Act::GateUp => "gate/up projection",
             Act::Sel => "rows for logits",
             Act::Logits => "logits",
+            Act::Tokens => "greedy token ids",
             Act::QPre => "prompt queries",
             Act::OPre => "prompt attention output",
             Act::LsePre => "prompt lse",
@@ -95,6 +100,7 @@ impl Act {
             Act::PreParams => "prefill params",
             Act::NormParams => "norm params",
             Act::FinalNormParams => "final norm params",
+            Act::ArgmaxParams => "argmax params",
             Act::RopeParams => "rope params",
             Act::DecMeta => "decode page table",
             Act::PreMeta => "prefill page table",
@@ -247,6 +253,30 @@ impl StepPending {
     /// awaits the map from the event loop.
     pub async fn wait_async(self) -> Result<Vec<f32>> {
         Ok(self.0.wait_async().await?.into_values())
+    }
+
+    /// [`StepPending::wait_async`] for a u32 slot ([`Act::Tokens`]): the same bytes as u32.
+    pub async fn wait_u32_async(self) -> Result<Vec<u32>> {
+        Ok(self.wait_async().await?.into_iter().map(f32::to_bits).collect())
+    }
+}
+
+impl GpuEngine {
+    /// Greedy picks of `rows` rows of `width` logits through `argmax_rows.wgsl` (one step of its
+    /// own): what a resident step does after its logits, here for any host data (tests).
+    pub fn argmax_rows(&self, logits: &[f32], rows: usize, width: usize) -> Result<Vec<u32>> {
+        if rows.checked_mul(width) != Some(logits.len()) || width == 0 {
+            return Err(TwinferError::ShapeMismatch {
+                what: "argmax logits ([rows, width], width > 0)",
+                expected: rows.saturating_mul(width.max(1)),
+                got: logits.len(),
+            });
+        }
+        let mut rec = self.record_step(true)?;
+        rec.reserve(&[(Act::Logits, logits.len() * 4), (Act::Tokens, rows * 4)])?;
+        rec.write(Act::Logits, bytemuck::cast_slice(logits))?;
+        rec.argmax_rows(Act::Logits, rows, width, Act::Tokens)?;
+        crate::wait::blocking("GpuEngine::argmax_rows", rec.submit(Act::Tokens, rows)?.wait_u32_async())?
     }
 }
 
@@ -498,6 +528,20 @@ impl<'e> StepRecorder<'e> {
             Bind::Slot(Slot::Act(map)),
             Bind::Slot(Slot::Act(out)),
         ];
+        self.dispatch(key, &binds, [rows.min(32768), rows.div_ceil(32768), 1])
+    }
+
+    /// Greedy sampling on the device: `out[r]` (u32) is the host `argmax` of row r of
+    /// `input[rows, width]`.
+    pub fn argmax_rows(&mut self, input: Act, rows: usize, width: usize, out: Act) -> Result<()> {
+        let prm = RowParams { rows: rows as u32, width: width as u32, eps: 0.0, gather: 0 };
+        self.slot_params(Act::ArgmaxParams, bytemuck::bytes_of(&prm))?;
+        // One row is a whole vocabulary: as many threads on it as the adapter allows.
+        let limits = &self.ctx().limits;
+        let wide = limits.max_compute_invocations_per_workgroup >= 1024 && limits.max_compute_workgroup_size_x >= 1024;
+        let key = row_key(Kernel::ArgmaxRows, if wide { 1024 } else { 256 });
+        let binds =
+            [Bind::Slot(Slot::Act(Act::ArgmaxParams)), Bind::Slot(Slot::Act(input)), Bind::Slot(Slot::Act(out))];
         self.dispatch(key, &binds, [rows.min(32768), rows.div_ceil(32768), 1])
     }
 

@@ -184,18 +184,46 @@ impl LlamaModel {
         cache: &mut PagedKvCache,
         seqs: &[StepSeq<'_>],
     ) -> Result<Vec<f32>> {
-        let (pending, has_logits) = self.record_resident(r, cache, seqs)?;
+        let (pending, has_logits) = self.record_resident(r, cache, seqs, Readout::Logits)?;
         let values = pending.wait_async().await?;
         Ok(if has_logits { values } else { Vec::new() })
     }
 
-    /// Records and submits a resident step; whether it reads logits back (else one value of the
+    /// [`LlamaModel::forward_resident_greedy_async`], blocking (natively; `WouldBlock` in a browser).
+    pub fn forward_resident_greedy(
+        &self,
+        r: &ResidentDecoder,
+        cache: &mut PagedKvCache,
+        seqs: &[StepSeq<'_>],
+    ) -> Result<Vec<u32>> {
+        crate::wait::blocking(
+            "LlamaModel::forward_resident_greedy",
+            self.forward_resident_greedy_async(r, cache, seqs),
+        )?
+    }
+
+    /// [`LlamaModel::forward_resident_async`] with greedy sampling on the device: the token id
+    /// (the host `argmax` of its logits) of each row that gets logits, and 4 bytes read back per
+    /// row instead of the vocabulary's logits.
+    pub async fn forward_resident_greedy_async(
+        &self,
+        r: &ResidentDecoder,
+        cache: &mut PagedKvCache,
+        seqs: &[StepSeq<'_>],
+    ) -> Result<Vec<u32>> {
+        let (pending, has_rows) = self.record_resident(r, cache, seqs, Readout::Greedy)?;
+        let ids = pending.wait_u32_async().await?;
+        Ok(if has_rows { ids } else { Vec::new() })
+    }
+
+    /// Records and submits a resident step; whether it reads rows back (else one value of the
     /// stream, so that the step's errors still surface in its wait).
     fn record_resident(
         &self,
         r: &ResidentDecoder,
         cache: &mut PagedKvCache,
         seqs: &[StepSeq<'_>],
+        readout: Readout,
     ) -> Result<(StepPending, bool)> {
         let c = &self.config;
         if r.layers.len() != c.num_layers {
@@ -233,6 +261,7 @@ impl LlamaModel {
             (Act::GateUp, t * 2 * inter * f),
             (Act::Sel, n * h * f),
             (Act::Logits, n * vocab * f),
+            (Act::Tokens, n * f),
             (Act::Rows, rows_info.len() * f),
             (Act::SelRows, n * f),
             (Act::PageScratch, if copies.is_empty() { 0 } else { r.layers[0].kv.page_bytes() }),
@@ -280,6 +309,21 @@ impl LlamaModel {
         }
         rec.rms_norm(Act::X, &r.norm, n, eps, Act::Sel, true)?;
         rec.linear(&r.lm_head, Act::Sel, n, Act::Logits, false, OnLoad::Plain)?;
-        Ok((rec.submit(Act::Logits, n * vocab)?, true))
+        match readout {
+            Readout::Logits => Ok((rec.submit(Act::Logits, n * vocab)?, true)),
+            Readout::Greedy => {
+                rec.argmax_rows(Act::Logits, n, vocab, Act::Tokens)?;
+                Ok((rec.submit(Act::Tokens, n)?, true))
+            }
+        }
     }
+}
+
+/// What a resident step reads back for the rows that get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Readout {
+    /// Their logits, for sampling on the host.
+    Logits,
+    /// Their greedy token ids.
+    Greedy,
 }
