@@ -1,6 +1,7 @@
 //! The device-resident path: a decode loop (and a projection loop) that creates no GPU object
 //! after warm-up, appends through the kernel equal to host appends, typed errors over the
-//! adapter's limits, and a lost device that leaves the CPU engine to carry on.
+//! adapter's limits, a real out-of-memory (under a process memory limit) that leaves nothing
+//! behind, and a lost device that leaves the CPU engine to carry on.
 
 #![cfg(not(target_arch = "wasm32"))]
 
@@ -198,4 +199,75 @@ fn warm_projection_loop_creates_nothing() {
     // readback (the resident path of the model test does one of each per whole step).
     assert_eq!(after.submits - warm.submits, 5 * 12 * 2, "two submissions per call");
     assert_eq!(after.readbacks - warm.readbacks, 5 * 12, "one readback per call");
+}
+
+/// A real out-of-memory, not a simulated one: the test runs itself again under an address-space
+/// limit (`prlimit --as`), where a software adapter's device memory (host memory) runs out the
+/// way a card's does. KV pools are allocated until the device refuses one: the refusal is a
+/// typed `GpuOutOfMemory` that leaves no buffer behind, and once the pools are freed the same
+/// engine allocates and computes again. On a hardware adapter the process limit does not bound
+/// device memory, so the test says so and skips.
+#[test]
+fn device_out_of_memory_is_a_typed_error_that_leaves_nothing_behind() {
+    if std::env::var("TWINFER_OOM_CHILD").is_ok() {
+        return out_of_memory_child();
+    }
+    let Some(gpu) = engine() else { return };
+    if gpu.context().summary.device_type != "Cpu" {
+        eprintln!("SKIPPED: device memory of a hardware adapter does not follow the process limit");
+        return;
+    }
+    drop(gpu);
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new("prlimit")
+        .arg(format!("--as={}", OOM_ADDRESS_SPACE))
+        .arg("--")
+        .arg(exe)
+        .args(["device_out_of_memory_is_a_typed_error_that_leaves_nothing_behind", "--exact", "--nocapture"])
+        .env("TWINFER_OOM_CHILD", "1")
+        .output()
+        .expect("prlimit (util-linux) runs the test under a memory limit");
+    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the limited run failed:\n{log}");
+    assert!(log.contains("out of memory after"), "the limited run never ran out of memory:\n{log}");
+}
+
+/// The address space of the limited run: the engine's own mappings (the driver, its JIT and
+/// threads) take about 1 GiB, so a few hundred MiB of pools exhaust it.
+const OOM_ADDRESS_SPACE: u64 = 3 << 30;
+
+fn out_of_memory_child() {
+    let gpu = GpuEngine::new().expect("the engine opens under the limit");
+    // 64 KiB pages; 2048 of them are 128 MiB for each of K and V.
+    let layout = KvLayout::new(16, 8, 128).unwrap();
+    let cap = twinfer::gpu::DEFAULT_MAX_KV_BUFFER;
+    let mut pools = Vec::new();
+    let err = loop {
+        let before = gpu.counts().buffers;
+        match GpuKvCache::new(&gpu, layout, 2048, KvStorage::F32, cap) {
+            Ok(pool) => pools.push(pool),
+            Err(e) => {
+                assert_eq!(gpu.counts().buffers, before, "a refused pool left buffers behind");
+                break e;
+            }
+        }
+        assert!(pools.len() < 64, "8 GiB of pools under a 3 GiB limit: the limit does not bind");
+    };
+    assert!(matches!(err, TwinferError::GpuOutOfMemory(_)), "{err:?}");
+    println!("out of memory after {} pools of 256 MiB: {err}", pools.len());
+    drop(pools);
+    // The engine carries on: a pool fits again, and an append and a decode on it are right.
+    let cache = GpuKvCache::new(&gpu, layout, 2048, KvStorage::F32, cap).expect("a pool after the others are freed");
+    let row: Vec<f32> = (0..layout.row_elems()).map(|i| wave(i, 0.37)).collect();
+    cache.append(&gpu, &row, &row, &[(0, 0)]).unwrap();
+    let params = AttentionParams::new(8, 8, 128);
+    let q: Vec<f32> = (0..8 * 128).map(|i| wave(i, 0.11)).collect();
+    let table = PageTable::new(&[0, 1], &[0], &[1]);
+    let mut o = vec![f32::NAN; 8 * 128];
+    gpu.decode_resident(&params, q.as_slice().into(), &cache, table, Some(&mut AttentionOutput::new(o.as_mut_slice())))
+        .unwrap();
+    // One key: the output is its value row.
+    for (i, (g, v)) in o.iter().zip(&row).enumerate() {
+        assert!((g - v).abs() <= 1e-6, "o[{i}] = {g}, value {v}");
+    }
 }
