@@ -37,8 +37,18 @@ fn is_nan(v: f32) -> bool {
     return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
 }
 
+// A thread that saw no element holds index EMPTY, which every candidate beats. (Not a NaN
+// constant: a constant expression that evaluates to NaN is a WGSL error in browsers.)
+const EMPTY: u32 = 0xffffffffu;
+
 // Whether candidate (v, i) beats (bv, bi) under the host's rule.
 fn beats(v: f32, i: u32, bv: f32, bi: u32) -> bool {
+    if (i == EMPTY) {
+        return false;
+    }
+    if (bi == EMPTY) {
+        return true;
+    }
     let vn = is_nan(v);
     let bn = is_nan(bv);
     if (vn || bn) {
@@ -55,10 +65,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         return;
     }
     let base = r * P.width;
-    // A thread with no element keeps a NaN at index 0, which any real candidate beats and which
-    // loses the NaN-against-NaN rule to every other index.
-    var bv = bitcast<f32>(0x7fc00000u);
-    var bi = 0u;
+    var bv = 0.0;
+    var bi = EMPTY;
     var i = lid;
     for (; i + 3u * WG < P.width; i += 4u * WG) {
         let v0 = logits[base + i];

@@ -67,6 +67,8 @@ function checkOutputs({ result, embeddings }) {
   // The semantic search put the password sentences first.
   assert.match(result.ranking[0].s, /password|login/i);
   const m = result.metrics;
+  // Where a slow run's time went (the WebGPU page on SwiftShader takes minutes).
+  console.log(`demo generation: TTFT p50 ${m.ttft.p50.toFixed(1)} ms, TPOT p50 ${m.tpot.p50.toFixed(1)} ms, ${m.generatedTokens} tokens`);
   assert.equal(m.generatedTokens, llama.greedy_ids.length);
   assert.ok(m.ttft.p50 > 0 && m.tpot.p50 > 0 && m.tps > 0);
 }

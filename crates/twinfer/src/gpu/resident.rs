@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::engine::{DecodeStep, GpuEngine};
 use super::params::AppendParams;
 use super::pending::{Readback, Scopes};
-use super::resources::{Bind, PipelineKey, RecordedPass, Slot, Tile};
+#[cfg(not(target_arch = "wasm32"))]
+use super::resources::RecordedPass;
+use super::resources::{Bind, PipelineKey, Slot, Tile};
 use super::shaders::{Kernel, KvStorage, Variant};
 use crate::attention::problem::{KvSource, Problem, QoRows};
 use crate::attention::{AttentionOutput, AttentionParams};

@@ -138,10 +138,11 @@ pub struct Resources {
 /// Idle readback buffers kept: one per call in flight at once, which is one or two in practice.
 const READBACK_KEPT: usize = 2;
 
-/// A recorded dispatch: pipeline, bind group and grid.
-/// A dispatch as recorded: kept so that a step's device time can be measured by replaying it.
+/// A dispatch as recorded (kernel, pipeline, bind group, grid): kept so that a step's device
+/// time can be measured by replaying it (natively; the browser has no such timing).
 #[derive(Debug, Clone)]
 pub struct RecordedPass {
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
     pub kernel: Kernel,
     pub pipeline: Arc<wgpu::ComputePipeline>,
     pub bind_group: wgpu::BindGroup,
