@@ -247,12 +247,23 @@ async function autoRun() {
   $("worker").checked = params.get("worker") === "1";
   if (params.has("maxTokens")) $("max-tokens").value = params.get("maxTokens");
   if (params.has("genModel")) $("gen-url").value = params.get("genModel");
+  // Milliseconds per phase, for whoever wonders where a slow page's time went.
+  const times = {};
+  let mark = performance.now();
+  const timed = async (name, work) => {
+    const result = await work();
+    const now = performance.now();
+    times[name] = Math.round(now - mark);
+    mark = now;
+    return result;
+  };
   try {
-    await Promise.all([open("embed"), open("gen")]);
-    const embedInfo = await load("embed", $("embed-url").value);
-    const ranking = await rank();
-    const genInfo = await load("gen", $("gen-url").value);
-    const generated = await generate();
+    await timed("open", () => Promise.all([open("embed"), open("gen")]));
+    const embedInfo = await timed("loadEmbed", () => load("embed", $("embed-url").value));
+    const ranking = await timed("rank", rank);
+    const genInfo = await timed("loadGen", () => load("gen", $("gen-url").value));
+    const generated = await timed("generate", () => generate());
+    window.demoTimes = times;
     window.demoResult = { embedInfo, genInfo, ranking, generated, metrics: await engines.gen.metrics() };
     status("");
     document.body.dataset.state = "done";

@@ -46,10 +46,13 @@ async function runDemo({ flags, query, screenshot, after }) {
     await page.waitForFunction(() => ["done", "error"].includes(document.body.dataset.state), null, { timeout: 480_000 });
     const error = await page.evaluate(() => window.demoError ?? null);
     assert.equal(error, null, `the demo failed: ${JSON.stringify(error)}\n${logs.join("\n")}`);
-    const result = await page.evaluate(() => ({ ...window.demoResult, progress: window.demoProgress }));
+    const result = await page.evaluate(() => ({ ...window.demoResult, progress: window.demoProgress, times: window.demoTimes }));
+    console.log(`demo phases (ms): ${JSON.stringify(result.times)}`);
     const embeddings = await page.evaluate((s) => window.demo.embed(s), minilm.sentences);
     if (screenshot) await page.screenshot({ path: new URL(screenshot, ARTIFACTS).pathname, fullPage: true });
+    const started = Date.now();
     const extra = after ? await after(page) : null;
+    if (after) console.log(`the test's own steps on the page: ${Date.now() - started} ms`);
     return { result, embeddings, logs, extra };
   } finally {
     await browser.close();
