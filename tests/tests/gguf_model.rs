@@ -8,6 +8,10 @@
 //! one uncertain step cannot derail the rest), the greedy token at every step that is not a
 //! near-tie, on every CPU SIMD level and on the GPU's resident path. All prompts run batched in
 //! one step, each on its own sequence of the paged cache.
+//!
+//! The same checks run on a K-quant copy of the model (`tests/reference/kquant_gguf.py`): its
+//! `ffn_down` tensors (the only ones whose rows are whole 256-weight blocks) in Q4_K in even
+//! layers and Q6_K in odd ones, with a golden of its own.
 #![cfg(not(target_arch = "wasm32"))]
 
 use twinfer::kv::{KvCacheConfig, KvLayout, PagedKvCache};
@@ -15,8 +19,10 @@ use twinfer::model::{Engines, LlamaModel, Logits, Model, ModelSource, Network, R
 use twinfer::{Attention, Backend, DType};
 use twinfer_tests::models::{floats, golden, ids, levels, model_dir};
 
-const NAME: &str = "smollm2";
-const FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+/// A model file in the cache and its golden: (folder, file).
+type Subject = (&'static str, &'static str);
+const Q4_1: Subject = ("smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf");
+const K_QUANTS: Subject = ("smollm2-kquant", "SmolLM2-135M-Instruct.Q4_K-Q6_K.gguf");
 /// The CPU quantizes activations per block of 32 into two int8 digits (a coarse one and its
 /// residual) before each quantized projection; against float64 over f32 activations that costs,
 /// through 30 layers, 3e-5 to 1.3e-4 of the largest top logit (one int8 digit alone, as
@@ -34,11 +40,11 @@ const GPU_NEAR_TIE: f64 = 2.0 * GPU_LOGITS_RTOL * 32.0;
 /// Lavapipe runs this model at seconds per token: the GPU check takes one prompt and a few steps.
 const GPU_STEPS: usize = 4;
 
-fn load() -> (LlamaModel, Tokenizer, Option<String>) {
-    let model = Model::load(ModelSource::dir(model_dir(NAME).join(FILE))).unwrap();
+fn load((name, file): Subject) -> (LlamaModel, Tokenizer, Option<String>) {
+    let model = Model::load(ModelSource::dir(model_dir(name).join(file))).unwrap();
     match model.network {
         Network::Decoder(m) => (m, model.tokenizer, model.chat_template),
-        Network::Encoder(_) => panic!("{FILE} is not a decoder"),
+        Network::Encoder(_) => panic!("{file} is not a decoder"),
     }
 }
 
@@ -50,8 +56,8 @@ struct Prompt {
     margins: Vec<f32>,
 }
 
-fn prompts() -> Vec<Prompt> {
-    golden(NAME)["prompts"]
+fn prompts((name, _): Subject) -> Vec<Prompt> {
+    golden(name)["prompts"]
         .as_array()
         .unwrap()
         .iter()
@@ -67,8 +73,8 @@ fn prompts() -> Vec<Prompt> {
 
 #[test]
 fn the_gguf_tokenizer_matches_the_reference() {
-    let (_, tokenizer, _) = load();
-    let g = golden(NAME);
+    let (_, tokenizer, _) = load(Q4_1);
+    let g = golden(Q4_1.0);
     for case in g["tokenizer"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
         assert_eq!(tokenizer.encode(text, true).unwrap(), ids(&case["ids"]), "{text:?}");
@@ -152,8 +158,21 @@ fn check(engine: &str, prompts: &[&Prompt], got: &[(Vec<f32>, Vec<u32>)], rtol: 
 
 #[test]
 fn quantized_model_matches_the_reference_on_every_cpu_level() {
-    let (model, _, _) = load();
-    let all = prompts();
+    matches_on_every_cpu_level(Q4_1);
+}
+
+#[test]
+fn k_quant_model_matches_the_reference_on_every_cpu_level() {
+    let (model, _, _) = load(K_QUANTS);
+    let formats = model.projection_formats();
+    let count = |f: &str| formats.iter().filter(|(name, x)| name.ends_with(" down") && x == f).count();
+    assert_eq!((count("q4_k"), count("q6_k")), (15, 15), "the K-quant tensors stay K-quants: {formats:?}");
+    matches_on_every_cpu_level(K_QUANTS);
+}
+
+fn matches_on_every_cpu_level(subject: Subject) {
+    let (model, _, _) = load(subject);
+    let all = prompts(subject);
     // Under emulation (TWINFER_TEST_LEVELS=widest: aarch64 in qemu) the whole set takes many
     // minutes; one prompt and 8 steps still run every kernel on NEON.
     let emulated = std::env::var("TWINFER_TEST_LEVELS").is_ok_and(|v| v == "widest");
@@ -175,6 +194,15 @@ fn quantized_model_matches_the_reference_on_every_cpu_level() {
 
 #[test]
 fn quantized_model_matches_the_reference_on_the_resident_gpu_path() {
+    matches_on_the_resident_gpu_path(Q4_1);
+}
+
+#[test]
+fn k_quant_model_matches_the_reference_on_the_resident_gpu_path() {
+    matches_on_the_resident_gpu_path(K_QUANTS);
+}
+
+fn matches_on_the_resident_gpu_path(subject: Subject) {
     let gpu = match Attention::new(Backend::Gpu) {
         Ok(a) => a,
         Err(e) if std::env::var("TWINFER_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
@@ -183,8 +211,8 @@ fn quantized_model_matches_the_reference_on_the_resident_gpu_path() {
         Err(e) => return eprintln!("SKIPPED: the quantized model does NOT run on the GPU here: {e}"),
     };
     let engine = gpu.gpu_engine().unwrap();
-    let (model, _, _) = load();
-    let all = prompts();
+    let (model, _, _) = load(subject);
+    let all = prompts(subject);
     // The prompt whose greedy steps stay clear of near-ties longest, so the few steps all count.
     let clear = |p: &Prompt| p.margins.iter().position(|&m| (m as f64) < GPU_NEAR_TIE);
     let prompts: Vec<&Prompt> = vec![all.iter().max_by_key(|p| clear(p).unwrap_or(usize::MAX)).unwrap()];

@@ -178,22 +178,22 @@ mod tests {
     /// - every level but wasm's (no FMA there) gives the scalar level's bits.
     #[test]
     fn matches_f64_within_the_activation_rounding_on_every_level_and_is_batch_invariant() {
-        for format in [QuantFormat::Q8_0, QuantFormat::Q4_0, QuantFormat::Q4_1] {
-            for &(rows, n, k) in &[(1, 3, 32), (7, 70, 96), (5, 130, 64), (2, 64, 576), (9, 16, 128), (33, 20, 64)] {
+        let legacy = [(1, 3, 32), (7, 70, 96), (5, 130, 64), (2, 64, 576), (9, 16, 128), (33, 20, 64)];
+        let k_quant = [(1, 3, 256), (7, 70, 512), (2, 64, 768), (33, 20, 256)];
+        for format in QuantFormat::ALL {
+            let shapes: &[(usize, usize, usize)] = if format.can_quantize() { &legacy } else { &k_quant };
+            for &(rows, n, k) in shapes {
                 // Scale the rows apart so blocks differ in dx.
                 let x: Vec<f32> = data(rows * k, 1).iter().enumerate().map(|(i, v)| v * (1 + i % 7) as f32).collect();
-                let rows_q = QuantRows::quantize(format, &data(n * k, 2), n, k).unwrap();
+                let rows_q = if format.can_quantize() {
+                    QuantRows::quantize(format, &data(n * k, 2), n, k).unwrap()
+                } else {
+                    crate::quant::random_rows(format, n, k, 2)
+                };
                 let reference = rows_q.to_f32();
                 let packed = PackedQuant::from_rows(&rows_q).unwrap();
                 let bias = data(n, 3);
-                let minimum = |c: usize, blk: usize| -> f64 {
-                    let block = &rows_q.row(c)[blk * format.block_bytes()..];
-                    if format == QuantFormat::Q4_1 {
-                        half::f16::from_le_bytes([block[2], block[3]]).to_f64()
-                    } else {
-                        0.0
-                    }
-                };
+                let minimum = |c: usize, blk: usize| packed.block_minimum(c, blk) as f64;
                 let mut acts = QuantizedRows::default();
                 acts.quantize(&x, rows, k);
                 let nb = k / BLOCK;
@@ -228,8 +228,9 @@ mod tests {
                                     .sum::<f64>()
                                 + (bias[c] as f64).abs();
                             let got = y[r * n + c] as f64;
-                            // Two digits, each adding two rounded products per block.
-                            let rounding = (4 * nb + 6) as f64 * f32::EPSILON as f64 * magnitude;
+                            // Two digits, each adding two rounded products per block and half (the
+                            // K-quants' scale products are exact).
+                            let rounding = (4 * format.halves() * nb + 6) as f64 * f32::EPSILON as f64 * magnitude;
                             assert!(
                                 (got - exact).abs() <= rounding,
                                 "{level} {format:?} {rows}x{n}x{k} [{r},{c}]: {got} vs {exact} (bound {rounding:e})"

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use crate::error::{Result, TwinferError};
 use crate::model::source::FileBytes;
-use crate::quant::{BLOCK, QuantFormat};
+use crate::quant::QuantFormat;
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,6 +71,8 @@ impl GgmlType {
             2 => Self::Quant(QuantFormat::Q4_0),
             3 => Self::Quant(QuantFormat::Q4_1),
             8 => Self::Quant(QuantFormat::Q8_0),
+            12 => Self::Quant(QuantFormat::Q4_K),
+            14 => Self::Quant(QuantFormat::Q6_K),
             30 => Self::BF16,
             _ => return None,
         })
@@ -81,7 +83,7 @@ impl GgmlType {
         match self {
             Self::F32 => (1, 4),
             Self::F16 | Self::BF16 => (1, 2),
-            Self::Quant(q) => (BLOCK, q.block_bytes()),
+            Self::Quant(q) => (q.block_weights(), q.block_bytes()),
         }
     }
 }
@@ -94,9 +96,7 @@ fn unsupported_type_name(id: u32) -> String {
         9 => "Q8_1",
         10 => "Q2_K",
         11 => "Q3_K",
-        12 => "Q4_K",
         13 => "Q5_K",
-        14 => "Q6_K",
         15 => "Q8_K",
         _ => return format!("ggml type {id}"),
     };
@@ -532,11 +532,17 @@ pub(crate) mod tests {
         v1[4] = 1;
         assert!(err(v1).contains("version 1"), "version");
         assert!(err(b"GGML0000".to_vec()).contains("magic"));
-        let q4k = Builder::new().tensor("blk.0.attn_q.weight", &[256, 1], 12, vec![0; 144]).build();
-        let e = err(q4k);
-        assert!(e.contains("Q4_K") && e.contains("blk.0.attn_q.weight"), "{e}");
+        let q5k = Builder::new().tensor("blk.0.attn_q.weight", &[256, 1], 13, vec![0; 176]).build();
+        let e = err(q5k);
+        assert!(e.contains("Q5_K") && e.contains("blk.0.attn_q.weight"), "{e}");
         let ragged = Builder::new().tensor("w", &[33, 1], 8, vec![0; 68]).build();
         assert!(err(ragged).contains("whole blocks"));
+        // K-quant rows are whole blocks of 256.
+        let ragged = Builder::new().tensor("w", &[128, 1], 14, vec![0; 105]).build();
+        assert!(err(ragged).contains("whole blocks of 256"));
+        let q6k = Builder::new().tensor("w", &[256, 2], 14, vec![0; 420]).build();
+        let g = GgufFile::parse(FileBytes::Owned(q6k), "t.gguf").unwrap();
+        assert_eq!(g.tensor("w").unwrap().len, 420);
         let mut huge = Builder::new().build();
         huge[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(err(huge).contains("cannot fit"));

@@ -72,6 +72,21 @@ impl Linear {
         self.parts[0].dtype()
     }
 
+    /// The weights' format: a float dtype (`f16`) or a block format (`q4_k`); stacked parts of
+    /// several block formats are named together (`q4_k+q6_k`).
+    pub fn format_name(&self) -> String {
+        if let Some(dtype) = self.dtype() {
+            return dtype.to_string();
+        }
+        let mut names: Vec<&str> = Vec::new();
+        for q in self.quant_parts().into_iter().flatten() {
+            if !names.contains(&q.format.name()) {
+                names.push(q.format.name());
+            }
+        }
+        names.join("+")
+    }
+
     /// The block-quantized weights' row blocks, or `None` when they are float.
     pub fn quant_parts(&self) -> Option<Vec<&PackedQuant>> {
         self.parts

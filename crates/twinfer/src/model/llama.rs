@@ -136,7 +136,6 @@ impl LlamaModel {
         })
     }
 
-    /// Attention parameters of every layer.
     /// Uploads every projection's weights to `gpu` now rather than at the first step (where the
     /// first token would pay for it); `progress(done, total)` counts weight bytes.
     pub fn upload_weights(&self, gpu: &crate::gpu::GpuEngine, mut progress: impl FnMut(usize, usize)) -> Result<()> {
@@ -145,6 +144,20 @@ impl LlamaModel {
         super::linear::upload_all(&linears, gpu, &mut progress)
     }
 
+    /// Each projection's name and the format its weights are held in (`f16`, `q4_k`, ...), layer
+    /// by layer, then the LM head: what a loaded file runs on.
+    pub fn projection_formats(&self) -> Vec<(String, String)> {
+        let mut out = Vec::with_capacity(4 * self.layers.len() + 1);
+        for (i, l) in self.layers.iter().enumerate() {
+            for (name, linear) in [("qkv", &l.qkv), ("o", &l.o), ("gate_up", &l.gate_up), ("down", &l.down)] {
+                out.push((format!("layer {i} {name}"), linear.format_name()));
+            }
+        }
+        out.push(("lm_head".into(), self.lm_head.format_name()));
+        out
+    }
+
+    /// Attention parameters of every layer.
     pub fn attention_params(&self) -> AttentionParams {
         let c = &self.config;
         AttentionParams::new(c.num_heads, c.num_kv_heads, c.head_dim)

@@ -1,15 +1,17 @@
-//! Block-quantized weights: the GGUF block formats (Q8_0, Q4_0, Q4_1) as stored in files, their
-//! reference decoding, quantization of float weights into them, and [`PackedQuant`], the layout
-//! the CPU kernel reads.
+//! Block-quantized weights: the GGUF block formats (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) as stored in
+//! files, their reference decoding, quantization of float weights into the first three, and
+//! [`PackedQuant`], the layout the CPU kernel reads.
 //!
-//! A block holds 32 consecutive weights of one row and its own scale:
+//! A block of the legacy formats holds 32 consecutive weights of one row and its own scale:
 //! - Q8_0: `d: f16, q: [i8; 32]`, value `d * q` (34 bytes);
 //! - Q4_0: `d: f16, qs: [u8; 16]`, value `d * (q - 8)` (18 bytes);
 //! - Q4_1: `d: f16, m: f16, qs: [u8; 16]`, value `d * q + m` (20 bytes).
 //!
 //! In the 4-bit formats, weight `j < 16` is the low nibble of `qs[j]` and weight `j + 16` its
-//! high nibble (llama.cpp's `ggml-common.h`).
+//! high nibble (llama.cpp's `ggml-common.h`). The K-quants hold 256 weights a block with a second
+//! level of scales ([`kquant`]).
 
+pub mod kquant;
 mod packed;
 
 pub use packed::{PackedQuant, TILE};
@@ -18,33 +20,59 @@ use half::f16;
 
 use crate::error::{Result, TwinferError};
 
-/// Weights per block, in every format here.
+/// Weights per block of the legacy formats, and per sub-block of the K-quants: the granularity
+/// of the packed layout and of the activations' quantization.
 pub const BLOCK: usize = 32;
 
-/// A block-quantized format of GGUF.
+/// A block-quantized format of GGUF, named as GGUF names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[allow(non_camel_case_types)]
 pub enum QuantFormat {
     Q8_0,
     Q4_0,
     Q4_1,
+    /// 256 weights in 8 sub-blocks of 32, each with a 6-bit scale and minimum (4.5 bits/weight).
+    Q4_K,
+    /// 256 weights in 16 sub-blocks of 16, each with an 8-bit scale (6.5625 bits/weight).
+    Q6_K,
 }
 
 impl QuantFormat {
-    /// Bytes of one block of [`BLOCK`] weights.
+    /// Every format, in GGUF's type order.
+    pub const ALL: [Self; 5] = [Self::Q4_0, Self::Q4_1, Self::Q8_0, Self::Q4_K, Self::Q6_K];
+
+    /// Weights per block of the file format: [`BLOCK`], or [`kquant::QK_K`] for the K-quants.
+    pub const fn block_weights(self) -> usize {
+        match self {
+            Self::Q8_0 | Self::Q4_0 | Self::Q4_1 => BLOCK,
+            Self::Q4_K | Self::Q6_K => kquant::QK_K,
+        }
+    }
+
+    /// Bytes of one block of [`QuantFormat::block_weights`] weights.
     pub const fn block_bytes(self) -> usize {
         match self {
             Self::Q8_0 => 34,
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
+            Self::Q4_K => kquant::Q4_K_BYTES,
+            Self::Q6_K => kquant::Q6_K_BYTES,
         }
     }
 
-    /// Bits of one weight's code once packed (the scale is kept beside it).
+    /// Bits of one weight's code once packed (the scales are kept beside it). Q6_K's 6-bit
+    /// codes are packed as bytes, so the kernels' 8-bit path reads them.
     pub const fn code_bits(self) -> u32 {
         match self {
-            Self::Q8_0 => 8,
-            Self::Q4_0 | Self::Q4_1 => 4,
+            Self::Q8_0 | Self::Q6_K => 8,
+            Self::Q4_0 | Self::Q4_1 | Self::Q4_K => 4,
         }
+    }
+
+    /// Whether float weights can be quantized into this format here (the K-quants are read from
+    /// files only).
+    pub const fn can_quantize(self) -> bool {
+        matches!(self, Self::Q8_0 | Self::Q4_0 | Self::Q4_1)
     }
 
     pub fn name(self) -> &'static str {
@@ -52,27 +80,26 @@ impl QuantFormat {
             Self::Q8_0 => "q8_0",
             Self::Q4_0 => "q4_0",
             Self::Q4_1 => "q4_1",
+            Self::Q4_K => "q4_k",
+            Self::Q6_K => "q6_k",
         }
     }
 
-    /// The format named `q8_0`, `q4_0` or `q4_1` (any case).
+    /// The format named `q8_0`, `q4_0`, `q4_1`, `q4_k` or `q6_k` (any case).
     pub fn parse(name: &str) -> Result<Self> {
-        match name.to_ascii_lowercase().as_str() {
-            "q8_0" => Ok(Self::Q8_0),
-            "q4_0" => Ok(Self::Q4_0),
-            "q4_1" => Ok(Self::Q4_1),
-            _ => Err(TwinferError::InvalidParameter(format!("unknown quantization {name:?} (q8_0, q4_0 or q4_1)"))),
-        }
+        Self::ALL.into_iter().find(|f| f.name().eq_ignore_ascii_case(name)).ok_or_else(|| {
+            TwinferError::InvalidParameter(format!("unknown quantization {name:?} (q8_0, q4_0, q4_1, q4_k or q6_k)"))
+        })
     }
 
-    /// Bytes of a row of `k` weights (`k` a multiple of [`BLOCK`]).
+    /// Bytes of a row of `k` weights (`k` a multiple of [`QuantFormat::block_weights`]).
     pub const fn row_bytes(self, k: usize) -> usize {
-        k / BLOCK * self.block_bytes()
+        k / self.block_weights() * self.block_bytes()
     }
 
-    /// One block: its unsigned codes (`q + 128` for Q8_0, the nibble for the 4-bit formats) and
-    /// the affine map `value = scale * code + offset` that decodes them.
-    pub fn split_block(self, block: &[u8]) -> ([u8; BLOCK], f32, f32) {
+    /// One block of a legacy format: its unsigned codes (`q + 128` for Q8_0, the nibble for the
+    /// 4-bit formats) and the affine map `value = scale * code + offset` that decodes them.
+    fn split_block(self, block: &[u8]) -> ([u8; BLOCK], f32, f32) {
         let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
         let mut codes = [0u8; BLOCK];
         match self {
@@ -82,7 +109,7 @@ impl QuantFormat {
                 }
                 (codes, d, -128.0 * d)
             }
-            Self::Q4_0 | Self::Q4_1 => {
+            _ => {
                 let qs = &block[block.len() - BLOCK / 2..];
                 for j in 0..BLOCK / 2 {
                     codes[j] = qs[j] & 0x0f;
@@ -97,6 +124,11 @@ impl QuantFormat {
     /// Decodes a row of blocks into `out` (`out.len()` weights): the reference the kernels are
     /// checked against.
     pub fn dequantize_row(self, row: &[u8], out: &mut [f32]) {
+        match self {
+            Self::Q4_K => return kquant::dequantize_q4_k(row, out),
+            Self::Q6_K => return kquant::dequantize_q6_k(row, out),
+            _ => {}
+        }
         for (block, chunk) in row.chunks_exact(self.block_bytes()).zip(out.chunks_exact_mut(BLOCK)) {
             let (codes, scale, offset) = self.split_block(block);
             for (o, &c) in chunk.iter_mut().zip(&codes) {
@@ -115,8 +147,9 @@ impl QuantFormat {
 
     /// Quantizes a row of `k` floats (a multiple of [`BLOCK`]) into blocks appended to `out`, as
     /// llama.cpp's reference quantizers do: Q8_0 and Q4_0 scale by the largest magnitude (Q4_0
-    /// keeps its sign, so that value maps to -8), Q4_1 spans [min, max] in 15 steps.
-    pub fn quantize_row(self, row: &[f32], out: &mut Vec<u8>) {
+    /// keeps its sign, so that value maps to -8), Q4_1 spans [min, max] in 15 steps. Appends
+    /// nothing for a format that cannot be quantized here ([`QuantFormat::can_quantize`]).
+    fn quantize_row(self, row: &[f32], out: &mut Vec<u8>) {
         for block in row.chunks_exact(BLOCK) {
             match self {
                 Self::Q8_0 => {
@@ -143,6 +176,7 @@ impl QuantFormat {
                     let code = |x: f32| (((x - min) * inv + 0.5) as i32).clamp(0, 15) as u8;
                     out.extend((0..BLOCK / 2).map(|j| code(block[j]) | code(block[j + BLOCK / 2]) << 4));
                 }
+                Self::Q4_K | Self::Q6_K => return,
             }
         }
     }
@@ -160,9 +194,10 @@ pub struct QuantRows {
 impl QuantRows {
     /// Checks that `bytes` holds exactly `n` rows of `k` weights of `format`.
     pub fn new(format: QuantFormat, n: usize, k: usize, bytes: Vec<u8>) -> Result<Self> {
-        if !k.is_multiple_of(BLOCK) || k == 0 {
+        let per = format.block_weights();
+        if !k.is_multiple_of(per) || k == 0 {
             return Err(TwinferError::InvalidParameter(format!(
-                "{} rows must hold a positive multiple of {BLOCK} weights, not {k}",
+                "{} rows must hold a positive multiple of {per} weights, not {k}",
                 format.name()
             )));
         }
@@ -172,6 +207,12 @@ impl QuantRows {
 
     /// Quantizes `[n, k]` floats.
     pub fn quantize(format: QuantFormat, values: &[f32], n: usize, k: usize) -> Result<Self> {
+        if !format.can_quantize() {
+            return Err(TwinferError::InvalidParameter(format!(
+                "quantizing into {} is not supported (q8_0, q4_0 or q4_1); {0} weights are read from GGUF files",
+                format.name()
+            )));
+        }
         crate::error::check_len("weights to quantize", n * k, values.len())?;
         let mut bytes = Vec::with_capacity(n * format.row_bytes(k));
         if k.is_multiple_of(BLOCK) {
@@ -193,6 +234,34 @@ impl QuantRows {
         }
         out
     }
+}
+
+/// `n` rows of `k` weights of random blocks of `format`, seeded: random codes and sub-scales
+/// under block scales of about 0.01, as a test's weights (K-quants cannot be quantized here).
+#[cfg(test)]
+pub(crate) fn random_rows(format: QuantFormat, n: usize, k: usize, seed: u64) -> QuantRows {
+    let mut z = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut bytes: Vec<u8> = (0..n * format.row_bytes(k))
+        .map(|_| {
+            z ^= z << 13;
+            z ^= z >> 7;
+            z ^= z << 17;
+            (z >> 32) as u8
+        })
+        .collect();
+    // The f16 scales: positive, finite, and different from block to block.
+    let scale_at: &[usize] = match format {
+        QuantFormat::Q8_0 | QuantFormat::Q4_0 => &[0],
+        QuantFormat::Q4_1 | QuantFormat::Q4_K => &[0, 2],
+        QuantFormat::Q6_K => &[208],
+    };
+    for (b, block) in bytes.chunks_exact_mut(format.block_bytes()).enumerate() {
+        for &at in scale_at {
+            let v = 0.004 + 0.008 * ((b * 7 + at) % 11) as f32 / 11.0;
+            block[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+        }
+    }
+    QuantRows::new(format, n, k, bytes).unwrap()
 }
 
 #[cfg(test)]
@@ -222,6 +291,7 @@ mod tests {
                     QuantFormat::Q8_0 => amax / 127.0 / 2.0,
                     QuantFormat::Q4_0 => amax / 8.0,
                     QuantFormat::Q4_1 => (hi - lo) / 15.0 / 2.0,
+                    QuantFormat::Q4_K | QuantFormat::Q6_K => unreachable!("not quantized here"),
                 };
                 for (&a, &b2) in xs.iter().zip(ys) {
                     assert!((a - b2).abs() <= half_step + amax * 2e-3, "{format:?} block {b}: {a} -> {b2}");
@@ -236,5 +306,10 @@ mod tests {
         assert!(QuantRows::new(QuantFormat::Q4_1, 2, 32, vec![0; 39]).is_err());
         assert!(QuantFormat::parse("q5_k").is_err());
         assert_eq!(QuantFormat::parse("Q4_0").unwrap(), QuantFormat::Q4_0);
+        assert_eq!(QuantFormat::parse("Q6_K").unwrap(), QuantFormat::Q6_K);
+        let e = QuantRows::quantize(QuantFormat::Q4_K, &[0.0; 256], 1, 256).unwrap_err().to_string();
+        assert!(e.contains("q4_k") && e.contains("not supported"), "{e}");
+        assert!(QuantRows::new(QuantFormat::Q6_K, 1, 128, vec![0; 105]).is_err());
+        assert!(QuantRows::new(QuantFormat::Q6_K, 1, 256, vec![0; 210]).is_ok());
     }
 }

@@ -4,22 +4,30 @@
 //! (`vpdpbusd` on AVX-512 VNNI, `pmaddubsw` on AVX2, `smull` on NEON, `extmul` in wasm).
 //!
 //! - `codes[tile][block]` is one block of 32 inputs for the tile's 16 features:
-//!   - 8-bit codes (Q8_0, the file's signed `q`): 8 rows of 64 bytes, row `g` holding inputs
+//!   - 8-bit codes (Q8_0's signed `q`, Q6_K's `q - 32`): 8 rows of 64 bytes, row `g` holding inputs
 //!     `4g .. 4g + 4` of feature `f` at bytes `4f .. 4f + 4`;
-//!   - 4-bit codes (Q4_0, Q4_1, the nibble `0..=15`): 4 rows of 64 bytes, row `g` holding inputs
+//!   - 4-bit codes (Q4_0, Q4_1, Q4_K: the nibble `0..=15`): 4 rows of 64 bytes, row `g` holding inputs
 //!     `4g .. 4g + 4` in the low nibbles and inputs `16 + 4g .. 16 + 4g + 4` in the high ones.
-//! - `d[tile][block][f]` (and `m` for Q4_1) are the block scales as the file stores them (f16), so
-//!   the packed matrix takes the file's memory: 4.5 bits per weight for Q4_0, 5 for Q4_1, 8.5 for
-//!   Q8_0.
-//! - A weight's value is `d * (c - zero) + m`: `zero` is 8 for Q4_0 and 0 otherwise, `m` is 0
-//!   except for Q4_1, exactly as the reference decodes the file's blocks.
+//! - `d[tile][group][f]` (and `m` for Q4_1 and Q4_K) are f16 scales as the file stores them. A
+//!   group is one block for the legacy formats and the 8 blocks of a K-quant block, whose `d`
+//!   (and `-dmin` as `m`) it holds.
+//! - For the K-quants, `ds[tile][block][half][f]` are i8 multipliers of `d`: one per block for
+//!   Q4_K (`half` has one value), one per 16 inputs for Q6_K (two halves); `ms[tile][block][f]`
+//!   are Q4_K's multipliers of `m`. Their products with the f16 scales are exact in f32.
+//! - A weight's value is `d * ds * (c - zero) + m * ms`: `zero` is 8 for Q4_0 and 0 otherwise,
+//!   `ds` and `ms` are 1 for the legacy formats, `m` is 0 except for Q4_1 and Q4_K, exactly as
+//!   the reference decodes the file's blocks. Q6_K's codes are its `q - 32` as signed bytes.
 //!
-//! Features past `n` in the last tile have code 0 and scale 0. Scales must be finite (checked
-//! when packing, as llama.cpp validates row data): the kernels convert them without a NaN path.
+//! The packed matrix takes about the file's memory: 4.5 bits per weight for Q4_0, 5 for Q4_1,
+//! 8.5 for Q8_0, 4.6 for Q4_K, 8.6 for Q6_K (its 6-bit codes take a byte each, so that the
+//! kernels' 8-bit path reads them). Features past `n` in the last tile have code 0 and scale 0.
+//! Scales must be finite (checked when packing, as llama.cpp validates row data): the kernels
+//! convert them without a NaN path.
 
 use half::f16;
 
 use crate::error::{Result, TwinferError};
+use crate::quant::kquant::{self, KBlock, SUB_BLOCKS};
 use crate::quant::{BLOCK, QuantFormat, QuantRows};
 
 /// Output features per tile: one 512-bit vector of i32 lanes.
@@ -32,10 +40,37 @@ pub struct PackedQuant {
     pub n: usize,
     pub k: usize,
     codes: Vec<u8>,
-    /// `[tiles][blocks][TILE]` f16 scales.
+    /// `[tiles][groups][TILE]` f16 scales.
     d: Vec<f16>,
-    /// Q4_1's minima, laid out as `d`; empty otherwise.
+    /// The minima (Q4_1, Q4_K), laid out as `d`; empty otherwise.
     m: Vec<f16>,
+    /// The K-quants' multipliers of `d`, `[tiles][blocks][halves][TILE]`; empty otherwise.
+    ds: Vec<i8>,
+    /// Q4_K's multipliers of `m`, `[tiles][blocks][TILE]`; empty otherwise.
+    ms: Vec<i8>,
+}
+
+impl QuantFormat {
+    /// log2 of the blocks of 32 that share one f16 scale: 3 for the K-quants.
+    pub(crate) const fn group_shift(self) -> u32 {
+        match self {
+            Self::Q4_K | Self::Q6_K => 3,
+            _ => 0,
+        }
+    }
+
+    /// Scales per block of 32 inputs: 2 for Q6_K (one per 16), else 1.
+    pub(crate) const fn halves(self) -> usize {
+        if matches!(self, Self::Q6_K) { 2 } else { 1 }
+    }
+
+    const fn has_minima(self) -> bool {
+        matches!(self, Self::Q4_1 | Self::Q4_K)
+    }
+
+    const fn is_k_quant(self) -> bool {
+        matches!(self, Self::Q4_K | Self::Q6_K)
+    }
 }
 
 impl PackedQuant {
@@ -45,6 +80,11 @@ impl PackedQuant {
 
     pub fn blocks(&self) -> usize {
         self.k / BLOCK
+    }
+
+    /// Scale groups per tile row: blocks sharing one f16 scale count once.
+    fn groups(&self) -> usize {
+        self.blocks() >> self.format.group_shift()
     }
 
     /// Bytes of one tile's codes for one block.
@@ -58,16 +98,28 @@ impl PackedQuant {
         &self.codes[t * len..(t + 1) * len]
     }
 
-    /// Tile `t`'s scales, `[blocks][TILE]` f16 bits.
+    /// Tile `t`'s scales, `[groups][TILE]` f16 bits.
     pub fn tile_scales(&self, t: usize) -> &[u16] {
-        let len = self.blocks() * TILE;
+        let len = self.groups() * TILE;
         bytemuck::cast_slice(&self.d[t * len..(t + 1) * len])
     }
 
-    /// Tile `t`'s Q4_1 minima, laid out as its scales (empty for the other formats).
+    /// Tile `t`'s minima, laid out as its scales (empty for formats without minima).
     pub fn tile_minima(&self, t: usize) -> &[u16] {
-        let len = self.blocks() * TILE;
+        let len = self.groups() * TILE;
         if self.m.is_empty() { &[] } else { bytemuck::cast_slice(&self.m[t * len..(t + 1) * len]) }
+    }
+
+    /// Tile `t`'s multipliers of its scales, `[blocks][halves][TILE]` (empty but for K-quants).
+    pub fn tile_scale_multipliers(&self, t: usize) -> &[i8] {
+        let len = self.blocks() * self.format.halves() * TILE;
+        if self.ds.is_empty() { &[] } else { &self.ds[t * len..(t + 1) * len] }
+    }
+
+    /// Tile `t`'s multipliers of its minima, `[blocks][TILE]` (empty but for Q4_K).
+    pub fn tile_minimum_multipliers(&self, t: usize) -> &[i8] {
+        let len = self.blocks() * TILE;
+        if self.ms.is_empty() { &[] } else { &self.ms[t * len..(t + 1) * len] }
     }
 
     /// The code that decodes to 0 before the minimum is added: 8 for Q4_0, else 0.
@@ -77,19 +129,22 @@ impl PackedQuant {
 
     /// Bytes held in memory.
     pub fn bytes(&self) -> usize {
-        self.codes.len() + (self.d.len() + self.m.len()) * 2
+        self.codes.len() + (self.d.len() + self.m.len()) * 2 + self.ds.len() + self.ms.len()
     }
 
     fn empty(format: QuantFormat, n: usize, k: usize) -> Self {
         let tiles = n.div_ceil(TILE);
-        let scales = tiles * (k / BLOCK) * TILE;
+        let blocks = k / BLOCK;
+        let scales = tiles * (blocks >> format.group_shift()) * TILE;
         Self {
             format,
             n,
             k,
-            codes: vec![0; tiles * (k / BLOCK) * Self::tile_block_bytes(format)],
+            codes: vec![0; tiles * blocks * Self::tile_block_bytes(format)],
             d: vec![f16::ZERO; scales],
-            m: if format == QuantFormat::Q4_1 { vec![f16::ZERO; scales] } else { Vec::new() },
+            m: if format.has_minima() { vec![f16::ZERO; scales] } else { Vec::new() },
+            ds: if format.is_k_quant() { vec![0; tiles * blocks * format.halves() * TILE] } else { Vec::new() },
+            ms: if format == QuantFormat::Q4_K { vec![0; tiles * blocks * TILE] } else { Vec::new() },
         }
     }
 
@@ -101,9 +156,10 @@ impl PackedQuant {
     /// Repacks `n` rows of `k` weights of GGUF blocks straight from `bytes` (a memory-mapped
     /// file's tensor: no copy of the file's blocks is made). A non-finite scale is an error.
     pub fn from_row_bytes(format: QuantFormat, n: usize, k: usize, bytes: &[u8]) -> Result<Self> {
-        if k == 0 || !k.is_multiple_of(BLOCK) {
+        let per = format.block_weights();
+        if k == 0 || !k.is_multiple_of(per) {
             return Err(TwinferError::InvalidParameter(format!(
-                "{} rows must hold a positive multiple of {BLOCK} weights, not {k}",
+                "{} rows must hold a positive multiple of {per} weights, not {k}",
                 format.name()
             )));
         }
@@ -113,18 +169,30 @@ impl PackedQuant {
         for c in 0..n {
             let row = &bytes[c * row_bytes..(c + 1) * row_bytes];
             for (blk, block) in row.chunks_exact(format.block_bytes()).enumerate() {
+                let not_finite = |d: f16, m: f16| {
+                    TwinferError::InvalidParameter(format!(
+                        "{} row {c}, block {blk}: the scale is not finite ({d}, {m})",
+                        format.name()
+                    ))
+                };
+                if format.is_k_quant() {
+                    let kb =
+                        if format == QuantFormat::Q4_K { kquant::split_q4_k(block) } else { kquant::split_q6_k(block) };
+                    if !kb.d.is_finite() || !kb.dmin.is_finite() {
+                        return Err(not_finite(kb.d, kb.dmin));
+                    }
+                    p.set_k_block(c, blk, &kb);
+                    continue;
+                }
                 let d = f16::from_le_bytes([block[0], block[1]]);
                 let m = if format == QuantFormat::Q4_1 { f16::from_le_bytes([block[2], block[3]]) } else { f16::ZERO };
                 if !d.is_finite() || !m.is_finite() {
-                    return Err(TwinferError::InvalidParameter(format!(
-                        "{} row {c}, block {blk}: the scale is not finite ({d}, {m})",
-                        format.name()
-                    )));
+                    return Err(not_finite(d, m));
                 }
                 let mut codes = [0u8; BLOCK];
                 match format {
                     QuantFormat::Q8_0 => codes.copy_from_slice(&block[2..2 + BLOCK]),
-                    QuantFormat::Q4_0 | QuantFormat::Q4_1 => {
+                    _ => {
                         let qs = &block[block.len() - BLOCK / 2..];
                         for j in 0..BLOCK / 2 {
                             codes[j] = qs[j] & 0x0f;
@@ -132,10 +200,29 @@ impl PackedQuant {
                         }
                     }
                 }
-                p.set_block(c, blk, &codes, [d, m]);
+                p.set_codes(c, blk, &codes);
+                p.set_scales(c, blk, d, m);
             }
         }
         Ok(p)
+    }
+
+    /// Stores K-quant block `kblk` of feature `c`: its 8 blocks of codes, its scales as group
+    /// `kblk`, and the multipliers.
+    fn set_k_block(&mut self, c: usize, kblk: usize, kb: &KBlock) {
+        // The minimum is subtracted: stored negated, it adds like Q4_1's (negation is exact).
+        self.set_scales(c, kblk, kb.d, -kb.dmin);
+        let (halves, tile0, f) = (self.format.halves(), (c / TILE) * self.blocks(), c % TILE);
+        for j in 0..SUB_BLOCKS {
+            let blk = kblk * SUB_BLOCKS + j;
+            self.set_codes(c, blk, &kb.codes[j]);
+            for h in 0..halves {
+                self.ds[((tile0 + blk) * halves + h) * TILE + f] = kb.scales[j][h];
+            }
+            if !self.ms.is_empty() {
+                self.ms[(tile0 + blk) * TILE + f] = kb.mins[j];
+            }
+        }
     }
 
     /// Where input `j` (`0..32`) of feature `f` (`0..TILE`) sits in a tile's block: the byte and,
@@ -147,8 +234,9 @@ impl PackedQuant {
         }
     }
 
-    fn scale_index(&self, c: usize, blk: usize) -> usize {
-        ((c / TILE) * self.blocks() + blk) * TILE + c % TILE
+    /// Index of feature `c`'s scale of group `g` in `d` and `m`.
+    fn scale_index(&self, c: usize, g: usize) -> usize {
+        ((c / TILE) * self.groups() + g) * TILE + c % TILE
     }
 
     fn block_codes_mut(&mut self, c: usize, blk: usize) -> &mut [u8] {
@@ -157,7 +245,7 @@ impl PackedQuant {
         &mut self.codes[at..at + bb]
     }
 
-    fn set_block(&mut self, c: usize, blk: usize, codes: &[u8; BLOCK], dm: [f16; 2]) {
+    fn set_codes(&mut self, c: usize, blk: usize, codes: &[u8; BLOCK]) {
         let format = self.format;
         let f = c % TILE;
         let dst = self.block_codes_mut(c, blk);
@@ -165,36 +253,60 @@ impl PackedQuant {
             let (byte, shift) = Self::code_at(format, f, j);
             dst[byte] = if format.code_bits() == 8 { code } else { (dst[byte] & !(0x0f << shift)) | code << shift };
         }
-        let i = self.scale_index(c, blk);
-        self.d[i] = dm[0];
+    }
+
+    fn set_scales(&mut self, c: usize, g: usize, d: f16, m: f16) {
+        let i = self.scale_index(c, g);
+        self.d[i] = d;
         if !self.m.is_empty() {
-            self.m[i] = dm[1];
+            self.m[i] = m;
         }
     }
 
-    /// Feature `c`'s codes and `(d, m)` in block `blk`.
-    fn block(&self, c: usize, blk: usize) -> ([u8; BLOCK], [f16; 2]) {
+    /// Feature `c`'s codes in block `blk`.
+    fn block_codes(&self, c: usize, blk: usize) -> [u8; BLOCK] {
         let bb = Self::tile_block_bytes(self.format);
         let at = ((c / TILE) * self.blocks() + blk) * bb;
         let src = &self.codes[at..at + bb];
-        let codes = core::array::from_fn(|j| {
+        core::array::from_fn(|j| {
             let (byte, shift) = Self::code_at(self.format, c % TILE, j);
             if self.format.code_bits() == 8 { src[byte] } else { (src[byte] >> shift) & 0x0f }
-        });
-        let i = self.scale_index(c, blk);
-        (codes, [self.d[i], if self.m.is_empty() { f16::ZERO } else { self.m[i] }])
+        })
+    }
+
+    /// Feature `c`'s scale for half `h` of block `blk` and its minimum, as f32: the products
+    /// the kernels form (exact, see [`kquant`]).
+    fn block_scales(&self, c: usize, blk: usize, h: usize) -> (f32, f32) {
+        let i = self.scale_index(c, blk >> self.format.group_shift());
+        let (mut d, mut m) = (self.d[i].to_f32(), if self.m.is_empty() { 0.0 } else { self.m[i].to_f32() });
+        let at = (c / TILE) * self.blocks() + blk;
+        if !self.ds.is_empty() {
+            d *= self.ds[(at * self.format.halves() + h) * TILE + c % TILE] as f32;
+        }
+        if !self.ms.is_empty() {
+            m *= self.ms[at * TILE + c % TILE] as f32;
+        }
+        (d, m)
+    }
+
+    /// Feature `c`'s minimum in block `blk` (zero for formats without minima): what the
+    /// kernels add times the activations' block sum.
+    pub fn block_minimum(&self, c: usize, blk: usize) -> f32 {
+        self.block_scales(c, blk, 0).1
     }
 
     /// Feature `c`'s weights, decoded as the reference decodes the file (an embedding row).
     pub fn row_f32(&self, c: usize, out: &mut [f32]) {
         for (blk, chunk) in out[..self.k].chunks_exact_mut(BLOCK).enumerate() {
-            let (codes, [d, m]) = self.block(c, blk);
-            let (d, m) = (d.to_f32(), m.to_f32());
-            for (o, &code) in chunk.iter_mut().zip(&codes) {
+            let codes = self.block_codes(c, blk);
+            for (j, (o, &code)) in chunk.iter_mut().zip(&codes).enumerate() {
+                let (d, m) = self.block_scales(c, blk, j * self.format.halves() / BLOCK);
                 *o = match self.format {
-                    QuantFormat::Q8_0 => d * (code as i8) as f32,
+                    QuantFormat::Q8_0 | QuantFormat::Q6_K => d * (code as i8) as f32,
                     QuantFormat::Q4_0 => d * (code as f32 - 8.0),
                     QuantFormat::Q4_1 => d.mul_add(code as f32, m),
+                    // The reference's `(d * sc) * q - dmin * m`, with m = -dmin * m exactly.
+                    QuantFormat::Q4_K => d * code as f32 + m,
                 };
             }
         }
@@ -229,6 +341,19 @@ mod tests {
                 assert_eq!(got, want, "{format:?} n={n}: decoding differs from the reference");
             }
         }
+        for format in [QuantFormat::Q4_K, QuantFormat::Q6_K] {
+            for n in [13, 32] {
+                let rows = crate::quant::random_rows(format, n, 512, 5);
+                let packed = PackedQuant::from_rows(&rows).unwrap();
+                assert_eq!(packed.to_f32(), rows.to_f32(), "{format:?} n={n}: decoding differs from the reference");
+                // About the file's bits per weight: Q4_K's 6-bit sub-scales take a byte each
+                // (0.125 bits more), Q6_K's 6-bit codes too (2 bits more).
+                let file = rows.bytes.len() as f64 / (n * 512) as f64 * 8.0;
+                let ours = packed.bytes() as f64 / (n.next_multiple_of(TILE) * 512) as f64 * 8.0;
+                let extra = if format == QuantFormat::Q4_K { 0.125 } else { 2.0 };
+                assert!(ours <= file + extra, "{format:?}: {ours} bits per weight, the file {file}");
+            }
+        }
     }
 
     #[test]
@@ -237,5 +362,9 @@ mod tests {
         rows.bytes[20..22].copy_from_slice(&f16::NAN.to_le_bytes());
         let e = PackedQuant::from_rows(&rows).unwrap_err().to_string();
         assert!(e.contains("row 1, block 0") && e.contains("not finite"), "{e}");
+        let mut rows = crate::quant::random_rows(QuantFormat::Q4_K, 2, 512, 1);
+        rows.bytes[144 * 3 + 2..144 * 3 + 4].copy_from_slice(&f16::INFINITY.to_le_bytes());
+        let e = PackedQuant::from_rows(&rows).unwrap_err().to_string();
+        assert!(e.contains("q4_k row 1, block 1") && e.contains("not finite"), "{e}");
     }
 }

@@ -4,7 +4,9 @@
 //!
 //! For a weight block (codes `c`, scale `d`, minimum `m`, zero code `z`) and an activation block
 //! (codes `q` in -127..=127, scale `dx`, `sx = dx * Σq`), the block's contribution is
-//! `(d * dx) * Σ(c - z)·q + m * sx`. The integer sum is exact on every instruction set, however
+//! `(d * dx) * Σ(c - z)·q + m * sx`. For the K-quants, `d` and `m` are the f16 scales of the
+//! K-quant block times the sub-block's integer multipliers (exact in f32), and Q6_K's blocks sum
+//! in two halves of 16 inputs with a scale each. The integer sum is exact on every instruction set, however
 //! each one forms it (`vpdpbusd` with a +128 bias, `pmaddubsw` with the sign trick, widening
 //! multiplies); the float part is the same two FMAs per block everywhere except wasm (no fused
 //! multiply-add there: a multiply and an add). So on x86, ARM and the scalar level a product is
@@ -38,13 +40,20 @@ const NARROW_ROWS: usize = 4;
 pub(crate) struct TileRef<'a> {
     /// `[blocks][tile block bytes]`, see [`PackedQuant`].
     pub codes: &'a [u8],
-    /// `[blocks][TILE]` f16 bits.
+    /// `[groups][TILE]` f16 bits: a group is `1 << group_shift` blocks.
     pub d: &'a [u16],
-    /// Q4_1's minima as `d`, or empty.
+    /// The minima (Q4_1, Q4_K) as `d`, or empty.
     pub m: &'a [u16],
+    /// The K-quants' multipliers of `d`, `[blocks][halves][TILE]`, or empty.
+    pub ds: &'a [i8],
+    /// Q4_K's multipliers of `m`, `[blocks][TILE]`, or empty.
+    pub ms: &'a [i8],
     pub bits: u32,
     pub zero: i32,
     pub blocks: usize,
+    pub group_shift: u32,
+    /// Scales per block: 2 when each half of 16 inputs has its own (Q6_K), else 1.
+    pub halves: usize,
 }
 
 impl<'a> TileRef<'a> {
@@ -53,10 +62,45 @@ impl<'a> TileRef<'a> {
             codes: w.tile_codes(t),
             d: w.tile_scales(t),
             m: w.tile_minima(t),
+            ds: w.tile_scale_multipliers(t),
+            ms: w.tile_minimum_multipliers(t),
             bits: w.format.code_bits(),
             zero: w.zero(),
             blocks: w.blocks(),
+            group_shift: w.format.group_shift(),
+            halves: w.format.halves(),
         }
+    }
+
+    /// Where block `blk`'s 16 f16 scales (and minima) start in `d` (and `m`).
+    #[inline(always)]
+    pub fn group(&self, blk: usize) -> usize {
+        (blk >> self.group_shift) * TILE
+    }
+
+    /// Where the 16 multipliers of half `h` of block `blk` start in `ds`.
+    #[inline(always)]
+    pub fn sub(&self, blk: usize, h: usize) -> usize {
+        (blk * self.halves + h) * TILE
+    }
+
+    /// Feature `f`'s scale for half `h` of block `blk`, as every kernel forms it.
+    pub fn scale(&self, blk: usize, h: usize, f: usize) -> f32 {
+        let d = half::f16::from_bits(self.d[self.group(blk) + f]).to_f32();
+        if self.ds.is_empty() { d } else { d * self.ds[self.sub(blk, h) + f] as f32 }
+    }
+
+    /// Feature `f`'s minimum in block `blk`, as every kernel forms it.
+    pub fn minimum(&self, blk: usize, f: usize) -> Option<f32> {
+        let m = half::f16::from_bits(*self.m.get(self.group(blk) + f)?).to_f32();
+        Some(if self.ms.is_empty() { m } else { m * self.ms[blk * TILE + f] as f32 })
+    }
+
+    /// The code rows (of 64 bytes) that hold half `h` of a block: all of them for 4-bit codes
+    /// (whose halves are never apart), else rows `8h / halves ..`.
+    #[inline(always)]
+    pub fn rows_of_half(&self, h: usize) -> core::ops::Range<usize> {
+        if self.bits == 4 { 0..4 } else { 8 * h / self.halves..8 * (h + 1) / self.halves }
     }
 
     pub fn block_bytes(&self) -> usize {
@@ -68,9 +112,20 @@ impl<'a> TileRef<'a> {
         assert!((1..=MAX_ROWS).contains(&rows) && r0 + rows <= a.rows);
         assert!(a.k == self.blocks * BLOCK);
         assert!(self.codes.len() == self.blocks * self.block_bytes());
-        assert!(self.d.len() == self.blocks * TILE && (self.m.is_empty() || self.m.len() == self.d.len()));
+        let groups = self.blocks >> self.group_shift;
+        assert!(groups << self.group_shift == self.blocks);
+        assert!(self.d.len() == groups * TILE && (self.m.is_empty() || self.m.len() == self.d.len()));
+        assert!(self.ds.is_empty() || self.ds.len() == self.blocks * self.halves * TILE);
+        assert!(self.ms.is_empty() || (self.ms.len() == self.blocks * TILE && !self.m.is_empty()));
+        // Halves: 8-bit codes (4-bit ones mix both halves in a byte), a scale each, no zero code
+        // and no minimum (the block sums of the activations are not split).
+        assert!(
+            self.halves == 1
+                || (self.halves == 2 && self.bits == 8 && self.zero == 0 && !self.ds.is_empty() && self.m.is_empty())
+        );
         assert!(a.q.len() >= a.rows * a.k && a.dx.len() >= a.rows * self.blocks);
         assert!(a.sx.len() >= a.rows * self.blocks && a.qsum.len() >= a.rows * self.blocks);
+        assert!(a.qsum_low.len() >= a.rows * self.blocks);
     }
 }
 
@@ -95,6 +150,27 @@ pub(crate) struct QuantizedRows {
     pub sx: Vec<f32>,
     /// `[rows, k / 32]`: `Σq` (for the zero code).
     pub qsum: Vec<i32>,
+    /// `[rows, k / 32]`: `Σq` over the block's first 16 inputs (for the halves of Q6_K).
+    pub qsum_low: Vec<i32>,
+}
+
+impl QuantizedRows {
+    /// `Σq` over half `h` of quantized block `at`, for a weight block in `halves` halves.
+    ///
+    /// # Safety
+    /// `at` must be inside the quantized rows.
+    #[inline(always)]
+    pub unsafe fn half_sum(&self, at: usize, h: usize, halves: usize) -> i32 {
+        // SAFETY: as the caller promises.
+        unsafe {
+            let all = *self.qsum.get_unchecked(at);
+            match (halves, h) {
+                (1, _) => all,
+                (_, 0) => *self.qsum_low.get_unchecked(at),
+                _ => all - *self.qsum_low.get_unchecked(at),
+            }
+        }
+    }
 }
 
 /// Quantized rows per activation row.
@@ -114,14 +190,15 @@ impl QuantizedRows {
             v.resize(self.rows * nb, 0.0);
         }
         self.qsum.resize(self.rows * nb, 0);
+        self.qsum_low.resize(self.rows * nb, 0);
         let per = ROWS_PER_TASK * DIGITS;
         let parts: Vec<std::sync::Mutex<Digits<'_>>> = self
             .q
             .chunks_mut(per * k)
             .zip(self.dx.chunks_mut(per * nb))
             .zip(self.sx.chunks_mut(per * nb))
-            .zip(self.qsum.chunks_mut(per * nb))
-            .map(|(((q, dx), sx), qsum)| std::sync::Mutex::new(Digits { q, dx, sx, qsum }))
+            .zip(self.qsum.chunks_mut(per * nb).zip(self.qsum_low.chunks_mut(per * nb)))
+            .map(|(((q, dx), sx), (qsum, qsum_low))| std::sync::Mutex::new(Digits { q, dx, sx, qsum, qsum_low }))
             .collect();
         let task = |i: usize| {
             let mut part = parts[i].lock().unwrap_or_else(|e| e.into_inner());
@@ -143,6 +220,7 @@ struct Digits<'a> {
     dx: &'a mut [f32],
     sx: &'a mut [f32],
     qsum: &'a mut [i32],
+    qsum_low: &'a mut [i32],
 }
 
 impl Digits<'_> {
@@ -171,10 +249,13 @@ impl Digits<'_> {
         let dx = if finite { amax / 127.0 } else { f32::NAN };
         let inv = if dx > 0.0 { 1.0 / dx } else { 0.0 };
         let mut sum = 0i32;
-        for (q, &v) in self.q[at * BLOCK..][..BLOCK].iter_mut().zip(xs) {
+        for (j, (q, &v)) in self.q[at * BLOCK..][..BLOCK].iter_mut().zip(xs).enumerate() {
             let c = round_half_even(v * inv).clamp(-127.0, 127.0) as i8;
             *q = c;
             sum += c as i32;
+            if j + 1 == BLOCK / 2 {
+                self.qsum_low[at] = sum;
+            }
         }
         self.dx[at] = dx;
         self.sx[at] = dx * sum as f32;

@@ -29,6 +29,46 @@ unsafe fn f16x4(p: *const u16) -> float32x4_t {
     }
 }
 
+/// Four i8 multipliers as f32.
+#[inline(always)]
+unsafe fn i8x4(p: *const i8) -> float32x4_t {
+    // SAFETY: the caller passes 4 readable bytes.
+    unsafe {
+        let bytes = vreinterpret_s8_s32(vdup_n_s32(read_unaligned(p as *const i32)));
+        vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(bytes))))
+    }
+}
+
+/// Features `4q .. 4q + 4`'s scales for half `h` of block `blk` (the f16 scale times the
+/// K-quants' multiplier, exact).
+///
+/// # Safety
+/// `blk`, `h` and `q` inside the tile (`check`).
+#[inline(always)]
+unsafe fn scales4(t: &TileRef<'_>, blk: usize, h: usize, q: usize) -> float32x4_t {
+    // SAFETY: `check` bounds `d` and `ds` for every block and half.
+    unsafe {
+        let d = f16x4(t.d.as_ptr().add(t.group(blk) + 4 * q));
+        if t.ds.is_empty() { d } else { vmulq_f32(d, i8x4(t.ds.as_ptr().add(t.sub(blk, h) + 4 * q))) }
+    }
+}
+
+/// Features `4q .. 4q + 4`'s minima in block `blk`, if the format has them.
+///
+/// # Safety
+/// As [`scales4`].
+#[inline(always)]
+unsafe fn minima4(t: &TileRef<'_>, blk: usize, q: usize) -> Option<float32x4_t> {
+    if t.m.is_empty() {
+        return None;
+    }
+    // SAFETY: `check` bounds `m` and `ms` for every block.
+    unsafe {
+        let m = f16x4(t.m.as_ptr().add(t.group(blk) + 4 * q));
+        Some(if t.ms.is_empty() { m } else { vmulq_f32(m, i8x4(t.ms.as_ptr().add(blk * TILE + 4 * q))) })
+    }
+}
+
 #[inline(always)]
 unsafe fn quad(x: *const i8, i: usize) -> int8x8_t {
     // SAFETY: the caller passes a block start with 32 bytes behind it.
@@ -46,40 +86,45 @@ unsafe fn kernel<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, 
             unsafe {
                 let base = t.codes.as_ptr().add(blk * bb + quarter * 16);
                 let xs: [*const i8; R] = core::array::from_fn(|r| a.q.as_ptr().add((r0 + r) * a.k + blk * BLOCK));
-                // Features (0, 1) and (2, 3) of the quarter, each as two partial sums.
-                let mut pa = [vdupq_n_s32(0); R];
-                let mut pb = [vdupq_n_s32(0); R];
-                if t.bits == 4 {
-                    for g in 0..4 {
-                        let v = vld1q_u8(base.add(g * 64));
-                        let lo = vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0f)));
-                        let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(v));
-                        for r in 0..R {
-                            let (xl, xh) = (quad(xs[r], g), quad(xs[r], g + 4));
-                            let first = vmlal_s8(vmull_s8(vget_low_s8(lo), xl), vget_low_s8(hi), xh);
-                            let second = vmlal_s8(vmull_s8(vget_high_s8(lo), xl), vget_high_s8(hi), xh);
-                            pa[r] = vpadalq_s16(pa[r], first);
-                            pb[r] = vpadalq_s16(pb[r], second);
+                for h in 0..t.halves {
+                    // Features (0, 1) and (2, 3) of the quarter, each as two partial sums.
+                    let mut pa = [vdupq_n_s32(0); R];
+                    let mut pb = [vdupq_n_s32(0); R];
+                    if t.bits == 4 {
+                        for g in 0..4 {
+                            let v = vld1q_u8(base.add(g * 64));
+                            let lo = vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0f)));
+                            let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(v));
+                            for r in 0..R {
+                                let (xl, xh) = (quad(xs[r], g), quad(xs[r], g + 4));
+                                let first = vmlal_s8(vmull_s8(vget_low_s8(lo), xl), vget_low_s8(hi), xh);
+                                let second = vmlal_s8(vmull_s8(vget_high_s8(lo), xl), vget_high_s8(hi), xh);
+                                pa[r] = vpadalq_s16(pa[r], first);
+                                pb[r] = vpadalq_s16(pb[r], second);
+                            }
+                        }
+                    } else {
+                        for g in t.rows_of_half(h) {
+                            let v = vld1q_s8(base.add(g * 64) as *const i8);
+                            for r in 0..R {
+                                let x = quad(xs[r], g);
+                                pa[r] = vpadalq_s16(pa[r], vmull_s8(vget_low_s8(v), x));
+                                pb[r] = vpadalq_s16(pb[r], vmull_s8(vget_high_s8(v), x));
+                            }
                         }
                     }
-                } else {
-                    for g in 0..8 {
-                        let v = vld1q_s8(base.add(g * 64) as *const i8);
-                        for r in 0..R {
-                            let x = quad(xs[r], g);
-                            pa[r] = vpadalq_s16(pa[r], vmull_s8(vget_low_s8(v), x));
-                            pb[r] = vpadalq_s16(pb[r], vmull_s8(vget_high_s8(v), x));
-                        }
+                    let d = scales4(t, blk, h, quarter);
+                    for r in 0..R {
+                        let at = (r0 + r) * nb + blk;
+                        let zero = vdupq_n_s32(t.zero * a.half_sum(at, h, t.halves));
+                        let s = vsubq_s32(vpaddq_s32(pa[r], pb[r]), zero);
+                        let scale = vmulq_f32(d, vdupq_n_f32(*a.dx.get_unchecked(at)));
+                        acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(s), scale);
                     }
                 }
-                let d = f16x4(t.d.as_ptr().add(blk * TILE + quarter * 4));
-                let m = (!t.m.is_empty()).then(|| f16x4(t.m.as_ptr().add(blk * TILE + quarter * 4)));
-                for r in 0..R {
-                    let at = (r0 + r) * nb + blk;
-                    let s = vsubq_s32(vpaddq_s32(pa[r], pb[r]), vdupq_n_s32(t.zero * *a.qsum.get_unchecked(at)));
-                    let scale = vmulq_f32(d, vdupq_n_f32(*a.dx.get_unchecked(at)));
-                    acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(s), scale);
-                    if let Some(m) = m {
+                if let Some(m) = minima4(t, blk, quarter) {
+                    for r in 0..R {
+                        let at = (r0 + r) * nb + blk;
                         acc[r] = vfmaq_f32(acc[r], m, vdupq_n_f32(*a.sx.get_unchecked(at)));
                     }
                 }

@@ -26,6 +26,44 @@ unsafe fn f16x4(p: *const u16) -> v128 {
     v128_or(f32x4_mul(magnitude, f32x4_splat(F16_REBASE)), sign)
 }
 
+/// Four i8 multipliers as f32.
+#[inline(always)]
+unsafe fn i8x4(p: *const i8) -> v128 {
+    // SAFETY: the caller passes 4 readable bytes.
+    let bytes = i32x4_splat(unsafe { read_unaligned(p as *const i32) });
+    f32x4_convert_i32x4(i32x4_extend_low_i16x8(i16x8_extend_low_i8x16(bytes)))
+}
+
+/// Features `4q .. 4q + 4`'s scales for half `h` of block `blk` (the f16 scale times the
+/// K-quants' multiplier, exact).
+///
+/// # Safety
+/// `blk`, `h` and `q` inside the tile (`check`).
+#[inline(always)]
+unsafe fn scales4(t: &TileRef<'_>, blk: usize, h: usize, q: usize) -> v128 {
+    // SAFETY: `check` bounds `d` and `ds` for every block and half.
+    unsafe {
+        let d = f16x4(t.d.as_ptr().add(t.group(blk) + 4 * q));
+        if t.ds.is_empty() { d } else { f32x4_mul(d, i8x4(t.ds.as_ptr().add(t.sub(blk, h) + 4 * q))) }
+    }
+}
+
+/// Features `4q .. 4q + 4`'s minima in block `blk`, if the format has them.
+///
+/// # Safety
+/// As [`scales4`].
+#[inline(always)]
+unsafe fn minima4(t: &TileRef<'_>, blk: usize, q: usize) -> Option<v128> {
+    if t.m.is_empty() {
+        return None;
+    }
+    // SAFETY: `check` bounds `m` and `ms` for every block.
+    unsafe {
+        let m = f16x4(t.m.as_ptr().add(t.group(blk) + 4 * q));
+        Some(if t.ms.is_empty() { m } else { f32x4_mul(m, i8x4(t.ms.as_ptr().add(blk * TILE + 4 * q))) })
+    }
+}
+
 #[inline(always)]
 unsafe fn quad(x: *const i8, i: usize) -> v128 {
     // SAFETY: the caller passes a block start with 32 bytes behind it.
@@ -43,42 +81,49 @@ unsafe fn kernel<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, 
             unsafe {
                 let base = t.codes.as_ptr().add(blk * bb + quarter * 16);
                 let xs: [*const i8; R] = core::array::from_fn(|r| a.q.as_ptr().add((r0 + r) * a.k + blk * BLOCK));
-                // Features (0, 1) and (2, 3) of the quarter, each as two partial sums.
-                let mut pa = [i32x4_splat(0); R];
-                let mut pb = [i32x4_splat(0); R];
-                if t.bits == 4 {
-                    for g in 0..4 {
-                        let v = v128_load(base.add(g * 64) as *const v128);
-                        let lo = v128_and(v, u8x16_splat(0x0f));
-                        let hi = u8x16_shr(v, 4);
-                        for r in 0..R {
-                            let (xl, xh) = (quad(xs[r], g), quad(xs[r], g + 4));
-                            let first = i16x8_add(i16x8_extmul_low_i8x16(lo, xl), i16x8_extmul_low_i8x16(hi, xh));
-                            let second = i16x8_add(i16x8_extmul_high_i8x16(lo, xl), i16x8_extmul_high_i8x16(hi, xh));
-                            pa[r] = i32x4_add(pa[r], i32x4_extadd_pairwise_i16x8(first));
-                            pb[r] = i32x4_add(pb[r], i32x4_extadd_pairwise_i16x8(second));
+                for h in 0..t.halves {
+                    // Features (0, 1) and (2, 3) of the quarter, each as two partial sums.
+                    let mut pa = [i32x4_splat(0); R];
+                    let mut pb = [i32x4_splat(0); R];
+                    if t.bits == 4 {
+                        for g in 0..4 {
+                            let v = v128_load(base.add(g * 64) as *const v128);
+                            let lo = v128_and(v, u8x16_splat(0x0f));
+                            let hi = u8x16_shr(v, 4);
+                            for r in 0..R {
+                                let (xl, xh) = (quad(xs[r], g), quad(xs[r], g + 4));
+                                let first = i16x8_add(i16x8_extmul_low_i8x16(lo, xl), i16x8_extmul_low_i8x16(hi, xh));
+                                let second =
+                                    i16x8_add(i16x8_extmul_high_i8x16(lo, xl), i16x8_extmul_high_i8x16(hi, xh));
+                                pa[r] = i32x4_add(pa[r], i32x4_extadd_pairwise_i16x8(first));
+                                pb[r] = i32x4_add(pb[r], i32x4_extadd_pairwise_i16x8(second));
+                            }
+                        }
+                    } else {
+                        for g in t.rows_of_half(h) {
+                            let v = v128_load(base.add(g * 64) as *const v128);
+                            for r in 0..R {
+                                let x = quad(xs[r], g);
+                                pa[r] = i32x4_add(pa[r], i32x4_extadd_pairwise_i16x8(i16x8_extmul_low_i8x16(v, x)));
+                                pb[r] = i32x4_add(pb[r], i32x4_extadd_pairwise_i16x8(i16x8_extmul_high_i8x16(v, x)));
+                            }
                         }
                     }
-                } else {
-                    for g in 0..8 {
-                        let v = v128_load(base.add(g * 64) as *const v128);
-                        for r in 0..R {
-                            let x = quad(xs[r], g);
-                            pa[r] = i32x4_add(pa[r], i32x4_extadd_pairwise_i16x8(i16x8_extmul_low_i8x16(v, x)));
-                            pb[r] = i32x4_add(pb[r], i32x4_extadd_pairwise_i16x8(i16x8_extmul_high_i8x16(v, x)));
-                        }
+                    let d = scales4(t, blk, h, quarter);
+                    for r in 0..R {
+                        let at = (r0 + r) * nb + blk;
+                        let sums = i32x4_add(
+                            i32x4_shuffle::<0, 2, 4, 6>(pa[r], pb[r]),
+                            i32x4_shuffle::<1, 3, 5, 7>(pa[r], pb[r]),
+                        );
+                        let s = i32x4_sub(sums, i32x4_splat(t.zero * a.half_sum(at, h, t.halves)));
+                        let scale = f32x4_mul(d, f32x4_splat(*a.dx.get_unchecked(at)));
+                        acc[r] = f32x4_add(acc[r], f32x4_mul(f32x4_convert_i32x4(s), scale));
                     }
                 }
-                let d = f16x4(t.d.as_ptr().add(blk * TILE + quarter * 4));
-                let m = (!t.m.is_empty()).then(|| f16x4(t.m.as_ptr().add(blk * TILE + quarter * 4)));
-                for r in 0..R {
-                    let at = (r0 + r) * nb + blk;
-                    let sums =
-                        i32x4_add(i32x4_shuffle::<0, 2, 4, 6>(pa[r], pb[r]), i32x4_shuffle::<1, 3, 5, 7>(pa[r], pb[r]));
-                    let s = i32x4_sub(sums, i32x4_splat(t.zero * *a.qsum.get_unchecked(at)));
-                    let scale = f32x4_mul(d, f32x4_splat(*a.dx.get_unchecked(at)));
-                    acc[r] = f32x4_add(acc[r], f32x4_mul(f32x4_convert_i32x4(s), scale));
-                    if let Some(m) = m {
+                if let Some(m) = minima4(t, blk, quarter) {
+                    for r in 0..R {
+                        let at = (r0 + r) * nb + blk;
                         acc[r] = f32x4_add(acc[r], f32x4_mul(m, f32x4_splat(*a.sx.get_unchecked(at))));
                     }
                 }
