@@ -18,8 +18,10 @@
 // k is padded with zeros to k4 vec4s in both x and W on the host.
 // Dispatch: (min(groups, 32768), ceil(groups / 32768), ceil(rows / MAXR)),
 // groups = ceil(n / (FPT * WG / TPF)).
-// Knobs: override WG, TPF (powers of two, TPF <= WG; 1 on software adapters), FPT; w4 = kv4 from the prelude (f32, or f16
-// under SHADER_F16).
+// Knobs: override WG, TPF (powers of two, TPF <= WG; 1 on software adapters), FPT. The prelude
+// gives W's element type w4 and load_w(feature, i), W's vec4 i of a feature as f32: float W
+// (f32, or f16 under SHADER_F16), or block-quantized W decoded in registers (u32 words of 4- or
+// 8-bit codes, then the scales; see gpu/shaders.rs).
 
 override WG: u32 = 256u;
 override TPF: u32 = 32u;
@@ -27,8 +29,6 @@ const MAXR: u32 = 4u;
 override FPT: u32 = 1u;   // features per thread, 1..=FPT_MAX
 const FPT_MAX: u32 = 4u;
 const WG_MAX: u32 = 256u;
-
-alias w4 = kv4;
 
 // Mirrored by `LinearParams` in crates/twinfer/src/gpu/params.rs.
 struct LinearParams {
@@ -41,9 +41,9 @@ struct LinearParams {
     norm: u32,     // 1: x rows are RMS-normed on load (weights norm_w, epsilon eps)
     eps: f32,
     swiglu: u32,   // 1: x is [rows, 2 k4] gate | up, and the input is silu(gate) * up
+    group_shift: u32, // block-quantized W: log2 of the vec4s of a row that share one scale
+    scales_at: u32,   // block-quantized W: the word where the scales start in w
     _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: LinearParams;
@@ -119,7 +119,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let ns = norm_scale(i);
         for (var j = 0u; j < FPT; j++) {
             if (f0 + j < P.n) {
-                let wv = vec4<f32>(w[(f0 + j) * P.k4 + i]) * ns;
+                let wv = load_w(f0 + j, i) * ns;
                 for (var r = 0u; r < MAXR; r++) {
                     if (r < nrows) {
                         acc[j][r] += dot(wv, xs[r]);

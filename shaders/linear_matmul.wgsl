@@ -16,15 +16,15 @@
 // squares first, then x * g / rms as the x tile is staged), SwiGLU of gate/up rows (swiglu).
 // k is padded with zeros to k4 vec4s in both x and W on the host; rows and n need no padding.
 // Dispatch: (ceil(n / BN), ceil(rows / BM), 1).
-// Knobs: override TM, TN (1..=4); w4 = kv4 from the prelude (f32, or f16 under SHADER_F16).
+// Knobs: override TM, TN (1..=4). The prelude gives W's element type w4 and load_w(feature, i),
+// W's vec4 i of a feature as f32 (float W, or block-quantized W decoded in registers, see
+// gpu/shaders.rs).
 
 override TM: u32 = 4u;
 override TN: u32 = 4u;
 const T_MAX: u32 = 4u;
 const BK: u32 = 16u;
 const TILE_MAX: u32 = 1024u;   // 16 * T_MAX * BK
-
-alias w4 = kv4;
 
 // Mirrored by `LinearParams` in crates/twinfer/src/gpu/params.rs.
 struct LinearParams {
@@ -37,9 +37,9 @@ struct LinearParams {
     norm: u32,     // 1: x rows are RMS-normed on load (weights norm_w, epsilon eps)
     eps: f32,
     swiglu: u32,   // 1: x is [rows, 2 k4] gate | up, and the input is silu(gate) * up
+    group_shift: u32, // block-quantized W: log2 of the vec4s of a row that share one scale
+    scales_at: u32,   // block-quantized W: the word where the scales start in w
     _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: LinearParams;
@@ -135,7 +135,7 @@ fn main(
             let c = t % bk4;
             var v = vec4<f32>(0.0);
             if (f0 + r < P.n && k0 + c < P.k4) {
-                v = vec4<f32>(w[(f0 + r) * P.k4 + k0 + c]);
+                v = load_w(f0 + r, k0 + c);
             }
             for (var e = 0u; e < 4u; e++) {
                 ws[(c * 4u + e) * bn + r] = v[e];

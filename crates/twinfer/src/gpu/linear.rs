@@ -2,7 +2,8 @@
 //! ([`GpuLinear`]) and kept on the device, in buffers of at most one binding each. Decode rows
 //! (at most [`GEMV_MAX_ROWS`]) go through `linear_gemv.wgsl`, prompt chunks through
 //! `linear_matmul.wgsl`. A call uploads only x and reads y back; after the pools have grown to a
-//! call's size it creates no buffer or bind group.
+//! call's size it creates no buffer or bind group. Block-quantized weights stay quantized on the
+//! device ([`GpuLinear::upload_quant`]) and the kernels decode them in registers.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -55,14 +56,35 @@ const MATMUL_MIN_WORKGROUPS: usize = 264;
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 const ID_TAG: u64 = 1 << 60;
 
+/// How one weight buffer holds its features (see `gpu/shaders.rs` for the quantized layouts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stored {
+    /// `[n, k4]` vec4s of the storage type, k padded with zeros.
+    Float,
+    /// 4-bit codes, then an f32 scale and offset per group.
+    Nibbles,
+    /// 8-bit signed codes, then an f32 scale per group.
+    Bytes,
+}
+
+/// One buffer of a split weight matrix, before it exists: features `n0 .. n0 + n`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ChunkPlan {
+    pub n0: usize,
+    pub n: usize,
+    pub bytes: u64,
+    pub stored: Stored,
+    /// log2 of the vec4s sharing a scale, and the word where the scales start (quantized only).
+    pub group_shift: u32,
+    pub scales_at: u32,
+}
+
 /// One buffer of a split weight matrix: features `n0 .. n0 + n`.
 #[derive(Debug)]
 struct Chunk {
-    n0: usize,
-    n: usize,
+    plan: ChunkPlan,
     /// This buffer's `LinearParams`, rewritten (rows) by each call.
     params: wgpu::Buffer,
-    /// `[n, k4]` vec4s of the storage type, k padded with zeros.
     w: wgpu::Buffer,
 }
 
@@ -72,6 +94,7 @@ pub struct GpuLinear {
     id: u64,
     pub n: usize,
     pub k: usize,
+    /// The storage of float weights (f32 for block-quantized ones, which keep their codes).
     pub storage: KvStorage,
     chunks: Vec<Chunk>,
     /// `[n]` f32, zeros when the layer has no bias (one kernel either way).
@@ -125,26 +148,45 @@ impl GpuLinear {
         max_buffer: u64,
     ) -> Result<Self> {
         check_len("projection weights ([n, k])", n * k, w.len())?;
-        if let Some(b) = bias {
-            check_len("projection bias ([n])", n, b.len())?;
-        }
         let ctx = engine.context();
         if storage == KvStorage::F16 && !ctx.summary.shader_f16 {
             return Err(TwinferError::GpuUnavailable(format!("{} has no shader-f16", ctx.summary.name)));
         }
-        ctx.check_alive()?;
-        let binding = ctx.limits.max_storage_buffer_binding_size.min(ctx.limits.max_buffer_size);
-        let limit = max_buffer.min(binding);
         let k4 = k.div_ceil(4).max(1);
         let row_bytes = (k4 * 4 * storage.bytes()) as u64;
-        if row_bytes > limit {
-            return Err(TwinferError::OverLimit { what: "one row of projection weights", requested: row_bytes, limit });
+        let plans = split_rows(ctx, 0, n, row_bytes, max_buffer, |n0, rows| ChunkPlan {
+            n0,
+            n: rows,
+            bytes: rows as u64 * row_bytes,
+            stored: Stored::Float,
+            group_shift: 0,
+            scales_at: 0,
+        })?;
+        let what = format!("projection weights [{n}, {k}] in {storage}");
+        Self::create(engine, (n, k), bias, storage, plans, &what, |p| padded_rows(w, p.n0, p.n, k, k4, storage))
+    }
+
+    /// Creates the buffers that `plans` describe, fills each with `fill(plan)`, and uploads the
+    /// bias (`[n]`, zeros when `None`).
+    pub(super) fn create(
+        engine: &GpuEngine,
+        (n, k): (usize, usize),
+        bias: Option<&[f32]>,
+        storage: KvStorage,
+        plans: Vec<ChunkPlan>,
+        what: &str,
+        fill: impl Fn(&ChunkPlan) -> Vec<u8>,
+    ) -> Result<Self> {
+        if let Some(b) = bias {
+            check_len("projection bias ([n])", n, b.len())?;
         }
+        let ctx = engine.context();
+        ctx.check_alive()?;
+        let binding = ctx.limits.max_storage_buffer_binding_size.min(ctx.limits.max_buffer_size);
         let bias_bytes = (n.max(4) * 4) as u64;
         if bias_bytes > binding {
             return Err(TwinferError::OverLimit { what: "projection bias", requested: bias_bytes, limit: binding });
         }
-        let per_chunk = ((limit / row_bytes) as usize).min(n.max(1));
         let make = |label, size: u64, usage| {
             ctx.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
@@ -155,26 +197,23 @@ impl GpuLinear {
         };
         use wgpu::BufferUsages as U;
         let (made, error) = ctx.scoped(wgpu::ErrorFilter::OutOfMemory, || {
-            let chunks: Vec<Chunk> = (0..n.div_ceil(per_chunk))
-                .map(|i| {
-                    let (n0, rows) = (i * per_chunk, per_chunk.min(n - i * per_chunk));
-                    Chunk {
-                        n0,
-                        n: rows,
-                        params: make("projection params", size_of::<LinearParams>() as u64, U::UNIFORM | U::COPY_DST),
-                        w: make("projection weights", rows as u64 * row_bytes, U::STORAGE | U::COPY_DST),
-                    }
+            let chunks: Vec<Chunk> = plans
+                .iter()
+                .map(|&plan| Chunk {
+                    plan,
+                    params: make("projection params", size_of::<LinearParams>() as u64, U::UNIFORM | U::COPY_DST),
+                    w: make("projection weights", plan.bytes, U::STORAGE | U::COPY_DST),
                 })
                 .collect();
             (chunks, make("projection bias", bias_bytes, U::STORAGE | U::COPY_DST))
         });
         if let Some(e) = error {
-            return Err(TwinferError::GpuOutOfMemory(format!("projection weights [{n}, {k}] in {storage}: {e}")));
+            return Err(TwinferError::GpuOutOfMemory(format!("{what}: {e}")));
         }
         let (chunks, bias_buf) = made;
         ctx.counters.buffers.fetch_add(2 * chunks.len() as u64 + 1, Ordering::Relaxed);
         for c in &chunks {
-            ctx.queue.write_buffer(&c.w, 0, &padded_rows(w, c.n0, c.n, k, k4, storage));
+            ctx.queue.write_buffer(&c.w, 0, &fill(&c.plan));
         }
         let mut b = bias.map_or_else(|| vec![0f32; n], <[f32]>::to_vec);
         b.resize(n.max(4), 0.0);
@@ -200,6 +239,11 @@ impl GpuLinear {
     /// Runs the GEMV with `shape` instead: the tests check both shapes on any adapter.
     pub fn set_gemv_shape(&mut self, shape: GemvShape) {
         self.gemv = shape;
+    }
+
+    /// Bytes of weights held on the device (codes and scales, or float rows), without the bias.
+    pub fn device_bytes(&self) -> u64 {
+        self.chunks.iter().map(|c| c.plan.bytes).sum()
     }
 
     /// Number of buffers W is split into.
@@ -247,29 +291,28 @@ impl GpuLinear {
     ) -> Vec<(LinearParams, PipelineKey, [usize; 3])> {
         let k4 = self.k.div_ceil(4).max(1);
         let gemv = rows <= GEMV_MAX_ROWS;
-        let key = if gemv {
-            PipelineKey {
-                kernel: Kernel::LinearGemv,
-                variant: Variant::Baseline,
-                kv: self.storage,
-                tile: Tile {
-                    wg: self.gemv.threads().0,
-                    br: 0,
-                    bc: self.gemv.threads().1,
-                    chunk: gemv_features_per_thread(rows),
-                },
-            }
-        } else {
-            PipelineKey {
-                kernel: Kernel::LinearMatmul,
-                variant: Variant::Baseline,
-                kv: self.storage,
-                tile: matmul_tile(rows, self.n),
-            }
-        };
         self.chunks
             .iter()
-            .map(|c| {
+            .map(|Chunk { plan: c, .. }| {
+                let (kernel, kv) = match (c.stored, gemv) {
+                    (Stored::Float, true) => (Kernel::LinearGemv, self.storage),
+                    (Stored::Float, false) => (Kernel::LinearMatmul, self.storage),
+                    (Stored::Nibbles, true) => (Kernel::LinearGemvQ4, KvStorage::F32),
+                    (Stored::Nibbles, false) => (Kernel::LinearMatmulQ4, KvStorage::F32),
+                    (Stored::Bytes, true) => (Kernel::LinearGemvQ8, KvStorage::F32),
+                    (Stored::Bytes, false) => (Kernel::LinearMatmulQ8, KvStorage::F32),
+                };
+                let tile = if gemv {
+                    Tile {
+                        wg: self.gemv.threads().0,
+                        br: 0,
+                        bc: self.gemv.threads().1,
+                        chunk: gemv_features_per_thread(rows),
+                    }
+                } else {
+                    matmul_tile(rows, self.n)
+                };
+                let key = PipelineKey { kernel, variant: Variant::Baseline, kv, tile };
                 let prm = LinearParams {
                     rows: rows as u32,
                     n: c.n as u32,
@@ -280,6 +323,8 @@ impl GpuLinear {
                     norm: matches!(fused, Fused::RmsNorm(_)) as u32,
                     eps: if let Fused::RmsNorm(eps) = fused { eps } else { 0.0 },
                     swiglu: (fused == Fused::SwiGlu) as u32,
+                    group_shift: c.group_shift,
+                    scales_at: c.scales_at,
                     ..Default::default()
                 };
                 let grid = if gemv {
@@ -311,6 +356,26 @@ pub(super) enum Fused {
     RmsNorm(f32),
     /// The input is `[gate | up]` rows and the product takes silu(gate) * up.
     SwiGlu,
+}
+
+/// Features `first .. first + n` split into buffers of at most `max_buffer` bytes (and never above
+/// the adapter's binding limit) at `row_bytes` a feature, as `plan(n0, rows)` describes each.
+/// `OverLimit` only when one row does not fit a buffer.
+pub(super) fn split_rows(
+    ctx: &GpuContext,
+    first: usize,
+    n: usize,
+    row_bytes: u64,
+    max_buffer: u64,
+    plan: impl Fn(usize, usize) -> ChunkPlan,
+) -> Result<Vec<ChunkPlan>> {
+    let binding = ctx.limits.max_storage_buffer_binding_size.min(ctx.limits.max_buffer_size);
+    let limit = max_buffer.min(binding);
+    if row_bytes > limit {
+        return Err(TwinferError::OverLimit { what: "one row of projection weights", requested: row_bytes, limit });
+    }
+    let per_chunk = ((limit / row_bytes) as usize).min(n.max(1));
+    Ok((0..n.div_ceil(per_chunk)).map(|i| plan(first + i * per_chunk, per_chunk.min(n - i * per_chunk))).collect())
 }
 
 /// Rows `first .. first + rows` of `w` (`[_, k]`) as device bytes, each padded to `k4` vec4s.

@@ -5,6 +5,7 @@
 mod device;
 mod engine;
 mod linear;
+mod linear_quant;
 pub mod params;
 mod pending;
 mod resident;

@@ -77,9 +77,11 @@ pub struct LinearParams {
     pub eps: f32,
     /// 1: x rows are `[gate | up]` (2 k4 vec4s) and the input is silu(gate) * up.
     pub swiglu: u32,
+    /// Block-quantized weights: log2 of the vec4s of a row that share one scale.
+    pub group_shift: u32,
+    /// Block-quantized weights: the word where the scales start in the weight buffer.
+    pub scales_at: u32,
     pub _pad0: u32,
-    pub _pad1: u32,
-    pub _pad2: u32,
 }
 
 /// WGSL `RowParams` (rms_norm.wgsl): a per-row operation.
@@ -158,7 +160,7 @@ pub fn layouts() -> Vec<Layout> {
         offsets!(
             LinearParams,
             "LinearParams",
-            [rows, n, k4, n0, ldy, accumulate, norm, eps, swiglu, _pad0, _pad1, _pad2]
+            [rows, n, k4, n0, ldy, accumulate, norm, eps, swiglu, group_shift, scales_at, _pad0]
         ),
         offsets!(RowParams, "RowParams", [rows, width, eps, gather]),
         offsets!(

@@ -194,7 +194,7 @@ impl Resources {
         if key.kernel == Kernel::Decode {
             constants.push(("GQ", key.tile.br as f64));
         }
-        if key.kernel == Kernel::LinearGemv {
+        if key.kernel.is_gemv() {
             constants.push(("TPF", key.tile.bc as f64));
             constants.push(("FPT", key.tile.chunk as f64));
         }
@@ -206,7 +206,7 @@ impl Resources {
             constants.push(("BR", key.tile.br as f64));
             constants.push(("BC", key.tile.bc as f64));
         }
-        if key.kernel == Kernel::LinearMatmul {
+        if key.kernel.is_matmul() {
             // Its workgroup is fixed at 16 x 16; WG is not one of its knobs.
             constants = vec![("TM", key.tile.br as f64), ("TN", key.tile.bc as f64)];
         }

@@ -37,10 +37,24 @@ pub enum Kernel {
     RopeAppend,
     /// Greedy sampling of the rows that get logits (one token id read back per row).
     ArgmaxRows,
+    /// The projections over block-quantized weights, decoded in registers: 4-bit codes (Q4_0,
+    /// Q4_1, Q4_K) or 8-bit codes (Q8_0, Q6_K). Same files as the float projections.
+    LinearGemvQ4,
+    LinearGemvQ8,
+    LinearMatmulQ4,
+    LinearMatmulQ8,
+}
+
+/// How a projection kernel reads its weights (see [`source`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WeightRead {
+    Float,
+    Nibbles,
+    Bytes,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 12] = [
+    pub const ALL: [Kernel; 16] = [
         Kernel::Prefill,
         Kernel::Decode,
         Kernel::Merge,
@@ -53,6 +67,10 @@ impl Kernel {
         Kernel::RmsNorm,
         Kernel::RopeAppend,
         Kernel::ArgmaxRows,
+        Kernel::LinearGemvQ4,
+        Kernel::LinearGemvQ8,
+        Kernel::LinearMatmulQ4,
+        Kernel::LinearMatmulQ8,
     ];
 
     fn index(self) -> usize {
@@ -63,8 +81,8 @@ impl Kernel {
             Kernel::AppendKv => 3,
             Kernel::BenchRead => 4,
             Kernel::BenchFma => 5,
-            Kernel::LinearGemv => 6,
-            Kernel::LinearMatmul => 7,
+            Kernel::LinearGemv | Kernel::LinearGemvQ4 | Kernel::LinearGemvQ8 => 6,
+            Kernel::LinearMatmul | Kernel::LinearMatmulQ4 | Kernel::LinearMatmulQ8 => 7,
             Kernel::PrefillPortable => 8,
             Kernel::RmsNorm => 9,
             Kernel::RopeAppend => 10,
@@ -77,6 +95,22 @@ impl Kernel {
     }
     fn text(self) -> &'static str {
         FILES[self.index()].1
+    }
+    /// The GEMV of decode rows, over any weight format.
+    pub fn is_gemv(self) -> bool {
+        matches!(self, Kernel::LinearGemv | Kernel::LinearGemvQ4 | Kernel::LinearGemvQ8)
+    }
+    /// The tiled matmul of prompt chunks, over any weight format.
+    pub fn is_matmul(self) -> bool {
+        matches!(self, Kernel::LinearMatmul | Kernel::LinearMatmulQ4 | Kernel::LinearMatmulQ8)
+    }
+    fn weight_read(self) -> Option<WeightRead> {
+        match self {
+            Kernel::LinearGemv | Kernel::LinearMatmul => Some(WeightRead::Float),
+            Kernel::LinearGemvQ4 | Kernel::LinearMatmulQ4 => Some(WeightRead::Nibbles),
+            Kernel::LinearGemvQ8 | Kernel::LinearMatmulQ8 => Some(WeightRead::Bytes),
+            _ => None,
+        }
     }
     /// Whether the kernel has a subgroup-specific path (the others ignore the variant).
     pub fn uses_subgroups(self) -> bool {
@@ -212,9 +246,44 @@ pub fn source(kernel: Kernel, variant: Variant, kv: KvStorage, target: Target) -
     });
     out.push_str(SHARED.1);
     out.push('\n');
+    out.push_str(match kernel.weight_read() {
+        Some(WeightRead::Float) => W_FLOAT,
+        Some(WeightRead::Nibbles) => W_NIBBLES,
+        Some(WeightRead::Bytes) => W_BYTES,
+        None => "",
+    });
     out.push_str(&preprocess(kernel.text(), subgroup));
     out
 }
+
+/// The projections' weights as stored: vec4s of the storage type.
+const W_FLOAT: &str = "alias w4 = kv4;
+fn load_w(f: u32, i: u32) -> vec4<f32> {
+    return vec4<f32>(w[f * P.k4 + i]);
+}
+";
+/// Block-quantized 4-bit weights: per feature, k / 8 words of 8 codes in input order (vec4 `i`
+/// is the low or high half of word `i / 2`); from word `scales_at`, per feature and group of
+/// `2^group_shift` vec4s, an f32 scale and an f32 offset: `value = scale * code + offset`.
+const W_NIBBLES: &str = "alias w4 = u32;
+fn load_w(f: u32, i: u32) -> vec4<f32> {
+    let half = w[f * (P.k4 / 2u) + i / 2u] >> (16u * (i & 1u));
+    let c = vec4<f32>(vec4<u32>(half, half >> 4u, half >> 8u, half >> 12u) & vec4<u32>(0xfu));
+    let g = P.scales_at + 2u * (f * (P.k4 >> P.group_shift) + (i >> P.group_shift));
+    return c * bitcast<f32>(w[g]) + bitcast<f32>(w[g + 1u]);
+}
+";
+/// Block-quantized 8-bit weights: per feature, k / 4 words of 4 signed codes in input order;
+/// from word `scales_at`, per feature and group of `2^group_shift` vec4s, an f32 scale:
+/// `value = scale * code`.
+const W_BYTES: &str = "alias w4 = u32;
+fn load_w(f: u32, i: u32) -> vec4<f32> {
+    let word = w[f * P.k4 + i];
+    let bytes = bitcast<vec4<i32>>(vec4<u32>(word << 24u, word << 16u, word << 8u, word));
+    let g = P.scales_at + f * (P.k4 >> P.group_shift) + (i >> P.group_shift);
+    return vec4<f32>(bytes >> vec4<u32>(24u)) * bitcast<f32>(w[g]);
+}
+";
 
 const KV_WORDS_F32: &str = "const KV_HALF: bool = false;
 fn unpack8(a: vec4<u32>, b: vec4<u32>) -> mat2x4<f32> {

@@ -1,7 +1,7 @@
 //! A projection `y = x · Wᵀ + b` with its weights in the dtype they were stored in: on the CPU
 //! through the pulp kernels (float or block-quantized), or on a GPU engine, where the weights are
 //! uploaded on first use and stay resident (one copy per device, shared by clones of the model).
-//! Quantized weights are decoded to f16 (f32 without shader-f16) for the GPU for now.
+//! Block-quantized weights stay quantized there too, decoded in the kernels' registers.
 
 use std::sync::{Arc, Mutex};
 
@@ -155,8 +155,13 @@ impl Linear {
         }
         // Copies on devices that are gone free their buffers here.
         copies.retain(|w| w.device_alive());
-        // Quantized weights are decoded for the GPU's float kernels (f16 where the adapter has it);
-        // stacked float blocks are joined for the upload only (the host keeps them apart).
+        if let Some(parts) = self.quant_parts() {
+            let uploaded = GpuLinear::upload_quant(gpu, &parts, self.bias.as_deref(), DEFAULT_MAX_WEIGHT_BUFFER)?;
+            let uploaded = Arc::new(uploaded);
+            copies.push(uploaded.clone());
+            return Ok(uploaded);
+        }
+        // Stacked float blocks are joined for the upload only (the host keeps them apart).
         let (as_f16, as_f32, as_bf16): (Vec<half::f16>, Vec<f32>, Vec<half::bf16>);
         let parts = self.weight_parts();
         let w = match parts.as_deref() {
@@ -175,13 +180,8 @@ impl Linear {
                     TensorRef::F32(&as_f32)
                 }
             },
-            None if gpu.context().summary.shader_f16 => {
-                as_f16 = self.to_f32().into_iter().map(half::f16::from_f32).collect();
-                TensorRef::F16(&as_f16)
-            }
             None => {
-                as_f32 = self.to_f32();
-                TensorRef::F32(&as_f32)
+                return Err(TwinferError::InvalidParameter("a projection mixes float and quantized weights".into()));
             }
         };
         let storage = GpuLinear::storage_for(gpu, w);

@@ -295,6 +295,36 @@ impl PackedQuant {
         self.block_scales(c, blk, 0).1
     }
 
+    /// Inputs per scale in the GPU layout ([`PackedQuant::gpu_row`]): 16 for Q6_K, else 32.
+    pub fn gpu_group(&self) -> usize {
+        BLOCK / self.format.halves()
+    }
+
+    /// Feature `c` as the GPU kernels read it: its codes appended to `codes` (4-bit codes 8 a
+    /// word, 8-bit codes 4 a word, in input order, least significant first) and per group of
+    /// [`PackedQuant::gpu_group`] inputs its f32 scale (and for 4-bit codes its offset) appended to
+    /// `scales`, so that `scale * code + offset` is the reference's value: the products are exact
+    /// in f32 and the one rounding is the reference's own.
+    pub fn gpu_row(&self, c: usize, codes: &mut Vec<u32>, scales: &mut Vec<f32>) {
+        for blk in 0..self.blocks() {
+            let b = self.block_codes(c, blk);
+            if self.format.code_bits() == 4 {
+                codes.extend(b.chunks_exact(8).map(|w| w.iter().rev().fold(0u32, |acc, &q| acc << 4 | q as u32)));
+            } else {
+                codes.extend(b.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])));
+            }
+            for h in 0..self.format.halves() {
+                let (d, m) = self.block_scales(c, blk, h);
+                match self.format {
+                    // d * (q - 8) = d * q - 8 * d, both products exact.
+                    QuantFormat::Q4_0 => scales.extend([d, -8.0 * d]),
+                    QuantFormat::Q4_1 | QuantFormat::Q4_K => scales.extend([d, m]),
+                    QuantFormat::Q8_0 | QuantFormat::Q6_K => scales.push(d),
+                }
+            }
+        }
+    }
+
     /// Feature `c`'s weights, decoded as the reference decodes the file (an embedding row).
     pub fn row_f32(&self, c: usize, out: &mut [f32]) {
         for (blk, chunk) in out[..self.k].chunks_exact_mut(BLOCK).enumerate() {
