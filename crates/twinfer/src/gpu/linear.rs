@@ -65,6 +65,8 @@ pub(super) enum Stored {
     Nibbles,
     /// 8-bit signed codes, then an f32 scale per group.
     Bytes,
+    /// 8-bit signed codes, then an f32 scale and offset per group.
+    BytesOffset,
 }
 
 /// One buffer of a split weight matrix, before it exists: features `n0 .. n0 + n`.
@@ -301,6 +303,8 @@ impl GpuLinear {
                     (Stored::Nibbles, false) => (Kernel::LinearMatmulQ4, KvStorage::F32),
                     (Stored::Bytes, true) => (Kernel::LinearGemvQ8, KvStorage::F32),
                     (Stored::Bytes, false) => (Kernel::LinearMatmulQ8, KvStorage::F32),
+                    (Stored::BytesOffset, true) => (Kernel::LinearGemvQ8Offset, KvStorage::F32),
+                    (Stored::BytesOffset, false) => (Kernel::LinearMatmulQ8Offset, KvStorage::F32),
                 };
                 let tile = if gemv {
                     Tile {

@@ -3,9 +3,10 @@
 //! llama.cpp's GPU backends do, instead of holding an f16 copy four times the size.
 //!
 //! Each weight buffer holds, per feature, its codes as u32 words, then per feature and group of
-//! 32 inputs (16 for Q6_K) the f32 scale (and offset, for 4-bit codes). The products that make
-//! the scales are exact in f32 (see `quant::kquant`), so a weight decodes to the reference's value
-//! bit for bit: 6 bits per weight for the 4-bit formats, 9 for Q8_0 and 10 for Q6_K.
+//! 32 inputs (16 for Q6_K) the f32 scale (and offset, where the format has one). The products
+//! that make the scales are exact in f32 (see `quant::kquant`), so a weight decodes to the
+//! reference's value bit for bit: 6 bits per weight for the 4-bit formats, 9 for Q8_0 and Q5_0,
+//! 10 for Q5_1, Q5_K and Q6_K.
 
 use super::engine::GpuEngine;
 use super::linear::{ChunkPlan, GpuLinear, Stored, split_rows};
@@ -38,15 +39,20 @@ impl GpuLinear {
         let mut n0 = 0;
         for (i, p) in parts.iter().enumerate() {
             let nibbles = p.format.code_bits() == 4;
+            let stored = match (nibbles, p.gpu_offsets()) {
+                (true, _) => Stored::Nibbles,
+                (false, true) => Stored::BytesOffset,
+                (false, false) => Stored::Bytes,
+            };
             let group = p.gpu_group();
             let code_words = if nibbles { k / 8 } else { k / 4 };
-            let scale_words = k / group * if nibbles { 2 } else { 1 };
+            let scale_words = k / group * if stored == Stored::Bytes { 1 } else { 2 };
             let row_bytes = ((code_words + scale_words) * 4) as u64;
             let part = split_rows(ctx, n0, p.n, row_bytes, max_buffer, |first, rows| ChunkPlan {
                 n0: first,
                 n: rows,
                 bytes: rows as u64 * row_bytes,
-                stored: if nibbles { Stored::Nibbles } else { Stored::Bytes },
+                stored,
                 group_shift: (group / 4).trailing_zeros(),
                 scales_at: (rows * code_words) as u32,
             })?;

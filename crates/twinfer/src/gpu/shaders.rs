@@ -38,11 +38,14 @@ pub enum Kernel {
     /// Greedy sampling of the rows that get logits (one token id read back per row).
     ArgmaxRows,
     /// The projections over block-quantized weights, decoded in registers: 4-bit codes (Q4_0,
-    /// Q4_1, Q4_K) or 8-bit codes (Q8_0, Q6_K). Same files as the float projections.
+    /// Q4_1, Q4_K), 8-bit codes (Q8_0, Q5_0, Q6_K), or 8-bit codes with an offset (Q5_1, Q5_K).
+    /// Same files as the float projections.
     LinearGemvQ4,
     LinearGemvQ8,
+    LinearGemvQ8Offset,
     LinearMatmulQ4,
     LinearMatmulQ8,
+    LinearMatmulQ8Offset,
 }
 
 /// How a projection kernel reads its weights (see [`source`]).
@@ -51,10 +54,11 @@ enum WeightRead {
     Float,
     Nibbles,
     Bytes,
+    BytesOffset,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 16] = [
+    pub const ALL: [Kernel; 18] = [
         Kernel::Prefill,
         Kernel::Decode,
         Kernel::Merge,
@@ -69,8 +73,10 @@ impl Kernel {
         Kernel::ArgmaxRows,
         Kernel::LinearGemvQ4,
         Kernel::LinearGemvQ8,
+        Kernel::LinearGemvQ8Offset,
         Kernel::LinearMatmulQ4,
         Kernel::LinearMatmulQ8,
+        Kernel::LinearMatmulQ8Offset,
     ];
 
     fn index(self) -> usize {
@@ -81,8 +87,8 @@ impl Kernel {
             Kernel::AppendKv => 3,
             Kernel::BenchRead => 4,
             Kernel::BenchFma => 5,
-            Kernel::LinearGemv | Kernel::LinearGemvQ4 | Kernel::LinearGemvQ8 => 6,
-            Kernel::LinearMatmul | Kernel::LinearMatmulQ4 | Kernel::LinearMatmulQ8 => 7,
+            Kernel::LinearGemv | Kernel::LinearGemvQ4 | Kernel::LinearGemvQ8 | Kernel::LinearGemvQ8Offset => 6,
+            Kernel::LinearMatmul | Kernel::LinearMatmulQ4 | Kernel::LinearMatmulQ8 | Kernel::LinearMatmulQ8Offset => 7,
             Kernel::PrefillPortable => 8,
             Kernel::RmsNorm => 9,
             Kernel::RopeAppend => 10,
@@ -98,17 +104,21 @@ impl Kernel {
     }
     /// The GEMV of decode rows, over any weight format.
     pub fn is_gemv(self) -> bool {
-        matches!(self, Kernel::LinearGemv | Kernel::LinearGemvQ4 | Kernel::LinearGemvQ8)
+        matches!(self, Kernel::LinearGemv | Kernel::LinearGemvQ4 | Kernel::LinearGemvQ8 | Kernel::LinearGemvQ8Offset)
     }
     /// The tiled matmul of prompt chunks, over any weight format.
     pub fn is_matmul(self) -> bool {
-        matches!(self, Kernel::LinearMatmul | Kernel::LinearMatmulQ4 | Kernel::LinearMatmulQ8)
+        matches!(
+            self,
+            Kernel::LinearMatmul | Kernel::LinearMatmulQ4 | Kernel::LinearMatmulQ8 | Kernel::LinearMatmulQ8Offset
+        )
     }
     fn weight_read(self) -> Option<WeightRead> {
         match self {
             Kernel::LinearGemv | Kernel::LinearMatmul => Some(WeightRead::Float),
             Kernel::LinearGemvQ4 | Kernel::LinearMatmulQ4 => Some(WeightRead::Nibbles),
             Kernel::LinearGemvQ8 | Kernel::LinearMatmulQ8 => Some(WeightRead::Bytes),
+            Kernel::LinearGemvQ8Offset | Kernel::LinearMatmulQ8Offset => Some(WeightRead::BytesOffset),
             _ => None,
         }
     }
@@ -250,6 +260,7 @@ pub fn source(kernel: Kernel, variant: Variant, kv: KvStorage, target: Target) -
         Some(WeightRead::Float) => W_FLOAT,
         Some(WeightRead::Nibbles) => W_NIBBLES,
         Some(WeightRead::Bytes) => W_BYTES,
+        Some(WeightRead::BytesOffset) => W_BYTES_OFFSET,
         None => "",
     });
     out.push_str(&preprocess(kernel.text(), subgroup));
@@ -282,6 +293,15 @@ fn load_w(f: u32, i: u32) -> vec4<f32> {
     let bytes = bitcast<vec4<i32>>(vec4<u32>(word << 24u, word << 16u, word << 8u, word));
     let g = P.scales_at + f * (P.k4 >> P.group_shift) + (i >> P.group_shift);
     return vec4<f32>(bytes >> vec4<u32>(24u)) * bitcast<f32>(w[g]);
+}
+";
+/// As [`W_BYTES`] with an f32 offset after each scale: `value = scale * code + offset`.
+const W_BYTES_OFFSET: &str = "alias w4 = u32;
+fn load_w(f: u32, i: u32) -> vec4<f32> {
+    let word = w[f * P.k4 + i];
+    let bytes = bitcast<vec4<i32>>(vec4<u32>(word << 24u, word << 16u, word << 8u, word));
+    let g = P.scales_at + 2u * (f * (P.k4 >> P.group_shift) + (i >> P.group_shift));
+    return vec4<f32>(bytes >> vec4<u32>(24u)) * bitcast<f32>(w[g]) + bitcast<f32>(w[g + 1u]);
 }
 ";
 

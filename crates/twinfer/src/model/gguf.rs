@@ -70,8 +70,11 @@ impl GgmlType {
             1 => Self::F16,
             2 => Self::Quant(QuantFormat::Q4_0),
             3 => Self::Quant(QuantFormat::Q4_1),
+            6 => Self::Quant(QuantFormat::Q5_0),
+            7 => Self::Quant(QuantFormat::Q5_1),
             8 => Self::Quant(QuantFormat::Q8_0),
             12 => Self::Quant(QuantFormat::Q4_K),
+            13 => Self::Quant(QuantFormat::Q5_K),
             14 => Self::Quant(QuantFormat::Q6_K),
             30 => Self::BF16,
             _ => return None,
@@ -91,12 +94,9 @@ impl GgmlType {
 /// The ggml type names of ids twinfer does not read, for error messages.
 fn unsupported_type_name(id: u32) -> String {
     let name = match id {
-        6 => "Q5_0",
-        7 => "Q5_1",
         9 => "Q8_1",
         10 => "Q2_K",
         11 => "Q3_K",
-        13 => "Q5_K",
         15 => "Q8_K",
         _ => return format!("ggml type {id}"),
     };
@@ -532,9 +532,9 @@ pub(crate) mod tests {
         v1[4] = 1;
         assert!(err(v1).contains("version 1"), "version");
         assert!(err(b"GGML0000".to_vec()).contains("magic"));
-        let q5k = Builder::new().tensor("blk.0.attn_q.weight", &[256, 1], 13, vec![0; 176]).build();
-        let e = err(q5k);
-        assert!(e.contains("Q5_K") && e.contains("blk.0.attn_q.weight"), "{e}");
+        let q2k = Builder::new().tensor("blk.0.attn_q.weight", &[256, 1], 10, vec![0; 84]).build();
+        let e = err(q2k);
+        assert!(e.contains("Q2_K") && e.contains("blk.0.attn_q.weight"), "{e}");
         let ragged = Builder::new().tensor("w", &[33, 1], 8, vec![0; 68]).build();
         assert!(err(ragged).contains("whole blocks"));
         // K-quant rows are whole blocks of 256.

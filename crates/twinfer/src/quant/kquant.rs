@@ -5,6 +5,8 @@
 //!   weights) has a 6-bit scale `sc_j` and a 6-bit minimum `m_j`, packed in `scales`; a weight's
 //!   value is `(d * sc_j) * q - dmin * m_j` with `q` its nibble. Weights `64c .. 64c + 32` are the
 //!   low nibbles of `qs[32c .. 32c + 32]`, weights `64c + 32 .. 64c + 64` their high nibbles.
+//! - Q5_K, 176 bytes: `d, dmin, scales` as Q4_K, then `qh: [u8; 32], qs: [u8; 128]`: Q4_K's
+//!   nibbles plus a fifth bit, bit `j` of `qh[l]` for weight `l` of sub-block `j`.
 //! - Q6_K, 210 bytes: `ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16`. Weight `i` has a
 //!   6-bit code `q` (4 low bits in `ql`, 2 high bits in `qh`) and the value
 //!   `(d * scales[i / 16]) * (q - 32)`.
@@ -21,6 +23,8 @@ use crate::quant::BLOCK;
 pub const QK_K: usize = 256;
 /// Bytes of a Q4_K block.
 pub const Q4_K_BYTES: usize = 144;
+/// Bytes of a Q5_K block.
+pub const Q5_K_BYTES: usize = 176;
 /// Bytes of a Q6_K block.
 pub const Q6_K_BYTES: usize = 210;
 /// Sub-blocks of 32 weights per K-quant block (the packed layout's blocks).
@@ -32,7 +36,8 @@ pub(crate) struct KBlock {
     pub d: f16,
     /// Q4_K's scale of the minima (zero for Q6_K).
     pub dmin: f16,
-    /// Per sub-block of 32: Q4_K's nibbles (`0..=15`), or Q6_K's `q - 32` as i8 bits.
+    /// Per sub-block of 32: Q4_K's nibbles (`0..=15`), Q5_K's 5-bit codes, or Q6_K's `q - 32`
+    /// as i8 bits.
     pub codes: [[u8; BLOCK]; SUB_BLOCKS],
     /// Per sub-block of 32, the multipliers of `d` for its two halves of 16 (Q4_K's two are the
     /// sub-block's one scale).
@@ -50,9 +55,12 @@ fn q4_k_scale_min(scales: &[u8], j: usize) -> (u8, u8) {
     }
 }
 
-/// Takes a Q4_K block (`Q4_K_BYTES` bytes) apart.
-pub(crate) fn split_q4_k(block: &[u8]) -> KBlock {
-    let (scales, qs) = (&block[4..16], &block[16..Q4_K_BYTES]);
+/// Takes a Q4_K block (`Q4_K_BYTES` bytes) or a Q5_K block (`Q5_K_BYTES`, with `qh` before the
+/// nibbles) apart.
+pub(crate) fn split_q45_k(block: &[u8]) -> KBlock {
+    let five = block.len() == Q5_K_BYTES;
+    let scales = &block[4..16];
+    let (qh, qs) = if five { (&block[16..48], &block[48..]) } else { (&[][..], &block[16..]) };
     let mut kb = KBlock {
         d: f16::from_le_bytes([block[0], block[1]]),
         dmin: f16::from_le_bytes([block[2], block[3]]),
@@ -67,7 +75,8 @@ pub(crate) fn split_q4_k(block: &[u8]) -> KBlock {
         kb.mins[j] = m as i8;
         let (chunk, shift) = (j / 2, 4 * (j % 2));
         for (l, code) in kb.codes[j].iter_mut().enumerate() {
-            *code = (qs[32 * chunk + l] >> shift) & 0x0f;
+            let high = if five { ((qh[l] >> j) & 1) << 4 } else { 0 };
+            *code = ((qs[32 * chunk + l] >> shift) & 0x0f) | high;
         }
     }
     kb
@@ -97,11 +106,11 @@ pub(crate) fn split_q6_k(block: &[u8]) -> KBlock {
     kb
 }
 
-/// Decodes a row of Q4_K blocks into `out`, in the reference's order of operations:
-/// `(d * sc) * q - dmin * m`, each step rounded to f32.
-pub fn dequantize_q4_k(row: &[u8], out: &mut [f32]) {
-    for (block, chunk) in row.chunks_exact(Q4_K_BYTES).zip(out.chunks_exact_mut(QK_K)) {
-        let kb = split_q4_k(block);
+/// Decodes a row of Q4_K or Q5_K blocks (`format`) into `out`, in the reference's order of
+/// operations: `(d * sc) * q - dmin * m`, each step rounded to f32.
+pub fn dequantize_q45_k(format: crate::quant::QuantFormat, row: &[u8], out: &mut [f32]) {
+    for (block, chunk) in row.chunks_exact(format.block_bytes()).zip(out.chunks_exact_mut(QK_K)) {
+        let kb = split_q45_k(block);
         let (d, dmin) = (kb.d.to_f32(), kb.dmin.to_f32());
         for (j, sub) in chunk.chunks_exact_mut(BLOCK).enumerate() {
             let (scale, min) = (d * kb.scales[j][0] as f32, dmin * kb.mins[j] as f32);
@@ -127,6 +136,7 @@ pub fn dequantize_q6_k(row: &[u8], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::QuantFormat;
 
     /// A straight transcription of llama.cpp's `dequantize_row_q6_K` loop (its index arithmetic,
     /// not the per-weight formula above), to check the unpacking two ways.
@@ -151,17 +161,22 @@ mod tests {
         y
     }
 
-    /// `dequantize_row_q4_K`, transcribed the same way.
-    fn q4_k_as_llama_cpp(block: &[u8]) -> Vec<f32> {
+    /// `dequantize_row_q4_K` and `dequantize_row_q5_K` (with `qh`), transcribed the same way.
+    fn q45_k_as_llama_cpp(block: &[u8]) -> Vec<f32> {
         let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
         let dmin = f16::from_le_bytes([block[2], block[3]]).to_f32();
+        let five = block.len() == Q5_K_BYTES;
+        let (qh, ql) = if five { (&block[16..48], &block[48..]) } else { (&[0u8; 32][..], &block[16..]) };
+        let (mut u1, mut u2) = (1u8, 2u8);
         let mut y = Vec::with_capacity(QK_K);
-        for (c, q) in block[16..].chunks_exact(32).enumerate() {
+        for (c, q) in ql.chunks_exact(32).enumerate() {
             let (sc1, m1) = q4_k_scale_min(&block[4..16], 2 * c);
             let (sc2, m2) = q4_k_scale_min(&block[4..16], 2 * c + 1);
             let (d1, d2, m1, m2) = (d * sc1 as f32, d * sc2 as f32, dmin * m1 as f32, dmin * m2 as f32);
-            y.extend(q.iter().map(|&b| d1 * (b & 0xf) as f32 - m1));
-            y.extend(q.iter().map(|&b| d2 * (b >> 4) as f32 - m2));
+            let bit = |l: usize, u: u8| if qh[l] & u != 0 { 16.0 } else { 0.0 };
+            y.extend(q.iter().enumerate().map(|(l, &b)| d1 * ((b & 0xf) as f32 + bit(l, u1)) - m1));
+            y.extend(q.iter().enumerate().map(|(l, &b)| d2 * ((b >> 4) as f32 + bit(l, u2)) - m2));
+            (u1, u2) = (u1 << 2, u2 << 2);
         }
         y
     }
@@ -187,9 +202,11 @@ mod tests {
             let mut got = vec![0f32; QK_K];
             dequantize_q6_k(&block, &mut got);
             assert_eq!(got, q6_k_as_llama_cpp(&block), "Q6_K, seed {seed}");
-            let block = random_block(Q4_K_BYTES, seed, &[0, 2]);
-            dequantize_q4_k(&block, &mut got);
-            assert_eq!(got, q4_k_as_llama_cpp(&block), "Q4_K, seed {seed}");
+            for (format, bytes) in [(QuantFormat::Q4_K, Q4_K_BYTES), (QuantFormat::Q5_K, Q5_K_BYTES)] {
+                let block = random_block(bytes, seed, &[0, 2]);
+                dequantize_q45_k(format, &block, &mut got);
+                assert_eq!(got, q45_k_as_llama_cpp(&block), "{format:?}, seed {seed}");
+            }
         }
     }
 }

@@ -5,11 +5,14 @@
 //! A block of the legacy formats holds 32 consecutive weights of one row and its own scale:
 //! - Q8_0: `d: f16, q: [i8; 32]`, value `d * q` (34 bytes);
 //! - Q4_0: `d: f16, qs: [u8; 16]`, value `d * (q - 8)` (18 bytes);
-//! - Q4_1: `d: f16, m: f16, qs: [u8; 16]`, value `d * q + m` (20 bytes).
+//! - Q4_1: `d: f16, m: f16, qs: [u8; 16]`, value `d * q + m` (20 bytes);
+//! - Q5_0: `d: f16, qh: [u8; 4], qs: [u8; 16]`, value `d * (q - 16)` (22 bytes);
+//! - Q5_1: `d: f16, m: f16, qh: [u8; 4], qs: [u8; 16]`, value `d * q + m` (24 bytes).
 //!
-//! In the 4-bit formats, weight `j < 16` is the low nibble of `qs[j]` and weight `j + 16` its
-//! high nibble (llama.cpp's `ggml-common.h`). The K-quants hold 256 weights a block with a second
-//! level of scales ([`kquant`]).
+//! In the 4- and 5-bit formats, weight `j < 16` is the low nibble of `qs[j]` and weight `j + 16`
+//! its high nibble (llama.cpp's `ggml-common.h`); the 5-bit formats add bit `j` of the
+//! little-endian `qh` as the code's fifth bit. The K-quants hold 256 weights a block with a
+//! second level of scales ([`kquant`]).
 
 pub mod kquant;
 mod packed;
@@ -31,21 +34,26 @@ pub enum QuantFormat {
     Q8_0,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     /// 256 weights in 8 sub-blocks of 32, each with a 6-bit scale and minimum (4.5 bits/weight).
     Q4_K,
+    /// As Q4_K with 5-bit codes (5.5 bits/weight).
+    Q5_K,
     /// 256 weights in 16 sub-blocks of 16, each with an 8-bit scale (6.5625 bits/weight).
     Q6_K,
 }
 
 impl QuantFormat {
     /// Every format, in GGUF's type order.
-    pub const ALL: [Self; 5] = [Self::Q4_0, Self::Q4_1, Self::Q8_0, Self::Q4_K, Self::Q6_K];
+    pub const ALL: [Self; 8] =
+        [Self::Q4_0, Self::Q4_1, Self::Q5_0, Self::Q5_1, Self::Q8_0, Self::Q4_K, Self::Q5_K, Self::Q6_K];
 
     /// Weights per block of the file format: [`BLOCK`], or [`kquant::QK_K`] for the K-quants.
     pub const fn block_weights(self) -> usize {
         match self {
-            Self::Q8_0 | Self::Q4_0 | Self::Q4_1 => BLOCK,
-            Self::Q4_K | Self::Q6_K => kquant::QK_K,
+            Self::Q8_0 | Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 => BLOCK,
+            Self::Q4_K | Self::Q5_K | Self::Q6_K => kquant::QK_K,
         }
     }
 
@@ -55,17 +63,20 @@ impl QuantFormat {
             Self::Q8_0 => 34,
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
+            Self::Q5_1 => 24,
             Self::Q4_K => kquant::Q4_K_BYTES,
+            Self::Q5_K => kquant::Q5_K_BYTES,
             Self::Q6_K => kquant::Q6_K_BYTES,
         }
     }
 
-    /// Bits of one weight's code once packed (the scales are kept beside it). Q6_K's 6-bit
+    /// Bits of one weight's code once packed (the scales are kept beside it). 5- and 6-bit
     /// codes are packed as bytes, so the kernels' 8-bit path reads them.
     pub const fn code_bits(self) -> u32 {
         match self {
-            Self::Q8_0 | Self::Q6_K => 8,
             Self::Q4_0 | Self::Q4_1 | Self::Q4_K => 4,
+            _ => 8,
         }
     }
 
@@ -80,15 +91,20 @@ impl QuantFormat {
             Self::Q8_0 => "q8_0",
             Self::Q4_0 => "q4_0",
             Self::Q4_1 => "q4_1",
+            Self::Q5_0 => "q5_0",
+            Self::Q5_1 => "q5_1",
             Self::Q4_K => "q4_k",
+            Self::Q5_K => "q5_k",
             Self::Q6_K => "q6_k",
         }
     }
 
-    /// The format named `q8_0`, `q4_0`, `q4_1`, `q4_k` or `q6_k` (any case).
+    /// The format of this name (`q4_0`, `q4_1`, `q5_0`, `q5_1`, `q8_0`, `q4_k`, `q5_k` or
+    /// `q6_k`, any case).
     pub fn parse(name: &str) -> Result<Self> {
         Self::ALL.into_iter().find(|f| f.name().eq_ignore_ascii_case(name)).ok_or_else(|| {
-            TwinferError::InvalidParameter(format!("unknown quantization {name:?} (q8_0, q4_0, q4_1, q4_k or q6_k)"))
+            let names: Vec<&str> = Self::ALL.iter().map(|f| f.name()).collect();
+            TwinferError::InvalidParameter(format!("unknown quantization {name:?} ({})", names.join(", ")))
         })
     }
 
@@ -97,8 +113,31 @@ impl QuantFormat {
         k / self.block_weights() * self.block_bytes()
     }
 
-    /// One block of a legacy format: its unsigned codes (`q + 128` for Q8_0, the nibble for the
-    /// 4-bit formats) and the affine map `value = scale * code + offset` that decodes them.
+    /// A 4- or 5-bit legacy block's unsigned codes: the nibble, and for Q5_0 and Q5_1 the fifth
+    /// bit from `qh`.
+    pub(crate) fn small_codes(self, block: &[u8]) -> [u8; BLOCK] {
+        let qs = &block[block.len() - BLOCK / 2..];
+        let qh = match self {
+            Self::Q5_0 => u32::from_le_bytes([block[2], block[3], block[4], block[5]]),
+            Self::Q5_1 => u32::from_le_bytes([block[4], block[5], block[6], block[7]]),
+            _ => 0,
+        };
+        let mut codes = [0u8; BLOCK];
+        for j in 0..BLOCK / 2 {
+            codes[j] = (qs[j] & 0x0f) | (((qh >> j) & 1) << 4) as u8;
+            codes[j + BLOCK / 2] = (qs[j] >> 4) | (((qh >> (j + BLOCK / 2)) & 1) << 4) as u8;
+        }
+        codes
+    }
+
+    /// Whether blocks carry an added minimum `m` (`value = d * q + m`): Q4_1, Q5_1 and the
+    /// K-quants with minima.
+    pub(crate) const fn has_minima(self) -> bool {
+        matches!(self, Self::Q4_1 | Self::Q5_1 | Self::Q4_K | Self::Q5_K)
+    }
+
+    /// One block of a legacy format: its unsigned codes (`q + 128` for Q8_0, the 4- or 5-bit
+    /// code otherwise) and the affine map `value = scale * code + offset` that decodes them.
     fn split_block(self, block: &[u8]) -> ([u8; BLOCK], f32, f32) {
         let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
         let mut codes = [0u8; BLOCK];
@@ -110,13 +149,12 @@ impl QuantFormat {
                 (codes, d, -128.0 * d)
             }
             _ => {
-                let qs = &block[block.len() - BLOCK / 2..];
-                for j in 0..BLOCK / 2 {
-                    codes[j] = qs[j] & 0x0f;
-                    codes[j + BLOCK / 2] = qs[j] >> 4;
-                }
-                let m = if self == Self::Q4_1 { f16::from_le_bytes([block[2], block[3]]).to_f32() } else { -8.0 * d };
-                (codes, d, m)
+                let m = match self {
+                    Self::Q4_1 | Self::Q5_1 => f16::from_le_bytes([block[2], block[3]]).to_f32(),
+                    Self::Q5_0 => -16.0 * d,
+                    _ => -8.0 * d,
+                };
+                (self.small_codes(block), d, m)
             }
         }
     }
@@ -125,22 +163,24 @@ impl QuantFormat {
     /// checked against.
     pub fn dequantize_row(self, row: &[u8], out: &mut [f32]) {
         match self {
-            Self::Q4_K => return kquant::dequantize_q4_k(row, out),
+            Self::Q4_K | Self::Q5_K => return kquant::dequantize_q45_k(self, row, out),
             Self::Q6_K => return kquant::dequantize_q6_k(row, out),
             _ => {}
         }
         for (block, chunk) in row.chunks_exact(self.block_bytes()).zip(out.chunks_exact_mut(BLOCK)) {
             let (codes, scale, offset) = self.split_block(block);
             for (o, &c) in chunk.iter_mut().zip(&codes) {
-                *o = if self == Self::Q4_1 { scale.mul_add(c as f32, offset) } else { scale * self.centred(c) };
+                *o = if self.has_minima() { scale.mul_add(c as f32, offset) } else { scale * self.centred(c) };
             }
         }
     }
 
-    /// The signed quantized value of an unsigned code (Q8_0 and Q4_0, whose offset is `-bias * d`).
+    /// The signed quantized value of an unsigned code (Q8_0, Q4_0 and Q5_0, whose offset is
+    /// `-bias * d`).
     fn centred(self, code: u8) -> f32 {
         match self {
             Self::Q8_0 => code as f32 - 128.0,
+            Self::Q5_0 => code as f32 - 16.0,
             _ => code as f32 - 8.0,
         }
     }
@@ -176,7 +216,7 @@ impl QuantFormat {
                     let code = |x: f32| (((x - min) * inv + 0.5) as i32).clamp(0, 15) as u8;
                     out.extend((0..BLOCK / 2).map(|j| code(block[j]) | code(block[j + BLOCK / 2]) << 4));
                 }
-                Self::Q4_K | Self::Q6_K => return,
+                _ => return,
             }
         }
     }
@@ -251,8 +291,8 @@ pub(crate) fn random_rows(format: QuantFormat, n: usize, k: usize, seed: u64) ->
         .collect();
     // The f16 scales: positive, finite, and different from block to block.
     let scale_at: &[usize] = match format {
-        QuantFormat::Q8_0 | QuantFormat::Q4_0 => &[0],
-        QuantFormat::Q4_1 | QuantFormat::Q4_K => &[0, 2],
+        QuantFormat::Q8_0 | QuantFormat::Q4_0 | QuantFormat::Q5_0 => &[0],
+        QuantFormat::Q4_1 | QuantFormat::Q5_1 | QuantFormat::Q4_K | QuantFormat::Q5_K => &[0, 2],
         QuantFormat::Q6_K => &[208],
     };
     for (b, block) in bytes.chunks_exact_mut(format.block_bytes()).enumerate() {
@@ -291,7 +331,7 @@ mod tests {
                     QuantFormat::Q8_0 => amax / 127.0 / 2.0,
                     QuantFormat::Q4_0 => amax / 8.0,
                     QuantFormat::Q4_1 => (hi - lo) / 15.0 / 2.0,
-                    QuantFormat::Q4_K | QuantFormat::Q6_K => unreachable!("not quantized here"),
+                    _ => unreachable!("not quantized here"),
                 };
                 for (&a, &b2) in xs.iter().zip(ys) {
                     assert!((a - b2).abs() <= half_step + amax * 2e-3, "{format:?} block {b}: {a} -> {b2}");
@@ -300,11 +340,49 @@ mod tests {
         }
     }
 
+    /// llama.cpp's `dequantize_row_q5_0` and `_q5_1` loops, transcribed (their bit arithmetic,
+    /// not `small_codes`'), against the reference decoding of random blocks.
+    #[test]
+    fn five_bit_blocks_decode_as_llama_cpp_does() {
+        for format in [QuantFormat::Q5_0, QuantFormat::Q5_1] {
+            let rows = random_rows(format, 3, 64, 9);
+            let got = rows.to_f32();
+            let mut want = Vec::new();
+            for block in rows.bytes.chunks_exact(format.block_bytes()) {
+                let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+                let (m, at) = if format == QuantFormat::Q5_1 {
+                    (f16::from_le_bytes([block[2], block[3]]).to_f32(), 4)
+                } else {
+                    (0.0, 2)
+                };
+                let qh = u32::from_le_bytes([block[at], block[at + 1], block[at + 2], block[at + 3]]);
+                let qs = &block[at + 4..];
+                let (mut lo, mut hi) = (Vec::new(), Vec::new());
+                for j in 0..16 {
+                    let xh_0 = ((qh >> j) << 4) & 0x10;
+                    let xh_1 = (qh >> (j + 12)) & 0x10;
+                    let (x0, x1) = ((qs[j] as u32 & 0x0f) | xh_0, (qs[j] as u32 >> 4) | xh_1);
+                    if format == QuantFormat::Q5_0 {
+                        lo.push((x0 as i32 - 16) as f32 * d);
+                        hi.push((x1 as i32 - 16) as f32 * d);
+                    } else {
+                        lo.push(x0 as f32 * d + m);
+                        hi.push(x1 as f32 * d + m);
+                    }
+                }
+                want.extend(lo);
+                want.extend(hi);
+            }
+            assert_eq!(got, want, "{format:?}");
+        }
+    }
+
     #[test]
     fn bad_shapes_are_typed_errors() {
         assert!(QuantRows::new(QuantFormat::Q4_1, 2, 33, vec![0; 40]).is_err());
         assert!(QuantRows::new(QuantFormat::Q4_1, 2, 32, vec![0; 39]).is_err());
-        assert!(QuantFormat::parse("q5_k").is_err());
+        assert!(QuantFormat::parse("q3_k").is_err());
+        assert_eq!(QuantFormat::parse("Q5_K").unwrap(), QuantFormat::Q5_K);
         assert_eq!(QuantFormat::parse("Q4_0").unwrap(), QuantFormat::Q4_0);
         assert_eq!(QuantFormat::parse("Q6_K").unwrap(), QuantFormat::Q6_K);
         let e = QuantRows::quantize(QuantFormat::Q4_K, &[0.0; 256], 1, 256).unwrap_err().to_string();

@@ -4,7 +4,7 @@
 //! (`vpdpbusd` on AVX-512 VNNI, `pmaddubsw` on AVX2, `smull` on NEON, `extmul` in wasm).
 //!
 //! - `codes[tile][block]` is one block of 32 inputs for the tile's 16 features:
-//!   - 8-bit codes (Q8_0's signed `q`, Q6_K's `q - 32`): 8 rows of 64 bytes, row `g` holding inputs
+//!   - 8-bit codes (Q8_0's `q`; Q5_0, Q5_1, Q5_K and Q6_K's 5- and 6-bit codes): 8 rows of 64 bytes, row `g` holding inputs
 //!     `4g .. 4g + 4` of feature `f` at bytes `4f .. 4f + 4`;
 //!   - 4-bit codes (Q4_0, Q4_1, Q4_K: the nibble `0..=15`): 4 rows of 64 bytes, row `g` holding inputs
 //!     `4g .. 4g + 4` in the low nibbles and inputs `16 + 4g .. 16 + 4g + 4` in the high ones.
@@ -13,14 +13,15 @@
 //!   (and `-dmin` as `m`) it holds.
 //! - For the K-quants, `ds[tile][block][half][f]` are i8 multipliers of `d`: one per block for
 //!   Q4_K (`half` has one value), one per 16 inputs for Q6_K (two halves); `ms[tile][block][f]`
-//!   are Q4_K's multipliers of `m`. Their products with the f16 scales are exact in f32.
+//!   are Q4_K's and Q5_K's multipliers of `m`. Their products with the f16 scales are exact in f32.
 //! - A weight's value is `d * ds * (c - zero) + m * ms`: `zero` is 8 for Q4_0 and 0 otherwise,
-//!   `ds` and `ms` are 1 for the legacy formats, `m` is 0 except for Q4_1 and Q4_K, exactly as
-//!   the reference decodes the file's blocks. Q6_K's codes are its `q - 32` as signed bytes.
+//!   `ds` and `ms` are 1 for the legacy formats, `m` is 0 except for Q4_1, Q5_1, Q4_K and Q5_K,
+//!   exactly as the reference decodes the file's blocks. Q5_0's codes are its `q - 16` and Q6_K's
+//!   its `q - 32`, as signed bytes; Q5_1's and Q5_K's are the unsigned 5-bit codes.
 //!
 //! The packed matrix takes about the file's memory: 4.5 bits per weight for Q4_0, 5 for Q4_1,
-//! 8.5 for Q8_0, 4.6 for Q4_K, 8.6 for Q6_K (its 6-bit codes take a byte each, so that the
-//! kernels' 8-bit path reads them). Features past `n` in the last tile have code 0 and scale 0.
+//! 8.5 for Q8_0, 4.6 for Q4_K; 5- and 6-bit codes take a byte each, so that the kernels' 8-bit
+//! path reads them (Q5_0 8.5 bits, Q5_1 9, Q5_K 8.6, Q6_K 8.6). Features past `n` in the last tile have code 0 and scale 0.
 //! Scales must be finite (checked when packing, as llama.cpp validates row data): the kernels
 //! convert them without a NaN path.
 
@@ -46,7 +47,7 @@ pub struct PackedQuant {
     m: Vec<f16>,
     /// The K-quants' multipliers of `d`, `[tiles][blocks][halves][TILE]`; empty otherwise.
     ds: Vec<i8>,
-    /// Q4_K's multipliers of `m`, `[tiles][blocks][TILE]`; empty otherwise.
+    /// Q4_K's and Q5_K's multipliers of `m`, `[tiles][blocks][TILE]`; empty otherwise.
     ms: Vec<i8>,
 }
 
@@ -54,7 +55,7 @@ impl QuantFormat {
     /// log2 of the blocks of 32 that share one f16 scale: 3 for the K-quants.
     pub(crate) const fn group_shift(self) -> u32 {
         match self {
-            Self::Q4_K | Self::Q6_K => 3,
+            Self::Q4_K | Self::Q5_K | Self::Q6_K => 3,
             _ => 0,
         }
     }
@@ -64,12 +65,8 @@ impl QuantFormat {
         if matches!(self, Self::Q6_K) { 2 } else { 1 }
     }
 
-    const fn has_minima(self) -> bool {
-        matches!(self, Self::Q4_1 | Self::Q4_K)
-    }
-
     const fn is_k_quant(self) -> bool {
-        matches!(self, Self::Q4_K | Self::Q6_K)
+        matches!(self, Self::Q4_K | Self::Q5_K | Self::Q6_K)
     }
 }
 
@@ -116,7 +113,7 @@ impl PackedQuant {
         if self.ds.is_empty() { &[] } else { &self.ds[t * len..(t + 1) * len] }
     }
 
-    /// Tile `t`'s multipliers of its minima, `[blocks][TILE]` (empty but for Q4_K).
+    /// Tile `t`'s multipliers of its minima, `[blocks][TILE]` (empty but for Q4_K and Q5_K).
     pub fn tile_minimum_multipliers(&self, t: usize) -> &[i8] {
         let len = self.blocks() * TILE;
         if self.ms.is_empty() { &[] } else { &self.ms[t * len..(t + 1) * len] }
@@ -144,7 +141,11 @@ impl PackedQuant {
             d: vec![f16::ZERO; scales],
             m: if format.has_minima() { vec![f16::ZERO; scales] } else { Vec::new() },
             ds: if format.is_k_quant() { vec![0; tiles * blocks * format.halves() * TILE] } else { Vec::new() },
-            ms: if format == QuantFormat::Q4_K { vec![0; tiles * blocks * TILE] } else { Vec::new() },
+            ms: if matches!(format, QuantFormat::Q4_K | QuantFormat::Q5_K) {
+                vec![0; tiles * blocks * TILE]
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -176,8 +177,11 @@ impl PackedQuant {
                     ))
                 };
                 if format.is_k_quant() {
-                    let kb =
-                        if format == QuantFormat::Q4_K { kquant::split_q4_k(block) } else { kquant::split_q6_k(block) };
+                    let kb = if format == QuantFormat::Q6_K {
+                        kquant::split_q6_k(block)
+                    } else {
+                        kquant::split_q45_k(block)
+                    };
                     if !kb.d.is_finite() || !kb.dmin.is_finite() {
                         return Err(not_finite(kb.d, kb.dmin));
                     }
@@ -185,21 +189,16 @@ impl PackedQuant {
                     continue;
                 }
                 let d = f16::from_le_bytes([block[0], block[1]]);
-                let m = if format == QuantFormat::Q4_1 { f16::from_le_bytes([block[2], block[3]]) } else { f16::ZERO };
+                let m = if format.has_minima() { f16::from_le_bytes([block[2], block[3]]) } else { f16::ZERO };
                 if !d.is_finite() || !m.is_finite() {
                     return Err(not_finite(d, m));
                 }
-                let mut codes = [0u8; BLOCK];
-                match format {
-                    QuantFormat::Q8_0 => codes.copy_from_slice(&block[2..2 + BLOCK]),
-                    _ => {
-                        let qs = &block[block.len() - BLOCK / 2..];
-                        for j in 0..BLOCK / 2 {
-                            codes[j] = qs[j] & 0x0f;
-                            codes[j + BLOCK / 2] = qs[j] >> 4;
-                        }
-                    }
-                }
+                let codes: [u8; BLOCK] = match format {
+                    QuantFormat::Q8_0 => core::array::from_fn(|j| block[2 + j]),
+                    // Signed bytes `q - 16`, so that the 8-bit kernels need no zero code.
+                    QuantFormat::Q5_0 => format.small_codes(block).map(|c| (c as i8 - 16) as u8),
+                    _ => format.small_codes(block),
+                };
                 p.set_codes(c, blk, &codes);
                 p.set_scales(c, blk, d, m);
             }
@@ -300,10 +299,15 @@ impl PackedQuant {
         BLOCK / self.format.halves()
     }
 
+    /// Whether the GPU layout has an offset after each scale: the 4-bit formats, Q5_1 and Q5_K.
+    pub fn gpu_offsets(&self) -> bool {
+        self.format.code_bits() == 4 || self.format.has_minima()
+    }
+
     /// Feature `c` as the GPU kernels read it: its codes appended to `codes` (4-bit codes 8 a
     /// word, 8-bit codes 4 a word, in input order, least significant first) and per group of
-    /// [`PackedQuant::gpu_group`] inputs its f32 scale (and for 4-bit codes its offset) appended to
-    /// `scales`, so that `scale * code + offset` is the reference's value: the products are exact
+    /// [`PackedQuant::gpu_group`] inputs its f32 scale (and offset, [`PackedQuant::gpu_offsets`])
+    /// appended to `scales`, so that `scale * code + offset` is the reference's value: the products are exact
     /// in f32 and the one rounding is the reference's own.
     pub fn gpu_row(&self, c: usize, codes: &mut Vec<u32>, scales: &mut Vec<f32>) {
         for blk in 0..self.blocks() {
@@ -318,8 +322,10 @@ impl PackedQuant {
                 match self.format {
                     // d * (q - 8) = d * q - 8 * d, both products exact.
                     QuantFormat::Q4_0 => scales.extend([d, -8.0 * d]),
-                    QuantFormat::Q4_1 | QuantFormat::Q4_K => scales.extend([d, m]),
-                    QuantFormat::Q8_0 | QuantFormat::Q6_K => scales.push(d),
+                    QuantFormat::Q4_1 | QuantFormat::Q5_1 | QuantFormat::Q4_K | QuantFormat::Q5_K => {
+                        scales.extend([d, m])
+                    }
+                    QuantFormat::Q8_0 | QuantFormat::Q5_0 | QuantFormat::Q6_K => scales.push(d),
                 }
             }
         }
@@ -332,11 +338,11 @@ impl PackedQuant {
             for (j, (o, &code)) in chunk.iter_mut().zip(&codes).enumerate() {
                 let (d, m) = self.block_scales(c, blk, j * self.format.halves() / BLOCK);
                 *o = match self.format {
-                    QuantFormat::Q8_0 | QuantFormat::Q6_K => d * (code as i8) as f32,
+                    QuantFormat::Q8_0 | QuantFormat::Q5_0 | QuantFormat::Q6_K => d * (code as i8) as f32,
                     QuantFormat::Q4_0 => d * (code as f32 - 8.0),
-                    QuantFormat::Q4_1 => d.mul_add(code as f32, m),
+                    QuantFormat::Q4_1 | QuantFormat::Q5_1 => d.mul_add(code as f32, m),
                     // The reference's `(d * sc) * q - dmin * m`, with m = -dmin * m exactly.
-                    QuantFormat::Q4_K => d * code as f32 + m,
+                    QuantFormat::Q4_K | QuantFormat::Q5_K => d * code as f32 + m,
                 };
             }
         }
@@ -371,16 +377,20 @@ mod tests {
                 assert_eq!(got, want, "{format:?} n={n}: decoding differs from the reference");
             }
         }
-        for format in [QuantFormat::Q4_K, QuantFormat::Q6_K] {
+        for format in [QuantFormat::Q5_0, QuantFormat::Q5_1, QuantFormat::Q4_K, QuantFormat::Q5_K, QuantFormat::Q6_K] {
             for n in [13, 32] {
                 let rows = crate::quant::random_rows(format, n, 512, 5);
                 let packed = PackedQuant::from_rows(&rows).unwrap();
                 assert_eq!(packed.to_f32(), rows.to_f32(), "{format:?} n={n}: decoding differs from the reference");
-                // About the file's bits per weight: Q4_K's 6-bit sub-scales take a byte each
-                // (0.125 bits more), Q6_K's 6-bit codes too (2 bits more).
+                // About the file's bits per weight: the K-quants' 6-bit sub-scales take a byte
+                // each (0.125 bits more), 5- and 6-bit codes too (2-3 bits more).
                 let file = rows.bytes.len() as f64 / (n * 512) as f64 * 8.0;
                 let ours = packed.bytes() as f64 / (n.next_multiple_of(TILE) * 512) as f64 * 8.0;
-                let extra = if format == QuantFormat::Q4_K { 0.125 } else { 2.0 };
+                let extra = match format {
+                    QuantFormat::Q4_K => 0.125,
+                    QuantFormat::Q5_K | QuantFormat::Q6_K => 3.125,
+                    _ => 3.0,
+                };
                 assert!(ours <= file + extra, "{format:?}: {ours} bits per weight, the file {file}");
             }
         }
