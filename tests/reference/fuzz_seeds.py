@@ -5,7 +5,7 @@ Usage: python fuzz_seeds.py TINY_LLAMA_DIR OUT_DIR
 
 Writes OUT_DIR/base/{config.json,tokenizer.json,model.safetensors} (a Hugging Face folder: one
 layer, hidden 32, f32 weights, tiny-llama's 512-id tokenizer) and OUT_DIR/base/micro.gguf (the same
-shapes as GGUF v3: F32 norms, a Q8_0 embedding, Q4_0/Q4_1/Q8_0/F16 projections, the byte-level BPE
+shapes as GGUF v3: F32 norms, a Q8_0 embedding, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/F16 projections, the byte-level BPE
 and a ChatML template in the metadata). The fuzz targets mutate one of these files at a time and
 keep the others valid, so every input reaches the code that reads that file.
 """
@@ -85,7 +85,7 @@ def write_gguf(out, tiny, w):
     writer.add_chat_template(CHATML)
     # One of each block format twinfer reads, on rows of 32 (one block).
     kinds = {"attn_q": q.Q4_0, "attn_k": q.Q4_1, "attn_v": q.Q8_0, "attn_output": q.F16,
-             "ffn_gate": q.Q4_1, "ffn_up": q.Q4_0, "ffn_down": q.Q8_0}
+             "ffn_gate": q.Q5_0, "ffn_up": q.Q5_1, "ffn_down": q.Q8_0}
     hf = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
           "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
           "ffn_down": "mlp.down_proj"}

@@ -103,14 +103,30 @@ impl Model {
         ChatTemplate::new(source.clone(), token(bos), token(eos)).map(Some)
     }
 
-    /// A short description: architecture and sizes.
+    /// A short description: architecture, sizes and, for decoders, the formats the projections
+    /// are held in.
     pub fn describe(&self) -> String {
         match &self.network {
             Network::Decoder(m) => {
                 let c = &m.config;
+                let mut formats: Vec<String> = Vec::new();
+                for (_, f) in m.projection_formats() {
+                    for part in f.split('+') {
+                        if !formats.iter().any(|x| x == part) {
+                            formats.push(part.to_string());
+                        }
+                    }
+                }
                 format!(
-                    "{} decoder: {} layers, hidden {}, {} heads / {} KV heads x {}, vocab {}",
-                    c.model_type, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size
+                    "{} decoder: {} layers, hidden {}, {} heads / {} KV heads x {}, vocab {}; weights {}",
+                    c.model_type,
+                    c.num_layers,
+                    c.hidden_size,
+                    c.num_heads,
+                    c.num_kv_heads,
+                    c.head_dim,
+                    c.vocab_size,
+                    formats.join(", ")
                 )
             }
             Network::Encoder(m) => {
