@@ -100,6 +100,10 @@ pub enum QuantizeArg {
     Q4_0,
     #[value(name = "q4_1")]
     Q4_1,
+    #[value(name = "q5_0")]
+    Q5_0,
+    #[value(name = "q5_1")]
+    Q5_1,
 }
 
 impl From<QuantizeArg> for QuantFormat {
@@ -108,6 +112,8 @@ impl From<QuantizeArg> for QuantFormat {
             QuantizeArg::Q8_0 => QuantFormat::Q8_0,
             QuantizeArg::Q4_0 => QuantFormat::Q4_0,
             QuantizeArg::Q4_1 => QuantFormat::Q4_1,
+            QuantizeArg::Q5_0 => QuantFormat::Q5_0,
+            QuantizeArg::Q5_1 => QuantFormat::Q5_1,
         }
     }
 }

@@ -31,10 +31,15 @@ pub const BLOCK: usize = 32;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[allow(non_camel_case_types)]
 pub enum QuantFormat {
+    /// 32 weights, 8-bit codes and an f16 scale (8.5 bits/weight).
     Q8_0,
+    /// 32 weights, 4-bit codes centred on 8 and an f16 scale (4.5 bits/weight).
     Q4_0,
+    /// 32 weights, 4-bit codes, an f16 scale and an f16 minimum (5 bits/weight).
     Q4_1,
+    /// 32 weights, 5-bit codes centred on 16 and an f16 scale (5.5 bits/weight).
     Q5_0,
+    /// 32 weights, 5-bit codes, an f16 scale and an f16 minimum (6 bits/weight).
     Q5_1,
     /// 256 weights in 8 sub-blocks of 32, each with a 6-bit scale and minimum (4.5 bits/weight).
     Q4_K,
@@ -83,9 +88,10 @@ impl QuantFormat {
     /// Whether float weights can be quantized into this format here (the K-quants are read from
     /// files only).
     pub const fn can_quantize(self) -> bool {
-        matches!(self, Self::Q8_0 | Self::Q4_0 | Self::Q4_1)
+        matches!(self, Self::Q8_0 | Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1)
     }
 
+    /// The format's name in lower case, as `--quantize` and the model description spell it.
     pub fn name(self) -> &'static str {
         match self {
             Self::Q8_0 => "q8_0",
@@ -186,8 +192,9 @@ impl QuantFormat {
     }
 
     /// Quantizes a row of `k` floats (a multiple of [`BLOCK`]) into blocks appended to `out`, as
-    /// llama.cpp's reference quantizers do: Q8_0 and Q4_0 scale by the largest magnitude (Q4_0
-    /// keeps its sign, so that value maps to -8), Q4_1 spans [min, max] in 15 steps. Appends
+    /// llama.cpp's reference quantizers do: Q8_0, Q4_0 and Q5_0 scale by the largest magnitude
+    /// (Q4_0 and Q5_0 keep its sign, so that value maps to -8 or -16), Q4_1 and Q5_1 span
+    /// [min, max] in 15 or 31 steps. Appends
     /// nothing for a format that cannot be quantized here ([`QuantFormat::can_quantize`]).
     fn quantize_row(self, row: &[f32], out: &mut Vec<u8>) {
         for block in row.chunks_exact(BLOCK) {
@@ -215,6 +222,26 @@ impl QuantFormat {
                     out.extend_from_slice(&f16::from_f32(min).to_le_bytes());
                     let code = |x: f32| (((x - min) * inv + 0.5) as i32).clamp(0, 15) as u8;
                     out.extend((0..BLOCK / 2).map(|j| code(block[j]) | code(block[j + BLOCK / 2]) << 4));
+                }
+                // As Q4_0 and Q4_1 with 32 levels, the fifth bits gathered in `qh`.
+                Self::Q5_0 | Self::Q5_1 => {
+                    let codes: [u8; BLOCK] = if self == Self::Q5_0 {
+                        let max = block.iter().fold(0f32, |m, &x| if x.abs() > m.abs() { x } else { m });
+                        let d = max / -16.0;
+                        let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+                        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                        core::array::from_fn(|j| ((block[j] * inv + 16.5) as i32).clamp(0, 31) as u8)
+                    } else {
+                        let (min, max) = block.iter().fold((f32::MAX, f32::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+                        let d = (max - min) / 31.0;
+                        let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+                        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                        out.extend_from_slice(&f16::from_f32(min).to_le_bytes());
+                        core::array::from_fn(|j| (((block[j] - min) * inv + 0.5) as i32).clamp(0, 31) as u8)
+                    };
+                    let qh = codes.iter().enumerate().fold(0u32, |qh, (j, &c)| qh | ((c as u32 >> 4) << j));
+                    out.extend_from_slice(&qh.to_le_bytes());
+                    out.extend((0..BLOCK / 2).map(|j| (codes[j] & 0x0f) | (codes[j + BLOCK / 2] & 0x0f) << 4));
                 }
                 _ => return,
             }
@@ -249,7 +276,7 @@ impl QuantRows {
     pub fn quantize(format: QuantFormat, values: &[f32], n: usize, k: usize) -> Result<Self> {
         if !format.can_quantize() {
             return Err(TwinferError::InvalidParameter(format!(
-                "quantizing into {} is not supported (q8_0, q4_0 or q4_1); {0} weights are read from GGUF files",
+                "quantizing into {} is not supported (q8_0, q4_0, q4_1, q5_0 or q5_1); {0} weights are read from GGUF files",
                 format.name()
             )));
         }
@@ -316,7 +343,7 @@ mod tests {
 
     #[test]
     fn quantization_error_is_within_half_a_step() {
-        for format in [QuantFormat::Q8_0, QuantFormat::Q4_0, QuantFormat::Q4_1] {
+        for format in QuantFormat::ALL.into_iter().filter(|f| f.can_quantize()) {
             let x = data(4 * 96, 7);
             let q = QuantRows::quantize(format, &x, 4, 96).unwrap();
             assert_eq!(q.bytes.len(), 4 * 3 * format.block_bytes());
@@ -331,6 +358,9 @@ mod tests {
                     QuantFormat::Q8_0 => amax / 127.0 / 2.0,
                     QuantFormat::Q4_0 => amax / 8.0,
                     QuantFormat::Q4_1 => (hi - lo) / 15.0 / 2.0,
+                    // Q5_0's grid is -16..15 steps of amax / 16, as Q4_0's.
+                    QuantFormat::Q5_0 => amax / 16.0,
+                    QuantFormat::Q5_1 => (hi - lo) / 31.0 / 2.0,
                     _ => unreachable!("not quantized here"),
                 };
                 for (&a, &b2) in xs.iter().zip(ys) {
