@@ -308,9 +308,20 @@ fn pending_prompt_tokens_and_the_step_cost_follow_the_steps() {
     run(&mut s, &p);
     let cost = s.step_cost();
     assert!(cost.per_token > 0.0 && cost.per_token.is_finite(), "{cost:?}");
-    let t = cost.prefill_seconds(1000, 512).unwrap();
+    let t = cost.prefill_seconds(1000, 0, 512).unwrap();
     assert!((t - (2.0 * cost.fixed + 1000.0 * cost.per_token)).abs() < 1e-12, "two steps of fixed cost: {t}");
-    assert_eq!(s.predicted_ttft(&p), cost.prefill_seconds(p.len(), 512), "no prefix cache: every token counts");
+    // 12 sequences decoding take 12 tokens of each step: 1001 prompt tokens need 3 steps of 500.
+    let t = cost.prefill_seconds(1001, 12, 512).unwrap();
+    assert!((t - (3.0 * cost.fixed + 1037.0 * cost.per_token)).abs() < 1e-12, "decode tokens share the steps: {t}");
+    assert_eq!(s.predicted_ttft(&p), cost.prefill_seconds(p.len(), 0, 512), "no prefix cache: every token counts");
+    // A running request past its prompt adds a token to each step of the next one's prompt.
+    s.add(greedy(p.to_vec(), 8)).unwrap();
+    s.step().unwrap();
+    assert_eq!(s.num_decoding(), 1);
+    assert_eq!(s.predicted_ttft(&p), s.step_cost().prefill_seconds(p.len(), 1, 512), "one sequence decodes");
+    while s.has_work() {
+        s.step().unwrap();
+    }
 
     // With the prefix cache, a prompt that starts like a kept one counts only what it adds.
     let mut s = scheduler(EngineConfig { prefix_cache_sequences: 2, ..config() });
@@ -319,5 +330,5 @@ fn pending_prompt_tokens_and_the_step_cost_follow_the_steps() {
     run(&mut s, &long);
     let cost = s.step_cost();
     let next: Vec<u32> = long.iter().copied().chain(5..25).collect();
-    assert_eq!(s.predicted_ttft(&next), cost.prefill_seconds(170 - 128, 512), "128 tokens come from the cache");
+    assert_eq!(s.predicted_ttft(&next), cost.prefill_seconds(170 - 128, 0, 512), "128 tokens come from the cache");
 }

@@ -33,11 +33,20 @@ pub struct ServedModel {
     pub created: u64,
     /// Embedding batches run one at a time: each one already uses every core.
     embed_lock: tokio::sync::Mutex<()>,
+    /// With an upstream, a request's route is decided and the request admitted in one step:
+    /// otherwise requests arriving together all see the same empty queue and all stay here.
+    admission: tokio::sync::Mutex<()>,
 }
 
 impl ServedModel {
     pub fn new(id: String, engine: Engine) -> Self {
-        Self { id, engine: Arc::new(engine), created: unix_now(), embed_lock: tokio::sync::Mutex::new(()) }
+        Self {
+            id,
+            engine: Arc::new(engine),
+            created: unix_now(),
+            embed_lock: tokio::sync::Mutex::new(()),
+            admission: tokio::sync::Mutex::new(()),
+        }
     }
 }
 
@@ -212,7 +221,9 @@ async fn generate(
     received: Instant,
     (raw, path): (&Bytes, &str),
 ) -> ApiResult<Response> {
+    let mut admission = None;
     if let Some(upstream) = &s.upstream {
+        admission = Some(m.admission.lock().await);
         let engine = m.engine.clone();
         let prompt = request.prompt.clone();
         let (stats, prompt_tokens, predicted) = tokio::task::spawn_blocking(move || {
@@ -226,6 +237,8 @@ async fn generate(
         .map_err(|e| ApiError::server(e.to_string()))??;
         if let Decision::Upstream(why) = upstream.decide(&stats, prompt_tokens, predicted) {
             eprintln!("twinfer serve: {} to {}: {why}", header.id, upstream.base());
+            // Forwarded requests take nothing here: the next one may be decided now.
+            drop(admission.take());
             if let Some(response) = upstream.forward(path, raw, &m.id, received, &s.metrics).await? {
                 return Ok(response);
             }
@@ -233,6 +246,8 @@ async fn generate(
     }
     let running =
         submit(&m.engine, &m.id, request, received, &s.metrics).await.inspect_err(|_| s.metrics.rejected(&m.id))?;
+    // Admitted: the engine's queue now counts this prompt for the next prediction.
+    drop(admission);
     let mut response = if sampling.stream {
         sse(running, header, sampling.include_usage()).into_response()
     } else {

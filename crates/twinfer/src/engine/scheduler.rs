@@ -274,6 +274,10 @@ impl Scheduler {
     pub fn pending_prompt_tokens(&self) -> usize {
         self.seqs.values().map(|s| s.len() - s.computed).filter(|&n| n > 1).sum()
     }
+    /// Sequences past their prompt: each adds a token to every step.
+    pub fn num_decoding(&self) -> usize {
+        self.seqs.values().filter(|s| s.len() - s.computed <= 1).count()
+    }
     /// The measured step-time model. With [`Scheduler::pending_prompt_tokens`] it predicts how
     /// long a new prompt would wait for its first token.
     pub fn step_cost(&self) -> StepCost {
@@ -563,7 +567,7 @@ impl Scheduler {
     pub fn predicted_ttft(&self, prompt: &[u32]) -> Option<f64> {
         let shared = self.best_prefix(prompt.len(), &|i| prompt[i], None).map_or(0, |(_, n)| n);
         let tokens = self.pending_prompt_tokens() + prompt.len() - shared;
-        self.step_cost.prefill_seconds(tokens, self.config.max_batch_tokens)
+        self.step_cost.prefill_seconds(tokens, self.num_decoding(), self.config.max_batch_tokens)
     }
 
     /// Finished requests whose pages the prefix cache keeps.

@@ -28,10 +28,12 @@ impl StepCost {
         }
     }
 
-    /// Seconds until `tokens` prompt tokens are computed in steps of at most `budget` tokens;
-    /// `None` before a step with a prompt chunk was measured.
-    pub fn prefill_seconds(&self, tokens: usize, budget: usize) -> Option<f64> {
-        (self.per_token > 0.0)
-            .then(|| tokens.div_ceil(budget.max(1)) as f64 * self.fixed + tokens as f64 * self.per_token)
+    /// Seconds until `tokens` prompt tokens are computed in steps of at most `budget` tokens,
+    /// while `decoding` sequences add a token to every step (they go first, so the prompt gets
+    /// what is left of the budget); `None` before a step with a prompt chunk was measured.
+    pub fn prefill_seconds(&self, tokens: usize, decoding: usize, budget: usize) -> Option<f64> {
+        let room = budget.saturating_sub(decoding).max(1);
+        let steps = tokens.div_ceil(room);
+        (self.per_token > 0.0).then(|| steps as f64 * self.fixed + (tokens + steps * decoding) as f64 * self.per_token)
     }
 }
