@@ -14,7 +14,8 @@
 //   buffer's features only); 3 bias [all features] f32 (zeros when the layer has none);
 //   4 y [rows, ldy] f32, written (or added to, with accumulate) at columns n0 .. n0 + n;
 //   5 norm_w [k] f32, the RMSNorm weights (read only with norm).
-// Fused on load (the resident forward pass): RMSNorm of x (norm), SwiGLU of a gate/up row (swiglu).
+// Fused on load (the resident forward pass): RMSNorm of x (norm), SwiGLU of a gate/up row or
+// GELU (act).
 // k is padded with zeros to k4 vec4s in both x and W on the host.
 // Dispatch: (min(groups, 32768), ceil(groups / 32768), ceil(rows / MAXR)),
 // groups = ceil(n / (FPT * WG / TPF)).
@@ -40,7 +41,8 @@ struct LinearParams {
     accumulate: u32, // 1: y += product (a residual add in the epilogue)
     norm: u32,     // 1: x rows are RMS-normed on load (weights norm_w, epsilon eps)
     eps: f32,
-    swiglu: u32,   // 1: x is [rows, 2 k4] gate | up, and the input is silu(gate) * up
+    act: u32,      // 1: x is [rows, 2 k4] gate | up, and the input is silu(gate) * up (SwiGLU);
+                   // 2: the input is GELU(x) (BERT's feed-forward)
     group_shift: u32, // block-quantized W: log2 of the vec4s of a row that share one scale
     scales_at: u32,   // block-quantized W: the word where the scales start in w
     _pad0: u32,
@@ -55,14 +57,34 @@ struct LinearParams {
 
 var<workgroup> red: array<vec4<f32>, WG_MAX>;   // [WG] partial dots, one lane per row of x
 
-// Input vec4 i of row r: x itself, or SwiGLU's silu(gate) * up of a fused gate/up row.
+// erfc(z) for z >= 0, to 1.2e-7 relative (a Chebyshev fit: Numerical Recipes' erfcc).
+fn erfc_pos(z: vec4<f32>) -> vec4<f32> {
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let p = t * (-0.82215223 + t * 0.17087277);
+    let q = t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + p)));
+    let s = t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (-0.18628806 + q))));
+    return t * exp(-z * z - 1.26551223 + s);
+}
+
+// The exact (erf) GELU, as 0.5 v erfc(-v / sqrt 2): relative accuracy holds for negative v too.
+fn gelu(v: vec4<f32>) -> vec4<f32> {
+    let z = v * -0.70710678118654752;
+    let e = erfc_pos(abs(z));
+    return 0.5 * v * select(e, 2.0 - e, z < vec4<f32>(0.0));
+}
+
+// Input vec4 i of row r: x itself, SwiGLU's silu(gate) * up of a fused gate/up row, or GELU(x).
 fn load_x(r: u32, i: u32) -> vec4<f32> {
-    if (P.swiglu != 0u) {
+    if (P.act == 1u) {
         let g = x[r * 2u * P.k4 + i];
         let u = x[r * 2u * P.k4 + P.k4 + i];
         return g / (1.0 + exp(-g)) * u;
     }
-    return x[r * P.k4 + i];
+    let v = x[r * P.k4 + i];
+    if (P.act == 2u) {
+        return gelu(v);
+    }
+    return v;
 }
 
 // The norm's weights for input vec4 i (ones without a norm).

@@ -1,6 +1,7 @@
 // rope_append.wgsl: splits the fused q/k/v projection rows, rotates q and k (RoPE, the Hugging Face
 // `rotate_half` layout: dimension i pairs with i + head_dim / 2) and appends k and v to their
-// pages of the device-resident pool, in one pass over the rows.
+// pages of the device-resident pool, in one pass over the rows. With no_rotation, q and k are only
+// split and stored (an encoder's attention over a temporary pool).
 //
 // Algorithm: one workgroup per row; a thread owns one head and one vec4 j of the first half of
 // head_dim, and with it the vec4 j + head_dim / 8 of the second half, so both halves of a pair are
@@ -25,7 +26,7 @@ struct RopeParams {
     head_dim: u32,
     page_size: u32,
     q_width: u32,   // vec4s per row of qkv
-    _pad0: u32,
+    no_rotation: u32, // 1: q and k are copied as they are (BERT's learned positions)
     _pad1: u32,
 }
 
@@ -70,9 +71,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             v_pool[dst + h8] = kv4(hi);
             continue;
         }
-        let t = pos * half + 4u * j;
-        let cs = array<vec2<f32>, 4>(cos_sin[t], cos_sin[t + 1u], cos_sin[t + 2u], cos_sin[t + 3u]);
-        let rot = rotate(lo, hi, cs);
+        var rot = array<vec4<f32>, 2>(lo, hi);
+        if (R.no_rotation == 0u) {
+            let t = pos * half + 4u * j;
+            let cs = array<vec2<f32>, 4>(cos_sin[t], cos_sin[t + 1u], cos_sin[t + 2u], cos_sin[t + 3u]);
+            rot = rotate(lo, hi, cs);
+        }
         if (head < R.num_qo_heads) {
             let dst = (r * R.num_qo_heads + head) * d4 + j;
             q_out[dst] = rot[0];

@@ -154,9 +154,10 @@ impl Engine {
         let prefill = Attention::with_simd(config.prefill_backend, config.simd)?;
         let decode = Attention::with_simd(config.decode_backend, config.simd)?;
         let (prefill_info, decode_info) = (prefill.info().clone(), decode.info().clone());
-        let mut residency = "op by op: an encoder runs each projection on the CPU".to_string();
+        let residency;
         let served = match model.network {
             Network::Encoder(m) => {
+                residency = m.residency(&prefill);
                 Served::Encoder { model: Box::new(m), tokenizer: Arc::new(model.tokenizer), level, attention: prefill }
             }
             Network::Decoder(mut m) => {

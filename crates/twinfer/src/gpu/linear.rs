@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use super::device::GpuContext;
 use super::engine::GpuEngine;
-use super::params::LinearParams;
+use super::params::{ACT_GELU, ACT_NONE, ACT_SWIGLU, LinearParams};
 use super::pending::{Pending, Readback, Scopes};
 use super::resources::{Bind, PipelineKey, Resources, Slot, Tile};
 use super::shaders::{Kernel, KvStorage, Variant};
@@ -326,7 +326,11 @@ impl GpuLinear {
                     accumulate: accumulate as u32,
                     norm: matches!(fused, Fused::RmsNorm(_)) as u32,
                     eps: if let Fused::RmsNorm(eps) = fused { eps } else { 0.0 },
-                    swiglu: (fused == Fused::SwiGlu) as u32,
+                    act: match fused {
+                        Fused::SwiGlu => ACT_SWIGLU,
+                        Fused::Gelu => ACT_GELU,
+                        Fused::None | Fused::RmsNorm(_) => ACT_NONE,
+                    },
                     group_shift: c.group_shift,
                     scales_at: c.scales_at,
                     ..Default::default()
@@ -360,6 +364,8 @@ pub(super) enum Fused {
     RmsNorm(f32),
     /// The input is `[gate | up]` rows and the product takes silu(gate) * up.
     SwiGlu,
+    /// The product takes the exact GELU of the input.
+    Gelu,
 }
 
 /// Features `first .. first + n` split into buffers of at most `max_buffer` bytes (and never above

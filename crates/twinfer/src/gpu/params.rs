@@ -57,6 +57,13 @@ pub struct AppendParams {
     pub page_size: u32,
 }
 
+/// [`LinearParams::act`]: the input as it is.
+pub const ACT_NONE: u32 = 0;
+/// [`LinearParams::act`]: SwiGLU of `[gate | up]` rows.
+pub const ACT_SWIGLU: u32 = 1;
+/// [`LinearParams::act`]: the exact GELU.
+pub const ACT_GELU: u32 = 2;
+
 /// WGSL `LinearParams` (linear_gemv.wgsl, linear_matmul.wgsl): one weight buffer of a projection.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Pod, Zeroable)]
@@ -75,8 +82,9 @@ pub struct LinearParams {
     /// 1: RMSNorm the x rows on load with the weights of binding 5 and `eps`.
     pub norm: u32,
     pub eps: f32,
-    /// 1: x rows are `[gate | up]` (2 k4 vec4s) and the input is silu(gate) * up.
-    pub swiglu: u32,
+    /// What the input is: [`ACT_NONE`] x; [`ACT_SWIGLU`] x rows are `[gate | up]` (2 k4
+    /// vec4s) and the input is silu(gate) * up; [`ACT_GELU`] the exact GELU of x.
+    pub act: u32,
     /// Block-quantized weights: log2 of the vec4s of a row that share one scale.
     pub group_shift: u32,
     /// Block-quantized weights: the word where the scales start in the weight buffer.
@@ -107,7 +115,8 @@ pub struct RopeParams {
     pub page_size: u32,
     /// vec4s per row of the fused q/k/v projection.
     pub q_width: u32,
-    pub _pad0: u32,
+    /// 1: q and k are copied unrotated (an encoder with learned positions, such as BERT).
+    pub no_rotation: u32,
     pub _pad1: u32,
 }
 
@@ -160,13 +169,13 @@ pub fn layouts() -> Vec<Layout> {
         offsets!(
             LinearParams,
             "LinearParams",
-            [rows, n, k4, n0, ldy, accumulate, norm, eps, swiglu, group_shift, scales_at, _pad0]
+            [rows, n, k4, n0, ldy, accumulate, norm, eps, act, group_shift, scales_at, _pad0]
         ),
         offsets!(RowParams, "RowParams", [rows, width, eps, gather]),
         offsets!(
             RopeParams,
             "RopeParams",
-            [rows, num_qo_heads, num_kv_heads, head_dim, page_size, q_width, _pad0, _pad1]
+            [rows, num_qo_heads, num_kv_heads, head_dim, page_size, q_width, no_rotation, _pad1]
         ),
     ]
 }

@@ -11,7 +11,7 @@ pub const SHARED: (&str, &str) = twinfer_shaders::ONLINE_SOFTMAX;
 
 /// One entry per kernel file, in the order of [`Kernel::ALL`] (the `twinfer-shaders` crate is
 /// the top-level `shaders/` folder).
-const FILES: [(&str, &str); 12] = twinfer_shaders::KERNELS;
+const FILES: [(&str, &str); 13] = twinfer_shaders::KERNELS;
 
 /// Kernels with `// #if SUBGROUP` lines.
 const SUBGROUP_KERNELS: &[Kernel] = &[Kernel::Decode, Kernel::Prefill];
@@ -37,6 +37,8 @@ pub enum Kernel {
     RopeAppend,
     /// Greedy sampling of the rows that get logits (one token id read back per row).
     ArgmaxRows,
+    /// The resident encoder's post-norm of the residual stream (BERT), in place.
+    LayerNorm,
     /// The projections over block-quantized weights, decoded in registers: 4-bit codes (Q4_0,
     /// Q4_1, Q4_K), 8-bit codes (Q8_0, Q5_0, Q6_K), or 8-bit codes with an offset (Q5_1, Q5_K).
     /// Same files as the float projections.
@@ -58,7 +60,7 @@ enum WeightRead {
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 18] = [
+    pub const ALL: [Kernel; 19] = [
         Kernel::Prefill,
         Kernel::Decode,
         Kernel::Merge,
@@ -77,6 +79,7 @@ impl Kernel {
         Kernel::LinearMatmulQ4,
         Kernel::LinearMatmulQ8,
         Kernel::LinearMatmulQ8Offset,
+        Kernel::LayerNorm,
     ];
 
     fn index(self) -> usize {
@@ -93,6 +96,7 @@ impl Kernel {
             Kernel::RmsNorm => 9,
             Kernel::RopeAppend => 10,
             Kernel::ArgmaxRows => 11,
+            Kernel::LayerNorm => 12,
         }
     }
     /// The file name, used as the pipeline label.

@@ -161,6 +161,8 @@ pub enum OnLoad<'a> {
     RmsNorm(&'a DeviceVec, f32),
     /// The input rows are `[gate | up]`; the product takes silu(gate) * up.
     SwiGlu,
+    /// The product takes the exact GELU of the input.
+    Gelu,
 }
 
 /// One recorded command.
@@ -531,6 +533,18 @@ impl<'e> StepRecorder<'e> {
         self.dispatch(key, &binds, [rows.min(32768), rows.div_ceil(32768), 1])
     }
 
+    /// `x[r] = LayerNorm(x[r]) * gamma + beta` in place, for `rows` rows of `gamma.len` elements.
+    pub fn layer_norm(&mut self, x: Act, gamma: &DeviceVec, beta: &DeviceVec, rows: usize, eps: f32) -> Result<()> {
+        if beta.len != gamma.len {
+            return Err(TwinferError::ShapeMismatch { what: "LayerNorm bias", expected: gamma.len, got: beta.len });
+        }
+        let prm = RowParams { rows: rows as u32, width: gamma.len as u32, eps, gather: 0 };
+        self.slot_params(Act::NormParams, bytemuck::bytes_of(&prm))?;
+        let key = row_key(Kernel::LayerNorm, 256);
+        let binds = [Bind::Slot(Slot::Act(Act::NormParams)), Bind::Slot(Slot::Act(x)), gamma.bind(), beta.bind()];
+        self.dispatch(key, &binds, [rows.min(32768), rows.div_ceil(32768), 1])
+    }
+
     /// Greedy sampling on the device: `out[r]` (u32) is the host `argmax` of row r of
     /// `input[rows, width]`.
     pub fn argmax_rows(&mut self, input: Act, rows: usize, width: usize, out: Act) -> Result<()> {
@@ -579,6 +593,7 @@ impl<'e> StepRecorder<'e> {
                 Fused::RmsNorm(eps)
             }
             OnLoad::SwiGlu => Fused::SwiGlu,
+            OnLoad::Gelu => Fused::Gelu,
         };
         let passes = w.passes(rows, accumulate, fused);
         for (i, (prm, key, grid)) in passes.into_iter().enumerate() {

@@ -6,25 +6,37 @@ use crate::attention::{AttentionOutput, AttentionParams, KvInput, PrefillInput};
 use crate::backend::Attention;
 use crate::cpu::SimdLevel;
 use crate::error::{Result, TwinferError};
+use crate::gpu::{GpuContext, GpuEngine};
+use crate::model::bert_resident::{MAX_STEP_TOKENS, ResidentEncoder};
 use crate::model::config::EncoderConfig;
 use crate::model::linear::Linear;
 use crate::model::ops::{add_assign, gelu, layer_norm};
 use crate::model::weights::Weights;
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone)]
-struct Norm {
-    gamma: Vec<f32>,
-    beta: Vec<f32>,
+pub(super) struct Norm {
+    pub gamma: Vec<f32>,
+    pub beta: Vec<f32>,
 }
 
 #[derive(Debug, Clone)]
-struct Layer {
-    qkv: Linear,
-    out: Linear,
-    attn_norm: Norm,
-    up: Linear,
-    down: Linear,
-    ffn_norm: Norm,
+pub(super) struct Layer {
+    pub qkv: Linear,
+    pub out: Linear,
+    pub attn_norm: Norm,
+    pub up: Linear,
+    pub down: Linear,
+    pub ffn_norm: Norm,
+}
+
+/// The device-resident state, made on the first GPU call and shared by clones of the model.
+#[derive(Debug, Default)]
+struct ResidentSlot {
+    state: Option<Arc<ResidentEncoder>>,
+    /// The device where making it failed, and why (not retried there).
+    failed: Option<(Arc<GpuContext>, String)>,
+    poison: bool,
 }
 
 /// A loaded BERT encoder.
@@ -36,6 +48,7 @@ pub struct BertModel {
     token_type: Vec<f32>,
     embed_norm: Norm,
     layers: Vec<Layer>,
+    resident: Arc<Mutex<ResidentSlot>>,
 }
 
 impl BertModel {
@@ -71,7 +84,12 @@ impl BertModel {
             embed_norm: norm(&format!("{p}embeddings.LayerNorm"))?,
             layers,
             config,
+            resident: Arc::default(),
         })
+    }
+
+    pub(super) fn layers(&self) -> impl Iterator<Item = &Layer> {
+        self.layers.iter()
     }
 
     /// Uploads every projection's weights to `gpu` now rather than at the first call;
@@ -88,13 +106,107 @@ impl BertModel {
         crate::wait::block_on("BertModel::embed", self.embed_async(level, attention, batch))?
     }
 
-    /// [`BertModel::embed`] without blocking: each layer's attention is awaited.
+    /// [`BertModel::embed`] without blocking. On a GPU engine the whole encoder runs there in one
+    /// step per batch (at most [`MAX_STEP_TOKENS`] tokens; larger batches take several) and the
+    /// last hidden states are read back once; where the resident path is unavailable (shapes it
+    /// does not take, or `TWINFER_RESIDENT=0`), projections and attention run op by op.
     pub async fn embed_async(
         &self,
         level: SimdLevel,
         attention: &Attention,
         batch: &[Vec<u32>],
     ) -> Result<Vec<Vec<f32>>> {
+        let (indptr, x) = self.embed_rows(batch)?;
+        // A GPU where the resident state cannot be made (its reason is in `residency`) runs op by op.
+        let resident = attention.gpu_engine().and_then(|gpu| self.resident_on(gpu).ok().flatten());
+        let Some(resident) = resident else {
+            let hidden = self.hidden_op_by_op(level, attention, &indptr, x).await?;
+            return Ok(pool_rows(&hidden, &indptr, self.config.hidden_size));
+        };
+        let h = self.config.hidden_size;
+        let mut out = Vec::with_capacity(batch.len());
+        let mut first = 0;
+        while first < batch.len() {
+            // The texts of one step: as many as fit MAX_STEP_TOKENS (at least one).
+            let mut last = first + 1;
+            while last < batch.len() && indptr[last + 1] - indptr[first] <= MAX_STEP_TOKENS as u32 {
+                last += 1;
+            }
+            let step_indptr: Vec<u32> = indptr[first..=last].iter().map(|&p| p - indptr[first]).collect();
+            let rows = &x[indptr[first] as usize * h..indptr[last] as usize * h];
+            let hidden = resident.hidden_states(self, &step_indptr, rows).await?;
+            out.extend(pool_rows(&hidden, &step_indptr, h));
+            first = last;
+        }
+        Ok(out)
+    }
+
+    /// Where [`BertModel::embed`] runs on `attention`'s engine, and why; on a GPU this makes
+    /// the resident state now (uploading the weights) rather than on the first call.
+    pub fn residency(&self, attention: &Attention) -> String {
+        let Some(gpu) = attention.gpu_engine() else {
+            return "op by op on the CPU engine".into();
+        };
+        match self.resident_on(gpu) {
+            Ok(Some(_)) => format!("resident on {}: one readback per batch", gpu.context().summary.name),
+            Ok(None) => "op by op on the GPU (TWINFER_RESIDENT=0)".into(),
+            Err(e) => format!("op by op on the GPU: the resident path is unavailable ({e})"),
+        }
+    }
+
+    /// The resident state on `gpu`, made (weights uploaded) on first use; `None` where it is
+    /// turned off; the error that kept it from being made (once made, for every later call).
+    fn resident_on(&self, gpu: &GpuEngine) -> Result<Option<Arc<ResidentEncoder>>> {
+        #[cfg(not(target_arch = "wasm32"))]
+        if std::env::var("TWINFER_RESIDENT").is_ok_and(|v| v == "0") {
+            return Ok(None);
+        }
+        let mut slot = self.resident.lock().map_err(|_| TwinferError::DeviceLost("a previous call panicked".into()))?;
+        if let Some(r) = slot.state.as_ref().filter(|r| r.is_on(gpu)) {
+            return Ok(Some(r.clone()));
+        }
+        if let Some((ctx, why)) = &slot.failed
+            && Arc::ptr_eq(ctx, gpu.context())
+        {
+            return Err(TwinferError::InvalidParameter(why.clone()));
+        }
+        match ResidentEncoder::new(self, gpu) {
+            Ok(mut r) => {
+                r.poison = slot.poison;
+                let r = Arc::new(r);
+                slot.state = Some(r.clone());
+                Ok(Some(r))
+            }
+            Err(e) => {
+                slot.failed = Some((gpu.context().clone(), e.to_string()));
+                Err(e)
+            }
+        }
+    }
+
+    /// Fills the resident path's step buffers with NaN before each step, so a value no kernel
+    /// wrote shows up.
+    #[doc(hidden)]
+    pub fn poison_gpu_steps_for_test(&self) {
+        if let Ok(mut slot) = self.resident.lock() {
+            slot.poison = true;
+            slot.state = None;
+        }
+    }
+
+    /// [`BertModel::embed`] with the projections and attention run one by one, each awaited
+    /// (the CPU engine's path; on a GPU, for comparisons).
+    #[doc(hidden)]
+    pub fn embed_op_by_op(&self, level: SimdLevel, attention: &Attention, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        attention.check_blocking("BertModel::embed_op_by_op")?;
+        let (indptr, x) = self.embed_rows(batch)?;
+        let hidden =
+            crate::wait::block_on("BertModel::embed_op_by_op", self.hidden_op_by_op(level, attention, &indptr, x))??;
+        Ok(pool_rows(&hidden, &indptr, self.config.hidden_size))
+    }
+
+    /// The texts' rows as CSR offsets and their embeddings after the embedding norm.
+    fn embed_rows(&self, batch: &[Vec<u32>]) -> Result<(Vec<u32>, Vec<f32>)> {
         let c = &self.config;
         let h = c.hidden_size;
         let mut indptr = vec![0u32];
@@ -122,7 +234,20 @@ impl BertModel {
             }
         }
         layer_norm(&mut x, &self.embed_norm.gamma, &self.embed_norm.beta, c.layer_norm_eps);
+        Ok((indptr, x))
+    }
 
+    /// The last hidden states, op by op.
+    async fn hidden_op_by_op(
+        &self,
+        level: SimdLevel,
+        attention: &Attention,
+        indptr: &[u32],
+        mut x: Vec<f32>,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let h = c.hidden_size;
+        let tokens = *indptr.last().unwrap_or(&0) as usize;
         let params = AttentionParams::new(c.num_heads, c.num_heads, c.head_dim());
         // On the GPU engine the projections run there too; LayerNorm and GELU stay on the CPU.
         let gpu = attention.gpu_engine();
@@ -140,8 +265,8 @@ impl BertModel {
             o.fill(f32::NAN);
             let input = PrefillInput {
                 q: (&q[..]).into(),
-                qo_indptr: &indptr,
-                kv: KvInput::Ragged { k: (&k[..]).into(), v: (&v[..]).into(), kv_indptr: &indptr },
+                qo_indptr: indptr,
+                kv: KvInput::Ragged { k: (&k[..]).into(), v: (&v[..]).into(), kv_indptr: indptr },
             };
             attention.prefill_async(&params, &input, &mut AttentionOutput::new(&mut o[..])).await?;
             layer.out.forward_async(level, gpu, &o, tokens, &mut tmp).await?;
@@ -154,18 +279,23 @@ impl BertModel {
             layer_norm(&mut x, &layer.ffn_norm.gamma, &layer.ffn_norm.beta, c.layer_norm_eps);
         }
 
-        Ok((0..batch.len())
-            .map(|b| {
-                let (start, end) = (indptr[b] as usize, indptr[b + 1] as usize);
-                let mut mean = vec![0f64; h];
-                for t in start..end {
-                    for (m, &v) in mean.iter_mut().zip(&x[t * h..][..h]) {
-                        *m += v as f64;
-                    }
-                }
-                let norm = mean.iter().map(|m| m * m).sum::<f64>().sqrt().max(1e-12);
-                mean.iter().map(|m| (m / norm) as f32).collect()
-            })
-            .collect())
+        Ok(x)
     }
+}
+
+/// Mean pooling of each text's rows, L2-normalised (in f64).
+fn pool_rows(x: &[f32], indptr: &[u32], h: usize) -> Vec<Vec<f32>> {
+    (0..indptr.len() - 1)
+        .map(|b| {
+            let (start, end) = (indptr[b] as usize, indptr[b + 1] as usize);
+            let mut mean = vec![0f64; h];
+            for t in start..end {
+                for (m, &v) in mean.iter_mut().zip(&x[t * h..][..h]) {
+                    *m += v as f64;
+                }
+            }
+            let norm = mean.iter().map(|m| m * m).sum::<f64>().sqrt().max(1e-12);
+            mean.iter().map(|m| (m / norm) as f32).collect()
+        })
+        .collect()
 }

@@ -2,6 +2,7 @@
 //! `tokenizer.json`. A Llama-family decoder for generation, a BERT encoder for embeddings.
 
 mod bert;
+mod bert_resident;
 mod chat;
 mod config;
 mod elems;
