@@ -47,6 +47,8 @@ struct LinearInput {
 }
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+/// K/V storage also takes the int8 cache.
+const KV_DTYPES: [DType; 4] = [DType::F32, DType::F16, DType::BF16, DType::Q8];
 
 fn attention(input: &AttentionInput) {
     let batch = input.lens.len().clamp(1, 4);
@@ -78,8 +80,8 @@ fn attention(input: &AttentionInput) {
         alibi: input.alibi,
         sm_scale: None,
         q_dtype: DTYPES[input.dtypes as usize % 2],
-        kv_dtype: DTYPES[(input.dtypes / 2) as usize % 3],
-        o_dtype: DTYPES[(input.dtypes / 6) as usize % 2],
+        kv_dtype: KV_DTYPES[(input.dtypes / 2) as usize % 4],
+        o_dtype: DTYPES[(input.dtypes / 8) as usize % 2],
         want_lse: input.want_lse,
         q_gain: 4.0,
         seed: input.seed,

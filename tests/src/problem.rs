@@ -92,8 +92,17 @@ fn dtype_strategy(allow_bf16: bool) -> BoxedStrategy<DType> {
     }
 }
 
+/// K/V storage: the float types, and on the CPU engine (`allow_bf16`) also bf16 and int8.
+fn kv_dtype_strategy(cpu: bool) -> BoxedStrategy<DType> {
+    if cpu {
+        prop_oneof![Just(DType::F32), Just(DType::F16), Just(DType::BF16), Just(DType::Q8)].boxed()
+    } else {
+        dtype_strategy(false)
+    }
+}
+
 /// Random cases: batch 1..=max_batch, page sizes 1/3/16/64, GQA 1/2/4/8, head_dim 64/72/128/256
-/// (plus small ones), every variant, f32/f16 (and bf16 KV where `allow_bf16`).
+/// (plus small ones), every variant, f32/f16 (and bf16 and int8 KV where `allow_bf16`).
 pub fn case_strategy(mode: Mode, max_batch: usize, max_len: usize, allow_bf16: bool) -> impl Strategy<Value = Case> {
     let shape = (
         1..=max_batch,
@@ -112,7 +121,7 @@ pub fn case_strategy(mode: Mode, max_batch: usize, max_len: usize, allow_bf16: b
         prop_oneof![Just(1.0f32), Just(4.0), Just(12.0)],
     );
     let dtypes =
-        (dtype_strategy(false), dtype_strategy(allow_bf16), dtype_strategy(false), any::<bool>(), any::<bool>());
+        (dtype_strategy(false), kv_dtype_strategy(allow_bf16), dtype_strategy(false), any::<bool>(), any::<bool>());
     (shape, variant, dtypes).prop_map(move |(shape, variant, dtypes)| {
         let (batch, page_size, num_kv_heads, group, head_dim, seed) = shape;
         let (causal, window_left, soft_cap, alibi, sm_scale, q_gain) = variant;
@@ -158,14 +167,27 @@ pub enum Buf {
     F32(Vec<f32>),
     F16(Vec<f16>),
     BF16(Vec<bf16>),
+    /// int8 codes, one scale per `group` codes.
+    Q8(Vec<i8>, Vec<f32>, usize),
 }
 
 impl Buf {
+    /// `xs` in a float dtype (Q8 needs its group: [`Buf::from_f32_grouped`]).
     pub fn from_f32(dtype: DType, xs: &[f32]) -> Self {
+        Self::from_f32_grouped(dtype, xs, 0)
+    }
+    /// `xs` in `dtype`; Q8 quantizes each run of `group` values with its own scale.
+    pub fn from_f32_grouped(dtype: DType, xs: &[f32], group: usize) -> Self {
         match dtype {
             DType::F32 => Buf::F32(xs.to_vec()),
             DType::F16 => Buf::F16(xs.iter().map(|&x| f16::from_f32(x)).collect()),
             DType::BF16 => Buf::BF16(xs.iter().map(|&x| bf16::from_f32(x)).collect()),
+            DType::Q8 => {
+                assert!(group > 0 && xs.len().is_multiple_of(group), "Q8 needs whole groups");
+                let (mut codes, mut scales) = (vec![0i8; xs.len()], vec![0f32; xs.len() / group]);
+                twinfer::quantize_q8(xs, group, &mut codes, &mut scales);
+                Buf::Q8(codes, scales, group)
+            }
         }
     }
     pub fn zeros(dtype: DType, n: usize) -> Self {
@@ -176,6 +198,7 @@ impl Buf {
             Buf::F32(v) => TensorRef::F32(v),
             Buf::F16(v) => TensorRef::F16(v),
             Buf::BF16(v) => TensorRef::BF16(v),
+            Buf::Q8(c, s, g) => TensorRef::Q8(twinfer::Q8Ref { codes: c, scales: s, group: *g }),
         }
     }
     pub fn view_mut(&mut self) -> TensorMut<'_> {
@@ -183,6 +206,7 @@ impl Buf {
             Buf::F32(v) => TensorMut::F32(v),
             Buf::F16(v) => TensorMut::F16(v),
             Buf::BF16(v) => TensorMut::BF16(v),
+            Buf::Q8(c, s, g) => TensorMut::Q8(twinfer::Q8Mut { codes: c, scales: s, group: *g }),
         }
     }
     pub fn to_f32(&self) -> Vec<f32> {
@@ -190,6 +214,11 @@ impl Buf {
             Buf::F32(v) => v.clone(),
             Buf::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
             Buf::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            Buf::Q8(..) => {
+                let mut out = vec![0f32; self.view().len()];
+                self.view().read_f32(0, &mut out);
+                out
+            }
         }
     }
 }
@@ -227,6 +256,7 @@ impl Tolerance {
             DType::F32 => Tolerance { atol: 2e-5, rtol: 2e-5, lse_atol: 5e-5 },
             DType::F16 => Tolerance { atol: 1e-3, rtol: 2e-3, lse_atol: 5e-5 },
             DType::BF16 => Tolerance { atol: 8e-3, rtol: 8e-3, lse_atol: 5e-5 },
+            DType::Q8 => unreachable!("outputs are float"),
         }
     }
 }
@@ -319,11 +349,11 @@ impl CaseData {
             params,
             q: Buf::from_f32(case.q_dtype, &q),
             qo_indptr: indptr(&case.qo_lens),
-            k: Buf::from_f32(case.kv_dtype, &k),
-            v: Buf::from_f32(case.kv_dtype, &v),
+            k: Buf::from_f32_grouped(case.kv_dtype, &k, case.head_dim),
+            v: Buf::from_f32_grouped(case.kv_dtype, &v, case.head_dim),
             kv_indptr: indptr(&case.kv_lens),
-            k_pool: Buf::from_f32(case.kv_dtype, &k_pool),
-            v_pool: Buf::from_f32(case.kv_dtype, &v_pool),
+            k_pool: Buf::from_f32_grouped(case.kv_dtype, &k_pool, case.head_dim),
+            v_pool: Buf::from_f32_grouped(case.kv_dtype, &v_pool, case.head_dim),
             layout,
             page_indptr,
             page_indices,

@@ -28,8 +28,9 @@ export interface LoadOptions {
   pageSize?: number;
   /** KV cache budget in bytes (default 128 MiB). */
   kvMemoryBytes?: number;
-  /** KV cache storage (default: f32 when decode runs on wasm, f16 on WebGPU). */
-  kvDtype?: "f16" | "f32";
+  /** KV cache storage (default: f32 when decode runs on wasm, f16 on WebGPU); "q8" keeps int8
+   * codes with a scale per token and KV head (a quarter of f32 on wasm; WebGPU runs it op by op). */
+  kvDtype?: "f16" | "f32" | "q8";
   /** Tokens per engine step: decode tokens plus prompt chunks (default 256). */
   maxBatchTokens?: number;
   /** Requests running at once (default 256). */

@@ -55,6 +55,9 @@ pub enum KvDtypeArg {
     F32,
     F16,
     Bf16,
+    /// int8 codes with an f32 scale per token and KV head (the CPU engine reads them directly;
+    /// a GPU runs such a cache op by op).
+    Q8,
 }
 
 #[derive(Args, Clone)]
@@ -142,6 +145,7 @@ impl EngineArgs {
                 KvDtypeArg::F32 => DType::F32,
                 KvDtypeArg::F16 => DType::F16,
                 KvDtypeArg::Bf16 => DType::BF16,
+                KvDtypeArg::Q8 => DType::Q8,
             };
         }
         c.max_batch_tokens = self.max_batch_tokens.unwrap_or(c.max_batch_tokens);
@@ -175,6 +179,7 @@ fn apply_config_file(c: &mut EngineConfig, path: &Path) -> Result<(), String> {
             "f32" => DType::F32,
             "f16" => DType::F16,
             "bf16" => DType::BF16,
+            "q8" => DType::Q8,
             _ => return Err(bad("kv_dtype", v)),
         };
     }

@@ -2,7 +2,8 @@
 //!
 //! Kernels accumulate in f32 whatever the storage type; the views let one API take f32, f16 and
 //! bf16 buffers and report a dtype mismatch as an error instead of a compile error at the edges
-//! (wasm, GPU) where dtypes are only known at run time.
+//! (wasm, GPU) where dtypes are only known at run time. [`DType::Q8`] is the KV cache's int8
+//! storage: codes with one f32 scale per row of a head ([`Q8Ref`]).
 
 use half::{bf16, f16};
 use std::fmt;
@@ -13,6 +14,9 @@ pub enum DType {
     F32,
     F16,
     BF16,
+    /// int8 codes with an f32 scale per group of elements (the KV cache: one per token and KV
+    /// head); `x = code * scale`, the scale being the group's largest magnitude / 127.
+    Q8,
 }
 
 impl DType {
@@ -21,6 +25,7 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
+            DType::Q8 => 1,
         }
     }
 }
@@ -31,6 +36,7 @@ impl fmt::Display for DType {
             DType::F32 => "f32",
             DType::F16 => "f16",
             DType::BF16 => "bf16",
+            DType::Q8 => "q8",
         })
     }
 }
@@ -139,6 +145,7 @@ pub enum TensorRef<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     BF16(&'a [bf16]),
+    Q8(Q8Ref<'a>),
 }
 
 /// A mutably borrowed, dtype-erased, flat tensor.
@@ -147,6 +154,63 @@ pub enum TensorMut<'a> {
     F32(&'a mut [f32]),
     F16(&'a mut [f16]),
     BF16(&'a mut [bf16]),
+    Q8(Q8Mut<'a>),
+}
+
+/// int8 codes and one scale per `group` consecutive codes: element `i` is
+/// `codes[i] * scales[i / group]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Q8Ref<'a> {
+    pub codes: &'a [i8],
+    pub scales: &'a [f32],
+    pub group: usize,
+}
+
+/// The mutable [`Q8Ref`]: writes quantize whole groups.
+#[derive(Debug)]
+pub struct Q8Mut<'a> {
+    pub codes: &'a mut [i8],
+    pub scales: &'a mut [f32],
+    pub group: usize,
+}
+
+impl<'a> Q8Ref<'a> {
+    /// `codes.len()` must be `scales.len() * group`.
+    pub fn new(codes: &'a [i8], scales: &'a [f32], group: usize) -> Option<Self> {
+        (group > 0 && scales.len().checked_mul(group) == Some(codes.len())).then_some(Self { codes, scales, group })
+    }
+
+    /// `dst = self[offset..offset + dst.len()]` dequantized.
+    #[inline(always)]
+    pub fn read_f32(&self, offset: usize, dst: &mut [f32]) {
+        let codes = &self.codes[offset..offset + dst.len()];
+        let mut i = 0;
+        while i < dst.len() {
+            let at = offset + i;
+            let (scale, run) = (self.scales[at / self.group], (self.group - at % self.group).min(dst.len() - i));
+            for (d, &c) in dst[i..i + run].iter_mut().zip(&codes[i..i + run]) {
+                *d = c as f32 * scale;
+            }
+            i += run;
+        }
+    }
+}
+
+/// Quantizes `src` (whole groups) into `codes` and `scales`: per group, scale = max |x| / 127 and
+/// code = round(x / scale), so the largest magnitude is stored exactly and every element is
+/// within scale / 2 of its value. An all-zero group has scale 0.
+pub fn quantize_q8(src: &[f32], group: usize, codes: &mut [i8], scales: &mut [f32]) {
+    debug_assert!(src.len() == codes.len() && src.len() == scales.len() * group);
+    for ((x, c), s) in src.chunks_exact(group).zip(codes.chunks_exact_mut(group)).zip(scales.iter_mut()) {
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = amax / 127.0;
+        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        for (c, &v) in c.iter_mut().zip(x) {
+            *c = (v * inv).round().clamp(-127.0, 127.0) as i8;
+        }
+        // A non-finite group stays non-finite when read, as it would in f16.
+        *s = if amax.is_finite() { scale } else { f32::NAN };
+    }
 }
 
 impl<'a> From<&'a [f32]> for TensorRef<'a> {
@@ -186,6 +250,7 @@ impl TensorRef<'_> {
             TensorRef::F32(_) => DType::F32,
             TensorRef::F16(_) => DType::F16,
             TensorRef::BF16(_) => DType::BF16,
+            TensorRef::Q8(_) => DType::Q8,
         }
     }
     pub fn len(&self) -> usize {
@@ -193,6 +258,7 @@ impl TensorRef<'_> {
             TensorRef::F32(s) => s.len(),
             TensorRef::F16(s) => s.len(),
             TensorRef::BF16(s) => s.len(),
+            TensorRef::Q8(q) => q.codes.len(),
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -206,6 +272,7 @@ impl TensorRef<'_> {
             TensorRef::F32(s) => f32::slice_to_f32(&s[offset..offset + n], dst),
             TensorRef::F16(s) => f16::slice_to_f32(&s[offset..offset + n], dst),
             TensorRef::BF16(s) => bf16::slice_to_f32(&s[offset..offset + n], dst),
+            TensorRef::Q8(q) => q.read_f32(offset, dst),
         }
     }
     /// Element `i` as f64 (for the reference implementation).
@@ -214,6 +281,7 @@ impl TensorRef<'_> {
             TensorRef::F32(s) => s[i] as f64,
             TensorRef::F16(s) => s[i].to_f64(),
             TensorRef::BF16(s) => s[i].to_f64(),
+            TensorRef::Q8(q) => (q.codes[i] as f32 * q.scales[i / q.group]) as f64,
         }
     }
 }
@@ -224,6 +292,7 @@ impl TensorMut<'_> {
             TensorMut::F32(_) => DType::F32,
             TensorMut::F16(_) => DType::F16,
             TensorMut::BF16(_) => DType::BF16,
+            TensorMut::Q8(_) => DType::Q8,
         }
     }
     pub fn len(&self) -> usize {
@@ -231,6 +300,7 @@ impl TensorMut<'_> {
             TensorMut::F32(s) => s.len(),
             TensorMut::F16(s) => s.len(),
             TensorMut::BF16(s) => s.len(),
+            TensorMut::Q8(q) => q.codes.len(),
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -242,6 +312,7 @@ impl TensorMut<'_> {
             TensorMut::F32(s) => TensorMut::F32(s),
             TensorMut::F16(s) => TensorMut::F16(s),
             TensorMut::BF16(s) => TensorMut::BF16(s),
+            TensorMut::Q8(q) => TensorMut::Q8(Q8Mut { codes: q.codes, scales: q.scales, group: q.group }),
         }
     }
     /// A read-only view of the same data.
@@ -250,9 +321,12 @@ impl TensorMut<'_> {
             TensorMut::F32(s) => TensorRef::F32(s),
             TensorMut::F16(s) => TensorRef::F16(s),
             TensorMut::BF16(s) => TensorRef::BF16(s),
+            TensorMut::Q8(q) => TensorRef::Q8(Q8Ref { codes: q.codes, scales: q.scales, group: q.group }),
         }
     }
-    /// Writes f32 values at `offset`, converting to the storage type.
+    /// Writes f32 values at `offset`, converting to the storage type. Q8 storage quantizes
+    /// whole groups: `offset` and `src.len()` must be multiples of its group (callers write
+    /// whole rows of a head).
     #[inline(always)]
     pub fn write_f32(&mut self, offset: usize, src: &[f32]) {
         let n = src.len();
@@ -260,6 +334,11 @@ impl TensorMut<'_> {
             TensorMut::F32(s) => f32::slice_from_f32(src, &mut s[offset..offset + n]),
             TensorMut::F16(s) => f16::slice_from_f32(src, &mut s[offset..offset + n]),
             TensorMut::BF16(s) => bf16::slice_from_f32(src, &mut s[offset..offset + n]),
+            TensorMut::Q8(q) => {
+                assert!(offset.is_multiple_of(q.group) && n.is_multiple_of(q.group), "Q8 writes whole groups");
+                let g = offset / q.group;
+                quantize_q8(src, q.group, &mut q.codes[offset..offset + n], &mut q.scales[g..g + n / q.group]);
+            }
         }
     }
     /// Fills every element with NaN so that a kernel that forgets an element is caught.
@@ -268,6 +347,8 @@ impl TensorMut<'_> {
             TensorMut::F32(s) => s.fill(f32::NAN),
             TensorMut::F16(s) => s.fill(f16::NAN),
             TensorMut::BF16(s) => s.fill(bf16::NAN),
+            // Codes have no NaN: a NaN scale poisons the group.
+            TensorMut::Q8(q) => q.scales.fill(f32::NAN),
         }
     }
 }
@@ -291,6 +372,41 @@ mod tests {
                 h.to_bits()
             );
         }
+    }
+
+    #[test]
+    fn q8_keeps_each_group_within_half_a_step_and_its_largest_magnitude_exactly() {
+        let group = 8;
+        let src: Vec<f32> = (0..64).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.37 * (1 + i / 8) as f32).collect();
+        let (mut codes, mut scales) = (vec![0i8; 64], vec![0f32; 8]);
+        let mut back = vec![0f32; 64];
+        let mut part = vec![0f32; 13];
+        {
+            let mut view = TensorMut::Q8(Q8Mut { codes: &mut codes, scales: &mut scales, group });
+            view.write_f32(0, &src);
+            view.as_ref().read_f32(0, &mut back);
+            // Reads that start and end inside groups use each element's own scale.
+            view.as_ref().read_f32(5, &mut part);
+        }
+        assert_eq!(part, back[5..18]);
+        for (g, (x, y)) in src.chunks(group).zip(back.chunks(group)).enumerate() {
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert_eq!(scales[g], amax / 127.0);
+            for (&a, &b) in x.iter().zip(y) {
+                // Half a step, plus the rounding of code * scale (an exact tie sits on the edge).
+                let bound = scales[g] * 0.5 + b.abs() * f32::EPSILON;
+                assert!((a - b).abs() <= bound, "group {g}: {a} -> {b}");
+                if a.abs() == amax {
+                    assert_eq!(a, b, "the largest magnitude is stored exactly");
+                }
+            }
+        }
+        let zeros = [0f32; 8];
+        let mut view = TensorMut::Q8(Q8Mut { codes: &mut codes, scales: &mut scales, group });
+        view.write_f32(8, &zeros);
+        view.as_ref().read_f32(8, &mut back[..8]);
+        assert_eq!(&back[..8], &zeros[..]);
+        assert_eq!(scales[1], 0.0, "an all-zero group has scale 0");
     }
 
     #[test]

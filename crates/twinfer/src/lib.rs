@@ -19,7 +19,7 @@ pub use attention::{
     AttentionOutput, AttentionParams, DecodeInput, KvInput, PrefillInput, merge_state, merge_state_in_place,
 };
 pub use backend::{Attention, AttentionBackend, Backend, BackendInfo, cpu_model_name};
-pub use dtype::{DType, Element, TensorMut, TensorRef};
+pub use dtype::{DType, Element, Q8Mut, Q8Ref, TensorMut, TensorRef, quantize_q8};
 pub use error::{Result, TwinferError};
 pub use half::{bf16, f16};
 pub use kv::{

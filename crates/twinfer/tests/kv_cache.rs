@@ -2,7 +2,8 @@
 //!
 //! The property test drives random add / fork / reserve / append / free sequences on small pools
 //! (so exhaustion and copy-on-write happen) and after every step checks the read-back rows, the
-//! reference counts, page accounting and that failed calls changed nothing.
+//! reference counts, page accounting and that failed calls changed nothing. f32, f16 and int8
+//! caches (whose copy-on-write copies must carry each row's scale with its codes).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -36,12 +37,19 @@ fn value(key: [u64; 6]) -> f32 {
 enum Rows {
     F32(Vec<f32>),
     F16(Vec<f16>),
+    /// int8 codes and one scale per head's row (`head_dim` values).
+    Q8(Vec<i8>, Vec<f32>, usize),
 }
 
 impl Rows {
-    fn new(dtype: DType, data: &[f32]) -> Self {
+    fn new(dtype: DType, data: &[f32], head_dim: usize) -> Self {
         match dtype {
             DType::F16 => Rows::F16(data.iter().map(|&x| f16::from_f32(x)).collect()),
+            DType::Q8 => {
+                let (mut codes, mut scales) = (vec![0i8; data.len()], vec![0f32; data.len() / head_dim]);
+                twinfer::quantize_q8(data, head_dim, &mut codes, &mut scales);
+                Rows::Q8(codes, scales, head_dim)
+            }
             _ => Rows::F32(data.to_vec()),
         }
     }
@@ -49,7 +57,15 @@ impl Rows {
         match self {
             Rows::F32(s) => TensorRef::F32(s),
             Rows::F16(s) => TensorRef::F16(s),
+            Rows::Q8(c, s, g) => TensorRef::Q8(twinfer::Q8Ref { codes: c, scales: s, group: *g }),
         }
+    }
+    /// The values the cache must read back: exact for f32 and f16 (every `value` is an f16),
+    /// the dequantized codes for Q8.
+    fn values(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.view().len()];
+        self.view().read_f32(0, &mut out);
+        out
     }
 }
 
@@ -276,8 +292,10 @@ impl Harness {
             }
             indptr.push(indptr.last().unwrap() + n as u32);
         }
-        let (kt, vt) = (Rows::new(self.cache.dtype(), &k), Rows::new(self.cache.dtype(), &v));
+        let head_dim = self.cache.layout().head_dim;
+        let (kt, vt) = (Rows::new(self.cache.dtype(), &k, head_dim), Rows::new(self.cache.dtype(), &v, head_dim));
         let result = self.cache.append(layer, &ids, &indptr, kt.view(), vt.view());
+        let (k, v) = (kt.values(), vt.values());
 
         if layer >= num_layers {
             assert_eq!(result, Err(TwinferError::LayerOutOfRange { layer, num_layers }));
@@ -349,7 +367,7 @@ impl Harness {
 
 fn config_strategy() -> impl Strategy<Value = KvCacheConfig> {
     let page_size = prop_oneof![3 => Just(1usize), 3 => Just(3), 3 => Just(16), 2 => Just(64), 1 => 1..=256usize];
-    let dtype = prop_oneof![Just(DType::F32), Just(DType::F16)];
+    let dtype = prop_oneof![Just(DType::F32), Just(DType::F16), Just(DType::Q8)];
     (page_size, 1..=16usize, 1..=2usize, 1..=2usize, prop_oneof![Just(8usize), Just(16)], dtype).prop_map(
         |(page_size, num_pages, num_layers, heads, head_dim, dtype)| KvCacheConfig {
             num_layers,

@@ -370,7 +370,7 @@ fn time_decode(
     let indptr: Vec<u32> = (0..=b).map(|i| (i * ctx) as u32).collect();
     let rows = b * ctx * model.config.kv_dim();
     let values: Vec<f32> = (0..rows).map(|i| ((i * 2_654_435_761) % 2001) as f32 / 1000.0 - 1.0).collect();
-    let stored = crate::kv::storage::Storage::from_f32(opts.kv_dtype, &values);
+    let stored = crate::kv::storage::Storage::from_f32(opts.kv_dtype, &values, model.config.head_dim)?;
     for layer in 0..model.config.num_layers {
         cache.append(layer, &seqs, &indptr, stored.as_ref(), stored.as_ref())?;
     }

@@ -288,7 +288,9 @@ pub fn run_serve(opts: &ServeOptions) -> Result<ServeReport> {
     let longest = context.1 + opts.output_tokens;
     let pages_needed = concurrency.1 * longest.div_ceil(engine.page_size) + 8;
     let c = &model.config;
-    let page_bytes = 2 * c.num_layers * engine.page_size * c.kv_dim() * engine.kv_dtype.size();
+    let layout =
+        crate::kv::KvLayout { page_size: engine.page_size, num_kv_heads: c.num_kv_heads, head_dim: c.head_dim };
+    let page_bytes = 2 * c.num_layers * layout.page_bytes(engine.kv_dtype);
     let mut pages = pages_needed;
     if let Some(budget) = opts.kv_budget_bytes {
         pages = pages.min((budget / page_bytes).max(1));
@@ -442,7 +444,9 @@ fn decode_floor(sched: &mut Scheduler, model: &LlamaModel, context: usize, level
     sched.reset_metrics();
     let c = &model.config;
     let kv_len = context + steps / 2;
-    let kv_bytes = 2 * c.num_layers * kv_len * c.kv_dim() * sched.cache().dtype().size();
+    // Per token: a page of one row.
+    let row = crate::kv::KvLayout { page_size: 1, num_kv_heads: c.num_kv_heads, head_dim: c.head_dim };
+    let kv_bytes = 2 * c.num_layers * kv_len * row.page_bytes(sched.cache().dtype());
     // The floor is the ceiling of the memory the step reads: the GPU's when the model is resident.
     let (read_gbps, device) = match sched.resident() {
         Some(r) => {

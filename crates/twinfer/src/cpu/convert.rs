@@ -30,6 +30,7 @@ pub(crate) fn prefetch(src: TensorRef<'_>, offset: usize, len: usize) {
             TensorRef::F32(s) => (s[offset..offset + len].as_ptr() as *const i8, len * 4),
             TensorRef::F16(s) => (s[offset..offset + len].as_ptr() as *const i8, len * 2),
             TensorRef::BF16(s) => (s[offset..offset + len].as_ptr() as *const i8, len * 2),
+            TensorRef::Q8(q) => (q.codes[offset..offset + len].as_ptr(), len),
         };
         let mut at = 0;
         while at < bytes {

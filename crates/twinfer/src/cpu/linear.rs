@@ -52,6 +52,11 @@ pub fn linear_parts(
     if k == 0 {
         return Err(TwinferError::InvalidParameter("linear: k must be at least 1".into()));
     }
+    if parts.iter().any(|p| p.dtype() == crate::DType::Q8) {
+        return Err(TwinferError::InvalidParameter(
+            "linear: Q8 is a KV cache type; quantized weights go through the block formats".into(),
+        ));
+    }
     if let Some(p) = parts.iter().find(|p| !p.len().is_multiple_of(k)) {
         return Err(TwinferError::InvalidParameter(format!(
             "linear: a weight part of {} elements is not whole rows of {k}",
@@ -116,6 +121,7 @@ impl pulp::WithSimd for Chunk<'_> {
             TensorRef::F32(w) => self.run::<S, f32>(simd, w),
             TensorRef::F16(w) => self.run::<S, half::f16>(simd, w),
             TensorRef::BF16(w) => self.run::<S, half::bf16>(simd, w),
+            TensorRef::Q8(_) => unreachable!("linear refuses Q8 weights before dispatch"),
         }
     }
 }

@@ -113,7 +113,7 @@ impl Scheduler {
             return Err(TwinferError::InvalidParameter("max_batch_tokens and max_running must be at least 1".into()));
         }
         let layout = KvLayout::new(config.page_size, c.num_kv_heads, c.head_dim)?;
-        let page_bytes = 2 * c.num_layers * layout.page_elems() * config.kv_dtype.size();
+        let page_bytes = 2 * c.num_layers * layout.page_bytes(config.kv_dtype);
         let num_pages = config.kv_pool_pages.unwrap_or(config.kv_memory_bytes / page_bytes);
         if num_pages == 0 {
             return Err(TwinferError::InvalidParameter(format!(

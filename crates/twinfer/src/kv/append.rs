@@ -11,7 +11,8 @@ use crate::kv::layout::{KvLayout, PageTable, PagedKv, check_indptr};
 /// (each `[num_pages, page_size, num_kv_heads, head_dim]`): the rows
 /// `append_indptr[b]..append_indptr[b + 1]` become the last positions of sequence `b` in `table`.
 ///
-/// Rows and pools must share one dtype (no conversion happens here). Everything is checked before
+/// Rows and pools must share one dtype (no conversion happens here; Q8 rows come quantized, one
+/// scale per head). Everything is checked before
 /// the first write, so on error the pools are untouched.
 pub fn append_paged_kv(
     k_pool: TensorMut<'_>,
@@ -55,6 +56,8 @@ pub(crate) fn check_append(
     )?;
     check_len("appended V", k.len(), v.len())?;
     check_indptr("append_indptr", append_indptr, rows)?;
+    crate::kv::layout::check_q8_rows("appended K", k, layout.head_dim)?;
+    crate::kv::layout::check_q8_rows("appended V", v, layout.head_dim)?;
     for b in 0..batch {
         let n = (append_indptr[b + 1] - append_indptr[b]) as usize;
         let kv_len = table.kv_len(b, layout.page_size);
@@ -89,6 +92,14 @@ pub(crate) fn write_append(
         (TensorMut::BF16(kp), TensorMut::BF16(vp), TensorRef::BF16(k), TensorRef::BF16(v)) => {
             scatter(kp, k, layout, table, append_indptr);
             scatter(vp, v, layout, table, append_indptr);
+        }
+        (TensorMut::Q8(kp), TensorMut::Q8(vp), TensorRef::Q8(k), TensorRef::Q8(v)) => {
+            // Codes scatter as rows of elements, scales as rows of one value per head.
+            let scales = KvLayout { head_dim: 1, ..layout };
+            scatter(kp.codes, k.codes, layout, table, append_indptr);
+            scatter(kp.scales, k.scales, scales, table, append_indptr);
+            scatter(vp.codes, v.codes, layout, table, append_indptr);
+            scatter(vp.scales, v.scales, scales, table, append_indptr);
         }
         (kp, _, k, _) => {
             return Err(TwinferError::DtypeMismatch { what: "appended K/V", expected: kp.dtype(), got: k.dtype() });

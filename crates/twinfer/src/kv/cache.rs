@@ -89,7 +89,12 @@ impl PagedKvCache {
             TwinferError::InvalidParameter(format!("KV cache: {} pages overflow the address space", config.num_pages))
         })?;
         let layers = (0..config.num_layers)
-            .map(|_| Ok(LayerPool { k: Storage::zeros(config.dtype, elems)?, v: Storage::zeros(config.dtype, elems)? }))
+            .map(|_| {
+                Ok(LayerPool {
+                    k: Storage::zeros(config.dtype, elems, layout.head_dim)?,
+                    v: Storage::zeros(config.dtype, elems, layout.head_dim)?,
+                })
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             config: KvCacheConfig { layout, ..config },

@@ -45,6 +45,11 @@ impl KvLayout {
     pub fn page_elems(&self) -> usize {
         self.page_size * self.row_elems()
     }
+    /// Bytes of one page (of K, or of V) stored as `dtype`: Q8 adds an f32 scale per row of a head.
+    pub fn page_bytes(&self, dtype: DType) -> usize {
+        let scales = if dtype == DType::Q8 { self.page_size * self.num_kv_heads * 4 } else { 0 };
+        self.page_elems() * dtype.size() + scales
+    }
     /// Flat offset of `(page, slot, head, 0)`.
     #[inline(always)]
     pub fn offset(&self, page: usize, slot: usize, head: usize) -> usize {
@@ -155,6 +160,22 @@ impl PageTableBuf {
     }
 }
 
+/// Q8 K/V keep one scale per row of a head: the view's group must be `head_dim` (other dtypes
+/// pass).
+pub(crate) fn check_q8_rows(what: &'static str, t: TensorRef<'_>, head_dim: usize) -> Result<()> {
+    if let TensorRef::Q8(q) = t {
+        if q.group != head_dim {
+            return Err(TwinferError::ShapeMismatch {
+                what: "Q8 K/V scale group (head_dim)",
+                expected: head_dim,
+                got: q.group,
+            });
+        }
+        crate::error::check_len(what, q.codes.len() / head_dim, q.scales.len())?;
+    }
+    Ok(())
+}
+
 /// A read-only view of one layer's page pool.
 #[derive(Debug, Clone, Copy)]
 pub struct PagedKv<'a> {
@@ -183,6 +204,8 @@ impl<'a> PagedKv<'a> {
             });
         }
         crate::error::check_len("paged V", k.len(), v.len())?;
+        check_q8_rows("paged K", k, layout.head_dim)?;
+        check_q8_rows("paged V", v, layout.head_dim)?;
         Ok(Self { k, v, layout })
     }
     pub fn num_pages(&self) -> usize {

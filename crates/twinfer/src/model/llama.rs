@@ -223,7 +223,13 @@ impl LlamaModel {
             }
             self.rope.apply(&mut q, c.num_heads, &positions, &mut cos_sin);
             self.rope.apply(&mut k, c.num_kv_heads, &positions, &mut cos_sin);
-            cache.append(li, &ids, &indptr, k_store.view(&k, kv_dtype), v_store.view(&v, kv_dtype))?;
+            cache.append(
+                li,
+                &ids,
+                &indptr,
+                k_store.view(&k, kv_dtype, c.head_dim),
+                v_store.view(&v, kv_dtype, c.head_dim),
+            )?;
 
             o.fill(f32::NAN);
             let kv = cache.layer(li)?;
@@ -331,11 +337,20 @@ impl LlamaModel {
 struct KvRows {
     f16: Vec<half::f16>,
     bf16: Vec<half::bf16>,
+    codes: Vec<i8>,
+    scales: Vec<f32>,
 }
 
 impl KvRows {
-    fn view<'a>(&'a mut self, rows: &'a [f32], dtype: DType) -> TensorRef<'a> {
+    /// Q8 quantizes each head's row of `head_dim` values with its own scale.
+    fn view<'a>(&'a mut self, rows: &'a [f32], dtype: DType, head_dim: usize) -> TensorRef<'a> {
         match dtype {
+            DType::Q8 => {
+                self.codes.resize(rows.len(), 0);
+                self.scales.resize(rows.len() / head_dim, 0.0);
+                crate::dtype::quantize_q8(rows, head_dim, &mut self.codes, &mut self.scales);
+                TensorRef::Q8(crate::dtype::Q8Ref { codes: &self.codes, scales: &self.scales, group: head_dim })
+            }
             DType::F32 => TensorRef::F32(rows),
             DType::F16 => {
                 self.f16.clear();

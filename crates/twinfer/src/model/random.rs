@@ -56,6 +56,11 @@ pub fn preset(name: &str) -> Result<DecoderConfig> {
 /// A decoder of shape `config` with weights uniform in ±0.035 (std 0.02), norms at 1, stored
 /// as `dtype`; the same seed gives the same weights.
 pub fn random_decoder(config: DecoderConfig, dtype: DType, seed: u64) -> Result<LlamaModel> {
+    if dtype == DType::Q8 {
+        return Err(TwinferError::InvalidParameter(
+            "random weights are f32, f16 or bf16 (q8 is a KV cache type; quantize weights with --quantize)".into(),
+        ));
+    }
     let c = &config;
     let (h, q, kv, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
     let mut tensors: Vec<(String, Vec<usize>, bool)> =
@@ -90,6 +95,7 @@ fn safetensors_bytes(tensors: &[(String, Vec<usize>, bool)], dtype: DType, seed:
         DType::F32 => "F32",
         DType::F16 => "F16",
         DType::BF16 => "BF16",
+        DType::Q8 => unreachable!("refused by random_decoder"),
     };
     let mut header = serde_json::Map::new();
     let mut offset = 0;
@@ -123,6 +129,7 @@ fn safetensors_bytes(tensors: &[(String, Vec<usize>, bool)], dtype: DType, seed:
                 DType::F32 => out.extend_from_slice(&x.to_le_bytes()),
                 DType::F16 => out.extend_from_slice(&half::f16::from_f32(x).to_le_bytes()),
                 DType::BF16 => out.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
+                DType::Q8 => unreachable!("refused by random_decoder"),
             }
         }
     }

@@ -74,6 +74,12 @@ impl ResidentDecoder {
                 got: cache.layout.row_elems(),
             });
         }
+        if cache.dtype == crate::DType::Q8 {
+            return Err(TwinferError::InvalidParameter(
+                "the device KV pool stores f16 or f32; an int8 (q8) cache runs op by op on the GPU or on the CPU"
+                    .into(),
+            ));
+        }
         let ctx = gpu.context();
         let storage =
             if cache.dtype == crate::DType::F16 && ctx.summary.shader_f16 { KvStorage::F16 } else { KvStorage::F32 };

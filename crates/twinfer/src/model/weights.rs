@@ -103,6 +103,7 @@ impl WeightData {
             DType::F32 => Self::F32(Elems::from_file(file, range, |b| f32::from_le_bytes(b.try_into().unwrap()))),
             DType::F16 => Self::F16(Elems::from_file(file, range, |b| f16::from_le_bytes([b[0], b[1]]))),
             DType::BF16 => Self::BF16(Elems::from_file(file, range, |b| bf16::from_le_bytes([b[0], b[1]]))),
+            DType::Q8 => unreachable!("file tensors are f32, f16 or bf16; Q8 is the KV cache's type"),
         }
     }
 
