@@ -77,7 +77,8 @@ enum BenchWhat {
         /// or unchecked (default: unchecked on Vulkan, whose driver bounds buffer accesses, else bounds).
         #[arg(long, value_enum)]
         shader_checks: Option<ShaderChecksArg>,
-        /// Measure only these shapes (CPU): `prefill:LEN` or `decode:BATCH:CTX`; repeatable.
+        /// Measure only these shapes (CPU): `prefill:LEN`, `decode:BATCH:CTX` (f16 KV), `decode-f32:...` or
+        /// `decode-q8:...`; repeatable.
         #[arg(long = "case", value_name = "CASE")]
         cases: Vec<bench::Case>,
         /// Print the report as JSON.

@@ -78,6 +78,8 @@ pub fn decode_paged_bytes(batch: usize, ctx: usize) -> f64 {
 enum Pool {
     F16(Vec<f16>),
     F32(Vec<f32>),
+    /// int8 codes and a scale per row of a head.
+    Q8(Vec<i8>, Vec<f32>),
 }
 
 impl Pool {
@@ -85,6 +87,12 @@ impl Pool {
         match dtype {
             DType::F16 => Ok(Pool::F16(values)),
             DType::F32 => Ok(Pool::F32(values.iter().map(|x| x.to_f32()).collect())),
+            DType::Q8 => {
+                let f: Vec<f32> = values.iter().map(|x| x.to_f32()).collect();
+                let (mut codes, mut scales) = (vec![0i8; f.len()], vec![0f32; f.len() / HEAD_DIM]);
+                crate::dtype::quantize_q8(&f, HEAD_DIM, &mut codes, &mut scales);
+                Ok(Pool::Q8(codes, scales))
+            }
             other => Err(TwinferError::DtypeUnsupported { what: "decode benchmark KV", dtype: other }),
         }
     }
@@ -92,6 +100,7 @@ impl Pool {
         match self {
             Pool::F16(v) => v[..].into(),
             Pool::F32(v) => v[..].into(),
+            Pool::Q8(codes, scales) => TensorRef::Q8(crate::dtype::Q8Ref { codes, scales, group: HEAD_DIM }),
         }
     }
 }
@@ -177,7 +186,7 @@ impl DecodePaged {
         Self::with_kv_dtype(batch, ctx, DType::F16)
     }
 
-    /// The same case with the KV pool stored as `dtype` (f16 or f32; the values are the same).
+    /// The same case with the KV pool stored as `dtype` (f16, f32, or q8 quantized from them).
     pub fn with_kv_dtype(batch: usize, ctx: usize, dtype: DType) -> Result<Self> {
         let params = AttentionParams::new(QO_HEADS, KV_HEADS, HEAD_DIM);
         let layout = KvLayout::new(PAGE_SIZE, KV_HEADS, HEAD_DIM)?;
@@ -217,14 +226,13 @@ impl DecodePaged {
     }
 
     pub fn kv_dtype(&self) -> DType {
-        match self.k {
-            Pool::F16(_) => DType::F16,
-            Pool::F32(_) => DType::F32,
-        }
+        self.k.tensor().dtype()
     }
 
+    /// Bytes of K and V the step reads (int8: the codes and a 4-byte scale per row of a head).
     pub fn bytes(&self) -> f64 {
-        decode_paged_bytes(self.batch, self.ctx) * self.kv_dtype().size() as f64 / 2.0
+        let per_row = self.layout.page_bytes(self.kv_dtype()) as f64 / PAGE_SIZE as f64;
+        2.0 * (self.batch * self.ctx) as f64 * per_row
     }
 
     pub fn name(&self) -> String {

@@ -56,7 +56,8 @@ impl KernelReport {
     }
 }
 
-/// One shape to measure: `prefill:LEN`, `decode:BATCH:CTX` (f16 KV) or `decode-f32:BATCH:CTX`
+/// One shape to measure: `prefill:LEN`, `decode:BATCH:CTX` (f16 KV), `decode-f32:BATCH:CTX` or
+/// `decode-q8:BATCH:CTX`
 /// on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Case {
@@ -70,13 +71,14 @@ impl FromStr for Case {
     type Err = TwinferError;
     fn from_str(s: &str) -> Result<Self> {
         let bad = || {
-            TwinferError::InvalidParameter(format!("case {s:?}: prefill:LEN, decode:BATCH:CTX or decode-f32:BATCH:CTX"))
+            TwinferError::InvalidParameter(format!("case {s:?}: prefill:LEN, decode:BATCH:CTX, decode-f32:BATCH:CTX or decode-q8:BATCH:CTX"))
         };
         let num = |x: &str| x.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(bad);
         match s.split(':').collect::<Vec<_>>().as_slice() {
             ["prefill", len] => Ok(Case::Prefill(num(len)?)),
             ["decode", batch, ctx] => Ok(Case::Decode { batch: num(batch)?, ctx: num(ctx)?, dtype: DType::F16 }),
             ["decode-f32", batch, ctx] => Ok(Case::Decode { batch: num(batch)?, ctx: num(ctx)?, dtype: DType::F32 }),
+            ["decode-q8", batch, ctx] => Ok(Case::Decode { batch: num(batch)?, ctx: num(ctx)?, dtype: DType::Q8 }),
             _ => Err(bad()),
         }
     }

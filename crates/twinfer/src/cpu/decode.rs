@@ -112,17 +112,17 @@ fn decode_typed<S: Simd, E: LoadLanes>(simd: S, p: &Problem<'_>, item: WorkItem,
     finish_rows(simd, sc, rows, dp);
 }
 
-/// [`decode_typed`] over int8 K/V: each tile's rows (all heads of the item) are dequantized into
-/// the scratch tiles, one f32 multiply per element (the value the oracle reads), and the f32
-/// kernels run on them; the next tile's codes are prefetched meanwhile.
+/// [`decode_typed`] over int8 K/V, a head at a time: the tile's rows of that head are
+/// dequantized into small scratch tiles (`DECODE_TILE * head_dim` f32, which stay in L1), one
+/// multiply per element giving the value the oracle reads, and the f32 kernels run on them. The
+/// next tile's codes are prefetched meanwhile.
 #[inline(always)]
 fn decode_q8<S: Simd>(simd: S, p: &Problem<'_>, item: WorkItem, sc: &mut Scratch, k: Q8Ref<'_>, v: Q8Ref<'_>) {
     let prm = p.params;
     let (d, group, h_qo) = (prm.head_dim, prm.group_size(), prm.num_qo_heads);
     let heads = item.head1 - item.head0;
     let rows = heads * group;
-    let row = heads * d;
-    sc.prepare(rows, 1, d, DECODE_TILE * row, DECODE_TILE);
+    sc.prepare(rows, 1, d, DECODE_TILE * d, DECODE_TILE);
     let scale = prm.resolved_sm_scale();
     let (q_start, q_end) = p.qo.range(item.b);
     let (qo_len, tok) = (q_end - q_start, item.tok0);
@@ -134,43 +134,58 @@ fn decode_q8<S: Simd>(simd: S, p: &Problem<'_>, item: WorkItem, sc: &mut Scratch
     let (lo, hi) = prm.visible_range(tok, qo_len, kv_len);
     let (lo, hi) = (lo.max(item.kv0), hi.min(item.kv1));
     let pos = prm_position(tok, qo_len, kv_len);
-    // Offsets of the dequantized rows in the scratch tiles: row c at c * heads * d.
+    // Row c of a scratch tile starts at c * d.
     let mut local = [0usize; DECODE_TILE];
     for (c, off) in local.iter_mut().enumerate() {
-        *off = c * row;
+        *off = c * d;
     }
+    let mut offs = [0usize; DECODE_TILE];
     let mut j0 = lo;
     while j0 < hi {
         let cols = DECODE_TILE.min(hi - j0);
-        let next = (j0 + cols..hi.min(j0 + cols + DECODE_TILE)).map(|j| p.kv.row_offset(item.b, j, item.head0));
-        for (c, off) in next.enumerate() {
-            prefetch(TensorRef::Q8(k), off, row);
-            if c % 2 == 0 {
-                prefetch(TensorRef::Q8(v), off, row);
-            }
+        for (c, off) in offs[..cols].iter_mut().enumerate() {
+            *off = p.kv.row_offset(item.b, j0 + c, item.head0);
         }
-        for c in 0..cols {
-            let off = p.kv.row_offset(item.b, j0 + c, item.head0);
-            k.read_f32(off, &mut sc.k[c * row..(c + 1) * row]);
-            v.read_f32(off, &mut sc.v[c * row..(c + 1) * row]);
+        for j in j0 + cols..hi.min(j0 + 2 * cols) {
+            let off = p.kv.row_offset(item.b, j, item.head0);
+            prefetch(TensorRef::Q8(k), off, heads * d);
+            prefetch(TensorRef::Q8(v), off, heads * d);
         }
-        let (kt, vt) = (&sc.k[..cols * row], &sc.v[..cols * row]);
-        scores_key_major(simd, &sc.q[..rows * d], kt, &local[..cols], &[], heads, group, d, &mut sc.s);
         for hh in 0..heads {
             let r0 = hh * group;
+            for (c, &off) in offs[..cols].iter().enumerate() {
+                dequantize_row(k, off + hh * d, &mut sc.k[c * d..(c + 1) * d]);
+            }
+            let q = &sc.q[r0 * d..(r0 + group) * d];
+            let s_head = &mut sc.s[r0 * DECODE_TILE..(r0 + group) * DECODE_TILE];
+            scores_key_major(simd, q, &sc.k[..cols * d], &local[..cols], &[], 1, group, d, s_head);
             for g in 0..group {
                 let r = r0 + g;
                 let window = RowWindow { qo_head: (item.head0 + hh) * group + g, pos, j0, lo, hi };
                 let s_row = &mut sc.s[r * DECODE_TILE..r * DECODE_TILE + cols];
                 softmax_row(simd, prm, window, s_row, &mut sc.m[r], &mut sc.l[r], &mut sc.acc[r * d..(r + 1) * d]);
             }
+            for (c, &off) in offs[..cols].iter().enumerate() {
+                dequantize_row(v, off + hh * d, &mut sc.v[c * d..(c + 1) * d]);
+            }
             let s_head = &sc.s[r0 * DECODE_TILE..(r0 + group) * DECODE_TILE];
             let acc = &mut sc.acc[r0 * d..(r0 + group) * d];
-            accumulate(simd, s_head, DECODE_TILE, vt, &local[..cols], hh * d, d, acc, &[]);
+            accumulate(simd, s_head, DECODE_TILE, &sc.v[..cols * d], &local[..cols], 0, d, acc, &[]);
         }
         j0 += cols;
     }
     finish_rows(simd, sc, rows, d);
+}
+
+/// One row of a head (`dst.len()` codes from `at`, which starts a row) times its scale: a plain
+/// loop that the enclosing SIMD context vectorises.
+#[inline(always)]
+fn dequantize_row(q: Q8Ref<'_>, at: usize, dst: &mut [f32]) {
+    let scale = q.scales[at / q.group];
+    let codes = &q.codes[at..at + dst.len()];
+    for (o, &c) in dst.iter_mut().zip(codes) {
+        *o = c as f32 * scale;
+    }
 }
 
 /// `s[(h * group + g) * DECODE_TILE + c] = dot(q[h * group + g], k[offs[c] + h * d ..][..d])`,
