@@ -71,7 +71,9 @@ impl FromStr for Case {
     type Err = TwinferError;
     fn from_str(s: &str) -> Result<Self> {
         let bad = || {
-            TwinferError::InvalidParameter(format!("case {s:?}: prefill:LEN, decode:BATCH:CTX, decode-f32:BATCH:CTX or decode-q8:BATCH:CTX"))
+            TwinferError::InvalidParameter(format!(
+                "case {s:?}: prefill:LEN, decode:BATCH:CTX, decode-f32:BATCH:CTX or decode-q8:BATCH:CTX"
+            ))
         };
         let num = |x: &str| x.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(bad);
         match s.split(':').collect::<Vec<_>>().as_slice() {

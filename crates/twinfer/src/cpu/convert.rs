@@ -24,14 +24,20 @@ pub(crate) fn load_f32<S: Simd>(src: TensorRef<'_>, offset: usize, dst: &mut [f3
 /// while the current one is computed, so that reading memory overlaps the arithmetic.
 #[inline(always)]
 pub(crate) fn prefetch(src: TensorRef<'_>, offset: usize, len: usize) {
+    match src {
+        TensorRef::F32(s) => prefetch_slice(s, offset, len),
+        TensorRef::F16(s) => prefetch_slice(s, offset, len),
+        TensorRef::BF16(s) => prefetch_slice(s, offset, len),
+        TensorRef::Q8(q) => prefetch_slice(q.codes, offset, len),
+    }
+}
+
+/// [`prefetch`] of `data[offset..offset + len]`, whatever its element type.
+#[inline(always)]
+pub(crate) fn prefetch_slice<E>(data: &[E], offset: usize, len: usize) {
     #[cfg(target_arch = "x86_64")]
     {
-        let (ptr, bytes) = match src {
-            TensorRef::F32(s) => (s[offset..offset + len].as_ptr() as *const i8, len * 4),
-            TensorRef::F16(s) => (s[offset..offset + len].as_ptr() as *const i8, len * 2),
-            TensorRef::BF16(s) => (s[offset..offset + len].as_ptr() as *const i8, len * 2),
-            TensorRef::Q8(q) => (q.codes[offset..offset + len].as_ptr(), len),
-        };
+        let (ptr, bytes) = (data[offset..offset + len].as_ptr() as *const i8, len * size_of::<E>());
         let mut at = 0;
         while at < bytes {
             // SAFETY: a prefetch never faults, and `at < bytes` keeps the address in the slice.
@@ -40,7 +46,7 @@ pub(crate) fn prefetch(src: TensorRef<'_>, offset: usize, len: usize) {
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (src, offset, len);
+    let _ = (data, offset, len);
 }
 
 /// Whether this SIMD level widens f16 in vector registers (AVX-512F, AVX2 run with F16C, or
@@ -115,8 +121,9 @@ unsafe fn load_through_buffer<S: Simd, E: Element>(ptr: *const E) -> S::f32s {
 }
 
 /// Loads one vector of lanes from storage, widening to f32 in registers: the decode kernel reads
-/// the KV pool through this, so f16 pages never pass through an f32 copy in memory.
-pub(crate) trait LoadLanes: Element {
+/// the KV pool through this, so f16 pages (and int8 codes) never pass through an f32 copy in
+/// memory.
+pub(crate) trait LoadLanes: Copy + 'static {
     /// # Safety
     /// `ptr` must be valid for reading `S::F32_LANES` elements.
     unsafe fn load_lanes<S: Simd>(ptr: *const Self) -> S::f32s;
@@ -159,6 +166,63 @@ impl LoadLanes for f16 {
         }
         // SAFETY: forwarded from the caller.
         unsafe { load_through_buffer::<S, f16>(ptr) }
+    }
+}
+
+/// int8 codes as f32 (exact): sign-extend to 32 bits, then convert. The scales are applied by the
+/// caller, to scores and probabilities rather than to every element.
+impl LoadLanes for i8 {
+    #[inline(always)]
+    unsafe fn load_lanes<S: Simd>(ptr: *const Self) -> S::f32s {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use core::arch::x86_64::*;
+            if TypeId::of::<S>() == TypeId::of::<pulp::x86::V4>() {
+                // SAFETY: V4 guarantees AVX-512F; 16 readable bytes per the caller; same-size transmute.
+                return unsafe {
+                    let wide = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(ptr as *const __m128i)));
+                    core::mem::transmute_copy::<__m512, S::f32s>(&wide)
+                };
+            }
+            if TypeId::of::<S>() == TypeId::of::<pulp::x86::V3>() {
+                // SAFETY: V3 guarantees AVX2; 8 readable bytes per the caller; same-size transmute.
+                return unsafe {
+                    let wide = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(ptr as *const __m128i)));
+                    core::mem::transmute_copy::<__m256, S::f32s>(&wide)
+                };
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        if TypeId::of::<S>() == TypeId::of::<pulp::aarch64::Neon>() {
+            use core::arch::aarch64::*;
+            // SAFETY: NEON is baseline on aarch64; 4 readable bytes per the caller (read as one
+            // u32, unaligned); same-size transmute.
+            return unsafe {
+                let word = core::ptr::read_unaligned(ptr as *const u32);
+                let bytes = vreinterpret_s8_u32(vdup_n_u32(word));
+                let wide = vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(bytes))));
+                core::mem::transmute_copy::<float32x4_t, S::f32s>(&wide)
+            };
+        }
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        if TypeId::of::<S>() == TypeId::of::<pulp::wasm::Simd128>() {
+            use core::arch::wasm32::*;
+            // SAFETY: 4 readable bytes per the caller, read as one unaligned u32; same-size transmute.
+            return unsafe {
+                let word = core::ptr::read_unaligned(ptr as *const u32);
+                let wide = f32x4_convert_i32x4(i32x4_extend_low_i16x8(i16x8_extend_low_i8x16(u32x4_splat(word))));
+                core::mem::transmute_copy::<v128, S::f32s>(&wide)
+            };
+        }
+        let mut lanes = [0f32; 16];
+        let n = S::F32_LANES;
+        // SAFETY: the caller guarantees `n` readable codes.
+        let src = unsafe { core::slice::from_raw_parts(ptr, n) };
+        for (l, &c) in lanes[..n].iter_mut().zip(src) {
+            *l = c as f32;
+        }
+        // SAFETY: `lanes` holds at least F32_LANES (<= 16) f32 values.
+        unsafe { *(lanes.as_ptr() as *const S::f32s) }
     }
 }
 

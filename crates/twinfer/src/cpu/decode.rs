@@ -9,9 +9,9 @@ use pulp::Simd;
 
 use crate::attention::problem::Problem;
 use crate::cpu::block::{RowWindow, Scratch, WorkItem, finish_rows, prm_position, softmax_row};
-use crate::cpu::convert::{LoadLanes, prefetch};
+use crate::cpu::convert::{LoadLanes, prefetch_slice};
 use crate::cpu::microkernel::{accumulate, score_block};
-use crate::dtype::{Q8Ref, TensorRef};
+use crate::dtype::TensorRef;
 
 /// Keys per decode tile: the score tile is `[heads * group, DECODE_TILE]`. On a 2-core AVX-512
 /// machine 32 and 64 measured alike, 16 slower (per-tile overhead) and 128 slower (the current
@@ -28,16 +28,29 @@ pub(crate) fn fused_applies<S: Simd>(p: &Problem<'_>, item: &WorkItem) -> bool {
 #[inline(always)]
 pub(crate) fn run_decode_item<S: Simd>(simd: S, p: &Problem<'_>, item: WorkItem, sc: &mut Scratch) {
     match (p.kv.k(), p.kv.v()) {
-        (TensorRef::F32(k), TensorRef::F32(v)) => decode_typed(simd, p, item, sc, k, v),
-        (TensorRef::F16(k), TensorRef::F16(v)) => decode_typed(simd, p, item, sc, k, v),
-        (TensorRef::BF16(k), TensorRef::BF16(v)) => decode_typed(simd, p, item, sc, k, v),
-        (TensorRef::Q8(k), TensorRef::Q8(v)) => decode_q8(simd, p, item, sc, k, v),
+        (TensorRef::F32(k), TensorRef::F32(v)) => decode_typed(simd, p, item, sc, k, v, None),
+        (TensorRef::F16(k), TensorRef::F16(v)) => decode_typed(simd, p, item, sc, k, v, None),
+        (TensorRef::BF16(k), TensorRef::BF16(v)) => decode_typed(simd, p, item, sc, k, v, None),
+        (TensorRef::Q8(k), TensorRef::Q8(v)) => {
+            decode_typed(simd, p, item, sc, k.codes, v.codes, Some((k.scales, v.scales)))
+        }
         _ => unreachable!("validation guarantees K and V share a dtype"),
     }
 }
 
+/// `scales` (int8 K/V: one per row of a head, `[.., head_dim]` codes each): the codes are widened
+/// in registers like f16 and each key's scale multiplies its scores, each value's scale its
+/// probabilities, instead of every element.
 #[inline(always)]
-fn decode_typed<S: Simd, E: LoadLanes>(simd: S, p: &Problem<'_>, item: WorkItem, sc: &mut Scratch, k: &[E], v: &[E]) {
+fn decode_typed<S: Simd, E: LoadLanes>(
+    simd: S,
+    p: &Problem<'_>,
+    item: WorkItem,
+    sc: &mut Scratch,
+    k: &[E],
+    v: &[E],
+    scales: Option<(&[f32], &[f32])>,
+) {
     let prm = p.params;
     let (d, group, h_qo) = (prm.head_dim, prm.group_size(), prm.num_qo_heads);
     let heads = item.head1 - item.head0;
@@ -86,11 +99,18 @@ fn decode_typed<S: Simd, E: LoadLanes>(simd: S, p: &Problem<'_>, item: WorkItem,
         );
         for hh in 0..heads {
             let r0 = hh * group;
+            if let Some((k_scales, _)) = scales {
+                scale_columns(&mut sc.s, r0, group, &offs[..cols], hh, d, k_scales);
+            }
             for g in 0..group {
                 let r = r0 + g;
                 let window = RowWindow { qo_head: (item.head0 + hh) * group + g, pos, j0, lo, hi };
                 let row = &mut sc.s[r * DECODE_TILE..r * DECODE_TILE + cols];
                 softmax_row(simd, prm, window, row, &mut sc.m[r], &mut sc.l[r], &mut sc.acc[r * d..(r + 1) * d]);
+            }
+            // The denominator is taken: scaling the probabilities now scales only the values.
+            if let Some((_, v_scales)) = scales {
+                scale_columns(&mut sc.s, r0, group, &offs[..cols], hh, d, v_scales);
             }
             let s_head = &sc.s[r0 * DECODE_TILE..(r0 + group) * DECODE_TILE];
             accumulate(
@@ -112,79 +132,18 @@ fn decode_typed<S: Simd, E: LoadLanes>(simd: S, p: &Problem<'_>, item: WorkItem,
     finish_rows(simd, sc, rows, dp);
 }
 
-/// [`decode_typed`] over int8 K/V, a head at a time: the tile's rows of that head are
-/// dequantized into small scratch tiles (`DECODE_TILE * head_dim` f32, which stay in L1), one
-/// multiply per element giving the value the oracle reads, and the f32 kernels run on them. The
-/// next tile's codes are prefetched meanwhile.
+/// Multiplies column c of score rows `r0..r0 + group` by the scale of key c's row of head `hh`
+/// (`offs[c]` is the key's row offset at the item's first head, in codes of `d`).
 #[inline(always)]
-fn decode_q8<S: Simd>(simd: S, p: &Problem<'_>, item: WorkItem, sc: &mut Scratch, k: Q8Ref<'_>, v: Q8Ref<'_>) {
-    let prm = p.params;
-    let (d, group, h_qo) = (prm.head_dim, prm.group_size(), prm.num_qo_heads);
-    let heads = item.head1 - item.head0;
-    let rows = heads * group;
-    sc.prepare(rows, 1, d, DECODE_TILE * d, DECODE_TILE);
-    let scale = prm.resolved_sm_scale();
-    let (q_start, q_end) = p.qo.range(item.b);
-    let (qo_len, tok) = (q_end - q_start, item.tok0);
-    let q_off = ((q_start + tok) * h_qo + item.head0 * group) * d;
-    p.q.read_f32(q_off, &mut sc.q[..rows * d]);
-    crate::cpu::math::scale_in_place(simd, &mut sc.q[..rows * d], scale);
-
-    let kv_len = p.kv.kv_len(item.b);
-    let (lo, hi) = prm.visible_range(tok, qo_len, kv_len);
-    let (lo, hi) = (lo.max(item.kv0), hi.min(item.kv1));
-    let pos = prm_position(tok, qo_len, kv_len);
-    // Row c of a scratch tile starts at c * d.
-    let mut local = [0usize; DECODE_TILE];
-    for (c, off) in local.iter_mut().enumerate() {
-        *off = c * d;
+fn scale_columns(s: &mut [f32], r0: usize, group: usize, offs: &[usize], hh: usize, d: usize, scales: &[f32]) {
+    let mut col = [0f32; DECODE_TILE];
+    for (c, &off) in offs.iter().enumerate() {
+        col[c] = scales[off / d + hh];
     }
-    let mut offs = [0usize; DECODE_TILE];
-    let mut j0 = lo;
-    while j0 < hi {
-        let cols = DECODE_TILE.min(hi - j0);
-        for (c, off) in offs[..cols].iter_mut().enumerate() {
-            *off = p.kv.row_offset(item.b, j0 + c, item.head0);
+    for r in r0..r0 + group {
+        for (x, &f) in s[r * DECODE_TILE..r * DECODE_TILE + offs.len()].iter_mut().zip(&col) {
+            *x *= f;
         }
-        for j in j0 + cols..hi.min(j0 + 2 * cols) {
-            let off = p.kv.row_offset(item.b, j, item.head0);
-            prefetch(TensorRef::Q8(k), off, heads * d);
-            prefetch(TensorRef::Q8(v), off, heads * d);
-        }
-        for hh in 0..heads {
-            let r0 = hh * group;
-            for (c, &off) in offs[..cols].iter().enumerate() {
-                dequantize_row(k, off + hh * d, &mut sc.k[c * d..(c + 1) * d]);
-            }
-            let q = &sc.q[r0 * d..(r0 + group) * d];
-            let s_head = &mut sc.s[r0 * DECODE_TILE..(r0 + group) * DECODE_TILE];
-            scores_key_major(simd, q, &sc.k[..cols * d], &local[..cols], &[], 1, group, d, s_head);
-            for g in 0..group {
-                let r = r0 + g;
-                let window = RowWindow { qo_head: (item.head0 + hh) * group + g, pos, j0, lo, hi };
-                let s_row = &mut sc.s[r * DECODE_TILE..r * DECODE_TILE + cols];
-                softmax_row(simd, prm, window, s_row, &mut sc.m[r], &mut sc.l[r], &mut sc.acc[r * d..(r + 1) * d]);
-            }
-            for (c, &off) in offs[..cols].iter().enumerate() {
-                dequantize_row(v, off + hh * d, &mut sc.v[c * d..(c + 1) * d]);
-            }
-            let s_head = &sc.s[r0 * DECODE_TILE..(r0 + group) * DECODE_TILE];
-            let acc = &mut sc.acc[r0 * d..(r0 + group) * d];
-            accumulate(simd, s_head, DECODE_TILE, &sc.v[..cols * d], &local[..cols], 0, d, acc, &[]);
-        }
-        j0 += cols;
-    }
-    finish_rows(simd, sc, rows, d);
-}
-
-/// One row of a head (`dst.len()` codes from `at`, which starts a row) times its scale: a plain
-/// loop that the enclosing SIMD context vectorises.
-#[inline(always)]
-fn dequantize_row(q: Q8Ref<'_>, at: usize, dst: &mut [f32]) {
-    let scale = q.scales[at / q.group];
-    let codes = &q.codes[at..at + dst.len()];
-    for (o, &c) in dst.iter_mut().zip(codes) {
-        *o = c as f32 * scale;
     }
 }
 
@@ -202,7 +161,6 @@ fn scores_key_major<S: Simd, E: LoadLanes>(
     d: usize,
     s: &mut [f32],
 ) {
-    let kt = E::view(k);
     let mut c = 0;
     while c < offs.len() {
         let nc = (offs.len() - c).min(2);
@@ -212,7 +170,7 @@ fn scores_key_major<S: Simd, E: LoadLanes>(
             // prefetches trickle out at the pace of the arithmetic instead of flooding the
             // miss queues in bursts (bursts measured slower).
             for &off in ahead {
-                prefetch(kt, off + hh * d, d);
+                prefetch_slice(k, off + hh * d, d);
             }
             let mut r = hh * group;
             let end = r + group;

@@ -13,8 +13,8 @@
 use pulp::Simd;
 
 use crate::cpu::SimdLevel;
-use crate::cpu::convert::{LoadLanes, prefetch};
-use crate::dtype::TensorRef;
+use crate::cpu::convert::{LoadLanes, prefetch_slice};
+use crate::dtype::{Element, TensorRef};
 use crate::error::{Result, TwinferError, check_len};
 
 /// Output features per parallel task: 64 rows of a 4096-wide f16 matrix are 512 KiB, an L2's worth.
@@ -128,7 +128,7 @@ impl pulp::WithSimd for Chunk<'_> {
 
 impl Chunk<'_> {
     #[inline(always)]
-    fn run<S: Simd, E: LoadLanes>(&self, simd: S, w: &[E]) {
+    fn run<S: Simd, E: LoadLanes + Element>(&self, simd: S, w: &[E]) {
         let mut r = 0;
         while r < self.rows {
             let mr = (self.rows - r).min(MR);
@@ -156,7 +156,13 @@ impl Chunk<'_> {
 
     /// Rows `r0..r0 + R` x features `c0..c0 + C`.
     #[inline(always)]
-    fn block<S: Simd, E: LoadLanes, const R: usize, const C: usize>(&self, simd: S, w: &[E], r0: usize, c0: usize) {
+    fn block<S: Simd, E: LoadLanes + Element, const R: usize, const C: usize>(
+        &self,
+        simd: S,
+        w: &[E],
+        r0: usize,
+        c0: usize,
+    ) {
         let (k, lanes) = (self.k, S::F32_LANES);
         let body = k - k % lanes;
         // The pointer reads below stay inside these bounds, checked once per block.
@@ -175,7 +181,7 @@ impl Chunk<'_> {
                 for c in 0..C {
                     let at = c * k + i;
                     if at < ahead_len && i % line < lanes {
-                        prefetch(E::view(&w[ahead..ahead + ahead_len]), at, 1);
+                        prefetch_slice(&w[ahead..ahead + ahead_len], at, 1);
                     }
                 }
             }

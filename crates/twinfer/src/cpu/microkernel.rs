@@ -8,7 +8,7 @@
 
 use pulp::Simd;
 
-use crate::cpu::convert::{LoadLanes, prefetch};
+use crate::cpu::convert::{LoadLanes, prefetch_slice};
 
 /// `s[r * s_stride + c] = dot(q[r], k[offs[c] + head_off ..][..len])` for `r < rows`, every `c`.
 /// Blocks of 4 query rows x 2 key rows keep 8 accumulators in registers.
@@ -166,7 +166,6 @@ fn pv_block<S: Simd, E: LoadLanes, const MR: usize, const NV: usize>(
 ) {
     let lanes = S::F32_LANES;
     let cols = offs.len();
-    let v_view = E::view(v);
     assert!(len.is_multiple_of(lanes) && (r0 + MR) * len <= acc.len() && (c0 + NV) * lanes <= len);
     assert!(cols == 0 || (r0 + MR - 1) * p_stride + cols <= p.len());
     let ap = acc.as_mut_ptr();
@@ -178,7 +177,7 @@ fn pv_block<S: Simd, E: LoadLanes, const MR: usize, const NV: usize>(
         });
         for (j, &off) in offs.iter().enumerate() {
             if let Some(&ahead) = prefetch_offs.get(j) {
-                prefetch(v_view, ahead + head_off, len);
+                prefetch_slice(v, ahead + head_off, len);
             }
             let start = off + head_off;
             assert!(start + len <= v.len());
