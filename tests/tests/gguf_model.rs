@@ -188,6 +188,35 @@ fn an_int8_kv_cache_stays_close_to_the_reference() {
     assert!(same * 20 >= total * 19, "q8 KV: {same} of {total} greedy tokens equal the reference's");
 }
 
+/// The GPU keeps no int8 pool: a q8 cache runs op by op there (the host pool's rows dequantized
+/// for the attention kernels), with the CPU's bound.
+#[test]
+fn an_int8_kv_cache_runs_op_by_op_on_the_gpu() {
+    let gpu = match Attention::new(Backend::Gpu) {
+        Ok(a) => a,
+        Err(e) if std::env::var("TWINFER_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("TWINFER_REQUIRE_GPU=1 but the GPU engine is unavailable: {e}")
+        }
+        Err(e) => return eprintln!("SKIPPED: the q8 cache does NOT run on the GPU here: {e}"),
+    };
+    let (model, _, _) = load(Q4_1);
+    let all = prompts(Q4_1);
+    let c = &model.config;
+    let layout = KvLayout::new(16, c.num_kv_heads, c.head_dim).unwrap();
+    let config = KvCacheConfig { num_layers: c.num_layers, num_pages: 64, layout, dtype: DType::Q8 };
+    let refused = ResidentDecoder::new(&model, gpu.gpu_engine().unwrap(), &config).unwrap_err();
+    assert!(refused.to_string().contains("q8"), "the resident path says why it refuses: {refused}");
+    let level = *levels().last().unwrap();
+    let engines = Engines { level, prefill: &gpu, decode: &gpu };
+    let prompts: Vec<&Prompt> = all.iter().take(1).collect();
+    let got = greedy_batch(&model, &prompts, GPU_STEPS, DType::Q8, |cache, batch| {
+        model.forward(engines, cache, batch).unwrap()
+    });
+    check("gpu op by op, q8 KV", &prompts, &got, Q8_KV_LOGITS_RTOL, Q8_KV_NEAR_TIE);
+    let same = got[0].1.iter().zip(&prompts[0].greedy).filter(|(a, b)| a == b).count();
+    assert_eq!(same, GPU_STEPS, "gpu op by op, q8 KV: greedy tokens equal the reference's");
+}
+
 #[test]
 fn quantized_model_matches_the_reference_on_every_cpu_level() {
     matches_on_every_cpu_level(Q4_1);

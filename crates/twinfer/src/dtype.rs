@@ -202,13 +202,14 @@ impl<'a> Q8Ref<'a> {
 pub fn quantize_q8(src: &[f32], group: usize, codes: &mut [i8], scales: &mut [f32]) {
     debug_assert!(src.len() == codes.len() && src.len() == scales.len() * group);
     for ((x, c), s) in src.chunks_exact(group).zip(codes.chunks_exact_mut(group)).zip(scales.iter_mut()) {
-        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // NaN propagates (f32::max would drop it): a non-finite group must read back non-finite.
+        let amax = x.iter().fold(0f32, |m, v| if v.is_nan() || m.is_nan() { f32::NAN } else { m.max(v.abs()) });
         let scale = amax / 127.0;
         let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
         for (c, &v) in c.iter_mut().zip(x) {
             *c = (v * inv).round().clamp(-127.0, 127.0) as i8;
         }
-        // A non-finite group stays non-finite when read, as it would in f16.
+        // A non-finite group stays non-finite when read (NaN), as it would in f16.
         *s = if amax.is_finite() { scale } else { f32::NAN };
     }
 }
@@ -406,6 +407,14 @@ mod tests {
         view.write_f32(8, &zeros);
         view.as_ref().read_f32(8, &mut back[..8]);
         assert_eq!(&back[..8], &zeros[..]);
+        assert_eq!(view.as_ref().get_f64(8), 0.0);
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut row = [1.0f32; 8];
+            row[3] = bad;
+            view.write_f32(16, &row);
+            view.as_ref().read_f32(16, &mut back[..8]);
+            assert!(back[..8].iter().all(|v| v.is_nan()), "{bad} in a group reads back as NaN, not a number");
+        }
         assert_eq!(scales[1], 0.0, "an all-zero group has scale 0");
     }
 
