@@ -1,11 +1,12 @@
 //! The paged KV cache driven by any sequence of operations: add, fork, fork a prefix, free (stale
 //! handles included), reserve and append. After each one the bookkeeping must hold
 //! (`PagedKvCache::audit`), a failed reserve must change nothing, and the page table of the live
-//! sequences must pass the kernels' validation.
+//! sequences must pass the kernels' validation. The cache is f32 or int8 (codes with a scale per
+//! row, whose copy-on-write and appends move two arrays).
 #![no_main]
 
 use arbitrary::Arbitrary;
-use twinfer::{DType, KvCacheConfig, KvLayout, PagedKvCache, SeqId};
+use twinfer::{DType, KvCacheConfig, KvLayout, PagedKvCache, Q8Ref, SeqId, TensorRef};
 
 #[derive(Debug, Arbitrary)]
 enum Op {
@@ -21,6 +22,7 @@ enum Op {
 struct Input {
     page_size: u8,
     num_pages: u8,
+    q8: bool,
     ops: Vec<Op>,
 }
 
@@ -28,7 +30,8 @@ libfuzzer_sys::fuzz_target!(|input: Input| {
     let page_size = 1 + input.page_size as usize % 16;
     let num_pages = 1 + input.num_pages as usize % 32;
     let layout = KvLayout::new(page_size, 1, 8).expect("a valid layout");
-    let config = KvCacheConfig { num_layers: 2, num_pages, layout, dtype: DType::F32 };
+    let dtype = if input.q8 { DType::Q8 } else { DType::F32 };
+    let config = KvCacheConfig { num_layers: 2, num_pages, layout, dtype };
     let mut cache = PagedKvCache::new(config).expect("a small cache");
     // Every handle ever made, freed ones too: a stale handle must be an error, not a panic.
     let mut handles: Vec<SeqId> = Vec::new();
@@ -77,7 +80,13 @@ libfuzzer_sys::fuzz_target!(|input: Input| {
                 }
                 let rows = *indptr.last().unwrap() as usize;
                 let k = vec![0.5f32; rows * 8];
-                let _ = cache.append(*layer as usize % 3, &seqs, &indptr, k.as_slice().into(), k.as_slice().into());
+                let (mut codes, mut scales) = (vec![0i8; rows * 8], vec![0f32; rows]);
+                twinfer::quantize_q8(&k, 8, &mut codes, &mut scales);
+                let view = match dtype {
+                    DType::Q8 => TensorRef::Q8(Q8Ref { codes: &codes, scales: &scales, group: 8 }),
+                    _ => k.as_slice().into(),
+                };
+                let _ = cache.append(*layer as usize % 3, &seqs, &indptr, view, view);
             }
         }
         if let Err(e) = cache.audit() {
