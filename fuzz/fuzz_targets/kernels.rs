@@ -138,7 +138,17 @@ fn check_linear(what: &str, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &[f32
 /// the residual): per element at most half a step of the residual digit, `amax / (2 * 127 * 254)`
 /// and a little rounding, plus f32 rounding of the sums (two products per block and digit).
 #[allow(clippy::too_many_arguments)]
-fn check_linear_quant(what: &str, x: &[f32], rows_q: &QuantRows, w: &[f32], bias: Option<&[f32]>, y: &[f32], rows: usize, n: usize, k: usize) {
+fn check_linear_quant(
+    what: &str,
+    x: &[f32],
+    rows_q: &QuantRows,
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &[f32],
+    rows: usize,
+    n: usize,
+    k: usize,
+) {
     let blocks = k / 32;
     let minimum = |c: usize, blk: usize| -> f64 {
         let block = &rows_q.row(c)[blk * rows_q.format.block_bytes()..];
