@@ -25,7 +25,8 @@
 //   restaged with two barriers when the next step runs past them) before the K/V reads, so a
 //   key's address costs a workgroup-memory read, not a dependent global one.
 // Bindings (group 0): 0 uniform AttnParams; 1 q [batch, Hq, D] f32; 2 k, 3 v: pool
-//   [pages, page_size, Hk, D] f16 or f32 (KV_HALF), read as vec4<u32>; 4 tbl u32 (kv_indptr[batch+1]
+//   [pages, page_size, Hk, D] f16 or f32 (KV_HALF), read as vec4<u32>; or int8 (Q8), read as
+//   vec2<u32>: the scales of the buffer's rows, then from word kv_codes_at the codes; 4 tbl u32 (kv_indptr[batch+1]
 //   at 0, page ids at off_indices, last_page_len at off_last_len, ALiBi bits at off_alibi);
 //   5 o [batch * num_chunks, Hq, D] f32; 6 lse [batch * num_chunks, Hq] f32.
 // Dispatch: (Hk * ceil(group / GQ), num_chunks, batch): the KV heads of one chunk are neighbours
@@ -46,8 +47,14 @@ const PG: u32 = 256u;         // page ids staged at once: more than two steps' p
 
 @group(0) @binding(0) var<uniform> P: AttnParams;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
+// #if Q8
+// Int8 pools: 8-byte words (a lane's 8 codes); a row's scale is word `row` of the buffer.
+@group(0) @binding(2) var<storage, read> k: array<vec2<u32>>;
+@group(0) @binding(3) var<storage, read> v: array<vec2<u32>>;
+// #else
 @group(0) @binding(2) var<storage, read> k: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read> v: array<vec4<u32>>;
+// #endif
 @group(0) @binding(4) var<storage, read> tbl: array<u32>;
 @group(0) @binding(5) var<storage, read_write> o: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read_write> lse: array<f32>;
@@ -57,6 +64,7 @@ var<workgroup> s_sh: array<vec4<f32>, 128>;    // [KT_MAX, head] dots of the tea
 var<workgroup> m_sh: array<vec4<f32>, KT_MAX>; // team maxima, one vec4 over the heads
 var<workgroup> d_sh: array<vec4<f32>, KT_MAX>; // team sums
 var<workgroup> pg_sh: array<u32, PG>;          // page ids of the chunk's pages [pb, pb + PG)
+var<private> q8_lane: u32;                     // Q8: this lane's 8-byte word of a row
 
 // Running softmax state of one query head in one team: this lane's 8 columns of o.
 struct St {
@@ -98,13 +106,19 @@ struct Raw {
     b: vec4<u32>,
 }
 
+// With Q8, `w` is the key's row (token, KV head) in its buffer: the lane's two code words and the
+// row's scale bits go in `a`.
 fn raw_k(w: u32) -> Raw {
     var r = Raw(vec4<u32>(0u), vec4<u32>(0u));
     if (w != NONE) {
+// #if Q8
+        r.a = vec4<u32>(k[P.kv_codes_at / 2u + w * (P.head_dim / 8u) + q8_lane], k[w / 2u][w % 2u], 0u);
+// #else
         r.a = k[w];
         if (!KV_HALF) {
             r.b = k[w + 1u];
         }
+// #endif
     }
     return r;
 }
@@ -112,10 +126,14 @@ fn raw_k(w: u32) -> Raw {
 fn raw_v(w: u32) -> Raw {
     var r = Raw(vec4<u32>(0u), vec4<u32>(0u));
     if (w != NONE) {
+// #if Q8
+        r.a = vec4<u32>(v[P.kv_codes_at / 2u + w * (P.head_dim / 8u) + q8_lane], v[w / 2u][w % 2u], 0u);
+// #else
         r.a = v[w];
         if (!KV_HALF) {
             r.b = v[w + 1u];
         }
+// #endif
     }
     return r;
 }
@@ -253,8 +271,16 @@ fn main(
     let lane = lid % lpk;
 // #endif
     let in_team = team < kt;
+// #if Q8
+    // Keys are addressed by row: raw_k finds the lane's codes and the row's scale from it.
+    let row_words = 1u;
+    let lw = 0u;
+    q8_lane = lane;
+// #else
     let words = select(2u, 1u, KV_HALF);          // 16-byte words per 8 elements
     let row_words = lpk * words;
+    let lw = lane * words;
+// #endif
 
     let page0 = tbl[b];
     let n_pages = tbl[b + 1u] - page0;
@@ -285,7 +311,6 @@ fn main(
     // Software pipelined: the next step's K and V words are loaded before this step's barriers
     // and arithmetic, so that every thread has loads in flight while it computes.
     let step = i32(kt * 4u);
-    let lw = lane * words;
     var j0 = start + i32(team * 4u);
     // The chunk's page ids are staged in workgroup memory before any K/V read, PG at a time.
     let ps = P.page_size;

@@ -38,7 +38,7 @@ struct AttnParams {
     num_work: u32,
     kv_buffer: u32,       // decode: which buffer of a split pool this pass reads
     pages_per_buffer: u32,// pages per pool buffer (page p lives in buffer p / pages_per_buffer)
-    _pad0: u32,
+    kv_codes_at: u32,     // int8 pool: the word where each buffer's codes start (scales first)
     _pad1: u32,
 }
 

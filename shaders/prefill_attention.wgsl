@@ -27,7 +27,7 @@
 //   a private array indexed in a loop can end up in local memory, which costs more than the
 //   arithmetic.
 // Bindings (group 0): 0 uniform AttnParams; 1 q [tokens, Hq, D] f32; 2 k, 3 v: ragged
-//   [kv_tokens, Hk, D] or pool [pages, page_size, Hk, D] as kv4; 4 tbl u32 (kv_indptr[batch+1]
+//   [kv_tokens, Hk, D] or pool [pages, page_size, Hk, D] as kv4 (or int8 codes after the rows' scales, Q8); 4 tbl u32 (kv_indptr[batch+1]
 //   at 0 in tokens (ragged) or pages (paged), page ids at off_indices, last_page_len at
 //   off_last_len, qo_indptr at off_qo_indptr, ALiBi bits at off_alibi, work list at off_work);
 //   5 o [tokens, Hq, D] f32; 6 lse [tokens, Hq] f32.
@@ -65,14 +65,32 @@ var<workgroup> stage: array<vec4<f32>, STAGE>;
 // P^T: key j's four-row vec4 for row quad r at j * 16 + (r ^ (j / 4)).
 var<workgroup> ps: array<vec4<f32>, 1024>;
 
-// Flat row (in kv4 units) of key j of sequence b, for KV head h.
+// The row (token, KV head) of key j of sequence b, for KV head h: its vec4s start at row * dv.
 fn kv_row(b: u32, j: u32, h: u32, dv: u32, kv_base: u32) -> u32 {
     if (P.paged != 0u) {
         let page = tbl[P.off_indices + kv_base + j / P.page_size];
-        return ((page * P.page_size + j % P.page_size) * P.num_kv_heads + h) * dv;
+        return (page * P.page_size + j % P.page_size) * P.num_kv_heads + h;
     }
-    return ((kv_base + j) * P.num_kv_heads + h) * dv;
+    return (kv_base + j) * P.num_kv_heads + h;
 }
+
+// vec4 c of K (V) row `row`. An int8 row has its scale at word `row` of the buffer and its codes
+// from word kv_codes_at.
+// #if Q8
+fn k_at(row: u32, c: u32) -> vec4<f32> {
+    return q8_codes(k[P.kv_codes_at + row * (P.head_dim / 4u) + c]) * bitcast<f32>(k[row]);
+}
+fn v_at(row: u32, c: u32) -> vec4<f32> {
+    return q8_codes(v[P.kv_codes_at + row * (P.head_dim / 4u) + c]) * bitcast<f32>(v[row]);
+}
+// #else
+fn k_at(row: u32, c: u32) -> vec4<f32> {
+    return vec4<f32>(k[row * (P.head_dim / 4u) + c]);
+}
+fn v_at(row: u32, c: u32) -> vec4<f32> {
+    return vec4<f32>(v[row * (P.head_dim / 4u) + c]);
+}
+// #endif
 
 // Key sr of the tile at t0: its row, and its chunk 0 columns sc (and sc + 4 with TWO) in
 // `first` and `second` (zeros past the end).
@@ -85,10 +103,10 @@ fn load_k_first(t0: i32, hi: i32, b: u32, h: u32, dv: u32, kv_base: u32, sr: u32
     }
     let row = kv_row(b, u32(t0) + sr, h, dv, kv_base);
     if (sc < dv) {
-        *first = vec4<f32>(k[row + sc]);
+        *first = k_at(row, sc);
     }
     if (TWO && sc + 4u < dv) {
-        *second = vec4<f32>(k[row + sc + 4u]);
+        *second = k_at(row, sc + 4u);
     }
     return row;
 }
@@ -115,7 +133,7 @@ fn load_v(i: u32, lid: u32, vs: vec3<u32>, fill: u32, key0: u32, b: u32, h: u32,
         key = idx / dv;
         col = idx % dv;
     }
-    return vec4<f32>(v[kv_row(b, key0 + key, h, dv, kv_base) + col]);
+    return v_at(kv_row(b, key0 + key, h, dv, kv_base), col);
 }
 
 const LOG2E: f32 = 1.4426950408889634;
@@ -330,7 +348,7 @@ fn main(
                     qx = q[q_row + col] * q_scale;
                 }
                 if (k_ok) {
-                    kx = vec4<f32>(k[k_row + col]);
+                    kx = k_at(k_row, col);
                 }
             }
             if (TWO && c + 1u < n_chunks && col + 4u < dv) {
@@ -338,7 +356,7 @@ fn main(
                     qx2 = q[q_row + col + 4u] * q_scale;
                 }
                 if (k_ok) {
-                    kx2 = vec4<f32>(k[k_row + col + 4u]);
+                    kx2 = k_at(k_row, col + 4u);
                 }
             }
             for (var dd = 0u; dd < DK; dd++) {

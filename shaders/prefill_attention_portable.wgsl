@@ -14,7 +14,7 @@
 // Tiling: BR rows (override, <= 32), BC keys (override, BC * (head_dim / 4 + 1) <= 1024, BC <= 64),
 //   WG threads (override, >= BR, BR * head_dim / 4 <= 16 * WG).
 // Bindings (group 0): 0 uniform AttnParams; 1 q [tokens, Hq, D] f32; 2 k, 3 v: ragged
-//   [kv_tokens, Hk, D] or pool [pages, page_size, Hk, D] as kv4; 4 tbl u32 (kv_indptr[batch+1]
+//   [kv_tokens, Hk, D] or pool [pages, page_size, Hk, D] as kv4 (or int8 codes after the rows' scales, Q8); 4 tbl u32 (kv_indptr[batch+1]
 //   at 0 in tokens (ragged) or pages (paged), page ids at off_indices, last_page_len at
 //   off_last_len, qo_indptr at off_qo_indptr, ALiBi bits at off_alibi, work list at off_work);
 //   5 o [tokens, Hq, D] f32; 6 lse [tokens, Hq] f32.
@@ -43,14 +43,32 @@ var<workgroup> s_sh: array<f32, 2048>;           // [BR_MAX, BC_MAX]: scores, th
 var<workgroup> pg_sh: array<u32, BC_MAX>;        // row index of each key of the tile
 var<workgroup> scale_sh: array<f32, BR_MAX>;
 
-// Flat row (in kv4 units) of key j of sequence b, for KV head h.
+// The row (token, KV head) of key j of sequence b, for KV head h: its vec4s start at row * dv.
 fn kv_row(b: u32, j: u32, h: u32, dv: u32, kv_base: u32) -> u32 {
     if (P.paged != 0u) {
         let page = tbl[P.off_indices + kv_base + j / P.page_size];
-        return ((page * P.page_size + j % P.page_size) * P.num_kv_heads + h) * dv;
+        return (page * P.page_size + j % P.page_size) * P.num_kv_heads + h;
     }
-    return ((kv_base + j) * P.num_kv_heads + h) * dv;
+    return (kv_base + j) * P.num_kv_heads + h;
 }
+
+// vec4 c of K (V) row `row`. An int8 row has its scale at word `row` of the buffer and its codes
+// from word kv_codes_at.
+// #if Q8
+fn k_at(row: u32, c: u32) -> vec4<f32> {
+    return q8_codes(k[P.kv_codes_at + row * (P.head_dim / 4u) + c]) * bitcast<f32>(k[row]);
+}
+fn v_at(row: u32, c: u32) -> vec4<f32> {
+    return q8_codes(v[P.kv_codes_at + row * (P.head_dim / 4u) + c]) * bitcast<f32>(v[row]);
+}
+// #else
+fn k_at(row: u32, c: u32) -> vec4<f32> {
+    return vec4<f32>(k[row * (P.head_dim / 4u) + c]);
+}
+fn v_at(row: u32, c: u32) -> vec4<f32> {
+    return vec4<f32>(v[row * (P.head_dim / 4u) + c]);
+}
+// #endif
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -103,7 +121,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         workgroupBarrier();
         for (var i = lid; i < n * dv; i += WG) {
-            kv_sh[(i / dv) * ks + i % dv] = vec4<f32>(k[pg_sh[i / dv] + i % dv]);
+            kv_sh[(i / dv) * ks + i % dv] = k_at(pg_sh[i / dv], i % dv);
         }
         workgroupBarrier();
         // Scores of every (row, key) pair of the tile.
@@ -153,7 +171,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             scale_sh[lid] = scale;
         }
         for (var i = lid; i < n * dv; i += WG) {
-            kv_sh[(i / dv) * ks + i % dv] = vec4<f32>(v[pg_sh[i / dv] + i % dv]);
+            kv_sh[(i / dv) * ks + i % dv] = v_at(pg_sh[i / dv], i % dv);
         }
         workgroupBarrier();
         for (var a = 0u; a < NACC; a++) {

@@ -8,11 +8,15 @@
 // in registers. Heads 0..Hq are queries (rotated, written to q_out as f32), the next Hk are keys
 // (rotated, stored in the pool as kv4), the last Hk are values (copied to the pool). cos and sin
 // come from a table the host computes in f64 once per position ([positions, head_dim / 2]).
-// Tiling: WG threads per row, walking (Hq + 2 Hk) * head_dim / 8 items.
+// With Q8 the pool holds int8 codes and a scale per (row, KV head), which needs the whole head:
+// a thread per K or V head rotates it twice (for the maximum, then for the codes).
+// Tiling: WG threads per row, walking (Hq + 2 Hk) * head_dim / 8 items (Q8: Hq * head_dim / 8,
+//   then the 2 Hk heads).
 // Bindings (group 0): 0 uniform RopeParams; 1 qkv [rows, q_width] vec4<f32> (q | k | v);
 //   2 cos_sin [positions, head_dim / 2] vec2<f32>; 3 rows_info [rows, 3] u32 (position, page,
 //   slot in page); 4 q_out [rows, Hq, head_dim] vec4<f32>; 5 k_pool, 6 v_pool
-//   [pages, page_size, Hk, head_dim] kv4.
+//   [pages, page_size, Hk, head_dim] kv4 (Q8: u32 words, the scales of the buffer's rows, then
+//   from word kv_codes_at the codes, as append_kv.wgsl writes them).
 // head_dim is a multiple of 8 (the host checks). Dispatch: (min(rows, 32768), ceil(rows / 32768), 1).
 // Knobs: override WG; kv4 from the prelude (f32, or f16 under SHADER_F16).
 
@@ -27,7 +31,7 @@ struct RopeParams {
     page_size: u32,
     q_width: u32,   // vec4s per row of qkv
     no_rotation: u32, // 1: q and k are copied as they are (BERT's learned positions)
-    _pad1: u32,
+    kv_codes_at: u32, // Q8: the word where the codes start
 }
 
 @group(0) @binding(0) var<uniform> R: RopeParams;
@@ -44,6 +48,20 @@ fn rotate(lo: vec4<f32>, hi: vec4<f32>, cs: array<vec2<f32>, 4>) -> array<vec4<f
     return array<vec4<f32>, 2>(lo * c - hi * s, hi * c + lo * s);
 }
 
+// Both halves of vec4 pair j of head `head` of row r: rotated unless the head is a value head
+// (or rotation is off).
+fn head_pair(r: u32, head: u32, j: u32, pos: u32, rotated: bool) -> array<vec4<f32>, 2> {
+    let src = r * R.q_width + head * (R.head_dim / 4u) + j;
+    let lo = qkv[src];
+    let hi = qkv[src + R.head_dim / 8u];
+    if (!rotated || R.no_rotation != 0u) {
+        return array<vec4<f32>, 2>(lo, hi);
+    }
+    let t = pos * (R.head_dim / 2u) + 4u * j;
+    let cs = array<vec2<f32>, 4>(cos_sin[t], cos_sin[t + 1u], cos_sin[t + 2u], cos_sin[t + 3u]);
+    return rotate(lo, hi, cs);
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let r = wid.x + wid.y * 32768u;
@@ -58,19 +76,26 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let half = R.head_dim / 2u;
     let hk = R.num_kv_heads;
     let kv_row = (page * R.page_size + slot) * hk * d4;
+// #if Q8
+    let items = R.num_qo_heads * h8;
+// #else
     let items = (R.num_qo_heads + 2u * hk) * h8;
+// #endif
     for (var i = lid; i < items; i += WG) {
         let head = i / h8;
         let j = i % h8;
         let src = r * R.q_width + head * d4 + j;
         let lo = qkv[src];
         let hi = qkv[src + h8];
+// #if Q8
+// #else
         if (head >= R.num_qo_heads + hk) {
             let dst = kv_row + (head - R.num_qo_heads - hk) * d4 + j;
             v_pool[dst] = kv4(lo);
             v_pool[dst + h8] = kv4(hi);
             continue;
         }
+// #endif
         var rot = array<vec4<f32>, 2>(lo, hi);
         if (R.no_rotation == 0u) {
             let t = pos * half + 4u * j;
@@ -82,9 +107,45 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             q_out[dst] = rot[0];
             q_out[dst + h8] = rot[1];
         } else {
+// #if Q8
+// #else
             let dst = kv_row + (head - R.num_qo_heads) * d4 + j;
             k_pool[dst] = kv4(rot[0]);
             k_pool[dst + h8] = kv4(rot[1]);
+// #endif
         }
     }
+// #if Q8
+    let first = (page * R.page_size + slot) * hk;
+    for (var i = lid; i < 2u * hk; i += WG) {
+        let is_v = i >= hk;
+        let head = R.num_qo_heads + i;
+        var amax = 0.0;
+        for (var j = 0u; j < h8; j++) {
+            let x = head_pair(r, head, j, pos, !is_v);
+            amax = max(amax, max(q8_amax(x[0]), q8_amax(x[1])));
+        }
+        let scale = amax / 127.0;
+        let inv = select(0.0, 1.0 / scale, scale > 0.0);
+        let row = first + i % hk;
+        let dst = R.kv_codes_at + row * d4;
+        if (is_v) {
+            v_pool[row] = bitcast<u32>(scale);
+        } else {
+            k_pool[row] = bitcast<u32>(scale);
+        }
+        for (var j = 0u; j < h8; j++) {
+            let x = head_pair(r, head, j, pos, !is_v);
+            let lo = q8_pack(x[0] * inv);
+            let hi = q8_pack(x[1] * inv);
+            if (is_v) {
+                v_pool[dst + j] = lo;
+                v_pool[dst + j + h8] = hi;
+            } else {
+                k_pool[dst + j] = lo;
+                k_pool[dst + j + h8] = hi;
+            }
+        }
+    }
+// #endif
 }

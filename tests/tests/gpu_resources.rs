@@ -6,7 +6,7 @@
 #![cfg(not(target_arch = "wasm32"))]
 
 use twinfer::cpu::CpuEngine;
-use twinfer::gpu::{GpuEngine, GpuKvCache, GpuLinear, KvStorage};
+use twinfer::gpu::{GpuEngine, GpuKvCache, GpuLinear, KvStorage, pool_page_bytes};
 use twinfer::kv::{KvLayout, PageTable, PagedKv};
 use twinfer::{AttentionOutput, AttentionParams, DecodeInput, TensorRef, TwinferError};
 
@@ -30,26 +30,41 @@ fn wave(i: usize, f: f32) -> f32 {
 /// the last step equals the CPU engine over a host mirror of the pool.
 #[test]
 fn decode_loop_creates_nothing_after_warm_up() {
-    decode_loop(None);
+    decode_loop(None, false);
 }
 
 /// The same loop over a pool split into buffers of 3 pages (14 buffers): pages map to
 /// (buffer, slot), decode runs one pass per buffer and merges them.
 #[test]
 fn decode_loop_over_a_split_pool() {
-    decode_loop(Some(3));
+    decode_loop(Some(3), false);
 }
 
-fn decode_loop(pages_per_buffer: Option<usize>) {
+/// The loop over int8 pools, whole and split: the append kernel quantizes each (token, KV head)
+/// row as the CPU's quantizer does (the host mirror holds the CPU's codes times scales, and the
+/// outputs agree at the float pools' bound), and decode reads codes and scales.
+#[test]
+fn decode_loop_over_an_int8_pool() {
+    decode_loop(None, true);
+    decode_loop(Some(3), true);
+}
+
+fn decode_loop(pages_per_buffer: Option<usize>, q8: bool) {
     let Some(gpu) = engine() else { return };
     let (hq, hk, d, ps, batch, pages_per_seq) = (8, 2, 64, 16, 4, 10);
     let layout = KvLayout::new(ps, hk, d).unwrap();
     let num_pages = batch * pages_per_seq;
-    let storage = if gpu.options().f16_kv { KvStorage::F16 } else { KvStorage::F32 };
-    let max_buffer = pages_per_buffer.map_or(u64::MAX, |n| (n * layout.page_elems() * storage.bytes()) as u64);
+    let storage = match (q8, gpu.options().f16_kv) {
+        (true, _) => KvStorage::Q8,
+        (false, true) => KvStorage::F16,
+        (false, false) => KvStorage::F32,
+    };
+    // An int8 buffer pads its scales to 16 bytes.
+    let pad = if q8 { 16 } else { 0 };
+    let max_buffer = pages_per_buffer.map_or(u64::MAX, |n| (n * pool_page_bytes(layout, storage) + pad) as u64);
     let cache = GpuKvCache::new(&gpu, layout, num_pages, storage, max_buffer).unwrap();
     assert_eq!(cache.num_buffers(), pages_per_buffer.map_or(1, |n| num_pages.div_ceil(n)));
-    // Host mirror, rounded like the device storage.
+    // Host mirror, rounded like the device storage (int8: per row, once the row is complete).
     let round = |x: f32| if storage == KvStorage::F16 { twinfer::f16::from_f32(x).to_f32() } else { x };
     let mut k_host = vec![0f32; num_pages * layout.page_elems()];
     let mut v_host = k_host.clone();
@@ -75,6 +90,11 @@ fn decode_loop(pages_per_buffer: Option<usize>) {
                     v_new.push(vv);
                     k_host[base + e] = round(kv);
                     v_host[base + e] = round(vv);
+                }
+                if q8 {
+                    for host in [&mut k_host, &mut v_host] {
+                        quantized_in_place(&mut host[base..base + row], d);
+                    }
                 }
             }
             if step > 0 {
@@ -120,6 +140,15 @@ fn decode_loop(pages_per_buffer: Option<usize>) {
     assert_eq!(end.bind_groups, warm.bind_groups, "bind groups created during the loop");
     assert_eq!(end.pipelines, warm.pipelines, "pipelines created during the loop");
     assert!(end.submits >= warm.submits + 200, "the loop must have run on the device");
+}
+
+/// Rows of `head_dim` values replaced by their int8 codes times scales, as the CPU cache stores them.
+fn quantized_in_place(x: &mut [f32], head_dim: usize) {
+    let (mut codes, mut scales) = (vec![0i8; x.len()], vec![0f32; x.len() / head_dim]);
+    twinfer::quantize_q8(x, head_dim, &mut codes, &mut scales);
+    for (i, v) in x.iter_mut().enumerate() {
+        *v = codes[i] as f32 * scales[i / head_dim];
+    }
 }
 
 #[test]

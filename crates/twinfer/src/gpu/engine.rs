@@ -205,13 +205,20 @@ impl GpuEngine {
         }
         let storage = self.kv_storage(input.kv.dtype());
         let limit = self.ctx.limits.max_storage_buffer_binding_size;
-        let kv =
-            upload::paged_kv(input.kv.k, input.kv.v, input.kv.layout.page_elems(), input.table.indices, storage, limit);
+        let kv = upload::paged_kv(
+            input.kv.k,
+            input.kv.v,
+            input.kv.layout.page_elems(),
+            input.table.indices,
+            storage,
+            limit,
+        )?;
         let mut res = self.lock()?;
         let scope = Scopes::push(&self.ctx);
         self.write(&mut res, Slot::K, &kv.k)?;
         self.write(&mut res, Slot::V, &kv.v)?;
-        let step = DecodeStep { p: &p, page_size: input.kv.layout.page_size, indices: &kv.indices, storage };
+        let step =
+            DecodeStep { p: &p, page_size: input.kv.layout.page_size, indices: &kv.indices, storage, kv_codes_at: 0 };
         self.decode_on_device(&mut res, &step, &[(Bind::Slot(Slot::K), Bind::Slot(Slot::V))], u32::MAX)?;
         let rows = p.batch * params.num_qo_heads;
         let readback = Readback::queue(&self.ctx, &mut res, rows, params.head_dim, out.lse.is_some())?;
@@ -320,6 +327,7 @@ impl GpuEngine {
             off_last_len,
             off_alibi,
             paged: 1,
+            kv_codes_at: step.kv_codes_at,
             ..self.base_params(params, p.batch, step.page_size)
         };
         let rows = p.batch * hq;
@@ -405,18 +413,18 @@ impl GpuEngine {
         let (kv, page_size) = match p.kv {
             KvSource::Ragged { k, v, .. } => {
                 let kv = upload::KvBytes {
-                    k: upload::tensor_bytes(k, 0, k.len(), storage),
-                    v: upload::tensor_bytes(v, 0, v.len(), storage),
+                    k: upload::tensor_bytes(k, 0, k.len(), storage)?,
+                    v: upload::tensor_bytes(v, 0, v.len(), storage)?,
                     indices: Vec::new(),
                 };
                 (kv, 1)
             }
             KvSource::Paged { kv, table } => {
                 let l = kv.layout;
-                (upload::paged_kv(kv.k, kv.v, l.page_elems(), table.indices, storage, limit), l.page_size)
+                (upload::paged_kv(kv.k, kv.v, l.page_elems(), table.indices, storage, limit)?, l.page_size)
             }
         };
-        let Some(plan) = self.prefill_plan(&p, &kv.indices, page_size, storage)? else { return Ok(None) };
+        let Some(plan) = self.prefill_plan(&p, &kv.indices, page_size, storage, 0)? else { return Ok(None) };
         let q = q_f32(&p);
         let (hq, d) = (params.num_qo_heads, params.head_dim);
         let rows = p.total_q * hq;
@@ -445,6 +453,7 @@ impl GpuEngine {
         indices: &[u32],
         page_size: usize,
         storage: KvStorage,
+        kv_codes_at: u32,
     ) -> Result<Option<PrefillPlan>> {
         let params = p.params;
         let hk = params.num_kv_heads;
@@ -487,6 +496,7 @@ impl GpuEngine {
             num_work,
             paged,
             num_chunks: 1,
+            kv_codes_at,
             ..self.base_params(params, p.batch, page_size)
         };
         let variant = if kernel == Kernel::Prefill { self.opts.variant } else { Variant::Baseline };
@@ -572,6 +582,8 @@ pub(super) struct DecodeStep<'a> {
     pub page_size: usize,
     pub indices: &'a [u32],
     pub storage: KvStorage,
+    /// An int8 pool's codes word ([`super::GpuKvCache::codes_at`]), else 0.
+    pub kv_codes_at: u32,
 }
 
 /// A planned decode: the kernel's parameters and page table words, its pipeline and grid, the

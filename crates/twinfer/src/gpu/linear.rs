@@ -154,6 +154,11 @@ impl GpuLinear {
         if storage == KvStorage::F16 && !ctx.summary.shader_f16 {
             return Err(TwinferError::GpuUnavailable(format!("{} has no shader-f16", ctx.summary.name)));
         }
+        if !storage.is_float() {
+            return Err(TwinferError::InvalidParameter(format!(
+                "projection weights are stored f32 or f16 on the device (or as their file's blocks), not {storage}"
+            )));
+        }
         let k4 = k.div_ceil(4).max(1);
         let row_bytes = (k4 * 4 * storage.bytes()) as u64;
         let plans = split_rows(ctx, 0, n, row_bytes, max_buffer, |n0, rows| ChunkPlan {
@@ -395,7 +400,8 @@ fn padded_rows(w: TensorRef<'_>, first: usize, rows: usize, k: usize, k4: usize,
         w.read_f32((first + r) * k, &mut f[r * k4 * 4..][..k]);
     }
     match storage {
-        KvStorage::F32 => bytemuck::cast_slice(&f).to_vec(),
+        // `upload` refuses int8 storage before any row is converted.
+        KvStorage::F32 | KvStorage::Q8 => bytemuck::cast_slice(&f).to_vec(),
         KvStorage::F16 => {
             let h: Vec<u16> = f.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect();
             bytemuck::cast_slice(&h).to_vec()

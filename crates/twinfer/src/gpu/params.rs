@@ -33,7 +33,9 @@ pub struct AttnParams {
     pub kv_buffer: u32,
     /// Pages per pool buffer (`u32::MAX` for an unsplit pool).
     pub pages_per_buffer: u32,
-    pub _pad0: u32,
+    /// An int8 pool: the word of each buffer where the codes start (the scales come first); 0
+    /// for float pools.
+    pub kv_codes_at: u32,
     pub _pad1: u32,
 }
 
@@ -55,6 +57,11 @@ pub struct AppendParams {
     pub num_kv_heads: u32,
     pub head_dim: u32,
     pub page_size: u32,
+    /// As [`AttnParams::kv_codes_at`].
+    pub kv_codes_at: u32,
+    pub _pad0: u32,
+    pub _pad1: u32,
+    pub _pad2: u32,
 }
 
 /// [`LinearParams::act`]: the input as it is.
@@ -117,7 +124,8 @@ pub struct RopeParams {
     pub q_width: u32,
     /// 1: q and k are copied unrotated (an encoder with learned positions, such as BERT).
     pub no_rotation: u32,
-    pub _pad1: u32,
+    /// As [`AttnParams::kv_codes_at`].
+    pub kv_codes_at: u32,
 }
 
 /// The window value that means "no sliding window".
@@ -160,12 +168,16 @@ pub fn layouts() -> Vec<Layout> {
                 num_work,
                 kv_buffer,
                 pages_per_buffer,
-                _pad0,
+                kv_codes_at,
                 _pad1
             ]
         ),
         offsets!(MergeParams, "MergeParams", [rows, num_heads, num_chunks, head_dim]),
-        offsets!(AppendParams, "AppendParams", [rows, num_kv_heads, head_dim, page_size]),
+        offsets!(
+            AppendParams,
+            "AppendParams",
+            [rows, num_kv_heads, head_dim, page_size, kv_codes_at, _pad0, _pad1, _pad2]
+        ),
         offsets!(
             LinearParams,
             "LinearParams",
@@ -175,7 +187,7 @@ pub fn layouts() -> Vec<Layout> {
         offsets!(
             RopeParams,
             "RopeParams",
-            [rows, num_qo_heads, num_kv_heads, head_dim, page_size, q_width, no_rotation, _pad1]
+            [rows, num_qo_heads, num_kv_heads, head_dim, page_size, q_width, no_rotation, kv_codes_at]
         ),
     ]
 }

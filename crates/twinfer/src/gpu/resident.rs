@@ -26,6 +26,11 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 /// One layer's page pool on the device: K and V are each `[num_pages, page_size, Hk, D]`, split
 /// into buffers of `pages_per_buffer` pages so that no buffer exceeds a binding; page `p` lives
 /// in buffer `p / pages_per_buffer` at slot `p % pages_per_buffer`.
+///
+/// An int8 pool ([`KvStorage::Q8`]) keeps, in each buffer, first the f32 scales of the rows of
+/// `pages_per_buffer` pages (`[pages, page_size, Hk]`, padded to 16 bytes), then the codes
+/// (`[pages, page_size, Hk, D]` bytes) from word [`GpuKvCache::codes_at`]: a row's number in its
+/// buffer locates both its scale and its codes.
 #[derive(Debug)]
 pub struct GpuKvCache {
     id: u64,
@@ -53,17 +58,19 @@ impl GpuKvCache {
         if storage == KvStorage::F16 && !ctx.summary.shader_f16 {
             return Err(TwinferError::GpuUnavailable(format!("{} has no shader-f16", ctx.summary.name)));
         }
-        let page_bytes = (layout.page_elems() * storage.bytes()) as u64;
+        let page_bytes = pool_page_bytes(layout, storage) as u64;
         let limit = max_buffer.min(ctx.limits.max_storage_buffer_binding_size);
-        if page_bytes > limit {
+        // The int8 scales' padding to 16 bytes comes on top of the pages.
+        let room = if storage == KvStorage::Q8 { limit.saturating_sub(16) } else { limit };
+        if page_bytes > room {
             return Err(TwinferError::OverLimit { what: "one KV page (K or V)", requested: page_bytes, limit });
         }
         let num_pages = num_pages.max(1);
-        let pages_per_buffer = ((limit / page_bytes) as usize).min(num_pages).min(u32::MAX as usize - 1);
+        let pages_per_buffer = ((room / page_bytes) as usize).min(num_pages).min(u32::MAX as usize - 1);
         let make = |label, pages: usize| {
             ctx.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
-                size: pages as u64 * page_bytes,
+                size: pool_buffer_bytes(layout, storage, pages, pages_per_buffer),
                 usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
                 mapped_at_creation: false,
             })
@@ -95,9 +102,18 @@ impl GpuKvCache {
         (Bind::External(id, k), Bind::External(id | 1, v))
     }
 
-    /// Bytes of one page of K (or V).
+    /// Bytes of one page of K (or V), an int8 page's scales included.
     pub fn page_bytes(&self) -> usize {
-        self.layout.page_elems() * self.storage.bytes()
+        pool_page_bytes(self.layout, self.storage)
+    }
+
+    /// The word of each buffer where an int8 pool's codes start (after the scales); 0 for float
+    /// pools.
+    pub fn codes_at(&self) -> u32 {
+        match self.storage {
+            KvStorage::Q8 => scale_words(self.layout, self.pages_per_buffer) as u32,
+            _ => 0,
+        }
     }
 
     /// Buffer `i`'s K and V (handles), or an error when there is no such buffer.
@@ -123,15 +139,24 @@ impl GpuKvCache {
             });
         }
         let q = &engine.context().queue;
+        let rows_per_page = self.layout.page_size * self.layout.num_kv_heads;
         let mut p = first;
         while p < first + pages {
             let (buf, slot) = (p / self.pages_per_buffer, p % self.pages_per_buffer);
             let n = (self.pages_per_buffer - slot).min(first + pages - p);
             let (src, len) = ((p - first) * page, n * page);
-            let offset = (slot * page * self.storage.bytes()) as u64;
             let (kb, vb) = &self.buffers[buf];
-            q.write_buffer(kb, offset, &super::upload::tensor_bytes(k, src, len, self.storage));
-            q.write_buffer(vb, offset, &super::upload::tensor_bytes(v, src, len, self.storage));
+            for (t, b) in [(k, kb), (v, vb)] {
+                if self.storage == KvStorage::Q8 {
+                    let (codes, scales) = q8_rows(t, src, len, self.layout.head_dim);
+                    let codes_offset = self.codes_at() as u64 * 4 + (slot * page) as u64;
+                    q.write_buffer(b, (slot * rows_per_page * 4) as u64, bytemuck::cast_slice(&scales));
+                    q.write_buffer(b, codes_offset, bytemuck::cast_slice(&codes));
+                } else {
+                    let offset = (slot * page * self.storage.bytes()) as u64;
+                    q.write_buffer(b, offset, &super::upload::tensor_bytes(t, src, len, self.storage)?);
+                }
+            }
             p += n;
         }
         Ok(())
@@ -162,6 +187,8 @@ impl GpuKvCache {
             num_kv_heads: l.num_kv_heads as u32,
             head_dim: l.head_dim as u32,
             page_size: l.page_size as u32,
+            kv_codes_at: self.codes_at(),
+            ..Default::default()
         };
         // Every slot exists before any bind group names it.
         engine.write(&mut res, Slot::AppendParams, bytemuck::bytes_of(&prm))?;
@@ -207,6 +234,45 @@ impl GpuKvCache {
         }
         Ok(())
     }
+}
+
+/// Bytes of one page of K (or V) in `storage`, an int8 page's scales included.
+pub fn pool_page_bytes(layout: KvLayout, storage: KvStorage) -> usize {
+    let scales = if storage == KvStorage::Q8 { layout.page_size * layout.num_kv_heads * 4 } else { 0 };
+    layout.page_elems() * storage.bytes() + scales
+}
+
+/// Words of an int8 buffer's scales: one per row of `pages` pages, padded to 16 bytes (the codes
+/// after them are read as 8-byte words).
+fn scale_words(layout: KvLayout, pages: usize) -> usize {
+    (pages * layout.page_size * layout.num_kv_heads).next_multiple_of(4)
+}
+
+/// Bytes of a pool buffer holding `pages` pages, the scales sized for `pages_per_buffer` (so that
+/// every buffer's codes start at the same word).
+pub fn pool_buffer_bytes(layout: KvLayout, storage: KvStorage, pages: usize, pages_per_buffer: usize) -> u64 {
+    match storage {
+        KvStorage::Q8 => (scale_words(layout, pages_per_buffer) * 4 + pages * layout.page_elems()) as u64,
+        _ => (pages * pool_page_bytes(layout, storage)) as u64,
+    }
+}
+
+/// Elements `[start, start + len)` of `t` (whole rows of `head_dim`) as int8 codes and one scale
+/// per row: copied from an int8 tensor with that grouping, quantized as the CPU cache does
+/// otherwise.
+fn q8_rows(t: TensorRef<'_>, start: usize, len: usize, head_dim: usize) -> (Vec<i8>, Vec<f32>) {
+    if let TensorRef::Q8(q) = t
+        && q.group == head_dim
+    {
+        let codes = q.codes[start..start + len].to_vec();
+        let scales = q.scales[start / head_dim..(start + len) / head_dim].to_vec();
+        return (codes, scales);
+    }
+    let mut f = vec![0f32; len];
+    t.read_f32(start, &mut f);
+    let (mut codes, mut scales) = (vec![0i8; len], vec![0f32; len / head_dim]);
+    crate::dtype::quantize_q8(&f, head_dim, &mut codes, &mut scales);
+    (codes, scales)
 }
 
 impl GpuEngine {
@@ -263,8 +329,13 @@ impl GpuEngine {
         let pending = {
             let mut res = self.lock()?;
             let scope = Scopes::push(self.context());
-            let step =
-                DecodeStep { p: &p, page_size: cache.layout.page_size, indices: table.indices, storage: cache.storage };
+            let step = DecodeStep {
+                p: &p,
+                page_size: cache.layout.page_size,
+                indices: table.indices,
+                storage: cache.storage,
+                kv_codes_at: cache.codes_at(),
+            };
             let kv: Vec<_> = (0..cache.num_buffers()).map(|i| cache.binds(i)).collect();
             self.decode_on_device(&mut res, &step, &kv, cache.pages_per_buffer as u32)?;
             let rows = p.batch * params.num_qo_heads;

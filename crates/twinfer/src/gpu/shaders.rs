@@ -13,6 +13,10 @@ pub const SHARED: (&str, &str) = twinfer_shaders::ONLINE_SOFTMAX;
 /// the top-level `shaders/` folder).
 const FILES: [(&str, &str); 13] = twinfer_shaders::KERNELS;
 
+/// Kernels with `// #if Q8` lines: the ones that read or write a K/V pool.
+const Q8_KERNELS: &[Kernel] =
+    &[Kernel::Decode, Kernel::Prefill, Kernel::PrefillPortable, Kernel::AppendKv, Kernel::RopeAppend];
+
 /// Kernels with `// #if SUBGROUP` lines.
 const SUBGROUP_KERNELS: &[Kernel] = &[Kernel::Decode, Kernel::Prefill];
 
@@ -130,6 +134,11 @@ impl Kernel {
     pub fn uses_subgroups(self) -> bool {
         SUBGROUP_KERNELS.contains(&self)
     }
+    /// Whether the kernel compiles for K/V (or weights) stored as `kv`: the int8 pool format is
+    /// read and written by the attention and append kernels only.
+    pub fn supports(self, kv: KvStorage) -> bool {
+        kv.is_float() || Q8_KERNELS.contains(&self)
+    }
 }
 
 /// The checks wgpu compiles into each kernel.
@@ -198,21 +207,32 @@ impl Variant {
     pub const ALL: [Variant; 2] = [Variant::Baseline, Variant::Subgroup];
 }
 
-/// Storage type of K and V on the device; math is f32 either way.
+/// Storage type of K and V on the device (and of float projection weights); math is f32 either
+/// way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KvStorage {
     F32,
     /// Needs the adapter's `SHADER_F16`.
     F16,
+    /// K/V pools only: int8 codes with an f32 scale per (token, KV head) row, as the CPU's int8
+    /// cache. A buffer holds the scales of all its rows first, then the codes (see
+    /// `GpuKvCache`), so that a row's number finds both.
+    Q8,
 }
 
 impl KvStorage {
-    pub const ALL: [KvStorage; 2] = [KvStorage::F32, KvStorage::F16];
+    pub const ALL: [KvStorage; 3] = [KvStorage::F32, KvStorage::F16, KvStorage::Q8];
+    /// Bytes per element (of the codes, for `Q8`, whose scales come on top).
     pub fn bytes(self) -> usize {
         match self {
             KvStorage::F32 => 4,
             KvStorage::F16 => 2,
+            KvStorage::Q8 => 1,
         }
+    }
+    /// Whether projection weights can be stored this way (the int8 pool format is K/V only).
+    pub fn is_float(self) -> bool {
+        self != KvStorage::Q8
     }
 }
 
@@ -221,6 +241,7 @@ impl fmt::Display for KvStorage {
         f.write_str(match self {
             KvStorage::F32 => "f32",
             KvStorage::F16 => "f16",
+            KvStorage::Q8 => "q8",
         })
     }
 }
@@ -252,11 +273,14 @@ pub fn source(kernel: Kernel, variant: Variant, kv: KvStorage, target: Target) -
     out.push_str(match kv {
         KvStorage::F32 => "alias kv4 = vec4<f32>;\n",
         KvStorage::F16 => "alias kv4 = vec4<f16>;\n",
+        // Four codes per word.
+        KvStorage::Q8 => "alias kv4 = u32;\n",
     });
     // For kernels that read K/V as 16-byte words: eight elements are one word (f16) or two (f32).
     out.push_str(match kv {
         KvStorage::F32 => KV_WORDS_F32,
         KvStorage::F16 => KV_WORDS_F16,
+        KvStorage::Q8 => KV_WORDS_Q8,
     });
     out.push_str(SHARED.1);
     out.push('\n');
@@ -267,7 +291,14 @@ pub fn source(kernel: Kernel, variant: Variant, kv: KvStorage, target: Target) -
         Some(WeightRead::BytesOffset) => W_BYTES_OFFSET,
         None => "",
     });
-    out.push_str(&preprocess(kernel.text(), subgroup));
+    let mut flags = Vec::new();
+    if subgroup {
+        flags.push("SUBGROUP");
+    }
+    if kv == KvStorage::Q8 {
+        flags.push("Q8");
+    }
+    out.push_str(&preprocess(kernel.text(), &flags));
     out
 }
 
@@ -323,22 +354,49 @@ fn unpack8(a: vec4<u32>, b: vec4<u32>) -> mat2x4<f32> {
 }
 ";
 
-/// Keeps the `// #if SUBGROUP` branch or its `// #else` branch; other lines pass through.
-fn preprocess(text: &str, subgroup: bool) -> String {
-    // (inside a block, keeping this branch)
-    let mut state: Option<bool> = None;
+const KV_WORDS_Q8: &str = "const KV_HALF: bool = true;
+// Four signed codes of a word, low byte first.
+fn q8_codes(w: u32) -> vec4<f32> {
+    return vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(w << 24u, w << 16u, w << 8u, w)) >> vec4<u32>(24u));
+}
+// Eight codes (a.x, a.y) times their row's scale (the bits in a.z).
+fn unpack8(a: vec4<u32>, b: vec4<u32>) -> mat2x4<f32> {
+    return mat2x4<f32>(q8_codes(a.x), q8_codes(a.y)) * bitcast<f32>(a.z);
+}
+// Four values already divided by their row's scale, as codes: rounded half away from zero (as
+// the CPU's quantizer rounds) and clamped to +-127.
+fn q8_pack(x: vec4<f32>) -> u32 {
+    let c = clamp(vec4<i32>(sign(x) * floor(abs(x) + 0.5)), vec4<i32>(-127), vec4<i32>(127));
+    let b = bitcast<vec4<u32>>(c) & vec4<u32>(0xffu);
+    return b.x | (b.y << 8u) | (b.z << 16u) | (b.w << 24u);
+}
+// The largest magnitude of four values.
+fn q8_amax(x: vec4<f32>) -> f32 {
+    let a = abs(x);
+    return max(max(a.x, a.y), max(a.z, a.w));
+}
+";
+
+/// Keeps the branch of each `// #if FLAG` block (`// #else`, `// #endif`; blocks nest) that the
+/// set `flags` selects; other lines pass through.
+fn preprocess(text: &str, flags: &[&str]) -> String {
+    // Per open block: (whether its enclosing text is kept, whether its current branch is kept).
+    let mut stack: Vec<(bool, bool)> = Vec::new();
+    let kept = |stack: &[(bool, bool)]| stack.last().is_none_or(|&(outer, this)| outer && this);
     let mut out = String::with_capacity(text.len());
     for line in text.lines() {
-        match line.trim() {
-            "// #if SUBGROUP" => state = Some(subgroup),
-            "// #else" if state.is_some() => state = state.map(|keep| !keep),
-            "// #endif" => state = None,
-            _ => {
-                if state.unwrap_or(true) {
-                    out.push_str(line);
-                    out.push('\n');
-                }
-            }
+        let t = line.trim();
+        if let Some(flag) = t.strip_prefix("// #if ") {
+            let outer = kept(&stack);
+            stack.push((outer, flags.contains(&flag.trim())));
+        } else if t == "// #else" && !stack.is_empty() {
+            let top = stack.last_mut().expect("an open block");
+            top.1 = !top.1;
+        } else if t == "// #endif" {
+            stack.pop();
+        } else if kept(&stack) {
+            out.push_str(line);
+            out.push('\n');
         }
     }
     out
@@ -351,8 +409,12 @@ mod tests {
     #[test]
     fn preprocess_keeps_one_branch() {
         let text = "a\n// #if SUBGROUP\nb\n// #else\nc\n// #endif\nd\n";
-        assert_eq!(preprocess(text, true), "a\nb\nd\n");
-        assert_eq!(preprocess(text, false), "a\nc\nd\n");
+        assert_eq!(preprocess(text, &["SUBGROUP"]), "a\nb\nd\n");
+        assert_eq!(preprocess(text, &[]), "a\nc\nd\n");
+        let nested = "a\n// #if Q8\nb\n// #if SUBGROUP\nc\n// #else\nd\n// #endif\n// #else\ne\n// #endif\n";
+        assert_eq!(preprocess(nested, &["Q8"]), "a\nb\nd\n");
+        assert_eq!(preprocess(nested, &["SUBGROUP"]), "a\ne\n");
+        assert_eq!(preprocess(nested, &["Q8", "SUBGROUP"]), "a\nb\nc\n");
     }
 
     #[test]

@@ -467,40 +467,54 @@ impl<'e> StepRecorder<'e> {
     /// Makes the host cache's copy-on-write copies in a layer's device pool, K and V: the first
     /// `rows` rows of page `src` into page `dst`, before anything this step appends.
     pub fn copy_pages(&mut self, pool: &GpuKvCache, copies: &[crate::kv::PageCopy]) -> Result<()> {
-        let page_bytes = (pool.layout.page_elems() * pool.storage.bytes()) as u64;
-        let row_bytes = (pool.layout.row_elems() * pool.storage.bytes()) as u64;
         if copies.is_empty() {
             return Ok(());
         }
         // A buffer cannot be copied onto itself: through a scratch slot, sized before any dispatch
         // by `reserve` (Act::PageScratch, one page).
         let scratch = Slot::Act(Act::PageScratch);
-        if self.res.size(scratch).is_none_or(|s| s < page_bytes) {
+        if self.res.size(scratch).is_none_or(|s| s < pool.page_bytes() as u64) {
             return Err(TwinferError::InvalidParameter(
                 "resident step: no scratch page reserved for page copies".into(),
             ));
         }
+        let l = pool.layout;
+        // (where page 0 starts, bytes per page, bytes per row) of each part of a page: the
+        // elements, or an int8 page's scales and codes.
+        let parts: Vec<(u64, u64, u64)> = if pool.storage == KvStorage::Q8 {
+            let scale_row = (l.num_kv_heads * 4) as u64;
+            let codes_at = pool.codes_at() as u64 * 4;
+            vec![
+                (0, l.page_size as u64 * scale_row, scale_row),
+                (codes_at, l.page_elems() as u64, l.row_elems() as u64),
+            ]
+        } else {
+            let row = (l.row_elems() * pool.storage.bytes()) as u64;
+            vec![(0, l.page_size as u64 * row, row)]
+        };
         for c in copies {
-            if c.src as usize >= pool.num_pages || c.dst as usize >= pool.num_pages || c.rows > pool.layout.page_size {
+            if c.src as usize >= pool.num_pages || c.dst as usize >= pool.num_pages || c.rows > l.page_size {
                 return Err(TwinferError::InvalidParameter(format!("page copy {c:?} outside the device pool")));
             }
-            let bytes = c.rows as u64 * row_bytes;
             for buffer in pool.buffers_of(0)? {
-                let (src_offset, dst_offset) = (c.src as u64 * page_bytes, c.dst as u64 * page_bytes);
-                self.cmds.push(Cmd::Copy {
-                    src: Loc::Buffer(buffer.clone()),
-                    src_offset,
-                    dst: Loc::Slot(scratch),
-                    dst_offset: 0,
-                    bytes,
-                });
-                self.cmds.push(Cmd::Copy {
-                    src: Loc::Slot(scratch),
-                    src_offset: 0,
-                    dst: Loc::Buffer(buffer),
-                    dst_offset,
-                    bytes,
-                });
+                for &(base, page_bytes, row_bytes) in &parts {
+                    let bytes = c.rows as u64 * row_bytes;
+                    let (src_offset, dst_offset) = (base + c.src as u64 * page_bytes, base + c.dst as u64 * page_bytes);
+                    self.cmds.push(Cmd::Copy {
+                        src: Loc::Buffer(buffer.clone()),
+                        src_offset,
+                        dst: Loc::Slot(scratch),
+                        dst_offset: 0,
+                        bytes,
+                    });
+                    self.cmds.push(Cmd::Copy {
+                        src: Loc::Slot(scratch),
+                        src_offset: 0,
+                        dst: Loc::Buffer(buffer.clone()),
+                        dst_offset,
+                        bytes,
+                    });
+                }
             }
         }
         Ok(())
@@ -681,8 +695,13 @@ impl<'e> StepRecorder<'e> {
             batch,
             total_q: batch,
         };
-        let step =
-            DecodeStep { p: &p, page_size: pool.layout.page_size, indices: table.indices, storage: pool.storage };
+        let step = DecodeStep {
+            p: &p,
+            page_size: pool.layout.page_size,
+            indices: table.indices,
+            storage: pool.storage,
+            kv_codes_at: pool.codes_at(),
+        };
         let plan = self.engine.decode_plan(&step, 1, pool.pages_per_buffer as u32)?;
         self.slot_params(Act::DecParams, bytemuck::bytes_of(&AttnParams { kv_buffer: 0, ..plan.prm }))?;
         let meta: Vec<u8> = bytemuck::cast_slice(&plan.meta).to_vec();
@@ -765,7 +784,9 @@ impl<'e> StepRecorder<'e> {
             batch,
             total_q,
         };
-        let Some(plan) = self.engine.prefill_plan(&p, table.indices, pool.layout.page_size, pool.storage)? else {
+        let Some(plan) =
+            self.engine.prefill_plan(&p, table.indices, pool.layout.page_size, pool.storage, pool.codes_at())?
+        else {
             return Ok(None);
         };
         self.slot_params(Act::PreParams, bytemuck::bytes_of(&plan.prm))?;

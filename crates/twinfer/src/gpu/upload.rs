@@ -6,6 +6,7 @@ use half::slice::HalfFloatSliceExt;
 
 use super::shaders::KvStorage;
 use crate::dtype::TensorRef;
+use crate::error::{Result, TwinferError};
 
 /// K and V as bytes for the device, with the page ids the kernels must use.
 #[derive(Debug)]
@@ -17,8 +18,8 @@ pub struct KvBytes {
 }
 
 /// Converts `t[range]` to the device storage type.
-pub fn tensor_bytes(t: TensorRef<'_>, start: usize, len: usize, storage: KvStorage) -> Vec<u8> {
-    match (storage, t) {
+pub fn tensor_bytes(t: TensorRef<'_>, start: usize, len: usize, storage: KvStorage) -> Result<Vec<u8>> {
+    Ok(match (storage, t) {
         (KvStorage::F16, TensorRef::F16(s)) => bytemuck::cast_slice(s[start..start + len].reinterpret_cast()).to_vec(),
         (KvStorage::F16, _) => {
             let mut f = vec![0f32; len];
@@ -31,7 +32,13 @@ pub fn tensor_bytes(t: TensorRef<'_>, start: usize, len: usize, storage: KvStora
             t.read_f32(start, &mut f);
             bytemuck::cast_slice(&f).to_vec()
         }
-    }
+        // Int8 pools keep a scale per row beside the codes: `GpuKvCache::write_pages` lays them out.
+        (KvStorage::Q8, _) => {
+            return Err(TwinferError::InvalidParameter(
+                "an int8 device pool is written by GpuKvCache::write_pages, not staged as a float tensor".into(),
+            ));
+        }
+    })
 }
 
 /// The paged pool as device bytes. `limit` is the largest binding: a bigger pool is compacted to
@@ -43,14 +50,14 @@ pub fn paged_kv(
     indices: &[u32],
     storage: KvStorage,
     limit: u64,
-) -> KvBytes {
+) -> Result<KvBytes> {
     let whole = (k.len() * storage.bytes()) as u64;
     if whole <= limit {
-        return KvBytes {
-            k: tensor_bytes(k, 0, k.len(), storage),
-            v: tensor_bytes(v, 0, v.len(), storage),
+        return Ok(KvBytes {
+            k: tensor_bytes(k, 0, k.len(), storage)?,
+            v: tensor_bytes(v, 0, v.len(), storage)?,
             indices: indices.to_vec(),
-        };
+        });
     }
     let mut map = std::collections::HashMap::new();
     let mut order = Vec::new();
@@ -66,10 +73,10 @@ pub fn paged_kv(
     let (mut kb, mut vb) = (Vec::new(), Vec::new());
     for &p in &order {
         let start = p as usize * page_elems;
-        kb.extend(tensor_bytes(k, start, page_elems, storage));
-        vb.extend(tensor_bytes(v, start, page_elems, storage));
+        kb.extend(tensor_bytes(k, start, page_elems, storage)?);
+        vb.extend(tensor_bytes(v, start, page_elems, storage)?);
     }
-    KvBytes { k: kb, v: vb, indices: renumbered }
+    Ok(KvBytes { k: kb, v: vb, indices: renumbered })
 }
 
 /// Builds the `meta` array section by section, recording offsets.

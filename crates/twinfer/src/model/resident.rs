@@ -74,17 +74,14 @@ impl ResidentDecoder {
                 got: cache.layout.row_elems(),
             });
         }
-        if cache.dtype == crate::DType::Q8 {
-            return Err(TwinferError::InvalidParameter(
-                "the device KV pool stores f16 or f32; an int8 (q8) cache runs op by op on the GPU or on the CPU"
-                    .into(),
-            ));
-        }
         let ctx = gpu.context();
-        let storage =
-            if cache.dtype == crate::DType::F16 && ctx.summary.shader_f16 { KvStorage::F16 } else { KvStorage::F32 };
+        let storage = match cache.dtype {
+            crate::DType::Q8 => KvStorage::Q8,
+            crate::DType::F16 if ctx.summary.shader_f16 => KvStorage::F16,
+            _ => KvStorage::F32,
+        };
         let binding = ctx.limits.max_storage_buffer_binding_size;
-        let pool_bytes = (cache.num_pages * cache.layout.page_elems() * storage.bytes()) as u64;
+        let pool_bytes = crate::gpu::pool_buffer_bytes(cache.layout, storage, cache.num_pages, cache.num_pages);
         if pool_bytes > binding {
             return Err(TwinferError::OverLimit {
                 what: "one layer's device KV pool (K or V)",
@@ -282,6 +279,7 @@ impl LlamaModel {
             head_dim: c.head_dim as u32,
             page_size: page_size as u32,
             q_width: ((qd + 2 * kvd) / 4) as u32,
+            kv_codes_at: r.layers[0].kv.codes_at(),
             ..Default::default()
         })?;
         let params = self.attention_params();
