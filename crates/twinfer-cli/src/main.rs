@@ -77,8 +77,8 @@ enum BenchWhat {
         /// or unchecked (default: unchecked on Vulkan, whose driver bounds buffer accesses, else bounds).
         #[arg(long, value_enum)]
         shader_checks: Option<ShaderChecksArg>,
-        /// Measure only these shapes (CPU): `prefill:LEN`, `decode:BATCH:CTX` (f16 KV), `decode-f32:...` or
-        /// `decode-q8:...`; repeatable.
+        /// Measure only these shapes: `prefill:LEN`, `decode:BATCH:CTX` (f16 KV), `decode-f32:...` (CPU)
+        /// or `decode-q8:...` (int8 KV); repeatable.
         #[arg(long = "case", value_name = "CASE")]
         cases: Vec<bench::Case>,
         /// Print the report as JSON.

@@ -12,7 +12,7 @@ use super::{Case, KernelReport, Scope};
 use crate::attention::{AttentionOutput, AttentionParams, DecodeInput, KvInput, PrefillInput};
 use crate::dtype::DType;
 use crate::error::{Result, TwinferError};
-use crate::gpu::{DEFAULT_MAX_WEIGHT_BUFFER, GpuEngine, GpuLinear};
+use crate::gpu::{DEFAULT_MAX_WEIGHT_BUFFER, GpuEngine, GpuKvCache, GpuLinear, KvStorage};
 use crate::kv::{KvLayout, PageTable, PagedKv};
 
 /// Measures the ceilings, then every case of `scope` on `engine`, or only `only` when given
@@ -42,21 +42,25 @@ pub fn run_gpu_kernels(engine: &GpuEngine, scope: Scope, only: Option<&[Case]>) 
         Scope::Full => 100,
     };
     let mut cases = Vec::new();
-    let (prefill, decode): (Vec<usize>, Vec<(usize, usize)>) = match (only, scope) {
+    let f16 = |cases: &[(usize, usize)]| cases.iter().map(|&(b, c)| (b, c, DType::F16)).collect::<Vec<_>>();
+    let (prefill, decode): (Vec<usize>, Vec<(usize, usize, DType)>) = match (only, scope) {
         (Some(only), _) => (
             only.iter().filter_map(|c| if let Case::Prefill(len) = c { Some(*len) } else { None }).collect(),
             only.iter()
-                .filter_map(|c| if let Case::Decode { batch, ctx, .. } = c { Some((*batch, *ctx)) } else { None })
+                .filter_map(|c| match c {
+                    Case::Decode { batch, ctx, dtype } => Some((*batch, *ctx, *dtype)),
+                    _ => None,
+                })
                 .collect(),
         ),
-        (None, Scope::Quick) => (vec![256], vec![(1, 1024), (4, 1024)]),
-        (None, Scope::Full) => (vec![1024, 4096], vec![(1, 8192), (1, 32768), (8, 8192), (64, 8192)]),
+        (None, Scope::Quick) => (vec![256], f16(&[(1, 1024), (4, 1024)])),
+        (None, Scope::Full) => (vec![1024, 4096], f16(&[(1, 8192), (1, 32768), (8, 8192), (64, 8192)])),
     };
     for len in prefill {
         cases.push(prefill_causal(engine, len, runs, stamps)?);
     }
-    for (batch, ctx_len) in decode {
-        cases.push(decode_paged(engine, batch, ctx_len, runs, stamps)?);
+    for (batch, ctx_len, dtype) in decode {
+        cases.push(decode_paged(engine, batch, ctx_len, dtype, runs, stamps)?);
     }
     // Projections (rows, n, k): GEMVs over an MLP-sized weight (GB/s of weights), then
     // prompt-chunk matmuls (FLOP/s).
@@ -78,11 +82,11 @@ pub fn run_gpu_kernels(engine: &GpuEngine, scope: Scope, only: Option<&[Case]>) 
     })
 }
 
-/// Refuses the cases the GPU benchmark cannot run (it stores decode KV as f16 only).
+/// Refuses the cases the GPU benchmark cannot run (it stores decode KV as f16 or int8).
 pub fn check_gpu_cases(cases: &[Case]) -> Result<()> {
-    match cases.iter().find(|c| matches!(c, Case::Decode { dtype, .. } if *dtype != DType::F16)) {
+    match cases.iter().find(|c| matches!(c, Case::Decode { dtype: DType::F32, .. })) {
         Some(bad) => Err(TwinferError::InvalidParameter(format!(
-            "{bad:?}: the GPU decode benchmark stores its KV as f16; use decode:BATCH:CTX"
+            "{bad:?}: the GPU decode benchmark stores its KV as f16 or int8; use decode:BATCH:CTX or decode-q8:BATCH:CTX"
         ))),
         None => Ok(()),
     }
@@ -128,34 +132,58 @@ pub fn prepare_prefill_causal(engine: &GpuEngine, len: usize) -> Result<()> {
     engine.prefill(&params, &input, &mut AttentionOutput::new(o.as_mut_slice()))
 }
 
-/// Paged decode: f16 KV, page 16, pages scattered over the pool by a fixed permutation.
-fn decode_paged(engine: &GpuEngine, batch: usize, ctx: usize, runs: usize, stamps: usize) -> Result<CaseResult> {
-    prepare_decode_paged(engine, batch, ctx)?;
+/// Paged decode: f16 or int8 KV, page 16, pages scattered over the pool by a fixed permutation.
+fn decode_paged(
+    engine: &GpuEngine,
+    batch: usize,
+    ctx: usize,
+    dtype: DType,
+    runs: usize,
+    stamps: usize,
+) -> Result<CaseResult> {
+    let layout = KvLayout::new(PAGE_SIZE, KV_HEADS, HEAD_DIM)?;
+    // The int8 pool lives in a device-resident cache, which must outlive the timing.
+    let _pool = match dtype {
+        DType::Q8 => Some(prepare_decode_resident(engine, batch, ctx, KvStorage::Q8)?),
+        _ => {
+            prepare_decode_paged(engine, batch, ctx)?;
+            None
+        }
+    };
     let (seconds, wall) = time_case(engine, runs, stamps)?;
+    let bytes_per_row = layout.page_bytes(dtype) as f64 / PAGE_SIZE as f64;
     Ok(CaseResult {
-        name: format!("decode f16 page{PAGE_SIZE} batch={batch} ctx={}", super::cases::context_name(ctx)),
+        name: format!("decode {dtype} page{PAGE_SIZE} batch={batch} ctx={}", super::cases::context_name(ctx)),
         seconds,
         wall,
         bound: Bound::Memory,
-        work: super::cases::decode_paged_bytes(batch, ctx),
+        work: 2.0 * (batch * ctx) as f64 * bytes_per_row,
     })
 }
 
-/// Uploads the inputs of a paged decode step and runs it once, so that
-/// [`GpuEngine::time_last`] re-runs it on device-resident inputs.
-pub fn prepare_decode_paged(engine: &GpuEngine, batch: usize, ctx: usize) -> Result<()> {
-    let params = AttentionParams::new(QO_HEADS, KV_HEADS, HEAD_DIM);
-    let layout = KvLayout::new(PAGE_SIZE, KV_HEADS, HEAD_DIM)?;
+/// The pages, page table and queries of a decode case: `(k, v, indptr, indices, last, q)`.
+#[allow(clippy::type_complexity)]
+fn decode_inputs(batch: usize, ctx: usize) -> (Vec<f16>, Vec<f16>, Vec<u32>, Vec<u32>, Vec<u32>, Vec<f16>) {
     let pages_per_seq = ctx.div_ceil(PAGE_SIZE);
     let num_pages = batch * pages_per_seq;
-    let k: Vec<f16> = pseudo_random(num_pages * layout.page_elems(), 4);
-    let v: Vec<f16> = pseudo_random(num_pages * layout.page_elems(), 5);
+    let page_elems = PAGE_SIZE * KV_HEADS * HEAD_DIM;
+    let k = pseudo_random(num_pages * page_elems, 4);
+    let v = pseudo_random(num_pages * page_elems, 5);
     // An odd stride is a bijection on a power-of-two pool and on most others; fall back to identity.
     let stride = if num_pages.is_power_of_two() { 7919 } else { 1 };
     let indices: Vec<u32> = (0..num_pages).map(|i| ((i * stride) % num_pages) as u32).collect();
     let indptr: Vec<u32> = (0..=batch).map(|b| (b * pages_per_seq) as u32).collect();
     let last = vec![(ctx - (pages_per_seq - 1) * PAGE_SIZE) as u32; batch];
     let q = pseudo_random(batch * QO_HEADS * HEAD_DIM, 6);
+    (k, v, indptr, indices, last, q)
+}
+
+/// Uploads the inputs of a paged decode step (f16 KV) and runs it once, so that
+/// [`GpuEngine::time_last`] re-runs it on device-resident inputs.
+pub fn prepare_decode_paged(engine: &GpuEngine, batch: usize, ctx: usize) -> Result<()> {
+    let params = AttentionParams::new(QO_HEADS, KV_HEADS, HEAD_DIM);
+    let layout = KvLayout::new(PAGE_SIZE, KV_HEADS, HEAD_DIM)?;
+    let (k, v, indptr, indices, last, q) = decode_inputs(batch, ctx);
     let input = DecodeInput {
         q: q.as_slice().into(),
         kv: PagedKv::new(k.as_slice().into(), v.as_slice().into(), layout)?,
@@ -163,6 +191,27 @@ pub fn prepare_decode_paged(engine: &GpuEngine, batch: usize, ctx: usize) -> Res
     };
     let mut o = vec![0f32; batch * QO_HEADS * HEAD_DIM];
     engine.decode(&params, &input, &mut AttentionOutput::new(o.as_mut_slice()))
+}
+
+/// The same step over a device-resident pool in `storage` (written once from the host), run once
+/// so that [`GpuEngine::time_last`] re-runs it; the pool must outlive the timing.
+pub fn prepare_decode_resident(engine: &GpuEngine, batch: usize, ctx: usize, storage: KvStorage) -> Result<GpuKvCache> {
+    let params = AttentionParams::new(QO_HEADS, KV_HEADS, HEAD_DIM);
+    let layout = KvLayout::new(PAGE_SIZE, KV_HEADS, HEAD_DIM)?;
+    let (k, v, indptr, indices, last, q) = decode_inputs(batch, ctx);
+    let num_pages = k.len() / layout.page_elems();
+    let pool = GpuKvCache::new(engine, layout, num_pages, storage, u64::MAX)?;
+    pool.write_pages(engine, 0, k.as_slice().into(), v.as_slice().into())?;
+    let table = PageTable::new(&indptr, &indices, &last);
+    let mut o = vec![0f32; batch * QO_HEADS * HEAD_DIM];
+    engine.decode_resident(
+        &params,
+        q.as_slice().into(),
+        &pool,
+        table,
+        Some(&mut AttentionOutput::new(o.as_mut_slice())),
+    )?;
+    Ok(pool)
 }
 
 /// A projection `[rows, k] x [n, k]^T`, weights f16 where the adapter has shader-f16 (else f32).
