@@ -4,7 +4,9 @@
 #   2. the demo page with WebGPU (SwiftShader), without it (wasm fallback), forced wasm, and in a
 #      Web Worker, each against the reference embeddings and tokens; screenshots go to
 #      web/test-artifacts/;
-#   3. the page-level kernel benchmark once on a small case (a smoke run: the timed comparison
+#   3. the model cache: a download cut short on purpose resumes with a Range request, a reload
+#      loads the 98 MB GGUF with no request, a full quota is a typed error (about 12 s);
+#   4. the page-level kernel benchmark once on a small case (a smoke run: the timed comparison
 #      is `node web/bench/run.mjs` with a release build).
 # Needs web/pkg (scripts/build-web.sh), the models (scripts/fetch-models.sh) and chromium.
 set -euo pipefail
@@ -25,6 +27,9 @@ echo "== types"
 echo "== headless Chromium: the demo page on WebGPU, on the wasm fallback, forced wasm, in a worker"
 (cd web && node --test test/browser.test.mjs)
 ls -l web/test-artifacts/*.png
+
+echo "== headless Chromium: the model cache (resume, reload with no request, quota)"
+(cd web && node --test test/browser-cache.test.mjs)
 
 echo "== page-level kernel benchmark (smoke: one small case, debug native build)"
 cli="$target_dir/debug/twinfer"

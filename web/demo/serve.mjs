@@ -1,5 +1,5 @@
 // A static server for the demo and the browser tests: the package folder at /, and the model
-// cache (scripts/fetch-models.sh) at /models/. http://127.0.0.1 is a secure context, as WebGPU
+// cache (scripts/fetch-models.sh) at /models/, with byte ranges so that downloads resume. http://127.0.0.1 is a secure context, as WebGPU
 // needs. Usage: node demo/serve.mjs [port]   (then open http://127.0.0.1:PORT/demo/)
 import { createReadStream, existsSync, statSync } from "node:fs";
 import { createServer } from "node:http";
@@ -41,20 +41,87 @@ export function fileFor(url) {
   return { path: file };
 }
 
-/** Starts the server; resolves to { url, close }. */
-export function serve(port = 0) {
+/**
+ * The byte range a `Range` header asks of a file of `size` bytes: `{ start, end }` (inclusive),
+ * `null` to send the whole file (no header, a form this server does not serve such as several
+ * ranges, or an `If-Range` that no longer matches), or `"unsatisfiable"` (416).
+ */
+export function rangeFor(headers, size, validators) {
+  const header = headers.range;
+  if (!header) return null;
+  const ifRange = headers["if-range"];
+  if (ifRange && ifRange !== validators.etag && ifRange !== validators.lastModified) return null;
+  const m = /^bytes=(\d*)-(\d*)$/.exec(header.trim());
+  if (!m || (m[1] === "" && m[2] === "")) return null;
+  let start;
+  let end;
+  if (m[1] === "") {
+    // The last N bytes.
+    const n = Number(m[2]);
+    if (n === 0) return "unsatisfiable";
+    start = Math.max(0, size - n);
+    end = size - 1;
+  } else {
+    start = Number(m[1]);
+    end = m[2] === "" ? size - 1 : Math.min(Number(m[2]), size - 1);
+    if (m[2] !== "" && Number(m[2]) < start) return null;
+  }
+  if (start >= size) return "unsatisfiable";
+  return { start, end };
+}
+
+/**
+ * Starts the server; resolves to { url, close }. Files are sent whole or as one byte range
+ * (`Range: bytes=N-`, answered 206 with `Content-Range`), with an `ETag` and `Last-Modified`, so
+ * that a download cut short resumes. `cutAfter(req)`, for the tests: a byte count after which the
+ * server drops the connection of that response (a download interrupted on purpose), or nothing.
+ */
+export function serve(port = 0, { cutAfter } = {}) {
   const server = createServer((req, res) => {
     const file = fileFor(req.url);
     if (file.status) return res.writeHead(file.status).end();
-    const stream = createReadStream(file.path);
+    if (req.method !== "GET" && req.method !== "HEAD") return res.writeHead(405, { allow: "GET, HEAD" }).end();
+    const stat = statSync(file.path);
+    const validators = {
+      etag: `"${stat.size.toString(16)}-${Math.floor(stat.mtimeMs).toString(16)}"`,
+      lastModified: stat.mtime.toUTCString(),
+    };
+    const headers = {
+      "content-type": TYPES[extname(file.path)] ?? "application/octet-stream",
+      "cache-control": "no-store",
+      "accept-ranges": "bytes",
+      etag: validators.etag,
+      "last-modified": validators.lastModified,
+    };
+    const range = rangeFor(req.headers, stat.size, validators);
+    if (range === "unsatisfiable") {
+      return res.writeHead(416, { ...headers, "content-range": `bytes */${stat.size}` }).end();
+    }
+    const { start, end } = range ?? { start: 0, end: stat.size - 1 };
+    const status = range ? 206 : 200;
+    if (range) headers["content-range"] = `bytes ${start}-${end}/${stat.size}`;
+    headers["content-length"] = Math.max(0, end - start + 1);
+    if (req.method === "HEAD" || stat.size === 0) return res.writeHead(status, headers).end();
+    const stream = createReadStream(file.path, { start, end });
     stream.on("error", () => (res.headersSent ? res.destroy() : res.writeHead(500).end()));
+    const cut = cutAfter?.(req);
     stream.on("open", () => {
-      res.writeHead(200, {
-        "content-type": TYPES[extname(file.path)] ?? "application/octet-stream",
-        "content-length": statSync(file.path).size,
-        "cache-control": "no-store",
+      res.writeHead(status, headers);
+      if (cut === undefined || cut === null) return stream.pipe(res);
+      let sent = 0;
+      stream.on("data", (chunk) => {
+        if (sent + chunk.length < cut) {
+          sent += chunk.length;
+          if (!res.write(chunk)) {
+            stream.pause();
+            res.once("drain", () => stream.resume());
+          }
+          return;
+        }
+        stream.destroy();
+        res.write(chunk.subarray(0, cut - sent), () => res.destroy());
       });
-      stream.pipe(res);
+      stream.on("end", () => res.end());
     });
   });
   return new Promise((ready) =>

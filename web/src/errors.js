@@ -23,6 +23,19 @@ export class KvCacheFullError extends TwinferError {}
 export class InvalidModelError extends TwinferError {}
 /** A bug inside the engine stopped it; this instance cannot be used again (create a new one). */
 export class EngineCrashedError extends TwinferError {}
+/**
+ * Storing a model would go past the origin's storage quota (the browser refused a write to the
+ * model cache). `bytesNeeded` is the model's size; `usage` and `quota` are the origin's figures
+ * from navigator.storage.estimate() when the browser gives them, else null.
+ */
+export class QuotaExceededError extends TwinferError {
+  constructor(message, { code = "QuotaExceeded", cause, bytesNeeded = null, usage = null, quota = null } = {}) {
+    super(message, { code, cause });
+    this.bytesNeeded = bytesNeeded;
+    this.usage = usage;
+    this.quota = quota;
+  }
+}
 
 const CLASS_OF_CODE = {
   GpuUnavailable: WebGpuUnavailableError,
@@ -39,6 +52,7 @@ const CLASS_OF_CODE = {
   UnsupportedArchitecture: InvalidModelError,
   Tokenizer: InvalidModelError,
   Crashed: EngineCrashedError,
+  QuotaExceeded: QuotaExceededError,
 };
 
 export const ERROR_CLASSES = {
@@ -50,6 +64,7 @@ export const ERROR_CLASSES = {
   KvCacheFullError,
   InvalidModelError,
   EngineCrashedError,
+  QuotaExceededError,
 };
 
 /** The package error for an engine error code. */
@@ -79,8 +94,19 @@ export function fromWasm(e, onCrash) {
   return new TwinferError(String(e));
 }
 
-/** Rebuilds an error sent across postMessage as { name, code, message }. */
-export function revive({ name, code, message }) {
+/** An error as postMessage sends it: { name, code, message } and a subclass's own figures. */
+export function serialize(e) {
+  const out = {};
+  if (e && typeof e === "object") {
+    for (const [k, v] of Object.entries(e)) if (v === null || ["string", "number", "boolean"].includes(typeof v)) out[k] = v;
+  }
+  return { ...out, name: e?.name ?? "Error", code: e?.code, message: e?.message ?? String(e) };
+}
+
+/** Rebuilds an error sent across postMessage by `serialize`. */
+export function revive({ name, code, message, ...fields }) {
   const Class = ERROR_CLASSES[name] ?? TwinferError;
-  return new Class(message, { code });
+  const error = new Class(message, { code });
+  for (const [k, v] of Object.entries(fields)) if (!(k in error) || error[k] === null) error[k] = v;
+  return error;
 }

@@ -3,12 +3,17 @@
 export type BackendChoice = "auto" | "webgpu" | "wasm";
 
 export interface Progress {
-  /** "init": opening the engine; "download": model bytes; "load": building the model;
-   * "upload": weights to the GPU (WebGPU only). */
+  /** "init": opening the engine; "download": model bytes (from the network or the model cache);
+   * "load": building the model; "upload": weights to the GPU (WebGPU only). */
   phase: "init" | "download" | "load" | "upload";
+  /** Bytes so far (phase "download": of all the model's files together). */
   loaded: number;
   total: number;
   text: string;
+  /** Phase "download": the file the latest bytes belong to. */
+  file?: string;
+  /** Phase "download": whether the latest bytes came from the model cache (else the network). */
+  fromCache?: boolean;
 }
 
 export interface CreateOptions {
@@ -24,6 +29,18 @@ export interface CreateOptions {
 export interface LoadOptions {
   onProgress?: (p: Progress) => void;
   signal?: AbortSignal;
+  /**
+   * Keep a URL source's files in the browser's model cache (Cache API) and read them back from
+   * there (default true; where there is no Cache API, as in Node, the files load from the network
+   * and nothing is stored). A download cut short resumes where the stored part ends; a model
+   * stored whole loads with no request. A full storage quota is a QuotaExceededError; `false`
+   * loads without storing anything.
+   */
+  cache?: boolean;
+  /** The SHA-256 (64 hex digits) of a single `.gguf` source, checked as the bytes stream in. */
+  sha256?: string;
+  /** SHA-256 digests by file name ("model.safetensors": "ab12..."), checked for any source kind. */
+  digests?: Record<string, string> | Map<string, string>;
   /** Tokens per KV page (default 16). */
   pageSize?: number;
   /** KV cache budget in bytes (default 128 MiB). */
@@ -192,6 +209,40 @@ export declare class ModelTooLargeError extends TwinferError {}
 export declare class KvCacheFullError extends TwinferError {}
 export declare class InvalidModelError extends TwinferError {}
 export declare class EngineCrashedError extends TwinferError {}
+/** Storing a model would go past the origin's storage quota (code "QuotaExceeded"). */
+export declare class QuotaExceededError extends TwinferError {
+  /** Bytes of the model that was being stored. */
+  bytesNeeded: number | null;
+  /** The origin's usage and quota from `navigator.storage.estimate()`, when the browser gives them. */
+  usage: number | null;
+  quota: number | null;
+}
+
+/** A model in the browser's model cache. */
+export interface StoredModel {
+  /** The model's URL as loadModel resolved it (absolute; a folder's ends with "/"). */
+  url: string;
+  files: StoredModelFile[];
+  /** Bytes of all its files. */
+  bytes: number;
+  /** When it was stored whole (milliseconds since the epoch, as Date.now()). */
+  storedAt: number;
+}
+
+export interface StoredModelFile {
+  name: string;
+  url: string;
+  bytes: number;
+  /** The SHA-256 the file was checked against when stored, or null when none was given. */
+  sha256: string | null;
+}
+
+/** The models stored whole in the browser's model cache ([] where there is no Cache API). */
+export declare function listModels(): Promise<StoredModel[]>;
+/** Whether the model at `url` is stored whole (loading it then makes no request). */
+export declare function hasModel(url: string | URL): Promise<boolean>;
+/** Removes the model at `url` from the cache, stored whole or in part; true when something was removed. */
+export declare function deleteModel(url: string | URL): Promise<boolean>;
 
 export declare function hasWasmSimd(): boolean;
 

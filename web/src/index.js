@@ -10,7 +10,9 @@ export {
   KvCacheFullError,
   InvalidModelError,
   EngineCrashedError,
+  QuotaExceededError,
 } from "./errors.js";
+export { listModels, deleteModel, hasModel } from "./cache.js";
 export { hasWasmSimd } from "./loader.js";
 import { loadBindings } from "./loader.js";
 

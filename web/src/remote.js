@@ -41,6 +41,8 @@ export class WorkerTwinfer {
       for (const v of source.values()) if (v instanceof ArrayBuffer) transfer.push(v);
     }
     if (typeof Response !== "undefined" && source instanceof Response) source = source.url;
+    // A relative URL means the page's, not the worker script's.
+    if ((typeof source === "string" || source instanceof URL) && globalThis.location) source = new URL(String(source), location.href).href;
     this.#info = await this.#call("loadModel", { source, options: engine }, { onProgress, signal, transfer });
     return this.info();
   }

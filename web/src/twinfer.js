@@ -57,14 +57,15 @@ export class Twinfer {
   /**
    * Loads a model (replacing the one held): a base URL, a Map of file name -> ArrayBuffer / Blob /
    * File / Response, a File list, or the Response of its config.json. `options`: `{ onProgress,
-   * signal, pageSize, kvMemoryBytes, kvDtype, maxBatchTokens, maxRunning, prefixCache }`.
+   * signal, cache, sha256, digests, pageSize, kvMemoryBytes, kvDtype, maxBatchTokens, maxRunning,
+   * prefixCache }`. In a browser a URL source goes through the model cache unless `cache: false`.
    */
   async loadModel(source, options = {}) {
-    const { onProgress, signal, ...engine } = options;
+    const { onProgress, signal, cache, sha256, digests, ...engine } = options;
     return this.#run(async () => {
       const files = new this.#bindings.ModelFiles();
       try {
-        await collectFiles(files, source, { onProgress, signal });
+        await collectFiles(files, source, { onProgress, signal, cache, sha256, digests });
         onProgress?.({ phase: "load", loaded: 0, total: 1, text: "building the model" });
         this.#rt.load(files, engine, (loaded, total) =>
           onProgress?.({ phase: "upload", loaded, total, text: "uploading the weights to the GPU" }),

@@ -1,6 +1,7 @@
 // The Web Worker side of `Twinfer.create({ worker: true })`: one engine per worker, driven by
 // messages { id, op, args } from remote.js; replies { id, result } / { id, error } and, while a
 // generation runs, { id, token } and { id, progress }.
+import { serialize } from "./errors.js";
 import { Twinfer } from "./twinfer.js";
 
 let tf = null;
@@ -14,7 +15,7 @@ self.onmessage = async ({ data: { id, op, args } }) => {
     const transfer = result?.transfer ?? [];
     post({ id, result: result?.value }, transfer);
   } catch (e) {
-    post({ id, error: { name: e?.name ?? "Error", code: e?.code, message: e?.message ?? String(e) } });
+    post({ id, error: serialize(e) });
   }
 };
 
@@ -24,8 +25,15 @@ async function handle(id, op, args) {
     case "create":
       tf = await Twinfer.create({ ...args, worker: false, onProgress: progress });
       return { value: tf.info() };
-    case "loadModel":
-      return { value: await engine().loadModel(args.source, { ...args.options, onProgress: progress }) };
+    case "loadModel": {
+      const controller = new AbortController();
+      aborts.set(id, controller);
+      try {
+        return { value: await engine().loadModel(args.source, { ...args.options, onProgress: progress, signal: controller.signal }) };
+      } finally {
+        aborts.delete(id);
+      }
+    }
     case "embed": {
       const vectors = await engine().embed(args.texts);
       return { value: vectors, transfer: vectors.map((v) => v.buffer) };

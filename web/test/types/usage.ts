@@ -1,5 +1,5 @@
 // Compiled with `tsc --noEmit` (npm run check:types): the README's example, against index.d.ts.
-import { Twinfer, KvCacheFullError, type Info, type RunMetrics } from "twinfer";
+import { Twinfer, KvCacheFullError, QuotaExceededError, deleteModel, hasModel, listModels, type Info, type RunMetrics, type StoredModel } from "twinfer";
 
 export async function example(): Promise<void> {
   const tf = await Twinfer.create({ backend: "auto", onProgress: (p) => console.log(p.phase, p.loaded, p.total) });
@@ -19,4 +19,21 @@ export async function example(): Promise<void> {
   const m: RunMetrics = await tf.metrics({ reset: true });
   console.log(m.ttft.p50, m.tpot.p50, m.tps, m.itl.std);
   await tf.dispose();
+}
+
+export async function cached(): Promise<void> {
+  const tf = await Twinfer.create({ worker: true });
+  const url = "/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+  try {
+    await tf.loadModel(url, {
+      sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+      onProgress: (p) => console.log(p.phase, p.loaded, p.total, p.file, p.fromCache),
+    });
+  } catch (e) {
+    if (e instanceof QuotaExceededError) console.log(e.bytesNeeded, e.usage, e.quota);
+  }
+  await tf.loadModel("/models/tiny-llama/", { cache: false, digests: { "config.json": "0".repeat(64) } });
+  const models: StoredModel[] = await listModels();
+  for (const m of models) console.log(m.url, m.bytes, new Date(m.storedAt), m.files.map((f) => `${f.name} ${f.bytes} ${f.sha256 ?? ""}`));
+  if (await hasModel(url)) console.log(await deleteModel(new URL(url, "https://example.com/")));
 }
