@@ -55,9 +55,19 @@ pub enum KvDtypeArg {
     F32,
     F16,
     Bf16,
-    /// int8 codes with an f32 scale per token and KV head (the CPU engine reads them directly;
-    /// a GPU runs such a cache op by op).
+    /// int8 codes with an f32 scale per token and KV head (both engines read them directly).
     Q8,
+}
+
+impl From<KvDtypeArg> for DType {
+    fn from(d: KvDtypeArg) -> Self {
+        match d {
+            KvDtypeArg::F32 => DType::F32,
+            KvDtypeArg::F16 => DType::F16,
+            KvDtypeArg::Bf16 => DType::BF16,
+            KvDtypeArg::Q8 => DType::Q8,
+        }
+    }
 }
 
 #[derive(Args, Clone)]
@@ -141,12 +151,7 @@ impl EngineArgs {
             c.kv_memory_bytes = mib << 20;
         }
         if let Some(d) = self.kv_dtype {
-            c.kv_dtype = match d {
-                KvDtypeArg::F32 => DType::F32,
-                KvDtypeArg::F16 => DType::F16,
-                KvDtypeArg::Bf16 => DType::BF16,
-                KvDtypeArg::Q8 => DType::Q8,
-            };
+            c.kv_dtype = d.into();
         }
         c.max_batch_tokens = self.max_batch_tokens.unwrap_or(c.max_batch_tokens);
         if let Some(q) = self.quantize {

@@ -41,6 +41,9 @@ pub struct PlanArgs {
     /// Quantize the model's projections at load.
     #[arg(long, value_enum)]
     pub quantize: Option<crate::options::QuantizeArg>,
+    /// KV cache storage of the timed steps.
+    #[arg(long, value_enum, default_value = "f16")]
+    pub kv_dtype: crate::options::KvDtypeArg,
 }
 
 pub fn run(args: PlanArgs) -> Result<(), String> {
@@ -65,6 +68,7 @@ pub fn run(args: PlanArgs) -> Result<(), String> {
         decode_batch: args.decode_batch,
         decode_context: args.decode_context,
         page_sizes: args.page_sizes,
+        kv_dtype: args.kv_dtype.into(),
         ..Default::default()
     };
     let mut found = candidates();
