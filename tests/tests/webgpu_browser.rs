@@ -182,6 +182,61 @@ async fn quantized_weights_on_the_browser_gpu_match_the_cpu_engine() {
     }
 }
 
+/// An int8 KV cache resident on the browser's GPU (the int8 RoPE/append, prefill and decode
+/// kernels through the browser's WGSL compiler, step buffers poisoned) against the CPU engine
+/// over its own int8 cache: the same bound as `decoder_model`'s native check (f32 weights, so the
+/// engines quantize the same K/V up to f32 rounding; a value that rounds to the other code on one
+/// engine moves later logits by up to 1e-2).
+#[wasm_bindgen_test]
+async fn an_int8_cache_resident_on_the_browser_gpu_matches_the_cpu_engine() {
+    let gpu = gpu().await;
+    let model = tiny();
+    let c = &model.config;
+    let layout = KvLayout::new(16, c.num_kv_heads, c.head_dim).unwrap();
+    let config = KvCacheConfig { num_layers: c.num_layers, num_pages: 16, layout, dtype: DType::Q8 };
+    let resident =
+        twinfer::model::ResidentDecoder::new(&model, gpu.gpu_engine().unwrap(), &config).unwrap().poison_for_test();
+    let prompt: Vec<u32> = (0..21u32).map(|i| (i * 131 + 7) % 4000 + 10).collect();
+    let mut runs = Vec::new();
+    for on_gpu in [true, false] {
+        let mut cache = PagedKvCache::new(config).unwrap();
+        let seq = cache.add_sequence();
+        cache.reserve(&[seq], &[prompt.len()]).unwrap();
+        let cpu = Attention::cpu(SimdLevel::detect());
+        let e = Engines { level: SimdLevel::detect(), prefill: &cpu, decode: &cpu };
+        let mut logits: Vec<Vec<f32>> = Vec::new();
+        let mut tokens: &[u32] = &prompt;
+        let mut next = [0u32];
+        let mut start = 0;
+        for _ in 0..4 {
+            let step = [StepSeq { seq, tokens, start, logits: Logits::Last }];
+            let out = if on_gpu {
+                model.forward_resident_async(&resident, &mut cache, &step).await.unwrap()
+            } else {
+                model.forward_async(e, &mut cache, &step).await.unwrap()
+            };
+            next[0] = twinfer::engine::argmax(&out);
+            logits.push(out);
+            start = cache.seq_len(seq).unwrap();
+            cache.reserve(&[seq], &[1]).unwrap();
+            tokens = &next;
+        }
+        runs.push(logits);
+    }
+    let (got, want) = (&runs[0], &runs[1]);
+    let errs: Vec<f32> = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| {
+            let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+            g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale
+        })
+        .collect();
+    console_log!("int8 cache, resident browser GPU against the CPU engine: logits errors {errs:?}");
+    assert!(errs.iter().all(|&e| e <= 1e-2), "int8 cache: resident GPU against CPU: {errs:?}");
+    assert!(errs.iter().filter(|&&e| e <= 1e-5).count() * 4 >= 3 * errs.len(), "int8 cache: {errs:?}");
+}
+
 fn scheduler(prefill: Attention, decode: Attention) -> Scheduler {
     let config = EngineConfig { kv_dtype: DType::F32, page_size: 8, max_batch_tokens: 32, ..Default::default() };
     let mut s = Scheduler::new(tiny(), None, SimdLevel::detect(), prefill, decode, config).unwrap();
