@@ -17,7 +17,9 @@ pub enum Backend {
     /// The GPU when one passes its self-test, else the CPU.
     #[default]
     Auto,
+    /// The CPU engine, always available.
     Cpu,
+    /// The GPU engine; an error when no GPU passes the self-test.
     Gpu,
 }
 
@@ -50,7 +52,11 @@ pub struct BackendInfo {
 
 /// One attention engine. Implementations validate their inputs and never panic on bad input.
 pub trait AttentionBackend: fmt::Debug + Send + Sync {
+    /// Batch prefill: attention of ragged query rows over ragged or paged KV, into `out`.
+    /// Errors on shapes, dtypes or indices that do not match `params`.
     fn prefill(&self, params: &AttentionParams, input: &PrefillInput<'_>, out: &mut AttentionOutput<'_>) -> Result<()>;
+    /// Batch decode: one query row per sequence over a paged KV cache, into `out`.
+    /// Errors on shapes, dtypes or indices that do not match `params`.
     fn decode(&self, params: &AttentionParams, input: &DecodeInput<'_>, out: &mut AttentionOutput<'_>) -> Result<()>;
     /// Device and variant, without the reason.
     fn describe(&self) -> (String, String, usize);

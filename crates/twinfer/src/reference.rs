@@ -11,7 +11,9 @@ use crate::error::{Result, check_len};
 /// f64 attention results: `o` is `[rows, num_qo_heads, head_dim]`, `lse` (natural log) `[rows, num_qo_heads]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RefOutput {
+    /// Outputs `[rows, num_qo_heads, head_dim]`.
     pub o: Vec<f64>,
+    /// Log-sum-exp of each row's scores (natural log), `[rows, num_qo_heads]`.
     pub lse: Vec<f64>,
     /// Per row `[rows, num_qo_heads]`: the largest `scale * sum_c |q_c k_c| + |alibi bias|` over
     /// visible keys. An f32 kernel's score error is proportional to it (cancellation in the dot

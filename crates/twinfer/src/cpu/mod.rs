@@ -99,9 +99,11 @@ impl CpuEngine {
         self.split_k = split_k;
         self
     }
+    /// The instruction set the kernels run on.
     pub fn level(&self) -> SimdLevel {
         self.level
     }
+    /// Worker threads the engine uses (the calling thread included); 1 on wasm32.
     pub fn threads(&self) -> usize {
         parallel::worker_count()
     }

@@ -13,10 +13,13 @@ pub struct EngineConfig {
     pub decode_backend: Backend,
     /// CPU instruction set for the projections and CPU attention; `None` takes the widest.
     pub simd: Option<SimdLevel>,
+    /// Tokens per KV page.
     pub page_size: usize,
     /// KV pages per layer; `None` sizes the pool from `kv_memory_bytes`.
     pub kv_pool_pages: Option<usize>,
+    /// Bytes for the KV pool across all layers (keys and values), used when `kv_pool_pages` is `None`.
     pub kv_memory_bytes: usize,
+    /// Element type of the KV cache.
     pub kv_dtype: DType,
     /// Tokens per step: every running sequence's decode token plus prompt chunks up to this.
     pub max_batch_tokens: usize,

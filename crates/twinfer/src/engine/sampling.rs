@@ -12,6 +12,7 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// Divides positive logits (multiplies negative ones) of tokens already seen; 1 turns it off.
     pub repetition_penalty: f32,
+    /// Seed of the request's generator: the same seed and inputs give the same tokens.
     pub seed: u64,
 }
 
@@ -22,6 +23,8 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// Checks the ranges: `temperature` finite and `>= 0`, `top_p` in `(0, 1]`, `repetition_penalty` finite and `> 0`.
+    /// Errors with [`InvalidParameter`](crate::TwinferError::InvalidParameter) otherwise.
     pub fn validate(&self) -> crate::Result<()> {
         let bad = |m: &str| Err(crate::TwinferError::InvalidParameter(m.to_string()));
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
@@ -44,6 +47,7 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    /// A generator seeded with `seed`.
     pub fn new(seed: u64) -> Self {
         Self { state: seed }
     }

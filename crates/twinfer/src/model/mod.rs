@@ -35,14 +35,18 @@ use crate::error::Result;
 /// The network of a model folder.
 #[derive(Debug, Clone)]
 pub enum Network {
+    /// A causal language model (Llama family) that generates text.
     Decoder(LlamaModel),
+    /// A BERT-style encoder that embeds text.
     Encoder(BertModel),
 }
 
 /// A model folder, loaded: its network and its tokenizer.
 #[derive(Debug, Clone)]
 pub struct Model {
+    /// The decoder or encoder network with its weights.
     pub network: Network,
+    /// The tokenizer from `tokenizer.json` or the GGUF file.
     pub tokenizer: Tokenizer,
     /// The Jinja chat template (GGUF `tokenizer.chat_template`, or `chat_template` in
     /// `tokenizer_config.json`), when the model has one.

@@ -252,9 +252,13 @@ impl QuantFormat {
 /// Rows of GGUF blocks as a file stores them: `n` rows of `k` weights, row after row.
 #[derive(Debug, Clone)]
 pub struct QuantRows {
+    /// The block format of every row.
     pub format: QuantFormat,
+    /// Rows (output features).
     pub n: usize,
+    /// Weights per row (input features), a multiple of the block size.
     pub k: usize,
+    /// The blocks, `n * format.row_bytes(k)` bytes.
     pub bytes: Vec<u8>,
 }
 
@@ -288,6 +292,7 @@ impl QuantRows {
         Self::new(format, n, k, bytes)
     }
 
+    /// The blocks of row `r`. Panics when `r >= n`.
     pub fn row(&self, r: usize) -> &[u8] {
         let len = self.format.row_bytes(self.k);
         &self.bytes[r * len..(r + 1) * len]
