@@ -11,8 +11,11 @@ use std::fmt;
 /// Storage type of a tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// 32-bit IEEE float.
     F32,
+    /// 16-bit IEEE half float.
     F16,
+    /// bfloat16: the upper 16 bits of an f32.
     BF16,
     /// int8 codes with an f32 scale per group of elements (the KV cache: one per token and KV
     /// head); `x = code * scale`, the scale being the group's largest magnitude / 127.
@@ -50,10 +53,15 @@ mod sealed {
 
 /// A storage element: f32, f16 or bf16.
 pub trait Element: sealed::Sealed + Copy + Default + Send + Sync + fmt::Debug + 'static {
+    /// The dtype tag of this element type.
     const DTYPE: DType;
+    /// Widens to f32 (exact).
     fn to_f32(self) -> f32;
+    /// Narrows from f32, rounding to nearest even.
     fn from_f32(x: f32) -> Self;
+    /// Wraps a slice as a [`TensorRef`] of this dtype.
     fn view(data: &[Self]) -> TensorRef<'_>;
+    /// Wraps a slice as a [`TensorMut`] of this dtype.
     fn view_mut(data: &mut [Self]) -> TensorMut<'_>;
     /// Converts a slice to f32 (exactly: every f16 and bf16 value is an f32 value).
     fn slice_to_f32(src: &[Self], dst: &mut [f32]);
@@ -142,18 +150,26 @@ half_element!(bf16, DType::BF16, BF16, |b| f32::from_bits((b as u32) << 16));
 /// A borrowed, dtype-erased, flat tensor. Shapes travel beside it in the call's parameters.
 #[derive(Debug, Clone, Copy)]
 pub enum TensorRef<'a> {
+    /// f32 elements.
     F32(&'a [f32]),
+    /// f16 elements.
     F16(&'a [f16]),
+    /// bf16 elements.
     BF16(&'a [bf16]),
+    /// int8 codes with per-group scales (the KV cache's int8 storage).
     Q8(Q8Ref<'a>),
 }
 
 /// A mutably borrowed, dtype-erased, flat tensor.
 #[derive(Debug)]
 pub enum TensorMut<'a> {
+    /// f32 elements.
     F32(&'a mut [f32]),
+    /// f16 elements.
     F16(&'a mut [f16]),
+    /// bf16 elements.
     BF16(&'a mut [bf16]),
+    /// int8 codes with per-group scales (the KV cache's int8 storage).
     Q8(Q8Mut<'a>),
 }
 
@@ -161,16 +177,22 @@ pub enum TensorMut<'a> {
 /// `codes[i] * scales[i / group]`.
 #[derive(Debug, Clone, Copy)]
 pub struct Q8Ref<'a> {
+    /// The int8 codes, `scales.len() * group` of them.
     pub codes: &'a [i8],
+    /// One scale per group of `group` codes.
     pub scales: &'a [f32],
+    /// Codes per scale (a KV head's `head_dim` in the cache).
     pub group: usize,
 }
 
 /// The mutable [`Q8Ref`]: writes quantize whole groups.
 #[derive(Debug)]
 pub struct Q8Mut<'a> {
+    /// The int8 codes, `scales.len() * group` of them.
     pub codes: &'a mut [i8],
+    /// One scale per group of `group` codes.
     pub scales: &'a mut [f32],
+    /// Codes per scale (a KV head's `head_dim` in the cache).
     pub group: usize,
 }
 
@@ -246,6 +268,7 @@ impl<'a> From<&'a mut [bf16]> for TensorMut<'a> {
 }
 
 impl TensorRef<'_> {
+    /// The element type of the view.
     pub fn dtype(&self) -> DType {
         match self {
             TensorRef::F32(_) => DType::F32,
@@ -254,6 +277,7 @@ impl TensorRef<'_> {
             TensorRef::Q8(_) => DType::Q8,
         }
     }
+    /// Number of elements (codes for [`TensorRef::Q8`]).
     pub fn len(&self) -> usize {
         match self {
             TensorRef::F32(s) => s.len(),
@@ -262,10 +286,11 @@ impl TensorRef<'_> {
             TensorRef::Q8(q) => q.codes.len(),
         }
     }
+    /// Whether the view holds no element.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Copies `src.len()` elements starting at `offset` into `dst` as f32.
+    /// Copies `dst.len()` elements starting at `offset` into `dst` as f32.
     #[inline(always)]
     pub fn read_f32(&self, offset: usize, dst: &mut [f32]) {
         let n = dst.len();
@@ -288,6 +313,7 @@ impl TensorRef<'_> {
 }
 
 impl TensorMut<'_> {
+    /// The element type of the view.
     pub fn dtype(&self) -> DType {
         match self {
             TensorMut::F32(_) => DType::F32,
@@ -296,6 +322,7 @@ impl TensorMut<'_> {
             TensorMut::Q8(_) => DType::Q8,
         }
     }
+    /// Number of elements (codes for [`TensorMut::Q8`]).
     pub fn len(&self) -> usize {
         match self {
             TensorMut::F32(s) => s.len(),
@@ -304,6 +331,7 @@ impl TensorMut<'_> {
             TensorMut::Q8(q) => q.codes.len(),
         }
     }
+    /// Whether the view holds no element.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -21,8 +21,11 @@ use crate::kv::check_head_dim;
 /// Heads and variant of an attention call.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttentionParams {
+    /// Query (and output) heads; a positive multiple of `num_kv_heads`.
     pub num_qo_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than `num_qo_heads`).
     pub num_kv_heads: usize,
+    /// Elements per head: a multiple of 8 in `8..=256`.
     pub head_dim: usize,
     /// Causal mask, aligned bottom-right.
     pub causal: bool,
@@ -50,22 +53,27 @@ impl AttentionParams {
             sm_scale: None,
         }
     }
+    /// Sets the `causal` field (builder).
     pub fn causal(mut self, causal: bool) -> Self {
         self.causal = causal;
         self
     }
+    /// Sets the `window_left` field (builder).
     pub fn window_left(mut self, window_left: Option<usize>) -> Self {
         self.window_left = window_left;
         self
     }
+    /// Sets the `logits_soft_cap` field (builder).
     pub fn logits_soft_cap(mut self, cap: Option<f32>) -> Self {
         self.logits_soft_cap = cap;
         self
     }
+    /// Sets the `alibi_slopes` field (builder).
     pub fn alibi_slopes(mut self, slopes: Option<Vec<f32>>) -> Self {
         self.alibi_slopes = slopes;
         self
     }
+    /// Sets the `sm_scale` field (builder).
     pub fn sm_scale(mut self, scale: Option<f32>) -> Self {
         self.sm_scale = scale;
         self

@@ -9,38 +9,60 @@ use crate::kv::{PageTable, PagedKv, check_indptr};
 #[derive(Debug, Clone, Copy)]
 pub enum KvInput<'a> {
     /// Ragged contiguous KV: `k`, `v` are `[kv_indptr[batch], num_kv_heads, head_dim]`.
-    Ragged { k: TensorRef<'a>, v: TensorRef<'a>, kv_indptr: &'a [u32] },
+    Ragged {
+        /// Keys, `[kv_indptr[batch], num_kv_heads, head_dim]`.
+        k: TensorRef<'a>,
+        /// Values, same shape and dtype as `k`.
+        v: TensorRef<'a>,
+        /// CSR offsets of each sequence's KV rows, `[batch + 1]`.
+        kv_indptr: &'a [u32],
+    },
     /// The paged cache (append / chunked prefill). The table covers the new tokens too.
-    Paged { kv: PagedKv<'a>, table: PageTable<'a> },
+    Paged {
+        /// The paged KV pool.
+        kv: PagedKv<'a>,
+        /// Each sequence's pages in the pool.
+        table: PageTable<'a>,
+    },
 }
 
 /// A ragged batch of queries: `q` is `[qo_indptr[batch], num_qo_heads, head_dim]`.
 #[derive(Debug, Clone, Copy)]
 pub struct PrefillInput<'a> {
+    /// Queries, `[qo_indptr[batch], num_qo_heads, head_dim]`.
     pub q: TensorRef<'a>,
+    /// CSR offsets of each sequence's query rows, `[batch + 1]`.
     pub qo_indptr: &'a [u32],
+    /// The keys and values the queries attend to.
     pub kv: KvInput<'a>,
 }
 
 /// One query token per sequence: `q` is `[batch, num_qo_heads, head_dim]`.
 #[derive(Debug, Clone, Copy)]
 pub struct DecodeInput<'a> {
+    /// Queries, one row per sequence: `[batch, num_qo_heads, head_dim]`.
     pub q: TensorRef<'a>,
+    /// The paged KV pool.
     pub kv: PagedKv<'a>,
+    /// Each sequence's pages in the pool.
     pub table: PageTable<'a>,
 }
 
 /// Where results go: `o` is `[rows, num_qo_heads, head_dim]`, `lse` (natural log) `[rows, num_qo_heads]`.
 #[derive(Debug)]
 pub struct AttentionOutput<'a> {
+    /// Outputs, `[rows, num_qo_heads, head_dim]`.
     pub o: TensorMut<'a>,
+    /// Optional log-sum-exp per row and head, `[rows, num_qo_heads]`; needed to merge partial states.
     pub lse: Option<&'a mut [f32]>,
 }
 
 impl<'a> AttentionOutput<'a> {
+    /// An output that writes `o` only.
     pub fn new(o: impl Into<TensorMut<'a>>) -> Self {
         Self { o: o.into(), lse: None }
     }
+    /// An output that writes `o` and the log-sum-exp of each row and head into `lse`.
     pub fn with_lse(o: impl Into<TensorMut<'a>>, lse: &'a mut [f32]) -> Self {
         Self { o: o.into(), lse: Some(lse) }
     }
