@@ -17,10 +17,13 @@ use crate::kv::storage::Storage;
 /// Shape and size of a [`PagedKvCache`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct KvCacheConfig {
+    /// Transformer layers, each with its own K and V pools.
     pub num_layers: usize,
     /// Pages per layer; a page id names the same page in every layer.
     pub num_pages: usize,
+    /// Shape of one page.
     pub layout: KvLayout,
+    /// Element type of the pools.
     pub dtype: DType,
 }
 
@@ -66,8 +69,11 @@ pub struct PagedKvCache {
 /// A copy-on-write copy: the first `rows` rows of page `src` went to page `dst`, in every layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageCopy {
+    /// Page copied from.
     pub src: u32,
+    /// Page copied to.
     pub dst: u32,
+    /// Leading token rows copied.
     pub rows: usize,
 }
 
@@ -106,18 +112,23 @@ impl PagedKvCache {
         })
     }
 
+    /// The configuration, with its layout validated.
     pub fn config(&self) -> KvCacheConfig {
         self.config
     }
+    /// Layers in the cache.
     pub fn num_layers(&self) -> usize {
         self.config.num_layers
     }
+    /// Pages per layer.
     pub fn num_pages(&self) -> usize {
         self.config.num_pages
     }
+    /// Shape of one page.
     pub fn layout(&self) -> KvLayout {
         self.config.layout
     }
+    /// Element type of the pools.
     pub fn dtype(&self) -> DType {
         self.config.dtype
     }

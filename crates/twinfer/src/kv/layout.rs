@@ -15,8 +15,11 @@ pub const MAX_HEAD_DIM: usize = 256;
 /// Shape of one page: `[page_size, num_kv_heads, head_dim]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct KvLayout {
+    /// Tokens per page, in `1..=MAX_PAGE_SIZE`.
     pub page_size: usize,
+    /// Key/value heads stored per token.
     pub num_kv_heads: usize,
+    /// Elements per head: a multiple of 8 in `8..=MAX_HEAD_DIM`.
     pub head_dim: usize,
 }
 
@@ -97,6 +100,7 @@ pub struct PageTable<'a> {
 }
 
 impl<'a> PageTable<'a> {
+    /// Wraps the three arrays without checking them; see [`validate`](Self::validate).
     pub fn new(indptr: &'a [u32], indices: &'a [u32], last_page_len: &'a [u32]) -> Self {
         Self { indptr, indices, last_page_len }
     }
@@ -149,12 +153,16 @@ impl<'a> PageTable<'a> {
 /// An owned page table, as built by [`crate::kv::PagedKvCache::page_table`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PageTableBuf {
+    /// `[batch + 1]`: sequence `b` owns `indices[indptr[b]..indptr[b + 1]]`.
     pub indptr: Vec<u32>,
+    /// Page ids, in token order per sequence.
     pub indices: Vec<u32>,
+    /// `[batch]`: rows used in each sequence's last page.
     pub last_page_len: Vec<u32>,
 }
 
 impl PageTableBuf {
+    /// Borrows the arrays as a [`PageTable`].
     pub fn as_table(&self) -> PageTable<'_> {
         PageTable { indptr: &self.indptr, indices: &self.indices, last_page_len: &self.last_page_len }
     }
@@ -183,6 +191,7 @@ pub struct PagedKv<'a> {
     pub k: TensorRef<'a>,
     /// `[num_pages, page_size, num_kv_heads, head_dim]`
     pub v: TensorRef<'a>,
+    /// Shape of one page; K and V hold a whole number of pages.
     pub layout: KvLayout,
 }
 
@@ -208,9 +217,11 @@ impl<'a> PagedKv<'a> {
         check_q8_rows("paged V", v, layout.head_dim)?;
         Ok(Self { k, v, layout })
     }
+    /// Pages in the pool.
     pub fn num_pages(&self) -> usize {
         self.k.len() / self.layout.page_elems()
     }
+    /// Element type of K and V.
     pub fn dtype(&self) -> DType {
         self.k.dtype()
     }
