@@ -14,18 +14,29 @@ const WANTED: wgpu::Features =
 /// What was chosen, for [`crate::BackendInfo`] and `twinfer info`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdapterSummary {
+    /// Adapter name (or `"<Backend> adapter"` when the browser hides it).
     pub name: String,
+    /// Graphics API, lower case (`vulkan`, `metal`, `dx12`, `browserwebgpu`, ...).
     pub backend: String,
+    /// wgpu device type (`DiscreteGpu`, `IntegratedGpu`, `Cpu`, ...).
     pub device_type: String,
+    /// Driver name and version.
     pub driver: String,
+    /// The device has `shader-f16` (f16 storage in the shaders).
     pub shader_f16: bool,
+    /// The device has subgroup operations.
     pub subgroups: bool,
+    /// Smallest and largest subgroup size the adapter reports.
     pub subgroup_sizes: (u32, u32),
+    /// The device has timestamp queries (GPU timing).
     pub timestamps: bool,
     /// The adapter offers cooperative matrices (tensor cores); no kernel variant uses them yet.
     pub cooperative_matrix: bool,
+    /// Largest storage buffer binding, in bytes.
     pub max_storage_binding: u64,
+    /// Workgroup shared memory, in bytes.
     pub max_workgroup_storage: u32,
+    /// Most invocations per workgroup.
     pub max_invocations: u32,
 }
 
@@ -75,17 +86,26 @@ pub struct Counters {
     pub record_ns: AtomicU64,
 }
 
-/// A snapshot of [`Counters`].
+/// A snapshot of the object counts in [`GpuContext::counters`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ResourceCounts {
+    /// Buffers created.
     pub buffers: u64,
+    /// Bind groups created.
     pub bind_groups: u64,
+    /// Compute pipelines created.
     pub pipelines: u64,
+    /// Queue submissions.
     pub submits: u64,
+    /// Compute dispatches recorded.
     pub dispatches: u64,
+    /// Copies to the host.
     pub readbacks: u64,
+    /// Bytes copied to the host.
     pub readback_bytes: u64,
+    /// Resident model steps submitted.
     pub steps: u64,
+    /// Host nanoseconds spent recording resident steps.
     pub record_ns: u64,
 }
 
@@ -108,11 +128,17 @@ impl Counters {
 /// One device and queue, shared by every engine built from it.
 #[derive(Debug)]
 pub struct GpuContext {
+    /// The wgpu device.
     pub device: wgpu::Device,
+    /// Its queue.
     pub queue: wgpu::Queue,
+    /// The adapter that was chosen, for reports.
     pub summary: AdapterSummary,
+    /// The adapter's limits, all requested for the device.
     pub limits: wgpu::Limits,
+    /// Optional features that were enabled (`shader-f16`, subgroups, timestamps, where present).
     pub features: wgpu::Features,
+    /// Counts of GPU objects created, to check that steady-state decode creates none.
     pub counters: Counters,
     lost: Arc<Mutex<Option<String>>>,
     lost_flag: Arc<AtomicBool>,

@@ -7,27 +7,45 @@ use bytemuck::{Pod, Zeroable};
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Pod, Zeroable)]
 pub struct AttnParams {
+    /// Query/output heads.
     pub num_qo_heads: u32,
+    /// Key/value heads.
     pub num_kv_heads: u32,
+    /// Elements per head.
     pub head_dim: u32,
+    /// Query heads per KV head (`num_qo_heads / num_kv_heads`).
     pub group: u32,
+    /// Tokens per KV page (paged KV).
     pub page_size: u32,
+    /// Sequences in the batch.
     pub batch: u32,
+    /// 1 for the causal mask, 0 for none.
     pub causal: u32,
     /// `NO_WINDOW` (u32::MAX) for none.
     pub window_left: u32,
+    /// Softmax scale applied to `q . k`.
     pub sm_scale: f32,
     /// 0 for none.
     pub soft_cap: f32,
+    /// 1 when ALiBi slopes are at `off_alibi`.
     pub has_alibi: u32,
+    /// 1: K/V are the page pool; 0: ragged contiguous rows.
     pub paged: u32,
+    /// Decode: split-K chunks per sequence.
     pub num_chunks: u32,
+    /// Decode: keys per split-K chunk.
     pub chunk_len: u32,
+    /// Word offset of the page ids in the index buffer.
     pub off_indices: u32,
+    /// Word offset of `last_page_len` in the index buffer.
     pub off_last_len: u32,
+    /// Word offset of `qo_indptr` in the index buffer (prefill).
     pub off_qo_indptr: u32,
+    /// Word offset of the ALiBi slopes (as f32 bits) in the index buffer.
     pub off_alibi: u32,
+    /// Word offset of the prefill work list, `(sequence, first row)` pairs, in the index buffer.
     pub off_work: u32,
+    /// Prefill: work items in the list at `off_work`.
     pub num_work: u32,
     /// Decode: the pool buffer this pass reads.
     pub kv_buffer: u32,
@@ -36,6 +54,7 @@ pub struct AttnParams {
     /// An int8 pool: the word of each buffer where the codes start (the scales come first); 0
     /// for float pools.
     pub kv_codes_at: u32,
+    /// Padding to the WGSL struct's size.
     pub _pad1: u32,
 }
 
@@ -43,9 +62,13 @@ pub struct AttnParams {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Pod, Zeroable)]
 pub struct MergeParams {
+    /// Output rows: `batch * num_heads`.
     pub rows: u32,
+    /// Heads per sequence.
     pub num_heads: u32,
+    /// Partial states per row to merge.
     pub num_chunks: u32,
+    /// Elements per head.
     pub head_dim: u32,
 }
 
@@ -53,14 +76,21 @@ pub struct MergeParams {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Pod, Zeroable)]
 pub struct AppendParams {
+    /// New token rows to write.
     pub rows: u32,
+    /// Key/value heads per row.
     pub num_kv_heads: u32,
+    /// Elements per head.
     pub head_dim: u32,
+    /// Tokens per KV page.
     pub page_size: u32,
     /// As [`AttnParams::kv_codes_at`].
     pub kv_codes_at: u32,
+    /// Padding to the WGSL struct's size.
     pub _pad0: u32,
+    /// Padding to the WGSL struct's size.
     pub _pad1: u32,
+    /// Padding to the WGSL struct's size.
     pub _pad2: u32,
 }
 
@@ -75,6 +105,7 @@ pub const ACT_GELU: u32 = 2;
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Pod, Zeroable)]
 pub struct LinearParams {
+    /// Input rows (tokens).
     pub rows: u32,
     /// Features in this weight buffer.
     pub n: u32,
@@ -88,6 +119,7 @@ pub struct LinearParams {
     pub accumulate: u32,
     /// 1: RMSNorm the x rows on load with the weights of binding 5 and `eps`.
     pub norm: u32,
+    /// RMSNorm epsilon (with `norm`).
     pub eps: f32,
     /// What the input is: [`ACT_NONE`] x; [`ACT_SWIGLU`] x rows are `[gate | up]` (2 k4
     /// vec4s) and the input is silu(gate) * up; [`ACT_GELU`] the exact GELU of x.
@@ -96,6 +128,7 @@ pub struct LinearParams {
     pub group_shift: u32,
     /// Block-quantized weights: the word where the scales start in the weight buffer.
     pub scales_at: u32,
+    /// Padding to the WGSL struct's size.
     pub _pad0: u32,
 }
 
@@ -103,9 +136,11 @@ pub struct LinearParams {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Pod, Zeroable)]
 pub struct RowParams {
+    /// Rows to process.
     pub rows: u32,
     /// Elements per row.
     pub width: u32,
+    /// Norm epsilon.
     pub eps: f32,
     /// rms_norm: 1 when output row r reads input row rows_map[r].
     pub gather: u32,
@@ -115,10 +150,15 @@ pub struct RowParams {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Pod, Zeroable)]
 pub struct RopeParams {
+    /// Token rows of the fused q/k/v projection.
     pub rows: u32,
+    /// Query heads.
     pub num_qo_heads: u32,
+    /// Key/value heads.
     pub num_kv_heads: u32,
+    /// Elements per head.
     pub head_dim: u32,
+    /// Tokens per KV page.
     pub page_size: u32,
     /// vec4s per row of the fused q/k/v projection.
     pub q_width: u32,
