@@ -9,47 +9,70 @@ const SUPPORTED: &str = "llama, mistral, qwen2 (decoders); bert (encoder)";
 /// A model's architecture and sizes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelConfig {
+    /// A Llama-family causal language model.
     Decoder(DecoderConfig),
+    /// A BERT encoder.
     Encoder(EncoderConfig),
 }
 
 /// The Llama family: RMSNorm, RoPE, GQA, SwiGLU.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecoderConfig {
+    /// `model_type` of `config.json`: `llama`, `mistral` or `qwen2`.
     pub model_type: String,
+    /// Tokens in the vocabulary.
     pub vocab_size: usize,
+    /// Width of the residual stream.
     pub hidden_size: usize,
+    /// Width of the SwiGLU MLP's hidden layer.
     pub intermediate_size: usize,
+    /// Transformer layers (`num_hidden_layers`).
     pub num_layers: usize,
+    /// Query heads (`num_attention_heads`).
     pub num_heads: usize,
+    /// Key/value heads (`num_key_value_heads`, default `num_heads`).
     pub num_kv_heads: usize,
+    /// Elements per head (`head_dim`, default `hidden_size / num_heads`).
     pub head_dim: usize,
+    /// RMSNorm epsilon (default 1e-6).
     pub rms_norm_eps: f32,
+    /// RoPE base frequency (default 10000).
     pub rope_theta: f64,
+    /// RoPE scaling for long contexts.
     pub rope_scaling: RopeScaling,
+    /// The LM head reuses the token embedding matrix.
     pub tie_word_embeddings: bool,
     /// Biases on the q, k and v projections (Qwen2).
     pub qkv_bias: bool,
+    /// Longest context, in tokens (default 4096).
     pub max_position_embeddings: usize,
     /// Mistral's sliding window, in tokens.
     pub sliding_window: Option<usize>,
+    /// Beginning-of-sequence token.
     pub bos_token_id: Option<u32>,
+    /// End-of-sequence tokens: generation stops at any of them.
     pub eos_token_ids: Vec<u32>,
 }
 
 /// How RoPE frequencies are adjusted for long contexts.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum RopeScaling {
+    /// Plain RoPE.
     None,
     /// Positions divided by `factor`.
     Linear {
+        /// Position divisor.
         factor: f64,
     },
     /// Llama 3.1: low frequencies divided by `factor`, high ones kept, a smooth ramp between.
     Llama3 {
+        /// Divisor of the low (long-wavelength) frequencies.
         factor: f64,
+        /// Wavelengths above `original_max_position_embeddings / low_freq_factor` are divided by `factor`.
         low_freq_factor: f64,
+        /// Wavelengths below `original_max_position_embeddings / high_freq_factor` are kept.
         high_freq_factor: f64,
+        /// The context length the model was trained at.
         original_max_position_embeddings: f64,
     },
 }
@@ -57,13 +80,21 @@ pub enum RopeScaling {
 /// BERT: learned absolute positions, post-LayerNorm, GELU.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EncoderConfig {
+    /// Tokens in the vocabulary.
     pub vocab_size: usize,
+    /// Width of the hidden states.
     pub hidden_size: usize,
+    /// Width of the GELU MLP's hidden layer.
     pub intermediate_size: usize,
+    /// Transformer layers (`num_hidden_layers`).
     pub num_layers: usize,
+    /// Attention heads (`num_attention_heads`).
     pub num_heads: usize,
+    /// Learned positions, hence the longest input in tokens.
     pub max_position_embeddings: usize,
+    /// Token type (segment) embeddings (default 2).
     pub type_vocab_size: usize,
+    /// LayerNorm epsilon (default 1e-12).
     pub layer_norm_eps: f32,
 }
 
@@ -167,15 +198,18 @@ fn encoder(c: &Fields<'_>) -> Result<EncoderConfig> {
 }
 
 impl DecoderConfig {
+    /// Width of the concatenated query heads: `num_heads * head_dim`.
     pub fn q_dim(&self) -> usize {
         self.num_heads * self.head_dim
     }
+    /// Width of the concatenated key (or value) heads: `num_kv_heads * head_dim`.
     pub fn kv_dim(&self) -> usize {
         self.num_kv_heads * self.head_dim
     }
 }
 
 impl EncoderConfig {
+    /// Elements per head: `hidden_size / num_heads`.
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_heads
     }

@@ -19,15 +19,22 @@ use crate::quant::QuantFormat;
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum MetaValue {
+    /// Any unsigned integer type (`u8` to `u64`).
     Uint(u64),
+    /// Any signed integer type (`i8` to `i64`).
     Int(i64),
+    /// `f32` or `f64`.
     Float(f64),
+    /// A boolean.
     Bool(bool),
+    /// A UTF-8 string.
     String(String),
+    /// An array of values (arrays of arrays are read two levels deep at most).
     Array(Vec<MetaValue>),
 }
 
 impl MetaValue {
+    /// The value as `u64`: unsigned integers, and signed ones that are not negative.
     pub fn as_u64(&self) -> Option<u64> {
         match *self {
             Self::Uint(v) => Some(v),
@@ -35,6 +42,7 @@ impl MetaValue {
             _ => None,
         }
     }
+    /// The value as `f64`: floats and integers.
     pub fn as_f64(&self) -> Option<f64> {
         match *self {
             Self::Float(v) => Some(v),
@@ -43,12 +51,15 @@ impl MetaValue {
             _ => None,
         }
     }
+    /// The string, when the value is one.
     pub fn as_str(&self) -> Option<&str> {
         if let Self::String(s) = self { Some(s) } else { None }
     }
+    /// The boolean, when the value is one.
     pub fn as_bool(&self) -> Option<bool> {
         if let Self::Bool(b) = *self { Some(b) } else { None }
     }
+    /// The elements, when the value is an array.
     pub fn as_array(&self) -> Option<&[MetaValue]> {
         if let Self::Array(a) = self { Some(a) } else { None }
     }
@@ -57,9 +68,13 @@ impl MetaValue {
 /// How a tensor's elements are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgmlType {
+    /// 32-bit floats.
     F32,
+    /// 16-bit IEEE half floats.
     F16,
+    /// bfloat16.
     BF16,
+    /// Blocks of a quantized format.
     Quant(QuantFormat),
 }
 
@@ -108,16 +123,20 @@ fn unsupported_type_name(id: u32) -> String {
 pub struct GgufTensor {
     /// Dimensions, innermost first (`[k, n]` for an `n x k` matrix).
     pub dims: Vec<usize>,
+    /// Element type.
     pub ty: GgmlType,
     /// Byte range in the file.
     pub start: usize,
+    /// Length of the byte range, in bytes.
     pub len: usize,
 }
 
 /// A parsed GGUF file.
 #[derive(Debug)]
 pub struct GgufFile {
+    /// The file's name, for errors.
     pub file: String,
+    /// GGUF version: 2 or 3.
     pub version: u32,
     bytes: Arc<FileBytes>,
     /// Bytes before the data section: the header, metadata and tensor table.
@@ -235,14 +254,17 @@ impl GgufFile {
         Ok(Self { file: file.into(), version, bytes: Arc::new(bytes), header_len: data_start, metadata, tensors })
     }
 
+    /// The metadata value under `key` (such as `general.architecture`).
     pub fn metadata(&self, key: &str) -> Option<&MetaValue> {
         self.metadata.get(key)
     }
 
+    /// The table entry of tensor `name`.
     pub fn tensor(&self, name: &str) -> Option<&GgufTensor> {
         self.tensors.get(name)
     }
 
+    /// Names of all tensors, in no particular order.
     pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)
     }
