@@ -23,8 +23,11 @@ pub struct PlanOptions {
     pub prefill_tokens: usize,
     /// Sequences and their context for the decode step.
     pub decode_batch: usize,
+    /// KV tokens of each sequence in the decode step.
     pub decode_context: usize,
+    /// KV page sizes to time decode (and prefill) at.
     pub page_sizes: Vec<usize>,
+    /// Element type of the KV cache timed.
     pub kv_dtype: DType,
     /// Stop repeating a measurement once it has taken this long.
     pub budget_s: f64,
@@ -46,7 +49,9 @@ impl Default for PlanOptions {
 /// One attention engine the plan can choose.
 #[derive(Debug, Clone)]
 pub struct Candidate {
+    /// Display name, such as `cpu avx2` or `gpu <variant> on <device>`.
     pub name: String,
+    /// The backend that runs its attention.
     pub backend: Backend,
     /// The CPU instruction set of the projections (and of the CPU attention engine).
     pub simd: SimdLevel,
@@ -56,10 +61,15 @@ pub struct Candidate {
 /// One timing.
 #[derive(Debug, Clone)]
 pub struct Measurement {
+    /// Name of the [`Candidate`] timed.
     pub candidate: String,
+    /// `"prefill"` or `"decode"`.
     pub phase: &'static str,
+    /// KV page size of the run.
     pub page_size: usize,
+    /// Tokens the step processes: the prompt chunk (prefill) or the batch (decode).
     pub tokens: usize,
+    /// Wall time of a step, in seconds.
     pub seconds: Stats,
     /// The step's kernels alone (GPU timestamps around a replay of its dispatches), where the
     /// forward pass is resident on a GPU with timestamps: the rest of `seconds` is host work,
@@ -75,8 +85,11 @@ pub struct Measurement {
 /// One kernel's dispatches in a step and their device time replayed alone.
 #[derive(Debug, Clone)]
 pub struct KernelShare {
+    /// Kernel (pipeline) name.
     pub kernel: &'static str,
+    /// Dispatches of it in one step.
     pub dispatches: usize,
+    /// Their device time, in seconds.
     pub seconds: Stats,
 }
 
@@ -84,6 +97,7 @@ pub struct KernelShare {
 type DeviceTime = (Option<Stats>, Vec<KernelShare>, Option<f64>);
 
 impl Measurement {
+    /// Throughput of the step: `tokens / median seconds`.
     pub fn tokens_per_s(&self) -> f64 {
         self.tokens as f64 / self.seconds.median
     }
@@ -92,12 +106,19 @@ impl Measurement {
 /// The recommendation and its evidence.
 #[derive(Debug, Clone)]
 pub struct Plan {
+    /// Every timing taken.
     pub measurements: Vec<Measurement>,
+    /// The prefill engine's name and backend.
     pub prefill: (String, Backend),
+    /// The decode engine's name and backend.
     pub decode: (String, Backend),
+    /// CPU instruction set for the projections (decode's, when decode runs on the CPU).
     pub simd: SimdLevel,
+    /// KV page size of the fastest decode.
     pub page_size: usize,
+    /// KV element type the plan was timed with.
     pub kv_dtype: DType,
+    /// Why, one sentence per decision, for the report.
     pub reasons: Vec<String>,
 }
 

@@ -23,24 +23,35 @@ use crate::model::{LlamaModel, preset, random_decoder};
 /// The design's three scenarios, at full scale.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scenario {
+    /// Support agent: contexts of 4K-8K tokens, 10-50 users.
     Support,
+    /// Long-context analysis: contexts of 32K-128K tokens, 20-100 users.
     LongContext,
+    /// High-concurrency API: contexts of 8K-16K tokens, 100-1000 users.
     HighConcurrency,
 }
 
 /// A scenario's workload and the thresholds it must meet (`None`: not judged).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ScenarioSpec {
+    /// The scenario's name on the command line (`support`, `long-context`, `high-concurrency`).
     pub name: &'static str,
+    /// Prompt lengths in tokens, `(min, max)`.
     pub context: (usize, usize),
+    /// Requests in flight, `(min, max)`.
     pub concurrency: (usize, usize),
+    /// Largest median time to first token, in seconds.
     pub ttft_max_s: Option<f64>,
+    /// Largest median time per output token, in seconds.
     pub tpot_max_s: Option<f64>,
+    /// Smallest output tokens per second of the whole run.
     pub tps_min: Option<f64>,
+    /// Largest standard deviation of the inter-token latency, in seconds.
     pub itl_std_max_s: Option<f64>,
 }
 
 impl Scenario {
+    /// Parses a scenario name: `support`, `long-context` or `high-concurrency`.
     pub fn by_name(name: &str) -> Result<Self> {
         match name {
             "support" => Ok(Self::Support),
@@ -52,6 +63,7 @@ impl Scenario {
         }
     }
 
+    /// The scenario's workload and thresholds at full scale.
     pub fn spec(self) -> ScenarioSpec {
         let none = ScenarioSpec {
             name: "",
@@ -97,23 +109,29 @@ impl Scenario {
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
+    /// The scenario to run.
     pub scenario: Scenario,
     /// Multiplies the scenario's context lengths.
     pub scale: f64,
     /// Multiplies the scenario's concurrency.
     pub concurrency_scale: f64,
+    /// Requests to submit.
     pub requests: usize,
+    /// Tokens each request generates.
     pub output_tokens: usize,
     /// Mean arrivals per second; `None` calibrates it so that about the middle of the scenario's
     /// (scaled) concurrency range is in flight.
     pub rate: Option<f64>,
     /// A preset of [`crate::model::PRESETS`].
     pub model: String,
+    /// Storage type of the random weights.
     pub weight_dtype: DType,
+    /// Engine settings; `max_running` and the KV pool are sized from the scenario.
     pub engine: EngineConfig,
     /// Caps the KV pool (bytes, all layers, K and V); by default it holds every request that may
     /// run at once at its longest.
     pub kv_budget_bytes: Option<usize>,
+    /// Seed of the weights, prompts and arrivals.
     pub seed: u64,
 }
 
@@ -139,19 +157,26 @@ impl ServeOptions {
 /// One sequence decoding alone, against the memory floor.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecodeFloor {
+    /// KV tokens of the sequence (the scaled context's lower end).
     pub context: usize,
+    /// Time per output token, in seconds.
     pub tpot_s: Stats,
+    /// Bytes of weights read per token.
     pub weight_bytes: usize,
+    /// Bytes of KV read per token (all layers, K and V) at the middle of the timed steps.
     pub kv_bytes: usize,
+    /// Read bandwidth of the device, in GB/s.
     pub read_gbps: Stats,
     /// Whose read ceiling: the GPU's when the model is resident there, else the CPU's.
     pub device: String,
 }
 
 impl DecodeFloor {
+    /// The memory floor of one token, in seconds: bytes read / bandwidth.
     pub fn floor_s(&self) -> f64 {
         (self.weight_bytes + self.kv_bytes) as f64 / (self.read_gbps.median * 1e9)
     }
+    /// Median TPOT over the floor: 1 means bandwidth-bound.
     pub fn ratio(&self) -> f64 {
         self.tpot_s.median / self.floor_s()
     }
@@ -160,10 +185,15 @@ impl DecodeFloor {
 /// GPU work per scheduler step: submissions, dispatches, host readbacks and their bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct PerStep {
+    /// Scheduler steps measured.
     pub steps: u64,
+    /// Queue submissions per step.
     pub submits: f64,
+    /// Compute dispatches per step.
     pub dispatches: f64,
+    /// Copies to the host per step.
     pub readbacks: f64,
+    /// Bytes copied to the host per step.
     pub readback_bytes: f64,
     /// Host seconds recording the step (the model's own work up to the submission).
     pub record_s: f64,
@@ -186,16 +216,27 @@ impl PerStep {
 /// Everything `bench serve` measured.
 #[derive(Debug, Clone)]
 pub struct ServeReport {
+    /// The scenario's full-scale workload and thresholds.
     pub spec: ScenarioSpec,
+    /// Multiplier applied to the context lengths.
     pub scale: f64,
+    /// Multiplier applied to the concurrency.
     pub concurrency_scale: f64,
+    /// Prompt lengths after scaling, `(min, max)`.
     pub context: (usize, usize),
+    /// Concurrency after scaling, `(min, max)`.
     pub concurrency: (usize, usize),
+    /// Mean arrivals per second used.
     pub rate: f64,
+    /// Tokens each request generated.
     pub output_tokens: usize,
+    /// The model preset.
     pub model: String,
+    /// One line on the model: preset, dtype, sizes.
     pub model_description: String,
+    /// The prefill attention engine: backend, variant and device.
     pub prefill_engine: String,
+    /// The decode attention engine: backend, variant and device.
     pub decode_engine: String,
     /// Where the forward pass ran (resident on the GPU, or op by op) and why.
     pub residency: String,
@@ -203,19 +244,23 @@ pub struct ServeReport {
     pub kv_pool: (usize, usize),
     /// GPU work per scheduler step of the timed run (zeros on the CPU).
     pub per_step: PerStep,
+    /// Metrics of the whole timed run.
     pub run: RunMetrics,
     /// Each request's submission time (seconds from the start) and metrics, for plots.
     pub requests: Vec<(f64, RequestMetrics)>,
+    /// The single-sequence decode floor.
     pub floor: DecodeFloor,
     /// (criterion, measured, threshold, passed).
     pub verdicts: Vec<(&'static str, f64, f64, bool)>,
 }
 
 impl ServeReport {
+    /// Whether every verdict passed.
     pub fn passed(&self) -> bool {
         self.verdicts.iter().all(|v| v.3)
     }
 
+    /// The report as JSON, for `--json` output and plots.
     pub fn to_json(&self) -> Value {
         json!({
             "scenario": self.spec.name, "scale": self.scale, "concurrency_scale": self.concurrency_scale,
