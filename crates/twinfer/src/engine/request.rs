@@ -10,31 +10,39 @@ pub struct RequestId(pub u64);
 /// The prompt: text for the tokenizer, or token ids as they are.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Prompt {
+    /// Text, encoded by the model's tokenizer.
     Text(String),
+    /// Token ids, used as they are.
     Tokens(Vec<u32>),
 }
 
 /// A generation request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateRequest {
+    /// What to continue.
     pub prompt: Prompt,
     /// At least 1; generation also ends when the model's context is full.
     pub max_tokens: usize,
+    /// How each token is chosen.
     pub sampling: SamplingParams,
     /// Generation ends when the text contains one of these; it is cut before it.
     pub stop: Vec<String>,
+    /// Generation ends when one of these tokens is generated.
     pub stop_token_ids: Vec<u32>,
     /// Keep going past the model's end-of-sequence token.
     pub ignore_eos: bool,
 }
 
 impl GenerateRequest {
+    /// A request for a text prompt, with the defaults: 128 tokens at most, greedy, no stop condition.
     pub fn new(prompt: impl Into<String>) -> Self {
         Self::with_prompt(Prompt::Text(prompt.into()))
     }
+    /// A request for a prompt of token ids, with the defaults of [`new`](Self::new).
     pub fn tokens(ids: Vec<u32>) -> Self {
         Self::with_prompt(Prompt::Tokens(ids))
     }
+    /// A request for `prompt`, with the defaults of [`new`](Self::new).
     pub fn with_prompt(prompt: Prompt) -> Self {
         Self {
             prompt,
@@ -45,10 +53,12 @@ impl GenerateRequest {
             ignore_eos: false,
         }
     }
+    /// Sets `max_tokens` (builder).
     pub fn max_tokens(mut self, n: usize) -> Self {
         self.max_tokens = n;
         self
     }
+    /// Sets the sampling parameters (builder).
     pub fn sampling(mut self, s: SamplingParams) -> Self {
         self.sampling = s;
         self
@@ -62,14 +72,18 @@ pub enum FinishReason {
     Length,
     /// The model's end-of-sequence token.
     Eos,
+    /// One of the request's `stop_token_ids` was generated.
     StopToken(u32),
+    /// The text reached this stop string.
     StopString(String),
+    /// The caller cancelled the request.
     Cancelled,
     /// The request could not run (the message says why); other requests are unaffected.
     Failed(String),
 }
 
 impl FinishReason {
+    /// A short lowercase name: `length`, `eos`, `stop_token`, `stop`, `cancelled` or `failed`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Length => "length",
@@ -87,13 +101,34 @@ impl FinishReason {
 pub enum Event {
     /// A generated token and the text it completed (possibly empty: half a character, or text
     /// held back because it may be the start of a stop string). `t`: seconds since submission.
-    Token { request: RequestId, token: u32, text: String, t: f64 },
+    Token {
+        /// The request.
+        request: RequestId,
+        /// The token id.
+        token: u32,
+        /// Text released with this token.
+        text: String,
+        /// Seconds since submission.
+        t: f64,
+    },
     /// The request is over; `text` is everything it generated, stop string removed, and always
     /// equals the concatenation of the request's `Token` texts.
-    Finished { request: RequestId, reason: FinishReason, text: String, tokens: Vec<u32>, metrics: RequestMetrics },
+    Finished {
+        /// The request.
+        request: RequestId,
+        /// Why it ended.
+        reason: FinishReason,
+        /// Everything it generated, stop string removed.
+        text: String,
+        /// The generated token ids.
+        tokens: Vec<u32>,
+        /// Its timeline.
+        metrics: RequestMetrics,
+    },
 }
 
 impl Event {
+    /// The request the event belongs to.
     pub fn request(&self) -> RequestId {
         match self {
             Event::Token { request, .. } | Event::Finished { request, .. } => *request,
