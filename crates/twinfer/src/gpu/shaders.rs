@@ -23,34 +23,45 @@ const SUBGROUP_KERNELS: &[Kernel] = &[Kernel::Decode, Kernel::Prefill];
 /// A compute kernel; its label is its file name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernel {
+    /// Ragged batch prefill over ragged contiguous KV or the paged pool (register-tiled).
     Prefill,
+    /// Batch decode over the paged pool, split-K into chunks.
     Decode,
+    /// Merges split-K partial states (outputs and LSEs) into final rows.
     Merge,
+    /// Writes new K/V rows into their pages of the device-resident pool.
     AppendKv,
-    /// Ceilings for the benchmarks: a streaming read and an FMA loop.
+    /// Benchmark ceiling: a streaming read (memory bandwidth).
     BenchRead,
+    /// Benchmark ceiling: an f32 FMA loop (compute throughput).
     BenchFma,
-    /// Projections: decode rows (GEMV) and prompt chunks (tiled matmul).
+    /// Projection of decode rows (GEMV) over float weights.
     LinearGemv,
+    /// Projection of prompt chunks (tiled matmul) over float weights.
     LinearMatmul,
     /// Prefill where the register-tiled kernel does not run (one score per thread).
     PrefillPortable,
-    /// The resident forward pass's row operations: the final RMSNorm of the rows that get
-    /// logits, RoPE with the KV append (the other norms and SwiGLU are fused into projections).
+    /// The resident forward pass's final RMSNorm of the rows that get logits (the other norms
+    /// and SwiGLU are fused into projections).
     RmsNorm,
+    /// The resident forward pass's RoPE on q and k with the K/V append to the pool, in one pass.
     RopeAppend,
     /// Greedy sampling of the rows that get logits (one token id read back per row).
     ArgmaxRows,
     /// The resident encoder's post-norm of the residual stream (BERT), in place.
     LayerNorm,
-    /// The projections over block-quantized weights, decoded in registers: 4-bit codes (Q4_0,
-    /// Q4_1, Q4_K), 8-bit codes (Q8_0, Q5_0, Q6_K), or 8-bit codes with an offset (Q5_1, Q5_K).
-    /// Same files as the float projections.
+    /// [`LinearGemv`](Self::LinearGemv) over block-quantized weights with 4-bit codes (Q4_0,
+    /// Q4_1, Q4_K), decoded in registers.
     LinearGemvQ4,
+    /// [`LinearGemv`](Self::LinearGemv) over 8-bit codes (Q8_0, Q5_0, Q6_K).
     LinearGemvQ8,
+    /// [`LinearGemv`](Self::LinearGemv) over 8-bit codes with an offset (Q5_1, Q5_K).
     LinearGemvQ8Offset,
+    /// [`LinearMatmul`](Self::LinearMatmul) over 4-bit codes (Q4_0, Q4_1, Q4_K).
     LinearMatmulQ4,
+    /// [`LinearMatmul`](Self::LinearMatmul) over 8-bit codes (Q8_0, Q5_0, Q6_K).
     LinearMatmulQ8,
+    /// [`LinearMatmul`](Self::LinearMatmul) over 8-bit codes with an offset (Q5_1, Q5_K).
     LinearMatmulQ8Offset,
 }
 
@@ -64,6 +75,7 @@ enum WeightRead {
 }
 
 impl Kernel {
+    /// Every kernel (the tests compile each one in every variant).
     pub const ALL: [Kernel; 19] = [
         Kernel::Prefill,
         Kernel::Decode,
@@ -169,6 +181,7 @@ impl ShaderChecks {
         if backend == "vulkan" { ShaderChecks::Unchecked } else { ShaderChecks::Bounds }
     }
 
+    /// Lowercase name: `full`, `bounds` or `unchecked`.
     pub fn name(self) -> &'static str {
         match self {
             ShaderChecks::Full => "full",
@@ -197,6 +210,7 @@ pub enum Variant {
 }
 
 impl Variant {
+    /// Lowercase name: `baseline` or `subgroup`.
     pub fn name(self) -> &'static str {
         match self {
             Variant::Baseline => "baseline",
@@ -211,6 +225,7 @@ impl Variant {
 /// way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KvStorage {
+    /// 32-bit floats.
     F32,
     /// Needs the adapter's `SHADER_F16`.
     F16,
@@ -221,6 +236,7 @@ pub enum KvStorage {
 }
 
 impl KvStorage {
+    /// Every storage type.
     pub const ALL: [KvStorage; 3] = [KvStorage::F32, KvStorage::F16, KvStorage::Q8];
     /// Bytes per element (of the codes, for `Q8`, whose scales come on top).
     pub fn bytes(self) -> usize {
@@ -250,11 +266,14 @@ impl fmt::Display for KvStorage {
 /// which browsers require.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
+    /// naga, which compiles for native wgpu.
     Naga,
+    /// A browser's WebGPU implementation.
     Browser,
 }
 
 impl Target {
+    /// `Browser` on wasm32, else `Naga`.
     pub fn current() -> Self {
         if cfg!(target_arch = "wasm32") { Target::Browser } else { Target::Naga }
     }
