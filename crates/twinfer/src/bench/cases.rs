@@ -12,8 +12,11 @@ use crate::kv::{KvLayout, PageTable, PagedKv};
 
 /// Llama-3-8B-like heads: 32 query heads, 8 KV heads, head_dim 128.
 pub const QO_HEADS: usize = 32;
+/// Llama-3-8B-like KV heads of the cases.
 pub const KV_HEADS: usize = 8;
+/// Elements per head of the cases.
 pub const HEAD_DIM: usize = 128;
+/// KV page size of the decode cases, in tokens.
 pub const PAGE_SIZE: usize = 16;
 
 /// What a case is limited by, and so which ceiling it is compared with.
@@ -28,11 +31,14 @@ pub enum Bound {
 /// One measured case.
 #[derive(Debug, Clone)]
 pub struct CaseResult {
+    /// The case's name, as printed.
     pub name: String,
+    /// Seconds per run.
     pub seconds: Stats,
     /// GPU cases timed with timestamp queries: the submit-to-completion wall time per run, as a
     /// cross-check of `seconds`.
     pub wall: Option<Stats>,
+    /// Whether FLOPs or bytes limit the case.
     pub bound: Bound,
     /// FLOPs (compute-bound) or bytes (memory-bound) per run.
     pub work: f64,
@@ -109,7 +115,9 @@ impl Pool {
 /// Built once; [`PrefillCausal::run`] is what a harness times.
 #[derive(Clone)]
 pub struct PrefillCausal {
+    /// Tokens in the sequence.
     pub len: usize,
+    /// Heads and causal mask of the case.
     pub params: AttentionParams,
     /// `[len, QO_HEADS, HEAD_DIM]`
     q: Vec<f16>,
@@ -123,6 +131,7 @@ pub struct PrefillCausal {
 }
 
 impl PrefillCausal {
+    /// Builds the case's seeded pseudo-random inputs for `len` tokens.
     pub fn new(len: usize) -> Self {
         Self {
             len,
@@ -150,10 +159,12 @@ impl PrefillCausal {
         &self.o
     }
 
+    /// FLOPs of one run (see [`prefill_causal_flops`]).
     pub fn flops(&self) -> f64 {
         prefill_causal_flops(self.len)
     }
 
+    /// The case's name, such as `prefill causal L=4096`.
     pub fn name(&self) -> String {
         format!("prefill causal L={}", self.len)
     }
@@ -164,9 +175,13 @@ impl PrefillCausal {
 /// harness times.
 #[derive(Clone)]
 pub struct DecodePaged {
+    /// Sequences in the step.
     pub batch: usize,
+    /// Tokens of context per sequence.
     pub ctx: usize,
+    /// Heads of the case (no mask).
     pub params: AttentionParams,
+    /// Page layout of the KV pool.
     pub layout: KvLayout,
     /// `[num_pages, PAGE_SIZE, KV_HEADS, HEAD_DIM]`
     k: Pool,
@@ -182,6 +197,7 @@ pub struct DecodePaged {
 }
 
 impl DecodePaged {
+    /// The case with an f16 KV pool (see [`with_kv_dtype`](Self::with_kv_dtype)).
     pub fn new(batch: usize, ctx: usize) -> Result<Self> {
         Self::with_kv_dtype(batch, ctx, DType::F16)
     }
@@ -225,6 +241,7 @@ impl DecodePaged {
         &self.o
     }
 
+    /// Storage type of the KV pool.
     pub fn kv_dtype(&self) -> DType {
         self.k.tensor().dtype()
     }
@@ -235,6 +252,7 @@ impl DecodePaged {
         2.0 * (self.batch * self.ctx) as f64 * per_row
     }
 
+    /// The case's name, such as `decode f16 page16 batch=8 ctx=4K`.
     pub fn name(&self) -> String {
         format!("decode {} page{PAGE_SIZE} batch={} ctx={}", self.kv_dtype(), self.batch, context_name(self.ctx))
     }

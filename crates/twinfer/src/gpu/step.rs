@@ -46,7 +46,9 @@ pub enum Act {
     Tokens,
     /// A mixed step's prompt rows: their queries, outputs and LSE, from row 0.
     QPre,
+    /// A mixed step's prompt rows: their attention outputs.
     OPre,
+    /// A mixed step's prompt rows: their LSEs.
     LsePre,
     /// Per token: position, page, slot in page.
     Rows,
@@ -54,14 +56,23 @@ pub enum Act {
     SelRows,
     /// One KV page, for copy-on-write copies inside a pool.
     PageScratch,
+    /// Uniform: the decode attention's [`AttnParams`].
     DecParams,
+    /// Uniform: the split-K merge's [`MergeParams`](super::params::MergeParams).
     MergeParams,
+    /// Uniform: the prefill attention's [`AttnParams`].
     PreParams,
+    /// Uniform: the [`RowParams`] of the un-gathered RMSNorm and of LayerNorm.
     NormParams,
+    /// Uniform: the [`RowParams`] of the gathered RMSNorm (the rows that get logits).
     FinalNormParams,
+    /// Uniform: the greedy argmax's [`RowParams`].
     ArgmaxParams,
+    /// Uniform: the RoPE/append pass's [`RopeParams`].
     RopeParams,
+    /// The decode page table and index words (`u32`).
     DecMeta,
+    /// The prefill page table, `qo_indptr` and work list (`u32`).
     PreMeta,
 }
 
@@ -117,10 +128,12 @@ const VEC_TAG: u64 = 1 << 59;
 pub struct DeviceVec {
     id: u64,
     buffer: wgpu::Buffer,
+    /// Elements in the vector.
     pub len: usize,
 }
 
 impl DeviceVec {
+    /// Uploads `data` into a new storage buffer. Errors with `GpuOutOfMemory` or `DeviceLost`.
     pub fn upload(engine: &GpuEngine, data: &[f32]) -> Result<Self> {
         let ctx = engine.context();
         ctx.check_alive()?;
@@ -156,6 +169,7 @@ impl DeviceVec {
 /// What a projection does to its input rows as it loads them.
 #[derive(Debug, Clone, Copy)]
 pub enum OnLoad<'a> {
+    /// The rows as they are.
     Plain,
     /// RMSNorm with these weights and epsilon.
     RmsNorm(&'a DeviceVec, f32),
@@ -184,6 +198,7 @@ pub struct PlannedDecode {
     rows: usize,
 }
 
+/// A planned prefill call of a step: reused by every layer.
 #[derive(Debug)]
 pub struct PlannedPrefill {
     plan: PrefillPlan,
