@@ -23,15 +23,22 @@ pub enum Scope {
 /// Everything one `bench kernels` run measured.
 #[derive(Debug, Clone)]
 pub struct KernelReport {
+    /// The device: the CPU's model name, or the GPU adapter's summary.
     pub cpu: String,
+    /// The kernel variant: the SIMD level, or `gpu <variant>`.
     pub simd: String,
+    /// Worker threads (1 on the GPU).
     pub threads: usize,
+    /// Read bandwidth ceiling, in GB/s.
     pub read_gbps: Stats,
+    /// f32 FMA ceiling, in GFLOP/s.
     pub fma_gflops: Stats,
+    /// Every case measured.
     pub cases: Vec<CaseResult>,
 }
 
 impl KernelReport {
+    /// The report as JSON, each case with its rate and the fraction of its ceiling.
     pub fn to_json(&self) -> Value {
         let stats = |s: &Stats| json!({"median": s.median, "min": s.min, "max": s.max, "runs": s.runs});
         let cases: Vec<Value> = self
@@ -64,7 +71,14 @@ pub enum Case {
     /// Causal single-sequence prefill of this many tokens.
     Prefill(usize),
     /// Paged decode: `batch` sequences of `ctx` tokens, KV stored as `dtype`.
-    Decode { batch: usize, ctx: usize, dtype: DType },
+    Decode {
+        /// Sequences in the step.
+        batch: usize,
+        /// Tokens of context per sequence.
+        ctx: usize,
+        /// Storage type of the KV pool.
+        dtype: DType,
+    },
 }
 
 impl FromStr for Case {

@@ -100,6 +100,8 @@ struct Retained {
 }
 
 impl Scheduler {
+    /// A scheduler for `model` with the two attention engines and a KV pool sized by `config`.
+    /// Errors when `max_batch_tokens` or `max_running` is 0 or the KV budget holds no page.
     pub fn new(
         model: Arc<LlamaModel>,
         tokenizer: Option<Arc<Tokenizer>>,
@@ -167,18 +169,23 @@ impl Scheduler {
         self.resident.as_ref()
     }
 
+    /// The model being served.
     pub fn model(&self) -> &LlamaModel {
         &self.model
     }
+    /// The tokenizer, when the scheduler has one (needed for text prompts and streamed text).
     pub fn tokenizer(&self) -> Option<&Tokenizer> {
         self.tokenizer.as_deref()
     }
+    /// The paged KV cache of the running sequences.
     pub fn cache(&self) -> &PagedKvCache {
         &self.cache
     }
+    /// The attention engine of prompt chunks.
     pub fn prefill_attention(&self) -> &Attention {
         &self.prefill
     }
+    /// The attention engine of decode tokens.
     pub fn decode_attention(&self) -> &Attention {
         &self.decode
     }
@@ -187,6 +194,7 @@ impl Scheduler {
     pub fn fallback(&self) -> Option<&str> {
         self.fallback.as_deref()
     }
+    /// Seconds on the scheduler's clock ([`EngineConfig::clock`]).
     pub fn now(&self) -> f64 {
         (self.clock)()
     }
@@ -260,12 +268,15 @@ impl Scheduler {
         self.seqs.get_mut(&id).map(|s| s.cancelled = true).is_some()
     }
 
+    /// Whether any request is running or waiting.
     pub fn has_work(&self) -> bool {
         !self.seqs.is_empty()
     }
+    /// Requests holding KV pages.
     pub fn num_running(&self) -> usize {
         self.seqs.values().filter(|s| s.cache_seq.is_some()).count()
     }
+    /// Requests queued for KV pages (new or preempted).
     pub fn num_waiting(&self) -> usize {
         self.seqs.values().filter(|s| s.cache_seq.is_none()).count()
     }
@@ -289,6 +300,7 @@ impl Scheduler {
         let wall = self.first_submit.map_or(0.0, |t| self.last_finish - t);
         RunMetrics::from_requests(&self.finished, wall, &self.occupancy)
     }
+    /// Clears the finished requests' metrics and KV occupancy samples, so that [`run_metrics`](Self::run_metrics) starts afresh.
     pub fn reset_metrics(&mut self) {
         self.finished.clear();
         self.occupancy.clear();

@@ -38,8 +38,11 @@ pub struct EngineStats {
     pub running: usize,
     /// Requests queued or preempted, holding no pages.
     pub waiting: usize,
+    /// KV pages in the pool (per layer).
     pub kv_pages_total: usize,
+    /// KV pages no sequence holds.
     pub kv_pages_free: usize,
+    /// Tokens per KV page.
     pub page_size: usize,
     /// Prompt tokens still to compute, queued requests' included.
     pub pending_prompt_tokens: usize,
@@ -89,6 +92,7 @@ pub struct TokenStream {
 }
 
 impl TokenStream {
+    /// The request this stream belongs to.
     pub fn id(&self) -> RequestId {
         self.id
     }
@@ -133,11 +137,13 @@ impl Engine {
         Self::from_source(ModelSource::dir(model_dir.as_ref()), config)
     }
 
+    /// Loads a model from `source` (a folder, a GGUF file or files in memory) and starts the engine.
     pub fn from_source(source: ModelSource, config: EngineConfig) -> Result<Self> {
         let model = Model::load(source)?;
         Self::from_model(model, config)
     }
 
+    /// Starts the engine on a loaded model: a decoder gets a scheduler on its own thread; an encoder runs on the calling thread.
     pub fn from_model(model: Model, config: EngineConfig) -> Result<Self> {
         let description = model.describe();
         let clock = config.clock.unwrap_or(default_clock);
@@ -178,6 +184,7 @@ impl Engine {
         Ok(Self { served, description, prefill_info, decode_info, level, residency, chat, clock })
     }
 
+    /// One line on the model: architecture, sizes and weight formats.
     pub fn description(&self) -> &str {
         &self.description
     }
@@ -194,9 +201,11 @@ impl Engine {
     pub fn simd_level(&self) -> SimdLevel {
         self.level
     }
+    /// Whether the model generates text (a decoder) rather than embedding it (an encoder).
     pub fn is_decoder(&self) -> bool {
         matches!(self.served, Served::Decoder { .. })
     }
+    /// The model's tokenizer.
     pub fn tokenizer(&self) -> &Tokenizer {
         match &self.served {
             Served::Decoder { tokenizer, .. } => tokenizer,

@@ -33,6 +33,7 @@ pub(super) struct Layer {
 /// A loaded decoder.
 #[derive(Debug, Clone)]
 pub struct LlamaModel {
+    /// Architecture and sizes.
     pub config: DecoderConfig,
     /// `[vocab, hidden]`, shared with `lm_head` when the embeddings are tied.
     embed: Arc<WeightData>,
@@ -60,15 +61,20 @@ pub(super) struct Arranged {
 /// the caller has reserved in the cache.
 #[derive(Debug, Clone, Copy)]
 pub struct StepSeq<'a> {
+    /// The cache sequence.
     pub seq: SeqId,
+    /// The new tokens.
     pub tokens: &'a [u32],
+    /// Position of the first new token (the tokens the sequence already holds).
     pub start: usize,
+    /// Which of the new tokens get logits.
     pub logits: Logits,
 }
 
 /// Which of a sequence's new tokens get logits back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
+    /// No logits (a prompt chunk that is not the last).
     None,
     /// After the last token: what sampling needs.
     Last,
@@ -79,8 +85,11 @@ pub enum Logits {
 /// The two engines a step uses; they may be different backends.
 #[derive(Debug, Clone, Copy)]
 pub struct Engines<'a> {
+    /// CPU instruction set of the projections run on the CPU.
     pub level: SimdLevel,
+    /// Attention engine of prompt chunks.
     pub prefill: &'a Attention,
+    /// Attention engine of decode tokens.
     pub decode: &'a Attention,
 }
 
@@ -97,6 +106,8 @@ impl<'a> Engines<'a> {
 }
 
 impl LlamaModel {
+    /// Builds the model from Hugging Face tensor names (`model.layers.{i}...`), each checked against the shape `config` implies.
+    /// Errors with `ModelTensor` on a missing or misshapen tensor.
     pub fn load(config: DecoderConfig, w: &Weights) -> Result<Self> {
         let (h, q, kv, inter) = (config.hidden_size, config.q_dim(), config.kv_dim(), config.intermediate_size);
         let embed = Arc::new(w.get("model.embed_tokens.weight", &[config.vocab_size, h])?);

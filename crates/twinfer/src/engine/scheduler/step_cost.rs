@@ -6,6 +6,7 @@
 /// left out.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StepCost {
+    /// Steps observed, the first (not fitted) included.
     pub steps: usize,
     /// Seconds; 0 before the first decode-only step.
     pub fixed: f64,
