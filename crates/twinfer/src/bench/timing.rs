@@ -5,13 +5,18 @@ use std::time::Instant;
 /// Median and spread of repeated measurements.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Stats {
+    /// Median sample (NaN when there are none).
     pub median: f64,
+    /// Smallest sample.
     pub min: f64,
+    /// Largest sample.
     pub max: f64,
+    /// Number of samples.
     pub runs: usize,
 }
 
 impl Stats {
+    /// Summarizes `xs`; the statistics are NaN when it is empty.
     pub fn from_samples(mut xs: Vec<f64>) -> Self {
         xs.sort_by(|a, b| a.total_cmp(b));
         let n = xs.len();

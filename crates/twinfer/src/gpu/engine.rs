@@ -41,9 +41,11 @@ const WIDE_CHUNK_PREFILL_STORAGE: u32 = 48 * 1024;
 /// How the engine runs; every field can be forced (tests cover each variant explicitly).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GpuOptions {
+    /// Reduction variant of the kernels (subgroup when the adapter has subgroups).
     pub variant: Variant,
     /// Keep f16 K/V as f16 on the device (needs SHADER_F16); otherwise K/V are widened to f32.
     pub f16_kv: bool,
+    /// How decode splits long sequences into chunks; `Auto` sizes them to fill the device.
     pub split_k: SplitK,
     /// Decode workgroup size in threads (teams of head_dim / 8 lanes): 64, 128 or 256.
     pub decode_wg: u32,
@@ -120,9 +122,11 @@ impl GpuEngine {
         Ok(Self { ctx: self.ctx.clone(), res: Arc::new(Mutex::new(Resources::new(opts.shader_checks))), opts })
     }
 
+    /// The options the engine runs with.
     pub fn options(&self) -> GpuOptions {
         self.opts
     }
+    /// The shared device and queue.
     pub fn context(&self) -> &Arc<GpuContext> {
         &self.ctx
     }

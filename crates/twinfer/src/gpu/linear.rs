@@ -94,7 +94,9 @@ struct Chunk {
 #[derive(Debug)]
 pub struct GpuLinear {
     id: u64,
+    /// Output features.
     pub n: usize,
+    /// Input features.
     pub k: usize,
     /// The storage of float weights (f32 for block-quantized ones, which keep their codes).
     pub storage: KvStorage,

@@ -34,9 +34,13 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 #[derive(Debug)]
 pub struct GpuKvCache {
     id: u64,
+    /// Shape of one page.
     pub layout: KvLayout,
+    /// How K and V are stored on the device.
     pub storage: KvStorage,
+    /// Pages in the pool.
     pub num_pages: usize,
+    /// Pages per device buffer.
     pub pages_per_buffer: usize,
     /// (K, V) per buffer.
     buffers: Vec<(wgpu::Buffer, wgpu::Buffer)>,

@@ -42,6 +42,7 @@ struct ResidentSlot {
 /// A loaded BERT encoder.
 #[derive(Debug, Clone)]
 pub struct BertModel {
+    /// Architecture and sizes.
     pub config: EncoderConfig,
     word: Vec<f32>,
     position: Vec<f32>,
@@ -52,6 +53,8 @@ pub struct BertModel {
 }
 
 impl BertModel {
+    /// Builds the encoder from Hugging Face tensor names, with or without the `bert.` prefix, each checked against the shape `config` implies.
+    /// Errors with `ModelTensor` on a missing or misshapen tensor.
     pub fn load(config: EncoderConfig, w: &Weights) -> Result<Self> {
         // sentence-transformers exports drop the `bert.` prefix; full BertModel checkpoints keep it.
         let p = if w.contains("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };

@@ -21,19 +21,24 @@ const FUEL: u64 = 5_000_000;
 pub struct ChatMessage {
     /// `system`, `user` or `assistant` (templates may accept others, such as `tool`).
     pub role: String,
+    /// The message text.
     pub content: String,
 }
 
 impl ChatMessage {
+    /// A message with any role.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
         Self { role: role.into(), content: content.into() }
     }
+    /// A `user` message.
     pub fn user(content: impl Into<String>) -> Self {
         Self::new("user", content)
     }
+    /// A `system` message.
     pub fn system(content: impl Into<String>) -> Self {
         Self::new("system", content)
     }
+    /// An `assistant` message.
     pub fn assistant(content: impl Into<String>) -> Self {
         Self::new("assistant", content)
     }

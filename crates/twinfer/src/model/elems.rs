@@ -23,6 +23,7 @@ enum Repr<T> {
 }
 
 impl<T: Pod> Elems<T> {
+    /// Elements held in memory.
     pub fn owned(values: Vec<T>) -> Self {
         Self(Repr::Owned(values))
     }

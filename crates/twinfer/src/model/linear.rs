@@ -12,14 +12,18 @@ use crate::gpu::{DEFAULT_MAX_WEIGHT_BUFFER, GpuEngine, GpuLinear};
 use crate::model::weights::{WeightData, Weights};
 use crate::quant::PackedQuant;
 
+/// A projection `y = x · Wᵀ + b`: its weight blocks, bias and sizes, and its copies on GPU devices.
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// `[n, k]`, one row per output feature, as row blocks stacked in order: one block, unless
     /// projections of one input were fused (q, k, v; gate, up), whose float blocks stay where they
     /// were loaded (in the model file when they can) instead of being copied into one matrix.
     pub parts: Vec<Arc<WeightData>>,
+    /// Bias per output feature, `[n]`.
     pub bias: Option<Vec<f32>>,
+    /// Output features.
     pub n: usize,
+    /// Input features.
     pub k: usize,
     /// The weights' copies on GPU devices, made on first use there.
     pub device: DeviceCopies,

@@ -10,7 +10,9 @@ use crate::error::{Result, TwinferError};
 /// The bytes of one file.
 #[derive(Debug)]
 pub enum FileBytes {
+    /// Read into memory.
     Owned(Vec<u8>),
+    /// Memory-mapped from disk (files of 1 MiB or more).
     #[cfg(not(target_arch = "wasm32"))]
     Mapped(memmap2::Mmap),
 }
@@ -46,7 +48,9 @@ impl FileBytes {
 /// or a single GGUF file.
 #[derive(Debug)]
 pub enum ModelSource {
+    /// A folder on disk.
     Dir(PathBuf),
+    /// Files in memory, by name; reading one takes it out of the map.
     Files(HashMap<String, Vec<u8>>),
     /// One file on disk (a `.gguf`), known by its file name.
     File(PathBuf),
@@ -73,6 +77,7 @@ impl ModelSource {
         path.file_name().is_some_and(|f| f == name)
     }
 
+    /// Whether the source has a file of this name.
     pub fn has(&self, name: &str) -> bool {
         match self {
             Self::Dir(dir) => dir.join(name).is_file(),
@@ -127,6 +132,7 @@ impl ModelSource {
         }
     }
 
+    /// The file as UTF-8 text. Errors with `Io` when it is missing, `ModelFile` when it is not UTF-8.
     pub fn read_text(&mut self, name: &str) -> Result<String> {
         let shown = self.display(name);
         let bytes = self.read(name)?;

@@ -41,8 +41,11 @@ pub struct Weights {
 /// A tensor in the format it will be computed from.
 #[derive(Debug, Clone)]
 pub enum WeightData {
+    /// f32 weights.
     F32(Elems<f32>),
+    /// f16 weights.
     F16(Elems<f16>),
+    /// bf16 weights.
     BF16(Elems<bf16>),
     /// A block-quantized matrix, kept quantized in the CPU kernel's layout.
     Quant(PackedQuant),
@@ -67,6 +70,7 @@ impl WeightData {
             Self::Quant(q) => q.n * q.k,
         }
     }
+    /// Whether the tensor holds no element.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -77,6 +81,7 @@ impl WeightData {
             other => other.len() * other.dtype().map_or(4, DType::size),
         }
     }
+    /// The weights widened (or dequantized) to f32, in row-major order.
     pub fn to_f32(&self) -> Vec<f32> {
         match self {
             Self::F32(v) => v.to_vec(),
@@ -155,6 +160,7 @@ impl Weights {
         Ok(Weights { shards: Vec::new(), index: HashMap::new(), gguf: Some(gguf_model::GgufWeights::new(file)?) })
     }
 
+    /// Whether the model has a tensor of this (Hugging Face) name.
     pub fn contains(&self, name: &str) -> bool {
         match &self.gguf {
             Some(g) => g.contains(name),

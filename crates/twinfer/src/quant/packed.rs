@@ -37,8 +37,11 @@ pub const TILE: usize = 16;
 /// Quantized `[n, k]` weights in the tiled layout.
 #[derive(Debug, Clone)]
 pub struct PackedQuant {
+    /// The block format the weights came from.
     pub format: QuantFormat,
+    /// Output features (rows).
     pub n: usize,
+    /// Input features per row, a multiple of 32.
     pub k: usize,
     codes: Vec<u8>,
     /// `[tiles][groups][TILE]` f16 scales.
@@ -71,10 +74,12 @@ impl QuantFormat {
 }
 
 impl PackedQuant {
+    /// Tiles of [`TILE`] output features: `ceil(n / TILE)`.
     pub fn tiles(&self) -> usize {
         self.n.div_ceil(TILE)
     }
 
+    /// Blocks of 32 inputs per row: `k / 32`.
     pub fn blocks(&self) -> usize {
         self.k / BLOCK
     }
