@@ -19,7 +19,7 @@ use crate::options::EngineArgs;
 
 #[derive(Args)]
 pub struct BenchModelArgs {
-    /// A decoder: a GGUF file or a Hugging Face folder.
+    /// A decoder: a GGUF file, a Hugging Face folder, or a Hub name (org/name[@revision][/FILE.gguf]).
     #[arg(long)]
     pub model: PathBuf,
     /// Prompt length timed for prompt processing (llama-bench's -p).
@@ -46,6 +46,7 @@ pub fn run(args: BenchModelArgs) -> Result<(), String> {
         return Err("--prompt-tokens must be at least 1, --gen-tokens at least 2, --reps at least 1".into());
     }
     let mut config = args.engine.config()?;
+    let args = BenchModelArgs { model: crate::hub::resolve(&args.model)?, ..args };
     let mut model = Model::load(ModelSource::dir(&args.model)).map_err(|e| e.to_string())?;
     // Quantized here, so the bytes a step reads are those of the weights that run.
     let (weight_bytes, vocab) = match &mut model.network {

@@ -15,7 +15,8 @@ use crate::options::EngineArgs;
 
 #[derive(Args)]
 pub struct ChatArgs {
-    /// A model with a chat template: a GGUF file or a Hugging Face folder.
+    /// A model with a chat template: a GGUF file, a Hugging Face folder, or a Hub name
+    /// (org/name[@revision][/FILE.gguf], fetched into the Hugging Face cache once).
     #[arg(long)]
     pub model: PathBuf,
     /// A system message for the whole conversation.
@@ -44,7 +45,7 @@ pub fn run(args: ChatArgs) -> Result<(), String> {
     if args.engine.prefix_cache.is_none() {
         config.prefix_cache_sequences = 4;
     }
-    let engine = Engine::new(&args.model, config).map_err(|e| e.to_string())?;
+    let engine = Engine::new(&crate::hub::resolve(&args.model)?, config).map_err(|e| e.to_string())?;
     if engine.chat_template().is_none() {
         return Err(format!("{} has no chat template: use `twinfer run`", args.model.display()));
     }

@@ -12,7 +12,9 @@ use crate::options::EngineArgs;
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// A Hugging Face model folder (config.json, model.safetensors, tokenizer.json) or a GGUF file.
+    /// A Hugging Face model folder (config.json, model.safetensors, tokenizer.json), a GGUF file, or
+    /// a Hub name: org/name[@revision] or org/name[@revision]/FILE.gguf, fetched into the Hugging
+    /// Face cache once and loaded offline from then on (HF_HUB_OFFLINE=1 forbids the network).
     #[arg(long)]
     pub model: PathBuf,
     /// The prompt.
@@ -53,7 +55,8 @@ pub struct RunArgs {
 
 #[derive(Args)]
 pub struct EmbedArgs {
-    /// A sentence-embedding model folder (BERT family, e.g. all-MiniLM-L6-v2).
+    /// A sentence-embedding model folder (BERT family, e.g. all-MiniLM-L6-v2) or its Hub name
+    /// (sentence-transformers/all-MiniLM-L6-v2).
     #[arg(long)]
     pub model: PathBuf,
     /// Texts to embed. With several, a cosine-similarity table follows (semantic search).
@@ -86,7 +89,7 @@ fn sampling(args: &RunArgs) -> SamplingParams {
 }
 
 pub fn run(args: RunArgs) -> Result<(), String> {
-    let engine = load(&args.model, args.engine.config()?, args.json)?;
+    let engine = load(&crate::hub::resolve(&args.model)?, args.engine.config()?, args.json)?;
     let request = if args.chat {
         let mut messages: Vec<ChatMessage> = args.system.iter().map(ChatMessage::system).collect();
         messages.push(ChatMessage::user(args.prompt.clone()));
@@ -149,7 +152,7 @@ fn ms(x: Option<f64>) -> String {
 }
 
 pub fn embed(args: EmbedArgs) -> Result<(), String> {
-    let engine = load(&args.model, args.engine.config()?, args.json)?;
+    let engine = load(&crate::hub::resolve(&args.model)?, args.engine.config()?, args.json)?;
     let texts: Vec<&str> = args.texts.iter().map(String::as_str).collect();
     let start = std::time::Instant::now();
     let embeddings = engine.embed(&texts).map_err(|e| e.to_string())?;

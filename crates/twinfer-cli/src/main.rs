@@ -6,6 +6,7 @@ mod bench_model;
 mod bench_serve;
 mod chat;
 mod generate;
+mod hub;
 mod info;
 mod interrupt;
 mod options;

@@ -10,7 +10,7 @@ use twinfer::model::{Model, ModelSource, Network, preset, random_decoder};
 
 #[derive(Args)]
 pub struct PlanArgs {
-    /// A decoder model folder to plan for.
+    /// A decoder model to plan for: a folder, a GGUF file or a Hub name (org/name[@revision]).
     #[arg(long, conflicts_with = "preset")]
     pub model: Option<PathBuf>,
     /// Or a model shape with random weights: smollm-135m, smollm-360m, qwen2.5-0.5b, tiny.
@@ -51,10 +51,12 @@ pub fn run(args: PlanArgs) -> Result<(), String> {
         return Err("prefill tokens, decode batch, decode context and page sizes must be positive".into());
     }
     let mut model = match (&args.model, &args.preset) {
-        (Some(dir), _) => match Model::load(ModelSource::dir(dir)).map_err(|e| e.to_string())?.network {
-            Network::Decoder(m) => m,
-            Network::Encoder(_) => return Err(format!("{}: plan needs a decoder model", dir.display())),
-        },
+        (Some(dir), _) => {
+            match Model::load(ModelSource::dir(crate::hub::resolve(dir)?)).map_err(|e| e.to_string())?.network {
+                Network::Decoder(m) => m,
+                Network::Encoder(_) => return Err(format!("{}: plan needs a decoder model", dir.display())),
+            }
+        }
         (None, Some(name)) => {
             random_decoder(preset(name).map_err(|e| e.to_string())?, DType::F16, 1).map_err(|e| e.to_string())?
         }

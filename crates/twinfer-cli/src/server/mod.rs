@@ -28,8 +28,9 @@ use routes::{AppState, ServedModel, router};
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// A model to serve: a GGUF file or a Hugging Face folder, decoder or encoder; repeatable.
-    /// Requests name it by its file stem or folder name, or by NAME when given as NAME=PATH.
+    /// A model to serve: a GGUF file, a Hugging Face folder or a Hub name (org/name[@revision]),
+    /// decoder or encoder; repeatable. Requests name it by its file stem, folder name or Hub
+    /// name, or by NAME when given as NAME=PATH.
     #[arg(long = "model", value_name = "[NAME=]PATH", required = true)]
     pub models: Vec<String>,
     #[arg(long, default_value = "127.0.0.1")]
@@ -72,9 +73,12 @@ fn model_spec(spec: &str) -> Result<(String, PathBuf), String> {
         Some((name, path)) if !Path::new(spec).exists() => (Some(name.to_string()), PathBuf::from(path)),
         _ => (None, PathBuf::from(spec)),
     };
+    // A Hub model is served under its Hub name, as other OpenAI-compatible servers do.
+    let hub = !path.exists() && crate::hub::is_hub_name(&path.to_string_lossy());
     let name = match name {
         Some(n) if !n.is_empty() => n,
         Some(_) => return Err(format!("--model {spec}: the name before '=' is empty")),
+        None if hub => path.to_string_lossy().into_owned(),
         None => {
             let stem = if path.is_dir() { path.file_name() } else { path.file_stem() };
             stem.and_then(|s| s.to_str())
@@ -83,7 +87,7 @@ fn model_spec(spec: &str) -> Result<(String, PathBuf), String> {
                 .ok_or_else(|| format!("--model {spec}: cannot name this model from its path; give NAME={spec}"))?
         }
     };
-    Ok((name, path))
+    Ok((name, crate::hub::resolve(&path)?))
 }
 
 pub fn run(args: ServeArgs) -> Result<(), String> {
