@@ -1,6 +1,8 @@
 //! twinfer: FlashAttention-style prefill and FlashInfer-style paged decode attention, on SIMD CPUs
 //! (through `pulp`) and on GPUs through WGSL compute shaders (`wgpu`).
 
+#![deny(missing_docs)]
+
 pub mod attention;
 mod backend;
 pub mod bench;

@@ -142,7 +142,7 @@ pub struct RowParams {
     pub width: u32,
     /// Norm epsilon.
     pub eps: f32,
-    /// rms_norm: 1 when output row r reads input row rows_map[r].
+    /// rms_norm: 1 when output row `r` reads input row `rows_map[r]`.
     pub gather: u32,
 }
 

@@ -655,7 +655,7 @@ impl<'e> StepRecorder<'e> {
     }
 
     /// Sets the step's RoPE/append shape: `rows` tokens whose (position, page, slot) are in
-    /// [`Act::Rows`] and whose positions the [`Act::RopeTable`] covers.
+    /// [`Act::Rows`] and whose positions the cos/sin table of [`rope_append`](Self::rope_append) covers.
     pub fn plan_rope(&mut self, prm: RopeParams) -> Result<()> {
         if !prm.head_dim.is_multiple_of(8) {
             return Err(TwinferError::InvalidParameter(format!(

@@ -110,7 +110,7 @@ impl BertModel {
     }
 
     /// [`BertModel::embed`] without blocking. On a GPU engine the whole encoder runs there in one
-    /// step per batch (at most [`MAX_STEP_TOKENS`] tokens; larger batches take several) and the
+    /// step per batch (at most 8192 tokens; larger batches take several) and the
     /// last hidden states are read back once; where the resident path is unavailable (shapes it
     /// does not take, or `TWINFER_RESIDENT=0`), projections and attention run op by op.
     pub async fn embed_async(

@@ -6,7 +6,7 @@ use crate::kv::SeqId;
 impl Scheduler {
     /// Checks the bookkeeping between steps: every running request owns one live cache sequence
     /// holding exactly the tokens it computed, a waiting one holds nothing, no cache sequence is
-    /// orphaned, and the pool's counts agree with the page tables ([`PagedKvCache::audit`]). For
+    /// orphaned, and the pool's counts agree with the page tables ([`crate::kv::PagedKvCache::audit`]). For
     /// stress tests and debugging; one pass over every page table.
     pub fn audit(&self) -> std::result::Result<(), String> {
         let mut owned = std::collections::BTreeSet::new();
