@@ -195,7 +195,8 @@ pub enum TwinferError {
     #[error("no usable GPU: {0}")]
     GpuUnavailable(String),
 
-    /// A blocking call was made where waiting is impossible (a browser's main thread); call the `_async` variant instead.
+    /// A blocking call was made where waiting is impossible (a browser's main thread); call the
+    /// `_async` variant instead.
     #[error("{call} would have to wait for the GPU, which a browser's main thread cannot do: use its async twin")]
     WouldBlock {
         /// The blocking call that was made.

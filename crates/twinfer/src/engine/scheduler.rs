@@ -300,7 +300,8 @@ impl Scheduler {
         let wall = self.first_submit.map_or(0.0, |t| self.last_finish - t);
         RunMetrics::from_requests(&self.finished, wall, &self.occupancy)
     }
-    /// Clears the finished requests' metrics and KV occupancy samples, so that [`run_metrics`](Self::run_metrics) starts afresh.
+    /// Clears the finished requests' metrics and KV occupancy samples, so that
+    /// [`run_metrics`](Self::run_metrics) starts afresh.
     pub fn reset_metrics(&mut self) {
         self.finished.clear();
         self.occupancy.clear();

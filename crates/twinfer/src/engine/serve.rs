@@ -143,7 +143,8 @@ impl Engine {
         Self::from_model(model, config)
     }
 
-    /// Starts the engine on a loaded model: a decoder gets a scheduler on its own thread; an encoder runs on the calling thread.
+    /// Starts the engine on a loaded model: a decoder gets a scheduler on its own thread; an
+    /// encoder runs on the calling thread.
     pub fn from_model(model: Model, config: EngineConfig) -> Result<Self> {
         let description = model.describe();
         let clock = config.clock.unwrap_or(default_clock);

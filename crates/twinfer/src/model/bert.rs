@@ -53,7 +53,8 @@ pub struct BertModel {
 }
 
 impl BertModel {
-    /// Builds the encoder from Hugging Face tensor names, with or without the `bert.` prefix, each checked against the shape `config` implies.
+    /// Builds the encoder from Hugging Face tensor names, with or without the `bert.` prefix, each
+    /// checked against the shape `config` implies.
     /// Errors with `ModelTensor` on a missing or misshapen tensor.
     pub fn load(config: EncoderConfig, w: &Weights) -> Result<Self> {
         // sentence-transformers exports drop the `bert.` prefix; full BertModel checkpoints keep it.

@@ -106,7 +106,8 @@ impl<'a> Engines<'a> {
 }
 
 impl LlamaModel {
-    /// Builds the model from Hugging Face tensor names (`model.layers.{i}...`), each checked against the shape `config` implies.
+    /// Builds the model from Hugging Face tensor names (`model.layers.{i}...`), each checked
+    /// against the shape `config` implies.
     /// Errors with `ModelTensor` on a missing or misshapen tensor.
     pub fn load(config: DecoderConfig, w: &Weights) -> Result<Self> {
         let (h, q, kv, inter) = (config.hidden_size, config.q_dim(), config.kv_dim(), config.intermediate_size);
