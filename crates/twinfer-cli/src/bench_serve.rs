@@ -85,7 +85,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
     }
     let report = run_serve(&opts).map_err(|e| e.to_string())?;
     if let Some(path) = &args.plot {
-        std::fs::write(path, crate::plot::serve_svg(&report)).map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::write(path, crate::plot::serve_svg(&report)?).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     if args.json {
         println!("{}", report.to_json());

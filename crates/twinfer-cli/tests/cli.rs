@@ -168,7 +168,12 @@ fn bench_serve_writes_an_svg_plot() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = std::fs::read_to_string(&svg).unwrap();
     let _ = std::fs::remove_file(&svg);
-    assert!(text.starts_with("<svg") && text.contains("<rect") && text.contains("<polyline"));
+    assert!(text.starts_with("<svg") && text.contains("<rect") && text.contains("<polyline"), "{text}");
+    for label in
+        ["TTFT, 3 samples", "inter-token latency", "generated tokens/s over time", "seconds since the first request"]
+    {
+        assert!(text.contains(label), "the plot has no {label:?}");
+    }
     assert!(String::from_utf8_lossy(&out.stdout).contains("scale x0.002"));
 }
 
