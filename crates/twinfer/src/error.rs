@@ -59,7 +59,7 @@ pub enum TwinferError {
         num_pages: usize,
     },
 
-    /// A sequence's `last_page_len` is 0, larger than the page size, or the sequence has no pages.
+    /// A sequence's `last_page_len` is outside `1..=page_size` (or not 0 for a sequence with no pages).
     #[error("sequence {seq}: last_page_len {value} is outside 1..={page_size} (or the sequence has no pages)")]
     LastPageLenOutOfRange {
         /// Index of the sequence in the batch.

@@ -23,11 +23,11 @@ use crate::model::{LlamaModel, preset, random_decoder};
 /// The design's three scenarios, at full scale.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scenario {
-    /// Support agent: contexts of 4K-8K tokens, 10-50 users.
+    /// Support agent: contexts of 4K-8K tokens, 10-50 requests in flight.
     Support,
-    /// Long-context analysis: contexts of 32K-128K tokens, 20-100 users.
+    /// Long-context analysis: contexts of 32K-128K tokens, 20-100 requests in flight.
     LongContext,
-    /// High-concurrency API: contexts of 8K-16K tokens, 100-1000 users.
+    /// High-concurrency API: contexts of 8K-16K tokens, 100-1000 requests in flight.
     HighConcurrency,
 }
 

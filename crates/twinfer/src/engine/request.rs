@@ -34,7 +34,7 @@ pub struct GenerateRequest {
 }
 
 impl GenerateRequest {
-    /// A request for a text prompt, with the defaults: 128 tokens at most, greedy, no stop condition.
+    /// A request for a text prompt with the defaults: at most 128 tokens, greedy, no stop strings or tokens.
     pub fn new(prompt: impl Into<String>) -> Self {
         Self::with_prompt(Prompt::Text(prompt.into()))
     }

@@ -41,7 +41,7 @@ const WIDE_CHUNK_PREFILL_STORAGE: u32 = 48 * 1024;
 /// How the engine runs; every field can be forced (tests cover each variant explicitly).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GpuOptions {
-    /// Reduction variant of the kernels (subgroup when the adapter has subgroups).
+    /// Reduction variant of the kernels (by default subgroup where the adapter has subgroups).
     pub variant: Variant,
     /// Keep f16 K/V as f16 on the device (needs SHADER_F16); otherwise K/V are widened to f32.
     pub f16_kv: bool,
