@@ -20,8 +20,13 @@ cargo fmt --all --check
 echo "== cargo clippy (native, all targets)"
 cargo clippy --workspace --all-targets -- -D warnings
 
-echo "== the published crates package (twinfer-shaders holds the WGSL, so the core crate needs no file outside itself)"
-cargo package -p twinfer-shaders -p twinfer -p twinfer-cli --no-verify --allow-dirty --quiet
+echo "== cargo doc: the libraries' public API documented (missing_docs is denied in twinfer), no rustdoc warning"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet -p twinfer -p twinfer-shaders
+
+echo "== the published crates: publish --dry-run (packaging, metadata, dependency resolution; twinfer-shaders"
+echo "   holds the WGSL, so the core crate needs no file outside itself), then the core crate built from its tarball"
+cargo publish --dry-run --workspace --no-verify --allow-dirty --quiet
+cargo package -p twinfer-shaders -p twinfer --allow-dirty --quiet
 
 echo "== real models: all-MiniLM-L6-v2 and the numpy reference goldens"
 scripts/fetch-models.sh >/dev/null
