@@ -1,6 +1,9 @@
 // SHA-256 fed piece by piece, so that a model file can be checked while it streams into wasm
 // memory: crypto.subtle.digest wants the whole file in one buffer, a second full copy of the
-// weights. About 180 MB/s in V8 (half a second for a 100 MB file).
+// weights. About 180 MB/s in V8 (half a second for a 100 MB file). Written here rather than taken
+// from a package (@noble/hashes would do) because the package has no runtime dependency: its
+// modules load in a page as they are, with no bundler or import map. Checked against Node's
+// crypto on real model files and random data (test/cache.test.mjs).
 
 const K = new Int32Array([
   0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5, 0xd807aa98, 0x12835b01,
