@@ -6,7 +6,7 @@
 pub const ONLINE_SOFTMAX: (&str, &str) = ("online_softmax.wgsl", include_str!("online_softmax.wgsl"));
 
 /// Every kernel file, by name.
-pub const KERNELS: [(&str, &str); 13] = [
+pub const KERNELS: [(&str, &str); 14] = [
     ("prefill_attention.wgsl", include_str!("prefill_attention.wgsl")),
     ("decode_attention_paged.wgsl", include_str!("decode_attention_paged.wgsl")),
     ("merge_state.wgsl", include_str!("merge_state.wgsl")),
@@ -20,6 +20,7 @@ pub const KERNELS: [(&str, &str); 13] = [
     ("rope_append.wgsl", include_str!("rope_append.wgsl")),
     ("argmax_rows.wgsl", include_str!("argmax_rows.wgsl")),
     ("layer_norm.wgsl", include_str!("layer_norm.wgsl")),
+    ("topk_rows.wgsl", include_str!("topk_rows.wgsl")),
 ];
 
 #[cfg(test)]

@@ -253,6 +253,73 @@ proptest! {
     }
 }
 
+/// The device's top-k candidates of a row, in the host reference's order (larger logit first, the
+/// lower id on ties, NaN last): the kernel writes them in its own slot order.
+fn device_top_k(gpu: &GpuEngine, logits: &[f32], rows: usize, width: usize, k: usize) -> Vec<Vec<(u32, u32)>> {
+    let got = gpu.topk_rows(logits, rows, width, k).unwrap();
+    assert_eq!(got.len(), rows * k);
+    got.chunks(k)
+        .enumerate()
+        .map(|(r, c)| {
+            // Reordered by the reference's own order, found by looking each id up in it.
+            let want = twinfer::engine::top_k(&logits[r * width..][..width], width);
+            let rank: std::collections::HashMap<u32, usize> = want.iter().enumerate().map(|(i, w)| (w.0, i)).collect();
+            let mut c: Vec<(u32, f32)> = c.to_vec();
+            c.sort_by_key(|x| rank.get(&x.0).copied().unwrap_or(usize::MAX));
+            c.iter().map(|x| (x.0, x.1.to_bits())).collect()
+        })
+        .collect()
+}
+
+fn host_top_k(logits: &[f32], rows: usize, width: usize, k: usize) -> Vec<Vec<(u32, u32)>> {
+    (0..rows)
+        .map(|r| {
+            twinfer::engine::top_k(&logits[r * width..][..width], k).iter().map(|x| (x.0, x.1.to_bits())).collect()
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+
+    /// The device's top-k candidates are the host reference's, ids and logit bits, row by row
+    /// (ties, signed zeros, infinities, NaN and all-NaN rows included; the output is poisoned).
+    #[test]
+    fn device_top_k_equals_the_host_top_k(rows in 1usize..=12, width in 1usize..=3000, k in 1usize..=130, seed in any::<u64>()) {
+        let Some(gpu) = engine() else { return Ok(()) };
+        let k = k.min(width);
+        let logits = tricky_logits(rows, width, seed);
+        let got = device_top_k(gpu, &logits, rows, width, k);
+        let want = host_top_k(&logits, rows, width, k);
+        for r in 0..rows {
+            prop_assert_eq!(&got[r], &want[r], "row {} of {} x {}, k {}", r, rows, width, k);
+        }
+    }
+}
+
+/// Top-k shapes the generator may miss (a vocabulary, k = width, one column), and k out of range
+/// is a typed error.
+#[test]
+fn device_top_k_edges() {
+    let Some(gpu) = engine() else { return };
+    for (rows, width, k) in [(1, 49152, 40), (2, 49152, 128), (3, 256, 256), (2, 257, 1), (65, 5, 5), (1, 1, 1)] {
+        let logits = tricky_logits(rows, width, (rows * width + k) as u64);
+        assert_eq!(
+            device_top_k(gpu, &logits, rows, width, k),
+            host_top_k(&logits, rows, width, k),
+            "{rows} x {width}, k {k}"
+        );
+    }
+    // Distinct random values (no ties): the order comes from the values alone.
+    let mut rng = twinfer_tests::rng::Rng::new(7);
+    let logits: Vec<f32> = (0..4 * 32000).map(|_| rng.uniform() * 30.0).collect();
+    assert_eq!(device_top_k(gpu, &logits, 4, 32000, 50), host_top_k(&logits, 4, 32000, 50));
+    for k in [0, 11] {
+        let err = gpu.topk_rows(&[1.0; 10], 1, 10, k).unwrap_err();
+        assert!(matches!(err, TwinferError::InvalidParameter(_)), "k {k}: {err:?}");
+    }
+}
+
 /// Shapes the generator may miss, and a wrong shape is a typed error.
 #[test]
 fn device_argmax_edges() {

@@ -282,3 +282,27 @@ async fn a_destroyed_device_falls_back_to_the_cpu_with_the_same_tokens() {
     assert_eq!(s.decode_attention().info().backend, "cpu");
     assert!(s.decode_attention().info().reason.starts_with("fallback:"));
 }
+
+/// Top-k sampling on the browser's GPU (`topk_rows.wgsl` through the browser's WGSL compiler): the
+/// same tokens as sampling from read-back logits.
+#[wasm_bindgen_test]
+async fn top_k_sampling_on_the_browser_gpu_equals_sampling_from_logits() {
+    let gpu = gpu().await;
+    let mut runs = Vec::new();
+    for on_device in [true, false] {
+        let mut s = scheduler(gpu.clone(), gpu.clone());
+        assert!(s.resident().is_some(), "not resident: {}", s.residency());
+        s.sample_on_device(on_device);
+        for (i, top_k) in [40usize, 3].into_iter().enumerate() {
+            let ids = (0..9).map(|t| (t * 53 + i * 7 + 5) as u32 + 10).collect();
+            let p =
+                twinfer::engine::SamplingParams { temperature: 0.9, top_k, seed: 7 + i as u64, ..Default::default() };
+            let mut req = GenerateRequest::tokens(ids).max_tokens(8).sampling(p);
+            req.ignore_eos = true;
+            s.add(req).unwrap();
+        }
+        runs.push(finish(&mut s, usize::MAX, None).await);
+    }
+    console_log!("top-k on the browser GPU: {:?}", runs[0]);
+    assert_eq!(runs[0], runs[1]);
+}

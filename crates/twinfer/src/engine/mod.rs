@@ -12,7 +12,7 @@ mod serve;
 pub use config::EngineConfig;
 pub use metrics::{Distribution, RequestMetrics, RunMetrics};
 pub use request::{Event, FinishReason, GenerateRequest, Prompt, RequestId};
-pub use sampling::{Sampler, SamplingParams, argmax};
+pub use sampling::{Sampler, SamplingParams, argmax, top_k};
 pub use scheduler::{Scheduler, StepCost};
 #[cfg(not(target_arch = "wasm32"))]
 pub use serve::{Engine, EngineStats, EventSink, TokenStream};

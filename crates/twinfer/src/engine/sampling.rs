@@ -78,8 +78,28 @@ impl Sampler {
         if p.temperature == 0.0 {
             return argmax(logits);
         }
-        let mut cand: Vec<(u32, f32)> =
-            logits.iter().enumerate().map(|(i, &l)| (i as u32, l / p.temperature)).collect();
+        self.draw(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect(), p)
+    }
+
+    /// [`Sampler::sample`] from a row's `k` most likely tokens ([`top_k`], or the device's top-k):
+    /// the same token as from the whole row when `k >= p.top_k > 0` and no repetition penalty
+    /// applies (the draw only ever sees the `top_k` most likely), or for greedy rows. Unlike the
+    /// whole row, a NaN logit is never a candidate (as `argmax` never picks it).
+    pub fn sample_candidates(&mut self, candidates: &[(u32, f32)], p: &SamplingParams) -> u32 {
+        if p.temperature == 0.0 {
+            // The candidates' argmax: the largest logit, the lowest id on ties, NaN never wins.
+            let best = candidates.iter().copied().reduce(|b, c| {
+                let wins = c.1 > b.1 || (c.1 == b.1 && c.0 < b.0) || (b.1.is_nan() && !c.1.is_nan());
+                if wins { c } else { b }
+            });
+            return best.map_or(0, |(id, _)| id);
+        }
+        self.draw(candidates.to_vec(), p)
+    }
+
+    /// Temperature, top-k, top-p and the draw over (token, logit) candidates.
+    fn draw(&mut self, candidates: Vec<(u32, f32)>, p: &SamplingParams) -> u32 {
+        let mut cand: Vec<(u32, f32)> = candidates.into_iter().map(|(i, l)| (i, l / p.temperature)).collect();
         // Most likely first; ties by token id so the order is total and deterministic.
         cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if p.top_k > 0 {
@@ -109,6 +129,25 @@ impl Sampler {
             }
         }
         cand[probs.len() - 1].0
+    }
+}
+
+/// The `k` largest logits of a row with their ids (the host's reference for the device's
+/// `topk_rows`): larger first, the lower id on ties, NaN below every number.
+pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut all: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+    all.sort_unstable_by(|a, b| order_key(b.1).cmp(&order_key(a.1)).then(a.0.cmp(&b.0)));
+    all.truncate(k);
+    all
+}
+
+/// A u32 that orders like the f32 (total order) with every NaN at the bottom.
+fn order_key(v: f32) -> u32 {
+    let b = v.to_bits();
+    match () {
+        _ if v.is_nan() => 0,
+        _ if b & 0x8000_0000 != 0 => !b,
+        _ => b | 0x8000_0000,
     }
 }
 
@@ -163,5 +202,42 @@ mod tests {
         assert_eq!(counts[2], 0);
         let share = counts[0] as f64 / 20_000.0;
         assert!((share - 0.625).abs() < 0.02, "{counts:?}");
+    }
+
+    /// Sampling from a row's top-k candidates picks the token sampling from the whole row picks,
+    /// for every temperature, top-k (up to the candidates' k), top-p and seed; greedy rows too.
+    #[test]
+    fn candidates_sample_as_the_whole_row() {
+        let mut state = 12345u64;
+        let mut next = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 33) as u32
+        };
+        for case in 0..3000 {
+            let width = 1 + (next() % 700) as usize;
+            // Quarter steps from a small range: ties everywhere, as in real logits' top ranks.
+            let row: Vec<f32> = (0..width).map(|_| (next() % 64) as f32 * 0.25 - 8.0).collect();
+            let k = 1 + (next() as usize % width.min(130));
+            let p = SamplingParams {
+                temperature: [0.0, 0.7, 1.0, 1.3][case % 4],
+                top_k: 1 + next() as usize % k,
+                top_p: [1.0, 0.9, 0.5][case % 3],
+                seed: case as u64,
+                ..Default::default()
+            };
+            let whole = Sampler::new(p.seed).sample(&mut row.clone(), &p, &[]);
+            let cand = top_k(&row, k);
+            assert_eq!(cand.len(), k);
+            let picked = Sampler::new(p.seed).sample_candidates(&cand, &p);
+            assert_eq!(picked, whole, "case {case}: width {width}, k {k}, {p:?}");
+        }
+    }
+
+    #[test]
+    fn top_k_orders_by_value_then_id_with_nan_last() {
+        let row = [1.0, f32::NAN, 3.0, -0.0, 3.0, 0.0, f32::NEG_INFINITY, f32::INFINITY];
+        let ids: Vec<u32> = top_k(&row, 8).iter().map(|c| c.0).collect();
+        assert_eq!(ids, [7, 2, 4, 0, 5, 3, 6, 1]);
+        assert_eq!(top_k(&row, 2).iter().map(|c| c.0).collect::<Vec<_>>(), [7, 2]);
     }
 }

@@ -85,6 +85,9 @@ pub struct Scheduler {
     /// The whole model on the GPU, when both phases run there (see [`Scheduler::residency`]).
     resident: Option<ResidentDecoder>,
     residency: String,
+    /// On the resident path, steps whose rows all sample greedily or with top-k (and no
+    /// repetition penalty) pick on the device (see [`Scheduler::sample_on_device`]).
+    sample_on_device: bool,
     /// Finished requests' cache sequences kept for their prefixes, least recently used first
     /// (see [`EngineConfig::prefix_cache_sequences`]).
     retained: std::collections::VecDeque<Retained>,
@@ -152,6 +155,7 @@ impl Scheduler {
             last_finish: 0.0,
             fallback: None,
             resident,
+            sample_on_device: true,
             residency,
             retained: std::collections::VecDeque::new(),
             step_cost: StepCost::default(),
@@ -167,6 +171,13 @@ impl Scheduler {
     /// The device-resident state, when the forward pass runs on the GPU.
     pub fn resident(&self) -> Option<&ResidentDecoder> {
         self.resident.as_ref()
+    }
+
+    /// Whether the resident path picks tokens on the device (greedy ids, or top-k candidates that
+    /// the host samples from) instead of reading logits back; on by default. The tokens are the
+    /// same either way: off is for comparisons.
+    pub fn sample_on_device(&mut self, on: bool) {
+        self.sample_on_device = on;
     }
 
     /// The model being served.
@@ -368,14 +379,28 @@ impl Scheduler {
             })
             .collect();
         if let Some(resident) = &self.resident {
-            let greedy = plan.iter().zip(&step).all(|(&(id, _), st)| {
-                let p = &self.seqs[&id].request.sampling;
-                st.logits == Logits::None || (p.temperature == 0.0 && p.repetition_penalty == 1.0)
-            });
-            return Ok(if greedy {
-                StepOutput::Tokens(self.model.forward_resident_greedy_async(resident, &mut self.cache, &step).await?)
-            } else {
-                StepOutput::Logits(self.model.forward_resident_async(resident, &mut self.cache, &step).await?)
+            let sampled: Vec<&super::SamplingParams> = plan
+                .iter()
+                .zip(&step)
+                .filter(|(_, st)| st.logits != Logits::None)
+                .map(|(&(id, _), _)| &self.seqs[&id].request.sampling)
+                .collect();
+            let on_device = self.sample_on_device && sampled.iter().all(|p| p.repetition_penalty == 1.0);
+            let greedy = sampled.iter().all(|p| p.temperature == 0.0);
+            let top_k = sampled.iter().filter(|p| p.temperature > 0.0).map(|p| p.top_k).max().unwrap_or(0);
+            let vocab = self.model.config.vocab_size;
+            let top_k_fits = sampled.iter().all(|p| p.temperature == 0.0 || (1..=DEVICE_TOP_K_MAX).contains(&p.top_k));
+            let model = &self.model;
+            return Ok(match () {
+                _ if on_device && greedy => {
+                    StepOutput::Tokens(model.forward_resident_greedy_async(resident, &mut self.cache, &step).await?)
+                }
+                _ if on_device && top_k_fits && top_k <= vocab => {
+                    let (candidates, greedy_ids) =
+                        model.forward_resident_top_k_async(resident, &mut self.cache, &step, top_k).await?;
+                    StepOutput::Candidates { k: top_k, candidates, greedy_ids }
+                }
+                _ => StepOutput::Logits(model.forward_resident_async(resident, &mut self.cache, &step).await?),
             });
         }
         let engines = Engines { level: self.level, prefill: &self.prefill, decode: &self.decode };
@@ -404,6 +429,14 @@ impl Scheduler {
                         self.sample(id, &mut l)
                     }
                     StepOutput::Tokens(ids) => ids[row],
+                    StepOutput::Candidates { k, candidates, greedy_ids } => {
+                        let s = self.seqs.get_mut(&id).expect("planned");
+                        if s.request.sampling.temperature == 0.0 {
+                            greedy_ids[row]
+                        } else {
+                            s.sampler.sample_candidates(&candidates[row * k..(row + 1) * k], &s.request.sampling)
+                        }
+                    }
                 };
                 row += 1;
                 if let Some(reason) = self.accept(id, token, now, events)? {
@@ -745,4 +778,15 @@ enum StepOutput {
     Logits(Vec<f32>),
     /// Greedy tokens picked on the device.
     Tokens(Vec<u32>),
+    /// Per row, the device's `k` most likely (token, logit) pairs and its greedy token.
+    Candidates {
+        k: usize,
+        candidates: Vec<(u32, f32)>,
+        greedy_ids: Vec<u32>,
+    },
 }
+
+/// The largest `top_k` sampled from device candidates; a larger one reads the logits back.
+/// 128 covers the common defaults (40 in llama.cpp and ollama, 50 in transformers) at 1 KiB read
+/// back per row.
+const DEVICE_TOP_K_MAX: usize = 128;

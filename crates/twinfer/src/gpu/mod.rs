@@ -19,4 +19,6 @@ pub use engine::{GpuEngine, GpuOptions};
 pub use linear::{DEFAULT_MAX_WEIGHT_BUFFER, GEMV_MAX_ROWS, GemvShape, GpuLinear};
 pub use resident::{DEFAULT_MAX_KV_BUFFER, GpuKvCache, KernelTime, pool_buffer_bytes, pool_page_bytes};
 pub use shaders::{KvStorage, ShaderChecks, Variant};
-pub use step::{Act, DeviceVec, OnLoad, PlannedDecode, PlannedPrefill, StepPending, StepRecorder, step_submissions};
+pub use step::{
+    Act, DeviceVec, OnLoad, PlannedDecode, PlannedPrefill, StepPending, StepRecorder, candidates, step_submissions,
+};

@@ -146,6 +146,20 @@ pub struct RowParams {
     pub gather: u32,
 }
 
+/// WGSL `TopkParams` (topk_rows.wgsl): top-k of `rows` rows of `width` logits.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Pod, Zeroable)]
+pub struct TopkParams {
+    /// Rows of logits.
+    pub rows: u32,
+    /// Logits per row (the vocabulary).
+    pub width: u32,
+    /// Candidates per row, at most `width`.
+    pub k: u32,
+    /// Padding to 16 bytes.
+    pub _pad0: u32,
+}
+
 /// WGSL `RopeParams` (rope_append.wgsl).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Pod, Zeroable)]
@@ -224,6 +238,7 @@ pub fn layouts() -> Vec<Layout> {
             [rows, n, k4, n0, ldy, accumulate, norm, eps, act, group_shift, scales_at, _pad0]
         ),
         offsets!(RowParams, "RowParams", [rows, width, eps, gather]),
+        offsets!(TopkParams, "TopkParams", [rows, width, k, _pad0]),
         offsets!(
             RopeParams,
             "RopeParams",

@@ -11,7 +11,7 @@ pub const SHARED: (&str, &str) = twinfer_shaders::ONLINE_SOFTMAX;
 
 /// One entry per kernel file, in the order of [`Kernel::ALL`] (the `twinfer-shaders` crate is
 /// the top-level `shaders/` folder).
-const FILES: [(&str, &str); 13] = twinfer_shaders::KERNELS;
+const FILES: [(&str, &str); 14] = twinfer_shaders::KERNELS;
 
 /// Kernels with `// #if Q8` lines: the ones that read or write a K/V pool.
 const Q8_KERNELS: &[Kernel] =
@@ -50,6 +50,8 @@ pub enum Kernel {
     ArgmaxRows,
     /// The resident encoder's post-norm of the residual stream (BERT), in place.
     LayerNorm,
+    /// Top-k sampling on the device: the k largest logits of each row with their ids.
+    TopkRows,
     /// [`LinearGemv`](Self::LinearGemv) over block-quantized weights with 4-bit codes (Q4_0,
     /// Q4_1, Q4_K), decoded in registers.
     LinearGemvQ4,
@@ -76,7 +78,7 @@ enum WeightRead {
 
 impl Kernel {
     /// Every kernel (the tests compile each one in every variant).
-    pub const ALL: [Kernel; 19] = [
+    pub const ALL: [Kernel; 20] = [
         Kernel::Prefill,
         Kernel::Decode,
         Kernel::Merge,
@@ -96,6 +98,7 @@ impl Kernel {
         Kernel::LinearMatmulQ8,
         Kernel::LinearMatmulQ8Offset,
         Kernel::LayerNorm,
+        Kernel::TopkRows,
     ];
 
     fn index(self) -> usize {
@@ -113,6 +116,7 @@ impl Kernel {
             Kernel::RopeAppend => 10,
             Kernel::ArgmaxRows => 11,
             Kernel::LayerNorm => 12,
+            Kernel::TopkRows => 13,
         }
     }
     /// The file name, used as the pipeline label.

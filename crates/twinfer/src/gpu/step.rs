@@ -74,6 +74,11 @@ pub enum Act {
     DecMeta,
     /// The prefill page table, `qo_indptr` and work list (`u32`).
     PreMeta,
+    /// Top-k candidates `[rows, k]` of (token id, logit bits): read back when the sampled rows
+    /// sample with top-k.
+    TopK,
+    /// Uniform: the top-k pass's [`TopkParams`](super::params::TopkParams).
+    TopkParams,
 }
 
 impl Act {
@@ -87,6 +92,7 @@ impl Act {
                 | Act::FinalNormParams
                 | Act::ArgmaxParams
                 | Act::RopeParams
+                | Act::TopkParams
         )
     }
 
@@ -115,6 +121,8 @@ impl Act {
             Act::RopeParams => "rope params",
             Act::DecMeta => "decode page table",
             Act::PreMeta => "prefill page table",
+            Act::TopK => "top-k candidates",
+            Act::TopkParams => "top-k params",
         }
     }
 }
@@ -265,6 +273,11 @@ impl std::fmt::Debug for StepPending {
     }
 }
 
+/// (id, logit) pairs from the words of [`Act::TopK`].
+pub fn candidates(words: &[u32]) -> Vec<(u32, f32)> {
+    words.chunks_exact(2).map(|w| (w[0], f32::from_bits(w[1]))).collect()
+}
+
 impl StepPending {
     /// The values read back. Natively this blocks until the device is done; in a browser it
     /// awaits the map from the event loop.
@@ -279,6 +292,27 @@ impl StepPending {
 }
 
 impl GpuEngine {
+    /// The `k` largest logits of each of `rows` rows of `width` with their ids, through
+    /// `topk_rows.wgsl` (one step of its own): what a resident step does after its logits when
+    /// its rows sample with top-k, here for any host data (tests). Per row, `k` pairs in the
+    /// kernel's slot order (the larger logits, then the ties at the k-th).
+    pub fn topk_rows(&self, logits: &[f32], rows: usize, width: usize, k: usize) -> Result<Vec<(u32, f32)>> {
+        if rows.checked_mul(width) != Some(logits.len()) || width == 0 {
+            return Err(TwinferError::ShapeMismatch {
+                what: "top-k logits ([rows, width], width > 0)",
+                expected: rows.saturating_mul(width.max(1)),
+                got: logits.len(),
+            });
+        }
+        let mut rec = self.record_step(true)?;
+        rec.reserve(&[(Act::Logits, logits.len() * 4), (Act::TopK, rows * k * 8)])?;
+        rec.write(Act::Logits, bytemuck::cast_slice(logits))?;
+        rec.topk_rows(Act::Logits, rows, width, k, Act::TopK)?;
+        let words =
+            crate::wait::blocking("GpuEngine::topk_rows", rec.submit(Act::TopK, 2 * rows * k)?.wait_u32_async())??;
+        Ok(candidates(&words))
+    }
+
     /// Greedy picks of `rows` rows of `width` logits through `argmax_rows.wgsl` (one step of its
     /// own): what a resident step does after its logits, here for any host data (tests).
     pub fn argmax_rows(&self, logits: &[f32], rows: usize, width: usize) -> Result<Vec<u32>> {
@@ -585,6 +619,19 @@ impl<'e> StepRecorder<'e> {
         let key = row_key(Kernel::ArgmaxRows, if wide { 1024 } else { 256 });
         let binds =
             [Bind::Slot(Slot::Act(Act::ArgmaxParams)), Bind::Slot(Slot::Act(input)), Bind::Slot(Slot::Act(out))];
+        self.dispatch(key, &binds, [rows.min(32768), rows.div_ceil(32768), 1])
+    }
+
+    /// Top-k sampling's candidates on the device: `out[r]` holds the `k` largest logits of row r of
+    /// `input[rows, width]` with their ids (`topk_rows.wgsl`; NaN below every number).
+    pub fn topk_rows(&mut self, input: Act, rows: usize, width: usize, k: usize, out: Act) -> Result<()> {
+        if k == 0 || k > width {
+            return Err(TwinferError::InvalidParameter(format!("top-k of {k} among {width} logits")));
+        }
+        let prm = crate::gpu::params::TopkParams { rows: rows as u32, width: width as u32, k: k as u32, _pad0: 0 };
+        self.slot_params(Act::TopkParams, bytemuck::bytes_of(&prm))?;
+        let key = row_key(Kernel::TopkRows, 256);
+        let binds = [Bind::Slot(Slot::Act(Act::TopkParams)), Bind::Slot(Slot::Act(input)), Bind::Slot(Slot::Act(out))];
         self.dispatch(key, &binds, [rows.min(32768), rows.div_ceil(32768), 1])
     }
 

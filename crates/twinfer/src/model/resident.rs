@@ -219,6 +219,32 @@ impl LlamaModel {
         Ok(if has_rows { ids } else { Vec::new() })
     }
 
+    /// [`LlamaModel::forward_resident_async`] with top-k candidates picked on the device: per row
+    /// that gets logits, its `k` largest logits with their ids (`[rows, k]`, see
+    /// [`crate::engine::top_k`]) and its greedy token id; `8 k + 4` bytes read back per row
+    /// instead of the vocabulary's logits. `k` is at most the vocabulary.
+    pub async fn forward_resident_top_k_async(
+        &self,
+        r: &ResidentDecoder,
+        cache: &mut PagedKvCache,
+        seqs: &[StepSeq<'_>],
+        k: usize,
+    ) -> Result<(Vec<(u32, f32)>, Vec<u32>)> {
+        if k == 0 || k > self.config.vocab_size {
+            return Err(TwinferError::InvalidParameter(format!(
+                "top-k of {k} among a vocabulary of {}",
+                self.config.vocab_size
+            )));
+        }
+        let (pending, has_rows) = self.record_resident(r, cache, seqs, Readout::TopK(k))?;
+        let words = pending.wait_u32_async().await?;
+        if !has_rows {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let split = words.len() - words.len() / (2 * k + 1);
+        Ok((crate::gpu::candidates(&words[..split]), words[split..].to_vec()))
+    }
+
     /// Records and submits a resident step; whether it reads rows back (else one value of the
     /// stream, so that the step's errors still surface in its wait).
     fn record_resident(
@@ -265,6 +291,7 @@ impl LlamaModel {
             (Act::Sel, n * h * f),
             (Act::Logits, n * vocab * f),
             (Act::Tokens, n * f),
+            (Act::TopK, if let Readout::TopK(k) = readout { n * (2 * k + 1) * f } else { 0 }),
             (Act::Rows, rows_info.len() * f),
             (Act::SelRows, n * f),
             (Act::PageScratch, if copies.is_empty() { 0 } else { r.layers[0].kv.page_bytes() }),
@@ -319,6 +346,14 @@ impl LlamaModel {
                 rec.argmax_rows(Act::Logits, n, vocab, Act::Tokens)?;
                 Ok((rec.submit(Act::Tokens, n)?, true))
             }
+            Readout::TopK(k) => {
+                // The candidates, then every row's greedy id (for the rows that sample greedily),
+                // read back together.
+                rec.topk_rows(Act::Logits, n, vocab, k, Act::TopK)?;
+                rec.argmax_rows(Act::Logits, n, vocab, Act::Tokens)?;
+                rec.copy(Act::Tokens, 0, Act::TopK, n * k * 2 * f, n * f)?;
+                Ok((rec.submit(Act::TopK, n * (2 * k + 1))?, true))
+            }
         }
     }
 }
@@ -330,4 +365,6 @@ enum Readout {
     Logits,
     /// Their greedy token ids.
     Greedy,
+    /// Their `k` largest logits with ids, then their greedy token ids.
+    TopK(usize),
 }
