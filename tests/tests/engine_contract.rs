@@ -332,3 +332,58 @@ fn pending_prompt_tokens_and_the_step_cost_follow_the_steps() {
     let next: Vec<u32> = long.iter().copied().chain(5..25).collect();
     assert_eq!(s.predicted_ttft(&next), cost.prefill_seconds(170 - 128, 0, 512), "128 tokens come from the cache");
 }
+
+/// A TPOT objective caps the prompt tokens of a step that carries decode tokens at what the
+/// fitted step cost allows (here, an objective no step can meet: the decode tokens and one
+/// aligned chunk), while a step with nobody decoding still takes the whole budget; the outputs
+/// do not change, only how the prompts are cut.
+#[test]
+fn a_tpot_objective_caps_the_prompt_tokens_of_decoding_steps() {
+    let p: Vec<u32> = (0..300u32).map(|i| 3 + (i * 11) % 500).collect();
+    let mut outputs = Vec::new();
+    for target in [None, Some(1e-9)] {
+        let mut s = scheduler(EngineConfig { tpot_target: target, max_batch_tokens: 512, ..config() });
+        // Warm the step-cost model: a prompt step and decode steps.
+        s.add(greedy(p[..40].to_vec(), 4)).unwrap();
+        while s.has_work() {
+            s.step().unwrap();
+        }
+        s.add(greedy(p[..40].to_vec(), 4)).unwrap();
+        while s.has_work() {
+            s.step().unwrap();
+        }
+        assert!(s.step_cost().per_token > 0.0 && s.step_cost().fixed > 0.0, "{:?}", s.step_cost());
+        // One request decoding, then a long prompt arrives.
+        let first = s.add(greedy(p[..20].to_vec(), 40)).unwrap();
+        s.step().unwrap();
+        assert_eq!(s.num_decoding(), 1);
+        let second = s.add(greedy(p.clone(), 8)).unwrap();
+        let mut chunks = Vec::new();
+        let mut events = Vec::new();
+        while s.pending_prompt_tokens() > 0 {
+            let before = s.pending_prompt_tokens();
+            events.extend(s.step().unwrap());
+            chunks.push(before - s.pending_prompt_tokens());
+        }
+        while s.has_work() {
+            events.extend(s.step().unwrap());
+        }
+        let tokens = |id: twinfer::engine::RequestId| {
+            events.iter().find_map(|e| match e {
+                Event::Finished { request, tokens, .. } if *request == id => Some(tokens.clone()),
+                _ => None,
+            })
+        };
+        eprintln!("TPOT objective {target:?}: prompt chunks {chunks:?}");
+        match target {
+            None => assert_eq!(chunks, [300], "without an objective the prompt fits one step"),
+            Some(_) => {
+                let align = twinfer::cpu::PREFILL_ALIGN;
+                assert!(chunks.iter().all(|&c| c <= align), "chunks of at most {align}: {chunks:?}");
+                assert_eq!(chunks.iter().sum::<usize>(), 300);
+            }
+        }
+        outputs.push((tokens(first).unwrap(), tokens(second).unwrap()));
+    }
+    assert_eq!(outputs[0], outputs[1], "the objective changes how prompts are cut, not the tokens");
+}

@@ -96,6 +96,11 @@ pub struct EngineArgs {
     /// Tokens per continuous-batching step: decode tokens plus prompt chunks [default: 512].
     #[arg(long)]
     pub max_batch_tokens: Option<usize>,
+    /// A time-per-output-token objective: steps with decoding requests take prompt tokens only
+    /// as far as the measured step cost keeps them within it (0: none) [default: none; `bench
+    /// serve`: the scenario's TPOT limit; a `plan` config may carry one].
+    #[arg(long, value_name = "MS")]
+    pub tpot_target_ms: Option<f64>,
     /// Quantize a float model's projections at load.
     #[arg(long, value_enum)]
     pub quantize: Option<QuantizeArg>,
@@ -154,6 +159,12 @@ impl EngineArgs {
             c.kv_dtype = d.into();
         }
         c.max_batch_tokens = self.max_batch_tokens.unwrap_or(c.max_batch_tokens);
+        if let Some(ms) = self.tpot_target_ms {
+            if !(ms >= 0.0 && ms.is_finite()) {
+                return Err(format!("--tpot-target-ms {ms}: give a number of milliseconds, 0 for none"));
+            }
+            c.tpot_target = (ms > 0.0).then_some(ms / 1e3);
+        }
         if let Some(q) = self.quantize {
             c.quantize = Some(q.into());
         }
@@ -187,6 +198,17 @@ fn apply_config_file(c: &mut EngineConfig, path: &Path) -> Result<(), String> {
             "q8" => DType::Q8,
             _ => return Err(bad("kv_dtype", v)),
         };
+    }
+    if let Some(v) = json.get("tpot_target_ms") {
+        let ms = v
+            .as_f64()
+            .filter(|ms| *ms >= 0.0 && ms.is_finite())
+            .ok_or_else(|| bad("tpot_target_ms", &v.to_string()))?;
+        c.tpot_target = (ms > 0.0).then_some(ms / 1e3);
+    }
+    if let Some(v) = json.get("max_batch_tokens") {
+        c.max_batch_tokens =
+            v.as_u64().filter(|&n| n > 0).ok_or_else(|| bad("max_batch_tokens", &v.to_string()))? as usize;
     }
     if let Some(p) = json.get("page_size") {
         c.page_size = p.as_u64().filter(|&p| p > 0).ok_or_else(|| bad("page_size", &p.to_string()))? as usize;

@@ -41,12 +41,21 @@ pub struct PlanArgs {
     /// Quantize the model's projections at load.
     #[arg(long, value_enum)]
     pub quantize: Option<crate::options::QuantizeArg>,
+    /// A time-per-output-token objective written into the config, so that `run`, `serve` and
+    /// `bench serve --config` cut prompt chunks to keep decoding requests within it.
+    #[arg(long, value_name = "MS")]
+    pub tpot_target_ms: Option<f64>,
     /// KV cache storage of the timed steps.
     #[arg(long, value_enum, default_value = "f16")]
     pub kv_dtype: crate::options::KvDtypeArg,
 }
 
 pub fn run(args: PlanArgs) -> Result<(), String> {
+    if let Some(ms) = args.tpot_target_ms
+        && !(ms > 0.0 && ms.is_finite())
+    {
+        return Err(format!("--tpot-target-ms {ms}: give a positive number of milliseconds"));
+    }
     if args.page_sizes.is_empty() || args.prefill_tokens == 0 || args.decode_batch == 0 || args.decode_context == 0 {
         return Err("prefill tokens, decode batch, decode context and page sizes must be positive".into());
     }
@@ -81,7 +90,10 @@ pub fn run(args: PlanArgs) -> Result<(), String> {
         }
     }
     let p = plan(&Arc::new(model), &opts, &found).map_err(|e| e.to_string())?;
-    let doc = p.to_json();
+    let mut doc = p.to_json();
+    if let Some(ms) = args.tpot_target_ms {
+        doc["tpot_target_ms"] = serde_json::json!(ms);
+    }
     std::fs::write(&args.out, format!("{doc:#}\n")).map_err(|e| format!("{}: {e}", args.out.display()))?;
     if args.json {
         println!("{doc}");

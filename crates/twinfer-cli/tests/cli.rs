@@ -220,10 +220,13 @@ fn plan_writes_a_config_that_run_accepts() {
         "16",
         "--engines",
         "cpu,gpu subgroup",
+        "--tpot-target-ms",
+        "40",
         "--out",
         path(&out),
         "--json",
     ]);
+    assert_eq!(doc["tpot_target_ms"], 40.0, "the objective goes into the config");
     for key in ["prefill_backend", "decode_backend", "simd", "page_size", "evidence", "reasons"] {
         assert!(!doc[key].is_null(), "plan JSON lacks {key}");
     }
@@ -246,6 +249,9 @@ fn plan_writes_a_config_that_run_accepts() {
     assert_eq!(run["decode_backend"], doc["decode_backend"]);
     std::fs::write(&out, "{\"page_size\": \"big\"}").unwrap();
     fails_with(&["run", "--model", path(&model), "--prompt", "a", "--config", path(&out)], "page_size");
+    std::fs::write(&out, "{\"tpot_target_ms\": -1}").unwrap();
+    fails_with(&["run", "--model", path(&model), "--prompt", "a", "--config", path(&out)], "tpot_target_ms");
+    fails_with(&["run", "--model", path(&model), "--prompt", "a", "--tpot-target-ms", "nan"], "--tpot-target-ms");
     let _ = std::fs::remove_file(&out);
 }
 

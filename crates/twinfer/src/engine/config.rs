@@ -25,6 +25,12 @@ pub struct EngineConfig {
     pub max_batch_tokens: usize,
     /// Sequences running at once.
     pub max_running: usize,
+    /// A time-per-output-token objective in seconds. When set, a step that carries decode tokens
+    /// takes prompt tokens only as far as the measured step cost keeps it within the objective
+    /// (Sarathi-Serve's stall-free batching), and at least one aligned chunk so that prompts still
+    /// move; a step with nobody decoding takes `max_batch_tokens` (the first token is what its
+    /// requests wait for). `None`: every step takes up to `max_batch_tokens`.
+    pub tpot_target: Option<f64>,
     /// New requests reuse the KV pages of a running request's identical prompt prefix.
     pub prefix_sharing: bool,
     /// Finished requests leave their KV pages behind for later prompts that start the same way
@@ -51,6 +57,7 @@ impl Default for EngineConfig {
             kv_dtype: DType::F16,
             max_batch_tokens: 512,
             max_running: 256,
+            tpot_target: None,
             prefix_sharing: true,
             prefix_cache_sequences: 0,
             quantize: None,

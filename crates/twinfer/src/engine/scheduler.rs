@@ -478,7 +478,7 @@ impl Scheduler {
         let mut admit_new = true;
         let align = self.chunk_align();
         loop {
-            let mut budget = self.config.max_batch_tokens;
+            let mut budget = self.step_budget(align);
             let mut plan = Vec::new();
             let running: Vec<RequestId> =
                 self.seqs.iter().filter(|(_, s)| s.cache_seq.is_some()).map(|(&id, _)| id).collect();
@@ -635,6 +635,20 @@ impl Scheduler {
                 Ok(true)
             }
             None => Ok(false),
+        }
+    }
+
+    /// Tokens this step may carry: `max_batch_tokens`, or with a TPOT objective and sequences
+    /// decoding, what the fitted step cost allows within it (the decode tokens and at least one
+    /// aligned prompt chunk whatever it says).
+    fn step_budget(&self, align: usize) -> usize {
+        let max = self.config.max_batch_tokens;
+        let decoding = self.num_decoding();
+        match (self.config.tpot_target, decoding) {
+            (Some(target), 1..) => {
+                self.step_cost.tokens_within(target).map_or(max, |t| t.clamp((decoding + align).min(max), max))
+            }
+            _ => max,
         }
     }
 

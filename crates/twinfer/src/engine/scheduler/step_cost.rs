@@ -29,6 +29,12 @@ impl StepCost {
         }
     }
 
+    /// Tokens a step can carry within `seconds`, by the fitted model; `None` before both a
+    /// decode-only step and a step with a prompt chunk were measured.
+    pub fn tokens_within(&self, seconds: f64) -> Option<usize> {
+        (self.per_token > 0.0 && self.fixed > 0.0).then(|| ((seconds - self.fixed).max(0.0) / self.per_token) as usize)
+    }
+
     /// Seconds until `tokens` prompt tokens are computed in steps of at most `budget` tokens,
     /// while `decoding` sequences add a token to every step (they go first, so the prompt gets
     /// what is left of the budget); `None` before a step with a prompt chunk was measured.
