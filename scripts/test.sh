@@ -26,7 +26,7 @@ RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet -p twinfer -p twinfer-sha
 echo "== the published crates: publish --dry-run (packaging, metadata, dependency resolution; twinfer-shaders"
 echo "   holds the WGSL, so the core crate needs no file outside itself), then the core crate built from its tarball"
 cargo publish --dry-run --workspace --no-verify --allow-dirty --quiet
-cargo package -p twinfer-shaders -p twinfer --allow-dirty --quiet
+scripts/check-package.sh
 
 echo "== real models: all-MiniLM-L6-v2 and the numpy reference goldens"
 scripts/fetch-models.sh >/dev/null
