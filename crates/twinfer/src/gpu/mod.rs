@@ -17,7 +17,9 @@ mod upload;
 pub use device::{AdapterSummary, GpuContext, ResourceCounts};
 pub use engine::{GpuEngine, GpuOptions};
 pub use linear::{DEFAULT_MAX_WEIGHT_BUFFER, GEMV_MAX_ROWS, GemvShape, GpuLinear};
-pub use resident::{DEFAULT_MAX_KV_BUFFER, GpuKvCache, KernelTime, pool_buffer_bytes, pool_page_bytes};
+pub use resident::{
+    DEFAULT_MAX_KV_BUFFER, GpuKvCache, KernelTime, max_pages_per_buffer, pool_buffer_bytes, pool_page_bytes,
+};
 pub use shaders::{KvStorage, ShaderChecks, Variant};
 pub use step::{
     Act, DeviceVec, OnLoad, PlannedDecode, PlannedPrefill, StepPending, StepRecorder, candidates, step_submissions,

@@ -64,13 +64,12 @@ impl GpuKvCache {
         }
         let page_bytes = pool_page_bytes(layout, storage) as u64;
         let limit = max_buffer.min(ctx.limits.max_storage_buffer_binding_size);
-        // The int8 scales' padding to 16 bytes comes on top of the pages.
-        let room = if storage == KvStorage::Q8 { limit.saturating_sub(16) } else { limit };
-        if page_bytes > room {
+        let most = max_pages_per_buffer(layout, storage, limit);
+        if most == 0 {
             return Err(TwinferError::OverLimit { what: "one KV page (K or V)", requested: page_bytes, limit });
         }
         let num_pages = num_pages.max(1);
-        let pages_per_buffer = ((room / page_bytes) as usize).min(num_pages).min(u32::MAX as usize - 1);
+        let pages_per_buffer = most.min(num_pages).min(u32::MAX as usize - 1);
         let make = |label, pages: usize| {
             ctx.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
@@ -250,6 +249,18 @@ pub fn pool_page_bytes(layout: KvLayout, storage: KvStorage) -> usize {
 /// after them are read as 8-byte words).
 fn scale_words(layout: KvLayout, pages: usize) -> usize {
     (pages * layout.page_size * layout.num_kv_heads).next_multiple_of(4)
+}
+
+/// The most pages one pool buffer of at most `limit` bytes holds (an int8 buffer's scales and
+/// their padding included).
+pub fn max_pages_per_buffer(layout: KvLayout, storage: KvStorage, limit: u64) -> usize {
+    let page_bytes = pool_page_bytes(layout, storage) as u64;
+    let mut pages = (limit / page_bytes) as usize;
+    // Only the padding of the int8 scales (at most 12 bytes) can push the estimate over.
+    while pages > 0 && pool_buffer_bytes(layout, storage, pages, pages) > limit {
+        pages -= 1;
+    }
+    pages
 }
 
 /// Bytes of a pool buffer holding `pages` pages, the scales sized for `pages_per_buffer` (so that
@@ -533,5 +544,27 @@ fn bench_key(kernel: Kernel, iters: u32) -> PipelineKey {
         variant: Variant::Baseline,
         kv: KvStorage::F32,
         tile: Tile { wg: 256, br: 0, bc: iters, chunk: 0 },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The most pages per buffer is exact: the buffer of that many fits the limit, one more does not.
+    #[test]
+    fn max_pages_per_buffer_is_exact() {
+        for (ps, hk, d) in [(16, 3, 64), (1, 1, 8), (5, 3, 72), (16, 8, 128)] {
+            let layout = KvLayout::new(ps, hk, d).unwrap();
+            for storage in KvStorage::ALL {
+                for limit in [0u64, 100, 4096, 65_536, 1 << 20, 3_333_333] {
+                    let n = max_pages_per_buffer(layout, storage, limit);
+                    if n > 0 {
+                        assert!(pool_buffer_bytes(layout, storage, n, n) <= limit, "{storage} {limit}: {n} pages");
+                    }
+                    assert!(pool_buffer_bytes(layout, storage, n + 1, n + 1) > limit, "{storage} {limit}: {n} + 1 fit");
+                }
+            }
+        }
     }
 }

@@ -82,7 +82,8 @@ impl ResidentDecoder {
         };
         let binding = ctx.limits.max_storage_buffer_binding_size;
         let pool_bytes = crate::gpu::pool_buffer_bytes(cache.layout, storage, cache.num_pages, cache.num_pages);
-        if pool_bytes > binding {
+        // The resident step binds each layer's pool whole: it must fit one buffer.
+        if crate::gpu::max_pages_per_buffer(cache.layout, storage, binding) < cache.num_pages {
             return Err(TwinferError::OverLimit {
                 what: "one layer's device KV pool (K or V)",
                 requested: pool_bytes,
