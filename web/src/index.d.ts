@@ -46,7 +46,8 @@ export interface LoadOptions {
   /** KV cache budget in bytes (default 128 MiB). */
   kvMemoryBytes?: number;
   /** KV cache storage (default: f32 when decode runs on wasm, f16 on WebGPU); "q8" keeps int8
-   * codes with a scale per token and KV head (a quarter of f32 on wasm; WebGPU runs it op by op). */
+   * codes with a scale per token and KV head (a quarter of f32's bytes; on WebGPU the device pool
+   * holds the codes too). */
   kvDtype?: "f16" | "f32" | "q8";
   /** Tokens per engine step: decode tokens plus prompt chunks (default 256). */
   maxBatchTokens?: number;
