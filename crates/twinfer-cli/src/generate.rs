@@ -65,6 +65,10 @@ pub struct EmbedArgs {
     /// Print the embeddings as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Embed the texts this many more times after the first (cold) call and report the warm
+    /// median with its range; every repeat must give the same embeddings.
+    #[arg(long, default_value_t = 0)]
+    pub repeat: usize,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -157,9 +161,20 @@ pub fn embed(args: EmbedArgs) -> Result<(), String> {
     let start = std::time::Instant::now();
     let embeddings = engine.embed(&texts).map_err(|e| e.to_string())?;
     let secs = start.elapsed().as_secs_f64();
+    let mut warm = Vec::with_capacity(args.repeat);
+    for _ in 0..args.repeat {
+        let start = std::time::Instant::now();
+        let again = engine.embed(&texts).map_err(|e| e.to_string())?;
+        warm.push(start.elapsed().as_secs_f64());
+        if again != embeddings {
+            return Err("a repeated call gave different embeddings".into());
+        }
+    }
+    let warm = (!warm.is_empty()).then(|| twinfer::bench::timing::Stats::from_samples(warm));
     if args.json {
+        let warm = warm.map(|w| json!({"median": w.median, "min": w.min, "max": w.max, "runs": w.runs}));
         let doc = json!({"model": engine.description(), "dim": embeddings[0].len(), "seconds": secs,
-            "embeddings": embeddings});
+            "warm_seconds": warm, "embeddings": embeddings});
         println!("{doc}");
         return Ok(());
     }
@@ -170,6 +185,15 @@ pub fn embed(args: EmbedArgs) -> Result<(), String> {
         embeddings[0].len(),
         secs * 1e3
     );
+    if let Some(w) = warm {
+        println!(
+            "warm: median {:.2} ms [{:.2}..{:.2}] over {} repeats (the first call above is cold)",
+            w.median * 1e3,
+            w.min * 1e3,
+            w.max * 1e3,
+            w.runs
+        );
+    }
     if texts.len() > 1 {
         // Semantic search: the first text is the query, the others are ranked by cosine similarity.
         let mut ranked: Vec<(f32, &str)> = embeddings[1..]

@@ -65,6 +65,14 @@ fn embed_json_has_one_unit_vector_per_text() {
     assert_eq!(e.len(), 2);
     let norm: f64 = e[0].as_array().unwrap().iter().map(|x| x.as_f64().unwrap().powi(2)).sum();
     assert!((norm - 1.0).abs() < 1e-4, "{norm}");
+    // Warm timing: the repeats' median within their range, the same embeddings as one call.
+    let timed = ok_json(&["embed", "--model", path(&dir), "--json", "--repeat", "3", "a cat sat", "ein Hund bellt"]);
+    let w = &timed["warm_seconds"];
+    assert_eq!(w["runs"], 3);
+    let (lo, mid, hi) = (w["min"].as_f64().unwrap(), w["median"].as_f64().unwrap(), w["max"].as_f64().unwrap());
+    assert!(0.0 < lo && lo <= mid && mid <= hi, "{w}");
+    assert_eq!(timed["embeddings"], doc["embeddings"]);
+    assert!(doc["warm_seconds"].is_null(), "no repeats, no warm figures");
 }
 
 #[test]
