@@ -100,6 +100,13 @@ pub fn run(args: PlanArgs) -> Result<(), String> {
         return Ok(());
     }
     println!("engines on this device: {}", found.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "));
+    // A GPU engine's name carries the KV storage of its op-by-op path; the resident path stores
+    // the cache's own dtype.
+    println!(
+        "KV cache of the timed steps: {} (on the resident GPU path: int8 stays int8, f16 stays f16 where the \
+         adapter has shader-f16, anything else is f32)",
+        p.kv_dtype
+    );
     let w = p.measurements.iter().map(|m| m.candidate.len()).max().unwrap_or(6).max(6);
     println!(
         "{:<w$} {:<8} {:>5} {:>7} {:>11} {:>18} {:>11} {:>10} {:>9}",
