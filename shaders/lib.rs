@@ -5,6 +5,9 @@
 /// The shared online-softmax state (`(m, d, o)` and its merge), prepended to every kernel.
 pub const ONLINE_SOFTMAX: (&str, &str) = ("online_softmax.wgsl", include_str!("online_softmax.wgsl"));
 
+/// How the two prefill kernels find and read K/V rows (float or int8), appended to each of them.
+pub const PREFILL_KV: (&str, &str) = ("prefill_kv.wgsl", include_str!("prefill_kv.wgsl"));
+
 /// Every kernel file, by name.
 pub const KERNELS: [(&str, &str); 14] = [
     ("prefill_attention.wgsl", include_str!("prefill_attention.wgsl")),
@@ -32,7 +35,10 @@ mod tests {
         for entry in std::fs::read_dir(dir).unwrap() {
             let name = entry.unwrap().file_name().into_string().unwrap();
             if name.ends_with(".wgsl") {
-                let listed = std::iter::once(&super::ONLINE_SOFTMAX).chain(&super::KERNELS).any(|(n, _)| *n == name);
+                let listed = [&super::ONLINE_SOFTMAX, &super::PREFILL_KV]
+                    .into_iter()
+                    .chain(&super::KERNELS)
+                    .any(|(n, _)| *n == name);
                 assert!(listed, "{name} is not embedded in shaders/lib.rs");
             }
         }

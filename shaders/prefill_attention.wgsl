@@ -65,32 +65,7 @@ var<workgroup> stage: array<vec4<f32>, STAGE>;
 // P^T: key j's four-row vec4 for row quad r at j * 16 + (r ^ (j / 4)).
 var<workgroup> ps: array<vec4<f32>, 1024>;
 
-// The row (token, KV head) of key j of sequence b, for KV head h: its vec4s start at row * dv.
-fn kv_row(b: u32, j: u32, h: u32, dv: u32, kv_base: u32) -> u32 {
-    if (P.paged != 0u) {
-        let page = tbl[P.off_indices + kv_base + j / P.page_size];
-        return (page * P.page_size + j % P.page_size) * P.num_kv_heads + h;
-    }
-    return (kv_base + j) * P.num_kv_heads + h;
-}
-
-// vec4 c of K (V) row `row`. An int8 row has its scale at word `row` of the buffer and its codes
-// from word kv_codes_at.
-// #if Q8
-fn k_at(row: u32, c: u32) -> vec4<f32> {
-    return q8_codes(k[P.kv_codes_at + row * (P.head_dim / 4u) + c]) * bitcast<f32>(k[row]);
-}
-fn v_at(row: u32, c: u32) -> vec4<f32> {
-    return q8_codes(v[P.kv_codes_at + row * (P.head_dim / 4u) + c]) * bitcast<f32>(v[row]);
-}
-// #else
-fn k_at(row: u32, c: u32) -> vec4<f32> {
-    return vec4<f32>(k[row * (P.head_dim / 4u) + c]);
-}
-fn v_at(row: u32, c: u32) -> vec4<f32> {
-    return vec4<f32>(v[row * (P.head_dim / 4u) + c]);
-}
-// #endif
+// kv_row, k_at and v_at (the paged or ragged K/V rows, float or int8) come from prefill_kv.wgsl.
 
 // Key sr of the tile at t0: its row, and its chunk 0 columns sc (and sc + 4 with TWO) in
 // `first` and `second` (zeros past the end).

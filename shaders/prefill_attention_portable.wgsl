@@ -43,32 +43,7 @@ var<workgroup> s_sh: array<f32, 2048>;           // [BR_MAX, BC_MAX]: scores, th
 var<workgroup> pg_sh: array<u32, BC_MAX>;        // row index of each key of the tile
 var<workgroup> scale_sh: array<f32, BR_MAX>;
 
-// The row (token, KV head) of key j of sequence b, for KV head h: its vec4s start at row * dv.
-fn kv_row(b: u32, j: u32, h: u32, dv: u32, kv_base: u32) -> u32 {
-    if (P.paged != 0u) {
-        let page = tbl[P.off_indices + kv_base + j / P.page_size];
-        return (page * P.page_size + j % P.page_size) * P.num_kv_heads + h;
-    }
-    return (kv_base + j) * P.num_kv_heads + h;
-}
-
-// vec4 c of K (V) row `row`. An int8 row has its scale at word `row` of the buffer and its codes
-// from word kv_codes_at.
-// #if Q8
-fn k_at(row: u32, c: u32) -> vec4<f32> {
-    return q8_codes(k[P.kv_codes_at + row * (P.head_dim / 4u) + c]) * bitcast<f32>(k[row]);
-}
-fn v_at(row: u32, c: u32) -> vec4<f32> {
-    return q8_codes(v[P.kv_codes_at + row * (P.head_dim / 4u) + c]) * bitcast<f32>(v[row]);
-}
-// #else
-fn k_at(row: u32, c: u32) -> vec4<f32> {
-    return vec4<f32>(k[row * (P.head_dim / 4u) + c]);
-}
-fn v_at(row: u32, c: u32) -> vec4<f32> {
-    return vec4<f32>(v[row * (P.head_dim / 4u) + c]);
-}
-// #endif
+// kv_row, k_at and v_at (the paged or ragged K/V rows, float or int8) come from prefill_kv.wgsl.
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {

@@ -9,6 +9,7 @@
 //! - bf16 output: atol 8e-3, rtol 8e-3 (8-bit significand).
 
 #[cfg(not(target_arch = "wasm32"))]
+pub mod cli;
 pub mod models;
 pub mod problem;
 pub mod rng;

@@ -2,24 +2,15 @@
 //! fields, and bad input exiting non-zero with a one-line reason.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
+use twinfer_tests::cli::command;
 use twinfer_tests::models::model_dir;
 
 /// Runs the binary; `TWINFER_CLI_RUNNER` (an emulator command, for cross-built binaries) goes first.
 fn twinfer(args: &[&str]) -> Output {
-    let runner = std::env::var("TWINFER_CLI_RUNNER").unwrap_or_default();
-    let mut words = runner.split_whitespace();
-    let mut cmd = match words.next() {
-        Some(emulator) => {
-            let mut c = Command::new(emulator);
-            c.args(words).arg(env!("CARGO_BIN_EXE_twinfer"));
-            c
-        }
-        None => Command::new(env!("CARGO_BIN_EXE_twinfer")),
-    };
-    cmd.args(args).output().expect("the binary runs")
+    command(env!("CARGO_BIN_EXE_twinfer")).args(args).output().expect("the binary runs")
 }
 
 fn ok_json(args: &[&str]) -> Value {

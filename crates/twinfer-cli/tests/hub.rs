@@ -9,10 +9,11 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
+use twinfer_tests::cli::command;
 use twinfer_tests::models::model_dir;
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
@@ -110,17 +111,12 @@ fn file_for(path: &str, repos: &HashMap<&'static str, PathBuf>) -> Option<PathBu
 }
 
 fn twinfer(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let runner = std::env::var("TWINFER_CLI_RUNNER").unwrap_or_default();
-    let mut words = runner.split_whitespace();
-    let mut cmd = match words.next() {
-        Some(emulator) => {
-            let mut c = Command::new(emulator);
-            c.args(words).arg(env!("CARGO_BIN_EXE_twinfer"));
-            c
-        }
-        None => Command::new(env!("CARGO_BIN_EXE_twinfer")),
-    };
-    cmd.env_remove("HF_HUB_OFFLINE").envs(env.iter().copied()).args(args).output().expect("the binary runs")
+    command(env!("CARGO_BIN_EXE_twinfer"))
+        .env_remove("HF_HUB_OFFLINE")
+        .envs(env.iter().copied())
+        .args(args)
+        .output()
+        .expect("the binary runs")
 }
 
 fn json(args: &[&str], env: &[(&str, &str)]) -> Value {

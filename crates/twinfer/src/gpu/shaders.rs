@@ -322,6 +322,9 @@ pub fn source(kernel: Kernel, variant: Variant, kv: KvStorage, target: Target) -
         flags.push("Q8");
     }
     out.push_str(&preprocess(kernel.text(), &flags));
+    if matches!(kernel, Kernel::Prefill | Kernel::PrefillPortable) {
+        out.push_str(&preprocess(twinfer_shaders::PREFILL_KV.1, &flags));
+    }
     out
 }
 

@@ -9,13 +9,7 @@ impl GpuEngine {
     /// its rows sample with top-k, here for any host data (tests). Per row, `k` pairs in the
     /// kernel's slot order (the larger logits, then the ties at the k-th).
     pub fn topk_rows(&self, logits: &[f32], rows: usize, width: usize, k: usize) -> Result<Vec<(u32, f32)>> {
-        if rows.checked_mul(width) != Some(logits.len()) || width == 0 {
-            return Err(TwinferError::ShapeMismatch {
-                what: "top-k logits ([rows, width], width > 0)",
-                expected: rows.saturating_mul(width.max(1)),
-                got: logits.len(),
-            });
-        }
+        check_logits("top-k logits ([rows, width], width > 0)", logits, rows, width)?;
         let mut rec = self.record_step(true)?;
         rec.reserve(&[(Act::Logits, logits.len() * 4), (Act::TopK, rows * k * 8)])?;
         rec.write(Act::Logits, bytemuck::cast_slice(logits))?;
@@ -28,19 +22,25 @@ impl GpuEngine {
     /// Greedy picks of `rows` rows of `width` logits through `argmax_rows.wgsl` (one step of its
     /// own): what a resident step does after its logits, here for any host data (tests).
     pub fn argmax_rows(&self, logits: &[f32], rows: usize, width: usize) -> Result<Vec<u32>> {
-        if rows.checked_mul(width) != Some(logits.len()) || width == 0 {
-            return Err(TwinferError::ShapeMismatch {
-                what: "argmax logits ([rows, width], width > 0)",
-                expected: rows.saturating_mul(width.max(1)),
-                got: logits.len(),
-            });
-        }
+        check_logits("argmax logits ([rows, width], width > 0)", logits, rows, width)?;
         let mut rec = self.record_step(true)?;
         rec.reserve(&[(Act::Logits, logits.len() * 4), (Act::Tokens, rows * 4)])?;
         rec.write(Act::Logits, bytemuck::cast_slice(logits))?;
         rec.argmax_rows(Act::Logits, rows, width, Act::Tokens)?;
         crate::wait::blocking("GpuEngine::argmax_rows", rec.submit(Act::Tokens, rows)?.wait_u32_async())?
     }
+}
+
+/// `logits` holds `rows` rows of `width > 0`.
+fn check_logits(what: &'static str, logits: &[f32], rows: usize, width: usize) -> Result<()> {
+    if rows.checked_mul(width) != Some(logits.len()) || width == 0 {
+        return Err(TwinferError::ShapeMismatch {
+            what,
+            expected: rows.saturating_mul(width.max(1)),
+            got: logits.len(),
+        });
+    }
+    Ok(())
 }
 
 impl<'e> StepRecorder<'e> {
