@@ -2,6 +2,8 @@
 //! The core crate assembles each kernel's variants from them (`gpu/shaders.rs`); `README.md` in
 //! this folder describes the files.
 
+#![deny(missing_docs)]
+
 /// The shared online-softmax state (`(m, d, o)` and its merge), prepended to every kernel.
 pub const ONLINE_SOFTMAX: (&str, &str) = ("online_softmax.wgsl", include_str!("online_softmax.wgsl"));
 

@@ -32,6 +32,7 @@ impl std::fmt::Debug for BenchCase {
 
 #[wasm_bindgen]
 impl BenchCase {
+    /// The case `spec` names (see the type's documentation), its inputs built once.
     #[wasm_bindgen(constructor)]
     pub fn new(spec: &str) -> Result<BenchCase, js_sys::Error> {
         install_panic_hook();

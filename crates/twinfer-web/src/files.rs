@@ -17,6 +17,7 @@ pub struct ModelFiles {
 
 #[wasm_bindgen]
 impl ModelFiles {
+    /// No files yet.
     #[wasm_bindgen(constructor)]
     pub fn new() -> Self {
         Self::default()
@@ -46,6 +47,7 @@ impl ModelFiles {
         Ok(())
     }
 
+    /// Whether the file `name` was begun.
     pub fn has(&self, name: &str) -> bool {
         self.files.contains_key(name)
     }
