@@ -16,8 +16,13 @@ use crate::cpu::qdot::{DIGITS, MAX_ROWS, QuantizedRows, TileRef, tile_rows};
 use crate::error::{Result, TwinferError, check_len};
 use crate::quant::{BLOCK, PackedQuant, TILE};
 
-/// Tiles per parallel task: 64 output features, as in the float kernel.
+/// Tiles per parallel task: 64 output features, as in the float kernel, for decode-sized
+/// batches, whose tasks stream weights (longer runs prefetch better).
 const TILES_PER_TASK: usize = 4;
+/// From this many rows on, a task is one tile: each takes long enough that the tiles of a small
+/// projection (36 for a 576-wide one) still split evenly between the threads, where 9 tasks of 4
+/// left one thread idle for a ninth of the call.
+const ONE_TILE_FROM_ROWS: usize = 32;
 
 thread_local! {
     /// The calling thread's quantized activations, reused between calls.
@@ -79,15 +84,16 @@ fn run(
     acts: &mut QuantizedRows,
 ) {
     let k = parts[0].k;
-    acts.quantize(x, rows, k);
+    acts.quantize(level, x, rows, k);
     let acts = &*acts;
     let n: usize = parts.iter().map(|p| p.n).sum();
     // (part, its first output feature, the part's tiles of this task)
     let mut tasks = Vec::new();
     let mut col0 = 0;
+    let per_task = if rows >= ONE_TILE_FROM_ROWS { 1 } else { TILES_PER_TASK };
     for (p, part) in parts.iter().enumerate() {
-        for t in (0..part.tiles()).step_by(TILES_PER_TASK) {
-            tasks.push((p, col0, t..(t + TILES_PER_TASK).min(part.tiles())));
+        for t in (0..part.tiles()).step_by(per_task) {
+            tasks.push((p, col0, t..(t + per_task).min(part.tiles())));
         }
         col0 += part.n;
     }
@@ -195,7 +201,7 @@ mod tests {
                 let bias = data(n, 3);
                 let minimum = |c: usize, blk: usize| packed.block_minimum(c, blk) as f64;
                 let mut acts = QuantizedRows::default();
-                acts.quantize(&x, rows, k);
+                acts.quantize(SimdLevel::Scalar, &x, rows, k);
                 let nb = k / BLOCK;
                 let mut scalar_bits: Option<Vec<u32>> = None;
                 for level in SimdLevel::available() {

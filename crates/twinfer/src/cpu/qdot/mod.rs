@@ -180,8 +180,10 @@ pub(crate) const DIGITS: usize = 2;
 const ROWS_PER_TASK: usize = 8;
 
 impl QuantizedRows {
-    /// Quantizes `x` (`[rows, k]`, `k` a multiple of 32) into these buffers, rows in parallel.
-    pub fn quantize(&mut self, x: &[f32], rows: usize, k: usize) {
+    /// Quantizes `x` (`[rows, k]`, `k` a multiple of 32) into these buffers, rows in parallel,
+    /// with the quantizer compiled for `level` (the result is the same bits on every level: the
+    /// same operations, lane by lane, with no fused multiply-add).
+    pub fn quantize(&mut self, level: SimdLevel, x: &[f32], rows: usize, k: usize) {
         let nb = k / BLOCK;
         self.rows = DIGITS * rows;
         self.k = k;
@@ -204,7 +206,7 @@ impl QuantizedRows {
             let mut part = parts[i].lock().unwrap_or_else(|e| e.into_inner());
             let r0 = i * ROWS_PER_TASK;
             let n = (rows - r0).min(ROWS_PER_TASK);
-            part.quantize(&x[r0 * k..(r0 + n) * k], k);
+            level.dispatch(QuantizeRows { digits: &mut part, x: &x[r0 * k..(r0 + n) * k], k });
         };
         if rows >= 2 * ROWS_PER_TASK {
             crate::cpu::parallel::for_each(parts.len(), task);
@@ -223,40 +225,80 @@ struct Digits<'a> {
     qsum_low: &'a mut [i32],
 }
 
+/// [`Digits::quantize`] compiled with a SIMD level's features, so that the block loops (written
+/// branch-free over fixed 32-element arrays) become vector code.
+struct QuantizeRows<'a, 'b> {
+    digits: &'a mut Digits<'b>,
+    x: &'a [f32],
+    k: usize,
+}
+
+impl pulp::WithSimd for QuantizeRows<'_, '_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+        self.digits.quantize(self.x, self.k);
+    }
+}
+
+/// Blocks whose largest magnitude is below this quantize to zero: their scale `amax / 127` would
+/// be subnormal and its reciprocal could overflow.
+const SMALLEST_AMAX: f32 = 127.0 * f32::MIN_POSITIVE;
+
 impl Digits<'_> {
     /// Quantizes `x` (`[rows, k]`: the rows these buffers hold).
+    #[inline(always)]
     fn quantize(&mut self, x: &[f32], k: usize) {
         let nb = k / BLOCK;
         let mut residual = [0f32; BLOCK];
         for (r, row) in x.chunks_exact(k).enumerate() {
             for (blk, xs) in row.chunks_exact(BLOCK).enumerate() {
-                let finite = xs.iter().all(|v| v.is_finite());
+                let xs: &[f32; BLOCK] = xs.try_into().expect("chunks of BLOCK");
+                // Largest magnitude by bits: for non-negative floats the integer order is the
+                // float order, and any infinity or NaN lands at or above the infinity's bits.
+                let amax_bits = xs.iter().fold(0u32, |a, v| a.max(v.to_bits() & 0x7fff_ffff));
+                let finite = amax_bits < f32::INFINITY.to_bits();
                 let coarse = (DIGITS * r) * nb + blk;
-                let dx1 = self.digit(coarse, xs, finite);
-                for ((res, &v), &q) in residual.iter_mut().zip(xs).zip(&self.q[coarse * BLOCK..][..BLOCK]) {
+                let dx1 = self.digit(coarse, xs, f32::from_bits(amax_bits), finite);
+                let q1: &[i8; BLOCK] = self.q[coarse * BLOCK..][..BLOCK].try_into().expect("a block");
+                for ((res, &v), &q) in residual.iter_mut().zip(xs).zip(q1) {
+                    // A multiply then a subtract, never fused, on every level.
                     *res = v - dx1 * q as f32;
                 }
-                self.digit(coarse + nb, &residual, finite);
+                let amax2 = residual.iter().fold(0u32, |a, v| a.max(v.to_bits() & 0x7fff_ffff));
+                self.digit(coarse + nb, &residual, f32::from_bits(amax2), finite);
             }
         }
     }
 
-    /// Quantizes one block `xs` into quantized block `at` (row-major over `[rows, k / 32]`);
-    /// returns its scale.
+    /// Quantizes one block `xs` (largest magnitude `amax`) into quantized block `at` (row-major
+    /// over `[rows, k / 32]`); returns its scale. A block with an infinity or a NaN gets codes 0
+    /// and scale NaN.
     #[inline(always)]
-    fn digit(&mut self, at: usize, xs: &[f32], finite: bool) -> f32 {
-        let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
-        let dx = if finite { amax / 127.0 } else { f32::NAN };
-        let inv = if dx > 0.0 { 1.0 / dx } else { 0.0 };
-        let mut sum = 0i32;
-        for (j, (q, &v)) in self.q[at * BLOCK..][..BLOCK].iter_mut().zip(xs).enumerate() {
-            let c = round_half_even(v * inv).clamp(-127.0, 127.0) as i8;
-            *q = c;
-            sum += c as i32;
-            if j + 1 == BLOCK / 2 {
-                self.qsum_low[at] = sum;
+    fn digit(&mut self, at: usize, xs: &[f32; BLOCK], amax: f32, finite: bool) -> f32 {
+        let (dx, inv) = match (finite, amax >= SMALLEST_AMAX) {
+            (false, _) => (f32::NAN, 0.0),
+            (true, false) => (0.0, 0.0),
+            (true, true) => {
+                let dx = amax / 127.0;
+                (dx, 1.0 / dx)
             }
+        };
+        // |v * inv| <= 127 * (1 + 2 eps) here and is finite, so the rounded value clamps to
+        // -127..=127 and converts exactly (inv = 0 gives 0 for a non-finite block's finite
+        // elements; its NaN and infinite ones give NaN, which clamps to NaN and is masked off).
+        let mut codes = [0i32; BLOCK];
+        for (c, &v) in codes.iter_mut().zip(xs) {
+            let r = round_half_even(v * inv).clamp(-127.0, 127.0);
+            *c = if finite { r as i32 } else { 0 };
         }
+        let q: &mut [i8; BLOCK] = (&mut self.q[at * BLOCK..][..BLOCK]).try_into().expect("a block");
+        for (q, &c) in q.iter_mut().zip(&codes) {
+            *q = c as i8;
+        }
+        let low: i32 = codes[..BLOCK / 2].iter().sum();
+        let sum = low + codes[BLOCK / 2..].iter().sum::<i32>();
+        self.qsum_low[at] = low;
         self.dx[at] = dx;
         self.sx[at] = dx * sum as f32;
         self.qsum[at] = sum;
@@ -345,6 +387,76 @@ mod tests {
     use super::*;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    /// The quantizer as its definition reads, one element at a time.
+    fn quantize_naive(x: &[f32]) -> (Vec<i8>, f32, i32, i32) {
+        let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+        if !x.iter().all(|v| v.is_finite()) {
+            return (vec![0; x.len()], f32::NAN, 0, 0);
+        }
+        if amax < SMALLEST_AMAX {
+            return (vec![0; x.len()], 0.0, 0, 0);
+        }
+        let dx = amax / 127.0;
+        let q: Vec<i8> = x.iter().map(|&v| (v * (1.0 / dx)).round_ties_even().clamp(-127.0, 127.0) as i8).collect();
+        let low = q[..BLOCK / 2].iter().map(|&c| c as i32).sum();
+        (q.clone(), dx, q.iter().map(|&c| c as i32).sum(), low)
+    }
+
+    /// Every level quantizes to the same bits as the definition: ties at half steps, blocks of
+    /// zeros, blocks too small for a normal scale, infinities and NaNs, huge and tiny values.
+    #[test]
+    fn quantizer_equals_its_definition_on_every_level() {
+        let k = 4 * BLOCK;
+        let mut rows: Vec<Vec<f32>> = Vec::new();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / 16_777_216.0 - 0.5
+        };
+        for scale in [1.0f32, 1e-3, 3e4, 1e-36, 1e-40] {
+            rows.push((0..k).map(|_| next() * scale).collect());
+        }
+        // Half steps: with amax 127, the code of v is v itself, so n + 0.5 is a tie.
+        rows.push((0..k).map(|j| if j % BLOCK == 0 { 127.0 } else { (j % 9) as f32 - 4.5 }).collect());
+        let mut specials: Vec<f32> = (0..k).map(|_| next()).collect();
+        specials[3] = f32::INFINITY;
+        specials[BLOCK + 5] = f32::NAN;
+        specials[2 * BLOCK + 1] = f32::NEG_INFINITY;
+        specials[3 * BLOCK..].fill(0.0);
+        rows.push(specials);
+        let x: Vec<f32> = rows.concat();
+        let n = rows.len();
+        let nb = k / BLOCK;
+        for level in SimdLevel::available() {
+            let mut a = QuantizedRows::default();
+            a.quantize(level, &x, n, k);
+            for r in 0..n {
+                for b in 0..nb {
+                    let xs = &x[r * k + b * BLOCK..][..BLOCK];
+                    let (q1, dx1, sum1, low1) = quantize_naive(xs);
+                    let residual: Vec<f32> = if dx1.is_nan() {
+                        vec![0.0; BLOCK]
+                    } else {
+                        xs.iter().zip(&q1).map(|(&v, &q)| v - dx1 * q as f32).collect()
+                    };
+                    let (q2, dx2, sum2, low2) = quantize_naive(&residual);
+                    let dx2 = if dx1.is_nan() { f32::NAN } else { dx2 };
+                    for (d, (q, dx, sum, low)) in [(q1, dx1, sum1, low1), (q2, dx2, sum2, low2)].into_iter().enumerate()
+                    {
+                        let at = (DIGITS * r + d) * nb + b;
+                        let what = format!("{level} row {r} block {b} digit {d}");
+                        assert_eq!(&a.q[at * BLOCK..][..BLOCK], &q[..], "{what}");
+                        assert_eq!(a.dx[at].to_bits(), dx.to_bits(), "{what}");
+                        assert_eq!((a.qsum[at], a.qsum_low[at]), (sum, low), "{what}");
+                        assert_eq!(a.sx[at].to_bits(), (dx * sum as f32).to_bits(), "{what}");
+                    }
+                }
+            }
+        }
+    }
 
     /// The conversion the NEON and wasm kernels do in vectors, on every finite f16.
     #[test]
