@@ -32,7 +32,7 @@ mod linear;
 mod linear_quant;
 mod math;
 mod microkernel;
-mod parallel;
+pub(crate) mod parallel;
 #[cfg(not(target_arch = "wasm32"))]
 mod pool;
 mod qdot;

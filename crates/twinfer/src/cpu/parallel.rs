@@ -27,6 +27,14 @@ pub(crate) fn for_each(count: usize, f: impl Fn(usize) + Sync) {
     (0..count).for_each(f);
 }
 
+/// Calls `f(i, chunk)` for the `i`-th run of `chunk_len` elements of `data` (the last may be
+/// shorter), in parallel where there are threads.
+pub(crate) fn for_each_chunk_mut<T: Send>(data: &mut [T], chunk_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let chunks: Vec<std::sync::Mutex<&mut [T]>> =
+        data.chunks_mut(chunk_len.max(1)).map(std::sync::Mutex::new).collect();
+    for_each(chunks.len(), |i| f(i, &mut chunks[i].lock().unwrap_or_else(|e| e.into_inner())));
+}
+
 /// `[f(0), .., f(count - 1)]`, computed in parallel where there are threads.
 pub(crate) fn map_indices<R: Send>(count: usize, f: impl Fn(usize) -> R + Sync) -> Vec<R> {
     let slots: Vec<Slot<R>> = (0..count).map(|_| Slot(std::cell::UnsafeCell::new(None))).collect();

@@ -15,7 +15,7 @@ use crate::error::{Result, TwinferError};
 use crate::kv::{PagedKvCache, SeqId};
 use crate::model::config::DecoderConfig;
 use crate::model::linear::Linear;
-use crate::model::ops::{Rope, add_assign, rms_norm, rms_norm_into, silu_mul};
+use crate::model::ops::{Rope, add_assign, rms_norm, rms_norm_into, silu_mul_rows};
 use crate::model::weights::{WeightData, Weights};
 
 #[derive(Debug, Clone)]
@@ -221,7 +221,7 @@ impl LlamaModel {
         let (mut q, mut k, mut v, mut o) =
             (vec![0f32; t * qd], vec![0f32; t * kvd], vec![0f32; t * kvd], vec![0f32; t * qd]);
         let mut act = vec![0f32; t * c.intermediate_size];
-        let mut cos_sin = Vec::new();
+        let angles = self.rope.angles(&positions);
         let kv_dtype = cache.dtype();
         let (mut k_store, mut v_store) = (KvRows::default(), KvRows::default());
         for (li, layer) in self.layers.iter().enumerate() {
@@ -233,8 +233,8 @@ impl LlamaModel {
                 k[r * kvd..][..kvd].copy_from_slice(&row[qd..qd + kvd]);
                 v[r * kvd..][..kvd].copy_from_slice(&row[qd + kvd..]);
             }
-            self.rope.apply(&mut q, c.num_heads, &positions, &mut cos_sin);
-            self.rope.apply(&mut k, c.num_kv_heads, &positions, &mut cos_sin);
+            self.rope.apply(&mut q, c.num_heads, &angles);
+            self.rope.apply(&mut k, c.num_kv_heads, &angles);
             cache.append(
                 li,
                 &ids,
@@ -263,13 +263,7 @@ impl LlamaModel {
 
             rms_norm_into(&x, &layer.ffn_norm, c.rms_norm_eps, &mut hbuf);
             layer.gate_up.forward_async(e.level, gpu, &hbuf, t, &mut gate_up).await?;
-            let inter = c.intermediate_size;
-            for r in 0..t {
-                let row = &gate_up[r * 2 * inter..][..2 * inter];
-                let a = &mut act[r * inter..][..inter];
-                a.copy_from_slice(&row[..inter]);
-                silu_mul(a, &row[inter..]);
-            }
+            silu_mul_rows(&gate_up, c.intermediate_size, &mut act);
             layer.down.forward_async(e.level, gpu, &act, t, &mut tmp).await?;
             add_assign(&mut x, &tmp);
         }

@@ -1,11 +1,33 @@
 //! The element-wise and per-row operations around the matrix products: norms, RoPE, activations.
-//! They are a few percent of a forward pass, so they are plain loops the compiler vectorises;
-//! row statistics accumulate in f64 so that long rows lose nothing.
+//! They are plain loops the compiler vectorises; row statistics accumulate in f64 so that long
+//! rows lose nothing. Over a prompt chunk's rows they run on the engine's threads: done on one,
+//! they left the other threads waiting for a tenth of a prompt's time. Each row's arithmetic is
+//! the same however the rows are split.
+
+use crate::cpu::parallel::for_each_chunk_mut;
 
 use crate::model::config::RopeScaling;
 
+/// Below this many elements an operation runs on the calling thread: a parallel region costs a
+/// few microseconds.
+const PARALLEL_FROM: usize = 1 << 15;
+
+/// Runs the row operation `f(first_row, rows)` over `x` (rows of `width`), in parallel chunks of
+/// rows when `x` is large.
+fn by_rows(x: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if x.len() < PARALLEL_FROM || width == 0 {
+        return f(0, x);
+    }
+    let rows_per_chunk = (PARALLEL_FROM / 4 / width).max(1);
+    for_each_chunk_mut(x, rows_per_chunk * width, |i, rows| f(i * rows_per_chunk, rows));
+}
+
 /// `x[r] = x[r] / rms(x[r]) * weight`, for every row of width `weight.len()`.
 pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
+    by_rows(x, weight.len(), |_, rows| rms_norm_rows(rows, weight, eps));
+}
+
+fn rms_norm_rows(x: &mut [f32], weight: &[f32], eps: f32) {
     for row in x.chunks_exact_mut(weight.len()) {
         let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / row.len() as f64;
         let inv = (1.0 / (ms + eps as f64).sqrt()) as f32;
@@ -17,8 +39,12 @@ pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
 
 /// `out[r] = rms_norm(x[r])`, leaving `x` (the residual stream) as it is.
 pub fn rms_norm_into(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
-    out.copy_from_slice(x);
-    rms_norm(out, weight, eps);
+    assert_eq!(x.len(), out.len(), "rms_norm_into: input and output sizes");
+    let w = weight.len();
+    by_rows(out, w, |r0, rows| {
+        rows.copy_from_slice(&x[r0 * w..][..rows.len()]);
+        rms_norm_rows(rows, weight, eps);
+    });
 }
 
 /// `x[r] = (x[r] - mean) / sqrt(var + eps) * gamma + beta`.
@@ -41,6 +67,19 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// SwiGLU over fused projection rows: `out[r] = silu(gate_up[r][..inter]) * gate_up[r][inter..]`,
+/// `gate_up` being `[rows, 2 * inter]` and `out` `[rows, inter]`.
+pub fn silu_mul_rows(gate_up: &[f32], inter: usize, out: &mut [f32]) {
+    assert_eq!(gate_up.len(), 2 * out.len(), "silu_mul_rows: [rows, 2 * inter] into [rows, inter]");
+    by_rows(out, inter, |r0, rows| {
+        for (r, a) in rows.chunks_exact_mut(inter).enumerate() {
+            let row = &gate_up[(r0 + r) * 2 * inter..][..2 * inter];
+            a.copy_from_slice(&row[..inter]);
+            silu_mul(a, &row[inter..]);
+        }
+    });
+}
+
 /// The exact (erf) GELU that BERT uses.
 pub fn gelu(x: &mut [f32]) {
     for v in x {
@@ -48,10 +87,15 @@ pub fn gelu(x: &mut [f32]) {
     }
 }
 
+/// `x += y`, element by element.
 pub fn add_assign(x: &mut [f32], y: &[f32]) {
-    for (a, &b) in x.iter_mut().zip(y) {
-        *a += b;
-    }
+    assert_eq!(x.len(), y.len(), "add_assign: operand sizes");
+    // Any width splits an element-wise sum; 1024 keeps the chunks' starts simple to find.
+    by_rows(x, 1024, |r0, part| {
+        for (a, &b) in part.iter_mut().zip(&y[r0 * 1024..]) {
+            *a += b;
+        }
+    });
 }
 
 /// Rotary position embeddings in the Hugging Face layout (`rotate_half`: dimension `i` pairs with
@@ -108,22 +152,32 @@ impl Rope {
         out
     }
 
-    /// Rotates every head of `x` (`[tokens, heads, head_dim]`); token `t` sits at `positions[t]`.
-    pub fn apply(&self, x: &mut [f32], heads: usize, positions: &[usize], cos_sin: &mut Vec<(f32, f32)>) {
-        let half = self.inv_freq.len();
-        let head_dim = 2 * half;
-        for (t, &pos) in positions.iter().enumerate() {
-            cos_sin.clear();
-            cos_sin.extend(self.inv_freq.iter().map(|&f| {
+    /// (cos, sin) of every frequency at each of `positions`, `[tokens, head_dim / 2]`, in f64 as
+    /// [`Rope::cos_sin_table`]: computed once per step and shared by every layer's q and k.
+    pub fn angles(&self, positions: &[usize]) -> Vec<(f32, f32)> {
+        let mut out = Vec::with_capacity(positions.len() * self.inv_freq.len());
+        for &pos in positions {
+            out.extend(self.inv_freq.iter().map(|&f| {
                 let (s, c) = (pos as f64 * f).sin_cos();
                 (c as f32, s as f32)
             }));
+        }
+        out
+    }
+
+    /// Rotates every head of `x` (`[tokens, heads, head_dim]`) by its token's row of `angles`
+    /// (from [`Rope::angles`]).
+    pub fn apply(&self, x: &mut [f32], heads: usize, angles: &[(f32, f32)]) {
+        let half = self.inv_freq.len();
+        let head_dim = 2 * half;
+        for (t, cos_sin) in angles.chunks_exact(half).enumerate() {
             for h in 0..heads {
                 let v = &mut x[(t * heads + h) * head_dim..][..head_dim];
-                for (i, &(c, s)) in cos_sin.iter().enumerate() {
-                    let (a, b) = (v[i], v[i + half]);
-                    v[i] = a * c - b * s;
-                    v[i + half] = b * c + a * s;
+                let (lo, hi) = v.split_at_mut(half);
+                for ((a, b), &(c, s)) in lo.iter_mut().zip(hi.iter_mut()).zip(cos_sin) {
+                    let (x0, x1) = (*a, *b);
+                    *a = x0 * c - x1 * s;
+                    *b = x1 * c + x0 * s;
                 }
             }
         }
@@ -139,9 +193,9 @@ mod tests {
         let rope = Rope::new(8, 10_000.0, RopeScaling::None);
         let orig: Vec<f32> = (0..16).map(|i| i as f32 - 7.5).collect();
         let mut x = orig.clone();
-        rope.apply(&mut x, 2, &[0], &mut Vec::new());
+        rope.apply(&mut x, 2, &rope.angles(&[0]));
         assert_eq!(x, orig);
-        rope.apply(&mut x, 1, &[5, 9], &mut Vec::new());
+        rope.apply(&mut x, 1, &rope.angles(&[5, 9]));
         for t in 0..2 {
             let n0: f32 = orig[t * 8..][..8].iter().map(|v| v * v).sum();
             let n1: f32 = x[t * 8..][..8].iter().map(|v| v * v).sum();
