@@ -78,8 +78,9 @@ enum BenchWhat {
         /// or unchecked (default: unchecked on Vulkan, whose driver bounds buffer accesses, else bounds).
         #[arg(long, value_enum)]
         shader_checks: Option<ShaderChecksArg>,
-        /// Measure only these shapes: `prefill:LEN`, `decode:BATCH:CTX` (f16 KV), `decode-f32:...` (CPU)
-        /// or `decode-q8:...` (int8 KV); repeatable.
+        /// Measure only these shapes: `prefill:LEN`, `decode:BATCH:CTX` (f16 KV), `decode-f32:...` (CPU),
+        /// `decode-q8:...` (int8 KV), or a CPU projection `linear:ROWS:N:K` (f16 weights) or
+        /// `linear-FORMAT:ROWS:N:K` (f32, bf16, q8_0, q4_0, q4_1, q5_0, q5_1); repeatable.
         #[arg(long = "case", value_name = "CASE")]
         cases: Vec<bench::Case>,
         /// Print the report as JSON.

@@ -300,3 +300,82 @@ pub fn decode_paged(engine: &CpuEngine, batch: usize, ctx: usize, dtype: DType, 
     let seconds = time_case(runs, || case.run(engine))?;
     Ok(CaseResult { name: case.name(), seconds, wall: None, bound: Bound::Memory, work: case.bytes() })
 }
+
+/// How a projection case stores its weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinearWeights {
+    /// f32.
+    F32,
+    /// f16, widened in registers (the float kernel).
+    F16,
+    /// bf16, widened in registers.
+    BF16,
+    /// A block format, multiplied in integers with quantized activations.
+    Quant(crate::quant::QuantFormat),
+}
+
+impl LinearWeights {
+    /// `f32`, `f16`, `bf16`, or a format that float weights quantize into (`q8_0`, `q4_1`, ...).
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name.to_ascii_lowercase().as_str() {
+            "f32" => Self::F32,
+            "f16" => Self::F16,
+            "bf16" => Self::BF16,
+            other => {
+                let format = crate::quant::QuantFormat::parse(other)?;
+                if !format.can_quantize() {
+                    return Err(TwinferError::InvalidParameter(format!(
+                        "linear-{other}: the benchmark quantizes random weights, which {other} (read from files only) cannot be"
+                    )));
+                }
+                Self::Quant(format)
+            }
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::BF16 => "bf16",
+            Self::Quant(format) => format.name(),
+        }
+    }
+}
+
+/// A projection of `rows` activation rows through an `[n, k]` weight matrix stored as `weights`,
+/// on the engine's threads: 2 FLOPs per multiply-add, compared with the f32 FMA peak (integer
+/// dot products can pass it).
+pub fn linear(
+    engine: &CpuEngine,
+    rows: usize,
+    n: usize,
+    k: usize,
+    weights: LinearWeights,
+    runs: usize,
+) -> Result<CaseResult> {
+    use crate::quant::{PackedQuant, QuantRows};
+    let x: Vec<f32> = pseudo_random(rows * k, 11).iter().map(|v| v.to_f32()).collect();
+    let w16 = pseudo_random(n * k, 12);
+    let w32: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
+    let wb16: Vec<half::bf16> = w32.iter().map(|&v| half::bf16::from_f32(v)).collect();
+    let packed = match weights {
+        LinearWeights::Quant(format) => Some(PackedQuant::from_rows(&QuantRows::quantize(format, &w32, n, k)?)?),
+        _ => None,
+    };
+    let mut y = vec![f32::NAN; rows * n];
+    let level = engine.level();
+    let seconds = time_case(runs, || match (&packed, weights) {
+        (Some(p), _) => crate::cpu::linear_quant(level, &x, rows, p, None, &mut y),
+        (None, LinearWeights::F32) => crate::cpu::linear(level, &x, rows, TensorRef::F32(&w32), n, k, None, &mut y),
+        (None, LinearWeights::BF16) => crate::cpu::linear(level, &x, rows, TensorRef::BF16(&wb16), n, k, None, &mut y),
+        (None, _) => crate::cpu::linear(level, &x, rows, TensorRef::F16(&w16), n, k, None, &mut y),
+    })?;
+    Ok(CaseResult {
+        name: format!("linear {} {rows}x{n}x{k}", weights.name()),
+        seconds,
+        wall: None,
+        bound: Bound::Compute,
+        work: 2.0 * (rows * n * k) as f64,
+    })
+}

@@ -84,6 +84,11 @@ pub fn run_gpu_kernels(engine: &GpuEngine, scope: Scope, only: Option<&[Case]>) 
 
 /// Refuses the cases the GPU benchmark cannot run (it stores decode KV as f16 or int8).
 pub fn check_gpu_cases(cases: &[Case]) -> Result<()> {
+    if let Some(bad) = cases.iter().find(|c| matches!(c, Case::Linear { .. })) {
+        return Err(TwinferError::InvalidParameter(format!(
+            "{bad:?}: the GPU benchmark times its own projection shapes (with no --case); linear cases are for the CPU"
+        )));
+    }
     match cases.iter().find(|c| matches!(c, Case::Decode { dtype: DType::F32, .. })) {
         Some(bad) => Err(TwinferError::InvalidParameter(format!(
             "{bad:?}: the GPU decode benchmark stores its KV as f16 or int8; use decode:BATCH:CTX or decode-q8:BATCH:CTX"

@@ -10,6 +10,7 @@ use super::timing::Stats;
 use crate::cpu::CpuEngine;
 use crate::dtype::DType;
 use crate::error::{Result, TwinferError};
+use crate::quant::QuantFormat;
 
 /// Which cases to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,9 +64,9 @@ impl KernelReport {
     }
 }
 
-/// One shape to measure: `prefill:LEN`, `decode:BATCH:CTX` (f16 KV), `decode-f32:BATCH:CTX` or
-/// `decode-q8:BATCH:CTX`
-/// on the command line.
+/// One shape to measure: `prefill:LEN`, `decode:BATCH:CTX` (f16 KV), `decode-f32:BATCH:CTX`,
+/// `decode-q8:BATCH:CTX`, `linear:ROWS:N:K` (f16 weights) or `linear-FORMAT:ROWS:N:K` (`f32`,
+/// `bf16`, or a block format such as `q4_1`) on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Case {
     /// Causal single-sequence prefill of this many tokens.
@@ -79,6 +80,17 @@ pub enum Case {
         /// Storage type of the KV pool.
         dtype: DType,
     },
+    /// A projection `y = x · Wᵀ`: `rows` activation rows, `n` outputs, `k` inputs.
+    Linear {
+        /// Activation rows (tokens).
+        rows: usize,
+        /// Output features.
+        n: usize,
+        /// Input features.
+        k: usize,
+        /// How the weights are stored.
+        weights: cases::LinearWeights,
+    },
 }
 
 impl FromStr for Case {
@@ -86,7 +98,8 @@ impl FromStr for Case {
     fn from_str(s: &str) -> Result<Self> {
         let bad = || {
             TwinferError::InvalidParameter(format!(
-                "case {s:?}: prefill:LEN, decode:BATCH:CTX, decode-f32:BATCH:CTX or decode-q8:BATCH:CTX"
+                "case {s:?}: prefill:LEN, decode:BATCH:CTX, decode-f32:BATCH:CTX, decode-q8:BATCH:CTX, \
+                 linear:ROWS:N:K or linear-FORMAT:ROWS:N:K (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1)"
             ))
         };
         let num = |x: &str| x.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(bad);
@@ -95,6 +108,14 @@ impl FromStr for Case {
             ["decode", batch, ctx] => Ok(Case::Decode { batch: num(batch)?, ctx: num(ctx)?, dtype: DType::F16 }),
             ["decode-f32", batch, ctx] => Ok(Case::Decode { batch: num(batch)?, ctx: num(ctx)?, dtype: DType::F32 }),
             ["decode-q8", batch, ctx] => Ok(Case::Decode { batch: num(batch)?, ctx: num(ctx)?, dtype: DType::Q8 }),
+            [kind, rows, n, k] if kind.starts_with("linear") => {
+                let weights = match kind.strip_prefix("linear") {
+                    Some("") => cases::LinearWeights::F16,
+                    Some(format) => cases::LinearWeights::parse(format.strip_prefix('-').ok_or_else(bad)?)?,
+                    None => return Err(bad()),
+                };
+                Ok(Case::Linear { rows: num(rows)?, n: num(n)?, k: num(k)?, weights })
+            }
             _ => Err(bad()),
         }
     }
@@ -111,6 +132,19 @@ impl Scope {
         for batch in [1, 8] {
             cases.extend(decode_ctx.iter().map(|&ctx| Case::Decode { batch, ctx, dtype: DType::F16 }));
         }
+        // A prompt chunk through smollm-135m's projections: the fused gate/up (3072 x 576) and
+        // the down projection (576 x 1536), in its f16 weights and two of its GGUF formats.
+        use cases::LinearWeights::{F16, Quant};
+        let linear: &[(usize, usize, usize, cases::LinearWeights)] = match self {
+            Scope::Quick => &[(128, 1536, 576, F16)],
+            Scope::Full => &[
+                (512, 3072, 576, F16),
+                (512, 576, 1536, F16),
+                (512, 3072, 576, Quant(QuantFormat::Q8_0)),
+                (512, 3072, 576, Quant(QuantFormat::Q4_1)),
+            ],
+        };
+        cases.extend(linear.iter().map(|&(rows, n, k, weights)| Case::Linear { rows, n, k, weights }));
         cases
     }
     /// Timed runs per case and the bytes of the read-bandwidth ceiling.
@@ -138,6 +172,7 @@ pub fn run_kernel_cases(engine: &CpuEngine, cases: &[Case], runs: usize, ceiling
         results.push(match case {
             Case::Prefill(len) => cases::prefill_causal(engine, len, if len >= 8192 { runs.min(3) } else { runs })?,
             Case::Decode { batch, ctx, dtype } => cases::decode_paged(engine, batch, ctx, dtype, runs)?,
+            Case::Linear { rows, n, k, weights } => cases::linear(engine, rows, n, k, weights, runs)?,
         });
     }
     let cases = results;
