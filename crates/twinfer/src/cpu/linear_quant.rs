@@ -97,7 +97,7 @@ fn run(
         }
         col0 += part.n;
     }
-    let out = OutPtr(y.as_mut_ptr());
+    let out = OutPtr { ptr: y.as_mut_ptr(), len: y.len() };
     let task = |i: usize| {
         let (w, col0, tiles) = (parts[tasks[i].0], tasks[i].1, tasks[i].2.clone());
         let mut block = [[0f32; TILE]; MAX_ROWS];
@@ -112,17 +112,18 @@ fn run(
             while r0 < rows {
                 let r_len = (rows - r0).min(per_call);
                 tile_rows(level, &tile, acts, DIGITS * r0, DIGITS * r_len, &mut block);
+                let (first, len) = (col0 + features.start, features.len());
+                let bias = bias.map(|b| &b[first..first + len]);
                 for (r, digits) in block.chunks_exact(DIGITS).enumerate().take(r_len) {
-                    for (i, f) in features.clone().enumerate() {
-                        let c = col0 + f;
+                    // SAFETY: these features belong to this task alone, so no other thread
+                    // touches the slice.
+                    let dst = unsafe { out.slice((r0 + r) * n + first, len) };
+                    for (i, d) in dst.iter_mut().enumerate() {
                         let sum = digits[0][i] + digits[1][i];
-                        let v = match bias {
-                            Some(b) => sum + b[c],
+                        *d = match bias {
+                            Some(b) => sum + b[i],
                             None => sum,
                         };
-                        // SAFETY: (r0 + r, c) is inside [rows, n], and feature c belongs to
-                        // this task alone.
-                        unsafe { out.write((r0 + r) * n + c, v) };
                     }
                 }
                 r0 += r_len;
@@ -136,20 +137,27 @@ fn run(
     }
 }
 
-/// The output's base pointer, shared by tasks that write disjoint feature ranges.
+/// The output, shared by tasks that write disjoint feature ranges.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+struct OutPtr {
+    ptr: *mut f32,
+    len: usize,
+}
 // SAFETY: each task writes only the features of its own tiles, so no two threads touch one
 // element.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
+    /// Elements `at..at + len`, checked to be inside the output.
+    ///
     /// # Safety
-    /// `i` must be inside the output, and no other thread may write element `i`.
-    unsafe fn write(self, i: usize, v: f32) {
-        // SAFETY: as the caller promises.
-        unsafe { *self.0.add(i) = v };
+    /// No other thread may touch these elements while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, at: usize, len: usize) -> &mut [f32] {
+        assert!(at + len <= self.len, "output elements {at}..{} of {}", at + len, self.len);
+        // SAFETY: inside the output (just checked), and unshared (the caller's promise).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), len) }
     }
 }
 
