@@ -49,6 +49,10 @@ pub fn rms_norm_into(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 
 /// `x[r] = (x[r] - mean) / sqrt(var + eps) * gamma + beta`.
 pub fn layer_norm(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    by_rows(x, gamma.len(), |_, rows| layer_norm_rows(rows, gamma, beta, eps));
+}
+
+fn layer_norm_rows(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
     for row in x.chunks_exact_mut(gamma.len()) {
         let n = row.len() as f64;
         let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
@@ -82,9 +86,11 @@ pub fn silu_mul_rows(gate_up: &[f32], inter: usize, out: &mut [f32]) {
 
 /// The exact (erf) GELU that BERT uses.
 pub fn gelu(x: &mut [f32]) {
-    for v in x {
-        *v = 0.5 * *v * (1.0 + libm::erff(*v * std::f32::consts::FRAC_1_SQRT_2));
-    }
+    by_rows(x, 1024, |_, part| {
+        for v in part {
+            *v = 0.5 * *v * (1.0 + libm::erff(*v * std::f32::consts::FRAC_1_SQRT_2));
+        }
+    });
 }
 
 /// `x += y`, element by element.

@@ -211,24 +211,38 @@ fn aligned(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
 
 impl Chunk<'_> {
     /// A prompt chunk's product: the task's weight rows are widened to f32 once (f16 and bf16;
-    /// f32 rows are copied, to a 64-byte boundary), then blocks of [`GEMM_ROWS`] rows read them
+    /// f32 rows are copied to a 64-byte boundary unless they start on one), then blocks of [`GEMM_ROWS`] rows read them
     /// from there, with no prefetching (the rows are in cache). The widening is exact and each
     /// output's arithmetic that of the row-at-a-time path, so the bits are the same; a row then
     /// costs FMAs only, where converting per use spent a conversion per four FMAs.
     /// (No closure here: one would be compiled without the level's features.)
     #[inline(always)]
     fn run_widened<S: Simd>(&self, simd: S) {
+        let (cols, col0) = (0..self.cols.len(), self.col0 + self.cols.start);
+        if let TensorRef::F32(w) = self.w {
+            let rows = &w[self.cols.start * self.k..self.cols.end * self.k];
+            // Rows that already start on cache lines are read in place (a copy is a pass over
+            // the weights).
+            if (rows.as_ptr() as usize).is_multiple_of(64) && (self.k * 4).is_multiple_of(64) {
+                return self.run_panel(simd, rows, cols, col0);
+            }
+        }
         let mut buf = PANEL.take();
         let panel = aligned(&mut buf, self.cols.len() * self.k);
         load_f32::<S>(self.w, self.cols.start * self.k, panel);
-        let (cols, col0) = (0..self.cols.len(), self.col0 + self.cols.start);
+        self.run_panel(simd, panel, cols, col0);
+        PANEL.set(buf);
+    }
+
+    /// Every row times the f32 weight rows `panel`, in the prompt-chunk path's blocks.
+    #[inline(always)]
+    fn run_panel<S: Simd>(&self, simd: S, panel: &[f32], cols: std::ops::Range<usize>, col0: usize) {
         // AVX2 has 16 vector registers: 6 x 4 accumulators would spill there.
         if S::F32_LANES == 8 {
             self.run::<S, f32, MR, false>(simd, panel, cols, col0);
         } else {
             self.run::<S, f32, GEMM_ROWS, false>(simd, panel, cols, col0);
         }
-        PANEL.set(buf);
     }
 
     /// Every row times weight rows `cols` of `w` (its row `c` being output column `col0 + c`),
@@ -392,6 +406,34 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// f32 weights on cache lines are read in place on the prompt-chunk path, others through a
+    /// copy: both give the bits of a row computed alone.
+    #[test]
+    fn f32_weights_in_place_or_copied_give_the_same_bits() {
+        let (rows, n, k) = (40, 70, 96);
+        let x = data(rows * k, 7);
+        let values = data(n * k + 1, 8);
+        let mut buf = Vec::new();
+        let on_lines = aligned(&mut buf, n * k);
+        on_lines.copy_from_slice(&values[..n * k]);
+        let on_lines: &[f32] = on_lines;
+        assert!((on_lines.as_ptr() as usize).is_multiple_of(64));
+        // The same values one element past a cache line.
+        let mut shifted_buf = Vec::new();
+        let shifted = &mut aligned(&mut shifted_buf, n * k + 1)[1..];
+        shifted.copy_from_slice(&values[..n * k]);
+        for level in SimdLevel::available() {
+            let mut in_place = vec![f32::NAN; rows * n];
+            linear(level, &x, rows, TensorRef::F32(on_lines), n, k, None, &mut in_place).unwrap();
+            let mut copied = vec![f32::NAN; rows * n];
+            linear(level, &x, rows, TensorRef::F32(shifted), n, k, None, &mut copied).unwrap();
+            assert_eq!(in_place, copied, "{level}");
+            let mut alone = vec![f32::NAN; n];
+            linear(level, &x[3 * k..4 * k], 1, TensorRef::F32(on_lines), n, k, None, &mut alone).unwrap();
+            assert_eq!(alone, in_place[3 * n..4 * n], "{level}");
         }
     }
 
