@@ -11,7 +11,9 @@ use pulp::Simd;
 use crate::cpu::convert::{LoadLanes, prefetch_slice};
 
 /// `s[r * s_stride + c] = dot(q[r], k[offs[c] + head_off ..][..len])` for `r < rows`, every `c`.
-/// Blocks of 4 query rows x 2 key rows keep 8 accumulators in registers.
+/// Blocks of 4 query rows x 2 key rows keep 8 accumulators in registers; x 4 key rows with
+/// AVX-512's 32 registers, where 4 x 2 spent six loads on eight FMAs. A score's arithmetic is
+/// the same in either shape (its row's place in a block of 4 picks the reduction, as before).
 #[inline(always)]
 pub(crate) fn scores<S: Simd, E: LoadLanes>(
     simd: S,
@@ -24,13 +26,14 @@ pub(crate) fn scores<S: Simd, E: LoadLanes>(
     s: &mut [f32],
     s_stride: usize,
 ) {
+    let wide = S::REGISTER_COUNT >= 32;
     let mut r = 0;
     while r < rows {
         let mr = (rows - r).min(4);
         let mut c = 0;
         while c < offs.len() {
-            let nc = (offs.len() - c).min(2);
-            block_shape!(mr, nc, score_block::<S, E>(simd, q, len, k, offs, head_off, r, c, s, s_stride));
+            let nc = (offs.len() - c).min(if wide && mr == 4 { 4 } else { 2 });
+            block_shape!(wide mr, nc, score_block::<S, E>(simd, q, len, k, offs, head_off, r, c, s, s_stride));
             c += nc;
         }
         r += mr;
