@@ -8,7 +8,8 @@ use std::sync::{Arc, OnceLock};
 
 use twinfer::cpu::SimdLevel;
 use twinfer::engine::{EngineConfig, GenerateRequest, Scheduler};
-use twinfer::model::{ChatMessage, ChatTemplate, Model, ModelSource, Network};
+use twinfer::model::{ChatMessage, ChatTemplate, Model, ModelSource, Network, SafetensorsStream};
+use twinfer::quant::QuantFormat;
 use twinfer::{Attention, Backend, DType};
 
 /// The micro model's files by name: config.json, tokenizer.json, model.safetensors, micro.gguf.
@@ -39,7 +40,34 @@ pub fn folder_with(name: &str, data: &[u8]) -> HashMap<String, Vec<u8>> {
 /// Loads `files`. Any error is fine; a model that loads must also tokenize, render its chat
 /// template and generate two tokens on the CPU, with a typed error at worst and never a panic.
 pub fn exercise(files: HashMap<String, Vec<u8>>) {
-    let Ok(model) = Model::load(ModelSource::Files(files)) else { return };
+    if let Ok(model) = Model::load(ModelSource::Files(files)) {
+        exercise_model(model);
+    }
+}
+
+/// As [`exercise`], with `name` (a safetensors file) streamed in chunks of 1 to 13 bytes into
+/// the loader that quantizes as it goes (the browser's), instead of handed over whole.
+pub fn exercise_streamed(mut files: HashMap<String, Vec<u8>>, name: &str) {
+    let Some(data) = files.remove(name) else { return };
+    let Ok(mut stream) = SafetensorsStream::new(name, QuantFormat::Q4_0) else { return };
+    let mut at = 0;
+    for len in (1..=13).cycle() {
+        if at >= data.len() {
+            break;
+        }
+        let end = (at + len).min(data.len());
+        if stream.push(&data[at..end]).is_err() {
+            return;
+        }
+        at = end;
+    }
+    let Ok(tensors) = stream.finish() else { return };
+    if let Ok(model) = Model::load_streamed(ModelSource::Files(files), tensors) {
+        exercise_model(model);
+    }
+}
+
+fn exercise_model(model: Model) {
     let Ok(ids) = model.tokenizer.encode("Hi there, 42 apples!\n\tcafé 日本", true) else { return };
     if let Some(source) = model.chat_template.clone()
         && let Ok(template) = ChatTemplate::new(source, "<s>".into(), "</s>".into())

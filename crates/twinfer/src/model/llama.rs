@@ -36,7 +36,7 @@ pub struct LlamaModel {
     /// Architecture and sizes.
     pub config: DecoderConfig,
     /// `[vocab, hidden]`, shared with `lm_head` when the embeddings are tied.
-    embed: Arc<WeightData>,
+    pub(super) embed: Arc<WeightData>,
     pub(super) layers: Vec<Layer>,
     pub(super) norm: Vec<f32>,
     pub(super) lm_head: Linear,

@@ -15,6 +15,7 @@ mod quantize;
 mod random;
 mod resident;
 mod source;
+mod stream;
 mod tokenizer;
 mod weights;
 
@@ -24,9 +25,10 @@ pub use config::{DecoderConfig, EncoderConfig, ModelConfig, RopeScaling};
 pub use elems::Elems;
 pub use linear::Linear;
 pub use llama::{Engines, LlamaModel, Logits, StepSeq};
-pub use random::{PRESETS, preset, random_decoder};
+pub use random::{PRESETS, preset, random_decoder, random_safetensors};
 pub use resident::ResidentDecoder;
 pub use source::{FileBytes, ModelSource};
+pub use stream::{PreparedTensors, SafetensorsStream};
 pub use tokenizer::{TextStream, Tokenizer};
 pub use weights::{WeightData, Weights};
 
@@ -56,8 +58,20 @@ pub struct Model {
 impl Model {
     /// Loads `config.json`, the weights and `tokenizer.json` from `source`, or everything from
     /// its GGUF file when it is one.
-    pub fn load(mut source: ModelSource) -> Result<Self> {
-        if let Some(name) = source.gguf_name() {
+    pub fn load(source: ModelSource) -> Result<Self> {
+        Self::load_with(source, None)
+    }
+
+    /// Loads a decoder whose safetensors weights were converted as they streamed in
+    /// ([`SafetensorsStream`]); `config.json` and `tokenizer.json` come from `source`.
+    pub fn load_streamed(source: ModelSource, tensors: PreparedTensors) -> Result<Self> {
+        Self::load_with(source, Some(tensors))
+    }
+
+    fn load_with(mut source: ModelSource, prepared: Option<PreparedTensors>) -> Result<Self> {
+        if prepared.is_none()
+            && let Some(name) = source.gguf_name()
+        {
             return Self::load_gguf(&mut source, &name);
         }
         let config = ModelConfig::parse(&source.read_text("config.json")?, &source.display("config.json"))?;
@@ -68,7 +82,16 @@ impl Model {
             let window = encoder_window(&mut source)?.unwrap_or(c.max_position_embeddings);
             tokenizer.truncate_to(window.min(c.max_position_embeddings))?;
         }
-        let weights = Weights::load(&mut source)?;
+        let weights = match prepared {
+            Some(tensors) if matches!(config, ModelConfig::Encoder(_)) => {
+                return Err(crate::TwinferError::InvalidParameter(format!(
+                    "{}: quantizing weights as they load applies to decoders, not to encoders",
+                    tensors.file
+                )));
+            }
+            Some(tensors) => Weights::from_prepared(tensors),
+            None => Weights::load(&mut source)?,
+        };
         let network = match config {
             ModelConfig::Decoder(c) => Network::Decoder(LlamaModel::load(c, &weights)?),
             ModelConfig::Encoder(c) => Network::Encoder(BertModel::load(c, &weights)?),

@@ -1,8 +1,10 @@
 //! In-situ quantization: a model loaded with float weights (f32, f16 or bf16 safetensors, or a
 //! random preset) gets its projections quantized at load, as mistral.rs's ISQ and candle do.
 //! Every projection (q/k/v, o, gate/up, down and the LM head) becomes block-quantized; the
-//! embedding table, the norms and the biases stay as stored. For a tied LM head the embedding
-//! keeps its float copy (the lookup reads rows of it) and the head gets a quantized one.
+//! embedding table, the norms and the biases stay as stored. A tied LM head, which is also the
+//! embedding table, becomes one Q8_0 copy that serves both the lookup and the logits (llama.cpp
+//! also keeps output matrices at higher precision; SmolLM2's Q4_1 GGUF ships its tied table in
+//! Q8_0): the float table is not kept beside it. `model::stream` applies the same rule.
 
 use std::sync::Arc;
 
@@ -41,7 +43,13 @@ impl LlamaModel {
             layer.gate_up = layer.gate_up.quantized(format, &format!("layer {i} gate_up"))?;
             layer.down = layer.down.quantized(format, &format!("layer {i} down_proj"))?;
         }
-        self.lm_head = self.lm_head.quantized(format, "lm_head")?;
+        let tied = matches!(&self.lm_head.parts[..], [w] if Arc::ptr_eq(w, &self.embed));
+        if tied {
+            self.lm_head = self.lm_head.quantized(QuantFormat::Q8_0, "tied embeddings and LM head")?;
+            self.embed = self.lm_head.parts[0].clone();
+        } else {
+            self.lm_head = self.lm_head.quantized(format, "lm_head")?;
+        }
         Ok(())
     }
 }

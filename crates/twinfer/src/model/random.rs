@@ -56,12 +56,21 @@ pub fn preset(name: &str) -> Result<DecoderConfig> {
 /// A decoder of shape `config` with weights uniform in ±0.035 (std 0.02), norms at 1, stored
 /// as `dtype`; the same seed gives the same weights.
 pub fn random_decoder(config: DecoderConfig, dtype: DType, seed: u64) -> Result<LlamaModel> {
+    let bytes = random_safetensors(&config, dtype, seed)?;
+    let mut source = ModelSource::Files(HashMap::from([("model.safetensors".to_string(), bytes)]));
+    let weights = Weights::load(&mut source)?;
+    LlamaModel::load(config, &weights)
+}
+
+/// The `model.safetensors` file of [`random_decoder`]: Hugging Face's tensor names in the
+/// preset's shapes, an untied `lm_head.weight` only when the config says so.
+pub fn random_safetensors(config: &DecoderConfig, dtype: DType, seed: u64) -> Result<Vec<u8>> {
     if dtype == DType::Q8 {
         return Err(TwinferError::InvalidParameter(
             "random weights are f32, f16 or bf16 (q8 is a KV cache type; quantize weights with --quantize)".into(),
         ));
     }
-    let c = &config;
+    let c = config;
     let (h, q, kv, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
     let mut tensors: Vec<(String, Vec<usize>, bool)> =
         vec![("model.embed_tokens.weight".into(), vec![c.vocab_size, h], false)];
@@ -83,10 +92,7 @@ pub fn random_decoder(config: DecoderConfig, dtype: DType, seed: u64) -> Result<
     if !c.tie_word_embeddings {
         tensors.push(("lm_head.weight".into(), vec![c.vocab_size, h], false));
     }
-    let bytes = safetensors_bytes(&tensors, dtype, seed);
-    let mut source = ModelSource::Files(HashMap::from([("model.safetensors".to_string(), bytes)]));
-    let weights = Weights::load(&mut source)?;
-    LlamaModel::load(config, &weights)
+    Ok(safetensors_bytes(&tensors, dtype, seed))
 }
 
 /// A safetensors file: an 8-byte header length, the JSON header, then the tensors' bytes.

@@ -4,7 +4,7 @@
 //! are converted on request, once, into the format the kernels read.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors, tensor::TensorInfo};
@@ -16,6 +16,7 @@ use crate::model::elems::Elems;
 use crate::model::gguf::GgufFile;
 use crate::model::gguf_model;
 use crate::model::source::{FileBytes, ModelSource};
+use crate::model::stream::PreparedTensors;
 use crate::quant::PackedQuant;
 
 const SINGLE: &str = "model.safetensors";
@@ -36,6 +37,8 @@ pub struct Weights {
     /// Tensor name -> shard.
     index: HashMap<String, usize>,
     gguf: Option<gguf_model::GgufWeights>,
+    /// Tensors converted as their file streamed in; each is taken out when read.
+    prepared: Option<Mutex<PreparedTensors>>,
 }
 
 /// A tensor in the format it will be computed from.
@@ -131,7 +134,7 @@ impl Weights {
         } else {
             vec![SINGLE.to_string()]
         };
-        let mut weights = Weights { shards: Vec::new(), index: HashMap::new(), gguf: None };
+        let mut weights = Weights { shards: Vec::new(), index: HashMap::new(), gguf: None, prepared: None };
         for file in files {
             let shown = source.display(&file);
             let bytes = source.read(&file)?;
@@ -157,11 +160,24 @@ impl Weights {
 
     /// The tensors of a parsed GGUF file, under Hugging Face's names.
     pub(crate) fn from_gguf(file: GgufFile) -> Result<Self> {
-        Ok(Weights { shards: Vec::new(), index: HashMap::new(), gguf: Some(gguf_model::GgufWeights::new(file)?) })
+        Ok(Weights {
+            shards: Vec::new(),
+            index: HashMap::new(),
+            gguf: Some(gguf_model::GgufWeights::new(file)?),
+            prepared: None,
+        })
+    }
+
+    /// Tensors already converted as their file streamed in ([`crate::model::SafetensorsStream`]).
+    pub fn from_prepared(tensors: PreparedTensors) -> Self {
+        Weights { shards: Vec::new(), index: HashMap::new(), gguf: None, prepared: Some(Mutex::new(tensors)) }
     }
 
     /// Whether the model has a tensor of this (Hugging Face) name.
     pub fn contains(&self, name: &str) -> bool {
+        if let Some(p) = &self.prepared {
+            return p.lock().is_ok_and(|p| p.tensors.contains_key(name));
+        }
         match &self.gguf {
             Some(g) => g.contains(name),
             None => self.index.contains_key(name),
@@ -173,6 +189,9 @@ impl Weights {
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<WeightData> {
         if let Some(g) = &self.gguf {
             return g.get(name, shape);
+        }
+        if let Some(p) = &self.prepared {
+            return take_prepared(p, name, shape);
         }
         let Some(&s) = self.index.get(name) else {
             let file = self.shards.iter().map(|s| s.file.as_str()).collect::<Vec<_>>().join(", ");
@@ -198,6 +217,19 @@ impl Weights {
     pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         Ok(self.get(name, shape)?.to_f32())
     }
+}
+
+/// Takes a streamed tensor out (each is read once, so nothing is held twice).
+fn take_prepared(p: &Mutex<PreparedTensors>, name: &str, shape: &[usize]) -> Result<WeightData> {
+    let mut p = p.lock().map_err(|_| TwinferError::InvalidParameter("a previous load panicked".into()))?;
+    let err = |file: &str, reason: String| TwinferError::ModelTensor { file: file.into(), tensor: name.into(), reason };
+    let Some((stored, data)) = p.tensors.remove(name) else {
+        return Err(err(&p.file, "missing (or read twice)".into()));
+    };
+    if stored != shape {
+        return Err(err(&p.file, format!("shape {stored:?}, expected {shape:?}")));
+    }
+    Ok(data)
 }
 
 fn shard_files(index: &str, shown: &str) -> Result<Vec<String>> {

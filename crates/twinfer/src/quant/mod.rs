@@ -196,7 +196,7 @@ impl QuantFormat {
     /// (Q4_0 and Q5_0 keep its sign, so that value maps to -8 or -16), Q4_1 and Q5_1 span
     /// [min, max] in 15 or 31 steps. Appends
     /// nothing for a format that cannot be quantized here ([`QuantFormat::can_quantize`]).
-    fn quantize_row(self, row: &[f32], out: &mut Vec<u8>) {
+    pub(crate) fn quantize_row(self, row: &[f32], out: &mut Vec<u8>) {
         for block in row.chunks_exact(BLOCK) {
             match self {
                 Self::Q8_0 => {
@@ -285,6 +285,14 @@ impl QuantRows {
             )));
         }
         crate::error::check_len("weights to quantize", n * k, values.len())?;
+        if let Some(at) = values.iter().position(|x| !x.is_finite()) {
+            return Err(TwinferError::InvalidParameter(format!(
+                "weight {} of row {} is {}: only finite weights can be quantized",
+                at % k.max(1),
+                at / k.max(1),
+                values[at]
+            )));
+        }
         let mut bytes = Vec::with_capacity(n * format.row_bytes(k));
         if k.is_multiple_of(BLOCK) {
             values.chunks_exact(k.max(1)).for_each(|row| format.quantize_row(row, &mut bytes));
