@@ -41,6 +41,12 @@ export interface LoadOptions {
   sha256?: string;
   /** SHA-256 digests by file name ("model.safetensors": "ab12..."), checked for any source kind. */
   digests?: Record<string, string> | Map<string, string>;
+  /**
+   * In-situ quantization of a float (f32/f16/bf16 safetensors) decoder: every projection in this
+   * block format, a tied embedding table in Q8_0, converted as the bytes arrive so that the float
+   * file is never held in wasm memory. GGUF files keep their own formats.
+   */
+  quantize?: "q8_0" | "q4_0" | "q4_1" | "q5_0" | "q5_1";
   /** Tokens per KV page (default 16). */
   pageSize?: number;
   /** KV cache budget in bytes (default 128 MiB). */

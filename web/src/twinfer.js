@@ -57,14 +57,17 @@ export class Twinfer {
   /**
    * Loads a model (replacing the one held): a base URL, a Map of file name -> ArrayBuffer / Blob /
    * File / Response, a File list, or the Response of its config.json. `options`: `{ onProgress,
-   * signal, cache, sha256, digests, pageSize, kvMemoryBytes, kvDtype, maxBatchTokens, maxRunning,
-   * prefixCache }`. In a browser a URL source goes through the model cache unless `cache: false`.
+   * signal, cache, sha256, digests, quantize, pageSize, kvMemoryBytes, kvDtype, maxBatchTokens,
+   * maxRunning, prefixCache }`. In a browser a URL source goes through the model cache unless
+   * `cache: false`. `quantize` ('q8_0', 'q4_0', 'q4_1', 'q5_0' or 'q5_1') converts a float model's
+   * projections as the safetensors bytes arrive, so only the quantized model is ever held.
    */
   async loadModel(source, options = {}) {
     const { onProgress, signal, cache, sha256, digests, ...engine } = options;
     return this.#run(async () => {
       const files = new this.#bindings.ModelFiles();
       try {
+        if (engine.quantize !== undefined) files.quantizeTo(String(engine.quantize));
         await collectFiles(files, source, { onProgress, signal, cache, sha256, digests });
         onProgress?.({ phase: "load", loaded: 0, total: 1, text: "building the model" });
         this.#rt.load(files, engine, (loaded, total) =>

@@ -160,6 +160,21 @@ test("text prompts stream text; the tokens equal the native build's", async () =
   assert.deepEqual(result.tokens, native.tokens);
 });
 
+test("quantize: q8_0 converts the projections as they load; the tokens equal the native build's --quantize q8_0", async () => {
+  const tf = await engineWith(QWEN, { quantize: "q8_0" });
+  assert.match(tf.info().model.description, /q8_0/);
+  const prompt = "The café by the market";
+  const { result } = await collect(tf.generate(prompt, { maxTokens: 12, ignoreEos: true }));
+  await tf.dispose();
+  if (!CLI) {
+    console.warn("SKIPPED the native comparison: TWINFER_CLI is not set (scripts/test-wasm.sh sets it)");
+    return;
+  }
+  const args = ["run", "--json", "--model", QWEN, "--prompt", prompt, "--max-tokens", "12", "--quantize", "q8_0"];
+  const native = JSON.parse(execFileSync(CLI, args, { encoding: "utf8" }));
+  assert.deepEqual(result.tokens, native.tokens);
+});
+
 test("a later prompt that starts like a finished one takes its KV from the prefix cache, tokens unchanged", async () => {
   const first = Array.from({ length: 150 }, (_, i) => 3 + ((i * 7) % 500));
   const run = async (tf, ids) => (await collect(tf.generate(ids, { maxTokens: 20, ignoreEos: true }))).result;

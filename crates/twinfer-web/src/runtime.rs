@@ -123,7 +123,17 @@ impl Runtime {
         // Drop the old model first: two models at once may not fit.
         state.served = None;
         state.chat = None;
-        let model = Model::load(files.take_source()).map_err(to_js_error)?;
+        let (source, streamed) = files.take_source().map_err(to_js_error)?;
+        let mut model = match streamed {
+            Some(tensors) => Model::load_streamed(source, tensors),
+            None => Model::load(source),
+        }
+        .map_err(to_js_error)?;
+        // Streamed tensors are quantized already; this converts what is still float (a GGUF
+        // file's float matrices, or a model handed over without `quantizeTo`).
+        if let (Some(format), Network::Decoder(m)) = (config.quantize, &mut model.network) {
+            m.quantize(format).map_err(to_js_error)?;
+        }
         let description = model.describe();
         let chat = model.chat().map_err(to_js_error)?;
         if let Some(gpu) = state.prefill.gpu_engine() {
@@ -370,6 +380,7 @@ fn engine_config(options: &JsValue, cpu_decode: bool) -> Result<EngineConfig> {
         // A tab mostly chats: keep a few finished turns for the next one's prompt.
         prefix_cache_sequences: o.count("prefixCache", 1e6)?.unwrap_or(4),
         clock: Some(web_clock),
+        quantize: o.string("quantize")?.as_deref().map(twinfer::quant::QuantFormat::parse).transpose()?,
         ..d
     })
 }

@@ -88,6 +88,17 @@ impl PreparedTensors {
     pub fn is_empty(&self) -> bool {
         self.tensors.is_empty()
     }
+    /// Adds the tensors of another shard of the same model. A name in both is an error.
+    pub fn absorb(&mut self, other: PreparedTensors) -> Result<()> {
+        for (name, tensor) in other.tensors {
+            if self.tensors.contains_key(&name) {
+                let reason = format!("appears in two shards ({} and {})", self.file, other.file);
+                return Err(TwinferError::ModelTensor { file: other.file.clone(), tensor: name, reason });
+            }
+            self.tensors.insert(name, tensor);
+        }
+        Ok(())
+    }
 }
 
 /// A `model.safetensors` being received in chunks; see the module docs.
