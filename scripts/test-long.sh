@@ -25,6 +25,6 @@ scripts/build-web.sh --test-hooks
 (cd web && npm ci --no-audit --no-fund && TWINFER_BROWSER_WORKER_GPU=1 node --test --test-name-pattern "Web Worker" test/browser.test.mjs)
 echo "== the CPU kernels' and the KV cache's unit tests under AddressSanitizer (nightly)"
 # --target keeps the sanitizer off build scripts and proc macros.
-RUSTFLAGS="-Zsanitizer=address" cargo +nightly test -q -p twinfer --lib --target x86_64-unknown-linux-gnu \
+RUSTFLAGS="-Zsanitizer=address" cargo "+${TWINFER_NIGHTLY:-nightly-2026-05-20}" test -q -p twinfer --lib --target x86_64-unknown-linux-gnu \
     --target-dir target/asan -- cpu:: quant:: kv:: attention::
 scripts/fuzz.sh "${1:-1800}"
