@@ -30,7 +30,7 @@ mod convert;
 mod decode;
 mod linear;
 mod linear_quant;
-mod math;
+pub(crate) mod math;
 mod microkernel;
 pub(crate) mod parallel;
 #[cfg(not(target_arch = "wasm32"))]
