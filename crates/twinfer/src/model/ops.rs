@@ -64,11 +64,9 @@ fn layer_norm_rows(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
     }
 }
 
-/// `gate = silu(gate) * up`, SwiGLU's gating.
+/// `gate = silu(gate) * up`, SwiGLU's gating, in vector code (`cpu::math::SiluMul`).
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
-    }
+    crate::cpu::SimdLevel::detect().dispatch(crate::cpu::math::SiluMul(gate, up));
 }
 
 /// SwiGLU over fused projection rows: `out[r] = silu(gate_up[r][..inter]) * gate_up[r][inter..]`,
