@@ -54,7 +54,10 @@ async function open(which) {
 async function load(which, source) {
   const bar = $(`${which}-progress`);
   const tf = engines[which] ?? (await open(which));
+  // A float decoder can be quantized as it downloads (GGUF files keep their formats).
+  const quantize = which === "gen" && $("quantize").value ? { quantize: $("quantize").value } : {};
   const info = await tf.loadModel(source, {
+    ...quantize,
     onProgress: (p) => {
       window.demoProgress.push(p.phase);
       bar.max = p.total || 1;
@@ -247,6 +250,7 @@ async function autoRun() {
   $("worker").checked = params.get("worker") === "1";
   if (params.has("maxTokens")) $("max-tokens").value = params.get("maxTokens");
   if (params.has("genModel")) $("gen-url").value = params.get("genModel");
+  if (params.has("quantize")) $("quantize").value = params.get("quantize");
   // Milliseconds per phase, for whoever wonders where a slow page's time went.
   const times = {};
   let mark = performance.now();
