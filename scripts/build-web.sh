@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the npm package's engine: twinfer-web for wasm32 with simd128 (release), through the
-# pinned wasm-bindgen, into web/pkg (an ES module that browsers, workers and Node all load).
+# pinned wasm-bindgen, into web/pkg (an ES module that browsers, workers and Node all load), and
+# the same module with relaxed SIMD beside it (twinfer_web_relaxed_bg.wasm).
 # Needs what scripts/setup-cross.sh installs. Honours CARGO_TARGET_DIR.
 # `--test-hooks` adds the hooks the package's own tests use (a deliberate panic, a destroyed GPU
 # device); the package that ships is built without them.
@@ -22,4 +23,21 @@ case "${1:-}" in
 esac
 RUSTFLAGS="-C target-feature=+simd128" cargo build --release --target wasm32-unknown-unknown -p twinfer-web "${features[@]}"
 wasm-bindgen --target web --out-dir web/pkg "$target_dir/wasm32-unknown-unknown/release/twinfer_web.wasm"
-ls -l web/pkg/twinfer_web_bg.wasm >&2
+
+# The same module with relaxed SIMD (f32x4.relaxed_madd for every multiply-add), which the loader
+# picks where the runtime validates it; a runtime without relaxed SIMD would refuse the whole
+# module, so it ships beside the plain one. Its own target folder: other RUSTFLAGS would
+# otherwise rebuild everything at each switch.
+relaxed_dir="$target_dir/relaxed-simd"
+RUSTFLAGS="-C target-feature=+simd128,+relaxed-simd" CARGO_TARGET_DIR="$relaxed_dir" \
+    cargo build --release --target wasm32-unknown-unknown -p twinfer-web --features relaxed-simd "${features[@]}"
+glue=$(mktemp -d)
+trap 'rm -rf "$glue"' EXIT
+wasm-bindgen --target web --out-dir "$glue" "$relaxed_dir/wasm32-unknown-unknown/release/twinfer_web.wasm"
+# One JS glue serves both modules only if the bindings are the same.
+if ! cmp -s "$glue/twinfer_web.js" web/pkg/twinfer_web.js; then
+    echo "the relaxed-SIMD build's JS bindings differ from the plain build's" >&2
+    exit 1
+fi
+cp "$glue/twinfer_web_bg.wasm" web/pkg/twinfer_web_relaxed_bg.wasm
+ls -l web/pkg/twinfer_web_bg.wasm web/pkg/twinfer_web_relaxed_bg.wasm >&2

@@ -3,7 +3,8 @@
 #   1. the core crate's tests and the conformance suite under wasm-bindgen-test-runner;
 #   2. the npm package's engine (scripts/build-web.sh -> web/pkg);
 #   3. the npm package's Node tests (web/test/): the kernels against a JS reference, and the
-#      package API on the real models against the numpy reference and the native build.
+#      package API on the real models against the numpy reference and the native build; the
+#      kernels and the API again on the relaxed-SIMD build.
 # The package as it ships (no test hooks) is packed and installed by scripts/test-pack.sh.
 # Needs what scripts/setup-cross.sh installs, and Node 20 or newer.
 # Honours CARGO_TARGET_DIR; TWINFER_TEST_CASES (default 8) sets the property cases per test.
@@ -32,3 +33,7 @@ cli="$target_dir/debug/twinfer"
 # Resolved here: inside web/ a relative path would name nothing, and the comparison would skip.
 cli="$(realpath "$cli")"
 (cd web && TWINFER_CLI="$cli" npm test)
+
+echo "== the relaxed-SIMD build (web/pkg/twinfer_web_relaxed_bg.wasm) in Node, with V8's flag for it:"
+echo "   the kernels against the JS reference, and the package API on the real models"
+(cd web && TWINFER_CLI="$cli" node --experimental-wasm-relaxed-simd --test test/kernels.test.mjs test/runtime.test.mjs)

@@ -14,7 +14,11 @@ function median(xs) {
 
 async function main() {
   document.body.dataset.state = "running";
-  const { BenchCase } = await kernels();
+  // ?build=plain or ?build=relaxed pins a build; by default the loader picks (relaxed where the
+  // browser has it).
+  const build = params.get("build");
+  const wasmUrl = build ? new URL(`../pkg/twinfer_web${build === "relaxed" ? "_relaxed" : ""}_bg.wasm`, import.meta.url) : undefined;
+  const { BenchCase } = await kernels({ wasmUrl });
   const results = [];
   for (const spec of specs) {
     document.getElementById("status").textContent = `running ${spec}`;

@@ -1,7 +1,7 @@
 // The page-level kernel benchmark: runs bench/index.html in headless Chromium (playwright-core),
 // then the native `twinfer bench kernels` on the same cases (AVX2, one thread as the page has,
 // and all threads), and prints wasm/native ratios. Writes test-artifacts/bench.json.
-// Usage: node bench/run.mjs [--cli PATH] [--cases decode:1:8192,...] [--runs N]
+// Usage: node bench/run.mjs [--cli PATH] [--cases decode:1:8192,...] [--runs N] [--build plain|relaxed]
 // The native binary should be a release build (cargo build --release -p twinfer-cli).
 import { execFileSync } from "node:child_process";
 import { mkdirSync, writeFileSync, existsSync } from "node:fs";
@@ -17,6 +17,8 @@ const { values } = parseArgs({
     cases: { type: "string", default: "decode:1:8192,decode:8:8192,decode:8:1024,prefill:1024" },
     runs: { type: "string", default: "7" },
     simd: { type: "string", default: "avx2" },
+    // The wasm build the page runs: plain simd128, relaxed SIMD, or the loader's pick.
+    build: { type: "string", default: "auto" },
   },
 });
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
@@ -28,7 +30,8 @@ try {
   const browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: ["--no-first-run", "--disable-background-networking"] });
   try {
     const tab = await browser.newPage();
-    await tab.goto(`${server.url}/bench/?cases=${values.cases}&runs=${values.runs}`);
+    const build = values.build === "auto" ? "" : `&build=${values.build}`;
+    await tab.goto(`${server.url}/bench/?cases=${values.cases}&runs=${values.runs}${build}`);
     await tab.waitForFunction(() => ["done", "error"].includes(document.body.dataset.state), null, { timeout: 600_000 });
     const error = await tab.evaluate(() => window.benchError ?? null);
     if (error) throw new Error(`the bench page failed: ${error.name}: ${error.message}`);

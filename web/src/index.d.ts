@@ -173,7 +173,7 @@ export interface Info {
   backend: "webgpu" | "wasm";
   /** Why this backend was chosen (or why WebGPU was not). */
   reason: string;
-  /** The CPU engine's SIMD level ("simd128"). */
+  /** The CPU engine's SIMD level: "simd128", or "simd128-relaxed" for the relaxed-SIMD build. */
   simd: string;
   prefill: EngineReport;
   decode: EngineReport;
@@ -252,6 +252,9 @@ export declare function hasModel(url: string | URL): Promise<boolean>;
 export declare function deleteModel(url: string | URL): Promise<boolean>;
 
 export declare function hasWasmSimd(): boolean;
+/** Whether this runtime has WebAssembly relaxed SIMD; where it does, the engine loads the build
+ * whose multiply-adds are `f32x4.relaxed_madd` (its `info().simd` is "simd128-relaxed"). */
+export declare function hasRelaxedSimd(): boolean;
 
 export interface Kernels {
   /** Paged batch decode (f32); returns o `[batch, numQoHeads, headDim]`. */

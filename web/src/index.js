@@ -13,7 +13,7 @@ export {
   QuotaExceededError,
 } from "./errors.js";
 export { listModels, deleteModel, hasModel } from "./cache.js";
-export { hasWasmSimd } from "./loader.js";
+export { hasWasmSimd, hasRelaxedSimd } from "./loader.js";
 import { loadBindings } from "./loader.js";
 
 /**

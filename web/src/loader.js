@@ -1,6 +1,7 @@
 // Loads the wasm module once per realm (page, worker or Node process): the browser fetches it
 // next to this file; Node reads it from disk. The module is built with simd128, so a runtime
-// without WebAssembly SIMD gets a FeatureMissingError instead of a compile error.
+// without WebAssembly SIMD gets a FeatureMissingError instead of a compile error; a runtime with
+// relaxed SIMD gets the build that uses it.
 import init, * as bindings from "../pkg/twinfer_web.js";
 import { FeatureMissingError } from "./errors.js";
 
@@ -11,8 +12,19 @@ const SIMD_PROBE = new Uint8Array([
   0, 97, 115, 109, 1, 0, 0, 0, 1, 5, 1, 96, 0, 1, 123, 3, 2, 1, 0, 10, 10, 1, 8, 0, 65, 0, 253, 15, 253, 98, 11,
 ]);
 
+// The smallest module that uses relaxed SIMD (three v128.const zeros into f32x4.relaxed_madd).
+const ZERO = [253, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+const RELAXED_PROBE = new Uint8Array([
+  0, 97, 115, 109, 1, 0, 0, 0, 1, 5, 1, 96, 0, 1, 123, 3, 2, 1, 0, 10, 61, 1, 59, 0, ...ZERO, ...ZERO, ...ZERO, 253, 133, 2, 11,
+]);
+
 export function hasWasmSimd() {
   return typeof WebAssembly === "object" && WebAssembly.validate(SIMD_PROBE);
+}
+
+/** Whether the runtime has relaxed SIMD (Chromium 114 and later; Node 20 only behind a flag). */
+export function hasRelaxedSimd() {
+  return typeof WebAssembly === "object" && WebAssembly.validate(RELAXED_PROBE);
 }
 
 let ready;
@@ -26,7 +38,13 @@ export function loadBindings(wasmUrl) {
         { code: "FeatureMissing" },
       );
     }
-    const url = wasmUrl ?? new URL("../pkg/twinfer_web_bg.wasm", import.meta.url);
+    // The relaxed-SIMD build where the runtime has it (its multiply-adds are one instruction),
+    // else the plain one; `wasmUrl` (a bundler moved the file) is taken as given.
+    const url =
+      wasmUrl ??
+      (hasRelaxedSimd()
+        ? new URL("../pkg/twinfer_web_relaxed_bg.wasm", import.meta.url)
+        : new URL("../pkg/twinfer_web_bg.wasm", import.meta.url));
     if (IS_NODE) {
       const { readFile } = await import("#platform");
       await init({ module_or_path: await readFile(url) });

@@ -59,7 +59,7 @@ fn native_f16<S: Simd>() -> bool {
     }
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
     {
-        TypeId::of::<S>() == TypeId::of::<pulp::wasm::Simd128>()
+        TypeId::of::<S>() == TypeId::of::<crate::cpu::WasmSimd>()
     }
     #[cfg(not(any(target_arch = "x86_64", all(target_arch = "wasm32", target_feature = "simd128"))))]
     {
@@ -160,7 +160,7 @@ impl LoadLanes for f16 {
             }
         }
         #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-        if TypeId::of::<S>() == TypeId::of::<pulp::wasm::Simd128>() {
+        if TypeId::of::<S>() == TypeId::of::<crate::cpu::WasmSimd>() {
             // SAFETY: Simd128 has 4 lanes, readable per the caller; same-size transmute.
             return unsafe { core::mem::transmute_copy::<core::arch::wasm32::v128, S::f32s>(&widen4_simd128(ptr)) };
         }
@@ -205,7 +205,7 @@ impl LoadLanes for i8 {
             };
         }
         #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-        if TypeId::of::<S>() == TypeId::of::<pulp::wasm::Simd128>() {
+        if TypeId::of::<S>() == TypeId::of::<crate::cpu::WasmSimd>() {
             use core::arch::wasm32::*;
             // SAFETY: 4 readable bytes per the caller, read as one unaligned u32; same-size transmute.
             return unsafe {

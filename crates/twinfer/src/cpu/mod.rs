@@ -43,6 +43,8 @@ pub use linear_quant::{linear_quant, linear_quant_parts};
 #[cfg(not(target_arch = "wasm32"))]
 pub(crate) use parallel::{map_indices, worker_count};
 pub use simd_level::SimdLevel;
+#[cfg(target_arch = "wasm32")]
+pub use simd_level::WasmSimd;
 
 use crate::attention::problem::Problem;
 use crate::attention::{AttentionOutput, AttentionParams, DecodeInput, PrefillInput, merge_row};

@@ -17,10 +17,25 @@ pub enum SimdLevel {
     /// aarch64 NEON (4 f32 lanes).
     #[cfg(target_arch = "aarch64")]
     Neon(pulp::aarch64::Neon),
-    /// wasm32 simd128 (4 f32 lanes); chosen at compile time with `-C target-feature=+simd128`.
+    /// wasm32 simd128 (4 f32 lanes); chosen at compile time with `-C target-feature=+simd128`,
+    /// with relaxed SIMD's fused multiply-add when also built with `+relaxed-simd` (see [`WasmSimd`]).
     #[cfg(target_arch = "wasm32")]
-    Simd128(pulp::wasm::Simd128),
+    Simd128(WasmSimd),
 }
+
+/// The wasm SIMD context: pulp's relaxed-SIMD one when the module is built with relaxed SIMD
+/// (the `relaxed-simd` feature and `-C target-feature=+relaxed-simd`), whose multiply-add is
+/// `f32x4.relaxed_madd` (fused where the hardware fuses, so results may differ between machines
+/// in the last bit, never between runs on one), else plain simd128.
+#[cfg(all(target_arch = "wasm32", feature = "relaxed-simd", target_feature = "relaxed-simd"))]
+pub type WasmSimd = pulp::wasm::RelaxedSimd;
+/// The wasm SIMD context: plain simd128 (see the relaxed-SIMD build's definition).
+#[cfg(all(target_arch = "wasm32", not(all(feature = "relaxed-simd", target_feature = "relaxed-simd"))))]
+pub type WasmSimd = pulp::wasm::Simd128;
+
+/// Whether this build's wasm level uses relaxed SIMD.
+#[cfg(target_arch = "wasm32")]
+const RELAXED: bool = cfg!(all(target_arch = "wasm32", feature = "relaxed-simd", target_feature = "relaxed-simd"));
 
 impl SimdLevel {
     /// The best level this machine supports.
@@ -49,7 +64,7 @@ impl SimdLevel {
             levels.push(SimdLevel::Neon(neon));
         }
         #[cfg(target_arch = "wasm32")]
-        if let Some(simd) = pulp::wasm::Simd128::try_new() {
+        if let Some(simd) = WasmSimd::try_new() {
             levels.push(SimdLevel::Simd128(simd));
         }
         levels
@@ -60,7 +75,7 @@ impl SimdLevel {
         Self::available().into_iter().find(|l| l.name().eq_ignore_ascii_case(name))
     }
 
-    /// Short, stable name.
+    /// Short, stable name (`simd128-relaxed` for the relaxed-SIMD wasm build).
     pub fn name(&self) -> &'static str {
         match self {
             SimdLevel::Scalar => "scalar",
@@ -70,6 +85,8 @@ impl SimdLevel {
             SimdLevel::Avx512(_) => "avx512",
             #[cfg(target_arch = "aarch64")]
             SimdLevel::Neon(_) => "neon",
+            #[cfg(target_arch = "wasm32")]
+            SimdLevel::Simd128(_) if RELAXED => "simd128-relaxed",
             #[cfg(target_arch = "wasm32")]
             SimdLevel::Simd128(_) => "simd128",
         }
