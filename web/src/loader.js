@@ -12,19 +12,33 @@ const SIMD_PROBE = new Uint8Array([
   0, 97, 115, 109, 1, 0, 0, 0, 1, 5, 1, 96, 0, 1, 123, 3, 2, 1, 0, 10, 10, 1, 8, 0, 65, 0, 253, 15, 253, 98, 11,
 ]);
 
-// The smallest module that uses relaxed SIMD (three v128.const zeros into f32x4.relaxed_madd).
-const ZERO = [253, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+// A module whose `f` returns lane 0 of i32x4.relaxed_dot_i8x16_i7x16_add_s(2s, 3s, 0) after
+// an f32x4.relaxed_madd: 24 by the finished proposal (four products of 6). Validating is not
+// enough: Node 20's V8 accepts the opcodes behind a flag but computes an earlier draft's dot
+// product (48 here), and the 4-bit weight kernels would then give wrong numbers.
+const BYTES = (v) => [253, 12, ...Array(16).fill(v)];
+const RELAXED_BODY = [
+  0, ...BYTES(0), ...BYTES(0), ...BYTES(0), 253, 133, 2, 26, // relaxed_madd, dropped
+  ...BYTES(2), ...BYTES(3), ...BYTES(0), 253, 147, 2, 253, 27, 0, 11, // relaxed_dot, lane 0
+];
 const RELAXED_PROBE = new Uint8Array([
-  0, 97, 115, 109, 1, 0, 0, 0, 1, 5, 1, 96, 0, 1, 123, 3, 2, 1, 0, 10, 61, 1, 59, 0, ...ZERO, ...ZERO, ...ZERO, 253, 133, 2, 11,
+  0, 97, 115, 109, 1, 0, 0, 0, 1, 5, 1, 96, 0, 1, 127, 3, 2, 1, 0, 7, 5, 1, 1, 102, 0, 0,
+  10, RELAXED_BODY.length + 2, 1, RELAXED_BODY.length, ...RELAXED_BODY,
 ]);
 
 export function hasWasmSimd() {
   return typeof WebAssembly === "object" && WebAssembly.validate(SIMD_PROBE);
 }
 
-/** Whether the runtime has relaxed SIMD (Chromium 114 and later; Node 20 only behind a flag). */
+/** Whether the runtime has relaxed SIMD as finished (Chromium 114 and later), checked by running
+ * it: validation alone would accept Node 20's draft under its flag. */
 export function hasRelaxedSimd() {
-  return typeof WebAssembly === "object" && WebAssembly.validate(RELAXED_PROBE);
+  if (typeof WebAssembly !== "object" || !WebAssembly.validate(RELAXED_PROBE)) return false;
+  try {
+    return new WebAssembly.Instance(new WebAssembly.Module(RELAXED_PROBE)).exports.f() === 24;
+  } catch {
+    return false;
+  }
 }
 
 let ready;

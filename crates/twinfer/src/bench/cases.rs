@@ -344,8 +344,64 @@ impl LinearWeights {
 }
 
 /// A projection of `rows` activation rows through an `[n, k]` weight matrix stored as `weights`,
-/// on the engine's threads: 2 FLOPs per multiply-add, compared with the f32 FMA peak (integer
-/// dot products can pass it).
+/// its inputs built once (block formats quantized from the same random floats).
+#[derive(Debug)]
+pub struct LinearCase {
+    rows: usize,
+    n: usize,
+    k: usize,
+    weights: LinearWeights,
+    x: Vec<f32>,
+    w16: Vec<half::f16>,
+    w32: Vec<f32>,
+    wb16: Vec<half::bf16>,
+    packed: Option<crate::quant::PackedQuant>,
+    y: Vec<f32>,
+}
+
+impl LinearCase {
+    /// The case's inputs.
+    pub fn new(rows: usize, n: usize, k: usize, weights: LinearWeights) -> Result<Self> {
+        use crate::quant::{PackedQuant, QuantRows};
+        let x: Vec<f32> = pseudo_random(rows * k, 11).iter().map(|v| v.to_f32()).collect();
+        let w16 = pseudo_random(n * k, 12);
+        let w32: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
+        let wb16: Vec<half::bf16> = w32.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let packed = match weights {
+            LinearWeights::Quant(format) => Some(PackedQuant::from_rows(&QuantRows::quantize(format, &w32, n, k)?)?),
+            _ => None,
+        };
+        Ok(Self { rows, n, k, weights, x, w16, w32, wb16, packed, y: vec![f32::NAN; rows * n] })
+    }
+
+    /// The report's name: `linear FORMAT ROWSxNxK`.
+    pub fn name(&self) -> String {
+        format!("linear {} {}x{}x{}", self.weights.name(), self.rows, self.n, self.k)
+    }
+
+    /// 2 FLOPs per multiply-add.
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.rows * self.n * self.k) as f64
+    }
+
+    /// One product on the engine's threads.
+    pub fn run(&mut self, engine: &CpuEngine) -> Result<()> {
+        let (level, rows, n, k) = (engine.level(), self.rows, self.n, self.k);
+        match (&self.packed, self.weights) {
+            (Some(p), _) => crate::cpu::linear_quant(level, &self.x, rows, p, None, &mut self.y),
+            (None, LinearWeights::F32) => {
+                crate::cpu::linear(level, &self.x, rows, TensorRef::F32(&self.w32), n, k, None, &mut self.y)
+            }
+            (None, LinearWeights::BF16) => {
+                crate::cpu::linear(level, &self.x, rows, TensorRef::BF16(&self.wb16), n, k, None, &mut self.y)
+            }
+            (None, _) => crate::cpu::linear(level, &self.x, rows, TensorRef::F16(&self.w16), n, k, None, &mut self.y),
+        }
+    }
+}
+
+/// Times [`LinearCase`] on the engine's threads, compared with the f32 FMA peak (integer dot
+/// products can pass it).
 pub fn linear(
     engine: &CpuEngine,
     rows: usize,
@@ -354,28 +410,7 @@ pub fn linear(
     weights: LinearWeights,
     runs: usize,
 ) -> Result<CaseResult> {
-    use crate::quant::{PackedQuant, QuantRows};
-    let x: Vec<f32> = pseudo_random(rows * k, 11).iter().map(|v| v.to_f32()).collect();
-    let w16 = pseudo_random(n * k, 12);
-    let w32: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
-    let wb16: Vec<half::bf16> = w32.iter().map(|&v| half::bf16::from_f32(v)).collect();
-    let packed = match weights {
-        LinearWeights::Quant(format) => Some(PackedQuant::from_rows(&QuantRows::quantize(format, &w32, n, k)?)?),
-        _ => None,
-    };
-    let mut y = vec![f32::NAN; rows * n];
-    let level = engine.level();
-    let seconds = time_case(runs, || match (&packed, weights) {
-        (Some(p), _) => crate::cpu::linear_quant(level, &x, rows, p, None, &mut y),
-        (None, LinearWeights::F32) => crate::cpu::linear(level, &x, rows, TensorRef::F32(&w32), n, k, None, &mut y),
-        (None, LinearWeights::BF16) => crate::cpu::linear(level, &x, rows, TensorRef::BF16(&wb16), n, k, None, &mut y),
-        (None, _) => crate::cpu::linear(level, &x, rows, TensorRef::F16(&w16), n, k, None, &mut y),
-    })?;
-    Ok(CaseResult {
-        name: format!("linear {} {rows}x{n}x{k}", weights.name()),
-        seconds,
-        wall: None,
-        bound: Bound::Compute,
-        work: 2.0 * (rows * n * k) as f64,
-    })
+    let mut case = LinearCase::new(rows, n, k, weights)?;
+    let seconds = time_case(runs, || case.run(engine))?;
+    Ok(CaseResult { name: case.name(), seconds, wall: None, bound: Bound::Compute, work: case.flops() })
 }

@@ -1,6 +1,10 @@
 //! wasm simd128 kernel: widening multiplies (`i16x8.extmul_*_i8x16_s`) and pairwise adds into
 //! i32 (`i32x4.extadd_pairwise_i16x8_s`), a quarter tile (4 features) at a time, as on NEON.
 //! simd128 has no fused multiply-add, so the float part is a multiply and an add.
+//! In the relaxed-SIMD build, 4-bit codes take `i32x4.relaxed_dot_i8x16_i7x16_add_s` instead: one
+//! instruction sums four activation bytes times four codes per feature. Its result is defined
+//! exactly when the second operand's bytes fit 7 bits, which nibbles (0..=15) do, so the sums are
+//! the same integers as the plain path's; 8-bit codes (-128..=127) keep the widening multiplies.
 
 use core::arch::wasm32::*;
 use core::ptr::read_unaligned;
@@ -70,6 +74,39 @@ unsafe fn quad(x: *const i8, i: usize) -> v128 {
     i32x4_splat(unsafe { read_unaligned(x.add(4 * i) as *const i32) })
 }
 
+/// Whether this build has relaxed SIMD's integer dot product.
+const RELAXED_DOT: bool = cfg!(all(feature = "relaxed-simd", target_feature = "relaxed-simd"));
+
+/// A 4-bit block's integer sums for one quarter tile (features `4q .. 4q + 4` at `base`) and
+/// each row: `Σ lo(code) * x[4g + j] + hi(code) * x[16 + 4g + j]` over the 4 code rows.
+///
+/// # Safety
+/// As the kernel's reads: 4 code rows of 64 bytes from `base`, 32 activation bytes per row.
+#[cfg(all(feature = "relaxed-simd", target_feature = "relaxed-simd"))]
+#[inline(always)]
+unsafe fn nibble_dots<const R: usize>(base: *const u8, xs: &[*const i8; R]) -> [v128; R] {
+    let mut p = [i32x4_splat(0); R];
+    for g in 0..4 {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            let v = v128_load(base.add(g * 64) as *const v128);
+            let (lo, hi) = (v128_and(v, u8x16_splat(0x0f)), u8x16_shr(v, 4));
+            for r in 0..R {
+                p[r] = i32x4_relaxed_dot_i8x16_i7x16_add(quad(xs[r], g), lo, p[r]);
+                p[r] = i32x4_relaxed_dot_i8x16_i7x16_add(quad(xs[r], g + 4), hi, p[r]);
+            }
+        }
+    }
+    p
+}
+
+/// The plain build never calls it (`RELAXED_DOT` is false there).
+#[cfg(not(all(feature = "relaxed-simd", target_feature = "relaxed-simd")))]
+#[inline(always)]
+unsafe fn nibble_dots<const R: usize>(_base: *const u8, _xs: &[*const i8; R]) -> [v128; R] {
+    unreachable!("relaxed SIMD is not in this build")
+}
+
 #[target_feature(enable = "simd128")]
 unsafe fn kernel<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, out: &mut [[f32; TILE]]) {
     let (bb, nb) = (t.block_bytes(), t.blocks);
@@ -85,7 +122,11 @@ unsafe fn kernel<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, 
                     // Features (0, 1) and (2, 3) of the quarter, each as two partial sums.
                     let mut pa = [i32x4_splat(0); R];
                     let mut pb = [i32x4_splat(0); R];
-                    if t.bits == 4 {
+                    // Per-feature sums straight from the relaxed dot product (4-bit codes only).
+                    let mut dots: Option<[v128; R]> = None;
+                    if t.bits == 4 && RELAXED_DOT {
+                        dots = Some(nibble_dots::<R>(base, &xs));
+                    } else if t.bits == 4 {
                         for g in 0..4 {
                             let v = v128_load(base.add(g * 64) as *const v128);
                             let lo = v128_and(v, u8x16_splat(0x0f));
@@ -112,10 +153,13 @@ unsafe fn kernel<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, 
                     let d = scales4(t, blk, h, quarter);
                     for r in 0..R {
                         let at = (r0 + r) * nb + blk;
-                        let sums = i32x4_add(
-                            i32x4_shuffle::<0, 2, 4, 6>(pa[r], pb[r]),
-                            i32x4_shuffle::<1, 3, 5, 7>(pa[r], pb[r]),
-                        );
+                        let sums = match dots {
+                            Some(d) => d[r],
+                            None => i32x4_add(
+                                i32x4_shuffle::<0, 2, 4, 6>(pa[r], pb[r]),
+                                i32x4_shuffle::<1, 3, 5, 7>(pa[r], pb[r]),
+                            ),
+                        };
                         let s = i32x4_sub(sums, i32x4_splat(t.zero * a.half_sum(at, h, t.halves)));
                         let scale = f32x4_mul(d, f32x4_splat(*a.dx.get_unchecked(at)));
                         acc[r] = f32x4_add(acc[r], f32x4_mul(f32x4_convert_i32x4(s), scale));
