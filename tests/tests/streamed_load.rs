@@ -26,7 +26,9 @@ fn next(state: &mut u64) -> u64 {
 /// Streams `bytes` in random chunks (1-byte ones through the header, then up to `max`), and
 /// returns the tensors with the most bytes the stream held at any point.
 fn stream(bytes: &[u8], format: QuantFormat, seed: u64, max: usize) -> twinfer::Result<(PreparedTensors, usize)> {
-    let mut s = SafetensorsStream::new(FILE, format)?;
+    // Odd seeds as a download of known length, even ones of unknown length.
+    let total = (seed % 2 == 1).then_some(bytes.len() as u64);
+    let mut s = SafetensorsStream::new(FILE, format, total)?;
     let (mut state, mut at, mut peak) = (seed | 1, 0, 0);
     while at < bytes.len() {
         let n = if at < 64 { 1 } else { 1 + next(&mut state) as usize % max };
@@ -98,8 +100,9 @@ fn file(header: &str, data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The stream's error, its length unknown (a download cut short does not know it is short).
 fn expect_err(bytes: &[u8]) -> TwinferError {
-    match stream(bytes, QuantFormat::Q4_0, 5, 16) {
+    match stream(bytes, QuantFormat::Q4_0, 6, 16) {
         Ok(_) => panic!("a malformed stream loaded"),
         Err(e) => e,
     }
@@ -142,5 +145,29 @@ fn malformed_and_truncated_streams_are_typed_errors() {
     let q = r#"{"model.layers.0.mlp.up_proj.weight":{"dtype":"F32","shape":[2,32],"data_offsets":[0,256]}}"#;
     let e = expect_err(&file(q, &nan));
     assert!(matches!(&e, TwinferError::ModelTensor { .. }), "{e}");
-    assert!(SafetensorsStream::new(FILE, QuantFormat::Q4_K).is_err(), "Q4_K is read from GGUF files only");
+    assert!(SafetensorsStream::new(FILE, QuantFormat::Q4_K, None).is_err(), "Q4_K is read from GGUF files only");
+}
+
+/// A header that announces more than the file holds is refused before any room is reserved for
+/// it when the length is known; when it is not, nothing is reserved beyond what has arrived.
+#[test]
+fn a_header_cannot_claim_memory_the_file_does_not_have() {
+    // 4 GB of f32 "norm weights" announced, 64 bytes sent.
+    let lie = r#"{"model.norm.weight":{"dtype":"F32","shape":[1000000000],"data_offsets":[0,4000000000]}}"#;
+    let bytes = file(lie, &[0u8; 64]);
+    let mut known = SafetensorsStream::new(FILE, QuantFormat::Q4_0, Some(bytes.len() as u64)).unwrap();
+    let e = known.push(&bytes).expect_err("a header larger than its file was accepted");
+    assert!(e.to_string().contains("announces"), "{e}");
+    let mut unknown = SafetensorsStream::new(FILE, QuantFormat::Q4_0, None).unwrap();
+    unknown.push(&bytes).unwrap();
+    assert!(unknown.held_bytes() < 1 << 20, "held {} bytes for 64 received", unknown.held_bytes());
+    let e = unknown.finish().expect_err("a truncated stream finished");
+    assert!(e.to_string().contains("ended inside"), "{e}");
+    // The same for a quantized matrix with a huge row.
+    let wide =
+        r#"{"model.layers.0.mlp.up_proj.weight":{"dtype":"F16","shape":[2,1000000000],"data_offsets":[0,4000000000]}}"#;
+    let bytes = file(wide, &[0u8; 64]);
+    let mut unknown = SafetensorsStream::new(FILE, QuantFormat::Q4_0, None).unwrap();
+    unknown.push(&bytes).unwrap();
+    assert!(unknown.held_bytes() < 1 << 20, "held {} bytes for 64 received", unknown.held_bytes());
 }

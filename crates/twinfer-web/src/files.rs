@@ -36,7 +36,10 @@ impl ModelFiles {
     /// than halfway through the download.
     pub fn begin(&mut self, name: &str, size: f64) -> Result<(), js_sys::Error> {
         if let Some(format) = self.quantize.filter(|_| name.ends_with(".safetensors")) {
-            let stream = SafetensorsStream::new(name, format).map_err(to_js_error)?;
+            // A download's length, when known, is checked against the header before anything is
+            // reserved for the tensors it announces.
+            let total = (size > 0.0 && size.is_finite()).then_some(size as u64);
+            let stream = SafetensorsStream::new(name, format, total).map_err(to_js_error)?;
             self.files.remove(name);
             self.streams.insert(name.to_string(), stream);
             return Ok(());

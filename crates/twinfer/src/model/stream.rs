@@ -106,6 +106,9 @@ impl PreparedTensors {
 pub struct SafetensorsStream {
     file: String,
     format: QuantFormat,
+    /// The file's length when the caller knows it (a download's Content-Length): the header must
+    /// agree with it, and only then is a tensor's room reserved from what the header says.
+    total: Option<u64>,
     /// The 8-byte length and the JSON header, until the header is parsed.
     head: Vec<u8>,
     /// Tensors in file order once the header is parsed; `None` before.
@@ -122,8 +125,11 @@ pub struct SafetensorsStream {
 }
 
 impl SafetensorsStream {
-    /// A stream for the file shown as `file` in errors, quantizing projections to `format`.
-    pub fn new(file: &str, format: QuantFormat) -> Result<Self> {
+    /// A stream for the file shown as `file` in errors, quantizing projections to `format`;
+    /// `total` is the file's length when known. With it, a header that announces more (or fewer)
+    /// bytes than the file has is refused before anything is reserved for them; without it, the
+    /// buffers grow with the bytes as they arrive, so a lying header cannot claim memory either.
+    pub fn new(file: &str, format: QuantFormat, total: Option<u64>) -> Result<Self> {
         if !format.can_quantize() {
             return Err(TwinferError::InvalidParameter(format!(
                 "quantizing into {} is not supported (q8_0, q4_0, q4_1, q5_0 or q5_1)",
@@ -133,6 +139,7 @@ impl SafetensorsStream {
         Ok(Self {
             file: file.to_string(),
             format,
+            total,
             head: Vec::new(),
             entries: None,
             next: 0,
@@ -219,6 +226,14 @@ impl SafetensorsStream {
     fn parse_header(&mut self) -> Result<()> {
         let metadata: Metadata = serde_json::from_slice(&self.head[8..])
             .map_err(|e| self.file_error(format!("not a valid safetensors header: {e}")))?;
+        if let Some(total) = self.total {
+            let announced = self.head.len() as u64 + metadata.data_len() as u64;
+            if announced != total {
+                return Err(
+                    self.file_error(format!("the header announces {announced} bytes in all, but the file has {total}"))
+                );
+            }
+        }
         let names = metadata.offset_keys();
         let tied = !names.iter().any(|n| n == LM_HEAD);
         let mut entries = Vec::with_capacity(names.len());
@@ -274,13 +289,16 @@ impl SafetensorsStream {
         self.unit = Vec::new();
         self.rows_done = 0;
         self.blocks = Vec::new();
+        if self.total.is_none() {
+            // Sizes from a header nothing has confirmed: grow with the data instead.
+            return Ok(());
+        }
         match e.target {
             Target::Stored => self.unit.try_reserve_exact(e.bytes).map_err(|_| too_large(e.bytes))?,
             Target::Quantized(format) => {
                 let bytes = e.shape[0] * format.row_bytes(e.shape[1]);
                 self.blocks.try_reserve_exact(bytes).map_err(|_| too_large(bytes))?;
                 self.unit.try_reserve_exact(e.shape[1] * e.dtype.size()).map_err(|_| too_large(e.bytes))?;
-                self.row_f32.resize(e.shape[1], 0.0);
             }
         }
         Ok(())
@@ -303,6 +321,8 @@ impl SafetensorsStream {
                     self.start_tensor()?;
                 }
                 Target::Quantized(format) => {
+                    // A row's floats, sized once its bytes are in (never from the header alone).
+                    self.row_f32.resize(e.shape[1], 0.0);
                     widen(&self.unit, e.dtype, &mut self.row_f32);
                     if let Some(x) = self.row_f32.iter().find(|x| !x.is_finite()) {
                         let reason = format!("row {} holds {x}: only finite weights can be quantized", self.rows_done);
