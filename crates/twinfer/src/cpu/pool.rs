@@ -240,6 +240,12 @@ mod tests {
             assert_eq!(sum.load(Ordering::Relaxed), 64 * 63 / 2);
             std::thread::sleep(SPIN * 3);
         }
+        // Parking takes the worker's SPIN plus however long a loaded machine takes to run it:
+        // poll rather than trust one sleep (6 ms failed beside two fuzzers on two cores).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while pool.shared.parked.load(Ordering::SeqCst) != 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(SPIN);
+        }
         assert_eq!(pool.shared.parked.load(Ordering::SeqCst), 1, "the idle worker parked");
     }
 }
