@@ -178,14 +178,30 @@ fn an_int8_kv_cache_stays_close_to_the_reference() {
     let got =
         greedy_batch(&model, &prompts, steps, DType::Q8, |cache, batch| model.forward(engines, cache, batch).unwrap());
     let checked = check(&format!("cpu {level}, q8 KV"), &prompts, &got, Q8_KV_LOGITS_RTOL, Q8_KV_NEAR_TIE);
-    // The tolerance leaves most steps unchecked (margins under 2.6); the tokens still agree.
+    // The stated tolerance leaves most steps unchecked (margins under 2.6). Tighter: every step
+    // whose reference margin is more than twice the logits error this run measured after the
+    // prompt must agree, so only a step that close to a tie may go the other way. (A fixed share
+    // of agreeing tokens failed on NEON under qemu, where one of 8 steps had a margin of 0.082
+    // against a measured error of 0.17.)
     let total = steps * prompts.len();
-    let same: usize =
-        prompts.iter().zip(&got).map(|(p, (_, t))| t.iter().zip(&p.greedy).filter(|(a, b)| a == b).count()).sum();
+    let mut same = 0;
+    for (p, (logits, tokens)) in prompts.iter().zip(&got) {
+        let err = p
+            .top_ids
+            .iter()
+            .zip(&p.top_logits)
+            .fold(0f64, |m, (&id, &want)| m.max((logits[id as usize] as f64 - want as f64).abs()));
+        for (s, (&t, (&want, &margin))) in tokens.iter().zip(p.greedy.iter().zip(&p.margins)).enumerate() {
+            same += (t == want) as usize;
+            assert!(
+                t == want || (margin as f64) <= 2.0 * err,
+                "q8 KV: step {s} went the other way at a reference margin of {margin}, over twice the measured error {err:.3}"
+            );
+        }
+    }
     eprintln!(
         "cpu {level}, q8 KV: {same} of {total} greedy tokens equal the reference's ({checked} clear of near-ties)"
     );
-    assert!(same * 20 >= total * 19, "q8 KV: {same} of {total} greedy tokens equal the reference's");
 }
 
 /// An int8 KV cache on the GPU, both ways it runs there: resident (the device pool holds codes
