@@ -13,6 +13,6 @@ dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 tar xzf "target/package/twinfer-shaders-$version.crate" -C "$dir"
 tar xzf "target/package/twinfer-$version.crate" -C "$dir"
-cargo build --quiet --lib --manifest-path "$dir/twinfer-$version/Cargo.toml" --target-dir "$PWD/target/package-check" \
+cargo build --quiet --lib --manifest-path "$dir/twinfer-$version/Cargo.toml" --target-dir "$PWD/target" \
     --config "patch.crates-io.twinfer-shaders.path='$dir/twinfer-shaders-$version'"
 echo "twinfer $version builds from its package (with twinfer-shaders $version from its package)"
