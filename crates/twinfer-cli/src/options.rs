@@ -97,8 +97,8 @@ pub struct EngineArgs {
     #[arg(long)]
     pub max_batch_tokens: Option<usize>,
     /// A time-per-output-token objective: steps with decoding requests take prompt tokens only
-    /// as far as the measured step cost keeps them within it (0: none) [default: none; `bench
-    /// serve`: the scenario's TPOT limit; a `plan` config may carry one].
+    /// as far as the measured step cost keeps them within it (0: none) [default: none, in `bench
+    /// serve` too; a `plan` config may carry one].
     #[arg(long, value_name = "MS")]
     pub tpot_target_ms: Option<f64>,
     /// Quantize a float model's projections at load.
