@@ -24,6 +24,8 @@ mod scalar;
 #[cfg(target_arch = "wasm32")]
 mod wasm;
 #[cfg(target_arch = "x86_64")]
+mod quantize_x86;
+#[cfg(target_arch = "x86_64")]
 mod x86;
 
 use crate::cpu::SimdLevel;
@@ -206,7 +208,15 @@ impl QuantizedRows {
             let mut part = parts[i].lock().unwrap_or_else(|e| e.into_inner());
             let r0 = i * ROWS_PER_TASK;
             let n = (rows - r0).min(ROWS_PER_TASK);
-            level.dispatch(QuantizeRows { digits: &mut part, x: &x[r0 * k..(r0 + n) * k], k });
+            let x = &x[r0 * k..(r0 + n) * k];
+            #[cfg(target_arch = "x86_64")]
+            if let SimdLevel::Avx512(_) = level {
+                // SAFETY: this level exists only where AVX-512 F/BW was detected; the buffers
+                // were sized for these rows above.
+                unsafe { quantize_x86::quantize_rows(&mut part, x, k) };
+                return;
+            }
+            level.dispatch(QuantizeRows { digits: &mut part, x, k });
         };
         if rows >= 2 * ROWS_PER_TASK {
             crate::cpu::parallel::for_each(parts.len(), task);
