@@ -296,24 +296,33 @@ impl Digits<'_> {
         };
         // |v * inv| <= 127 * (1 + 2 eps) here and is finite, so the rounded value clamps to
         // -127..=127 and converts exactly (inv = 0 gives 0 for a non-finite block's finite
-        // elements; its NaN and infinite ones give NaN, which clamps to NaN and is masked off).
-        let mut codes = [0i32; BLOCK];
-        for (c, &v) in codes.iter_mut().zip(xs) {
-            let r = round_half_even(v * inv).clamp(-127.0, 127.0);
-            *c = if finite { r as i32 } else { 0 };
+        // elements; its NaN and infinite ones would give NaN, masked off to 0). The codes stay
+        // floats until the store: integer-valued, so their sums are exact in any order, and no
+        // saturating float-to-int conversion per lane runs before the store.
+        let mut codes = [0f32; BLOCK];
+        if finite {
+            for (c, &v) in codes.iter_mut().zip(xs) {
+                *c = round_half_even(v * inv).max(-127.0).min(127.0);
+            }
         }
         let q: &mut [i8; BLOCK] = (&mut self.q[at * BLOCK..][..BLOCK]).try_into().expect("a block");
         for (q, &c) in q.iter_mut().zip(&codes) {
             *q = c as i8;
         }
-        let low: i32 = codes[..BLOCK / 2].iter().sum();
-        let sum = low + codes[BLOCK / 2..].iter().sum::<i32>();
+        let low = sum_codes(&codes[..BLOCK / 2]);
+        let sum = low + sum_codes(&codes[BLOCK / 2..]);
         self.qsum_low[at] = low;
         self.dx[at] = dx;
         self.sx[at] = dx * sum as f32;
         self.qsum[at] = sum;
         dx
     }
+}
+
+/// The sum of 16 integer-valued codes, exact (|sum| <= 2032) whatever the order of the adds.
+#[inline(always)]
+fn sum_codes(codes: &[f32]) -> i32 {
+    codes.iter().fold(0.0f32, |a, &c| a + c) as i32
 }
 
 /// Rounds to the nearest integer, ties to even, for `|v| < 2^22` (larger values stay large, and
