@@ -302,7 +302,7 @@ impl Digits<'_> {
         let mut codes = [0f32; BLOCK];
         if finite {
             for (c, &v) in codes.iter_mut().zip(xs) {
-                *c = round_half_even(v * inv).max(-127.0).min(127.0);
+                *c = round_half_even(v * inv).clamp(-127.0, 127.0);
             }
         }
         let q: &mut [i8; BLOCK] = (&mut self.q[at * BLOCK..][..BLOCK]).try_into().expect("a block");
