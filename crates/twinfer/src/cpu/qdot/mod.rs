@@ -210,8 +210,8 @@ impl QuantizedRows {
             let n = (rows - r0).min(ROWS_PER_TASK);
             let x = &x[r0 * k..(r0 + n) * k];
             #[cfg(target_arch = "x86_64")]
-            if let SimdLevel::Avx512(_) = level {
-                // SAFETY: this level exists only where AVX-512 F/BW was detected; the buffers
+            if let SimdLevel::Avx2(_) | SimdLevel::Avx512(_) = level {
+                // SAFETY: these levels exist only where AVX2 and FMA were detected; the buffers
                 // were sized for these rows above.
                 unsafe { quantize_x86::quantize_rows(&mut part, x, k) };
                 return;
