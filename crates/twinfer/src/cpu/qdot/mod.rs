@@ -20,11 +20,11 @@
 
 #[cfg(target_arch = "aarch64")]
 mod neon;
+#[cfg(target_arch = "x86_64")]
+mod quantize_x86;
 mod scalar;
 #[cfg(target_arch = "wasm32")]
 mod wasm;
-#[cfg(target_arch = "x86_64")]
-mod quantize_x86;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
