@@ -99,8 +99,7 @@ impl Sampler {
 
     /// Temperature, top-k, top-p and the draw over (token, logit) candidates.
     fn draw(&mut self, candidates: Vec<(u32, f32)>, p: &SamplingParams) -> u32 {
-        let cand =
-            most_likely(candidates.into_iter().map(|(i, l)| (i, l / p.temperature)).collect(), p.top_k);
+        let cand = most_likely(candidates.into_iter().map(|(i, l)| (i, l / p.temperature)).collect(), p.top_k);
         let max = cand[0].1;
         let mut probs: Vec<f64> = cand.iter().map(|&(_, l)| ((l - max) as f64).exp()).collect();
         let total: f64 = probs.iter().sum();
