@@ -99,8 +99,15 @@ impl Sampler {
 
     /// Temperature, top-k, top-p and the draw over (token, logit) candidates.
     fn draw(&mut self, candidates: Vec<(u32, f32)>, p: &SamplingParams) -> u32 {
-        let cand = most_likely(candidates.into_iter().map(|(i, l)| (i, l / p.temperature)).collect(), p.top_k);
-        let max = cand[0].1;
+        let scaled: Vec<(u32, f32)> = candidates.into_iter().map(|(i, l)| (i, l / p.temperature)).collect();
+        let cand = match (p.top_k, p.top_p < 1.0) {
+            (1.., _) => most_likely(scaled, p.top_k),
+            (0, true) => nucleus_first(scaled, p.top_p),
+            // Every token stays a candidate: the draw needs no order (it walks them by id).
+            (0, false) => scaled,
+        };
+        // The largest by total order: the first candidate when sorted (a NaN, if any, as before).
+        let max = cand.iter().map(|c| c.1).max_by(|a, b| a.total_cmp(b)).unwrap_or(0.0);
         let mut probs: Vec<f64> = cand.iter().map(|&(_, l)| ((l - max) as f64).exp()).collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|q| *q /= total);
@@ -136,6 +143,31 @@ fn most_likely(mut cand: Vec<(u32, f32)>, top_k: usize) -> Vec<(u32, f32)> {
     if top_k > 0 && top_k < cand.len() {
         cand.select_nth_unstable_by(top_k - 1, order);
         cand.truncate(top_k);
+    }
+    cand.sort_unstable_by(order);
+    cand
+}
+
+/// The candidates reordered so that a prefix, sorted as [`most_likely`] sorts, holds at least
+/// `top_p` of the probability (with a margin for the rounding of the draw's own sums), the rest
+/// after it in any order: the top-p cut then falls inside the sorted prefix, as it would after
+/// sorting everything. Prefixes of 64, 512, 4096, ... are tried; a flat distribution ends in a
+/// whole sort.
+fn nucleus_first(mut cand: Vec<(u32, f32)>, top_p: f32) -> Vec<(u32, f32)> {
+    let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let max = cand.iter().map(|c| c.1).max_by(|a, b| a.total_cmp(b)).unwrap_or(0.0);
+    let weight = |l: f32| ((l - max) as f64).exp();
+    let total: f64 = cand.iter().map(|&(_, l)| weight(l)).sum();
+    let enough = (top_p as f64 + 1e-9) * total;
+    let mut m = 64;
+    while m < cand.len() {
+        cand.select_nth_unstable_by(m - 1, order);
+        cand[..m].sort_unstable_by(order);
+        // NaN weights never compare as enough: they end in the whole sort, as before.
+        if cand[..m].iter().map(|&(_, l)| weight(l)).sum::<f64>() >= enough {
+            return cand;
+        }
+        m *= 8;
     }
     cand.sort_unstable_by(order);
     cand
@@ -182,6 +214,78 @@ mod tests {
         assert_eq!(s.sample(&mut [0.1, 2.0, 1.9], &p, &[]), 1);
         let rep = SamplingParams { repetition_penalty: 2.0, ..p };
         assert_eq!(s.sample(&mut [0.1, 2.0, 1.9], &rep, &[1]), 2);
+    }
+
+    /// The draw as it was before top-p stopped sorting the whole row: sort, cut, normalise.
+    fn sorted_draw(u: f64, cand: &[(u32, f32)], p: &SamplingParams) -> u32 {
+        let mut cand: Vec<(u32, f32)> = cand.iter().map(|&(i, l)| (i, l / p.temperature)).collect();
+        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let max = cand[0].1;
+        let mut probs: Vec<f64> = cand.iter().map(|&(_, l)| ((l - max) as f64).exp()).collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= total);
+        let mut acc = 0.0;
+        let keep = probs.iter().position(|&q| {
+            acc += q;
+            acc >= p.top_p as f64
+        });
+        probs.truncate(keep.map_or(probs.len(), |i| i + 1));
+        let total: f64 = probs.iter().sum();
+        let mut acc = 0.0;
+        for (i, &q) in probs.iter().enumerate() {
+            acc += q / total;
+            if u < acc {
+                return cand[i].0;
+            }
+        }
+        cand[probs.len() - 1].0
+    }
+
+    /// Top-p without top-k draws the tokens that sorting the whole row drew, on peaked rows (the
+    /// nucleus inside the first 64) and flat ones (a whole sort), ties everywhere.
+    #[test]
+    fn top_p_draws_as_sorting_the_whole_row_did() {
+        for (case, peak) in [40.0f32, 8.0, 0.5, 0.0].into_iter().enumerate() {
+            let n = 3000u32;
+            let row: Vec<(u32, f32)> = (0..n)
+                .map(|i| (i, ((i * 7919 % 97) as f32 * 0.05).round() - if i % 613 == 5 { -peak } else { 0.0 }))
+                .collect();
+            for top_p in [0.5f32, 0.9, 0.99] {
+                let p = SamplingParams { temperature: 0.8, top_p, seed: 0, ..Default::default() };
+                for seed in 0..50 {
+                    let (mut a, mut b) = (Sampler::new(seed), Sampler::new(seed));
+                    let logits: Vec<f32> = row.iter().map(|c| c.1).collect();
+                    let got = a.sample(&mut logits.clone(), &p, &[]);
+                    let want = sorted_draw(b.next_f64(), &row, &p);
+                    assert_eq!(got, want, "case {case}, top_p {top_p}, seed {seed}");
+                }
+            }
+        }
+    }
+
+    /// With every token a candidate (no top-k, no top-p) the draw walks them by id: each token
+    /// comes up at its softmax probability (20000 draws, within 5 standard deviations).
+    #[test]
+    fn temperature_alone_draws_at_the_softmax_probabilities() {
+        let logits = [0.3f32, -1.0, 2.0, 0.0, 1.1];
+        let p = SamplingParams { temperature: 0.7, ..Default::default() };
+        let weights: Vec<f64> = logits.iter().map(|&l| ((l / 0.7) as f64).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let mut counts = [0usize; 5];
+        let mut s = Sampler::new(11);
+        let draws = 20_000;
+        for _ in 0..draws {
+            counts[s.sample(&mut logits.clone(), &p, &[]) as usize] += 1;
+        }
+        for (t, &c) in counts.iter().enumerate() {
+            let q = weights[t] / total;
+            let sd = (draws as f64 * q * (1.0 - q)).sqrt();
+            assert!(
+                (c as f64 - draws as f64 * q).abs() < 5.0 * sd,
+                "token {t}: {c} draws, expected {:.0}",
+                draws as f64 * q
+            );
+        }
     }
 
     #[test]
