@@ -10,8 +10,8 @@ use pulp::Simd;
 
 use crate::attention::problem::Problem;
 use crate::cpu::convert::{load_f32, prefetch};
-use crate::cpu::math::{exp_sub_sum, max_of, scale_in_place};
-use crate::cpu::microkernel::{accumulate, scores};
+use crate::cpu::math::{exp_f32s, exp_sub_sum, max_of, scale_in_place};
+use crate::cpu::microkernel::{accumulate, scores_t};
 
 /// Key rows per tile for one KV head: K and V tiles of 64 x 128 f32 are 32 KiB each (L1/L2).
 pub(crate) const KV_TILE: usize = 64;
@@ -53,6 +53,13 @@ pub(crate) struct Scratch {
     /// `[tokens]` visible key range per token.
     pub range: Vec<(usize, usize)>,
     pub dp: usize,
+    /// Prompt blocks: `[heads, dp, rp]` queries transposed (scaled, zero past the block's rows).
+    pub qt: Vec<f32>,
+    /// Prompt blocks: `[heads, rp]` running max and denominator of the padded rows.
+    pub mt: Vec<f32>,
+    pub lt: Vec<f32>,
+    /// Prompt blocks: `[rp]` the current tile's rescale factor of each row.
+    pub alpha: Vec<f32>,
 }
 
 impl Scratch {
@@ -79,10 +86,28 @@ impl Scratch {
         self.range.clear();
         self.range.resize(tokens, (0, 0));
     }
+
+    /// Sizes the transposed prompt-block buffers: `heads` heads of `rp` padded rows, `dp` columns,
+    /// score tiles of `tile_rows` keys.
+    fn prepare_transposed(&mut self, heads: usize, dp: usize, rp: usize, tile_rows: usize) {
+        self.qt.clear();
+        self.qt.resize(heads * dp * rp, 0.0);
+        self.mt.clear();
+        self.mt.resize(heads * rp, f32::NEG_INFINITY);
+        self.lt.clear();
+        self.lt.resize(heads * rp, 0.0);
+        self.alpha.resize(rp, 1.0);
+        self.s.resize(self.s.len().max(tile_rows * rp), 0.0);
+    }
 }
 
 /// Runs one work item; on return `scratch.acc` holds the normalised output rows (head-major, see
 /// [`Scratch`]) and `scratch.m` their LSE (natural log), `-inf` and 0 for rows with no key.
+///
+/// The block's query rows are held transposed (`[dp, rows]`), so that a tile's scores come out
+/// key-major with rows along the vector lanes (`scores_t`): the online softmax then runs on
+/// whole vectors of rows (one max, one rescale factor, one denominator per lane) instead of a
+/// pass of scalar bookkeeping per row, and no score needs a horizontal sum.
 #[inline(always)]
 pub(crate) fn run_item<S: Simd>(simd: S, p: &Problem<'_>, item: WorkItem, sc: &mut Scratch) {
     let prm = p.params;
@@ -92,34 +117,44 @@ pub(crate) fn run_item<S: Simd>(simd: S, p: &Problem<'_>, item: WorkItem, sc: &m
     let heads = item.head1 - item.head0;
     let tokens = item.tok1 - item.tok0;
     let head_rows = tokens * group;
+    let rp = head_rows.div_ceil(lanes) * lanes;
     let rows = heads * head_rows;
     let tile_rows = (TILE_ELEMS / (heads * dp)).clamp(1, KV_TILE);
     let row_stride = heads * dp;
-    // Row starts within the f32 tiles: the micro-kernels address keys and values by offset.
+    // Row starts within the f32 tiles: the value micro-kernel addresses rows by offset.
     let tile_offs: [usize; KV_TILE] = core::array::from_fn(|c| c * row_stride);
     sc.prepare(rows, tokens, dp, tile_rows * row_stride, tile_rows);
+    sc.prepare_transposed(heads, dp, rp, tile_rows);
 
     let (q_start, q_end) = p.qo.range(item.b);
     let qo_len = q_end - q_start;
     let kv_len = p.kv.kv_len(item.b);
     let scale = prm.resolved_sm_scale();
+    let Scratch { q, qt, .. } = sc;
     for hh in 0..heads {
+        let qt = &mut qt[hh * dp * rp..(hh + 1) * dp * rp];
         for t in 0..tokens {
             let q_off = ((q_start + item.tok0 + t) * h_qo + (item.head0 + hh) * group) * d;
             for g in 0..group {
-                let r = hh * head_rows + t * group + g;
-                p.q.read_f32(q_off + g * d, &mut sc.q[r * dp..r * dp + d]);
-                scale_in_place(simd, &mut sc.q[r * dp..r * dp + d], scale);
+                let r = t * group + g;
+                let q = &mut q[..d];
+                p.q.read_f32(q_off + g * d, q);
+                for (dst, &v) in qt[r..].iter_mut().step_by(rp).zip(q.iter()) {
+                    *dst = v * scale;
+                }
             }
         }
     }
 
-    // Visible keys per token, clipped to this item's key range; their union bounds the tiles.
+    // Visible keys per token, clipped to this item's key range; their union bounds the tiles,
+    // and a tile inside every token's range needs no mask.
     let (mut lo_all, mut hi_all) = (usize::MAX, 0);
+    let (mut lo_max, mut hi_min) = (0, usize::MAX);
     for t in 0..tokens {
         let (lo, hi) = prm.visible_range(item.tok0 + t, qo_len, kv_len);
         let (lo, hi) = (lo.max(item.kv0), hi.min(item.kv1));
         sc.range[t] = (lo, hi.max(lo));
+        (lo_max, hi_min) = (lo_max.max(lo), hi_min.min(hi.max(lo)));
         if hi > lo {
             lo_all = lo_all.min(lo);
             hi_all = hi_all.max(hi);
@@ -151,30 +186,125 @@ pub(crate) fn run_item<S: Simd>(simd: S, p: &Problem<'_>, item: WorkItem, sc: &m
             prefetch(k_src, off, heads * d);
             prefetch(v_src, off, heads * d);
         }
+        let tile = Tile { j0, cols, masked: !(lo_max <= j0 && j0 + cols <= hi_min) };
         for hh in 0..heads {
-            let r0 = hh * head_rows;
-            let s_head = &mut sc.s[r0 * tile_rows..(r0 + head_rows) * tile_rows];
-            let q_head = &sc.q[r0 * dp..(r0 + head_rows) * dp];
-            scores(simd, q_head, dp, head_rows, &sc.k, &tile_offs[..cols], hh * dp, s_head, tile_rows);
-            for t in 0..tokens {
-                let (lo, hi) = sc.range[t];
-                let pos = prm_position(item.tok0 + t, qo_len, kv_len);
-                for g in 0..group {
-                    let r = r0 + t * group + g;
-                    let row = &mut sc.s[r * tile_rows..r * tile_rows + cols];
-                    let window = RowWindow { qo_head: (item.head0 + hh) * group + g, pos, j0, lo, hi };
-                    let acc_row = &mut sc.acc[r * dp..(r + 1) * dp];
-                    softmax_row(simd, prm, window, row, &mut sc.m[r], &mut sc.l[r], acc_row);
+            let st = &mut sc.s[..cols * rp];
+            let qt = &sc.qt[hh * dp * rp..(hh + 1) * dp * rp];
+            scores_t(simd, qt, rp, d, (&sc.k, row_stride, hh * dp), cols, st);
+            let rows_of = HeadRows { qo_head0: (item.head0 + hh) * group, group, tok0: item.tok0, qo_len, kv_len };
+            transform_tile(prm, rows_of, tile, &sc.range, st, rp);
+            let (mt, lt) = (&mut sc.mt[hh * rp..(hh + 1) * rp], &mut sc.lt[hh * rp..(hh + 1) * rp]);
+            softmax_tile(simd, st, rp, mt, lt, &mut sc.alpha);
+            let acc_head = &mut sc.acc[hh * head_rows * dp..(hh + 1) * head_rows * dp];
+            for (r, &a) in sc.alpha[..head_rows].iter().enumerate() {
+                if a != 1.0 {
+                    scale_in_place(simd, &mut acc_head[r * dp..(r + 1) * dp], a);
                 }
             }
-            let s_head = &sc.s[r0 * tile_rows..(r0 + head_rows) * tile_rows];
-            let acc_head = &mut sc.acc[r0 * dp..(r0 + head_rows) * dp];
-            accumulate(simd, s_head, tile_rows, &sc.v, &tile_offs[..cols], hh * dp, dp, acc_head, &[]);
+            accumulate(simd, &sc.s[..cols * rp], (1, rp), &sc.v, &tile_offs[..cols], hh * dp, dp, acc_head, &[]);
         }
         j0 += cols;
     }
 
+    for hh in 0..heads {
+        for r in 0..head_rows {
+            sc.m[hh * head_rows + r] = sc.mt[hh * rp + r];
+            sc.l[hh * head_rows + r] = sc.lt[hh * rp + r];
+        }
+    }
     finish_rows(simd, sc, rows, dp);
+}
+
+/// A tile of keys `[j0, j0 + cols)`; `masked` when some row of the block cannot see all of it.
+#[derive(Debug, Clone, Copy)]
+struct Tile {
+    j0: usize,
+    cols: usize,
+    masked: bool,
+}
+
+/// Who the rows of one head's block are: row `r` is token `tok0 + r / group` (of a sequence of
+/// `qo_len` queries over `kv_len` keys) and query head `qo_head0 + r % group`.
+#[derive(Debug, Clone, Copy)]
+struct HeadRows {
+    qo_head0: usize,
+    group: usize,
+    tok0: usize,
+    qo_len: usize,
+    kv_len: usize,
+}
+
+/// Soft-cap, ALiBi and the mask on a key-major score tile (`st[c * rp + r]`, rows past the
+/// block's untouched), in that order, as [`transform_row`] does for one row.
+fn transform_tile(
+    prm: &crate::attention::AttentionParams,
+    h: HeadRows,
+    tile: Tile,
+    range: &[(usize, usize)],
+    st: &mut [f32],
+    rp: usize,
+) {
+    let head_rows = range.len() * h.group;
+    if let Some(cap) = prm.logits_soft_cap {
+        let inv = 1.0 / cap;
+        for c in 0..tile.cols {
+            st[c * rp..c * rp + head_rows].iter_mut().for_each(|s| *s = cap * (*s * inv).tanh());
+        }
+    }
+    if prm.alibi_slopes.is_some() {
+        for r in 0..head_rows {
+            let slope = prm.alibi_slope(h.qo_head0 + r % h.group);
+            let pos = prm_position(h.tok0 + r / h.group, h.qo_len, h.kv_len);
+            for c in 0..tile.cols {
+                st[c * rp + r] += slope * ((tile.j0 + c) as i64 - pos) as f32;
+            }
+        }
+    }
+    if tile.masked {
+        // A token's rows are `group` adjacent lanes: mask the keys outside its range, a run at a
+        // time (no per-element division).
+        for (t, &(lo, hi)) in range.iter().enumerate() {
+            let rows = t * h.group..(t + 1) * h.group;
+            for c in 0..tile.cols {
+                let j = tile.j0 + c;
+                if j < lo || j >= hi {
+                    st[c * rp + rows.start..c * rp + rows.end].fill(f32::NEG_INFINITY);
+                }
+            }
+        }
+    }
+}
+
+/// The online-softmax step on a key-major score tile, a vector of rows at a time: moves each
+/// row's running max `m`, rescales its denominator `l`, leaves the probabilities (relative to the
+/// new max) in `st` and each row's rescale factor for its output in `alpha` (1 while a row has
+/// seen no key, whose probabilities are all 0).
+#[inline(always)]
+fn softmax_tile<S: Simd>(simd: S, st: &mut [f32], rp: usize, m: &mut [f32], l: &mut [f32], alpha: &mut [f32]) {
+    let vectors = rp / S::F32_LANES;
+    let cols = st.len() / rp;
+    let neg_inf = simd.splat_f32s(f32::NEG_INFINITY);
+    let (zero, one) = (simd.splat_f32s(0.0), simd.splat_f32s(1.0));
+    let st = S::as_mut_simd_f32s(st).0;
+    let (m, l, alpha) = (S::as_mut_simd_f32s(m).0, S::as_mut_simd_f32s(l).0, S::as_mut_simd_f32s(alpha).0);
+    for v in 0..vectors {
+        let mut m_new = m[v];
+        for c in 0..cols {
+            m_new = simd.max_f32s(m_new, st[c * vectors + v]);
+        }
+        let none = simd.equal_f32s(m_new, neg_inf);
+        let shift = simd.select_f32s(none, zero, m_new);
+        let a = simd.select_f32s(none, one, exp_f32s(simd, simd.sub_f32s(m[v], shift)));
+        let mut sum = zero;
+        for c in 0..cols {
+            let e = exp_f32s(simd, simd.sub_f32s(st[c * vectors + v], shift));
+            st[c * vectors + v] = e;
+            sum = simd.add_f32s(sum, e);
+        }
+        l[v] = simd.mul_add_e_f32s(l[v], a, sum);
+        m[v] = m_new;
+        alpha[v] = a;
+    }
 }
 
 /// Normalises every output row by its denominator and turns the running max into the LSE.
@@ -256,6 +386,10 @@ fn transform_row(
         for (c, s) in row.iter_mut().enumerate() {
             *s += slope * ((j0 + c) as i64 - pos) as f32;
         }
+    }
+    // Most tiles of a long prompt lie wholly inside the row's window: nothing to mask.
+    if lo <= j0 && j0 + row.len() <= hi {
+        return;
     }
     for (c, s) in row.iter_mut().enumerate() {
         let j = j0 + c;

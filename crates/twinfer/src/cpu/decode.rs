@@ -116,7 +116,7 @@ fn decode_typed<S: Simd, E: LoadLanes>(
             accumulate(
                 simd,
                 s_head,
-                DECODE_TILE,
+                (DECODE_TILE, 1),
                 v,
                 &offs[..cols],
                 hh * d,

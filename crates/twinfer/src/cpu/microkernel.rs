@@ -10,37 +10,8 @@ use pulp::Simd;
 
 use crate::cpu::convert::{LoadLanes, prefetch_slice};
 
-/// `s[r * s_stride + c] = dot(q[r], k[offs[c] + head_off ..][..len])` for `r < rows`, every `c`.
-/// Blocks of 4 query rows x 2 key rows keep 8 accumulators in registers; x 4 key rows with
-/// AVX-512's 32 registers, where 4 x 2 spent six loads on eight FMAs. A score's arithmetic is
-/// the same in either shape (its row's place in a block of 4 picks the reduction, as before).
-#[inline(always)]
-pub(crate) fn scores<S: Simd, E: LoadLanes>(
-    simd: S,
-    q: &[f32],
-    len: usize,
-    rows: usize,
-    k: &[E],
-    offs: &[usize],
-    head_off: usize,
-    s: &mut [f32],
-    s_stride: usize,
-) {
-    let wide = S::REGISTER_COUNT >= 32;
-    let mut r = 0;
-    while r < rows {
-        let mr = (rows - r).min(4);
-        let mut c = 0;
-        while c < offs.len() {
-            let nc = (offs.len() - c).min(if wide && mr == 4 { 4 } else { 2 });
-            block_shape!(wide mr, nc, score_block::<S, E>(simd, q, len, k, offs, head_off, r, c, s, s_stride));
-            c += nc;
-        }
-        r += mr;
-    }
-}
-
-/// One `MR x NC` block of [`scores`].
+/// One `MR x NC` block of scores, `s[r * s_stride + c] = dot(q[r], k[offs[c] + head_off ..][..len])`
+/// (decode): 4 query rows x up to 4 key rows keep their accumulators in registers.
 #[inline(always)]
 pub(crate) fn score_block<S: Simd, E: LoadLanes, const MR: usize, const NC: usize>(
     simd: S,
@@ -118,7 +89,7 @@ fn reduce4<S: Simd>(v: [S::f32s; 4]) -> Option<[f32; 4]> {
     None
 }
 
-/// `acc[r] += sum_c p[r * p_stride + c] * v[offs[c] + head_off ..][..len]` for every row of `acc`
+/// `acc[r] += sum_c p[r * p_stride + c * p_key_stride] * v[offs[c] + head_off ..][..len]` for every row of `acc`
 /// (stride `len`). Blocks of 4 rows x 2 vectors (x 4 with AVX-512's 32 registers) stay in
 /// registers across the whole key loop; each value vector is loaded once per block of rows.
 /// `prefetch_offs` (may be empty) names rows to prefetch (at `head_off`, `len` long), one per key
@@ -127,7 +98,7 @@ fn reduce4<S: Simd>(v: [S::f32s; 4]) -> Option<[f32; 4]> {
 pub(crate) fn accumulate<S: Simd, E: LoadLanes>(
     simd: S,
     p: &[f32],
-    p_stride: usize,
+    (p_stride, p_key_stride): (usize, usize),
     v: &[E],
     offs: &[usize],
     head_off: usize,
@@ -145,7 +116,7 @@ pub(crate) fn accumulate<S: Simd, E: LoadLanes>(
         while c < nvec {
             let nv = (nvec - c).min(if wide && mr == 4 { 4 } else { 2 });
             let pf = if r == 0 && c == 0 { prefetch_offs } else { &[] };
-            block_shape!(wide mr, nv, pv_block::<S, E>(simd, p, p_stride, v, offs, head_off, len, r, c, acc, pf));
+            block_shape!(wide mr, nv, pv_block::<S, E>(simd, p, (p_stride, p_key_stride), v, offs, head_off, len, r, c, acc, pf));
             c += nv;
         }
         r += mr;
@@ -157,7 +128,7 @@ pub(crate) fn accumulate<S: Simd, E: LoadLanes>(
 fn pv_block<S: Simd, E: LoadLanes, const MR: usize, const NV: usize>(
     simd: S,
     p: &[f32],
-    p_stride: usize,
+    (p_stride, p_key_stride): (usize, usize),
     v: &[E],
     offs: &[usize],
     head_off: usize,
@@ -170,7 +141,7 @@ fn pv_block<S: Simd, E: LoadLanes, const MR: usize, const NV: usize>(
     let lanes = S::F32_LANES;
     let cols = offs.len();
     assert!(len.is_multiple_of(lanes) && (r0 + MR) * len <= acc.len() && (c0 + NV) * lanes <= len);
-    assert!(cols == 0 || (r0 + MR - 1) * p_stride + cols <= p.len());
+    assert!(cols == 0 || (r0 + MR - 1) * p_stride + (cols - 1) * p_key_stride < p.len());
     let ap = acc.as_mut_ptr();
     // SAFETY: offsets below stay within the asserted bounds of `acc` and `p`, and each value
     // row holds `len` elements (asserted per row).
@@ -187,7 +158,7 @@ fn pv_block<S: Simd, E: LoadLanes, const MR: usize, const NV: usize>(
             let row = v.as_ptr().add(start);
             let vv: [S::f32s; NV] = core::array::from_fn(|c| E::load_lanes::<S>(row.add((c0 + c) * lanes)));
             for r in 0..MR {
-                let pr = simd.splat_f32s(*p.get_unchecked((r0 + r) * p_stride + j));
+                let pr = simd.splat_f32s(*p.get_unchecked((r0 + r) * p_stride + j * p_key_stride));
                 for c in 0..NV {
                     regs[r][c] = simd.mul_add_e_f32s(pr, vv[c], regs[r][c]);
                 }
@@ -196,6 +167,98 @@ fn pv_block<S: Simd, E: LoadLanes, const MR: usize, const NV: usize>(
         for r in 0..MR {
             for c in 0..NV {
                 *(ap.add((r0 + r) * len + (c0 + c) * lanes) as *mut S::f32s) = regs[r][c];
+            }
+        }
+    }
+}
+
+/// Scores of a prompt block with its queries transposed: `st[c * rp + r] = Σ_i qt[i * rp + r] *
+/// k[c * k_stride + k_off + i]` for keys `c < cols`, rows `r < rp` (a multiple of the vector
+/// width) and `i < len`. Each key element is broadcast against vectors of query rows, so a score
+/// is one lane's running sum over `i` in order (no horizontal sums, and no dependence on the
+/// blocking), and the softmax that follows runs down the key axis on whole vectors of rows.
+/// Blocks of 6 keys x 4 row vectors (24 accumulators) with AVX-512's 32 registers, else 4 x 2;
+/// the last keys in pairs, then one.
+#[inline(always)]
+pub(crate) fn scores_t<S: Simd>(
+    simd: S,
+    qt: &[f32],
+    rp: usize,
+    len: usize,
+    (k, k_stride, k_off): (&[f32], usize, usize),
+    cols: usize,
+    st: &mut [f32],
+) {
+    let wide = S::REGISTER_COUNT >= 32;
+    let (nc_max, nv_max) = if wide { (6, 4) } else { (4, 2) };
+    let vectors = rp / S::F32_LANES;
+    let mut v = 0;
+    while v < vectors {
+        let nv = match vectors - v {
+            n if n >= nv_max => nv_max,
+            n if n >= 2 => 2,
+            _ => 1,
+        };
+        let mut c = 0;
+        while c < cols {
+            // Key blocks of nc_max, then 2 (the tail's pairs), then 1.
+            let nc = match cols - c {
+                n if n >= nc_max => nc_max,
+                n if n >= 2 => 2,
+                _ => 1,
+            };
+            let args = (qt, rp, len, (k, k_stride, k_off), c, v, &mut *st);
+            match (nc, nv) {
+                (6, 4) => st_block::<S, 6, 4>(simd, args),
+                (6, 2) => st_block::<S, 6, 2>(simd, args),
+                (6, _) => st_block::<S, 6, 1>(simd, args),
+                (4, 2) => st_block::<S, 4, 2>(simd, args),
+                (4, _) => st_block::<S, 4, 1>(simd, args),
+                (2, 4) => st_block::<S, 2, 4>(simd, args),
+                (2, 2) => st_block::<S, 2, 2>(simd, args),
+                (2, _) => st_block::<S, 2, 1>(simd, args),
+                (_, 4) => st_block::<S, 1, 4>(simd, args),
+                (_, 2) => st_block::<S, 1, 2>(simd, args),
+                _ => st_block::<S, 1, 1>(simd, args),
+            }
+            c += nc;
+        }
+        v += nv;
+    }
+}
+
+type StArgs<'a> = (&'a [f32], usize, usize, (&'a [f32], usize, usize), usize, usize, &'a mut [f32]);
+
+/// One `NC keys x NV row vectors` block of [`scores_t`], from key `c0` and row vector `v0`.
+#[inline(always)]
+fn st_block<S: Simd, const NC: usize, const NV: usize>(simd: S, args: StArgs<'_>) {
+    let (qt, rp, len, (k, k_stride, k_off), c0, v0, st) = args;
+    let lanes = S::F32_LANES;
+    let r0 = v0 * lanes;
+    // The pointer reads and writes below stay inside these bounds, checked once per block.
+    assert!(len > 0 && (len - 1) * rp + r0 + NV * lanes <= qt.len());
+    assert!((c0 + NC - 1) * k_stride + k_off + len <= k.len());
+    assert!((c0 + NC - 1) * rp + r0 + NV * lanes <= st.len());
+    let zero = simd.splat_f32s(0.0);
+    let mut acc = [[zero; NV]; NC];
+    // SAFETY: every offset below is inside the asserted bounds.
+    unsafe {
+        let krow: [*const f32; NC] = core::array::from_fn(|c| k.as_ptr().add((c0 + c) * k_stride + k_off));
+        let mut qp = qt.as_ptr().add(r0);
+        for i in 0..len {
+            let qv: [S::f32s; NV] = core::array::from_fn(|v| *(qp.add(v * lanes) as *const S::f32s));
+            qp = qp.add(rp);
+            for c in 0..NC {
+                let kb = simd.splat_f32s(*krow[c].add(i));
+                for v in 0..NV {
+                    acc[c][v] = simd.mul_add_e_f32s(kb, qv[v], acc[c][v]);
+                }
+            }
+        }
+        let sp = st.as_mut_ptr();
+        for c in 0..NC {
+            for v in 0..NV {
+                *(sp.add((c0 + c) * rp + r0 + v * lanes) as *mut S::f32s) = acc[c][v];
             }
         }
     }
