@@ -1,11 +1,13 @@
 // linear_gemv.wgsl: y[rows, n] = x[rows, k] · W[n, k]ᵀ + bias for decode rows (a batch of them).
 //
-// Algorithm: TPF threads share one output feature; each walks the row of W in vec4 steps
-// (consecutive threads read consecutive vec4s, so a feature's TPF threads stream one contiguous
-// span) and keeps one partial dot per row of x, MAXR at most. A tree in workgroup memory sums the
-// TPF partials. Rows come in groups of MAXR (grid z): each group reads W once, from L2 after the
-// first, and a row's arithmetic does not depend on the group it is in or how many rows there are
-// (a sequence's logits are the same alone or batched). Accumulation is f32 whatever W is stored in.
+// Algorithm: TPF threads share one output feature; each walks the row of W in steps of W_STEP
+// vec4s (one vec4 of float or 8-bit W, one word of 4-bit codes; consecutive threads read
+// consecutive steps, so a feature's TPF threads stream one contiguous span) and keeps one partial
+// dot per row of x, MAXR at most. The TPF partials are summed by subgroup shuffles (variant
+// SUBGROUP, subgroups of SG lanes) or a tree in workgroup memory (baseline). Rows come in groups
+// of MAXR (grid z): each group reads W once, from L2 after the first, and a row's arithmetic does
+// not depend on the group it is in or how many rows there are (a sequence's logits are the same
+// alone or batched). Accumulation is f32 whatever W is stored in.
 // Tiling: WG threads per workgroup = WG / TPF feature slots of FPT consecutive features each;
 // workgroup g takes features [g * FPT * WG / TPF, (g + 1) * FPT * WG / TPF) of this weight
 // buffer. With FPT > 1 (batches) a thread loads each x vec4 once for FPT features, cutting the
@@ -19,8 +21,8 @@
 // k is padded with zeros to k4 vec4s in both x and W on the host.
 // Dispatch: (min(groups, 32768), ceil(groups / 32768), ceil(rows / MAXR)),
 // groups = ceil(n / (FPT * WG / TPF)).
-// Knobs: override WG, TPF (powers of two, TPF <= WG; 1 on software adapters), FPT. The prelude
-// gives W's element type w4 and load_w(feature, i), W's vec4 i of a feature as f32: float W
+// Knobs: override WG, TPF (powers of two, TPF <= WG), FPT, SG. The prelude gives W's element
+// type w4, W_STEP and load_w_step(feature, s), W's vec4s s * W_STEP .. of a feature as f32: float W
 // (f32, or f16 under SHADER_F16), or block-quantized W decoded in registers (u32 words of 4- or
 // 8-bit codes, then the scales; see gpu/shaders.rs).
 
@@ -28,6 +30,7 @@ override WG: u32 = 256u;
 override TPF: u32 = 32u;
 const MAXR: u32 = 4u;
 override FPT: u32 = 1u;   // features per thread, 1..=FPT_MAX
+override SG: u32 = 32u;   // the subgroup size (subgroup variant only)
 const FPT_MAX: u32 = 4u;
 const WG_MAX: u32 = 256u;
 
@@ -95,12 +98,95 @@ fn norm_scale(i: u32) -> vec4<f32> {
     return vec4<f32>(1.0);
 }
 
+// The sum of v over this thread's feature slot (TPF lanes), on every lane of the slot.
+// Subgroup variant: xor shuffles inside the subgroup, then (when a slot spans several subgroups,
+// TPF > SG) each subgroup's sum through workgroup memory, added in subgroup order. Baseline: a
+// tree in workgroup memory. Either way the order depends on the lane only, not on the rows.
+// Called in uniform control flow (it holds barriers).
+fn slot_sum(v: vec4<f32>, lid: u32, lane: u32, sg_lane: u32, sg_id: u32) -> vec4<f32> {
+// #if SUBGROUP
+    var t = v;
+    for (var off = 1u; off < min(TPF, SG); off <<= 1u) {
+        t += subgroupShuffleXor(t, off);
+    }
+    if (TPF > SG) {
+        workgroupBarrier();
+        if (sg_lane == 0u) {
+            red[sg_id] = t;
+        }
+        workgroupBarrier();
+        let parts = max(TPF / SG, 1u);   // a constant; 0 would be a division by zero to naga
+        let first = sg_id / parts * parts;
+        t = red[first];
+        for (var q = 1u; q < parts; q++) {
+            t += red[first + q];
+        }
+    }
+    return t;
+// #else
+    workgroupBarrier();
+    red[lid] = v;
+    for (var s = TPF / 2u; s > 0u; s >>= 1u) {
+        workgroupBarrier();
+        if (lane < s) {
+            red[lid] += red[lid + s];
+        }
+    }
+    workgroupBarrier();
+    return red[lid - lane];
+// #endif
+}
+
+// The sum of v over the whole workgroup, on every thread (the RMSNorm's sums of squares).
+fn workgroup_sum(v: vec4<f32>, lid: u32, sg_lane: u32, sg_id: u32) -> vec4<f32> {
+// #if SUBGROUP
+    let t = subgroupAdd(v);
+    workgroupBarrier();
+    if (sg_lane == 0u) {
+        red[sg_id] = t;
+    }
+    workgroupBarrier();
+    var total = red[0];
+    for (var q = 1u; q < WG / SG; q++) {
+        total += red[q];
+    }
+    return total;
+// #else
+    workgroupBarrier();
+    red[lid] = v;
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        workgroupBarrier();
+        if (lid < s) {
+            red[lid] += red[lid + s];
+        }
+    }
+    workgroupBarrier();
+    return red[0];
+// #endif
+}
+
 @compute @workgroup_size(WG)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+// #if SUBGROUP
+    @builtin(subgroup_invocation_id) sg_lane: u32,
+    @builtin(subgroup_id) sg_id: u32,
+// #endif
+) {
+// #if SUBGROUP
+    // Threads in subgroup order: a slot is TPF lanes of one subgroup or TPF / SG whole ones (the
+    // host checks that the subgroups are full and of size SG).
+    let t = sg_id * SG + sg_lane;
+// #else
+    let t = lid;
+    let sg_lane = 0u;
+    let sg_id = 0u;
+// #endif
     let per_wg = WG / TPF;
     // This thread's FPT features: consecutive, one W row each.
-    let f0 = ((wid.x + wid.y * 32768u) * per_wg + lid / TPF) * FPT;
-    let lane = lid % TPF;
+    let f0 = ((wid.x + wid.y * 32768u) * per_wg + t / TPF) * FPT;
+    let lane = t % TPF;
     let r0 = wid.z * MAXR;
     let nrows = min(MAXR, P.rows - r0);
     // RMSNorm fused on load: every workgroup sums its rows' squares (k is short next to the
@@ -114,57 +200,48 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 sq[r] += dot(v, v);
             }
         }
-        red[lid] = sq;
-        for (var s = WG / 2u; s > 0u; s >>= 1u) {
-            workgroupBarrier();
-            if (lid < s) {
-                red[lid] += red[lid + s];
-            }
-        }
-        workgroupBarrier();
-        inv = inverseSqrt(red[0] / f32(4u * P.k4) + P.eps);
-        workgroupBarrier();
+        inv = inverseSqrt(workgroup_sum(sq, lid, sg_lane, sg_id) / f32(4u * P.k4) + P.eps);
     }
     // acc[j][r]: feature f0 + j, row r0 + r. Each x vec4 is loaded once for the FPT features.
+    // A lane takes W_STEP consecutive vec4s at a time: one whole word of 4-bit codes.
     var acc: array<vec4<f32>, FPT_MAX>;
     for (var j = 0u; j < FPT_MAX; j++) {
         acc[j] = vec4<f32>(0.0);
     }
-    for (var i = lane; i < P.k4; i += TPF) {
-        var xs: array<vec4<f32>, MAXR>;
-        for (var r = 0u; r < MAXR; r++) {
-            xs[r] = vec4<f32>(0.0);
-            if (r < nrows) {
-                xs[r] = load_x(r0 + r, i);
+    let steps = P.k4 / W_STEP;
+    for (var s = lane; s < steps; s += TPF) {
+        var xs: array<array<vec4<f32>, W_STEP>, MAXR>;
+        for (var u = 0u; u < W_STEP; u++) {
+            let i = s * W_STEP + u;
+            let ns = norm_scale(i);
+            for (var r = 0u; r < MAXR; r++) {
+                xs[r][u] = vec4<f32>(0.0);
+                if (r < nrows) {
+                    xs[r][u] = load_x(r0 + r, i) * ns;
+                }
             }
         }
-        let ns = norm_scale(i);
         for (var j = 0u; j < FPT; j++) {
             if (f0 + j < P.n) {
-                let wv = load_w(f0 + j, i) * ns;
+                let wv = load_w_step(f0 + j, s);
                 for (var r = 0u; r < MAXR; r++) {
                     if (r < nrows) {
-                        acc[j][r] += dot(wv, xs[r]);
+                        for (var u = 0u; u < W_STEP; u++) {
+                            acc[j][r] += dot(wv[u], xs[r][u]);
+                        }
                     }
                 }
             }
         }
     }
     for (var j = 0u; j < FPT; j++) {
-        red[lid] = acc[j];
-        for (var s = TPF / 2u; s > 0u; s >>= 1u) {
-            workgroupBarrier();
-            if (lane < s) {
-                red[lid] += red[lid + s];
-            }
-        }
-        workgroupBarrier();
+        let sum = slot_sum(acc[j], lid, lane, sg_lane, sg_id);
         let f = f0 + j;
         if (f < P.n) {
             // Lane r writes row r; with fewer than MAXR lanes (TPF < 4) a lane writes several.
             let col = P.n0 + f;
             for (var r = lane; r < nrows; r += TPF) {
-                let v = red[lid - lane][r] * inv[r] + bias[col];
+                let v = sum[r] * inv[r] + bias[col];
                 let at = (r0 + r) * P.ldy + col;
                 if (P.accumulate != 0u) {
                     y[at] += v;
@@ -173,6 +250,5 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 }
             }
         }
-        workgroupBarrier();
     }
 }

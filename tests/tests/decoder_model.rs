@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use twinfer::engine::{EngineConfig, Event, FinishReason, GenerateRequest, SamplingParams, Scheduler};
-use twinfer::gpu::step_submissions;
+use twinfer::gpu::{GpuOptions, Variant, step_submissions};
 use twinfer::kv::{KvCacheConfig, KvLayout, PagedKvCache};
 use twinfer::model::{Engines, Logits, Model, ModelSource, Network, ResidentDecoder, StepSeq};
 use twinfer::{Attention, Backend, DType, cpu::SimdLevel};
@@ -116,8 +116,12 @@ fn gpu_attention() -> Option<Attention> {
 #[test]
 fn resident_gpu_model_matches_the_reference_with_one_readback_per_step() {
     let Some(gpu) = gpu_attention() else { return };
-    let engine = gpu.gpu_engine().unwrap();
-    for name in MODELS {
+    let default = gpu.gpu_engine().unwrap();
+    // The baseline variant as well where the default reduces with subgroups.
+    let baseline = default.with_options(GpuOptions { variant: Variant::Baseline, ..default.options() }).unwrap();
+    let engines = if default.options().variant == Variant::Baseline { vec![default] } else { vec![default, &baseline] };
+    for (engine, name) in engines.into_iter().flat_map(|e| MODELS.iter().map(move |n| (e, n))) {
+        let variant = engine.options().variant.name();
         let (model, _) = load(name);
         let g = golden(name);
         let prompt = ids(&g["prompt_ids"]);
@@ -148,7 +152,10 @@ fn resident_gpu_model_matches_the_reference_with_one_readback_per_step() {
             assert_eq!(logits.len(), want.len() * vocab);
             for (p, row) in want.iter().enumerate() {
                 let err = rel_err(&logits[p * vocab..(p + 1) * vocab], &floats(row));
-                assert!(err <= LOGITS_RTOL, "{name} resident page {page_size}: prefill position {p}: {err:.2e}");
+                assert!(
+                    err <= LOGITS_RTOL,
+                    "{name} {variant} resident page {page_size}: prefill position {p}: {err:.2e}"
+                );
             }
             let mut next = twinfer::engine::argmax(&logits[(prompt.len() - 1) * vocab..]);
             let mut got = vec![next];
@@ -157,11 +164,11 @@ fn resident_gpu_model_matches_the_reference_with_one_readback_per_step() {
                 cache.reserve(&[seq], &[1]).unwrap();
                 let logits = run(&mut cache, StepSeq { seq, tokens: &[next], start, logits: Logits::Last });
                 let err = rel_err(&logits, &floats(want_row));
-                assert!(err <= LOGITS_RTOL, "{name} resident page {page_size}: decode step {s}: {err:.2e}");
+                assert!(err <= LOGITS_RTOL, "{name} {variant} resident page {page_size}: decode step {s}: {err:.2e}");
                 next = twinfer::engine::argmax(&logits);
                 got.push(next);
             }
-            assert_eq!(got, want_greedy, "{name} resident page {page_size}: greedy tokens");
+            assert_eq!(got, want_greedy, "{name} {variant} resident page {page_size}: greedy tokens");
         }
     }
 }

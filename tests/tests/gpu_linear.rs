@@ -16,7 +16,8 @@
 use std::sync::OnceLock;
 
 use proptest::prelude::*;
-use twinfer::gpu::{GEMV_MAX_ROWS, GemvShape, GpuEngine, GpuLinear, KvStorage};
+use twinfer::gpu::{GEMV_MAX_ROWS, GemvShape, GpuEngine, GpuLinear, GpuOptions, KvStorage, Variant};
+use twinfer::quant::{PackedQuant, QuantFormat, QuantRows};
 use twinfer::{TensorRef, TwinferError, f16};
 
 /// Property cases: `TWINFER_GPU_TEST_CASES`, 12 by default (lavapipe is slow).
@@ -34,6 +35,19 @@ fn engine() -> Option<&'static GpuEngine> {
             None
         }
     }
+}
+
+/// The engine in each reduction variant the adapter has: subgroup shuffles (the default where
+/// there are subgroups) and workgroup memory.
+fn engines() -> Vec<&'static GpuEngine> {
+    static BASELINE: OnceLock<GpuEngine> = OnceLock::new();
+    let Some(gpu) = engine() else { return Vec::new() };
+    if gpu.options().variant == Variant::Baseline {
+        return vec![gpu];
+    }
+    let base =
+        BASELINE.get_or_init(|| gpu.with_options(GpuOptions { variant: Variant::Baseline, ..gpu.options() }).unwrap());
+    vec![gpu, base]
 }
 
 #[derive(Debug, Clone)]
@@ -121,7 +135,12 @@ proptest! {
 /// full tiles exactly, and one row past them.
 #[test]
 fn gpu_linear_pinned_shapes() {
-    let Some(gpu) = engine() else { return };
+    for gpu in engines() {
+        pinned_shapes(gpu);
+    }
+}
+
+fn pinned_shapes(gpu: &GpuEngine) {
     let g = GEMV_MAX_ROWS;
     let shapes = [(1, 1, 1), (4, 9, 3), (5, 9, 3), (g, 64, 16), (g + 1, 65, 17), (g + 16, 64, 64), (g + 17, 130, 33)];
     for (i, &(rows, n, k)) in shapes.iter().enumerate() {
@@ -134,26 +153,40 @@ fn gpu_linear_pinned_shapes() {
 }
 
 /// A decode row's output is bit-identical alone and anywhere in a batch of any size up to
-/// GEMV_MAX_ROWS (the engine's greedy tokens must not depend on the batch), in either GEMV shape.
+/// GEMV_MAX_ROWS (the engine's greedy tokens must not depend on the batch), in either GEMV shape
+/// and reduction variant, over float weights and 4-bit codes (whose lanes step a word at a time).
 #[test]
 fn a_decode_row_is_the_same_alone_and_in_any_batch() {
     let Some(gpu) = engine() else { return };
-    let (n, k) = (72, 130);
+    let n = 72;
+    let (k, kq) = (130, 128);
     let w = values(n * k, 11);
-    let mut lin = GpuLinear::upload(gpu, TensorRef::F32(&w), n, k, None, KvStorage::F32, u64::MAX).unwrap();
-    let x = values(GEMV_MAX_ROWS * k, 12);
-    for shape in [GemvShape::Hardware, GemvShape::Software] {
-        lin.set_gemv_shape(shape);
-        let mut alone = vec![f32::NAN; GEMV_MAX_ROWS * n];
-        for r in 0..GEMV_MAX_ROWS {
-            gpu.linear(&lin, &x[r * k..][..k], 1, &mut alone[r * n..][..n]).unwrap();
-        }
-        for rows in [2, 5, 17, GEMV_MAX_ROWS] {
-            let mut y = vec![f32::NAN; rows * n];
-            gpu.linear(&lin, &x[..rows * k], rows, &mut y).unwrap();
-            for (i, (a, b)) in y.iter().zip(&alone).enumerate() {
-                let (row, feature) = (i / n, i % n);
-                assert_eq!(a.to_bits(), b.to_bits(), "{shape:?}: row {row} of a batch of {rows}, feature {feature}");
+    let float = GpuLinear::upload(gpu, TensorRef::F32(&w), n, k, None, KvStorage::F32, u64::MAX).unwrap();
+    let q = QuantRows::quantize(QuantFormat::Q4_1, &values(n * kq, 13), n, kq).unwrap();
+    let quant = GpuLinear::upload_quant(gpu, &[&PackedQuant::from_rows(&q).unwrap()], None, u64::MAX).unwrap();
+    for (what, mut lin) in [("f32", float), ("q4_1", quant)] {
+        let k = lin.k;
+        let x = values(GEMV_MAX_ROWS * k, 12);
+        for (gpu, shape) in
+            engines().into_iter().flat_map(|g| [GemvShape::Hardware, GemvShape::Software].map(|s| (g, s)))
+        {
+            let variant = gpu.options().variant.name();
+            lin.set_gemv_shape(shape);
+            let mut alone = vec![f32::NAN; GEMV_MAX_ROWS * n];
+            for r in 0..GEMV_MAX_ROWS {
+                gpu.linear(&lin, &x[r * k..][..k], 1, &mut alone[r * n..][..n]).unwrap();
+            }
+            for rows in [2, 5, 17, GEMV_MAX_ROWS] {
+                let mut y = vec![f32::NAN; rows * n];
+                gpu.linear(&lin, &x[..rows * k], rows, &mut y).unwrap();
+                for (i, (a, b)) in y.iter().zip(&alone).enumerate() {
+                    let (row, feature) = (i / n, i % n);
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "{what} {shape:?} {variant}: row {row} of a batch of {rows}, feature {feature}"
+                    );
+                }
             }
         }
     }

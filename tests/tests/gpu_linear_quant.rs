@@ -14,7 +14,7 @@
 use std::sync::OnceLock;
 
 use twinfer::TwinferError;
-use twinfer::gpu::{GEMV_MAX_ROWS, GemvShape, GpuEngine, GpuLinear};
+use twinfer::gpu::{GEMV_MAX_ROWS, GemvShape, GpuEngine, GpuLinear, GpuOptions, Variant};
 use twinfer::quant::{PackedQuant, QuantFormat, QuantRows};
 
 fn engine() -> Option<&'static GpuEngine> {
@@ -107,11 +107,24 @@ fn check(gpu: &GpuEngine, parts: &[QuantRows], rows: usize, bias: bool, split: O
     }
 }
 
+/// The engine in each reduction variant the adapter has (subgroup shuffles, workgroup memory).
+fn engines() -> Vec<&'static GpuEngine> {
+    static BASELINE: OnceLock<GpuEngine> = OnceLock::new();
+    let Some(gpu) = engine() else { return Vec::new() };
+    if gpu.options().variant == Variant::Baseline {
+        return vec![gpu];
+    }
+    let base =
+        BASELINE.get_or_init(|| gpu.with_options(GpuOptions { variant: Variant::Baseline, ..gpu.options() }).unwrap());
+    vec![gpu, base]
+}
+
 #[test]
 fn quantized_projections_match_the_f64_reference_in_every_format() {
-    let Some(gpu) = engine() else { return };
     let g = GEMV_MAX_ROWS;
-    for (i, format) in QuantFormat::ALL.into_iter().enumerate() {
+    for (gpu, (i, format)) in
+        engines().into_iter().flat_map(|e| QuantFormat::ALL.into_iter().enumerate().map(move |f| (e, f)))
+    {
         let k = if format.can_quantize() { 96 } else { 512 };
         // Decode rows (the GEMV, both shapes) and a prompt chunk (the matmul); n off the tiles.
         for (rows, shape, split) in

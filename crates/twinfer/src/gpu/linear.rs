@@ -294,6 +294,7 @@ impl GpuLinear {
     /// `fused` adds the resident path's on-load RMSNorm (its epsilon) or SwiGLU.
     pub(super) fn passes(
         &self,
+        engine: &GpuEngine,
         rows: usize,
         accumulate: bool,
         fused: Fused,
@@ -313,17 +314,14 @@ impl GpuLinear {
                     (Stored::BytesOffset, true) => (Kernel::LinearGemvQ8Offset, KvStorage::F32),
                     (Stored::BytesOffset, false) => (Kernel::LinearMatmulQ8Offset, KvStorage::F32),
                 };
+                let (wg, lanes) = self.gemv.threads();
+                let variant = if gemv { engine.gemv_variant(wg) } else { Variant::Baseline };
                 let tile = if gemv {
-                    Tile {
-                        wg: self.gemv.threads().0,
-                        br: 0,
-                        bc: self.gemv.threads().1,
-                        chunk: gemv_features_per_thread(rows),
-                    }
+                    Tile { wg, br: 0, bc: lanes, chunk: gemv_features_per_thread(rows) }
                 } else {
                     matmul_tile(rows, self.n)
                 };
-                let key = PipelineKey { kernel, variant: Variant::Baseline, kv, tile };
+                let key = PipelineKey { kernel, variant, kv, tile };
                 let prm = LinearParams {
                     rows: rows as u32,
                     n: c.n as u32,
@@ -438,6 +436,15 @@ fn matmul_tile(rows: usize, n: usize) -> Tile {
 }
 
 impl GpuEngine {
+    /// The GEMV's reductions: subgroup shuffles where the engine takes the subgroup variant and
+    /// the adapter has one power-of-two subgroup size dividing the workgroup (the kernel's slots
+    /// are laid out by that size), else workgroup memory.
+    pub(super) fn gemv_variant(&self, wg: u32) -> Variant {
+        let (lo, hi) = self.context().summary.subgroup_sizes;
+        let fits = lo == hi && lo.is_power_of_two() && wg.is_multiple_of(lo);
+        if self.options().variant == Variant::Subgroup && fits { Variant::Subgroup } else { Variant::Baseline }
+    }
+
     /// `y[rows, n] = x[rows, k] · Wᵀ + b` on the device. Blocks; in a browser use
     /// [`GpuEngine::linear_async`].
     pub fn linear(&self, w: &GpuLinear, x: &[f32], rows: usize, y: &mut [f32]) -> Result<()> {
@@ -488,7 +495,7 @@ impl GpuEngine {
         self.write(&mut res, Slot::LinX, bytemuck::cast_slice(x))?;
         res.buffer(ctx, Slot::LinY, (rows * w.n * 4) as u64)?;
         let mut passes = Vec::with_capacity(w.chunks.len());
-        for (i, (prm, key, grid)) in w.passes(rows, false, Fused::None).into_iter().enumerate() {
+        for (i, (prm, key, grid)) in w.passes(self, rows, false, Fused::None).into_iter().enumerate() {
             ctx.queue.write_buffer(&w.chunks[i].params, 0, bytemuck::bytes_of(&prm));
             let [params, weights, bias] = w.binds(i);
             // A resident step's record of what this buffer holds is stale now.

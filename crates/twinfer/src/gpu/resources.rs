@@ -197,6 +197,9 @@ impl Resources {
         if key.kernel.is_gemv() {
             constants.push(("TPF", key.tile.bc as f64));
             constants.push(("FPT", key.tile.chunk as f64));
+            if key.variant == Variant::Subgroup {
+                constants.push(("SG", ctx.summary.subgroup_sizes.0 as f64));
+            }
         }
         if key.kernel == Kernel::Prefill {
             constants.push(("WIDE", (key.tile.bc > 2) as u32 as f64));

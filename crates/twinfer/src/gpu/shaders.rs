@@ -18,7 +18,14 @@ const Q8_KERNELS: &[Kernel] =
     &[Kernel::Decode, Kernel::Prefill, Kernel::PrefillPortable, Kernel::AppendKv, Kernel::RopeAppend];
 
 /// Kernels with `// #if SUBGROUP` lines.
-const SUBGROUP_KERNELS: &[Kernel] = &[Kernel::Decode, Kernel::Prefill];
+const SUBGROUP_KERNELS: &[Kernel] = &[
+    Kernel::Decode,
+    Kernel::Prefill,
+    Kernel::LinearGemv,
+    Kernel::LinearGemvQ4,
+    Kernel::LinearGemvQ8,
+    Kernel::LinearGemvQ8Offset,
+];
 
 /// A compute kernel; its label is its file name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -314,6 +321,9 @@ pub fn source(kernel: Kernel, variant: Variant, kv: KvStorage, target: Target) -
         Some(WeightRead::BytesOffset) => W_BYTES_OFFSET,
         None => "",
     });
+    if matches!(kernel.weight_read(), Some(WeightRead::Float | WeightRead::Bytes | WeightRead::BytesOffset)) {
+        out.push_str(W_STEP_ONE_VEC4);
+    }
     let mut flags = Vec::new();
     if subgroup {
         flags.push("SUBGROUP");
@@ -334,15 +344,32 @@ fn load_w(f: u32, i: u32) -> vec4<f32> {
     return vec4<f32>(w[f * P.k4 + i]);
 }
 ";
+/// The GEMV's step for formats whose lanes take one vec4 at a time.
+const W_STEP_ONE_VEC4: &str = "const W_STEP: u32 = 1u;
+fn load_w_step(f: u32, s: u32) -> array<vec4<f32>, W_STEP> {
+    return array<vec4<f32>, W_STEP>(load_w(f, s));
+}
+";
 /// Block-quantized 4-bit weights: per feature, k / 8 words of 8 codes in input order (vec4 `i`
 /// is the low or high half of word `i / 2`); from word `scales_at`, per feature and group of
-/// `2^group_shift` vec4s, an f32 scale and an f32 offset: `value = scale * code + offset`.
+/// `2^group_shift` vec4s, an f32 scale and an f32 offset: `value = scale * code + offset`. The
+/// GEMV steps a whole word (two vec4s, one group: groups are 8 vec4s or more) at a time.
 const W_NIBBLES: &str = "alias w4 = u32;
 fn load_w(f: u32, i: u32) -> vec4<f32> {
     let half = w[f * (P.k4 / 2u) + i / 2u] >> (16u * (i & 1u));
     let c = vec4<f32>(vec4<u32>(half, half >> 4u, half >> 8u, half >> 12u) & vec4<u32>(0xfu));
     let g = P.scales_at + 2u * (f * (P.k4 >> P.group_shift) + (i >> P.group_shift));
     return c * bitcast<f32>(w[g]) + bitcast<f32>(w[g + 1u]);
+}
+const W_STEP: u32 = 2u;
+fn load_w_step(f: u32, s: u32) -> array<vec4<f32>, W_STEP> {
+    let word = w[f * (P.k4 / 2u) + s];
+    let lo = vec4<f32>(vec4<u32>(word, word >> 4u, word >> 8u, word >> 12u) & vec4<u32>(0xfu));
+    let hi = vec4<f32>(vec4<u32>(word >> 16u, word >> 20u, word >> 24u, word >> 28u) & vec4<u32>(0xfu));
+    let g = P.scales_at + 2u * (f * (P.k4 >> P.group_shift) + ((2u * s) >> P.group_shift));
+    let scale = bitcast<f32>(w[g]);
+    let offset = bitcast<f32>(w[g + 1u]);
+    return array<vec4<f32>, W_STEP>(lo * scale + offset, hi * scale + offset);
 }
 ";
 /// Block-quantized 8-bit weights: per feature, k / 4 words of 4 signed codes in input order;

@@ -146,7 +146,7 @@ impl<'e> StepRecorder<'e> {
             OnLoad::SwiGlu => Fused::SwiGlu,
             OnLoad::Gelu => Fused::Gelu,
         };
-        let passes = w.passes(rows, accumulate, fused);
+        let passes = w.passes(self.engine, rows, accumulate, fused);
         for (i, (prm, key, grid)) in passes.into_iter().enumerate() {
             let [params, weights, bias] = w.binds(i);
             let Bind::External(pid, pbuf) = params else { unreachable!("weights bind as external buffers") };
