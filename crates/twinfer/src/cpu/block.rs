@@ -36,13 +36,15 @@ pub(crate) struct WorkItem {
 /// `r = (kv_head - head0) * tokens * group + t * group + g`.
 #[derive(Debug, Default)]
 pub(crate) struct Scratch {
-    /// `[rows, dp]` queries, pre-multiplied by sm_scale.
+    /// Decode: `[rows, dp]` queries, pre-multiplied by sm_scale. Prompt blocks: one query row as
+    /// read, before it is scaled into `qt`.
     pub q: Vec<f32>,
     /// `[tile_rows, heads, dp]` keys of the current tile.
     pub k: Vec<f32>,
     /// `[tile_rows, heads, dp]` values of the current tile.
     pub v: Vec<f32>,
-    /// `[rows, tile_rows]` scores, then probabilities, of the current tile.
+    /// Scores, then probabilities, of the current tile: `[rows, tile_rows]` (decode), or
+    /// key-major `[tile_rows, rp]` for one head (prompt blocks).
     pub s: Vec<f32>,
     /// `[rows, dp]` unnormalised output; normalised at the end of `run_item`.
     pub acc: Vec<f32>,
