@@ -142,7 +142,19 @@ fn gpu_linear_pinned_shapes() {
 
 fn pinned_shapes(gpu: &GpuEngine) {
     let g = GEMV_MAX_ROWS;
-    let shapes = [(1, 1, 1), (4, 9, 3), (5, 9, 3), (g, 64, 16), (g + 1, 65, 17), (g + 16, 64, 64), (g + 17, 130, 33)];
+    // The last three: rows long enough for 16, 32 and 64 lanes per feature in the hardware GEMV.
+    let shapes = [
+        (1, 1, 1),
+        (4, 9, 3),
+        (5, 9, 3),
+        (g, 64, 16),
+        (g + 1, 65, 17),
+        (g + 16, 64, 64),
+        (g + 17, 130, 33),
+        (1, 40, 300),
+        (g, 33, 600),
+        (3, 70, 1100),
+    ];
     for (i, &(rows, n, k)) in shapes.iter().enumerate() {
         for (f16, shape) in [(false, GemvShape::Hardware), (true, GemvShape::Hardware), (false, GemvShape::Software)] {
             let split = (i == 6).then_some(7);
@@ -158,13 +170,21 @@ fn pinned_shapes(gpu: &GpuEngine) {
 #[test]
 fn a_decode_row_is_the_same_alone_and_in_any_batch() {
     let Some(gpu) = engine() else { return };
+    // Rows long enough for each width of the hardware GEMV's feature slots (8 to 64 lanes).
     let n = 72;
-    let (k, kq) = (130, 128);
-    let w = values(n * k, 11);
-    let float = GpuLinear::upload(gpu, TensorRef::F32(&w), n, k, None, KvStorage::F32, u64::MAX).unwrap();
-    let q = QuantRows::quantize(QuantFormat::Q4_1, &values(n * kq, 13), n, kq).unwrap();
-    let quant = GpuLinear::upload_quant(gpu, &[&PackedQuant::from_rows(&q).unwrap()], None, u64::MAX).unwrap();
-    for (what, mut lin) in [("f32", float), ("q4_1", quant)] {
+    let mut cases = Vec::new();
+    for k in [130, 300, 600, 1100] {
+        let w = values(n * k, 11);
+        cases.push(("f32", GpuLinear::upload(gpu, TensorRef::F32(&w), n, k, None, KvStorage::F32, u64::MAX).unwrap()));
+    }
+    for k in [128, 544, 1056, 2080] {
+        let q = QuantRows::quantize(QuantFormat::Q4_1, &values(n * k, 13), n, k).unwrap();
+        cases.push((
+            "q4_1",
+            GpuLinear::upload_quant(gpu, &[&PackedQuant::from_rows(&q).unwrap()], None, u64::MAX).unwrap(),
+        ));
+    }
+    for (what, mut lin) in cases {
         let k = lin.k;
         let x = values(GEMV_MAX_ROWS * k, 12);
         for (gpu, shape) in
@@ -184,7 +204,7 @@ fn a_decode_row_is_the_same_alone_and_in_any_batch() {
                     assert_eq!(
                         a.to_bits(),
                         b.to_bits(),
-                        "{what} {shape:?} {variant}: row {row} of a batch of {rows}, feature {feature}"
+                        "{what} k={k} {shape:?} {variant}: row {row} of a batch of {rows}, feature {feature}"
                     );
                 }
             }

@@ -132,6 +132,10 @@ fn quantized_projections_match_the_f64_reference_in_every_format() {
         {
             check(gpu, &[weights(format, 37, k, i as u64)], rows, rows > 1, split, shape);
         }
+        // Longer rows: the hardware GEMV gives a feature 16, 32 or 64 lanes (about 8 steps each).
+        for k in [768, 1792] {
+            check(gpu, &[weights(format, 21, k, i as u64)], 3, true, None, GemvShape::Hardware);
+        }
     }
 }
 

@@ -254,6 +254,49 @@ fn plan_writes_a_config_that_run_accepts() {
     let _ = std::fs::remove_file(&out);
 }
 
+/// On a GPU, `bench kernels --case linear-FORMAT:ROWS:N:K` times a projection of any shape and
+/// weight format: up to 64 rows a GEMV rated by the weight bytes it reads as stored (codes and
+/// scales for the block formats), above that the matmul rated by FLOPs.
+#[test]
+fn gpu_bench_times_projections_in_any_format() {
+    let info = ok_json(&["info", "--json"]);
+    if info["gpu"]["available"] != true {
+        assert!(
+            !std::env::var("TWINFER_REQUIRE_GPU").is_ok_and(|v| v == "1"),
+            "TWINFER_REQUIRE_GPU=1 but no GPU: {}",
+            info["gpu"]["reason"]
+        );
+        eprintln!("SKIPPED: no GPU adapter here, the GPU projection benchmark does NOT run: {}", info["gpu"]["reason"]);
+        return;
+    }
+    let args = ["bench", "kernels", "--backend", "gpu", "--quick", "--json"];
+    let cases = ["linear-q4_1:1:40:256", "linear-f32:2:24:64", "linear-q8_0:70:16:64"];
+    let mut argv = args.to_vec();
+    for c in &cases {
+        argv.extend(["--case", c]);
+    }
+    let doc = ok_json(&argv);
+    let got: Vec<(&str, &str, f64)> = doc["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap(), c["bound"].as_str().unwrap(), c["work"].as_f64().unwrap()))
+        .collect();
+    // Q4_1: per row 256 / 8 code words and 8 groups of (scale, offset) words, 4 bytes each.
+    let q4_bytes = 40.0 * (32.0 + 16.0) * 4.0;
+    assert_eq!(
+        got,
+        [
+            ("gemv q4_1 rows=1 [40, 256]", "memory", q4_bytes),
+            ("gemv f32 rows=2 [24, 64]", "memory", 24.0 * 64.0 * 4.0),
+            ("matmul q8_0 rows=70 [16, 64]", "compute", 2.0 * 70.0 * 16.0 * 64.0),
+        ]
+    );
+    for c in doc["cases"].as_array().unwrap() {
+        assert!(c["rate"]["median"].as_f64().unwrap() > 0.0, "{c}");
+    }
+}
+
 #[test]
 fn info_json_has_cpu_gpu_and_the_choice_per_phase() {
     let doc = ok_json(&["info", "--json"]);

@@ -6,17 +6,17 @@
 
 use half::f16;
 
-use super::cases::{Bound, CaseResult, HEAD_DIM, KV_HEADS, PAGE_SIZE, QO_HEADS, pseudo_random};
+use super::cases::{Bound, CaseResult, HEAD_DIM, KV_HEADS, LinearWeights, PAGE_SIZE, QO_HEADS, pseudo_random};
 use super::timing::Stats;
 use super::{Case, KernelReport, Scope};
 use crate::attention::{AttentionOutput, AttentionParams, DecodeInput, KvInput, PrefillInput};
-use crate::dtype::DType;
+use crate::dtype::{DType, TensorRef};
 use crate::error::{Result, TwinferError};
 use crate::gpu::{DEFAULT_MAX_WEIGHT_BUFFER, GpuEngine, GpuKvCache, GpuLinear, KvStorage};
 use crate::kv::{KvLayout, PageTable, PagedKv};
 
 /// Measures the ceilings, then every case of `scope` on `engine`, or only `only` when given
-/// (attention cases; the projection cases then do not run).
+/// (the scope's own projection shapes then do not run; `only`'s linear cases do).
 pub fn run_gpu_kernels(engine: &GpuEngine, scope: Scope, only: Option<&[Case]>) -> Result<KernelReport> {
     check_gpu_cases(only.unwrap_or_default())?;
     let ctx = engine.context();
@@ -64,13 +64,22 @@ pub fn run_gpu_kernels(engine: &GpuEngine, scope: Scope, only: Option<&[Case]>) 
     }
     // Projections (rows, n, k): GEMVs over an MLP-sized weight (GB/s of weights), then
     // prompt-chunk matmuls (FLOP/s).
-    let projections: &[(usize, usize, usize)] = match (only, scope) {
-        (Some(_), _) => &[],
-        (None, Scope::Quick) => &[(1, 2048, 1024), (128, 1024, 1024)],
-        (None, Scope::Full) => &[(1, 14336, 4096), (4, 14336, 4096), (512, 14336, 4096), (2048, 4096, 4096)],
+    let projections: Vec<(usize, usize, usize, LinearWeights)> = match (only, scope) {
+        (Some(only), _) => only
+            .iter()
+            .filter_map(|c| match *c {
+                Case::Linear { rows, n, k, weights } => Some((rows, n, k, weights)),
+                _ => None,
+            })
+            .collect(),
+        (None, Scope::Quick) => vec![(1, 2048, 1024, LinearWeights::F16), (128, 1024, 1024, LinearWeights::F16)],
+        (None, Scope::Full) => [(1, 14336, 4096), (4, 14336, 4096), (512, 14336, 4096), (2048, 4096, 4096)]
+            .iter()
+            .map(|&(rows, n, k)| (rows, n, k, LinearWeights::F16))
+            .collect(),
     };
-    for &(rows, n, k) in projections {
-        cases.push(linear(engine, rows, n, k, runs, stamps)?);
+    for (rows, n, k, weights) in projections {
+        cases.push(linear(engine, rows, n, k, weights, runs, stamps)?);
     }
     Ok(KernelReport {
         cpu: ctx.summary.to_string(),
@@ -84,11 +93,6 @@ pub fn run_gpu_kernels(engine: &GpuEngine, scope: Scope, only: Option<&[Case]>) 
 
 /// Refuses the cases the GPU benchmark cannot run (it stores decode KV as f16 or int8).
 pub fn check_gpu_cases(cases: &[Case]) -> Result<()> {
-    if let Some(bad) = cases.iter().find(|c| matches!(c, Case::Linear { .. })) {
-        return Err(TwinferError::InvalidParameter(format!(
-            "{bad:?}: the GPU benchmark times its own projection shapes (with no --case); linear cases are for the CPU"
-        )));
-    }
     match cases.iter().find(|c| matches!(c, Case::Decode { dtype: DType::F32, .. })) {
         Some(bad) => Err(TwinferError::InvalidParameter(format!(
             "{bad:?}: the GPU decode benchmark stores its KV as f16 or int8; use decode:BATCH:CTX or decode-q8:BATCH:CTX"
@@ -222,17 +226,29 @@ pub fn prepare_decode_resident(engine: &GpuEngine, batch: usize, ctx: usize, sto
 /// A projection `[rows, k] x [n, k]^T`, weights f16 where the adapter has shader-f16 (else f32).
 /// Up to [`crate::gpu::GEMV_MAX_ROWS`] rows it is a GEMV, rated in GB/s of weights read; above,
 /// a matmul rated in FLOP/s.
-fn linear(engine: &GpuEngine, rows: usize, n: usize, k: usize, runs: usize, stamps: usize) -> Result<CaseResult> {
-    let weights = prepare_linear(engine, rows, n, k)?;
+fn linear(
+    engine: &GpuEngine,
+    rows: usize,
+    n: usize,
+    k: usize,
+    weights: LinearWeights,
+    runs: usize,
+    stamps: usize,
+) -> Result<CaseResult> {
+    let stored = prepare_linear(engine, rows, n, k, weights)?;
     let (seconds, wall) = time_case(engine, runs, stamps)?;
-    let dtype = weights.storage;
+    let format = match weights {
+        LinearWeights::Quant(format) => format.name().to_string(),
+        _ => stored.storage.to_string(),
+    };
     let gemv = rows <= crate::gpu::GEMV_MAX_ROWS;
     Ok(CaseResult {
-        name: format!("{} {dtype} rows={rows} [{n}, {k}]", if gemv { "gemv" } else { "matmul" }),
+        name: format!("{} {format} rows={rows} [{n}, {k}]", if gemv { "gemv" } else { "matmul" }),
         seconds,
         wall,
         bound: if gemv { Bound::Memory } else { Bound::Compute },
-        work: if gemv { (n * k * dtype.bytes()) as f64 } else { linear_flops(rows, n, k) },
+        // A GEMV reads its weights as stored: codes and scales for the block formats.
+        work: if gemv { stored.device_bytes() as f64 } else { linear_flops(rows, n, k) },
     })
 }
 
@@ -241,13 +257,40 @@ pub fn linear_flops(rows: usize, n: usize, k: usize) -> f64 {
     2.0 * rows as f64 * n as f64 * k as f64
 }
 
-/// Uploads a projection's weights, runs it once, and returns the weights (keep them while
-/// [`GpuEngine::time_last`] re-runs the call on device-resident inputs).
-pub fn prepare_linear(engine: &GpuEngine, rows: usize, n: usize, k: usize) -> Result<GpuLinear> {
+/// Uploads a projection's weights (random, in `weights`' format: float weights as the engine
+/// stores them, block formats quantized and kept packed), runs it once, and returns the weights
+/// (keep them while [`GpuEngine::time_last`] re-runs the call on device-resident inputs).
+pub fn prepare_linear(
+    engine: &GpuEngine,
+    rows: usize,
+    n: usize,
+    k: usize,
+    weights: LinearWeights,
+) -> Result<GpuLinear> {
     let w: Vec<f16> = pseudo_random(n * k, 7);
-    let w = crate::dtype::TensorRef::F16(&w);
-    let storage = GpuLinear::storage_for(engine, w);
-    let weights = GpuLinear::upload(engine, w, n, k, None, storage, DEFAULT_MAX_WEIGHT_BUFFER)?;
+    let weights = match weights {
+        LinearWeights::Quant(format) => {
+            use crate::quant::{PackedQuant, QuantRows};
+            let w32: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+            let packed = PackedQuant::from_rows(&QuantRows::quantize(format, &w32, n, k)?)?;
+            GpuLinear::upload_quant(engine, &[&packed], None, DEFAULT_MAX_WEIGHT_BUFFER)?
+        }
+        LinearWeights::F32 => {
+            let w32: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+            GpuLinear::upload(engine, TensorRef::F32(&w32), n, k, None, KvStorage::F32, DEFAULT_MAX_WEIGHT_BUFFER)?
+        }
+        LinearWeights::F16 => {
+            let w = TensorRef::F16(&w);
+            let storage = GpuLinear::storage_for(engine, w);
+            GpuLinear::upload(engine, w, n, k, None, storage, DEFAULT_MAX_WEIGHT_BUFFER)?
+        }
+        LinearWeights::BF16 => {
+            let wb: Vec<half::bf16> = w.iter().map(|v| half::bf16::from_f32(v.to_f32())).collect();
+            let w = TensorRef::BF16(&wb);
+            let storage = GpuLinear::storage_for(engine, w);
+            GpuLinear::upload(engine, w, n, k, None, storage, DEFAULT_MAX_WEIGHT_BUFFER)?
+        }
+    };
     let x: Vec<f32> = pseudo_random(rows * k, 8).iter().map(|v| v.to_f32()).collect();
     let mut y = vec![0f32; rows * n];
     engine.linear(&weights, &x, rows, &mut y)?;

@@ -26,12 +26,17 @@ pub const GEMV_MAX_ROWS: usize = 64;
 /// Rows per GEMV workgroup (`MAXR` in linear_gemv.wgsl): larger batches take several groups.
 const GEMV_ROW_GROUP: usize = 4;
 /// How the GEMV spreads over a workgroup. Either shape sums a row's products in one order for
-/// every batch size, so a sequence's logits are the same bits alone or batched on one device.
+/// every batch size (the lanes per feature depend on the weights' shape, never on the rows), so a
+/// sequence's logits are the same bits alone or batched on one device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemvShape {
-    /// 256 threads, 64 per output feature. On an H200 64 threads beat 32 by 20% on one
-    /// sequence's projections (0.87 against 1.08 ms per token for smollm-135m, latency-bound)
-    /// and lose 9% on a batch of 64 (6.6 against 6.0 ms); 128 loses on both.
+    /// 256 threads; per output feature, the power of two from 8 to 64 lanes that gives each lane
+    /// about 8 steps of the row (at most 8). Timed on an H100, one row: a fixed 64 lanes took a
+    /// 151936 x 896 logits GEMV to 0.204 ms (f16) and 0.299 (Q8_0), 32 lanes to 0.172 and 0.186
+    /// (7 steps a lane); 49152 x 576 f16 0.056 -> 0.046 (32 lanes) and 0.042 (16); and 896 x 4864
+    /// (1216 steps) still wants 64 (0.016 against 0.024 ms with 32). A batch of 64 rows through
+    /// 3072 x 576 took 0.074 ms (f16) and 0.060 (Q4_1) with 64 lanes, 0.058 and 0.039 with 32 and
+    /// 16, while one row stayed at 9-11 us, the launch floor.
     Hardware,
     /// 64 threads, 4 per feature, for software adapters (lavapipe, SwiftShader), which run a
     /// workgroup's threads as loops over SIMD groups: on lavapipe the hardware shape takes twice
@@ -40,10 +45,10 @@ pub enum GemvShape {
 }
 
 impl GemvShape {
-    /// (threads per workgroup, threads per output feature).
-    fn threads(self) -> (u32, u32) {
+    /// (threads per workgroup, threads per output feature) for rows of `k4` vec4s.
+    fn threads(self, k4: usize) -> (u32, u32) {
         match self {
-            GemvShape::Hardware => (256, 64),
+            GemvShape::Hardware => (256, k4.div_ceil(8).next_power_of_two().clamp(8, 64) as u32),
             GemvShape::Software => (64, 4),
         }
     }
@@ -314,7 +319,7 @@ impl GpuLinear {
                     (Stored::BytesOffset, true) => (Kernel::LinearGemvQ8Offset, KvStorage::F32),
                     (Stored::BytesOffset, false) => (Kernel::LinearMatmulQ8Offset, KvStorage::F32),
                 };
-                let (wg, lanes) = self.gemv.threads();
+                let (wg, lanes) = self.gemv.threads(k4);
                 let variant = if gemv { engine.gemv_variant(wg) } else { Variant::Baseline };
                 let tile = if gemv {
                     Tile { wg, br: 0, bc: lanes, chunk: gemv_features_per_thread(rows) }
