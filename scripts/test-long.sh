@@ -3,7 +3,8 @@
 # minutes (scripts/fuzz.sh 1800), the engine stress test at ten times its CI size under three
 # seeds, `twinfer serve` holding 200 connections opened and abandoned at random for 60 s, the
 # suites that the quick tier runs natively only (under qemu too: engine, CLI, server) and the demo
-# in a Web Worker on WebGPU (SwiftShader, about four minutes).
+# in a Web Worker on WebGPU (SwiftShader, about four minutes), SmolLM2 Q4_1 on WebGPU over every
+# reference prompt (about five minutes).
 # Prints the figures a closing note quotes: executions per target, the stress and soak summaries.
 # Usage: scripts/test-long.sh [FUZZ_SECONDS]
 set -euo pipefail
@@ -23,6 +24,8 @@ TWINFER_AARCH64_ALL=1 scripts/test-aarch64.sh
 echo "== headless Chromium: the demo in a Web Worker on WebGPU"
 scripts/build-web.sh --test-hooks
 (cd web && npm ci --no-audit --no-fund && TWINFER_BROWSER_WORKER_GPU=1 node --test --test-name-pattern "Web Worker" test/browser.test.mjs)
+echo "== headless Chromium: SmolLM2 Q4_1 on WebGPU, every reference prompt (about a minute each)"
+(cd web && TWINFER_BROWSER_GGUF_ALL=1 node --test --test-name-pattern "Q4_1 GGUF" test/browser.test.mjs)
 echo "== the CPU kernels' and the KV cache's unit tests under AddressSanitizer (nightly)"
 # --target keeps the sanitizer off build scripts and proc macros.
 RUSTFLAGS="-Zsanitizer=address" cargo "+${TWINFER_NIGHTLY:-nightly-2026-05-20}" test -q -p twinfer --lib --target x86_64-unknown-linux-gnu \

@@ -3,7 +3,7 @@
 //   2. without it, `auto` falls back to wasm SIMD and says why, and the demo's chat mode talks to
 //      SmolLM2 (Q4_1 GGUF) over two turns;
 //   3. `wasm` forced; 4. the Web Worker mode (WebGPU and wasm); 5. a GPU lost mid-generation (on
-//   the page of 1).
+//   the page of 1); 6. SmolLM2 Q4_1 on WebGPU against the reference's greedy tokens.
 // Each run's embeddings must match the numpy reference (per element, and unit norm) and its greedy tokens
 // the reference decoder's. A screenshot of each finished demo goes to test-artifacts/.
 import { test, before, after } from "node:test";
@@ -86,6 +86,42 @@ function checkOutputs({ result, embeddings, sentences }) {
   assert.equal(m.generatedTokens, llama.greedy_ids.length);
   assert.ok(m.ttft.p50 > 0 && m.tpot.p50 > 0 && m.tps > 0);
 }
+
+// SmolLM2 Q4_1 on WebGPU (SwiftShader: about a minute for a 37-token prompt and 4 steps): the
+// reference's greedy tokens up to its first near-tie. One prompt here; every prompt of the
+// reference in the long tier (TWINFER_BROWSER_GGUF_ALL=1, scripts/test-long.sh).
+const GGUF_STEPS = 4;
+test("on WebGPU, the Q4_1 GGUF chat model gives the reference's greedy tokens", async () => {
+  const g = JSON.parse(readFileSync(join(MODELS, "smollm2/golden.json"), "utf8"));
+  const prompts = process.env.TWINFER_BROWSER_GGUF_ALL === "1" ? g.prompts : g.prompts.slice(0, 1);
+  const browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: [...BASE_FLAGS, ...WEBGPU_FLAGS] });
+  try {
+    const page = await browser.newPage();
+    await page.goto(`${server.url}/demo/`);
+    const info = await page.evaluate(async () => {
+      const i = await window.demo.loadDecoder("/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+      return { backend: i.backend, reason: i.reason };
+    });
+    assert.equal(info.backend, "webgpu", info.reason);
+    // The device keeps the blocks quantized and decodes each weight exactly, with f32
+    // activations: within 1e-5 of the top logits (about 32; tests/tests/gguf_model.rs), so two
+    // logits can swap only where the reference's top-2 margin is under twice that.
+    const nearTie = 2 * 1e-5 * 32;
+    let checked = 0;
+    for (const p of prompts) {
+      const cut = p.margins.findIndex((m) => m < nearTie);
+      const n = Math.min(GGUF_STEPS, cut < 0 ? p.greedy.length : cut);
+      const started = Date.now();
+      const got = await page.evaluate(([ids, steps]) => window.demo.generateIds(ids, steps), [p.ids, n]);
+      console.log(`WebGPU Q4_1: ${p.ids.length}-token prompt and ${n} steps in ${Date.now() - started} ms`);
+      assert.deepEqual(got, p.greedy.slice(0, n), `prompt ${JSON.stringify(p.message)}`);
+      checked += n;
+    }
+    assert.equal(checked, prompts.length * GGUF_STEPS, "a near-tie cut the check short");
+  } finally {
+    await browser.close();
+  }
+});
 
 // One WebGPU page serves both checks (the demo on SwiftShader takes minutes): first the demo's own
 // run, then, on the same engines, a device lost mid-generation.

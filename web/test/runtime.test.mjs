@@ -137,6 +137,20 @@ test("a Q4_1 GGUF chat model answers through its template with the reference's g
   assert.equal(result.reason, "eos", "the answer ends at <|im_end|>");
   assert.equal(result.text, "The capital of France is Paris.");
   await assert.rejects(collect(tf.generate({ messages: [{ role: "user" }] })), (e) => e instanceof TwinferError && /content/.test(e.message));
+  // Every reference prompt: the greedy tokens up to the reference's first near-tie. The CPU
+  // rounds activations to two int8 digits per block before each quantized projection, within
+  // 3e-4 of the top logits (about 32) of float64 (tests/tests/gguf_model.rs), so two logits can
+  // swap only where the reference's top-2 margin is under twice that.
+  const nearTie = 2 * 3e-4 * 32;
+  let checked = 0;
+  for (const p of g.prompts) {
+    const cut = p.margins.findIndex((m) => m < nearTie);
+    const n = cut < 0 ? p.greedy.length : cut;
+    const r = await collect(tf.generate(p.ids, { maxTokens: n, ignoreEos: true }));
+    assert.deepEqual(r.tokens.map((t) => t.tokenId), p.greedy.slice(0, n), `prompt ${JSON.stringify(p.message)}`);
+    checked += n;
+  }
+  assert.ok(g.prompts.length >= 5 && checked >= 100, `${checked} greedy tokens checked over ${g.prompts.length} prompts`);
   await tf.dispose();
 });
 
