@@ -101,7 +101,8 @@ fn linear(c: &mut Criterion) {
     for &(rows, n, k) in shapes {
         let gemv = rows <= twinfer::gpu::GEMV_MAX_ROWS;
         let id = BenchmarkId::new(engine.variant_name(), format!("rows{rows}_{n}x{k}"));
-        let weights = gpu::prepare_linear(&engine, rows, n, k).expect("the benchmark case is valid");
+        let weights =
+            gpu::prepare_linear(&engine, rows, n, k, cases::LinearWeights::F16).expect("the benchmark case is valid");
         group.throughput(if gemv {
             Throughput::Bytes((n * k * weights.storage.bytes()) as u64)
         } else {
