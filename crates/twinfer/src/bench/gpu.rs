@@ -223,9 +223,9 @@ pub fn prepare_decode_resident(engine: &GpuEngine, batch: usize, ctx: usize, sto
     Ok(pool)
 }
 
-/// A projection `[rows, k] x [n, k]^T`, weights f16 where the adapter has shader-f16 (else f32).
-/// Up to [`crate::gpu::GEMV_MAX_ROWS`] rows it is a GEMV, rated in GB/s of weights read; above,
-/// a matmul rated in FLOP/s.
+/// A projection `[rows, k] x [n, k]^T` with weights in `weights`' format (f16 and bf16 weights
+/// as f16 where the adapter has shader-f16, else f32; block formats packed). Up to [`crate::gpu::GEMV_MAX_ROWS`] rows it
+/// is a GEMV, rated in GB/s of the weights as stored; above, a matmul rated in FLOP/s.
 fn linear(
     engine: &GpuEngine,
     rows: usize,

@@ -30,13 +30,15 @@ const GEMV_ROW_GROUP: usize = 4;
 /// sequence's logits are the same bits alone or batched on one device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemvShape {
-    /// 256 threads; per output feature, the power of two from 8 to 64 lanes that gives each lane
-    /// about 8 steps of the row (at most 8). Timed on an H100, one row: a fixed 64 lanes took a
-    /// 151936 x 896 logits GEMV to 0.204 ms (f16) and 0.299 (Q8_0), 32 lanes to 0.172 and 0.186
-    /// (7 steps a lane); 49152 x 576 f16 0.056 -> 0.046 (32 lanes) and 0.042 (16); and 896 x 4864
-    /// (1216 steps) still wants 64 (0.016 against 0.024 ms with 32). A batch of 64 rows through
-    /// 3072 x 576 took 0.074 ms (f16) and 0.060 (Q4_1) with 64 lanes, 0.058 and 0.039 with 32 and
-    /// 16, while one row stayed at 9-11 us, the launch floor.
+    /// 256 threads; per output feature, the power of two from 8 to 64 lanes nearest above k4 / 8,
+    /// so a lane takes about 8 vec4s of the row (more past 512 vec4s, fewer under 64). Timed on an
+    /// H100 with fixed widths, one row: the 151936 x 896 logits took 0.204 ms (f16) and 0.299
+    /// (Q8_0) with 64 lanes, 0.172 and 0.186 with 32; 49152 x 576 f16 0.056 -> 0.046 with 32;
+    /// 896 x 4864 still wants 64 (0.016 against 0.024 ms with 32); the small matrices stay at the
+    /// 8-11 us launch floor whatever the width. A batch of 64 through 3072 x 576: f16 0.074 ms
+    /// with 64 lanes, 0.058 with 32; Q4_1 0.060 and 0.046. Sizing 4-bit rows by their words (a
+    /// lane's step) instead of their vec4s halved their lanes: it won at batch 64 but lost 0.2 ms
+    /// per token at one row of smollm-135m (benches/NOTES.md).
     Hardware,
     /// 64 threads, 4 per feature, for software adapters (lavapipe, SwiftShader), which run a
     /// workgroup's threads as loops over SIMD groups: on lavapipe the hardware shape takes twice
