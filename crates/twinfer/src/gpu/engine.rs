@@ -51,7 +51,7 @@ pub struct GpuOptions {
     pub variant: Variant,
     /// Keep f16 K/V as f16 on the device (needs SHADER_F16); otherwise K/V are widened to f32.
     pub f16_kv: bool,
-    /// How decode splits long sequences into chunks; `Auto` sizes them to fill the device.
+    /// How decode splits long sequences into chunks; `Auto` splits a batch up to 256 workgroups.
     pub split_k: SplitK,
     /// Decode workgroup size in threads (teams of head_dim / 8 lanes): 64, 128 or 256.
     pub decode_wg: u32,
