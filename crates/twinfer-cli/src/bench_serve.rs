@@ -38,8 +38,12 @@ pub struct ServeArgs {
     #[arg(long)]
     pub output_tokens: Option<usize>,
     /// Mean Poisson arrival rate in requests/s (default: calibrated to the scenario's concurrency).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "users")]
     pub rate: Option<f64>,
+    /// A closed loop instead of Poisson arrivals: N users, each sending its next request as soon
+    /// as its previous one finishes, so that exactly N are in flight.
+    #[arg(long, value_name = "N")]
+    pub users: Option<usize>,
     /// Model shape, with seeded random weights: smollm-135m, smollm-360m, qwen2.5-0.5b, tiny.
     #[arg(long)]
     pub model: Option<String>,
@@ -76,6 +80,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
     opts.requests = args.requests.unwrap_or(opts.requests);
     opts.output_tokens = args.output_tokens.unwrap_or(opts.output_tokens);
     opts.rate = args.rate;
+    opts.users = args.users;
     opts.model = args.model.unwrap_or(opts.model);
     opts.weight_dtype = DType::F16;
     opts.engine = args.engine.config()?;
@@ -130,9 +135,13 @@ fn print(r: &ServeReport) {
             p.record_s * 1e3
         );
     }
+    let arrivals = match r.users {
+        Some(u) => format!("a closed loop of {u} users ({:.2} arrivals/s)", r.rate),
+        None => format!("Poisson arrivals at {:.2}/s", r.rate),
+    };
     println!(
-        "load:     {} requests, Poisson arrivals at {:.2}/s, {} output tokens each, {:.1} s wall",
-        m.requests, r.rate, r.output_tokens, m.wall
+        "load:     {} requests, {arrivals}, {} output tokens each, {:.1} s wall",
+        m.requests, r.output_tokens, m.wall
     );
     println!("{:<10} {:>10} {:>10} {:>10} {:>10} {:>10}", "metric", "p50", "p90", "p99", "mean", "std");
     for (name, d) in [("TTFT ms", &m.ttft), ("TPOT ms", &m.tpot), ("ITL ms", &m.itl)] {

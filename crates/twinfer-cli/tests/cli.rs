@@ -144,6 +144,33 @@ fn bench_serve_json_reports_metrics_scale_and_verdicts() {
     assert!(doc["pass"].is_boolean());
 }
 
+/// A closed loop of 2 users over 5 requests: two start at once, every later one at the moment
+/// another finishes, and never more than two are in flight.
+#[test]
+fn bench_serve_closed_loop_keeps_its_users_in_flight() {
+    let doc = ok_json(&[
+        "bench",
+        "serve",
+        "--scenario",
+        "support",
+        "--quick",
+        "--model",
+        "tiny",
+        "--requests",
+        "5",
+        "--output-tokens",
+        "4",
+        "--users",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(doc["arrivals"], "closed loop");
+    assert_eq!(doc["users"], 2);
+    assert_eq!(doc["metrics"]["requests"], 5);
+    assert!(doc["rate_per_s"].as_f64().unwrap() > 0.0);
+    fails_with(&["bench", "serve", "--users", "2", "--rate", "1"], "cannot be used with");
+}
+
 #[test]
 fn bench_serve_writes_an_svg_plot() {
     let svg = std::env::temp_dir().join(format!("twinfer-cli-test-{}.svg", std::process::id()));

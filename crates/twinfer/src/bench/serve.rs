@@ -122,6 +122,10 @@ pub struct ServeOptions {
     /// Mean arrivals per second; `None` calibrates it so that about the middle of the scenario's
     /// (scaled) concurrency range is in flight.
     pub rate: Option<f64>,
+    /// A closed loop instead of Poisson arrivals: this many users, each sending its next request
+    /// the moment its previous one finishes, so that exactly this many are in flight (the
+    /// scenario's concurrency taken literally; `rate` must then be `None`).
+    pub users: Option<usize>,
     /// A preset of [`crate::model::PRESETS`].
     pub model: String,
     /// Storage type of the random weights.
@@ -145,6 +149,7 @@ impl ServeOptions {
             requests: 16,
             output_tokens: 32,
             rate: None,
+            users: None,
             model: "smollm-135m".into(),
             weight_dtype: DType::F16,
             engine: EngineConfig::default(),
@@ -226,8 +231,10 @@ pub struct ServeReport {
     pub context: (usize, usize),
     /// Concurrency after scaling, `(min, max)`.
     pub concurrency: (usize, usize),
-    /// Mean arrivals per second used.
+    /// Mean arrivals per second: the Poisson rate, or what a closed loop achieved.
     pub rate: f64,
+    /// The closed loop's users, or `None` for Poisson arrivals.
+    pub users: Option<usize>,
     /// Tokens each request generated.
     pub output_tokens: usize,
     /// The model preset.
@@ -265,7 +272,8 @@ impl ServeReport {
         json!({
             "scenario": self.spec.name, "scale": self.scale, "concurrency_scale": self.concurrency_scale,
             "context": [self.context.0, self.context.1], "concurrency": [self.concurrency.0, self.concurrency.1],
-            "rate_per_s": self.rate, "output_tokens": self.output_tokens, "model": self.model,
+            "rate_per_s": self.rate, "arrivals": if self.users.is_some() { "closed loop" } else { "poisson" },
+            "users": self.users, "output_tokens": self.output_tokens, "model": self.model,
             "model_description": self.model_description, "prefill_engine": self.prefill_engine,
             "decode_engine": self.decode_engine, "residency": self.residency,
             "kv_pool_pages": self.kv_pool.0, "kv_pool_bytes": self.kv_pool.1, "metrics": self.run.to_json(),
@@ -329,9 +337,10 @@ pub fn run_serve(opts: &ServeOptions) -> Result<ServeReport> {
 
     // The pool holds every request that may run at once at its longest, plus a margin.
     let mut engine = opts.engine.clone();
-    engine.max_running = concurrency.1;
+    let in_flight = opts.users.unwrap_or(0).max(concurrency.1);
+    engine.max_running = in_flight;
     let longest = context.1 + opts.output_tokens;
-    let pages_needed = concurrency.1 * longest.div_ceil(engine.page_size) + 8;
+    let pages_needed = in_flight * longest.div_ceil(engine.page_size) + 8;
     let c = &model.config;
     let layout =
         crate::kv::KvLayout { page_size: engine.page_size, num_kv_heads: c.num_kv_heads, head_dim: c.head_dim };
@@ -353,10 +362,16 @@ pub fn run_serve(opts: &ServeOptions) -> Result<ServeReport> {
 
     let mut rng = Rng(opts.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1);
     let vocab = model.config.vocab_size;
-    let rate = match opts.rate {
-        Some(r) if r > 0.0 => r,
-        Some(_) => return Err(TwinferError::InvalidParameter("rate must be positive".into())),
-        None => {
+    let rate = match (opts.rate, opts.users) {
+        (_, Some(0)) => return Err(TwinferError::InvalidParameter("users must be at least 1".into())),
+        (Some(_), Some(_)) => {
+            return Err(TwinferError::InvalidParameter("a closed loop of users has no arrival rate".into()));
+        }
+        // Set from the run below.
+        (None, Some(_)) => 0.0,
+        (Some(r), None) if r > 0.0 => r,
+        (Some(_), None) => return Err(TwinferError::InvalidParameter("rate must be positive".into())),
+        (None, None) => {
             // One request alone takes about a prefill of the mean context plus the decode steps.
             let mean_ctx = (context.0 + context.1) / 2;
             let t0 = sched.now();
@@ -374,14 +389,25 @@ pub fn run_serve(opts: &ServeOptions) -> Result<ServeReport> {
     let counts_before = counts(&sched);
     let mut steps = 0u64;
 
-    // Poisson arrivals: exponential gaps at `rate`.
+    // Poisson arrivals: exponential gaps at `rate`. A closed loop's first requests arrive at 0,
+    // and each later one when a request finishes (its time set then; infinite until).
     let mut arrivals = Vec::with_capacity(opts.requests);
     let mut t = 0.0;
-    for _ in 0..opts.requests {
-        t += -(1.0 - rng.next()).ln() / rate;
+    for i in 0..opts.requests {
+        t = match opts.users {
+            Some(u) => {
+                if i < u {
+                    0.0
+                } else {
+                    f64::INFINITY
+                }
+            }
+            None => t - (1.0 - rng.next()).ln() / rate,
+        };
         let len = rng.range(context.0, context.1);
         arrivals.push((t, prompt(&mut rng, len, vocab)));
     }
+    let mut released = opts.users.map_or(opts.requests, |u| u.min(opts.requests));
     let start = sched.now();
     let mut next = 0;
     let mut submitted = Vec::with_capacity(opts.requests);
@@ -401,16 +427,26 @@ pub fn run_serve(opts: &ServeOptions) -> Result<ServeReport> {
             for e in sched.step()? {
                 if let crate::engine::Event::Finished { request, metrics, .. } = e {
                     finished.push((request.0, metrics));
+                    if released < arrivals.len() {
+                        arrivals[released].0 = sched.now() - start;
+                        released += 1;
+                    }
                 }
             }
         } else if next < arrivals.len() {
             let wait = arrivals[next].0 - (sched.now() - start);
+            if !wait.is_finite() {
+                return Err(TwinferError::InvalidParameter(
+                    "closed loop: nothing in flight and nothing to send".into(),
+                ));
+            }
             if wait > 0.0 {
                 std::thread::sleep(std::time::Duration::from_secs_f64(wait));
             }
         }
     }
     let run = sched.run_metrics();
+    let rate = if opts.users.is_some() { opts.requests as f64 / run.wall.max(1e-9) } else { rate };
     let per_step = PerStep::between(counts_before, counts(&sched), steps);
     finished.sort_by_key(|(id, _)| *id);
     let requests =
@@ -435,6 +471,7 @@ pub fn run_serve(opts: &ServeOptions) -> Result<ServeReport> {
         context,
         concurrency,
         rate,
+        users: opts.users,
         output_tokens: opts.output_tokens,
         model: opts.model.clone(),
         model_description: format!(
@@ -513,4 +550,30 @@ fn decode_floor(sched: &mut Scheduler, model: &LlamaModel, context: usize, level
         read_gbps,
         device,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two users over six requests: two start at once, a later one only once another has
+    /// finished, and never more than two are in flight.
+    #[test]
+    fn a_closed_loop_keeps_its_users_in_flight() {
+        let mut opts = ServeOptions::quick(Scenario::Support);
+        (opts.model, opts.requests, opts.output_tokens, opts.users) = ("tiny".into(), 6, 3, Some(2));
+        opts.engine.prefill_backend = crate::Backend::Cpu;
+        opts.engine.decode_backend = crate::Backend::Cpu;
+        let report = run_serve(&opts).unwrap();
+        assert_eq!((report.run.requests, report.users), (6, Some(2)));
+        let spans: Vec<(f64, f64)> = report.requests.iter().map(|(t, m)| (*t, t + m.e2e)).collect();
+        assert_eq!(spans.iter().filter(|s| s.0 == 0.0).count(), 2, "{spans:?}");
+        for &(t, _) in &spans {
+            let live = spans.iter().filter(|s| s.0 <= t && t < s.1).count();
+            let later_started = spans.iter().filter(|s| s.0 > 0.0 && s.0 <= t).count();
+            let ended = spans.iter().filter(|s| s.1 <= t + 1e-9).count();
+            assert!(live <= 2 && later_started <= ended, "at {t}: {spans:?}");
+        }
+        assert!(report.rate > 0.0);
+    }
 }
