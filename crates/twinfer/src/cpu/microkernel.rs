@@ -108,7 +108,7 @@ pub(crate) fn accumulate<S: Simd, E: LoadLanes>(
 ) {
     let rows = acc.len() / len;
     let nvec = len / S::F32_LANES;
-    let wide = S::REGISTER_COUNT >= 32;
+    let wide = crate::cpu::wide_registers::<S>();
     let mut r = 0;
     while r < rows {
         let mr = (rows - r).min(4);
@@ -189,7 +189,7 @@ pub(crate) fn scores_t<S: Simd>(
     cols: usize,
     st: &mut [f32],
 ) {
-    let wide = S::REGISTER_COUNT >= 32;
+    let wide = crate::cpu::wide_registers::<S>();
     let (nc_max, nv_max) = if wide { (6, 4) } else { (4, 2) };
     let vectors = rp / S::F32_LANES;
     let mut v = 0;

@@ -25,6 +25,14 @@ macro_rules! block_shape {
     };
 }
 
+/// Whether register blocks may be sized for 32 vector registers (AVX-512, NEON). Not AVX2 (16),
+/// and not wasm: pulp counts 32 for it, as on ARM, but engines on x86-64 hosts map its vectors to
+/// the 16 XMM registers, where such blocks spill (measured in headless Chromium on an AMD EPYC).
+#[inline(always)]
+pub(crate) fn wide_registers<S: pulp::Simd>() -> bool {
+    S::REGISTER_COUNT >= 32 && !cfg!(target_arch = "wasm32")
+}
+
 mod block;
 mod convert;
 mod decode;

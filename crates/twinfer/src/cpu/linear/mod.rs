@@ -242,7 +242,7 @@ impl Chunk<'_> {
     /// Every row times the f32 weight rows `panel`, in the prompt-chunk path's blocks.
     #[inline(always)]
     fn run_panel<S: Simd>(&self, simd: S, panel: &[f32], cols: std::ops::Range<usize>, col0: usize) {
-        if S::REGISTER_COUNT < 32 {
+        if !crate::cpu::wide_registers::<S>() {
             self.run::<S, f32, NARROW_ROWS, false>(simd, panel, cols, col0);
         } else {
             self.run::<S, f32, GEMM_ROWS, false>(simd, panel, cols, col0);
