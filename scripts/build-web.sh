@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the npm package's engine: twinfer-web for wasm32 with simd128 (release), through the
 # pinned wasm-bindgen, into web/pkg (an ES module that browsers, workers and Node all load), and
-# the same module with relaxed SIMD beside it (twinfer_web_relaxed_bg.wasm).
+# the same module with relaxed SIMD beside it (twinfer_web_relaxed_bg.wasm), and the threaded build
+# (relaxed SIMD, shared memory, the CPU engine only) in web/pkg/threads.
 # Needs what scripts/setup-cross.sh installs. Honours CARGO_TARGET_DIR.
 # `--test-hooks` adds the hooks the package's own tests use (a deliberate panic, a destroyed GPU
 # device); the package that ships is built without them.
@@ -41,3 +42,21 @@ if ! cmp -s "$glue/twinfer_web.js" web/pkg/twinfer_web.js; then
 fi
 cp "$glue/twinfer_web_bg.wasm" web/pkg/twinfer_web_relaxed_bg.wasm
 ls -l web/pkg/twinfer_web_bg.wasm web/pkg/twinfer_web_relaxed_bg.wasm >&2
+
+# The threaded build: atomics need a standard library built with them (-Zbuild-std, from the
+# rust-src component; RUSTC_BOOTSTRAP lets the stable toolchain take the flag), and the memory is
+# shared and imported so that the pool's Web Workers instantiate the module on the same bytes.
+# wasm-bindgen sees the shared memory and writes glue that takes it; it has its own JS glue.
+threads_dir="$target_dir/wasm-threads"
+threads_flags=(
+    -C target-feature=+atomics,+bulk-memory,+simd128,+relaxed-simd
+    -C link-arg=--shared-memory -C link-arg=--import-memory -C link-arg=--max-memory=4294967296
+    -C link-arg=--export=__wasm_init_tls -C link-arg=--export=__tls_size
+    -C link-arg=--export=__tls_align -C link-arg=--export=__tls_base
+)
+RUSTFLAGS="${threads_flags[*]}" RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR="$threads_dir" \
+    cargo build --release --target wasm32-unknown-unknown -p twinfer-web --features relaxed-simd "${features[@]}" \
+    -Zbuild-std=std,panic_abort
+rm -rf web/pkg/threads
+wasm-bindgen --target web --out-dir web/pkg/threads "$threads_dir/wasm32-unknown-unknown/release/twinfer_web.wasm"
+ls -l web/pkg/threads/twinfer_web_bg.wasm >&2

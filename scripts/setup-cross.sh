@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the cross targets need, skipping whatever is already there:
-#   - the Rust targets wasm32-unknown-unknown and aarch64-unknown-linux-gnu;
+#   - the Rust targets wasm32-unknown-unknown and aarch64-unknown-linux-gnu, and rust-src;
 #   - the aarch64 linker, C library and qemu (Debian packages);
 #   - wasm-bindgen-cli at the exact version the twinfer-web crate pins;
 #   - lavapipe (Mesa's software Vulkan), on which the WGSL kernels are tested;
@@ -12,8 +12,9 @@ cd "$(dirname "$0")/.."
 
 WASM_BINDGEN_VERSION=0.2.130
 
-echo "== Rust targets"
+echo "== Rust targets, and the standard library's sources (the threaded wasm build compiles std with atomics)"
 timeout 300 rustup target add wasm32-unknown-unknown aarch64-unknown-linux-gnu
+timeout 300 rustup component add rust-src
 
 echo "== Debian packages"
 missing=()

@@ -1,16 +1,11 @@
 // Times the kernel cases in the page: a warm-up run, then `runs` timed runs of each, with
 // performance.now(). Results go to the table and to window.benchResult.
 import { kernels } from "../src/index.js";
+import { timeCase } from "./timing.js";
 
 const params = new URLSearchParams(location.search);
 const specs = (params.get("cases") ?? "decode:1:8192,decode:8:8192,prefill:1024").split(",");
 const runs = Number(params.get("runs") ?? 7);
-
-function median(xs) {
-  const s = [...xs].sort((a, b) => a - b);
-  const n = s.length;
-  return n % 2 ? s[(n - 1) / 2] : (s[n / 2 - 1] + s[n / 2]) / 2;
-}
 
 async function main() {
   document.body.dataset.state = "running";
@@ -18,40 +13,59 @@ async function main() {
   // browser has it).
   const build = params.get("build");
   const wasmUrl = build ? new URL(`../pkg/twinfer_web${build === "relaxed" ? "_relaxed" : ""}_bg.wasm`, import.meta.url) : undefined;
-  const { BenchCase } = await kernels({ wasmUrl });
+  // ?threads=N runs the cases in a worker on the threaded build (the page must be cross-origin
+  // isolated); without it they run here, on one thread.
+  const threads = params.has("threads") ? Number(params.get("threads")) : null;
+  const rows = threads ? inWorker(threads) : onPage(await kernels({ wasmUrl }));
   const results = [];
-  for (const spec of specs) {
-    document.getElementById("status").textContent = `running ${spec}`;
-    // Let the status paint before a long synchronous run.
-    await new Promise((r) => setTimeout(r, 0));
-    const c = new BenchCase(spec);
-    // Warm up for a second (three runs at least): V8 first runs a module's functions as baseline
-    // code and swaps in optimised code when its background compile is done, which took several
-    // runs of a short case, so fewer warm-up runs left some timed runs on the slow tier.
-    const warmUntil = performance.now() + 1000;
-    for (let i = 0; i < 3 || performance.now() < warmUntil; i++) c.run();
-    const ms = [];
-    for (let i = 0; i < runs; i++) {
-      const t = performance.now();
-      c.run();
-      ms.push(performance.now() - t);
-    }
-    const med = median(ms);
-    const rate = c.work / (med / 1e3) / 1e9;
-    const unit = c.bound === "memory" ? "GB/s" : "GFLOP/s";
-    results.push({ spec, name: c.name, simd: c.simd, bound: c.bound, work: c.work, ms, medianMs: med, rate, unit });
+  for await (const r of rows) {
+    results.push(r);
     const row = document.createElement("tr");
-    for (const text of [c.name, med.toFixed(3), `${Math.min(...ms).toFixed(3)}..${Math.max(...ms).toFixed(3)}`, `${rate.toFixed(2)} ${unit}`]) {
+    for (const text of [r.name, r.medianMs.toFixed(3), `${Math.min(...r.ms).toFixed(3)}..${Math.max(...r.ms).toFixed(3)}`, `${r.rate.toFixed(2)} ${r.unit}`]) {
       const td = document.createElement("td");
       td.textContent = text;
       row.append(td);
     }
     document.getElementById("rows").append(row);
-    c.free();
   }
-  window.benchResult = { userAgent: navigator.userAgent, runs, results };
+  window.benchResult = { userAgent: navigator.userAgent, runs, threads: threads ?? 1, build: threads ? "threads" : (build ?? "auto"), results };
   document.getElementById("status").textContent = "done";
   document.body.dataset.state = "done";
+}
+
+async function* onPage({ BenchCase }) {
+  for (const spec of specs) {
+    document.getElementById("status").textContent = `running ${spec}`;
+    // Let the status paint before a long synchronous run.
+    await new Promise((r) => setTimeout(r, 0));
+    yield timeCase(BenchCase, spec, runs);
+  }
+}
+
+async function* inWorker(threads) {
+  const worker = new Worker(new URL("./bench-worker.js", import.meta.url), { type: "module" });
+  const queue = [];
+  let wake = null;
+  worker.onmessage = ({ data }) => {
+    queue.push(data);
+    wake?.();
+  };
+  worker.onerror = (e) => {
+    queue.push({ error: { name: "WorkerError", message: e.message } });
+    wake?.();
+  };
+  worker.postMessage({ specs, runs, threads });
+  try {
+    for (;;) {
+      while (queue.length === 0) await new Promise((r) => (wake = r));
+      const m = queue.shift();
+      if (m.error) throw Object.assign(new Error(m.error.message), { name: m.error.name });
+      if (m.done) return;
+      yield m.row;
+    }
+  } finally {
+    worker.terminate();
+  }
 }
 
 main().catch((e) => {

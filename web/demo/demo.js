@@ -1,7 +1,7 @@
 // The demo: open an engine, load an embedding model and a decoder (URL or dropped files), rank
 // sentences by meaning, stream generated text with live TTFT / TPOT and an ITL histogram.
 // `?auto=1` runs all of it on the default models (the browser tests and the screenshot use it);
-// `backend=`, `worker=1`, `promptIds=1,2,3`, `maxTokens=` adjust the run.
+// `backend=`, `worker=1`, `threads=`, `promptIds=1,2,3`, `maxTokens=` adjust the run.
 import { Twinfer } from "../src/index.js";
 
 const $ = (id) => document.getElementById(id);
@@ -15,7 +15,8 @@ function status(text) {
 }
 
 function options() {
-  return { backend: $("backend").value, worker: $("worker").checked };
+  const threads = params.has("threads") ? Number(params.get("threads")) : "auto";
+  return { backend: $("backend").value, worker: $("worker").checked, threads };
 }
 
 function showInfo(info) {
@@ -25,6 +26,7 @@ function showInfo(info) {
     ["prefill", `${info.prefill.backend} · ${info.prefill.variant} · ${info.prefill.device}`],
     ["decode", `${info.decode.backend} · ${info.decode.variant} · ${info.decode.device}`],
     ["CPU SIMD", info.simd],
+    ["CPU threads", `${info.decode.threads}: ${info.threadsReason}`],
   ];
   if (info.adapter) {
     const a = info.adapter;
@@ -225,6 +227,10 @@ dropZone("embed-drop", "embed");
 dropZone("gen-drop", "gen");
 drawHistogram();
 
+// The query's engine choices apply to the page's buttons too (the benchmarks drive them).
+if (params.has("backend")) $("backend").value = params.get("backend");
+if (params.has("worker")) $("worker").checked = params.get("worker") === "1";
+
 // For the tests: the engines, and calls that return plain data.
 window.demo = {
   engines,
@@ -246,8 +252,6 @@ window.demo = {
 
 async function autoRun() {
   document.body.dataset.state = "running";
-  if (params.has("backend")) $("backend").value = params.get("backend");
-  $("worker").checked = params.get("worker") === "1";
   if (params.has("maxTokens")) $("max-tokens").value = params.get("maxTokens");
   if (params.has("genModel")) $("gen-url").value = params.get("genModel");
   if (params.has("quantize")) $("quantize").value = params.get("quantize");

@@ -1,6 +1,7 @@
 // A static server for the demo and the browser tests: the package folder at /, and the model
-// cache (scripts/fetch-models.sh) at /models/, with byte ranges so that downloads resume. http://127.0.0.1 is a secure context, as WebGPU
-// needs. Usage: node demo/serve.mjs [port]   (then open http://127.0.0.1:PORT/demo/)
+// cache (scripts/fetch-models.sh) at /models/, with byte ranges so that downloads resume, and the
+// cross-origin isolation headers that shared memory needs. http://127.0.0.1 is a secure context,
+// as WebGPU needs. Usage: node demo/serve.mjs [port]   (then open http://127.0.0.1:PORT/demo/)
 import { createReadStream, existsSync, statSync } from "node:fs";
 import { createServer } from "node:http";
 import { homedir } from "node:os";
@@ -71,6 +72,23 @@ export function rangeFor(headers, size, validators) {
 }
 
 /**
+ * Cross-origin isolation (the page gets shared memory, which the threaded wasm build needs): on
+ * every response but those whose URL asks `isolation=0` (the tests of the one-thread fallback).
+ * Everything here is same-origin, so `require-corp` blocks nothing.
+ */
+export function isolationHeaders(url) {
+  let off = false;
+  try {
+    off = new URL(url, "http://x").searchParams.get("isolation") === "0";
+  } catch {
+    // fileFor answers a malformed URL with 400 before this runs.
+  }
+  return off
+    ? {}
+    : { "cross-origin-opener-policy": "same-origin", "cross-origin-embedder-policy": "require-corp", "cross-origin-resource-policy": "same-origin" };
+}
+
+/**
  * Starts the server; resolves to { url, close }. Files are sent whole or as one byte range
  * (`Range: bytes=N-`, answered 206 with `Content-Range`), with an `ETag` and `Last-Modified`, so
  * that a download cut short resumes. `cutAfter(req)`, for the tests: a byte count after which the
@@ -92,6 +110,7 @@ export function serve(port = 0, { cutAfter } = {}) {
       "accept-ranges": "bytes",
       etag: validators.etag,
       "last-modified": validators.lastModified,
+      ...isolationHeaders(req.url),
     };
     const range = rangeFor(req.headers, stat.size, validators);
     if (range === "unsatisfiable") {

@@ -22,8 +22,15 @@ export interface CreateOptions {
   onProgress?: (p: Progress) => void;
   /** Run the engine in a Web Worker (browsers); the API is the same. */
   worker?: boolean;
-  /** Where twinfer_web_bg.wasm is, when a bundler moved it. */
+  /** Where twinfer_web_bg.wasm is, when a bundler moved it (the engine then runs one thread). */
   wasmUrl?: string | URL;
+  /**
+   * CPU threads for the wasm engine: "auto" (default: one per core, at most 8) or a count. More
+   * than one needs a cross-origin isolated page (COOP `same-origin`, COEP `require-corp`), the
+   * engine in a worker (`worker: true`), relaxed SIMD, and the wasm backend (asked for, or `auto`
+   * without a WebGPU adapter); otherwise it runs one thread and `info().threadsReason` says why.
+   */
+  threads?: "auto" | number;
 }
 
 export interface LoadOptions {
@@ -156,6 +163,8 @@ export interface EngineReport {
   backend: "cpu" | "gpu";
   device: string;
   variant: string;
+  /** The CPU engine's threads, its own included (more than 1 only in the threaded build); 1 on the GPU. */
+  threads: number;
   reason: string;
 }
 
@@ -183,6 +192,8 @@ export interface Info {
   model: null | { kind: "decoder" | "encoder"; description: string; chat: boolean };
   /** Bytes of the WebAssembly memory: it never shrinks, so this is the peak so far. */
   wasmMemoryBytes: number;
+  /** How many CPU threads the engine runs (`decode.threads`) and why not more. */
+  threadsReason: string;
 }
 
 export interface ChatMessage {

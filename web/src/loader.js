@@ -1,7 +1,8 @@
 // Loads the wasm module once per realm (page, worker or Node process): the browser fetches it
 // next to this file; Node reads it from disk. The module is built with simd128, so a runtime
 // without WebAssembly SIMD gets a FeatureMissingError instead of a compile error; a runtime with
-// relaxed SIMD gets the build that uses it.
+// relaxed SIMD gets the build that uses it. The threaded build (see threads.js) is loaded on its
+// own, beside it.
 import init, * as bindings from "../pkg/twinfer_web.js";
 import { FeatureMissingError } from "./errors.js";
 
@@ -71,6 +72,32 @@ export function loadBindings(wasmUrl) {
     ready = undefined;
   });
   return ready;
+}
+
+let threaded;
+
+/**
+ * The threaded build's bindings (relaxed SIMD, shared memory, the CPU engine only), its pool sized
+ * to `threads` and served by `threads - 1` workers: `{ bindings, threads, workers }` (the workers
+ * that answered). Once per realm: a later call gets the pool the first one made.
+ */
+export function loadThreadedBindings(threads) {
+  threaded ??= (async () => {
+    const glue = await import("../pkg/threads/twinfer_web.js");
+    const url = new URL("../pkg/threads/twinfer_web_bg.wasm", import.meta.url);
+    const response = await fetch(url);
+    if (!response.ok) throw new Error(`fetching ${url}: ${response.status} ${response.statusText}`);
+    const module = await WebAssembly.compile(await response.arrayBuffer());
+    const exports = await glue.default({ module_or_path: module });
+    glue.setThreads(threads);
+    const { startWorkers } = await import("./threads.js");
+    const workers = await startWorkers(module, exports.memory, threads - 1);
+    return { bindings: glue, threads, workers };
+  })();
+  threaded.catch(() => {
+    threaded = undefined;
+  });
+  return threaded;
 }
 
 export { IS_NODE };

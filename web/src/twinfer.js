@@ -1,7 +1,8 @@
 // The engine in this thread (page, worker or Node). Calls into wasm run one at a time through a
 // queue; generation is continuous batching: every generate() adds a request and one loop steps
 // the engine while any request runs, handing each step's tokens to their streams.
-import { loadBindings } from "./loader.js";
+import { loadBindings, loadThreadedBindings } from "./loader.js";
+import { planThreads } from "./threads.js";
 import { collectFiles } from "./files.js";
 import { KvCacheFullError, TwinferError, errorFor, fromWasm } from "./errors.js";
 
@@ -15,6 +16,7 @@ export class Twinfer {
   #bindings;
   #info;
   #adapter = null;
+  #threadsReason = "";
   #chain = Promise.resolve();
   #crashed = null;
   #streams = new Map();
@@ -33,7 +35,7 @@ export class Twinfer {
    * 'webgpu' or 'wasm'. `worker: true` runs it in a Web Worker behind the same API.
    */
   static async create(options = {}) {
-    const { backend = "auto", onProgress, worker = false, wasmUrl } = options;
+    const { backend = "auto", onProgress, worker = false, wasmUrl, threads = "auto" } = options;
     if (!BACKENDS.includes(backend)) throw new TypeError(`backend must be one of ${BACKENDS.join(", ")}`);
     if (worker) {
       const { WorkerTwinfer } = await import("./remote.js");
@@ -42,10 +44,26 @@ export class Twinfer {
     onProgress?.({ phase: "init", loaded: 0, total: 1, text: "loading the engine" });
     let runtime;
     try {
-      const bindings = await loadBindings(wasmUrl);
-      runtime = await bindings.Runtime.open(backend);
+      const adapter = await adapterReport();
+      const plan = await planThreads(threads, backend, { wasmUrl, hasWebGpuAdapter: async () => adapter !== null });
+      let bindings;
+      let threadsReason = plan.reason;
+      if (plan.threads > 1) {
+        const pool = await loadThreadedBindings(plan.threads);
+        bindings = pool.bindings;
+        if (pool.workers < pool.threads - 1) {
+          threadsReason = `${pool.workers} of ${pool.threads - 1} worker threads started; the engine's thread runs what the others leave`;
+        } else if (pool.threads !== plan.threads) {
+          threadsReason = `${pool.threads} threads: the pool this page made first`;
+        }
+      } else {
+        bindings = await loadBindings(wasmUrl);
+      }
+      // The threaded build has no WebGPU: asking it for `auto` would only add a failed try.
+      runtime = await bindings.Runtime.open(bindings.isThreadedBuild() ? "wasm" : backend);
       const tf = new Twinfer(bindings, runtime);
-      tf.#adapter = await adapterReport();
+      tf.#adapter = adapter;
+      tf.#threadsReason = threadsReason;
       onProgress?.({ phase: "init", loaded: 1, total: 1, text: `engine ready: ${tf.#info.backend}` });
       return tf;
     } catch (e) {
@@ -143,7 +161,7 @@ export class Twinfer {
 
   /** The backend chosen and why, the engines of each phase, the WebGPU adapter, and the model. */
   info() {
-    return { ...structuredClone(this.#info), adapter: structuredClone(this.#adapter) };
+    return { ...structuredClone(this.#info), adapter: structuredClone(this.#adapter), threadsReason: this.#threadsReason };
   }
 
   /**

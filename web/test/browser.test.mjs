@@ -220,7 +220,28 @@ test("the Web Worker mode gives the same results, on WebGPU and on wasm", async 
   } else {
     console.log("SKIPPED here: the worker on WebGPU (long tier: TWINFER_BROWSER_WORKER_GPU=1); the wasm worker runs");
   }
-  const cpu = await runDemo({ flags: [], query: { backend: "wasm", worker: "1" }, screenshot: "demo-worker.png" });
-  assert.equal(cpu.result.genInfo.backend, "wasm");
+  // The demo server isolates its pages, so the worker takes the threaded build: one thread per
+  // core the browser reports (at most 8).
+  const cpu = await runDemo({
+    flags: [],
+    query: { backend: "wasm", worker: "1" },
+    screenshot: "demo-worker.png",
+    after: (page) => page.evaluate(() => navigator.hardwareConcurrency),
+  });
+  const info = cpu.result.genInfo;
+  assert.equal(info.backend, "wasm");
+  const cores = cpu.extra;
+  assert.equal(info.decode.threads, Math.min(cores, 8), info.threadsReason);
+  if (cores > 1) assert.match(info.threadsReason, /threaded build/);
   checkOutputs(cpu);
+});
+
+test("the threaded build's fallbacks: one thread, and why, without isolation or on the main thread", async () => {
+  const notIsolated = await runDemo({ flags: [], query: { backend: "wasm", worker: "1", isolation: "0" }, sentences: [0, 9] });
+  assert.equal(notIsolated.result.genInfo.decode.threads, 1);
+  assert.match(notIsolated.result.genInfo.threadsReason, /not cross-origin isolated/);
+  checkOutputs(notIsolated);
+  const mainThread = await runDemo({ flags: [], query: { backend: "wasm", threads: "2" }, sentences: [0, 9] });
+  assert.equal(mainThread.result.genInfo.decode.threads, 1);
+  assert.match(mainThread.result.genInfo.threadsReason, /main thread/);
 });

@@ -14,6 +14,10 @@
 //! one happen anyway (a bug), the panic hook prints the message with `console.error`, the call
 //! throws `RuntimeError: unreachable`, and the JS layer marks the module as unusable.
 
+// The threaded build compiles the GPU paths but never opens a device (the core crate refuses to in
+// that build), so what holds wgpu handles, neither Send nor Sync there, is never shared.
+#![cfg_attr(target_feature = "atomics", allow(clippy::arc_with_non_send_sync))]
+
 pub mod bench;
 pub mod errors;
 pub mod files;
@@ -33,7 +37,7 @@ export interface TwinferInfo {
   simd: string;
   /** Every SIMD level this build can run, scalar first. */
   simdAvailable: string[];
-  /** Worker threads (1 in wasm). */
+  /** Worker threads of the CPU engine (more than 1 only in the threaded wasm build). */
   threads: number;
   /** Why this backend and level were chosen. */
   reason: string;
@@ -63,6 +67,41 @@ pub fn info() -> Result<JsValue, js_sys::Error> {
     set("device", &JsValue::from_str(&i.device))?;
     set("version", &JsValue::from_str(twinfer_version()))?;
     Ok(obj.into())
+}
+
+/// Whether this is the threaded build (shared memory; the CPU engine only, on a pool of Web
+/// Workers that the JS layer starts).
+#[wasm_bindgen(js_name = isThreadedBuild)]
+pub fn is_threaded_build() -> bool {
+    cfg!(target_feature = "atomics")
+}
+
+/// Sizes the CPU pool, the calling thread included, before the first model call. The threaded
+/// build then runs each parallel region on this thread and `threads - 1` workers that call
+/// [`thread_worker_loop`]; the single-threaded builds accept only 1.
+#[wasm_bindgen(js_name = setThreads)]
+pub fn set_threads(threads: usize) -> Result<(), js_sys::Error> {
+    #[cfg(target_feature = "atomics")]
+    return twinfer::cpu::set_wasm_threads(threads).map_err(errors::to_js_error);
+    #[cfg(not(target_feature = "atomics"))]
+    match threads {
+        1 => Ok(()),
+        _ => Err(errors::to_js_error(twinfer::TwinferError::InvalidParameter(format!(
+            "{threads} threads asked of the single-threaded build"
+        )))),
+    }
+}
+
+/// The body of one CPU pool worker in the threaded build: never returns. The single-threaded
+/// builds throw.
+#[wasm_bindgen(js_name = threadWorkerLoop)]
+pub fn thread_worker_loop() -> Result<(), js_sys::Error> {
+    #[cfg(target_feature = "atomics")]
+    twinfer::cpu::serve_wasm_worker();
+    #[cfg(not(target_feature = "atomics"))]
+    Err(errors::to_js_error(twinfer::TwinferError::InvalidParameter(
+        "threadWorkerLoop needs the threaded build".into(),
+    )))
 }
 
 fn twinfer_version() -> &'static str {

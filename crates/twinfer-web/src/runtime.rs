@@ -408,7 +408,7 @@ fn busy() -> js_sys::Error {
 }
 
 fn engine_report(i: &BackendInfo) -> serde_json::Value {
-    serde_json::json!({"backend": i.backend, "device": i.device, "variant": i.variant, "reason": i.reason})
+    serde_json::json!({"backend": i.backend, "device": i.device, "variant": i.variant, "threads": i.threads, "reason": i.reason})
 }
 
 fn event_json(e: &Event) -> serde_json::Value {

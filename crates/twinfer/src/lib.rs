@@ -2,6 +2,9 @@
 //! (through `pulp`) and on GPUs through WGSL compute shaders (`wgpu`).
 
 #![deny(missing_docs)]
+// The threaded wasm build compiles the GPU engine but never opens a device (see `gpu::device`),
+// so its wgpu handles, which are neither Send nor Sync there, are never shared.
+#![cfg_attr(all(target_arch = "wasm32", target_feature = "atomics"), allow(clippy::arc_with_non_send_sync))]
 
 pub mod attention;
 mod backend;

@@ -41,12 +41,29 @@ mod linear_quant;
 pub(crate) mod math;
 mod microkernel;
 pub(crate) mod parallel;
-#[cfg(not(target_arch = "wasm32"))]
+#[cfg(any(not(target_arch = "wasm32"), target_feature = "atomics"))]
 mod pool;
 mod qdot;
 mod simd_level;
 
 pub use linear::{linear, linear_parts};
+
+/// The threaded wasm build's pool size (the calling thread included), set before the first model
+/// call: that build cannot start threads itself, so JavaScript starts `threads - 1` Web Workers on
+/// the module's shared memory and each calls [`serve_wasm_worker`]. Tasks that arrive before the
+/// workers do run on the calling thread, which must itself be a worker (a page's main thread may
+/// not block). Fails once the pool runs with another size.
+#[cfg(all(target_arch = "wasm32", target_feature = "atomics"))]
+pub fn set_wasm_threads(threads: usize) -> crate::Result<()> {
+    pool::set_threads(threads)
+}
+
+/// Runs the calling Web Worker as one of the CPU pool's threads; never returns (see
+/// [`set_wasm_threads`]).
+#[cfg(all(target_arch = "wasm32", target_feature = "atomics"))]
+pub fn serve_wasm_worker() -> ! {
+    pool::serve_as_worker()
+}
 pub use linear_quant::{linear_quant, linear_quant_parts};
 #[cfg(not(target_arch = "wasm32"))]
 pub(crate) use parallel::{map_indices, worker_count};
@@ -113,7 +130,8 @@ impl CpuEngine {
     pub fn level(&self) -> SimdLevel {
         self.level
     }
-    /// Worker threads the engine uses (the calling thread included); 1 on wasm32.
+    /// Worker threads the engine uses (the calling thread included); 1 in the single-threaded
+    /// wasm build.
     pub fn threads(&self) -> usize {
         parallel::worker_count()
     }

@@ -1,5 +1,5 @@
-//! Work distribution: the engine's spinning pool ([`super::pool`]) on native targets, a plain loop
-//! on wasm32 (no threads there).
+//! Work distribution: the engine's spinning pool ([`super::pool`]) on native targets and in the
+//! threaded wasm build, a plain loop in the single-threaded wasm build.
 
 use crate::cpu::block::Scratch;
 
@@ -21,9 +21,9 @@ fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
 
 /// Calls `f(i)` for every `i` in `0..count`, in parallel where there are threads.
 pub(crate) fn for_each(count: usize, f: impl Fn(usize) + Sync) {
-    #[cfg(not(target_arch = "wasm32"))]
+    #[cfg(any(not(target_arch = "wasm32"), target_feature = "atomics"))]
     super::pool::pool().for_each(count, &f);
-    #[cfg(target_arch = "wasm32")]
+    #[cfg(all(target_arch = "wasm32", not(target_feature = "atomics")))]
     (0..count).for_each(f);
 }
 
@@ -59,11 +59,11 @@ pub(crate) fn map_items<T: Sync, R: Send>(items: &[T], f: impl Fn(&T, &mut Scrat
 
 /// Worker threads available to the engine (the calling thread included).
 pub(crate) fn worker_count() -> usize {
-    #[cfg(not(target_arch = "wasm32"))]
+    #[cfg(any(not(target_arch = "wasm32"), target_feature = "atomics"))]
     {
         super::pool::pool().threads()
     }
-    #[cfg(target_arch = "wasm32")]
+    #[cfg(all(target_arch = "wasm32", not(target_feature = "atomics")))]
     {
         1
     }

@@ -11,16 +11,23 @@
 //! load balances itself; what a task computes must not depend on which thread runs it (every
 //! kernel here writes disjoint outputs with fixed arithmetic). A job submitted while another runs
 //! (a second engine thread, or a task that parallelizes inside) runs on the caller's thread.
+//!
+//! In the threaded wasm build there is no `std::thread::spawn`: the JavaScript side starts Web
+//! Workers on the module's shared memory, and each enters [`serve_as_worker`]. The submitting
+//! thread must itself be a worker there (a page's main thread may not block on a lock).
 
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long an idle worker spins before it parks: longer than the gap between two regions of a
 /// step, far shorter than the gap between requests.
 const SPIN: Duration = Duration::from_millis(2);
+
+/// Whether this build starts its workers itself (`std::thread`) or is given them (threaded wasm).
+const SPAWNS_THREADS: bool = !cfg!(target_arch = "wasm32");
 
 /// A job's tasks, claimed by index. `f` is erased to `'static` but only called for an index
 /// below `count`, and the submitter waits until every such call has returned (`done == count`),
@@ -85,6 +92,12 @@ impl Pool {
         });
         let mut started = 1;
         for i in 1..threads {
+            if !SPAWNS_THREADS {
+                // The workers arrive through `serve_as_worker`; until they do, the submitting
+                // thread runs every task itself.
+                started = threads;
+                break;
+            }
             let shared = shared.clone();
             let spawned = std::thread::Builder::new().name(format!("twinfer-cpu-{i}")).spawn(move || worker(&shared));
             if spawned.is_ok() {
@@ -134,9 +147,9 @@ impl Pool {
     }
 }
 
-fn worker(shared: &Shared) {
+fn worker(shared: &Shared) -> ! {
     let mut seen = shared.epoch.load(Ordering::SeqCst);
-    let mut idle_since = Instant::now();
+    let mut idle_since = IdleClock::now();
     let mut spins = 0u32;
     loop {
         let epoch = shared.epoch.load(Ordering::SeqCst);
@@ -146,11 +159,11 @@ fn worker(shared: &Shared) {
             if let Some(job) = job {
                 job.work();
             }
-            idle_since = Instant::now();
+            idle_since = IdleClock::now();
             continue;
         }
         spins = spins.wrapping_add(1);
-        if !spins.is_multiple_of(256) || idle_since.elapsed() < SPIN {
+        if !spins.is_multiple_of(256) || idle_since.spun_less_than(SPIN) {
             std::hint::spin_loop();
             continue;
         }
@@ -163,15 +176,76 @@ fn worker(shared: &Shared) {
         }
         shared.parked.fetch_sub(1, Ordering::SeqCst);
         drop(guard);
-        idle_since = Instant::now();
+        idle_since = IdleClock::now();
     }
+}
+
+/// When a worker went idle. wasm32 has no clock in `std` (`Instant::now` panics there), so the
+/// threaded wasm build counts its checks instead: 2^20 of them (each an atomic load and a compare,
+/// 1-2 ns on current CPUs) stand in for the native [`SPIN`] of 2 ms.
+#[cfg(not(target_arch = "wasm32"))]
+struct IdleClock(std::time::Instant);
+
+#[cfg(not(target_arch = "wasm32"))]
+impl IdleClock {
+    fn now() -> Self {
+        Self(std::time::Instant::now())
+    }
+    fn spun_less_than(&mut self, spin: Duration) -> bool {
+        self.0.elapsed() < spin
+    }
+}
+
+#[cfg(target_arch = "wasm32")]
+struct IdleClock(u32);
+
+#[cfg(target_arch = "wasm32")]
+impl IdleClock {
+    fn now() -> Self {
+        Self(0)
+    }
+    /// Called every 256 checks.
+    fn spun_less_than(&mut self, _spin: Duration) -> bool {
+        self.0 += 1;
+        self.0 < (1 << 20) / 256
+    }
+}
+
+/// The threads the pool is built with where it cannot count cores itself (wasm32): set once,
+/// before the first parallel call, by [`set_threads`].
+static CONFIGURED_THREADS: AtomicUsize = AtomicUsize::new(0);
+static POOL: OnceLock<Pool> = OnceLock::new();
+
+#[cfg(target_arch = "wasm32")]
+/// Sets the pool's size (the calling thread included) before its first use, for a build that is
+/// given its workers rather than starting them (threaded wasm). Fails once the pool exists.
+pub(crate) fn set_threads(threads: usize) -> crate::Result<()> {
+    CONFIGURED_THREADS.store(threads.max(1), Ordering::SeqCst);
+    let pool = pool();
+    if pool.threads != threads.max(1) {
+        return Err(crate::TwinferError::InvalidParameter(format!(
+            "the CPU pool already runs with {} threads; set its size before the first model call",
+            pool.threads
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(target_arch = "wasm32")]
+/// Runs this thread as one of the pool's workers, forever: the entry point of the Web Workers that
+/// the threaded wasm build is given (see the module's notes).
+pub(crate) fn serve_as_worker() -> ! {
+    worker(&pool().shared)
 }
 
 /// The process's pool: `TWINFER_THREADS` threads (the calling thread included), else one per
 /// core the OS grants this process.
 pub(crate) fn pool() -> &'static Pool {
-    static POOL: OnceLock<Pool> = OnceLock::new();
     POOL.get_or_init(|| {
+        let configured = CONFIGURED_THREADS.load(Ordering::SeqCst);
+        if configured > 0 {
+            return Pool::new(configured);
+        }
         let threads = std::env::var("TWINFER_THREADS")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())

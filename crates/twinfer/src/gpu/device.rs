@@ -276,9 +276,20 @@ async fn adapter() -> Result<wgpu::Adapter> {
         .map_err(|e| TwinferError::GpuUnavailable(format!("no GPU adapter: {e}")))
 }
 
+/// The threaded wasm build shares its memory with worker threads, and wgpu's WebGPU handles belong
+/// to the thread that made them: that build runs the CPU engine only, so no GPU object ever exists
+/// in it (which is what makes `GpuEngine`'s `Send` and `Sync` impls there sound).
+#[cfg(all(target_arch = "wasm32", target_feature = "atomics"))]
+async fn adapter() -> Result<wgpu::Adapter> {
+    Err(TwinferError::GpuUnavailable(
+        "this is the multithreaded wasm build, which runs the CPU engine only; the single-threaded build has WebGPU"
+            .into(),
+    ))
+}
+
 /// The browser's WebGPU adapter. Checked first: without WebGPU (Node, or a browser with it off)
 /// wgpu would otherwise trap.
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", not(target_feature = "atomics")))]
 async fn adapter() -> Result<wgpu::Adapter> {
     if !wgpu::util::is_browser_webgpu_supported().await {
         return Err(TwinferError::GpuUnavailable(

@@ -71,6 +71,14 @@ pub struct GpuEngine {
     opts: GpuOptions,
 }
 
+// SAFETY: in the threaded wasm build `GpuContext::open_async` always fails and nothing else makes
+// a context, so no engine (nor any wgpu handle it would hold) ever exists there. Elsewhere wgpu's
+// types are Send + Sync and so is the engine, without these impls.
+#[cfg(all(target_arch = "wasm32", target_feature = "atomics"))]
+unsafe impl Send for GpuEngine {}
+#[cfg(all(target_arch = "wasm32", target_feature = "atomics"))]
+unsafe impl Sync for GpuEngine {}
+
 impl GpuEngine {
     /// Opens the device (see [`GpuContext::open`]) and picks the best variant it supports.
     pub fn new() -> Result<Self> {
