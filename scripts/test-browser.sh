@@ -2,8 +2,9 @@
 # The npm package in a real browser: headless Chromium (Debian's) driven by playwright-core.
 #   1. the package's types (tsc --noEmit on web/src/index.d.ts and the README's example);
 #   2. the demo page with WebGPU (SwiftShader), without it (wasm fallback), forced wasm, and in a
-#      Web Worker, each against the reference embeddings and tokens; screenshots go to
-#      web/test-artifacts/;
+#      Web Worker (there on the threaded build, one thread per core), each against the reference
+#      embeddings and tokens, and the threaded build's one-thread fallbacks (no isolation, the
+#      main thread) with their reasons; screenshots go to web/test-artifacts/;
 #   3. the model cache: a download cut short on purpose resumes with a Range request, a reload
 #      loads the 98 MB GGUF with no request, a full quota is a typed error (about 12 s);
 #   4. the page-level kernel benchmark once on a small case (a smoke run: the timed comparison

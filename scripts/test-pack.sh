@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 
 echo "== the npm package as it ships (web/pkg: release, simd128, no test hooks)"
 scripts/build-web.sh
-if grep -q "ForTest" web/pkg/twinfer_web.js web/pkg/twinfer_web.d.ts; then
+if grep -q "ForTest" web/pkg/twinfer_web.js web/pkg/twinfer_web.d.ts web/pkg/threads/twinfer_web.js; then
     echo "the release package still exports a test hook" >&2
     exit 1
 fi
