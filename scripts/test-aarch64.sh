@@ -5,7 +5,8 @@
 #      engine, CLI and server suites test scheduling and protocols that no SIMD level changes; they
 #      run natively on every CI run and under qemu in the long tier (TWINFER_AARCH64_ALL=1, about
 #      seven more minutes);
-#   2. the CLI those tests built: `twinfer info` must pick neon, and `twinfer bench kernels --quick`
+#   2. the quantized products again on a CPU model without the dot-product extension;
+#   3. the CLI those tests built: `twinfer info` must pick neon, and `twinfer bench kernels --quick`
 #      must finish (its timings are emulated, so meaningless: this is a smoke test).
 # Needs what scripts/setup-cross.sh installs. qemu runs SIMD code ~12-38x slower than native, so
 # the property tests run few cases: TWINFER_TEST_CASES (default 6). Honours CARGO_TARGET_DIR.
@@ -46,6 +47,12 @@ else
     # The CLI binary, for the smoke checks below (cargo builds it for the CLI's suites).
     cargo test --target "$target" "${packages[@]}" --test cli --no-run
 fi
+
+# qemu's default CPU has the dot-product extension, so the runs above took the `sdot` kernels.
+# A Cortex-A72 (a Raspberry Pi 4) has not: the quantized products' own tests again on one, where
+# the widening-multiply kernels run; both must give the scalar level's bits.
+echo "-- the quantized products on a CPU without the dot-product extension (QEMU_CPU=cortex-a72)"
+QEMU_CPU=cortex-a72 cargo test --target "$target" -p twinfer -p twinfer-tests -p twinfer-cli --lib -- linear_quant qdot
 
 # The binary the CLI tests above ran (test profile, optimised): no second build of the workspace.
 bin="$target_dir/$target/debug/twinfer"

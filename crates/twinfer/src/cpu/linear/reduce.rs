@@ -64,14 +64,13 @@ unsafe fn sum4_avx512(a: &[core::arch::x86_64::__m512; 4]) -> [f32; 4] {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
 
     /// The transposed sums give the bits of four separate `reduce_sum_f32s`, on values whose
     /// sums depend on the order of addition.
     #[test]
-    #[cfg(target_arch = "x86_64")]
     fn four_at_once_equal_four_one_by_one() {
         let Some(simd) = pulp::x86::V4::try_new() else {
             eprintln!("skipped: no AVX-512 on this CPU");

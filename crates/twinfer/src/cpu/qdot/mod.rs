@@ -361,7 +361,14 @@ pub(crate) fn tile_rows(
             SimdLevel::Avx512(_) | SimdLevel::Avx2(_) => unsafe { x86::tile_rows_avx2(t, a, r, n, out) },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: the Neon level exists only where NEON was detected; `check` bounds reads.
-            SimdLevel::Neon(_) => unsafe { neon::tile_rows(t, a, r, n, out) },
+            SimdLevel::Neon(_) => unsafe {
+                // SAFETY (dotprod): detected just now.
+                if neon::has_dotprod() {
+                    neon::tile_rows_dotprod(t, a, r, n, out)
+                } else {
+                    neon::tile_rows(t, a, r, n, out)
+                }
+            },
             #[cfg(target_arch = "wasm32")]
             // SAFETY: the Simd128 level exists only when the module was built with simd128.
             SimdLevel::Simd128(_) => unsafe { wasm::tile_rows(t, a, r, n, out) },

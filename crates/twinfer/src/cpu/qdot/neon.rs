@@ -1,8 +1,17 @@
-//! aarch64 NEON kernel: widening multiplies (`smull`/`smlal`, signed bytes to i16) and pairwise
-//! accumulation into i32 (`sadalp`), a quarter tile (4 features) at a time. No product pair can
-//! overflow i16: `128 * 127` for 8-bit codes, `2 * 15 * 127` for two 4-bit ones.
+//! aarch64 NEON kernels, a quarter tile (4 features) at a time:
+//! - with the dot-product extension (FEAT_DotProd: Cortex-A55/A76 and later, Apple M1 and later,
+//!   Graviton 2 and later), `sdot` sums four byte products into each i32 lane, one instruction per
+//!   16 products, on the tile's layout as it is (each 32-bit lane one feature's four codes);
+//! - without it (Cortex-A53/A72, such as a Raspberry Pi 3 or 4), widening multiplies
+//!   (`smull`/`smlal`, signed bytes to i16) and pairwise accumulation into i32 (`sadalp`): four
+//!   instructions per 16 products. No product pair can overflow i16: `128 * 127` for 8-bit codes,
+//!   `2 * 15 * 127` for two 4-bit ones.
+//!
+//! Both sum integers exactly, so they give the same i32 sums and, through the same float
+//! epilogue, the same bits.
 
 use core::arch::aarch64::*;
+use core::arch::asm;
 use core::ptr::read_unaligned;
 
 use super::{F16_REBASE, QuantizedRows, TileRef, for_rows};
@@ -66,6 +75,108 @@ unsafe fn minima4(t: &TileRef<'_>, blk: usize, q: usize) -> Option<float32x4_t> 
     unsafe {
         let m = f16x4(t.m.as_ptr().add(t.group(blk) + 4 * q));
         Some(if t.ms.is_empty() { m } else { vmulq_f32(m, i8x4(t.ms.as_ptr().add(blk * TILE + 4 * q))) })
+    }
+}
+
+/// Whether this CPU has `sdot` (the kernels check it per call; std caches the answer).
+pub(super) fn has_dotprod() -> bool {
+    std::arch::is_aarch64_feature_detected!("dotprod")
+}
+
+/// `acc` plus, in each i32 lane, the dot product of that lane's four i8 of `a` and of `b`. The
+/// `vdotq_s32` intrinsic is not stable yet, hence the instruction itself.
+///
+/// # Safety
+/// The CPU must have the dot-product extension.
+#[inline(always)]
+unsafe fn sdot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    let mut acc = acc;
+    // SAFETY: a register-only instruction, present per the caller.
+    unsafe {
+        asm!(
+            "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+            acc = inout(vreg) acc,
+            a = in(vreg) a,
+            b = in(vreg) b,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+    }
+    acc
+}
+
+/// Activation bytes `4i .. 4i + 4` of a block in every 32-bit lane.
+#[inline(always)]
+unsafe fn quad_lanes(x: *const i8, i: usize) -> int8x16_t {
+    // SAFETY: the caller passes a block start with 32 bytes behind it.
+    unsafe { vreinterpretq_s8_s32(vdupq_n_s32(read_unaligned(x.add(4 * i) as *const i32))) }
+}
+
+/// # Safety
+/// NEON and the dot-product extension must be present and `t.check(a, r0, rows)` must hold.
+#[target_feature(enable = "neon,dotprod")]
+pub(super) unsafe fn tile_rows_dotprod(
+    t: &TileRef<'_>,
+    a: &QuantizedRows,
+    r0: usize,
+    rows: usize,
+    out: &mut [[f32; TILE]],
+) {
+    // SAFETY: forwarded.
+    unsafe { for_rows!(rows, kernel_dotprod(t, a, r0, out)) }
+}
+
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn kernel_dotprod<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, out: &mut [[f32; TILE]]) {
+    let (bb, nb) = (t.block_bytes(), t.blocks);
+    for quarter in 0..4 {
+        let mut acc = [vdupq_n_f32(0.0); R];
+        for blk in 0..nb {
+            // SAFETY (all reads below): as in `kernel`; `sdot` is present per the caller.
+            unsafe {
+                let base = t.codes.as_ptr().add(blk * bb + quarter * 16);
+                let xs: [*const i8; R] = core::array::from_fn(|r| a.q.as_ptr().add((r0 + r) * a.k + blk * BLOCK));
+                for h in 0..t.halves {
+                    // One i32 lane per feature of the quarter.
+                    let mut sums = [vdupq_n_s32(0); R];
+                    if t.bits == 4 {
+                        for g in 0..4 {
+                            let v = vld1q_u8(base.add(g * 64));
+                            let lo = vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0f)));
+                            let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(v));
+                            for r in 0..R {
+                                sums[r] = sdot(sums[r], lo, quad_lanes(xs[r], g));
+                                sums[r] = sdot(sums[r], hi, quad_lanes(xs[r], g + 4));
+                            }
+                        }
+                    } else {
+                        for g in t.rows_of_half(h) {
+                            let v = vld1q_s8(base.add(g * 64) as *const i8);
+                            for r in 0..R {
+                                sums[r] = sdot(sums[r], v, quad_lanes(xs[r], g));
+                            }
+                        }
+                    }
+                    let d = scales4(t, blk, h, quarter);
+                    for r in 0..R {
+                        let at = (r0 + r) * nb + blk;
+                        let zero = vdupq_n_s32(t.zero * a.half_sum(at, h, t.halves));
+                        let s = vsubq_s32(sums[r], zero);
+                        let scale = vmulq_f32(d, vdupq_n_f32(*a.dx.get_unchecked(at)));
+                        acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(s), scale);
+                    }
+                }
+                if let Some(m) = minima4(t, blk, quarter) {
+                    for r in 0..R {
+                        let at = (r0 + r) * nb + blk;
+                        acc[r] = vfmaq_f32(acc[r], m, vdupq_n_f32(*a.sx.get_unchecked(at)));
+                    }
+                }
+            }
+        }
+        for r in 0..R {
+            // SAFETY: out[r] holds 16 floats; this quarter writes 4q..4q+4.
+            unsafe { vst1q_f32(out[r].as_mut_ptr().add(quarter * 4), acc[r]) };
+        }
     }
 }
 
