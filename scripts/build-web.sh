@@ -47,8 +47,6 @@ ls -l web/pkg/twinfer_web_bg.wasm web/pkg/twinfer_web_relaxed_bg.wasm >&2
 # rust-src component; RUSTC_BOOTSTRAP lets the stable toolchain take the flag), and the memory is
 # shared and imported so that the pool's Web Workers instantiate the module on the same bytes.
 # wasm-bindgen sees the shared memory and writes glue that takes it; it has its own JS glue.
-# Always without the test hooks (no test crashes or loses a device on it), so the test build and
-# the shipped one are the same module and the second is a cache hit.
 threads_dir="$target_dir/wasm-threads"
 threads_flags=(
     -C target-feature=+atomics,+bulk-memory,+simd128,+relaxed-simd
@@ -57,7 +55,7 @@ threads_flags=(
     -C link-arg=--export=__tls_align -C link-arg=--export=__tls_base
 )
 RUSTFLAGS="${threads_flags[*]}" RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR="$threads_dir" \
-    cargo build --release --target wasm32-unknown-unknown -p twinfer-web --features relaxed-simd \
+    cargo build --release --target wasm32-unknown-unknown -p twinfer-web --features relaxed-simd "${features[@]}" \
     -Zbuild-std=std,panic_abort
 rm -rf web/pkg/threads
 wasm-bindgen --target web --out-dir web/pkg/threads "$threads_dir/wasm32-unknown-unknown/release/twinfer_web.wasm"

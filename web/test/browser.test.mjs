@@ -236,6 +236,37 @@ test("the Web Worker mode gives the same results, on WebGPU and on wasm", async 
   checkOutputs(cpu);
 });
 
+test("a panic on a CPU pool worker of the threaded build throws instead of hanging", async () => {
+  const browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: BASE_FLAGS });
+  try {
+    const page = await browser.newPage();
+    await page.goto(`${server.url}/demo/`);
+    const r = await page.evaluate(
+      () =>
+        new Promise((resolve) => {
+          const w = new Worker(new URL("/test/pool-panic-worker.js", location.href), { type: "module" });
+          const timer = setTimeout(() => resolve({ hung: true }), 60_000);
+          w.onmessage = ({ data }) => {
+            clearTimeout(timer);
+            resolve(data);
+          };
+          w.onerror = (e) => {
+            clearTimeout(timer);
+            resolve({ error: e.message });
+          };
+          w.postMessage(null);
+        }),
+    );
+    assert.equal(r.error, undefined, JSON.stringify(r));
+    assert.equal(r.hung, undefined, "the call hung");
+    assert.equal(r.threw, true, JSON.stringify(r));
+    assert.equal(r.name, "RuntimeError", JSON.stringify(r));
+    console.log(`the panicking pool call threw after ${r.ms.toFixed(0)} ms: ${r.name}: ${r.message}`);
+  } finally {
+    await browser.close();
+  }
+});
+
 test("the threaded build's fallbacks: one thread, and why, without isolation or on the main thread", async () => {
   const notIsolated = await runDemo({ flags: [], query: { backend: "wasm", worker: "1", isolation: "0" }, sentences: [0, 9] });
   assert.equal(notIsolated.result.genInfo.decode.threads, 1);

@@ -82,7 +82,11 @@ pub fn is_threaded_build() -> bool {
 #[wasm_bindgen(js_name = setThreads)]
 pub fn set_threads(threads: usize) -> Result<(), js_sys::Error> {
     #[cfg(target_feature = "atomics")]
-    return twinfer::cpu::set_wasm_threads(threads).map_err(errors::to_js_error);
+    {
+        // Before any worker runs a task: its panics must reach this thread (see the hook).
+        install_panic_hook();
+        twinfer::cpu::set_wasm_threads(threads).map_err(errors::to_js_error)
+    }
     #[cfg(not(target_feature = "atomics"))]
     match threads {
         1 => Ok(()),
@@ -123,6 +127,9 @@ pub(crate) fn install_panic_hook() {
         static HOOK: Once = Once::new();
         HOOK.call_once(|| {
             std::panic::set_hook(Box::new(|panic| {
+                // A pool worker's panic must also stop the thread that waits for its task.
+                #[cfg(target_feature = "atomics")]
+                twinfer::cpu::note_wasm_panic();
                 console_error(&format!(
                     "twinfer: {panic}\nThis is a bug in twinfer: the call threw `RuntimeError: unreachable` \
                      and this engine cannot be used any more; create a new one."
@@ -130,6 +137,16 @@ pub(crate) fn install_panic_hook() {
             }))
         });
     }
+}
+
+/// Panics on a CPU pool worker of the threaded build, so the tests can check that the call
+/// throws rather than waiting forever for the worker's task.
+#[cfg(all(feature = "test-hooks", target_feature = "atomics"))]
+#[doc(hidden)]
+#[wasm_bindgen(js_name = __panicInPoolForTest)]
+pub fn panic_in_pool_for_test() {
+    install_panic_hook();
+    twinfer::cpu::panic_on_a_pool_worker_for_test();
 }
 
 /// Panics on purpose, so the tests can check that a Rust panic reaches JS as the package's

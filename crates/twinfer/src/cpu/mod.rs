@@ -58,6 +58,21 @@ pub fn set_wasm_threads(threads: usize) -> crate::Result<()> {
     pool::set_threads(threads)
 }
 
+/// Call from the threaded wasm build's panic hook: wasm aborts on panic, so a pool worker that
+/// panics never finishes its task; after this the thread waiting for that task panics as well
+/// (and so reaches JavaScript as an error) instead of waiting forever.
+#[cfg(all(target_arch = "wasm32", target_feature = "atomics"))]
+pub fn note_wasm_panic() {
+    pool::note_panic()
+}
+
+/// For the npm package's tests only: a parallel region whose tasks panic on the pool's workers.
+#[cfg(all(target_arch = "wasm32", target_feature = "atomics"))]
+#[doc(hidden)]
+pub fn panic_on_a_pool_worker_for_test() {
+    pool::panic_on_a_worker_for_test()
+}
+
 /// Runs the calling Web Worker as one of the CPU pool's threads; never returns (see
 /// [`set_wasm_threads`]).
 #[cfg(all(target_arch = "wasm32", target_feature = "atomics"))]

@@ -18,6 +18,8 @@
 
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
+#[cfg(target_arch = "wasm32")]
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
@@ -127,6 +129,11 @@ impl Pool {
         job.work();
         let mut spins = 0u32;
         while job.done.load(Ordering::Acquire) < count {
+            // wasm aborts on panic: a worker that panicked never finishes its task.
+            #[cfg(target_arch = "wasm32")]
+            if WORKER_PANICKED.load(Ordering::SeqCst) {
+                panic!("a CPU pool worker panicked (a bug in twinfer), so its task will never finish");
+            }
             // A worker holding a claimed task may have been descheduled: spin, then yield.
             spins += 1;
             if spins < 1 << 12 {
@@ -148,7 +155,9 @@ impl Pool {
 }
 
 fn worker(shared: &Shared) -> ! {
-    let mut seen = shared.epoch.load(Ordering::SeqCst);
+    // One behind, so that the first look takes the job already running, if any: a worker that
+    // arrives late (a Web Worker starting up) joins it instead of waiting for the next.
+    let mut seen = shared.epoch.load(Ordering::SeqCst).wrapping_sub(1);
     let mut idle_since = IdleClock::now();
     let mut spins = 0u32;
     loop {
@@ -211,6 +220,42 @@ impl IdleClock {
     }
 }
 
+/// Set from the threaded wasm build's panic hook (see [`note_panic`]).
+#[cfg(target_arch = "wasm32")]
+static WORKER_PANICKED: AtomicBool = AtomicBool::new(false);
+
+#[cfg(target_arch = "wasm32")]
+thread_local! {
+    /// Whether this thread serves the pool (a constant initialiser: no destructor to register,
+    /// which `std::thread::current` would need on a thread that std did not start).
+    static IN_WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Records that some thread panicked. wasm has no unwinding, so a pool worker that panics aborts
+/// in place and its task never counts as done; the thread waiting for the job sees this and
+/// panics too, rather than waiting forever.
+#[cfg(target_arch = "wasm32")]
+pub(crate) fn note_panic() {
+    WORKER_PANICKED.store(true, Ordering::SeqCst);
+}
+
+/// For the package's tests: a parallel region whose tasks panic on the workers, while the calling
+/// thread finishes none of its own until one has; the call then panics (see [`note_panic`]).
+/// Panics at once where the pool has no workers.
+#[cfg(target_arch = "wasm32")]
+pub(crate) fn panic_on_a_worker_for_test() {
+    let pool = pool();
+    assert!(pool.threads > 1, "the pool has no worker threads to panic on");
+    pool.for_each(64, &|_| {
+        if IN_WORKER.get() {
+            panic!("a deliberate panic on a CPU pool worker");
+        }
+        while !WORKER_PANICKED.load(Ordering::SeqCst) {
+            std::hint::spin_loop();
+        }
+    });
+}
+
 /// The threads the pool is built with where it cannot count cores itself (wasm32): set once,
 /// before the first parallel call, by [`set_threads`].
 static CONFIGURED_THREADS: AtomicUsize = AtomicUsize::new(0);
@@ -235,6 +280,7 @@ pub(crate) fn set_threads(threads: usize) -> crate::Result<()> {
 /// Runs this thread as one of the pool's workers, forever: the entry point of the Web Workers that
 /// the threaded wasm build is given (see the module's notes).
 pub(crate) fn serve_as_worker() -> ! {
+    IN_WORKER.set(true);
     worker(&pool().shared)
 }
 
