@@ -78,6 +78,66 @@ unsafe fn minima4(t: &TileRef<'_>, blk: usize, q: usize) -> Option<float32x4_t> 
     }
 }
 
+/// Where a block half's sums belong: rows from `r0`, block `blk`, half `h`, features
+/// `4 quarter .. 4 quarter + 4`.
+#[derive(Clone, Copy)]
+struct Place {
+    r0: usize,
+    blk: usize,
+    h: usize,
+    quarter: usize,
+}
+
+/// `acc[r] +=` the block half's exact integer sums of row `r0 + r` (one i32 lane per feature),
+/// less the codes' zero point, times the features' scales and the row's activation scale.
+///
+/// # Safety
+/// `t.check(a, r0, R)` must hold and the place be inside the tile.
+#[inline(always)]
+unsafe fn add_scaled<const R: usize>(
+    acc: &mut [float32x4_t; R],
+    sums: [int32x4_t; R],
+    t: &TileRef<'_>,
+    a: &QuantizedRows,
+    p: Place,
+) {
+    // SAFETY: per the caller, as in the kernels.
+    unsafe {
+        let d = scales4(t, p.blk, p.h, p.quarter);
+        for r in 0..R {
+            let at = (p.r0 + r) * t.blocks + p.blk;
+            let zero = vdupq_n_s32(t.zero * a.half_sum(at, p.h, t.halves));
+            let s = vsubq_s32(sums[r], zero);
+            let scale = vmulq_f32(d, vdupq_n_f32(*a.dx.get_unchecked(at)));
+            acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(s), scale);
+        }
+    }
+}
+
+/// `acc[r] +=` the features' block minima times row `r0 + r`'s block sum, for formats with minima.
+///
+/// # Safety
+/// As [`add_scaled`].
+#[inline(always)]
+unsafe fn add_minima<const R: usize>(
+    acc: &mut [float32x4_t; R],
+    t: &TileRef<'_>,
+    a: &QuantizedRows,
+    r0: usize,
+    blk: usize,
+    quarter: usize,
+) {
+    // SAFETY: per the caller.
+    unsafe {
+        if let Some(m) = minima4(t, blk, quarter) {
+            for r in 0..R {
+                let at = (r0 + r) * t.blocks + blk;
+                acc[r] = vfmaq_f32(acc[r], m, vdupq_n_f32(*a.sx.get_unchecked(at)));
+            }
+        }
+    }
+}
+
 /// Whether this CPU has `sdot` (the kernels check it per call; std caches the answer).
 pub(super) fn has_dotprod() -> bool {
     std::arch::is_aarch64_feature_detected!("dotprod")
@@ -156,21 +216,9 @@ unsafe fn kernel_dotprod<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0:
                             }
                         }
                     }
-                    let d = scales4(t, blk, h, quarter);
-                    for r in 0..R {
-                        let at = (r0 + r) * nb + blk;
-                        let zero = vdupq_n_s32(t.zero * a.half_sum(at, h, t.halves));
-                        let s = vsubq_s32(sums[r], zero);
-                        let scale = vmulq_f32(d, vdupq_n_f32(*a.dx.get_unchecked(at)));
-                        acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(s), scale);
-                    }
+                    add_scaled(&mut acc, sums, t, a, Place { r0, blk, h, quarter });
                 }
-                if let Some(m) = minima4(t, blk, quarter) {
-                    for r in 0..R {
-                        let at = (r0 + r) * nb + blk;
-                        acc[r] = vfmaq_f32(acc[r], m, vdupq_n_f32(*a.sx.get_unchecked(at)));
-                    }
-                }
+                add_minima(&mut acc, t, a, r0, blk, quarter);
             }
         }
         for r in 0..R {
@@ -224,21 +272,10 @@ unsafe fn kernel<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, 
                             }
                         }
                     }
-                    let d = scales4(t, blk, h, quarter);
-                    for r in 0..R {
-                        let at = (r0 + r) * nb + blk;
-                        let zero = vdupq_n_s32(t.zero * a.half_sum(at, h, t.halves));
-                        let s = vsubq_s32(vpaddq_s32(pa[r], pb[r]), zero);
-                        let scale = vmulq_f32(d, vdupq_n_f32(*a.dx.get_unchecked(at)));
-                        acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(s), scale);
-                    }
+                    let sums: [int32x4_t; R] = core::array::from_fn(|r| vpaddq_s32(pa[r], pb[r]));
+                    add_scaled(&mut acc, sums, t, a, Place { r0, blk, h, quarter });
                 }
-                if let Some(m) = minima4(t, blk, quarter) {
-                    for r in 0..R {
-                        let at = (r0 + r) * nb + blk;
-                        acc[r] = vfmaq_f32(acc[r], m, vdupq_n_f32(*a.sx.get_unchecked(at)));
-                    }
-                }
+                add_minima(&mut acc, t, a, r0, blk, quarter);
             }
         }
         for r in 0..R {
