@@ -226,8 +226,8 @@ static WORKER_PANICKED: AtomicBool = AtomicBool::new(false);
 
 #[cfg(target_arch = "wasm32")]
 thread_local! {
-    /// Whether this thread serves the pool (a constant initialiser: no destructor to register,
-    /// which `std::thread::current` would need on a thread that std did not start).
+    /// Whether this thread serves the pool. (Comparing `std::thread::current` ids instead killed
+    /// the Web Worker without running the panic hook: std did not start that thread.)
     static IN_WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
