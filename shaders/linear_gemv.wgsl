@@ -98,6 +98,41 @@ fn norm_scale(i: u32) -> vec4<f32> {
     return vec4<f32>(1.0);
 }
 
+// Row r0 + r's input vec4 i, normed, or zeros past the batch's rows.
+fn x_row(r0: u32, r: u32, nrows: u32, i: u32, ns: vec4<f32>) -> vec4<f32> {
+    if (r < nrows) {
+        return load_x(r0 + r, i) * ns;
+    }
+    return vec4<f32>(0.0);
+}
+
+// w's dot product with each row of x (the columns of xr), lane r for row r; lanes past the
+// batch's rows stay 0. Each lane is one dot() whatever the row count (batch invariance).
+fn row_dots(w: vec4<f32>, xr: mat4x4<f32>, nrows: u32) -> vec4<f32> {
+    var d = vec4<f32>(dot(w, xr[0]), 0.0, 0.0, 0.0);
+    if (nrows > 1u) {
+        d.y = dot(w, xr[1]);
+    }
+    if (nrows > 2u) {
+        d.z = dot(w, xr[2]);
+    }
+    if (nrows > 3u) {
+        d.w = dot(w, xr[3]);
+    }
+    return d;
+}
+
+// acc plus feature f's products at step s: first with the step's first vec4s (a), then with its
+// second (b, 4-bit words), in that order for every batch.
+fn feature_dots(acc: vec4<f32>, f: u32, s: u32, a: mat4x4<f32>, b: mat4x4<f32>, nrows: u32) -> vec4<f32> {
+    let wv = load_w_step(f, s);
+    var t = acc + row_dots(wv[0], a, nrows);
+    if (W_STEP > 1u) {
+        t += row_dots(wv[W_STEP - 1u], b, nrows);
+    }
+    return t;
+}
+
 // The sum of v over this thread's feature slot (TPF lanes), on every lane of the slot.
 // Subgroup variant: xor shuffles inside the subgroup, then (when a slot spans several subgroups,
 // TPF > SG) each subgroup's sum through workgroup memory, added in subgroup order. Baseline: a
@@ -202,38 +237,41 @@ fn main(
         }
         inv = inverseSqrt(workgroup_sum(sq, lid, sg_lane, sg_id) / f32(4u * P.k4) + P.eps);
     }
-    // acc[j][r]: feature f0 + j, row r0 + r. Each x vec4 is loaded once for the FPT features.
-    // A lane takes W_STEP consecutive vec4s at a time: one whole word of 4-bit codes.
-    var acc: array<vec4<f32>, FPT_MAX>;
-    for (var j = 0u; j < FPT_MAX; j++) {
-        acc[j] = vec4<f32>(0.0);
-    }
+    // acc_j: feature f0 + j, row r0 + r in lane r. Each x vec4 is loaded once for the FPT
+    // features. A lane takes W_STEP consecutive vec4s at a time: one whole word of 4-bit codes.
+    // Named vectors and written-out loops rather than indexed arrays: a compiler that does not
+    // unroll (SwiftShader's Subzero, some mobile drivers) keeps them in registers then.
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
     let steps = P.k4 / W_STEP;
     for (var s = lane; s < steps; s += TPF) {
-        var xs: array<array<vec4<f32>, W_STEP>, MAXR>;
-        for (var u = 0u; u < W_STEP; u++) {
-            let i = s * W_STEP + u;
-            let ns = norm_scale(i);
-            for (var r = 0u; r < MAXR; r++) {
-                xs[r][u] = vec4<f32>(0.0);
-                if (r < nrows) {
-                    xs[r][u] = load_x(r0 + r, i) * ns;
-                }
-            }
+        // a: the step's first vec4 of rows r0 .. r0 + 3; b: its second (4-bit words).
+        let i = s * W_STEP;
+        let ns = norm_scale(i);
+        let a = mat4x4<f32>(x_row(r0, 0u, nrows, i, ns), x_row(r0, 1u, nrows, i, ns),
+                            x_row(r0, 2u, nrows, i, ns), x_row(r0, 3u, nrows, i, ns));
+        var b = mat4x4<f32>();
+        if (W_STEP > 1u) {
+            let nb = norm_scale(i + 1u);
+            b = mat4x4<f32>(x_row(r0, 0u, nrows, i + 1u, nb), x_row(r0, 1u, nrows, i + 1u, nb),
+                            x_row(r0, 2u, nrows, i + 1u, nb), x_row(r0, 3u, nrows, i + 1u, nb));
         }
-        for (var j = 0u; j < FPT; j++) {
-            if (f0 + j < P.n) {
-                let wv = load_w_step(f0 + j, s);
-                for (var r = 0u; r < MAXR; r++) {
-                    if (r < nrows) {
-                        for (var u = 0u; u < W_STEP; u++) {
-                            acc[j][r] += dot(wv[u], xs[r][u]);
-                        }
-                    }
-                }
-            }
+        if (f0 < P.n) {
+            acc0 = feature_dots(acc0, f0, s, a, b, nrows);
+        }
+        if (FPT > 1u && f0 + 1u < P.n) {
+            acc1 = feature_dots(acc1, f0 + 1u, s, a, b, nrows);
+        }
+        if (FPT > 2u && f0 + 2u < P.n) {
+            acc2 = feature_dots(acc2, f0 + 2u, s, a, b, nrows);
+        }
+        if (FPT > 3u && f0 + 3u < P.n) {
+            acc3 = feature_dots(acc3, f0 + 3u, s, a, b, nrows);
         }
     }
+    let acc = array<vec4<f32>, FPT_MAX>(acc0, acc1, acc2, acc3);
     for (var j = 0u; j < FPT; j++) {
         let sum = slot_sum(acc[j], lid, lane, sg_lane, sg_id);
         let f = f0 + j;

@@ -106,12 +106,13 @@ fn main(
     let f0 = wid.x * bn;
     let tx = lid3.x;
     let ty = lid3.y;
-    var acc: array<array<f32, T_MAX>, T_MAX>;
-    for (var i = 0u; i < T_MAX; i++) {
-        for (var j = 0u; j < T_MAX; j++) {
-            acc[i][j] = 0.0;
-        }
-    }
+    // acc_i: row ty + 16 i, features tx + 16 j in lane j. Four named vectors rather than an
+    // indexed array, and the loops over them written out: a compiler that does not unroll
+    // (SwiftShader's Subzero, some mobile drivers) keeps them in registers then.
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
     // RMSNorm fused on load: 256 / BM threads per row of the tile sum its squares first.
     if (P.norm != 0u) {
         let parts = 256u / bm;
@@ -148,9 +149,10 @@ fn main(
                     v *= norm_scale(k0 + c) * inv_rms[r];
                 }
             }
-            for (var e = 0u; e < 4u; e++) {
-                xs[(c * 4u + e) * bm + r] = v[e];
-            }
+            xs[c * 4u * bm + r] = v.x;
+            xs[(c * 4u + 1u) * bm + r] = v.y;
+            xs[(c * 4u + 2u) * bm + r] = v.z;
+            xs[(c * 4u + 3u) * bm + r] = v.w;
         }
         for (var t = lid; t < bn * bk4; t += 256u) {
             let r = t / bk4;
@@ -159,28 +161,30 @@ fn main(
             if (f0 + r < P.n && k0 + c < P.k4) {
                 v = load_w(f0 + r, k0 + c);
             }
-            for (var e = 0u; e < 4u; e++) {
-                ws[(c * 4u + e) * bn + r] = v[e];
-            }
+            ws[c * 4u * bn + r] = v.x;
+            ws[(c * 4u + 1u) * bn + r] = v.y;
+            ws[(c * 4u + 2u) * bn + r] = v.z;
+            ws[(c * 4u + 3u) * bn + r] = v.w;
         }
         workgroupBarrier();
         for (var kk = 0u; kk < BK; kk++) {
-            var a: array<f32, T_MAX>;
-            var b: array<f32, T_MAX>;
-            for (var i = 0u; i < TM; i++) {
-                a[i] = xs[kk * bm + ty + 16u * i];
+            // Lanes past TN read other words of the tile (in bounds: BK x 64 words); their
+            // sums are never written.
+            let wb = kk * bn + tx;
+            let b = vec4<f32>(ws[wb], ws[wb + 16u], ws[wb + 32u], ws[wb + 48u]);
+            let xa = kk * bm + ty;
+            acc0 = fma(vec4<f32>(xs[xa]), b, acc0);
+            if (TM > 1u) {
+                acc1 = fma(vec4<f32>(xs[xa + 16u]), b, acc1);
             }
-            for (var j = 0u; j < TN; j++) {
-                b[j] = ws[kk * bn + tx + 16u * j];
-            }
-            for (var i = 0u; i < TM; i++) {
-                for (var j = 0u; j < TN; j++) {
-                    acc[i][j] = fma(a[i], b[j], acc[i][j]);
-                }
+            if (TM > 2u) {
+                acc2 = fma(vec4<f32>(xs[xa + 32u]), b, acc2);
+                acc3 = fma(vec4<f32>(xs[xa + 48u]), b, acc3);
             }
         }
         workgroupBarrier();
     }
+    let acc = array<vec4<f32>, T_MAX>(acc0, acc1, acc2, acc3);
     for (var i = 0u; i < TM; i++) {
         let r = m0 + ty + 16u * i;
         for (var j = 0u; j < TN; j++) {

@@ -42,7 +42,8 @@ pub enum GemvShape {
     Hardware,
     /// 64 threads, 4 per feature, for software adapters (lavapipe, SwiftShader), which run a
     /// workgroup's threads as loops over SIMD groups: on lavapipe the hardware shape takes twice
-    /// as long (tiny-qwen2, a decode batch of 4: 400 against 230 ms of GEMV per step).
+    /// as long (tiny-qwen2, a decode batch of 4: 400 against 230 ms of GEMV per step). Their
+    /// matmuls also keep whole tiles (see [`MATMUL_MIN_WORKGROUPS_SOFTWARE`]).
     Software,
 }
 
@@ -58,6 +59,9 @@ impl GemvShape {
 
 /// Workgroups below which the matmul shrinks its tile: two per SM of a 132-SM card.
 const MATMUL_MIN_WORKGROUPS: usize = 264;
+/// The same for software adapters, which run a workgroup per CPU thread at a time: smaller
+/// tiles there only add staging and barriers per FMA.
+const MATMUL_MIN_WORKGROUPS_SOFTWARE: usize = 16;
 
 /// Ids of the weight buffers in the bind-group cache, kept apart from the KV pools' ids.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -326,7 +330,7 @@ impl GpuLinear {
                 let tile = if gemv {
                     Tile { wg, br: 0, bc: lanes, chunk: gemv_features_per_thread(rows) }
                 } else {
-                    matmul_tile(rows, self.n)
+                    matmul_tile(rows, self.n, self.gemv)
                 };
                 let key = PipelineKey { kernel, variant, kv, tile };
                 let prm = LinearParams {
@@ -426,7 +430,11 @@ fn gemv_features_per_thread(rows: usize) -> u32 {
 
 /// The matmul's outputs per thread for a call of `rows` rows: the row tile shrinks for short
 /// chunks. Every choice sums each output in the same order, so results do not depend on it.
-fn matmul_tile(rows: usize, n: usize) -> Tile {
+fn matmul_tile(rows: usize, n: usize, shape: GemvShape) -> Tile {
+    let min_workgroups = match shape {
+        GemvShape::Hardware => MATMUL_MIN_WORKGROUPS,
+        GemvShape::Software => MATMUL_MIN_WORKGROUPS_SOFTWARE,
+    };
     let mut tm = match rows {
         0..=16 => 1,
         17..=32 => 2,
@@ -436,7 +444,7 @@ fn matmul_tile(rows: usize, n: usize) -> Tile {
     // Skinny products (a decode batch against a narrow layer) would run on a handful of
     // workgroups: smaller tiles until there are enough to fill a large GPU.
     let groups = |tm: usize, tn: usize| n.div_ceil(16 * tn) * rows.div_ceil(16 * tm);
-    while groups(tm, tn) < MATMUL_MIN_WORKGROUPS && (tm > 1 || tn > 1) {
+    while groups(tm, tn) < min_workgroups && (tm > 1 || tn > 1) {
         if tn >= tm { tn /= 2 } else { tm /= 2 }
     }
     Tile { wg: 256, br: tm as u32, bc: tn as u32, chunk: 0 }
