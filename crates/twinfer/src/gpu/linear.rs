@@ -43,7 +43,7 @@ pub enum GemvShape {
     /// 64 threads, 4 per feature, for software adapters (lavapipe, SwiftShader), which run a
     /// workgroup's threads as loops over SIMD groups: on lavapipe the hardware shape takes twice
     /// as long (tiny-qwen2, a decode batch of 4: 400 against 230 ms of GEMV per step). Their
-    /// matmuls also keep whole tiles (see [`MATMUL_MIN_WORKGROUPS_SOFTWARE`]).
+    /// matmuls also keep whole tiles (16 workgroups suffice on a CPU).
     Software,
 }
 
