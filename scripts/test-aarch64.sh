@@ -29,8 +29,9 @@ unset TWINFER_REQUIRE_GPU
 
 echo "== cargo test ($target, qemu), TWINFER_TEST_CASES=$TWINFER_TEST_CASES"
 export TWINFER_CLI_RUNNER="$runner"
-# The scalar level of the model tests runs natively; under qemu, NEON only.
-export TWINFER_TEST_LEVELS=widest
+# The scalar level of the model tests runs natively; under qemu, NEON only, on fewer inputs
+# (every other MiniLM sentence, the batching test's small pool only).
+export TWINFER_TEST_LEVELS=widest TWINFER_TEST_EMULATED=1
 # The stress test's full size is for native speed: under qemu, 60 requests check the same things.
 export TWINFER_STRESS_REQUESTS="${TWINFER_STRESS_REQUESTS:-60}"
 # So is the batch-invariance test's 64 requests: 24 still overflow its small pool (16 do not).

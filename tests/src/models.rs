@@ -49,6 +49,13 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     dot / (na * nb)
 }
 
+/// Whether the tests run under an emulator (`TWINFER_TEST_EMULATED=1`, set by
+/// scripts/test-aarch64.sh), where the model tests check fewer inputs: every kernel still runs, on
+/// less data.
+pub fn emulated() -> bool {
+    std::env::var("TWINFER_TEST_EMULATED").is_ok_and(|v| v == "1")
+}
+
 /// The SIMD levels the model tests run on: all of them, or only the widest when
 /// `TWINFER_TEST_LEVELS=widest` (under emulation, where each level costs minutes).
 pub fn levels() -> Vec<twinfer::cpu::SimdLevel> {
