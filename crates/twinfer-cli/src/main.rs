@@ -78,8 +78,9 @@ enum BenchWhat {
         /// or unchecked (default: unchecked on Vulkan, whose driver bounds buffer accesses, else bounds).
         #[arg(long, value_enum)]
         shader_checks: Option<ShaderChecksArg>,
-        /// Measure only these shapes: `prefill:LEN`, `decode:BATCH:CTX` (f16 KV), `decode-f32:...` (CPU),
-        /// `decode-q8:...` (int8 KV), or a projection `linear:ROWS:N:K` (f16 weights) or
+        /// Measure only these shapes: `prefill:LEN`, `decode:BATCH:CTX[:PAGE]` (f16 KV, pages of 16
+        /// unless PAGE; other sizes on the CPU only), `decode-f32:...` (CPU), `decode-q8:...` (int8 KV),
+        /// or a projection `linear:ROWS:N:K` (f16 weights) or
         /// `linear-FORMAT:ROWS:N:K` (f32, bf16, q8_0, q4_0, q4_1, q5_0, q5_1); repeatable. On the GPU a
         /// projection of at most 64 rows is a GEMV, rated by the weight bytes it reads.
         #[arg(long = "case", value_name = "CASE")]

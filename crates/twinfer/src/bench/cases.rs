@@ -183,9 +183,9 @@ pub struct DecodePaged {
     pub params: AttentionParams,
     /// Page layout of the KV pool.
     pub layout: KvLayout,
-    /// `[num_pages, PAGE_SIZE, KV_HEADS, HEAD_DIM]`
+    /// `[num_pages, page_size, KV_HEADS, HEAD_DIM]`
     k: Pool,
-    /// `[num_pages, PAGE_SIZE, KV_HEADS, HEAD_DIM]`
+    /// `[num_pages, page_size, KV_HEADS, HEAD_DIM]`
     v: Pool,
     indptr: Vec<u32>,
     indices: Vec<u32>,
@@ -204,9 +204,14 @@ impl DecodePaged {
 
     /// The same case with the KV pool stored as `dtype` (f16, f32, or q8 quantized from them).
     pub fn with_kv_dtype(batch: usize, ctx: usize, dtype: DType) -> Result<Self> {
+        Self::with_pages(batch, ctx, dtype, PAGE_SIZE)
+    }
+
+    /// The same case with `page_size` tokens per page.
+    pub fn with_pages(batch: usize, ctx: usize, dtype: DType, page_size: usize) -> Result<Self> {
         let params = AttentionParams::new(QO_HEADS, KV_HEADS, HEAD_DIM);
-        let layout = KvLayout::new(PAGE_SIZE, KV_HEADS, HEAD_DIM)?;
-        let pages_per_seq = ctx.div_ceil(PAGE_SIZE);
+        let layout = KvLayout::new(page_size, KV_HEADS, HEAD_DIM)?;
+        let pages_per_seq = ctx.div_ceil(page_size);
         let num_pages = batch * pages_per_seq;
         let k = Pool::new(pseudo_random(num_pages * layout.page_elems(), 4), dtype)?;
         let v = Pool::new(pseudo_random(num_pages * layout.page_elems(), 5), dtype)?;
@@ -220,7 +225,7 @@ impl DecodePaged {
             indices.swap(i, (s % (i as u64 + 1)) as usize);
         }
         let indptr: Vec<u32> = (0..=batch).map(|b| (b * pages_per_seq) as u32).collect();
-        let last_page_len = vec![if ctx == 0 { 0 } else { ((ctx - 1) % PAGE_SIZE + 1) as u32 }; batch];
+        let last_page_len = vec![if ctx == 0 { 0 } else { ((ctx - 1) % page_size + 1) as u32 }; batch];
         let q = pseudo_random(batch * QO_HEADS * HEAD_DIM, 6);
         let o = vec![f16::ZERO; batch * QO_HEADS * HEAD_DIM];
         Ok(Self { batch, ctx, params, layout, k, v, indptr, indices, last_page_len, q, o })
@@ -248,13 +253,14 @@ impl DecodePaged {
 
     /// Bytes of K and V the step reads (int8: the codes and a 4-byte scale per row of a head).
     pub fn bytes(&self) -> f64 {
-        let per_row = self.layout.page_bytes(self.kv_dtype()) as f64 / PAGE_SIZE as f64;
+        let per_row = self.layout.page_bytes(self.kv_dtype()) as f64 / self.layout.page_size as f64;
         2.0 * (self.batch * self.ctx) as f64 * per_row
     }
 
     /// The case's name, such as `decode f16 page16 batch=8 ctx=4K`.
     pub fn name(&self) -> String {
-        format!("decode {} page{PAGE_SIZE} batch={} ctx={}", self.kv_dtype(), self.batch, context_name(self.ctx))
+        let page = self.layout.page_size;
+        format!("decode {} page{page} batch={} ctx={}", self.kv_dtype(), self.batch, context_name(self.ctx))
     }
 }
 
@@ -295,8 +301,15 @@ pub fn prefill_causal(engine: &CpuEngine, len: usize, runs: usize) -> Result<Cas
 }
 
 /// Paged decode, `dtype` KV, page size 16, `batch` sequences of `ctx` tokens on shuffled pages.
-pub fn decode_paged(engine: &CpuEngine, batch: usize, ctx: usize, dtype: DType, runs: usize) -> Result<CaseResult> {
-    let mut case = DecodePaged::with_kv_dtype(batch, ctx, dtype)?;
+pub fn decode_paged(
+    engine: &CpuEngine,
+    batch: usize,
+    ctx: usize,
+    dtype: DType,
+    page: usize,
+    runs: usize,
+) -> Result<CaseResult> {
+    let mut case = DecodePaged::with_pages(batch, ctx, dtype, page)?;
     let seconds = time_case(runs, || case.run(engine))?;
     Ok(CaseResult { name: case.name(), seconds, wall: None, bound: Bound::Memory, work: case.bytes() })
 }

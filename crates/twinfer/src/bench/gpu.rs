@@ -48,7 +48,7 @@ pub fn run_gpu_kernels(engine: &GpuEngine, scope: Scope, only: Option<&[Case]>) 
             only.iter().filter_map(|c| if let Case::Prefill(len) = c { Some(*len) } else { None }).collect(),
             only.iter()
                 .filter_map(|c| match c {
-                    Case::Decode { batch, ctx, dtype } => Some((*batch, *ctx, *dtype)),
+                    Case::Decode { batch, ctx, dtype, .. } => Some((*batch, *ctx, *dtype)),
                     _ => None,
                 })
                 .collect(),
@@ -93,9 +93,14 @@ pub fn run_gpu_kernels(engine: &GpuEngine, scope: Scope, only: Option<&[Case]>) 
 
 /// Refuses the cases the GPU benchmark cannot run (it stores decode KV as f16 or int8).
 pub fn check_gpu_cases(cases: &[Case]) -> Result<()> {
-    match cases.iter().find(|c| matches!(c, Case::Decode { dtype: DType::F32, .. })) {
-        Some(bad) => Err(TwinferError::InvalidParameter(format!(
+    if let Some(bad) = cases.iter().find(|c| matches!(c, Case::Decode { dtype: DType::F32, .. })) {
+        return Err(TwinferError::InvalidParameter(format!(
             "{bad:?}: the GPU decode benchmark stores its KV as f16 or int8; use decode:BATCH:CTX or decode-q8:BATCH:CTX"
+        )));
+    }
+    match cases.iter().find(|c| matches!(c, Case::Decode { page, .. } if *page != PAGE_SIZE)) {
+        Some(bad) => Err(TwinferError::InvalidParameter(format!(
+            "{bad:?}: the GPU decode benchmark uses pages of {PAGE_SIZE}; other page sizes are timed on the CPU"
         ))),
         None => Ok(()),
     }

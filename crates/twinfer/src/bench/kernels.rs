@@ -65,7 +65,7 @@ impl KernelReport {
 }
 
 /// One shape to measure: `prefill:LEN`, `decode:BATCH:CTX` (f16 KV), `decode-f32:BATCH:CTX`,
-/// `decode-q8:BATCH:CTX`, `linear:ROWS:N:K` (f16 weights) or `linear-FORMAT:ROWS:N:K` (`f32`,
+/// `decode-q8:BATCH:CTX` (each with an optional `:PAGE`, tokens per page), `linear:ROWS:N:K` (f16 weights) or `linear-FORMAT:ROWS:N:K` (`f32`,
 /// `bf16`, or a block format such as `q4_1`) on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Case {
@@ -79,6 +79,8 @@ pub enum Case {
         ctx: usize,
         /// Storage type of the KV pool.
         dtype: DType,
+        /// Tokens per page (CPU only; the GPU cases take pages of 16).
+        page: usize,
     },
     /// A projection `y = x · Wᵀ`: `rows` activation rows, `n` outputs, `k` inputs.
     Linear {
@@ -98,16 +100,26 @@ impl FromStr for Case {
     fn from_str(s: &str) -> Result<Self> {
         let bad = || {
             TwinferError::InvalidParameter(format!(
-                "case {s:?}: prefill:LEN, decode:BATCH:CTX, decode-f32:BATCH:CTX, decode-q8:BATCH:CTX, \
-                 linear:ROWS:N:K or linear-FORMAT:ROWS:N:K (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1)"
+                "case {s:?}: prefill:LEN, decode:BATCH:CTX[:PAGE], decode-f32:BATCH:CTX[:PAGE], \
+                 decode-q8:BATCH:CTX[:PAGE] (PAGE: tokens per page, 1..=256, default 16), linear:ROWS:N:K or linear-FORMAT:ROWS:N:K (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1)"
             ))
         };
         let num = |x: &str| x.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(bad);
         match s.split(':').collect::<Vec<_>>().as_slice() {
             ["prefill", len] => Ok(Case::Prefill(num(len)?)),
-            ["decode", batch, ctx] => Ok(Case::Decode { batch: num(batch)?, ctx: num(ctx)?, dtype: DType::F16 }),
-            ["decode-f32", batch, ctx] => Ok(Case::Decode { batch: num(batch)?, ctx: num(ctx)?, dtype: DType::F32 }),
-            ["decode-q8", batch, ctx] => Ok(Case::Decode { batch: num(batch)?, ctx: num(ctx)?, dtype: DType::Q8 }),
+            [kind, batch, ctx, page @ ..] if kind.starts_with("decode") && page.len() <= 1 => {
+                let dtype = match *kind {
+                    "decode" => DType::F16,
+                    "decode-f32" => DType::F32,
+                    "decode-q8" => DType::Q8,
+                    _ => return Err(bad()),
+                };
+                let page = match page {
+                    [p] => num(p).ok().filter(|&p| p <= crate::kv::MAX_PAGE_SIZE).ok_or_else(bad)?,
+                    _ => cases::PAGE_SIZE,
+                };
+                Ok(Case::Decode { batch: num(batch)?, ctx: num(ctx)?, dtype, page })
+            }
             [kind, rows, n, k] if kind.starts_with("linear") => {
                 let weights = match kind.strip_prefix("linear") {
                     Some("") => cases::LinearWeights::F16,
@@ -130,7 +142,12 @@ impl Scope {
         };
         let mut cases: Vec<Case> = prefill_lens.iter().map(|&len| Case::Prefill(len)).collect();
         for batch in [1, 8] {
-            cases.extend(decode_ctx.iter().map(|&ctx| Case::Decode { batch, ctx, dtype: DType::F16 }));
+            cases.extend(decode_ctx.iter().map(|&ctx| Case::Decode {
+                batch,
+                ctx,
+                dtype: DType::F16,
+                page: cases::PAGE_SIZE,
+            }));
         }
         // A prompt chunk through smollm-135m's projections: the fused gate/up (3072 x 576) and
         // the down projection (576 x 1536), in its f16 weights and two of its GGUF formats.
@@ -171,7 +188,7 @@ pub fn run_kernel_cases(engine: &CpuEngine, cases: &[Case], runs: usize, ceiling
     for &case in cases {
         results.push(match case {
             Case::Prefill(len) => cases::prefill_causal(engine, len, if len >= 8192 { runs.min(3) } else { runs })?,
-            Case::Decode { batch, ctx, dtype } => cases::decode_paged(engine, batch, ctx, dtype, runs)?,
+            Case::Decode { batch, ctx, dtype, page } => cases::decode_paged(engine, batch, ctx, dtype, page, runs)?,
             Case::Linear { rows, n, k, weights } => cases::linear(engine, rows, n, k, weights, runs)?,
         });
     }
@@ -184,4 +201,31 @@ pub fn run_kernel_cases(engine: &CpuEngine, cases: &[Case], runs: usize, ceiling
         fma_gflops,
         cases,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_cases_take_an_optional_page_size() {
+        let parse = |s: &str| s.parse::<Case>();
+        let decode = |dtype, page| Case::Decode { batch: 8, ctx: 4096, dtype, page };
+        assert_eq!(parse("decode:8:4096").unwrap(), decode(DType::F16, 16));
+        assert_eq!(parse("decode:8:4096:1").unwrap(), decode(DType::F16, 1));
+        assert_eq!(parse("decode-f32:8:4096:64").unwrap(), decode(DType::F32, 64));
+        assert_eq!(parse("decode-q8:8:4096:256").unwrap(), decode(DType::Q8, 256));
+        for bad in ["decode:8:4096:0", "decode:8:4096:257", "decode:8:4096:1:1", "decode-bf16:8:4096", "decode:8"] {
+            assert!(matches!(parse(bad), Err(TwinferError::InvalidParameter(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_gpu_benchmark_refuses_what_it_cannot_time() {
+        let case = |s: &str| s.parse::<Case>().unwrap();
+        assert!(super::super::gpu::check_gpu_cases(&[case("decode:1:1024"), case("decode-q8:8:4096:16")]).is_ok());
+        for bad in ["decode:1:1024:1", "decode-f32:1:1024"] {
+            assert!(super::super::gpu::check_gpu_cases(&[case(bad)]).is_err(), "{bad}");
+        }
+    }
 }
