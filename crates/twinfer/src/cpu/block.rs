@@ -11,7 +11,7 @@ use pulp::Simd;
 use crate::attention::problem::Problem;
 use crate::cpu::convert::{load_f32, prefetch};
 use crate::cpu::math::{exp_f32s, exp_sub_sum, max_of, scale_in_place};
-use crate::cpu::microkernel::{accumulate, scores_t};
+use crate::cpu::microkernel::{scores_t, values_t};
 
 /// Key rows per tile for one KV head: K and V tiles of 64 x 128 f32 are 32 KiB each (L1/L2).
 pub(crate) const KV_TILE: usize = 64;
@@ -123,8 +123,6 @@ pub(crate) fn run_item<S: Simd>(simd: S, p: &Problem<'_>, item: WorkItem, sc: &m
     let rows = heads * head_rows;
     let tile_rows = (TILE_ELEMS / (heads * dp)).clamp(1, KV_TILE);
     let row_stride = heads * dp;
-    // Row starts within the f32 tiles: the value micro-kernel addresses rows by offset.
-    let tile_offs: [usize; KV_TILE] = core::array::from_fn(|c| c * row_stride);
     sc.prepare(rows, tokens, dp, tile_rows * row_stride, tile_rows);
     sc.prepare_transposed(heads, dp, rp, tile_rows);
 
@@ -203,7 +201,7 @@ pub(crate) fn run_item<S: Simd>(simd: S, p: &Problem<'_>, item: WorkItem, sc: &m
                     scale_in_place(simd, &mut acc_head[r * dp..(r + 1) * dp], a);
                 }
             }
-            accumulate(simd, &sc.s[..cols * rp], (1, rp), &sc.v, &tile_offs[..cols], hh * dp, dp, acc_head, &[]);
+            values_t(simd, &sc.s[..cols * rp], rp, (&sc.v, row_stride, hh * dp), cols, dp, acc_head);
         }
         j0 += cols;
     }

@@ -177,8 +177,10 @@ fn pv_block<S: Simd, E: LoadLanes, const MR: usize, const NV: usize>(
 /// width) and `i < len`. Each key element is broadcast against vectors of query rows, so a score
 /// is one lane's running sum over `i` in order (no horizontal sums, and no dependence on the
 /// blocking), and the softmax that follows runs down the key axis on whole vectors of rows.
-/// Blocks of 6 keys x 4 row vectors (24 accumulators) with AVX-512's 32 registers, else 4 x 2;
-/// the last keys in pairs, then one.
+/// Blocks of 6 keys x 4 row vectors (24 accumulators) with AVX-512's 32 registers, else 6 x 2
+/// (12 accumulators, the 2 row vectors and a broadcast fill AVX2's 16; 12 chains hide the FMA
+/// latency that 8 did not); the last keys in fours, pairs, then one. wasm keeps 4 x 2: engines
+/// keep a scratch register of the 16.
 #[inline(always)]
 pub(crate) fn scores_t<S: Simd>(
     simd: S,
@@ -190,7 +192,11 @@ pub(crate) fn scores_t<S: Simd>(
     st: &mut [f32],
 ) {
     let wide = crate::cpu::wide_registers::<S>();
-    let (nc_max, nv_max) = if wide { (6, 4) } else { (4, 2) };
+    let (nc_max, nv_max) = match () {
+        _ if wide => (6, 4),
+        _ if cfg!(target_arch = "wasm32") => (4, 2),
+        _ => (6, 2),
+    };
     let vectors = rp / S::F32_LANES;
     let mut v = 0;
     while v < vectors {
@@ -201,9 +207,10 @@ pub(crate) fn scores_t<S: Simd>(
         };
         let mut c = 0;
         while c < cols {
-            // Key blocks of nc_max, then 2 (the tail's pairs), then 1.
+            // Key blocks of nc_max, then the tail's fours, pairs, then 1.
             let nc = match cols - c {
                 n if n >= nc_max => nc_max,
+                n if n >= 4 => 4,
                 n if n >= 2 => 2,
                 _ => 1,
             };
@@ -259,6 +266,101 @@ fn st_block<S: Simd, const NC: usize, const NV: usize>(simd: S, args: StArgs<'_>
         for c in 0..NC {
             for v in 0..NV {
                 *(sp.add((c0 + c) * rp + r0 + v * lanes) as *mut S::f32s) = acc[c][v];
+            }
+        }
+    }
+}
+
+/// Values of a prompt block with key-major probabilities: `acc[r * len + i] += Σ_c pt[c * rp + r] *
+/// v[c * v_stride + v_off + i]` for keys `c < cols`, rows `r < acc.len() / len` and `i < len` (a
+/// multiple of the vector width). Each output element sums over the keys in order, whatever the
+/// blocking. The tile's rows sit at a fixed stride, so the key loop walks two pointers (the
+/// paged [`accumulate`] looks each row up). Blocks of 4 rows x 4 vectors with 32 registers, else
+/// 6 x 2 (12 accumulators: enough chains for the FMA latency; wasm keeps 4 x 2).
+#[inline(always)]
+pub(crate) fn values_t<S: Simd>(
+    simd: S,
+    pt: &[f32],
+    rp: usize,
+    (v, v_stride, v_off): (&[f32], usize, usize),
+    cols: usize,
+    len: usize,
+    acc: &mut [f32],
+) {
+    let wide = crate::cpu::wide_registers::<S>();
+    let (mr_max, nv_max) = match () {
+        _ if wide => (4, 4),
+        _ if cfg!(target_arch = "wasm32") => (4, 2),
+        _ => (6, 2),
+    };
+    let rows = acc.len() / len;
+    let nvec = len / S::F32_LANES;
+    let mut r = 0;
+    while r < rows {
+        let mr = match rows - r {
+            n if n >= mr_max => mr_max,
+            n if n >= 4 => 4,
+            n if n >= 2 => 2,
+            _ => 1,
+        };
+        let mut c = 0;
+        while c < nvec {
+            let nv = match nvec - c {
+                n if n >= nv_max => nv_max,
+                n if n >= 2 => 2,
+                _ => 1,
+            };
+            let args = (pt, rp, (v, v_stride, v_off), cols, len, r, c, &mut *acc);
+            match (mr, nv) {
+                (6, 2) => vt_block::<S, 6, 2>(simd, args),
+                (6, _) => vt_block::<S, 6, 1>(simd, args),
+                (4, 4) => vt_block::<S, 4, 4>(simd, args),
+                (4, 2) => vt_block::<S, 4, 2>(simd, args),
+                (4, _) => vt_block::<S, 4, 1>(simd, args),
+                (2, 4) => vt_block::<S, 2, 4>(simd, args),
+                (2, 2) => vt_block::<S, 2, 2>(simd, args),
+                (2, _) => vt_block::<S, 2, 1>(simd, args),
+                (_, 4) => vt_block::<S, 1, 4>(simd, args),
+                (_, 2) => vt_block::<S, 1, 2>(simd, args),
+                _ => vt_block::<S, 1, 1>(simd, args),
+            }
+            c += nv;
+        }
+        r += mr;
+    }
+}
+
+type VtArgs<'a> = (&'a [f32], usize, (&'a [f32], usize, usize), usize, usize, usize, usize, &'a mut [f32]);
+
+/// One `MR rows x NV vectors` block of [`values_t`], from row `r0` and vector `c0`.
+#[inline(always)]
+fn vt_block<S: Simd, const MR: usize, const NV: usize>(simd: S, args: VtArgs<'_>) {
+    let (pt, rp, (v, v_stride, v_off), cols, len, r0, c0, acc) = args;
+    let lanes = S::F32_LANES;
+    // The pointer reads and writes below stay inside these bounds, checked once per block.
+    assert!(len.is_multiple_of(lanes) && (r0 + MR) * len <= acc.len() && (c0 + NV) * lanes <= len);
+    assert!(cols == 0 || ((cols - 1) * rp + r0 + MR <= pt.len() && (cols - 1) * v_stride + v_off + len <= v.len()));
+    // SAFETY: every offset below is inside the asserted bounds.
+    unsafe {
+        let ap = acc.as_mut_ptr().add(c0 * lanes);
+        let mut regs: [[S::f32s; NV]; MR] =
+            core::array::from_fn(|r| core::array::from_fn(|c| *(ap.add((r0 + r) * len + c * lanes) as *const S::f32s)));
+        let mut vp = v.as_ptr().add(v_off + c0 * lanes);
+        let mut pp = pt.as_ptr().add(r0);
+        for _ in 0..cols {
+            let vv: [S::f32s; NV] = core::array::from_fn(|c| *(vp.add(c * lanes) as *const S::f32s));
+            for r in 0..MR {
+                let pr = simd.splat_f32s(*pp.add(r));
+                for c in 0..NV {
+                    regs[r][c] = simd.mul_add_e_f32s(pr, vv[c], regs[r][c]);
+                }
+            }
+            vp = vp.add(v_stride);
+            pp = pp.add(rp);
+        }
+        for r in 0..MR {
+            for c in 0..NV {
+                *(ap.add((r0 + r) * len + c * lanes) as *mut S::f32s) = regs[r][c];
             }
         }
     }
