@@ -187,3 +187,40 @@ fn decode_is_batch_invariant() {
         );
     }
 }
+
+/// A prompt's rows are bit-identical whether it is prefilled whole or in chunks that start at
+/// multiples of `PREFILL_ALIGN` (the scheduler's cut points): the whole prompt's blocks share
+/// their widened K/V tiles in groups, the chunks' few blocks run alone, and each block must still
+/// visit the same tiles in the same order. With and without a sliding window (whose blocks'
+/// tiles start at different keys and so never share).
+#[test]
+fn prefill_is_chunk_invariant() {
+    use twinfer::cpu::PREFILL_ALIGN;
+    use twinfer::{AttentionOutput, KvInput, PageTable, PrefillInput};
+    let engine = CpuEngine::with_level(SimdLevel::detect());
+    let len = 10 * PREFILL_ALIGN + 37;
+    for window_left in [None, Some(100)] {
+        let case =
+            Case { causal: true, window_left, ..Case::pinned(Mode::Prefill, KvKind::Paged, vec![len], vec![len]) };
+        let data = CaseData::new(&case);
+        let (whole, _) = data.run(|p, d, out| engine.prefill(p, &d.prefill_input(KvKind::Paged), out)).unwrap();
+        let row = data.params.num_qo_heads * data.params.head_dim;
+        let q = data.q.to_f32();
+        let page = case.page_size;
+        for c0 in (0..len).step_by(PREFILL_ALIGN) {
+            let c1 = (c0 + PREFILL_ALIGN).min(len);
+            let pages = &data.page_indices[..c1.div_ceil(page)];
+            let (indptr, last) = ([0, pages.len() as u32], [(c1 - (pages.len() - 1) * page) as u32]);
+            let qo_indptr = [0, (c1 - c0) as u32];
+            let input = PrefillInput {
+                q: q[c0 * row..c1 * row].into(),
+                qo_indptr: &qo_indptr,
+                kv: KvInput::Paged { kv: data.paged(), table: PageTable::new(&indptr, pages, &last) },
+            };
+            let mut chunk = vec![f32::NAN; (c1 - c0) * row];
+            engine.prefill(&data.params, &input, &mut AttentionOutput::new(chunk.as_mut_slice())).unwrap();
+            let first_diff = chunk.iter().zip(&whole[c0 * row..c1 * row]).position(|(a, b)| a.to_bits() != b.to_bits());
+            assert_eq!(first_diff, None, "rows {c0}..{c1}, window {window_left:?}: first differing element");
+        }
+    }
+}

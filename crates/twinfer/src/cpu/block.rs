@@ -62,6 +62,8 @@ pub(crate) struct Scratch {
     pub lt: Vec<f32>,
     /// Prompt blocks: `[rp]` the current tile's rescale factor of each row.
     pub alpha: Vec<f32>,
+    /// The other blocks of a group ([`run_group`]): their own rows, this scratch's tiles.
+    pub others: Vec<Scratch>,
 }
 
 impl Scratch {
@@ -112,6 +114,89 @@ impl Scratch {
 /// pass of scalar bookkeeping per row, and no score needs a horizontal sum.
 #[inline(always)]
 pub(crate) fn run_item<S: Simd>(simd: S, p: &Problem<'_>, item: WorkItem, sc: &mut Scratch) {
+    let plan = begin_block::<S>(p, item, sc);
+    let mut tiles = Tiles::take(sc);
+    let mut j0 = plan.lo_all;
+    while j0 < plan.hi_all {
+        let cols = plan.tile_rows.min(plan.hi_all - j0);
+        tiles.load::<S>(p, &plan, j0, cols, plan.hi_all);
+        tile_step(simd, p, &plan, sc, &tiles, j0, cols);
+        j0 += cols;
+    }
+    tiles.put_back(sc);
+    finish_block(simd, &plan, sc);
+}
+
+/// Items of one sequence and KV head (consecutive blocks of tokens) that share each widened K/V
+/// tile, so that the widening is paid once per group instead of once per block. Each block
+/// visits exactly the tiles it would alone, in the same order, so every result is bit for bit
+/// that of [`run_item`]; when the blocks' tiles do not all start at the same key (a sliding
+/// window), they run apart. On return `sc` holds the first item's results and `sc.others[i]`
+/// those of item `i + 1`.
+#[inline(always)]
+pub(crate) fn run_group<S: Simd>(simd: S, p: &Problem<'_>, items: &[WorkItem], sc: &mut Scratch) {
+    let mut others = std::mem::take(&mut sc.others);
+    others.resize_with(items.len().saturating_sub(1), Scratch::default);
+    let mut plans = Vec::with_capacity(items.len());
+    for (i, &item) in items.iter().enumerate() {
+        let block = if i == 0 { &mut *sc } else { &mut others[i - 1] };
+        plans.push(begin_block::<S>(p, item, block));
+    }
+    if plans.iter().any(|plan| plan.lo_all != plans[0].lo_all) {
+        run_item(simd, p, items[0], sc);
+        for (&item, block) in items[1..].iter().zip(&mut others) {
+            run_item(simd, p, item, block);
+        }
+        sc.others = others;
+        return;
+    }
+    let mut tiles = Tiles::take(sc);
+    let (lo, tile_rows) = (plans[0].lo_all, plans[0].tile_rows);
+    let hi = plans.iter().map(|plan| plan.hi_all).max().unwrap_or(lo);
+    let mut j0 = lo;
+    while j0 < hi {
+        tiles.load::<S>(p, &plans[0], j0, tile_rows.min(hi - j0), hi);
+        for (i, plan) in plans.iter().enumerate() {
+            if j0 < plan.hi_all {
+                let block = if i == 0 { &mut *sc } else { &mut others[i - 1] };
+                tile_step(simd, p, plan, block, &tiles, j0, tile_rows.min(plan.hi_all - j0));
+            }
+        }
+        j0 += tile_rows.min(hi - j0);
+    }
+    tiles.put_back(sc);
+    for (i, plan) in plans.iter().enumerate() {
+        let block = if i == 0 { &mut *sc } else { &mut others[i - 1] };
+        finish_block(simd, plan, block);
+    }
+    sc.others = others;
+}
+
+/// A prompt block's shape and key range, fixed before its first tile.
+struct BlockPlan {
+    item: WorkItem,
+    heads: usize,
+    head_rows: usize,
+    /// Rows of one head padded to whole vectors.
+    rp: usize,
+    dp: usize,
+    tile_rows: usize,
+    /// Elements between consecutive keys of a widened tile (all the item's heads).
+    row_stride: usize,
+    qo_len: usize,
+    kv_len: usize,
+    /// Keys some row sees: the tiles run from `lo_all` to `hi_all`.
+    lo_all: usize,
+    hi_all: usize,
+    /// Keys every row sees: tiles inside need no mask.
+    lo_max: usize,
+    hi_min: usize,
+}
+
+/// Sizes the scratch, transposes the block's queries (scaled) into `sc.qt` and finds the key
+/// range of every token.
+#[inline(always)]
+fn begin_block<S: Simd>(p: &Problem<'_>, item: WorkItem, sc: &mut Scratch) -> BlockPlan {
     let prm = p.params;
     let (d, group, h_qo) = (prm.head_dim, prm.group_size(), prm.num_qo_heads);
     let lanes = S::F32_LANES;
@@ -160,59 +245,106 @@ pub(crate) fn run_item<S: Simd>(simd: S, p: &Problem<'_>, item: WorkItem, sc: &m
             hi_all = hi_all.max(hi);
         }
     }
+    BlockPlan { item, heads, head_rows, rp, dp, tile_rows, row_stride, qo_len, kv_len, lo_all, hi_all, lo_max, hi_min }
+}
 
-    let (k_src, v_src) = (p.kv.k(), p.kv.v());
-    // With unpadded heads a row of all the item's heads is one contiguous run in memory.
-    let whole_rows = dp == d;
-    let mut j0 = lo_all;
-    while j0 < hi_all {
-        let cols = tile_rows.min(hi_all - j0);
+/// The widened K and V tiles, taken out of the scratch while blocks use them.
+struct Tiles {
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl Tiles {
+    fn take(sc: &mut Scratch) -> Self {
+        Self { k: std::mem::take(&mut sc.k), v: std::mem::take(&mut sc.v) }
+    }
+
+    fn put_back(self, sc: &mut Scratch) {
+        (sc.k, sc.v) = (self.k, self.v);
+    }
+
+    /// Widens keys `[j0, j0 + cols)` of the plan's heads into the tiles, and prefetches the next
+    /// tile's rows (up to key `hi`).
+    #[inline(always)]
+    fn load<S: Simd>(&mut self, p: &Problem<'_>, plan: &BlockPlan, j0: usize, cols: usize, hi: usize) {
+        let (item, d, dp, row_stride) = (plan.item, p.params.head_dim, plan.dp, plan.row_stride);
+        let (k_src, v_src) = (p.kv.k(), p.kv.v());
+        let heads = plan.heads;
+        // With unpadded heads a row of all the item's heads is one contiguous run in memory.
+        let whole_rows = dp == d;
         for c in 0..cols {
             let off = p.kv.row_offset(item.b, j0 + c, item.head0);
             let dst = c * row_stride;
             if whole_rows {
-                load_f32::<S>(k_src, off, &mut sc.k[dst..dst + heads * d]);
-                load_f32::<S>(v_src, off, &mut sc.v[dst..dst + heads * d]);
+                load_f32::<S>(k_src, off, &mut self.k[dst..dst + heads * d]);
+                load_f32::<S>(v_src, off, &mut self.v[dst..dst + heads * d]);
             } else {
                 for hh in 0..heads {
-                    load_f32::<S>(k_src, off + hh * d, &mut sc.k[dst + hh * dp..dst + hh * dp + d]);
-                    load_f32::<S>(v_src, off + hh * d, &mut sc.v[dst + hh * dp..dst + hh * dp + d]);
+                    load_f32::<S>(k_src, off + hh * d, &mut self.k[dst + hh * dp..dst + hh * dp + d]);
+                    load_f32::<S>(v_src, off + hh * d, &mut self.v[dst + hh * dp..dst + hh * dp + d]);
                 }
             }
         }
         let next = j0 + cols;
-        for c in 0..tile_rows.min(hi_all.saturating_sub(next)) {
+        for c in 0..plan.tile_rows.min(hi.saturating_sub(next)) {
             let off = p.kv.row_offset(item.b, next + c, item.head0);
             prefetch(k_src, off, heads * d);
             prefetch(v_src, off, heads * d);
         }
-        let tile = Tile { j0, cols, masked: !(lo_max <= j0 && j0 + cols <= hi_min) };
-        for hh in 0..heads {
-            let st = &mut sc.s[..cols * rp];
-            let qt = &sc.qt[hh * dp * rp..(hh + 1) * dp * rp];
-            scores_t(simd, qt, rp, d, (&sc.k, row_stride, hh * dp), cols, st);
-            let rows_of = HeadRows { qo_head0: (item.head0 + hh) * group, group, tok0: item.tok0, qo_len, kv_len };
-            transform_tile(prm, rows_of, tile, &sc.range, st, rp);
-            let (mt, lt) = (&mut sc.mt[hh * rp..(hh + 1) * rp], &mut sc.lt[hh * rp..(hh + 1) * rp]);
-            softmax_tile(simd, st, rp, mt, lt, &mut sc.alpha);
-            let acc_head = &mut sc.acc[hh * head_rows * dp..(hh + 1) * head_rows * dp];
-            for (r, &a) in sc.alpha[..head_rows].iter().enumerate() {
-                if a != 1.0 {
-                    scale_in_place(simd, &mut acc_head[r * dp..(r + 1) * dp], a);
-                }
-            }
-            values_t(simd, &sc.s[..cols * rp], rp, (&sc.v, row_stride, hh * dp), cols, dp, acc_head);
-        }
-        j0 += cols;
     }
+}
 
-    for hh in 0..heads {
+/// Keys `[j0, j0 + cols)` (widened in `tiles`) for every head of the block: scores, the variant
+/// and mask, the online-softmax step and the values.
+#[inline(always)]
+fn tile_step<S: Simd>(
+    simd: S,
+    p: &Problem<'_>,
+    plan: &BlockPlan,
+    sc: &mut Scratch,
+    tiles: &Tiles,
+    j0: usize,
+    cols: usize,
+) {
+    let prm = p.params;
+    let (d, group) = (prm.head_dim, prm.group_size());
+    let (rp, dp, head_rows, row_stride) = (plan.rp, plan.dp, plan.head_rows, plan.row_stride);
+    let tile = Tile { j0, cols, masked: !(plan.lo_max <= j0 && j0 + cols <= plan.hi_min) };
+    for hh in 0..plan.heads {
+        let st = &mut sc.s[..cols * rp];
+        let qt = &sc.qt[hh * dp * rp..(hh + 1) * dp * rp];
+        scores_t(simd, qt, rp, d, (&tiles.k, row_stride, hh * dp), cols, st);
+        let rows_of = HeadRows {
+            qo_head0: (plan.item.head0 + hh) * group,
+            group,
+            tok0: plan.item.tok0,
+            qo_len: plan.qo_len,
+            kv_len: plan.kv_len,
+        };
+        transform_tile(prm, rows_of, tile, &sc.range, st, rp);
+        let (mt, lt) = (&mut sc.mt[hh * rp..(hh + 1) * rp], &mut sc.lt[hh * rp..(hh + 1) * rp]);
+        softmax_tile(simd, st, rp, mt, lt, &mut sc.alpha);
+        let acc_head = &mut sc.acc[hh * head_rows * dp..(hh + 1) * head_rows * dp];
+        for (r, &a) in sc.alpha[..head_rows].iter().enumerate() {
+            if a != 1.0 {
+                scale_in_place(simd, &mut acc_head[r * dp..(r + 1) * dp], a);
+            }
+        }
+        values_t(simd, &sc.s[..cols * rp], rp, (&tiles.v, row_stride, hh * dp), cols, dp, acc_head);
+    }
+}
+
+/// Moves the padded rows' max and denominator into `m` and `l`, then normalises.
+#[inline(always)]
+fn finish_block<S: Simd>(simd: S, plan: &BlockPlan, sc: &mut Scratch) {
+    let (rp, head_rows) = (plan.rp, plan.head_rows);
+    for hh in 0..plan.heads {
         for r in 0..head_rows {
             sc.m[hh * head_rows + r] = sc.mt[hh * rp + r];
             sc.l[hh * head_rows + r] = sc.lt[hh * rp + r];
         }
     }
-    finish_rows(simd, sc, rows, dp);
+    finish_rows(simd, sc, plan.heads * head_rows, plan.dp);
 }
 
 /// A tile of keys `[j0, j0 + cols)`; `masked` when some row of the block cannot see all of it.

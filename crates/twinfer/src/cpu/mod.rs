@@ -89,10 +89,12 @@ pub use simd_level::WasmSimd;
 use crate::attention::problem::Problem;
 use crate::attention::{AttentionOutput, AttentionParams, DecodeInput, PrefillInput, merge_row};
 use crate::error::Result;
-use block::{KV_TILE, Scratch, WorkItem, run_item};
+use block::{KV_TILE, Scratch, WorkItem, run_group, run_item};
 
 /// Query rows (tokens x group heads) per prefill work item: a 64 x 128 f32 block is 32 KiB.
 const PREFILL_ROWS: usize = 64;
+/// Prompt blocks of one sequence and KV head that share each widened K/V tile, at most.
+const PREFILL_GROUP: usize = 4;
 /// Prompt chunks that start at a multiple of this many tokens are computed row for row as the
 /// whole prompt would be (see [`CpuEngine::prefill`]); the scheduler cuts chunks there.
 pub const PREFILL_ALIGN: usize = PREFILL_ROWS;
@@ -176,9 +178,35 @@ impl CpuEngine {
                 }
             }
         }
-        let results = self.run_items(&p, &items);
-        for (item, (o, lse)) in items.iter().zip(&results) {
-            write_rows(&p, item, o, lse, out);
+        // Neighbouring blocks of one sequence and head share their widened K/V tiles, in groups
+        // as large as still leaves every thread several groups (results do not depend on it).
+        let per_thread = items.len() / parallel::worker_count().max(1);
+        let group = match per_thread {
+            n if n >= 4 * PREFILL_GROUP => PREFILL_GROUP,
+            n if n >= 8 => 2,
+            _ => 1,
+        };
+        let groups: Vec<&[WorkItem]> =
+            items.chunk_by(|a, b| (a.b, a.head0) == (b.b, b.head0)).flat_map(|run| run.chunks(group)).collect();
+        let level = self.level;
+        let d = params.head_dim;
+        let results = parallel::map_items(&groups, |group, sc: &mut Scratch| {
+            let rows = |sc: &Scratch| {
+                let mut o = Vec::with_capacity(sc.m.len() * d);
+                for r in 0..sc.m.len() {
+                    o.extend_from_slice(&sc.acc[r * sc.dp..r * sc.dp + d]);
+                }
+                (o, sc.m.clone())
+            };
+            level.dispatch(RunGroup { p: &p, items: group, sc: &mut *sc });
+            let mut out = vec![rows(sc)];
+            out.extend(sc.others[..group.len() - 1].iter().map(rows));
+            out
+        });
+        for (group, rows) in groups.iter().zip(&results) {
+            for (item, (o, lse)) in group.iter().zip(rows) {
+                write_rows(&p, item, o, lse, out);
+            }
         }
         Ok(())
     }
@@ -272,6 +300,24 @@ impl pulp::WithSimd for RunItem<'_, '_> {
             decode::run_decode_item(simd, self.p, self.item, self.sc);
         } else {
             run_item(simd, self.p, self.item, self.sc);
+        }
+    }
+}
+
+struct RunGroup<'a, 'p> {
+    p: &'a Problem<'p>,
+    items: &'a [WorkItem],
+    sc: &'a mut Scratch,
+}
+
+impl pulp::WithSimd for RunGroup<'_, '_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
+        if let [item] = self.items {
+            run_item(simd, self.p, *item, self.sc);
+        } else {
+            run_group(simd, self.p, self.items, self.sc);
         }
     }
 }
