@@ -114,7 +114,7 @@ impl Scratch {
 /// pass of scalar bookkeeping per row, and no score needs a horizontal sum.
 #[inline(always)]
 pub(crate) fn run_item<S: Simd>(simd: S, p: &Problem<'_>, item: WorkItem, sc: &mut Scratch) {
-    let plan = begin_block::<S>(p, item, sc);
+    let plan = begin_block::<S>(p, item, sc, true);
     let mut tiles = Tiles::take(sc);
     let mut j0 = plan.lo_all;
     while j0 < plan.hi_all {
@@ -140,7 +140,8 @@ pub(crate) fn run_group<S: Simd>(simd: S, p: &Problem<'_>, items: &[WorkItem], s
     let mut plans = Vec::with_capacity(items.len());
     for (i, &item) in items.iter().enumerate() {
         let block = if i == 0 { &mut *sc } else { &mut others[i - 1] };
-        plans.push(begin_block::<S>(p, item, block));
+        // Only the first block's scratch holds the shared tiles.
+        plans.push(begin_block::<S>(p, item, block, i == 0));
     }
     if plans.iter().any(|plan| plan.lo_all != plans[0].lo_all) {
         run_item(simd, p, items[0], sc);
@@ -193,10 +194,10 @@ struct BlockPlan {
     hi_min: usize,
 }
 
-/// Sizes the scratch, transposes the block's queries (scaled) into `sc.qt` and finds the key
-/// range of every token.
+/// Sizes the scratch (its K/V tiles too where `tiles`), transposes the block's queries (scaled)
+/// into `sc.qt` and finds the key range of every token.
 #[inline(always)]
-fn begin_block<S: Simd>(p: &Problem<'_>, item: WorkItem, sc: &mut Scratch) -> BlockPlan {
+fn begin_block<S: Simd>(p: &Problem<'_>, item: WorkItem, sc: &mut Scratch, tiles: bool) -> BlockPlan {
     let prm = p.params;
     let (d, group, h_qo) = (prm.head_dim, prm.group_size(), prm.num_qo_heads);
     let lanes = S::F32_LANES;
@@ -208,7 +209,7 @@ fn begin_block<S: Simd>(p: &Problem<'_>, item: WorkItem, sc: &mut Scratch) -> Bl
     let rows = heads * head_rows;
     let tile_rows = (TILE_ELEMS / (heads * dp)).clamp(1, KV_TILE);
     let row_stride = heads * dp;
-    sc.prepare(rows, tokens, dp, tile_rows * row_stride, tile_rows);
+    sc.prepare(rows, tokens, dp, if tiles { tile_rows * row_stride } else { 0 }, tile_rows);
     sc.prepare_transposed(heads, dp, rp, tile_rows);
 
     let (q_start, q_end) = p.qo.range(item.b);
