@@ -304,6 +304,8 @@ impl pulp::WithSimd for RunItem<'_, '_> {
     }
 }
 
+/// A group of prompt blocks ([`run_group`]), or one alone. Never the fused decode kernel, not even
+/// for a block of one token: a block's arithmetic must not depend on the group it lands in.
 struct RunGroup<'a, 'p> {
     p: &'a Problem<'p>,
     items: &'a [WorkItem],
