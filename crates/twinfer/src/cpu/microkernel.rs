@@ -215,18 +215,22 @@ pub(crate) fn scores_t<S: Simd>(
                 _ => 1,
             };
             let args = (qt, rp, len, (k, k_stride, k_off), c, v, &mut *st);
+            // Every shape spelled out: a catch-all arm would compute fewer row vectors than the
+            // loop then skips.
             match (nc, nv) {
                 (6, 4) => st_block::<S, 6, 4>(simd, args),
                 (6, 2) => st_block::<S, 6, 2>(simd, args),
-                (6, _) => st_block::<S, 6, 1>(simd, args),
+                (6, 1) => st_block::<S, 6, 1>(simd, args),
+                (4, 4) => st_block::<S, 4, 4>(simd, args),
                 (4, 2) => st_block::<S, 4, 2>(simd, args),
-                (4, _) => st_block::<S, 4, 1>(simd, args),
+                (4, 1) => st_block::<S, 4, 1>(simd, args),
                 (2, 4) => st_block::<S, 2, 4>(simd, args),
                 (2, 2) => st_block::<S, 2, 2>(simd, args),
-                (2, _) => st_block::<S, 2, 1>(simd, args),
-                (_, 4) => st_block::<S, 1, 4>(simd, args),
-                (_, 2) => st_block::<S, 1, 2>(simd, args),
-                _ => st_block::<S, 1, 1>(simd, args),
+                (2, 1) => st_block::<S, 2, 1>(simd, args),
+                (1, 4) => st_block::<S, 1, 4>(simd, args),
+                (1, 2) => st_block::<S, 1, 2>(simd, args),
+                (1, 1) => st_block::<S, 1, 1>(simd, args),
+                _ => unreachable!("key blocks are 6, 4, 2 or 1 keys and row blocks 4, 2 or 1 vectors"),
             }
             c += nc;
         }
@@ -311,18 +315,20 @@ pub(crate) fn values_t<S: Simd>(
                 _ => 1,
             };
             let args = (pt, rp, (v, v_stride, v_off), cols, len, r, c, &mut *acc);
+            // Every shape spelled out, as in `scores_t`.
             match (mr, nv) {
                 (6, 2) => vt_block::<S, 6, 2>(simd, args),
-                (6, _) => vt_block::<S, 6, 1>(simd, args),
+                (6, 1) => vt_block::<S, 6, 1>(simd, args),
                 (4, 4) => vt_block::<S, 4, 4>(simd, args),
                 (4, 2) => vt_block::<S, 4, 2>(simd, args),
-                (4, _) => vt_block::<S, 4, 1>(simd, args),
+                (4, 1) => vt_block::<S, 4, 1>(simd, args),
                 (2, 4) => vt_block::<S, 2, 4>(simd, args),
                 (2, 2) => vt_block::<S, 2, 2>(simd, args),
-                (2, _) => vt_block::<S, 2, 1>(simd, args),
-                (_, 4) => vt_block::<S, 1, 4>(simd, args),
-                (_, 2) => vt_block::<S, 1, 2>(simd, args),
-                _ => vt_block::<S, 1, 1>(simd, args),
+                (2, 1) => vt_block::<S, 2, 1>(simd, args),
+                (1, 4) => vt_block::<S, 1, 4>(simd, args),
+                (1, 2) => vt_block::<S, 1, 2>(simd, args),
+                (1, 1) => vt_block::<S, 1, 1>(simd, args),
+                _ => unreachable!("row blocks are 6, 4, 2 or 1 rows and 4, 2 or 1 vectors wide"),
             }
             c += nv;
         }
