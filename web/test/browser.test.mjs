@@ -87,13 +87,19 @@ function checkOutputs({ result, embeddings, sentences }) {
   assert.ok(m.ttft.p50 > 0 && m.tpot.p50 > 0 && m.tps > 0);
 }
 
-// SmolLM2 Q4_1 on WebGPU (SwiftShader: about a minute for a 37-token prompt and 4 steps): the
-// reference's greedy tokens up to its first near-tie. One prompt here; every prompt of the
-// reference in the long tier (TWINFER_BROWSER_GGUF_ALL=1, scripts/test-long.sh).
+// SmolLM2 Q4_1 on WebGPU (SwiftShader: about 75 s for a 37-token prompt and 4 steps): the
+// reference's greedy tokens up to its first near-tie, for every prompt of the reference. Long
+// tier only (TWINFER_BROWSER_GGUF_ALL=1, scripts/test-long.sh): the quick tier checks the same
+// model on the resident GPU path on lavapipe (tests/tests/gguf_model.rs) and the quantized
+// kernels in this browser (tests/tests/webgpu_browser.rs), and CI's time does not fit it.
 const GGUF_STEPS = 4;
-test("on WebGPU, the Q4_1 GGUF chat model gives the reference's greedy tokens", async () => {
+const GGUF_ALL = process.env.TWINFER_BROWSER_GGUF_ALL === "1";
+const GGUF_SKIP = GGUF_ALL
+  ? false
+  : "SKIPPED in the quick tier: SmolLM2 Q4_1 on WebGPU runs in the long tier (TWINFER_BROWSER_GGUF_ALL=1)";
+test("on WebGPU, the Q4_1 GGUF chat model gives the reference's greedy tokens", { skip: GGUF_SKIP }, async () => {
   const g = JSON.parse(readFileSync(join(MODELS, "smollm2/golden.json"), "utf8"));
-  const prompts = process.env.TWINFER_BROWSER_GGUF_ALL === "1" ? g.prompts : g.prompts.slice(0, 1);
+  const prompts = g.prompts;
   const browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: [...BASE_FLAGS, ...WEBGPU_FLAGS] });
   try {
     const page = await browser.newPage();
