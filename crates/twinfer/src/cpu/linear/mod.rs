@@ -272,13 +272,31 @@ impl Chunk<'_> {
         cols: std::ops::Range<usize>,
         col0: usize,
     ) {
+        // Decode rows read each weight once, from memory: a block's features are then a quarter
+        // of the task apart, so that its NC weight rows are NC long sequential streams through
+        // the task instead of NC short ones side by side, which the hardware prefetcher picks up
+        // anew at every block. Each feature's arithmetic is the same either way.
+        let spread = if PREFETCH { cols.len() / NC } else { 0 };
         let mut r = 0;
         while r < self.rows {
             let mr = (self.rows - r).min(RB);
-            let mut c = cols.start;
+            for c in cols.start..cols.start + spread {
+                let at = Block { w, r0: r, c0: c, stride: spread, col0 };
+                match mr {
+                    4 => self.block::<S, E, 4, NC, PREFETCH>(simd, &at),
+                    3 => self.block::<S, E, 3, NC, PREFETCH>(simd, &at),
+                    2 => self.block::<S, E, 2, NC, PREFETCH>(simd, &at),
+                    _ => {
+                        for rr in r..r + mr {
+                            self.block::<S, E, 1, NC, PREFETCH>(simd, &Block { r0: rr, ..at });
+                        }
+                    }
+                }
+            }
+            let mut c = cols.start + spread * NC;
             while c < cols.end {
                 let nc = (cols.end - c).min(NC);
-                let at = Block { w, r0: r, c0: c, col0 };
+                let at = Block { w, r0: r, c0: c, stride: 1, col0 };
                 match (mr, nc) {
                     (6, 4) => self.block::<S, E, 6, 4, PREFETCH>(simd, &at),
                     (5, 4) => self.block::<S, E, 5, 4, PREFETCH>(simd, &at),
@@ -307,31 +325,33 @@ impl Chunk<'_> {
         simd: S,
         at: &Block<'_, E>,
     ) {
-        let (k, lanes, w, r0, c0) = (self.k, S::F32_LANES, at.w, at.r0, at.c0);
+        let (k, lanes, w, r0, c0, stride) = (self.k, S::F32_LANES, at.w, at.r0, at.c0, at.stride);
         let body = k - k % lanes;
+        // Weight row (and output column) of the block's feature c.
+        let feature = |c: usize| c0 + c * stride;
         // The pointer reads below stay inside these bounds, checked once per block.
-        assert!((r0 + R) * k <= self.x.len() && (c0 + C) * k <= w.len() && r0 + R <= self.rows);
+        assert!((r0 + R) * k <= self.x.len() && (feature(C - 1) + 1) * k <= w.len() && r0 + R <= self.rows);
         let (xp, wp) = (self.x.as_ptr(), w.as_ptr());
         let zero = simd.splat_f32s(0.0);
         let mut acc = [[zero; C]; R];
-        // The next block's weight rows, fetched a cache line at a time while this block computes:
-        // decode reads each weight once, so keeping more lines in flight is what speeds it up.
-        let ahead = (c0 + C) * k;
-        let ahead_len = if PREFETCH { (C * k).min(w.len().saturating_sub(ahead)) } else { 0 };
+        // The next weight row of each of the block's streams, fetched a cache line at a time
+        // while this block computes: decode reads each weight once, so keeping more lines in
+        // flight is what speeds it up. (Contiguous blocks: the next block's rows.)
+        let next = |c: usize| if stride == 1 { c0 + C + c } else { feature(c) + 1 };
         let line = 64 / core::mem::size_of::<E>();
         let mut i = 0;
         while i < body {
-            if ahead_len > 0 {
+            if PREFETCH && i % line < lanes {
                 for c in 0..C {
-                    let at = c * k + i;
-                    if at < ahead_len && i % line < lanes {
-                        prefetch_slice(&w[ahead..ahead + ahead_len], at, 1);
+                    let at = next(c) * k + i;
+                    if at < w.len() {
+                        prefetch_slice(w, at, 1);
                     }
                 }
             }
-            // SAFETY: i + lanes <= body <= k, inside rows r0..r0+R of x and c0..c0+C of W.
+            // SAFETY: i + lanes <= body <= k, inside rows r0..r0+R of x and the block's C weight rows.
             unsafe {
-                let wv: [S::f32s; C] = core::array::from_fn(|c| E::load_lanes::<S>(wp.add((c0 + c) * k + i)));
+                let wv: [S::f32s; C] = core::array::from_fn(|c| E::load_lanes::<S>(wp.add(feature(c) * k + i)));
                 for r in 0..R {
                     let xv = *(xp.add((r0 + r) * k + i) as *const S::f32s);
                     for c in 0..C {
@@ -345,12 +365,12 @@ impl Chunk<'_> {
             let xr = &self.x[(r0 + r) * k..(r0 + r + 1) * k];
             let sums = reduce::sums(simd, &acc[r]);
             for c in 0..C {
-                let wr = &w[(c0 + c) * k..(c0 + c + 1) * k];
+                let wr = &w[feature(c) * k..(feature(c) + 1) * k];
                 let mut sum = sums[c];
                 for j in body..k {
                     sum = xr[j].mul_add(wr[j].to_f32(), sum);
                 }
-                let col = at.col0 + c0 + c;
+                let col = at.col0 + feature(c);
                 if let Some(b) = self.bias {
                     sum += b[col];
                 }
@@ -363,12 +383,13 @@ impl Chunk<'_> {
     }
 }
 
-/// Where a register block reads: weight rows from `c0` of `w` (row `c` being output column
-/// `col0 + c`), activation rows from `r0`.
+/// Where a register block reads: weight rows `c0`, `c0 + stride`, ... of `w` (row `c` being
+/// output column `col0 + c`), activation rows from `r0`.
 struct Block<'a, E> {
     w: &'a [E],
     r0: usize,
     c0: usize,
+    stride: usize,
     col0: usize,
 }
 
