@@ -276,23 +276,38 @@ impl Chunk<'_> {
         // of the task apart, so that its NC weight rows are NC long sequential streams through
         // the task instead of NC short ones side by side, which the hardware prefetcher picks up
         // anew at every block. Each feature's arithmetic is the same either way.
+        // All rows meet a block's weights before the next block: they come from memory once
+        // and then from L1.
         let spread = if PREFETCH { cols.len() / NC } else { 0 };
-        let mut r = 0;
-        while r < self.rows {
-            let mr = (self.rows - r).min(RB);
-            for c in cols.start..cols.start + spread {
+        for c in cols.start..cols.start + spread {
+            let mut r = 0;
+            while r < self.rows {
+                let mr = (self.rows - r).min(RB);
                 let at = Block { w, r0: r, c0: c, stride: spread, col0 };
-                match mr {
-                    4 => self.block::<S, E, 4, NC, PREFETCH>(simd, &at),
-                    3 => self.block::<S, E, 3, NC, PREFETCH>(simd, &at),
-                    2 => self.block::<S, E, 2, NC, PREFETCH>(simd, &at),
-                    _ => {
+                // Only the first rows fetch the next weights: the others find them in cache.
+                match (mr, r == 0) {
+                    (4, true) => self.block::<S, E, 4, NC, PREFETCH>(simd, &at),
+                    (4, false) => self.block::<S, E, 4, NC, false>(simd, &at),
+                    (3, _) => self.block::<S, E, 3, NC, false>(simd, &at),
+                    (2, true) => self.block::<S, E, 2, NC, PREFETCH>(simd, &at),
+                    (2, false) => self.block::<S, E, 2, NC, false>(simd, &at),
+                    (_, first) => {
                         for rr in r..r + mr {
-                            self.block::<S, E, 1, NC, PREFETCH>(simd, &Block { r0: rr, ..at });
+                            let at = Block { r0: rr, ..at };
+                            if first && rr == r {
+                                self.block::<S, E, 1, NC, PREFETCH>(simd, &at);
+                            } else {
+                                self.block::<S, E, 1, NC, false>(simd, &at);
+                            }
                         }
                     }
                 }
+                r += mr;
             }
+        }
+        let mut r = 0;
+        while r < self.rows {
+            let mr = (self.rows - r).min(RB);
             let mut c = cols.start + spread * NC;
             while c < cols.end {
                 let nc = (cols.end - c).min(NC);
