@@ -4,7 +4,7 @@
 # seeds, `twinfer serve` holding 200 connections opened and abandoned at random for 60 s, the
 # suites that the quick tier runs natively only (under qemu too: engine, CLI, server) and the demo
 # in a Web Worker on WebGPU (SwiftShader, about four minutes), SmolLM2 Q4_1 on WebGPU over every
-# reference prompt (about five minutes).
+# reference prompt (about five minutes), SmolLM2 over an int8 cache on the GPU's op-by-op path.
 # Prints the figures a closing note quotes: executions per target, the stress and soak summaries.
 # Usage: scripts/test-long.sh [FUZZ_SECONDS]
 set -euo pipefail
@@ -19,6 +19,11 @@ done
 echo "== twinfer serve: 200 connections opened and abandoned at random for 60 s"
 TWINFER_SERVE_SOAK=60 cargo test -q --release -p twinfer-cli --test serve_openai -- --nocapture 2>&1 |
     grep -E "soak:|passed|FAILED|Error"
+echo "== SmolLM2 over an int8 cache on the GPU's op-by-op path (lavapipe)"
+mkdir -p -m700 "${XDG_RUNTIME_DIR:-/tmp/xdg}"
+WGPU_BACKEND=vulkan WGPU_ADAPTER_NAME=llvmpipe TWINFER_REQUIRE_GPU=1 TWINFER_GGUF_OP_BY_OP=1 \
+    XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp/xdg}" \
+    cargo test -q -p twinfer-tests --test gguf_model an_int8_kv_cache_runs_on_the_gpu 2>&1 | grep -E "test result|panicked|SKIPPED"
 echo "== aarch64 under qemu: every suite"
 TWINFER_AARCH64_ALL=1 scripts/test-aarch64.sh
 echo "== headless Chromium: the demo in a Web Worker on WebGPU"

@@ -174,9 +174,11 @@ fn resident_gpu_model_matches_the_reference_with_one_readback_per_step() {
 }
 
 /// An int8 KV cache resident on the GPU (codes and scales written by the RoPE/append kernel, read
-/// by prefill and decode, a forked sequence's partial page copied on the device) against the CPU
-/// engine over its own int8 cache. With f32 weights both engines quantize the same K/V up to f32
-/// rounding, so their logits agree far closer than either does with the float64 reference.
+/// by prefill and decode, a forked sequence's partial page copied on the device), and the GPU's
+/// op-by-op path over the host's int8 cache (its rows dequantized for the attention kernels),
+/// each against the CPU engine over its own int8 cache. With f32 weights the engines quantize the
+/// same K/V up to f32 rounding, so their logits agree far closer than either does with the
+/// float64 reference.
 #[test]
 fn resident_gpu_int8_cache_matches_the_cpu_int8_cache() {
     let Some(gpu) = gpu_attention() else { return };
@@ -214,27 +216,33 @@ fn resident_gpu_int8_cache_matches_the_cpu_int8_cache() {
             }
             out
         };
-        let on_gpu = run(&|cache, batch| model.forward_resident(&resident, cache, batch).unwrap());
         let on_cpu = run(&|cache, batch| model.forward(engines, cache, batch).unwrap());
+        let gpu_engines = Engines { level, prefill: &gpu, decode: &gpu };
+        let paths = [
+            ("resident", run(&|cache, batch| model.forward_resident(&resident, cache, batch).unwrap())),
+            ("op by op", run(&|cache, batch| model.forward(gpu_engines, cache, batch).unwrap())),
+        ];
         let vocab = model.config.vocab_size;
-        let (mut worst, mut rows, mut close) = (0f64, 0, 0);
-        for (step, (g, c)) in on_gpu.iter().zip(&on_cpu).enumerate() {
-            assert_eq!(g.len(), c.len(), "{name}: step {step}: logits rows");
-            for (row, (g, c)) in g.chunks(vocab).zip(c.chunks(vocab)).enumerate() {
-                let err = rel_err(g, c);
-                assert!(
-                    err <= Q8_FLIP_RTOL,
-                    "{name}: step {step}, row {row}: resident int8 against CPU int8: {err:.2e}"
-                );
-                worst = worst.max(err);
-                rows += 1;
-                close += (err <= Q8_ENGINES_RTOL) as usize;
+        for (path, on_gpu) in paths {
+            let (mut worst, mut rows, mut close) = (0f64, 0, 0);
+            for (step, (g, c)) in on_gpu.iter().zip(&on_cpu).enumerate() {
+                assert_eq!(g.len(), c.len(), "{name}: step {step}: logits rows");
+                for (row, (g, c)) in g.chunks(vocab).zip(c.chunks(vocab)).enumerate() {
+                    let err = rel_err(g, c);
+                    assert!(
+                        err <= Q8_FLIP_RTOL,
+                        "{name}: step {step}, row {row}: {path} GPU int8 against CPU int8: {err:.2e}"
+                    );
+                    worst = worst.max(err);
+                    rows += 1;
+                    close += (err <= Q8_ENGINES_RTOL) as usize;
+                }
             }
+            eprintln!(
+                "{name}: {path} GPU int8 cache against the CPU's: {close} of {rows} logits rows within {Q8_ENGINES_RTOL:.0e}, worst {worst:.2e}"
+            );
+            assert!(4 * close >= 3 * rows, "{name}: {path}: only {close} of {rows} rows agree to f32 rounding");
         }
-        eprintln!(
-            "{name}: resident GPU int8 cache against the CPU's: {close} of {rows} logits rows within {Q8_ENGINES_RTOL:.0e}, worst {worst:.2e}"
-        );
-        assert!(4 * close >= 3 * rows, "{name}: only {close} of {rows} rows agree to f32 rounding");
     }
 }
 
