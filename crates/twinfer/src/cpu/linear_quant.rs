@@ -1,8 +1,7 @@
 //! `y = x · Wᵀ + b` with `W` block-quantized ([`PackedQuant`]): `x` is `[rows, k]` f32, `y` is
-//! `[rows, n]`. The activations are quantized per block of 32 first, to two int8 digits (a
-//! coarse one and its residual, see [`QuantizedRows`]), then each tile of 16 features meets them
-//! in integer dot products ([`crate::cpu::qdot`]): 4-bit codes never become floats, and a block's
-//! sum is scaled once per digit.
+//! `[rows, n]`. The activations are quantized per block of 32 first, to 16-bit codes (see
+//! [`QuantizedRows`]), then each tile of 16 features meets them in integer dot products
+//! ([`crate::cpu::qdot`]): 4-bit codes never become floats, and a block's sum is scaled once.
 //!
 //! Every output element's arithmetic is the same whatever the batch (each row is quantized and
 //! summed alone, in a fixed order), so a sequence's logits are bit-identical alone or batched.
@@ -12,7 +11,7 @@
 use std::cell::RefCell;
 
 use crate::cpu::SimdLevel;
-use crate::cpu::qdot::{DIGITS, MAX_ROWS, QuantizedRows, TileRef, tile_rows};
+use crate::cpu::qdot::{MAX_ROWS, QuantizedRows, TileRef, tile_rows};
 use crate::error::{Result, TwinferError, check_len};
 use crate::quant::{BLOCK, PackedQuant, TILE};
 
@@ -105,25 +104,19 @@ fn run(
             let tile = TileRef::new(w, t);
             // The part's features of this tile, and where they go in the output.
             let features = t * TILE..((t + 1) * TILE).min(w.n);
-            // Activation rows r0..r0 + r_len are quantized rows DIGITS * r0 ..: their digits'
-            // sums add up, coarse first.
-            let per_call = MAX_ROWS / DIGITS;
             let mut r0 = 0;
             while r0 < rows {
-                let r_len = (rows - r0).min(per_call);
-                tile_rows(level, &tile, acts, DIGITS * r0, DIGITS * r_len, &mut block);
+                let r_len = (rows - r0).min(MAX_ROWS);
+                tile_rows(level, &tile, acts, r0, r_len, &mut block);
                 let (first, len) = (col0 + features.start, features.len());
                 let bias = bias.map(|b| &b[first..first + len]);
-                for (r, digits) in block.chunks_exact(DIGITS).enumerate().take(r_len) {
+                for (r, sums) in block.iter().enumerate().take(r_len) {
                     // SAFETY: these features belong to this task alone, so no other thread
                     // touches the slice.
                     let dst = unsafe { out.slice((r0 + r) * n + first, len) };
-                    for (i, d) in dst.iter_mut().enumerate() {
-                        let sum = digits[0][i] + digits[1][i];
-                        *d = match bias {
-                            Some(b) => sum + b[i],
-                            None => sum,
-                        };
+                    match bias {
+                        Some(b) => dst.iter_mut().zip(sums).zip(b).for_each(|((d, &s), &b)| *d = s + b),
+                        None => dst.copy_from_slice(&sums[..len]),
                     }
                 }
                 r0 += r_len;
@@ -181,13 +174,13 @@ mod tests {
             .collect()
     }
 
-    /// Per output element, with `xd = dx1 * q1 + dx2 * q2` the activations as quantized:
+    /// Per output element, with `xd = dx * q` the activations as quantized:
     /// - against an f64 product of the reference-decoded weights and `xd`, the error is only f32
-    ///   rounding: the integer sums are exact, and each block and digit adds two products (one
-    ///   rounding for `d * dx`, one per FMA) to a running sum, then the digits and the bias are
-    ///   added, so `(4 blocks + 6) eps` of the magnitudes bounds it;
+    ///   rounding: the integer sums are exact, and each block converts its sum and adds two
+    ///   products (one rounding for `d * dx`, one per FMA) to a running sum, then the bias is
+    ///   added, so `(4 blocks + 2) eps` of the magnitudes bounds it;
     /// - against the f32 activations themselves, the quantization adds at most half a step of the
-    ///   residual digit per element: `Σ_blocks dx2/2 Σ|w|`;
+    ///   codes per element: `Σ_blocks dx/2 Σ|w|`;
     /// - each row alone gives the bits it gets inside the batch;
     /// - every level but wasm's (no FMA there) gives the scalar level's bits.
     #[test]
@@ -218,46 +211,35 @@ mod tests {
                     for r in 0..rows {
                         for c in 0..n {
                             let w = |j: usize| reference[c * k + j] as f64;
-                            // The activations as quantized: the two digits' values.
-                            let xd = |j: usize| {
-                                (0..DIGITS)
-                                    .map(|d| {
-                                        let qr = DIGITS * r + d;
-                                        acts.dx[qr * nb + j / BLOCK] as f64 * acts.q[qr * k + j] as f64
-                                    })
-                                    .sum::<f64>()
-                            };
+                            // The activations as quantized.
+                            let xd = |j: usize| acts.dx[r * nb + j / BLOCK] as f64 * acts.q[r * k + j] as f64;
                             let exact: f64 = (0..k).map(|j| w(j) * xd(j)).sum::<f64>() + bias[c] as f64;
-                            let magnitude: f64 = (0..k)
-                                .map(|j| (w(j).abs() + minimum(c, j / BLOCK).abs()) * xd(j).abs())
-                                .sum::<f64>()
-                                + (0..nb)
-                                    .map(|b| {
-                                        (0..DIGITS)
-                                            .map(|d| {
-                                                minimum(c, b).abs() * (acts.sx[(DIGITS * r + d) * nb + b] as f64).abs()
-                                            })
-                                            .sum::<f64>()
-                                    })
-                                    .sum::<f64>()
-                                + (bias[c] as f64).abs();
+                            let magnitude: f64 =
+                                (0..k).map(|j| (w(j).abs() + minimum(c, j / BLOCK).abs()) * xd(j).abs()).sum::<f64>()
+                                    + (0..nb)
+                                        .map(|b| minimum(c, b).abs() * (acts.sx[r * nb + b] as f64).abs())
+                                        .sum::<f64>()
+                                    + (bias[c] as f64).abs();
                             let got = y[r * n + c] as f64;
-                            // Two digits, each adding two rounded products per block and half (the
-                            // K-quants' scale products are exact).
-                            let rounding = (4 * format.halves() * nb + 6) as f64 * f32::EPSILON as f64 * magnitude;
+                            // Per block and half three roundings (the integer sum's conversion,
+                            // which 8-bit codes can take past 2^24, `d * dx`, the FMA; the
+                            // K-quants' scale products are exact), one for the minimum's FMA, then
+                            // the bias.
+                            let rounding =
+                                ((3 * format.halves() + 1) * nb + 2) as f64 * f32::EPSILON as f64 * magnitude;
                             assert!(
                                 (got - exact).abs() <= rounding,
                                 "{level} {format:?} {rows}x{n}x{k} [{r},{c}]: {got} vs {exact} (bound {rounding:e})"
                             );
                             let true_dot: f64 =
                                 (0..k).map(|j| w(j) * x[r * k + j] as f64).sum::<f64>() + bias[c] as f64;
-                            // Per element, the residual digit's half step, plus the rounding of the
-                            // residual itself (a product and a difference of the block's magnitude).
+                            // Per element, half a step of the codes, plus the rounding of the
+                            // scaled value before it is rounded to a code (of the block's magnitude).
                             let step: f64 = (0..nb)
                                 .map(|b| {
                                     let amax =
                                         (0..BLOCK).fold(0f64, |m, j| m.max((x[r * k + b * BLOCK + j] as f64).abs()));
-                                    let per = acts.dx[(DIGITS * r + 1) * nb + b] as f64 / 2.0 * (1.0 + 1e-4)
+                                    let per = acts.dx[r * nb + b] as f64 / 2.0 * (1.0 + 1e-4)
                                         + 2.0 * f32::EPSILON as f64 * amax;
                                     per * (0..BLOCK).map(|j| w(b * BLOCK + j).abs()).sum::<f64>()
                                 })

@@ -1,22 +1,22 @@
 //! Integer dot products between a tile of block-quantized weights ([`PackedQuant`]'s layout) and
-//! activation rows quantized to int8 per block of 32 ([`QuantizedRows`]), as llama.cpp's
-//! `vec_dot_q4_1_q8_1` and friends do.
+//! activation rows quantized to 16-bit integers per block of 32 ([`QuantizedRows`]), as
+//! llama.cpp's `vec_dot_q4_1_q8_1` and friends do with 8-bit ones.
 //!
 //! For a weight block (codes `c`, scale `d`, minimum `m`, zero code `z`) and an activation block
-//! (codes `q` in -127..=127, scale `dx`, `sx = dx * Σq`), the block's contribution is
+//! (codes `q`, `|q| <= 32385`, scale `dx`, `sx = dx * Σq`), the block's contribution is
 //! `(d * dx) * Σ(c - z)·q + m * sx`. For the K-quants, `d` and `m` are the f16 scales of the
 //! K-quant block times the sub-block's integer multipliers (exact in f32), and Q6_K's blocks sum
-//! in two halves of 16 inputs with a scale each. The integer sum is exact on every instruction set, however
-//! each one forms it (`vpdpbusd` with a +128 bias, `pmaddubsw` with the sign trick, widening
-//! multiplies); the float part is the same two FMAs per block everywhere except wasm (no fused
-//! multiply-add there: a multiply and an add). So on x86, ARM and the scalar level a product is
-//! bit-identical across levels, and on every level it is independent of the batch: each row's
-//! quantization and sums depend on that row alone.
+//! in two halves of 16 inputs with a scale each. The integer sum is exact on every instruction
+//! set, however each one forms it: AVX2 multiplies 16-bit pairs (`vpmaddwd`); the int8 dot
+//! products (`vpdpbusd` with a +128 bias, `sdot`, widening multiplies) take the codes as two int8
+//! digits, `q = 255 * coarse + fine`, and join the two sums in integers. The float part is the same
+//! two FMAs per block everywhere except wasm (no fused multiply-add there: a multiply and an add).
+//! So on x86, ARM and the scalar level a product is bit-identical across levels, and on every
+//! level it is independent of the batch: each row's quantization and sums depend on that row
+//! alone.
 //!
-//! The cost against f32 activations is the activations' rounding. Each activation row is two
-//! quantized rows (a coarse digit and its residual, see [`QuantizedRows`]), so the error per
-//! element is half a step of the residual digit, about `1/64516` of the block's largest
-//! magnitude (one digit alone: `1/254`); the tests bound it.
+//! The cost against f32 activations is the activations' rounding: half a step, `1/64770` of the
+//! block's largest magnitude per element (8-bit codes alone: `1/254`); the tests bound it.
 
 #[cfg(target_arch = "aarch64")]
 mod neon;
@@ -31,12 +31,17 @@ mod x86;
 use crate::cpu::SimdLevel;
 use crate::quant::{BLOCK, PackedQuant, QuantFormat, TILE};
 
-/// Quantized rows a kernel call accumulates at once (each decoded weight vector serves them
-/// all): 8 with AVX-512's 32 registers, else 4 a pass.
-pub(crate) const MAX_ROWS: usize = 8;
-/// Quantized rows per pass of the kernels with 16 vector registers (AVX2, wasm) or a quarter
-/// tile's three accumulators per row (NEON).
-const NARROW_ROWS: usize = 4;
+/// Activation rows a kernel call accumulates at once (each decoded weight vector serves them
+/// all): AVX2's three registers a row and AVX-512's six fit 4.
+pub(crate) const MAX_ROWS: usize = 4;
+/// Activation rows per pass of the kernels that sum two digits per row in a quarter tile's
+/// registers (NEON, wasm).
+const NARROW_ROWS: usize = 2;
+/// The largest activation code: `255 * 127`, so that a code splits into two int8 digits
+/// `255 * coarse + fine`, both in -127..=127.
+const QMAX: f32 = 32385.0;
+/// The weight of the coarse digit.
+pub(crate) const DIGIT_BASE: i32 = 255;
 
 /// One tile of weights as a kernel reads it.
 pub(crate) struct TileRef<'a> {
@@ -99,10 +104,15 @@ impl<'a> TileRef<'a> {
     }
 
     /// The code rows (of 64 bytes) that hold half `h` of a block: all of them for 4-bit codes
-    /// (whose halves are never apart), else rows `8h / halves ..`.
+    /// (whose halves are never apart), else rows `8h / halves ..` (halves is 1 or 2: no
+    /// division in the block loop).
     #[inline(always)]
     pub fn rows_of_half(&self, h: usize) -> core::ops::Range<usize> {
-        if self.bits == 4 { 0..4 } else { 8 * h / self.halves..8 * (h + 1) / self.halves }
+        match (self.bits, self.halves) {
+            (4, _) => 0..4,
+            (_, 1) => 0..8,
+            _ => 4 * h..4 * h + 4,
+        }
     }
 
     pub fn block_bytes(&self) -> usize {
@@ -125,27 +135,28 @@ impl<'a> TileRef<'a> {
             self.halves == 1
                 || (self.halves == 2 && self.bits == 8 && self.zero == 0 && !self.ds.is_empty() && self.m.is_empty())
         );
-        assert!(a.q.len() >= a.rows * a.k && a.dx.len() >= a.rows * self.blocks);
+        assert!(a.q.len() >= a.rows * a.k && a.digits.len() >= 2 * a.rows * a.k);
+        assert!(a.dx.len() >= a.rows * self.blocks);
         assert!(a.sx.len() >= a.rows * self.blocks && a.qsum.len() >= a.rows * self.blocks);
         assert!(a.qsum_low.len() >= a.rows * self.blocks);
     }
 }
 
-/// Activation rows as two int8 digits per block of 32: a coarse row `q1` with `dx1` = the block's
-/// largest magnitude over 127 (llama.cpp's Q8_0 activations), then the residual
-/// `x - dx1 * q1` quantized the same way (`q2`, `dx2`, about `dx1 / 254`). A row of `x` becomes
-/// quantized rows `2r` (coarse) and `2r + 1` (residual), and a product sums the two: the error
-/// per element drops from `dx1 / 2` (int8 alone, which moved SmolLM2's logits by up to 1.0 and
-/// flipped its first answer token) to `dx2 / 2`, for twice the integer work on the same weights.
-/// A block with a NaN or an infinity gets `dx = NaN`, so the outputs it reaches are NaN rather
-/// than silently finite.
+/// Activation rows quantized per block of 32: `x ≈ dx * q` with `dx` = the block's largest
+/// magnitude over 32385 and `q` its 16-bit codes, each also split into two int8 digits
+/// (`q = 255 * coarse + fine`) for the kernels whose dot products take bytes. The error per
+/// element is `dx / 2`: 8-bit codes alone (llama.cpp's Q8 activations, `amax / 127`) moved
+/// SmolLM2's logits by up to 1.0 and flipped its first answer token. A block with a NaN or an
+/// infinity gets `dx = NaN`, so the outputs it reaches are NaN rather than silently finite.
 #[derive(Default)]
 pub(crate) struct QuantizedRows {
-    /// Quantized rows: twice the activation rows.
+    /// Activation rows.
     pub rows: usize,
     pub k: usize,
-    /// `[rows, k]`.
-    pub q: Vec<i8>,
+    /// `[rows, k]` codes, `|q| <= 32385`.
+    pub q: Vec<i16>,
+    /// `[rows, 2, k]`: row `r`'s coarse digits are row `2r`, its fine digits row `2r + 1`.
+    pub digits: Vec<i8>,
     /// `[rows, k / 32]` scales.
     pub dx: Vec<f32>,
     /// `[rows, k / 32]`: `dx * Σq` (for Q4_1's minima).
@@ -157,7 +168,7 @@ pub(crate) struct QuantizedRows {
 }
 
 impl QuantizedRows {
-    /// `Σq` over half `h` of quantized block `at`, for a weight block in `halves` halves.
+    /// `Σq` over half `h` of block `at`, for a weight block in `halves` halves.
     ///
     /// # Safety
     /// `at` must be inside the quantized rows.
@@ -173,10 +184,13 @@ impl QuantizedRows {
             }
         }
     }
-}
 
-/// Quantized rows per activation row.
-pub(crate) const DIGITS: usize = 2;
+    /// Where digit `d` (0 coarse, 1 fine) of row `row`'s block `blk` starts in `digits`.
+    #[inline(always)]
+    pub fn digit_at(&self, row: usize, d: usize, blk: usize) -> usize {
+        (2 * row + d) * self.k + blk * BLOCK
+    }
+}
 
 /// Activation rows quantized per parallel task.
 const ROWS_PER_TASK: usize = 8;
@@ -187,22 +201,25 @@ impl QuantizedRows {
     /// same operations, lane by lane, with no fused multiply-add).
     pub fn quantize(&mut self, level: SimdLevel, x: &[f32], rows: usize, k: usize) {
         let nb = k / BLOCK;
-        self.rows = DIGITS * rows;
+        self.rows = rows;
         self.k = k;
-        self.q.resize(self.rows * k, 0);
+        self.q.resize(rows * k, 0);
+        self.digits.resize(2 * rows * k, 0);
         for v in [&mut self.dx, &mut self.sx] {
-            v.resize(self.rows * nb, 0.0);
+            v.resize(rows * nb, 0.0);
         }
-        self.qsum.resize(self.rows * nb, 0);
-        self.qsum_low.resize(self.rows * nb, 0);
-        let per = ROWS_PER_TASK * DIGITS;
-        let parts: Vec<std::sync::Mutex<Digits<'_>>> = self
+        self.qsum.resize(rows * nb, 0);
+        self.qsum_low.resize(rows * nb, 0);
+        let per = ROWS_PER_TASK;
+        let parts: Vec<std::sync::Mutex<Codes<'_>>> = self
             .q
             .chunks_mut(per * k)
-            .zip(self.dx.chunks_mut(per * nb))
-            .zip(self.sx.chunks_mut(per * nb))
+            .zip(self.digits.chunks_mut(2 * per * k))
+            .zip(self.dx.chunks_mut(per * nb).zip(self.sx.chunks_mut(per * nb)))
             .zip(self.qsum.chunks_mut(per * nb).zip(self.qsum_low.chunks_mut(per * nb)))
-            .map(|(((q, dx), sx), (qsum, qsum_low))| std::sync::Mutex::new(Digits { q, dx, sx, qsum, qsum_low }))
+            .map(|(((q, digits), (dx, sx)), (qsum, qsum_low))| {
+                std::sync::Mutex::new(Codes { q, digits, dx, sx, qsum, qsum_low })
+            })
             .collect();
         let task = |i: usize| {
             let mut part = parts[i].lock().unwrap_or_else(|e| e.into_inner());
@@ -216,7 +233,7 @@ impl QuantizedRows {
                 unsafe { quantize_x86::quantize_rows(&mut part, x, k) };
                 return;
             }
-            level.dispatch(QuantizeRows { digits: &mut part, x, k });
+            level.dispatch(QuantizeRows { codes: &mut part, x, k });
         };
         if rows >= 2 * ROWS_PER_TASK {
             crate::cpu::parallel::for_each(parts.len(), task);
@@ -226,19 +243,20 @@ impl QuantizedRows {
     }
 }
 
-/// The quantized rows of some activation rows.
-struct Digits<'a> {
-    q: &'a mut [i8],
+/// The quantized codes of some activation rows.
+struct Codes<'a> {
+    q: &'a mut [i16],
+    digits: &'a mut [i8],
     dx: &'a mut [f32],
     sx: &'a mut [f32],
     qsum: &'a mut [i32],
     qsum_low: &'a mut [i32],
 }
 
-/// [`Digits::quantize`] compiled with a SIMD level's features, so that the block loops (written
+/// [`Codes::quantize`] compiled with a SIMD level's features, so that the block loops (written
 /// branch-free over fixed 32-element arrays) become vector code.
 struct QuantizeRows<'a, 'b> {
-    digits: &'a mut Digits<'b>,
+    codes: &'a mut Codes<'b>,
     x: &'a [f32],
     k: usize,
 }
@@ -247,20 +265,33 @@ impl pulp::WithSimd for QuantizeRows<'_, '_> {
     type Output = ();
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _simd: S) {
-        self.digits.quantize(self.x, self.k);
+        self.codes.quantize(self.x, self.k);
     }
 }
 
-/// Blocks whose largest magnitude is below this quantize to zero: their scale `amax / 127` would
-/// be subnormal and its reciprocal could overflow.
-const SMALLEST_AMAX: f32 = 127.0 * f32::MIN_POSITIVE;
+/// Blocks whose largest magnitude is below this quantize to zero: their scale `amax / 32385`
+/// would be subnormal and its reciprocal could overflow.
+const SMALLEST_AMAX: f32 = QMAX * f32::MIN_POSITIVE;
 
-impl Digits<'_> {
+/// A block's scale and its reciprocal: `(NaN, 0)` for a block with an infinity or a NaN, zeros
+/// for one too small for a normal scale.
+#[inline(always)]
+fn block_scale(amax: f32, finite: bool) -> (f32, f32) {
+    match (finite, amax >= SMALLEST_AMAX) {
+        (false, _) => (f32::NAN, 0.0),
+        (true, false) => (0.0, 0.0),
+        (true, true) => {
+            let dx = amax / QMAX;
+            (dx, 1.0 / dx)
+        }
+    }
+}
+
+impl Codes<'_> {
     /// Quantizes `x` (`[rows, k]`: the rows these buffers hold).
     #[inline(always)]
     fn quantize(&mut self, x: &[f32], k: usize) {
         let nb = k / BLOCK;
-        let mut residual = [0f32; BLOCK];
         for (r, row) in x.chunks_exact(k).enumerate() {
             for (blk, xs) in row.chunks_exact(BLOCK).enumerate() {
                 let xs: &[f32; BLOCK] = xs.try_into().expect("chunks of BLOCK");
@@ -268,58 +299,50 @@ impl Digits<'_> {
                 // float order, and any infinity or NaN lands at or above the infinity's bits.
                 let amax_bits = xs.iter().fold(0u32, |a, v| a.max(v.to_bits() & 0x7fff_ffff));
                 let finite = amax_bits < f32::INFINITY.to_bits();
-                let coarse = (DIGITS * r) * nb + blk;
-                let dx1 = self.digit(coarse, xs, f32::from_bits(amax_bits), finite);
-                let q1: &[i8; BLOCK] = self.q[coarse * BLOCK..][..BLOCK].try_into().expect("a block");
-                for ((res, &v), &q) in residual.iter_mut().zip(xs).zip(q1) {
-                    // A multiply then a subtract, never fused, on every level.
-                    *res = v - dx1 * q as f32;
+                let (dx, inv) = block_scale(f32::from_bits(amax_bits), finite);
+                // |v * inv| <= 32385 * (1 + 2 eps) here and is finite, so the rounded value
+                // clamps to -32385..=32385 and converts exactly (inv = 0 gives 0 for a
+                // non-finite block's finite elements; its NaN and infinite ones would give NaN,
+                // masked off to 0). The codes stay floats until the store: integer-valued below
+                // 2^24, so their sums are exact in any order.
+                let mut codes = [0f32; BLOCK];
+                let (mut coarse, mut fine) = ([0f32; BLOCK], [0f32; BLOCK]);
+                if finite {
+                    for (c, &v) in codes.iter_mut().zip(xs) {
+                        *c = round_half_even(v * inv).clamp(-QMAX, QMAX);
+                    }
                 }
-                let amax2 = residual.iter().fold(0u32, |a, v| a.max(v.to_bits() & 0x7fff_ffff));
-                self.digit(coarse + nb, &residual, f32::from_bits(amax2), finite);
+                for ((c, hi), lo) in codes.iter().zip(&mut coarse).zip(&mut fine) {
+                    // c / 255 is never within 1/510 of a half integer (255 is odd), far more
+                    // than the product's rounding, so this is the exact quotient rounded.
+                    *hi = round_half_even(c * (1.0 / DIGIT_BASE as f32));
+                    *lo = c - *hi * DIGIT_BASE as f32;
+                }
+                let at = r * nb + blk;
+                let q: &mut [i16; BLOCK] = (&mut self.q[at * BLOCK..][..BLOCK]).try_into().expect("a block");
+                for (q, &c) in q.iter_mut().zip(&codes) {
+                    *q = c as i16;
+                }
+                for (d, digit) in [coarse, fine].iter().enumerate() {
+                    let out: &mut [i8; BLOCK] =
+                        (&mut self.digits[(2 * r + d) * k + blk * BLOCK..][..BLOCK]).try_into().expect("a block");
+                    for (o, &c) in out.iter_mut().zip(digit) {
+                        *o = c as i8;
+                    }
+                }
+                let low = sum_codes(&codes[..BLOCK / 2]);
+                let sum = low + sum_codes(&codes[BLOCK / 2..]);
+                self.qsum_low[at] = low;
+                self.dx[at] = dx;
+                self.sx[at] = dx * sum as f32;
+                self.qsum[at] = sum;
             }
         }
-    }
-
-    /// Quantizes one block `xs` (largest magnitude `amax`) into quantized block `at` (row-major
-    /// over `[rows, k / 32]`); returns its scale. A block with an infinity or a NaN gets codes 0
-    /// and scale NaN.
-    #[inline(always)]
-    fn digit(&mut self, at: usize, xs: &[f32; BLOCK], amax: f32, finite: bool) -> f32 {
-        let (dx, inv) = match (finite, amax >= SMALLEST_AMAX) {
-            (false, _) => (f32::NAN, 0.0),
-            (true, false) => (0.0, 0.0),
-            (true, true) => {
-                let dx = amax / 127.0;
-                (dx, 1.0 / dx)
-            }
-        };
-        // |v * inv| <= 127 * (1 + 2 eps) here and is finite, so the rounded value clamps to
-        // -127..=127 and converts exactly (inv = 0 gives 0 for a non-finite block's finite
-        // elements; its NaN and infinite ones would give NaN, masked off to 0). The codes stay
-        // floats until the store: integer-valued, so their sums are exact in any order, and no
-        // saturating float-to-int conversion per lane runs before the store.
-        let mut codes = [0f32; BLOCK];
-        if finite {
-            for (c, &v) in codes.iter_mut().zip(xs) {
-                *c = round_half_even(v * inv).clamp(-127.0, 127.0);
-            }
-        }
-        let q: &mut [i8; BLOCK] = (&mut self.q[at * BLOCK..][..BLOCK]).try_into().expect("a block");
-        for (q, &c) in q.iter_mut().zip(&codes) {
-            *q = c as i8;
-        }
-        let low = sum_codes(&codes[..BLOCK / 2]);
-        let sum = low + sum_codes(&codes[BLOCK / 2..]);
-        self.qsum_low[at] = low;
-        self.dx[at] = dx;
-        self.sx[at] = dx * sum as f32;
-        self.qsum[at] = sum;
-        dx
     }
 }
 
-/// The sum of 16 integer-valued codes, exact (|sum| <= 2032) whatever the order of the adds.
+/// The sum of 16 integer-valued codes, exact (|sum| <= 518160 < 2^24) whatever the order of the
+/// adds.
 #[inline(always)]
 fn sum_codes(codes: &[f32]) -> i32 {
     codes.iter().fold(0.0f32, |a, &c| a + c) as i32
@@ -346,19 +369,19 @@ pub(crate) fn tile_rows(
 ) {
     t.check(a, r0, rows);
     #[cfg(target_arch = "x86_64")]
-    if let SimdLevel::Avx512(_) = level
-        && x86::has_vnni()
-    {
-        // SAFETY: this level exists only where AVX-512 F/BW was detected, and VNNI was just
-        // detected; `check` bounds every read.
-        return unsafe { x86::tile_rows_vnni(t, a, r0, rows, out) };
+    match level {
+        SimdLevel::Avx512(_) if x86::has_vnni() => {
+            // SAFETY: this level exists only where AVX-512 F/BW was detected, and VNNI was just
+            // detected; `check` bounds every read.
+            return unsafe { x86::tile_rows_vnni(t, a, r0, rows, out) };
+        }
+        // SAFETY: AVX-512 machines and the Avx2 level have AVX2, FMA and F16C (detected).
+        SimdLevel::Avx512(_) | SimdLevel::Avx2(_) => return unsafe { x86::tile_rows_avx2(t, a, r0, rows, out) },
+        _ => {}
     }
     for c in (0..rows).step_by(NARROW_ROWS) {
         let (r, n, out) = (r0 + c, (rows - c).min(NARROW_ROWS), &mut out[c..]);
         match level {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: AVX-512 machines and the Avx2 level have AVX2, FMA and F16C (detected).
-            SimdLevel::Avx512(_) | SimdLevel::Avx2(_) => unsafe { x86::tile_rows_avx2(t, a, r, n, out) },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: the Neon level exists only where NEON was detected; `check` bounds reads.
             SimdLevel::Neon(_) => unsafe {
@@ -377,7 +400,7 @@ pub(crate) fn tile_rows(
     }
 }
 
-/// Runs `f::<R>(args)` for a run-time row count 1..=4 (1..=8 with `wide`).
+/// Runs `f::<R>(args)` for a run-time row count 1..=4 (1..=2 with `narrow`).
 macro_rules! for_rows {
     ($rows:expr, $f:ident($($arg:expr),* $(,)?)) => {
         match $rows {
@@ -387,16 +410,10 @@ macro_rules! for_rows {
             _ => $f::<4>($($arg),*),
         }
     };
-    (wide $rows:expr, $f:ident($($arg:expr),* $(,)?)) => {
+    (narrow $rows:expr, $f:ident($($arg:expr),* $(,)?)) => {
         match $rows {
             1 => $f::<1>($($arg),*),
-            2 => $f::<2>($($arg),*),
-            3 => $f::<3>($($arg),*),
-            4 => $f::<4>($($arg),*),
-            5 => $f::<5>($($arg),*),
-            6 => $f::<6>($($arg),*),
-            7 => $f::<7>($($arg),*),
-            _ => $f::<8>($($arg),*),
+            _ => $f::<2>($($arg),*),
         }
     };
 }
@@ -414,8 +431,9 @@ mod tests {
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
-    /// The quantizer as its definition reads, one element at a time.
-    fn quantize_naive(x: &[f32]) -> (Vec<i8>, f32, i32, i32) {
+    /// The quantizer as its definition reads, one element at a time: (codes, scale, sum, sum of
+    /// the first half).
+    fn quantize_naive(x: &[f32]) -> (Vec<i16>, f32, i32, i32) {
         let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
         if !x.iter().all(|v| v.is_finite()) {
             return (vec![0; x.len()], f32::NAN, 0, 0);
@@ -423,14 +441,15 @@ mod tests {
         if amax < SMALLEST_AMAX {
             return (vec![0; x.len()], 0.0, 0, 0);
         }
-        let dx = amax / 127.0;
-        let q: Vec<i8> = x.iter().map(|&v| (v * (1.0 / dx)).round_ties_even().clamp(-127.0, 127.0) as i8).collect();
+        let dx = amax / QMAX;
+        let q: Vec<i16> = x.iter().map(|&v| (v * (1.0 / dx)).round_ties_even().clamp(-QMAX, QMAX) as i16).collect();
         let low = q[..BLOCK / 2].iter().map(|&c| c as i32).sum();
         (q.clone(), dx, q.iter().map(|&c| c as i32).sum(), low)
     }
 
     /// Every level quantizes to the same bits as the definition: ties at half steps, blocks of
-    /// zeros, blocks too small for a normal scale, infinities and NaNs, huge and tiny values.
+    /// zeros, blocks too small for a normal scale, infinities and NaNs, huge and tiny values; and
+    /// the digits put each code back together, within -127..=127.
     #[test]
     fn quantizer_equals_its_definition_on_every_level() {
         let k = 4 * BLOCK;
@@ -445,8 +464,16 @@ mod tests {
         for scale in [1.0f32, 1e-3, 3e4, 1e-36, 1e-40] {
             rows.push((0..k).map(|_| next() * scale).collect());
         }
-        // Half steps: with amax 127, the code of v is v itself, so n + 0.5 is a tie.
-        rows.push((0..k).map(|j| if j % BLOCK == 0 { 127.0 } else { (j % 9) as f32 - 4.5 }).collect());
+        // Half steps: with amax 32385, the code of v is v itself, so n + 0.5 is a tie; and codes
+        // whose coarse digit is a near tie (255 m + 127, 255 m + 128).
+        rows.push((0..k).map(|j| if j % BLOCK == 0 { QMAX } else { (j % 9) as f32 * 3601.0 - 4.5 }).collect());
+        rows.push(
+            (0..k)
+                .map(|j| {
+                    if j % BLOCK == 0 { -QMAX } else { (255 * (j % 254) as i32 - 32385 + 127 + (j % 2) as i32) as f32 }
+                })
+                .collect(),
+        );
         let mut specials: Vec<f32> = (0..k).map(|_| next()).collect();
         specials[3] = f32::INFINITY;
         specials[BLOCK + 5] = f32::NAN;
@@ -461,23 +488,19 @@ mod tests {
             a.quantize(level, &x, n, k);
             for r in 0..n {
                 for b in 0..nb {
-                    let xs = &x[r * k + b * BLOCK..][..BLOCK];
-                    let (q1, dx1, sum1, low1) = quantize_naive(xs);
-                    let residual: Vec<f32> = if dx1.is_nan() {
-                        vec![0.0; BLOCK]
-                    } else {
-                        xs.iter().zip(&q1).map(|(&v, &q)| v - dx1 * q as f32).collect()
-                    };
-                    let (q2, dx2, sum2, low2) = quantize_naive(&residual);
-                    let dx2 = if dx1.is_nan() { f32::NAN } else { dx2 };
-                    for (d, (q, dx, sum, low)) in [(q1, dx1, sum1, low1), (q2, dx2, sum2, low2)].into_iter().enumerate()
-                    {
-                        let at = (DIGITS * r + d) * nb + b;
-                        let what = format!("{level} row {r} block {b} digit {d}");
-                        assert_eq!(&a.q[at * BLOCK..][..BLOCK], &q[..], "{what}");
-                        assert_eq!(a.dx[at].to_bits(), dx.to_bits(), "{what}");
-                        assert_eq!((a.qsum[at], a.qsum_low[at]), (sum, low), "{what}");
-                        assert_eq!(a.sx[at].to_bits(), (dx * sum as f32).to_bits(), "{what}");
+                    let (q, dx, sum, low) = quantize_naive(&x[r * k + b * BLOCK..][..BLOCK]);
+                    let at = r * nb + b;
+                    let what = format!("{level} row {r} block {b}");
+                    assert_eq!(&a.q[at * BLOCK..][..BLOCK], &q[..], "{what}");
+                    assert_eq!(a.dx[at].to_bits(), dx.to_bits(), "{what}");
+                    assert_eq!((a.qsum[at], a.qsum_low[at]), (sum, low), "{what}");
+                    assert_eq!(a.sx[at].to_bits(), (dx * sum as f32).to_bits(), "{what}");
+                    let coarse = &a.digits[a.digit_at(r, 0, b)..][..BLOCK];
+                    let fine = &a.digits[a.digit_at(r, 1, b)..][..BLOCK];
+                    for j in 0..BLOCK {
+                        let (hi, lo) = (coarse[j] as i32, fine[j] as i32);
+                        assert!(hi.abs() <= 127 && lo.abs() <= 127, "{what} [{j}]: digits {hi}, {lo}");
+                        assert_eq!(DIGIT_BASE * hi + lo, q[j] as i32, "{what} [{j}]");
                     }
                 }
             }

@@ -7,22 +7,23 @@
 //!   instructions per 16 products. No product pair can overflow i16: `128 * 127` for 8-bit codes,
 //!   `2 * 15 * 127` for two 4-bit ones.
 //!
-//! Both sum integers exactly, so they give the same i32 sums and, through the same float
-//! epilogue, the same bits.
+//! Both take each activation code as two int8 digits and join the digits' sums
+//! (`255 * coarse + fine`) in integers, so they give the same i32 sums as the other levels and,
+//! through the same float epilogue, the same bits.
 
 use core::arch::aarch64::*;
 use core::arch::asm;
 use core::ptr::read_unaligned;
 
 use super::{F16_REBASE, QuantizedRows, TileRef, for_rows};
-use crate::quant::{BLOCK, TILE};
+use crate::quant::TILE;
 
 /// # Safety
 /// NEON must be present and `t.check(a, r0, rows)` must hold.
 #[target_feature(enable = "neon")]
 pub(super) unsafe fn tile_rows(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, rows: usize, out: &mut [[f32; TILE]]) {
     // SAFETY: forwarded.
-    unsafe { for_rows!(rows, kernel(t, a, r0, out)) }
+    unsafe { for_rows!(narrow rows, kernel(t, a, r0, out)) }
 }
 
 /// Four f16 scales (bits) as f32, exactly (see [`F16_REBASE`]).
@@ -88,15 +89,15 @@ struct Place {
     quarter: usize,
 }
 
-/// `acc[r] +=` the block half's exact integer sums of row `r0 + r` (one i32 lane per feature),
-/// less the codes' zero point, times the features' scales and the row's activation scale.
+/// `acc[r] +=` the block half's exact integer sums of row `r0 + r` (one i32 lane per feature,
+/// per digit: joined here), less the codes' zero point, times the features' scales and the row's activation scale.
 ///
 /// # Safety
 /// `t.check(a, r0, R)` must hold and the place be inside the tile.
 #[inline(always)]
 unsafe fn add_scaled<const R: usize>(
     acc: &mut [float32x4_t; R],
-    sums: [int32x4_t; R],
+    sums: [[int32x4_t; 2]; R],
     t: &TileRef<'_>,
     a: &QuantizedRows,
     p: Place,
@@ -107,7 +108,8 @@ unsafe fn add_scaled<const R: usize>(
         for r in 0..R {
             let at = (p.r0 + r) * t.blocks + p.blk;
             let zero = vdupq_n_s32(t.zero * a.half_sum(at, p.h, t.halves));
-            let s = vsubq_s32(sums[r], zero);
+            let joined = vmlaq_n_s32(sums[r][1], sums[r][0], super::DIGIT_BASE);
+            let s = vsubq_s32(joined, zero);
             let scale = vmulq_f32(d, vdupq_n_f32(*a.dx.get_unchecked(at)));
             acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(s), scale);
         }
@@ -182,7 +184,7 @@ pub(super) unsafe fn tile_rows_dotprod(
     out: &mut [[f32; TILE]],
 ) {
     // SAFETY: forwarded.
-    unsafe { for_rows!(rows, kernel_dotprod(t, a, r0, out)) }
+    unsafe { for_rows!(narrow rows, kernel_dotprod(t, a, r0, out)) }
 }
 
 #[target_feature(enable = "neon,dotprod")]
@@ -194,25 +196,31 @@ unsafe fn kernel_dotprod<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0:
             // SAFETY (all reads below): as in `kernel`; `sdot` is present per the caller.
             unsafe {
                 let base = t.codes.as_ptr().add(blk * bb + quarter * 16);
-                let xs: [*const i8; R] = core::array::from_fn(|r| a.q.as_ptr().add((r0 + r) * a.k + blk * BLOCK));
+                let xs: [[*const i8; 2]; R] = core::array::from_fn(|r| {
+                    core::array::from_fn(|d| a.digits.as_ptr().add(a.digit_at(r0 + r, d, blk)))
+                });
                 for h in 0..t.halves {
                     // One i32 lane per feature of the quarter.
-                    let mut sums = [vdupq_n_s32(0); R];
+                    let mut sums = [[vdupq_n_s32(0); 2]; R];
                     if t.bits == 4 {
                         for g in 0..4 {
                             let v = vld1q_u8(base.add(g * 64));
                             let lo = vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0f)));
                             let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(v));
                             for r in 0..R {
-                                sums[r] = sdot(sums[r], lo, quad_lanes(xs[r], g));
-                                sums[r] = sdot(sums[r], hi, quad_lanes(xs[r], g + 4));
+                                for d in 0..2 {
+                                    sums[r][d] = sdot(sums[r][d], lo, quad_lanes(xs[r][d], g));
+                                    sums[r][d] = sdot(sums[r][d], hi, quad_lanes(xs[r][d], g + 4));
+                                }
                             }
                         }
                     } else {
                         for g in t.rows_of_half(h) {
                             let v = vld1q_s8(base.add(g * 64) as *const i8);
                             for r in 0..R {
-                                sums[r] = sdot(sums[r], v, quad_lanes(xs[r], g));
+                                for d in 0..2 {
+                                    sums[r][d] = sdot(sums[r][d], v, quad_lanes(xs[r][d], g));
+                                }
                             }
                         }
                     }
@@ -244,35 +252,43 @@ unsafe fn kernel<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, 
             // rows r0..r0+R of k activations; a quarter reads 16 bytes of each 64-byte row.
             unsafe {
                 let base = t.codes.as_ptr().add(blk * bb + quarter * 16);
-                let xs: [*const i8; R] = core::array::from_fn(|r| a.q.as_ptr().add((r0 + r) * a.k + blk * BLOCK));
+                let xs: [[*const i8; 2]; R] = core::array::from_fn(|r| {
+                    core::array::from_fn(|d| a.digits.as_ptr().add(a.digit_at(r0 + r, d, blk)))
+                });
                 for h in 0..t.halves {
-                    // Features (0, 1) and (2, 3) of the quarter, each as two partial sums.
-                    let mut pa = [vdupq_n_s32(0); R];
-                    let mut pb = [vdupq_n_s32(0); R];
+                    // Features (0, 1) and (2, 3) of the quarter, each as two partial sums, per
+                    // row and digit.
+                    let mut pa = [[vdupq_n_s32(0); 2]; R];
+                    let mut pb = [[vdupq_n_s32(0); 2]; R];
                     if t.bits == 4 {
                         for g in 0..4 {
                             let v = vld1q_u8(base.add(g * 64));
                             let lo = vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0f)));
                             let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(v));
                             for r in 0..R {
-                                let (xl, xh) = (quad(xs[r], g), quad(xs[r], g + 4));
-                                let first = vmlal_s8(vmull_s8(vget_low_s8(lo), xl), vget_low_s8(hi), xh);
-                                let second = vmlal_s8(vmull_s8(vget_high_s8(lo), xl), vget_high_s8(hi), xh);
-                                pa[r] = vpadalq_s16(pa[r], first);
-                                pb[r] = vpadalq_s16(pb[r], second);
+                                for d in 0..2 {
+                                    let (xl, xh) = (quad(xs[r][d], g), quad(xs[r][d], g + 4));
+                                    let first = vmlal_s8(vmull_s8(vget_low_s8(lo), xl), vget_low_s8(hi), xh);
+                                    let second = vmlal_s8(vmull_s8(vget_high_s8(lo), xl), vget_high_s8(hi), xh);
+                                    pa[r][d] = vpadalq_s16(pa[r][d], first);
+                                    pb[r][d] = vpadalq_s16(pb[r][d], second);
+                                }
                             }
                         }
                     } else {
                         for g in t.rows_of_half(h) {
                             let v = vld1q_s8(base.add(g * 64) as *const i8);
                             for r in 0..R {
-                                let x = quad(xs[r], g);
-                                pa[r] = vpadalq_s16(pa[r], vmull_s8(vget_low_s8(v), x));
-                                pb[r] = vpadalq_s16(pb[r], vmull_s8(vget_high_s8(v), x));
+                                for d in 0..2 {
+                                    let x = quad(xs[r][d], g);
+                                    pa[r][d] = vpadalq_s16(pa[r][d], vmull_s8(vget_low_s8(v), x));
+                                    pb[r][d] = vpadalq_s16(pb[r][d], vmull_s8(vget_high_s8(v), x));
+                                }
                             }
                         }
                     }
-                    let sums: [int32x4_t; R] = core::array::from_fn(|r| vpaddq_s32(pa[r], pb[r]));
+                    let sums: [[int32x4_t; 2]; R] =
+                        core::array::from_fn(|r| core::array::from_fn(|d| vpaddq_s32(pa[r][d], pb[r][d])));
                     add_scaled(&mut acc, sums, t, a, Place { r0, blk, h, quarter });
                 }
                 add_minima(&mut acc, t, a, r0, blk, quarter);

@@ -1,27 +1,28 @@
-//! The activation quantizer ([`Digits::quantize`]) in AVX2, for the AVX2 and AVX-512 levels: a
+//! The activation quantizer ([`Codes::quantize`]) in AVX2, for the AVX2 and AVX-512 levels: a
 //! block's 32 values sit in four vectors, and every step is the portable code's operation lane by
-//! lane (a multiply then a subtract, never fused; the same rounding by adding and removing
-//! 1.5 * 2^23), so the codes and scales are the same bits. Compiled from the portable loop it
-//! took 1.4-2.3 ns per value, a seventh of a Q4_1 prompt's time; this takes about 0.5 (an
-//! AVX-512 version, two vectors per block, took 0.7: its horizontal maxima and sums cost more).
+//! lane (the same rounding by adding and removing 1.5 * 2^23, no fused multiply-add), so the codes,
+//! digits and scales are the same bits. Compiled from the portable loop it took 1.4-2.3 ns per
+//! value, a seventh of a Q4_1 prompt's time; this takes about 0.5 (an AVX-512 version, two vectors
+//! per block, took 0.7: its horizontal maxima and sums cost more).
 
 use core::arch::x86_64::*;
 
-use super::{Digits, SMALLEST_AMAX};
+use super::{Codes, DIGIT_BASE, QMAX, block_scale};
 use crate::quant::BLOCK;
 
-/// Quantizes `x` (`[rows, k]`, the rows `d` holds) into both digits.
+/// Quantizes `x` (`[rows, k]`, the rows `d` holds) into codes and digits.
 ///
 /// # Safety
 /// AVX2 must be present; `x.len()` must be a multiple of `k`, itself of `BLOCK`, and `d`'s
 /// buffers must hold those rows (as [`super::QuantizedRows::quantize`] sizes them).
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn quantize_rows(d: &mut Digits<'_>, x: &[f32], k: usize) {
+pub(super) unsafe fn quantize_rows(d: &mut Codes<'_>, x: &[f32], k: usize) {
     let nb = k / BLOCK;
     let rows = x.len() / k;
     assert!(k.is_multiple_of(BLOCK) && rows * k == x.len());
-    assert!(d.q.len() >= 2 * rows * k && d.dx.len() >= 2 * rows * nb && d.sx.len() >= 2 * rows * nb);
-    assert!(d.qsum.len() >= 2 * rows * nb && d.qsum_low.len() >= 2 * rows * nb);
+    assert!(d.q.len() >= rows * k && d.digits.len() >= 2 * rows * k);
+    assert!(d.dx.len() >= rows * nb && d.sx.len() >= rows * nb);
+    assert!(d.qsum.len() >= rows * nb && d.qsum_low.len() >= rows * nb);
     for r in 0..rows {
         for blk in 0..nb {
             // SAFETY: the block lies inside row r of x (asserted above).
@@ -31,16 +32,8 @@ pub(super) unsafe fn quantize_rows(d: &mut Digits<'_>, x: &[f32], k: usize) {
             };
             let amax_bits = largest_magnitude_bits(v);
             let finite = amax_bits < f32::INFINITY.to_bits();
-            let coarse = (2 * r) * nb + blk;
-            // SAFETY: `coarse` and `coarse + nb` are blocks of these rows (asserted above).
-            unsafe {
-                let (dx1, codes) = digit(d, coarse, v, f32::from_bits(amax_bits), finite);
-                let step = _mm256_set1_ps(dx1);
-                let residual: [__m256; 4] =
-                    core::array::from_fn(|i| _mm256_sub_ps(v[i], _mm256_mul_ps(step, _mm256_cvtepi32_ps(codes[i]))));
-                let amax2 = largest_magnitude_bits(residual);
-                digit(d, coarse + nb, residual, f32::from_bits(amax2), finite);
-            }
+            // SAFETY: block (r, blk) is inside these rows (asserted above).
+            unsafe { block(d, r, blk, k, v, f32::from_bits(amax_bits), finite) };
         }
     }
 }
@@ -70,49 +63,67 @@ fn sum16(a: __m256i, b: __m256i) -> i32 {
     _mm_cvtsi128_si32(s)
 }
 
-/// One digit of one block, as [`Digits::digit`]: writes its codes, scale and sums at block `at`
-/// and returns the scale and the codes.
-///
-/// # Safety
-/// Block `at` must be inside `d`'s buffers.
+/// Rounds each lane to the nearest integer, ties to even, as `round_half_even` does.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn digit(d: &mut Digits<'_>, at: usize, v: [__m256; 4], amax: f32, finite: bool) -> (f32, [__m256i; 4]) {
-    let (dx, inv) = match (finite, amax >= SMALLEST_AMAX) {
-        (false, _) => (f32::NAN, 0.0),
-        (true, false) => (0.0, 0.0),
-        (true, true) => {
-            let dx = amax / 127.0;
-            (dx, 1.0 / dx)
-        }
-    };
-    let codes: [__m256i; 4] = if finite {
-        let (inv, magic, big) = (_mm256_set1_ps(inv), _mm256_set1_ps(12_582_912.0), _mm256_set1_ps(4_194_304.0));
-        let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
-        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
-        core::array::from_fn(|i| {
-            let p = _mm256_mul_ps(v[i], inv);
-            let small = _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_and_ps(p, abs), big);
-            let rounded = _mm256_blendv_ps(p, _mm256_sub_ps(_mm256_add_ps(p, magic), magic), small);
-            _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(rounded, lo), hi))
-        })
+fn round_lanes(p: __m256) -> __m256 {
+    let (magic, big) = (_mm256_set1_ps(12_582_912.0), _mm256_set1_ps(4_194_304.0));
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let small = _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_and_ps(p, abs), big);
+    _mm256_blendv_ps(p, _mm256_sub_ps(_mm256_add_ps(p, magic), magic), small)
+}
+
+/// Stores 32 integer-valued floats in -127..=127 as bytes, in order.
+///
+/// # Safety
+/// `out` must have 32 writable bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn store_bytes(out: *mut i8, v: [__m256; 4]) {
+    let c: [__m256i; 4] = core::array::from_fn(|i| _mm256_cvtps_epi32(v[i]));
+    // Packs work within 128-bit lanes, so restore the order after.
+    let b = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+    let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    // SAFETY: as the caller promises.
+    unsafe { _mm256_storeu_si256(out as *mut __m256i, b) };
+}
+
+/// Block `blk` of row `r`, as [`Codes::quantize`]: writes its codes, digits, scale and sums.
+///
+/// # Safety
+/// The block must be inside `d`'s buffers.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn block(d: &mut Codes<'_>, r: usize, blk: usize, k: usize, v: [__m256; 4], amax: f32, finite: bool) {
+    let (dx, inv) = block_scale(amax, finite);
+    let codes: [__m256; 4] = if finite {
+        let inv = _mm256_set1_ps(inv);
+        let (lo, hi) = (_mm256_set1_ps(-QMAX), _mm256_set1_ps(QMAX));
+        core::array::from_fn(|i| _mm256_min_ps(_mm256_max_ps(round_lanes(_mm256_mul_ps(v[i], inv)), lo), hi))
     } else {
-        [_mm256_setzero_si256(); 4]
+        [_mm256_setzero_ps(); 4]
     };
-    // SAFETY: block `at` is inside the buffers, as the caller promises.
+    let base = _mm256_set1_ps(DIGIT_BASE as f32);
+    let per_base = _mm256_set1_ps(1.0 / DIGIT_BASE as f32);
+    let coarse: [__m256; 4] = core::array::from_fn(|i| round_lanes(_mm256_mul_ps(codes[i], per_base)));
+    let fine: [__m256; 4] = core::array::from_fn(|i| _mm256_sub_ps(codes[i], _mm256_mul_ps(coarse[i], base)));
+    let at = r * (k / BLOCK) + blk;
+    let ints: [__m256i; 4] = core::array::from_fn(|i| _mm256_cvtps_epi32(codes[i]));
+    // SAFETY: the block is inside the buffers, as the caller promises.
     unsafe {
-        // i32 -> i8 in order: packs work within 128-bit lanes, so restore the order after.
-        let w01 = _mm256_packs_epi32(codes[0], codes[1]);
-        let w23 = _mm256_packs_epi32(codes[2], codes[3]);
-        let b = _mm256_packs_epi16(w01, w23);
-        let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256(d.q.as_mut_ptr().add(at * BLOCK) as *mut __m256i, b);
-        let low = sum16(codes[0], codes[1]);
-        let sum = low + sum16(codes[2], codes[3]);
+        // i32 -> i16 within 128-bit lanes, then the 64-bit quarters back in order.
+        for half in 0..2 {
+            let w = _mm256_packs_epi32(ints[2 * half], ints[2 * half + 1]);
+            let w = _mm256_permute4x64_epi64::<0b11_01_10_00>(w);
+            _mm256_storeu_si256(d.q.as_mut_ptr().add(at * BLOCK + 16 * half) as *mut __m256i, w);
+        }
+        store_bytes(d.digits.as_mut_ptr().add(2 * r * k + blk * BLOCK), coarse);
+        store_bytes(d.digits.as_mut_ptr().add((2 * r + 1) * k + blk * BLOCK), fine);
+        let low = sum16(ints[0], ints[1]);
+        let sum = low + sum16(ints[2], ints[3]);
         *d.qsum_low.get_unchecked_mut(at) = low;
         *d.dx.get_unchecked_mut(at) = dx;
         *d.sx.get_unchecked_mut(at) = dx * sum as f32;
         *d.qsum.get_unchecked_mut(at) = sum;
     }
-    (dx, codes)
 }

@@ -5,19 +5,20 @@
 //! instruction sums four activation bytes times four codes per feature. Its result is defined
 //! exactly when the second operand's bytes fit 7 bits, which nibbles (0..=15) do, so the sums are
 //! the same integers as the plain path's; 8-bit codes (-128..=127) keep the widening multiplies.
+//! Each activation code is two int8 digits; their sums join in integers (`255 * coarse + fine`).
 
 use core::arch::wasm32::*;
 use core::ptr::read_unaligned;
 
-use super::{F16_REBASE, QuantizedRows, TileRef, for_rows};
-use crate::quant::{BLOCK, TILE};
+use super::{DIGIT_BASE, F16_REBASE, QuantizedRows, TileRef, for_rows};
+use crate::quant::TILE;
 
 /// # Safety
 /// The module must be built with simd128 and `t.check(a, r0, rows)` must hold.
 #[target_feature(enable = "simd128")]
 pub(super) unsafe fn tile_rows(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, rows: usize, out: &mut [[f32; TILE]]) {
     // SAFETY: forwarded.
-    unsafe { for_rows!(rows, kernel(t, a, r0, out)) }
+    unsafe { for_rows!(narrow rows, kernel(t, a, r0, out)) }
 }
 
 /// Four f16 scales (bits) as f32, exactly (see [`F16_REBASE`]).
@@ -84,16 +85,18 @@ const RELAXED_DOT: bool = cfg!(all(feature = "relaxed-simd", target_feature = "r
 /// As the kernel's reads: 4 code rows of 64 bytes from `base`, 32 activation bytes per row.
 #[cfg(all(feature = "relaxed-simd", target_feature = "relaxed-simd"))]
 #[inline(always)]
-unsafe fn nibble_dots<const R: usize>(base: *const u8, xs: &[*const i8; R]) -> [v128; R] {
-    let mut p = [i32x4_splat(0); R];
+unsafe fn nibble_dots<const R: usize>(base: *const u8, xs: &[[*const i8; 2]; R]) -> [[v128; 2]; R] {
+    let mut p = [[i32x4_splat(0); 2]; R];
     for g in 0..4 {
         // SAFETY: forwarded from the caller.
         unsafe {
             let v = v128_load(base.add(g * 64) as *const v128);
             let (lo, hi) = (v128_and(v, u8x16_splat(0x0f)), u8x16_shr(v, 4));
             for r in 0..R {
-                p[r] = i32x4_relaxed_dot_i8x16_i7x16_add(quad(xs[r], g), lo, p[r]);
-                p[r] = i32x4_relaxed_dot_i8x16_i7x16_add(quad(xs[r], g + 4), hi, p[r]);
+                for d in 0..2 {
+                    p[r][d] = i32x4_relaxed_dot_i8x16_i7x16_add(quad(xs[r][d], g), lo, p[r][d]);
+                    p[r][d] = i32x4_relaxed_dot_i8x16_i7x16_add(quad(xs[r][d], g + 4), hi, p[r][d]);
+                }
             }
         }
     }
@@ -103,7 +106,7 @@ unsafe fn nibble_dots<const R: usize>(base: *const u8, xs: &[*const i8; R]) -> [
 /// The plain build never calls it (`RELAXED_DOT` is false there).
 #[cfg(not(all(feature = "relaxed-simd", target_feature = "relaxed-simd")))]
 #[inline(always)]
-unsafe fn nibble_dots<const R: usize>(_base: *const u8, _xs: &[*const i8; R]) -> [v128; R] {
+unsafe fn nibble_dots<const R: usize>(_base: *const u8, _xs: &[[*const i8; 2]; R]) -> [[v128; 2]; R] {
     unreachable!("relaxed SIMD is not in this build")
 }
 
@@ -117,13 +120,16 @@ unsafe fn kernel<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, 
             // rows r0..r0+R of k activations; a quarter reads 16 bytes of each 64-byte row.
             unsafe {
                 let base = t.codes.as_ptr().add(blk * bb + quarter * 16);
-                let xs: [*const i8; R] = core::array::from_fn(|r| a.q.as_ptr().add((r0 + r) * a.k + blk * BLOCK));
+                let xs: [[*const i8; 2]; R] = core::array::from_fn(|r| {
+                    core::array::from_fn(|d| a.digits.as_ptr().add(a.digit_at(r0 + r, d, blk)))
+                });
                 for h in 0..t.halves {
-                    // Features (0, 1) and (2, 3) of the quarter, each as two partial sums.
-                    let mut pa = [i32x4_splat(0); R];
-                    let mut pb = [i32x4_splat(0); R];
+                    // Features (0, 1) and (2, 3) of the quarter, each as two partial sums, per
+                    // row and digit.
+                    let mut pa = [[i32x4_splat(0); 2]; R];
+                    let mut pb = [[i32x4_splat(0); 2]; R];
                     // Per-feature sums straight from the relaxed dot product (4-bit codes only).
-                    let mut dots: Option<[v128; R]> = None;
+                    let mut dots: Option<[[v128; 2]; R]> = None;
                     if t.bits == 4 && RELAXED_DOT {
                         dots = Some(nibble_dots::<R>(base, &xs));
                     } else if t.bits == 4 {
@@ -132,34 +138,43 @@ unsafe fn kernel<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, 
                             let lo = v128_and(v, u8x16_splat(0x0f));
                             let hi = u8x16_shr(v, 4);
                             for r in 0..R {
-                                let (xl, xh) = (quad(xs[r], g), quad(xs[r], g + 4));
-                                let first = i16x8_add(i16x8_extmul_low_i8x16(lo, xl), i16x8_extmul_low_i8x16(hi, xh));
-                                let second =
-                                    i16x8_add(i16x8_extmul_high_i8x16(lo, xl), i16x8_extmul_high_i8x16(hi, xh));
-                                pa[r] = i32x4_add(pa[r], i32x4_extadd_pairwise_i16x8(first));
-                                pb[r] = i32x4_add(pb[r], i32x4_extadd_pairwise_i16x8(second));
+                                for d in 0..2 {
+                                    let (xl, xh) = (quad(xs[r][d], g), quad(xs[r][d], g + 4));
+                                    let first =
+                                        i16x8_add(i16x8_extmul_low_i8x16(lo, xl), i16x8_extmul_low_i8x16(hi, xh));
+                                    let second =
+                                        i16x8_add(i16x8_extmul_high_i8x16(lo, xl), i16x8_extmul_high_i8x16(hi, xh));
+                                    pa[r][d] = i32x4_add(pa[r][d], i32x4_extadd_pairwise_i16x8(first));
+                                    pb[r][d] = i32x4_add(pb[r][d], i32x4_extadd_pairwise_i16x8(second));
+                                }
                             }
                         }
                     } else {
                         for g in t.rows_of_half(h) {
                             let v = v128_load(base.add(g * 64) as *const v128);
                             for r in 0..R {
-                                let x = quad(xs[r], g);
-                                pa[r] = i32x4_add(pa[r], i32x4_extadd_pairwise_i16x8(i16x8_extmul_low_i8x16(v, x)));
-                                pb[r] = i32x4_add(pb[r], i32x4_extadd_pairwise_i16x8(i16x8_extmul_high_i8x16(v, x)));
+                                for d in 0..2 {
+                                    let x = quad(xs[r][d], g);
+                                    let (low, high) = (i16x8_extmul_low_i8x16(v, x), i16x8_extmul_high_i8x16(v, x));
+                                    pa[r][d] = i32x4_add(pa[r][d], i32x4_extadd_pairwise_i16x8(low));
+                                    pb[r][d] = i32x4_add(pb[r][d], i32x4_extadd_pairwise_i16x8(high));
+                                }
                             }
                         }
                     }
                     let d = scales4(t, blk, h, quarter);
                     for r in 0..R {
                         let at = (r0 + r) * nb + blk;
-                        let sums = match dots {
-                            Some(d) => d[r],
-                            None => i32x4_add(
-                                i32x4_shuffle::<0, 2, 4, 6>(pa[r], pb[r]),
-                                i32x4_shuffle::<1, 3, 5, 7>(pa[r], pb[r]),
-                            ),
+                        let digit_sums: [v128; 2] = match dots {
+                            Some(dots) => dots[r],
+                            None => core::array::from_fn(|i| {
+                                i32x4_add(
+                                    i32x4_shuffle::<0, 2, 4, 6>(pa[r][i], pb[r][i]),
+                                    i32x4_shuffle::<1, 3, 5, 7>(pa[r][i], pb[r][i]),
+                                )
+                            }),
                         };
+                        let sums = i32x4_add(i32x4_mul(digit_sums[0], i32x4_splat(DIGIT_BASE)), digit_sums[1]);
                         let s = i32x4_sub(sums, i32x4_splat(t.zero * a.half_sum(at, h, t.halves)));
                         let scale = f32x4_mul(d, f32x4_splat(*a.dx.get_unchecked(at)));
                         acc[r] = f32x4_add(acc[r], f32x4_mul(f32x4_convert_i32x4(s), scale));

@@ -1,12 +1,13 @@
-//! x86-64 kernels: AVX-512 VNNI (`vpdpbusd`: 64 byte products a cycle into 16 features) and
-//! AVX2 (`vpmaddubsw` + `vpmaddwd`, 8 features a vector), used by the AVX-512 level on CPUs
-//! without VNNI too.
+//! x86-64 kernels: AVX-512 VNNI (`vpdpbusd`: 64 byte products a cycle into 16 features, once
+//! per digit of the activations) and AVX2 (`vpmaddwd`: the 16-bit codes times the weight codes
+//! widened to 16 bits, 8 features a vector), used by the AVX-512 level on CPUs without VNNI too.
 //!
-//! Both take unsigned bytes times signed bytes. 4-bit codes are unsigned already. 8-bit codes are
-//! signed: VNNI biases them by +128 (xor 0x80) and subtracts `128 * Σq` from the block's sum;
-//! AVX2 multiplies `|c|` by `q` carrying `c`'s sign (`vpsignb`), which cannot saturate a pair
-//! sum: `2 * 128 * 127 < 2^15` (activations stop at ±127). 4-bit pair sums stay under
-//! `2 * 2 * 15 * 127`.
+//! VNNI takes unsigned bytes times signed bytes. 4-bit codes are unsigned already. 8-bit codes are
+//! signed: VNNI biases them by +128 (xor 0x80) and subtracts `128 * Σq` from the joined sum. AVX2's pair products (`|c| * 32385 * 2 < 2^31`) and their sums cannot overflow.
+//!
+//! AVX2 once multiplied bytes (`vpmaddubsw`) digit by digit: per 64 products of a row 6
+//! multiplies (two digits of 2 `vpmaddubsw` and a widening `vpmaddwd`) against 4 `vpmaddwd`
+//! on the 16-bit codes, whose weights widen once for all the rows.
 
 use core::arch::x86_64::*;
 use core::ptr::read_unaligned;
@@ -32,7 +33,7 @@ pub(super) fn has_vnni() -> bool {
     std::arch::is_x86_feature_detected!("avx512vnni")
 }
 
-/// Activation bytes `4i .. 4i + 4` of a block, as one i32 for a broadcast.
+/// Activation bytes `4i .. 4i + 4` of a block's digits, as one i32 for a broadcast.
 #[inline(always)]
 unsafe fn quad(x: *const i8, i: usize) -> i32 {
     // SAFETY: the caller passes a block start with 32 bytes behind it.
@@ -129,7 +130,14 @@ pub(super) unsafe fn tile_rows_vnni(
     out: &mut [[f32; TILE]],
 ) {
     // SAFETY: forwarded.
-    unsafe { for_rows!(wide rows, vnni(t, a, r0, out)) }
+    unsafe { for_rows!(rows, vnni(t, a, r0, out)) }
+}
+
+/// `255 * coarse + fine`: a row's two digit sums joined (exact in i32).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn join_digits16(coarse: __m512i, fine: __m512i) -> __m512i {
+    _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32::<8>(coarse), coarse), fine)
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
@@ -137,40 +145,48 @@ unsafe fn vnni<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, ou
     let (bb, nb) = (t.block_bytes(), t.blocks);
     let low = _mm512_set1_epi8(0x0f);
     let flip = _mm512_set1_epi8(-128);
-    // 8-bit codes are biased by 128 here, so their zero is 128.
+    // 8-bit codes are biased by 128 here, so their zero is 128: the joined digit sums carry
+    // `128 * Σq`.
     let zero = if t.bits == 8 { 128 } else { t.zero };
     let mut acc = [_mm512_setzero_ps(); R];
     for blk in 0..nb {
         // SAFETY (all reads below): `check` guarantees nb blocks of codes and scales, and rows
-        // r0..r0+R of k activations with nb scales each.
+        // r0..r0+R of k activations (two digit rows each) with nb scales each.
         unsafe {
             let base = t.codes.as_ptr().add(blk * bb);
             prefetch_ahead(base, bb);
-            let xs: [*const i8; R] = core::array::from_fn(|r| a.q.as_ptr().add((r0 + r) * a.k + blk * BLOCK));
+            let xs: [[*const i8; 2]; R] =
+                core::array::from_fn(|r| core::array::from_fn(|d| a.digits.as_ptr().add(a.digit_at(r0 + r, d, blk))));
             for h in 0..t.halves {
-                let mut isum = [_mm512_setzero_si512(); R];
+                let mut isum = [[_mm512_setzero_si512(); 2]; R];
                 if t.bits == 4 {
                     for g in 0..4 {
                         let v = _mm512_loadu_si512(base.add(g * 64) as *const __m512i);
                         let lo = _mm512_and_si512(v, low);
                         let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
                         for r in 0..R {
-                            isum[r] = _mm512_dpbusd_epi32(isum[r], lo, _mm512_set1_epi32(quad(xs[r], g)));
-                            isum[r] = _mm512_dpbusd_epi32(isum[r], hi, _mm512_set1_epi32(quad(xs[r], g + 4)));
+                            for d in 0..2 {
+                                let s = _mm512_dpbusd_epi32(isum[r][d], lo, _mm512_set1_epi32(quad(xs[r][d], g)));
+                                isum[r][d] = _mm512_dpbusd_epi32(s, hi, _mm512_set1_epi32(quad(xs[r][d], g + 4)));
+                            }
                         }
                     }
                 } else {
                     for g in t.rows_of_half(h) {
                         let v = _mm512_xor_si512(_mm512_loadu_si512(base.add(g * 64) as *const __m512i), flip);
                         for r in 0..R {
-                            isum[r] = _mm512_dpbusd_epi32(isum[r], v, _mm512_set1_epi32(quad(xs[r], g)));
+                            for d in 0..2 {
+                                let x = _mm512_set1_epi32(quad(xs[r][d], g));
+                                isum[r][d] = _mm512_dpbusd_epi32(isum[r][d], v, x);
+                            }
                         }
                     }
                 }
                 let d = scales16(t, blk, h);
                 for r in 0..R {
                     let at = (r0 + r) * nb + blk;
-                    let s = _mm512_sub_epi32(isum[r], _mm512_set1_epi32(zero * a.half_sum(at, h, t.halves)));
+                    let sum = join_digits16(isum[r][0], isum[r][1]);
+                    let s = _mm512_sub_epi32(sum, _mm512_set1_epi32(zero * a.half_sum(at, h, t.halves)));
                     let scale = _mm512_mul_ps(d, _mm512_set1_ps(*a.dx.get_unchecked(at)));
                     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[r]);
                 }
@@ -200,72 +216,119 @@ pub(super) unsafe fn tile_rows_avx2(
     out: &mut [[f32; TILE]],
 ) {
     // SAFETY: forwarded.
-    unsafe { for_rows!(rows, avx2(t, a, r0, out)) }
+    unsafe {
+        match rows {
+            1 => avx2::<1, 2>(t, a, r0, out),
+            2 => avx2::<2, 2>(t, a, r0, out),
+            3 => avx2::<3, 1>(t, a, r0, out),
+            _ => avx2::<4, 1>(t, a, r0, out),
+        }
+    }
 }
 
+/// Activation codes `4i .. 4i + 4` of a block, broadcast to every 64-bit lane.
+///
+/// # Safety
+/// `x` must be a block start with 32 codes behind it and `i < 8`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn quad16(x: *const i16, i: usize) -> __m256i {
+    // SAFETY: as the caller promises.
+    _mm256_set1_epi64x(unsafe { read_unaligned(x.add(4 * i) as *const i64) })
+}
+
+/// A row's 8 feature sums from its two pair accumulators: `pairs_a` holds features (0, 1 | 4,
+/// 5) and `pairs_b` (2, 3 | 6, 7), each as two partial sums (the byte order of `vpunpck*bw`).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn feature_sums(pairs_a: __m256i, pairs_b: __m256i) -> __m256i {
+    _mm256_hadd_epi32(pairs_a, pairs_b)
+}
+
+/// Rows `r0 .. r0 + R` times the tile, `H` halves of 8 features a pass: both halves for one or
+/// two rows, whose accumulators leave room, so that each activation broadcast and block scale
+/// serves 16 features; one half at a time for more rows.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn avx2<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, out: &mut [[f32; TILE]]) {
+unsafe fn avx2<const R: usize, const H: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, out: &mut [[f32; TILE]]) {
     let (bb, nb) = (t.block_bytes(), t.blocks);
     let low = _mm256_set1_epi8(0x0f);
-    let ones = _mm256_set1_epi16(1);
-    // Features 0..8, then 8..16: a half tile's accumulators fit the 16 registers.
-    for h in 0..2 {
-        let mut acc = [_mm256_setzero_ps(); R];
+    let zero = _mm256_setzero_si256();
+    for h0 in (0..2).step_by(H) {
+        let mut acc = [[_mm256_setzero_ps(); H]; R];
         for blk in 0..nb {
             // SAFETY (all reads below): as in `vnni`; half h reads bytes 32h..32h+32 of each
             // 64-byte row and scales 8h..8h+8.
             unsafe {
-                let base = t.codes.as_ptr().add(blk * bb + h * 32);
-                if h == 0 {
+                let base = t.codes.as_ptr().add(blk * bb + h0 * 32);
+                if h0 == 0 {
                     prefetch_ahead(base, bb);
                 }
-                let xs: [*const i8; R] = core::array::from_fn(|r| a.q.as_ptr().add((r0 + r) * a.k + blk * BLOCK));
+                let xs: [*const i16; R] = core::array::from_fn(|r| a.q.as_ptr().add((r0 + r) * a.k + blk * BLOCK));
                 for half in 0..t.halves {
-                    let mut isum = [_mm256_setzero_si256(); R];
+                    // Codes widen to 16 bits in `vpunpck*bw`'s order: the low unpack takes
+                    // features (0, 1 | 4, 5), the high one (2, 3 | 6, 7), four inputs each.
+                    let mut pa = [[zero; H]; R];
+                    let mut pb = [[zero; H]; R];
                     if t.bits == 4 {
                         for g in 0..4 {
-                            let v = _mm256_loadu_si256(base.add(g * 64) as *const __m256i);
-                            let lo = _mm256_and_si256(v, low);
-                            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
-                            for r in 0..R {
-                                let p = _mm256_add_epi16(
-                                    _mm256_maddubs_epi16(lo, _mm256_set1_epi32(quad(xs[r], g))),
-                                    _mm256_maddubs_epi16(hi, _mm256_set1_epi32(quad(xs[r], g + 4))),
-                                );
-                                isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(p, ones));
+                            let xl: [__m256i; R] = core::array::from_fn(|r| quad16(xs[r], g));
+                            let xh: [__m256i; R] = core::array::from_fn(|r| quad16(xs[r], g + 4));
+                            for hh in 0..H {
+                                let v = _mm256_loadu_si256(base.add(g * 64 + 32 * hh) as *const __m256i);
+                                let lo = _mm256_and_si256(v, low);
+                                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                                let (lo_a, lo_b) = (_mm256_unpacklo_epi8(lo, zero), _mm256_unpackhi_epi8(lo, zero));
+                                let (hi_a, hi_b) = (_mm256_unpacklo_epi8(hi, zero), _mm256_unpackhi_epi8(hi, zero));
+                                for r in 0..R {
+                                    let (a_, b_) = (&mut pa[r][hh], &mut pb[r][hh]);
+                                    *a_ = _mm256_add_epi32(*a_, _mm256_madd_epi16(lo_a, xl[r]));
+                                    *b_ = _mm256_add_epi32(*b_, _mm256_madd_epi16(lo_b, xl[r]));
+                                    *a_ = _mm256_add_epi32(*a_, _mm256_madd_epi16(hi_a, xh[r]));
+                                    *b_ = _mm256_add_epi32(*b_, _mm256_madd_epi16(hi_b, xh[r]));
+                                }
                             }
                         }
                     } else {
                         for g in t.rows_of_half(half) {
-                            let v = _mm256_loadu_si256(base.add(g * 64) as *const __m256i);
-                            let magnitude = _mm256_abs_epi8(v);
-                            for r in 0..R {
-                                let signed_x = _mm256_sign_epi8(_mm256_set1_epi32(quad(xs[r], g)), v);
-                                let p = _mm256_maddubs_epi16(magnitude, signed_x);
-                                isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(p, ones));
+                            let x: [__m256i; R] = core::array::from_fn(|r| quad16(xs[r], g));
+                            for hh in 0..H {
+                                let v = _mm256_loadu_si256(base.add(g * 64 + 32 * hh) as *const __m256i);
+                                let sign = _mm256_cmpgt_epi8(zero, v);
+                                let (wa, wb) = (_mm256_unpacklo_epi8(v, sign), _mm256_unpackhi_epi8(v, sign));
+                                for r in 0..R {
+                                    pa[r][hh] = _mm256_add_epi32(pa[r][hh], _mm256_madd_epi16(wa, x[r]));
+                                    pb[r][hh] = _mm256_add_epi32(pb[r][hh], _mm256_madd_epi16(wb, x[r]));
+                                }
                             }
                         }
                     }
-                    let d = scales8(t, blk, half, h);
-                    for r in 0..R {
-                        let at = (r0 + r) * nb + blk;
-                        let zero = t.zero * a.half_sum(at, half, t.halves);
-                        let s = _mm256_sub_epi32(isum[r], _mm256_set1_epi32(zero));
-                        let scale = _mm256_mul_ps(d, _mm256_set1_ps(*a.dx.get_unchecked(at)));
-                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r]);
+                    for hh in 0..H {
+                        let d = scales8(t, blk, half, h0 + hh);
+                        for r in 0..R {
+                            let at = (r0 + r) * nb + blk;
+                            let zero_code = t.zero * a.half_sum(at, half, t.halves);
+                            let sums = feature_sums(pa[r][hh], pb[r][hh]);
+                            let s = _mm256_sub_epi32(sums, _mm256_set1_epi32(zero_code));
+                            let scale = _mm256_mul_ps(d, _mm256_set1_ps(*a.dx.get_unchecked(at)));
+                            acc[r][hh] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r][hh]);
+                        }
                     }
                 }
-                if let Some(m) = minima8(t, blk, h) {
-                    for r in 0..R {
-                        let at = (r0 + r) * nb + blk;
-                        acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(*a.sx.get_unchecked(at)), acc[r]);
+                for hh in 0..H {
+                    if let Some(m) = minima8(t, blk, h0 + hh) {
+                        for r in 0..R {
+                            let at = (r0 + r) * nb + blk;
+                            acc[r][hh] = _mm256_fmadd_ps(m, _mm256_set1_ps(*a.sx.get_unchecked(at)), acc[r][hh]);
+                        }
                     }
                 }
             }
         }
         for r in 0..R {
-            // SAFETY: out[r] holds 16 floats; this half writes 8h..8h+8.
-            unsafe { _mm256_storeu_ps(out[r].as_mut_ptr().add(h * 8), acc[r]) };
+            for hh in 0..H {
+                // SAFETY: out[r] holds 16 floats; half h writes 8h..8h+8.
+                unsafe { _mm256_storeu_ps(out[r].as_mut_ptr().add((h0 + hh) * 8), acc[r][hh]) };
+            }
         }
     }
 }
