@@ -134,9 +134,9 @@ fn check_linear(what: &str, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &[f32
     }
 }
 
-/// The quantized product quantizes each block of 32 activations to two int8 digits (coarse, then
-/// the residual): per element at most half a step of the residual digit, `amax / (2 * 127 * 254)`
-/// and a little rounding, plus f32 rounding of the sums (two products per block and digit).
+/// The quantized product quantizes each block of 32 activations to 16-bit codes: per element at
+/// most half a step, `amax / (2 * 32385)`, and a little rounding, plus f32 rounding of the sums
+/// (per block the integer sum's conversion, `d * dx`, two FMAs).
 #[allow(clippy::too_many_arguments)]
 fn check_linear_quant(
     what: &str,
@@ -164,12 +164,12 @@ fn check_linear_quant(
             for blk in 0..blocks {
                 let (xb, wb) = (&xs[blk * 32..][..32], &ws[blk * 32..][..32]);
                 let amax = xb.iter().fold(0f64, |m, &v| m.max((v as f64).abs()));
-                let step = amax * (1.001 / (2.0 * 127.0 * 254.0) + 2.0 * f32::EPSILON as f64);
+                let step = amax * (1.001 / (2.0 * 32385.0) + 2.0 * f32::EPSILON as f64);
                 let wsum: f64 = wb.iter().map(|&v| (v as f64).abs()).sum();
                 activations += step * wsum;
                 magnitude += (wsum + 32.0 * minimum(c, blk)) * (amax + step) * 2.0;
             }
-            let bound = activations + (4 * blocks + 6) as f64 * f32::EPSILON as f64 * magnitude + 1e-30;
+            let bound = activations + (4 * blocks + 2) as f64 * f32::EPSILON as f64 * magnitude + 1e-30;
             let got = y[r * n + c] as f64;
             assert!(
                 (got - exact).abs() <= bound,

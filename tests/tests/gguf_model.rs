@@ -24,11 +24,11 @@ use twinfer_tests::models::{floats, golden, ids, levels, model_dir};
 type Subject = (&'static str, &'static str);
 const Q4_1: Subject = ("smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf");
 const K_QUANTS: Subject = ("smollm2-kquant", "SmolLM2-135M-Instruct.Q4_K-Q6_K.gguf");
-/// The CPU quantizes activations per block of 32 into two int8 digits (a coarse one and its
-/// residual) before each quantized projection; against float64 over f32 activations that costs,
-/// through 30 layers, 3e-5 to 1.3e-4 of the largest top logit (one int8 digit alone, as
-/// llama.cpp does, cost up to 3.8e-2 and flipped near-ties). The kernels themselves are bounded
-/// to f32 rounding against the quantized activations in `cpu::linear_quant`'s tests.
+/// The CPU quantizes activations per block of 32 into 16-bit codes before each quantized
+/// projection: half a step of `amax / 32385`, the bound of the two int8 digits before them, which
+/// measured 3e-5 to 1.3e-4 of the largest top logit against float64 through 30 layers (8-bit
+/// codes, as llama.cpp has, cost up to 3.8e-2 and flipped near-ties). The kernels themselves are
+/// bounded to f32 rounding against the quantized activations in `cpu::linear_quant`'s tests.
 const CPU_LOGITS_RTOL: f64 = 3e-4;
 /// Two logits each off by the tolerance (of top logits near 32) can swap at twice it.
 const CPU_NEAR_TIE: f64 = 2.0 * CPU_LOGITS_RTOL * 32.0;

@@ -166,7 +166,7 @@ fn compare(got: &[Vec<f32>], want: &[Vec<f32>], rtol: f32, what: &str) {
 /// Block-quantized weights stay quantized on the browser's GPU too: the 4-bit, 8-bit and
 /// 8-bit-with-offset `load_w` compile in the browser's WGSL compiler and agree with the CPU engine, in the GEMV (decode
 /// steps) and the tiled matmul (a prompt of more than 64 rows). The CPU quantizes activations
-/// to two int8 digits (3e-4 of the top logit is the SmolLM2 test's bound for it); the GPU keeps
+/// to 16-bit codes (3e-4 of the top logit is the SmolLM2 test's bound for it); the GPU keeps
 /// them f32 and decodes the weights exactly.
 #[wasm_bindgen_test]
 async fn quantized_weights_on_the_browser_gpu_match_the_cpu_engine() {

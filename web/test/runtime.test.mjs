@@ -138,7 +138,7 @@ test("a Q4_1 GGUF chat model answers through its template with the reference's g
   assert.equal(result.text, "The capital of France is Paris.");
   await assert.rejects(collect(tf.generate({ messages: [{ role: "user" }] })), (e) => e instanceof TwinferError && /content/.test(e.message));
   // Every reference prompt: the greedy tokens up to the reference's first near-tie. The CPU
-  // rounds activations to two int8 digits per block before each quantized projection, within
+  // rounds activations to 16-bit codes per block before each quantized projection, within
   // 3e-4 of the top logits (about 32) of float64 (tests/tests/gguf_model.rs), so two logits can
   // swap only where the reference's top-2 margin is under twice that.
   const nearTie = 2 * 3e-4 * 32;
