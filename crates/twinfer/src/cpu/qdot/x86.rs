@@ -306,9 +306,12 @@ unsafe fn avx2<const R: usize, const H: usize>(t: &TileRef<'_>, a: &QuantizedRow
                         let d = scales8(t, blk, half, h0 + hh);
                         for r in 0..R {
                             let at = (r0 + r) * nb + blk;
-                            let zero_code = t.zero * a.half_sum(at, half, t.halves);
-                            let sums = feature_sums(pa[r][hh], pb[r][hh]);
-                            let s = _mm256_sub_epi32(sums, _mm256_set1_epi32(zero_code));
+                            let mut s = feature_sums(pa[r][hh], pb[r][hh]);
+                            // Most formats have no zero code: skip its product and broadcast.
+                            if t.zero != 0 {
+                                let zero_code = t.zero * a.half_sum(at, half, t.halves);
+                                s = _mm256_sub_epi32(s, _mm256_set1_epi32(zero_code));
+                            }
                             let scale = _mm256_mul_ps(d, _mm256_set1_ps(*a.dx.get_unchecked(at)));
                             acc[r][hh] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r][hh]);
                         }
