@@ -1,17 +1,17 @@
-//! wasm simd128 kernel: widening multiplies (`i16x8.extmul_*_i8x16_s`) and pairwise adds into
-//! i32 (`i32x4.extadd_pairwise_i16x8_s`), a quarter tile (4 features) at a time, as on NEON.
-//! simd128 has no fused multiply-add, so the float part is a multiply and an add.
-//! In the relaxed-SIMD build, 4-bit codes take `i32x4.relaxed_dot_i8x16_i7x16_add_s` instead: one
-//! instruction sums four activation bytes times four codes per feature. Its result is defined
+//! wasm simd128 kernel, a quarter tile (4 features) at a time: the weight codes widened to 16 bits
+//! times the 16-bit activation codes in pairs (`i32x4.dot_i16x8_s`, `pmaddwd` on x86), as the
+//! AVX2 kernel does. simd128 has no fused multiply-add, so the float part is a multiply and an add.
+//! In the relaxed-SIMD build, 4-bit codes take `i32x4.relaxed_dot_i8x16_i7x16_add_s` instead, on
+//! the activation codes as two int8 digits (their sums join in integers, `255 * coarse + fine`):
+//! one instruction sums four activation bytes times four codes per feature. Its result is defined
 //! exactly when the second operand's bytes fit 7 bits, which nibbles (0..=15) do, so the sums are
-//! the same integers as the plain path's; 8-bit codes (-128..=127) keep the widening multiplies.
-//! Each activation code is two int8 digits; their sums join in integers (`255 * coarse + fine`).
+//! the same integers as the plain path's; 8-bit codes (-128..=127) take the 16-bit products.
 
 use core::arch::wasm32::*;
 use core::ptr::read_unaligned;
 
 use super::{DIGIT_BASE, F16_REBASE, QuantizedRows, TileRef, for_rows};
-use crate::quant::TILE;
+use crate::quant::{BLOCK, TILE};
 
 /// # Safety
 /// The module must be built with simd128 and `t.check(a, r0, rows)` must hold.
@@ -69,10 +69,19 @@ unsafe fn minima4(t: &TileRef<'_>, blk: usize, q: usize) -> Option<v128> {
     }
 }
 
+/// Digit bytes `4i .. 4i + 4` of a block, in every lane (the relaxed build's dot product).
+#[cfg(all(feature = "relaxed-simd", target_feature = "relaxed-simd"))]
 #[inline(always)]
 unsafe fn quad(x: *const i8, i: usize) -> v128 {
     // SAFETY: the caller passes a block start with 32 bytes behind it.
     i32x4_splat(unsafe { read_unaligned(x.add(4 * i) as *const i32) })
+}
+
+/// Activation codes `4i .. 4i + 4` of a block, in both 64-bit halves.
+#[inline(always)]
+unsafe fn quad16(x: *const i16, i: usize) -> v128 {
+    // SAFETY: the caller passes a block start with 32 codes behind it.
+    i64x2_splat(unsafe { read_unaligned(x.add(4 * i) as *const i64) })
 }
 
 /// Whether this build has relaxed SIMD's integer dot product.
@@ -120,61 +129,55 @@ unsafe fn kernel<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, 
             // rows r0..r0+R of k activations; a quarter reads 16 bytes of each 64-byte row.
             unsafe {
                 let base = t.codes.as_ptr().add(blk * bb + quarter * 16);
-                let xs: [[*const i8; 2]; R] = core::array::from_fn(|r| {
-                    core::array::from_fn(|d| a.digits.as_ptr().add(a.digit_at(r0 + r, d, blk)))
-                });
+                let xs16: [*const i16; R] = core::array::from_fn(|r| a.q.as_ptr().add((r0 + r) * a.k + blk * BLOCK));
                 for h in 0..t.halves {
-                    // Features (0, 1) and (2, 3) of the quarter, each as two partial sums, per
-                    // row and digit.
-                    let mut pa = [[i32x4_splat(0); 2]; R];
-                    let mut pb = [[i32x4_splat(0); 2]; R];
-                    // Per-feature sums straight from the relaxed dot product (4-bit codes only).
+                    // Features (0, 1) and (2, 3) of the quarter, each as two partial sums.
+                    let mut pa = [i32x4_splat(0); R];
+                    let mut pb = [i32x4_splat(0); R];
+                    // Per-feature sums straight from the relaxed dot product, per digit (4-bit
+                    // codes only).
                     let mut dots: Option<[[v128; 2]; R]> = None;
                     if t.bits == 4 && RELAXED_DOT {
+                        let xs: [[*const i8; 2]; R] = core::array::from_fn(|r| {
+                            core::array::from_fn(|d| a.digits.as_ptr().add(a.digit_at(r0 + r, d, blk)))
+                        });
                         dots = Some(nibble_dots::<R>(base, &xs));
                     } else if t.bits == 4 {
                         for g in 0..4 {
                             let v = v128_load(base.add(g * 64) as *const v128);
                             let lo = v128_and(v, u8x16_splat(0x0f));
                             let hi = u8x16_shr(v, 4);
+                            let (lo_a, lo_b) = (u16x8_extend_low_u8x16(lo), u16x8_extend_high_u8x16(lo));
+                            let (hi_a, hi_b) = (u16x8_extend_low_u8x16(hi), u16x8_extend_high_u8x16(hi));
                             for r in 0..R {
-                                for d in 0..2 {
-                                    let (xl, xh) = (quad(xs[r][d], g), quad(xs[r][d], g + 4));
-                                    let first =
-                                        i16x8_add(i16x8_extmul_low_i8x16(lo, xl), i16x8_extmul_low_i8x16(hi, xh));
-                                    let second =
-                                        i16x8_add(i16x8_extmul_high_i8x16(lo, xl), i16x8_extmul_high_i8x16(hi, xh));
-                                    pa[r][d] = i32x4_add(pa[r][d], i32x4_extadd_pairwise_i16x8(first));
-                                    pb[r][d] = i32x4_add(pb[r][d], i32x4_extadd_pairwise_i16x8(second));
-                                }
+                                let (xl, xh) = (quad16(xs16[r], g), quad16(xs16[r], g + 4));
+                                let first = i32x4_add(i32x4_dot_i16x8(lo_a, xl), i32x4_dot_i16x8(hi_a, xh));
+                                let second = i32x4_add(i32x4_dot_i16x8(lo_b, xl), i32x4_dot_i16x8(hi_b, xh));
+                                pa[r] = i32x4_add(pa[r], first);
+                                pb[r] = i32x4_add(pb[r], second);
                             }
                         }
                     } else {
                         for g in t.rows_of_half(h) {
                             let v = v128_load(base.add(g * 64) as *const v128);
+                            let (wa, wb) = (i16x8_extend_low_i8x16(v), i16x8_extend_high_i8x16(v));
                             for r in 0..R {
-                                for d in 0..2 {
-                                    let x = quad(xs[r][d], g);
-                                    let (low, high) = (i16x8_extmul_low_i8x16(v, x), i16x8_extmul_high_i8x16(v, x));
-                                    pa[r][d] = i32x4_add(pa[r][d], i32x4_extadd_pairwise_i16x8(low));
-                                    pb[r][d] = i32x4_add(pb[r][d], i32x4_extadd_pairwise_i16x8(high));
-                                }
+                                let x = quad16(xs16[r], g);
+                                pa[r] = i32x4_add(pa[r], i32x4_dot_i16x8(wa, x));
+                                pb[r] = i32x4_add(pb[r], i32x4_dot_i16x8(wb, x));
                             }
                         }
                     }
                     let d = scales4(t, blk, h, quarter);
                     for r in 0..R {
                         let at = (r0 + r) * nb + blk;
-                        let digit_sums: [v128; 2] = match dots {
-                            Some(dots) => dots[r],
-                            None => core::array::from_fn(|i| {
-                                i32x4_add(
-                                    i32x4_shuffle::<0, 2, 4, 6>(pa[r][i], pb[r][i]),
-                                    i32x4_shuffle::<1, 3, 5, 7>(pa[r][i], pb[r][i]),
-                                )
-                            }),
+                        let sums = match dots {
+                            Some(dots) => i32x4_add(i32x4_mul(dots[r][0], i32x4_splat(DIGIT_BASE)), dots[r][1]),
+                            None => i32x4_add(
+                                i32x4_shuffle::<0, 2, 4, 6>(pa[r], pb[r]),
+                                i32x4_shuffle::<1, 3, 5, 7>(pa[r], pb[r]),
+                            ),
                         };
-                        let sums = i32x4_add(i32x4_mul(digit_sums[0], i32x4_splat(DIGIT_BASE)), digit_sums[1]);
                         let s = i32x4_sub(sums, i32x4_splat(t.zero * a.half_sum(at, h, t.halves)));
                         let scale = f32x4_mul(d, f32x4_splat(*a.dx.get_unchecked(at)));
                         acc[r] = f32x4_add(acc[r], f32x4_mul(f32x4_convert_i32x4(s), scale));
