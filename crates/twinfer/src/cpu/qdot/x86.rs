@@ -248,6 +248,11 @@ fn feature_sums(pairs_a: __m256i, pairs_b: __m256i) -> __m256i {
 /// Rows `r0 .. r0 + R` times the tile, `H` halves of 8 features a pass: both halves for one or
 /// two rows, whose accumulators leave room, so that each activation broadcast and block scale
 /// serves 16 features; one half at a time for more rows.
+///
+/// A block's float part (scales, conversion, two chained FMAs) runs at the top of the next
+/// block's step, ahead of that block's integer sums in program order: its inputs are ready, so its
+/// latency overlaps the integer work instead of holding the reorder buffer at the block's end.
+/// The operations and their order per output are unchanged.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn avx2<const R: usize, const H: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, out: &mut [[f32; TILE]]) {
     let (bb, nb) = (t.block_bytes(), t.blocks);
@@ -255,16 +260,49 @@ unsafe fn avx2<const R: usize, const H: usize>(t: &TileRef<'_>, a: &QuantizedRow
     let zero = _mm256_setzero_si256();
     for h0 in (0..2).step_by(H) {
         let mut acc = [[_mm256_setzero_ps(); H]; R];
-        for blk in 0..nb {
+        // The integer feature sums of the previous block, per half of its inputs.
+        let mut sums = [[[zero; H]; R]; 2];
+        for step in 0..=nb {
             // SAFETY (all reads below): as in `vnni`; half h reads bytes 32h..32h+32 of each
             // 64-byte row and scales 8h..8h+8.
             unsafe {
+                if step > 0 {
+                    let blk = step - 1;
+                    for (half, sums) in sums.iter().enumerate().take(t.halves) {
+                        for hh in 0..H {
+                            let d = scales8(t, blk, half, h0 + hh);
+                            for r in 0..R {
+                                let at = (r0 + r) * nb + blk;
+                                let mut s = sums[r][hh];
+                                // Most formats have no zero code: skip its product and broadcast.
+                                if t.zero != 0 {
+                                    let zero_code = t.zero * a.half_sum(at, half, t.halves);
+                                    s = _mm256_sub_epi32(s, _mm256_set1_epi32(zero_code));
+                                }
+                                let scale = _mm256_mul_ps(d, _mm256_set1_ps(*a.dx.get_unchecked(at)));
+                                acc[r][hh] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r][hh]);
+                            }
+                        }
+                    }
+                    for hh in 0..H {
+                        if let Some(m) = minima8(t, blk, h0 + hh) {
+                            for r in 0..R {
+                                let at = (r0 + r) * nb + blk;
+                                acc[r][hh] = _mm256_fmadd_ps(m, _mm256_set1_ps(*a.sx.get_unchecked(at)), acc[r][hh]);
+                            }
+                        }
+                    }
+                }
+                if step == nb {
+                    break;
+                }
+                let blk = step;
                 let base = t.codes.as_ptr().add(blk * bb + h0 * 32);
                 if h0 == 0 {
                     prefetch_ahead(base, bb);
                 }
                 let xs: [*const i16; R] = core::array::from_fn(|r| a.q.as_ptr().add((r0 + r) * a.k + blk * BLOCK));
-                for half in 0..t.halves {
+                for (half, sums) in sums.iter_mut().enumerate().take(t.halves) {
                     // Codes widen to 16 bits in `vpunpck*bw`'s order: the low unpack takes
                     // features (0, 1 | 4, 5), the high one (2, 3 | 6, 7), four inputs each.
                     let mut pa = [[zero; H]; R];
@@ -302,26 +340,9 @@ unsafe fn avx2<const R: usize, const H: usize>(t: &TileRef<'_>, a: &QuantizedRow
                             }
                         }
                     }
-                    for hh in 0..H {
-                        let d = scales8(t, blk, half, h0 + hh);
-                        for r in 0..R {
-                            let at = (r0 + r) * nb + blk;
-                            let mut s = feature_sums(pa[r][hh], pb[r][hh]);
-                            // Most formats have no zero code: skip its product and broadcast.
-                            if t.zero != 0 {
-                                let zero_code = t.zero * a.half_sum(at, half, t.halves);
-                                s = _mm256_sub_epi32(s, _mm256_set1_epi32(zero_code));
-                            }
-                            let scale = _mm256_mul_ps(d, _mm256_set1_ps(*a.dx.get_unchecked(at)));
-                            acc[r][hh] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r][hh]);
-                        }
-                    }
-                }
-                for hh in 0..H {
-                    if let Some(m) = minima8(t, blk, h0 + hh) {
-                        for r in 0..R {
-                            let at = (r0 + r) * nb + blk;
-                            acc[r][hh] = _mm256_fmadd_ps(m, _mm256_set1_ps(*a.sx.get_unchecked(at)), acc[r][hh]);
+                    for r in 0..R {
+                        for hh in 0..H {
+                            sums[r][hh] = feature_sums(pa[r][hh], pb[r][hh]);
                         }
                     }
                 }
