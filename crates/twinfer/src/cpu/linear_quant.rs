@@ -1,7 +1,8 @@
 //! `y = x · Wᵀ + b` with `W` block-quantized ([`PackedQuant`]): `x` is `[rows, k]` f32, `y` is
 //! `[rows, n]`. The activations are quantized per block of 32 first, to 16-bit codes (see
 //! [`QuantizedRows`]), then each tile of 16 features meets them in integer dot products
-//! ([`crate::cpu::qdot`]): 4-bit codes never become floats, and a block's sum is scaled once.
+//! ([`crate::cpu::qdot`]): 4-bit codes never become floats, and a block's sum is scaled once (once
+//! per half for Q6_K).
 //!
 //! Every output element's arithmetic is the same whatever the batch (each row is quantized and
 //! summed alone, in a fixed order), so a sequence's logits are bit-identical alone or batched.

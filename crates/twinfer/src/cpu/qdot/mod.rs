@@ -32,10 +32,11 @@ use crate::cpu::SimdLevel;
 use crate::quant::{BLOCK, PackedQuant, QuantFormat, TILE};
 
 /// Activation rows a kernel call accumulates at once (each decoded weight vector serves them
-/// all): AVX2's three registers a row and AVX-512's six fit 4.
+/// all): four rows' accumulators (about 5 registers a row on AVX2 with one half tile a pass, 3
+/// zmm on AVX-512) fit the register files.
 pub(crate) const MAX_ROWS: usize = 4;
-/// Activation rows per pass of the kernels that sum two digits per row in a quarter tile's
-/// registers (NEON, wasm).
+/// Activation rows per pass of the quarter-tile kernels (NEON, wasm), whose byte dot products
+/// keep two digit sums per row.
 const NARROW_ROWS: usize = 2;
 /// The largest activation code: `255 * 127`, so that a code splits into two int8 digits
 /// `255 * coarse + fine`, both in -127..=127.
@@ -122,6 +123,9 @@ impl<'a> TileRef<'a> {
     /// Checks what every kernel's unchecked reads rely on.
     fn check(&self, a: &QuantizedRows, r0: usize, rows: usize) {
         assert!((1..=MAX_ROWS).contains(&rows) && r0 + rows <= a.rows);
+        // 4- or 8-bit codes, and a zero code only with 4-bit ones (the VNNI kernel's bias of
+        // 8-bit codes takes their zero's place).
+        assert!(matches!(self.bits, 4 | 8) && (self.bits == 4 || self.zero == 0));
         assert!(a.k == self.blocks * BLOCK);
         assert!(self.codes.len() == self.blocks * self.block_bytes());
         let groups = self.blocks >> self.group_shift;

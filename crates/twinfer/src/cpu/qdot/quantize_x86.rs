@@ -13,7 +13,7 @@ use crate::quant::BLOCK;
 /// Quantizes `x` (`[rows, k]`, the rows `d` holds) into codes and digits.
 ///
 /// # Safety
-/// AVX2 must be present; `x.len()` must be a multiple of `k`, itself of `BLOCK`, and `d`'s
+/// AVX2 and FMA must be present; `x.len()` must be a multiple of `k`, itself of `BLOCK`, and `d`'s
 /// buffers must hold those rows (as [`super::QuantizedRows::quantize`] sizes them).
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn quantize_rows(d: &mut Codes<'_>, x: &[f32], k: usize) {

@@ -3,7 +3,8 @@
 //! widened to 16 bits, 8 features a vector), used by the AVX-512 level on CPUs without VNNI too.
 //!
 //! VNNI takes unsigned bytes times signed bytes. 4-bit codes are unsigned already. 8-bit codes are
-//! signed: VNNI biases them by +128 (xor 0x80) and subtracts `128 * Σq` from the joined sum. AVX2's pair products (`|c| * 32385 * 2 < 2^31`) and their sums cannot overflow.
+//! signed: VNNI biases them by +128 (xor 0x80) and subtracts `128 * Σq` from the joined sum.
+//! AVX2's pair products (`|c| * 32385 * 2 < 2^31`) and their sums over a block cannot overflow.
 //!
 //! AVX2 once multiplied bytes (`vpmaddubsw`) digit by digit: per 64 products of a row 6
 //! multiplies (two digits of 2 `vpmaddubsw` and a widening `vpmaddwd`) against 4 `vpmaddwd`
@@ -263,8 +264,8 @@ unsafe fn avx2<const R: usize, const H: usize>(t: &TileRef<'_>, a: &QuantizedRow
         // The integer feature sums of the previous block, per half of its inputs.
         let mut sums = [[[zero; H]; R]; 2];
         for step in 0..=nb {
-            // SAFETY (all reads below): as in `vnni`; half h reads bytes 32h..32h+32 of each
-            // 64-byte row and scales 8h..8h+8.
+            // SAFETY (all reads below): as in `vnni`; the pass reads bytes 32 h0 .. 32 (h0 + H)
+            // of each 64-byte row and scales 8 h0 .. 8 (h0 + H).
             unsafe {
                 if step > 0 {
                     let blk = step - 1;
