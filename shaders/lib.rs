@@ -11,7 +11,7 @@ pub const ONLINE_SOFTMAX: (&str, &str) = ("online_softmax.wgsl", include_str!("o
 pub const PREFILL_KV: (&str, &str) = ("prefill_kv.wgsl", include_str!("prefill_kv.wgsl"));
 
 /// Every kernel file, by name.
-pub const KERNELS: [(&str, &str); 14] = [
+pub const KERNELS: [(&str, &str); 16] = [
     ("prefill_attention.wgsl", include_str!("prefill_attention.wgsl")),
     ("decode_attention_paged.wgsl", include_str!("decode_attention_paged.wgsl")),
     ("merge_state.wgsl", include_str!("merge_state.wgsl")),
@@ -26,6 +26,8 @@ pub const KERNELS: [(&str, &str); 14] = [
     ("argmax_rows.wgsl", include_str!("argmax_rows.wgsl")),
     ("layer_norm.wgsl", include_str!("layer_norm.wgsl")),
     ("topk_rows.wgsl", include_str!("topk_rows.wgsl")),
+    ("linear_matmul_coop.wgsl", include_str!("linear_matmul_coop.wgsl")),
+    ("linear_split_f16.wgsl", include_str!("linear_split_f16.wgsl")),
 ];
 
 #[cfg(test)]

@@ -38,15 +38,23 @@ fn engine() -> Option<&'static GpuEngine> {
 }
 
 /// The engine in each reduction variant the adapter has: subgroup shuffles (the default where
-/// there are subgroups) and workgroup memory.
+/// there are subgroups) and workgroup memory; where the device has tensor cores the default runs
+/// prompt chunks on them and the workgroup-memory engine on the FMA matmul.
 fn engines() -> Vec<&'static GpuEngine> {
     static BASELINE: OnceLock<GpuEngine> = OnceLock::new();
     let Some(gpu) = engine() else { return Vec::new() };
-    if gpu.options().variant == Variant::Baseline {
+    if !gpu.options().tensor_cores {
+        eprintln!(
+            "NOTE: {} has no tensor-core matmul; linear_matmul_coop.wgsl is NOT run here (only validated by naga)",
+            gpu.context().summary.name
+        );
+    }
+    if gpu.options().variant == Variant::Baseline && !gpu.options().tensor_cores {
         return vec![gpu];
     }
-    let base =
-        BASELINE.get_or_init(|| gpu.with_options(GpuOptions { variant: Variant::Baseline, ..gpu.options() }).unwrap());
+    let base = BASELINE.get_or_init(|| {
+        gpu.with_options(GpuOptions { variant: Variant::Baseline, tensor_cores: false, ..gpu.options() }).unwrap()
+    });
     vec![gpu, base]
 }
 
@@ -142,7 +150,8 @@ fn gpu_linear_pinned_shapes() {
 
 fn pinned_shapes(gpu: &GpuEngine) {
     let g = GEMV_MAX_ROWS;
-    // The last three: rows long enough for 16, 32 and 64 lanes per feature in the hardware GEMV.
+    // Then rows long enough for 16, 32 and 64 lanes per feature in the hardware GEMV, and chunks
+    // over several tiles and k stages of each matmul.
     let shapes = [
         (1, 1, 1),
         (4, 9, 3),
@@ -154,10 +163,16 @@ fn pinned_shapes(gpu: &GpuEngine) {
         (1, 40, 300),
         (g, 33, 600),
         (3, 70, 1100),
+        (2 * g + 3, 129, 600),
+        // Widths of a multiple of 16 (the tensor cores' path where the device has them): past a
+        // row pad, over several feature tiles, and split over buffers.
+        (2 * g + 3, 129, 592),
+        (g + 9, 300, 64),
+        (g + 17, 200, 96),
     ];
     for (i, &(rows, n, k)) in shapes.iter().enumerate() {
         for (f16, shape) in [(false, GemvShape::Hardware), (true, GemvShape::Hardware), (false, GemvShape::Software)] {
-            let split = (i == 6).then_some(7);
+            let split = (i == 6 || i == 13).then_some(7);
             let p = Problem { rows, n, k, bias: i % 2 == 0, f16, split, shape, seed: i as u64 };
             check(gpu, &p).unwrap();
         }
@@ -228,7 +243,7 @@ fn gpu_linear_errors_are_typed() {
     assert!(matches!(err, TwinferError::ShapeMismatch { .. }), "{err:?}");
 }
 
-/// The tiny random decoder with f16 weights: a prompt, then decode steps, with the projections on
+/// The tiny random decoder with f16 weights: a 90-token prompt, then decode steps, with the projections on
 /// the GPU (f16 weights resident) and attention on the GPU, against the CPU engine throughout.
 #[test]
 fn f16_decoder_on_gpu_projections_matches_the_cpu() {
@@ -245,10 +260,12 @@ fn f16_decoder_on_gpu_projections_matches_the_cpu() {
     let run = |attention: &Attention| {
         let e = Engines { level: SimdLevel::detect(), prefill: attention, decode: attention };
         let layout = KvLayout::new(16, c.num_kv_heads, c.head_dim).unwrap();
-        let config = KvCacheConfig { num_layers: c.num_layers, num_pages: 16, layout, dtype: DType::F32 };
+        let config = KvCacheConfig { num_layers: c.num_layers, num_pages: 32, layout, dtype: DType::F32 };
         let mut cache = PagedKvCache::new(config).unwrap();
         let seq = cache.add_sequence();
-        let prompt: Vec<u32> = (0..23).map(|i| (i * 53 + 7) % c.vocab_size as u32).collect();
+        // Past GEMV_MAX_ROWS, so that the prompt runs through the matmul (on tensor cores where
+        // the device has them) and the steps through the GEMV.
+        let prompt: Vec<u32> = (0..GEMV_MAX_ROWS as u32 + 26).map(|i| (i * 53 + 7) % c.vocab_size as u32).collect();
         cache.reserve(&[seq], &[prompt.len()]).unwrap();
         let mut all =
             model.forward(e, &mut cache, &[StepSeq { seq, tokens: &prompt, start: 0, logits: Logits::All }]).unwrap();

@@ -18,6 +18,7 @@ pub fn run(as_json: bool) -> Result<(), String> {
                 "driver": a.driver, "shader_f16": a.shader_f16, "subgroups": a.subgroups,
                 "subgroup_sizes": [a.subgroup_sizes.0, a.subgroup_sizes.1], "timestamps": a.timestamps,
                 "cooperative_matrix": a.cooperative_matrix,
+                "tensor_cores": a.tensor_cores,
                 "max_storage_binding_bytes": a.max_storage_binding, "max_workgroup_storage_bytes": a.max_workgroup_storage,
                 "max_invocations": a.max_invocations, "variant": g.variant_name()})
         }

@@ -78,6 +78,10 @@ enum BenchWhat {
         /// or unchecked (default: unchecked on Vulkan, whose driver bounds buffer accesses, else bounds).
         #[arg(long, value_enum)]
         shader_checks: Option<ShaderChecksArg>,
+        /// Run prompt projections over f16 weights on the FMA matmul even where the GPU has tensor
+        /// cores (cooperative matrices), to compare the two.
+        #[arg(long)]
+        no_tensor_cores: bool,
         /// Measure only these shapes: `prefill:LEN`, `decode:BATCH:CTX[:PAGE]` (f16 KV, pages of 16
         /// unless PAGE; other sizes on the CPU only), `decode-f32:...` (CPU), `decode-q8:...` (int8 KV),
         /// or a projection `linear:ROWS:N:K` (f16 weights) or
@@ -137,6 +141,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     variant,
                     decode_wg,
                     shader_checks,
+                    no_tensor_cores,
                     simd,
                     cases,
                     json,
@@ -159,6 +164,9 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             if let Some(wg) = decode_wg {
                 opts.decode_wg = wg;
+            }
+            if no_tensor_cores {
+                opts.tensor_cores = false;
             }
             if let Some(c) = shader_checks {
                 opts.shader_checks = match c {
@@ -185,11 +193,13 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Bench { what: BenchWhat::Serve(args) } => bench_serve::run(*args),
         Command::Bench { what: BenchWhat::Model(args) } => bench_model::run(*args),
         Command::Bench {
-            what: BenchWhat::Kernels { quick, simd, cases, json, variant, decode_wg, shader_checks, .. },
+            what:
+                BenchWhat::Kernels { quick, simd, cases, json, variant, decode_wg, shader_checks, no_tensor_cores, .. },
         } => {
-            if variant.is_some() || decode_wg.is_some() || shader_checks.is_some() {
+            if variant.is_some() || decode_wg.is_some() || shader_checks.is_some() || no_tensor_cores {
                 return Err(
-                    "--variant, --decode-wg and --shader-checks set up the GPU engine: add --backend gpu".into()
+                    "--variant, --decode-wg, --shader-checks and --no-tensor-cores set up the GPU engine: add --backend gpu"
+                        .into(),
                 );
             }
             let level = match simd {

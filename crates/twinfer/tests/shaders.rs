@@ -28,6 +28,9 @@ fn every_kernel_and_variant_validates() {
                 if variant == Variant::Subgroup {
                     caps |= Capabilities::SUBGROUP;
                 }
+                if kernel.uses_cooperative_matrices() {
+                    caps |= Capabilities::SUBGROUP | Capabilities::COOPERATIVE_MATRIX;
+                }
                 let info = Validator::new(ValidationFlags::all(), caps).validate(&module);
                 if let Err(e) = info {
                     let src = source(kernel, variant, kv, Target::Naga);
@@ -37,16 +40,24 @@ fn every_kernel_and_variant_validates() {
             }
         }
     }
-    // Float storage for every kernel, int8 for the five that read or write a K/V pool.
-    assert_eq!(checked, Kernel::ALL.len() * 4 + 5 * 2);
+    // Float storage for every kernel, int8 for the five that read or write a K/V pool, f16 only
+    // for the tensor-core matmul and its input split.
+    assert_eq!(checked, (Kernel::ALL.len() - 2) * 4 + 5 * 2 + 2 * 2);
 }
 
 /// The baseline must not need subgroups: it validates with no capability but f16 where asked.
+/// (The tensor-core matmul is native only and needs subgroups by design.)
 #[test]
 fn baseline_needs_no_subgroup_capability() {
-    for kernel in Kernel::ALL {
-        let module = parse(kernel, Variant::Baseline, KvStorage::F32);
-        Validator::new(ValidationFlags::all(), Capabilities::empty())
+    for kernel in Kernel::ALL.into_iter().filter(|k| !k.uses_cooperative_matrices()) {
+        // The tensor cores' input split writes f16 by design.
+        let (kv, caps) = if kernel.supports(KvStorage::F32) {
+            (KvStorage::F32, Capabilities::empty())
+        } else {
+            (KvStorage::F16, Capabilities::SHADER_FLOAT16 | Capabilities::SHADER_FLOAT16_IN_FLOAT32)
+        };
+        let module = parse(kernel, Variant::Baseline, kv);
+        Validator::new(ValidationFlags::all(), caps)
             .validate(&module)
             .unwrap_or_else(|e| panic!("{}: {e:?}", kernel.file()));
     }
@@ -55,7 +66,8 @@ fn baseline_needs_no_subgroup_capability() {
 #[test]
 fn uniform_structs_agree_with_wgsl() {
     // Every kernel that declares a mirrored struct must agree with it, not only the first found.
-    let modules: Vec<naga::Module> = Kernel::ALL.iter().map(|&k| parse(k, Variant::Baseline, KvStorage::F32)).collect();
+    let storage = |k: Kernel| if k.supports(KvStorage::F32) { KvStorage::F32 } else { KvStorage::F16 };
+    let modules: Vec<naga::Module> = Kernel::ALL.iter().map(|&k| parse(k, Variant::Baseline, storage(k))).collect();
     for (name, size, fields) in layouts() {
         let mut found = 0;
         for m in &modules {
@@ -110,4 +122,22 @@ fn prefill_tile_overrides_resolve() {
             }
         }
     }
+}
+
+/// No adapter in CI has cooperative matrices, so the tensor-core matmul is compiled to SPIR-V
+/// here (what wgpu does on Vulkan before the driver sees it), with its capability declared.
+#[test]
+fn tensor_core_matmul_translates_to_spirv() {
+    let module = parse(Kernel::LinearMatmulCoop, Variant::Subgroup, KvStorage::F16);
+    let caps = Capabilities::SHADER_FLOAT16
+        | Capabilities::SHADER_FLOAT16_IN_FLOAT32
+        | Capabilities::SUBGROUP
+        | Capabilities::COOPERATIVE_MATRIX;
+    let info = Validator::new(ValidationFlags::all(), caps).validate(&module).unwrap();
+    let options = naga::back::spv::Options { lang_version: (1, 3), ..Default::default() };
+    let pipeline =
+        naga::back::spv::PipelineOptions { shader_stage: naga::ShaderStage::Compute, entry_point: "main".into() };
+    let words = naga::back::spv::write_vec(&module, &info, &options, Some(&pipeline)).unwrap();
+    // OpCapability CooperativeMatrixKHR (6022) is declared.
+    assert!(words.windows(2).any(|w| w == [(2 << 16) | 17, 6022]), "no CooperativeMatrixKHR capability");
 }

@@ -167,8 +167,16 @@ pub fn candidates() -> Vec<Candidate> {
     {
         let device = auto_gpu.info().device.clone();
         for variant in [crate::gpu::Variant::Baseline, crate::gpu::Variant::Subgroup] {
-            for f16_kv in [false, true] {
-                let opts = crate::gpu::GpuOptions { variant, f16_kv, ..base.options() };
+            // The tensor cores (prompt projections) on and off where the device has them.
+            let tensor_cores: &[bool] = if variant == crate::gpu::Variant::Subgroup && base.options().tensor_cores {
+                &[false, true]
+            } else {
+                &[false]
+            };
+            for (f16_kv, tensor_cores) in
+                [false, true].into_iter().flat_map(|f| tensor_cores.iter().map(move |&t| (f, t)))
+            {
+                let opts = crate::gpu::GpuOptions { variant, f16_kv, tensor_cores, ..base.options() };
                 if let Ok(engine) = base.with_options(opts) {
                     let attention = Attention::gpu(engine);
                     all.push(Candidate {

@@ -11,6 +11,44 @@ use crate::error::{Result, TwinferError};
 const WANTED: wgpu::Features =
     wgpu::Features::SHADER_F16.union(wgpu::Features::SUBGROUP).union(wgpu::Features::TIMESTAMP_QUERY);
 
+/// Whether the tensor-core matmul can run on `adapter`, or why not.
+pub fn tensor_core_support(adapter: &wgpu::Adapter, limits: &wgpu::Limits) -> std::result::Result<(), String> {
+    use wgpu::CooperativeScalarType as S;
+    let info = adapter.get_info();
+    let features = adapter.features();
+    if !features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+        return Err("no cooperative matrices".into());
+    }
+    if !features.contains(wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP) {
+        return Err("no shader-f16 or no subgroups".into());
+    }
+    // The kernel hands each of its four subgroups a quarter of the tile: that needs 32 threads
+    // in every subgroup of its 128.
+    if (info.subgroup_min_size, info.subgroup_max_size) != (32, 32) {
+        return Err(format!(
+            "subgroups of {}..={} threads, the kernel needs 32",
+            info.subgroup_min_size, info.subgroup_max_size
+        ));
+    }
+    if limits.max_compute_workgroup_storage_size < COOP_MATMUL_STORAGE {
+        return Err(format!(
+            "{} bytes of workgroup storage, the kernel needs {COOP_MATMUL_STORAGE}",
+            limits.max_compute_workgroup_storage_size
+        ));
+    }
+    let has = adapter
+        .cooperative_matrix_properties()
+        .iter()
+        .any(|p| (p.m_size, p.n_size, p.k_size) == (16, 16, 16) && p.ab_type == S::F16 && p.cr_type == S::F32);
+    if !has {
+        return Err("no 16 x 16 x 16 f16 cooperative matrix with f32 accumulators".into());
+    }
+    Ok(())
+}
+
+/// Workgroup storage of `linear_matmul_coop.wgsl`.
+pub const COOP_MATMUL_STORAGE: u32 = 8 * 1024;
+
 /// What was chosen, for [`crate::BackendInfo`] and `twinfer info`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdapterSummary {
@@ -30,8 +68,12 @@ pub struct AdapterSummary {
     pub subgroup_sizes: (u32, u32),
     /// The device has timestamp queries (GPU timing).
     pub timestamps: bool,
-    /// The adapter offers cooperative matrices (tensor cores); no kernel variant uses them yet.
+    /// The adapter offers cooperative matrices (tensor cores).
     pub cooperative_matrix: bool,
+    /// The device runs the tensor-core matmul of prompt chunks (`linear_matmul_coop.wgsl`): the
+    /// adapter has 16 x 16 x 16 cooperative matrices of f16 with f32 accumulators, f16 shaders and
+    /// subgroups of exactly 32 threads (see [`tensor_core_support`]).
+    pub tensor_cores: bool,
     /// Largest storage buffer binding, in bytes.
     pub max_storage_binding: u64,
     /// Workgroup shared memory, in bytes.
@@ -45,7 +87,7 @@ impl std::fmt::Display for AdapterSummary {
         write!(
             f,
             "{} ({}, {}, driver {}); shader-f16 {}, subgroups {} (sizes {}..={}), timestamps {}, \
-             cooperative matrix {}; max storage binding {} MiB, workgroup storage {} KiB, {} invocations",
+             cooperative matrix {} (tensor-core matmul {}); max storage binding {} MiB, workgroup storage {} KiB, {} invocations",
             self.name,
             self.backend,
             self.device_type,
@@ -56,6 +98,7 @@ impl std::fmt::Display for AdapterSummary {
             self.subgroup_sizes.1,
             yes(self.timestamps),
             yes(self.cooperative_matrix),
+            yes(self.tensor_cores),
             self.max_storage_binding >> 20,
             self.max_workgroup_storage >> 10,
             self.max_invocations
@@ -156,13 +199,24 @@ impl GpuContext {
     pub async fn open_async() -> Result<Arc<Self>> {
         let adapter = adapter().await?;
         let info = adapter.get_info();
-        let features = adapter.features() & WANTED;
         let limits = adapter.limits();
+        let tensor_cores = tensor_core_support(&adapter, &limits).is_ok();
+        let mut features = adapter.features() & WANTED;
+        if tensor_cores {
+            features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        }
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("twinfer"),
                 required_features: features,
                 required_limits: limits.clone(),
+                // SAFETY: the one experimental feature asked for is cooperative matrices, used
+                // only by `linear_matmul_coop.wgsl` with the configuration checked above.
+                experimental_features: if tensor_cores {
+                    unsafe { wgpu::ExperimentalFeatures::enabled() }
+                } else {
+                    wgpu::ExperimentalFeatures::disabled()
+                },
                 ..Default::default()
             })
             .await
@@ -178,6 +232,7 @@ impl GpuContext {
             subgroup_sizes: (info.subgroup_min_size, info.subgroup_max_size),
             timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
             cooperative_matrix: adapter.features().contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
+            tensor_cores,
             max_storage_binding: limits.max_storage_buffer_binding_size as u64,
             max_workgroup_storage: limits.max_compute_workgroup_storage_size,
             max_invocations: limits.max_compute_invocations_per_workgroup,

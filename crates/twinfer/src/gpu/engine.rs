@@ -61,6 +61,10 @@ pub struct GpuOptions {
     pub portable_prefill: bool,
     /// The checks compiled into the kernels (see [`ShaderChecks`]).
     pub shader_checks: ShaderChecks,
+    /// Prompt chunks' projections over f16 weights on the tensor cores
+    /// (`linear_matmul_coop.wgsl`), by default where the device has them
+    /// (`AdapterSummary::tensor_cores`).
+    pub tensor_cores: bool,
 }
 
 /// The WGSL engine on one device.
@@ -109,6 +113,7 @@ impl GpuEngine {
                 || ctx.limits.max_compute_workgroup_storage_size < TILED_PREFILL_STORAGE
                 || ctx.summary.max_invocations < TILED_PREFILL_THREADS,
             shader_checks: ShaderChecks::for_backend(&ctx.summary.backend),
+            tensor_cores: ctx.summary.tensor_cores,
         };
         Ok(Self { ctx, res: Arc::new(Mutex::new(Resources::new(opts.shader_checks))), opts })
     }
@@ -117,6 +122,12 @@ impl GpuEngine {
     pub fn with_options(&self, opts: GpuOptions) -> Result<Self> {
         if opts.variant == Variant::Subgroup && !self.ctx.summary.subgroups {
             return Err(TwinferError::GpuUnavailable(format!("{} has no subgroups", self.ctx.summary.name)));
+        }
+        if opts.tensor_cores && !self.ctx.summary.tensor_cores {
+            return Err(TwinferError::GpuUnavailable(format!(
+                "{} cannot run the tensor-core matmul (16 x 16 f16 cooperative matrices, subgroups of 32)",
+                self.ctx.summary.name
+            )));
         }
         if opts.f16_kv && !self.ctx.summary.shader_f16 {
             return Err(TwinferError::GpuUnavailable(format!("{} has no shader-f16", self.ctx.summary.name)));
@@ -155,7 +166,8 @@ impl GpuEngine {
         } else {
             format!(", {} shader checks", self.opts.shader_checks.name())
         };
-        format!("{}, {} KV{checks}", self.opts.variant.name(), if self.opts.f16_kv { "f16" } else { "f32" })
+        let tensor = if self.opts.tensor_cores { ", tensor cores" } else { "" };
+        format!("{}, {} KV{tensor}{checks}", self.opts.variant.name(), if self.opts.f16_kv { "f16" } else { "f32" })
     }
 
     /// Destroys the device, as a driver reset or a browser reclaiming the GPU would: every later

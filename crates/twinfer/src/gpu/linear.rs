@@ -57,6 +57,24 @@ impl GemvShape {
     }
 }
 
+/// The tensor-core matmul's tile of y (fixed in `linear_matmul_coop.wgsl`): 64 rows by 128
+/// features, 128 threads.
+const COOP_TILE_ROWS: usize = 64;
+const COOP_TILE_FEATURES: usize = 128;
+const COOP_TILE: Tile = Tile { wg: 128, br: 0, bc: 0, chunk: 0 };
+/// Rows of the split input are padded to this (`ROW_PAD` in `linear_split_f16.wgsl` and
+/// `linear_matmul_coop.wgsl`).
+const SPLIT_ROW_PAD: usize = 128;
+/// Its workgroup.
+const SPLIT_TILE: Tile = Tile { wg: 256, br: 0, bc: 0, chunk: 0 };
+
+/// Bytes of `linear_split_f16.wgsl`'s output for `rows` input rows of width `k`: two f16 parts
+/// per input and one f16 exponent per row, rows padded.
+pub(super) fn split_bytes(rows: usize, k: usize) -> usize {
+    let rows_p = rows.next_multiple_of(SPLIT_ROW_PAD);
+    (2 * (2 * rows_p * k + rows_p)).next_multiple_of(16)
+}
+
 /// Workgroups below which the matmul shrinks its tile: two per SM of a 132-SM card.
 const MATMUL_MIN_WORKGROUPS: usize = 264;
 /// The same for software adapters, which run a workgroup per CPU thread at a time: smaller
@@ -315,8 +333,10 @@ impl GpuLinear {
         self.chunks
             .iter()
             .map(|Chunk { plan: c, .. }| {
+                let tensor_cores = self.on_tensor_cores(engine, rows);
                 let (kernel, kv) = match (c.stored, gemv) {
                     (Stored::Float, true) => (Kernel::LinearGemv, self.storage),
+                    (Stored::Float, false) if tensor_cores => (Kernel::LinearMatmulCoop, self.storage),
                     (Stored::Float, false) => (Kernel::LinearMatmul, self.storage),
                     (Stored::Nibbles, true) => (Kernel::LinearGemvQ4, KvStorage::F32),
                     (Stored::Nibbles, false) => (Kernel::LinearMatmulQ4, KvStorage::F32),
@@ -329,6 +349,8 @@ impl GpuLinear {
                 let variant = if gemv { engine.gemv_variant(wg) } else { Variant::Baseline };
                 let tile = if gemv {
                     Tile { wg, br: 0, bc: lanes, chunk: gemv_features_per_thread(rows) }
+                } else if kernel == Kernel::LinearMatmulCoop {
+                    COOP_TILE
                 } else {
                     matmul_tile(rows, self.n, self.gemv)
                 };
@@ -355,6 +377,8 @@ impl GpuLinear {
                     let per_group = (key.tile.wg / key.tile.bc * key.tile.chunk) as usize;
                     let groups = c.n.div_ceil(per_group);
                     [groups.min(32768), groups.div_ceil(32768), rows.div_ceil(GEMV_ROW_GROUP)]
+                } else if kernel == Kernel::LinearMatmulCoop {
+                    [c.n.div_ceil(COOP_TILE_FEATURES), rows.div_ceil(COOP_TILE_ROWS), 1]
                 } else {
                     let (bm, bn) = (16 * key.tile.br as usize, 16 * key.tile.bc as usize);
                     [c.n.div_ceil(bn), rows.div_ceil(bm), 1]
@@ -362,6 +386,32 @@ impl GpuLinear {
                 (prm, key, grid)
             })
             .collect()
+    }
+
+    /// Whether `rows` input rows run on the tensor cores: f16 weights, a prompt chunk, rows of a
+    /// multiple of 16 inputs, on a device that has them.
+    pub(super) fn on_tensor_cores(&self, engine: &GpuEngine, rows: usize) -> bool {
+        engine.options().tensor_cores
+            && self.storage == KvStorage::F16
+            && rows > GEMV_MAX_ROWS
+            && self.k.is_multiple_of(16)
+            && self.chunks.iter().all(|c| c.plan.stored == Stored::Float)
+    }
+
+    /// The pass that splits the input rows for the tensor cores (before [`Self::passes`]), if
+    /// they run there: its pipeline and grid. It binds the first chunk's parameters, the input,
+    /// the split rows ([`split_bytes`]) and the norm's weights.
+    pub(super) fn split_pass(&self, engine: &GpuEngine, rows: usize) -> Option<(PipelineKey, [usize; 3])> {
+        if !self.on_tensor_cores(engine, rows) {
+            return None;
+        }
+        let key = PipelineKey {
+            kernel: Kernel::LinearSplitF16,
+            variant: Variant::Baseline,
+            kv: KvStorage::F16,
+            tile: SPLIT_TILE,
+        };
+        Some((key, [rows.next_multiple_of(SPLIT_ROW_PAD), 1, 1]))
     }
 
     /// Bindings of chunk `i`: its parameters, its weights and the bias.
@@ -509,7 +559,13 @@ impl GpuEngine {
         let scope = Scopes::push(ctx);
         self.write(&mut res, Slot::LinX, bytemuck::cast_slice(x))?;
         res.buffer(ctx, Slot::LinY, (rows * w.n * 4) as u64)?;
-        let mut passes = Vec::with_capacity(w.chunks.len());
+        let mut passes = Vec::with_capacity(w.chunks.len() + 1);
+        if let Some((key, grid)) = w.split_pass(self, rows) {
+            res.buffer(ctx, Slot::LinSplit, split_bytes(rows, w.k) as u64)?;
+            let [params, _, bias] = w.binds(0);
+            // No norm: binding 3 is never read, and the bias stands in for it.
+            passes.push((key, vec![params, Bind::Slot(Slot::LinX), Bind::Slot(Slot::LinSplit), bias], grid));
+        }
         for (i, (prm, key, grid)) in w.passes(self, rows, false, Fused::None).into_iter().enumerate() {
             ctx.queue.write_buffer(&w.chunks[i].params, 0, bytemuck::bytes_of(&prm));
             let [params, weights, bias] = w.binds(i);
@@ -517,8 +573,12 @@ impl GpuEngine {
             if let Bind::External(id, _) = params {
                 res.set_params((id, 0), None);
             }
-            // No norm: binding 5 is never read, and the bias stands in for it.
-            let binds = vec![params, Bind::Slot(Slot::LinX), weights, bias, Bind::Slot(Slot::LinY), bias];
+            let binds = if key.kernel == Kernel::LinearMatmulCoop {
+                vec![params, Bind::Slot(Slot::LinSplit), weights, bias, Bind::Slot(Slot::LinY)]
+            } else {
+                // No norm: binding 5 is never read, and the bias stands in for it.
+                vec![params, Bind::Slot(Slot::LinX), weights, bias, Bind::Slot(Slot::LinY), bias]
+            };
             passes.push((key, binds, grid));
         }
         self.run_passes(&mut res, &passes)?;

@@ -53,6 +53,8 @@ pub enum Slot {
     /// Projections: the input rows (k padded to vec4s) and the output.
     LinX,
     LinY,
+    /// Projections on the tensor cores: the input rows split in two f16 parts.
+    LinSplit,
     /// The resident forward pass (see [`super::step`]): activations, step inputs, per-step
     /// parameters and page tables.
     Act(super::step::Act),
@@ -85,6 +87,7 @@ impl Slot {
             Slot::AppendSlots,
             Slot::LinX,
             Slot::LinY,
+            Slot::LinSplit,
         ]
         .iter()
         .position(|&s| s == self)
@@ -212,6 +215,10 @@ impl Resources {
         if key.kernel.is_matmul() {
             // Its workgroup is fixed at 16 x 16; WG is not one of its knobs.
             constants = vec![("TM", key.tile.br as f64), ("TN", key.tile.bc as f64)];
+        }
+        if matches!(key.kernel, Kernel::LinearMatmulCoop | Kernel::LinearSplitF16) {
+            // Fixed tile and workgroup: no knobs.
+            constants.clear();
         }
         ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(key.kernel.file()),
@@ -403,6 +410,7 @@ fn slot_name(slot: Slot) -> &'static str {
         Slot::AppendSlots => "append slots",
         Slot::LinX => "projection input",
         Slot::LinY => "projection output",
+        Slot::LinSplit => "split projection input",
         Slot::Act(a) => a.name(),
     }
 }

@@ -11,7 +11,7 @@ pub const SHARED: (&str, &str) = twinfer_shaders::ONLINE_SOFTMAX;
 
 /// One entry per kernel file, in the order of [`Kernel::ALL`] (the `twinfer-shaders` crate is
 /// the top-level `shaders/` folder).
-const FILES: [(&str, &str); 14] = twinfer_shaders::KERNELS;
+const FILES: [(&str, &str); 16] = twinfer_shaders::KERNELS;
 
 /// Kernels with `// #if Q8` lines: the ones that read or write a K/V pool.
 const Q8_KERNELS: &[Kernel] =
@@ -72,6 +72,12 @@ pub enum Kernel {
     LinearMatmulQ8,
     /// [`LinearMatmul`](Self::LinearMatmul) over 8-bit codes with an offset (Q5_1, Q5_K).
     LinearMatmulQ8Offset,
+    /// [`LinearMatmul`](Self::LinearMatmul) over f16 weights on cooperative matrices (tensor
+    /// cores), its input split by [`LinearSplitF16`](Self::LinearSplitF16); only where
+    /// `AdapterSummary::tensor_cores`.
+    LinearMatmulCoop,
+    /// The input rows of [`LinearMatmulCoop`](Self::LinearMatmulCoop) as two f16 parts each.
+    LinearSplitF16,
 }
 
 /// How a projection kernel reads its weights (see [`source`]).
@@ -85,7 +91,7 @@ enum WeightRead {
 
 impl Kernel {
     /// Every kernel (the tests compile each one in every variant).
-    pub const ALL: [Kernel; 20] = [
+    pub const ALL: [Kernel; 22] = [
         Kernel::Prefill,
         Kernel::Decode,
         Kernel::Merge,
@@ -106,6 +112,8 @@ impl Kernel {
         Kernel::LinearMatmulQ8Offset,
         Kernel::LayerNorm,
         Kernel::TopkRows,
+        Kernel::LinearMatmulCoop,
+        Kernel::LinearSplitF16,
     ];
 
     fn index(self) -> usize {
@@ -124,6 +132,8 @@ impl Kernel {
             Kernel::ArgmaxRows => 11,
             Kernel::LayerNorm => 12,
             Kernel::TopkRows => 13,
+            Kernel::LinearMatmulCoop => 14,
+            Kernel::LinearSplitF16 => 15,
         }
     }
     /// The file name, used as the pipeline label.
@@ -160,7 +170,14 @@ impl Kernel {
     /// Whether the kernel compiles for K/V (or weights) stored as `kv`: the int8 pool format is
     /// read and written by the attention and append kernels only.
     pub fn supports(self, kv: KvStorage) -> bool {
+        if matches!(self, Kernel::LinearMatmulCoop | Kernel::LinearSplitF16) {
+            return kv == KvStorage::F16;
+        }
         kv.is_float() || Q8_KERNELS.contains(&self)
+    }
+    /// Whether the kernel needs the adapter's cooperative matrices (and subgroups, and f16).
+    pub fn uses_cooperative_matrices(self) -> bool {
+        self == Kernel::LinearMatmulCoop
     }
 }
 
@@ -296,6 +313,9 @@ pub fn source(kernel: Kernel, variant: Variant, kv: KvStorage, target: Target) -
     let mut out = String::new();
     if kv == KvStorage::F16 {
         out.push_str("enable f16;\n");
+    }
+    if kernel.uses_cooperative_matrices() {
+        out.push_str("enable wgpu_cooperative_matrix;\n");
     }
     if subgroup && target == Target::Browser {
         out.push_str("enable subgroups;\n");
@@ -472,7 +492,8 @@ mod tests {
 
     #[test]
     fn browser_sources_enable_subgroups_only_for_subgroup_kernels() {
-        for kernel in Kernel::ALL {
+        // The tensor-core kernel needs subgroups whatever the variant, and is native only.
+        for kernel in Kernel::ALL.into_iter().filter(|k| !k.uses_cooperative_matrices()) {
             let native = source(kernel, Variant::Subgroup, KvStorage::F32, Target::Naga);
             let web = source(kernel, Variant::Subgroup, KvStorage::F32, Target::Browser);
             assert!(!native.contains("enable subgroups;"));

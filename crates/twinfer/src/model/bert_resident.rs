@@ -136,6 +136,7 @@ impl ResidentEncoder {
                 (Act::Attn, t * h * f),
                 (Act::GateUp, t * inter * f),
                 (Act::Rows, rows_info.len() * f),
+                (Act::XSplit, rec.split_input_bytes(t, h.max(inter))),
             ])?;
             rec.write(Act::X, bytemuck::cast_slice(x))?;
             rec.write(Act::Rows, bytemuck::cast_slice(&rows_info))?;

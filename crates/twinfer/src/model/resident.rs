@@ -296,6 +296,7 @@ impl LlamaModel {
             (Act::Rows, rows_info.len() * f),
             (Act::SelRows, n * f),
             (Act::PageScratch, if copies.is_empty() { 0 } else { r.layers[0].kv.page_bytes() }),
+            (Act::XSplit, rec.split_input_bytes(t, h.max(qd).max(inter))),
         ])?;
         rec.write(Act::X, bytemuck::cast_slice(&x))?;
         rec.write(Act::Rows, bytemuck::cast_slice(&rows_info))?;

@@ -13,6 +13,9 @@ pub enum Act {
     Attn,
     /// The fused gate/up projection `[tokens, 2 intermediate]`.
     GateUp,
+    /// A projection's input rows split in two f16 parts for the tensor cores
+    /// (`linear_split_f16.wgsl`); reused by every projection of the step.
+    XSplit,
     /// The final norm of the rows that get logits `[rows, hidden]`.
     Sel,
     /// Logits `[rows, vocab]`: read back when a row is sampled on the host.
@@ -78,6 +81,7 @@ impl Act {
             Act::Q => "rotated queries",
             Act::Attn => "attention output",
             Act::GateUp => "gate/up projection",
+            Act::XSplit => "split projection input",
             Act::Sel => "rows for logits",
             Act::Logits => "logits",
             Act::Tokens => "greedy token ids",

@@ -14,7 +14,7 @@ use std::sync::MutexGuard;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::engine::{DecodePlan, DecodeStep, GpuEngine, PrefillPlan};
-use super::linear::{Fused, GpuLinear};
+use super::linear::{Fused, GEMV_MAX_ROWS, GpuLinear, split_bytes};
 use super::params::{AttnParams, RopeParams, RowParams};
 use super::pending::{Pending, Readback, Scopes};
 use super::resident::GpuKvCache;
@@ -222,6 +222,12 @@ impl GpuEngine {
 impl<'e> StepRecorder<'e> {
     fn ctx(&self) -> &'e super::GpuContext {
         self.engine.context()
+    }
+
+    /// Bytes to reserve for [`Act::XSplit`] when the step's projections take `rows` rows of
+    /// inputs at most `k` wide: none where they do not run on the tensor cores.
+    pub fn split_input_bytes(&self, rows: usize, k: usize) -> usize {
+        if self.engine.options().tensor_cores && rows > GEMV_MAX_ROWS { split_bytes(rows, k) } else { 0 }
     }
 
     /// Sizes the step's buffers (bytes each). Only before the first dispatch.

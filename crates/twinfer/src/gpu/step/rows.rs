@@ -147,13 +147,30 @@ impl<'e> StepRecorder<'e> {
             OnLoad::Gelu => Fused::Gelu,
         };
         let passes = w.passes(self.engine, rows, accumulate, fused);
+        let split = w.split_pass(self.engine, rows);
+        if split.is_some() && self.res.size(Slot::Act(Act::XSplit)).is_none_or(|s| s < split_bytes(rows, w.k) as u64) {
+            return Err(TwinferError::InvalidParameter(format!(
+                "resident step: {} bytes of split input not reserved for {rows} rows of {}",
+                split_bytes(rows, w.k),
+                w.k
+            )));
+        }
         for (i, (prm, key, grid)) in passes.into_iter().enumerate() {
             let [params, weights, bias] = w.binds(i);
             let Bind::External(pid, pbuf) = params else { unreachable!("weights bind as external buffers") };
             self.write_weight_params(pid, pbuf, bytemuck::bytes_of(&prm))?;
             let norm = if let OnLoad::RmsNorm(g, _) = on_load { g.bind() } else { bias };
-            let binds = [params, Bind::Slot(Slot::Act(input)), weights, bias, Bind::Slot(Slot::Act(out)), norm];
-            self.dispatch(key, &binds, grid)?;
+            if let (0, Some((skey, sgrid))) = (i, split) {
+                let binds = [params, Bind::Slot(Slot::Act(input)), Bind::Slot(Slot::Act(Act::XSplit)), norm];
+                self.dispatch(skey, &binds, sgrid)?;
+            }
+            if key.kernel == Kernel::LinearMatmulCoop {
+                let binds = [params, Bind::Slot(Slot::Act(Act::XSplit)), weights, bias, Bind::Slot(Slot::Act(out))];
+                self.dispatch(key, &binds, grid)?;
+            } else {
+                let binds = [params, Bind::Slot(Slot::Act(input)), weights, bias, Bind::Slot(Slot::Act(out)), norm];
+                self.dispatch(key, &binds, grid)?;
+            }
         }
         Ok(())
     }
