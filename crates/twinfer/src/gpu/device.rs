@@ -72,7 +72,7 @@ pub struct AdapterSummary {
     pub cooperative_matrix: bool,
     /// The device runs the tensor-core matmul of prompt chunks (`linear_matmul_coop.wgsl`): the
     /// adapter has 16 x 16 x 16 cooperative matrices of f16 with f32 accumulators, f16 shaders and
-    /// subgroups of exactly 32 threads (see [`tensor_core_support`]).
+    /// subgroups of exactly 32 threads.
     pub tensor_cores: bool,
     /// Largest storage buffer binding, in bytes.
     pub max_storage_binding: u64,
