@@ -16,8 +16,10 @@
 // Bindings (group 0): 0 uniform LinearParams; 1 xs, linear_split_f16.wgsl's output; 2 W [n, k]
 //   f16, k a multiple of 16 (checked on the host); 3 bias [all features] f32; 4 y [rows, ldy]
 //   f32, written (or added to, with accumulate) at columns n0 .. n0 + n.
-// W fragments past n read the buffer's following rows or, past its end, zeros (robust buffer
-// access): their columns of y are never stored.
+// W fragments past n read zero rows: on devices with tensor cores the host pads each f16 weight
+// buffer to a whole number of 128-row tiles (robust buffer access does not cover cooperative
+// loads), and those columns of y are never stored.
+// Workgroup memory (`scr`) passes values between invocations across `workgroupBarrier`s only.
 // Dispatch: (ceil(n / 128), ceil(rows / 64), 1). Needs `enable f16;` and the cooperative-matrix
 // extension, both added by the host with the prelude.
 
@@ -50,14 +52,16 @@ struct LinearParams {
 // words are zeros at the start, to load the accumulators from.
 var<workgroup> scr: array<f32, 2048>;
 
-// Stores fragment (c, d) of subgroup `sg` (rows m, features f) to y.
+// Stores the fragment pair in `scr[base ..]` (the hi sums, then the lo sums; rows m, features f)
+// to y.
 fn store_fragment(base: u32, lane: u32, m: u32, f: u32, exp_at: u32) {
     for (var e = lane; e < 256u; e += 32u) {
         let r = m + e / 16u;
         let j = f + e % 16u;
         if (r < P.rows && j < P.n) {
-            let unscale = exp2(f32(xs[exp_at + r]));
-            let v = (scr[base + e] + scr[base + 256u + e] * (1.0 / LO_SCALE)) * unscale + bias[P.n0 + j];
+            // ldexp, not exp2: exact whatever the device's exp2.
+            let v = ldexp(scr[base + e] + scr[base + 256u + e] * (1.0 / LO_SCALE), i32(xs[exp_at + r]))
+                + bias[P.n0 + j];
             let at = r * P.ldy + P.n0 + j;
             if (P.accumulate != 0u) {
                 y[at] += v;

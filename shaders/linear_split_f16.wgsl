@@ -2,11 +2,12 @@
 // each as two f16 parts and a power-of-two scale.
 //
 // Tensor cores multiply f16s. One f16 keeps 11 bits of an activation; two keep about 22: row r's
-// inputs v are scaled by 2^s (s puts the row's largest magnitude in [2^13, 2^14), so every part is
-// a normal f16 and the scaling is exact), hi is v with its mantissa cut to f16's 10 bits (a bit
-// mask, exact in f16), and lo = (v - hi) * 2^11 (exact in f32, then rounded once to f16). The
-// products then sum hi and lo separately and join them as (c_hi + c_lo / 2^11) / 2^s, an error of
-// at most about 2^-22 of sum |x w| from the split. The cut is a mask rather than a round trip
+// inputs v are scaled by 2^s (s puts the row's largest magnitude in [2^13, 2^14), so the parts of
+// every input within 2^27 of it are normal f16s, and the scaling is exact), hi is v with its
+// mantissa cut to f16's 10 bits (a bit mask, exact in f16), and lo = (v - hi) * 2^11 (exact in
+// f32, then rounded once to f16). The products then sum hi and lo separately and join them as
+// (c_hi + c_lo / 2^11) / 2^s: the split's error is at most about 2^-22 of sum |x w|, plus, for
+// inputs more than 2^27 below the row's largest (subnormal parts), 2^-25 of it times sum |w|. The cut is a mask rather than a round trip
 // through f16 so that no compiler can fold hi back into v (the low part of a first version that
 // did that contributed nothing on an H100).
 // Fused as in linear_matmul.wgsl: RMSNorm (norm), SwiGLU of [gate | up] rows or GELU (act).
@@ -120,10 +121,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
     }
     let amax = reduce(lid, big, true);
-    // A row of zeros, or one with an infinity or NaN, keeps scale 1: its outputs then carry the
-    // non-finite value (inf - inf in lo makes them NaN) instead of a silently finite one.
+    // A row of zeros, or one with an infinity, keeps scale 1; a NaN input stays NaN whatever the
+    // scale (the device's max may drop it). Either way the outputs it reaches are NaN (inf - inf
+    // in lo), not silently finite.
     var shift = 0;
-    if (amax > 0.0 && amax <= 3.0e38) {
+    if (amax > 0.0 && (bitcast<u32>(amax) & 0x7f800000u) != 0x7f800000u) {
         shift = clamp(14 - frexp(amax).exp, -126, 127);
     }
     let scale = ldexp(1.0, shift);

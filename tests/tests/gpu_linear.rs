@@ -406,3 +406,92 @@ fn device_argmax_edges() {
     let err = gpu.argmax_rows(&[1.0; 10], 3, 4).unwrap_err();
     assert!(matches!(err, TwinferError::ShapeMismatch { .. }), "{err:?}");
 }
+
+/// erf(z) in f64: the Maclaurin series up to |z| = 4 (where erf is 1 to 1.5e-8), its sign beyond.
+fn erf(z: f64) -> f64 {
+    if z.abs() > 4.0 {
+        return z.signum();
+    }
+    let (mut term, mut sum) = (z, z);
+    for n in 1..200 {
+        term *= -z * z / n as f64;
+        sum += term / (2 * n + 1) as f64;
+    }
+    sum * 2.0 / std::f64::consts::PI.sqrt()
+}
+
+/// Input `i` of row `r` as a projection takes it, in f64: SwiGLU of `[gate | up]` rows, GELU, or
+/// x RMS-normed with `norm`.
+fn split_input_ref(x: &[f32], r: usize, i: usize, k: usize, act: u32, norm: Option<(&[f32], f32)>) -> f64 {
+    use twinfer::gpu::params::{ACT_GELU, ACT_SWIGLU};
+    if act == ACT_SWIGLU {
+        let (g, u) = (x[r * 2 * k + i] as f64, x[r * 2 * k + k + i] as f64);
+        return g / (1.0 + (-g).exp()) * u;
+    }
+    let v = x[r * k + i] as f64;
+    if act == ACT_GELU {
+        return 0.5 * v * (1.0 + erf(v / std::f64::consts::SQRT_2));
+    }
+    match norm {
+        Some((g, eps)) => {
+            let ms = x[r * k..][..k].iter().map(|&a| a as f64 * a as f64).sum::<f64>() / k as f64;
+            v * g[i] as f64 / (ms + eps as f64).sqrt()
+        }
+        None => v,
+    }
+}
+
+/// The tensor cores' input split (`linear_split_f16.wgsl`, which runs on any device with
+/// shader-f16, unlike the matmul it feeds): every input, with the fused RMSNorm, SwiGLU or GELU,
+/// comes back as `(hi + lo / 2^11) * 2^e` within 2^-21 of its row's largest magnitude (one f16
+/// alone is 2^-12 off) plus the device's f32 arithmetic (4e-6 of the value), across rows of
+/// magnitudes 2^-15 to 2^14, an outlier and a row of zeros; pad rows are zeros.
+#[test]
+fn tensor_core_input_split_reconstructs_its_input() {
+    use twinfer::gpu::params::{ACT_GELU, ACT_NONE, ACT_SWIGLU};
+    let Some(gpu) = engine() else { return };
+    if !gpu.context().summary.shader_f16 {
+        eprintln!("SKIPPED: {} has no shader-f16; the input split is NOT tested here", gpu.context().summary.name);
+        return;
+    }
+    let (rows, k) = (70, 96);
+    for (case, act, normed) in [
+        ("RMSNorm", ACT_NONE, true),
+        ("plain", ACT_NONE, false),
+        ("SwiGLU", ACT_SWIGLU, false),
+        ("GELU", ACT_GELU, false),
+    ] {
+        let width = if act == ACT_SWIGLU { 2 * k } else { k };
+        let mut x = values(rows * width, 11 + act as u64);
+        for r in 0..rows {
+            let scale = 2f32.powi(r as i32 % 30 - 15);
+            x[r * width..][..width].iter_mut().for_each(|v| *v *= scale);
+        }
+        x[5 * width + 3] *= 3000.0;
+        x[7 * width..][..width].iter_mut().for_each(|v| *v = 0.0);
+        let g: Vec<f32> = values(k, 99).iter().map(|v| 0.5 + v.abs()).collect();
+        let norm = normed.then_some((&g[..], 1e-5f32));
+        let out = gpu.split_input_for_test(&x, rows, k, norm, act).unwrap();
+        let rows_p = rows.next_multiple_of(128);
+        assert_eq!(out.len(), (2 * rows_p * k + rows_p).next_multiple_of(8), "{case}: output size");
+        let (hi, rest) = out.split_at(rows_p * k);
+        let (lo, exps) = rest.split_at(rows_p * k);
+        for r in 0..rows_p {
+            let want: Vec<f64> =
+                (0..k).map(|i| if r < rows { split_input_ref(&x, r, i, k, act, norm) } else { 0.0 }).collect();
+            let amax = want.iter().fold(0f64, |a, v| a.max(v.abs()));
+            let e = f16::from_bits(exps[r]).to_f64();
+            assert_eq!(e, e.round(), "{case}: row {r}'s exponent {e} is not an integer");
+            for i in 0..k {
+                let parts = f16::from_bits(hi[r * k + i]).to_f64() + f16::from_bits(lo[r * k + i]).to_f64() / 2048.0;
+                let got = parts * 2f64.powf(e);
+                let tol = amax * 2f64.powi(-21) + want[i].abs() * 4e-6;
+                assert!(
+                    (got - want[i]).abs() <= tol,
+                    "{case}: row {r} input {i}: split gives {got}, reference {}, tolerance {tol:.2e}",
+                    want[i]
+                );
+            }
+        }
+    }
+}

@@ -1,7 +1,8 @@
 //! Projections on the device: `y[rows, n] = x[rows, k] · W[n, k]ᵀ + b` with W uploaded once
 //! ([`GpuLinear`]) and kept on the device, in buffers of at most one binding each. Decode rows
 //! (at most [`GEMV_MAX_ROWS`]) go through `linear_gemv.wgsl`, prompt chunks through
-//! `linear_matmul.wgsl`. A call uploads only x and reads y back; after the pools have grown to a
+//! `linear_matmul.wgsl`, or over f16 weights on a device with tensor cores through
+//! `linear_split_f16.wgsl` and `linear_matmul_coop.wgsl`. A call uploads only x and reads y back; after the pools have grown to a
 //! call's size it creates no buffer or bind group. Block-quantized weights stay quantized on the
 //! device ([`GpuLinear::upload_quant`]) and the kernels decode them in registers.
 
@@ -10,6 +11,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use super::device::GpuContext;
 use super::engine::GpuEngine;
+use super::linear_split::{SPLIT_ROW_PAD, split_bytes, split_key};
 use super::params::{ACT_GELU, ACT_NONE, ACT_SWIGLU, LinearParams};
 use super::pending::{Pending, Readback, Scopes};
 use super::resources::{Bind, PipelineKey, Resources, Slot, Tile};
@@ -62,18 +64,6 @@ impl GemvShape {
 const COOP_TILE_ROWS: usize = 64;
 const COOP_TILE_FEATURES: usize = 128;
 const COOP_TILE: Tile = Tile { wg: 128, br: 0, bc: 0, chunk: 0 };
-/// Rows of the split input are padded to this (`ROW_PAD` in `linear_split_f16.wgsl` and
-/// `linear_matmul_coop.wgsl`).
-const SPLIT_ROW_PAD: usize = 128;
-/// Its workgroup.
-const SPLIT_TILE: Tile = Tile { wg: 256, br: 0, bc: 0, chunk: 0 };
-
-/// Bytes of `linear_split_f16.wgsl`'s output for `rows` input rows of width `k`: two f16 parts
-/// per input and one f16 exponent per row, rows padded.
-pub(super) fn split_bytes(rows: usize, k: usize) -> usize {
-    let rows_p = rows.next_multiple_of(SPLIT_ROW_PAD);
-    (2 * (2 * rows_p * k + rows_p)).next_multiple_of(16)
-}
 
 /// Workgroups below which the matmul shrinks its tile: two per SM of a 132-SM card.
 const MATMUL_MIN_WORKGROUPS: usize = 264;
@@ -103,7 +93,9 @@ pub(super) enum Stored {
 pub(super) struct ChunkPlan {
     pub n0: usize,
     pub n: usize,
+    /// Bytes of this buffer's weights, and of the buffer itself (more where zero rows pad it).
     pub bytes: u64,
+    pub alloc: u64,
     pub stored: Stored,
     /// log2 of the vec4s sharing a scale, and the word where the scales start (quantized only).
     pub group_shift: u32,
@@ -192,10 +184,30 @@ impl GpuLinear {
         }
         let k4 = k.div_ceil(4).max(1);
         let row_bytes = (k4 * 4 * storage.bytes()) as u64;
+        // The tensor-core matmul loads whole 16-row fragments of its 128-feature tiles, past a
+        // buffer's last row: such buffers get zero rows up to a whole tile (cooperative loads
+        // out of a binding are not covered by robust buffer access), and hold a whole number of
+        // tiles where a buffer holds more than one.
+        let binding = ctx.limits.max_storage_buffer_binding_size.min(ctx.limits.max_buffer_size);
+        let pad = ctx.summary.tensor_cores
+            && storage == KvStorage::F16
+            && k.is_multiple_of(16)
+            && COOP_TILE_FEATURES as u64 * row_bytes <= binding;
+        let max_buffer = if pad {
+            let per = max_buffer.min(binding) / row_bytes;
+            if per >= COOP_TILE_FEATURES as u64 {
+                per / COOP_TILE_FEATURES as u64 * COOP_TILE_FEATURES as u64 * row_bytes
+            } else {
+                max_buffer
+            }
+        } else {
+            max_buffer
+        };
         let plans = split_rows(ctx, 0, n, row_bytes, max_buffer, |n0, rows| ChunkPlan {
             n0,
             n: rows,
             bytes: rows as u64 * row_bytes,
+            alloc: if pad { rows.next_multiple_of(COOP_TILE_FEATURES) } else { rows } as u64 * row_bytes,
             stored: Stored::Float,
             group_shift: 0,
             scales_at: 0,
@@ -240,7 +252,7 @@ impl GpuLinear {
                 .map(|&plan| Chunk {
                     plan,
                     params: make("projection params", size_of::<LinearParams>() as u64, U::UNIFORM | U::COPY_DST),
-                    w: make("projection weights", plan.bytes, U::STORAGE | U::COPY_DST),
+                    w: make("projection weights", plan.alloc, U::STORAGE | U::COPY_DST),
                 })
                 .collect();
             (chunks, make("projection bias", bias_bytes, U::STORAGE | U::COPY_DST))
@@ -279,7 +291,8 @@ impl GpuLinear {
         self.gemv = shape;
     }
 
-    /// Bytes of weights held on the device (codes and scales, or float rows), without the bias.
+    /// Bytes of weights held on the device (codes and scales, or float rows), without the bias
+    /// or the zero rows that pad buffers for the tensor cores.
     pub fn device_bytes(&self) -> u64 {
         self.chunks.iter().map(|c| c.plan.bytes).sum()
     }
@@ -405,13 +418,7 @@ impl GpuLinear {
         if !self.on_tensor_cores(engine, rows) {
             return None;
         }
-        let key = PipelineKey {
-            kernel: Kernel::LinearSplitF16,
-            variant: Variant::Baseline,
-            kv: KvStorage::F16,
-            tile: SPLIT_TILE,
-        };
-        Some((key, [rows.next_multiple_of(SPLIT_ROW_PAD), 1, 1]))
+        Some((split_key(), [rows.next_multiple_of(SPLIT_ROW_PAD), 1, 1]))
     }
 
     /// Bindings of chunk `i`: its parameters, its weights and the bias.

@@ -52,6 +52,7 @@ impl GpuLinear {
                 n0: first,
                 n: rows,
                 bytes: rows as u64 * row_bytes,
+                alloc: rows as u64 * row_bytes,
                 stored,
                 group_shift: (group / 4).trailing_zeros(),
                 scales_at: (rows * code_words) as u32,

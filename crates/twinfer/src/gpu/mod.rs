@@ -6,6 +6,7 @@ mod device;
 mod engine;
 mod linear;
 mod linear_quant;
+mod linear_split;
 pub mod params;
 mod pending;
 mod resident;

@@ -226,7 +226,8 @@ impl ShaderChecks {
     }
 }
 
-/// How reductions are done. Open for a cooperative-matrix variant (tensor cores, native only).
+/// How reductions are done. (The tensor cores are an engine option, not a variant: see
+/// `GpuOptions::tensor_cores`.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum Variant {

@@ -136,7 +136,14 @@ impl ResidentEncoder {
                 (Act::Attn, t * h * f),
                 (Act::GateUp, t * inter * f),
                 (Act::Rows, rows_info.len() * f),
-                (Act::XSplit, rec.split_input_bytes(t, h.max(inter))),
+                // Every layer has the first one's shapes.
+                (Act::XSplit, {
+                    let uses: Vec<(&GpuLinear, usize)> = self
+                        .layers
+                        .first()
+                        .map_or(Vec::new(), |l| vec![(&*l.qkv, t), (&*l.out, t), (&*l.up, t), (&*l.down, t)]);
+                    rec.split_input_bytes(&uses)
+                }),
             ])?;
             rec.write(Act::X, bytemuck::cast_slice(x))?;
             rec.write(Act::Rows, bytemuck::cast_slice(&rows_info))?;

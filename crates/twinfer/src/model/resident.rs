@@ -296,7 +296,14 @@ impl LlamaModel {
             (Act::Rows, rows_info.len() * f),
             (Act::SelRows, n * f),
             (Act::PageScratch, if copies.is_empty() { 0 } else { r.layers[0].kv.page_bytes() }),
-            (Act::XSplit, rec.split_input_bytes(t, h.max(qd).max(inter))),
+            // Every layer has the first one's shapes.
+            (Act::XSplit, {
+                let mut uses = vec![(&*r.lm_head, n)];
+                if let Some(l) = r.layers.first() {
+                    uses.extend([(&*l.qkv, t), (&*l.o, t), (&*l.gate_up, t), (&*l.down, t)]);
+                }
+                rec.split_input_bytes(&uses)
+            }),
         ])?;
         rec.write(Act::X, bytemuck::cast_slice(&x))?;
         rec.write(Act::Rows, bytemuck::cast_slice(&rows_info))?;

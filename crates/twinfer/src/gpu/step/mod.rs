@@ -14,7 +14,8 @@ use std::sync::MutexGuard;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::engine::{DecodePlan, DecodeStep, GpuEngine, PrefillPlan};
-use super::linear::{Fused, GEMV_MAX_ROWS, GpuLinear, split_bytes};
+use super::linear::{Fused, GpuLinear};
+use super::linear_split::split_bytes;
 use super::params::{AttnParams, RopeParams, RowParams};
 use super::pending::{Pending, Readback, Scopes};
 use super::resident::GpuKvCache;
@@ -224,10 +225,14 @@ impl<'e> StepRecorder<'e> {
         self.engine.context()
     }
 
-    /// Bytes to reserve for [`Act::XSplit`] when the step's projections take `rows` rows of
-    /// inputs at most `k` wide: none where they do not run on the tensor cores.
-    pub fn split_input_bytes(&self, rows: usize, k: usize) -> usize {
-        if self.engine.options().tensor_cores && rows > GEMV_MAX_ROWS { split_bytes(rows, k) } else { 0 }
+    /// Bytes to reserve for [`Act::XSplit`] when the step calls each of `uses` (weights, input
+    /// rows): the largest split input among those that run on the tensor cores, else none.
+    pub fn split_input_bytes(&self, uses: &[(&GpuLinear, usize)]) -> usize {
+        uses.iter()
+            .filter(|(w, rows)| w.on_tensor_cores(self.engine, *rows))
+            .map(|(w, rows)| split_bytes(*rows, w.k))
+            .max()
+            .unwrap_or(0)
     }
 
     /// Sizes the step's buffers (bytes each). Only before the first dispatch.
