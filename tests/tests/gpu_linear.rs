@@ -286,6 +286,43 @@ fn f16_decoder_on_gpu_projections_matches_the_cpu() {
     assert!(err <= 1e-4, "f16 decoder, GPU projections vs CPU: relative error {err:.2e}");
 }
 
+/// The tiny random decoder with f16 weights through the resident forward pass (the whole step on
+/// the device, norms and activations fused into the projections' loads or, on devices with
+/// tensor cores, into their input split): a 90-token prompt and decode steps against the CPU.
+#[test]
+fn f16_decoder_resident_matches_the_cpu() {
+    use twinfer::kv::{KvCacheConfig, KvLayout, PagedKvCache};
+    use twinfer::model::{Engines, Logits, ResidentDecoder, StepSeq, preset, random_decoder};
+    use twinfer::{Attention, DType, cpu::SimdLevel};
+    for gpu in engines() {
+        let model = random_decoder(preset("tiny").unwrap(), DType::F16, 3).unwrap();
+        let c = &model.config;
+        let layout = KvLayout::new(16, c.num_kv_heads, c.head_dim).unwrap();
+        let config = KvCacheConfig { num_layers: c.num_layers, num_pages: 32, layout, dtype: DType::F32 };
+        let prompt: Vec<u32> = (0..GEMV_MAX_ROWS as u32 + 26).map(|i| (i * 53 + 7) % c.vocab_size as u32).collect();
+        let steps = |forward: &mut dyn FnMut(&mut PagedKvCache, StepSeq<'_>) -> Vec<f32>| {
+            let mut cache = PagedKvCache::new(config).unwrap();
+            let seq = cache.add_sequence();
+            cache.reserve(&[seq], &[prompt.len()]).unwrap();
+            let mut all = forward(&mut cache, StepSeq { seq, tokens: &prompt, start: 0, logits: Logits::All });
+            for s in 0..3u32 {
+                let start = cache.seq_len(seq).unwrap();
+                cache.reserve(&[seq], &[1]).unwrap();
+                all.extend(forward(&mut cache, StepSeq { seq, tokens: &[s + 11], start, logits: Logits::Last }));
+            }
+            all
+        };
+        let resident = ResidentDecoder::new(&model, gpu, &config).unwrap().poison_for_test();
+        let got = steps(&mut |cache, step| model.forward_resident(&resident, cache, &[step]).unwrap());
+        let cpu = Attention::cpu(SimdLevel::detect());
+        let e = Engines { level: SimdLevel::detect(), prefill: &cpu, decode: &cpu };
+        let want = steps(&mut |cache, step| model.forward(e, cache, &[step]).unwrap());
+        let err = twinfer_tests::models::rel_err(&got, &want);
+        let what = gpu.variant_name();
+        assert!(err <= 1e-4, "f16 decoder, resident on the GPU ({what}) vs CPU: relative error {err:.2e}");
+    }
+}
+
 /// Logits rows that stress the greedy pick: values from a few levels (ties everywhere), NaN,
 /// signed zeros and infinities sprinkled in, some rows all NaN.
 fn tricky_logits(rows: usize, width: usize, seed: u64) -> Vec<f32> {
