@@ -2,6 +2,7 @@
 //! the attention calls and the projections over host slices. No wgpu type appears in the attention API. Natively it
 //! runs on Vulkan; in a browser (wasm32) on WebGPU, through the `_async` calls.
 
+mod attention_calls;
 mod device;
 mod engine;
 mod linear;
