@@ -7,6 +7,7 @@ mod chat;
 mod config;
 mod elems;
 pub mod gguf;
+mod gguf_cursor;
 mod gguf_model;
 mod linear;
 mod llama;
