@@ -111,9 +111,6 @@ fn load_v(i: u32, lid: u32, vs: vec3<u32>, fill: u32, key0: u32, b: u32, h: u32,
     return v_at(kv_row(b, key0 + key, h, dv, kv_base), col);
 }
 
-const LOG2E: f32 = 1.4426950408889634;
-const LN2: f32 = 0.6931471805599453;
-
 // Soft-cap and ALiBi of four pre-scaled scores (log2 units) of one row against keys jk .. jk + 3.
 fn post(x: vec4<f32>, slope: f32, jk: i32, pos: i32) -> vec4<f32> {
     var s = x;
@@ -142,28 +139,6 @@ fn probs(x: vec4<f32>, m: f32) -> vec4<f32> {
 
 fn sum4(x: vec4<f32>) -> f32 {
     return (x.x + x.y) + (x.z + x.w);
-}
-
-// Query row r of the tile: visible keys, position, slope; rows past the tile see nothing.
-struct RowInfo {
-    lo: i32,
-    hi: i32,
-    pos: i32,
-    slope: f32,
-}
-
-fn row_info(r: u32, rows: u32, row0: u32, G: u32, h: u32, kv_len: i32, qo_len: i32) -> RowInfo {
-    let rr = row0 + r;
-    var out = RowInfo(0, 0, i32(rr / G) + kv_len - qo_len, 0.0);
-    if (r < rows) {
-        let vis = visible_range(P, out.pos, kv_len);
-        out.lo = vis.x;
-        out.hi = vis.y;
-        if (P.has_alibi != 0u) {
-            out.slope = bitcast<f32>(tbl[P.off_alibi + h * G + rr % G]);
-        }
-    }
-    return out;
 }
 
 // O of one thread, one matrix per column group g (vec4 columns tx + 16g): column r of the
