@@ -7,11 +7,12 @@
 /// The shared online-softmax state (`(m, d, o)` and its merge), prepended to every kernel.
 pub const ONLINE_SOFTMAX: (&str, &str) = ("online_softmax.wgsl", include_str!("online_softmax.wgsl"));
 
-/// How the two prefill kernels find and read K/V rows (float or int8), appended to each of them.
+/// How the prefill kernels find and read K/V rows (float or int8) and a query row's facts, appended
+/// to each of them.
 pub const PREFILL_KV: (&str, &str) = ("prefill_kv.wgsl", include_str!("prefill_kv.wgsl"));
 
 /// Every kernel file, by name.
-pub const KERNELS: [(&str, &str); 16] = [
+pub const KERNELS: [(&str, &str); 17] = [
     ("prefill_attention.wgsl", include_str!("prefill_attention.wgsl")),
     ("decode_attention_paged.wgsl", include_str!("decode_attention_paged.wgsl")),
     ("merge_state.wgsl", include_str!("merge_state.wgsl")),
@@ -28,6 +29,7 @@ pub const KERNELS: [(&str, &str); 16] = [
     ("topk_rows.wgsl", include_str!("topk_rows.wgsl")),
     ("linear_matmul_coop.wgsl", include_str!("linear_matmul_coop.wgsl")),
     ("linear_split_f16.wgsl", include_str!("linear_split_f16.wgsl")),
+    ("prefill_attention_coop.wgsl", include_str!("prefill_attention_coop.wgsl")),
 ];
 
 #[cfg(test)]

@@ -244,6 +244,92 @@ variant_suite!(baseline_f32_wg128, Variant::Baseline, false, 128);
 // The portable prefill kernel that browsers on SwiftShader run.
 variant_suite!(baseline_f32_portable_prefill, Variant::Baseline, false, 64, true);
 
+/// Prefill on the tensor cores (`prefill_attention_coop.wgsl`, opt-in): f16 K/V and every head
+/// dim it takes, against the oracle with the f32 path's tolerance, and against the FMA kernel. Adapters
+/// without tensor cores (lavapipe in CI) skip loudly; `TWINFER_REQUIRE_TENSOR_CORES=1` turns the
+/// skip into a failure on a device that should have them.
+mod tensor_core_prefill {
+    use super::*;
+
+    fn engines() -> Option<(GpuEngine, GpuEngine)> {
+        let base = base()?;
+        if !base.context().summary.tensor_cores {
+            if std::env::var("TWINFER_REQUIRE_TENSOR_CORES").is_ok_and(|v| v == "1") {
+                panic!("TWINFER_REQUIRE_TENSOR_CORES=1 but {} has no tensor cores", base.context().summary.name);
+            }
+            eprintln!(
+                "SKIPPED: {} has no tensor cores; the tensor-core prefill is NOT tested here",
+                base.context().summary.name
+            );
+            return None;
+        }
+        let on = GpuOptions { f16_kv: true, tensor_core_prefill: true, ..base.options() };
+        let off = GpuOptions { tensor_core_prefill: false, ..on };
+        Some((base.with_options(on).unwrap(), base.with_options(off).unwrap()))
+    }
+
+    /// The tensor-core and FMA kernels agree as two f32-accurate results do.
+    fn check_both(on: &GpuEngine, off: &GpuEngine, case: &Case) -> Result<(), TestCaseError> {
+        prop_assert_eq!(on.prefill_kernel(case.head_dim, DType::F16), "prefill_attention_coop.wgsl");
+        prop_assert_eq!(off.prefill_kernel(case.head_dim, DType::F16), "prefill_attention.wgsl");
+        check(on, case)?;
+        let data = CaseData::new(case);
+        let (o_on, _) = run(on, case)?;
+        let (o_off, _) = run(off, case)?;
+        let tol = twinfer_tests::Tolerance::for_output(case.o_dtype);
+        let want = data.reference();
+        let d = data.params.head_dim;
+        for (i, (a, b)) in o_on.iter().zip(&o_off).enumerate() {
+            let bound = 2.0 * tol.o_bound(*b as f64, want.score_abs[i / d], want.v_abs[i / d]);
+            prop_assert!(((a - b).abs() as f64) <= bound, "o[{}]: tensor cores {}, FMA {}", i, a, b);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+        #[test]
+        fn matches_oracle_and_fma_kernel(
+            case in twinfer_tests::case_strategy(Mode::Prefill, 3, 300, true),
+            head_dim in prop_oneof![Just(16usize), Just(32), Just(48), Just(64), Just(80), Just(96), Just(112), Just(128)],
+        ) {
+            if let Some((on, off)) = engines() {
+                check_both(&on, &off, &Case { head_dim, kv_dtype: DType::F16, ..case })?;
+            }
+        }
+    }
+
+    /// Pinned: long rows whose maximum jumps mid-way (q gain 12: the lazy rescale runs), ALiBi
+    /// and soft-cap, a window narrower than a tile, page size 3, GQA 8 over 2 KV heads, and
+    /// more than one workgroup of rows per sequence.
+    #[test]
+    fn pinned_cases() {
+        let Some((on, off)) = engines() else { return };
+        for (head_dim, window_left, soft_cap, alibi, kv_kind) in [
+            (128, None, None, false, KvKind::Paged),
+            (64, Some(40), Some(30.0), true, KvKind::Ragged),
+            (96, None, Some(5.0), true, KvKind::Paged),
+        ] {
+            let case = Case {
+                page_size: 3,
+                group: 8,
+                num_kv_heads: 2,
+                head_dim,
+                causal: true,
+                window_left,
+                soft_cap,
+                alibi,
+                kv_dtype: DType::F16,
+                q_gain: 12.0,
+                seed: 29,
+                ..Case::pinned(Mode::Prefill, kv_kind, vec![300, 17], vec![700, 17])
+            };
+            check_both(&on, &off, &case).unwrap();
+        }
+    }
+}
+
 #[test]
 fn adapter_is_reported() {
     let Some(e) = base() else { return };

@@ -82,6 +82,10 @@ enum BenchWhat {
         /// cores (cooperative matrices), to compare the two.
         #[arg(long)]
         no_tensor_cores: bool,
+        /// Run prefill attention over f16 K/V on the tensor cores (experimental, off by default:
+        /// see the README), to compare it with the FMA kernel.
+        #[arg(long)]
+        tensor_core_prefill: bool,
         /// Measure only these shapes: `prefill:LEN`, `decode:BATCH:CTX[:PAGE]` (f16 KV, pages of 16
         /// unless PAGE; other sizes on the CPU only), `decode-f32:...` (CPU), `decode-q8:...` (int8 KV),
         /// or a projection `linear:ROWS:N:K` (f16 weights) or
@@ -142,6 +146,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     decode_wg,
                     shader_checks,
                     no_tensor_cores,
+                    tensor_core_prefill,
                     simd,
                     cases,
                     json,
@@ -168,6 +173,7 @@ fn run(cli: Cli) -> Result<(), String> {
             if no_tensor_cores {
                 opts.tensor_cores = false;
             }
+            opts.tensor_core_prefill = tensor_core_prefill;
             if let Some(c) = shader_checks {
                 opts.shader_checks = match c {
                     ShaderChecksArg::Full => ShaderChecks::Full,
@@ -194,11 +200,27 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Bench { what: BenchWhat::Model(args) } => bench_model::run(*args),
         Command::Bench {
             what:
-                BenchWhat::Kernels { quick, simd, cases, json, variant, decode_wg, shader_checks, no_tensor_cores, .. },
+                BenchWhat::Kernels {
+                    quick,
+                    simd,
+                    cases,
+                    json,
+                    variant,
+                    decode_wg,
+                    shader_checks,
+                    no_tensor_cores,
+                    tensor_core_prefill,
+                    ..
+                },
         } => {
-            if variant.is_some() || decode_wg.is_some() || shader_checks.is_some() || no_tensor_cores {
+            if variant.is_some()
+                || decode_wg.is_some()
+                || shader_checks.is_some()
+                || no_tensor_cores
+                || tensor_core_prefill
+            {
                 return Err(
-                    "--variant, --decode-wg, --shader-checks and --no-tensor-cores set up the GPU engine: add --backend gpu"
+                    "--variant, --decode-wg, --shader-checks, --no-tensor-cores and --tensor-core-prefill set up the GPU engine: add --backend gpu"
                         .into(),
                 );
             }

@@ -41,8 +41,8 @@ fn every_kernel_and_variant_validates() {
         }
     }
     // Float storage for every kernel, int8 for the five that read or write a K/V pool, f16 only
-    // for the tensor-core matmul and its input split.
-    assert_eq!(checked, (Kernel::ALL.len() - 2) * 4 + 5 * 2 + 2 * 2);
+    // for the tensor-core matmul, its input split and the tensor-core prefill.
+    assert_eq!(checked, (Kernel::ALL.len() - 3) * 4 + 5 * 2 + 3 * 2);
 }
 
 /// The baseline must not need subgroups: it validates with no capability but f16 where asked.
@@ -124,20 +124,51 @@ fn prefill_tile_overrides_resolve() {
     }
 }
 
-/// No adapter in CI has cooperative matrices, so the tensor-core matmul is compiled to SPIR-V
-/// here (what wgpu does on Vulkan before the driver sees it), with its capability declared.
+/// No adapter in CI has cooperative matrices, so the tensor-core kernels are compiled to SPIR-V
+/// here (what wgpu does on Vulkan before the driver sees it), with their capability declared and
+/// the prefill's overrides resolved for each head dim it takes (its workgroup memory is 48 KiB,
+/// what the host checks the adapter for).
 #[test]
-fn tensor_core_matmul_translates_to_spirv() {
-    let module = parse(Kernel::LinearMatmulCoop, Variant::Subgroup, KvStorage::F16);
+fn tensor_core_kernels_translate_to_spirv() {
     let caps = Capabilities::SHADER_FLOAT16
         | Capabilities::SHADER_FLOAT16_IN_FLOAT32
         | Capabilities::SUBGROUP
         | Capabilities::COOPERATIVE_MATRIX;
-    let info = Validator::new(ValidationFlags::all(), caps).validate(&module).unwrap();
-    let options = naga::back::spv::Options { lang_version: (1, 3), ..Default::default() };
-    let pipeline =
-        naga::back::spv::PipelineOptions { shader_stage: naga::ShaderStage::Compute, entry_point: "main".into() };
-    let words = naga::back::spv::write_vec(&module, &info, &options, Some(&pipeline)).unwrap();
-    // OpCapability CooperativeMatrixKHR (6022) is declared.
-    assert!(words.windows(2).any(|w| w == [(2 << 16) | 17, 6022]), "no CooperativeMatrixKHR capability");
+    let head_dims: [Option<f64>; 9] =
+        [None, Some(16.0), Some(32.0), Some(48.0), Some(64.0), Some(80.0), Some(96.0), Some(112.0), Some(128.0)];
+    for (kernel, dims) in [(Kernel::LinearMatmulCoop, &head_dims[..1]), (Kernel::PrefillCoop, &head_dims[1..])] {
+        let module = parse(kernel, Variant::Subgroup, KvStorage::F16);
+        let info = Validator::new(ValidationFlags::all(), caps).validate(&module).unwrap();
+        for hd in dims {
+            let mut constants = naga::back::PipelineConstants::default();
+            if let Some(hd) = hd {
+                constants.insert("HD".into(), *hd);
+            }
+            let (resolved, info) = naga::back::pipeline_constants::process_overrides(
+                &module,
+                &info,
+                Some((naga::ShaderStage::Compute, "main")),
+                &constants,
+            )
+            .unwrap_or_else(|e| panic!("{} HD {hd:?}: {e}", kernel.file()));
+            if kernel == Kernel::PrefillCoop {
+                let stage_bytes = resolved
+                    .global_variables
+                    .iter()
+                    .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
+                    .map(|(_, g)| resolved.types[g.ty].inner.size(resolved.to_ctx()))
+                    .sum::<u32>();
+                assert_eq!(stage_bytes, twinfer::gpu::PREFILL_COOP_STORAGE, "HD {hd:?}");
+            }
+            let options = naga::back::spv::Options { lang_version: (1, 3), ..Default::default() };
+            let pipeline = naga::back::spv::PipelineOptions {
+                shader_stage: naga::ShaderStage::Compute,
+                entry_point: "main".into(),
+            };
+            let words = naga::back::spv::write_vec(&resolved, &info, &options, Some(&pipeline))
+                .unwrap_or_else(|e| panic!("{} HD {hd:?}: {e}", kernel.file()));
+            // OpCapability CooperativeMatrixKHR (6022) is declared.
+            assert!(words.windows(2).any(|w| w == [(2 << 16) | 17, 6022]), "no CooperativeMatrixKHR capability");
+        }
+    }
 }

@@ -307,10 +307,12 @@ impl GpuEngine {
         let params = p.params;
         let hk = params.num_kv_heads;
         let d = params.head_dim;
-        let (kernel, tile) = if self.options().portable_prefill {
-            (Kernel::PrefillPortable, portable_prefill_tile(d))
-        } else {
-            (Kernel::Prefill, prefill_tile(d, self.context().limits.max_compute_workgroup_storage_size))
+        let kernel = self.prefill_kernel_for(d, storage);
+        let tile = match kernel {
+            Kernel::PrefillPortable => portable_prefill_tile(d),
+            // Fixed 128 threads and 64 x 64 tiles; the head dim is the kernel's one knob.
+            Kernel::PrefillCoop => Tile { wg: 128, br: 64, bc: 64, chunk: d as u32 },
+            _ => prefill_tile(d, self.context().limits.max_compute_workgroup_storage_size),
         };
         let work = prefill_work(p, params, tile.br as usize);
         if work.is_empty() {
@@ -348,6 +350,7 @@ impl GpuEngine {
             kv_codes_at,
             ..self.base_params(params, p.batch, page_size)
         };
+        // The tensor-core kernel uses subgroups whatever the variant.
         let variant = if kernel == Kernel::Prefill { self.options().variant } else { Variant::Baseline };
         let key = PipelineKey { kernel, variant, kv: storage, tile };
         Ok(Some(PrefillPlan { prm, meta: meta.data, key, grid: [hk, num_work as usize, 1] }))

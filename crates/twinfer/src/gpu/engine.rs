@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use super::device::{GpuContext, ResourceCounts};
 use super::params::{AttnParams, MergeParams};
 use super::resources::{Bind, PipelineKey, RecordedPass, Resources, Slot, Tile};
-use super::shaders::{KvStorage, ShaderChecks, Variant};
+use super::shaders::{Kernel, KvStorage, ShaderChecks, Variant};
 use crate::attention::problem::Problem;
 use crate::attention::{AttentionOutput, AttentionParams, DecodeInput, PrefillInput};
 use crate::cpu::SplitK;
@@ -64,6 +64,11 @@ pub struct GpuOptions {
     /// (`linear_matmul_coop.wgsl`), by default where the device has them
     /// (`AdapterSummary::tensor_cores`).
     pub tensor_cores: bool,
+    /// Prefill over f16 K/V with head dims that are multiples of 16 up to 128 on the tensor
+    /// cores too (`prefill_attention_coop.wgsl`; needs `tensor_cores`). Off by default: on an
+    /// H200 it ran slower than the FMA kernel, and the fixed version has not yet run on a device
+    /// (see the README).
+    pub tensor_core_prefill: bool,
 }
 
 /// The WGSL engine on one device.
@@ -113,6 +118,7 @@ impl GpuEngine {
                 || ctx.summary.max_invocations < TILED_PREFILL_THREADS,
             shader_checks: ShaderChecks::for_backend(&ctx.summary.backend),
             tensor_cores: ctx.summary.tensor_cores,
+            tensor_core_prefill: false,
         };
         Ok(Self { ctx, res: Arc::new(Mutex::new(Resources::new(opts.shader_checks))), opts })
     }
@@ -122,9 +128,9 @@ impl GpuEngine {
         if opts.variant == Variant::Subgroup && !self.ctx.summary.subgroups {
             return Err(TwinferError::GpuUnavailable(format!("{} has no subgroups", self.ctx.summary.name)));
         }
-        if opts.tensor_cores && !self.ctx.summary.tensor_cores {
+        if (opts.tensor_cores || opts.tensor_core_prefill) && !self.ctx.summary.tensor_cores {
             return Err(TwinferError::GpuUnavailable(format!(
-                "{} cannot run the tensor-core matmul (16 x 16 f16 cooperative matrices, subgroups of 32)",
+                "{} cannot run the tensor-core kernels (16 x 16 f16 cooperative matrices, subgroups of 32)",
                 self.ctx.summary.name
             )));
         }
@@ -165,7 +171,12 @@ impl GpuEngine {
         } else {
             format!(", {} shader checks", self.opts.shader_checks.name())
         };
-        let tensor = if self.opts.tensor_cores { ", tensor cores" } else { "" };
+        let tensor = match (self.opts.tensor_cores, self.opts.tensor_core_prefill) {
+            (true, true) => ", tensor cores, tensor-core prefill",
+            (true, false) => ", tensor cores",
+            (false, true) => ", tensor-core prefill",
+            (false, false) => "",
+        };
         format!("{}, {} KV{tensor}{checks}", self.opts.variant.name(), if self.opts.f16_kv { "f16" } else { "f32" })
     }
 
@@ -174,6 +185,32 @@ impl GpuEngine {
     #[doc(hidden)]
     pub fn lose_device_for_test(&self) {
         self.ctx.destroy_for_test();
+    }
+
+    /// The prefill kernel for K/V stored as `storage` and `head_dim`: the portable one where the
+    /// options ask for it; the tensor cores' where they ask for it, for f16 K/V and head dims
+    /// that are multiples of 16 up to 128 (with its workgroup storage); else the register-tiled
+    /// FMA kernel.
+    pub(super) fn prefill_kernel_for(&self, head_dim: usize, storage: KvStorage) -> Kernel {
+        if self.opts.portable_prefill {
+            Kernel::PrefillPortable
+        } else if self.opts.tensor_core_prefill
+            && storage == KvStorage::F16
+            && head_dim.is_multiple_of(16)
+            && (16..=128).contains(&head_dim)
+            && self.ctx.limits.max_compute_workgroup_storage_size >= super::device::PREFILL_COOP_STORAGE
+        {
+            Kernel::PrefillCoop
+        } else {
+            Kernel::Prefill
+        }
+    }
+
+    /// The file of the prefill kernel that runs for `head_dim` and K/V of `dtype` (for tests and
+    /// reports).
+    #[doc(hidden)]
+    pub fn prefill_kernel(&self, head_dim: usize, dtype: DType) -> &'static str {
+        self.prefill_kernel_for(head_dim, self.kv_storage(dtype)).file()
     }
 
     pub(super) fn kv_storage(&self, dtype: DType) -> KvStorage {

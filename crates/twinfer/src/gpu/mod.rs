@@ -16,7 +16,7 @@ pub mod shaders;
 mod step;
 mod upload;
 
-pub use device::{AdapterSummary, GpuContext, ResourceCounts};
+pub use device::{AdapterSummary, GpuContext, PREFILL_COOP_STORAGE, ResourceCounts};
 pub use engine::{GpuEngine, GpuOptions};
 pub use linear::{DEFAULT_MAX_WEIGHT_BUFFER, GEMV_MAX_ROWS, GemvShape, GpuLinear};
 pub use resident::{

@@ -220,6 +220,10 @@ impl Resources {
             // Fixed tile and workgroup: no knobs.
             constants.clear();
         }
+        if key.kernel == Kernel::PrefillCoop {
+            // Fixed tile and workgroup; the head dim sizes the fragment loops.
+            constants = vec![("HD", key.tile.chunk as f64)];
+        }
         ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(key.kernel.file()),
             layout: None,

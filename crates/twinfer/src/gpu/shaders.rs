@@ -11,7 +11,7 @@ pub const SHARED: (&str, &str) = twinfer_shaders::ONLINE_SOFTMAX;
 
 /// One entry per kernel file, in the order of [`Kernel::ALL`] (the `twinfer-shaders` crate is
 /// the top-level `shaders/` folder).
-const FILES: [(&str, &str); 16] = twinfer_shaders::KERNELS;
+const FILES: [(&str, &str); 17] = twinfer_shaders::KERNELS;
 
 /// Kernels with `// #if Q8` lines: the ones that read or write a K/V pool.
 const Q8_KERNELS: &[Kernel] =
@@ -78,6 +78,10 @@ pub enum Kernel {
     LinearMatmulCoop,
     /// The input rows of [`LinearMatmulCoop`](Self::LinearMatmulCoop) as two f16 parts each.
     LinearSplitF16,
+    /// [`Prefill`](Self::Prefill) on cooperative matrices (tensor cores): f16 K/V, head dims
+    /// that are multiples of 16 up to 128; only where `AdapterSummary::tensor_cores`, and only
+    /// when `GpuOptions::tensor_core_prefill` asks for it.
+    PrefillCoop,
 }
 
 /// How a projection kernel reads its weights (see [`source`]).
@@ -91,7 +95,7 @@ enum WeightRead {
 
 impl Kernel {
     /// Every kernel (the tests compile each one in every variant).
-    pub const ALL: [Kernel; 22] = [
+    pub const ALL: [Kernel; 23] = [
         Kernel::Prefill,
         Kernel::Decode,
         Kernel::Merge,
@@ -114,6 +118,7 @@ impl Kernel {
         Kernel::TopkRows,
         Kernel::LinearMatmulCoop,
         Kernel::LinearSplitF16,
+        Kernel::PrefillCoop,
     ];
 
     fn index(self) -> usize {
@@ -134,6 +139,7 @@ impl Kernel {
             Kernel::TopkRows => 13,
             Kernel::LinearMatmulCoop => 14,
             Kernel::LinearSplitF16 => 15,
+            Kernel::PrefillCoop => 16,
         }
     }
     /// The file name, used as the pipeline label.
@@ -170,14 +176,14 @@ impl Kernel {
     /// Whether the kernel compiles for K/V (or weights) stored as `kv`: the int8 pool format is
     /// read and written by the attention and append kernels only.
     pub fn supports(self, kv: KvStorage) -> bool {
-        if matches!(self, Kernel::LinearMatmulCoop | Kernel::LinearSplitF16) {
+        if matches!(self, Kernel::LinearMatmulCoop | Kernel::LinearSplitF16 | Kernel::PrefillCoop) {
             return kv == KvStorage::F16;
         }
         kv.is_float() || Q8_KERNELS.contains(&self)
     }
     /// Whether the kernel needs the adapter's cooperative matrices (and subgroups, and f16).
     pub fn uses_cooperative_matrices(self) -> bool {
-        self == Kernel::LinearMatmulCoop
+        matches!(self, Kernel::LinearMatmulCoop | Kernel::PrefillCoop)
     }
 }
 
@@ -353,7 +359,7 @@ pub fn source(kernel: Kernel, variant: Variant, kv: KvStorage, target: Target) -
         flags.push("Q8");
     }
     out.push_str(&preprocess(kernel.text(), &flags));
-    if matches!(kernel, Kernel::Prefill | Kernel::PrefillPortable) {
+    if matches!(kernel, Kernel::Prefill | Kernel::PrefillPortable | Kernel::PrefillCoop) {
         out.push_str(&preprocess(twinfer_shaders::PREFILL_KV.1, &flags));
     }
     out
