@@ -27,11 +27,14 @@ use crate::model::{Engines, LlamaModel, Logits, ResidentDecoder, StepSeq, TextSt
 mod audit;
 mod chunks;
 mod forward;
+mod output;
+mod prefix_cache;
 mod step_cost;
 
 pub use step_cost::StepCost;
 
-use chunks::{aligned_chunk, gcd};
+use chunks::aligned_chunk;
+use prefix_cache::Retained;
 
 #[derive(Debug)]
 struct Active {
@@ -94,13 +97,6 @@ pub struct Scheduler {
     retained: std::collections::VecDeque<Retained>,
     /// The step-time model that predicts a queued prompt's TTFT: see [`StepCost`].
     step_cost: StepCost,
-}
-
-/// A finished request's computed tokens, whose K/V its cache sequence still holds.
-#[derive(Debug)]
-struct Retained {
-    seq: SeqId,
-    tokens: Vec<u32>,
 }
 
 impl Scheduler {
@@ -458,99 +454,6 @@ impl Scheduler {
         }
     }
 
-    /// Gives a waiting request a cache sequence, sharing pages with the running request that has
-    /// the longest identical prefix already computed (at least one page of it). The shared length
-    /// is a multiple of [`PREFILL_ALIGN`] and of the page, so the rest of the prompt is chunked as
-    /// it would be alone.
-    fn admit(&mut self, id: RequestId) -> Result<()> {
-        let me = &self.seqs[&id];
-        let best = self.best_prefix(me.len(), &|i| me.token(i), Some(id));
-        let (seq, computed) = match best {
-            Some((parent, n)) => {
-                // A kept sequence that served moves to the back of the eviction order.
-                if let Some(at) = self.retained.iter().position(|r| r.seq == parent) {
-                    let r = self.retained.remove(at).expect("found");
-                    self.retained.push_back(r);
-                }
-                (self.cache.fork_prefix(parent, n)?, n)
-            }
-            None => (self.cache.add_sequence(), 0),
-        };
-        let s = self.seqs.get_mut(&id).expect("waiting");
-        s.cache_seq = Some(seq);
-        s.computed = computed;
-        s.metrics.cached_tokens = computed;
-        Ok(())
-    }
-
-    /// The cache sequence (running, or kept by the prefix cache) with the longest prefix in common
-    /// with a sequence of `len` tokens, and that length: at least a page, a multiple of the page
-    /// and of the prefill alignment, and at most `len - 1` (the last token must run to produce
-    /// logits). `exclude`: the request itself.
-    fn best_prefix(
-        &self,
-        len: usize,
-        token: &dyn Fn(usize) -> u32,
-        exclude: Option<RequestId>,
-    ) -> Option<(SeqId, usize)> {
-        if !self.config.prefix_sharing || len == 0 {
-            return None;
-        }
-        let page = self.config.page_size;
-        let align = self.chunk_align();
-        let granule = page * align / gcd(page, align);
-        let shared = |computed: usize, other: &dyn Fn(usize) -> u32| {
-            let limit = computed.min(len - 1);
-            (0..limit).take_while(|&i| other(i) == token(i)).count() / granule * granule
-        };
-        let mut best: Option<(SeqId, usize)> = None;
-        for (&other, s) in &self.seqs {
-            let Some(seq) = s.cache_seq.filter(|_| Some(other) != exclude) else { continue };
-            let common = shared(s.computed, &|i| s.token(i));
-            if common >= page && best.is_none_or(|(_, n)| common > n) {
-                best = Some((seq, common));
-            }
-        }
-        for r in &self.retained {
-            let common = shared(r.tokens.len(), &|i| r.tokens[i]);
-            if common >= page && best.is_none_or(|(_, n)| common > n) {
-                best = Some((r.seq, common));
-            }
-        }
-        best
-    }
-
-    /// Seconds until `prompt` would get its first token if it were added now: the pending prompt
-    /// tokens plus its own, less what it would take from shared pages, by the measured step-time
-    /// model; `None` before that model has a prompt step.
-    pub fn predicted_ttft(&self, prompt: &[u32]) -> Option<f64> {
-        let shared = self.best_prefix(prompt.len(), &|i| prompt[i], None).map_or(0, |(_, n)| n);
-        let tokens = self.pending_prompt_tokens() + prompt.len() - shared;
-        self.step_cost.prefill_seconds(tokens, self.num_decoding(), self.config.max_batch_tokens)
-    }
-
-    /// Finished requests whose pages the prefix cache keeps.
-    pub fn kept_prefixes(&self) -> usize {
-        self.retained.len()
-    }
-
-    /// Frees every page the prefix cache keeps.
-    pub fn clear_prefix_cache(&mut self) -> Result<()> {
-        while self.evict_retained()? {}
-        Ok(())
-    }
-
-    /// Frees the least recently used kept sequence; false when none is kept.
-    fn evict_retained(&mut self) -> Result<bool> {
-        match self.retained.pop_front() {
-            Some(r) => {
-                self.cache.free(r.seq)?;
-                Ok(true)
-            }
-            None => Ok(false),
-        }
-    }
-
     /// Tokens this step may carry: `max_batch_tokens`, or with a TPOT objective and sequences
     /// decoding, what the fitted step cost allows within it (the decode tokens and at least one
     /// aligned prompt chunk whatever it says).
@@ -583,64 +486,6 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Appends `token` to `id`; returns why it finished, if it did.
-    fn accept(&mut self, id: RequestId, token: u32, now: f64, events: &mut Vec<Event>) -> Result<Option<FinishReason>> {
-        let max_pos = self.model.config.max_position_embeddings;
-        let tokenizer = self.tokenizer.clone();
-        let s = self.seqs.get_mut(&id).expect("planned");
-        s.generated.push(token);
-        let t = now - s.submitted;
-        s.metrics.token_times.push(t);
-        let end = if !s.request.ignore_eos && self.eos.contains(&token) {
-            Some(FinishReason::Eos)
-        } else if s.request.stop_token_ids.contains(&token) {
-            Some(FinishReason::StopToken(token))
-        } else {
-            None
-        };
-        if let Some(reason) = end {
-            // The end token adds no text, but its event carries what was held back: a partial
-            // character, or a tail that could have grown into a stop string.
-            if let Some(tokenizer) = &tokenizer
-                && let Some(rest) = s.stream.flush(tokenizer)?
-            {
-                s.text.push_str(&rest);
-            }
-            let text = s.text[s.shown..].to_string();
-            s.shown = s.text.len();
-            events.push(Event::Token { request: id, token, text, t });
-            return Ok(Some(reason));
-        }
-        if let Some(tokenizer) = &tokenizer
-            && let Some(piece) = s.stream.push(tokenizer, token)?
-        {
-            s.text.push_str(&piece);
-        }
-        let mut reason = None;
-        for stop in &s.request.stop {
-            if let Some(at) = s.text.find(stop.as_str()) {
-                s.text.truncate(at);
-                reason = Some(FinishReason::StopString(stop.clone()));
-                break;
-            }
-        }
-        if reason.is_none() && (s.generated.len() >= s.request.max_tokens || s.len() >= max_pos) {
-            reason = Some(FinishReason::Length);
-            // The last event carries whatever is left, a dangling partial character included.
-            if let Some(tokenizer) = &tokenizer
-                && let Some(rest) = s.stream.flush(tokenizer)?
-            {
-                s.text.push_str(&rest);
-            }
-        }
-        // Hold back a tail that may still grow into a stop string.
-        let safe = if reason.is_some() { s.text.len() } else { s.text.len() - held_back(&s.text, &s.request.stop) };
-        let text = s.text[s.shown.min(safe)..safe].to_string();
-        s.shown = s.shown.max(safe);
-        events.push(Event::Token { request: id, token, text, t });
-        Ok(reason)
-    }
-
     fn finish(&mut self, id: RequestId, reason: FinishReason, events: &mut Vec<Event>) -> Result<()> {
         let Some(mut s) = self.seqs.remove(&id) else { return Ok(()) };
         if let Some(seq) = s.cache_seq.take() {
@@ -668,22 +513,4 @@ impl Scheduler {
         events.push(Event::Finished { request: id, reason, text: s.text, tokens: s.generated, metrics: s.metrics });
         Ok(())
     }
-}
-
-/// Bytes at the end of `text` that are a proper prefix of some stop string.
-fn held_back(text: &str, stops: &[String]) -> usize {
-    let mut hold = 0;
-    for stop in stops {
-        for n in (1..stop.len()).rev() {
-            if n <= text.len()
-                && text.is_char_boundary(text.len() - n)
-                && stop.is_char_boundary(n)
-                && text.ends_with(&stop[..n])
-            {
-                hold = hold.max(n);
-                break;
-            }
-        }
-    }
-    hold
 }
