@@ -177,6 +177,15 @@ fn print(r: &ServeReport) {
         f.device,
         f.ratio()
     );
+    if let Some(a) = &r.alone {
+        println!(
+            "alone:    one request of {} prompt tokens before the run (it sets the arrival rate): TTFT {:.1} ms, TPOT {:.2} ms, {:.2} s in all",
+            a.prompt_tokens,
+            a.ttft().unwrap_or(f64::NAN) * 1e3,
+            a.tpot().unwrap_or(f64::NAN) * 1e3,
+            a.e2e
+        );
+    }
     let checks: Vec<String> = r
         .verdicts
         .iter()

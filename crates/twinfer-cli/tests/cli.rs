@@ -142,6 +142,11 @@ fn bench_serve_json_reports_metrics_scale_and_verdicts() {
     assert_eq!(doc["verdicts"].as_array().unwrap().len(), 3);
     assert!(doc["decode_floor"]["ratio"].as_f64().unwrap() > 0.0);
     assert!(doc["pass"].is_boolean());
+    // The calibrating request: the middle of the quick context range (128..256), timed.
+    let alone = &doc["alone"];
+    assert_eq!(alone["prompt_tokens"], 192);
+    let (ttft, e2e) = (alone["ttft_s"].as_f64().unwrap(), alone["e2e_s"].as_f64().unwrap());
+    assert!(ttft > 0.0 && e2e >= ttft, "{alone}");
 }
 
 /// A closed loop of 2 users over 5 requests: two start at once, every later one at the moment
@@ -165,6 +170,7 @@ fn bench_serve_closed_loop_keeps_its_users_in_flight() {
         "--json",
     ]);
     assert_eq!(doc["arrivals"], "closed loop");
+    assert!(doc["alone"].is_null(), "a closed loop calibrates nothing");
     assert_eq!(doc["users"], 2);
     assert_eq!(doc["metrics"]["requests"], 5);
     assert!(doc["rate_per_s"].as_f64().unwrap() > 0.0);

@@ -257,6 +257,9 @@ pub struct ServeReport {
     pub requests: Vec<(f64, RequestMetrics)>,
     /// The single-sequence decode floor.
     pub floor: DecodeFloor,
+    /// The request of the mean context served alone to calibrate the arrival rate (its TTFT is
+    /// the best any request of the run can hope for); `None` when a rate or users were given.
+    pub alone: Option<RequestMetrics>,
     /// (criterion, measured, threshold, passed).
     pub verdicts: Vec<(&'static str, f64, f64, bool)>,
 }
@@ -285,6 +288,7 @@ impl ServeReport {
                 "tpot_min_s": self.floor.tpot_s.min, "tpot_max_s": self.floor.tpot_s.max,
                 "weight_bytes": self.floor.weight_bytes, "kv_bytes": self.floor.kv_bytes,
                 "read_gbps": self.floor.read_gbps.median, "floor_s": self.floor.floor_s(), "ratio": self.floor.ratio()},
+            "alone": self.alone.as_ref().map(|m| json!({"prompt_tokens": m.prompt_tokens, "ttft_s": m.ttft(), "tpot_s": m.tpot(), "e2e_s": m.e2e})),
             "verdicts": self.verdicts.iter().map(|(name, got, limit, ok)| json!({"criterion": name, "measured": got, "threshold": limit, "pass": ok})).collect::<Vec<_>>(),
             "pass": self.passed(),
         })
@@ -362,6 +366,7 @@ pub fn run_serve(opts: &ServeOptions) -> Result<ServeReport> {
 
     let mut rng = Rng(opts.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1);
     let vocab = model.config.vocab_size;
+    let mut alone = None;
     let rate = match (opts.rate, opts.users) {
         (_, Some(0)) => return Err(TwinferError::InvalidParameter("users must be at least 1".into())),
         (Some(_), Some(_)) => {
@@ -377,11 +382,14 @@ pub fn run_serve(opts: &ServeOptions) -> Result<ServeReport> {
             let t0 = sched.now();
             sched.add(greedy(prompt(&mut rng, mean_ctx, vocab), opts.output_tokens))?;
             while sched.has_work() {
-                sched.step()?;
+                for e in sched.step()? {
+                    if let crate::engine::Event::Finished { metrics, .. } = e {
+                        alone = Some(metrics);
+                    }
+                }
             }
-            let alone = sched.now() - t0;
             let target = (concurrency.0 + concurrency.1) as f64 / 2.0;
-            target / alone.max(1e-3)
+            target / (sched.now() - t0).max(1e-3)
         }
     };
     sched.reset_metrics();
@@ -493,6 +501,7 @@ pub fn run_serve(opts: &ServeOptions) -> Result<ServeReport> {
         run,
         requests,
         floor,
+        alone,
         verdicts,
     })
 }
