@@ -20,7 +20,7 @@
 // jumps.
 // Each row's result depends only on its own query, its keys and the tile walk (which starts at
 // the first key the tile's first row sees, as in prefill_attention.wgsl).
-// Workgroup memory (44 KiB): kt holds Q's hi parts at the start, then each tile's K, then that
+// Workgroup memory (44 KiB, every variable a multiple of 16 bytes): kt holds Q's hi parts at the start, then each tile's K, then that
 // tile's P (hi and lo, 16 x 64 of each per subgroup); vt holds Q's lo parts, then V; scr passes
 // each subgroup's scores to its lanes' registers 16 x 32 at a time, and O's fragments when they
 // are rescaled or written. Even regions that only one subgroup touches are ordered with
@@ -53,8 +53,11 @@ const SS: u32 = 36u;                // floats per row of scr
 var<workgroup> kt: array<f16, 9216>;
 var<workgroup> vt: array<f16, 8704>;
 var<workgroup> scr: array<f32, 2304>;
-// Set when a row of this tile rescales O; read back uniformly.
-var<workgroup> jump: u32;
+// Set (.x) when a row of this tile rescales O; read back uniformly. A vec4, so that every
+// workgroup variable is a multiple of 16 bytes: cooperative loads and stores need 16-byte
+// aligned addresses, and the driver places the variables in an order of its own, so a 4-byte
+// flag placed first would put the arrays after it off by 4 bytes.
+var<workgroup> jump: vec4<u32>;
 
 // vec4 i of this thread's share of a 64-key tile of K or V starting at key t0 (zeros from key
 // hi): the tile's vec4 number g = lid + 128 i is key g / (HD / 4), column g % (HD / 4).
@@ -260,7 +263,7 @@ fn main(
     var m = -BIG;
     var l = 0.0;
     if (lid == 0u) {
-        jump = 0u;
+        jump = vec4<u32>(0u);
     }
     // Every subgroup holds its Q before kt takes the first tile's K.
     workgroupBarrier();
@@ -410,7 +413,7 @@ fn main(
         if (mx > m + LAZY) {
             if (m > -BIG) {
                 factor = exp2(m - mx);
-                jump = 1u;
+                jump.x = 1u;
             }
             m = mx;
         }
@@ -435,7 +438,7 @@ fn main(
         }
         // Any row's jump is every subgroup's business: the rescale's cooperative loads and
         // stores must run in uniform control flow. P is in kt and V in vt after this barrier.
-        if (workgroupUniformLoad(&jump) != 0u) {
+        if (workgroupUniformLoad(&jump).x != 0u) {
             if (QF > 0u) {
                 workgroupBarrier();
                 if (QF > 0u) {
@@ -549,7 +552,7 @@ fn main(
         }
         // Every subgroup is done with P and V (and has read `jump`) before kt takes the next K.
         if (lid == 0u) {
-            jump = 0u;
+            jump = vec4<u32>(0u);
         }
         workgroupBarrier();
         if (next < hi) {

@@ -82,8 +82,8 @@ enum BenchWhat {
         /// cores (cooperative matrices), to compare the two.
         #[arg(long)]
         no_tensor_cores: bool,
-        /// Run prefill attention over f16 K/V on the tensor cores (experimental, off by default:
-        /// see the README), to compare it with the FMA kernel.
+        /// Run prefill attention over f16 K/V on the tensor cores (experimental, off by default,
+        /// results not yet verified on a device: see the README), to compare it with the FMA kernel.
         #[arg(long)]
         tensor_core_prefill: bool,
         /// Measure only these shapes: `prefill:LEN`, `decode:BATCH:CTX[:PAGE]` (f16 KV, pages of 16

@@ -50,9 +50,9 @@ pub fn tensor_core_support(adapter: &wgpu::Adapter, limits: &wgpu::Limits) -> st
 pub const COOP_MATMUL_STORAGE: u32 = 8 * 1024;
 
 /// Workgroup storage of `prefill_attention_coop.wgsl` (a 64-key tile's K or P and its V, 18 and 17
-/// KiB with padded rows; 9 KiB of scores; a flag): adapters with less run prefill on the FMA
+/// KiB with padded rows; 9 KiB of scores; a 16-byte flag): adapters with less run prefill on the FMA
 /// kernel.
-pub const PREFILL_COOP_STORAGE: u32 = 45060;
+pub const PREFILL_COOP_STORAGE: u32 = 45072;
 
 /// What was chosen, for [`crate::BackendInfo`] and `twinfer info`.
 #[derive(Debug, Clone, PartialEq, Eq)]

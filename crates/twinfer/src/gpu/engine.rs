@@ -65,9 +65,10 @@ pub struct GpuOptions {
     /// (`AdapterSummary::tensor_cores`).
     pub tensor_cores: bool,
     /// Prefill over f16 K/V with head dims that are multiples of 16 up to 128 on the tensor
-    /// cores too (`prefill_attention_coop.wgsl`; needs `tensor_cores`). Off by default: on an
-    /// H200 it ran slower than the FMA kernel, and the fixed version has not yet run on a device
-    /// (see the README).
+    /// cores too (`prefill_attention_coop.wgsl`; needs `tensor_cores`). Experimental and off by
+    /// default: its results were wrong on an H100 (2026-12-07), and the version with its
+    /// workgroup memory aligned for cooperative loads has not yet run on a device (see the
+    /// README).
     pub tensor_core_prefill: bool,
 }
 
