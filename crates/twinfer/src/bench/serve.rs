@@ -257,8 +257,9 @@ pub struct ServeReport {
     pub requests: Vec<(f64, RequestMetrics)>,
     /// The single-sequence decode floor.
     pub floor: DecodeFloor,
-    /// The request of the mean context served alone to calibrate the arrival rate (its TTFT is
-    /// the best any request of the run can hope for); `None` when a rate or users were given.
+    /// The request of the mean context served alone to calibrate the arrival rate; `None` when a
+    /// rate or users were given. Prompt lengths are uniform, so the median request's prompt is
+    /// about this long and its TTFT in the run is at least this one's.
     pub alone: Option<RequestMetrics>,
     /// (criterion, measured, threshold, passed).
     pub verdicts: Vec<(&'static str, f64, f64, bool)>,
