@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The CPU and wasm targets measured together on this machine, so that every figure has its
+# ceilings from the same run: decode and prefill attention against the read ceiling and the FMA
+# peak (`bench kernels`, page 16 and page 1), the model's prompt and one-sequence decode rates
+# (`plan` on smollm-135m f16 and the SmolLM2 Q4_1 file, `bench serve`'s decode floor), the three
+# serving scenarios at --quick, the embeddings against candle, and the wasm page against native
+# AVX2 on one and two threads (web/bench/run.mjs). Two rounds where a round is short.
+# Usage: benches/scripts/cpu-targets.sh [OUT_FILE]   (needs target/release/twinfer and, for the
+# wasm rows, web/pkg built by scripts/build-web.sh and Chromium; skipped loudly without them)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+bin="${TWINFER_BIN:-target/release/twinfer}"
+out="${1:-benches/results/cpu-targets-$(date -u +%F).txt}"
+models="${TWINFER_MODELS:-$HOME/.cache/twinfer/models}"
+gguf="$(find "$models" -name '*.gguf' -path '*mol*' | head -1)"
+[ -x "$bin" ] || { echo "$bin is missing: cargo build --release -p twinfer-cli" >&2; exit 1; }
+
+plan() { "$bin" plan --out /tmp/twinfer-plan.json --page-sizes 16 "$@" 2>&1; }
+{
+    echo "# $(date -u '+%F %T UTC'); $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-); $(nproc) threads"
+    "$bin" info
+    for round in 1 2; do
+        echo "## round $round: kernels (f16 KV; decode:BATCH:CTX[:PAGE])"
+        "$bin" bench kernels --case decode:1:32768 --case decode:8:32768 --case decode:1:32768:1 \
+            --case decode:8:32768:1 --case prefill:2048 --case prefill:8192
+        echo "## round $round: smollm-135m f16, a 512-token prompt chunk and one sequence at ctx 128"
+        plan --preset smollm-135m --prefill-tokens 512 --decode-batch 1 --decode-context 128
+        if [ -n "$gguf" ]; then
+            echo "## round $round: $(basename "$gguf"), the same shapes"
+            plan --model "$gguf" --prefill-tokens 512 --decode-batch 1 --decode-context 128
+        fi
+    done
+    for scenario in support high-concurrency long-context; do
+        echo "## bench serve --scenario $scenario --quick"
+        "$bin" bench serve --scenario "$scenario" --quick
+    done
+    echo "## embeddings: candle's BERT against twinfer embed, 30 warm calls each, interleaved"
+    benches/scripts/candle-minilm.sh "$bin" 2
+    if [ -f web/pkg/twinfer_web_bg.wasm ] && [ -x /usr/bin/chromium ]; then
+        echo "## wasm in headless Chromium against native AVX2 (relaxed build; threaded build on 2)"
+        (cd web && node bench/run.mjs --cli "../$bin" --build relaxed --threads 2 \
+            --cases decode:1:8192,decode:8:8192,decode-f32:1:8192,decode-f32:8:8192,prefill:1024,linear-q4_1:64:1536:576,linear:64:1536:576,linear:512:1536:576)
+        cat web/test-artifacts/bench.json
+    else
+        echo "SKIPPED: the wasm rows (web/pkg or Chromium missing: scripts/build-web.sh, scripts/setup-cross.sh)"
+    fi
+} 2>&1 | tee "$out"
