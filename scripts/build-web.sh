@@ -15,6 +15,9 @@ if ! wasm-bindgen --version 2>/dev/null | grep -qF "$WASM_BINDGEN_VERSION"; then
     exit 1
 fi
 target_dir="${CARGO_TARGET_DIR:-target}"
+# The release profile keeps line tables for native profiles; wasm-bindgen drops DWARF from the
+# package, so for these builds they would be compile and link time only.
+export CARGO_PROFILE_RELEASE_DEBUG=false
 # pulp picks its wasm SIMD level at compile time: without +simd128 the kernels run scalar.
 features=()
 case "${1:-}" in

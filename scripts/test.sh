@@ -48,8 +48,10 @@ echo "== examples: each checks its own results and exits non-zero on a mismatch 
 for example in crates/*/examples/*.rs; do
     crate=$(basename "$(dirname "$(dirname "$example")")")
     name=$(basename "$example" .rs)
-    cargo run -q -p "$crate" --example "$name"
-    TWINFER_BACKEND=gpu cargo run -q -p "$crate" --example "$name"
+    # The test profile: its libraries are the ones `cargo test` built above (the dev profile
+    # would compile the workspace a second time, unoptimised, about two minutes on 2 cores).
+    cargo run -q --profile test -p "$crate" --example "$name"
+    TWINFER_BACKEND=gpu cargo run -q --profile test -p "$crate" --example "$name"
 done
 stage "examples"
 

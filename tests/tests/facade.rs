@@ -82,6 +82,24 @@ fn cpu_backend_works_and_reports_itself() {
     assert_works(&attention);
 }
 
+/// The default level is the vector unit every CPU of the architecture has (NEON on aarch64,
+/// AVX2 or wider on x86-64 machines that run these tests, simd128 in the wasm builds), not the
+/// scalar fallback. Under qemu this is the check that the aarch64 build picks NEON.
+#[test]
+fn the_default_level_is_the_vector_unit() {
+    let name = SimdLevel::detect().name();
+    let expected: &[&str] = if cfg!(target_arch = "aarch64") {
+        &["neon"]
+    } else if cfg!(target_arch = "x86_64") {
+        &["avx2", "avx512"]
+    } else if cfg!(all(target_arch = "wasm32", target_feature = "simd128")) {
+        &["simd128", "simd128-relaxed"]
+    } else {
+        &["scalar"]
+    };
+    assert!(expected.contains(&name), "default level {name}, expected one of {expected:?}");
+}
+
 #[test]
 fn auto_backend_chooses_and_says_why() {
     if env_overrides() {
