@@ -15,7 +15,9 @@ models="${TWINFER_MODELS:-$HOME/.cache/twinfer/models}"
 gguf="$(find "$models" -name '*.gguf' -path '*mol*' | head -1)"
 [ -x "$bin" ] || { echo "$bin is missing: cargo build --release -p twinfer-cli" >&2; exit 1; }
 
-plan() { "$bin" plan --out /tmp/twinfer-plan.json --page-sizes 16 "$@" 2>&1; }
+# The widest CPU level only: the scalar level and a software GPU adapter would take minutes.
+level="$("$bin" info 2>/dev/null | sed -n 's/^backend: *cpu (\([a-z0-9]*\),.*/\1/p')"
+plan() { "$bin" plan --out /tmp/twinfer-plan.json --page-sizes 16 --engines "cpu $level" "$@" 2>&1; }
 {
     echo "# $(date -u '+%F %T UTC'); $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-); $(nproc) threads"
     "$bin" info
@@ -25,6 +27,8 @@ plan() { "$bin" plan --out /tmp/twinfer-plan.json --page-sizes 16 "$@" 2>&1; }
             --case decode:8:32768:1 --case prefill:2048 --case prefill:8192
         echo "## round $round: smollm-135m f16, a 512-token prompt chunk and one sequence at ctx 128"
         plan --preset smollm-135m --prefill-tokens 512 --decode-batch 1 --decode-context 128
+        echo "## round $round: smollm-135m with q8_0 projections (quantized at load), the same shapes"
+        plan --preset smollm-135m --quantize q8_0 --prefill-tokens 512 --decode-batch 1 --decode-context 128
         if [ -n "$gguf" ]; then
             echo "## round $round: $(basename "$gguf"), the same shapes"
             plan --model "$gguf" --prefill-tokens 512 --decode-batch 1 --decode-context 128
