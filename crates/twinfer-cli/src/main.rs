@@ -255,6 +255,15 @@ fn print_report(r: &KernelReport) {
         r.fma_gflops.max,
         r.read_gbps.runs
     );
+    if let Some(rows) = &r.row_read_gbps {
+        println!(
+            "          {} KiB rows at random (one-token pages) {:.1} GB/s [{:.1}..{:.1}]: the ceiling of the page-1 decode cases",
+            twinfer::bench::cases::ROW_BYTES / 1024,
+            rows.median,
+            rows.min,
+            rows.max
+        );
+    }
     let walls = r.cases.iter().any(|c| c.wall.is_some());
     if walls {
         println!("times: GPU timestamps, median of single runs; wall: submit to completion of back-to-back runs");

@@ -18,6 +18,8 @@ pub const KV_HEADS: usize = 8;
 pub const HEAD_DIM: usize = 128;
 /// KV page size of the decode cases, in tokens.
 pub const PAGE_SIZE: usize = 16;
+/// Bytes of one token's K (or V) row in the decode cases: every KV head's slice, in f16.
+pub const ROW_BYTES: usize = KV_HEADS * HEAD_DIM * 2;
 
 /// What a case is limited by, and so which ceiling it is compared with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -86,6 +86,7 @@ pub fn run_gpu_kernels(engine: &GpuEngine, scope: Scope, only: Option<&[Case]>) 
         simd: format!("gpu {}", engine.variant_name()),
         threads: 1,
         read_gbps,
+        row_read_gbps: None,
         fma_gflops,
         cases,
     })

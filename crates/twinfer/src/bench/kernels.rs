@@ -32,6 +32,9 @@ pub struct KernelReport {
     pub threads: usize,
     /// Read bandwidth ceiling, in GB/s.
     pub read_gbps: Stats,
+    /// Read bandwidth over one-token K rows of the decode cases at random (CPU only), in GB/s:
+    /// the ceiling of decode with pages of one token.
+    pub row_read_gbps: Option<Stats>,
     /// f32 FMA ceiling, in GFLOP/s.
     pub fma_gflops: Stats,
     /// Every case measured.
@@ -52,6 +55,7 @@ impl KernelReport {
             })
             .collect();
         json!({"cpu": self.cpu, "simd": self.simd, "threads": self.threads, "read_gbps": stats(&self.read_gbps),
+               "row_read_gbps": self.row_read_gbps.as_ref().map(stats), "row_bytes": cases::ROW_BYTES,
                "fma_gflops": stats(&self.fma_gflops), "cases": cases})
     }
 
@@ -183,6 +187,7 @@ pub fn run_kernels(engine: &CpuEngine, scope: Scope) -> Result<KernelReport> {
 pub fn run_kernel_cases(engine: &CpuEngine, cases: &[Case], runs: usize, ceiling_bytes: usize) -> Result<KernelReport> {
     let level = engine.level();
     let read_gbps = ceilings::read_bandwidth(level, ceiling_bytes, runs);
+    let row_read_gbps = ceilings::random_row_bandwidth(level, ceiling_bytes, cases::ROW_BYTES, runs);
     let fma_gflops = ceilings::fma_peak(level, runs);
     let mut results = Vec::new();
     for &case in cases {
@@ -198,6 +203,7 @@ pub fn run_kernel_cases(engine: &CpuEngine, cases: &[Case], runs: usize, ceiling
         simd: level.name().to_string(),
         threads: engine.threads(),
         read_gbps,
+        row_read_gbps: Some(row_read_gbps),
         fma_gflops,
         cases,
     })

@@ -34,7 +34,7 @@ pub(crate) fn wide_registers<S: pulp::Simd>() -> bool {
 }
 
 mod block;
-mod convert;
+pub(crate) mod convert;
 mod decode;
 mod linear;
 mod linear_quant;
