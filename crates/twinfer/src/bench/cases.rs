@@ -323,7 +323,8 @@ pub enum LinearWeights {
     F32,
     /// f16, widened in registers (the float kernel).
     F16,
-    /// bf16, widened in registers.
+    /// bf16, multiplied with the activations rounded to bf16 (in bf16 dot products where the CPU
+    /// has them).
     BF16,
     /// A block format, multiplied in integers with quantized activations.
     Quant(crate::quant::QuantFormat),

@@ -44,6 +44,9 @@ const GEMM_ROWS: usize = 6;
 /// and 60-61% of the FMA peak on smollm-135m's prompt products.
 const L2_ROW_BYTES: usize = 256 << 10;
 
+pub(crate) mod bf16;
+#[cfg(target_arch = "x86_64")]
+mod bf16_dot;
 mod reduce;
 
 /// Checks shapes and runs the product on `level`.
@@ -126,10 +129,32 @@ pub fn linear_parts(
     } else {
         x
     };
+    // bf16 parts take the rows rounded to bf16 (see `bf16`): as bits where the CPU has bf16
+    // dot products, else as f32 values.
+    let has_bf16 = parts.iter().any(|p| p.dtype() == crate::DType::BF16);
+    let bf16_dot = has_bf16 && bf16::has_dot(level);
+    let (mut bits_buf, mut values_buf) = (X_BF16.take(), X_ROUNDED.take());
+    let x_bits: &[u16] = if bf16_dot {
+        let bits = aligned(&mut bits_buf, x.len());
+        bf16::round_to_bits(level, x, bits);
+        bits
+    } else {
+        &[]
+    };
+    let x_rounded: &[f32] = if has_bf16 && !bf16_dot {
+        let values = aligned(&mut values_buf, x.len());
+        bf16::round_to_values(level, x, values);
+        values
+    } else {
+        &[]
+    };
     let out = OutPtr(y.as_mut_ptr());
     let task = |(row_range, (p, col0, cols)): &(std::ops::Range<usize>, (usize, usize, std::ops::Range<usize>))| {
+        let elements = row_range.start * k..row_range.end * k;
+        let is_bf16 = parts[*p].dtype() == crate::DType::BF16;
         let chunk = Chunk {
-            x: &x[row_range.start * k..row_range.end * k],
+            x: if is_bf16 && !bf16_dot { &x_rounded[elements.clone()] } else { &x[elements.clone()] },
+            x_bf16: (is_bf16 && bf16_dot).then(|| &x_bits[elements]),
             rows: row_range.len(),
             w: parts[*p],
             k,
@@ -148,6 +173,8 @@ pub fn linear_parts(
         tasks.iter().for_each(task);
     }
     X_ROWS.set(x_buf);
+    X_BF16.set(bits_buf);
+    X_ROUNDED.set(values_buf);
     Ok(())
 }
 
@@ -167,7 +194,11 @@ impl OutPtr {
 }
 
 struct Chunk<'a> {
+    /// The activation rows as the part's arithmetic takes them: as given, or rounded to bf16
+    /// values for a bf16 part on a level without bf16 dot products.
     x: &'a [f32],
+    /// The activation rows as bf16 bits, for a bf16 part where the CPU has bf16 dot products.
+    x_bf16: Option<&'a [u16]>,
     rows: usize,
     /// One row block of the weights; its row `c` is output column `col0 + c`.
     w: TensorRef<'a>,
@@ -188,6 +219,10 @@ impl pulp::WithSimd for Chunk<'_> {
     type Output = ();
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
+        #[cfg(target_arch = "x86_64")]
+        if let (TensorRef::BF16(w), Some(x)) = (self.w, self.x_bf16) {
+            return self.run_bf16_dot(x, w);
+        }
         match self.w {
             TensorRef::F32(_) | TensorRef::F16(_) | TensorRef::BF16(_) if self.gemm => self.run_widened(simd),
             TensorRef::F32(w) => self.run_direct(simd, w),
@@ -204,18 +239,39 @@ thread_local! {
     static PANEL: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
     /// The calling thread's aligned copy of a prompt chunk's rows (taken while in use).
     static X_ROWS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// The calling thread's activation rows rounded to bf16, as bits or as f32 values (taken
+    /// while in use).
+    static X_BF16: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
+    static X_ROUNDED: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
 /// `len` elements of `buf` that start on a 64-byte boundary: a vector load that straddles two
 /// cache lines costs two, and large buffers from the allocator start 16 bytes past one
 /// (aligning them sped the prompt-chunk product up by a fifth). The contents are whatever the
 /// buffer held.
-fn aligned(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    if buf.len() < len + 15 {
-        buf.resize(len + 15, 0.0);
+pub(super) fn aligned<T: Copy + Default>(buf: &mut Vec<T>, len: usize) -> &mut [T] {
+    let slack = 64 / size_of::<T>();
+    if buf.len() < len + slack {
+        buf.resize(len + slack, T::default());
     }
-    let offset = buf.as_ptr().align_offset(64).min(15);
+    let offset = buf.as_ptr().align_offset(64).min(slack);
     &mut buf[offset..offset + len]
+}
+
+/// The arithmetic of one register block: rows `r0..r0 + R` of the activations times weight
+/// rows `c0`, `c0 + stride`, ... (`C` of them), each output's full dot product (no bias). Every
+/// implementation gives an output the same bits whatever `R`, `C` and the block's neighbours,
+/// which is what keeps a row's results independent of the batch.
+trait Dot {
+    fn block<const R: usize, const C: usize, const PREFETCH: bool>(&self, at: &Block) -> [[f32; C]; R];
+}
+
+/// Lane-wise FMAs of f32 activations and weights widened in registers (every level).
+struct FmaDot<'a, S, E> {
+    simd: S,
+    x: &'a [f32],
+    w: &'a [E],
+    k: usize,
 }
 
 impl Chunk<'_> {
@@ -246,10 +302,11 @@ impl Chunk<'_> {
     /// Every row times the f32 weight rows `panel`, in the prompt-chunk path's blocks.
     #[inline(always)]
     fn run_panel<S: Simd>(&self, simd: S, panel: &[f32], cols: std::ops::Range<usize>, col0: usize) {
+        let dot = FmaDot { simd, x: self.x, w: panel, k: self.k };
         if !crate::cpu::wide_registers::<S>() {
-            self.run::<S, f32, NARROW_ROWS, false>(simd, panel, cols, col0);
+            self.run::<_, NARROW_ROWS, false>(&dot, cols, col0);
         } else {
-            self.run::<S, f32, GEMM_ROWS, false>(simd, panel, cols, col0);
+            self.run::<_, GEMM_ROWS, false>(&dot, cols, col0);
         }
     }
 
@@ -259,23 +316,32 @@ impl Chunk<'_> {
     /// 16-row product took 4.8 ms against 3.0 in Chromium.
     #[inline(always)]
     fn run_direct<S: Simd, E: LoadLanes + Element>(&self, simd: S, w: &[E]) {
+        let dot = FmaDot { simd, x: self.x, w, k: self.k };
         if S::REGISTER_COUNT < 32 {
-            self.run::<S, E, NARROW_ROWS, true>(simd, w, self.cols.clone(), self.col0);
+            self.run::<_, NARROW_ROWS, true>(&dot, self.cols.clone(), self.col0);
         } else {
-            self.run::<S, E, MR, true>(simd, w, self.cols.clone(), self.col0);
+            self.run::<_, MR, true>(&dot, self.cols.clone(), self.col0);
         }
     }
 
-    /// Every row times weight rows `cols` of `w` (its row `c` being output column `col0 + c`),
-    /// in register blocks of up to `RB` rows x [`NC`] features.
+    /// bf16 weights times bf16 activations in bf16 dot products, the weights read where they
+    /// are: decode rows in the blocks of [`Chunk::run_direct`], a prompt chunk's in those of
+    /// [`Chunk::run_panel`] (no panel: nothing to widen).
+    #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    fn run<S: Simd, E: LoadLanes + Element, const RB: usize, const PREFETCH: bool>(
-        &self,
-        simd: S,
-        w: &[E],
-        cols: std::ops::Range<usize>,
-        col0: usize,
-    ) {
+    fn run_bf16_dot(&self, x: &[u16], w: &[half::bf16]) {
+        let dot = bf16_dot::Bf16Dot::new(x, w, self.k);
+        if self.gemm {
+            self.run::<_, GEMM_ROWS, false>(&dot, self.cols.clone(), self.col0);
+        } else {
+            self.run::<_, MR, true>(&dot, self.cols.clone(), self.col0);
+        }
+    }
+
+    /// Every row times weight rows `cols` of the dot's weights (its row `c` being output column
+    /// `col0 + c`), in register blocks of up to `RB` rows x [`NC`] features.
+    #[inline(always)]
+    fn run<D: Dot, const RB: usize, const PREFETCH: bool>(&self, dot: &D, cols: std::ops::Range<usize>, col0: usize) {
         // Decode rows read each weight once, from memory: a block's features are then a quarter
         // of the task apart, so that its NC weight rows are NC long sequential streams through
         // the task instead of NC short ones side by side, which the hardware prefetcher picks up
@@ -287,22 +353,22 @@ impl Chunk<'_> {
             let mut r = 0;
             while r < self.rows {
                 let mr = (self.rows - r).min(RB);
-                let at = Block { w, r0: r, c0: c, stride: spread, col0 };
+                let at = Block { r0: r, c0: c, stride: spread, col0 };
                 // Only the first rows fetch the next weights: the others find them in cache.
                 match (mr, r == 0) {
-                    (4, true) => self.block::<S, E, 4, NC, PREFETCH>(simd, &at),
-                    (4, false) => self.block::<S, E, 4, NC, false>(simd, &at),
-                    (3, true) => self.block::<S, E, 3, NC, PREFETCH>(simd, &at),
-                    (3, false) => self.block::<S, E, 3, NC, false>(simd, &at),
-                    (2, true) => self.block::<S, E, 2, NC, PREFETCH>(simd, &at),
-                    (2, false) => self.block::<S, E, 2, NC, false>(simd, &at),
+                    (4, true) => self.block::<D, 4, NC, PREFETCH>(dot, &at),
+                    (4, false) => self.block::<D, 4, NC, false>(dot, &at),
+                    (3, true) => self.block::<D, 3, NC, PREFETCH>(dot, &at),
+                    (3, false) => self.block::<D, 3, NC, false>(dot, &at),
+                    (2, true) => self.block::<D, 2, NC, PREFETCH>(dot, &at),
+                    (2, false) => self.block::<D, 2, NC, false>(dot, &at),
                     (_, first) => {
                         for rr in r..r + mr {
                             let at = Block { r0: rr, ..at };
                             if first && rr == r {
-                                self.block::<S, E, 1, NC, PREFETCH>(simd, &at);
+                                self.block::<D, 1, NC, PREFETCH>(dot, &at);
                             } else {
-                                self.block::<S, E, 1, NC, false>(simd, &at);
+                                self.block::<D, 1, NC, false>(dot, &at);
                             }
                         }
                     }
@@ -323,7 +389,7 @@ impl Chunk<'_> {
                 let mut r = p0;
                 while r < p1 {
                     let mr = (p1 - r).min(RB);
-                    self.block_of::<S, E, PREFETCH>(simd, Block { w, r0: r, c0: c, stride: 1, col0 }, mr, nc);
+                    self.block_of::<D, PREFETCH>(dot, Block { r0: r, c0: c, stride: 1, col0 }, mr, nc);
                     r += mr;
                 }
                 c += nc;
@@ -333,65 +399,74 @@ impl Chunk<'_> {
 
     /// One register block of `mr` rows (at most 6) x `nc` features (at most [`NC`]).
     #[inline(always)]
-    fn block_of<S: Simd, E: LoadLanes + Element, const PREFETCH: bool>(
-        &self,
-        simd: S,
-        at: Block<'_, E>,
-        mr: usize,
-        nc: usize,
-    ) {
+    fn block_of<D: Dot, const PREFETCH: bool>(&self, dot: &D, at: Block, mr: usize, nc: usize) {
         let (r, c) = (at.r0, at.c0);
         match (mr, nc) {
-            (6, 4) => self.block::<S, E, 6, 4, PREFETCH>(simd, &at),
-            (5, 4) => self.block::<S, E, 5, 4, PREFETCH>(simd, &at),
-            (4, 4) => self.block::<S, E, 4, 4, PREFETCH>(simd, &at),
-            (3, 4) => self.block::<S, E, 3, 4, PREFETCH>(simd, &at),
-            (2, 4) => self.block::<S, E, 2, 4, PREFETCH>(simd, &at),
-            (1, 4) => self.block::<S, E, 1, 4, PREFETCH>(simd, &at),
+            (6, 4) => self.block::<D, 6, 4, PREFETCH>(dot, &at),
+            (5, 4) => self.block::<D, 5, 4, PREFETCH>(dot, &at),
+            (4, 4) => self.block::<D, 4, 4, PREFETCH>(dot, &at),
+            (3, 4) => self.block::<D, 3, 4, PREFETCH>(dot, &at),
+            (2, 4) => self.block::<D, 2, 4, PREFETCH>(dot, &at),
+            (1, 4) => self.block::<D, 1, 4, PREFETCH>(dot, &at),
             (m, _) => {
                 for rr in r..r + m {
                     for cc in c..c + nc {
-                        self.block::<S, E, 1, 1, PREFETCH>(simd, &Block { r0: rr, c0: cc, ..at });
+                        self.block::<D, 1, 1, PREFETCH>(dot, &Block { r0: rr, c0: cc, ..at });
                     }
                 }
             }
         }
     }
 
-    /// Rows `r0..r0 + R` x weight rows `c0..c0 + C`.
+    /// Rows `r0..r0 + R` x weight rows `c0..c0 + C` (a stride apart): the dot products, plus the
+    /// bias, written to the output.
     #[inline(always)]
-    fn block<S: Simd, E: LoadLanes + Element, const R: usize, const C: usize, const PREFETCH: bool>(
-        &self,
-        simd: S,
-        at: &Block<'_, E>,
-    ) {
-        let (k, lanes, w, r0, c0, stride) = (self.k, S::F32_LANES, at.w, at.r0, at.c0, at.stride);
+    fn block<D: Dot, const R: usize, const C: usize, const PREFETCH: bool>(&self, dot: &D, at: &Block) {
+        assert!(at.r0 + R <= self.rows);
+        let sums = dot.block::<R, C, PREFETCH>(at);
+        for (r, row) in sums.iter().enumerate() {
+            for (c, &sum) in row.iter().enumerate() {
+                let col = at.col0 + at.feature(c);
+                let sum = match self.bias {
+                    Some(b) => sum + b[col],
+                    None => sum,
+                };
+                assert!(col < self.n);
+                // SAFETY: (r0 + r, col) is inside [rows, n] (rows checked above, col just now),
+                // and column col belongs to this task's chunk alone.
+                unsafe { *self.out.0.add((at.r0 + r) * self.n + col) = sum };
+            }
+        }
+    }
+}
+
+impl<S: Simd, E: LoadLanes + Element> Dot for FmaDot<'_, S, E> {
+    #[inline(always)]
+    fn block<const R: usize, const C: usize, const PREFETCH: bool>(&self, at: &Block) -> [[f32; C]; R] {
+        let (simd, k, lanes, w, r0) = (self.simd, self.k, S::F32_LANES, self.w, at.r0);
         let body = k - k % lanes;
-        // Weight row (and output column) of the block's feature c.
-        let feature = |c: usize| c0 + c * stride;
         // The pointer reads below stay inside these bounds, checked once per block.
-        assert!((r0 + R) * k <= self.x.len() && (feature(C - 1) + 1) * k <= w.len() && r0 + R <= self.rows);
+        assert!((r0 + R) * k <= self.x.len() && (at.feature(C - 1) + 1) * k <= w.len());
         let (xp, wp) = (self.x.as_ptr(), w.as_ptr());
         let zero = simd.splat_f32s(0.0);
         let mut acc = [[zero; C]; R];
         // The next weight row of each of the block's streams, fetched a cache line at a time
         // while this block computes: decode reads each weight once, so keeping more lines in
         // flight is what speeds it up. (Contiguous blocks: the next block's rows.)
-        let next = |c: usize| if stride == 1 { c0 + C + c } else { feature(c) + 1 };
         let line = 64 / core::mem::size_of::<E>();
         let mut i = 0;
         while i < body {
             if PREFETCH && i % line < lanes {
                 for c in 0..C {
-                    let at = next(c) * k + i;
-                    if at < w.len() {
-                        prefetch_slice(w, at, 1);
+                    let next = at.next::<C>(c) * k + i;
+                    if next < w.len() {
+                        prefetch_slice(w, next, 1);
                     }
                 }
             }
             // SAFETY: i + lanes <= body <= k, inside rows r0..r0+R of x and the block's C weight rows.
             unsafe {
-                let wv: [S::f32s; C] = core::array::from_fn(|c| E::load_lanes::<S>(wp.add(feature(c) * k + i)));
+                let wv: [S::f32s; C] = core::array::from_fn(|c| E::load_lanes::<S>(wp.add(at.feature(c) * k + i)));
                 for r in 0..R {
                     let xv = *(xp.add((r0 + r) * k + i) as *const S::f32s);
                     for c in 0..C {
@@ -401,157 +476,46 @@ impl Chunk<'_> {
             }
             i += lanes;
         }
-        for r in 0..R {
+        // (Loops, not closures: a closure is compiled without the level's features.)
+        let mut out = [[0f32; C]; R];
+        for (r, sums) in out.iter_mut().enumerate() {
             let xr = &self.x[(r0 + r) * k..(r0 + r + 1) * k];
-            let sums = reduce::sums(simd, &acc[r]);
-            for c in 0..C {
-                let wr = &w[feature(c) * k..(feature(c) + 1) * k];
-                let mut sum = sums[c];
+            *sums = reduce::sums(simd, &acc[r]);
+            for (c, sum) in sums.iter_mut().enumerate() {
+                let wr = &w[at.feature(c) * k..(at.feature(c) + 1) * k];
                 for j in body..k {
-                    sum = xr[j].mul_add(wr[j].to_f32(), sum);
+                    *sum = xr[j].mul_add(wr[j].to_f32(), *sum);
                 }
-                let col = at.col0 + feature(c);
-                if let Some(b) = self.bias {
-                    sum += b[col];
-                }
-                assert!(col < self.n);
-                // SAFETY: (r0 + r, col) is inside [rows, n] (rows checked above, col just now),
-                // and column col belongs to this task's chunk alone.
-                unsafe { *self.out.0.add((r0 + r) * self.n + col) = sum };
             }
         }
+        out
     }
 }
 
-/// Where a register block reads: weight rows `c0`, `c0 + stride`, ... of `w` (row `c` being
-/// output column `col0 + c`), activation rows from `r0`.
-struct Block<'a, E> {
-    w: &'a [E],
+/// Where a register block reads: weight rows `c0`, `c0 + stride`, ... (row `c` being output
+/// column `col0 + c`), activation rows from `r0`.
+#[derive(Clone, Copy)]
+struct Block {
     r0: usize,
     c0: usize,
     stride: usize,
     col0: usize,
 }
 
-impl<E> Clone for Block<'_, E> {
-    fn clone(&self) -> Self {
-        *self
+impl Block {
+    /// The weight row (and output column, less `col0`) of the block's feature `c`.
+    #[inline(always)]
+    fn feature(&self, c: usize) -> usize {
+        self.c0 + c * self.stride
+    }
+
+    /// The weight row to prefetch for feature `c` of a block of `C`: the next one of its
+    /// stream, or for contiguous blocks the next block's.
+    #[inline(always)]
+    fn next<const C: usize>(&self, c: usize) -> usize {
+        if self.stride == 1 { self.c0 + C + c } else { self.feature(c) + 1 }
     }
 }
-impl<E> Copy for Block<'_, E> {}
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use half::f16;
-
-    fn data(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 16_777_216.0 - 0.5)
-            .collect()
-    }
-
-    #[test]
-    fn matches_f64_and_is_batch_invariant_on_every_level() {
-        for level in SimdLevel::available() {
-            // Shapes from 32 rows on take the prompt-chunk path (a row alone does not); 600 inputs
-            // make it cut the inputs into chunks; 1040 x 2000 gives each task all 40 rows, in two
-            // passes (30 and 10).
-            for &(rows, n, k) in &[
-                (1, 3, 5),
-                (7, 70, 33),
-                (5, 130, 64),
-                (9, 64, 100),
-                (40, 37, 70),
-                (33, 20, 129),
-                (36, 21, 600),
-                (40, 1040, 2000),
-            ] {
-                let x = data(rows * k, 1);
-                let w32 = data(n * k, 2);
-                let w16: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
-                let wb16: Vec<half::bf16> = w32.iter().map(|&v| half::bf16::from_f32(v)).collect();
-                let bias = data(n, 3);
-                let all = [TensorRef::F32(&w32), TensorRef::F16(&w16), TensorRef::BF16(&wb16)];
-                // The wide shape (its passes) in f16 alone: in qemu its three types took 15 s.
-                for &w in if n > 256 { &all[1..2] } else { &all[..] } {
-                    let mut y = vec![f32::NAN; rows * n];
-                    linear(level, &x, rows, w, n, k, Some(&bias), &mut y).unwrap();
-                    for r in 0..rows {
-                        // The wide shape against the reference on every 13th feature (time); all
-                        // of its features in the batch-invariance check below.
-                        for c in (0..n).step_by(if n > 256 { 13 } else { 1 }) {
-                            let want: f64 = (0..k).map(|j| x[r * k + j] as f64 * w.get_f64(c * k + j)).sum::<f64>()
-                                + bias[c] as f64;
-                            let got = y[r * n + c] as f64;
-                            assert!(
-                                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                                "{level} {r},{c}: {got} vs {want}"
-                            );
-                        }
-                        // Row r alone gives the same bits as inside the batch.
-                        let mut alone = vec![f32::NAN; n];
-                        linear(level, &x[r * k..(r + 1) * k], 1, w, n, k, Some(&bias), &mut alone).unwrap();
-                        assert_eq!(alone, y[r * n..(r + 1) * n], "{level}: row {r} of {rows}");
-                    }
-                }
-            }
-        }
-    }
-
-    /// f32 weights on cache lines and off them give the bits of a row computed alone.
-    #[test]
-    fn f32_weights_on_and_off_cache_lines_give_the_same_bits() {
-        let (rows, n, k) = (40, 70, 96);
-        let x = data(rows * k, 7);
-        let values = data(n * k + 1, 8);
-        let mut buf = Vec::new();
-        let on_lines = aligned(&mut buf, n * k);
-        on_lines.copy_from_slice(&values[..n * k]);
-        let on_lines: &[f32] = on_lines;
-        assert!((on_lines.as_ptr() as usize).is_multiple_of(64));
-        // The same values one element past a cache line.
-        let mut shifted_buf = Vec::new();
-        let shifted = &mut aligned(&mut shifted_buf, n * k + 1)[1..];
-        shifted.copy_from_slice(&values[..n * k]);
-        for level in SimdLevel::available() {
-            let mut in_place = vec![f32::NAN; rows * n];
-            linear(level, &x, rows, TensorRef::F32(on_lines), n, k, None, &mut in_place).unwrap();
-            let mut off_lines = vec![f32::NAN; rows * n];
-            linear(level, &x, rows, TensorRef::F32(shifted), n, k, None, &mut off_lines).unwrap();
-            assert_eq!(in_place, off_lines, "{level}");
-            let mut alone = vec![f32::NAN; n];
-            linear(level, &x[3 * k..4 * k], 1, TensorRef::F32(on_lines), n, k, None, &mut alone).unwrap();
-            assert_eq!(alone, in_place[3 * n..4 * n], "{level}");
-        }
-    }
-
-    #[test]
-    fn stacked_parts_equal_the_concatenated_matrix_bit_for_bit() {
-        let (rows, k) = (6, 72);
-        let sizes = [70, 3, 65];
-        let x = data(rows * k, 4);
-        let parts32: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(i, &n)| data(n * k, 10 + i as u32)).collect();
-        let whole: Vec<f32> = parts32.concat();
-        let n: usize = sizes.iter().sum();
-        let bias = data(n, 5);
-        for level in SimdLevel::available() {
-            let mut want = vec![f32::NAN; rows * n];
-            linear(level, &x, rows, TensorRef::F32(&whole), n, k, Some(&bias), &mut want).unwrap();
-            let parts: Vec<TensorRef<'_>> = parts32.iter().map(|p| TensorRef::F32(p)).collect();
-            let mut got = vec![f32::NAN; rows * n];
-            linear_parts(level, &x, rows, &parts, k, Some(&bias), &mut got).unwrap();
-            assert_eq!(got, want, "{level}");
-        }
-        let ragged = [TensorRef::F32(&whole[..k + 1])];
-        let e = linear_parts(SimdLevel::Scalar, &x, rows, &ragged, k, None, &mut [0.0; 6]).unwrap_err();
-        assert!(matches!(e, TwinferError::InvalidParameter(_)), "{e}");
-    }
-
-    #[test]
-    fn shape_errors_are_typed() {
-        let mut y = vec![0.0; 4];
-        let e = linear(SimdLevel::Scalar, &[0.0; 3], 2, TensorRef::F32(&[0.0; 4]), 2, 2, None, &mut y).unwrap_err();
-        assert!(matches!(e, TwinferError::ShapeMismatch { .. }));
-    }
-}
+mod tests;

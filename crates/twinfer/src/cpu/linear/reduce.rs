@@ -38,7 +38,7 @@ pub(super) fn sums<S: Simd, const C: usize>(simd: S, acc: &[S::f32s; C]) -> [f32
 /// AVX-512 F must be present.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn sum4_avx512(a: &[core::arch::x86_64::__m512; 4]) -> [f32; 4] {
+pub(super) unsafe fn sum4_avx512(a: &[core::arch::x86_64::__m512; 4]) -> [f32; 4] {
     use core::arch::x86_64::*;
     // SAFETY: AVX-512 F is present (the caller's promise).
     unsafe {
