@@ -47,7 +47,7 @@ if [ "$all" = 1 ]; then
 else
     packages=(-p twinfer -p twinfer-tests)
     cargo test --target "$target" "${packages[@]}" --lib \
-        --test kv_cache --test shaders --test cpu_attention --test crafted_files_memory \
+        --test kv_cache --test shaders --test bf16_weights --test cpu_attention --test crafted_files_memory \
         --test decoder_model --test encoder_model --test errors --test facade --test fuzz_regressions \
         --test gguf_model --test merge_state --test model_errors --test weights_in_place
 fi

@@ -6,6 +6,7 @@ use clap::{Args, ValueEnum};
 use serde_json::Value;
 use twinfer::cpu::SimdLevel;
 use twinfer::engine::EngineConfig;
+use twinfer::model::WeightFormat;
 use twinfer::quant::QuantFormat;
 use twinfer::{Backend, DType};
 
@@ -101,7 +102,7 @@ pub struct EngineArgs {
     /// serve` too; a `plan` config may carry one].
     #[arg(long, value_name = "MS")]
     pub tpot_target_ms: Option<f64>,
-    /// Quantize a float model's projections at load.
+    /// Quantize a float model's projections at load, or round them to bf16.
     #[arg(long, value_enum)]
     pub quantize: Option<QuantizeArg>,
     /// Finished requests whose KV pages stay for later prompts with the same start (0: none)
@@ -112,6 +113,10 @@ pub struct EngineArgs {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum QuantizeArg {
+    /// bf16 projections and embeddings, computed with bf16 activations (bf16 dot products where
+    /// the CPU has them, as AVX512-BF16 does).
+    #[value(name = "bf16")]
+    Bf16,
     #[value(name = "q8_0")]
     Q8_0,
     #[value(name = "q4_0")]
@@ -124,14 +129,15 @@ pub enum QuantizeArg {
     Q5_1,
 }
 
-impl From<QuantizeArg> for QuantFormat {
+impl From<QuantizeArg> for WeightFormat {
     fn from(q: QuantizeArg) -> Self {
         match q {
-            QuantizeArg::Q8_0 => QuantFormat::Q8_0,
-            QuantizeArg::Q4_0 => QuantFormat::Q4_0,
-            QuantizeArg::Q4_1 => QuantFormat::Q4_1,
-            QuantizeArg::Q5_0 => QuantFormat::Q5_0,
-            QuantizeArg::Q5_1 => QuantFormat::Q5_1,
+            QuantizeArg::Bf16 => WeightFormat::Bf16,
+            QuantizeArg::Q8_0 => QuantFormat::Q8_0.into(),
+            QuantizeArg::Q4_0 => QuantFormat::Q4_0.into(),
+            QuantizeArg::Q4_1 => QuantFormat::Q4_1.into(),
+            QuantizeArg::Q5_0 => QuantFormat::Q5_0.into(),
+            QuantizeArg::Q5_1 => QuantFormat::Q5_1.into(),
         }
     }
 }

@@ -38,7 +38,7 @@ pub struct PlanArgs {
     /// `gpu,cpu avx512`; all of them by default.
     #[arg(long, value_delimiter = ',')]
     pub engines: Vec<String>,
-    /// Quantize the model's projections at load.
+    /// Quantize the model's projections at load, or round them to bf16.
     #[arg(long, value_enum)]
     pub quantize: Option<crate::options::QuantizeArg>,
     /// A time-per-output-token objective written into the config, so that `run`, `serve` and
@@ -72,7 +72,7 @@ pub fn run(args: PlanArgs) -> Result<(), String> {
         (None, None) => return Err("give --model DIR or --preset NAME".into()),
     };
     if let Some(format) = args.quantize {
-        model.quantize(format.into()).map_err(|e| e.to_string())?;
+        model.quantize(twinfer::model::WeightFormat::from(format)).map_err(|e| e.to_string())?;
     }
     let opts = PlanOptions {
         prefill_tokens: args.prefill_tokens,

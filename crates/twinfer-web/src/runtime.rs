@@ -380,7 +380,11 @@ fn engine_config(options: &JsValue, cpu_decode: bool) -> Result<EngineConfig> {
         // A tab mostly chats: keep a few finished turns for the next one's prompt.
         prefix_cache_sequences: o.count("prefixCache", 1e6)?.unwrap_or(4),
         clock: Some(web_clock),
-        quantize: o.string("quantize")?.as_deref().map(twinfer::quant::QuantFormat::parse).transpose()?,
+        quantize: o
+            .string("quantize")?
+            .as_deref()
+            .map(|n| twinfer::quant::QuantFormat::parse(n).map(Into::into))
+            .transpose()?,
         ..d
     })
 }

@@ -38,8 +38,9 @@ pub struct EngineConfig {
     /// used first out, and evicted before any running request is preempted. 0 turns it off.
     /// Needs `prefix_sharing`.
     pub prefix_cache_sequences: usize,
-    /// Quantize a float model's projections at load (`None` keeps the stored weights).
-    pub quantize: Option<crate::quant::QuantFormat>,
+    /// Quantize a float model's projections at load, or round them to bf16 (`None` keeps the
+    /// stored weights).
+    pub quantize: Option<crate::model::WeightFormat>,
     /// Seconds since some fixed point; the default is the process's monotonic clock. Browsers pass
     /// `performance.now() / 1000`.
     pub clock: Option<fn() -> f64>,

@@ -26,6 +26,7 @@ pub use config::{DecoderConfig, EncoderConfig, ModelConfig, RopeScaling};
 pub use elems::Elems;
 pub use linear::Linear;
 pub use llama::{Engines, LlamaModel, Logits, StepSeq};
+pub use quantize::WeightFormat;
 pub use random::{PRESETS, preset, random_decoder, random_safetensors};
 pub use resident::ResidentDecoder;
 pub use source::{FileBytes, ModelSource};
