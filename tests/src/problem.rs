@@ -230,12 +230,22 @@ impl Buf {
 /// digits relative to `sum |q_c k_c|`, not to the result, and `exp` turns an absolute score error
 /// into a relative weight error. It matters only for large logits (q gain 12, head_dim 256: a few
 /// 1e-5), where a fixed bound would fail a kernel that is exact to f32's own rounding.
+///
+/// Where the kernel multiplies bf16 K/V in bf16 dot products (`bf16_products`), the queries and
+/// the probabilities are rounded to bf16 too (relative error at most [`BF16_UNIT`] each): a
+/// score moves by at most `BF16_UNIT * score_abs`, which moves an output by at most twice that
+/// times `v_abs` (and the LSE by that), and a probability's rounding moves it by `BF16_UNIT *
+/// v_abs`.
 #[derive(Debug, Clone, Copy)]
 pub struct Tolerance {
     pub atol: f64,
     pub rtol: f64,
     pub lse_atol: f64,
+    pub bf16_products: bool,
 }
+
+/// bf16's unit roundoff: 8 significant bits, half a unit in the last place relative.
+pub const BF16_UNIT: f64 = 1.0 / 256.0;
 
 /// Multiples of f32's epsilon allowed per unit of score magnitude (see [`Tolerance`]).
 pub const SCORE_ROUNDING: f64 = 4.0;
@@ -243,19 +253,21 @@ pub const SCORE_ROUNDING: f64 = 4.0;
 impl Tolerance {
     /// The bound for output element `r` of a row with the given score and value magnitudes.
     pub fn o_bound(&self, r: f64, score_abs: f64, v_abs: f64) -> f64 {
-        self.atol + self.rtol * r.abs() + SCORE_ROUNDING * f32::EPSILON as f64 * score_abs * v_abs
+        let bf16 = if self.bf16_products { BF16_UNIT * v_abs * (1.0 + 2.0 * score_abs) } else { 0.0 };
+        self.atol + self.rtol * r.abs() + SCORE_ROUNDING * f32::EPSILON as f64 * score_abs * v_abs + bf16
     }
 
     /// The bound for an lse whose oracle value is `r`.
     pub fn lse_bound(&self, r: f64, score_abs: f64) -> f64 {
-        self.lse_atol * r.abs().max(1.0) + SCORE_ROUNDING * f32::EPSILON as f64 * score_abs
+        let bf16 = if self.bf16_products { BF16_UNIT * score_abs } else { 0.0 };
+        self.lse_atol * r.abs().max(1.0) + SCORE_ROUNDING * f32::EPSILON as f64 * score_abs + bf16
     }
 
     pub fn for_output(dtype: DType) -> Self {
         match dtype {
-            DType::F32 => Tolerance { atol: 2e-5, rtol: 2e-5, lse_atol: 5e-5 },
-            DType::F16 => Tolerance { atol: 1e-3, rtol: 2e-3, lse_atol: 5e-5 },
-            DType::BF16 => Tolerance { atol: 8e-3, rtol: 8e-3, lse_atol: 5e-5 },
+            DType::F32 => Tolerance { atol: 2e-5, rtol: 2e-5, lse_atol: 5e-5, bf16_products: false },
+            DType::F16 => Tolerance { atol: 1e-3, rtol: 2e-3, lse_atol: 5e-5, bf16_products: false },
+            DType::BF16 => Tolerance { atol: 8e-3, rtol: 8e-3, lse_atol: 5e-5, bf16_products: false },
             DType::Q8 => unreachable!("outputs are float"),
         }
     }
@@ -407,7 +419,29 @@ impl CaseData {
 
     /// Compares a result with the oracle; the error names the first offending element.
     pub fn check(&self, o: &[f32], lse: Option<&[f32]>, want: &RefOutput) -> std::result::Result<(), String> {
-        let tol = Tolerance::for_output(self.case.o_dtype);
+        self.check_within(o, lse, want, Tolerance::for_output(self.case.o_dtype))
+    }
+
+    /// [`CaseData::check`] for a kernel that may multiply bf16 K/V in bf16 dot products (see
+    /// [`Tolerance`]): the wider bound applies only where the case's K/V are bf16.
+    pub fn check_bf16_products(
+        &self,
+        o: &[f32],
+        lse: Option<&[f32]>,
+        want: &RefOutput,
+    ) -> std::result::Result<(), String> {
+        let tol =
+            Tolerance { bf16_products: self.case.kv_dtype == DType::BF16, ..Tolerance::for_output(self.case.o_dtype) };
+        self.check_within(o, lse, want, tol)
+    }
+
+    fn check_within(
+        &self,
+        o: &[f32],
+        lse: Option<&[f32]>,
+        want: &RefOutput,
+        tol: Tolerance,
+    ) -> std::result::Result<(), String> {
         let d = self.params.head_dim;
         for (i, (&got, &r)) in o.iter().zip(&want.o).enumerate() {
             let bound = tol.o_bound(r, want.score_abs[i / d], want.v_abs[i / d]);

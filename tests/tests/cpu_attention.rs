@@ -29,7 +29,12 @@ fn check_prefill(engine: &CpuEngine, case: &Case) -> Result<(), TestCaseError> {
     let (o, lse) = data
         .run(|p, d, out| engine.prefill(p, &d.prefill_input(case.kv_kind), out))
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
-    data.check(&o, lse.as_deref(), &want).map_err(TestCaseError::fail)
+    // Prompt blocks over bf16 K/V take bf16 dot products where the level has them.
+    if engine.level().bf16_dot() {
+        data.check_bf16_products(&o, lse.as_deref(), &want).map_err(TestCaseError::fail)
+    } else {
+        data.check(&o, lse.as_deref(), &want).map_err(TestCaseError::fail)
+    }
 }
 
 fn check_decode(engine: &CpuEngine, case: &Case) -> Result<(), TestCaseError> {

@@ -127,6 +127,8 @@ pub struct PrefillCausal {
     k: Vec<f16>,
     /// `[len, KV_HEADS, HEAD_DIM]`
     v: Vec<f16>,
+    /// K and V rounded to bf16, for the case over a bf16 cache (`None`: f16 K/V).
+    kv_bf16: Option<(Vec<half::bf16>, Vec<half::bf16>)>,
     indptr: [u32; 2],
     /// `[len, QO_HEADS, HEAD_DIM]`
     o: Vec<f32>,
@@ -141,17 +143,30 @@ impl PrefillCausal {
             q: pseudo_random(len * QO_HEADS * HEAD_DIM, 1),
             k: pseudo_random(len * KV_HEADS * HEAD_DIM, 2),
             v: pseudo_random(len * KV_HEADS * HEAD_DIM, 3),
+            kv_bf16: None,
             indptr: [0, len as u32],
             o: vec![0f32; len * QO_HEADS * HEAD_DIM],
         }
     }
 
+    /// The same case over bf16 K/V (the f16 values rounded), which CPUs with bf16 dot products
+    /// multiply in them.
+    pub fn with_bf16_kv(mut self) -> Self {
+        let round = |x: &[f16]| x.iter().map(|v| half::bf16::from_f32(v.to_f32())).collect();
+        self.kv_bf16 = Some((round(&self.k), round(&self.v)));
+        self
+    }
+
     /// One prefill into the case's own output buffer.
     pub fn run(&mut self, engine: &CpuEngine) -> Result<()> {
+        let (k, v) = match &self.kv_bf16 {
+            Some((k, v)) => ((&k[..]).into(), (&v[..]).into()),
+            None => ((&self.k[..]).into(), (&self.v[..]).into()),
+        };
         let input = PrefillInput {
             q: (&self.q[..]).into(),
             qo_indptr: &self.indptr,
-            kv: KvInput::Ragged { k: (&self.k[..]).into(), v: (&self.v[..]).into(), kv_indptr: &self.indptr },
+            kv: KvInput::Ragged { k, v, kv_indptr: &self.indptr },
         };
         engine.prefill(&self.params, &input, &mut AttentionOutput::new(&mut self.o[..]))
     }
@@ -168,7 +183,8 @@ impl PrefillCausal {
 
     /// The case's name, such as `prefill causal L=4096`.
     pub fn name(&self) -> String {
-        format!("prefill causal L={}", self.len)
+        let kv = if self.kv_bf16.is_some() { " bf16 KV" } else { "" };
+        format!("prefill causal L={}{kv}", self.len)
     }
 }
 
@@ -296,8 +312,8 @@ fn time_case(runs: usize, mut run: impl FnMut() -> Result<()>) -> Result<Stats> 
 }
 
 /// Causal single-sequence prefill of `len` tokens, f16 Q/K/V, f32 output.
-pub fn prefill_causal(engine: &CpuEngine, len: usize, runs: usize) -> Result<CaseResult> {
-    let mut case = PrefillCausal::new(len);
+pub fn prefill_causal(engine: &CpuEngine, len: usize, bf16_kv: bool, runs: usize) -> Result<CaseResult> {
+    let mut case = if bf16_kv { PrefillCausal::new(len).with_bf16_kv() } else { PrefillCausal::new(len) };
     let seconds = time_case(runs, || case.run(engine))?;
     Ok(CaseResult { name: case.name(), seconds, wall: None, bound: Bound::Compute, work: case.flops() })
 }

@@ -68,13 +68,15 @@ impl KernelReport {
     }
 }
 
-/// One shape to measure: `prefill:LEN`, `decode:BATCH:CTX` (f16 KV), `decode-f32:BATCH:CTX`,
+/// One shape to measure: `prefill:LEN` (f16 K/V), `prefill-bf16:LEN` (CPU), `decode:BATCH:CTX` (f16 KV), `decode-f32:BATCH:CTX`,
 /// `decode-q8:BATCH:CTX` (each with an optional `:PAGE`, tokens per page), `linear:ROWS:N:K` (f16 weights) or `linear-FORMAT:ROWS:N:K` (`f32`,
 /// `bf16`, or a block format such as `q4_1`) on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Case {
     /// Causal single-sequence prefill of this many tokens.
     Prefill(usize),
+    /// The same over bf16 K/V (CPU only: bf16 dot products where the CPU has them).
+    PrefillBf16(usize),
     /// Paged decode: `batch` sequences of `ctx` tokens, KV stored as `dtype`.
     Decode {
         /// Sequences in the step.
@@ -104,13 +106,14 @@ impl FromStr for Case {
     fn from_str(s: &str) -> Result<Self> {
         let bad = || {
             TwinferError::InvalidParameter(format!(
-                "case {s:?}: prefill:LEN, decode:BATCH:CTX[:PAGE], decode-f32:BATCH:CTX[:PAGE], \
+                "case {s:?}: prefill:LEN, prefill-bf16:LEN, decode:BATCH:CTX[:PAGE], decode-f32:BATCH:CTX[:PAGE], \
                  decode-q8:BATCH:CTX[:PAGE] (PAGE: tokens per page, 1..=256, default 16), linear:ROWS:N:K or linear-FORMAT:ROWS:N:K (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1)"
             ))
         };
         let num = |x: &str| x.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(bad);
         match s.split(':').collect::<Vec<_>>().as_slice() {
             ["prefill", len] => Ok(Case::Prefill(num(len)?)),
+            ["prefill-bf16", len] => Ok(Case::PrefillBf16(num(len)?)),
             [kind, batch, ctx, page @ ..] if kind.starts_with("decode") && page.len() <= 1 => {
                 let dtype = match *kind {
                     "decode" => DType::F16,
@@ -192,7 +195,12 @@ pub fn run_kernel_cases(engine: &CpuEngine, cases: &[Case], runs: usize, ceiling
     let mut results = Vec::new();
     for &case in cases {
         results.push(match case {
-            Case::Prefill(len) => cases::prefill_causal(engine, len, if len >= 8192 { runs.min(3) } else { runs })?,
+            Case::Prefill(len) => {
+                cases::prefill_causal(engine, len, false, if len >= 8192 { runs.min(3) } else { runs })?
+            }
+            Case::PrefillBf16(len) => {
+                cases::prefill_causal(engine, len, true, if len >= 8192 { runs.min(3) } else { runs })?
+            }
             Case::Decode { batch, ctx, dtype, page } => cases::decode_paged(engine, batch, ctx, dtype, page, runs)?,
             Case::Linear { rows, n, k, weights } => cases::linear(engine, rows, n, k, weights, runs)?,
         });

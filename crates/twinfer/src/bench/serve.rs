@@ -486,7 +486,11 @@ pub fn run_serve(opts: &ServeOptions) -> Result<ServeReport> {
         model_description: format!(
             "{} (random weights, {}): {} layers, hidden {}, {} heads / {} KV heads, vocab {}, {:.0} MB of weights",
             opts.model,
-            opts.weight_dtype,
+            match opts.engine.quantize {
+                Some(crate::model::WeightFormat::Bf16) => format!("{} rounded to bf16", opts.weight_dtype),
+                Some(format) => format!("{} quantized to {}", opts.weight_dtype, format.name()),
+                None => opts.weight_dtype.to_string(),
+            },
             model.config.num_layers,
             model.config.hidden_size,
             model.config.num_heads,

@@ -64,6 +64,15 @@ pub(crate) struct Scratch {
     pub alpha: Vec<f32>,
     /// The other blocks of a group ([`run_group`]): their own rows, this scratch's tiles.
     pub others: Vec<Scratch>,
+    /// Prompt blocks over bf16 K/V with bf16 dot products (see [`BlockPlan::bf16`]): the
+    /// transposed queries rounded to bf16 in pairs of dimensions (`[heads, dp / 2, rp, 2]`), and
+    /// a tile's probabilities in pairs of keys (`[tile_rows / 2, rp, 2]`).
+    pub qt2: Vec<u16>,
+    pub pt2: Vec<u16>,
+    /// The K tile's bf16 rows as stored (`[tile_rows, row_stride]`) and the V tile's in pairs of
+    /// keys (`[tile_rows / 2, row_stride, 2]`).
+    pub k16: Vec<u16>,
+    pub v2: Vec<u16>,
 }
 
 impl Scratch {
@@ -192,6 +201,29 @@ struct BlockPlan {
     /// Keys every row sees: tiles inside need no mask.
     lo_max: usize,
     hi_min: usize,
+    /// K and V are bf16 and the CPU has bf16 dot products (x86-64 with AVX512-BF16): the tiles
+    /// stay bf16, and the queries and probabilities are rounded to bf16 for the products.
+    bf16: bool,
+}
+
+/// Whether a prompt block of `p` on `S` takes the bf16 dot products: bf16 K and V, AVX-512
+/// with AVX512-BF16, and unpadded heads whose dimensions pair into whole vectors.
+#[inline(always)]
+fn bf16_products<S: Simd>(p: &Problem<'_>, d: usize, dp: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::dtype::TensorRef::BF16;
+        std::any::TypeId::of::<S>() == std::any::TypeId::of::<pulp::x86::V4>()
+            && matches!((p.kv.k(), p.kv.v()), (BF16(_), BF16(_)))
+            && dp == d
+            && d.is_multiple_of(32)
+            && crate::cpu::microkernel_bf16::detected()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (p, d, dp);
+        false
+    }
 }
 
 /// Sizes the scratch (its K/V tiles too where `tiles`), transposes the block's queries (scaled)
@@ -231,6 +263,17 @@ fn begin_block<S: Simd>(p: &Problem<'_>, item: WorkItem, sc: &mut Scratch, tiles
             }
         }
     }
+    let bf16 = bf16_products::<S>(p, d, dp);
+    #[cfg(target_arch = "x86_64")]
+    if bf16 {
+        let (qt, qt2) = (&sc.qt, &mut sc.qt2);
+        qt2.resize(heads * dp * rp, 0);
+        for (i, pair) in qt2.chunks_exact_mut(2 * rp).enumerate() {
+            let row = |i: usize| &qt[i * rp..(i + 1) * rp];
+            // SAFETY: `bf16` means AVX-512 with AVX512-BF16 (checked above).
+            unsafe { crate::cpu::microkernel_bf16::pair_f32_rows(row(2 * i), Some(row(2 * i + 1)), pair) };
+        }
+    }
 
     // Visible keys per token, clipped to this item's key range; their union bounds the tiles,
     // and a tile inside every token's range needs no mask.
@@ -246,22 +289,40 @@ fn begin_block<S: Simd>(p: &Problem<'_>, item: WorkItem, sc: &mut Scratch, tiles
             hi_all = hi_all.max(hi);
         }
     }
-    BlockPlan { item, heads, head_rows, rp, dp, tile_rows, row_stride, qo_len, kv_len, lo_all, hi_all, lo_max, hi_min }
+    BlockPlan {
+        item,
+        heads,
+        head_rows,
+        rp,
+        dp,
+        tile_rows,
+        row_stride,
+        qo_len,
+        kv_len,
+        lo_all,
+        hi_all,
+        lo_max,
+        hi_min,
+        bf16,
+    }
 }
 
-/// The widened K and V tiles, taken out of the scratch while blocks use them.
+/// The widened K and V tiles (or the bf16 ones), taken out of the scratch while blocks use them.
 struct Tiles {
     k: Vec<f32>,
     v: Vec<f32>,
+    k16: Vec<u16>,
+    v2: Vec<u16>,
 }
 
 impl Tiles {
     fn take(sc: &mut Scratch) -> Self {
-        Self { k: std::mem::take(&mut sc.k), v: std::mem::take(&mut sc.v) }
+        use std::mem::take;
+        Self { k: take(&mut sc.k), v: take(&mut sc.v), k16: take(&mut sc.k16), v2: take(&mut sc.v2) }
     }
 
     fn put_back(self, sc: &mut Scratch) {
-        (sc.k, sc.v) = (self.k, self.v);
+        (sc.k, sc.v, sc.k16, sc.v2) = (self.k, self.v, self.k16, self.v2);
     }
 
     /// Widens keys `[j0, j0 + cols)` of the plan's heads into the tiles, and prefetches the next
@@ -273,6 +334,11 @@ impl Tiles {
         let heads = plan.heads;
         // With unpadded heads a row of all the item's heads is one contiguous run in memory.
         let whole_rows = dp == d;
+        #[cfg(target_arch = "x86_64")]
+        if let (true, crate::dtype::TensorRef::BF16(k), crate::dtype::TensorRef::BF16(v)) = (plan.bf16, k_src, v_src) {
+            self.load_bf16(p, plan, (k, v), j0, cols);
+            return self.prefetch_next(p, plan, j0 + cols, hi);
+        }
         for c in 0..cols {
             let off = p.kv.row_offset(item.b, j0 + c, item.head0);
             let dst = c * row_stride;
@@ -286,11 +352,46 @@ impl Tiles {
                 }
             }
         }
-        let next = j0 + cols;
+        self.prefetch_next(p, plan, j0 + cols, hi);
+    }
+
+    /// Prefetches the rows of the tile from key `next` (up to key `hi`).
+    #[inline(always)]
+    fn prefetch_next(&self, p: &Problem<'_>, plan: &BlockPlan, next: usize, hi: usize) {
+        let len = plan.heads * p.params.head_dim;
         for c in 0..plan.tile_rows.min(hi.saturating_sub(next)) {
-            let off = p.kv.row_offset(item.b, next + c, item.head0);
-            prefetch(k_src, off, heads * d);
-            prefetch(v_src, off, heads * d);
+            let off = p.kv.row_offset(plan.item.b, next + c, plan.item.head0);
+            prefetch(p.kv.k(), off, len);
+            prefetch(p.kv.v(), off, len);
+        }
+    }
+
+    /// [`Tiles::load`] for bf16 K/V with bf16 dot products: K rows copied as stored, V rows
+    /// interleaved in pairs of keys (an odd last key paired with zeros).
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn load_bf16(
+        &mut self,
+        p: &Problem<'_>,
+        plan: &BlockPlan,
+        (k, v): (&[half::bf16], &[half::bf16]),
+        j0: usize,
+        cols: usize,
+    ) {
+        let (item, row_stride) = (plan.item, plan.row_stride);
+        let (k, v): (&[u16], &[u16]) = (bytemuck::cast_slice(k), bytemuck::cast_slice(v));
+        self.k16.resize(plan.tile_rows * row_stride, 0);
+        self.v2.resize(plan.tile_rows.div_ceil(2) * 2 * row_stride, 0);
+        // Where key `c` of the tile starts in the pool.
+        let at = |c: usize| p.kv.row_offset(item.b, j0 + c, item.head0);
+        for c in 0..cols {
+            self.k16[c * row_stride..(c + 1) * row_stride].copy_from_slice(&k[at(c)..at(c) + row_stride]);
+        }
+        for (pair, out) in self.v2.chunks_exact_mut(2 * row_stride).take(cols.div_ceil(2)).enumerate() {
+            let first = &v[at(2 * pair)..at(2 * pair) + row_stride];
+            let second = (2 * pair + 1 < cols).then(|| &v[at(2 * pair + 1)..at(2 * pair + 1) + row_stride]);
+            // SAFETY: `plan.bf16` means AVX-512 (F and BW) is present.
+            unsafe { crate::cpu::microkernel_bf16::pair_bf16_rows(first, second, out) };
         }
     }
 }
@@ -313,8 +414,12 @@ fn tile_step<S: Simd>(
     let tile = Tile { j0, cols, masked: !(plan.lo_max <= j0 && j0 + cols <= plan.hi_min) };
     for hh in 0..plan.heads {
         let st = &mut sc.s[..cols * rp];
-        let qt = &sc.qt[hh * dp * rp..(hh + 1) * dp * rp];
-        scores_t(simd, qt, rp, d, (&tiles.k, row_stride, hh * dp), cols, st);
+        if plan.bf16 {
+            bf16_scores(&sc.qt2[hh * dp * rp..(hh + 1) * dp * rp], rp, d, (&tiles.k16, row_stride, hh * dp), cols, st);
+        } else {
+            let qt = &sc.qt[hh * dp * rp..(hh + 1) * dp * rp];
+            scores_t(simd, qt, rp, d, (&tiles.k, row_stride, hh * dp), cols, st);
+        }
         let rows_of = HeadRows {
             qo_head0: (plan.item.head0 + hh) * group,
             group,
@@ -331,8 +436,53 @@ fn tile_step<S: Simd>(
                 scale_in_place(simd, &mut acc_head[r * dp..(r + 1) * dp], a);
             }
         }
-        values_t(simd, &sc.s[..cols * rp], rp, (&tiles.v, row_stride, hh * dp), cols, dp, acc_head);
+        if plan.bf16 {
+            bf16_values(&sc.s[..cols * rp], &mut sc.pt2, rp, (&tiles.v2, row_stride, hh * dp), cols, dp, acc_head);
+        } else {
+            values_t(simd, &sc.s[..cols * rp], rp, (&tiles.v, row_stride, hh * dp), cols, dp, acc_head);
+        }
     }
+}
+
+/// `scores_t` in bf16 dot products (only reached where [`bf16_products`] holds).
+#[inline(always)]
+fn bf16_scores(q2: &[u16], rp: usize, len: usize, k: (&[u16], usize, usize), cols: usize, st: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a bf16 plan means AVX-512 with AVX512-BF16.
+    unsafe {
+        crate::cpu::microkernel_bf16::scores(q2, rp, len, k, cols, st)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("bf16 prompt blocks are x86-64 only {:?}", (q2.len(), rp, len, k.1, cols, st.len()))
+}
+
+/// `values_t` in bf16 dot products: the probabilities `pt` (key-major f32) rounded into pairs
+/// of keys in `pt2` first (only reached where [`bf16_products`] holds).
+#[inline(always)]
+fn bf16_values(
+    pt: &[f32],
+    pt2: &mut Vec<u16>,
+    rp: usize,
+    v2: (&[u16], usize, usize),
+    cols: usize,
+    len: usize,
+    acc: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let pairs = cols.div_ceil(2);
+        pt2.resize(pairs * 2 * rp, 0);
+        for (pair, out) in pt2.chunks_exact_mut(2 * rp).take(pairs).enumerate() {
+            let row = |c: usize| &pt[c * rp..(c + 1) * rp];
+            let second = (2 * pair + 1 < cols).then(|| row(2 * pair + 1));
+            // SAFETY: a bf16 plan means AVX-512 with AVX512-BF16.
+            unsafe { crate::cpu::microkernel_bf16::pair_f32_rows(row(2 * pair), second, out) };
+        }
+        // SAFETY: as above.
+        unsafe { crate::cpu::microkernel_bf16::values(pt2, rp, v2, pairs, len, acc) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("bf16 prompt blocks are x86-64 only {:?}", (pt.len(), pt2.len(), rp, v2.1, cols, len, acc.len()))
 }
 
 /// Moves the padded rows' max and denominator into `m` and `l`, then normalises.

@@ -40,6 +40,8 @@ mod linear;
 mod linear_quant;
 pub(crate) mod math;
 mod microkernel;
+#[cfg(target_arch = "x86_64")]
+mod microkernel_bf16;
 pub(crate) mod parallel;
 #[cfg(any(not(target_arch = "wasm32"), target_feature = "atomics"))]
 mod pool;

@@ -92,6 +92,14 @@ impl SimdLevel {
         }
     }
 
+    /// Whether this level multiplies bf16 in dot-product instructions (AVX-512 with
+    /// AVX512-BF16): bf16 weights and bf16 K/V then take bf16 activations, queries and
+    /// probabilities (see `cpu::linear`'s bf16 notes); every other level multiplies the same
+    /// weights' products in f32, and keeps queries and probabilities f32.
+    pub fn bf16_dot(&self) -> bool {
+        crate::cpu::linear::bf16::has_dot(*self)
+    }
+
     /// f32 lanes per vector register.
     pub fn f32_lanes(&self) -> usize {
         match self {
