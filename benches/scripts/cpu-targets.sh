@@ -2,7 +2,8 @@
 # The CPU and wasm targets measured together on this machine, so that every figure has its
 # ceilings from the same run: decode and prefill attention against the read ceiling and the FMA
 # peak (`bench kernels`, page 16 and page 1), the model's prompt and one-sequence decode rates
-# (`plan` on smollm-135m f16 and the SmolLM2 Q4_1 file, `bench serve`'s decode floor), the three
+# (`plan` on smollm-135m f16, rounded to bf16, in q8_0 and the SmolLM2 Q4_1 file, `bench serve`'s
+# decode floor), the f16 and bf16 prompt products, the three
 # serving scenarios at --quick, the embeddings against candle, and the wasm page against native
 # AVX2 on one and two threads (web/bench/run.mjs). Two rounds where a round is short.
 # Usage: benches/scripts/cpu-targets.sh [OUT_FILE]   (needs target/release/twinfer and, for the
@@ -24,9 +25,13 @@ plan() { "$bin" plan --out /tmp/twinfer-plan.json --page-sizes 16 --engines "cpu
     for round in 1 2; do
         echo "## round $round: kernels (f16 KV; decode:BATCH:CTX[:PAGE])"
         "$bin" bench kernels --case decode:1:32768 --case decode:8:32768 --case decode:1:32768:1 \
-            --case decode:8:32768:1 --case prefill:2048 --case prefill:8192
+            --case decode:8:32768:1 --case prefill:2048 --case prefill:8192 \
+            --case linear:512:3072:576 --case linear-bf16:512:3072:576 --case linear:512:576:1536 \
+            --case linear-bf16:512:576:1536
         echo "## round $round: smollm-135m f16, a 512-token prompt chunk and one sequence at ctx 128"
         plan --preset smollm-135m --prefill-tokens 512 --decode-batch 1 --decode-context 128
+        echo "## round $round: smollm-135m rounded to bf16 at load (bf16 dot products where the CPU has them), the same shapes"
+        plan --preset smollm-135m --quantize bf16 --prefill-tokens 512 --decode-batch 1 --decode-context 128
         echo "## round $round: smollm-135m with q8_0 projections (quantized at load), the same shapes"
         plan --preset smollm-135m --quantize q8_0 --prefill-tokens 512 --decode-batch 1 --decode-context 128
         if [ -n "$gguf" ]; then
@@ -38,6 +43,8 @@ plan() { "$bin" plan --out /tmp/twinfer-plan.json --page-sizes 16 --engines "cpu
         echo "## bench serve --scenario $scenario --quick"
         "$bin" bench serve --scenario "$scenario" --quick
     done
+    echo "## bench serve --scenario support --quick, rounded to bf16"
+    "$bin" bench serve --scenario support --quick --quantize bf16
     echo "## embeddings: candle's BERT against twinfer embed, 30 warm calls each, interleaved"
     benches/scripts/candle-minilm.sh "$bin" 2
     if [ -f web/pkg/twinfer_web_bg.wasm ] && [ -x /usr/bin/chromium ]; then
