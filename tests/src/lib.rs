@@ -14,4 +14,4 @@ pub mod models;
 pub mod problem;
 pub mod rng;
 
-pub use problem::{Case, CaseData, KvKind, Mode, Tolerance, case_strategy};
+pub use problem::{BF16_UNIT, Case, CaseData, KvKind, Mode, Tolerance, case_strategy};
