@@ -265,6 +265,16 @@ fn print_report(r: &KernelReport) {
             rows.max
         );
     }
+    let peak = |s: &Option<twinfer::bench::timing::Stats>, unit: &str| {
+        s.as_ref().map_or("none".to_string(), |s| format!("{:.1} {unit} [{:.1}..{:.1}]", s.median, s.min, s.max))
+    };
+    if r.bf16_dot_gflops.is_some() || r.int8_dot_gops.is_some() {
+        println!(
+            "          dot products: bf16 {}, int8 {} (the bf16 and int8 cases' % is of the FMA peak)",
+            peak(&r.bf16_dot_gflops, "GFLOP/s"),
+            peak(&r.int8_dot_gops, "GOP/s")
+        );
+    }
     let walls = r.cases.iter().any(|c| c.wall.is_some());
     if walls {
         println!("times: GPU timestamps, median of single runs; wall: submit to completion of back-to-back runs");

@@ -88,6 +88,8 @@ pub fn run_gpu_kernels(engine: &GpuEngine, scope: Scope, only: Option<&[Case]>) 
         read_gbps,
         row_read_gbps: None,
         fma_gflops,
+        bf16_dot_gflops: None,
+        int8_dot_gops: None,
         cases,
     })
 }

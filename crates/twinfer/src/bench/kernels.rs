@@ -37,6 +37,12 @@ pub struct KernelReport {
     pub row_read_gbps: Option<Stats>,
     /// f32 FMA ceiling, in GFLOP/s.
     pub fma_gflops: Stats,
+    /// bf16 dot products' ceiling in GFLOP/s, where the CPU has them (`bench::dot_peaks`); the
+    /// bf16 cases are compared with the f32 FMA peak all the same, so that every row shares one
+    /// scale.
+    pub bf16_dot_gflops: Option<Stats>,
+    /// int8 dot products' ceiling in GOP/s (a multiply-add counts 2), where the CPU has them.
+    pub int8_dot_gops: Option<Stats>,
     /// Every case measured.
     pub cases: Vec<CaseResult>,
 }
@@ -56,7 +62,8 @@ impl KernelReport {
             .collect();
         json!({"cpu": self.cpu, "simd": self.simd, "threads": self.threads, "read_gbps": stats(&self.read_gbps),
                "row_read_gbps": self.row_read_gbps.as_ref().map(stats), "row_bytes": cases::ROW_BYTES,
-               "fma_gflops": stats(&self.fma_gflops), "cases": cases})
+               "fma_gflops": stats(&self.fma_gflops), "bf16_dot_gflops": self.bf16_dot_gflops.as_ref().map(stats),
+               "int8_dot_gops": self.int8_dot_gops.as_ref().map(stats), "cases": cases})
     }
 
     /// The ceiling a case is compared with.
@@ -192,6 +199,8 @@ pub fn run_kernel_cases(engine: &CpuEngine, cases: &[Case], runs: usize, ceiling
     let read_gbps = ceilings::read_bandwidth(level, ceiling_bytes, runs);
     let row_read_gbps = ceilings::random_row_bandwidth(level, ceiling_bytes, cases::ROW_BYTES, runs);
     let fma_gflops = ceilings::fma_peak(level, runs);
+    let (bf16_dot_gflops, int8_dot_gops) =
+        (super::dot_peaks::bf16_dot_peak(runs), super::dot_peaks::int8_dot_peak(runs));
     let mut results = Vec::new();
     for &case in cases {
         results.push(match case {
@@ -213,6 +222,8 @@ pub fn run_kernel_cases(engine: &CpuEngine, cases: &[Case], runs: usize, ceiling
         read_gbps,
         row_read_gbps: Some(row_read_gbps),
         fma_gflops,
+        bf16_dot_gflops,
+        int8_dot_gops,
         cases,
     })
 }
