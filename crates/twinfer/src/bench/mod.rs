@@ -4,6 +4,7 @@
 pub mod cases;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod ceilings;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod dot_peaks;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod gpu;

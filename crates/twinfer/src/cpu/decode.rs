@@ -8,9 +8,10 @@
 use pulp::Simd;
 
 use crate::attention::problem::Problem;
-use crate::cpu::block::{RowWindow, Scratch, WorkItem, finish_rows, prm_position, softmax_row};
+use crate::cpu::block::{Scratch, WorkItem};
 use crate::cpu::convert::{LoadLanes, prefetch_slice};
 use crate::cpu::microkernel::{accumulate, score_block};
+use crate::cpu::softmax::{RowWindow, finish_rows, prm_position, softmax_row};
 use crate::dtype::TensorRef;
 
 /// Keys per decode tile: the score tile is `[heads * group, DECODE_TILE]`. On a 2-core AVX-512

@@ -47,6 +47,7 @@ pub(crate) mod parallel;
 mod pool;
 mod qdot;
 mod simd_level;
+mod softmax;
 
 pub use linear::{linear, linear_parts};
 

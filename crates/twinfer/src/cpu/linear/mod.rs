@@ -197,7 +197,9 @@ struct Chunk<'a> {
     /// The activation rows as the part's arithmetic takes them: as given, or rounded to bf16
     /// values for a bf16 part on a level without bf16 dot products.
     x: &'a [f32],
-    /// The activation rows as bf16 bits, for a bf16 part where the CPU has bf16 dot products.
+    /// The activation rows as bf16 bits, for a bf16 part where the CPU has bf16 dot products
+    /// (always `None` off x86-64, where no level has them).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     x_bf16: Option<&'a [u16]>,
     rows: usize,
     /// One row block of the weights; its row `c` is output column `col0 + c`.
