@@ -34,6 +34,14 @@ pub fn run(as_json: bool) -> Result<(), String> {
     }
     println!("cpu:            {}", twinfer::cpu_model_name());
     println!("simd available: {} (chosen: {})", levels.join(", "), SimdLevel::detect().name());
+    println!(
+        "bf16 products:  {}",
+        if SimdLevel::detect().bf16_dot() {
+            "dot-product instructions (bf16 weights, `--quantize bf16`, and prompts over `--kv-dtype bf16`)"
+        } else {
+            "f32 arithmetic (this CPU has no bf16 dot products)"
+        }
+    );
     match &gpu {
         Ok(g) => println!("gpu:            {} | variant {}", g.context().summary, g.variant_name()),
         Err(e) => println!("gpu:            none: {e}"),
