@@ -93,9 +93,8 @@ fn decode_typed<S: Simd, E: LoadLanes>(
             k,
             &offs[..cols],
             &next_offs[..next_cols],
-            heads,
-            group,
-            d,
+            (heads, group, d),
+            quad_reduce_applies::<S>() && group.is_multiple_of(4),
             &mut sc.s,
         );
         for hh in 0..heads {
@@ -149,7 +148,9 @@ fn scale_columns(s: &mut [f32], r0: usize, group: usize, offs: &[usize], hh: usi
 }
 
 /// `s[(h * group + g) * DECODE_TILE + c] = dot(q[h * group + g], k[offs[c] + h * d ..][..d])`,
-/// walking keys in pairs and, per pair, every head in memory order.
+/// walking keys in pairs (in fours with `by_four`: [`score_block_4x4`], where
+/// [`quad_reduce_applies`] and the group is a multiple of four) and, per step, every head in
+/// memory order.
 #[inline(always)]
 fn scores_key_major<S: Simd, E: LoadLanes>(
     simd: S,
@@ -157,14 +158,15 @@ fn scores_key_major<S: Simd, E: LoadLanes>(
     k: &[E],
     offs: &[usize],
     next_offs: &[usize],
-    heads: usize,
-    group: usize,
-    d: usize,
+    (heads, group, d): (usize, usize, usize),
+    by_four: bool,
     s: &mut [f32],
 ) {
     let mut c = 0;
     while c < offs.len() {
-        let nc = (offs.len() - c).min(2);
+        // Fours while four keys are left, then pairs (`block_shape!` takes at most two).
+        let left = offs.len() - c;
+        let nc = if by_four && left >= 4 { 4 } else { left.min(2) };
         let ahead = next_offs.get(c..(c + nc).min(next_offs.len())).unwrap_or(&[]);
         for hh in 0..heads {
             // This head's slice of the next tile's rows: a few lines per score block, so the
@@ -178,10 +180,136 @@ fn scores_key_major<S: Simd, E: LoadLanes>(
             while r < end {
                 let mr = (end - r).min(4);
                 let head_off = hh * d;
-                block_shape!(mr, nc, score_block::<S, E>(simd, q, d, k, offs, head_off, r, c, s, DECODE_TILE));
+                if nc == 4 {
+                    score_block_4x4::<S, E>(q, d, k, &offs[c..c + 4], head_off, r, c, s);
+                } else {
+                    block_shape!(mr, nc, score_block::<S, E>(simd, q, d, k, offs, head_off, r, c, s, DECODE_TILE));
+                }
                 r += mr;
             }
         }
         c += nc;
+    }
+}
+
+/// Whether [`score_block_4x4`] runs on this level: AVX-512, whose 32 registers hold the sixteen
+/// sums and whose `vhaddps` tree reduces four of them to one vector.
+#[inline(always)]
+fn quad_reduce_applies<S: Simd>() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if std::any::TypeId::of::<S>() == std::any::TypeId::of::<pulp::x86::V4>() {
+        return true;
+    }
+    false
+}
+
+/// Scores of four query rows (`r0..r0 + 4`) against four keys (`offs`, columns `c0..c0 + 4`):
+/// sixteen running sums, each K vector widened once for four rows. Each row's four sums reduce
+/// in one `vhaddps` tree and land with one 4-wide store, where [`score_block`] reduced the four
+/// rows of one key and stored them one lane at a time. Every sum is added in the same order as
+/// there, so the scores are bit for bit those of the pair blocks.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn score_block_4x4<S: Simd, E: LoadLanes>(
+    q: &[f32],
+    len: usize,
+    k: &[E],
+    offs: &[usize],
+    head_off: usize,
+    r0: usize,
+    c0: usize,
+    s: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::any::TypeId::of::<S>() == std::any::TypeId::of::<pulp::x86::V4>() {
+        use core::arch::x86_64::*;
+        const LANES: usize = 16;
+        assert!(len.is_multiple_of(LANES) && (r0 + 4) * len <= q.len() && offs.len() == 4);
+        assert!((r0 + 3) * DECODE_TILE + c0 + 4 <= s.len());
+        let k_rows: [*const E; 4] = core::array::from_fn(|c| {
+            let start = offs[c] + head_off;
+            assert!(start + len <= k.len());
+            k[start..].as_ptr()
+        });
+        // SAFETY: V4 guarantees AVX-512F/DQ (and AVX); every read and write is inside the bounds
+        // asserted above; `f32s` is `__m512` bit for bit.
+        unsafe {
+            let qp = q.as_ptr();
+            let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+            let mut i = 0;
+            while i < len {
+                let kv: [__m512; 4] = core::array::from_fn(|c| {
+                    core::mem::transmute_copy::<S::f32s, __m512>(&E::load_lanes::<S>(k_rows[c].add(i)))
+                });
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let qv = _mm512_loadu_ps(qp.add((r0 + r) * len + i));
+                    for (a, &kc) in row.iter_mut().zip(&kv) {
+                        *a = _mm512_fmadd_ps(qv, kc, *a);
+                    }
+                }
+                i += LANES;
+            }
+            let sp = s.as_mut_ptr();
+            for (r, row) in acc.iter().enumerate() {
+                let h: [__m256; 4] = core::array::from_fn(|c| {
+                    _mm256_add_ps(_mm512_castps512_ps256(row[c]), _mm512_extractf32x8_ps::<1>(row[c]))
+                });
+                let t = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+                let sums = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
+                _mm_storeu_ps(sp.add((r0 + r) * DECODE_TILE + c0), sums);
+            }
+            return;
+        }
+    }
+    let _ = (q, len, k, offs, head_off, r0, c0, s);
+    unreachable!("score_block_4x4 runs only where quad_reduce_applies");
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    struct Scores<'a> {
+        q: &'a [f32],
+        k: &'a [half::f16],
+        offs: &'a [usize],
+        by_four: bool,
+    }
+
+    impl pulp::WithSimd for Scores<'_> {
+        type Output = Vec<u32>;
+        fn with_simd<S: Simd>(self, simd: S) -> Vec<u32> {
+            let (heads, group, d) = (2, 8, 64);
+            let mut s = vec![f32::NAN; heads * group * DECODE_TILE];
+            scores_key_major(simd, self.q, self.k, self.offs, &[], (heads, group, d), self.by_four, &mut s);
+            let cols = self.offs.len();
+            (0..heads * group)
+                .flat_map(|r| s[r * DECODE_TILE..r * DECODE_TILE + cols].to_vec())
+                .map(f32::to_bits)
+                .collect()
+        }
+    }
+
+    /// The four-key blocks reduce every sum in the pair blocks' order: a tile's scores are the
+    /// same bits either way, for every tile length (fours, then a pair or a single key).
+    #[test]
+    fn four_key_blocks_give_the_pair_blocks_bits() {
+        let Some(v4) = pulp::x86::V4::try_new() else {
+            eprintln!("skipped: this CPU has no AVX-512, where the four-key blocks run");
+            return;
+        };
+        let (heads, group, d) = (2, 8, 64);
+        let wave = |i: usize, f: f32| ((i as f32) * f).sin();
+        let q: Vec<f32> = (0..heads * group * d).map(|i| wave(i, 0.37)).collect();
+        let rows = 40;
+        let k: Vec<half::f16> = (0..rows * heads * d).map(|i| half::f16::from_f32(wave(i, 0.61))).collect();
+        for cols in [1, 2, 3, 4, 5, 7, 8, 31, 32] {
+            // Keys out of order, as pages are.
+            let offs: Vec<usize> = (0..cols).map(|c| ((c * 7 + 3) % rows) * heads * d).collect();
+            let run = |by_four| pulp::Simd::vectorize(v4, Scores { q: &q, k: &k, offs: &offs, by_four });
+            let (fours, pairs) = (run(true), run(false));
+            assert!(fours.iter().all(|&b| !f32::from_bits(b).is_nan()), "{cols} keys: a score left unwritten");
+            assert_eq!(fours, pairs, "{cols} keys");
+        }
     }
 }
