@@ -160,7 +160,7 @@ fn best_level_is_detected_and_listed() {
 }
 
 /// A sequence's decode output is bit-identical alone and in a batch: the split-K partition depends
-/// on its own length only (`SplitK::Auto` takes fixed chunks), so its keys are reduced in the same
+/// on its own length only (`SplitK::Auto` sizes chunks from it and the thread count), so its keys are reduced in the same
 /// order whatever its neighbours. The engine's "a request's output does not depend on the batch"
 /// rests on this.
 #[test]

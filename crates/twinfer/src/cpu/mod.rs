@@ -101,17 +101,21 @@ const PREFILL_GROUP: usize = 4;
 /// Prompt chunks that start at a multiple of this many tokens are computed row for row as the
 /// whole prompt would be (see [`CpuEngine::prefill`]); the scheduler cuts chunks there.
 pub const PREFILL_ALIGN: usize = PREFILL_ROWS;
-/// Keys per split-K chunk under [`SplitK::Auto`]. Fixed, so that a sequence's keys are reduced in
-/// the same order whatever else is in the batch: a request's output does not depend on its
-/// neighbours (vLLM's batch-invariant kernels use a fixed split size for the same reason). At 256
-/// keys a single 1K-token sequence still spreads over four items.
-const SPLIT_CHUNK: usize = 4 * KV_TILE;
+/// The shortest split-K chunk under [`SplitK::Auto`]: at 256 keys a single 1K-token sequence
+/// still spreads over four items.
+const MIN_SPLIT_CHUNK: usize = 4 * KV_TILE;
+/// Items per sequence that [`SplitK::Auto`] aims for, per worker thread: enough for one long
+/// sequence to keep every thread busy to the end, few enough that each item streams a long run
+/// of keys (an item's first tile is read without prefetch, and each item adds a merge).
+const SPLITS_PER_THREAD: usize = 4;
 
 /// How decode splits long sequences across threads (flash-decoding).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SplitK {
-    /// Split every sequence into chunks of a fixed 256 keys: batch-invariant, and parallel
-    /// enough for one long sequence.
+    /// Split each sequence into chunks sized from its own length and the number of worker
+    /// threads (four items a thread, at least 256 keys each), never from the rest of the batch:
+    /// a sequence's keys are reduced in the same order whatever its neighbours (vLLM's
+    /// batch-invariant kernels fix the split for the same reason).
     Auto,
     /// Never split.
     Off,
@@ -223,10 +227,10 @@ impl CpuEngine {
     ) -> Result<()> {
         let p = Problem::decode(params, input)?;
         p.check_output(out)?;
-        let chunk = self.split_chunk(&p);
         let mut items = Vec::new();
         for b in 0..p.batch {
             let kv_len = p.kv.kv_len(b);
+            let chunk = self.split_chunk(&p, kv_len);
             // All KV heads in one item: pages are read whole and in order, each head's slice
             // once for its whole query group.
             let mut kv0 = 0;
@@ -265,11 +269,13 @@ impl CpuEngine {
         Ok(())
     }
 
-    fn split_chunk(&self, p: &Problem<'_>) -> usize {
+    /// Keys per decode item for a sequence of `kv_len` keys. `Auto` depends on nothing but
+    /// `kv_len` and the machine's thread count, which is what keeps decode batch-invariant.
+    fn split_chunk(&self, p: &Problem<'_>, kv_len: usize) -> usize {
         match self.split_k {
             SplitK::Off => (0..p.batch).map(|b| p.kv.kv_len(b)).max().unwrap_or(0).max(1),
             SplitK::ChunkSize(n) => n.max(1).div_ceil(KV_TILE) * KV_TILE,
-            SplitK::Auto => SPLIT_CHUNK,
+            SplitK::Auto => auto_split_chunk(kv_len, parallel::worker_count()),
         }
     }
 
@@ -287,6 +293,14 @@ impl CpuEngine {
             (o, sc.m.clone())
         })
     }
+}
+
+/// [`SplitK::Auto`]'s chunk: `kv_len` over `SPLITS_PER_THREAD` items a thread, rounded up to
+/// whole tiles, and never below `MIN_SPLIT_CHUNK`. Measured on a 2-core AVX-512 machine at 32K
+/// keys (f16, GQA 32/8): fixed chunks of 256 read 17.5-18.7 GB/s, chunks of 4096 22.1-27.4.
+fn auto_split_chunk(kv_len: usize, threads: usize) -> usize {
+    let items = SPLITS_PER_THREAD * threads.max(1);
+    (kv_len.div_ceil(items).div_ceil(KV_TILE) * KV_TILE).max(MIN_SPLIT_CHUNK)
 }
 
 struct RunItem<'a, 'p> {
@@ -341,6 +355,24 @@ fn write_rows(p: &Problem<'_>, item: &WorkItem, o: &[f32], lse: &[f32], out: &mu
             if let Some(l) = out.lse.as_deref_mut() {
                 l[row0..row0 + group].copy_from_slice(&lse[src..src + group]);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_split_spreads_one_sequence_over_every_thread_in_whole_tiles() {
+        assert_eq!(auto_split_chunk(32768, 2), 4096);
+        assert_eq!(auto_split_chunk(32768, 16), 512);
+        assert_eq!(auto_split_chunk(1000, 2), MIN_SPLIT_CHUNK);
+        assert_eq!(auto_split_chunk(0, 2), MIN_SPLIT_CHUNK);
+        for (len, threads) in [(9000, 2), (40_001, 3), (123_457, 8)] {
+            let chunk = auto_split_chunk(len, threads);
+            assert!(chunk.is_multiple_of(KV_TILE), "{len} keys, {threads} threads: {chunk}");
+            assert!(len.div_ceil(chunk) <= SPLITS_PER_THREAD * threads, "{len} keys, {threads} threads: {chunk}");
         }
     }
 }
