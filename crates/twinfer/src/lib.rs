@@ -14,6 +14,7 @@ pub mod dtype;
 pub mod engine;
 pub mod error;
 pub mod gpu;
+mod huge_pages;
 pub mod kv;
 pub mod model;
 pub mod quant;

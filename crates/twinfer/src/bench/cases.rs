@@ -91,13 +91,15 @@ enum Pool {
 }
 
 impl Pool {
+    /// The pool in memory advised as the engine's own pool is (2-MiB pages where Linux grants them).
     fn new(values: Vec<f16>, dtype: DType) -> Result<Self> {
+        use crate::huge_pages::vec_from;
         match dtype {
-            DType::F16 => Ok(Pool::F16(values)),
-            DType::F32 => Ok(Pool::F32(values.iter().map(|x| x.to_f32()).collect())),
+            DType::F16 => Ok(Pool::F16(vec_from(values.len(), |i| values[i]))),
+            DType::F32 => Ok(Pool::F32(vec_from(values.len(), |i| values[i].to_f32()))),
             DType::Q8 => {
                 let f: Vec<f32> = values.iter().map(|x| x.to_f32()).collect();
-                let (mut codes, mut scales) = (vec![0i8; f.len()], vec![0f32; f.len() / HEAD_DIM]);
+                let (mut codes, mut scales) = (vec_from(f.len(), |_| 0i8), vec_from(f.len() / HEAD_DIM, |_| 0f32));
                 crate::dtype::quantize_q8(&f, HEAD_DIM, &mut codes, &mut scales);
                 Ok(Pool::Q8(codes, scales))
             }

@@ -37,7 +37,8 @@ impl pulp::WithSimd for SumAll<'_> {
 /// Streaming read bandwidth in GB/s over `bytes`, split across all worker threads.
 pub fn read_bandwidth(level: SimdLevel, bytes: usize, runs: usize) -> Stats {
     let n = bytes / 4;
-    let data: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+    // In memory advised as the KV pool is, so that decode's percentages compare like with like.
+    let data: Vec<f32> = crate::huge_pages::vec_from(n, |i| (i % 7) as f32);
     let parts = crate::cpu::worker_count().max(1);
     let chunk = n.div_ceil(parts);
     let secs = time_runs(runs, || {
@@ -81,7 +82,7 @@ const ROWS_AHEAD: usize = 32;
 pub fn random_row_bandwidth(level: SimdLevel, bytes: usize, row_bytes: usize, runs: usize) -> Stats {
     let row = (row_bytes / 4).max(1);
     let rows = (bytes / 4 / row).max(1);
-    let data: Vec<f32> = (0..rows * row).map(|i| (i % 7) as f32).collect();
+    let data: Vec<f32> = crate::huge_pages::vec_from(rows * row, |i| (i % 7) as f32);
     let order = shuffled_rows(rows);
     let parts = crate::cpu::worker_count().max(1);
     let per = rows.div_ceil(parts);

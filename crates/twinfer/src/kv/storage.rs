@@ -108,5 +108,8 @@ fn zeroed<T: ZeroBits>(len: usize) -> Result<Vec<T>> {
     }
     // SAFETY: `ptr` was allocated by the global allocator with the layout of `[T; len]`, and
     // all-zero bits are a valid `T` (ZeroBits), so all `len` elements are initialised.
-    Ok(unsafe { Vec::from_raw_parts(ptr, len, len) })
+    let mut pool = unsafe { Vec::from_raw_parts(ptr, len, len) };
+    // Still untouched: the first writes map 2-MiB pages where the OS grants them.
+    crate::huge_pages::advise(&mut pool);
+    Ok(pool)
 }
