@@ -88,7 +88,7 @@ enum BenchWhat {
         tensor_core_prefill: bool,
         /// Measure only these shapes: `prefill:LEN`, `prefill-bf16:LEN` (bf16 K/V, CPU),
         /// `decode:BATCH:CTX[:PAGE]` (f16 KV, pages of 16
-        /// unless PAGE; other sizes on the CPU only), `decode-f32:...` (CPU), `decode-q8:...` (int8 KV),
+        /// unless PAGE; other sizes on the CPU only), `decode-f32:...` and `decode-bf16:...` (CPU), `decode-q8:...` (int8 KV),
         /// or a projection `linear:ROWS:N:K` (f16 weights) or
         /// `linear-FORMAT:ROWS:N:K` (f32, bf16, q8_0, q4_0, q4_1, q5_0, q5_1); repeatable. On the GPU a
         /// projection of at most 64 rows is a GEMV, rated by the weight bytes it reads.

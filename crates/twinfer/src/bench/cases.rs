@@ -86,6 +86,7 @@ pub fn decode_paged_bytes(batch: usize, ctx: usize) -> f64 {
 enum Pool {
     F16(Vec<f16>),
     F32(Vec<f32>),
+    BF16(Vec<half::bf16>),
     /// int8 codes and a scale per row of a head.
     Q8(Vec<i8>, Vec<f32>),
 }
@@ -97,19 +98,20 @@ impl Pool {
         match dtype {
             DType::F16 => Ok(Pool::F16(vec_from(values.len(), |i| values[i]))),
             DType::F32 => Ok(Pool::F32(vec_from(values.len(), |i| values[i].to_f32()))),
+            DType::BF16 => Ok(Pool::BF16(vec_from(values.len(), |i| half::bf16::from_f32(values[i].to_f32())))),
             DType::Q8 => {
                 let f: Vec<f32> = values.iter().map(|x| x.to_f32()).collect();
                 let (mut codes, mut scales) = (vec_from(f.len(), |_| 0i8), vec_from(f.len() / HEAD_DIM, |_| 0f32));
                 crate::dtype::quantize_q8(&f, HEAD_DIM, &mut codes, &mut scales);
                 Ok(Pool::Q8(codes, scales))
             }
-            other => Err(TwinferError::DtypeUnsupported { what: "decode benchmark KV", dtype: other }),
         }
     }
     fn tensor(&self) -> TensorRef<'_> {
         match self {
             Pool::F16(v) => v[..].into(),
             Pool::F32(v) => v[..].into(),
+            Pool::BF16(v) => v[..].into(),
             Pool::Q8(codes, scales) => TensorRef::Q8(crate::dtype::Q8Ref { codes, scales, group: HEAD_DIM }),
         }
     }
@@ -222,7 +224,7 @@ impl DecodePaged {
         Self::with_kv_dtype(batch, ctx, DType::F16)
     }
 
-    /// The same case with the KV pool stored as `dtype` (f16, f32, or q8 quantized from them).
+    /// The same case with the KV pool stored as `dtype` (f16, f32, bf16, or q8 quantized from them).
     pub fn with_kv_dtype(batch: usize, ctx: usize, dtype: DType) -> Result<Self> {
         Self::with_pages(batch, ctx, dtype, PAGE_SIZE)
     }

@@ -96,7 +96,7 @@ pub fn run_gpu_kernels(engine: &GpuEngine, scope: Scope, only: Option<&[Case]>) 
 
 /// Refuses the cases the GPU benchmark cannot run (it stores decode KV as f16 or int8).
 pub fn check_gpu_cases(cases: &[Case]) -> Result<()> {
-    if let Some(bad) = cases.iter().find(|c| matches!(c, Case::Decode { dtype: DType::F32, .. })) {
+    if let Some(bad) = cases.iter().find(|c| matches!(c, Case::Decode { dtype: DType::F32 | DType::BF16, .. })) {
         return Err(TwinferError::InvalidParameter(format!(
             "{bad:?}: the GPU decode benchmark stores its KV as f16 or int8; use decode:BATCH:CTX or decode-q8:BATCH:CTX"
         )));

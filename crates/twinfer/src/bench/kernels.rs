@@ -75,7 +75,7 @@ impl KernelReport {
     }
 }
 
-/// One shape to measure: `prefill:LEN` (f16 K/V), `prefill-bf16:LEN` (CPU), `decode:BATCH:CTX` (f16 KV), `decode-f32:BATCH:CTX`,
+/// One shape to measure: `prefill:LEN` (f16 K/V), `prefill-bf16:LEN` (CPU), `decode:BATCH:CTX` (f16 KV), `decode-f32:BATCH:CTX`, `decode-bf16:BATCH:CTX`,
 /// `decode-q8:BATCH:CTX` (each with an optional `:PAGE`, tokens per page), `linear:ROWS:N:K` (f16 weights) or `linear-FORMAT:ROWS:N:K` (`f32`,
 /// `bf16`, or a block format such as `q4_1`) on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,7 +114,7 @@ impl FromStr for Case {
         let bad = || {
             TwinferError::InvalidParameter(format!(
                 "case {s:?}: prefill:LEN, prefill-bf16:LEN, decode:BATCH:CTX[:PAGE], decode-f32:BATCH:CTX[:PAGE], \
-                 decode-q8:BATCH:CTX[:PAGE] (PAGE: tokens per page, 1..=256, default 16), linear:ROWS:N:K or linear-FORMAT:ROWS:N:K (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1)"
+                 decode-bf16:BATCH:CTX[:PAGE], decode-q8:BATCH:CTX[:PAGE] (PAGE: tokens per page, 1..=256, default 16), linear:ROWS:N:K or linear-FORMAT:ROWS:N:K (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1)"
             ))
         };
         let num = |x: &str| x.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(bad);
@@ -125,6 +125,7 @@ impl FromStr for Case {
                 let dtype = match *kind {
                     "decode" => DType::F16,
                     "decode-f32" => DType::F32,
+                    "decode-bf16" => DType::BF16,
                     "decode-q8" => DType::Q8,
                     _ => return Err(bad()),
                 };
@@ -240,7 +241,8 @@ mod tests {
         assert_eq!(parse("decode:8:4096:1").unwrap(), decode(DType::F16, 1));
         assert_eq!(parse("decode-f32:8:4096:64").unwrap(), decode(DType::F32, 64));
         assert_eq!(parse("decode-q8:8:4096:256").unwrap(), decode(DType::Q8, 256));
-        for bad in ["decode:8:4096:0", "decode:8:4096:257", "decode:8:4096:1:1", "decode-bf16:8:4096", "decode:8"] {
+        assert_eq!(parse("decode-bf16:8:4096").unwrap(), decode(DType::BF16, 16));
+        for bad in ["decode:8:4096:0", "decode:8:4096:257", "decode:8:4096:1:1", "decode-f64:8:4096", "decode:8"] {
             assert!(matches!(parse(bad), Err(TwinferError::InvalidParameter(_))), "{bad}");
         }
     }
@@ -249,7 +251,7 @@ mod tests {
     fn the_gpu_benchmark_refuses_what_it_cannot_time() {
         let case = |s: &str| s.parse::<Case>().unwrap();
         assert!(super::super::gpu::check_gpu_cases(&[case("decode:1:1024"), case("decode-q8:8:4096:16")]).is_ok());
-        for bad in ["decode:1:1024:1", "decode-f32:1:1024"] {
+        for bad in ["decode:1:1024:1", "decode-f32:1:1024", "decode-bf16:1:1024"] {
             assert!(super::super::gpu::check_gpu_cases(&[case(bad)]).is_err(), "{bad}");
         }
     }
