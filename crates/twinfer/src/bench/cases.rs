@@ -392,6 +392,8 @@ pub struct LinearCase {
     w32: Vec<f32>,
     wb16: Vec<half::bf16>,
     packed: Option<crate::quant::PackedQuant>,
+    /// bf16 weights' panels, made on the first run (`Some(None)`: the level takes none).
+    bf16_panels: Option<Option<crate::cpu::Bf16Panels>>,
     y: Vec<f32>,
 }
 
@@ -407,7 +409,7 @@ impl LinearCase {
             LinearWeights::Quant(format) => Some(PackedQuant::from_rows(&QuantRows::quantize(format, &w32, n, k)?)?),
             _ => None,
         };
-        Ok(Self { rows, n, k, weights, x, w16, w32, wb16, packed, y: vec![f32::NAN; rows * n] })
+        Ok(Self { rows, n, k, weights, x, w16, w32, wb16, packed, bf16_panels: None, y: vec![f32::NAN; rows * n] })
     }
 
     /// The report's name: `linear FORMAT ROWSxNxK`.
@@ -429,7 +431,14 @@ impl LinearCase {
                 crate::cpu::linear(level, &self.x, rows, TensorRef::F32(&self.w32), n, k, None, &mut self.y)
             }
             (None, LinearWeights::BF16) => {
-                crate::cpu::linear(level, &self.x, rows, TensorRef::BF16(&self.wb16), n, k, None, &mut self.y)
+                // Packed once, as a model keeps its bf16 weights where the level has bf16 dot
+                // products (the first run, a warm-up, makes them).
+                let w = [TensorRef::BF16(&self.wb16)];
+                if self.bf16_panels.is_none() {
+                    self.bf16_panels = Some(crate::cpu::Bf16Panels::pack(level, &w, k));
+                }
+                let panels = self.bf16_panels.as_ref().and_then(|p| p.as_ref());
+                crate::cpu::linear_parts_packed(level, &self.x, rows, &w, panels, k, None, &mut self.y)
             }
             (None, _) => crate::cpu::linear(level, &self.x, rows, TensorRef::F16(&self.w16), n, k, None, &mut self.y),
         }

@@ -49,7 +49,7 @@ mod qdot;
 mod simd_level;
 mod softmax;
 
-pub use linear::{linear, linear_parts};
+pub use linear::{Bf16Panels, linear, linear_parts, linear_parts_packed};
 
 /// The threaded wasm build's pool size (the calling thread included), set before the first model
 /// call: that build cannot start threads itself, so JavaScript starts `threads - 1` Web Workers on

@@ -3,9 +3,9 @@
 //! uploaded on first use and stay resident (one copy per device, shared by clones of the model).
 //! Block-quantized weights stay quantized there too, decoded in the kernels' registers.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::cpu::{SimdLevel, linear_parts, linear_quant_parts};
+use crate::cpu::{Bf16Panels, SimdLevel, linear_parts_packed, linear_quant_parts};
 use crate::dtype::TensorRef;
 use crate::error::{Result, TwinferError};
 use crate::gpu::{DEFAULT_MAX_WEIGHT_BUFFER, GpuEngine, GpuLinear};
@@ -27,11 +27,20 @@ pub struct Linear {
     pub k: usize,
     /// The weights' copies on GPU devices, made on first use there.
     pub device: DeviceCopies,
+    /// bf16 weights packed for the CPU's bf16 dot products, made on first use there.
+    pub cpu: CpuPanels,
 }
 
 /// A projection's resident copies, one per live device (a prefill and a decode engine may be two).
 #[derive(Debug, Clone, Default)]
 pub struct DeviceCopies(Arc<Mutex<Vec<Arc<GpuLinear>>>>);
+
+/// A projection's bf16 weights packed for AVX512-BF16 ([`Bf16Panels`]): made on the first CPU
+/// product that can use them and kept beside the weights (as many bytes again), shared by clones
+/// of the model. Without them each call would pack its weights again, which a decode step cannot
+/// afford.
+#[derive(Debug, Clone, Default)]
+pub struct CpuPanels(Arc<OnceLock<Option<Bf16Panels>>>);
 
 impl Linear {
     /// `{name}.weight` of shape `[n, k]` and, with `bias`, `{name}.bias` of shape `[n]`.
@@ -43,7 +52,7 @@ impl Linear {
 
     /// A projection over weights already loaded (a tied LM head shares the embeddings).
     pub fn new(w: Arc<WeightData>, bias: Option<Vec<f32>>, n: usize, k: usize) -> Self {
-        Self { parts: vec![w], bias, n, k, device: DeviceCopies::default() }
+        Self { parts: vec![w], bias, n, k, device: DeviceCopies::default(), cpu: CpuPanels::default() }
     }
 
     /// Several projections of the same input stacked into one (q, k, v; gate, up), so the input is
@@ -68,7 +77,14 @@ impl Linear {
             }
         }
         let blocks = parts.iter().flat_map(|p| p.parts.iter().cloned()).collect();
-        Ok(Self { parts: blocks, bias: has_bias.then_some(bias), n, k, device: DeviceCopies::default() })
+        Ok(Self {
+            parts: blocks,
+            bias: has_bias.then_some(bias),
+            n,
+            k,
+            device: DeviceCopies::default(),
+            cpu: CpuPanels::default(),
+        })
     }
 
     /// The weights' float dtype, or `None` when they are block-quantized.
@@ -130,7 +146,14 @@ impl Linear {
         let parts = self
             .weight_parts()
             .ok_or_else(|| TwinferError::InvalidParameter("a projection mixes float and quantized weights".into()))?;
-        linear_parts(level, x, rows, &parts, self.k, self.bias.as_deref(), y)
+        // Packed only where the level has bf16 dot products: what is cached then does not
+        // depend on the level that asked first.
+        let packed = if self.dtype() == Some(crate::DType::BF16) && level.bf16_dot() {
+            self.cpu.0.get_or_init(|| Bf16Panels::pack(level, &parts, self.k)).as_ref()
+        } else {
+            None
+        };
+        linear_parts_packed(level, x, rows, &parts, packed, self.k, self.bias.as_deref(), y)
     }
 
     /// [`Linear::forward`] on `gpu` when given (awaiting the readback), else on the CPU. A lost

@@ -76,7 +76,14 @@ impl Linear {
     /// parts stay apart, block-quantized weights stay as they are.
     pub fn in_bf16(&self) -> Self {
         let parts = self.parts.iter().map(in_bf16).collect();
-        Self { parts, bias: self.bias.clone(), n: self.n, k: self.k, device: Default::default() }
+        Self {
+            parts,
+            bias: self.bias.clone(),
+            n: self.n,
+            k: self.k,
+            device: Default::default(),
+            cpu: Default::default(),
+        }
     }
 }
 

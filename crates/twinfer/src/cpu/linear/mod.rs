@@ -47,6 +47,8 @@ const L2_ROW_BYTES: usize = 256 << 10;
 pub(crate) mod bf16;
 #[cfg(target_arch = "x86_64")]
 mod bf16_dot;
+#[cfg(target_arch = "x86_64")]
+mod bf16_packed;
 mod reduce;
 
 /// Checks shapes and runs the product on `level`.
@@ -76,6 +78,106 @@ pub fn linear_parts(
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) -> Result<()> {
+    linear_parts_packed(level, x, rows, parts, None, k, bias, y)
+}
+
+/// bf16 weight parts packed once for the bf16 dot products (AVX512-BF16), as the model keeps
+/// them beside its weights: a decode row then reads a panel as it streams in, where packing
+/// per call costs more than the product ([`linear_parts_packed`]). The arithmetic is that of
+/// the parts packed per call, bit for bit.
+pub struct Bf16Panels {
+    k: usize,
+    parts_n: Vec<usize>,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    words: Vec<u32>,
+}
+
+impl Bf16Panels {
+    /// The panels of `parts` (rows of `k`), or `None` where `level` has no bf16 dot products,
+    /// a part is not bf16, or `k` is odd (the kernels that take odd widths read rows in place).
+    pub fn pack(level: SimdLevel, parts: &[TensorRef<'_>], k: usize) -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !bf16::has_dot(level) || k == 0 || !bf16_packed::applies(k) {
+                return None;
+            }
+            let rows: Vec<&[half::bf16]> = parts
+                .iter()
+                .map(|p| match p {
+                    TensorRef::BF16(w) if w.len().is_multiple_of(k) => Some(*w),
+                    _ => None,
+                })
+                .collect::<Option<_>>()?;
+            let parts_n: Vec<usize> = rows.iter().map(|w| w.len() / k).collect();
+            let per_task = bf16_packed::panel_words(k);
+            let tasks: usize = parts_n.iter().map(|n| n.div_ceil(COLS_PER_TASK)).sum();
+            let mut words = crate::huge_pages::vec_from(tasks * per_task, |_| 0u32);
+            let mut panels = words.chunks_exact_mut(per_task);
+            for (w, &n) in rows.iter().zip(&parts_n) {
+                for c0 in (0..n).step_by(COLS_PER_TASK) {
+                    let task = &w[c0 * k..(c0 + COLS_PER_TASK).min(n) * k];
+                    let panel = panels.next().expect("one panel per task");
+                    // SAFETY: the level has AVX512-BF16 (has_dot), with AVX-512 F and BW.
+                    unsafe { bf16_packed::pack(task, k, panel) };
+                }
+            }
+            Some(Self { k, parts_n, words })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (level, parts, k);
+            None
+        }
+    }
+
+    /// Whether these are the panels of parts of these sizes.
+    fn fits(&self, parts: &[TensorRef<'_>], k: usize) -> bool {
+        self.k == k
+            && parts.len() == self.parts_n.len()
+            && parts.iter().zip(&self.parts_n).all(|(p, &n)| p.len() == n * k)
+    }
+
+    /// Task `t`'s panel, in the order [`linear_parts_packed`] numbers its tasks.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn task(&self, t: usize) -> &[u32] {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let per_task = bf16_packed::panel_words(self.k);
+            &self.words[t * per_task..(t + 1) * per_task]
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = t;
+            &[]
+        }
+    }
+}
+
+/// The sizes only: the panels are megabytes of numbers nobody wants in a log.
+impl std::fmt::Debug for Bf16Panels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bf16Panels(k {}, parts {:?})", self.k, self.parts_n)
+    }
+}
+
+/// [`linear_parts`] with the bf16 parts' [`Bf16Panels`] where the caller keeps them (they must
+/// be these parts' panels, made at this `k`).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_parts_packed(
+    level: SimdLevel,
+    x: &[f32],
+    rows: usize,
+    parts: &[TensorRef<'_>],
+    packed: Option<&Bf16Panels>,
+    k: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) -> Result<()> {
+    if let Some(p) = packed
+        && !p.fits(parts, k)
+    {
+        return Err(TwinferError::InvalidParameter(format!("linear: {p:?} are not the panels of these weights")));
+    }
     if k == 0 {
         return Err(TwinferError::InvalidParameter("linear: k must be at least 1".into()));
     }
@@ -96,13 +198,14 @@ pub fn linear_parts(
     if let Some(b) = bias {
         check_len("linear bias ([n])", n, b.len())?;
     }
-    // (part, its first output column, the part's columns of this task)
+    // (part, its first output column, the part's columns of this task, the task's number)
     let mut col_tasks = Vec::new();
     let mut col0 = 0;
     for (p, part) in parts.iter().enumerate() {
         let part_n = part.len() / k;
         for t in 0..part_n.div_ceil(COLS_PER_TASK) {
-            col_tasks.push((p, col0, t * COLS_PER_TASK..((t + 1) * COLS_PER_TASK).min(part_n)));
+            let number = col_tasks.len();
+            col_tasks.push((p, col0, t * COLS_PER_TASK..((t + 1) * COLS_PER_TASK).min(part_n), number));
         }
         col0 += part_n;
     }
@@ -149,12 +252,14 @@ pub fn linear_parts(
         &[]
     };
     let out = OutPtr(y.as_mut_ptr());
-    let task = |(row_range, (p, col0, cols)): &(std::ops::Range<usize>, (usize, usize, std::ops::Range<usize>))| {
+    type ColTask = (usize, usize, std::ops::Range<usize>, usize);
+    let task = |(row_range, (p, col0, cols, number)): &(std::ops::Range<usize>, ColTask)| {
         let elements = row_range.start * k..row_range.end * k;
         let is_bf16 = parts[*p].dtype() == crate::DType::BF16;
         let chunk = Chunk {
             x: if is_bf16 && !bf16_dot { &x_rounded[elements.clone()] } else { &x[elements.clone()] },
             x_bf16: (is_bf16 && bf16_dot).then(|| &x_bits[elements]),
+            panel: packed.filter(|_| is_bf16 && bf16_dot).map(|p| p.task(*number)),
             rows: row_range.len(),
             w: parts[*p],
             k,
@@ -201,6 +306,9 @@ struct Chunk<'a> {
     /// (always `None` off x86-64, where no level has them).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     x_bf16: Option<&'a [u16]>,
+    /// This task's packed bf16 weights, where the caller keeps them.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    panel: Option<&'a [u32]>,
     rows: usize,
     /// One row block of the weights; its row `c` is output column `col0 + c`.
     w: TensorRef<'a>,
@@ -245,6 +353,9 @@ thread_local! {
     /// while in use).
     static X_BF16: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
     static X_ROUNDED: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// The calling thread's panel of packed bf16 weight pairs (taken while in use).
+    #[cfg(target_arch = "x86_64")]
+    static PACKED: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
 }
 
 /// `len` elements of `buf` that start on a 64-byte boundary: a vector load that straddles two
@@ -326,12 +437,37 @@ impl Chunk<'_> {
         }
     }
 
-    /// bf16 weights times bf16 activations in bf16 dot products, the weights read where they
-    /// are: decode rows in the blocks of [`Chunk::run_direct`], a prompt chunk's in those of
-    /// [`Chunk::run_panel`] (no panel: nothing to widen).
+    /// bf16 weights times bf16 activations in bf16 dot products: through a packed panel
+    /// ([`bf16_packed`]) where rows are of even width, every row count alike; else with the
+    /// weights read where they are, decode rows in the blocks of [`Chunk::run_direct`] and a
+    /// prompt chunk's in those of [`Chunk::run_panel`].
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     fn run_bf16_dot(&self, x: &[u16], w: &[half::bf16]) {
+        const { assert!(COLS_PER_TASK <= bf16_packed::VECTORS * 16) };
+        if bf16_packed::applies(self.k) {
+            assert!(bf16_dot::detected(), "bf16 dot products on a CPU without AVX512-BF16");
+            let (first, last) = (self.col0 + self.cols.start, self.col0 + self.cols.end);
+            let out = bf16_packed::Out { ptr: self.out.0, n: self.n, col: first };
+            assert!(last <= self.n);
+            let bias = self.bias.map(|b| &b[first..last]);
+            let cols = self.cols.len();
+            // SAFETY (both calls): AVX512-BF16 is present (above; AVX-512 F and BW with the
+            // level that takes this path); the task's rows of the output, columns first..last,
+            // are its own.
+            if let Some(panel) = self.panel {
+                unsafe { bf16_packed::product(x, self.rows, panel, self.k, cols, bias, &out) };
+                return;
+            }
+            let mut buf = PACKED.take();
+            buf.resize(bf16_packed::panel_words(self.k), 0);
+            unsafe {
+                bf16_packed::pack(&w[self.cols.start * self.k..self.cols.end * self.k], self.k, &mut buf);
+                bf16_packed::product(x, self.rows, &buf, self.k, cols, bias, &out);
+            }
+            PACKED.set(buf);
+            return;
+        }
         let dot = bf16_dot::Bf16Dot::new(x, w, self.k);
         if self.gemm {
             self.run::<_, GEMM_ROWS, false>(&dot, self.cols.clone(), self.col0);

@@ -141,3 +141,41 @@ fn bf16_weights_stay_within_a_bf16_rounding_of_f32_activations() {
         assert!(largest > 1e-5, "{level}: {largest:e}");
     }
 }
+
+/// bf16 parts packed once give the bits of the same parts packed per call, a row alone as in a
+/// batch, stacked parts (a partial last task) included; panels of other weights are refused.
+#[test]
+fn packed_bf16_panels_give_the_bits_of_packing_per_call() {
+    let (k, sizes) = (96, [70, 3, 128]);
+    let n: usize = sizes.iter().sum();
+    let parts16: Vec<Vec<half::bf16>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &m)| data(m * k, 30 + i as u32).iter().map(|&v| half::bf16::from_f32(v)).collect())
+        .collect();
+    let parts: Vec<TensorRef<'_>> = parts16.iter().map(|p| TensorRef::BF16(p)).collect();
+    let bias = data(n, 33);
+    for level in SimdLevel::available() {
+        let Some(panels) = Bf16Panels::pack(level, &parts, k) else {
+            assert!(!bf16::has_dot(level), "{level}: no panels where bf16 dot products run");
+            continue;
+        };
+        for rows in [1, 5, 40] {
+            let x = data(rows * k, 34);
+            let mut per_call = vec![f32::NAN; rows * n];
+            linear_parts(level, &x, rows, &parts, k, Some(&bias), &mut per_call).unwrap();
+            let mut packed = vec![f32::NAN; rows * n];
+            linear_parts_packed(level, &x, rows, &parts, Some(&panels), k, Some(&bias), &mut packed).unwrap();
+            assert_eq!(packed, per_call, "{level}: {rows} rows");
+        }
+        let e =
+            linear_parts_packed(level, &[0.0; 96], 1, &parts[..2], Some(&panels), k, None, &mut [0.0; 73]).unwrap_err();
+        assert!(matches!(e, TwinferError::InvalidParameter(_)), "{e}");
+    }
+    // Odd widths and other dtypes have no panels.
+    let odd: Vec<half::bf16> = vec![half::bf16::ONE; 3 * 5];
+    for level in SimdLevel::available() {
+        assert!(Bf16Panels::pack(level, &[TensorRef::BF16(&odd)], 5).is_none());
+        assert!(Bf16Panels::pack(level, &[TensorRef::F32(&[0.0; 10])], 5).is_none());
+    }
+}
