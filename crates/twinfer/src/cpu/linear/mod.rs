@@ -3,8 +3,9 @@
 //!
 //! Every output element is one dot product whose arithmetic does not depend on how many rows
 //! are in the batch or which block it lands in: lane-wise FMAs over `k` in order, the same
-//! horizontal sum, the same scalar tail. So a sequence's logits are bit-identical whether it runs
-//! alone or among 64 others, which continuous batching relies on.
+//! horizontal sum, the same scalar tail (bf16 weights on AVX512-BF16: one lane over the pairs of
+//! `k` in order, no horizontal sum, see `bf16_packed`). So a sequence's logits are bit-identical
+//! whether it runs alone or among 64 others, which continuous batching relies on.
 //!
 //! Work: chunks of `COLS_PER_TASK` output features go to the worker threads; inside a chunk, a
 //! block of 4 rows of `x` stays in L1 while the chunk's weight rows stream past it from L2, in
