@@ -1,6 +1,6 @@
 //! `y = x · Wᵀ + b` with `W` block-quantized ([`PackedQuant`]): `x` is `[rows, k]` f32, `y` is
-//! `[rows, n]`. The activations are quantized per block of 32 first, to 16-bit codes (see
-//! [`QuantizedRows`]), then each tile of 16 features meets them in integer dot products
+//! `[rows, n]`. The activations are quantized per block of 32 first, to 16-bit codes or, when the
+//! caller trades accuracy for speed, 8-bit ones (see [`QuantizedRows`], [`ActivationCodes`]), then each tile of 16 features meets them in integer dot products
 //! ([`crate::cpu::qdot`]): 4-bit codes never become floats, and a block's sum is scaled once (once
 //! per half for Q6_K).
 //!
@@ -12,7 +12,7 @@
 use std::cell::RefCell;
 
 use crate::cpu::SimdLevel;
-use crate::cpu::qdot::{MAX_ROWS, QuantizedRows, TileRef, tile_rows};
+use crate::cpu::qdot::{ActivationCodes, MAX_ROWS, QuantizedRows, TileRef, tile_rows};
 use crate::error::{Result, TwinferError, check_len};
 use crate::quant::{BLOCK, PackedQuant, TILE};
 
@@ -29,16 +29,17 @@ thread_local! {
     static ACTIVATIONS: RefCell<QuantizedRows> = RefCell::new(QuantizedRows::default());
 }
 
-/// Checks shapes and runs the product on `level`.
+/// Checks shapes and runs the product on `level`, with the activations quantized to `codes`.
 pub fn linear_quant(
     level: SimdLevel,
+    codes: ActivationCodes,
     x: &[f32],
     rows: usize,
     w: &PackedQuant,
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) -> Result<()> {
-    linear_quant_parts(level, x, rows, &[w], bias, y)
+    linear_quant_parts(level, codes, x, rows, &[w], bias, y)
 }
 
 /// [`linear_quant`] over a weight matrix stored as row blocks `parts` (each `[n_i, k]`, stacked in
@@ -47,6 +48,7 @@ pub fn linear_quant(
 /// [`linear_quant`].
 pub fn linear_quant_parts(
     level: SimdLevel,
+    codes: ActivationCodes,
     x: &[f32],
     rows: usize,
     parts: &[&PackedQuant],
@@ -67,15 +69,17 @@ pub fn linear_quant_parts(
         return Err(TwinferError::InvalidParameter(format!("quantized linear: k = {k} is not a multiple of {BLOCK}")));
     }
     ACTIVATIONS.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut acts) => run(level, x, rows, parts, bias, y, &mut acts),
+        Ok(mut acts) => run(level, codes, x, rows, parts, bias, y, &mut acts),
         // Re-entered on this thread (a nested pool call): use private buffers.
-        Err(_) => run(level, x, rows, parts, bias, y, &mut QuantizedRows::default()),
+        Err(_) => run(level, codes, x, rows, parts, bias, y, &mut QuantizedRows::default()),
     });
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run(
     level: SimdLevel,
+    codes: ActivationCodes,
     x: &[f32],
     rows: usize,
     parts: &[&PackedQuant],
@@ -84,7 +88,7 @@ fn run(
     acts: &mut QuantizedRows,
 ) {
     let k = parts[0].k;
-    acts.quantize(level, x, rows, k);
+    acts.quantize(level, codes, x, rows, k);
     let acts = &*acts;
     let n: usize = parts.iter().map(|p| p.n).sum();
     // (part, its first output feature, the part's tiles of this task)
@@ -188,7 +192,8 @@ mod tests {
     fn matches_f64_within_the_activation_rounding_on_every_level_and_is_batch_invariant() {
         let legacy = [(1, 3, 32), (7, 70, 96), (5, 130, 64), (2, 64, 576), (9, 16, 128), (33, 20, 64)];
         let k_quant = [(1, 3, 256), (7, 70, 512), (2, 64, 768), (33, 20, 256)];
-        for format in QuantFormat::ALL {
+        let codes_of_each = [ActivationCodes::Int16, ActivationCodes::Int8];
+        for (format, codes) in QuantFormat::ALL.into_iter().flat_map(|f| codes_of_each.map(|c| (f, c))) {
             let shapes: &[(usize, usize, usize)] = if format.can_quantize() { &legacy } else { &k_quant };
             for &(rows, n, k) in shapes {
                 // Scale the rows apart so blocks differ in dx.
@@ -203,12 +208,12 @@ mod tests {
                 let bias = data(n, 3);
                 let minimum = |c: usize, blk: usize| packed.block_minimum(c, blk) as f64;
                 let mut acts = QuantizedRows::default();
-                acts.quantize(SimdLevel::Scalar, &x, rows, k);
+                acts.quantize(SimdLevel::Scalar, codes, &x, rows, k);
                 let nb = k / BLOCK;
                 let mut scalar_bits: Option<Vec<u32>> = None;
                 for level in SimdLevel::available() {
                     let mut y = vec![f32::NAN; rows * n];
-                    linear_quant(level, &x, rows, &packed, Some(&bias), &mut y).unwrap();
+                    linear_quant(level, codes, &x, rows, &packed, Some(&bias), &mut y).unwrap();
                     for r in 0..rows {
                         for c in 0..n {
                             let w = |j: usize| reference[c * k + j] as f64;
@@ -230,7 +235,7 @@ mod tests {
                                 ((3 * format.halves() + 1) * nb + 2) as f64 * f32::EPSILON as f64 * magnitude;
                             assert!(
                                 (got - exact).abs() <= rounding,
-                                "{level} {format:?} {rows}x{n}x{k} [{r},{c}]: {got} vs {exact} (bound {rounding:e})"
+                                "{level} {format:?} {codes:?} {rows}x{n}x{k} [{r},{c}]: {got} vs {exact} (bound {rounding:e})"
                             );
                             let true_dot: f64 =
                                 (0..k).map(|j| w(j) * x[r * k + j] as f64).sum::<f64>() + bias[c] as f64;
@@ -247,12 +252,13 @@ mod tests {
                                 .sum();
                             assert!(
                                 (got - true_dot).abs() <= step + rounding,
-                                "{level} {format:?} [{r},{c}]: {got} vs {true_dot}: more than the activations' rounding {step:e}"
+                                "{level} {format:?} {codes:?} [{r},{c}]: {got} vs {true_dot}: more than the activations' rounding {step:e}"
                             );
                         }
                         let mut alone = vec![f32::NAN; n];
-                        linear_quant(level, &x[r * k..(r + 1) * k], 1, &packed, Some(&bias), &mut alone).unwrap();
-                        assert_eq!(alone, y[r * n..(r + 1) * n], "{level} {format:?}: row {r} of {rows}");
+                        linear_quant(level, codes, &x[r * k..(r + 1) * k], 1, &packed, Some(&bias), &mut alone)
+                            .unwrap();
+                        assert_eq!(alone, y[r * n..(r + 1) * n], "{level} {format:?} {codes:?}: row {r} of {rows}");
                     }
                     #[cfg(not(target_arch = "wasm32"))]
                     {
@@ -260,7 +266,10 @@ mod tests {
                         match &scalar_bits {
                             None => scalar_bits = Some(bits),
                             Some(s) => {
-                                assert!(s == &bits, "{level} {format:?} {rows}x{n}x{k}: differs from the scalar level")
+                                assert!(
+                                    s == &bits,
+                                    "{level} {format:?} {codes:?} {rows}x{n}x{k}: differs from the scalar level"
+                                )
                             }
                         }
                     }
@@ -282,10 +291,11 @@ mod tests {
         let bias = data(53, 3);
         for level in SimdLevel::available() {
             let mut both = vec![f32::NAN; rows * 53];
-            linear_quant_parts(level, &x, rows, &[&a, &b], Some(&bias), &mut both).unwrap();
+            let codes = ActivationCodes::Int16;
+            linear_quant_parts(level, codes, &x, rows, &[&a, &b], Some(&bias), &mut both).unwrap();
             let (mut ya, mut yb) = (vec![f32::NAN; rows * 13], vec![f32::NAN; rows * 40]);
-            linear_quant(level, &x, rows, &a, Some(&bias[..13]), &mut ya).unwrap();
-            linear_quant(level, &x, rows, &b, Some(&bias[13..]), &mut yb).unwrap();
+            linear_quant(level, codes, &x, rows, &a, Some(&bias[..13]), &mut ya).unwrap();
+            linear_quant(level, codes, &x, rows, &b, Some(&bias[13..]), &mut yb).unwrap();
             for r in 0..rows {
                 assert_eq!(&both[r * 53..r * 53 + 13], &ya[r * 13..(r + 1) * 13], "{level}: row {r}, first part");
                 assert_eq!(
@@ -302,13 +312,14 @@ mod tests {
         let rows_q = QuantRows::quantize(QuantFormat::Q4_1, &data(16 * 64, 2), 16, 64).unwrap();
         let packed = PackedQuant::from_rows(&rows_q).unwrap();
         for level in SimdLevel::available() {
-            for bad in [f32::NAN, f32::INFINITY] {
+            let codes_of_each = [ActivationCodes::Int16, ActivationCodes::Int8];
+            for (bad, codes) in [f32::NAN, f32::INFINITY].into_iter().flat_map(|b| codes_of_each.map(|c| (b, c))) {
                 let mut x = data(2 * 64, 1);
                 x[64 + 40] = bad;
                 let mut y = vec![0.0; 2 * 16];
-                linear_quant(level, &x, 2, &packed, None, &mut y).unwrap();
-                assert!(y[..16].iter().all(|v| v.is_finite()), "{level}: row 0 is clean");
-                assert!(y[16..].iter().all(|v| v.is_nan()), "{level}: row 1 has {bad}: {:?}", &y[16..]);
+                linear_quant(level, codes, &x, 2, &packed, None, &mut y).unwrap();
+                assert!(y[..16].iter().all(|v| v.is_finite()), "{level} {codes:?}: row 0 is clean");
+                assert!(y[16..].iter().all(|v| v.is_nan()), "{level} {codes:?}: row 1 has {bad}: {:?}", &y[16..]);
             }
         }
     }
@@ -318,7 +329,8 @@ mod tests {
         let rows = QuantRows::quantize(QuantFormat::Q8_0, &[0.0; 64], 2, 32).unwrap();
         let packed = PackedQuant::from_rows(&rows).unwrap();
         let mut y = vec![0.0; 2];
-        let e = linear_quant(SimdLevel::Scalar, &[0.0; 31], 1, &packed, None, &mut y).unwrap_err();
+        let e =
+            linear_quant(SimdLevel::Scalar, ActivationCodes::Int8, &[0.0; 31], 1, &packed, None, &mut y).unwrap_err();
         assert!(matches!(e, TwinferError::ShapeMismatch { .. }));
     }
 }

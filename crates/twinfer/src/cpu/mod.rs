@@ -85,6 +85,7 @@ pub fn serve_wasm_worker() -> ! {
 pub use linear_quant::{linear_quant, linear_quant_parts};
 #[cfg(not(target_arch = "wasm32"))]
 pub(crate) use parallel::{map_indices, worker_count};
+pub use qdot::ActivationCodes;
 pub use simd_level::SimdLevel;
 #[cfg(target_arch = "wasm32")]
 pub use simd_level::WasmSimd;

@@ -17,6 +17,8 @@
 //!
 //! The cost against f32 activations is the activations' rounding: half a step, `1/64770` of the
 //! block's largest magnitude per element (8-bit codes alone: `1/254`); the tests bound it.
+//! [`ActivationCodes::Int8`] takes that cost for speed, as llama.cpp's Q8 activations do: its
+//! codes are one int8 digit (the coarse one is zero), and the VNNI kernel skips the other.
 
 #[cfg(target_arch = "aarch64")]
 mod neon;
@@ -41,6 +43,49 @@ const NARROW_ROWS: usize = 2;
 /// The largest activation code: `255 * 127`, so that a code splits into two int8 digits
 /// `255 * coarse + fine`, both in -127..=127.
 const QMAX: f32 = 32385.0;
+
+/// How finely a block-quantized projection quantizes its activations (per block of 32, to the
+/// block's largest magnitude).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ActivationCodes {
+    /// Codes up to 32385 (two int8 digits): half a step is `1/64770` of the block's largest
+    /// magnitude, near f32 activations.
+    #[default]
+    Int16,
+    /// Codes up to 127 (llama.cpp's Q8 activations): half a step is `1/254` of the block's
+    /// largest magnitude, and int8 dot products (VNNI) take one digit, so prompts multiply twice
+    /// as fast. The rounding moves logits visibly (see the README's measurements).
+    Int8,
+}
+
+impl ActivationCodes {
+    /// The name the command line and the bindings take: `int16` or `int8`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Int16 => "int16",
+            Self::Int8 => "int8",
+        }
+    }
+
+    /// Looks a precision up by [`ActivationCodes::name`].
+    pub fn parse(name: &str) -> crate::Result<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "int16" => Ok(Self::Int16),
+            "int8" => Ok(Self::Int8),
+            other => Err(crate::TwinferError::InvalidParameter(format!(
+                "activation codes `{other}`: expected int16 or int8"
+            ))),
+        }
+    }
+
+    /// The largest code.
+    fn qmax(self) -> f32 {
+        match self {
+            Self::Int16 => QMAX,
+            Self::Int8 => 127.0,
+        }
+    }
+}
 /// The weight of the coarse digit.
 pub(crate) const DIGIT_BASE: i32 = 255;
 
@@ -154,6 +199,8 @@ impl<'a> TileRef<'a> {
 /// infinity gets `dx = NaN`, so the outputs it reaches are NaN rather than silently finite.
 #[derive(Default)]
 pub(crate) struct QuantizedRows {
+    /// How finely: with `Int8` every coarse digit is zero.
+    pub codes: ActivationCodes,
     /// Activation rows.
     pub rows: usize,
     pub k: usize,
@@ -200,11 +247,13 @@ impl QuantizedRows {
 const ROWS_PER_TASK: usize = 8;
 
 impl QuantizedRows {
-    /// Quantizes `x` (`[rows, k]`, `k` a multiple of 32) into these buffers, rows in parallel,
-    /// with the quantizer compiled for `level` (the result is the same bits on every level: the
-    /// same operations, lane by lane, with no fused multiply-add).
-    pub fn quantize(&mut self, level: SimdLevel, x: &[f32], rows: usize, k: usize) {
+    /// Quantizes `x` (`[rows, k]`, `k` a multiple of 32) into these buffers to `codes`, rows in
+    /// parallel, with the quantizer compiled for `level` (the result is the same bits on every
+    /// level: the same operations, lane by lane, with no fused multiply-add).
+    pub fn quantize(&mut self, level: SimdLevel, codes: ActivationCodes, x: &[f32], rows: usize, k: usize) {
         let nb = k / BLOCK;
+        let qmax = codes.qmax();
+        self.codes = codes;
         self.rows = rows;
         self.k = k;
         self.q.resize(rows * k, 0);
@@ -222,7 +271,7 @@ impl QuantizedRows {
             .zip(self.dx.chunks_mut(per * nb).zip(self.sx.chunks_mut(per * nb)))
             .zip(self.qsum.chunks_mut(per * nb).zip(self.qsum_low.chunks_mut(per * nb)))
             .map(|(((q, digits), (dx, sx)), (qsum, qsum_low))| {
-                std::sync::Mutex::new(Codes { q, digits, dx, sx, qsum, qsum_low })
+                std::sync::Mutex::new(Codes { qmax, q, digits, dx, sx, qsum, qsum_low })
             })
             .collect();
         let task = |i: usize| {
@@ -249,6 +298,8 @@ impl QuantizedRows {
 
 /// The quantized codes of some activation rows.
 struct Codes<'a> {
+    /// The largest code.
+    qmax: f32,
     q: &'a mut [i16],
     digits: &'a mut [i8],
     dx: &'a mut [f32],
@@ -274,18 +325,18 @@ impl pulp::WithSimd for QuantizeRows<'_, '_> {
 }
 
 /// Blocks whose largest magnitude is below this quantize to zero: their scale `amax / 32385`
-/// would be subnormal and its reciprocal could overflow.
+/// would be subnormal and its reciprocal could overflow (the same bound serves 8-bit codes).
 const SMALLEST_AMAX: f32 = QMAX * f32::MIN_POSITIVE;
 
-/// A block's scale and its reciprocal: `(NaN, 0)` for a block with an infinity or a NaN, zeros
-/// for one too small for a normal scale.
+/// A block's scale and its reciprocal for codes up to `qmax`: `(NaN, 0)` for a block with an
+/// infinity or a NaN, zeros for one too small for a normal scale.
 #[inline(always)]
-fn block_scale(amax: f32, finite: bool) -> (f32, f32) {
+fn block_scale(amax: f32, finite: bool, qmax: f32) -> (f32, f32) {
     match (finite, amax >= SMALLEST_AMAX) {
         (false, _) => (f32::NAN, 0.0),
         (true, false) => (0.0, 0.0),
         (true, true) => {
-            let dx = amax / QMAX;
+            let dx = amax / qmax;
             (dx, 1.0 / dx)
         }
     }
@@ -303,9 +354,10 @@ impl Codes<'_> {
                 // float order, and any infinity or NaN lands at or above the infinity's bits.
                 let amax_bits = xs.iter().fold(0u32, |a, v| a.max(v.to_bits() & 0x7fff_ffff));
                 let finite = amax_bits < f32::INFINITY.to_bits();
-                let (dx, inv) = block_scale(f32::from_bits(amax_bits), finite);
-                // |v * inv| <= 32385 * (1 + 2 eps) here and is finite, so the rounded value
-                // clamps to -32385..=32385 and converts exactly (inv = 0 gives 0 for a
+                let qmax = self.qmax;
+                let (dx, inv) = block_scale(f32::from_bits(amax_bits), finite, qmax);
+                // |v * inv| <= qmax * (1 + 2 eps) here and is finite, so the rounded value
+                // clamps to -qmax..=qmax and converts exactly (inv = 0 gives 0 for a
                 // non-finite block's finite elements; its NaN and infinite ones would give NaN,
                 // masked off to 0). The codes stay floats until the store: integer-valued below
                 // 2^24, so their sums are exact in any order.
@@ -313,7 +365,7 @@ impl Codes<'_> {
                 let (mut coarse, mut fine) = ([0f32; BLOCK], [0f32; BLOCK]);
                 if finite {
                     for (c, &v) in codes.iter_mut().zip(xs) {
-                        *c = round_half_even(v * inv).clamp(-QMAX, QMAX);
+                        *c = round_half_even(v * inv).clamp(-qmax, qmax);
                     }
                 }
                 for ((c, hi), lo) in codes.iter().zip(&mut coarse).zip(&mut fine) {
@@ -437,7 +489,7 @@ mod tests {
 
     /// The quantizer as its definition reads, one element at a time: (codes, scale, sum, sum of
     /// the first half).
-    fn quantize_naive(x: &[f32]) -> (Vec<i16>, f32, i32, i32) {
+    fn quantize_naive(x: &[f32], qmax: f32) -> (Vec<i16>, f32, i32, i32) {
         let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
         if !x.iter().all(|v| v.is_finite()) {
             return (vec![0; x.len()], f32::NAN, 0, 0);
@@ -445,14 +497,14 @@ mod tests {
         if amax < SMALLEST_AMAX {
             return (vec![0; x.len()], 0.0, 0, 0);
         }
-        let dx = amax / QMAX;
-        let q: Vec<i16> = x.iter().map(|&v| (v * (1.0 / dx)).round_ties_even().clamp(-QMAX, QMAX) as i16).collect();
+        let dx = amax / qmax;
+        let q: Vec<i16> = x.iter().map(|&v| (v * (1.0 / dx)).round_ties_even().clamp(-qmax, qmax) as i16).collect();
         let low = q[..BLOCK / 2].iter().map(|&c| c as i32).sum();
         (q.clone(), dx, q.iter().map(|&c| c as i32).sum(), low)
     }
 
-    /// Every level quantizes to the same bits as the definition: ties at half steps, blocks of
-    /// zeros, blocks too small for a normal scale, infinities and NaNs, huge and tiny values; and
+    /// Every level quantizes to the same bits as the definition, with either code width: ties at
+    /// half steps, blocks of zeros, blocks too small for a normal scale, infinities and NaNs, huge and tiny values; and
     /// the digits put each code back together, within -127..=127.
     #[test]
     fn quantizer_equals_its_definition_on_every_level() {
@@ -478,6 +530,8 @@ mod tests {
                 })
                 .collect(),
         );
+        // Half steps of 8-bit codes: with amax 127 the scale is 1.
+        rows.push((0..k).map(|j| if j % BLOCK == 0 { 127.0 } else { (j % 9) as f32 * 15.0 - 60.5 }).collect());
         let mut specials: Vec<f32> = (0..k).map(|_| next()).collect();
         specials[3] = f32::INFINITY;
         specials[BLOCK + 5] = f32::NAN;
@@ -487,14 +541,16 @@ mod tests {
         let x: Vec<f32> = rows.concat();
         let n = rows.len();
         let nb = k / BLOCK;
-        for level in SimdLevel::available() {
+        for (level, codes) in
+            SimdLevel::available().into_iter().flat_map(|l| [(l, ActivationCodes::Int16), (l, ActivationCodes::Int8)])
+        {
             let mut a = QuantizedRows::default();
-            a.quantize(level, &x, n, k);
+            a.quantize(level, codes, &x, n, k);
             for r in 0..n {
                 for b in 0..nb {
-                    let (q, dx, sum, low) = quantize_naive(&x[r * k + b * BLOCK..][..BLOCK]);
+                    let (q, dx, sum, low) = quantize_naive(&x[r * k + b * BLOCK..][..BLOCK], codes.qmax());
                     let at = r * nb + b;
-                    let what = format!("{level} row {r} block {b}");
+                    let what = format!("{level} {codes:?} row {r} block {b}");
                     assert_eq!(&a.q[at * BLOCK..][..BLOCK], &q[..], "{what}");
                     assert_eq!(a.dx[at].to_bits(), dx.to_bits(), "{what}");
                     assert_eq!((a.qsum[at], a.qsum_low[at]), (sum, low), "{what}");
@@ -504,6 +560,8 @@ mod tests {
                     for j in 0..BLOCK {
                         let (hi, lo) = (coarse[j] as i32, fine[j] as i32);
                         assert!(hi.abs() <= 127 && lo.abs() <= 127, "{what} [{j}]: digits {hi}, {lo}");
+                        // The VNNI kernel skips the coarse digits of 8-bit codes.
+                        assert!(codes == ActivationCodes::Int16 || hi == 0, "{what} [{j}]: coarse digit {hi}");
                         assert_eq!(DIGIT_BASE * hi + lo, q[j] as i32, "{what} [{j}]");
                     }
                 }

@@ -7,7 +7,7 @@
 
 use core::arch::x86_64::*;
 
-use super::{Codes, DIGIT_BASE, QMAX, block_scale};
+use super::{Codes, DIGIT_BASE, block_scale};
 use crate::quant::BLOCK;
 
 /// Quantizes `x` (`[rows, k]`, the rows `d` holds) into codes and digits.
@@ -95,10 +95,10 @@ unsafe fn store_bytes(out: *mut i8, v: [__m256; 4]) {
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn block(d: &mut Codes<'_>, r: usize, blk: usize, k: usize, v: [__m256; 4], amax: f32, finite: bool) {
-    let (dx, inv) = block_scale(amax, finite);
+    let (dx, inv) = block_scale(amax, finite, d.qmax);
     let codes: [__m256; 4] = if finite {
         let inv = _mm256_set1_ps(inv);
-        let (lo, hi) = (_mm256_set1_ps(-QMAX), _mm256_set1_ps(QMAX));
+        let (lo, hi) = (_mm256_set1_ps(-d.qmax), _mm256_set1_ps(d.qmax));
         core::array::from_fn(|i| _mm256_min_ps(_mm256_max_ps(round_lanes(_mm256_mul_ps(v[i], inv)), lo), hi))
     } else {
         [_mm256_setzero_ps(); 4]

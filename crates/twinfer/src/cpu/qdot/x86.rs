@@ -13,7 +13,7 @@
 use core::arch::x86_64::*;
 use core::ptr::read_unaligned;
 
-use super::{QuantizedRows, TileRef, for_rows};
+use super::{ActivationCodes, QuantizedRows, TileRef, for_rows};
 use crate::quant::{BLOCK, TILE};
 
 /// How far ahead of the block being summed its tile's codes are prefetched. The hardware
@@ -131,7 +131,28 @@ pub(super) unsafe fn tile_rows_vnni(
     out: &mut [[f32; TILE]],
 ) {
     // SAFETY: forwarded.
-    unsafe { for_rows!(rows, vnni(t, a, r0, out)) }
+    unsafe {
+        match a.codes {
+            ActivationCodes::Int16 => for_rows!(rows, vnni_two_digits(t, a, r0, out)),
+            ActivationCodes::Int8 => for_rows!(rows, vnni_one_digit(t, a, r0, out)),
+        }
+    }
+}
+
+/// [`vnni`] over both digits of 16-bit codes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn vnni_two_digits<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, out: &mut [[f32; TILE]]) {
+    // SAFETY: forwarded.
+    unsafe { vnni::<R, false>(t, a, r0, out) }
+}
+
+/// [`vnni`] over the fine digits alone: 8-bit codes' coarse digits are zero.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn vnni_one_digit<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, out: &mut [[f32; TILE]]) {
+    // SAFETY: forwarded.
+    unsafe { vnni::<R, true>(t, a, r0, out) }
 }
 
 /// `255 * coarse + fine`: a row's two digit sums joined (exact in i32).
@@ -142,7 +163,12 @@ fn join_digits16(coarse: __m512i, fine: __m512i) -> __m512i {
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-unsafe fn vnni<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, out: &mut [[f32; TILE]]) {
+unsafe fn vnni<const R: usize, const FINE_ONLY: bool>(
+    t: &TileRef<'_>,
+    a: &QuantizedRows,
+    r0: usize,
+    out: &mut [[f32; TILE]],
+) {
     let (bb, nb) = (t.block_bytes(), t.blocks);
     let low = _mm512_set1_epi8(0x0f);
     let flip = _mm512_set1_epi8(-128);
@@ -159,17 +185,54 @@ unsafe fn vnni<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, ou
             let xs: [[*const i8; 2]; R] =
                 core::array::from_fn(|r| core::array::from_fn(|d| a.digits.as_ptr().add(a.digit_at(r0 + r, d, blk))));
             for h in 0..t.halves {
-                let mut isum = [[_mm512_setzero_si512(); 2]; R];
+                // Two sums a row: with both digits, the coarse and the fine; with the fine alone,
+                // alternate halves of the products, so that each row still has two dependency
+                // chains of `vpdpbusd` (one chain a row left it waiting on the latency).
+                // The zero code's share, `-zero * Σq`, starts the fine sum (integers: exact in
+                // any order).
+                let mut isum: [[__m512i; 2]; R] = core::array::from_fn(|r| {
+                    let at = (r0 + r) * nb + blk;
+                    let less_zero = _mm512_set1_epi32(-zero * a.half_sum(at, h, t.halves));
+                    if FINE_ONLY { [less_zero, _mm512_setzero_si512()] } else { [_mm512_setzero_si512(), less_zero] }
+                });
                 if t.bits == 4 {
                     for g in 0..4 {
                         let v = _mm512_loadu_si512(base.add(g * 64) as *const __m512i);
                         let lo = _mm512_and_si512(v, low);
                         let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
                         for r in 0..R {
+                            if FINE_ONLY {
+                                let x = xs[r][1];
+                                isum[r][0] = _mm512_dpbusd_epi32(isum[r][0], lo, _mm512_set1_epi32(quad(x, g)));
+                                isum[r][1] = _mm512_dpbusd_epi32(isum[r][1], hi, _mm512_set1_epi32(quad(x, g + 4)));
+                                continue;
+                            }
                             for d in 0..2 {
                                 let s = _mm512_dpbusd_epi32(isum[r][d], lo, _mm512_set1_epi32(quad(xs[r][d], g)));
                                 isum[r][d] = _mm512_dpbusd_epi32(s, hi, _mm512_set1_epi32(quad(xs[r][d], g + 4)));
                             }
+                        }
+                    }
+                } else if FINE_ONLY {
+                    // Code rows in pairs: a half holds 4 or 8 of them (a fixed count unrolls).
+                    let pair = |g: usize, isum: &mut [[__m512i; 2]; R]| {
+                        let v: [__m512i; 2] = core::array::from_fn(|i| {
+                            _mm512_xor_si512(_mm512_loadu_si512(base.add((g + i) * 64) as *const __m512i), flip)
+                        });
+                        for r in 0..R {
+                            for (i, v) in v.iter().enumerate() {
+                                let x = _mm512_set1_epi32(quad(xs[r][1], g + i));
+                                isum[r][i] = _mm512_dpbusd_epi32(isum[r][i], *v, x);
+                            }
+                        }
+                    };
+                    if t.halves == 1 {
+                        for g in [0, 2, 4, 6] {
+                            pair(g, &mut isum);
+                        }
+                    } else {
+                        for g in t.rows_of_half(h).step_by(2) {
+                            pair(g, &mut isum);
                         }
                     }
                 } else {
@@ -186,8 +249,11 @@ unsafe fn vnni<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, ou
                 let d = scales16(t, blk, h);
                 for r in 0..R {
                     let at = (r0 + r) * nb + blk;
-                    let sum = join_digits16(isum[r][0], isum[r][1]);
-                    let s = _mm512_sub_epi32(sum, _mm512_set1_epi32(zero * a.half_sum(at, h, t.halves)));
+                    let s = if FINE_ONLY {
+                        _mm512_add_epi32(isum[r][0], isum[r][1])
+                    } else {
+                        join_digits16(isum[r][0], isum[r][1])
+                    };
                     let scale = _mm512_mul_ps(d, _mm512_set1_ps(*a.dx.get_unchecked(at)));
                     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[r]);
                 }
