@@ -41,6 +41,9 @@ pub struct PlanArgs {
     /// Quantize the model's projections at load, or round them to bf16.
     #[arg(long, value_enum)]
     pub quantize: Option<crate::options::QuantizeArg>,
+    /// How quantized projections quantize their activations on the CPU (written into the config).
+    #[arg(long, value_enum)]
+    pub activations: Option<crate::options::ActivationsArg>,
     /// A time-per-output-token objective written into the config, so that `run`, `serve` and
     /// `bench serve --config` cut prompt chunks to keep decoding requests within it.
     #[arg(long, value_name = "MS")]
@@ -74,6 +77,9 @@ pub fn run(args: PlanArgs) -> Result<(), String> {
     if let Some(format) = args.quantize {
         model.quantize(twinfer::model::WeightFormat::from(format)).map_err(|e| e.to_string())?;
     }
+    if let Some(codes) = args.activations {
+        model.set_activations(codes.into());
+    }
     let opts = PlanOptions {
         prefill_tokens: args.prefill_tokens,
         decode_batch: args.decode_batch,
@@ -93,6 +99,9 @@ pub fn run(args: PlanArgs) -> Result<(), String> {
     let mut doc = p.to_json();
     if let Some(ms) = args.tpot_target_ms {
         doc["tpot_target_ms"] = serde_json::json!(ms);
+    }
+    if let Some(codes) = args.activations {
+        doc["activations"] = serde_json::json!(twinfer::cpu::ActivationCodes::from(codes).name());
     }
     std::fs::write(&args.out, format!("{doc:#}\n")).map_err(|e| format!("{}: {e}", args.out.display()))?;
     if args.json {

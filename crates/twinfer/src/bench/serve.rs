@@ -333,6 +333,7 @@ pub fn run_serve(opts: &ServeOptions) -> Result<ServeReport> {
     if let Some(format) = opts.engine.quantize {
         model.quantize(format)?;
     }
+    model.set_activations(opts.engine.activations);
     let model = Arc::new(model);
     let level = opts.engine.simd.unwrap_or_else(SimdLevel::detect);
     let prefill = Attention::with_simd(opts.engine.prefill_backend, opts.engine.simd)?;
@@ -488,7 +489,12 @@ pub fn run_serve(opts: &ServeOptions) -> Result<ServeReport> {
             opts.model,
             match opts.engine.quantize {
                 Some(crate::model::WeightFormat::Bf16) => format!("{} rounded to bf16", opts.weight_dtype),
-                Some(format) => format!("{} quantized to {}", opts.weight_dtype, format.name()),
+                Some(format) => format!(
+                    "{} quantized to {}, {} activations",
+                    opts.weight_dtype,
+                    format.name(),
+                    opts.engine.activations.name()
+                ),
                 None => opts.weight_dtype.to_string(),
             },
             model.config.num_layers,

@@ -41,6 +41,10 @@ pub struct EngineConfig {
     /// Quantize a float model's projections at load, or round them to bf16 (`None` keeps the
     /// stored weights).
     pub quantize: Option<crate::model::WeightFormat>,
+    /// How block-quantized projections quantize their activations on the CPU: `Int8` multiplies
+    /// prompts about twice as fast on CPUs with int8 dot products (VNNI), at a visible cost in
+    /// accuracy, as llama.cpp does.
+    pub activations: crate::cpu::ActivationCodes,
     /// Seconds since some fixed point; the default is the process's monotonic clock. Browsers pass
     /// `performance.now() / 1000`.
     pub clock: Option<fn() -> f64>,
@@ -62,6 +66,7 @@ impl Default for EngineConfig {
             prefix_sharing: true,
             prefix_cache_sequences: 0,
             quantize: None,
+            activations: crate::cpu::ActivationCodes::Int16,
             clock: None,
         }
     }

@@ -171,6 +171,7 @@ impl Engine {
                 if let Some(format) = config.quantize {
                     m.quantize(format)?;
                 }
+                m.set_activations(config.activations);
                 let tokenizer = Arc::new(model.tokenizer);
                 let scheduler = Scheduler::new(Arc::new(m), Some(tokenizer.clone()), level, prefill, decode, config)?;
                 residency = scheduler.residency().to_string();

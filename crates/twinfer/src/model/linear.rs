@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::cpu::{Bf16Panels, SimdLevel, linear_parts_packed, linear_quant_parts};
+use crate::cpu::{ActivationCodes, Bf16Panels, SimdLevel, linear_parts_packed, linear_quant_parts};
 use crate::dtype::TensorRef;
 use crate::error::{Result, TwinferError};
 use crate::gpu::{DEFAULT_MAX_WEIGHT_BUFFER, GpuEngine, GpuLinear};
@@ -29,6 +29,9 @@ pub struct Linear {
     pub device: DeviceCopies,
     /// bf16 weights packed for the CPU's bf16 dot products, made on first use there.
     pub cpu: CpuPanels,
+    /// How finely block-quantized weights' CPU products quantize the activations (GPU kernels
+    /// take them in f32).
+    pub activations: ActivationCodes,
 }
 
 /// A projection's resident copies, one per live device (a prefill and a decode engine may be two).
@@ -52,7 +55,15 @@ impl Linear {
 
     /// A projection over weights already loaded (a tied LM head shares the embeddings).
     pub fn new(w: Arc<WeightData>, bias: Option<Vec<f32>>, n: usize, k: usize) -> Self {
-        Self { parts: vec![w], bias, n, k, device: DeviceCopies::default(), cpu: CpuPanels::default() }
+        Self {
+            parts: vec![w],
+            bias,
+            n,
+            k,
+            device: DeviceCopies::default(),
+            cpu: CpuPanels::default(),
+            activations: ActivationCodes::default(),
+        }
     }
 
     /// Several projections of the same input stacked into one (q, k, v; gate, up), so the input is
@@ -84,6 +95,7 @@ impl Linear {
             k,
             device: DeviceCopies::default(),
             cpu: CpuPanels::default(),
+            activations: parts[0].activations,
         })
     }
 
@@ -141,7 +153,7 @@ impl Linear {
         y.clear();
         y.resize(rows * self.n, f32::NAN);
         if let Some(q) = self.quant_parts() {
-            return linear_quant_parts(level, x, rows, &q, self.bias.as_deref(), y);
+            return linear_quant_parts(level, self.activations, x, rows, &q, self.bias.as_deref(), y);
         }
         let parts = self
             .weight_parts()

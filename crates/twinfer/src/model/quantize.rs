@@ -12,6 +12,7 @@
 
 use std::sync::Arc;
 
+use crate::cpu::ActivationCodes;
 use crate::error::{Result, TwinferError};
 use crate::model::elems::Elems;
 use crate::model::linear::Linear;
@@ -67,7 +68,9 @@ impl Linear {
         }
         let rows = QuantRows::quantize(format, &self.to_f32(), self.n, self.k)?;
         let w = Arc::new(WeightData::Quant(PackedQuant::from_rows(&rows)?));
-        Ok(Linear::new(w, self.bias.clone(), self.n, self.k))
+        let mut quantized = Linear::new(w, self.bias.clone(), self.n, self.k);
+        quantized.activations = self.activations;
+        Ok(quantized)
     }
 }
 
@@ -83,6 +86,7 @@ impl Linear {
             k: self.k,
             device: Default::default(),
             cpu: Default::default(),
+            activations: self.activations,
         }
     }
 }
@@ -120,6 +124,19 @@ impl LlamaModel {
             self.lm_head = self.lm_head.quantized(format, "lm_head")?;
         }
         Ok(())
+    }
+}
+
+impl LlamaModel {
+    /// Sets how every block-quantized projection (the LM head too) quantizes its activations in
+    /// CPU products; float projections and GPU kernels are unaffected.
+    pub fn set_activations(&mut self, codes: ActivationCodes) {
+        for layer in &mut self.layers {
+            for linear in [&mut layer.qkv, &mut layer.o, &mut layer.gate_up, &mut layer.down] {
+                linear.activations = codes;
+            }
+        }
+        self.lm_head.activations = codes;
     }
 }
 
