@@ -90,7 +90,8 @@ enum BenchWhat {
         /// `decode:BATCH:CTX[:PAGE]` (f16 KV, pages of 16
         /// unless PAGE; other sizes on the CPU only), `decode-f32:...` and `decode-bf16:...` (CPU), `decode-q8:...` (int8 KV),
         /// or a projection `linear:ROWS:N:K` (f16 weights) or
-        /// `linear-FORMAT:ROWS:N:K` (f32, bf16, q8_0, q4_0, q4_1, q5_0, q5_1); repeatable. On the GPU a
+        /// `linear-FORMAT:ROWS:N:K` (f32, bf16, q8_0, q4_0, q4_1, q5_0, q5_1; a block format with
+        /// `-i8`, as `q8_0-i8`, takes 8-bit activation codes, CPU); repeatable. On the GPU a
         /// projection of at most 64 rows is a GEMV, rated by the weight bytes it reads.
         #[arg(long = "case", value_name = "CASE")]
         cases: Vec<bench::Case>,

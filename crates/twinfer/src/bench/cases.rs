@@ -346,35 +346,42 @@ pub enum LinearWeights {
     /// bf16, multiplied with the activations rounded to bf16 (in bf16 dot products where the CPU
     /// has them).
     BF16,
-    /// A block format, multiplied in integers with quantized activations.
-    Quant(crate::quant::QuantFormat),
+    /// A block format, multiplied in integers with activations quantized to these codes.
+    Quant(crate::quant::QuantFormat, crate::cpu::ActivationCodes),
 }
 
 impl LinearWeights {
-    /// `f32`, `f16`, `bf16`, or a format that float weights quantize into (`q8_0`, `q4_1`, ...).
+    /// `f32`, `f16`, `bf16`, or a format that float weights quantize into (`q8_0`, `q4_1`, ...),
+    /// with 16-bit activation codes, or 8-bit ones after `-i8` (`q8_0-i8`).
     pub fn parse(name: &str) -> Result<Self> {
+        use crate::cpu::ActivationCodes;
         Ok(match name.to_ascii_lowercase().as_str() {
             "f32" => Self::F32,
             "f16" => Self::F16,
             "bf16" => Self::BF16,
             other => {
+                let (other, codes) = match other.strip_suffix("-i8") {
+                    Some(format) => (format, ActivationCodes::Int8),
+                    None => (other, ActivationCodes::Int16),
+                };
                 let format = crate::quant::QuantFormat::parse(other)?;
                 if !format.can_quantize() {
                     return Err(TwinferError::InvalidParameter(format!(
                         "linear-{other}: the benchmark quantizes random weights, which {other} (read from files only) cannot be"
                     )));
                 }
-                Self::Quant(format)
+                Self::Quant(format, codes)
             }
         })
     }
 
-    fn name(self) -> &'static str {
+    fn name(self) -> String {
         match self {
-            Self::F32 => "f32",
-            Self::F16 => "f16",
-            Self::BF16 => "bf16",
-            Self::Quant(format) => format.name(),
+            Self::F32 => "f32".into(),
+            Self::F16 => "f16".into(),
+            Self::BF16 => "bf16".into(),
+            Self::Quant(format, crate::cpu::ActivationCodes::Int16) => format.name().into(),
+            Self::Quant(format, crate::cpu::ActivationCodes::Int8) => format!("{}-i8", format.name()),
         }
     }
 }
@@ -406,7 +413,7 @@ impl LinearCase {
         let w32: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
         let wb16: Vec<half::bf16> = w32.iter().map(|&v| half::bf16::from_f32(v)).collect();
         let packed = match weights {
-            LinearWeights::Quant(format) => Some(PackedQuant::from_rows(&QuantRows::quantize(format, &w32, n, k)?)?),
+            LinearWeights::Quant(format, _) => Some(PackedQuant::from_rows(&QuantRows::quantize(format, &w32, n, k)?)?),
             _ => None,
         };
         Ok(Self { rows, n, k, weights, x, w16, w32, wb16, packed, bf16_panels: None, y: vec![f32::NAN; rows * n] })
@@ -426,11 +433,14 @@ impl LinearCase {
     pub fn run(&mut self, engine: &CpuEngine) -> Result<()> {
         let (level, rows, n, k) = (engine.level(), self.rows, self.n, self.k);
         match (&self.packed, self.weights) {
-            (Some(p), _) => crate::cpu::linear_quant(level, &self.x, rows, p, None, &mut self.y),
-            (None, LinearWeights::F32) => {
+            // `new` packs every block format.
+            (Some(p), LinearWeights::Quant(_, codes)) => {
+                crate::cpu::linear_quant(level, codes, &self.x, rows, p, None, &mut self.y)
+            }
+            (_, LinearWeights::F32) => {
                 crate::cpu::linear(level, &self.x, rows, TensorRef::F32(&self.w32), n, k, None, &mut self.y)
             }
-            (None, LinearWeights::BF16) => {
+            (_, LinearWeights::BF16) => {
                 // Packed once, as a model keeps its bf16 weights where the level has bf16 dot
                 // products (the first run, a warm-up, makes them).
                 let w = [TensorRef::BF16(&self.wb16)];
@@ -440,7 +450,7 @@ impl LinearCase {
                 let panels = self.bf16_panels.as_ref().and_then(|p| p.as_ref());
                 crate::cpu::linear_parts_packed(level, &self.x, rows, &w, panels, k, None, &mut self.y)
             }
-            (None, _) => crate::cpu::linear(level, &self.x, rows, TensorRef::F16(&self.w16), n, k, None, &mut self.y),
+            _ => crate::cpu::linear(level, &self.x, rows, TensorRef::F16(&self.w16), n, k, None, &mut self.y),
         }
     }
 }

@@ -246,7 +246,7 @@ fn linear(
     let stored = prepare_linear(engine, rows, n, k, weights)?;
     let (seconds, wall) = time_case(engine, runs, stamps)?;
     let format = match weights {
-        LinearWeights::Quant(format) => format.name().to_string(),
+        LinearWeights::Quant(format, _) => format.name().to_string(),
         _ => stored.storage.to_string(),
     };
     let gemv = rows <= crate::gpu::GEMV_MAX_ROWS;
@@ -277,7 +277,13 @@ pub fn prepare_linear(
 ) -> Result<GpuLinear> {
     let w: Vec<f16> = pseudo_random(n * k, 7);
     let weights = match weights {
-        LinearWeights::Quant(format) => {
+        LinearWeights::Quant(format, crate::cpu::ActivationCodes::Int8) => {
+            return Err(TwinferError::InvalidParameter(format!(
+                "linear-{}-i8: GPU kernels take the activations in f32; 8-bit activation codes are a CPU case",
+                format.name()
+            )));
+        }
+        LinearWeights::Quant(format, crate::cpu::ActivationCodes::Int16) => {
             use crate::quant::{PackedQuant, QuantRows};
             let w32: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
             let packed = PackedQuant::from_rows(&QuantRows::quantize(format, &w32, n, k)?)?;

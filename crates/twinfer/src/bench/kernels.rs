@@ -165,15 +165,18 @@ impl Scope {
             }));
         }
         // A prompt chunk through smollm-135m's projections: the fused gate/up (3072 x 576) and
-        // the down projection (576 x 1536), in its f16 weights and two of its GGUF formats.
+        // the down projection (576 x 1536), in its f16 weights and two of its GGUF formats (q8_0
+        // with 8-bit activation codes too).
+        use crate::cpu::ActivationCodes::{Int8, Int16};
         use cases::LinearWeights::{F16, Quant};
         let linear: &[(usize, usize, usize, cases::LinearWeights)] = match self {
             Scope::Quick => &[(128, 1536, 576, F16)],
             Scope::Full => &[
                 (512, 3072, 576, F16),
                 (512, 576, 1536, F16),
-                (512, 3072, 576, Quant(QuantFormat::Q8_0)),
-                (512, 3072, 576, Quant(QuantFormat::Q4_1)),
+                (512, 3072, 576, Quant(QuantFormat::Q8_0, Int16)),
+                (512, 3072, 576, Quant(QuantFormat::Q8_0, Int8)),
+                (512, 3072, 576, Quant(QuantFormat::Q4_1, Int16)),
             ],
         };
         cases.extend(linear.iter().map(|&(rows, n, k, weights)| Case::Linear { rows, n, k, weights }));
