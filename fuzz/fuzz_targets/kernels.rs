@@ -6,7 +6,7 @@
 #![no_main]
 
 use arbitrary::Arbitrary;
-use twinfer::cpu::{CpuEngine, SimdLevel, SplitK, linear, linear_quant};
+use twinfer::cpu::{ActivationCodes, CpuEngine, SimdLevel, SplitK, linear, linear_quant};
 use twinfer::quant::{PackedQuant, QuantFormat, QuantRows};
 use twinfer::{DType, TensorRef, bf16, f16};
 use twinfer_tests::{Case, CaseData, KvKind, Mode};
@@ -141,12 +141,14 @@ fn check_linear(what: &str, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &[f32
     }
 }
 
-/// The quantized product quantizes each block of 32 activations to 16-bit codes: per element at
-/// most half a step, `amax / (2 * 32385)`, and a little rounding, plus f32 rounding of the sums
-/// (per block the integer sum's conversion, `d * dx`, two FMAs).
+/// The quantized product quantizes each block of 32 activations to codes up to `qmax` (32385, or
+/// 127 for 8-bit codes): per element at most half a step, `amax / (2 * qmax)`, and a little
+/// rounding, plus f32 rounding of the sums (per block the integer sum's conversion, `d * dx`, two
+/// FMAs).
 #[allow(clippy::too_many_arguments)]
 fn check_linear_quant(
     what: &str,
+    qmax: f64,
     x: &[f32],
     rows_q: &QuantRows,
     w: &[f32],
@@ -171,7 +173,7 @@ fn check_linear_quant(
             for blk in 0..blocks {
                 let (xb, wb) = (&xs[blk * 32..][..32], &ws[blk * 32..][..32]);
                 let amax = xb.iter().fold(0f64, |m, &v| m.max((v as f64).abs()));
-                let step = amax * (1.001 / (2.0 * 32385.0) + 2.0 * f32::EPSILON as f64);
+                let step = amax * (1.001 / (2.0 * qmax) + 2.0 * f32::EPSILON as f64);
                 let wsum: f64 = wb.iter().map(|&v| (v as f64).abs()).sum();
                 activations += step * wsum;
                 magnitude += (wsum + 32.0 * minimum(c, blk)) * (amax + step) * 2.0;
@@ -233,11 +235,14 @@ fn projection(input: &LinearInput) {
             let decoded = rows_q.to_f32();
             let packed = PackedQuant::from_rows(&rows_q).expect("finite scales");
             assert_eq!(packed.to_f32(), decoded, "{}: packing changed the weights", format.name());
+            let (codes, qmax) =
+                if input.seed & 1 == 0 { (ActivationCodes::Int16, 32385.0) } else { (ActivationCodes::Int8, 127.0) };
             for level in SimdLevel::available() {
                 let mut y = vec![f32::NAN; rows * n];
-                linear_quant(level, &x, rows, &packed, bias.as_deref(), &mut y).expect("valid shapes");
+                linear_quant(level, codes, &x, rows, &packed, bias.as_deref(), &mut y).expect("valid shapes");
                 check_linear_quant(
-                    &format!("linear_quant {level} {}", format.name()),
+                    &format!("linear_quant {level} {} {codes:?}", format.name()),
+                    qmax,
                     &x,
                     &rows_q,
                     &decoded,
