@@ -173,6 +173,25 @@ fn check(engine: &str, prompts: &[&Prompt], got: &[(Vec<f32>, Vec<u32>)], rtol: 
 #[test]
 fn an_int8_kv_cache_stays_close_to_the_reference() {
     let (model, _, _) = load(Q4_1);
+    close_on_the_widest_level(&model, DType::Q8, "q8 KV", Q8_KV_LOGITS_RTOL, Q8_KV_NEAR_TIE);
+}
+
+/// 8-bit activation codes (`ActivationCodes::Int8`, as llama.cpp's Q8 activations) against the
+/// float64 reference, on the widest CPU level: every prompt, every greedy step. With VNNI they
+/// take one int8 digit where the default takes two; the price is the rounding, half a step of
+/// `amax / 127` per element.
+#[test]
+fn int8_activations_stay_close_to_the_reference() {
+    let (mut model, _, _) = load(Q4_1);
+    model.set_activations(twinfer::cpu::ActivationCodes::Int8);
+    let (rtol, near_tie) = (INT8_ACTIVATIONS_LOGITS_RTOL, INT8_ACTIVATIONS_NEAR_TIE);
+    close_on_the_widest_level(&model, DType::F32, "int8 activations", rtol, near_tie);
+}
+
+/// The Q4_1 model's prompts (one, 8 steps, under emulation) on the widest CPU level over a
+/// `kv_dtype` cache: logits within `rtol` after each prompt, greedy tokens the reference's clear
+/// of `near_tie`, and the tighter check below.
+fn close_on_the_widest_level(model: &LlamaModel, kv_dtype: DType, what: &str, rtol: f64, near_tie: f64) {
     let all = prompts(Q4_1);
     let emulated = std::env::var("TWINFER_TEST_LEVELS").is_ok_and(|v| v == "widest");
     let (take, steps) = if emulated { (1, 8) } else { (all.len(), all[0].greedy.len()) };
@@ -181,10 +200,11 @@ fn an_int8_kv_cache_stays_close_to_the_reference() {
     let attention = Attention::cpu(level);
     let engines = Engines { level, prefill: &attention, decode: &attention };
     let got =
-        greedy_batch(&model, &prompts, steps, DType::Q8, |cache, batch| model.forward(engines, cache, batch).unwrap());
-    let checked = check(&format!("cpu {level}, q8 KV"), &prompts, &got, Q8_KV_LOGITS_RTOL, Q8_KV_NEAR_TIE);
-    agree_but_where_the_error_could_flip("q8 KV", &prompts, &got);
-    eprintln!("cpu {level}, q8 KV: {checked} greedy tokens clear of near-ties");
+        greedy_batch(model, &prompts, steps, kv_dtype, |cache, batch| model.forward(engines, cache, batch).unwrap());
+    let what = format!("cpu {level}, {what}");
+    let checked = check(&what, &prompts, &got, rtol, near_tie);
+    agree_but_where_the_error_could_flip(&what, &prompts, &got);
+    eprintln!("{what}: {checked} greedy tokens clear of near-ties");
 }
 
 /// The stated tolerances leave most steps unchecked (margins under 2.6). Tighter: every step whose
@@ -210,29 +230,6 @@ fn agree_but_where_the_error_could_flip(what: &str, prompts: &[&Prompt], got: &[
         }
     }
     eprintln!("{what}: {same} of {total} greedy tokens equal the reference's");
-}
-
-/// 8-bit activation codes (`ActivationCodes::Int8`, as llama.cpp's Q8 activations) against the
-/// float64 reference, on the widest CPU level: every prompt, every greedy step. With VNNI they
-/// take one int8 digit where the default takes two; the price is the rounding, half a step of
-/// `amax / 127` per element.
-#[test]
-fn int8_activations_stay_close_to_the_reference() {
-    let (mut model, _, _) = load(Q4_1);
-    model.set_activations(twinfer::cpu::ActivationCodes::Int8);
-    let all = prompts(Q4_1);
-    let emulated = std::env::var("TWINFER_TEST_LEVELS").is_ok_and(|v| v == "widest");
-    let (take, steps) = if emulated { (1, 8) } else { (all.len(), all[0].greedy.len()) };
-    let prompts: Vec<&Prompt> = all.iter().take(take).collect();
-    let level = *levels().last().unwrap();
-    let attention = Attention::cpu(level);
-    let engines = Engines { level, prefill: &attention, decode: &attention };
-    let got =
-        greedy_batch(&model, &prompts, steps, DType::F32, |cache, batch| model.forward(engines, cache, batch).unwrap());
-    let what = format!("cpu {level}, int8 activations");
-    let checked = check(&what, &prompts, &got, INT8_ACTIVATIONS_LOGITS_RTOL, INT8_ACTIVATIONS_NEAR_TIE);
-    agree_but_where_the_error_could_flip(&what, &prompts, &got);
-    eprintln!("{what}: {checked} greedy tokens clear of near-ties");
 }
 
 /// An int8 KV cache on the GPU, both ways it runs there: resident (the device pool holds codes
