@@ -12,17 +12,19 @@
 use std::cell::RefCell;
 
 use crate::cpu::SimdLevel;
-use crate::cpu::qdot::{ActivationCodes, MAX_ROWS, QuantizedRows, TileRef, tile_rows};
+use crate::cpu::qdot::{ActivationCodes, MAX_ROWS, QuantizedRows, TileRef, tile_pair_rows, tile_rows};
 use crate::error::{Result, TwinferError, check_len};
 use crate::quant::{BLOCK, PackedQuant, TILE};
 
 /// Tiles per parallel task: 64 output features, as in the float kernel, for decode-sized
 /// batches, whose tasks stream weights (longer runs prefetch better).
 const TILES_PER_TASK: usize = 4;
-/// From this many rows on, a task is one tile: each takes long enough that the tiles of a small
-/// projection (36 for a 576-wide one) still split evenly between the threads, where 9 tasks of 4
-/// left one thread idle for a ninth of the call.
-const ONE_TILE_FROM_ROWS: usize = 32;
+/// From this many rows on, a task is [`TILES_PER_LONG_TASK`] tiles: each takes long enough that
+/// the tiles of a small projection (36 for a 576-wide one) still split evenly between the threads,
+/// where 9 tasks of 4 left one thread idle for a ninth of the call.
+const LONG_TASKS_FROM_ROWS: usize = 32;
+/// Two tiles, which the VNNI kernel takes at once for Q8_0 (each broadcast activation feeds both).
+const TILES_PER_LONG_TASK: usize = 2;
 
 thread_local! {
     /// The calling thread's quantized activations, reused between calls.
@@ -94,7 +96,7 @@ fn run(
     // (part, its first output feature, the part's tiles of this task)
     let mut tasks = Vec::new();
     let mut col0 = 0;
-    let per_task = if rows >= ONE_TILE_FROM_ROWS { 1 } else { TILES_PER_TASK };
+    let per_task = if rows >= LONG_TASKS_FROM_ROWS { TILES_PER_LONG_TASK } else { TILES_PER_TASK };
     for (p, part) in parts.iter().enumerate() {
         for t in (0..part.tiles()).step_by(per_task) {
             tasks.push((p, col0, t..(t + per_task).min(part.tiles())));
@@ -104,28 +106,39 @@ fn run(
     let out = OutPtr { ptr: y.as_mut_ptr(), len: y.len() };
     let task = |i: usize| {
         let (w, col0, tiles) = (parts[tasks[i].0], tasks[i].1, tasks[i].2.clone());
-        let mut block = [[0f32; TILE]; MAX_ROWS];
-        for t in tiles {
+        let mut blocks = [[[0f32; TILE]; MAX_ROWS]; 2];
+        let mut t = tiles.start;
+        while t < tiles.end {
+            // Two tiles at once where the task has them (the same bits as one at a time).
+            let pair = t + 1 < tiles.end;
             let tile = TileRef::new(w, t);
-            // The part's features of this tile, and where they go in the output.
-            let features = t * TILE..((t + 1) * TILE).min(w.n);
+            let next = pair.then(|| TileRef::new(w, t + 1));
             let mut r0 = 0;
             while r0 < rows {
                 let r_len = (rows - r0).min(MAX_ROWS);
-                tile_rows(level, &tile, acts, r0, r_len, &mut block);
-                let (first, len) = (col0 + features.start, features.len());
-                let bias = bias.map(|b| &b[first..first + len]);
-                for (r, sums) in block.iter().enumerate().take(r_len) {
-                    // SAFETY: these features belong to this task alone, so no other thread
-                    // touches the slice.
-                    let dst = unsafe { out.slice((r0 + r) * n + first, len) };
-                    match bias {
-                        Some(b) => dst.iter_mut().zip(sums).zip(b).for_each(|((d, &s), &b)| *d = s + b),
-                        None => dst.copy_from_slice(&sums[..len]),
+                let [first, second] = &mut blocks;
+                match &next {
+                    Some(next) => tile_pair_rows(level, [&tile, next], acts, r0, r_len, [first, second]),
+                    None => tile_rows(level, &tile, acts, r0, r_len, first),
+                }
+                for (block, tt) in blocks.iter().zip(t..t + 1 + usize::from(pair)) {
+                    // The part's features of this tile, and where they go in the output.
+                    let features = tt * TILE..((tt + 1) * TILE).min(w.n);
+                    let (first, len) = (col0 + features.start, features.len());
+                    let bias = bias.map(|b| &b[first..first + len]);
+                    for (r, sums) in block.iter().enumerate().take(r_len) {
+                        // SAFETY: these features belong to this task alone, so no other thread
+                        // touches the slice.
+                        let dst = unsafe { out.slice((r0 + r) * n + first, len) };
+                        match bias {
+                            Some(b) => dst.iter_mut().zip(sums).zip(b).for_each(|((d, &s), &b)| *d = s + b),
+                            None => dst.copy_from_slice(&sums[..len]),
+                        }
                     }
                 }
                 r0 += r_len;
             }
+            t += 1 + usize::from(pair);
         }
     };
     if rows * n * k >= 1 << 16 {

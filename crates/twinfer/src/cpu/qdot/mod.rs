@@ -456,6 +456,30 @@ pub(crate) fn tile_rows(
     }
 }
 
+/// [`tile_rows`] for two tiles of one matrix at once: on AVX-512 VNNI, Q8_0 tiles share each
+/// broadcast activation (the same bits as two calls); elsewhere two calls.
+pub(crate) fn tile_pair_rows(
+    level: SimdLevel,
+    t: [&TileRef<'_>; 2],
+    a: &QuantizedRows,
+    r0: usize,
+    rows: usize,
+    out: [&mut [[f32; TILE]; MAX_ROWS]; 2],
+) {
+    let [out0, out1] = out;
+    #[cfg(target_arch = "x86_64")]
+    if matches!(level, SimdLevel::Avx512(_)) && x86::has_vnni() && x86::pairs_apply(t[0]) && x86::pairs_apply(t[1]) {
+        t[0].check(a, r0, rows);
+        t[1].check(a, r0, rows);
+        assert!(t[0].blocks == t[1].blocks);
+        // SAFETY: this level exists only where AVX-512 F/BW was detected, VNNI was just detected,
+        // and `check` bounds every read of both tiles.
+        return unsafe { x86::tile_pair_rows_vnni(t, a, r0, rows, [&mut out0[..], &mut out1[..]]) };
+    }
+    tile_rows(level, t[0], a, r0, rows, out0);
+    tile_rows(level, t[1], a, r0, rows, out1);
+}
+
 /// Runs `f::<R>(args)` for a run-time row count 1..=4 (1..=2 with `narrow`).
 macro_rules! for_rows {
     ($rows:expr, $f:ident($($arg:expr),* $(,)?)) => {

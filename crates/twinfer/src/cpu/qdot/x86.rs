@@ -155,6 +155,120 @@ unsafe fn vnni_one_digit<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0:
     unsafe { vnni::<R, true>(t, a, r0, out) }
 }
 
+/// Two tiles of 8-bit codes with one scale a block and no minimum (Q8_0): [`vnni`]'s arithmetic
+/// for each tile, bit for bit, but each broadcast activation feeds both tiles and each block's
+/// scaling shares its loads, so the `vpdpbusd` are a larger share of the instructions.
+///
+/// # Safety
+/// AVX-512 F/BW/VNNI must be present, `t[i].check(a, r0, rows)` must hold for both, and both must
+/// be [`pairs_apply`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+pub(super) unsafe fn tile_pair_rows_vnni(
+    t: [&TileRef<'_>; 2],
+    a: &QuantizedRows,
+    r0: usize,
+    rows: usize,
+    out: [&mut [[f32; TILE]]; 2],
+) {
+    // SAFETY: forwarded.
+    unsafe {
+        match a.codes {
+            ActivationCodes::Int16 => for_rows!(rows, vnni_pair_two_digits(t, a, r0, out)),
+            ActivationCodes::Int8 => for_rows!(rows, vnni_pair_one_digit(t, a, r0, out)),
+        }
+    }
+}
+
+/// Whether [`tile_pair_rows_vnni`] takes these tiles.
+pub(super) fn pairs_apply(t: &TileRef<'_>) -> bool {
+    t.bits == 8 && t.halves == 1 && t.ds.is_empty() && t.m.is_empty()
+}
+
+/// [`vnni_pair`] over both digits of 16-bit codes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn vnni_pair_two_digits<const R: usize>(
+    t: [&TileRef<'_>; 2],
+    a: &QuantizedRows,
+    r0: usize,
+    out: [&mut [[f32; TILE]]; 2],
+) {
+    // SAFETY: forwarded.
+    unsafe { vnni_pair::<R, false>(t, a, r0, out) }
+}
+
+/// [`vnni_pair`] over the fine digits alone.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn vnni_pair_one_digit<const R: usize>(
+    t: [&TileRef<'_>; 2],
+    a: &QuantizedRows,
+    r0: usize,
+    out: [&mut [[f32; TILE]]; 2],
+) {
+    // SAFETY: forwarded.
+    unsafe { vnni_pair::<R, true>(t, a, r0, out) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn vnni_pair<const R: usize, const FINE_ONLY: bool>(
+    t: [&TileRef<'_>; 2],
+    a: &QuantizedRows,
+    r0: usize,
+    out: [&mut [[f32; TILE]]; 2],
+) {
+    let (bb, nb) = (t[0].block_bytes(), t[0].blocks);
+    let flip = _mm512_set1_epi8(-128);
+    // The digits summed: the coarse (0) and the fine (1), or the fine alone.
+    let digits = if FINE_ONLY { 1..2 } else { 0..2 };
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    for blk in 0..nb {
+        // SAFETY (all reads below): `check` guarantees nb blocks of codes and scales in each
+        // tile, and rows r0..r0+R of k activations (two digit rows each) with nb scales and sums.
+        unsafe {
+            let base = [t[0].codes.as_ptr().add(blk * bb), t[1].codes.as_ptr().add(blk * bb)];
+            prefetch_ahead(base[0], bb);
+            prefetch_ahead(base[1], bb);
+            let xs: [[*const i8; 2]; R] =
+                core::array::from_fn(|r| core::array::from_fn(|d| a.digits.as_ptr().add(a.digit_at(r0 + r, d, blk))));
+            // `[row][tile][digit]`; codes biased by 128, so the fine sums start at `-128 * Σq`,
+            // as in `vnni`.
+            let mut isum: [[[__m512i; 2]; 2]; R] = core::array::from_fn(|r| {
+                let less_zero = _mm512_set1_epi32(-128 * *a.qsum.get_unchecked((r0 + r) * nb + blk));
+                [[_mm512_setzero_si512(), less_zero]; 2]
+            });
+            for g in [0, 1, 2, 3, 4, 5, 6, 7] {
+                let v: [__m512i; 2] = core::array::from_fn(|i| {
+                    _mm512_xor_si512(_mm512_loadu_si512(base[i].add(g * 64) as *const __m512i), flip)
+                });
+                for r in 0..R {
+                    for d in digits.clone() {
+                        let x = _mm512_set1_epi32(quad(xs[r][d], g));
+                        for i in 0..2 {
+                            isum[r][i][d] = _mm512_dpbusd_epi32(isum[r][i][d], v[i], x);
+                        }
+                    }
+                }
+            }
+            let d = [scales16(t[0], blk, 0), scales16(t[1], blk, 0)];
+            for r in 0..R {
+                let dx = _mm512_set1_ps(*a.dx.get_unchecked((r0 + r) * nb + blk));
+                for i in 0..2 {
+                    let [coarse, fine] = isum[r][i];
+                    let s = if FINE_ONLY { fine } else { join_digits16(coarse, fine) };
+                    acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d[i], dx), acc[r][i]);
+                }
+            }
+        }
+    }
+    for (i, out) in out.into_iter().enumerate() {
+        for r in 0..R {
+            // SAFETY: out[r] holds TILE = 16 floats.
+            unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r][i]) };
+        }
+    }
+}
+
 /// `255 * coarse + fine`: a row's two digit sums joined (exact in i32).
 #[inline]
 #[target_feature(enable = "avx512f")]
