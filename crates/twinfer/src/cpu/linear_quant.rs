@@ -1,8 +1,8 @@
 //! `y = x · Wᵀ + b` with `W` block-quantized ([`PackedQuant`]): `x` is `[rows, k]` f32, `y` is
 //! `[rows, n]`. The activations are quantized per block of 32 first, to 16-bit codes or, when the
-//! caller trades accuracy for speed, 8-bit ones (see [`QuantizedRows`], [`ActivationCodes`]), then each tile of 16 features meets them in integer dot products
-//! ([`crate::cpu::qdot`]): 4-bit codes never become floats, and a block's sum is scaled once (once
-//! per half for Q6_K).
+//! caller trades accuracy for speed, 8-bit ones (see [`QuantizedRows`], [`ActivationCodes`]),
+//! then each tile of 16 features meets them in integer dot products ([`crate::cpu::qdot`]): 4-bit
+//! codes never become floats, and a block's sum is scaled once (once per half for Q6_K).
 //!
 //! Every output element's arithmetic is the same whatever the batch (each row is quantized and
 //! summed alone, in a fixed order), so a sequence's logits are bit-identical alone or batched.
@@ -23,7 +23,8 @@ const TILES_PER_TASK: usize = 4;
 /// the tiles of a small projection (36 for a 576-wide one) still split evenly between the threads,
 /// where 9 tasks of 4 left one thread idle for a ninth of the call.
 const LONG_TASKS_FROM_ROWS: usize = 32;
-/// Two tiles, which the VNNI kernel takes at once for Q8_0 (each broadcast activation feeds both).
+/// Two tiles, which the VNNI kernel takes at once for the legacy formats (each broadcast
+/// activation feeds both).
 const TILES_PER_LONG_TASK: usize = 2;
 
 thread_local! {

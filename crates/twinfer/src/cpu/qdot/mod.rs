@@ -456,8 +456,9 @@ pub(crate) fn tile_rows(
     }
 }
 
-/// [`tile_rows`] for two tiles of one matrix at once: on AVX-512 VNNI, Q8_0 tiles share each
-/// broadcast activation (the same bits as two calls); elsewhere two calls.
+/// [`tile_rows`] for two tiles of one matrix at once: on AVX-512 VNNI, tiles with one scale a
+/// block (the legacy formats) share each broadcast activation (the same bits as two calls);
+/// elsewhere two calls.
 pub(crate) fn tile_pair_rows(
     level: SimdLevel,
     t: [&TileRef<'_>; 2],

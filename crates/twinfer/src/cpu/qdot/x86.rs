@@ -155,9 +155,10 @@ unsafe fn vnni_one_digit<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0:
     unsafe { vnni::<R, true>(t, a, r0, out) }
 }
 
-/// Two tiles of 8-bit codes with one scale a block and no minimum (Q8_0): [`vnni`]'s arithmetic
-/// for each tile, bit for bit, but each broadcast activation feeds both tiles and each block's
-/// scaling shares its loads, so the `vpdpbusd` are a larger share of the instructions.
+/// Two tiles of a format with one scale a block (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; not the K-quants):
+/// [`vnni`]'s
+/// arithmetic for each tile, bit for bit, but each broadcast activation feeds both tiles and each
+/// block's scaling shares its loads, so the `vpdpbusd` are a larger share of the instructions.
 ///
 /// # Safety
 /// AVX-512 F/BW/VNNI must be present, `t[i].check(a, r0, rows)` must hold for both, and both must
@@ -181,7 +182,7 @@ pub(super) unsafe fn tile_pair_rows_vnni(
 
 /// Whether [`tile_pair_rows_vnni`] takes these tiles.
 pub(super) fn pairs_apply(t: &TileRef<'_>) -> bool {
-    t.bits == 8 && t.halves == 1 && t.ds.is_empty() && t.m.is_empty()
+    t.halves == 1 && t.ds.is_empty() && t.ms.is_empty()
 }
 
 /// [`vnni_pair`] over both digits of 16-bit codes.
@@ -218,7 +219,10 @@ unsafe fn vnni_pair<const R: usize, const FINE_ONLY: bool>(
     out: [&mut [[f32; TILE]]; 2],
 ) {
     let (bb, nb) = (t[0].block_bytes(), t[0].blocks);
+    let low = _mm512_set1_epi8(0x0f);
     let flip = _mm512_set1_epi8(-128);
+    // 8-bit codes are biased by 128 here, so their zero is 128, as in `vnni`.
+    let zero = if t[0].bits == 8 { 128 } else { t[0].zero };
     // The digits summed: the coarse (0) and the fine (1), or the fine alone.
     let digits = if FINE_ONLY { 1..2 } else { 0..2 };
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
@@ -231,21 +235,40 @@ unsafe fn vnni_pair<const R: usize, const FINE_ONLY: bool>(
             prefetch_ahead(base[1], bb);
             let xs: [[*const i8; 2]; R] =
                 core::array::from_fn(|r| core::array::from_fn(|d| a.digits.as_ptr().add(a.digit_at(r0 + r, d, blk))));
-            // `[row][tile][digit]`; codes biased by 128, so the fine sums start at `-128 * Σq`,
-            // as in `vnni`.
+            // `[row][tile][digit]`; the fine sums start at the zero code's share, `-zero * Σq`.
             let mut isum: [[[__m512i; 2]; 2]; R] = core::array::from_fn(|r| {
-                let less_zero = _mm512_set1_epi32(-128 * *a.qsum.get_unchecked((r0 + r) * nb + blk));
+                let less_zero = _mm512_set1_epi32(-zero * *a.qsum.get_unchecked((r0 + r) * nb + blk));
                 [[_mm512_setzero_si512(), less_zero]; 2]
             });
-            for g in [0, 1, 2, 3, 4, 5, 6, 7] {
-                let v: [__m512i; 2] = core::array::from_fn(|i| {
-                    _mm512_xor_si512(_mm512_loadu_si512(base[i].add(g * 64) as *const __m512i), flip)
-                });
-                for r in 0..R {
-                    for d in digits.clone() {
-                        let x = _mm512_set1_epi32(quad(xs[r][d], g));
-                        for i in 0..2 {
-                            isum[r][i][d] = _mm512_dpbusd_epi32(isum[r][i][d], v[i], x);
+            if t[0].bits == 4 {
+                // Each byte holds inputs g and g + 16 of a feature's block: low and high nibbles.
+                for g in [0, 1, 2, 3] {
+                    let v: [__m512i; 2] =
+                        core::array::from_fn(|i| _mm512_loadu_si512(base[i].add(g * 64) as *const __m512i));
+                    let lo = v.map(|v| _mm512_and_si512(v, low));
+                    let hi = v.map(|v| _mm512_and_si512(_mm512_srli_epi16::<4>(v), low));
+                    for r in 0..R {
+                        for d in digits.clone() {
+                            let x_lo = _mm512_set1_epi32(quad(xs[r][d], g));
+                            let x_hi = _mm512_set1_epi32(quad(xs[r][d], g + 4));
+                            for i in 0..2 {
+                                let s = _mm512_dpbusd_epi32(isum[r][i][d], lo[i], x_lo);
+                                isum[r][i][d] = _mm512_dpbusd_epi32(s, hi[i], x_hi);
+                            }
+                        }
+                    }
+                }
+            } else {
+                for g in [0, 1, 2, 3, 4, 5, 6, 7] {
+                    let v: [__m512i; 2] = core::array::from_fn(|i| {
+                        _mm512_xor_si512(_mm512_loadu_si512(base[i].add(g * 64) as *const __m512i), flip)
+                    });
+                    for r in 0..R {
+                        for d in digits.clone() {
+                            let x = _mm512_set1_epi32(quad(xs[r][d], g));
+                            for i in 0..2 {
+                                isum[r][i][d] = _mm512_dpbusd_epi32(isum[r][i][d], v[i], x);
+                            }
                         }
                     }
                 }
@@ -257,6 +280,15 @@ unsafe fn vnni_pair<const R: usize, const FINE_ONLY: bool>(
                     let [coarse, fine] = isum[r][i];
                     let s = if FINE_ONLY { fine } else { join_digits16(coarse, fine) };
                     acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d[i], dx), acc[r][i]);
+                }
+            }
+            let m = [minima16(t[0], blk), minima16(t[1], blk)];
+            for (i, m) in m.into_iter().enumerate() {
+                if let Some(m) = m {
+                    for r in 0..R {
+                        let sx = _mm512_set1_ps(*a.sx.get_unchecked((r0 + r) * nb + blk));
+                        acc[r][i] = _mm512_fmadd_ps(m, sx, acc[r][i]);
+                    }
                 }
             }
         }
