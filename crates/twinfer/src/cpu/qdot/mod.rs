@@ -472,7 +472,8 @@ pub(crate) fn tile_pair_rows(
     if matches!(level, SimdLevel::Avx512(_)) && x86::has_vnni() && x86::pairs_apply(t[0]) && x86::pairs_apply(t[1]) {
         t[0].check(a, r0, rows);
         t[1].check(a, r0, rows);
-        assert!(t[0].blocks == t[1].blocks);
+        // The kernel reads the format from the first tile: both must be tiles of one matrix.
+        assert!(t[0].blocks == t[1].blocks && t[0].bits == t[1].bits && t[0].zero == t[1].zero);
         // SAFETY: this level exists only where AVX-512 F/BW was detected, VNNI was just detected,
         // and `check` bounds every read of both tiles.
         return unsafe { x86::tile_pair_rows_vnni(t, a, r0, rows, [&mut out0[..], &mut out1[..]]) };
