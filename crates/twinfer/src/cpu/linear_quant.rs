@@ -338,6 +338,59 @@ mod tests {
         }
     }
 
+    /// The kernels' narrowest sums at their widest: every 4-bit code 15 but the one that sets
+    /// each block's minimum or scale, every activation code the largest of either sign (AVX2 sums
+    /// a block's byte products of 8-bit codes in 16 bits, up to 30480 of 32767). Each level gives
+    /// the scalar level's bits and the f64 product within f32 rounding.
+    #[test]
+    fn the_largest_codes_sum_exactly_on_every_level() {
+        let (n, k) = (32, 256);
+        // Q4_1: the block's minimum 0 is code 0 and 1.0 code 15. Q4_0: the first element, +1.0,
+        // sets the scale -1/8, so -0.99 lands on code 16, clamped to 15.
+        type Weight = fn(usize) -> f32;
+        let weights: [(QuantFormat, Weight); 2] = [
+            (QuantFormat::Q4_1, |j| if j % BLOCK == 0 { 0.0 } else { 1.0 }),
+            (QuantFormat::Q4_0, |j| if j % BLOCK == 0 { 1.0 } else { -0.99 }),
+        ];
+        for (format, weight) in weights {
+            let w: Vec<f32> = (0..n * k).map(|i| weight(i % k)).collect();
+            let rows_q = QuantRows::quantize(format, &w, n, k).unwrap();
+            let reference = rows_q.to_f32();
+            let packed = PackedQuant::from_rows(&rows_q).unwrap();
+            for (sign, codes, rows) in [1.0f32, -1.0]
+                .into_iter()
+                .flat_map(|s| [ActivationCodes::Int16, ActivationCodes::Int8].map(|c| (s, c)))
+                .flat_map(|(s, c)| (1..=4).map(move |r| (s, c, r)))
+            {
+                let x = vec![sign; rows * k];
+                let mut scalar_bits: Option<Vec<u32>> = None;
+                for level in SimdLevel::available() {
+                    let mut y = vec![f32::NAN; rows * n];
+                    linear_quant(level, codes, &x, rows, &packed, None, &mut y).unwrap();
+                    for (i, &got) in y.iter().enumerate() {
+                        let c = i % n;
+                        let exact: f64 = (0..k).map(|j| reference[c * k + j] as f64 * sign as f64).sum();
+                        let bound = 16.0 * f32::EPSILON as f64 * exact.abs().max(1.0);
+                        assert!(
+                            (got as f64 - exact).abs() <= bound,
+                            "{level} {format:?} {codes:?} x = {sign}, {rows} rows: {got} vs {exact}"
+                        );
+                    }
+                    // wasm has no fused multiply-add: its bits may differ.
+                    #[cfg(not(target_arch = "wasm32"))]
+                    {
+                        let bits: Vec<u32> = y.iter().map(|v| v.to_bits()).collect();
+                        match &scalar_bits {
+                            Some(want) => assert_eq!(&bits, want, "{level} {format:?} {codes:?}: differs"),
+                            None => scalar_bits = Some(bits),
+                        }
+                    }
+                }
+                let _ = &mut scalar_bits;
+            }
+        }
+    }
+
     #[test]
     fn shape_errors_are_typed() {
         let rows = QuantRows::quantize(QuantFormat::Q8_0, &[0.0; 64], 2, 32).unwrap();

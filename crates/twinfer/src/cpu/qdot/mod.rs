@@ -18,7 +18,8 @@
 //! The cost against f32 activations is the activations' rounding: half a step, `1/64770` of the
 //! block's largest magnitude per element (8-bit codes alone: `1/254`); the tests bound it.
 //! [`ActivationCodes::Int8`] takes that cost for speed, as llama.cpp's Q8 activations do: its
-//! codes are one int8 digit (the coarse one is zero), and the VNNI kernel skips the other.
+//! codes are one int8 digit (the coarse one is zero): the VNNI kernel skips the other, and AVX2
+//! multiplies them with 4-bit weights as bytes.
 
 #[cfg(target_arch = "aarch64")]
 mod neon;

@@ -8,7 +8,9 @@
 //!
 //! AVX2 once multiplied bytes (`vpmaddubsw`) digit by digit: per 64 products of a row 6
 //! multiplies (two digits of 2 `vpmaddubsw` and a widening `vpmaddwd`) against 4 `vpmaddwd`
-//! on the 16-bit codes, whose weights widen once for all the rows.
+//! on the 16-bit codes, whose weights widen once for all the rows. With 8-bit codes (one digit)
+//! and 4-bit weights it multiplies bytes again: 2 `vpmaddubsw` per 64 products, their 16-bit sums
+//! widened once a block.
 
 use core::arch::x86_64::*;
 use core::ptr::read_unaligned;
@@ -428,13 +430,21 @@ pub(super) unsafe fn tile_rows_avx2(
     rows: usize,
     out: &mut [[f32; TILE]],
 ) {
+    // 8-bit codes times 4-bit weights fit `vpmaddubsw`'s byte products (below); 8-bit weights
+    // keep the 16-bit products, which are as many instructions as byte products with the sign
+    // trick those would need.
+    let one_digit = a.codes == ActivationCodes::Int8 && t.bits == 4;
     // SAFETY: forwarded.
     unsafe {
-        match rows {
-            1 => avx2::<1, 2>(t, a, r0, out),
-            2 => avx2::<2, 2>(t, a, r0, out),
-            3 => avx2::<3, 1>(t, a, r0, out),
-            _ => avx2::<4, 1>(t, a, r0, out),
+        match (rows, one_digit) {
+            (1, false) => avx2::<1, 2, false>(t, a, r0, out),
+            (2, false) => avx2::<2, 2, false>(t, a, r0, out),
+            (3, false) => avx2::<3, 1, false>(t, a, r0, out),
+            (_, false) => avx2::<4, 1, false>(t, a, r0, out),
+            (1, true) => avx2::<1, 2, true>(t, a, r0, out),
+            (2, true) => avx2::<2, 2, true>(t, a, r0, out),
+            (3, true) => avx2::<3, 1, true>(t, a, r0, out),
+            (_, true) => avx2::<4, 1, true>(t, a, r0, out),
         }
     }
 }
@@ -462,15 +472,27 @@ fn feature_sums(pairs_a: __m256i, pairs_b: __m256i) -> __m256i {
 /// two rows, whose accumulators leave room, so that each activation broadcast and block scale
 /// serves 16 features; one half at a time for more rows.
 ///
+/// `BYTES` (4-bit weights and 8-bit codes only): the codes' fine digits times the nibbles in
+/// `vpmaddubsw` (unsigned times signed bytes, pairs summed to 16 bits), the block's 8 products
+/// summed in 16 bits (at most `8 * 2 * 15 * 127 = 30480`, no saturation) and widened once by
+/// `vpmaddwd` with ones: half the instructions of the 16-bit products, and the same integers,
+/// so the same bits.
+///
 /// A block's float part (scales, conversion, two chained FMAs) runs at the top of the next
 /// block's step, ahead of that block's integer sums in program order: its inputs are ready, so its
 /// latency overlaps the integer work instead of holding the reorder buffer at the block's end.
 /// The operations and their order per output are unchanged.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn avx2<const R: usize, const H: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, out: &mut [[f32; TILE]]) {
+unsafe fn avx2<const R: usize, const H: usize, const BYTES: bool>(
+    t: &TileRef<'_>,
+    a: &QuantizedRows,
+    r0: usize,
+    out: &mut [[f32; TILE]],
+) {
     let (bb, nb) = (t.block_bytes(), t.blocks);
     let low = _mm256_set1_epi8(0x0f);
     let zero = _mm256_setzero_si256();
+    let ones = _mm256_set1_epi16(1);
     for h0 in (0..2).step_by(H) {
         let mut acc = [[_mm256_setzero_ps(); H]; R];
         // The integer feature sums of the previous block, per half of its inputs.
@@ -513,6 +535,31 @@ unsafe fn avx2<const R: usize, const H: usize>(t: &TileRef<'_>, a: &QuantizedRow
                 let base = t.codes.as_ptr().add(blk * bb + h0 * 32);
                 if h0 == 0 {
                     prefetch_ahead(base, bb);
+                }
+                if BYTES {
+                    // 4-bit codes have one half (`check`).
+                    let fine: [*const i8; R] =
+                        core::array::from_fn(|r| a.digits.as_ptr().add(a.digit_at(r0 + r, 1, blk)));
+                    let mut prods = [[zero; H]; R];
+                    for g in 0..4 {
+                        for hh in 0..H {
+                            let v = _mm256_loadu_si256(base.add(g * 64 + 32 * hh) as *const __m256i);
+                            let lo = _mm256_and_si256(v, low);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                            for r in 0..R {
+                                let xl = _mm256_set1_epi32(quad(fine[r], g));
+                                let xh = _mm256_set1_epi32(quad(fine[r], g + 4));
+                                let p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+                                prods[r][hh] = _mm256_add_epi16(prods[r][hh], p);
+                            }
+                        }
+                    }
+                    for r in 0..R {
+                        for hh in 0..H {
+                            sums[0][r][hh] = _mm256_madd_epi16(prods[r][hh], ones);
+                        }
+                    }
+                    continue;
                 }
                 let xs: [*const i16; R] = core::array::from_fn(|r| a.q.as_ptr().add((r0 + r) * a.k + blk * BLOCK));
                 for (half, sums) in sums.iter_mut().enumerate().take(t.halves) {
