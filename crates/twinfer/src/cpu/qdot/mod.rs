@@ -54,8 +54,9 @@ pub enum ActivationCodes {
     #[default]
     Int16,
     /// Codes up to 127 (llama.cpp's Q8 activations): half a step is `1/254` of the block's
-    /// largest magnitude, and int8 dot products (VNNI) take one digit, so prompts multiply twice
-    /// as fast. The rounding moves logits visibly (see the README's measurements).
+    /// largest magnitude, and int8 dot products take one digit, so prompts multiply about twice
+    /// as fast (VNNI with every format; AVX2 with 4-bit weights). The rounding moves logits
+    /// visibly (see the README's measurements).
     Int8,
 }
 
