@@ -54,6 +54,13 @@ export interface LoadOptions {
    * file is never held in wasm memory. GGUF files keep their own formats.
    */
   quantize?: "q8_0" | "q4_0" | "q4_1" | "q5_0" | "q5_1";
+  /**
+   * How finely quantized projections (GGUF files, or `quantize`) quantize their activations, per
+   * block of 32 (the wasm engine; WebGPU keeps f32): "int16" (default) is near f32; "int8" is
+   * llama.cpp's Q8 activations, about 1e-2 of the top logit off, and multiplies 4-bit weights
+   * with half the instructions in the relaxed-SIMD build.
+   */
+  activations?: "int16" | "int8";
   /** Tokens per KV page (default 16). */
   pageSize?: number;
   /** KV cache budget in bytes (default 128 MiB). */

@@ -76,9 +76,11 @@ export class Twinfer {
    * Loads a model (replacing the one held): a base URL, a Map of file name -> ArrayBuffer / Blob /
    * File / Response, a File list, or the Response of its config.json. `options`: `{ onProgress,
    * signal, cache, sha256, digests, quantize, pageSize, kvMemoryBytes, kvDtype, maxBatchTokens,
-   * maxRunning, prefixCache }`. In a browser a URL source goes through the model cache unless
-   * `cache: false`. `quantize` ('q8_0', 'q4_0', 'q4_1', 'q5_0' or 'q5_1') converts a float model's
-   * projections as the safetensors bytes arrive, so only the quantized model is ever held.
+   * maxRunning, prefixCache, activations }`. In a browser a URL source goes through the model
+   * cache unless `cache: false`. `quantize` ('q8_0', 'q4_0', 'q4_1', 'q5_0' or 'q5_1') converts a
+   * float model's projections as the safetensors bytes arrive, so only the quantized model is ever
+   * held. `activations: 'int8'` quantizes the inputs of quantized projections to 8-bit codes
+   * (faster on 4-bit weights in the relaxed-SIMD build, less accurate; default 'int16').
    */
   async loadModel(source, options = {}) {
     const { onProgress, signal, cache, sha256, digests, ...engine } = options;

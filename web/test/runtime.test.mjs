@@ -191,6 +191,20 @@ test("quantize: q8_0 converts the projections as they load; the tokens equal the
   assert.deepEqual(result.tokens, native.tokens);
 });
 
+test("activations: int8 on q4_0 projections; the tokens equal the native build's --activations int8", async () => {
+  const tf = await engineWith(QWEN, { quantize: "q4_0", activations: "int8" });
+  const prompt = "The café by the market";
+  const { result } = await collect(tf.generate(prompt, { maxTokens: 12, ignoreEos: true }));
+  await tf.dispose();
+  if (!CLI) {
+    console.warn("SKIPPED the native comparison: TWINFER_CLI is not set (scripts/test-wasm.sh sets it)");
+    return;
+  }
+  const args = ["run", "--json", "--model", QWEN, "--prompt", prompt, "--max-tokens", "12", "--quantize", "q4_0", "--activations", "int8"];
+  const native = JSON.parse(execFileSync(CLI, args, { encoding: "utf8" }));
+  assert.deepEqual(result.tokens, native.tokens);
+});
+
 test("a later prompt that starts like a finished one takes its KV from the prefix cache, tokens unchanged", async () => {
   const first = Array.from({ length: 150 }, (_, i) => 3 + ((i * 7) % 500));
   const run = async (tf, ids) => (await collect(tf.generate(ids, { maxTokens: 20, ignoreEos: true }))).result;
@@ -321,6 +335,7 @@ test("bad input gets typed errors, and the engine stays usable", async () => {
   // No model yet: generate says so.
   await assert.rejects(collect(tf.generate("hi")), (e) => e instanceof TwinferError && /decoder/.test(e.message));
 
+  await assert.rejects(tf.loadModel(files, { activations: "int4" }), (e) => e.code === "InvalidParameter" && /activations/.test(e.message));
   await tf.loadModel(files, { kvMemoryBytes: 64 << 10, pageSize: 16 });
   const g = golden(LLAMA);
   await assert.rejects(collect(tf.generate(g.prompt_ids, { maxTokens: 100000 })), KvCacheFullError);

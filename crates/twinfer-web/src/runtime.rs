@@ -14,7 +14,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use twinfer::cpu::SimdLevel;
+use twinfer::cpu::{ActivationCodes, SimdLevel};
 use twinfer::engine::{EngineConfig, Event, FinishReason, RequestId, Scheduler};
 use twinfer::model::{BertModel, ChatMessage, ChatTemplate, Model, Network, Tokenizer};
 use twinfer::{Attention, Backend, BackendInfo, DType, TwinferError};
@@ -108,7 +108,8 @@ impl Runtime {
     }
 
     /// Loads a model from `files` (which are emptied: their bytes move into the model).
-    /// `options`: `{ pageSize, kvMemoryBytes, kvDtype: "f16" | "f32", maxBatchTokens, maxRunning, prefixCache }`.
+    /// `options`: `{ pageSize, kvMemoryBytes, kvDtype: "f16" | "f32", maxBatchTokens, maxRunning, prefixCache,
+    /// quantize, activations: "int16" | "int8" }`.
     /// On WebGPU the weights go to the GPU here, with `on_upload(bytesDone, bytesTotal)` after
     /// each matrix.
     pub fn load(
@@ -131,8 +132,11 @@ impl Runtime {
         .map_err(to_js_error)?;
         // Streamed tensors are quantized already; this converts what is still float (a GGUF
         // file's float matrices, or a model handed over without `quantizeTo`).
-        if let (Some(format), Network::Decoder(m)) = (config.quantize, &mut model.network) {
-            m.quantize(format).map_err(to_js_error)?;
+        if let Network::Decoder(m) = &mut model.network {
+            if let Some(format) = config.quantize {
+                m.quantize(format).map_err(to_js_error)?;
+            }
+            m.set_activations(config.activations);
         }
         let description = model.describe();
         let chat = model.chat().map_err(to_js_error)?;
@@ -385,6 +389,11 @@ fn engine_config(options: &JsValue, cpu_decode: bool) -> Result<EngineConfig> {
             .as_deref()
             .map(|n| twinfer::quant::QuantFormat::parse(n).map(Into::into))
             .transpose()?,
+        activations: match o.string("activations")? {
+            Some(name) => ActivationCodes::parse(&name)
+                .map_err(|_| TwinferError::InvalidParameter(format!("options.activations {name:?}: int16 or int8")))?,
+            None => d.activations,
+        },
         ..d
     })
 }

@@ -6,11 +6,13 @@
 //! one instruction sums four activation bytes times four codes per feature. Its result is defined
 //! exactly when the second operand's bytes fit 7 bits, which nibbles (0..=15) do, so the sums are
 //! the same integers as the plain path's; 8-bit codes (-128..=127) take the 16-bit products.
+//! With 8-bit activation codes ([`super::ActivationCodes::Int8`]) the coarse digits are zero, and
+//! the relaxed build skips their dot products: half the instructions on 4-bit weights.
 
 use core::arch::wasm32::*;
 use core::ptr::read_unaligned;
 
-use super::{DIGIT_BASE, F16_REBASE, QuantizedRows, TileRef, for_rows};
+use super::{ActivationCodes, DIGIT_BASE, F16_REBASE, QuantizedRows, TileRef, for_rows};
 use crate::quant::{BLOCK, TILE};
 
 /// # Safety
@@ -88,13 +90,18 @@ unsafe fn quad16(x: *const i16, i: usize) -> v128 {
 const RELAXED_DOT: bool = cfg!(all(feature = "relaxed-simd", target_feature = "relaxed-simd"));
 
 /// A 4-bit block's integer sums for one quarter tile (features `4q .. 4q + 4` at `base`) and
-/// each row: `Σ lo(code) * x[4g + j] + hi(code) * x[16 + 4g + j]` over the 4 code rows.
+/// each row: `Σ lo(code) * x[4g + j] + hi(code) * x[16 + 4g + j]` over the 4 code rows, per digit
+/// from `FIRST_DIGIT` (1: the fine digits alone, whose coarse ones are zero; the coarse sums stay
+/// zero).
 ///
 /// # Safety
 /// As the kernel's reads: 4 code rows of 64 bytes from `base`, 32 activation bytes per row.
 #[cfg(all(feature = "relaxed-simd", target_feature = "relaxed-simd"))]
 #[inline(always)]
-unsafe fn nibble_dots<const R: usize>(base: *const u8, xs: &[[*const i8; 2]; R]) -> [[v128; 2]; R] {
+unsafe fn nibble_dots<const R: usize, const FIRST_DIGIT: usize>(
+    base: *const u8,
+    xs: &[[*const i8; 2]; R],
+) -> [[v128; 2]; R] {
     let mut p = [[i32x4_splat(0); 2]; R];
     for g in 0..4 {
         // SAFETY: forwarded from the caller.
@@ -102,7 +109,7 @@ unsafe fn nibble_dots<const R: usize>(base: *const u8, xs: &[[*const i8; 2]; R])
             let v = v128_load(base.add(g * 64) as *const v128);
             let (lo, hi) = (v128_and(v, u8x16_splat(0x0f)), u8x16_shr(v, 4));
             for r in 0..R {
-                for d in 0..2 {
+                for d in FIRST_DIGIT..2 {
                     p[r][d] = i32x4_relaxed_dot_i8x16_i7x16_add(quad(xs[r][d], g), lo, p[r][d]);
                     p[r][d] = i32x4_relaxed_dot_i8x16_i7x16_add(quad(xs[r][d], g + 4), hi, p[r][d]);
                 }
@@ -115,7 +122,10 @@ unsafe fn nibble_dots<const R: usize>(base: *const u8, xs: &[[*const i8; 2]; R])
 /// The plain build never calls it (`RELAXED_DOT` is false there).
 #[cfg(not(all(feature = "relaxed-simd", target_feature = "relaxed-simd")))]
 #[inline(always)]
-unsafe fn nibble_dots<const R: usize>(_base: *const u8, _xs: &[[*const i8; 2]; R]) -> [[v128; 2]; R] {
+unsafe fn nibble_dots<const R: usize, const FIRST_DIGIT: usize>(
+    _base: *const u8,
+    _xs: &[[*const i8; 2]; R],
+) -> [[v128; 2]; R] {
     unreachable!("relaxed SIMD is not in this build")
 }
 
@@ -141,7 +151,10 @@ unsafe fn kernel<const R: usize>(t: &TileRef<'_>, a: &QuantizedRows, r0: usize, 
                         let xs: [[*const i8; 2]; R] = core::array::from_fn(|r| {
                             core::array::from_fn(|d| a.digits.as_ptr().add(a.digit_at(r0 + r, d, blk)))
                         });
-                        dots = Some(nibble_dots::<R>(base, &xs));
+                        dots = Some(match a.codes {
+                            ActivationCodes::Int16 => nibble_dots::<R, 0>(base, &xs),
+                            ActivationCodes::Int8 => nibble_dots::<R, 1>(base, &xs),
+                        });
                     } else if t.bits == 4 {
                         for g in 0..4 {
                             let v = v128_load(base.add(g * 64) as *const v128);
