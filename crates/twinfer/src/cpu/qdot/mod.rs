@@ -30,6 +30,8 @@ mod scalar;
 mod wasm;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_avx2;
 
 use crate::cpu::SimdLevel;
 use crate::quant::{BLOCK, PackedQuant, QuantFormat, TILE};
@@ -434,7 +436,7 @@ pub(crate) fn tile_rows(
             return unsafe { x86::tile_rows_vnni(t, a, r0, rows, out) };
         }
         // SAFETY: AVX-512 machines and the Avx2 level have AVX2, FMA and F16C (detected).
-        SimdLevel::Avx512(_) | SimdLevel::Avx2(_) => return unsafe { x86::tile_rows_avx2(t, a, r0, rows, out) },
+        SimdLevel::Avx512(_) | SimdLevel::Avx2(_) => return unsafe { x86_avx2::tile_rows_avx2(t, a, r0, rows, out) },
         _ => {}
     }
     for c in (0..rows).step_by(NARROW_ROWS) {
