@@ -20,6 +20,7 @@ pub mod model;
 pub mod quant;
 pub mod reference;
 mod wait;
+mod weight_slab;
 
 pub use attention::{
     AttentionOutput, AttentionParams, DecodeInput, KvInput, PrefillInput, merge_state, merge_state_in_place,

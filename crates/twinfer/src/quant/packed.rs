@@ -30,6 +30,7 @@ use half::f16;
 use crate::error::{Result, TwinferError};
 use crate::quant::kquant::{self, KBlock, SUB_BLOCKS};
 use crate::quant::{BLOCK, QuantFormat, QuantRows};
+use crate::weight_slab::Slab;
 
 /// Output features per tile: one 512-bit vector of i32 lanes.
 pub const TILE: usize = 16;
@@ -43,15 +44,15 @@ pub struct PackedQuant {
     pub n: usize,
     /// Input features per row, a multiple of 32.
     pub k: usize,
-    codes: Vec<u8>,
+    codes: Slab<u8>,
     /// `[tiles][groups][TILE]` f16 scales.
-    d: Vec<f16>,
+    d: Slab<f16>,
     /// The minima (Q4_1, Q4_K), laid out as `d`; empty otherwise.
-    m: Vec<f16>,
+    m: Slab<f16>,
     /// The K-quants' multipliers of `d`, `[tiles][blocks][halves][TILE]`; empty otherwise.
-    ds: Vec<i8>,
+    ds: Slab<i8>,
     /// Q4_K's and Q5_K's multipliers of `m`, `[tiles][blocks][TILE]`; empty otherwise.
-    ms: Vec<i8>,
+    ms: Slab<i8>,
 }
 
 impl QuantFormat {
@@ -142,14 +143,19 @@ impl PackedQuant {
             format,
             n,
             k,
-            codes: vec![0; tiles * blocks * Self::tile_block_bytes(format)],
-            d: vec![f16::ZERO; scales],
-            m: if format.has_minima() { vec![f16::ZERO; scales] } else { Vec::new() },
-            ds: if format.is_k_quant() { vec![0; tiles * blocks * format.halves() * TILE] } else { Vec::new() },
-            ms: if matches!(format, QuantFormat::Q4_K | QuantFormat::Q5_K) {
-                vec![0; tiles * blocks * TILE]
+            // In huge-page chunks: decode streams these every token (`weight_slab`).
+            codes: Slab::zeroed(tiles * blocks * Self::tile_block_bytes(format)),
+            d: Slab::zeroed(scales),
+            m: if format.has_minima() { Slab::zeroed(scales) } else { Slab::default() },
+            ds: if format.is_k_quant() {
+                Slab::zeroed(tiles * blocks * format.halves() * TILE)
             } else {
-                Vec::new()
+                Slab::default()
+            },
+            ms: if matches!(format, QuantFormat::Q4_K | QuantFormat::Q5_K) {
+                Slab::zeroed(tiles * blocks * TILE)
+            } else {
+                Slab::default()
             },
         }
     }
