@@ -16,12 +16,13 @@ use crate::cpu::qdot::{ActivationCodes, MAX_ROWS, QuantizedRows, TileRef, tile_p
 use crate::error::{Result, TwinferError, check_len};
 use crate::quant::{BLOCK, PackedQuant, TILE};
 
-/// Below this many rows (decode-sized batches) a call streams its weights once, and each part is
-/// cut into one run of tiles per thread, so each thread reads one contiguous stream. Runs of 4
-/// tiles claimed in turn interleaved the threads' reads: decoding SmolLM2 Q4_1 on a 2-core Zen 3
-/// VM, one run per thread took each projection 4-24% less time (median 13%; steps alternated
-/// within one process), and runs of a quarter part fell between.
-///
+/// Tiles per task below [`LONG_TASKS_FROM_ROWS`] rows (decode-sized batches), where a call
+/// streams its weights once. Each thread walks its own contiguous share of the tasks and then
+/// takes tasks from the back of the others' ([`crate::cpu::parallel::for_each_in_shares`]), so
+/// each reads one stream. Claimed in turn, the tasks interleaved the threads' reads: decoding
+/// SmolLM2 Q4_1 on a 2-core Zen 3 VM, one run per thread took each projection 4-24% less time
+/// (median 13%; steps alternated within one process).
+const TILES_PER_TASK: usize = 4;
 /// From this many rows on, a task is [`TILES_PER_LONG_TASK`] tiles: each takes long enough that
 /// the tiles of a small projection (36 for a 576-wide one) still split evenly between the threads,
 /// where 9 tasks of 4 left one thread idle for a ninth of the call.
@@ -100,10 +101,8 @@ fn run(
     // (part, its first output feature, the part's tiles of this task)
     let mut tasks = Vec::new();
     let mut col0 = 0;
-    let threads = crate::cpu::parallel::worker_count();
+    let per_task = if rows >= LONG_TASKS_FROM_ROWS { TILES_PER_LONG_TASK } else { TILES_PER_TASK };
     for (p, part) in parts.iter().enumerate() {
-        let per_task =
-            if rows >= LONG_TASKS_FROM_ROWS { TILES_PER_LONG_TASK } else { part.tiles().div_ceil(threads).max(1) };
         for t in (0..part.tiles()).step_by(per_task) {
             tasks.push((p, col0, t..(t + per_task).min(part.tiles())));
         }
@@ -147,7 +146,9 @@ fn run(
             t += 1 + usize::from(pair);
         }
     };
-    if rows * n * k >= 1 << 16 {
+    if rows * n * k >= 1 << 16 && rows < LONG_TASKS_FROM_ROWS {
+        crate::cpu::parallel::for_each_in_shares(tasks.len(), task);
+    } else if rows * n * k >= 1 << 16 {
         crate::cpu::parallel::for_each(tasks.len(), task);
     } else {
         (0..tasks.len()).for_each(task);
