@@ -115,8 +115,8 @@ mod chunks {
         /// A zeroed mapping of at least `len` bytes, advised for huge pages before its first touch.
         /// `None` where the OS refuses the mapping (the caller falls back to a vector).
         fn map(len: usize) -> Option<Self> {
-            let len = len.next_multiple_of(HUGE_PAGE);
-            let mut map = MmapMut::map_anon(len + HUGE_PAGE).ok()?;
+            let len = len.checked_next_multiple_of(HUGE_PAGE)?;
+            let mut map = MmapMut::map_anon(len.checked_add(HUGE_PAGE)?).ok()?;
             let start = (map.as_ptr() as usize).next_multiple_of(HUGE_PAGE) - map.as_ptr() as usize;
             // Advice only: where the OS has no huge pages, the chunk still works in small ones.
             let _ = map.advise_range(Advice::HugePage, start, len);
@@ -154,7 +154,7 @@ mod chunks {
             if bytes == 0 {
                 return None;
             }
-            let (chunk, at) = carve(bytes.next_multiple_of(ALIGN))?;
+            let (chunk, at) = carve(bytes.checked_next_multiple_of(ALIGN)?)?;
             // Fresh anonymous pages read as zero, and no piece ever had these bytes before
             // (chunks are bump-allocated), so they are zeroed `T`s (`Pod`: every bit pattern is
             // one, zero included).
@@ -173,7 +173,9 @@ mod chunks {
         }
     }
 
-    /// `bytes` (a multiple of [`ALIGN`]) of a chunk: the chunk and the offset in it.
+    /// `bytes` (a multiple of [`ALIGN`]) of a chunk: the chunk and the offset in it. `None` where
+    /// the OS refuses a mapping or the size overflows (the caller falls back to a vector, which
+    /// reports an impossible size as a vector does).
     fn carve(bytes: usize) -> Option<(Arc<Chunk>, usize)> {
         if bytes > OWN_CHUNK_ABOVE {
             return Some((Arc::new(Chunk::map(bytes)?), 0));
