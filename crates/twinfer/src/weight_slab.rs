@@ -1,7 +1,7 @@
 //! Storage for packed weights, cut from large chunks in 2-MiB pages where the OS grants them.
 //!
 //! Decode reads every weight once a token. A model's weights are many buffers of a few hundred
-//! KiB (SmolLM2-135M: 210 matrices of 0.2 to 1.1 MiB beside its 30-MiB output head). Each in its
+//! KiB (SmolLM2-135M: 210 matrices of 0.07 to 1.1 MiB beside its 30-MiB output head). Each in its
 //! own allocation sits in 4-KiB pages, and streaming 96 MB a token walks the page tables about
 //! 24,000 times. Cut from chunks in 2-MiB pages, the same bytes take about 50 TLB entries.
 //! Measured on a 2-core Zen 3 VM: the 30-MiB head alone (a single allocation the OS could back with
