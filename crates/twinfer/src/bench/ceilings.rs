@@ -73,8 +73,9 @@ impl pulp::WithSimd for SumRows<'_> {
 }
 
 /// Rows in flight ahead of the one being summed: a decode tile's keys. On the AVX-512 EPYC VM
-/// (2026-12-07) 4, 16, 32 and 128 rows ahead read 17-22 GB/s alike; without prefetches, 12-14.
-const ROWS_AHEAD: usize = 32;
+/// (2026-12-07, T1 prefetches) 4, 16, 32 and 128 rows ahead read 17-22 GB/s alike; without
+/// prefetches, 12-14.
+const ROWS_AHEAD: usize = 16;
 
 /// Read bandwidth in GB/s over `bytes` taken as rows of `row_bytes` in a fixed random order,
 /// the threads splitting the order: what a paged pool with one-token pages can deliver, since

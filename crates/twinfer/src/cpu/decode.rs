@@ -14,10 +14,13 @@ use crate::cpu::microkernel::{accumulate, score_block};
 use crate::cpu::softmax::{RowWindow, finish_rows, prm_position, softmax_row};
 use crate::dtype::TensorRef;
 
-/// Keys per decode tile: the score tile is `[heads * group, DECODE_TILE]`. On a 2-core AVX-512
-/// machine 32 and 64 measured alike, 16 slower (per-tile overhead) and 128 slower (the current
-/// and the prefetched tile no longer fit in L2 together).
-const DECODE_TILE: usize = 32;
+/// Keys per decode tile: the score tile is `[heads * group, DECODE_TILE]`, and the next tile is
+/// prefetched while this one computes. On the Zen 5 VM (2026-12-08) 16 read 1.1-1.4x faster than
+/// 32 at contexts that stream from memory (at GQA 32/8, d 128 a tile of 32 keys is 64 KiB of K
+/// and 64 of V, beyond the 48-KiB L1 with its prefetched successor), and cost about 13% more in
+/// bookkeeping when the KV sits in cache; 8 was slower than 16 at page 16. (On the AVX-512 VM of
+/// 2026-12-05, with T1 prefetches, 32 and 64 had measured alike and 16 slower.)
+const DECODE_TILE: usize = 16;
 
 /// Whether the fused kernel handles this item: one token, and head rows that are whole vectors
 /// (otherwise the padded-tile path of [`crate::cpu::block`] runs it).
@@ -303,7 +306,7 @@ mod tests {
         let q: Vec<f32> = (0..heads * group * d).map(|i| wave(i, 0.37)).collect();
         let rows = 40;
         let k: Vec<half::f16> = (0..rows * heads * d).map(|i| half::f16::from_f32(wave(i, 0.61))).collect();
-        for cols in [1, 2, 3, 4, 5, 7, 8, 31, 32] {
+        for cols in [1, 2, 3, 4, 5, 7, 8, DECODE_TILE - 1, DECODE_TILE] {
             // Keys out of order, as pages are.
             let offs: Vec<usize> = (0..cols).map(|c| ((c * 7 + 3) % rows) * heads * d).collect();
             let run = |by_four| pulp::Simd::vectorize(v4, Scores { q: &q, k: &k, offs: &offs, by_four });
