@@ -19,8 +19,11 @@ use crate::dtype::TensorRef;
 /// 32 at contexts that stream from memory (at GQA 32/8, d 128 a tile of 32 keys is 64 KiB of K
 /// and 64 of V, beyond the 48-KiB L1 with its prefetched successor), and cost about 13% more in
 /// bookkeeping when the KV sits in cache; 8 was slower than 16 at page 16. (On the AVX-512 VM of
-/// 2026-12-05, with T1 prefetches, 32 and 64 had measured alike and 16 slower.)
-const DECODE_TILE: usize = 16;
+/// 2026-12-05, with T1 prefetches, 32 and 64 had measured alike and 16 slower.) Elsewhere no
+/// software prefetch runs ([`prefetch_slice`] is x86-only), so only the bookkeeping would change:
+/// wasm's f32-KV decode in headless Chromium took 10-18% longer with 16 (two runs an hour
+/// apart, not alternated; the native ceilings of the second were 8% lower).
+const DECODE_TILE: usize = if cfg!(target_arch = "x86_64") { 16 } else { 32 };
 
 /// Whether the fused kernel handles this item: one token, and head rows that are whole vectors
 /// (otherwise the padded-tile path of [`crate::cpu::block`] runs it).
