@@ -2,8 +2,8 @@
 # The CPU and wasm targets measured together on this machine, so that every figure has its
 # ceilings from the same run: decode and prefill attention against the read ceiling and the FMA
 # peak (`bench kernels`, page 16 and page 1), the model's prompt and one-sequence decode rates
-# (`plan` on smollm-135m f16, rounded to bf16, in q8_0 and the SmolLM2 Q4_1 file, `bench serve`'s
-# decode floor), the f16 and bf16 prompt products, the three
+# (`plan` on smollm-135m f16, rounded to bf16, in q8_0 with 16- and 8-bit activation codes, and
+# the SmolLM2 Q4_1 file; `bench serve`'s decode floor), the f16 and bf16 prompt products, the three
 # serving scenarios at --quick, the embeddings against candle, and the wasm page against native
 # AVX2 on one and two threads (web/bench/run.mjs). Two rounds where a round is short.
 # Usage: benches/scripts/cpu-targets.sh [OUT_FILE]   (needs target/release/twinfer and, for the
@@ -34,6 +34,8 @@ plan() { "$bin" plan --out /tmp/twinfer-plan.json --page-sizes 16 --engines "cpu
         plan --preset smollm-135m --quantize bf16 --prefill-tokens 512 --decode-batch 1 --decode-context 128
         echo "## round $round: smollm-135m with q8_0 projections (quantized at load), the same shapes"
         plan --preset smollm-135m --quantize q8_0 --prefill-tokens 512 --decode-batch 1 --decode-context 128
+        echo "## round $round: the same q8_0 projections with 8-bit activation codes (--activations int8: one VNNI digit a product)"
+        plan --preset smollm-135m --quantize q8_0 --activations int8 --prefill-tokens 512 --decode-batch 1 --decode-context 128
         if [ -n "$gguf" ]; then
             echo "## round $round: $(basename "$gguf"), the same shapes"
             plan --model "$gguf" --prefill-tokens 512 --decode-batch 1 --decode-context 128
