@@ -20,6 +20,24 @@ fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     })
 }
 
+/// Runs `f` on `len` floats of this thread's staging buffer, which keeps its memory between
+/// calls (of whatever it held before: callers overwrite what they read). A nested call on the
+/// same thread gets a buffer of its own.
+pub(crate) fn with_staging<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    thread_local! {
+        static STAGING: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    STAGING.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buffer) => {
+            if buffer.len() < len {
+                buffer.resize(len, 0.0);
+            }
+            f(&mut buffer[..len])
+        }
+        Err(_) => f(&mut vec![0.0; len]),
+    })
+}
+
 /// Calls `f(i)` for every `i` in `0..count`, in parallel where there are threads.
 pub(crate) fn for_each(count: usize, f: impl Fn(usize) + Sync) {
     #[cfg(any(not(target_arch = "wasm32"), target_feature = "atomics"))]
